@@ -1,0 +1,133 @@
+use super::*;
+use std::collections::HashMap;
+
+#[derive(Default)]
+struct Attrs(HashMap<&'static str, AttrValue>);
+enum AttrValue {
+    I(i64),
+    F(f32),
+    S(&'static str),
+}
+impl AttrSource for Attrs {
+    fn int(&self, n: &str) -> Option<i64> {
+        match self.0.get(n) {
+            Some(AttrValue::I(v)) => Some(*v),
+            _ => None,
+        }
+    }
+    fn float(&self, n: &str) -> Option<f32> {
+        match self.0.get(n) {
+            Some(AttrValue::F(v)) => Some(*v),
+            _ => None,
+        }
+    }
+    fn string(&self, n: &str) -> Option<String> {
+        match self.0.get(n) {
+            Some(AttrValue::S(v)) => Some(v.to_string()),
+            _ => None,
+        }
+    }
+}
+
+fn s(v: &[u64]) -> Vec<Dim> {
+    v.iter().map(|&x| Some(x)).collect()
+}
+
+const F32: Option<i32> = Some(1);
+const I64: Option<i32> = Some(7);
+
+fn moe_check(shapes: &[Option<Vec<Dim>>], types: &[Option<i32>]) -> Result<scatter_moe::Dims, SpecError> {
+    let refs: Vec<Option<&Shape>> = shapes.iter().map(|s| s.as_deref()).collect();
+    scatter_moe::check(&scatter_moe::Attrs::default(), types, &refs).map(|r| r.2)
+}
+
+#[test]
+fn scatter_moe_dims_from_static_shapes() {
+    let d = moe_check(
+        &[Some(s(&[2, 5, 16])), Some(s(&[10, 2])), Some(s(&[10, 2])), Some(s(&[8, 64, 16])), Some(s(&[8, 16, 32]))],
+        &[F32, F32, I64, F32, F32],
+    )
+    .unwrap();
+    assert_eq!((d.tokens, d.k, d.experts, d.d, d.f), (Some(10), Some(2), Some(8), Some(16), Some(32)));
+}
+
+#[test]
+fn scatter_moe_symbolic_tokens_pass_and_known_mismatch_fails() {
+    let ok = moe_check(
+        &[Some(vec![None, Some(16)]), Some(vec![None, Some(2)]), Some(vec![None, Some(2)]), Some(s(&[8, 64, 16])), Some(s(&[8, 16, 32]))],
+        &[F32, F32, I64, F32, F32],
+    )
+    .unwrap();
+    assert_eq!(ok.tokens, None);
+    let e = moe_check(
+        &[Some(s(&[4, 16])), Some(s(&[4, 2])), Some(s(&[4, 2])), Some(s(&[8, 60, 16])), Some(s(&[8, 16, 32]))],
+        &[F32, F32, I64, F32, F32],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("'w_in'") && e.to_string().contains("n = 60"), "{e}");
+}
+
+#[test]
+fn scatter_moe_type_errors_name_the_input() {
+    let shapes = [Some(s(&[4, 16])), Some(s(&[4, 2])), Some(s(&[4, 2])), Some(s(&[8, 64, 16])), Some(s(&[8, 16, 32]))];
+    let e = moe_check(&shapes, &[F32, F32, I64, Some(10), F32]).unwrap_err();
+    assert_eq!(e.to_string(), "ScatterMoE: input 'w_in' is float16 but input 'X' is float32; all float inputs must share one element type");
+    let e = moe_check(&shapes, &[Some(11), F32, I64, F32, F32]).unwrap_err();
+    assert!(e.to_string().contains("input 'X' has element type float64"), "{e}");
+    let e = moe_check(&shapes, &[F32, F32, Some(1), F32, F32]).unwrap_err();
+    assert!(e.to_string().contains("'routing_indices' has element type float32"), "{e}");
+}
+
+#[test]
+fn scatter_moe_token_mismatch() {
+    let e = moe_check(
+        &[Some(s(&[5, 16])), Some(s(&[4, 2])), Some(s(&[4, 2])), Some(s(&[8, 64, 16])), Some(s(&[8, 16, 32]))],
+        &[F32, F32, I64, F32, F32],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("5 tokens"), "{e}");
+}
+
+#[test]
+fn attributes_are_validated() {
+    let mut a = Attrs::default();
+    a.0.insert("activation", AttrValue::S("swish"));
+    let e = scatter_moe::Attrs::parse(&a).unwrap_err();
+    assert!(e.to_string().contains("'activation' has unsupported value 'swish'"), "{e}");
+    let mut a = Attrs::default();
+    a.0.insert("activation", AttrValue::S("swiglu_oai"));
+    a.0.insert("gated", AttrValue::I(0));
+    assert!(scatter_moe::Attrs::parse(&a).unwrap_err().to_string().contains("needs 'gated' = 1"));
+    let mut a = Attrs::default();
+    a.0.insert("gated", AttrValue::I(2));
+    assert!(scatter_moe::Attrs::parse(&a).is_err());
+    let mut a = Attrs::default();
+    a.0.insert("limit", AttrValue::F(0.0));
+    assert!(scatter_moe::Attrs::parse(&a).is_err());
+}
+
+#[test]
+fn parallel_linear_shapes() {
+    let attrs = parallel_linear::Attrs { grouped_in: true, grouped_out: false };
+    let x = s(&[6, 8]);
+    let ri = s(&[3, 2]);
+    let w = s(&[4, 5, 8]);
+    let g = s(&[3, 2]);
+    let (_, _, d) =
+        parallel_linear::check(&attrs, &[F32, I64, F32, None, F32], &[Some(&x), Some(&ri), Some(&w), None, Some(&g)]).unwrap();
+    assert_eq!(parallel_linear::output_shape(&attrs, &ri, d.d_out, true), s(&[3, 5]));
+    let bad = s(&[5, 8]);
+    let e = parallel_linear::check(&attrs, &[F32, I64, F32], &[Some(&bad), Some(&ri), Some(&w)]).unwrap_err();
+    assert!(e.to_string().contains("T*k = 6 rows"), "{e}");
+    let attrs = parallel_linear::Attrs { grouped_in: false, grouped_out: true };
+    let e = parallel_linear::check(&attrs, &[F32, I64, F32, None, F32], &[Some(&s(&[3, 8])), Some(&ri), Some(&w), None, Some(&g)])
+        .unwrap_err();
+    assert!(e.to_string().contains("grouped_out"), "{e}");
+}
+
+#[test]
+fn glu_rows() {
+    assert_eq!(GluLayout::GateUp.rows(1, 4), (1, 5));
+    assert_eq!(GluLayout::UpGate.rows(1, 4), (5, 1));
+    assert_eq!(GluLayout::Interleaved.rows(1, 4), (2, 3));
+}
