@@ -1,1 +1,3 @@
+pub mod ort;
+pub mod reference;
 pub mod spec;
