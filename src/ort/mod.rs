@@ -4,6 +4,7 @@
 pub mod api;
 mod cpu;
 pub mod op;
+pub mod runtime;
 
 use op::CustomOp;
 use ort_sys::{OrtApiBase, OrtCustomOpDomain, OrtSessionOptions, OrtStatus};

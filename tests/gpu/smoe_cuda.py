@@ -36,6 +36,7 @@ class Kernels:
         self.cu = ctypes.CDLL("libcuda.so.1")
         self.mods = {}
         self.fns = {}
+        self._occ = {}
         for name in ("routing", "grouped_gemm", "combine"):
             data = open(os.path.join(fatbin_dir, f"{name}.fatbin"), "rb").read()
             buf = ctypes.create_string_buffer(data, len(data))
@@ -57,9 +58,13 @@ class Kernels:
         return self.fns[key]
 
     def occupancy(self, f, threads, smem):
+        key = (f.value, threads, smem)
+        if key in self._occ:
+            return self._occ[key]
         n = ctypes.c_int()
         _check(self.cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), f, ctypes.c_int(threads),
                                                                     ctypes.c_size_t(smem)), "occupancy")
+        self._occ[key] = n.value
         return n.value
 
     def launch(self, f, grid, block, smem, args):
