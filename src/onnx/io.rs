@@ -1,0 +1,253 @@
+//! Loading and saving models: the protobuf itself in memory, external data memory-mapped on load
+//! and streamed on save; the output appears only once it is complete (temp file + rename).
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
+
+use super::tensor::{elem_size, is_external, numel, tensor_bytes, ExternalStore};
+
+/// A tensor the rewrite adds, produced only while saving (one at a time, so stacking the experts
+/// of a large model never holds more than one such tensor in memory).
+pub struct PendingTensor {
+    pub name: String,
+    pub data_type: i32,
+    pub dims: Vec<i64>,
+    pub produce: Box<dyn Fn(&ExternalStore) -> Result<Vec<u8>>>,
+}
+
+impl PendingTensor {
+    pub fn byte_len(&self) -> usize {
+        elem_size(self.data_type).unwrap_or(1) * numel(&self.dims)
+    }
+}
+
+/// A loaded model: the protobuf, the external data it refers to, and tensors to add on save.
+pub struct Model {
+    pub proto: ModelProto,
+    pub ext: ExternalStore,
+    pub pending: Vec<PendingTensor>,
+    pub path: PathBuf,
+}
+
+impl Model {
+    pub fn graph(&self) -> &onnx_protobuf::GraphProto {
+        &self.proto.graph
+    }
+
+    /// Opset version imported for `domain` ("" or "ai.onnx" for the default domain).
+    pub fn opset(&self, domain: &str) -> Option<i64> {
+        let want = if domain == "ai.onnx" { "" } else { domain };
+        self.proto.opset_import.iter().find(|o| o.domain == want || (want.is_empty() && o.domain == "ai.onnx")).map(|o| o.version)
+    }
+
+    /// Adds `domain` at `version` to the opset imports unless it is there.
+    pub fn ensure_opset(&mut self, domain: &str, version: i64) {
+        if !self.proto.opset_import.iter().any(|o| o.domain == domain) {
+            let mut o = OperatorSetIdProto::new();
+            o.domain = domain.to_string();
+            o.version = version;
+            self.proto.opset_import.push(o);
+        }
+    }
+
+    pub fn has_external_data(&self) -> bool {
+        self.proto.graph.initializer.iter().any(is_external)
+    }
+}
+
+/// Reads a model. Corrupt, truncated or non-ONNX files give an error naming the file and the problem.
+pub fn load(path: &Path) -> Result<Model> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{} is empty, not an ONNX model", path.display());
+    }
+    let proto = ModelProto::parse_from_bytes(&bytes).map_err(|e| {
+        anyhow!("{} is not a valid ONNX model: the protobuf does not parse ({e}); the file is corrupt, truncated, or not ONNX", path.display())
+    })?;
+    drop(bytes);
+    if proto.ir_version <= 0 || proto.graph.is_none() || proto.opset_import.is_empty() {
+        bail!(
+            "{} is not an ONNX model: it parses as protobuf but has {} (corrupt, truncated, or another format)",
+            path.display(),
+            if proto.ir_version <= 0 { "no IR version" } else if proto.graph.is_none() { "no graph" } else { "no opset imports" }
+        );
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let model = Model { proto, ext: ExternalStore::new(&base), pending: Vec::new(), path: path.to_path_buf() };
+    // Check external data up front: a truncated or missing data file is an error now, not mid-save.
+    for t in &model.proto.graph.initializer {
+        if is_external(t) {
+            model.ext.bytes(t).with_context(|| format!("{}: external data", path.display()))?;
+        }
+    }
+    Ok(model)
+}
+
+/// How to save.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Write every initializer of at least this many bytes to external data. `None`: external
+    /// data exactly when the input had some or the model would exceed protobuf's 2 GiB.
+    pub external_threshold: Option<usize>,
+}
+
+/// Removes a file when dropped unless disarmed: temp files never outlive a failed save.
+struct TempGuard(Option<PathBuf>);
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn temp_path(out: &Path, suffix: &str) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model.onnx".into());
+    out.with_file_name(format!(".{name}{suffix}.tmp{}", std::process::id()))
+}
+
+const ALIGN: u64 = 4096;
+const INLINE_LIMIT: usize = 1 << 30;
+
+/// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
+/// appears at `out` unless the whole save succeeds.
+pub fn save(mut model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
+    if out.exists() && !opts.force {
+        bail!("{} exists; pass --force to overwrite it", out.display());
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("output directory {} does not exist", dir.display());
+    }
+    let out_name = out.file_name().ok_or_else(|| anyhow!("{} names no file", out.display()))?.to_string_lossy().to_string();
+    let data_name = format!("{out_name}.data");
+    let data_final = dir.join(&data_name);
+
+    let pending_bytes: usize = model.pending.iter().map(PendingTensor::byte_len).sum();
+    let inline_bytes: usize = model.proto.graph.initializer.iter().filter(|t| !is_external(t)).map(|t| t.raw_data.len()).sum();
+    let threshold = match opts.external_threshold {
+        Some(t) => Some(t),
+        None if model.has_external_data() || pending_bytes + inline_bytes > INLINE_LIMIT => Some(1024),
+        None => None,
+    };
+
+    let mut data_guard = TempGuard(None);
+    let mut data_tmp_path = None;
+    let mut writer: Option<(BufWriter<File>, u64)> = None;
+    if threshold.is_some() {
+        let p = temp_path(out, ".data");
+        let f = File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        data_guard.0 = Some(p.clone());
+        data_tmp_path = Some(p);
+        writer = Some((BufWriter::with_capacity(1 << 20, f), 0));
+    }
+
+    fn write_ext(w: &mut (BufWriter<File>, u64), t: &mut TensorProto, bytes: &[u8], location: &str) -> Result<()> {
+        let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
+        if pad > 0 && bytes.len() as u64 >= ALIGN {
+            w.0.write_all(&vec![0u8; pad as usize])?;
+            w.1 += pad;
+        }
+        let offset = w.1;
+        w.0.write_all(bytes)?;
+        w.1 += bytes.len() as u64;
+        t.raw_data.clear();
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        t.data_location = DataLocation::EXTERNAL.into();
+        t.external_data.clear();
+        for (k, v) in [("location", location.to_string()), ("offset", offset.to_string()), ("length", bytes.len().to_string())] {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            t.external_data.push(e);
+        }
+        Ok(())
+    }
+
+    // Existing initializers: external ones are copied from the memory map, large inline ones move out.
+    let ext = &model.ext;
+    for t in model.proto.graph.mut_or_insert_default().initializer.iter_mut() {
+        let external = is_external(t);
+        let size = if external { ext.bytes(t)?.len() } else { t.raw_data.len() };
+        match (&mut writer, threshold) {
+            (Some(w), Some(th)) if external || size >= th => {
+                let bytes = tensor_bytes(t, Some(ext))?.into_owned();
+                write_ext(w, t, &bytes, &data_name).with_context(|| format!("writing {}", data_final.display()))?;
+            }
+            _ if external => {
+                let bytes = ext.bytes(t)?.to_vec();
+                t.data_location = DataLocation::DEFAULT.into();
+                t.external_data.clear();
+                t.raw_data = bytes;
+            }
+            _ => {}
+        }
+    }
+    // New tensors, produced one at a time.
+    let pending = std::mem::take(&mut model.pending);
+    let total = pending.len();
+    let progress = total >= 8 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for (i, p) in pending.into_iter().enumerate() {
+        let bytes = (p.produce)(ext).with_context(|| format!("building tensor '{}'", p.name))?;
+        if bytes.len() != p.byte_len() {
+            bail!("internal error: tensor '{}' produced {} bytes, expected {}", p.name, bytes.len(), p.byte_len());
+        }
+        let mut t = TensorProto::new();
+        t.name = p.name.clone();
+        t.data_type = p.data_type;
+        t.dims = p.dims.clone();
+        match (&mut writer, threshold) {
+            (Some(w), Some(th)) if bytes.len() >= th => write_ext(w, &mut t, &bytes, &data_name)?,
+            _ => t.raw_data = bytes,
+        }
+        model.proto.graph.mut_or_insert_default().initializer.push(t);
+        if progress {
+            eprint!("\rwriting stacked expert weights: {}/{}", i + 1, total);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    if let Some((mut w, _)) = writer {
+        w.flush()?;
+        w.get_ref().sync_all().ok();
+    }
+
+    let onnx_tmp = temp_path(out, "");
+    let onnx_guard = TempGuard(Some(onnx_tmp.clone()));
+    {
+        let f = File::create(&onnx_tmp).with_context(|| format!("cannot create {}", onnx_tmp.display()))?;
+        let mut w = BufWriter::new(f);
+        model.proto.write_to_writer(&mut w).map_err(|e| anyhow!("cannot serialise the model: {e}"))?;
+        w.flush()?;
+    }
+    if out.exists() && !opts.force {
+        bail!("{} exists; pass --force to overwrite it", out.display());
+    }
+    if let Some(p) = data_tmp_path {
+        fs::rename(&p, &data_final).with_context(|| format!("cannot move {} to {}", p.display(), data_final.display()))?;
+        std::mem::forget(data_guard);
+    }
+    fs::rename(&onnx_tmp, out).with_context(|| format!("cannot move {} to {}", onnx_tmp.display(), out.display()))?;
+    std::mem::forget(onnx_guard);
+    Ok(())
+}
