@@ -1,2 +1,3 @@
 pub mod onnx;
+pub mod rewrite;
 pub mod spec;

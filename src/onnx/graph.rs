@@ -291,3 +291,37 @@ pub fn prune(graph: &mut GraphProto) -> (usize, usize) {
     graph.value_info.retain(|v| needed.contains(&v.name));
     (n0 - graph.node.len(), i0 - graph.initializer.len())
 }
+
+impl<'g> GraphIndex<'g> {
+    /// Element type of a value, inferred from declarations and producers (depth-limited).
+    pub fn infer_type(&self, v: &str) -> Option<i32> {
+        self.infer_type_depth(v, 0)
+    }
+
+    fn infer_type_depth(&self, v: &str, depth: usize) -> Option<i32> {
+        if let Some(t) = self.elem_type(v) {
+            return Some(t);
+        }
+        if depth > 64 {
+            return None;
+        }
+        let (_, n) = self.prod(v)?;
+        let first = |s: &Self| n.input.first().and_then(|i| s.infer_type_depth(i, depth + 1));
+        match n.op_type.as_str() {
+            "Cast" => attr_i(n, "to").map(|t| t as i32),
+            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(7),
+            "TopK" => {
+                if n.output.get(1).map(String::as_str) == Some(v) {
+                    Some(7)
+                } else {
+                    first(self)
+                }
+            }
+            "Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual" | "Not" | "And" | "Or" | "IsNaN" => Some(9),
+            "ConstantOfShape" => Some(n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()).map(|t| t.data_type).unwrap_or(1)),
+            "OneHot" => n.input.get(2).and_then(|i| self.infer_type_depth(i, depth + 1)),
+            "Where" => n.input.get(1).and_then(|i| self.infer_type_depth(i, depth + 1)),
+            _ => first(self),
+        }
+    }
+}
