@@ -1,3 +1,5 @@
 pub mod onnx;
+pub mod ort;
+pub mod reference;
 pub mod rewrite;
 pub mod spec;

@@ -145,6 +145,8 @@ pub enum PortType {
     Index,
     /// Always int64.
     Int64,
+    /// Always bool (outputs only).
+    Bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -394,6 +396,11 @@ pub fn check_types(op: &'static str, ports: &[Port], types: InputTypes) -> Resul
                     ))
                 }
             },
+            PortType::Bool => {
+                if code != 9 {
+                    return err(op, format!("input '{}' has element type {}; it must be bool", p.name, onnx_type_name(code)));
+                }
+            }
             PortType::Int64 => {
                 if code != 7 {
                     return err(op, format!("input '{}' has element type {}; it must be int64", p.name, onnx_type_name(code)));
@@ -454,8 +461,7 @@ pub mod scatter_moe {
     ];
 
     pub const Y: usize = 0;
-    pub const KEPT: usize = 1;
-    pub const OUTPUTS: [Port; 2] = [port("Y", PortType::Float, false), port("kept", PortType::Float, true)];
+    pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false)];
 
     pub const ATTR_ACTIVATION: &str = "activation";
     pub const ATTR_GATED: &str = "gated";
@@ -645,9 +651,10 @@ pub mod scatter_moe {
         }))
     }
 
-    /// Output shapes: Y has X's shape; `kept` has the routing tensors' shape.
-    pub fn output_shapes(x: &Shape, routing: &Shape) -> [Vec<Dim>; 2] {
-        [x.to_vec(), routing.to_vec()]
+    /// Output shape: Y has X's shape. Generic over the dimension type so shape inference can
+    /// carry symbolic names through.
+    pub fn output_shape<D: Clone>(x: &[D]) -> Vec<D> {
+        x.to_vec()
     }
 
     /// The capacity value, once read: must be >= 0.
@@ -784,21 +791,98 @@ pub mod parallel_linear {
         Ok((t, it, Dims { tokens, k, experts, d_in, d_out, has_bias: b.is_some(), has_gates: g.is_some() }))
     }
 
+    /// The number of rows T*k of a grouped tensor, from the routing shape.
+    pub fn grouped_rows(routing: &Shape) -> Dim {
+        routing.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v))
+    }
+
     /// Output shape: with gates, routing's leading dims + [d_out]; grouped, [T*k, d_out];
     /// otherwise routing's shape + [d_out] (row (t, j) for each assignment).
-    pub fn output_shape(attrs: &Attrs, routing: &Shape, d_out: Dim, has_gates: bool) -> Vec<Dim> {
+    /// `rows` makes the T*k dimension of a grouped output from the routing shape.
+    pub fn output_shape<D: Clone>(attrs: &Attrs, routing: &[D], d_out: D, has_gates: bool, rows: impl FnOnce(&[D]) -> D) -> Vec<D> {
         if has_gates {
             let mut s = routing[..routing.len() - 1].to_vec();
             s.push(d_out);
             s
         } else if attrs.grouped_out {
-            let rows = routing.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v));
-            vec![rows, d_out]
+            vec![rows(routing), d_out]
         } else {
             let mut s = routing.to_vec();
             s.push(d_out);
             s
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CapacityMask
+// ---------------------------------------------------------------------------------------------
+
+/// `CapacityMask`: which assignments `ScatterMoE` keeps under a capacity, for models that treat
+/// dropped tokens specially (Switch passes them through scaled by their router probability).
+pub mod capacity_mask {
+    use super::*;
+
+    pub const NAME: &str = "CapacityMask";
+
+    pub const ROUTING_INDICES: usize = 0;
+    pub const CAPACITY: usize = 1;
+    pub const INPUTS: [Port; 2] = [port("routing_indices", PortType::Index, false), port("capacity", PortType::Int64, false)];
+    /// bool, shape of `routing_indices`
+    pub const OUTPUTS: [Port; 1] = [port("kept", PortType::Bool, false)];
+
+    pub const ATTR_NUM_EXPERTS: &str = "num_experts";
+    pub const ATTR_CAPACITY_ORDER: &str = scatter_moe::ATTR_CAPACITY_ORDER;
+    pub const ATTRS: [AttrDesc; 2] = [
+        AttrDesc { name: ATTR_NUM_EXPERTS, default: AttrDefault::Int(0) },
+        AttrDesc { name: ATTR_CAPACITY_ORDER, default: AttrDefault::Str("slot_major") },
+    ];
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Attrs {
+        pub num_experts: usize,
+        pub capacity_order: CapacityOrder,
+    }
+
+    impl Attrs {
+        pub fn parse(src: &dyn AttrSource) -> Result<Self, SpecError> {
+            let num_experts = match src.int(ATTR_NUM_EXPERTS) {
+                Some(e) if e >= 1 => e as usize,
+                Some(e) => return err(NAME, format!("attribute 'num_experts' must be >= 1, got {e}")),
+                None => return err(NAME, "attribute 'num_experts' is required"),
+            };
+            let capacity_order = read_enum(NAME, src, ATTR_CAPACITY_ORDER, CapacityOrder::SlotMajor, CapacityOrder::from_name, &[
+                "slot_major", "token_major",
+            ])?;
+            Ok(Attrs { num_experts, capacity_order })
+        }
+    }
+
+    /// Checks inputs; returns the index type.
+    pub fn check(types: InputTypes, shapes: &[Option<&Shape>]) -> Result<IndexType, SpecError> {
+        check_arity(NAME, &INPUTS, shapes.len())?;
+        for (i, p) in INPUTS.iter().enumerate() {
+            if shapes[i].is_none() {
+                return err(NAME, format!("input '{}' is required", p.name));
+            }
+        }
+        let (_, it) = check_types(NAME, &INPUTS, types)?;
+        let ri = shapes[ROUTING_INDICES].unwrap();
+        check_min_rank(NAME, "routing_indices", ri, 2)?;
+        check_positive(NAME, "routing_indices", ri, ri.len() - 1, "k (last dimension)")?;
+        let c = shapes[CAPACITY].unwrap();
+        let count = c.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v));
+        if c.len() > 1 || count.is_some_and(|n| n != 1) {
+            return err(NAME, format!("input 'capacity' must be a scalar or hold one element, got shape {}", fmt_shape(c)));
+        }
+        Ok(it)
+    }
+
+    pub fn check_capacity(value: i64) -> Result<usize, SpecError> {
+        if value < 0 {
+            return err(NAME, format!("input 'capacity' must be >= 0, got {value}"));
+        }
+        Ok(value as usize)
     }
 }
 

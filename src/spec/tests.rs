@@ -115,7 +115,7 @@ fn parallel_linear_shapes() {
     let g = s(&[3, 2]);
     let (_, _, d) =
         parallel_linear::check(&attrs, &[F32, I64, F32, None, F32], &[Some(&x), Some(&ri), Some(&w), None, Some(&g)]).unwrap();
-    assert_eq!(parallel_linear::output_shape(&attrs, &ri, d.d_out, true), s(&[3, 5]));
+    assert_eq!(parallel_linear::output_shape(&attrs, &ri, d.d_out, true, |r| parallel_linear::grouped_rows(r)), s(&[3, 5]));
     let bad = s(&[5, 8]);
     let e = parallel_linear::check(&attrs, &[F32, I64, F32], &[Some(&bad), Some(&ri), Some(&w)]).unwrap_err();
     assert!(e.to_string().contains("T*k = 6 rows"), "{e}");

@@ -1,0 +1,481 @@
+// kernels/grouped_gemm.cu -- scatter2scatter grouped GEMM with fused epilogues.
+//
+// For every grouped position p in [0, N_assign) (expert e = the segment of expert_offsets holding p):
+//   x_p  = X[sorted_idx[p] / k]   (grouped_in = 0: X has T rows)      row stride K
+//        = X[p]                   (grouped_in = 1: X has T*k rows)
+//   a_p  = W[e] x_p + bias[e]     W [E, N, K] row-major (torch Linear: out x in), bias [E, N] or null
+//   h_p  = act(a_p)                                        gated = 0, Nout = N
+//   h_p[i] = glu(a_p[gate_row(i)], a_p[up_row(i)])         gated = 1, Nout = N/2 (glu_layout)
+//   h_p *= row_scale[sorted_idx[p]]                        if row_scale (indexed by flat t*k+j)
+//   Y[p] = h_p (grouped_out = 1)  or  Y[sorted_idx[p]] = h_p (grouped_out = 0); Y row stride Nout.
+// Accumulation in f32; activations in f32; one rounding to T at the store.
+//
+// Entry points, all with the same parameter list:
+//   (const T* X, const T* W, const T* bias, T* Y, const int* sorted_idx, const int* expert_offsets,
+//    const T* row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
+//    int act, int gated, int glu_layout, float alpha, float limit)
+//   act: SMOE_ACT_* (common.cuh); swiglu_oai (5) needs gated = 1; alpha, limit used by it only.
+//   N_assign is expert_offsets[E]; E <= 1024. N even when gated.
+//
+//   scattermoe_gemm_{f16,bf16}_128x128   tensor cores (mma.sync m16n8k16, ldmatrix, 4-stage
+//        cp.async). block 256, dynamic smem 65536 bytes (host: cuFuncSetAttribute
+//        MAX_DYNAMIC_SHARED_SIZE_BYTES first). For many rows per expert.
+//   scattermoe_gemm_{f16,bf16}_32x64     tensor cores, block 128, dynamic smem 49152 bytes.
+//        For few rows per expert (decode, many experts).
+//   scattermoe_gemm_f32                  SIMT f32, 64x64 tiles, block 256, no dynamic smem.
+// Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
+//   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
+//   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),
+//   BM = 128 / 32 / 64, BNo = BN (plain) or BN/2 (gated), BN = 128 / 64 / 64.
+// Alignment: every pointer 16-byte aligned. Tensor-core path: K % 8 == 0 takes 16-byte cp.async
+//   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
+// Experts with no rows cost nothing; M, N, K need not be multiples of the tile.
+#include "common.cuh"
+
+namespace {
+
+using namespace smoe;
+
+// ---------------------------------------------------------------- tile scheduling (all kernels)
+// prefix[e] = number of BM-row tiles of experts < e. Warp 0 computes, then a barrier.
+__device__ __forceinline__ void tile_prefix(const int* __restrict__ off, int E, int BM, int* prefix) {
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int carry = 0;
+        if (lane == 0) prefix[0] = 0;
+        for (int base = 0; base < E; base += 32) {
+            int e = base + lane;
+            int mt = 0;
+            if (e < E) {
+                int c = off[e + 1] - off[e];
+                mt = (c + BM - 1) / BM;
+            }
+            int incl = mt;
+#pragma unroll
+            for (int s = 1; s < 32; s <<= 1) {
+                int v = __shfl_up_sync(0xffffffffu, incl, s);
+                if (lane >= s) incl += v;
+            }
+            if (e < E) prefix[e + 1] = carry + incl;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+    }
+    __syncthreads();
+}
+
+struct Tile {
+    int e, start, cnt, m0, nt;
+};
+
+__device__ __forceinline__ Tile find_tile(int g, const int* prefix, const int* __restrict__ off, int E, int nN, int BM) {
+    int lo = 0, hi = E - 1;  // largest e with prefix[e]*nN <= g
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if ((long long)prefix[mid] * nN <= g) lo = mid; else hi = mid - 1;
+    }
+    Tile t;
+    t.e = lo;
+    int local = g - prefix[lo] * nN;
+    int mte = prefix[lo + 1] - prefix[lo];
+    t.nt = local / mte;
+    t.m0 = (local % mte) * BM;
+    t.start = off[lo];
+    t.cnt = off[lo + 1] - t.start;
+    return t;
+}
+
+// W row and validity of B-tile row r (gated: warp-interleaved gate/up halves, see below)
+__device__ __forceinline__ int b_row(int r, int nt, int BN, int WN, int N, int gated, int layout, bool* ok) {
+    if (!gated) {
+        int n = nt * BN + r;
+        *ok = n < N;
+        return *ok ? n : 0;
+    }
+    const int f = N >> 1;
+    int wn = r / WN, rr = r % WN, hw = WN >> 1;
+    int i = nt * (BN >> 1) + wn * hw + rr % hw;
+    *ok = i < f;
+    if (!*ok) return 0;
+    return rr < hw ? glu_gate_row(i, f, layout) : glu_up_row(i, f, layout);
+}
+
+// ---------------------------------------------------------------- tensor-core kernel
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+template <int CPR> __device__ __forceinline__ int swz(int r, int c) {
+    if constexpr (CPR == 8) return c ^ (r & 7);
+    else if constexpr (CPR == 4) return c ^ ((r >> 1) & 3);
+    else return c;
+}
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES>
+struct TcCfg {
+    static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
+    static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    static constexpr int MI = WM / 16, NI = WN / 8;
+    static constexpr int CPR = BK / 8;
+    static constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
+    static constexpr int SMEM = STAGES * (A_ELEMS + B_ELEMS) * (int)sizeof(T);
+    static constexpr int A_IT = BM * CPR / THREADS, B_IT = BN * CPR / THREADS;
+    static constexpr int PAD = 8;
+    static constexpr int RSTEP = THREADS / CPR;
+    static_assert(RSTEP % 8 == 0, "row step keeps the swizzle");
+    static_assert(NI % 2 == 0, "NI even");
+    static_assert(A_IT * THREADS == BM * CPR && B_IT * THREADS == BN * CPR, "load split");
+    static_assert(BM * (BN + PAD) * (int)sizeof(T) <= SMEM, "epilogue staging fits");
+};
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES>
+__device__ void tc_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
+                        const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
+                        int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
+                        int layout, float alpha, float limit) {
+    using C = TcCfg<T, BM, BN, BK, WM, WN, STAGES>;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
+    if (E > SMOE_ROUTING_MAX_E) return;
+    T* sA = reinterpret_cast<T*>(smem_raw);
+    T* sB = sA + STAGES * C::A_ELEMS;
+    T* sC = reinterpret_cast<T*>(smem_raw);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int Nout = gated ? (N >> 1) : N;
+    const int BNo = gated ? (BN / 2) : BN;
+    const int nN = (Nout + BNo - 1) / BNo;
+    const int KB = (K + BK - 1) / BK;
+    const bool kvec = (K % 8) == 0;
+    const bool ovec = (Nout % 8) == 0;
+
+    tile_prefix(off, E, BM, prefix);
+    const int total = prefix[E] * nN;
+
+    for (int g = blockIdx.x; g < total; g += gridDim.x) {
+        const Tile t = find_tile(g, prefix, off, E, nN, BM);
+        // per-thread source rows for the A and B chunks it loads: chunk column c is the same for
+        // every slot, rows step by RSTEP (a multiple of 8, so the swizzle is the same too)
+        const int c = tid % C::CPR, kc = c * 8, r0 = tid / C::CPR;
+        const int dst0 = r0 * BK + swz<C::CPR>(r0, c) * 8;
+        const T* a_src[C::A_IT];
+#pragma unroll
+        for (int i = 0; i < C::A_IT; ++i) {
+            int r = r0 + i * C::RSTEP;
+            a_src[i] = nullptr;
+            if (t.m0 + r < t.cnt) {
+                int p = t.start + t.m0 + r;
+                long long xr = grouped_in ? p : sidx[p] / k;
+                a_src[i] = X + xr * K + kc;
+            }
+        }
+        const T* b_src[C::B_IT];
+#pragma unroll
+        for (int i = 0; i < C::B_IT; ++i) {
+            bool ok;
+            int n = b_row(r0 + i * C::RSTEP, t.nt, BN, WN, N, gated, layout, &ok);
+            b_src[i] = ok ? W + ((long long)t.e * N + n) * K + kc : nullptr;
+        }
+
+        auto load_stage = [&](int s, int kb) {
+            const int k0 = kb * BK;
+            T* a = sA + s * C::A_ELEMS + dst0;
+            T* b = sB + s * C::B_ELEMS + dst0;
+            const bool kin = k0 + kc < K;
+            if (kvec) {
+#pragma unroll
+                for (int i = 0; i < C::A_IT; ++i) {
+                    bool p = a_src[i] != nullptr && kin;
+                    cp_async16(a + i * C::RSTEP * BK, p ? (const void*)(a_src[i] + k0) : (const void*)X, p);
+                }
+#pragma unroll
+                for (int i = 0; i < C::B_IT; ++i) {
+                    bool p = b_src[i] != nullptr && kin;
+                    cp_async16(b + i * C::RSTEP * BK, p ? (const void*)(b_src[i] + k0) : (const void*)W, p);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < C::A_IT; ++i) {
+                    __align__(16) T v[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+                        v[j] = (a_src[i] && k0 + kc + j < K) ? a_src[i][k0 + j] : from_f<T>(0.0f);
+                    *reinterpret_cast<uint4*>(a + i * C::RSTEP * BK) = *reinterpret_cast<const uint4*>(v);
+                }
+#pragma unroll
+                for (int i = 0; i < C::B_IT; ++i) {
+                    __align__(16) T v[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+                        v[j] = (b_src[i] && k0 + kc + j < K) ? b_src[i][k0 + j] : from_f<T>(0.0f);
+                    *reinterpret_cast<uint4*>(b + i * C::RSTEP * BK) = *reinterpret_cast<const uint4*>(v);
+                }
+            }
+        };
+
+        float acc[C::MI][C::NI][4];
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ++ni)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) acc[mi][ni][x] = 0.0f;
+
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < KB) load_stage(s, s);
+            cp_async_commit();
+        }
+
+        for (int kb = 0; kb < KB; ++kb) {
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();
+            {
+                int nk = kb + STAGES - 1;
+                if (nk < KB) load_stage(nk % STAGES, nk);
+                cp_async_commit();
+            }
+            const T* a = sA + (kb % STAGES) * C::A_ELEMS;
+            const T* b = sB + (kb % STAGES) * C::B_ELEMS;
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                unsigned bfr[C::NI][2];
+#pragma unroll
+                for (int nj = 0; nj < C::NI / 2; ++nj) {
+                    int r = wn * WN + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+                    int c = kk * 2 + ((lane >> 3) & 1);
+                    unsigned q[4];
+                    ldmatrix_x4(q, b + r * BK + swz<C::CPR>(r, c) * 8);
+                    bfr[2 * nj][0] = q[0];
+                    bfr[2 * nj][1] = q[1];
+                    bfr[2 * nj + 1][0] = q[2];
+                    bfr[2 * nj + 1][1] = q[3];
+                }
+#pragma unroll
+                for (int mi = 0; mi < C::MI; ++mi) {
+                    unsigned af[4];
+                    int r = wm * WM + mi * 16 + (lane & 15);
+                    int c = kk * 2 + (lane >> 4);
+                    ldmatrix_x4(af, a + r * BK + swz<C::CPR>(r, c) * 8);
+#pragma unroll
+                    for (int ni = 0; ni < C::NI; ++ni) Mma<T>::run(acc[mi][ni], af, bfr[ni]);
+                }
+            }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+
+        // ---- epilogue: bias, activation / GLU, row scale -> staging smem (T) -> 16-byte stores
+        const int ldc = BNo + C::PAD;
+        const T* be = bias ? bias + (long long)t.e * N : nullptr;
+        const int f = N >> 1;
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rl = wm * WM + mi * 16 + (lane >> 2) + h * 8;
+                float scale = 1.0f;
+                if (row_scale && t.m0 + rl < t.cnt) scale = to_f(row_scale[sidx[t.start + t.m0 + rl]]);
+                if (gated) {
+#pragma unroll
+                    for (int ni = 0; ni < C::NI / 2; ++ni) {
+                        const int oc = wn * (WN / 2) + ni * 8 + 2 * (lane & 3);
+                        float o[2];
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            float gv = acc[mi][ni][2 * h + x];
+                            float uv = acc[mi][ni + C::NI / 2][2 * h + x];
+                            int i = t.nt * BNo + oc + x;
+                            if (be && i < f) {
+                                gv += to_f(be[glu_gate_row(i, f, layout)]);
+                                uv += to_f(be[glu_up_row(i, f, layout)]);
+                            }
+                            o[x] = glu(gv, uv, act, alpha, limit) * scale;
+                        }
+                        sC[rl * ldc + oc] = from_f<T>(o[0]);
+                        sC[rl * ldc + oc + 1] = from_f<T>(o[1]);
+                    }
+                } else {
+#pragma unroll
+                    for (int ni = 0; ni < C::NI; ++ni) {
+                        const int oc = wn * WN + ni * 8 + 2 * (lane & 3);
+                        float o[2];
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            float v = acc[mi][ni][2 * h + x];
+                            int n = t.nt * BNo + oc + x;
+                            if (be && n < N) v += to_f(be[n]);
+                            o[x] = activate(v, act) * scale;
+                        }
+                        sC[rl * ldc + oc] = from_f<T>(o[0]);
+                        sC[rl * ldc + oc + 1] = from_f<T>(o[1]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        const int cpr_out = BNo / 8;
+        for (int id = tid; id < BM * cpr_out; id += C::THREADS) {
+            const int rl = id / cpr_out, c8 = id % cpr_out;
+            if (t.m0 + rl >= t.cnt) continue;
+            const int col = t.nt * BNo + c8 * 8;
+            if (col >= Nout) continue;
+            const int p = t.start + t.m0 + rl;
+            const long long orow = grouped_out ? p : sidx[p];
+            T* dst = Y + orow * Nout + col;
+            const T* src = sC + rl * ldc + c8 * 8;
+            if (ovec) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    if (col + j < Nout) dst[j] = src[j];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------- f32 SIMT kernel
+constexpr int F_BM = 64, F_BN = 64, F_BK = 16;
+
+__device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ W, const float* __restrict__ bias,
+                         float* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
+                         const float* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in,
+                         int grouped_out, int act, int gated, int layout, float alpha, float limit) {
+    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
+    __shared__ __align__(16) float As[F_BK][F_BM];
+    __shared__ __align__(16) float Bs[F_BK][F_BN];
+    if (E > SMOE_ROUTING_MAX_E) return;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int Nout = gated ? (N >> 1) : N;
+    const int BNo = gated ? F_BN / 2 : F_BN;
+    const int nN = (Nout + BNo - 1) / BNo;
+    const int f = N >> 1;
+    tile_prefix(off, E, F_BM, prefix);
+    const int total = prefix[E] * nN;
+    // this thread's load slots: row lr = tid / 4, k = (tid % 4) * 4 .. +3
+    const int lr = tid >> 2, lk = (tid & 3) * 4;
+
+    for (int g = blockIdx.x; g < total; g += gridDim.x) {
+        const Tile t = find_tile(g, prefix, off, E, nN, F_BM);
+        bool a_ok = t.m0 + lr < t.cnt;
+        long long xr = 0;
+        if (a_ok) {
+            int p = t.start + t.m0 + lr;
+            xr = grouped_in ? p : sidx[p] / k;
+        }
+        const float* a_src = X + xr * K;
+        bool b_ok;
+        int n = b_row(lr, t.nt, F_BN, F_BN, N, gated, layout, &b_ok);
+        const float* b_src = W + ((long long)t.e * N + n) * K;
+
+        float acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+        for (int k0 = 0; k0 < K; k0 += F_BK) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int kk = k0 + lk + j;
+                As[lk + j][lr] = (a_ok && kk < K) ? a_src[kk] : 0.0f;
+                Bs[lk + j][lr] = (b_ok && kk < K) ? b_src[kk] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < F_BK; ++kk) {
+                float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+                float2 b0 = *reinterpret_cast<const float2*>(&Bs[kk][tx * 2]);
+                float2 b1 = *reinterpret_cast<const float2*>(&Bs[kk][32 + tx * 2]);
+                float a[4] = {av.x, av.y, av.z, av.w};
+                float b[4] = {b0.x, b0.y, b1.x, b1.y};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            }
+            __syncthreads();
+        }
+        const float* be = bias ? bias + (long long)t.e * N : nullptr;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int rl = ty * 4 + i;
+            if (t.m0 + rl >= t.cnt) continue;
+            const int p = t.start + t.m0 + rl;
+            const float scale = row_scale ? row_scale[sidx[p]] : 1.0f;
+            float* dst = Y + (long long)(grouped_out ? p : sidx[p]) * Nout;
+            if (gated) {
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    int ii = t.nt * BNo + tx * 2 + x;
+                    if (ii >= f) continue;
+                    float gv = acc[i][x], uv = acc[i][2 + x];
+                    if (be) {
+                        gv += be[glu_gate_row(ii, f, layout)];
+                        uv += be[glu_up_row(ii, f, layout)];
+                    }
+                    dst[ii] = glu(gv, uv, act, alpha, limit) * scale;
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    int c = (j < 2) ? tx * 2 + j : 32 + tx * 2 + (j - 2);
+                    int nn = t.nt * BNo + c;
+                    if (nn >= N) continue;
+                    float v = acc[i][j];
+                    if (be) v += be[nn];
+                    dst[nn] = activate(v, act) * scale;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define SMOE_GEMM_PARAMS(T)                                                                                 \
+    const T *X, const T *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets,          \
+        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated, \
+        int glu_layout, float alpha, float limit
+#define SMOE_GEMM_ARGS                                                                                      \
+    X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated, \
+        glu_layout, alpha, limit
+
+#define SMOE_TC_ENTRY(NAME, T, BM, BN, BK, WM, WN, ST, MINB)                                   \
+    extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, MINB)            \
+        NAME(SMOE_GEMM_PARAMS(T)) {                                                            \
+        tc_gemm<T, BM, BN, BK, WM, WN, ST>(SMOE_GEMM_ARGS);                                     \
+    }
+
+SMOE_TC_ENTRY(scattermoe_gemm_bf16_128x128, __nv_bfloat16, 128, 128, 32, 64, 32, 4, 2)
+SMOE_TC_ENTRY(scattermoe_gemm_f16_128x128, __half, 128, 128, 32, 64, 32, 4, 2)
+SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x64, __nv_bfloat16, 32, 64, 64, 32, 16, 4, 4)
+SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64, __half, 32, 64, 64, 32, 16, 4, 4)
+
+extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
+    f32_gemm(SMOE_GEMM_ARGS);
+}

@@ -1,0 +1,250 @@
+// kernels/routing.cu -- expert counts, offsets, grouped order, inverse, validation, capacity.
+//
+// N = T*k assignments; flat index f = t*k + j. Grouped order: assignments sorted by expert, ties by
+// f (stable). Everything stays on the device: three launches, no host round trip.
+//
+// Orders: order 0 reads assignments in flat order (gives the grouped order); order 1 reads them in
+// slot-major order q = j*T + t (only used to rank assignments for capacity_order = slot_major).
+// Both are ranked stably within an expert; order 1 launches only when capacity is given AND
+// capacity_order == 0 (slot_major). `orders` below is 1 or 2 (gridDim.y).
+//
+// Workspace `ws` (int32), size scattermoe_routing_workspace_bytes(T, k, E) (common.cuh):
+//   ws[0 .. nb*E)            per-block counts, order 0, [nb][E]  (scan turns it into prefixes)
+//   ws[nb*E .. 2*nb*E)       per-block counts, order 1
+//   ws[2*nb*E .. 2*nb*E+nb)  per-block smallest bad flat index (INT_MAX if none)
+// The kernels write every workspace word they read: no memset needed.
+//
+// Entry points (block sizes are fixed; E <= 1024):
+//   scattermoe_routing_count_{i32,i64}(idx, N, T, k, E, ws)
+//        grid (nb, orders), block 256, no dynamic smem.
+//   scattermoe_routing_scan(N, E, nb, orders, capacity, ws, expert_offsets, error)
+//        grid 1, block 1024. Writes expert_offsets[0..E] (int32, exclusive, [E] = N) and
+//        error[0..1] (always): error[0] bit 1: an index outside [0,E) (it was clamped; the
+//        results are then meaningless but every access stays in bounds), bit 2: capacity < 0,
+//        bit 4: E > 1024 (nothing else was done); error[1]: smallest bad flat index or -1.
+//        capacity: device pointer to one int64, or null (no capacity).
+//   scattermoe_routing_scatter_{i32,i64}(idx, N, T, k, E, ws, expert_offsets, capacity,
+//        capacity_order, sorted_idx, pos, kept, kept_out, kept_dtype)
+//        grid (nb, orders), block 256, no dynamic smem.
+//        sorted_idx[N] int32: flat index at each grouped position; pos[N] int32: its inverse.
+//        capacity_order: 0 slot_major, 1 token_major.
+//        kept: uint8 [N] mask indexed by flat index (1 kept, 0 dropped) or null; written
+//        whenever non-null (all 1 without capacity).
+//        kept_out: optional typed copy of kept (the op output), kept_dtype 0 none, 1 f32, 2 f16,
+//        3 bf16.
+#include "common.cuh"
+#include <limits.h>
+
+namespace {
+
+template <typename I>
+__device__ __forceinline__ int load_expert(const I* idx, long long f, int E, bool* bad) {
+    long long v = (long long)idx[f];
+    *bad = (v < 0 || v >= E);
+    return *bad ? (v < 0 ? 0 : E - 1) : (int)v;
+}
+
+// flat index of the q-th assignment in the given reading order
+__device__ __forceinline__ int flat_of(int q, int order, int T, int k) {
+    return order == 0 ? q : (q % T) * k + (q / T);
+}
+
+template <typename I>
+__device__ void count_impl(const I* __restrict__ idx, int N, int T, int k, int E, int* __restrict__ ws) {
+    __shared__ int hist[SMOE_ROUTING_MAX_E];
+    __shared__ int bad_min;
+    if (E > SMOE_ROUTING_MAX_E) return;
+    const int order = blockIdx.y;
+    const int nb = gridDim.x;
+    const int b = blockIdx.x;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    if (threadIdx.x == 0) bad_min = INT_MAX;
+    __syncthreads();
+    const int q0 = b * SMOE_ROUTING_CHUNK;
+    const int q1 = min(N, q0 + SMOE_ROUTING_CHUNK);
+    int my_bad = INT_MAX;
+    for (int q = q0 + threadIdx.x; q < q1; q += blockDim.x) {
+        int f = flat_of(q, order, T, k);
+        bool bad;
+        int e = load_expert(idx, f, E, &bad);
+        if (bad) my_bad = min(my_bad, f);
+        atomicAdd(&hist[e], 1);
+    }
+    if (my_bad != INT_MAX) atomicMin(&bad_min, my_bad);
+    __syncthreads();
+    int* counts = ws + (size_t)order * nb * E + (size_t)b * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = hist[e];
+    if (order == 0 && threadIdx.x == 0) ws[(size_t)2 * nb * E + b] = bad_min;
+}
+
+template <typename I>
+__device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int E, const int* __restrict__ ws,
+                             const int* __restrict__ expert_offsets, const long long* __restrict__ capacity,
+                             int capacity_order, int* __restrict__ sorted_idx, int* __restrict__ pos,
+                             unsigned char* __restrict__ kept, void* __restrict__ kept_out, int kept_dtype) {
+    constexpr int WARPS = SMOE_ROUTING_THREADS / 32;
+    constexpr int PER_WARP = SMOE_ROUTING_CHUNK / WARPS;
+    __shared__ int whist[WARPS][SMOE_ROUTING_MAX_E];
+    if (E > SMOE_ROUTING_MAX_E) return;
+    const int order = blockIdx.y;
+    const int nb = gridDim.x;
+    const int b = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool has_cap = capacity != nullptr;
+    long long C = has_cap ? *capacity : 0;
+    if (C < 0) C = 0;
+    // order 0 decides kept unless capacity is slot-major (then order 1 does)
+    const bool write_kept = (order == 0) ? !(has_cap && capacity_order == 0) : true;
+
+    for (int i = threadIdx.x; i < WARPS * E; i += blockDim.x) whist[i / E][i % E] = 0;
+    __syncthreads();
+    const int qw0 = b * SMOE_ROUTING_CHUNK + warp * PER_WARP;
+    const int qw1 = min(N, qw0 + PER_WARP);
+    // pass 1: per-warp histogram
+    for (int q = qw0 + lane; q < qw1; q += 32) {
+        bool bad;
+        int e = load_expert(idx, flat_of(q, order, T, k), E, &bad);
+        atomicAdd(&whist[warp][e], 1);
+    }
+    __syncthreads();
+    // pass 2: exclusive prefix over warps, plus the block's base within the expert
+    const int* bprefix = ws + (size_t)order * nb * E + (size_t)b * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int run = bprefix[e] + (order == 0 ? expert_offsets[e] : 0);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            int c = whist[w][e];
+            whist[w][e] = run;
+            run += c;
+        }
+    }
+    __syncthreads();
+    // pass 3: stable ranks, 32 assignments at a time per warp, in reading order
+    const unsigned lt_mask = (1u << lane) - 1u;
+    for (int qb = qw0; qb < qw1; qb += 32) {
+        int q = qb + lane;
+        bool valid = q < qw1;
+        int f = 0, e = -1;
+        if (valid) {
+            bool bad;
+            f = flat_of(q, order, T, k);
+            e = load_expert(idx, f, E, &bad);
+        }
+        unsigned peers = __match_any_sync(0xffffffffu, e);
+        int r = 0;
+        if (valid) r = whist[warp][e] + __popc(peers & lt_mask);
+        __syncwarp();
+        if (valid && (peers & lt_mask) == 0) whist[warp][e] += __popc(peers);
+        __syncwarp();
+        if (!valid) continue;
+        bool keep = true;
+        if (order == 0) {
+            sorted_idx[r] = f;
+            pos[f] = r;
+            if (has_cap && capacity_order == 1) keep = (long long)(r - expert_offsets[e]) < C;
+        } else {
+            keep = (long long)r < C;
+        }
+        if (write_kept) {
+            if (kept) kept[f] = keep ? 1 : 0;
+            if (kept_out) {
+                float kv = keep ? 1.0f : 0.0f;
+                if (kept_dtype == 1) ((float*)kept_out)[f] = kv;
+                else if (kept_dtype == 2) ((__half*)kept_out)[f] = __float2half_rn(kv);
+                else if (kept_dtype == 3) ((__nv_bfloat16*)kept_out)[f] = __float2bfloat16_rn(kv);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_count_i32(const int* idx, int N, int T, int k, int E, int* ws) {
+    count_impl<int>(idx, N, T, k, E, ws);
+}
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_count_i64(const long long* idx, int N, int T, int k, int E, int* ws) {
+    count_impl<long long>(idx, N, T, k, E, ws);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+scattermoe_routing_scan(int N, int E, int nb, int orders, const long long* capacity, int* ws,
+                        int* expert_offsets, int* error) {
+    __shared__ int warp_tot[32];
+    __shared__ int bad_red[32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (E > SMOE_ROUTING_MAX_E) {
+        if (tid == 0) { error[0] = SMOE_ERR_TOO_MANY_EXPERTS; error[1] = -1; }
+        return;
+    }
+    // per-expert exclusive prefix over blocks, both orders; totals from order 0
+    int total = 0;
+    if (tid < E) {
+        for (int o = 0; o < orders; ++o) {
+            int* cm = ws + (size_t)o * nb * E;
+            int run = 0;
+            for (int b = 0; b < nb; ++b) {
+                int c = cm[(size_t)b * E + tid];
+                cm[(size_t)b * E + tid] = run;
+                run += c;
+            }
+            if (o == 0) total = run;
+        }
+    }
+    // exclusive scan of totals over experts (one expert per thread)
+    int incl = total;
+#pragma unroll
+    for (int s = 1; s < 32; s <<= 1) {
+        int v = __shfl_up_sync(0xffffffffu, incl, s);
+        if (lane >= s) incl += v;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    // smallest bad flat index over blocks
+    int bmin = INT_MAX;
+    for (int b = tid; b < nb; b += blockDim.x) bmin = min(bmin, ws[(size_t)2 * nb * E + b]);
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) bmin = min(bmin, __shfl_xor_sync(0xffffffffu, bmin, s));
+    if (lane == 0) bad_red[warp] = bmin;
+    __syncthreads();
+    if (warp == 0) {
+        int v = warp_tot[lane];
+        int inc = v;
+#pragma unroll
+        for (int s = 1; s < 32; s <<= 1) {
+            int u = __shfl_up_sync(0xffffffffu, inc, s);
+            if (lane >= s) inc += u;
+        }
+        warp_tot[lane] = inc - v;  // exclusive prefix of warp totals
+        int m = bad_red[lane];
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) m = min(m, __shfl_xor_sync(0xffffffffu, m, s));
+        if (lane == 0) bad_red[0] = m;
+    }
+    __syncthreads();
+    if (tid < E) expert_offsets[tid] = warp_tot[warp] + incl - total;
+    if (tid == 0) {
+        expert_offsets[E] = N;
+        int flags = 0;
+        int m = bad_red[0];
+        if (m != INT_MAX) flags |= SMOE_ERR_BAD_INDEX;
+        if (capacity && *capacity < 0) flags |= SMOE_ERR_NEG_CAPACITY;
+        error[0] = flags;
+        error[1] = (m == INT_MAX) ? -1 : m;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_scatter_i32(const int* idx, int N, int T, int k, int E, const int* ws,
+                               const int* expert_offsets, const long long* capacity, int capacity_order,
+                               int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
+    scatter_impl<int>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos, kept,
+                      kept_out, kept_dtype);
+}
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_scatter_i64(const long long* idx, int N, int T, int k, int E, const int* ws,
+                               const int* expert_offsets, const long long* capacity, int capacity_order,
+                               int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
+    scatter_impl<long long>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos,
+                            kept, kept_out, kept_dtype);
+}

@@ -1,0 +1,364 @@
+//! Thin safe wrappers over the parts of ONNX Runtime's C API that custom ops use.
+//!
+//! The API table comes from `ort::api()`: the plugin installs the host's table in
+//! `RegisterCustomOps`; the CLI and tests install the one of the library they open. Everything
+//! here asks for API version 20 at most, so the same binary serves ORT 1.20 through 1.31.
+
+use ort_sys::{
+    ONNXTensorElementDataType, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtOpAttrType, OrtShapeInferContext,
+    OrtStatus, OrtStatusPtr, OrtTensorTypeAndShapeInfo, OrtValue,
+};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr;
+
+/// The API version this crate asks for; ORT 1.20 is the oldest that serves it.
+pub const API_VERSION: u32 = 20;
+
+fn api() -> &'static ort_sys::OrtApi {
+    ort::api()
+}
+
+/// Turns an ORT status into a Result, releasing the status.
+fn check(status: OrtStatusPtr) -> Result<(), String> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status from ORT; its message lives until ReleaseStatus.
+    let msg = unsafe { CStr::from_ptr((api().GetErrorMessage)(status.0)).to_string_lossy().into_owned() };
+    unsafe { (api().ReleaseStatus)(status.0) };
+    Err(msg)
+}
+
+/// A status carrying `msg`, for returning an error to ORT.
+pub fn error_status(msg: &str) -> OrtStatusPtr {
+    let c = CString::new(msg.replace('\0', " ")).expect("no interior NUL");
+    // SAFETY: ORT copies the message.
+    unsafe { (api().CreateStatus)(OrtErrorCode::ORT_FAIL, c.as_ptr()) }
+}
+
+pub fn ok_status() -> OrtStatusPtr {
+    OrtStatusPtr(ptr::null_mut::<OrtStatus>())
+}
+
+/// Element type code and dimensions (-1 where symbolic) of a tensor type/shape info.
+fn read_type_shape(info: *const OrtTensorTypeAndShapeInfo) -> Result<(i32, Vec<i64>), String> {
+    let (code, dims, _) = read_type_shape_named(info, false)?;
+    Ok((code, dims))
+}
+
+/// As [`read_type_shape`], with the symbolic names of unknown dimensions when `names` is set.
+fn read_type_shape_named(info: *const OrtTensorTypeAndShapeInfo, names: bool) -> Result<(i32, Vec<i64>, Vec<String>), String> {
+    let mut code: i32 = 0;
+    // SAFETY: ORT writes one enum value (an i32-sized C enum) into `code`; reading it as an
+    // i32 avoids materialising a Rust enum from a value a newer ORT might add.
+    check(unsafe { (api().GetTensorElementType)(info, (&mut code as *mut i32).cast::<ONNXTensorElementDataType>()) })?;
+    let mut n = 0usize;
+    check(unsafe { (api().GetDimensionsCount)(info, &mut n) })?;
+    let mut dims = vec![0i64; n];
+    check(unsafe { (api().GetDimensions)(info, dims.as_mut_ptr(), n) })?;
+    let mut params = vec![String::new(); n];
+    if names && n > 0 {
+        let mut raw: Vec<*const c_char> = vec![ptr::null(); n];
+        check(unsafe { (api().GetSymbolicDimensions)(info, raw.as_mut_ptr(), n) })?;
+        for (p, r) in params.iter_mut().zip(raw) {
+            if !r.is_null() {
+                *p = unsafe { CStr::from_ptr(r) }.to_string_lossy().into_owned();
+            }
+        }
+    }
+    Ok((code, dims, params))
+}
+
+/// A dimension as shape inference reports it: a value, or a symbolic name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SymDim {
+    Value(u64),
+    Param(String),
+}
+
+impl SymDim {
+    pub fn dim(&self) -> Option<u64> {
+        match self {
+            SymDim::Value(v) => Some(*v),
+            SymDim::Param(_) => None,
+        }
+    }
+
+    /// A fresh name for a dimension nobody named: ORT writes an unnamed unknown as the value -1,
+    /// which later passes would take literally.
+    pub fn fresh() -> SymDim {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        SymDim::Param(format!("scattermoe_dim_{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+/// A tensor's type and shape as the contract checks them: `None` dims are symbolic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeShape {
+    pub elem: i32,
+    pub dims: Vec<Option<u64>>,
+}
+
+impl TypeShape {
+    fn from_raw(code: i32, dims: &[i64]) -> Self {
+        TypeShape { elem: code, dims: dims.iter().map(|&d| u64::try_from(d).ok()).collect() }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel creation
+// ---------------------------------------------------------------------------------------------
+
+/// ORT's kernel info: the node's attributes and its inputs' types and (possibly symbolic) shapes.
+pub struct KernelInfo(pub *const OrtKernelInfo);
+
+impl KernelInfo {
+    pub fn input_count(&self) -> Result<usize, String> {
+        let mut n = 0;
+        check(unsafe { (api().KernelInfo_GetInputCount)(self.0, &mut n) })?;
+        Ok(n)
+    }
+
+    fn input_name(&self, i: usize) -> Result<String, String> {
+        let mut len = 0usize;
+        check(unsafe { (api().KernelInfo_GetInputName)(self.0, i, ptr::null_mut(), &mut len) })?;
+        let mut buf = vec![0u8; len.max(1)];
+        check(unsafe { (api().KernelInfo_GetInputName)(self.0, i, buf.as_mut_ptr().cast::<c_char>(), &mut len) })?;
+        Ok(CStr::from_bytes_until_nul(&buf).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default())
+    }
+
+    /// The input's type and shape, or None when the node leaves this optional input out.
+    pub fn input(&self, i: usize) -> Result<Option<TypeShape>, String> {
+        if i >= self.input_count()? || self.input_name(i)?.is_empty() {
+            return Ok(None);
+        }
+        let mut ti = ptr::null_mut();
+        check(unsafe { (api().KernelInfo_GetInputTypeInfo)(self.0, i, &mut ti) })?;
+        let mut tensor_info = ptr::null();
+        let r = check(unsafe { (api().CastTypeInfoToTensorInfo)(ti, &mut tensor_info) })
+            .and_then(|_| if tensor_info.is_null() { Err(format!("input {i} is not a tensor")) } else { read_type_shape(tensor_info) });
+        unsafe { (api().ReleaseTypeInfo)(ti) };
+        let (code, dims) = r?;
+        Ok(Some(TypeShape::from_raw(code, &dims)))
+    }
+}
+
+impl crate::spec::AttrSource for KernelInfo {
+    fn int(&self, name: &str) -> Option<i64> {
+        let c = CString::new(name).ok()?;
+        let mut v = 0i64;
+        check(unsafe { (api().KernelInfoGetAttribute_int64)(self.0, c.as_ptr(), &mut v) }).ok().map(|_| v)
+    }
+
+    fn float(&self, name: &str) -> Option<f32> {
+        let c = CString::new(name).ok()?;
+        let mut v = 0f32;
+        check(unsafe { (api().KernelInfoGetAttribute_float)(self.0, c.as_ptr(), &mut v) }).ok().map(|_| v)
+    }
+
+    fn string(&self, name: &str) -> Option<String> {
+        let c = CString::new(name).ok()?;
+        let mut len = 0usize;
+        check(unsafe { (api().KernelInfoGetAttribute_string)(self.0, c.as_ptr(), ptr::null_mut(), &mut len) }).ok()?;
+        let mut buf = vec![0u8; len.max(1)];
+        check(unsafe { (api().KernelInfoGetAttribute_string)(self.0, c.as_ptr(), buf.as_mut_ptr().cast(), &mut len) }).ok()?;
+        CStr::from_bytes_until_nul(&buf).ok().map(|s| s.to_string_lossy().into_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape inference
+// ---------------------------------------------------------------------------------------------
+
+pub struct ShapeContext(pub *mut OrtShapeInferContext);
+
+impl ShapeContext {
+    pub fn input_count(&self) -> Result<usize, String> {
+        let mut n = 0;
+        check(unsafe { (api().ShapeInferContext_GetInputCount)(self.0, &mut n) })?;
+        Ok(n)
+    }
+
+    /// The input's type and shape (unknown dimensions named); None when absent.
+    pub fn input(&self, i: usize) -> Result<Option<(i32, Vec<SymDim>)>, String> {
+        if i >= self.input_count()? {
+            return Ok(None);
+        }
+        let mut info = ptr::null_mut();
+        if check(unsafe { (api().ShapeInferContext_GetInputTypeShape)(self.0, i, &mut info) }).is_err() || info.is_null() {
+            return Ok(None);
+        }
+        // The context owns `info` (ORT's C++ wrapper treats it as a const view): no release.
+        let (code, dims, names) = read_type_shape_named(info, true)?;
+        if code == 0 {
+            return Ok(None);
+        }
+        let sym = dims
+            .iter()
+            .zip(names)
+            .map(|(&d, name)| match u64::try_from(d) {
+                Ok(v) => SymDim::Value(v),
+                Err(_) if !name.is_empty() => SymDim::Param(name),
+                Err(_) => SymDim::fresh(),
+            })
+            .collect();
+        Ok(Some((code, sym)))
+    }
+
+    pub fn set_output(&mut self, i: usize, elem: i32, dims: &[SymDim]) -> Result<(), String> {
+        let mut info = ptr::null_mut();
+        check(unsafe { (api().CreateTensorTypeAndShapeInfo)(&mut info) })?;
+        let raw: Vec<i64> = dims.iter().map(|d| d.dim().map_or(-1, |v| v as i64)).collect();
+        let names: Vec<CString> = dims
+            .iter()
+            .map(|d| CString::new(if let SymDim::Param(p) = d { p.as_str() } else { "" }).unwrap_or_default())
+            .collect();
+        let mut name_ptrs: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+        // SAFETY: `elem` is one of the float codes the contract accepts (1, 10, 16).
+        let ty: ONNXTensorElementDataType = unsafe { std::mem::transmute::<i32, ONNXTensorElementDataType>(elem) };
+        let r = check(unsafe { (api().SetTensorElementType)(info, ty) })
+            .and_then(|_| check(unsafe { (api().SetDimensions)(info, raw.as_ptr(), raw.len()) }))
+            .and_then(|_| check(unsafe { (api().SetSymbolicDimensions)(info, name_ptrs.as_mut_ptr(), name_ptrs.len()) }))
+            .and_then(|_| check(unsafe { (api().ShapeInferContext_SetOutputTypeShape)(self.0, i, info) }));
+        unsafe { (api().ReleaseTensorTypeAndShapeInfo)(info) };
+        r
+    }
+
+    fn attr_raw(&self, name: &str, ty: OrtOpAttrType, buf: &mut [u8]) -> Option<usize> {
+        let c = CString::new(name).ok()?;
+        let mut attr = ptr::null();
+        check(unsafe { (api().ShapeInferContext_GetAttribute)(self.0, c.as_ptr(), &mut attr) }).ok()?;
+        if attr.is_null() {
+            return None;
+        }
+        let mut len = 0usize;
+        let r = check(unsafe { (api().ReadOpAttr)(attr, ty, buf.as_mut_ptr().cast::<c_void>(), buf.len(), &mut len) });
+        match r {
+            Ok(()) => Some(len),
+            // A too-small buffer reports the size it needs.
+            Err(_) if len > buf.len() => {
+                let mut big = vec![0u8; len];
+                check(unsafe { (api().ReadOpAttr)(attr, ty, big.as_mut_ptr().cast::<c_void>(), big.len(), &mut len) }).ok()?;
+                buf.iter_mut().zip(big.iter()).for_each(|(a, b)| *a = *b);
+                Some(len)
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl crate::spec::AttrSource for ShapeContext {
+    fn int(&self, name: &str) -> Option<i64> {
+        let mut b = [0u8; 8];
+        self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_INT, &mut b).map(|_| i64::from_ne_bytes(b))
+    }
+
+    fn float(&self, name: &str) -> Option<f32> {
+        let mut b = [0u8; 4];
+        self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_FLOAT, &mut b).map(|_| f32::from_ne_bytes(b))
+    }
+
+    fn string(&self, name: &str) -> Option<String> {
+        let mut b = vec![0u8; 256];
+        let len = self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_STRING, &mut b)?;
+        if len > b.len() {
+            b = vec![0u8; len];
+            self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_STRING, &mut b)?;
+        }
+        b.truncate(len);
+        // ORT may or may not count a trailing NUL.
+        while b.last() == Some(&0) {
+            b.pop();
+        }
+        Some(String::from_utf8_lossy(&b).into_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compute
+// ---------------------------------------------------------------------------------------------
+
+/// An input tensor at compute time.
+pub struct Tensor {
+    pub elem: i32,
+    pub dims: Vec<usize>,
+    pub data: *const c_void,
+}
+
+impl Tensor {
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The data as a slice of `E`.
+    ///
+    /// # Safety
+    /// `E` must match `elem`, and the data must be host memory.
+    pub unsafe fn slice<E>(&self) -> &[E] {
+        if self.is_empty() {
+            return &[];
+        }
+        std::slice::from_raw_parts(self.data.cast::<E>(), self.len())
+    }
+
+    pub fn shape(&self) -> Vec<Option<u64>> {
+        self.dims.iter().map(|&d| Some(d as u64)).collect()
+    }
+}
+
+pub struct KernelContext(pub *mut OrtKernelContext);
+
+impl KernelContext {
+    pub fn input_count(&self) -> Result<usize, String> {
+        let mut n = 0;
+        check(unsafe { (api().KernelContext_GetInputCount)(self.0, &mut n) })?;
+        Ok(n)
+    }
+
+    pub fn output_count(&self) -> Result<usize, String> {
+        let mut n = 0;
+        check(unsafe { (api().KernelContext_GetOutputCount)(self.0, &mut n) })?;
+        Ok(n)
+    }
+
+    /// Input `i`, or None when the node leaves it out.
+    pub fn input(&self, i: usize) -> Result<Option<Tensor>, String> {
+        if i >= self.input_count()? {
+            return Ok(None);
+        }
+        let mut v: *const OrtValue = ptr::null();
+        check(unsafe { (api().KernelContext_GetInput)(self.0, i, &mut v) })?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        let mut info = ptr::null_mut();
+        check(unsafe { (api().GetTensorTypeAndShape)(v, &mut info) })?;
+        let r = read_type_shape(info);
+        unsafe { (api().ReleaseTensorTypeAndShapeInfo)(info) };
+        let (elem, dims) = r?;
+        let mut data = ptr::null_mut();
+        check(unsafe { (api().GetTensorMutableData)(v.cast_mut(), &mut data) })?;
+        Ok(Some(Tensor { elem, dims: dims.iter().map(|&d| d.max(0) as usize).collect(), data }))
+    }
+
+    /// Allocates output `i` with `dims`; None when the node does not ask for this optional output.
+    pub fn output(&self, i: usize, dims: &[usize]) -> Result<Option<*mut c_void>, String> {
+        if i >= self.output_count()? {
+            return Ok(None);
+        }
+        let raw: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let mut v = ptr::null_mut();
+        check(unsafe { (api().KernelContext_GetOutput)(self.0, i, raw.as_ptr(), raw.len(), &mut v) })?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        let mut data = ptr::null_mut();
+        check(unsafe { (api().GetTensorMutableData)(v, &mut data) })?;
+        Ok(Some(data))
+    }
+}

@@ -1,0 +1,332 @@
+//! The ops on ONNX Runtime's CPU execution provider: contract checks from `spec`, arithmetic from
+//! `reference`.
+
+use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
+use super::op::{Kernel, OpDef};
+use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Dim, ElemType, IndexType, SpecError};
+use super::op::ort_type;
+use ort_sys::ONNXTensorElementDataType;
+use half::{bf16, f16};
+
+fn to_string(e: SpecError) -> String {
+    e.to_string()
+}
+
+/// Element types and shapes of a node's inputs, for `spec::*::check`.
+struct Signature {
+    types: Vec<Option<i32>>,
+    shapes: Vec<Option<Vec<Dim>>>,
+}
+
+impl Signature {
+    fn from_type_shapes(inputs: &[Option<TypeShape>]) -> Self {
+        Signature {
+            types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
+            shapes: inputs.iter().map(|i| i.as_ref().map(|t| t.dims.clone())).collect(),
+        }
+    }
+
+    fn from_tensors(inputs: &[Option<Tensor>]) -> Self {
+        Signature {
+            types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
+            shapes: inputs.iter().map(|i| i.as_ref().map(Tensor::shape)).collect(),
+        }
+    }
+
+    fn shape_refs(&self) -> Vec<Option<&[Dim]>> {
+        self.shapes.iter().map(|s| s.as_deref()).collect()
+    }
+}
+
+fn kernel_inputs(info: &KernelInfo) -> Result<Vec<Option<TypeShape>>, String> {
+    (0..info.input_count()?).map(|i| info.input(i)).collect()
+}
+
+/// Inputs as shape inference sees them: the contract's view (`TypeShape`) and the named dims.
+fn shape_inputs(ctx: &ShapeContext) -> Result<(Vec<Option<TypeShape>>, Vec<Option<Vec<SymDim>>>), String> {
+    let raw: Vec<_> = (0..ctx.input_count()?).map(|i| ctx.input(i)).collect::<Result<_, _>>()?;
+    let plain = raw
+        .iter()
+        .map(|r| r.as_ref().map(|(elem, dims)| TypeShape { elem: *elem, dims: dims.iter().map(SymDim::dim).collect() }))
+        .collect();
+    Ok((plain, raw.into_iter().map(|r| r.map(|(_, d)| d)).collect()))
+}
+
+fn compute_inputs(ctx: &KernelContext) -> Result<Vec<Option<Tensor>>, String> {
+    (0..ctx.input_count()?).map(|i| ctx.input(i)).collect()
+}
+
+/// The output buffer as `&mut [E]` (empty tensors may come with a null pointer).
+///
+/// # Safety
+/// `ptr` must point to `len` host elements of type `E`, or `len` must be 0.
+unsafe fn out_slice<'a, E>(ptr: *mut std::ffi::c_void, len: usize) -> &'a mut [E] {
+    if len == 0 {
+        &mut []
+    } else {
+        std::slice::from_raw_parts_mut(ptr.cast::<E>(), len)
+    }
+}
+
+/// # Safety
+/// The tensor must hold `it` elements in host memory.
+unsafe fn indices(t: &Tensor, it: IndexType) -> Indices<'_> {
+    match it {
+        IndexType::I32 => Indices::I32(t.slice::<i32>()),
+        IndexType::I64 => Indices::I64(t.slice::<i64>()),
+    }
+}
+
+fn known(d: Dim) -> usize {
+    d.expect("all dimensions are known at run time") as usize
+}
+
+// ---------------------------------------------------------------------------------------------
+// ScatterMoE
+// ---------------------------------------------------------------------------------------------
+
+struct MoeCpu {
+    attrs: scatter_moe::Attrs,
+}
+
+fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(MoeCpu { attrs }))
+}
+
+fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
+    let attrs = scatter_moe::Attrs::parse(ctx).map_err(to_string)?;
+    let (plain, named) = shape_inputs(ctx)?;
+    let sig = Signature::from_type_shapes(&plain);
+    let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    let y = scatter_moe::output_shape(named[scatter_moe::X].as_deref().unwrap());
+    ctx.set_output(scatter_moe::Y, t.onnx_code(), &y)
+}
+
+impl Kernel for MoeCpu {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let (t, it, dims) = scatter_moe::check(&self.attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+        let sizes = MoeSizes {
+            tokens: known(dims.tokens),
+            k: known(dims.k),
+            experts: known(dims.experts),
+            d: known(dims.d),
+            f: known(dims.f),
+        };
+        let get = |i: usize| ins.get(i).and_then(Option::as_ref);
+        let capacity = match get(scatter_moe::CAPACITY) {
+            // SAFETY: the contract checked it is int64 with one element; it is host memory (CPU EP).
+            Some(c) => Some(scatter_moe::check_capacity(unsafe { c.slice::<i64>() }[0]).map_err(to_string)?),
+            None => None,
+        };
+        let x = get(scatter_moe::X).unwrap();
+        let y = ctx.output(scatter_moe::Y, &x.dims)?.ok_or("output 'Y' is required")?;
+        match t {
+            ElemType::F32 => self.run::<f32>(sizes, &ins, it, capacity, y),
+            ElemType::F16 => self.run::<f16>(sizes, &ins, it, capacity, y),
+            ElemType::BF16 => self.run::<bf16>(sizes, &ins, it, capacity, y),
+        }
+    }
+}
+
+impl MoeCpu {
+    fn run<E: Element>(
+        &self,
+        s: MoeSizes,
+        ins: &[Option<Tensor>],
+        it: IndexType,
+        capacity: Option<usize>,
+        y: *mut std::ffi::c_void,
+    ) -> Result<(), String> {
+        use scatter_moe::*;
+        let get = |i: usize| ins.get(i).and_then(Option::as_ref);
+        // SAFETY: the contract check established every present input's element type (E, or `it`
+        // for the indices) and shape; on the CPU EP all buffers are host memory.
+        unsafe {
+            let inputs = MoeInputs {
+                x: get(X).unwrap().slice::<E>(),
+                routing_weights: get(ROUTING_WEIGHTS).unwrap().slice::<E>(),
+                routing_indices: indices(get(ROUTING_INDICES).unwrap(), it),
+                w_in: get(W_IN).unwrap().slice::<E>(),
+                w_out: get(W_OUT).unwrap().slice::<E>(),
+                b_in: get(B_IN).map(|t| t.slice::<E>()),
+                b_out: get(B_OUT).map(|t| t.slice::<E>()),
+                capacity,
+            };
+            let y = out_slice::<E>(y, s.tokens * s.d);
+            reference::scatter_moe(&self.attrs, s, &inputs, y).map_err(to_string)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ParallelLinear
+// ---------------------------------------------------------------------------------------------
+
+struct LinearCpu {
+    attrs: parallel_linear::Attrs,
+}
+
+fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(LinearCpu { attrs }))
+}
+
+fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
+    let attrs = parallel_linear::Attrs::parse(ctx).map_err(to_string)?;
+    let (plain, named) = shape_inputs(ctx)?;
+    let sig = Signature::from_type_shapes(&plain);
+    let (t, _, dims) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    let routing = named[parallel_linear::ROUTING_INDICES].as_deref().unwrap();
+    let d_out = named[parallel_linear::W].as_deref().unwrap()[1].clone();
+    let rows = |r: &[SymDim]| {
+        let dims: Vec<_> = r.iter().map(SymDim::dim).collect();
+        parallel_linear::grouped_rows(&dims).map_or_else(SymDim::fresh, SymDim::Value)
+    };
+    let y = parallel_linear::output_shape(&attrs, routing, d_out, dims.has_gates, rows);
+    ctx.set_output(0, t.onnx_code(), &y)
+}
+
+impl Kernel for LinearCpu {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let refs = sig.shape_refs();
+        let (t, it, dims) = parallel_linear::check(&self.attrs, &sig.types, &refs).map_err(to_string)?;
+        let sizes = LinearSizes {
+            tokens: known(dims.tokens),
+            k: known(dims.k),
+            experts: known(dims.experts),
+            d_in: known(dims.d_in),
+            d_out: known(dims.d_out),
+        };
+        let routing = refs[parallel_linear::ROUTING_INDICES].unwrap();
+        let out: Vec<usize> = parallel_linear::output_shape(&self.attrs, routing, dims.d_out, dims.has_gates, parallel_linear::grouped_rows)
+            .into_iter()
+            .map(known)
+            .collect();
+        let y = ctx.output(0, &out)?.ok_or("output 'Y' is required")?;
+        let len = out.iter().product();
+        match t {
+            ElemType::F32 => self.run::<f32>(sizes, &ins, it, y, len),
+            ElemType::F16 => self.run::<f16>(sizes, &ins, it, y, len),
+            ElemType::BF16 => self.run::<bf16>(sizes, &ins, it, y, len),
+        }
+    }
+}
+
+impl LinearCpu {
+    fn run<E: Element>(&self, s: LinearSizes, ins: &[Option<Tensor>], it: IndexType, y: *mut std::ffi::c_void, len: usize) -> Result<(), String> {
+        use parallel_linear::*;
+        let get = |i: usize| ins.get(i).and_then(Option::as_ref);
+        // SAFETY: as in MoeCpu::run.
+        unsafe {
+            let inputs = LinearInputs {
+                x: get(X).unwrap().slice::<E>(),
+                routing_indices: indices(get(ROUTING_INDICES).unwrap(), it),
+                w: get(W).unwrap().slice::<E>(),
+                b: get(B).map(|t| t.slice::<E>()),
+                gates: get(GATES).map(|t| t.slice::<E>()),
+            };
+            reference::parallel_linear(&self.attrs, s, &inputs, out_slice::<E>(y, len)).map_err(to_string)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CapacityMask
+// ---------------------------------------------------------------------------------------------
+
+struct MaskCpu {
+    attrs: capacity_mask::Attrs,
+}
+
+fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(MaskCpu { attrs }))
+}
+
+fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
+    capacity_mask::Attrs::parse(ctx).map_err(to_string)?;
+    let (plain, named) = shape_inputs(ctx)?;
+    let sig = Signature::from_type_shapes(&plain);
+    capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
+    ctx.set_output(0, 9, named[capacity_mask::ROUTING_INDICES].as_deref().unwrap())
+}
+
+impl Kernel for MaskCpu {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let it = capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
+        let routing = ins[capacity_mask::ROUTING_INDICES].as_ref().unwrap();
+        // SAFETY: checked int64 with one element, host memory.
+        let capacity = capacity_mask::check_capacity(unsafe { ins[capacity_mask::CAPACITY].as_ref().unwrap().slice::<i64>() }[0])
+            .map_err(to_string)?;
+        let k = *routing.dims.last().unwrap();
+        let out = ctx.output(0, &routing.dims)?.ok_or("output 'kept' is required")?;
+        // SAFETY: index type checked; the output holds one bool per assignment.
+        unsafe {
+            let kept = out_slice::<bool>(out, routing.len());
+            reference::capacity_mask(&self.attrs, k, indices(routing, it), capacity, kept).map_err(to_string)
+        }
+    }
+}
+
+/// The CPU execution provider's ops: each op once per float type `T` (see `op.rs`).
+pub fn ops() -> Vec<OpDef> {
+    let mut ops = Vec::new();
+    for t in ElemType::ALL {
+        ops.push(OpDef {
+            name: c"ScatterMoE",
+            execution_provider: None,
+            inputs: &scatter_moe::INPUTS,
+            outputs: &scatter_moe::OUTPUTS,
+            output_type: ort_type(t),
+            host_inputs: &[],
+            create: create_moe,
+            infer: infer_moe,
+        });
+        ops.push(OpDef {
+            name: c"ParallelLinear",
+            execution_provider: None,
+            inputs: &parallel_linear::INPUTS,
+            outputs: &parallel_linear::OUTPUTS,
+            output_type: ort_type(t),
+            host_inputs: &[],
+            create: create_linear,
+            infer: infer_linear,
+        });
+    }
+    ops.push(OpDef {
+        name: c"CapacityMask",
+        execution_provider: None,
+        inputs: &capacity_mask::INPUTS,
+        outputs: &capacity_mask::OUTPUTS,
+        output_type: ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+        host_inputs: &[],
+        create: create_mask,
+        infer: infer_mask,
+    });
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn op_names_match_the_contract() {
+        let ops = super::ops();
+        assert_eq!(ops[0].name.to_str().unwrap(), crate::spec::scatter_moe::NAME);
+        assert_eq!(ops[1].name.to_str().unwrap(), crate::spec::parallel_linear::NAME);
+        assert_eq!(ops.last().unwrap().name.to_str().unwrap(), crate::spec::capacity_mask::NAME);
+    }
+}

@@ -1,0 +1,148 @@
+"""Time the full ScatterMoE forward (bf16, SwiGLU, gate_up) against torch._grouped_mm and the floor.
+
+usage: python3 tests/gpu/bench_forward.py --fatbin-dir DIR [--shapes mixtral,qwen3,fine] [--tokens ...]
+Each measurement: a CUDA graph holding SETS forwards over different inputs/routings (so small
+token counts do not just re-read L2), replayed REPS times between CUDA events; median / SETS.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from smoe_cuda import Kernels  # noqa: E402
+
+SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8)}
+FLOPS_PEAK, BW_PEAK = 792e12, 4.30e12
+SETS = 4
+
+
+def graph_time(fn, min_reps=5, max_reps=40, budget_s=0.4):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up (module load, autotune, allocator)
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    g.replay()
+    torch.cuda.synchronize()
+    est = time.time() - t0
+    reps = int(max(min_reps, min(max_reps, budget_s / max(est, 1e-6))))
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        ts.append((a, b))
+    torch.cuda.synchronize()
+    ms = sorted(a.elapsed_time(b) for a, b in ts)
+    return ms[len(ms) // 2] / SETS, ms[0] / SETS, ms[-1] / SETS
+
+
+def torch_moe(x, rw, ri, w1t, w2t, E):
+    T, k = ri.shape
+    flat = ri.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = counts.cumsum(0).to(torch.int32)
+    tok = order // k
+    h = torch._grouped_mm(x[tok], w1t, offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    a = F.silu(g) * u
+    o = torch._grouped_mm(a, w2t, offs=offs)
+    o = o * rw.reshape(-1)[order].unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, tok, o)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
+    ap.add_argument("--shapes", default="mixtral,qwen3,fine")
+    ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
+    ap.add_argument("--cfgs", default="auto,128x128,128x128_r1,32x64")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    K = Kernels(a.fatbin_dir)
+    dt = torch.bfloat16
+    rows = []
+    for shape in a.shapes.split(","):
+        d, f, E, k = SHAPES[shape]
+        torch.manual_seed(0)
+        w1 = (torch.randn(E, 2 * f, d, device="cuda", dtype=dt) / math.sqrt(d))
+        w2 = (torch.randn(E, d, f, device="cuda", dtype=dt) / math.sqrt(f))
+        w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
+        for T in [int(t) for t in a.tokens.split(",")]:
+            ins = []
+            for _ in range(SETS):
+                x = torch.randn(T, d, device="cuda", dtype=dt)
+                ri = torch.rand(T, E, device="cuda").topk(k, dim=1).indices.to(torch.int32).contiguous()
+                rw = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dt)
+                ins.append((x, ri, rw, K.alloc_forward(T, k, E, d, f, dt)))
+            used = sum(torch.unique(i[1]).numel() for i in ins) / SETS
+            flops = 2 * T * k * (d * 2 * f + f * d)
+            byts = used * (2 * f * d + d * f) * 2 + 2 * T * d * 2
+            floor = max(flops / FLOPS_PEAK, byts / BW_PEAK) * 1e3
+            row = dict(shape=shape, T=T, floor_ms=floor)
+            # correctness spot check vs torch path (bf16 both): relative error
+            x, ri, rw, bufs = ins[0]
+            y = K.forward(x, rw, ri, w1, w2, None, None, bufs).float()
+            try:
+                yt = torch_moe(x, rw, ri.long(), w1t, w2t, E).float()
+                row["err_vs_torch"] = ((y - yt).abs().max() / yt.abs().max().clamp_min(1e-30)).item()
+            except Exception as ex:  # noqa: BLE001
+                row["torch_error"] = repr(ex)[:200]
+            for cfg in a.cfgs.split(","):
+                c = None if cfg == "auto" else cfg
+                try:
+                    row[f"ours_{cfg}"] = graph_time(lambda: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_,
+                                                                       cfg1=c, cfg2=c)
+                                                             for (x_, ri_, rw_, b_) in ins])[0]
+                except Exception as ex:  # noqa: BLE001
+                    row[f"ours_{cfg}"] = float("nan")
+                    print("ERR", cfg, repr(ex)[:200])
+                if cfg == "auto":
+                    for st in ("route", "g1", "g2", "comb"):
+                        row[f"stage_{st}"] = graph_time(lambda: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_,
+                                                                           stages=(st,))
+                                                                 for (x_, ri_, rw_, b_) in ins], max_reps=20)[0]
+            if "torch_error" not in row:
+                try:
+                    ril = [i[1].long() for i in ins]
+                    row["torch_grouped_mm"] = graph_time(lambda: [torch_moe(x_, rw_, r_, w1t, w2t, E)
+                                                                  for (x_, _, rw_, _), r_ in zip(ins, ril)])[0]
+                except Exception as ex:  # noqa: BLE001
+                    row["torch_error"] = repr(ex)[:200]
+            rows.append(row)
+            print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}),
+                  flush=True)
+            del ins
+            torch.cuda.empty_cache()
+        del w1, w2, w1t, w2t
+        torch.cuda.empty_cache()
+    if a.json:
+        json.dump(rows, open(a.json, "w"), indent=1)
+    print("\nshape    tokens  floor   ours(auto)  best-cfg         torch_gmm  ours/floor  stages r/g1/g2/c (ms)")
+    for r in rows:
+        cf = {kk[5:]: v for kk, v in r.items() if kk.startswith("ours_") and v == v}
+        best = min(cf, key=cf.get) if cf else "-"
+        tg = r.get("torch_grouped_mm", float("nan"))
+        print(f"{r['shape']:<8s} {r['T']:>6d}  {r['floor_ms']:.3f}  {r.get('ours_auto', float('nan')):8.3f}  "
+              f"{best:>11s} {cf.get(best, float('nan')):7.3f}  {tg:8.3f}  {r.get('ours_auto', 0) / r['floor_ms']:8.2f}  "
+              f"{r.get('stage_route', 0):.3f}/{r.get('stage_g1', 0):.3f}/{r.get('stage_g2', 0):.3f}/"
+              f"{r.get('stage_comb', 0):.3f}")
+
+
+if __name__ == "__main__":
+    main()

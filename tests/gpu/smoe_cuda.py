@@ -1,0 +1,183 @@
+"""Load the ScatterMoE fatbins through the CUDA driver API (ctypes, like the Rust host's cudarc)
+and launch them on torch's current stream. Used by test_kernels.py and bench_forward.py."""
+import ctypes
+import os
+
+import torch
+
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+ROUTING_CHUNK = 4096
+
+ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
+GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
+# name suffix -> (BM, BN, threads, dynamic smem bytes)
+TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152)}
+F32_CFG = (64, 64, 256, 0)
+TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class Arg:
+    """ctypes wrappers for kernel parameters."""
+
+    @staticmethod
+    def ptr(t):
+        return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _check(rc, what):
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with CUresult {rc}")
+
+
+class Kernels:
+    def __init__(self, fatbin_dir):
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")  # primary context current on this thread
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.mods = {}
+        self.fns = {}
+        self._occ = {}
+        for name in ("routing", "grouped_gemm", "combine"):
+            data = open(os.path.join(fatbin_dir, f"{name}.fatbin"), "rb").read()
+            buf = ctypes.create_string_buffer(data, len(data))
+            mod = ctypes.c_void_p()
+            _check(self.cu.cuModuleLoadData(ctypes.byref(mod), buf), f"cuModuleLoadData({name})")
+            self.mods[name] = (mod, buf)
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def fn(self, module, name, dyn_smem=0):
+        key = (module, name)
+        if key not in self.fns:
+            f = ctypes.c_void_p()
+            _check(self.cu.cuModuleGetFunction(ctypes.byref(f), self.mods[module][0], name.encode()),
+                   f"cuModuleGetFunction({name})")
+            if dyn_smem > 48 * 1024:
+                _check(self.cu.cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                  ctypes.c_int(dyn_smem)), "cuFuncSetAttribute")
+            self.fns[key] = f
+        return self.fns[key]
+
+    def occupancy(self, f, threads, smem):
+        key = (f.value, threads, smem)
+        if key in self._occ:
+            return self._occ[key]
+        n = ctypes.c_int()
+        _check(self.cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), f, ctypes.c_int(threads),
+                                                                    ctypes.c_size_t(smem)), "occupancy")
+        self._occ[key] = n.value
+        return n.value
+
+    def launch(self, f, grid, block, smem, args):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        _check(self.cu.cuLaunchKernel(f, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
+                                      ctypes.c_uint(smem), stream, arr, None), "cuLaunchKernel")
+
+    # ------------------------------------------------------------------ routing
+    @staticmethod
+    def routing_ws_bytes(T, k, E):
+        nb = (T * k + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+        return 4 * (2 * nb * E + nb + 64)
+
+    def alloc_routing(self, T, k, E):
+        N = T * k
+        dev = "cuda"
+        return dict(
+            ws=torch.empty(self.routing_ws_bytes(T, k, E) // 4, dtype=torch.int32, device=dev),
+            offsets=torch.empty(E + 1, dtype=torch.int32, device=dev),
+            sidx=torch.empty(max(N, 1), dtype=torch.int32, device=dev),
+            pos=torch.empty(max(N, 1), dtype=torch.int32, device=dev),
+            kept=torch.empty(max(N, 1), dtype=torch.uint8, device=dev),
+            error=torch.empty(2, dtype=torch.int32, device=dev),
+        )
+
+    def routing(self, idx, E, bufs, capacity=None, capacity_order=0, kept_out=None):
+        """idx: [T, k] int32/int64 on the device. capacity: int64 device tensor [1] or None."""
+        T, k = idx.shape
+        N = T * k
+        sfx = "i32" if idx.dtype == torch.int32 else "i64"
+        nb = (N + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+        orders = 2 if (capacity is not None and capacity_order == 0) else 1
+        ci = ctypes.c_int
+        if nb > 0:
+            self.launch(self.fn("routing", f"scattermoe_routing_count_{sfx}"), (nb, orders), (256,), 0,
+                        [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"])])
+        self.launch(self.fn("routing", "scattermoe_routing_scan"), (1,), (1024,), 0,
+                    [ci(N), ci(E), ci(nb), ci(orders), Arg.ptr(capacity), Arg.ptr(bufs["ws"]),
+                     Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["error"])])
+        kdt = 0
+        if kept_out is not None:
+            kdt = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[kept_out.dtype]
+        if nb > 0:
+            self.launch(self.fn("routing", f"scattermoe_routing_scatter_{sfx}"), (nb, orders), (256,), 0,
+                        [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"]), Arg.ptr(bufs["offsets"]),
+                         Arg.ptr(capacity), ci(capacity_order), Arg.ptr(bufs["sidx"]), Arg.ptr(bufs["pos"]),
+                         Arg.ptr(bufs["kept"]), Arg.ptr(kept_out), ci(kdt)])
+
+    # ------------------------------------------------------------------ grouped GEMM
+    def pick_cfg(self, N_assign, E):
+        active = max(1, min(E, N_assign))
+        return "32x64" if N_assign / active <= 48 else "128x128"
+
+    def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
+             act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
+        E, N, K = W.shape
+        dt = X.dtype
+        if dt == torch.float32:
+            BM, BN, threads, smem = F32_CFG
+            name = "scattermoe_gemm_f32"
+        else:
+            cfg = cfg or self.pick_cfg(n_assign, E)
+            BM, BN, threads, smem = TC_CFGS[cfg.split("_")[0]]
+            name = f"scattermoe_gemm_{TNAME[dt]}_{cfg}"
+        f = self.fn("grouped_gemm", name, smem)
+        Nout = N // 2 if gated else N
+        BNo = BN // 2 if gated else BN
+        bound = ((n_assign + BM - 1) // BM + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
+        if grid is None:
+            grid = max(1, min(bound, self.sms * max(1, self.occupancy(f, threads, smem))))
+        ci, cf = ctypes.c_int, ctypes.c_float
+        self.launch(f, (grid,), (threads,), smem,
+                    [Arg.ptr(X), Arg.ptr(W), Arg.ptr(bias), Arg.ptr(Y), Arg.ptr(sidx), Arg.ptr(offsets),
+                     Arg.ptr(row_scale), ci(k), ci(N), ci(K), ci(E), ci(grouped_in), ci(grouped_out),
+                     ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit)])
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, O, pos, w, kept, Y, T, k, d):
+        V = 16 // O.element_size()
+        total = T * ((d + V - 1) // V)
+        if total == 0:
+            return
+        ci = ctypes.c_int
+        self.launch(self.fn("combine", f"scattermoe_combine_{TNAME[O.dtype]}"), ((total + 255) // 256,), (256,), 0,
+                    [Arg.ptr(O), Arg.ptr(pos), Arg.ptr(w), Arg.ptr(kept), Arg.ptr(Y), ci(T), ci(k), ci(d)])
+
+    # ------------------------------------------------------------------ full forward
+    def alloc_forward(self, T, k, E, d, f, dtype):
+        b = self.alloc_routing(T, k, E)
+        b["H"] = torch.empty(max(T * k, 1), f, dtype=dtype, device="cuda")
+        b["O"] = torch.empty(max(T * k, 1), d, dtype=dtype, device="cuda")
+        b["Y"] = torch.empty(max(T, 1), d, dtype=dtype, device="cuda")
+        return b
+
+    def forward(self, x, rw, ri, w1, w2, b1, b2, bufs, act="silu", gated=1, glu_layout="gate_up",
+                alpha=1.702, limit=7.0, capacity=None, capacity_order=0, cfg1=None, cfg2=None, stages=None):
+        T, k = ri.shape
+        E, n, d = w1.shape
+        f = w2.shape[2]
+        N = T * k
+        st = stages or ("route", "g1", "g2", "comb")
+        if "route" in st:
+            self.routing(ri, E, bufs, capacity, capacity_order)
+        if "g1" in st:
+            self.gemm(x, w1, b1, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, N, 0, 1, act, gated,
+                      glu_layout, alpha, limit, cfg=cfg1)
+        if "g2" in st:
+            self.gemm(bufs["H"], w2, b2, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, N, 1, 1, "none", 0,
+                      cfg=cfg2)
+        if "comb" in st:
+            self.combine(bufs["O"], bufs["pos"], rw.reshape(-1), bufs["kept"] if capacity is not None else None,
+                         bufs["Y"], T, k, d)
+        return bufs["Y"][:T]
