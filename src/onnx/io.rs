@@ -103,19 +103,13 @@ pub struct SaveOptions {
     pub external_threshold: Option<usize>,
 }
 
-/// Removes a file when dropped unless disarmed: temp files never outlive a failed save.
-struct TempGuard(Option<PathBuf>);
-impl Drop for TempGuard {
+/// Removes a temporary directory (and what is in it) when dropped: temp files never outlive a
+/// failed save.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
-        }
+        let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-fn temp_path(out: &Path, suffix: &str) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model.onnx".into());
-    out.with_file_name(format!(".{name}{suffix}.tmp{}", std::process::id()))
 }
 
 const ALIGN: u64 = 4096;
@@ -123,7 +117,16 @@ const INLINE_LIMIT: usize = 1 << 30;
 
 /// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
 /// appears at `out` unless the whole save succeeds.
-pub fn save(mut model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
+pub fn save(model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
+    save_checked(model, out, opts, None)
+}
+
+/// A check run on the finished model (at a temporary path in the destination directory, its
+/// external data beside it) before it is moved to `out`; an error leaves no output.
+pub type PreCommit<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
+/// [`save`], with a check before the output is committed.
+pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>) -> Result<()> {
     if out.exists() && !opts.force {
         bail!("{} exists; pass --force to overwrite it", out.display());
     }
@@ -137,6 +140,11 @@ pub fn save(mut model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
     let out_name = out.file_name().ok_or_else(|| anyhow!("{} names no file", out.display()))?.to_string_lossy().to_string();
     let data_name = format!("{out_name}.data");
     let data_final = dir.join(&data_name);
+    let tmp = TempDir(dir.join(format!(".{out_name}.tmp{}", std::process::id())));
+    let _ = fs::remove_dir_all(&tmp.0);
+    fs::create_dir(&tmp.0).with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    let data_tmp = tmp.0.join(&data_name);
+    let onnx_tmp = tmp.0.join(&out_name);
 
     let pending_bytes: usize = model.pending.iter().map(PendingTensor::byte_len).sum();
     let inline_bytes: usize = model.proto.graph.initializer.iter().filter(|t| !is_external(t)).map(|t| t.raw_data.len()).sum();
@@ -146,16 +154,12 @@ pub fn save(mut model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
         None => None,
     };
 
-    let mut data_guard = TempGuard(None);
-    let mut data_tmp_path = None;
     let mut writer: Option<(BufWriter<File>, u64)> = None;
     if threshold.is_some() {
-        let p = temp_path(out, ".data");
-        let f = File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
-        data_guard.0 = Some(p.clone());
-        data_tmp_path = Some(p);
+        let f = File::create(&data_tmp).with_context(|| format!("cannot create {}", data_tmp.display()))?;
         writer = Some((BufWriter::with_capacity(1 << 20, f), 0));
     }
+    let has_data = writer.is_some();
 
     fn write_ext(w: &mut (BufWriter<File>, u64), t: &mut TensorProto, bytes: &[u8], location: &str) -> Result<()> {
         let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
@@ -232,22 +236,22 @@ pub fn save(mut model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
         w.get_ref().sync_all().ok();
     }
 
-    let onnx_tmp = temp_path(out, "");
-    let onnx_guard = TempGuard(Some(onnx_tmp.clone()));
     {
         let f = File::create(&onnx_tmp).with_context(|| format!("cannot create {}", onnx_tmp.display()))?;
         let mut w = BufWriter::new(f);
         model.proto.write_to_writer(&mut w).map_err(|e| anyhow!("cannot serialise the model: {e}"))?;
         w.flush()?;
     }
+    if let Some(check) = check {
+        check(&onnx_tmp)?;
+    }
     if out.exists() && !opts.force {
         bail!("{} exists; pass --force to overwrite it", out.display());
     }
-    if let Some(p) = data_tmp_path {
-        fs::rename(&p, &data_final).with_context(|| format!("cannot move {} to {}", p.display(), data_final.display()))?;
-        std::mem::forget(data_guard);
+    if has_data {
+        fs::rename(&data_tmp, &data_final).with_context(|| format!("cannot move {} to {}", data_tmp.display(), data_final.display()))?;
     }
     fs::rename(&onnx_tmp, out).with_context(|| format!("cannot move {} to {}", onnx_tmp.display(), out.display()))?;
-    std::mem::forget(onnx_guard);
+    drop(tmp);
     Ok(())
 }

@@ -5,5 +5,5 @@ pub mod io;
 pub mod tensor;
 
 pub use graph::GraphIndex;
-pub use io::{load, save, Model, PendingTensor, SaveOptions};
+pub use io::{load, save, save_checked, Model, PendingTensor, SaveOptions};
 pub use onnx_protobuf as proto;

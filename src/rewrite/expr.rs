@@ -128,6 +128,17 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         let inp = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
         match op {
             "Identity" => self.parse(inp(0)),
+            "Reshape" => {
+                // row-preserving: [n, w] -> [-1, w]
+                let x = self.parse(inp(0))?;
+                let t = self.g.const_i64(inp(1)).ok_or_else(|| format!("Reshape producing '{v}' has a computed shape"))?;
+                let w = x.width(self.d.unwrap_or(0)).ok_or("reshape of a value of unknown width")?;
+                if t.len() == 2 && t[0] == -1 && t[1] == w as i64 {
+                    Ok(x)
+                } else {
+                    Err(format!("Reshape producing '{v}' to {t:?} does not keep the rows"))
+                }
+            }
             "Cast" => {
                 if !is_float_type(attr_i(n, "to").unwrap_or(0)) {
                     return Err(format!("'{v}' casts to a non-float type"));

@@ -215,15 +215,24 @@ fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>),
                 return Err("capacity CumSum is exclusive or reversed".into());
             }
             let axis = g.const_scalar(&cs.input[1]).ok_or("CumSum axis not constant")? as i64;
-            // over tokens: axis -2 of [T, K, E] or 0
-            if !(axis == -3 || axis == 0) && !(axis == -2 && is_k1(g, &idx)) {
+            let c = g.const_scalar(&le.input[1]).ok_or("capacity is not constant")?;
+            let k1 = is_k1(g, &idx);
+            // CumSum over the k axis (size 1 in top-1 routing) counts only the assignment itself:
+            // the mask keeps everything when C >= 1 (transformers' Switch router does this).
+            if (axis == 1 || axis == -2) && k1 {
+                if c >= 1.0 {
+                    return Ok((idx, e, None));
+                }
+                return Err(format!("capacity {c} drops every token"));
+            }
+            if !(axis == 0 || axis == -3) {
                 return Err(format!("capacity CumSum runs along axis {axis}, not over tokens"));
             }
-            if !is_k1(g, &idx) {
+            if !k1 {
                 return Err("capacity masks are recognised for top-1 routing only".into());
             }
-            let c = g.const_scalar(&le.input[1]).ok_or("capacity is not constant")?;
-            return Ok((idx, e, Some(c as i64)));
+            // kept iff the running count including itself <= C, i.e. fewer than C before it
+            return Ok((idx, e, Some(c.floor() as i64)));
         }
     }
     Err(format!("'{v}' is not a one-hot routing mask"))

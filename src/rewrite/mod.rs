@@ -15,6 +15,7 @@ pub mod expr;
 pub mod hf_loop;
 pub mod megablocks;
 pub mod ort_moe;
+pub mod verify;
 
 use std::fmt::Write as _;
 
