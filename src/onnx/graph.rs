@@ -23,6 +23,8 @@ pub struct GraphIndex<'g> {
     pub topo: Vec<usize>,
     /// position of each node in `topo`
     pub topo_pos: Vec<usize>,
+    /// the model's default-domain opset (set by the caller; 17 when unknown)
+    pub opset: i64,
 }
 
 impl<'g> GraphIndex<'g> {
@@ -75,7 +77,11 @@ impl<'g> GraphIndex<'g> {
         for (p, &i) in topo.iter().enumerate() {
             topo_pos[i] = p;
         }
-        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, topo, topo_pos })
+        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, topo, topo_pos, opset: 17 })
+    }
+
+    pub fn default_opset(&self) -> i64 {
+        self.opset
     }
 
     pub fn node(&self, i: usize) -> &'g NodeProto {

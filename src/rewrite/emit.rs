@@ -32,6 +32,10 @@ pub struct MoeLayer {
     pub capacity_order: CapacityOrder,
     /// k when known (for the report)
     pub k: Option<usize>,
+    /// nodes and initializers that build the op's inputs from what the graph has (e.g. a
+    /// trailing k = 1 axis on routing tensors), placed before the op
+    pub extra_nodes: Vec<onnx_protobuf::NodeProto>,
+    pub extra_inits: Vec<TensorProto>,
 }
 
 impl MoeLayer {
@@ -168,7 +172,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             bail!("experts differ in which biases they have");
         }
     }
-    let mut nodes = Vec::new();
+    let mut nodes = layer.extra_nodes.clone();
+    model.initializers.extend(layer.extra_inits.iter().cloned());
 
     // --- w_in [E, n, d]
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();

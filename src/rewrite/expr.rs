@@ -17,6 +17,9 @@ pub enum ERef {
     /// unrolled exactly E iterations (a Split into E pieces) the graph only runs when all E are
     /// hit, so entry i is expert i
     Hit(usize),
+    /// a stacked weight used by every expert at once (an einsum over the expert axis): expert e
+    /// uses slice e; replaced by `Const(e)` per expert with [`ExpertMlp::for_expert`]
+    Each,
 }
 
 impl ERef {
@@ -24,6 +27,7 @@ impl ERef {
         match self {
             ERef::Const(c) => c,
             ERef::Hit(i) => i as i64,
+            ERef::Each => panic!("ERef::Each has no single expert"),
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct ExprParser<'a, 'g> {
     pub eref: &'a dyn Fn(&str) -> Option<ERef>,
     /// model width, once known
     pub d: Option<usize>,
+    /// the leaf value the expression reads
+    pub matched_leaf: Option<String>,
     memo: HashMap<String, Expr>,
 }
 
@@ -94,7 +100,7 @@ fn is_float_type(t: i64) -> bool {
 
 impl<'a, 'g> ExprParser<'a, 'g> {
     pub fn new(g: &'a GraphIndex<'g>, leaves: Vec<String>, eref: &'a dyn Fn(&str) -> Option<ERef>) -> Self {
-        ExprParser { g, leaves, eref, d: None, memo: HashMap::new() }
+        ExprParser { g, leaves, eref, d: None, matched_leaf: None, memo: HashMap::new() }
     }
 
     pub fn parse(&mut self, v: &str) -> ParseResult<Expr> {
@@ -118,6 +124,10 @@ impl<'a, 'g> ExprParser<'a, 'g> {
 
     fn parse_inner(&mut self, v: &str) -> ParseResult<Expr> {
         if self.leaves.iter().any(|l| l == v) {
+            if self.matched_leaf.as_deref().is_some_and(|m| m != v) {
+                return Err(format!("the expert reads two row tensors ('{}' and '{v}')", self.matched_leaf.as_deref().unwrap()));
+            }
+            self.matched_leaf = Some(v.to_string());
             return Ok(Expr::Leaf);
         }
         if let Some(c) = self.scalar_const(v) {
@@ -148,6 +158,13 @@ impl<'a, 'g> ExprParser<'a, 'g> {
             "MatMul" => {
                 let x = self.parse(inp(0))?;
                 let w = self.weight(inp(1), false)?;
+                self.check_in(&x, &w)?;
+                Ok(Expr::Lin { x: Box::new(x), w, b: None })
+            }
+            "Einsum" if n.input.len() == 2 => {
+                let eq = crate::onnx::graph::attr_s(n, "equation").unwrap_or_default();
+                let (x, w) = self.einsum_lin(&eq, inp(0), inp(1)).ok_or_else(|| format!("Einsum '{eq}' producing '{v}' is not a per-expert linear layer"))?;
+                let x = self.parse(x)?;
                 self.check_in(&x, &w)?;
                 Ok(Expr::Lin { x: Box::new(x), w, b: None })
             }
@@ -314,6 +331,35 @@ impl<'a, 'g> ExprParser<'a, 'g> {
             }
             _ => None,
         }
+    }
+
+    /// `x` (labels Q + i) times a stacked weight W (labels e + {i, o}) giving Q [+ e] + o: one
+    /// linear layer per expert, expert e using W[e]. Returns (x, weight).
+    fn einsum_lin<'s>(&self, eq: &str, a: &'s str, b: &'s str) -> Option<(&'s str, WSrc)> {
+        let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
+        let (lhs, out) = eq.split_once("->")?;
+        let (la, lb) = lhs.split_once(',')?;
+        for (xl, wl, x, w) in [(la, lb, a, b), (lb, la, b, a)] {
+            let t = self.g.const_tensor(w)?;
+            if t.dims.len() != 3 || wl.len() != 3 || !self.g.initializers.contains_key(w) || xl.contains('.') || out.contains('.') {
+                continue;
+            }
+            let wc: Vec<char> = wl.chars().collect();
+            let (e, p, q) = (wc[0], wc[1], wc[2]);
+            let i = xl.chars().last()?;
+            let qx = &xl[..xl.len() - 1];
+            let o = if p == i { q } else if q == i { p } else { continue };
+            let want = if qx.contains(e) { format!("{qx}{o}") } else { format!("{qx}{e}{o}") };
+            if out != want || qx.contains(o) || qx.contains(i) {
+                continue;
+            }
+            // W[e] stored [p, q]; [out, in] when p is the output label
+            let transposed = p == i;
+            let (r, c) = (t.dims[1] as usize, t.dims[2] as usize);
+            let (outd, ind) = if transposed { (c, r) } else { (r, c) };
+            return Some((x, WSrc { init: w.to_string(), index: Some(ERef::Each), transposed, out: outd, inp: ind }));
+        }
+        None
     }
 
     /// Resolves a weight operand of MatMul (`gemm_trans_b`: Gemm with transB = 1).
@@ -591,6 +637,29 @@ pub struct ExpertMlp {
     pub limit: f32,
     pub f: usize,
     pub d: usize,
+}
+
+impl ExpertMlp {
+    /// This MLP for expert `e`: stacked weights used by every expert ([`ERef::Each`]) become slice e.
+    pub fn for_expert(&self, e: usize) -> ExpertMlp {
+        let fix = |r: &mut Option<ERef>| {
+            if *r == Some(ERef::Each) {
+                *r = Some(ERef::Const(e as i64));
+            }
+        };
+        let mut m = self.clone();
+        m.w_in.iter_mut().for_each(|w| fix(&mut w.index));
+        fix(&mut m.w_out.index);
+        m.b_in.iter_mut().flatten().for_each(|b| fix(&mut b.index));
+        m.b_out.iter_mut().for_each(|b| fix(&mut b.index));
+        m
+    }
+
+    /// The number of experts of the stacked weights used by every expert, if any.
+    pub fn each_count(&self, g: &GraphIndex) -> Option<usize> {
+        let w = self.w_in.iter().chain([&self.w_out]).find(|w| w.index == Some(ERef::Each))?;
+        g.const_dims(&w.init).map(|d| d[0] as usize)
+    }
 }
 
 /// Reads `out = Lin(act(...Lin(rows)...))` into an [`ExpertMlp`].

@@ -55,7 +55,7 @@ fn producer<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protob
 }
 
 /// Follows input 0 through the given ops.
-fn strip<'a>(g: &GraphIndex<'a>, v: &'a str, ops: &[&str]) -> &'a str {
+pub(crate) fn strip<'a>(g: &GraphIndex<'a>, v: &'a str, ops: &[&str]) -> &'a str {
     let mut cur = v;
     for _ in 0..16 {
         match g.prod(cur) {
@@ -517,6 +517,8 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         capacity,
         capacity_order: CapacityOrder::SlotMajor,
         k,
+        extra_nodes: Vec::new(),
+        extra_inits: Vec::new(),
     })
 }
 

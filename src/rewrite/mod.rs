@@ -157,7 +157,8 @@ pub fn rewrite(model: &mut Model) -> Result<Report> {
         ..Default::default()
     };
     let graph = model.proto.graph.clone().unwrap_or_default();
-    let g = GraphIndex::new(&graph, Some(&model.ext))?;
+    let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
+    g.opset = model.opset("").unwrap_or(17);
 
     let mut layers: Vec<MoeLayer> = Vec::new();
     for find in [hf_loop::find, dense::find, capacity::find, megablocks::find, ort_moe::find] {
