@@ -91,6 +91,9 @@ pub struct ExprParser<'a, 'g> {
     pub d: Option<usize>,
     /// the leaf value the expression reads
     pub matched_leaf: Option<String>,
+    /// the leaf is [E, rows, d] (per-expert bins): a MatMul with a rank-3 constant weight
+    /// [E, in, out] is then one linear layer per expert
+    pub batched_leaf: bool,
     memo: HashMap<String, Expr>,
 }
 
@@ -100,7 +103,7 @@ fn is_float_type(t: i64) -> bool {
 
 impl<'a, 'g> ExprParser<'a, 'g> {
     pub fn new(g: &'a GraphIndex<'g>, leaves: Vec<String>, eref: &'a dyn Fn(&str) -> Option<ERef>) -> Self {
-        ExprParser { g, leaves, eref, d: None, matched_leaf: None, memo: HashMap::new() }
+        ExprParser { g, leaves, eref, d: None, matched_leaf: None, batched_leaf: false, memo: HashMap::new() }
     }
 
     pub fn parse(&mut self, v: &str) -> ParseResult<Expr> {
@@ -379,6 +382,9 @@ impl<'a, 'g> ExprParser<'a, 'g> {
             return Err("weight chain too deep".into());
         }
         if let Some(t) = self.g.const_tensor(v) {
+            if t.dims.len() == 3 && self.batched_leaf && self.g.initializers.contains_key(v) {
+                return Ok((v.to_string(), Some(ERef::Each), false, [t.dims[1] as usize, t.dims[2] as usize]));
+            }
             if t.dims.len() != 2 {
                 return Err(format!("weight '{v}' has rank {}", t.dims.len()));
             }
