@@ -113,6 +113,7 @@ impl Drop for TempDir {
 }
 
 const ALIGN: u64 = 4096;
+const COPY_CHUNK: usize = 16 << 20;
 const INLINE_LIMIT: usize = 1 << 30;
 
 /// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
@@ -161,14 +162,20 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     }
     let has_data = writer.is_some();
 
-    fn write_ext(w: &mut (BufWriter<File>, u64), t: &mut TensorProto, bytes: &[u8], location: &str) -> Result<()> {
+    fn write_ext(w: &mut (BufWriter<File>, u64), t: &mut TensorProto, bytes: &[u8], location: &str, ext: Option<&ExternalStore>) -> Result<()> {
         let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
         if pad > 0 && bytes.len() as u64 >= ALIGN {
             w.0.write_all(&vec![0u8; pad as usize])?;
             w.1 += pad;
         }
         let offset = w.1;
-        w.0.write_all(bytes)?;
+        // in chunks, releasing each from memory once written (when it is memory-mapped input)
+        for chunk in bytes.chunks(COPY_CHUNK) {
+            w.0.write_all(chunk)?;
+            if let Some(ext) = ext {
+                ext.release(chunk);
+            }
+        }
         w.1 += bytes.len() as u64;
         t.raw_data.clear();
         t.float_data.clear();
@@ -194,8 +201,14 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         let size = if external { ext.bytes(t)?.len() } else { t.raw_data.len() };
         match (&mut writer, threshold) {
             (Some(w), Some(th)) if external || size >= th => {
-                let bytes = tensor_bytes(t, Some(ext))?.into_owned();
-                write_ext(w, t, &bytes, &data_name).with_context(|| format!("writing {}", data_final.display()))?;
+                if external {
+                    let bytes: &[u8] = ext.bytes(t)?;
+                    write_ext(w, t, bytes, &data_name, Some(ext)).with_context(|| format!("writing {}", data_final.display()))?;
+                } else {
+                    let bytes = std::mem::take(&mut t.raw_data);
+                    let bytes = if bytes.is_empty() { tensor_bytes(t, None)?.into_owned() } else { bytes };
+                    write_ext(w, t, &bytes, &data_name, None).with_context(|| format!("writing {}", data_final.display()))?;
+                }
             }
             _ if external => {
                 let bytes = ext.bytes(t)?.to_vec();
@@ -220,7 +233,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         t.data_type = p.data_type;
         t.dims = p.dims.clone();
         match (&mut writer, threshold) {
-            (Some(w), Some(th)) if bytes.len() >= th => write_ext(w, &mut t, &bytes, &data_name)?,
+            (Some(w), Some(th)) if bytes.len() >= th => write_ext(w, &mut t, &bytes, &data_name, None)?,
             _ => t.raw_data = bytes,
         }
         model.proto.graph.mut_or_insert_default().initializer.push(t);

@@ -105,6 +105,26 @@ impl ExternalStore {
         Ok(map)
     }
 
+    /// Drops the pages of `s` (a slice handed out by [`ExternalStore::bytes`]) from this process's
+    /// memory: they stay in the page cache and fault back in from the file if read again, so a
+    /// streamed copy of a large model keeps its resident set small.
+    pub fn release(&self, s: &[u8]) {
+        if s.is_empty() {
+            return;
+        }
+        let maps = self.maps.lock().unwrap();
+        for m in maps.values() {
+            let base = m.as_ptr() as usize;
+            let p = s.as_ptr() as usize;
+            if p >= base && p + s.len() <= base + m.len() {
+                // SAFETY: the mapping is a read-only view of a file nobody writes while we run;
+                // MADV_DONTNEED only discards resident pages, which re-fault from the file.
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, p - base, s.len()) };
+                return;
+            }
+        }
+    }
+
     /// The external bytes of `t`, bounds-checked against the file and the tensor's size.
     pub fn bytes(&self, t: &TensorProto) -> Result<&'static [u8]> {
         let r = external_ref(t)?;

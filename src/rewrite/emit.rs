@@ -77,6 +77,7 @@ fn append_matrix(ext: &ExternalStore, s: &Src, out_rows: usize, in_cols: usize, 
                 }
             }
         }
+        ext.release(m);
     } else {
         let all = tensor_f32(st, Some(ext))?;
         let m = &all[base..base + per];
@@ -97,6 +98,7 @@ fn append_vector(ext: &ExternalStore, s: &Src, len: usize, elem: i32, buf: &mut 
     if s.t.data_type == elem {
         let bytes = tensor_bytes(&s.t, Some(ext))?;
         buf.extend_from_slice(&bytes[base * esz..(base + len) * esz]);
+        ext.release(&bytes[base * esz..(base + len) * esz]);
     } else {
         let all = tensor_f32(&s.t, Some(ext))?;
         encode_f32(&all[base..base + len], elem, buf);
