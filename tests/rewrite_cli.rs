@@ -108,3 +108,74 @@ fn external_data_is_read_and_written_and_a_truncated_data_file_is_an_error() {
     only(&dir, &["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn verify_runs_both_models_and_says_where_the_original_fails() {
+    let dir = common::scratch("verify");
+    let out = dir.join("mixtral.onnx");
+    let input = common::models_dir().join("mixtral.onnx");
+    let (code, _, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap(), "--verify"]);
+    assert_eq!(code, 0, "{err}");
+    // the traced export fails at 1 token (a Split sized at trace time); the rewritten model runs
+    assert!(err.contains("tokens 1: the original fails"), "{err}");
+    assert!(err.contains("tokens 16: max relative error"), "{err}");
+    assert!(err.contains("verified"), "{err}");
+    assert!(out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn verify_detects_a_different_model() {
+    // mixtral_op18 has the same shapes as mixtral but other weights: a mismatch
+    let dir = common::scratch("verify_mismatch");
+    let other = dir.join("other.onnx");
+    let (code, _, err) = cli(&["rewrite", common::models_dir().join("mixtral_op18.onnx").to_str().unwrap(), other.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let orig = common::models_dir().join("mixtral.onnx");
+    let proto = scattermoe::onnx::load(&orig).unwrap().proto;
+    let v = scattermoe::rewrite::verify::verify(&orig, &proto, &other, &[1, 13, 16]).unwrap();
+    assert!(!v.passed(), "{}", v.text());
+    assert!(v.text().contains("MISMATCH"), "{}", v.text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_candidate_that_is_not_proven_is_left_and_reported() {
+    use scattermoe::onnx;
+    // one expert of the Mixtral loop computes tanh(gate) * up instead of silu(gate) * up
+    let mut m = onnx::load(&common::models_dir().join("mixtral.onnx")).unwrap();
+    let g = m.proto.graph.mut_or_insert_default();
+    let i = g.node.iter().position(|n| n.op_type == "Sigmoid").unwrap();
+    g.node[i].op_type = "Tanh".into();
+    let before = g.node.len();
+    let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+    assert!(rep.layers.is_empty(), "{}", rep.text());
+    assert_eq!(m.graph().node.len(), before);
+    assert!(rep.rejected.iter().any(|r| r.family == "hf_loop" && r.reason.contains("activation")), "{}", rep.text());
+    assert!(rep.text().contains("no MoE layer was replaced"));
+}
+
+#[test]
+fn a_model_without_moe_is_written_unchanged_with_exit_0() {
+    let dir = common::scratch("nomoe");
+    // the router alone: cut the capacity fixture after its softmax
+    let mut m = scattermoe::onnx::load(&common::models_dir().join("capacity_einsum.onnx")).unwrap();
+    let g = m.proto.graph.mut_or_insert_default();
+    let sm = g.node.iter().position(|n| n.op_type == "Softmax").unwrap();
+    let out_name = g.node[sm].output[0].clone();
+    g.node.truncate(sm + 1);
+    g.output[0].name = out_name;
+    if let Some(onnx_protobuf::type_proto::Value::TensorType(tt)) = g.output[0].type_.mut_or_insert_default().value.as_mut() {
+        if let Some(last) = tt.shape.mut_or_insert_default().dim.last_mut() {
+            last.set_dim_value(4);
+        }
+    }
+    let input = dir.join("router.onnx");
+    scattermoe::onnx::save(m, &input, &Default::default()).unwrap();
+    let out = dir.join("out.onnx");
+    let (code, stdout, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap(), "--report"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("no MoE layer was replaced"), "{stdout}");
+    assert!(out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

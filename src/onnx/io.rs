@@ -11,13 +11,14 @@ use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryPr
 
 use super::tensor::{elem_size, is_external, numel, tensor_bytes, ExternalStore};
 
-/// A tensor the rewrite adds, produced only while saving (one at a time, so stacking the experts
-/// of a large model never holds more than one such tensor in memory).
+/// A tensor the rewrite adds, produced only while saving, piece by piece (so stacking the experts
+/// of a large model holds one expert's rows in memory at a time).
 pub struct PendingTensor {
     pub name: String,
     pub data_type: i32,
     pub dims: Vec<i64>,
-    pub produce: Box<dyn Fn(&ExternalStore) -> Result<Vec<u8>>>,
+    /// Writes the tensor's bytes, in order, to the sink (in as many pieces as it likes).
+    pub produce: Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>,
 }
 
 impl PendingTensor {
@@ -224,17 +225,50 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     let total = pending.len();
     let progress = total >= 8 && std::io::IsTerminal::is_terminal(&std::io::stderr());
     for (i, p) in pending.into_iter().enumerate() {
-        let bytes = (p.produce)(ext).with_context(|| format!("building tensor '{}'", p.name))?;
-        if bytes.len() != p.byte_len() {
-            bail!("internal error: tensor '{}' produced {} bytes, expected {}", p.name, bytes.len(), p.byte_len());
-        }
         let mut t = TensorProto::new();
         t.name = p.name.clone();
         t.data_type = p.data_type;
         t.dims = p.dims.clone();
+        let want = p.byte_len();
+        let mut written = 0usize;
         match (&mut writer, threshold) {
-            (Some(w), Some(th)) if bytes.len() >= th => write_ext(w, &mut t, &bytes, &data_name, None)?,
-            _ => t.raw_data = bytes,
+            (Some(w), Some(th)) if want >= th => {
+                // streamed straight into the data file: one piece (one expert's rows) at a time
+                let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
+                if pad > 0 && want as u64 >= ALIGN {
+                    w.0.write_all(&vec![0u8; pad as usize])?;
+                    w.1 += pad;
+                }
+                let offset = w.1;
+                let file = &mut w.0;
+                (p.produce)(ext, &mut |b: &[u8]| {
+                    file.write_all(b)?;
+                    written += b.len();
+                    Ok(())
+                })
+                .with_context(|| format!("building tensor '{}'", p.name))?;
+                w.1 += written as u64;
+                t.data_location = DataLocation::EXTERNAL.into();
+                for (k, v) in [("location", data_name.clone()), ("offset", offset.to_string()), ("length", written.to_string())] {
+                    let mut e = StringStringEntryProto::new();
+                    e.key = k.into();
+                    e.value = v;
+                    t.external_data.push(e);
+                }
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(want);
+                (p.produce)(ext, &mut |b: &[u8]| {
+                    buf.extend_from_slice(b);
+                    Ok(())
+                })
+                .with_context(|| format!("building tensor '{}'", p.name))?;
+                written = buf.len();
+                t.raw_data = buf;
+            }
+        }
+        if written != want {
+            bail!("internal error: tensor '{}' produced {written} bytes, expected {want}", p.name);
         }
         model.proto.graph.mut_or_insert_default().initializer.push(t);
         if progress {

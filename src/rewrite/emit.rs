@@ -195,14 +195,16 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
                 name: name.clone(),
                 data_type: elem,
                 dims: vec![e_count as i64, n as i64, d as i64],
-                produce: Box::new(move |ext| {
+                produce: Box::new(move |ext, sink| {
                     let mut buf = Vec::new();
                     for parts in &srcs {
                         for (s, out, inp) in parts {
+                            buf.clear();
                             append_matrix(ext, s, *out, *inp, elem, &mut buf)?;
+                            sink(&buf)?;
                         }
                     }
-                    Ok(buf)
+                    Ok(())
                 }),
             });
             name
@@ -223,12 +225,14 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
                 name: name.clone(),
                 data_type: elem,
                 dims: vec![e_count as i64, d as i64, f as i64],
-                produce: Box::new(move |ext| {
+                produce: Box::new(move |ext, sink| {
                     let mut buf = Vec::new();
                     for (s, out, inp) in &srcs {
+                        buf.clear();
                         append_matrix(ext, s, *out, *inp, elem, &mut buf)?;
+                        sink(&buf)?;
                     }
-                    Ok(buf)
+                    Ok(())
                 }),
             });
             name
@@ -252,14 +256,14 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             name: name.clone(),
             data_type: elem,
             dims: vec![e_count as i64, len as i64],
-            produce: Box::new(move |ext| {
+            produce: Box::new(move |ext, sink| {
                 let mut buf = Vec::new();
                 for parts in &srcs {
                     for (s, len) in parts {
                         append_vector(ext, s, *len, elem, &mut buf)?;
                     }
                 }
-                Ok(buf)
+                sink(&buf)
             }),
         });
         Ok(name)
