@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Passes every test on a fresh machine: installs what it needs (project venvs with pinned ONNX
-# Runtime 1.31.1 and 1.20.1), builds the workspace, then runs the Rust and Python suites.
+# Runtime 1.31.1 and 1.20.1; nvcc 13.0 from PyPI, so every CUDA kernel is compiled on every run),
+# builds the workspace, then runs the Rust and Python suites.
 # GPU tests run only where a GPU is present; they say so when skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-python.sh
+export NVCC=${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls "$PWD"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)}
 cargo build --release --workspace
 export SCATTERMOE_ORT_LIB=${SCATTERMOE_ORT_LIB:-$PWD/target/release/libscattermoe_ort.so}

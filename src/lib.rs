@@ -1,3 +1,4 @@
+pub mod cuda;
 pub mod onnx;
 pub mod ort;
 pub mod reference;

@@ -1,11 +1,13 @@
 //! One ONNX Runtime custom op built from a description: the `OrtCustomOp` table ORT calls,
 //! filled with callbacks that forward to the op's Rust functions.
 //!
-//! Every input is declared with an undefined element type, so ORT hands any type to the op and
-//! the contract (`spec.rs`) names the offending input when one is wrong, instead of ORT's generic
+//! Inputs are declared with an undefined element type, so ORT hands any type to the op and the
+//! contract (`spec.rs`) names the offending input when one is wrong, instead of ORT's generic
 //! "could not find an implementation". Outputs are typed: ORT before 1.21 cannot infer the type
 //! of an untyped output from more than one untyped input, so each op is registered once per
 //! float type `T`, and the shape-inference function picks the registration by setting it.
+//! On ORT before 1.24, which gets no shape-inference function (see `shape_inference_supported`),
+//! the first float input is typed instead, and ORT picks the registration by it.
 
 use super::api::{error_status, ok_status, KernelContext, KernelInfo, ShapeContext};
 use crate::spec::{ElemType, Port};
@@ -30,6 +32,9 @@ pub struct OpDef {
     pub outputs: &'static [Port],
     /// The element type of every output of this registration.
     pub output_type: ONNXTensorElementDataType,
+    /// The input declared with `output_type` on hosts without safe shape inference (ORT < 1.24),
+    /// so that ORT picks this registration by that input's type (see [`input_type`]).
+    pub type_carrier: Option<usize>,
     /// Inputs read on the host even when the op runs on a device (e.g. a scalar capacity).
     pub host_inputs: &'static [usize],
     /// Validates attributes and the shapes known at session creation; builds the kernel.
@@ -106,8 +111,16 @@ unsafe extern "system" fn execution_provider(op: *const OrtCustomOp) -> *const c
     def(op).execution_provider.map_or(std::ptr::null(), CStr::as_ptr)
 }
 
-unsafe extern "system" fn any_type(_op: *const OrtCustomOp, _i: usize) -> ONNXTensorElementDataType {
-    ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+/// Untyped, except the type carrier on hosts where we declare no shape inference: there ORT
+/// cannot learn the output type from us, and picks the first registration whose declared types
+/// fit; typing one input with `T` makes that the registration for `T`.
+unsafe extern "system" fn input_type(op: *const OrtCustomOp, i: usize) -> ONNXTensorElementDataType {
+    let d = def(op);
+    if d.type_carrier == Some(i) && !super::shape_inference_supported() {
+        d.output_type
+    } else {
+        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+    }
 }
 
 unsafe extern "system" fn output_type(op: *const OrtCustomOp, _i: usize) -> ONNXTensorElementDataType {
@@ -180,7 +193,7 @@ impl CustomOp {
                 CreateKernel: None,
                 GetName: Some(name),
                 GetExecutionProviderType: Some(execution_provider),
-                GetInputType: Some(any_type),
+                GetInputType: Some(input_type),
                 GetInputTypeCount: Some(input_count),
                 GetOutputType: Some(output_type),
                 GetOutputTypeCount: Some(output_count),
