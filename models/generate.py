@@ -97,6 +97,28 @@ class DenseEinsumMoE(nn.Module):
         return torch.einsum("bse,bsed->bsd", gates, y)
 
 
+class DenseBmmMoE(nn.Module):
+    """Every expert for every token with batched MatMul over stacked weights [E, d, f] (the rows
+    broadcast over the expert axis), combined with the top-k gate [T, E] (zeros elsewhere) by a
+    multiply and a sum over experts. GELU (tanh form), not gated, with biases."""
+
+    def __init__(self, d, f, E, k):
+        super().__init__()
+        self.E = E
+        self.router = Router(d, E, k)
+        self.w1 = nn.Parameter(torch.empty(E, d, f))
+        self.b1 = nn.Parameter(torch.empty(E, 1, f))
+        self.w2 = nn.Parameter(torch.empty(E, f, d))
+        self.b2 = nn.Parameter(torch.empty(E, 1, d))
+
+    def forward(self, x):  # x: [T, d]
+        w, idx = self.router(x)
+        gates = torch.zeros(x.shape[0], self.E, dtype=x.dtype).scatter(1, idx, w)  # [T, E]
+        h = F.gelu(torch.matmul(x.unsqueeze(0), self.w1) + self.b1, approximate="tanh")  # [E, T, f]
+        y = torch.matmul(h, self.w2) + self.b2  # [E, T, d]
+        return (y * gates.t().unsqueeze(-1)).sum(dim=0)
+
+
 class CapacityEinsumMoE(nn.Module):
     """Switch/GShard style top-1 with a fixed expert capacity: one-hot dispatch and combine tensors
     [T, E, C], einsum into per-expert buffers, experts, einsum back. Tokens past an expert's capacity
@@ -233,6 +255,8 @@ def hand(name):
         return CapacityEinsumMoE(32, 64, 4, 5), dict(E=4, k=1, d=32, f=64, act="relu", capacity=5)
     if name == "megablocks":
         return MegablocksMoE(32, 48, 4, 2), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "dense_bmm":
+        return DenseBmmMoE(32, 64, 4, 2), dict(E=4, k=2, d=32, f=64, act="gelu_tanh", bias=True)
     raise KeyError(name)
 
 
@@ -255,6 +279,7 @@ FIXTURES = [
     ("dense_einsum", "dense", "hand:dense_einsum", 3, 17, "float32"),
     ("capacity_einsum", "capacity", "hand:capacity_einsum", 2, 17, "float32"),
     ("megablocks", "megablocks", "hand:megablocks", 2, 17, "float32"),
+    ("dense_bmm", "dense", "hand:dense_bmm", 2, 17, "float32"),
 ]
 
 

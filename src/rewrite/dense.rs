@@ -61,6 +61,15 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     let mut rejected = Vec::new();
     let leaves = shared_row_inputs(g);
     for n in &g.graph.node {
+        if n.op_type == "ReduceSum" && n.domain.is_empty() {
+            let at = n.output[0].clone();
+            match prove_bmm(g, n) {
+                Ok(Some(l)) => layers.push(l),
+                Ok(None) => {}
+                Err(reason) => rejected.push(Rejection { family: "dense", at, reason }),
+            }
+            continue;
+        }
         if n.op_type != "Einsum" || n.input.len() != 2 {
             continue;
         }
@@ -76,11 +85,12 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     (layers, rejected)
 }
 
-fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Result<Option<MoeLayer>, String> {
-    // the gate: top-k weights scattered into zeros along the expert axis
+/// The gate `ScatterElements(zeros[P, E], IDX, RW, axis = -1)` with IDX from TopK:
+/// (IDX, RW, k, E), or None when `gate` is no such scatter.
+fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, usize)>, String> {
     let gv = super::hf_loop::strip(g, gate, &["Cast", "Identity"]);
     let Some((_, sc)) = g.prod(gv).filter(|(_, n)| n.op_type == "ScatterElements") else {
-        return Ok(None); // some other einsum: not a candidate
+        return Ok(None);
     };
     let red = attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
     let axis = attr_i(sc, "axis").unwrap_or(0);
@@ -113,6 +123,11 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
     if !(axis == -1 || Some(axis + 1) == rank) {
         return Err(format!("the gate scatter runs along axis {axis}, not the expert axis"));
     }
+    Ok(Some((idx, rw, k, e_gate)))
+}
+
+fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Result<Option<MoeLayer>, String> {
+    let Some((idx, rw, k, e_gate)) = gate_of(g, gate)? else { return Ok(None) };
     // the experts, on shared rows
     let resolver = |_: &str| None;
     let mut p = ExprParser::new(g, leaves.to_vec(), &resolver);
@@ -144,3 +159,65 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
     }))
 }
 
+
+/// The batched-MatMul form: `Y = ReduceSum(H * Unsqueeze(Transpose(G), -1), axis 0)` where
+/// `H[e] = MLP_e(Unsqueeze(X, 0))` (MatMul with stacked weights [E, in, out], the rows broadcast
+/// over the expert axis) and G the top-k gate [T, E].
+fn prove_bmm(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLayer>, String> {
+    let Some((_, mul)) = g.prod(&rsum.input[0]).filter(|(_, n)| n.op_type == "Mul") else { return Ok(None) };
+    let axes = if rsum.input.len() > 1 { g.const_i64(&rsum.input[1]) } else { crate::onnx::graph::attr_ints(rsum, "axes") };
+    let mut parts = None;
+    for (a, b) in [(0, 1), (1, 0)] {
+        // b: Unsqueeze(Transpose(G, [1, 0]), -1)
+        let Some((_, u)) = g.prod(&mul.input[b]).filter(|(_, n)| n.op_type == "Unsqueeze") else { continue };
+        let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { crate::onnx::graph::attr_ints(u, "axes") };
+        let Some((_, t)) = g.prod(&u.input[0]).filter(|(_, n)| n.op_type == "Transpose") else { continue };
+        if crate::onnx::graph::attr_ints(t, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
+            continue;
+        }
+        parts = Some((mul.input[a].clone(), t.input[0].clone(), ua));
+    }
+    let Some((y, gate, ua)) = parts else { return Ok(None) };
+    let Some((idx, rw, k, e_gate)) = gate_of(g, &gate)? else { return Ok(None) };
+    if axes.as_deref() != Some(&[0]) || attr_i(rsum, "keepdims").unwrap_or(1) != 0 {
+        return Err("the weighted expert outputs are not summed over the expert axis".into());
+    }
+    if !matches!(ua.as_deref(), Some([-1]) | Some([2])) {
+        return Err("the gate is not broadcast over the model width".into());
+    }
+    // leaves: Unsqueeze(X, 0), the rows broadcast over the expert axis
+    let mut leaves = Vec::new();
+    for n in &g.graph.node {
+        if n.op_type == "Unsqueeze" && n.domain.is_empty() {
+            let a = if n.input.len() > 1 { g.const_i64(&n.input[1]) } else { crate::onnx::graph::attr_ints(n, "axes") };
+            if a.as_deref() == Some(&[0]) {
+                leaves.push(n.output[0].clone());
+            }
+        }
+    }
+    let resolver = |_: &str| None;
+    let mut p = ExprParser::new(g, leaves, &resolver);
+    p.batched_leaf = true;
+    let e = p.parse(&y)?;
+    let d = p.d.ok_or("the expert outputs read no stacked linear layer of the token rows")?;
+    let mlp = to_mlp(&e, d)?;
+    let e_count = mlp.each_count(g).ok_or("the expert weights are not stacked over the expert axis")?;
+    if e_count != e_gate {
+        return Err(format!("the gate has {e_gate} experts, the weights {e_count}"));
+    }
+    let leaf = p.matched_leaf.clone().ok_or("cannot find the token rows")?;
+    let x = g.prod(&leaf).map(|(_, n)| n.input[0].clone()).ok_or("cannot find the token rows")?;
+    Ok(Some(MoeLayer {
+        family: "dense",
+        x,
+        routing_weights: rw,
+        routing_indices: idx,
+        output: rsum.output[0].clone(),
+        experts: (0..e_count).map(|i| mlp.for_expert(i)).collect(),
+        capacity: None,
+        capacity_order: CapacityOrder::SlotMajor,
+        k: Some(k),
+        extra_nodes: Vec::new(),
+        extra_inits: Vec::new(),
+    }))
+}

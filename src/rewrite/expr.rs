@@ -425,6 +425,10 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         let mut cur = v.to_string();
         for _ in 0..4 {
             if let Some(t) = self.g.const_tensor(&cur) {
+                // one bias row per expert, broadcast over the rows of batched bins: [E, 1, out]
+                if self.batched_leaf && t.dims.len() == 3 && t.dims[1] == 1 && t.dims[2] as usize == out && self.g.initializers.contains_key(cur.as_str()) {
+                    return Ok(BSrc { init: cur, index: Some(ERef::Each), len: out });
+                }
                 let n = crate::onnx::tensor::numel(&t.dims);
                 let ok_shape = t.dims.len() == 1 || (t.dims.len() == 2 && t.dims[0] == 1);
                 if n != out || !ok_shape || !self.g.initializers.contains_key(cur.as_str()) {
