@@ -237,3 +237,62 @@ pub fn make_i64(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     values.iter().for_each(|v| raw.extend_from_slice(&v.to_le_bytes()));
     make_tensor(name, INT64, dims, raw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_tensors_read_as_f32_from_raw_and_typed_fields() {
+        let vals = [1.5f32, -2.25, 0.0, 65504.0];
+        let mut raw = Vec::new();
+        encode_f32(&vals, FLOAT16, &mut raw);
+        let t = make_tensor("h", FLOAT16, &[4], raw);
+        assert_eq!(tensor_f32(&t, None).unwrap(), vals);
+        let mut raw = Vec::new();
+        encode_f32(&vals[..3], BFLOAT16, &mut raw);
+        assert_eq!(tensor_f32(&make_tensor("b", BFLOAT16, &[3], raw), None).unwrap(), &vals[..3]);
+        // f16 bit patterns in int32_data
+        let mut t = TensorProto::new();
+        t.data_type = FLOAT16;
+        t.dims = vec![2];
+        t.int32_data = vec![half::f16::from_f32(3.0).to_bits() as i32, half::f16::from_f32(-0.5).to_bits() as i32];
+        assert_eq!(tensor_f32(&t, None).unwrap(), [3.0, -0.5]);
+        let mut t = TensorProto::new();
+        t.data_type = FLOAT;
+        t.dims = vec![2, 1];
+        t.float_data = vec![7.0, 8.0];
+        assert_eq!(tensor_f32(&t, None).unwrap(), [7.0, 8.0]);
+        assert_eq!(tensor_i64(&make_i64("i", &[2], &[-3, 9]), None).unwrap(), [-3, 9]);
+    }
+
+    #[test]
+    fn sizes_that_disagree_with_the_shape_are_errors() {
+        let t = make_tensor("x", FLOAT, &[3], vec![0u8; 8]);
+        let e = tensor_f32(&t, None).unwrap_err().to_string();
+        assert!(e.contains("'x'") && e.contains("needs 12"), "{e}");
+    }
+
+    #[test]
+    fn truncated_external_data_is_reported() {
+        let dir = std::env::temp_dir().join(format!("scattermoe-ext-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.bin"), vec![0u8; 10]).unwrap();
+        let mut t = TensorProto::new();
+        t.name = "w".into();
+        t.data_type = FLOAT;
+        t.dims = vec![4];
+        t.data_location = DataLocation::EXTERNAL.into();
+        let mut e = onnx_protobuf::StringStringEntryProto::new();
+        e.key = "location".into();
+        e.value = "w.bin".into();
+        t.external_data.push(e);
+        let store = ExternalStore::new(&dir);
+        let err = store.bytes(&t).unwrap_err().to_string();
+        assert!(err.contains("truncated") && err.contains("w.bin"), "{err}");
+        let mut t2 = t.clone();
+        t2.external_data[0].value = "../escape.bin".into();
+        assert!(store.bytes(&t2).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
