@@ -11,6 +11,9 @@ use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryPr
 
 use super::tensor::{elem_size, is_external, numel, tensor_bytes, ExternalStore};
 
+/// Writes a tensor's bytes, in order, to the sink it is given.
+pub type Producer = Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>;
+
 /// A tensor the rewrite adds, produced only while saving, piece by piece (so stacking the experts
 /// of a large model holds one expert's rows in memory at a time).
 pub struct PendingTensor {
@@ -18,7 +21,7 @@ pub struct PendingTensor {
     pub data_type: i32,
     pub dims: Vec<i64>,
     /// Writes the tensor's bytes, in order, to the sink (in as many pieces as it likes).
-    pub produce: Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>,
+    pub produce: Producer,
 }
 
 impl PendingTensor {

@@ -6,6 +6,7 @@
 //! - `keep = mask * (pos < C)`; `dispatch = OneHot(clip(pos, 0, C-1), C) * keep[..., None]`;
 //! - `combine = dispatch * gate[:, None, None]`;
 //! - `Y = Einsum('tec,ecd->td', combine, MLP_e(Einsum('tec,td->ecd', dispatch, X)))`.
+//!
 //! Every buffer slot (e, c) holds at most one token, so Y[t] = gate[t] MLP_e(X[t]) when the token
 //! is among the first C of its expert, else 0: ScatterMoE with `capacity` = C (slot_major, k = 1).
 

@@ -11,6 +11,7 @@
 //!   numerically); the routing weight `RW[token, slot]` (`Gather(Flatten(RW), token * k + slot)`);
 //! - their product scattered back into the token rows: `acc + ScatterElements(0, token, ...)`
 //!   in one chain from `zeros_like(X)`.
+//!
 //! The expert of iteration i is either a constant, or entry i of the sorted list of hit experts;
 //! in the latter form the loop has exactly E iterations (a Split into E pieces), so the graph runs
 //! only when every expert is hit and entry i is expert i. A chain is replaced only when its
@@ -410,7 +411,9 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
 fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLayer, String> {
     let mut hit_counts = HashMap::new();
     let mut experts: Vec<Option<super::expr::ExpertMlp>> = Vec::new();
-    let mut common: Option<(String, String, String, Option<usize>, Option<i64>)> = None; // idx, rw, x, E, capacity
+    // idx, rw, x, E, capacity: the same for every iteration
+    type Common = (String, String, String, Option<usize>, Option<i64>);
+    let mut common: Option<Common> = None;
     let mut n_hit: Option<usize> = None;
     for (it, &si) in chain.iter().enumerate() {
         let s = &steps[si];

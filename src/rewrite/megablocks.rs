@@ -12,6 +12,7 @@
 //! - `Ys = Gather(Flatten(O), sorted * len(flat) + pos)`, i.e. O[sorted, pos];
 //! - `Yu = ScatterElements(zeros, order, Ys)`: un-permuted, Yu[order[i]] = Ys[i];
 //! - `Y = ReduceSum(Reshape(Yu, [T, k, d]) * RW[..., None], axis 1)`.
+//!
 //! So Y[t] = sum_j RW[t, j] MLP_{IDX[t, j]}(X[t]): ScatterMoE(X, RW, IDX).
 
 use super::emit::MoeLayer;
