@@ -105,6 +105,8 @@ pub struct SaveOptions {
     /// Write every initializer of at least this many bytes to external data. `None`: external
     /// data exactly when the input had some or the model would exceed protobuf's 2 GiB.
     pub external_threshold: Option<usize>,
+    /// Show a progress bar on stderr for large models (default: when stderr is a terminal).
+    pub progress: Option<bool>,
 }
 
 /// Removes a temporary directory (and what is in it) when dropped: temp files never outlive a
@@ -118,6 +120,7 @@ impl Drop for TempDir {
 
 const ALIGN: u64 = 4096;
 const COPY_CHUNK: usize = 16 << 20;
+const PROGRESS_MIN: usize = 256 << 20;
 const INLINE_LIMIT: usize = 1 << 30;
 
 /// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
@@ -198,11 +201,38 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         Ok(())
     }
 
-    // Existing initializers: external ones are copied from the memory map, large inline ones move out.
+    // Progress (on a terminal, for large models): bytes of weights written so far.
     let ext = &model.ext;
+    let total_bytes: usize = model
+        .proto
+        .graph
+        .initializer
+        .iter()
+        .map(|t| if is_external(t) { ext.bytes(t).map(|b| b.len()).unwrap_or(0) } else { t.raw_data.len() })
+        .sum::<usize>()
+        + pending_bytes;
+    let progress = opts.progress.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr())) && total_bytes >= PROGRESS_MIN;
+    let mut done = 0usize;
+    let mut last_shown = 0usize;
+    let mut show = |n: usize| {
+        done += n;
+        if progress && (done - last_shown >= 64 << 20 || done == total_bytes) {
+            last_shown = done;
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let width = 30;
+            let filled = (done * width) / total_bytes.max(1);
+            eprint!("\rwriting weights [{}{}] {:.2}/{:.2} GiB", "#".repeat(filled), "-".repeat(width - filled), gib(done), gib(total_bytes));
+            if done == total_bytes {
+                eprintln!();
+            }
+        }
+    };
+
+    // Existing initializers: external ones are copied from the memory map, large inline ones move out.
     for t in model.proto.graph.mut_or_insert_default().initializer.iter_mut() {
         let external = is_external(t);
         let size = if external { ext.bytes(t)?.len() } else { t.raw_data.len() };
+        show(size);
         match (&mut writer, threshold) {
             (Some(w), Some(th)) if external || size >= th => {
                 if external {
@@ -225,9 +255,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     }
     // New tensors, produced one at a time.
     let pending = std::mem::take(&mut model.pending);
-    let total = pending.len();
-    let progress = total >= 8 && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    for (i, p) in pending.into_iter().enumerate() {
+    for p in pending {
         let mut t = TensorProto::new();
         t.name = p.name.clone();
         t.data_type = p.data_type;
@@ -274,12 +302,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
             bail!("internal error: tensor '{}' produced {written} bytes, expected {want}", p.name);
         }
         model.proto.graph.mut_or_insert_default().initializer.push(t);
-        if progress {
-            eprint!("\rwriting stacked expert weights: {}/{}", i + 1, total);
-        }
-    }
-    if progress {
-        eprintln!();
+        show(written);
     }
     if let Some((mut w, _)) = writer {
         w.flush()?;
