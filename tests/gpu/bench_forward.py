@@ -19,6 +19,7 @@ from smoe_cuda import Kernels  # noqa: E402
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8)}
 FLOPS_PEAK, BW_PEAK = 792e12, 4.30e12
 SETS = 4
+SMALL_ONLY = ("32x32", "32x64s6")
 
 
 def graph_time(fn, min_reps=5, max_reps=40, budget_s=0.4):
@@ -71,7 +72,7 @@ def main():
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--shapes", default="mixtral,qwen3,fine")
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
-    ap.add_argument("--cfgs", default="auto,128x128,128x128_r1,32x64")
+    ap.add_argument("--cfgs", default="128x128,wgmma_s4,32x64,32x64s6,32x32")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     K = Kernels(a.fatbin_dir)
@@ -103,20 +104,25 @@ def main():
                 row["err_vs_torch"] = ((y - yt).abs().max() / yt.abs().max().clamp_min(1e-30)).item()
             except Exception as ex:  # noqa: BLE001
                 row["torch_error"] = repr(ex)[:200]
+            fwd = lambda **kw: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_, **kw)  # noqa: E731
+                                for (x_, ri_, rw_, b_) in ins]
+            row["ours_auto"] = graph_time(lambda: fwd())[0]
+            for st in ("route", "g1", "g2", "comb"):
+                row[f"stage_{st}"] = graph_time(lambda: fwd(stages=(st,)), max_reps=20)[0]
+            rows_per_expert = T * k / min(E, T * k)
             for cfg in a.cfgs.split(","):
-                c = None if cfg == "auto" else cfg
-                try:
-                    row[f"ours_{cfg}"] = graph_time(lambda: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_,
-                                                                       cfg1=c, cfg2=c)
-                                                             for (x_, ri_, rw_, b_) in ins])[0]
-                except Exception as ex:  # noqa: BLE001
-                    row[f"ours_{cfg}"] = float("nan")
-                    print("ERR", cfg, repr(ex)[:200])
-                if cfg == "auto":
-                    for st in ("route", "g1", "g2", "comb"):
-                        row[f"stage_{st}"] = graph_time(lambda: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_,
-                                                                           stages=(st,))
-                                                                 for (x_, ri_, rw_, b_) in ins], max_reps=20)[0]
+                if cfg in SMALL_ONLY and rows_per_expert > 1024:
+                    continue
+                for st, key in (("g1", "cfg1"), ("g2", "cfg2")):
+                    try:
+                        row[f"{st}_{cfg}"] = graph_time(lambda: fwd(stages=(st,), **{key: cfg}), max_reps=20)[0]
+                    except Exception as ex:  # noqa: BLE001
+                        print("ERR", cfg, st, repr(ex)[:200])
+            g1 = {c: row[f"g1_{c}"] for c in a.cfgs.split(",") if f"g1_{c}" in row}
+            g2 = {c: row[f"g2_{c}"] for c in a.cfgs.split(",") if f"g2_{c}" in row}
+            b1, b2 = min(g1, key=g1.get), min(g2, key=g2.get)
+            row["best_g1"], row["best_g2"] = b1, b2
+            row["ours_best_sum"] = row["stage_route"] + g1[b1] + g2[b2] + row["stage_comb"]
             if "torch_error" not in row:
                 try:
                     ril = [i[1].long() for i in ins]
@@ -133,15 +139,14 @@ def main():
         torch.cuda.empty_cache()
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
-    print("\nshape    tokens  floor   ours(auto)  best-cfg         torch_gmm  ours/floor  stages r/g1/g2/c (ms)")
+    print("\nshape    tokens  floor  ours(auto) ours(best-cfg sum) torch_gmm auto/floor auto/torch  "
+          "route/g1/g2/comb (auto, ms)   best g1 / g2 cfg")
     for r in rows:
-        cf = {kk[5:]: v for kk, v in r.items() if kk.startswith("ours_") and v == v}
-        best = min(cf, key=cf.get) if cf else "-"
         tg = r.get("torch_grouped_mm", float("nan"))
-        print(f"{r['shape']:<8s} {r['T']:>6d}  {r['floor_ms']:.3f}  {r.get('ours_auto', float('nan')):8.3f}  "
-              f"{best:>11s} {cf.get(best, float('nan')):7.3f}  {tg:8.3f}  {r.get('ours_auto', 0) / r['floor_ms']:8.2f}  "
-              f"{r.get('stage_route', 0):.3f}/{r.get('stage_g1', 0):.3f}/{r.get('stage_g2', 0):.3f}/"
-              f"{r.get('stage_comb', 0):.3f}")
+        print(f"{r['shape']:<8s} {r['T']:>6d} {r['floor_ms']:7.3f} {r['ours_auto']:8.3f} {r['ours_best_sum']:12.3f}"
+              f" {tg:14.3f} {r['ours_auto'] / r['floor_ms']:8.2f} {r['ours_auto'] / tg:9.2f}   "
+              f"{r['stage_route']:.3f}/{r['stage_g1']:.3f}/{r['stage_g2']:.3f}/{r['stage_comb']:.3f}"
+              f"   {r['best_g1']} / {r['best_g2']}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ ROUTING_CHUNK = 4096
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
-TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152)}
+TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
+           "wgmma_s4": (128, 128, 256, 4 * 32768 + 1024), "32x32": (32, 32, 128, 32768),
+           "32x64s6": (32, 64, 128, 73728)}
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -43,7 +45,12 @@ class Kernels:
             mod = ctypes.c_void_p()
             _check(self.cu.cuModuleLoadData(ctypes.byref(mod), buf), f"cuModuleLoadData({name})")
             self.mods[name] = (mod, buf)
-        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+        props = torch.cuda.get_device_properties(0)
+        self.sms = props.multi_processor_count
+        # rows per expert at or below which the small-tile kernel wins (measured on H200)
+        self.small_rows = int(os.environ.get("SMOE_SMALL_ROWS", "128"))
+        self.large_cfg = os.environ.get("SMOE_LARGE_CFG", "wgmma_s4" if props.major == 9 else "128x128")
+        # wgmma kernels exist as SASS for sm_90a only
 
     def fn(self, module, name, dyn_smem=0):
         key = (module, name)
@@ -51,7 +58,7 @@ class Kernels:
             f = ctypes.c_void_p()
             _check(self.cu.cuModuleGetFunction(ctypes.byref(f), self.mods[module][0], name.encode()),
                    f"cuModuleGetFunction({name})")
-            if dyn_smem > 48 * 1024:
+            if dyn_smem > 0:  # static smem counts too: opt in whenever dynamic smem is used
                 _check(self.cu.cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                   ctypes.c_int(dyn_smem)), "cuFuncSetAttribute")
             self.fns[key] = f
@@ -117,9 +124,16 @@ class Kernels:
                          Arg.ptr(bufs["kept"]), Arg.ptr(kept_out), ci(kdt)])
 
     # ------------------------------------------------------------------ grouped GEMM
-    def pick_cfg(self, N_assign, E):
-        active = max(1, min(E, N_assign))
-        return "32x64" if N_assign / active <= 48 else "128x128"
+    def pick_cfg(self, N_assign, E, K):
+        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md)."""
+        R = N_assign / max(1, min(E, N_assign))  # rows per active expert
+        if R <= 1 and K <= 2048:
+            return "32x32"
+        if R <= self.small_rows:
+            return "32x64s6" if K >= 8192 else "32x64"
+        if K < 1024:
+            return "32x64" if R <= 512 else "128x128"
+        return self.large_cfg
 
     def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
@@ -129,8 +143,8 @@ class Kernels:
             BM, BN, threads, smem = F32_CFG
             name = "scattermoe_gemm_f32"
         else:
-            cfg = cfg or self.pick_cfg(n_assign, E)
-            BM, BN, threads, smem = TC_CFGS[cfg.split("_")[0]]
+            cfg = cfg or self.pick_cfg(n_assign, E, K)
+            BM, BN, threads, smem = TC_CFGS[cfg]
             name = f"scattermoe_gemm_{TNAME[dt]}_{cfg}"
         f = self.fn("grouped_gemm", name, smem)
         Nout = N // 2 if gated else N
