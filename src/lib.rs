@@ -1,4 +1,6 @@
 pub mod cuda;
+pub mod onnx;
 pub mod ort;
 pub mod reference;
+pub mod rewrite;
 pub mod spec;

@@ -1,1 +1,101 @@
-fn main(){}
+//! `scattermoe rewrite IN.onnx OUT.onnx [--force] [--report] [--json] [--verify]`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use scattermoe::onnx::{self, SaveOptions};
+use scattermoe::rewrite;
+
+#[derive(Parser)]
+#[command(name = "scattermoe", version, about = "ScatterMoE for ONNX models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replace every recognised Mixture-of-Experts subgraph with one ai.scattermoe::ScatterMoE node.
+    Rewrite {
+        /// input model (.onnx; external data beside it is read memory-mapped)
+        input: PathBuf,
+        /// output model (its external data, when any, is written to OUTPUT.data)
+        output: PathBuf,
+        /// overwrite OUTPUT if it exists
+        #[arg(long)]
+        force: bool,
+        /// print every MoE layer found and every candidate left as is, with the reason
+        #[arg(long)]
+        report: bool,
+        /// print the report as JSON on stdout (implies --report)
+        #[arg(long)]
+        json: bool,
+        /// run original and rewritten models in ONNX Runtime (CPU, with libscattermoe_ort.so) on
+        /// random inputs and write nothing unless they match
+        #[arg(long)]
+        verify: bool,
+        /// token counts for --verify (default: 1, a prime, and 16, the generator's traced length)
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 13, 16])]
+        lengths: Vec<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Rewrite { input, output, force, report, json, verify, lengths } => {
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to overwrite it", output.display());
+            }
+            if input.canonicalize().ok().is_some_and(|i| output.canonicalize().ok() == Some(i)) {
+                bail!("the output must not be the input file");
+            }
+            let mut model = onnx::load(&input)?;
+            let original_proto = if verify { Some(model.proto.clone()) } else { None };
+            let rep = rewrite::rewrite(&mut model)?;
+            if json {
+                println!("{}", rep.json());
+            } else if report {
+                print!("{}", rep.text());
+            } else {
+                let n = rep.layers.len();
+                eprintln!(
+                    "{} MoE layer{} replaced ({} nodes -> {}){}",
+                    n,
+                    if n == 1 { "" } else { "s" },
+                    rep.nodes_before,
+                    rep.nodes_after,
+                    if rep.rejected.is_empty() { String::new() } else { format!(", {} candidate(s) left as is (see --report)", rep.rejected.len()) }
+                );
+            }
+            let failed = std::cell::Cell::new(false);
+            let check = |tmp: &std::path::Path| -> Result<()> {
+                let proto = original_proto.as_ref().unwrap();
+                let v = rewrite::verify::verify(&input, proto, tmp, &lengths)?;
+                eprint!("{}", v.text());
+                if !v.passed() {
+                    failed.set(true);
+                    bail!("verification failed: nothing written");
+                }
+                eprintln!("verified: the rewritten model matches the original");
+                Ok(())
+            };
+            let opts = SaveOptions { force, ..Default::default() };
+            onnx::save_checked(model, &output, &opts, if verify { Some(&check) } else { None })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""Generates the rewriter's fixtures: tiny MoE blocks exported by torch's own ONNX exporter.
+
+Each fixture is one MoE block (the real Hugging Face transformers class with a tiny config and
+seeded random weights, or a hand-written torch module of a common MoE form), exported with
+torch.onnx.export(dynamo=False) at a traced token count, and saved as
+
+    <name>.onnx   the exported block (input `hidden_states`, output `output`)
+    <name>.npz    torch's own outputs: x_<S>, y_<S> for S in (1, 7, traced)
+
+plus index.json describing every fixture (family, E, k, d, f, dtype, opset, traced length, and
+whether ONNX Runtime ran the exported original at each token count).
+
+Needs torch and transformers (made with torch 2.11, transformers 5.17); onnx and onnxruntime are
+used when present, to check the exports. A model that fails is reported and skipped.
+
+    python3 generate.py --out models/            # all
+    python3 generate.py --out /tmp/m --only mixtral,dense_einsum
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TRACED = 16
+LENGTHS = (1, 7, TRACED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written MoE modules (the forms people write in plain torch)
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """softmax -> top-k -> renormalise."""
+
+    def __init__(self, d, E, k):
+        super().__init__()
+        self.proj = nn.Linear(d, E, bias=False)
+        self.k = k
+
+    def forward(self, x):
+        probs = torch.softmax(self.proj(x), dim=-1)
+        w, idx = torch.topk(probs, self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w, idx
+
+
+class LoopWhereMoE(nn.Module):
+    """Per-expert loop over a static range: torch.where on the index tensor, gather the rows,
+    an nn.Linear MLP per expert (GELU, not gated, with biases), index_add_ back."""
+
+    def __init__(self, d, f, E, k):
+        super().__init__()
+        self.E = E
+        self.router = Router(d, E, k)
+        self.fc1 = nn.ModuleList([nn.Linear(d, f) for _ in range(E)])
+        self.fc2 = nn.ModuleList([nn.Linear(f, d) for _ in range(E)])
+
+    def forward(self, x):  # x: [T, d]
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e in range(self.E):
+            tok, slot = torch.where(idx == e)
+            h = F.gelu(self.fc1[e](x[tok]))
+            y = self.fc2[e](h) * w[tok, slot].unsqueeze(-1)
+            out.index_add_(0, tok, y)
+        return out
+
+
+class DenseEinsumMoE(nn.Module):
+    """Every expert for every token (einsum over stacked weights), combined with a dense gate
+    tensor that holds the top-k weights (zeros elsewhere)."""
+
+    def __init__(self, d, f, E, k):
+        super().__init__()
+        self.router = Router(d, E, k)
+        self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        self.w_up = nn.Parameter(torch.empty(E, f, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, f))
+
+    def forward(self, x):  # x: [B, S, d]
+        w, idx = self.router(x)
+        gates = torch.zeros(x.shape[:-1] + (self.w_gate.shape[0],), dtype=x.dtype).scatter(-1, idx, w)
+        g = torch.einsum("bsd,efd->bsef", x, self.w_gate)
+        u = torch.einsum("bsd,efd->bsef", x, self.w_up)
+        h = F.silu(g) * u
+        y = torch.einsum("bsef,edf->bsed", h, self.w_down)
+        return torch.einsum("bse,bsed->bsd", gates, y)
+
+
+class DenseBmmMoE(nn.Module):
+    """Every expert for every token with batched MatMul over stacked weights [E, d, f] (the rows
+    broadcast over the expert axis), combined with the top-k gate [T, E] (zeros elsewhere) by a
+    multiply and a sum over experts. GELU (tanh form), not gated, with biases."""
+
+    def __init__(self, d, f, E, k):
+        super().__init__()
+        self.E = E
+        self.router = Router(d, E, k)
+        self.w1 = nn.Parameter(torch.empty(E, d, f))
+        self.b1 = nn.Parameter(torch.empty(E, 1, f))
+        self.w2 = nn.Parameter(torch.empty(E, f, d))
+        self.b2 = nn.Parameter(torch.empty(E, 1, d))
+
+    def forward(self, x):  # x: [T, d]
+        w, idx = self.router(x)
+        gates = torch.zeros(x.shape[0], self.E, dtype=x.dtype).scatter(1, idx, w)  # [T, E]
+        h = F.gelu(torch.matmul(x.unsqueeze(0), self.w1) + self.b1, approximate="tanh")  # [E, T, f]
+        y = torch.matmul(h, self.w2) + self.b2  # [E, T, d]
+        return (y * gates.t().unsqueeze(-1)).sum(dim=0)
+
+
+class CapacityEinsumMoE(nn.Module):
+    """Switch/GShard style top-1 with a fixed expert capacity: one-hot dispatch and combine tensors
+    [T, E, C], einsum into per-expert buffers, experts, einsum back. Tokens past an expert's capacity
+    are dropped (contribute zero)."""
+
+    def __init__(self, d, f, E, capacity):
+        super().__init__()
+        self.E, self.C = E, capacity
+        self.router = nn.Linear(d, E, bias=False)
+        self.wi = nn.Parameter(torch.empty(E, d, f))
+        self.wo = nn.Parameter(torch.empty(E, f, d))
+
+    def forward(self, x):  # x: [T, d]
+        probs = torch.softmax(self.router(x), dim=-1)
+        gate, idx = torch.max(probs, dim=-1)
+        mask = F.one_hot(idx, self.E).to(x.dtype)  # [T, E]
+        pos = torch.cumsum(mask, dim=0) * mask - 1.0  # position in the expert's buffer, -1 elsewhere
+        keep = mask * (pos < self.C).to(x.dtype)
+        pos_c = torch.clamp(pos, min=0, max=self.C - 1).to(torch.int64)
+        dispatch = F.one_hot(pos_c, self.C).to(x.dtype) * keep.unsqueeze(-1)  # [T, E, C]
+        combine = dispatch * gate[:, None, None]
+        expert_in = torch.einsum("tec,td->ecd", dispatch, x)
+        h = F.relu(torch.einsum("ecd,edf->ecf", expert_in, self.wi))
+        expert_out = torch.einsum("ecf,efd->ecd", h, self.wo)
+        return torch.einsum("tec,ecd->td", combine, expert_out)
+
+
+class MegablocksMoE(nn.Module):
+    """Megablocks-style: sort assignments by expert, gather the token rows in that order, scatter
+    them into padded per-expert buffers [E, T*k, d], batched MatMul per expert, gather back,
+    un-permute and take the weighted sum over k."""
+
+    def __init__(self, d, f, E, k):
+        super().__init__()
+        self.E, self.k = E, k
+        self.router = Router(d, E, k)
+        self.w1 = nn.Parameter(torch.empty(E, d, 2 * f))
+        self.w2 = nn.Parameter(torch.empty(E, f, d))
+
+    def forward(self, x):  # x: [T, d]
+        T, d = x.shape
+        w, idx = self.router(x)
+        flat = idx.reshape(-1)  # [T*k]
+        sorted_e, order = torch.sort(flat)
+        tok = torch.div(order, self.k, rounding_mode="floor")
+        xs = x[tok]  # tokens in expert order
+        onehot = F.one_hot(sorted_e, self.E)
+        pos = (torch.cumsum(onehot, dim=0) - 1).gather(1, sorted_e.unsqueeze(1)).squeeze(1)  # row in its expert's bin
+        buf = torch.zeros(self.E, flat.shape[0], d, dtype=x.dtype)
+        buf = buf.index_put((sorted_e, pos), xs)
+        h = torch.bmm(buf, self.w1)  # [E, T*k, 2f]
+        g, u = h.chunk(2, dim=-1)
+        h = F.silu(g) * u
+        o = torch.bmm(h, self.w2)  # [E, T*k, d]
+        ys = o[sorted_e, pos]  # back to the sorted assignment order
+        y = torch.zeros_like(ys).index_copy(0, order, ys)  # un-permute to (t, j) order
+        y = y.view(T, self.k, d) * w.unsqueeze(-1)
+        return y.sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def hf(name):
+    import transformers as tr
+
+    eager = {"experts_implementation": "eager"}
+    if name == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        c = tr.MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, **eager)
+        return MixtralSparseMoeBlock(c), dict(E=8, k=2, d=32, f=64, act="silu")
+    if name == "qwen2_moe":
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+        c = tr.Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **eager)
+        return Qwen2MoeSparseMoeBlock(c), dict(E=8, k=2, d=32, f=48, act="silu", shared_expert=True)
+    if name == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        c = tr.Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                              norm_topk_prob=True, **eager)
+        return Qwen3MoeSparseMoeBlock(c), dict(E=8, k=2, d=32, f=48, act="silu")
+    if name == "olmoe":
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+        c = tr.OlmoeConfig(hidden_size=32, intermediate_size=48, num_experts=8, num_experts_per_tok=2, **eager)
+        return OlmoeSparseMoeBlock(c), dict(E=8, k=2, d=32, f=48, act="silu")
+    if name == "granitemoe":
+        from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE
+
+        c = tr.GraniteMoeConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **eager)
+        return GraniteMoeMoE(c), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "phimoe":
+        from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+        c = tr.PhimoeConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **eager)
+        return PhimoeSparseMoeBlock(c), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "gpt_oss":
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+        c = tr.GptOssConfig(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **eager)
+        return GptOssMLP(c), dict(E=4, k=2, d=32, f=32, act="swiglu_oai", bias=True)
+    if name == "deepseek_v3":
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+        c = tr.DeepseekV3Config(hidden_size=32, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                                n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                                norm_topk_prob=True, **eager)
+        return DeepseekV3MoE(c), dict(E=8, k=2, d=32, f=32, act="silu", shared_expert=True)
+    if name == "dbrx":
+        from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+        c = tr.DbrxConfig(d_model=32, ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2,
+                                                      hidden_size=32), **eager)
+        return DbrxFFN(c), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "switch":
+        from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+        c = tr.SwitchTransformersConfig(d_model=32, d_ff=64, num_experts=4, expert_capacity=5, router_bias=False, **eager)
+        return SwitchTransformersSparseMLP(c), dict(E=4, k=1, d=32, f=64, act="relu", capacity=5)
+    raise KeyError(name)
+
+
+def hand(name):
+    if name == "loop_where":
+        return LoopWhereMoE(32, 64, 4, 2), dict(E=4, k=2, d=32, f=64, act="gelu", bias=True)
+    if name == "dense_einsum":
+        return DenseEinsumMoE(32, 48, 4, 2), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "capacity_einsum":
+        return CapacityEinsumMoE(32, 64, 4, 5), dict(E=4, k=1, d=32, f=64, act="relu", capacity=5)
+    if name == "megablocks":
+        return MegablocksMoE(32, 48, 4, 2), dict(E=4, k=2, d=32, f=48, act="silu")
+    if name == "dense_bmm":
+        return DenseBmmMoE(32, 64, 4, 2), dict(E=4, k=2, d=32, f=64, act="gelu_tanh", bias=True)
+    raise KeyError(name)
+
+
+# name, family, builder, input rank (3: [1, S, d]; 2: [S, d]), opset, dtype
+FIXTURES = [
+    ("mixtral", "hf_loop", "hf:mixtral", 3, 17, "float32"),
+    ("mixtral_op18", "hf_loop", "hf:mixtral", 3, 18, "float32"),
+    ("mixtral_f16", "hf_loop", "hf:mixtral", 3, 17, "float16"),
+    ("qwen2_moe", "hf_loop", "hf:qwen2_moe", 3, 17, "float32"),
+    ("qwen3_moe", "hf_loop", "hf:qwen3_moe", 3, 17, "float32"),
+    ("qwen3_moe_op18_f16", "hf_loop", "hf:qwen3_moe", 3, 18, "float16"),
+    ("olmoe", "hf_loop", "hf:olmoe", 3, 17, "float32"),
+    ("granitemoe", "hf_loop", "hf:granitemoe", 3, 17, "float32"),
+    ("phimoe", "hf_loop", "hf:phimoe", 3, 17, "float32"),
+    ("gpt_oss", "hf_loop", "hf:gpt_oss", 3, 17, "float32"),
+    ("deepseek_v3", "hf_loop", "hf:deepseek_v3", 3, 17, "float32"),
+    ("dbrx", "hf_loop", "hf:dbrx", 3, 17, "float32"),
+    ("switch", "capacity", "hf:switch", 3, 17, "float32"),
+    ("loop_where", "hf_loop", "hand:loop_where", 2, 17, "float32"),
+    ("dense_einsum", "dense", "hand:dense_einsum", 3, 17, "float32"),
+    ("capacity_einsum", "capacity", "hand:capacity_einsum", 2, 17, "float32"),
+    ("megablocks", "megablocks", "hand:megablocks", 2, 17, "float32"),
+    ("dense_bmm", "dense", "hand:dense_bmm", 2, 17, "float32"),
+]
+
+
+class FirstOutput(nn.Module):
+    """Exports only the block's output (GPT-OSS's MLP also returns its router scores)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        y = self.m(x)
+        return y[0] if isinstance(y, tuple) else y
+
+
+def randomise(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(m.named_parameters()) + list(m.named_buffers()):
+            if not p.dtype.is_floating_point:
+                continue
+            if p.dim() >= 2:
+                scale = 1.0 / math.sqrt(p.shape[-1])
+                # routers get a wider spread so that routing is decisive and all experts get tokens
+                if any(s in name for s in ("router", "gate.weight", "classifier", "proj.weight")) and p.dim() == 2 and p.shape[0] <= 16:
+                    scale *= 3.0
+            else:
+                scale = 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def routing_probe(block):
+    """Hooks the experts module to record which experts a forward pass hit."""
+    seen = {}
+    experts = getattr(block, "experts", None)
+    if experts is None:
+        return seen, None
+
+    def hook(_mod, args, kwargs):
+        a = list(args) + list(kwargs.values())
+        if len(a) >= 2 and torch.is_tensor(a[1]):
+            seen["idx"] = a[1].detach()
+        return None
+
+    h = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, h
+
+
+def all_hit(idx, E):
+    if idx is None:
+        return True
+    if idx.dtype in (torch.int64, torch.int32) and idx.dim() <= 2 and idx.shape[-1] != E:
+        return len(torch.unique(idx)) == E
+    # one-hot masks (Switch): [T, k, E]
+    return bool((idx.reshape(-1, E).sum(0) > 0).all())
+
+
+def build(spec, seed):
+    kind, name = spec.split(":")
+    m, info = (hf if kind == "hf" else hand)(name)
+    randomise(m, seed)
+    return m.eval(), info
+
+
+def export_one(name, family, spec, rank, opset, dtype, out_dir, seed):
+    import io
+    torch.manual_seed(seed)
+    block, info = build(spec, seed)
+    E, d = info["E"], info["d"]
+    tdtype = getattr(torch, dtype)
+    block = block.to(tdtype)
+    model = FirstOutput(block).eval()
+
+    def make_x(S, s):
+        g = torch.Generator().manual_seed(s)
+        shape = (1, S, d) if rank == 3 else (S, d)
+        return torch.randn(shape, generator=g).to(tdtype)
+
+    # A traced input that sends tokens to every expert: the exporter unrolls the loop over the
+    # experts that this input hits.
+    seen, hook = routing_probe(block)
+    x_trace = None
+    for s in range(seed * 1000, seed * 1000 + 200):
+        x = make_x(TRACED, s)
+        with torch.no_grad():
+            model(x)
+        if all_hit(seen.get("idx"), E):
+            x_trace = x
+            break
+    if hook is not None:
+        hook.remove()
+    if x_trace is None:
+        raise RuntimeError("no traced input found that hits every expert")
+
+    path = os.path.join(out_dir, name + ".onnx")
+    seq_axis = 1 if rank == 3 else 0
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (x_trace,), path, dynamo=False, opset_version=opset,
+            input_names=["hidden_states"], output_names=["output"],
+            dynamic_axes={"hidden_states": {seq_axis: "S"}, "output": {seq_axis: "S"}},
+            do_constant_folding=True,
+        )
+    fix_ir(path)
+
+    arrays = {}
+    for S in LENGTHS:
+        x = x_trace if S == TRACED else make_x(S, 7 + S)
+        with torch.no_grad():
+            y = model(x)
+        arrays[f"x_{S}"] = x.numpy()
+        arrays[f"y_{S}"] = y.numpy()
+    np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
+
+    ort_ok = check_ort(path, arrays)
+    size = os.path.getsize(path)
+    entry = dict(name=name, family=family, source=spec, opset=opset, dtype=dtype, input_rank=rank,
+                 traced=TRACED, lengths=list(LENGTHS), bytes=size, original_runs_in_ort=ort_ok, **info)
+    try:
+        import onnx
+        entry["nodes"] = len(onnx.load(path).graph.node)
+        entry["ir_version"] = onnx.load(path).ir_version
+    except Exception:
+        pass
+    return entry
+
+
+def fix_ir(path):
+    """ORT 1.31 reads IR <= 13: keep what torch wrote unless it is newer."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    m = onnx.load(path)
+    if m.ir_version > 10:
+        m.ir_version = 10
+        onnx.save(m, path)
+
+
+def check_ort(path, arrays):
+    """Runs the exported original in ORT at each length: max relative error, or the error text."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    res = {}
+    try:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return {"session": str(e)[:300]}
+    for S in LENGTHS:
+        x, y = arrays[f"x_{S}"], arrays[f"y_{S}"]
+        try:
+            (o,) = sess.run(None, {"hidden_states": x})
+            err = float(np.abs(o.astype(np.float64) - y).max() / max(np.abs(y).max(), 1e-30))
+            res[str(S)] = err
+        except Exception as e:
+            res[str(S)] = "fails: " + str(e).splitlines()[0][:200]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    only = set(filter(None, a.only.split(",")))
+    print(f"torch {torch.__version__}", flush=True)
+    try:
+        import transformers
+        print(f"transformers {transformers.__version__}", flush=True)
+    except ImportError:
+        pass
+    index, failed = [], []
+    for i, (name, family, spec, rank, opset, dtype) in enumerate(FIXTURES):
+        if only and name not in only:
+            continue
+        try:
+            e = export_one(name, family, spec, rank, opset, dtype, a.out, a.seed + i)
+            index.append(e)
+            print(f"ok   {name}: {e.get('nodes')} nodes, {e['bytes']} bytes, ORT original: {e['original_runs_in_ort']}", flush=True)
+        except Exception as ex:
+            failed.append(name)
+            print(f"FAIL {name}: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
+            print("".join(traceback.format_exc().splitlines(True)[-12:])[-3000:], flush=True)
+    with open(os.path.join(a.out, "index.json"), "w") as fh:
+        json.dump(dict(torch=torch.__version__, fixtures=index, failed=failed), fh, indent=1)
+    print(f"{len(index)} exported, {len(failed)} failed: {failed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

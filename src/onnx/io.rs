@@ -1,0 +1,330 @@
+//! Loading and saving models: the protobuf itself in memory, external data memory-mapped on load
+//! and streamed on save; the output appears only once it is complete (temp file + rename).
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
+
+use super::tensor::{elem_size, is_external, numel, tensor_bytes, ExternalStore};
+
+/// Writes a tensor's bytes, in order, to the sink it is given.
+pub type Producer = Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>;
+
+/// A tensor the rewrite adds, produced only while saving, piece by piece (so stacking the experts
+/// of a large model holds one expert's rows in memory at a time).
+pub struct PendingTensor {
+    pub name: String,
+    pub data_type: i32,
+    pub dims: Vec<i64>,
+    /// Writes the tensor's bytes, in order, to the sink (in as many pieces as it likes).
+    pub produce: Producer,
+}
+
+impl PendingTensor {
+    pub fn byte_len(&self) -> usize {
+        elem_size(self.data_type).unwrap_or(1) * numel(&self.dims)
+    }
+}
+
+/// A loaded model: the protobuf, the external data it refers to, and tensors to add on save.
+pub struct Model {
+    pub proto: ModelProto,
+    pub ext: ExternalStore,
+    pub pending: Vec<PendingTensor>,
+    pub path: PathBuf,
+}
+
+impl Model {
+    pub fn graph(&self) -> &onnx_protobuf::GraphProto {
+        &self.proto.graph
+    }
+
+    /// Opset version imported for `domain` ("" or "ai.onnx" for the default domain).
+    pub fn opset(&self, domain: &str) -> Option<i64> {
+        let want = if domain == "ai.onnx" { "" } else { domain };
+        self.proto.opset_import.iter().find(|o| o.domain == want || (want.is_empty() && o.domain == "ai.onnx")).map(|o| o.version)
+    }
+
+    /// Adds `domain` at `version` to the opset imports unless it is there.
+    pub fn ensure_opset(&mut self, domain: &str, version: i64) {
+        if !self.proto.opset_import.iter().any(|o| o.domain == domain) {
+            let mut o = OperatorSetIdProto::new();
+            o.domain = domain.to_string();
+            o.version = version;
+            self.proto.opset_import.push(o);
+        }
+    }
+
+    pub fn has_external_data(&self) -> bool {
+        self.proto.graph.initializer.iter().any(is_external)
+    }
+}
+
+/// Reads a model. Corrupt, truncated or non-ONNX files give an error naming the file and the problem.
+pub fn load(path: &Path) -> Result<Model> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{} is empty, not an ONNX model", path.display());
+    }
+    let proto = ModelProto::parse_from_bytes(&bytes).map_err(|e| {
+        anyhow!("{} is not a valid ONNX model: the protobuf does not parse ({e}); the file is corrupt, truncated, or not ONNX", path.display())
+    })?;
+    drop(bytes);
+    if proto.ir_version <= 0 || proto.graph.is_none() || proto.opset_import.is_empty() {
+        bail!(
+            "{} is not an ONNX model: it parses as protobuf but has {} (corrupt, truncated, or another format)",
+            path.display(),
+            if proto.ir_version <= 0 { "no IR version" } else if proto.graph.is_none() { "no graph" } else { "no opset imports" }
+        );
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let model = Model { proto, ext: ExternalStore::new(&base), pending: Vec::new(), path: path.to_path_buf() };
+    // Check external data up front: a truncated or missing data file is an error now, not mid-save.
+    for t in &model.proto.graph.initializer {
+        if is_external(t) {
+            model.ext.bytes(t).with_context(|| format!("{}: external data", path.display()))?;
+        }
+    }
+    Ok(model)
+}
+
+/// How to save.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Write every initializer of at least this many bytes to external data. `None`: external
+    /// data exactly when the input had some or the model would exceed protobuf's 2 GiB.
+    pub external_threshold: Option<usize>,
+    /// Show a progress bar on stderr for large models (default: when stderr is a terminal).
+    pub progress: Option<bool>,
+}
+
+/// Removes a temporary directory (and what is in it) when dropped: temp files never outlive a
+/// failed save.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+const ALIGN: u64 = 4096;
+const COPY_CHUNK: usize = 16 << 20;
+const PROGRESS_MIN: usize = 256 << 20;
+const INLINE_LIMIT: usize = 1 << 30;
+
+/// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
+/// appears at `out` unless the whole save succeeds.
+pub fn save(model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
+    save_checked(model, out, opts, None)
+}
+
+/// A check run on the finished model (at a temporary path in the destination directory, its
+/// external data beside it) before it is moved to `out`; an error leaves no output.
+pub type PreCommit<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
+/// [`save`], with a check before the output is committed.
+pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>) -> Result<()> {
+    if out.exists() && !opts.force {
+        bail!("{} exists; pass --force to overwrite it", out.display());
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("output directory {} does not exist", dir.display());
+    }
+    let out_name = out.file_name().ok_or_else(|| anyhow!("{} names no file", out.display()))?.to_string_lossy().to_string();
+    let data_name = format!("{out_name}.data");
+    let data_final = dir.join(&data_name);
+    let tmp = TempDir(dir.join(format!(".{out_name}.tmp{}", std::process::id())));
+    let _ = fs::remove_dir_all(&tmp.0);
+    fs::create_dir(&tmp.0).with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    let data_tmp = tmp.0.join(&data_name);
+    let onnx_tmp = tmp.0.join(&out_name);
+
+    let pending_bytes: usize = model.pending.iter().map(PendingTensor::byte_len).sum();
+    let inline_bytes: usize = model.proto.graph.initializer.iter().filter(|t| !is_external(t)).map(|t| t.raw_data.len()).sum();
+    let threshold = match opts.external_threshold {
+        Some(t) => Some(t),
+        None if model.has_external_data() || pending_bytes + inline_bytes > INLINE_LIMIT => Some(1024),
+        None => None,
+    };
+
+    let mut writer: Option<(BufWriter<File>, u64)> = None;
+    if threshold.is_some() {
+        let f = File::create(&data_tmp).with_context(|| format!("cannot create {}", data_tmp.display()))?;
+        writer = Some((BufWriter::with_capacity(1 << 20, f), 0));
+    }
+    let has_data = writer.is_some();
+
+    fn write_ext(w: &mut (BufWriter<File>, u64), t: &mut TensorProto, bytes: &[u8], location: &str, ext: Option<&ExternalStore>) -> Result<()> {
+        let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
+        if pad > 0 && bytes.len() as u64 >= ALIGN {
+            w.0.write_all(&vec![0u8; pad as usize])?;
+            w.1 += pad;
+        }
+        let offset = w.1;
+        // in chunks, releasing each from memory once written (when it is memory-mapped input)
+        for chunk in bytes.chunks(COPY_CHUNK) {
+            w.0.write_all(chunk)?;
+            if let Some(ext) = ext {
+                ext.release(chunk);
+            }
+        }
+        w.1 += bytes.len() as u64;
+        t.raw_data.clear();
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        t.data_location = DataLocation::EXTERNAL.into();
+        t.external_data.clear();
+        for (k, v) in [("location", location.to_string()), ("offset", offset.to_string()), ("length", bytes.len().to_string())] {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            t.external_data.push(e);
+        }
+        Ok(())
+    }
+
+    // Progress (on a terminal, for large models): bytes of weights written so far.
+    let ext = &model.ext;
+    let total_bytes: usize = model
+        .proto
+        .graph
+        .initializer
+        .iter()
+        .map(|t| if is_external(t) { ext.bytes(t).map(|b| b.len()).unwrap_or(0) } else { t.raw_data.len() })
+        .sum::<usize>()
+        + pending_bytes;
+    let progress = opts.progress.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr())) && total_bytes >= PROGRESS_MIN;
+    let mut done = 0usize;
+    let mut last_shown = 0usize;
+    let mut show = |n: usize| {
+        done += n;
+        if progress && (done - last_shown >= 64 << 20 || done == total_bytes) {
+            last_shown = done;
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let width = 30;
+            let filled = (done * width) / total_bytes.max(1);
+            eprint!("\rwriting weights [{}{}] {:.2}/{:.2} GiB", "#".repeat(filled), "-".repeat(width - filled), gib(done), gib(total_bytes));
+            if done == total_bytes {
+                eprintln!();
+            }
+        }
+    };
+
+    // Existing initializers: external ones are copied from the memory map, large inline ones move out.
+    for t in model.proto.graph.mut_or_insert_default().initializer.iter_mut() {
+        let external = is_external(t);
+        let size = if external { ext.bytes(t)?.len() } else { t.raw_data.len() };
+        show(size);
+        match (&mut writer, threshold) {
+            (Some(w), Some(th)) if external || size >= th => {
+                if external {
+                    let bytes: &[u8] = ext.bytes(t)?;
+                    write_ext(w, t, bytes, &data_name, Some(ext)).with_context(|| format!("writing {}", data_final.display()))?;
+                } else {
+                    let bytes = std::mem::take(&mut t.raw_data);
+                    let bytes = if bytes.is_empty() { tensor_bytes(t, None)?.into_owned() } else { bytes };
+                    write_ext(w, t, &bytes, &data_name, None).with_context(|| format!("writing {}", data_final.display()))?;
+                }
+            }
+            _ if external => {
+                let bytes = ext.bytes(t)?.to_vec();
+                t.data_location = DataLocation::DEFAULT.into();
+                t.external_data.clear();
+                t.raw_data = bytes;
+            }
+            _ => {}
+        }
+    }
+    // New tensors, produced one at a time.
+    let pending = std::mem::take(&mut model.pending);
+    for p in pending {
+        let mut t = TensorProto::new();
+        t.name = p.name.clone();
+        t.data_type = p.data_type;
+        t.dims = p.dims.clone();
+        let want = p.byte_len();
+        let mut written = 0usize;
+        match (&mut writer, threshold) {
+            (Some(w), Some(th)) if want >= th => {
+                // streamed straight into the data file: one piece (one expert's rows) at a time
+                let pad = (ALIGN - w.1 % ALIGN) % ALIGN;
+                if pad > 0 && want as u64 >= ALIGN {
+                    w.0.write_all(&vec![0u8; pad as usize])?;
+                    w.1 += pad;
+                }
+                let offset = w.1;
+                let file = &mut w.0;
+                (p.produce)(ext, &mut |b: &[u8]| {
+                    file.write_all(b)?;
+                    written += b.len();
+                    Ok(())
+                })
+                .with_context(|| format!("building tensor '{}'", p.name))?;
+                w.1 += written as u64;
+                t.data_location = DataLocation::EXTERNAL.into();
+                for (k, v) in [("location", data_name.clone()), ("offset", offset.to_string()), ("length", written.to_string())] {
+                    let mut e = StringStringEntryProto::new();
+                    e.key = k.into();
+                    e.value = v;
+                    t.external_data.push(e);
+                }
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(want);
+                (p.produce)(ext, &mut |b: &[u8]| {
+                    buf.extend_from_slice(b);
+                    Ok(())
+                })
+                .with_context(|| format!("building tensor '{}'", p.name))?;
+                written = buf.len();
+                t.raw_data = buf;
+            }
+        }
+        if written != want {
+            bail!("internal error: tensor '{}' produced {written} bytes, expected {want}", p.name);
+        }
+        model.proto.graph.mut_or_insert_default().initializer.push(t);
+        show(written);
+    }
+    if let Some((mut w, _)) = writer {
+        w.flush()?;
+        w.get_ref().sync_all().ok();
+    }
+
+    {
+        let f = File::create(&onnx_tmp).with_context(|| format!("cannot create {}", onnx_tmp.display()))?;
+        let mut w = BufWriter::new(f);
+        model.proto.write_to_writer(&mut w).map_err(|e| anyhow!("cannot serialise the model: {e}"))?;
+        w.flush()?;
+    }
+    if let Some(check) = check {
+        check(&onnx_tmp)?;
+    }
+    if out.exists() && !opts.force {
+        bail!("{} exists; pass --force to overwrite it", out.display());
+    }
+    if has_data {
+        fs::rename(&data_tmp, &data_final).with_context(|| format!("cannot move {} to {}", data_tmp.display(), data_final.display()))?;
+    }
+    fs::rename(&onnx_tmp, out).with_context(|| format!("cannot move {} to {}", onnx_tmp.display(), out.display()))?;
+    drop(tmp);
+    Ok(())
+}

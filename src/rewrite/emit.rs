@@ -1,0 +1,334 @@
+//! Builds one `ai.scattermoe::ScatterMoE` node and its stacked weights in the op's layout.
+//!
+//! Weights are stacked lazily: each new initializer is a [`PendingTensor`] that copies its experts'
+//! rows from the source initializers (memory-mapped when external) only while the model is saved.
+//! Where a source already has the op's layout (a [E, n, d] stack indexed by the expert number,
+//! as transformers' `gate_up_proj` / `down_proj` are), it is used as it is, without a copy.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use onnx_protobuf::TensorProto;
+
+use super::expr::{BSrc, ExpertMlp, WSrc};
+use crate::onnx::graph::{attr_float, attr_int, attr_string, make_node, GraphIndex};
+use crate::onnx::tensor::{elem_size, encode_f32, make_i64, tensor_bytes, tensor_f32, ExternalStore};
+use crate::onnx::PendingTensor;
+use crate::spec::{self, scatter_moe as sm, Activation, CapacityOrder};
+
+/// Everything needed to write one MoE layer.
+#[derive(Debug, Clone)]
+pub struct MoeLayer {
+    pub family: &'static str,
+    /// token rows [*, d]
+    pub x: String,
+    pub routing_weights: String,
+    pub routing_indices: String,
+    /// the value the layer's result replaces
+    pub output: String,
+    /// experts in expert-number order
+    pub experts: Vec<ExpertMlp>,
+    pub capacity: Option<i64>,
+    pub capacity_order: CapacityOrder,
+    /// k when known (for the report)
+    pub k: Option<usize>,
+    /// nodes and initializers that build the op's inputs from what the graph has (e.g. a
+    /// trailing k = 1 axis on routing tensors), placed before the op
+    pub extra_nodes: Vec<onnx_protobuf::NodeProto>,
+    pub extra_inits: Vec<TensorProto>,
+}
+
+impl MoeLayer {
+    pub fn mlp(&self) -> &ExpertMlp {
+        &self.experts[0]
+    }
+}
+
+/// A weight source, kept alive for the save.
+#[derive(Clone)]
+struct Src {
+    t: Arc<TensorProto>,
+    index: Option<usize>,
+    transposed: bool,
+}
+
+fn src_of(g: &GraphIndex, init: &str, index: Option<usize>, transposed: bool) -> Result<Src> {
+    let t = g.initializers.get(init).ok_or_else(|| anyhow!("initializer '{init}' not found"))?;
+    Ok(Src { t: Arc::new((*t).clone()), index, transposed })
+}
+
+/// Reads rows of a matrix source as f32 when types differ, or as raw bytes.
+fn append_matrix(ext: &ExternalStore, s: &Src, out_rows: usize, in_cols: usize, elem: i32, buf: &mut Vec<u8>) -> Result<()> {
+    let st = &s.t;
+    let esz = elem_size(elem).unwrap();
+    let (r, c) = if s.transposed { (in_cols, out_rows) } else { (out_rows, in_cols) };
+    let per = r * c;
+    let base = s.index.unwrap_or(0) * per;
+    if st.data_type == elem {
+        let bytes = tensor_bytes(st, Some(ext))?;
+        let m = &bytes[base * esz..(base + per) * esz];
+        if !s.transposed {
+            buf.extend_from_slice(m);
+        } else {
+            for o in 0..out_rows {
+                for i in 0..in_cols {
+                    let at = (i * c + o) * esz;
+                    buf.extend_from_slice(&m[at..at + esz]);
+                }
+            }
+        }
+        ext.release(m);
+    } else {
+        let all = tensor_f32(st, Some(ext))?;
+        let m = &all[base..base + per];
+        let mut vals = Vec::with_capacity(per);
+        for o in 0..out_rows {
+            for i in 0..in_cols {
+                vals.push(if s.transposed { m[i * c + o] } else { m[o * c + i] });
+            }
+        }
+        encode_f32(&vals, elem, buf);
+    }
+    Ok(())
+}
+
+fn append_vector(ext: &ExternalStore, s: &Src, len: usize, elem: i32, buf: &mut Vec<u8>) -> Result<()> {
+    let esz = elem_size(elem).unwrap();
+    let base = s.index.unwrap_or(0) * len;
+    if s.t.data_type == elem {
+        let bytes = tensor_bytes(&s.t, Some(ext))?;
+        buf.extend_from_slice(&bytes[base * esz..(base + len) * esz]);
+        ext.release(&bytes[base * esz..(base + len) * esz]);
+    } else {
+        let all = tensor_f32(&s.t, Some(ext))?;
+        encode_f32(&all[base..base + len], elem, buf);
+    }
+    Ok(())
+}
+
+/// The whole of `init` is already `[E, rows, cols]` with expert e at index e, untransposed.
+fn as_is(g: &GraphIndex, parts: &[Vec<WSrc>], elem: i32) -> Option<String> {
+    let first = parts.first()?.first()?;
+    let t = g.initializers.get(first.init.as_str())?;
+    if t.data_type != elem || t.dims.len() != 3 || t.dims[0] as usize != parts.len() {
+        return None;
+    }
+    for (e, p) in parts.iter().enumerate() {
+        if p.len() != 1 || p[0].init != first.init || p[0].transposed || p[0].index.map(|r| r.expert()) != Some(e as i64) {
+            return None;
+        }
+    }
+    Some(first.init.clone())
+}
+
+fn bias_as_is(g: &GraphIndex, parts: &[Vec<BSrc>], elem: i32) -> Option<String> {
+    let first = parts.first()?.first()?;
+    let t = g.initializers.get(first.init.as_str())?;
+    if t.data_type != elem || t.dims.len() != 2 || t.dims[0] as usize != parts.len() {
+        return None;
+    }
+    for (e, p) in parts.iter().enumerate() {
+        if p.len() != 1 || p[0].init != first.init || p[0].index.map(|r| r.expert()) != Some(e as i64) {
+            return None;
+        }
+    }
+    Some(first.init.clone())
+}
+
+fn unique_name(g: &GraphIndex, taken: &mut Vec<String>, base: &str) -> String {
+    let mut name = base.to_string();
+    let mut i = 1;
+    while g.producer.contains_key(name.as_str()) || g.initializers.contains_key(name.as_str()) || taken.contains(&name) {
+        name = format!("{base}_{i}");
+        i += 1;
+    }
+    taken.push(name.clone());
+    name
+}
+
+/// What one layer adds to the model.
+#[derive(Default)]
+pub struct Emitted {
+    pub nodes: Vec<onnx_protobuf::NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    pub pending: Vec<PendingTensor>,
+}
+
+/// The layer's node (and any Cast, capacity constant, stacked weights).
+pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>) -> Result<Emitted> {
+    let mut model = Emitted::default();
+    let model = &mut model;
+    let m0 = layer.mlp();
+    let e_count = layer.experts.len();
+    let (d, f) = (m0.d, m0.f);
+    let n = if m0.gated { 2 * f } else { f };
+    let elem = g.infer_type(&layer.x).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    if spec::ElemType::from_onnx_code(elem).is_none() {
+        bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
+    }
+    for m in &layer.experts {
+        if m.d != d || m.f != f || m.gated != m0.gated || m.activation != m0.activation || m.glu_layout != m0.glu_layout {
+            bail!("experts differ in shape or activation");
+        }
+        if m.b_in.iter().any(Option::is_some) != m0.b_in.iter().any(Option::is_some) || m.b_out.is_some() != m0.b_out.is_some() {
+            bail!("experts differ in which biases they have");
+        }
+    }
+    let mut nodes = layer.extra_nodes.clone();
+    model.initializers.extend(layer.extra_inits.iter().cloned());
+
+    // --- w_in [E, n, d]
+    let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
+    let w_in = match as_is(g, &w_in_parts, elem).filter(|name| g.initializers[name.as_str()].dims == [e_count as i64, n as i64, d as i64]) {
+        Some(name) => name,
+        None => {
+            let name = unique_name(g, taken, &format!("{tag}.w_in"));
+            let mut srcs = Vec::new();
+            for p in &w_in_parts {
+                let mut v = Vec::new();
+                for w in p {
+                    v.push((src_of(g, &w.init, w.index.map(|r| r.expert() as usize), w.transposed)?, w.out, w.inp));
+                }
+                srcs.push(v);
+            }
+            model.pending.push(PendingTensor {
+                name: name.clone(),
+                data_type: elem,
+                dims: vec![e_count as i64, n as i64, d as i64],
+                produce: Box::new(move |ext, sink| {
+                    let mut buf = Vec::new();
+                    for parts in &srcs {
+                        for (s, out, inp) in parts {
+                            buf.clear();
+                            append_matrix(ext, s, *out, *inp, elem, &mut buf)?;
+                            sink(&buf)?;
+                        }
+                    }
+                    Ok(())
+                }),
+            });
+            name
+        }
+    };
+    // --- w_out [E, d, f]
+    let w_out_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| vec![m.w_out.clone()]).collect();
+    let w_out = match as_is(g, &w_out_parts, elem).filter(|name| g.initializers[name.as_str()].dims == [e_count as i64, d as i64, f as i64]) {
+        Some(name) => name,
+        None => {
+            let name = unique_name(g, taken, &format!("{tag}.w_out"));
+            let mut srcs = Vec::new();
+            for p in &w_out_parts {
+                let w = &p[0];
+                srcs.push((src_of(g, &w.init, w.index.map(|r| r.expert() as usize), w.transposed)?, w.out, w.inp));
+            }
+            model.pending.push(PendingTensor {
+                name: name.clone(),
+                data_type: elem,
+                dims: vec![e_count as i64, d as i64, f as i64],
+                produce: Box::new(move |ext, sink| {
+                    let mut buf = Vec::new();
+                    for (s, out, inp) in &srcs {
+                        buf.clear();
+                        append_matrix(ext, s, *out, *inp, elem, &mut buf)?;
+                        sink(&buf)?;
+                    }
+                    Ok(())
+                }),
+            });
+            name
+        }
+    };
+    // --- biases
+    let bias = |parts: Vec<Vec<BSrc>>, len: usize, what: &str, model: &mut Emitted, taken: &mut Vec<String>| -> Result<String> {
+        if let Some(name) = bias_as_is(g, &parts, elem).filter(|nm| g.initializers[nm.as_str()].dims == [e_count as i64, len as i64]) {
+            return Ok(name);
+        }
+        let name = unique_name(g, taken, &format!("{tag}.{what}"));
+        let mut srcs = Vec::new();
+        for p in &parts {
+            let mut v = Vec::new();
+            for b in p {
+                v.push((src_of(g, &b.init, b.index.map(|r| r.expert() as usize), false)?, b.len));
+            }
+            srcs.push(v);
+        }
+        model.pending.push(PendingTensor {
+            name: name.clone(),
+            data_type: elem,
+            dims: vec![e_count as i64, len as i64],
+            produce: Box::new(move |ext, sink| {
+                let mut buf = Vec::new();
+                for parts in &srcs {
+                    for (s, len) in parts {
+                        append_vector(ext, s, *len, elem, &mut buf)?;
+                    }
+                }
+                sink(&buf)
+            }),
+        });
+        Ok(name)
+    };
+    let b_in = if m0.b_in.iter().any(Option::is_some) {
+        let parts: Vec<Vec<BSrc>> = layer
+            .experts
+            .iter()
+            .map(|m| m.b_in.iter().map(|b| b.clone().ok_or_else(|| anyhow!("missing bias"))).collect::<Result<Vec<_>>>())
+            .collect::<Result<_>>()?;
+        Some(bias(parts, n, "b_in", model, taken)?)
+    } else {
+        None
+    };
+    let b_out = if m0.b_out.is_some() {
+        let parts: Vec<Vec<BSrc>> = layer.experts.iter().map(|m| vec![m.b_out.clone().unwrap()]).collect();
+        Some(bias(parts, d, "b_out", model, taken)?)
+    } else {
+        None
+    };
+
+    // --- routing weights in the op's element type
+    let rw_type = g.infer_type(&layer.routing_weights);
+    let rw = if rw_type == Some(elem) {
+        layer.routing_weights.clone()
+    } else {
+        let name = unique_name(g, taken, &format!("{tag}.routing_weights"));
+        let mut c = make_node("Cast", "", &format!("{tag}/Cast"), &[&layer.routing_weights], &[&name]);
+        c.attribute.push(attr_int("to", elem as i64));
+        nodes.push(c);
+        name
+    };
+    let capacity = match layer.capacity {
+        Some(c) => {
+            let name = unique_name(g, taken, &format!("{tag}.capacity"));
+            model.initializers.push(make_i64(&name, &[], &[c]));
+            Some(name)
+        }
+        None => None,
+    };
+
+    let mut inputs: Vec<String> = vec![layer.x.clone(), rw, layer.routing_indices.clone(), w_in, w_out];
+    let opt = [b_in, b_out, capacity];
+    let last = opt.iter().rposition(Option::is_some);
+    if let Some(last) = last {
+        for o in &opt[..=last] {
+            inputs.push(o.clone().unwrap_or_default());
+        }
+    }
+    let in_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&layer.output]);
+    node.attribute.push(attr_string(sm::ATTR_ACTIVATION, m0.activation.name()));
+    node.attribute.push(attr_int(sm::ATTR_GATED, m0.gated as i64));
+    if m0.gated {
+        node.attribute.push(attr_string(sm::ATTR_GLU_LAYOUT, m0.glu_layout.name()));
+    }
+    if m0.activation == Activation::SwigluOai {
+        node.attribute.push(attr_float(sm::ATTR_ALPHA, m0.alpha));
+        node.attribute.push(attr_float(sm::ATTR_LIMIT, m0.limit));
+    }
+    if layer.capacity.is_some() {
+        node.attribute.push(attr_string(sm::ATTR_CAPACITY_ORDER, layer.capacity_order.name()));
+    }
+    nodes.push(node);
+    let mut out = std::mem::take(model);
+    out.nodes = nodes;
+    Ok(out)
+}

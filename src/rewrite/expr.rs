@@ -1,0 +1,793 @@
+//! The expert MLP as an expression: what the nodes between the gathered token rows and the
+//! routing-weight multiply compute, read backwards from the graph. Linear layers keep references to
+//! their weights; everything elementwise becomes a small tree that is evaluated numerically to
+//! identify the activation (so any spelling of SiLU, GELU or the clamped SwiGLU is recognised).
+
+use std::collections::HashMap;
+
+use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
+use crate::spec::{Activation, GluLayout};
+
+/// Which expert a per-expert value belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ERef {
+    /// a constant expert number
+    Const(i64),
+    /// the i-th entry of the sorted list of experts that received tokens; when the exporter
+    /// unrolled exactly E iterations (a Split into E pieces) the graph only runs when all E are
+    /// hit, so entry i is expert i
+    Hit(usize),
+    /// a stacked weight used by every expert at once (an einsum over the expert axis): expert e
+    /// uses slice e; replaced by `Const(e)` per expert with [`ExpertMlp::for_expert`]
+    Each,
+}
+
+impl ERef {
+    pub fn expert(self) -> i64 {
+        match self {
+            ERef::Const(c) => c,
+            ERef::Hit(i) => i as i64,
+            ERef::Each => panic!("ERef::Each has no single expert"),
+        }
+    }
+}
+
+/// A weight matrix W [out, in] of one expert: `init` (rank 2, or rank 3 indexed by `index`),
+/// transposed when the stored matrix is [in, out].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WSrc {
+    pub init: String,
+    pub index: Option<ERef>,
+    pub transposed: bool,
+    /// (out, in)
+    pub out: usize,
+    pub inp: usize,
+}
+
+/// A bias vector [out] of one expert: `init` (rank 1 or [1, out]), or row `index` of a rank-2 stack.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BSrc {
+    pub init: String,
+    pub index: Option<ERef>,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    /// the gathered token rows (width d)
+    Leaf,
+    Lin { x: Box<Expr>, w: WSrc, b: Option<BSrc> },
+    /// columns [start, end) step `step` of the input
+    Slice { x: Box<Expr>, start: usize, end: usize, step: usize },
+    Op(&'static str, Vec<Expr>),
+    Const(f64),
+    Clip { x: Box<Expr>, lo: Option<f64>, hi: Option<f64> },
+}
+
+impl Expr {
+    /// Number of columns.
+    pub fn width(&self, d: usize) -> Option<usize> {
+        match self {
+            Expr::Leaf => Some(d),
+            Expr::Lin { w, .. } => Some(w.out),
+            Expr::Slice { start, end, step, .. } => Some((end - start).div_ceil(*step)),
+            Expr::Op(_, args) => args.iter().filter(|a| !matches!(a, Expr::Const(_))).find_map(|a| a.width(d)),
+            Expr::Const(_) => None,
+            Expr::Clip { x, .. } => x.width(d),
+        }
+    }
+}
+
+/// Why a parse failed: the value and what was found there.
+pub type ParseResult<T> = Result<T, String>;
+
+pub struct ExprParser<'a, 'g> {
+    pub g: &'a GraphIndex<'g>,
+    /// values that are the gathered token rows
+    pub leaves: Vec<String>,
+    /// resolves an expert-index value to an ERef
+    pub eref: &'a dyn Fn(&str) -> Option<ERef>,
+    /// model width, once known
+    pub d: Option<usize>,
+    /// the leaf value the expression reads
+    pub matched_leaf: Option<String>,
+    /// the leaf is [E, rows, d] (per-expert bins): a MatMul with a rank-3 constant weight
+    /// [E, in, out] is then one linear layer per expert
+    pub batched_leaf: bool,
+    memo: HashMap<String, Expr>,
+}
+
+fn is_float_type(t: i64) -> bool {
+    matches!(t, 1 | 10 | 11 | 16)
+}
+
+impl<'a, 'g> ExprParser<'a, 'g> {
+    pub fn new(g: &'a GraphIndex<'g>, leaves: Vec<String>, eref: &'a dyn Fn(&str) -> Option<ERef>) -> Self {
+        ExprParser { g, leaves, eref, d: None, matched_leaf: None, batched_leaf: false, memo: HashMap::new() }
+    }
+
+    pub fn parse(&mut self, v: &str) -> ParseResult<Expr> {
+        if let Some(e) = self.memo.get(v) {
+            return Ok(e.clone());
+        }
+        let e = self.parse_inner(v)?;
+        self.memo.insert(v.to_string(), e.clone());
+        Ok(e)
+    }
+
+    fn scalar_const(&self, v: &str) -> Option<f64> {
+        let t = self.g.const_tensor(v);
+        if let Some(t) = t {
+            if crate::onnx::tensor::numel(&t.dims) != 1 {
+                return None;
+            }
+        }
+        self.g.const_scalar(v)
+    }
+
+    fn parse_inner(&mut self, v: &str) -> ParseResult<Expr> {
+        if self.leaves.iter().any(|l| l == v) {
+            if self.matched_leaf.as_deref().is_some_and(|m| m != v) {
+                return Err(format!("the expert reads two row tensors ('{}' and '{v}')", self.matched_leaf.as_deref().unwrap()));
+            }
+            self.matched_leaf = Some(v.to_string());
+            return Ok(Expr::Leaf);
+        }
+        if let Some(c) = self.scalar_const(v) {
+            return Ok(Expr::Const(c));
+        }
+        let Some((_, n)) = self.g.prod(v) else { return Err(format!("'{v}' is not computed from the token rows")) };
+        let op = n.op_type.as_str();
+        let inp = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
+        match op {
+            "Identity" => self.parse(inp(0)),
+            "Reshape" => {
+                // row-preserving: [n, w] -> [-1, w]
+                let x = self.parse(inp(0))?;
+                let t = self.g.const_i64(inp(1)).ok_or_else(|| format!("Reshape producing '{v}' has a computed shape"))?;
+                let w = x.width(self.d.unwrap_or(0)).ok_or("reshape of a value of unknown width")?;
+                if t.len() == 2 && t[0] == -1 && t[1] == w as i64 {
+                    Ok(x)
+                } else {
+                    Err(format!("Reshape producing '{v}' to {t:?} does not keep the rows"))
+                }
+            }
+            "Cast" => {
+                if !is_float_type(attr_i(n, "to").unwrap_or(0)) {
+                    return Err(format!("'{v}' casts to a non-float type"));
+                }
+                self.parse(inp(0))
+            }
+            "MatMul" => {
+                let x = self.parse(inp(0))?;
+                let w = self.weight(inp(1), false)?;
+                self.check_in(&x, &w)?;
+                Ok(Expr::Lin { x: Box::new(x), w, b: None })
+            }
+            "Einsum" if n.input.len() == 2 => {
+                let eq = crate::onnx::graph::attr_s(n, "equation").unwrap_or_default();
+                let (x, w) = self.einsum_lin(&eq, inp(0), inp(1)).ok_or_else(|| format!("Einsum '{eq}' producing '{v}' is not a per-expert linear layer"))?;
+                let x = self.parse(x)?;
+                self.check_in(&x, &w)?;
+                Ok(Expr::Lin { x: Box::new(x), w, b: None })
+            }
+            "Gemm" => {
+                if attr_i(n, "transA").unwrap_or(0) != 0
+                    || crate::onnx::graph::attr_f(n, "alpha").unwrap_or(1.0) != 1.0
+                    || crate::onnx::graph::attr_f(n, "beta").unwrap_or(1.0) != 1.0
+                {
+                    return Err(format!("Gemm producing '{v}' has transA/alpha/beta"));
+                }
+                let x = self.parse(inp(0))?;
+                let w = self.weight(inp(1), attr_i(n, "transB").unwrap_or(0) == 1)?;
+                self.check_in(&x, &w)?;
+                let b = if inp(2).is_empty() { None } else { Some(self.bias(inp(2), w.out)?) };
+                Ok(Expr::Lin { x: Box::new(x), w, b })
+            }
+            "Add" => {
+                // a bias on a linear layer?
+                for (a, b) in [(inp(0), inp(1)), (inp(1), inp(0))] {
+                    if self.scalar_const(b).is_some() {
+                        continue;
+                    }
+                    if let Ok(Expr::Lin { x, w, b: None }) = self.parse(a) {
+                        if let Ok(bias) = self.bias(b, w.out) {
+                            return Ok(Expr::Lin { x, w, b: Some(bias) });
+                        }
+                    }
+                }
+                self.binary("Add", n)
+            }
+            "Mul" | "Sub" | "Div" | "Pow" | "Min" | "Max" if n.input.len() == 2 => self.binary(leak(op), n),
+            "Sigmoid" | "Erf" | "Tanh" | "Relu" | "Neg" | "Exp" | "Log" | "Softplus" | "Abs" | "Sqrt" | "Reciprocal" => {
+                Ok(Expr::Op(leak(op), vec![self.parse(inp(0))?]))
+            }
+            "Gelu" => {
+                let approx = crate::onnx::graph::attr_s(n, "approximate").unwrap_or_else(|| "none".into());
+                Ok(Expr::Op(if approx == "tanh" { "GeluTanh" } else { "Gelu" }, vec![self.parse(inp(0))?]))
+            }
+            "Clip" => {
+                let x = self.parse(inp(0))?;
+                let lo = if inp(1).is_empty() { None } else { Some(self.scalar_const(inp(1)).ok_or("Clip min is not constant")?) };
+                let hi = if inp(2).is_empty() { None } else { Some(self.scalar_const(inp(2)).ok_or("Clip max is not constant")?) };
+                Ok(Expr::Clip { x: Box::new(x), lo, hi })
+            }
+            "Slice" => {
+                let x = self.parse(inp(0))?;
+                let width = x.width(self.d.unwrap_or(0)).ok_or("slice of a value of unknown width")?;
+                let starts = self.int_vec(inp(1), &x)?;
+                let ends = self.int_vec(inp(2), &x)?;
+                let axes = if inp(3).is_empty() { vec![-1] } else { self.g.const_i64(inp(3)).ok_or("Slice axes not constant")? };
+                let steps = if inp(4).is_empty() { vec![1] } else { self.g.const_i64(inp(4)).ok_or("Slice steps not constant")? };
+                if starts.len() != 1 || ends.len() != 1 || axes.len() != 1 || steps.len() != 1 || !(axes[0] == -1 || axes[0] == 1) {
+                    return Err(format!("Slice producing '{v}' is not a column slice"));
+                }
+                let clampi = |s: i64| -> usize {
+                    let s = if s < 0 { s + width as i64 } else { s };
+                    s.clamp(0, width as i64) as usize
+                };
+                let (start, end, step) = (clampi(starts[0]), clampi(ends[0]), steps[0]);
+                if step < 1 || start >= end {
+                    return Err(format!("Slice producing '{v}' has an unsupported step or is empty"));
+                }
+                Ok(Expr::Slice { x: Box::new(x), start, end, step: step as usize })
+            }
+            "Split" => {
+                let x = self.parse(inp(0))?;
+                let width = x.width(self.d.unwrap_or(0)).ok_or("split of a value of unknown width")?;
+                let axis = attr_i(n, "axis").unwrap_or(0);
+                if !(axis == -1 || axis == 1) {
+                    return Err(format!("Split producing '{v}' is not along columns"));
+                }
+                let k = n.output.len();
+                let sizes = if !inp(1).is_empty() {
+                    self.g.const_i64(inp(1)).ok_or("Split sizes not constant")?
+                } else if let Some(s) = attr_ints(n, "split") {
+                    s
+                } else {
+                    if width % k != 0 {
+                        return Err("uneven Split".into());
+                    }
+                    vec![(width / k) as i64; k]
+                };
+                let pos = n.output.iter().position(|o| o == v).unwrap();
+                let start: i64 = sizes[..pos].iter().sum();
+                Ok(Expr::Slice { x: Box::new(x), start: start as usize, end: (start + sizes[pos]) as usize, step: 1 })
+            }
+            _ => Err(format!("'{v}' comes from {op}, which is not part of an expert MLP")),
+        }
+    }
+
+    fn binary(&mut self, op: &'static str, n: &onnx_protobuf::NodeProto) -> ParseResult<Expr> {
+        let a = self.parse(&n.input[0])?;
+        let b = self.parse(&n.input[1])?;
+        Ok(match op {
+            "Min" | "Max" => {
+                let (x, c) = match (&a, &b) {
+                    (x, Expr::Const(c)) | (Expr::Const(c), x) => (x.clone(), *c),
+                    _ => return Ok(Expr::Op(op, vec![a, b])),
+                };
+                if op == "Min" {
+                    Expr::Clip { x: Box::new(x), lo: None, hi: Some(c) }
+                } else {
+                    Expr::Clip { x: Box::new(x), lo: Some(c), hi: None }
+                }
+            }
+            _ => Expr::Op(op, vec![a, b]),
+        })
+    }
+
+    fn check_in(&mut self, x: &Expr, w: &WSrc) -> ParseResult<()> {
+        if matches!(x, Expr::Leaf) {
+            match self.d {
+                None => self.d = Some(w.inp),
+                Some(d) if d != w.inp => return Err(format!("weight '{}' expects {} inputs, rows have {d}", w.init, w.inp)),
+                _ => {}
+            }
+        } else if let Some(width) = x.width(self.d.unwrap_or(0)) {
+            if width != w.inp {
+                return Err(format!("weight '{}' expects {} inputs, its input has {width}", w.init, w.inp));
+            }
+        }
+        Ok(())
+    }
+
+    /// An integer (vector) computed from constants and the last dimension of `x`.
+    fn int_vec(&mut self, v: &str, x: &Expr) -> ParseResult<Vec<i64>> {
+        if let Some(c) = self.g.const_i64(v) {
+            return Ok(c);
+        }
+        self.int_expr(v, x, 0).map(|i| vec![i]).ok_or_else(|| format!("slice bound '{v}' is not computable"))
+    }
+
+    fn int_expr(&mut self, v: &str, x: &Expr, depth: usize) -> Option<i64> {
+        if depth > 12 {
+            return None;
+        }
+        if let Some(c) = self.g.const_i64(v) {
+            return (c.len() == 1).then(|| c[0]);
+        }
+        let (_, n) = self.g.prod(v)?;
+        let a = |s: &mut Self, i: usize| s.int_expr(&n.input[i], x, depth + 1);
+        match n.op_type.as_str() {
+            "Add" => Some(a(self, 0)? + a(self, 1)?),
+            "Sub" => Some(a(self, 0)? - a(self, 1)?),
+            "Mul" => Some(a(self, 0)? * a(self, 1)?),
+            "Div" => {
+                let (p, q) = (a(self, 0)?, a(self, 1)?);
+                (q != 0).then(|| p.div_euclid(q))
+            }
+            "Unsqueeze" | "Squeeze" | "Cast" | "Identity" | "Reshape" => a(self, 0),
+            "Concat" if n.input.len() == 1 => a(self, 0),
+            "Gather" => {
+                // Shape(y)[-1] (or [1]) where y is the sliced value itself
+                let idx = self.g.const_i64(&n.input[1])?;
+                let (_, s) = self.g.prod(&n.input[0])?;
+                if s.op_type != "Shape" || idx.len() != 1 || !(idx[0] == -1 || idx[0] == 1) {
+                    return None;
+                }
+                let y = self.parse(&s.input[0]).ok()?;
+                if &y != x {
+                    return None;
+                }
+                y.width(self.d.unwrap_or(0)).map(|w| w as i64)
+            }
+            _ => None,
+        }
+    }
+
+    /// `x` (labels Q + i) times a stacked weight W (labels e + {i, o}) giving Q [+ e] + o: one
+    /// linear layer per expert, expert e using W[e]. Returns (x, weight).
+    fn einsum_lin<'s>(&self, eq: &str, a: &'s str, b: &'s str) -> Option<(&'s str, WSrc)> {
+        let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
+        let (lhs, out) = eq.split_once("->")?;
+        let (la, lb) = lhs.split_once(',')?;
+        for (xl, wl, x, w) in [(la, lb, a, b), (lb, la, b, a)] {
+            let t = self.g.const_tensor(w)?;
+            if t.dims.len() != 3 || wl.len() != 3 || !self.g.initializers.contains_key(w) || xl.contains('.') || out.contains('.') {
+                continue;
+            }
+            let wc: Vec<char> = wl.chars().collect();
+            let (e, p, q) = (wc[0], wc[1], wc[2]);
+            let i = xl.chars().last()?;
+            let qx = &xl[..xl.len() - 1];
+            let o = if p == i { q } else if q == i { p } else { continue };
+            let want = if qx.contains(e) { format!("{qx}{o}") } else { format!("{qx}{e}{o}") };
+            if out != want || qx.contains(o) || qx.contains(i) {
+                continue;
+            }
+            // W[e] stored [p, q]; [out, in] when p is the output label
+            let transposed = p == i;
+            let (r, c) = (t.dims[1] as usize, t.dims[2] as usize);
+            let (outd, ind) = if transposed { (c, r) } else { (r, c) };
+            return Some((x, WSrc { init: w.to_string(), index: Some(ERef::Each), transposed, out: outd, inp: ind }));
+        }
+        None
+    }
+
+    /// Resolves a weight operand of MatMul (`gemm_trans_b`: Gemm with transB = 1).
+    fn weight(&mut self, v: &str, gemm_trans_b: bool) -> ParseResult<WSrc> {
+        // B as used: y = x @ B (B is [in, out]) unless Gemm transB (B is [out, in]).
+        let (init, index, stored_t, dims) = self.matrix(v, 0)?;
+        // stored_t: B = S^T. W = B^T for MatMul, W = B for Gemm transB.
+        let b_is_s_t = stored_t;
+        let transposed = if gemm_trans_b { b_is_s_t } else { !b_is_s_t };
+        let (out, inp) = if transposed { (dims[1], dims[0]) } else { (dims[0], dims[1]) };
+        Ok(WSrc { init, index, transposed, out, inp })
+    }
+
+    /// (initializer, expert index, transposed, stored [rows, cols]) of a matrix operand.
+    fn matrix(&mut self, v: &str, depth: usize) -> ParseResult<(String, Option<ERef>, bool, [usize; 2])> {
+        if depth > 6 {
+            return Err("weight chain too deep".into());
+        }
+        if let Some(t) = self.g.const_tensor(v) {
+            if t.dims.len() == 3 && self.batched_leaf && self.g.initializers.contains_key(v) {
+                return Ok((v.to_string(), Some(ERef::Each), false, [t.dims[1] as usize, t.dims[2] as usize]));
+            }
+            if t.dims.len() != 2 {
+                return Err(format!("weight '{v}' has rank {}", t.dims.len()));
+            }
+            if !self.g.initializers.contains_key(v) {
+                return Err(format!("weight '{v}' is a Constant node, not an initializer"));
+            }
+            return Ok((v.to_string(), None, false, [t.dims[0] as usize, t.dims[1] as usize]));
+        }
+        let (_, n) = self.g.prod(v).ok_or_else(|| format!("weight '{v}' is neither constant nor computed"))?;
+        match n.op_type.as_str() {
+            "Transpose" => {
+                let perm = attr_ints(n, "perm").unwrap_or_else(|| vec![1, 0]);
+                if perm != [1, 0] {
+                    return Err(format!("weight transpose perm {perm:?}"));
+                }
+                let (i, e, t, d) = self.matrix(&n.input[0], depth + 1)?;
+                Ok((i, e, !t, d))
+            }
+            "Cast" | "Identity" => self.matrix(&n.input[0], depth + 1),
+            "Squeeze" => self.matrix(&n.input[0], depth + 1),
+            "Gather" => {
+                if attr_i(n, "axis").unwrap_or(0) != 0 {
+                    return Err("weight gathered along an axis other than 0".into());
+                }
+                let stack = &n.input[0];
+                let t = self.g.const_tensor(stack).ok_or_else(|| format!("weight stack '{stack}' is not constant"))?;
+                if t.dims.len() != 3 || !self.g.initializers.contains_key(stack.as_str()) {
+                    return Err(format!("weight stack '{stack}' is not a rank-3 initializer"));
+                }
+                let e = (self.eref)(&n.input[1]).ok_or_else(|| format!("expert index of weight '{stack}' is not an expert number"))?;
+                Ok((stack.clone(), Some(e), false, [t.dims[1] as usize, t.dims[2] as usize]))
+            }
+            op => Err(format!("weight '{v}' comes from {op}")),
+        }
+    }
+
+    fn bias(&mut self, v: &str, out: usize) -> ParseResult<BSrc> {
+        let mut cur = v.to_string();
+        for _ in 0..4 {
+            if let Some(t) = self.g.const_tensor(&cur) {
+                // one bias row per expert, broadcast over the rows of batched bins: [E, 1, out]
+                if self.batched_leaf && t.dims.len() == 3 && t.dims[1] == 1 && t.dims[2] as usize == out && self.g.initializers.contains_key(cur.as_str()) {
+                    return Ok(BSrc { init: cur, index: Some(ERef::Each), len: out });
+                }
+                let n = crate::onnx::tensor::numel(&t.dims);
+                let ok_shape = t.dims.len() == 1 || (t.dims.len() == 2 && t.dims[0] == 1);
+                if n != out || !ok_shape || !self.g.initializers.contains_key(cur.as_str()) {
+                    return Err(format!("'{cur}' is not a bias of {out}"));
+                }
+                return Ok(BSrc { init: cur, index: None, len: out });
+            }
+            let (_, n) = self.g.prod(&cur).ok_or("bias not constant")?;
+            match n.op_type.as_str() {
+                "Cast" | "Identity" => cur = n.input[0].clone(),
+                "Gather" if attr_i(n, "axis").unwrap_or(0) == 0 => {
+                    let stack = &n.input[0];
+                    let t = self.g.const_tensor(stack).ok_or("bias stack not constant")?;
+                    if t.dims.len() != 2 || t.dims[1] as usize != out || !self.g.initializers.contains_key(stack.as_str()) {
+                        return Err(format!("'{stack}' is not a bias stack [E, {out}]"));
+                    }
+                    let e = (self.eref)(&n.input[1]).ok_or("bias expert index is not an expert number")?;
+                    return Ok(BSrc { init: stack.clone(), index: Some(e), len: out });
+                }
+                op => return Err(format!("bias comes from {op}")),
+            }
+        }
+        Err("bias chain too deep".into())
+    }
+}
+
+fn leak(s: &str) -> &'static str {
+    match s {
+        "Add" => "Add",
+        "Mul" => "Mul",
+        "Sub" => "Sub",
+        "Div" => "Div",
+        "Pow" => "Pow",
+        "Min" => "Min",
+        "Max" => "Max",
+        "Sigmoid" => "Sigmoid",
+        "Erf" => "Erf",
+        "Tanh" => "Tanh",
+        "Relu" => "Relu",
+        "Neg" => "Neg",
+        "Exp" => "Exp",
+        "Log" => "Log",
+        "Softplus" => "Softplus",
+        "Abs" => "Abs",
+        "Sqrt" => "Sqrt",
+        "Reciprocal" => "Reciprocal",
+        _ => "?",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numeric identification of the activation
+// ---------------------------------------------------------------------------------------------
+
+/// Evaluates an elementwise expression whose inputs (`Lin` / `Slice` nodes) are given by `input`.
+pub fn eval(e: &Expr, input: &dyn Fn(&Expr) -> Option<f64>) -> Option<f64> {
+    if let Some(v) = input(e) {
+        return Some(v);
+    }
+    Some(match e {
+        Expr::Const(c) => *c,
+        Expr::Clip { x, lo, hi } => {
+            let mut v = eval(x, input)?;
+            if let Some(l) = lo {
+                v = v.max(*l);
+            }
+            if let Some(h) = hi {
+                v = v.min(*h);
+            }
+            v
+        }
+        Expr::Op(op, a) => {
+            let x = eval(&a[0], input)?;
+            match *op {
+                "Sigmoid" => 1.0 / (1.0 + (-x).exp()),
+                "Erf" => libm::erf(x),
+                "Tanh" => x.tanh(),
+                "Relu" => x.max(0.0),
+                "Neg" => -x,
+                "Exp" => x.exp(),
+                "Log" => x.ln(),
+                "Softplus" => (1.0 + x.exp()).ln(),
+                "Abs" => x.abs(),
+                "Sqrt" => x.sqrt(),
+                "Reciprocal" => 1.0 / x,
+                "Gelu" => act(Activation::Gelu, x),
+                "GeluTanh" => act(Activation::GeluTanh, x),
+                _ => {
+                    let y = eval(&a[1], input)?;
+                    match *op {
+                        "Add" => x + y,
+                        "Sub" => x - y,
+                        "Mul" => x * y,
+                        "Div" => x / y,
+                        "Pow" => x.powf(y),
+                        "Min" => x.min(y),
+                        "Max" => x.max(y),
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        _ => return None,
+    })
+}
+
+pub fn act(a: Activation, x: f64) -> f64 {
+    match a {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+        Activation::Relu => x.max(0.0),
+        Activation::SwigluOai => f64::NAN,
+    }
+}
+
+fn swiglu_oai(g: f64, u: f64, alpha: f64, limit: f64) -> f64 {
+    let g = g.min(limit);
+    let u = u.clamp(-limit, limit);
+    (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+}
+
+fn close(a: f64, b: f64) -> bool {
+    a.is_finite() && (a - b).abs() <= 1e-5 * (1.0 + b.abs())
+}
+
+fn samples() -> Vec<f64> {
+    let mut s: Vec<f64> = (0..=120).map(|i| -12.0 + 0.2 * i as f64).collect();
+    s.extend([0.0, 1e-3, -1e-3, 0.37, -0.37, 7.0, -7.0, 6.99, 7.01, 30.0, -30.0]);
+    s
+}
+
+/// A unary activation h(x) among the supported ones.
+pub fn identify_unary(h: &Expr, leaf: &Expr) -> Option<Activation> {
+    let pts = samples();
+    [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu].into_iter().find(|&a| {
+        pts.iter().all(|&x| {
+            let v = eval(h, &|e| (e == leaf).then_some(x));
+            v.is_some_and(|v| close(v, act(a, x)))
+        })
+    })
+}
+
+/// A gated activation h(p, q): returns (activation, p is the gate, alpha, limit).
+pub fn identify_gated(h: &Expr, p: &Expr, q: &Expr) -> Option<(Activation, bool, f32, f32)> {
+    let pts: Vec<f64> = samples().into_iter().step_by(3).collect();
+    let f = |x: f64, y: f64| eval(h, &|e| if e == p { Some(x) } else if e == q { Some(y) } else { None });
+    let check = |target: &dyn Fn(f64, f64) -> f64| pts.iter().all(|&x| pts.iter().all(|&y| f(x, y).is_some_and(|v| close(v, target(x, y)))));
+    for a in [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+        if check(&|x, y| act(a, x) * y) {
+            return Some((a, true, 1.702, 7.0));
+        }
+        if check(&|x, y| act(a, y) * x) {
+            return Some((a, false, 1.702, 7.0));
+        }
+    }
+    // clamped SwiGLU: alpha and limit among the expression's constants
+    let mut consts = Vec::new();
+    collect_consts(h, &mut consts);
+    let mut cands: Vec<f64> = consts.iter().map(|c| c.abs()).filter(|c| *c > 0.0 && c.is_finite()).collect();
+    cands.extend([1.702, 7.0]);
+    cands.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    cands.dedup();
+    for &alpha in &cands {
+        for &limit in &cands {
+            let (al, li) = (alpha as f32 as f64, limit as f32 as f64);
+            if check(&|x, y| swiglu_oai(x, y, al, li)) {
+                return Some((Activation::SwigluOai, true, alpha as f32, limit as f32));
+            }
+            if check(&|x, y| swiglu_oai(y, x, al, li)) {
+                return Some((Activation::SwigluOai, false, alpha as f32, limit as f32));
+            }
+        }
+    }
+    None
+}
+
+fn collect_consts(e: &Expr, out: &mut Vec<f64>) {
+    match e {
+        Expr::Const(c) => out.push(*c),
+        Expr::Clip { x, lo, hi } => {
+            out.extend(lo.iter().chain(hi.iter()).copied());
+            collect_consts(x, out);
+        }
+        Expr::Op(_, a) => a.iter().for_each(|x| collect_consts(x, out)),
+        _ => {}
+    }
+}
+
+/// The inputs of an elementwise expression: maximal `Lin` / `Slice` / `Leaf` subtrees.
+pub fn inputs(e: &Expr, out: &mut Vec<Expr>) {
+    match e {
+        Expr::Lin { .. } | Expr::Slice { .. } | Expr::Leaf => {
+            if !out.contains(e) {
+                out.push(e.clone())
+            }
+        }
+        Expr::Op(_, a) => a.iter().for_each(|x| inputs(x, out)),
+        Expr::Clip { x, .. } => inputs(x, out),
+        Expr::Const(_) => {}
+    }
+}
+
+/// One expert MLP in the op's terms.
+#[derive(Debug, Clone)]
+pub struct ExpertMlp {
+    /// first projection rows, in order: for gated, gate and up blocks per `glu_layout`
+    pub w_in: Vec<WSrc>,
+    pub b_in: Vec<Option<BSrc>>,
+    pub w_out: WSrc,
+    pub b_out: Option<BSrc>,
+    pub activation: Activation,
+    pub gated: bool,
+    pub glu_layout: GluLayout,
+    pub alpha: f32,
+    pub limit: f32,
+    pub f: usize,
+    pub d: usize,
+}
+
+impl ExpertMlp {
+    /// This MLP for expert `e`: stacked weights used by every expert ([`ERef::Each`]) become slice e.
+    pub fn for_expert(&self, e: usize) -> ExpertMlp {
+        let fix = |r: &mut Option<ERef>| {
+            if *r == Some(ERef::Each) {
+                *r = Some(ERef::Const(e as i64));
+            }
+        };
+        let mut m = self.clone();
+        m.w_in.iter_mut().for_each(|w| fix(&mut w.index));
+        fix(&mut m.w_out.index);
+        m.b_in.iter_mut().flatten().for_each(|b| fix(&mut b.index));
+        m.b_out.iter_mut().for_each(|b| fix(&mut b.index));
+        m
+    }
+
+    /// The number of experts of the stacked weights used by every expert, if any.
+    pub fn each_count(&self, g: &GraphIndex) -> Option<usize> {
+        let w = self.w_in.iter().chain([&self.w_out]).find(|w| w.index == Some(ERef::Each))?;
+        g.const_dims(&w.init).map(|d| d[0] as usize)
+    }
+}
+
+/// Reads `out = Lin(act(...Lin(rows)...))` into an [`ExpertMlp`].
+pub fn to_mlp(e: &Expr, d: usize) -> Result<ExpertMlp, String> {
+    let Expr::Lin { x: h, w: w_out, b: b_out } = e else {
+        return Err("the expert output is not a linear layer".into());
+    };
+    let mut ins = Vec::new();
+    inputs(h, &mut ins);
+    let lin_of = |x: &Expr| -> Option<(WSrc, Option<BSrc>)> {
+        match x {
+            Expr::Lin { x, w, b } if **x == Expr::Leaf => Some((w.clone(), b.clone())),
+            _ => None,
+        }
+    };
+    let base = |w: &WSrc, b: &Option<BSrc>, gated: bool, act: Activation, layout: GluLayout, alpha: f32, limit: f32, f: usize| ExpertMlp {
+        w_in: vec![w.clone()],
+        b_in: vec![b.clone()],
+        w_out: w_out.clone(),
+        b_out: b_out.clone(),
+        activation: act,
+        gated,
+        glu_layout: layout,
+        alpha,
+        limit,
+        f,
+        d,
+    };
+    let mlp = match ins.as_slice() {
+        [a] => {
+            let (w, b) = lin_of(a).ok_or("the activation's input is not a linear layer of the token rows")?;
+            let act = identify_unary(h, a).ok_or("the activation is not one of silu, gelu, gelu_tanh, relu")?;
+            base(&w, &b, false, act, GluLayout::GateUp, 1.702, 7.0, w.out)
+        }
+        [p, q] => {
+            let (act, p_gate, alpha, limit) =
+                identify_gated(h, p, q).ok_or("the gated activation is not act(gate) * up nor the clamped SwiGLU")?;
+            let (gate, up) = if p_gate { (p, q) } else { (q, p) };
+            match (gate, up) {
+                (Expr::Slice { x: gx, start: gs, end: ge, step: gst }, Expr::Slice { x: ux, start: us, end: ue, step: ust }) if gx == ux => {
+                    let (w, b) = lin_of(gx).ok_or("gate and up are not slices of a linear layer of the token rows")?;
+                    let n = w.out;
+                    let layout = if *gst == 1 && *ust == 1 && *gs == 0 && *ge == n / 2 && *us == n / 2 && *ue == n && n % 2 == 0 {
+                        GluLayout::GateUp
+                    } else if *gst == 1 && *ust == 1 && *us == 0 && *ue == n / 2 && *gs == n / 2 && *ge == n && n % 2 == 0 {
+                        GluLayout::UpGate
+                    } else if *gst == 2 && *ust == 2 && *gs == 0 && *us == 1 && *ge >= n - 1 && *ue >= n && n % 2 == 0 {
+                        GluLayout::Interleaved
+                    } else {
+                        return Err(format!("gate [{gs}..{ge} step {gst}] and up [{us}..{ue} step {ust}] do not split {n} rows in halves or interleaved"));
+                    };
+                    base(&w, &b, true, act, layout, alpha, limit, n / 2)
+                }
+                (g, u) => {
+                    let (wg, bg) = lin_of(g).ok_or("the gate is not a linear layer of the token rows")?;
+                    let (wu, bu) = lin_of(u).ok_or("the up projection is not a linear layer of the token rows")?;
+                    if wg.out != wu.out {
+                        return Err("gate and up projections differ in width".into());
+                    }
+                    if bg.is_some() != bu.is_some() {
+                        return Err("only one of gate and up has a bias".into());
+                    }
+                    let f = wg.out;
+                    ExpertMlp { w_in: vec![wg, wu], b_in: vec![bg, bu], ..base(&w_out.clone(), &None, true, act, GluLayout::GateUp, alpha, limit, f) }
+                }
+            }
+        }
+        _ => return Err(format!("the activation reads {} different inputs", ins.len())),
+    };
+    if mlp.w_out.inp != mlp.f || mlp.w_out.out != d {
+        return Err(format!("second projection is [{}, {}], expected [{d}, {}]", mlp.w_out.out, mlp.w_out.inp, mlp.f));
+    }
+    Ok(mlp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lin(n: &str) -> Expr {
+        Expr::Lin { x: Box::new(Expr::Leaf), w: WSrc { init: n.into(), index: None, transposed: false, out: 4, inp: 4 }, b: None }
+    }
+    fn op(o: &'static str, a: Vec<Expr>) -> Expr {
+        Expr::Op(o, a)
+    }
+    fn c(v: f64) -> Expr {
+        Expr::Const(v)
+    }
+
+    #[test]
+    fn unary_activations_are_identified_in_any_spelling() {
+        let x = lin("a");
+        let silu = op("Mul", vec![x.clone(), op("Sigmoid", vec![x.clone()])]);
+        assert_eq!(identify_unary(&silu, &x), Some(Activation::Silu));
+        // torch's erf GELU: x * (erf(x / sqrt2) + 1) * 0.5
+        let gelu = op("Mul", vec![op("Mul", vec![x.clone(), op("Add", vec![op("Erf", vec![op("Div", vec![x.clone(), c(1.4142135381698608)])]), c(1.0)])]), c(0.5)]);
+        assert_eq!(identify_unary(&gelu, &x), Some(Activation::Gelu));
+        // tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        let inner = op("Mul", vec![c(0.7978845608028654), op("Add", vec![x.clone(), op("Mul", vec![c(0.044715), op("Mul", vec![x.clone(), op("Mul", vec![x.clone(), x.clone()])])])])]);
+        let gt = op("Mul", vec![c(0.5), op("Mul", vec![x.clone(), op("Add", vec![c(1.0), op("Tanh", vec![inner])])])]);
+        assert_eq!(identify_unary(&gt, &x), Some(Activation::GeluTanh));
+        assert_eq!(identify_unary(&op("Relu", vec![x.clone()]), &x), Some(Activation::Relu));
+        assert_eq!(identify_unary(&op("Tanh", vec![x.clone()]), &x), None);
+        assert_eq!(identify_unary(&op("Sigmoid", vec![x.clone()]), &x), None);
+    }
+
+    #[test]
+    fn gated_activations_name_the_gate_and_clamped_swiglu_constants() {
+        let (p, q) = (lin("p"), lin("q"));
+        let h = op("Mul", vec![op("Mul", vec![q.clone(), op("Sigmoid", vec![q.clone()])]), p.clone()]);
+        assert_eq!(identify_gated(&h, &p, &q), Some((Activation::Silu, false, 1.702, 7.0)));
+        // GPT-OSS: (clip(u, -l, l) + 1) * g' * sigmoid(alpha g'), g' = min(g, l), with l = 5, alpha = 1.5
+        let gc = Expr::Clip { x: Box::new(p.clone()), lo: None, hi: Some(5.0) };
+        let uc = Expr::Clip { x: Box::new(q.clone()), lo: Some(-5.0), hi: Some(5.0) };
+        let glu = op("Mul", vec![gc.clone(), op("Sigmoid", vec![op("Mul", vec![gc, c(1.5)])])]);
+        let h = op("Mul", vec![op("Add", vec![uc, c(1.0)]), glu]);
+        assert_eq!(identify_gated(&h, &p, &q), Some((Activation::SwigluOai, true, 1.5, 5.0)));
+        // not a GLU: gate * up without an activation
+        assert_eq!(identify_gated(&op("Mul", vec![p.clone(), q.clone()]), &p, &q), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! com.microsoft.MoE nodes become Softmax/TopK routing plus one ScatterMoE node; ONNX Runtime's own
+//! CPU MoE kernel and the rewritten model (with the plugin) agree at several token counts.
+
+mod common;
+
+use onnx_protobuf::{
+    tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, Message, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use ort::session::Session;
+use ort::value::Tensor;
+use scattermoe::onnx::{self, SaveOptions};
+
+fn vi(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let mut shape = TensorShapeProto::new();
+    for d in dims {
+        let mut dim = tensor_shape_proto::Dimension::new();
+        match d {
+            Some(v) => dim.set_dim_value(*v),
+            None => dim.set_dim_param("T".into()),
+        }
+        shape.dim.push(dim);
+    }
+    let mut tt = type_proto::Tensor::new();
+    tt.elem_type = DataType::FLOAT as i32;
+    tt.shape = Some(shape).into();
+    let mut ty = TypeProto::new();
+    ty.set_tensor_type(tt);
+    let mut v = ValueInfoProto::new();
+    v.name = name.into();
+    v.type_ = Some(ty).into();
+    v
+}
+
+fn init(name: &str, dims: &[i64], seed: &mut u64) -> TensorProto {
+    let n: i64 = dims.iter().product();
+    let mut t = TensorProto::new();
+    t.name = name.into();
+    t.dims = dims.to_vec();
+    t.data_type = DataType::FLOAT as i32;
+    t.float_data = (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ((*seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.6
+        })
+        .collect();
+    t
+}
+
+fn attr_i(name: &str, v: i64) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
+    a.i = v;
+    a
+}
+fn attr_s(name: &str, v: &str) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
+    a.s = v.as_bytes().to_vec();
+    a
+}
+
+/// x [T, d], router logits [T, E] -> y [T, d] through one com.microsoft.MoE node.
+fn moe_model(act: &str, k: i64, normalize: i64, biases: bool, extra: Option<AttributeProto>) -> Vec<u8> {
+    let (e, d, f) = (6i64, 16i64, 24i64);
+    let n = if act == "swiglu" { 2 * f } else { f };
+    let mut seed = 0x1234_5678_9abc_def1u64 ^ (n as u64) ^ ((k as u64) << 20);
+    let mut node = NodeProto::new();
+    node.op_type = "MoE".into();
+    node.domain = "com.microsoft".into();
+    node.input = if biases { vec!["x", "r", "fc1", "b1", "fc2", "b2"] } else { vec!["x", "r", "fc1", "", "fc2"] }.into_iter().map(String::from).collect();
+    node.output = vec!["y".into()];
+    node.attribute.push(attr_i("k", k));
+    node.attribute.push(attr_s("activation_type", act));
+    node.attribute.push(attr_i("normalize_routing_weights", normalize));
+    if act == "swiglu" {
+        node.attribute.push(attr_i("swiglu_fusion", 1));
+    }
+    node.attribute.extend(extra);
+    let mut g = GraphProto::new();
+    g.name = "moe".into();
+    g.node.push(node);
+    g.input.push(vi("x", &[None, Some(d)]));
+    g.input.push(vi("r", &[None, Some(e)]));
+    g.output.push(vi("y", &[None, Some(d)]));
+    g.initializer.push(init("fc1", &[e, n, d], &mut seed));
+    g.initializer.push(init("fc2", &[e, d, f], &mut seed));
+    if biases {
+        g.initializer.push(init("b1", &[e, n], &mut seed));
+        g.initializer.push(init("b2", &[e, d], &mut seed));
+    }
+    let mut m = ModelProto::new();
+    m.ir_version = 9;
+    m.graph = Some(g).into();
+    for (dom, v) in [("", 17), ("com.microsoft", 1)] {
+        let mut o = OperatorSetIdProto::new();
+        o.domain = dom.into();
+        o.version = v;
+        m.opset_import.push(o);
+    }
+    m.write_to_bytes().unwrap()
+}
+
+fn session(path: &std::path::Path) -> Session {
+    let env = scattermoe::ort::runtime::environment().unwrap();
+    let plugin = scattermoe::ort::runtime::plugin_path().unwrap();
+    Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_file(path).unwrap()
+}
+
+fn run(s: &mut Session, t: usize, seed: u64) -> Vec<f32> {
+    let mut st = seed | 1;
+    let mut next = || {
+        st ^= st << 13;
+        st ^= st >> 7;
+        st ^= st << 17;
+        ((st >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
+    };
+    let x: Vec<f32> = (0..t * 16).map(|_| next()).collect();
+    let r: Vec<f32> = (0..t * 6).map(|_| next()).collect();
+    let out = s
+        .run(ort::inputs!["x" => Tensor::from_array(([t, 16], x)).unwrap(), "r" => Tensor::from_array(([t, 6], r)).unwrap()])
+        .unwrap();
+    out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec()
+}
+
+#[test]
+fn com_microsoft_moe_becomes_scatter_moe_and_matches_ort() {
+    let dir = common::scratch("ort_moe");
+    let cases = [("relu", 2, 0, false), ("silu", 2, 1, true), ("gelu", 1, 0, true), ("swiglu", 2, 1, false), ("swiglu", 3, 0, true)];
+    for (i, (act, k, norm, biases)) in cases.into_iter().enumerate() {
+        let orig = dir.join(format!("moe{i}.onnx"));
+        std::fs::write(&orig, moe_model(act, k, norm, biases, None)).unwrap();
+        let mut m = onnx::load(&orig).unwrap();
+        let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+        assert_eq!(rep.layers.len(), 1, "{act}: {:?}", rep.rejected);
+        assert!(m.graph().node.iter().all(|n| n.op_type != "MoE"));
+        let out = dir.join(format!("moe{i}_rw.onnx"));
+        onnx::save(m, &out, &SaveOptions::default()).unwrap();
+        let (mut a, mut b) = (session(&orig), session(&out));
+        for t in [1usize, 7, 33] {
+            let (ya, yb) = (run(&mut a, t, 99 + t as u64), run(&mut b, t, 99 + t as u64));
+            let scale = ya.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = ya.iter().zip(&yb).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
+            assert!(err < 1e-4, "{act} k={k} normalize={norm} biases={biases}, {t} tokens: relative error {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unrecognised_moe_forms_are_left_and_reported() {
+    let dir = common::scratch("ort_moe_rej");
+    let p = dir.join("m.onnx");
+    std::fs::write(&p, moe_model("relu", 2, 0, false, Some(attr_i("use_sparse_mixer", 1)))).unwrap();
+    let mut m = onnx::load(&p).unwrap();
+    let before = m.graph().node.len();
+    let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+    assert!(rep.layers.is_empty());
+    assert_eq!(m.graph().node.len(), before);
+    assert!(rep.rejected.iter().any(|r| r.family == "ort_moe" && r.reason.contains("sparse mixer")), "{:?}", rep.rejected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
