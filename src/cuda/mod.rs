@@ -1,4 +1,10 @@
-//! The GPU path: CUDA kernels compiled by build.rs from kernels/*.cu and embedded here.
+//! The GPU path: CUDA kernels compiled by build.rs from kernels/*.cu and embedded here, the
+//! driver (loaded at run time: no GPU or driver is needed to load the library) and the forward
+//! passes that launch the kernels on a caller's stream.
+
+pub mod checks;
+pub mod driver;
+pub mod forward;
 
 /// The embedded fatbins, one per kernels/*.cu file (empty when built without nvcc).
 pub mod images {

@@ -1,0 +1,121 @@
+//! Reporting a bad routing index without synchronising: the routing kernels clamp it (nothing is
+//! read out of bounds) and write error words on the device. After each run the words are copied
+//! asynchronously into pinned host memory owned by the kernel object, with an event behind the
+//! copy; the next run queries the event (non-blocking) and fails if an earlier run saw a bad
+//! index. `SCATTERMOE_CUDA_SYNC_CHECKS=1` instead synchronises after the launches and fails the
+//! run itself, with the contract's message (value included). See docs/op-spec.md.
+
+use super::driver::{self, CuResult};
+use cudarc::driver::sys::{self, CUcontext, CUdeviceptr, CUevent, CUresult, CUstream};
+
+/// The environment variable that turns on synchronous checks.
+pub const SYNC_CHECKS_ENV: &str = "SCATTERMOE_CUDA_SYNC_CHECKS";
+
+/// Whether `SCATTERMOE_CUDA_SYNC_CHECKS=1` is set.
+pub fn sync_checks_requested() -> bool {
+    std::env::var(SYNC_CHECKS_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// Runs checked at once: a run whose copy is still in flight keeps its slot until it completes.
+const SLOTS: usize = 8;
+
+struct Pending {
+    k: usize,
+    experts: usize,
+}
+
+/// The pinned words and events of one kernel object (one node), for one CUDA context.
+pub struct AsyncChecks {
+    ctx: CUcontext,
+    host: *mut i32,
+    events: Vec<CUevent>,
+    pending: Vec<Option<Pending>>,
+}
+
+// SAFETY: driver handles and pinned memory are usable from any thread; callers serialise access.
+unsafe impl Send for AsyncChecks {}
+
+impl AsyncChecks {
+    /// Allocates the pinned words and events in `ctx` (which must be current).
+    pub fn new(ctx: CUcontext) -> CuResult<AsyncChecks> {
+        let mut host = std::ptr::null_mut();
+        driver::check(unsafe { sys::cuMemAllocHost_v2(&mut host, SLOTS * 8) }, "cuMemAllocHost")?;
+        let mut me = AsyncChecks { ctx, host: host.cast(), events: Vec::new(), pending: (0..SLOTS).map(|_| None).collect() };
+        for _ in 0..SLOTS {
+            let mut e = std::ptr::null_mut();
+            driver::check(
+                unsafe { sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
+                "cuEventCreate",
+            )?;
+            me.events.push(e);
+        }
+        Ok(me)
+    }
+
+    pub fn context(&self) -> CUcontext {
+        self.ctx
+    }
+
+    /// Looks at every earlier run whose copy has completed (never waits); the first error found.
+    pub fn poll(&mut self, op: &'static str) -> CuResult<Option<String>> {
+        let mut found = None;
+        for i in 0..SLOTS {
+            let Some(p) = &self.pending[i] else { continue };
+            match unsafe { sys::cuEventQuery(self.events[i]) } {
+                CUresult::CUDA_SUCCESS => {}
+                CUresult::CUDA_ERROR_NOT_READY => continue,
+                r => driver::check(r, "cuEventQuery")?,
+            }
+            // SAFETY: the copy into this slot has completed.
+            let words = unsafe { [*self.host.add(2 * i), *self.host.add(2 * i + 1)] };
+            if found.is_none() {
+                found = super::forward::error_message(op, words, p.k, p.experts, None).map(|m| {
+                    format!(
+                        "{m}, in an earlier run of this node (the CUDA kernels report bad indices asynchronously: that run \
+                         clamped the index and its output is meaningless; set {SYNC_CHECKS_ENV}=1 to fail that run itself)"
+                    )
+                });
+            }
+            self.pending[i] = None;
+        }
+        Ok(found)
+    }
+
+    /// Queues the copy of a run's error words (device `error`, int32 [2]) behind the run's kernels.
+    /// Returns false when every slot is still in flight (this run then goes unchecked).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this object's context, `error` the error words of a
+    /// forward enqueued on it.
+    pub unsafe fn record(&mut self, stream: CUstream, error: CUdeviceptr, k: usize, experts: usize) -> CuResult<bool> {
+        let Some(i) = self.pending.iter().position(Option::is_none) else { return Ok(false) };
+        unsafe {
+            driver::check(sys::cuMemcpyDtoHAsync_v2(self.host.add(2 * i).cast(), error, 8, stream), "cuMemcpyDtoHAsync(error words)")?;
+            driver::check(sys::cuEventRecord(self.events[i], stream), "cuEventRecord")?;
+        }
+        self.pending[i] = Some(Pending { k, experts });
+        Ok(true)
+    }
+}
+
+impl Drop for AsyncChecks {
+    fn drop(&mut self) {
+        unsafe {
+            let mut cur = std::ptr::null_mut();
+            sys::cuCtxGetCurrent(&mut cur);
+            if cur != self.ctx {
+                sys::cuCtxSetCurrent(self.ctx);
+            }
+            for (i, e) in self.events.iter().enumerate() {
+                if self.pending[i].is_some() {
+                    sys::cuEventSynchronize(*e); // the copy must land before the memory goes
+                }
+                sys::cuEventDestroy_v2(*e);
+            }
+            sys::cuMemFreeHost(self.host.cast());
+            if cur != self.ctx {
+                sys::cuCtxSetCurrent(cur);
+            }
+        }
+    }
+}

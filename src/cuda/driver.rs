@@ -1,0 +1,310 @@
+//! The CUDA driver, loaded at run time through cudarc (`dynamic-loading`): the library loads and
+//! runs its CPU ops on machines without a GPU or driver, and only the GPU path reports that no
+//! driver was found. Nothing here panics on a missing driver.
+//!
+//! One [`Device`] per CUDA context: the kernel modules loaded from the embedded fatbins, their
+//! functions (with the dynamic shared-memory opt-in and the occupancy that sizes the persistent
+//! grids), the SM count and the compute capability. Made once per context, kept for the process
+//! (contexts are few; the primary context of each device in practice), behind a Mutex.
+
+use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUfunction, CUmodule, CUresult, CUstream};
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::{Mutex, OnceLock};
+
+/// A failed driver call, as text (the GPU path reports errors as ORT statuses / test failures).
+pub type CuResult<T> = Result<T, String>;
+
+/// Turns a driver status into a Result naming the call.
+pub fn check(r: CUresult, what: &str) -> CuResult<()> {
+    if r == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    // SAFETY: only reached after the driver loaded (every caller went through `driver()`).
+    let (mut name, mut text) = (std::ptr::null(), std::ptr::null());
+    unsafe {
+        sys::cuGetErrorName(r, &mut name);
+        sys::cuGetErrorString(r, &mut text);
+    }
+    let s = |p: *const std::ffi::c_char| if p.is_null() { "?".into() } else { unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned() };
+    Err(format!("{what} failed: {} ({})", s(name), s(text)))
+}
+
+/// Whether the CUDA driver library can be loaded, and cuInit succeeded. Cached.
+pub fn driver() -> CuResult<()> {
+    static INIT: OnceLock<CuResult<()>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // SAFETY: only tries to dlopen libcuda; never panics.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("no CUDA driver found (libcuda.so could not be loaded)".into());
+        }
+        // Every entry point used here must exist (cudarc panics on a missing symbol): a driver
+        // older than these is reported, not called.
+        const NEEDED: [&str; 8] = [
+            "cuInit", "cuStreamGetCtx", "cuModuleLoadData", "cuFuncSetAttribute", "cuLaunchKernel",
+            "cuStreamIsCapturing", "cuMemcpyDtoHAsync_v2", "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        ];
+        if let Some(missing) = NEEDED.iter().find(|n| !has_symbol(n)) {
+            return Err(format!("the CUDA driver is too old (it lacks {missing})"));
+        }
+        // cuInit may still fail (no device, driver/library mismatch): report, do not panic.
+        check(unsafe { sys::cuInit(0) }, "cuInit")
+    })
+    .clone()
+}
+
+/// Whether a CUDA device can be used (a driver and at least one device).
+pub fn device_count() -> usize {
+    if driver().is_err() {
+        return 0;
+    }
+    let mut n = 0;
+    // SAFETY: the driver is initialised.
+    if unsafe { sys::cuDeviceGetCount(&mut n) } != CUresult::CUDA_SUCCESS {
+        return 0;
+    }
+    n.max(0) as usize
+}
+
+/// Kernel modules (kernels/*.cu), in the order of [`Device::modules`].
+pub const MODULES: [&str; 3] = ["routing", "grouped_gemm", "combine"];
+
+/// One kernel: the function, its block size, its dynamic shared memory, resident blocks per SM.
+#[derive(Debug, Clone, Copy)]
+pub struct Func {
+    pub f: CUfunction,
+    pub threads: u32,
+    pub smem: u32,
+    pub blocks_per_sm: u32,
+}
+
+/// What the forward needs of one CUDA context.
+pub struct Device {
+    pub ctx: CUcontext,
+    pub device: CUdevice,
+    pub sms: u32,
+    /// compute capability (major, minor)
+    pub cc: (i32, i32),
+    modules: Vec<CUmodule>,
+    funcs: HashMap<String, Func>,
+}
+
+// SAFETY: the handles are process-wide driver objects, usable from any thread once their context
+// is current; a Device is immutable after creation.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// The kernel `name`, or why it is missing (e.g. a wgmma kernel below sm_90).
+    pub fn func(&self, name: &str) -> CuResult<Func> {
+        self.funcs.get(name).copied().ok_or_else(|| {
+            format!("CUDA kernel '{name}' is not available on this device (compute capability {}.{})", self.cc.0, self.cc.1)
+        })
+    }
+
+    /// Whether the Hopper (wgmma) kernels run here: native sm_90a code exists for cc 9.0 only.
+    pub fn has_wgmma(&self) -> bool {
+        self.cc == (9, 0)
+    }
+
+    pub fn modules(&self) -> &[CUmodule] {
+        &self.modules
+    }
+}
+
+/// Every entry point of the kernels, with (threads, dynamic smem). Mirrors the header comments of
+/// kernels/*.cu (see `super::forward::GemmCfg` for the GEMM tiles).
+fn entry_points() -> Vec<(usize, String, u32, u32)> {
+    let mut v = Vec::new();
+    for i in ["i32", "i64"] {
+        v.push((0, format!("scattermoe_routing_count_{i}"), 256, 0));
+        v.push((0, format!("scattermoe_routing_scatter_{i}"), 256, 0));
+    }
+    v.push((0, "scattermoe_routing_scan".into(), 1024, 0));
+    for t in ["f16", "bf16"] {
+        for cfg in super::forward::GemmCfg::TENSOR_CORE {
+            v.push((1, cfg.kernel_name(t), cfg.threads(), cfg.smem()));
+        }
+    }
+    let f32cfg = super::forward::GemmCfg::F32;
+    v.push((1, f32cfg.kernel_name("f32"), f32cfg.threads(), f32cfg.smem()));
+    for t in ["f32", "f16", "bf16"] {
+        v.push((2, format!("scattermoe_combine_{t}"), 256, 0));
+    }
+    v
+}
+
+fn load(ctx: CUcontext) -> CuResult<Device> {
+    unsafe {
+        let mut device: CUdevice = 0;
+        check(sys::cuCtxGetDevice(&mut device), "cuCtxGetDevice")?;
+        let attr = |a: sys::CUdevice_attribute| -> CuResult<i32> {
+            let mut v = 0;
+            check(sys::cuDeviceGetAttribute(&mut v, a, device), "cuDeviceGetAttribute")?;
+            Ok(v)
+        };
+        use sys::CUdevice_attribute::*;
+        let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let cc = (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+        let mut modules = Vec::new();
+        for name in MODULES {
+            let image = super::image(name)?;
+            // cuModuleLoadData wants an 8-byte aligned fatbin; include_bytes! promises no alignment.
+            let mut aligned = vec![0u64; image.len().div_ceil(8)];
+            std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), image.len());
+            let mut m: CUmodule = std::ptr::null_mut();
+            check(sys::cuModuleLoadData(&mut m, aligned.as_ptr().cast::<c_void>()), &format!("cuModuleLoadData({name}.fatbin)"))
+                .map_err(|e| format!("{e}; the kernels hold native code for sm_80, sm_89 and sm_90a (this device is {}.{})", cc.0, cc.1))?;
+            modules.push(m);
+        }
+        let wgmma = cc == (9, 0);
+        let mut funcs = HashMap::new();
+        for (m, name, threads, smem) in entry_points() {
+            if name.contains("wgmma") && !wgmma {
+                continue; // its body traps below sm_90a; never launched there
+            }
+            let c = CString::new(name.as_str()).expect("no NUL");
+            let mut f: CUfunction = std::ptr::null_mut();
+            check(sys::cuModuleGetFunction(&mut f, modules[m], c.as_ptr()), &format!("cuModuleGetFunction({name})"))?;
+            if smem > 0 {
+                // static + dynamic smem exceeds 48 KB for the tensor-core kernels: opt in once.
+                check(
+                    sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32),
+                    &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"),
+                )?;
+            }
+            let mut blocks = 0;
+            check(
+                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, f, threads as i32, smem as usize),
+                &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"),
+            )?;
+            funcs.insert(name, Func { f, threads, smem, blocks_per_sm: blocks.max(1) as u32 });
+        }
+        Ok(Device { ctx, device, sms, cc, modules, funcs })
+    }
+}
+
+/// Makes `ctx` current on this thread for the guard's lifetime, restoring the previous one after.
+pub struct CurrentGuard {
+    previous: Option<CUcontext>,
+}
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.previous {
+            // SAFETY: restoring the context that was current before (possibly null).
+            unsafe { sys::cuCtxSetCurrent(p) };
+        }
+    }
+}
+
+/// The context that owns `stream` (the current one for the legacy/null stream), made current.
+///
+/// # Safety
+/// `stream` must be null or a live stream.
+pub unsafe fn stream_context(stream: CUstream) -> CuResult<(CUcontext, CurrentGuard)> {
+    driver()?;
+    unsafe {
+        let mut cur: CUcontext = std::ptr::null_mut();
+        check(sys::cuCtxGetCurrent(&mut cur), "cuCtxGetCurrent")?;
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        if stream.is_null() {
+            ctx = cur;
+        } else {
+            check(sys::cuStreamGetCtx(stream, &mut ctx), "cuStreamGetCtx")?;
+        }
+        if ctx.is_null() {
+            return Err("no CUDA context is current and the stream names none".into());
+        }
+        let mut guard = CurrentGuard { previous: None };
+        if ctx != cur {
+            check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
+            guard.previous = Some(cur);
+        }
+        Ok((ctx, guard))
+    }
+}
+
+/// The [`Device`] of `stream`'s context (loaded on first use), with that context current until
+/// the guard drops.
+///
+/// # Safety
+/// `stream` must be null or a live stream.
+pub unsafe fn for_stream(stream: CUstream) -> CuResult<(&'static Device, CurrentGuard)> {
+    static CACHE: Mutex<Vec<(u64, &'static Device)>> = Mutex::new(Vec::new());
+    let (ctx, guard) = stream_context(stream)?;
+    let key = context_key(ctx)?;
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, d)) = cache.iter().find(|(c, _)| *c == key) {
+        return Ok((d, guard));
+    }
+    let dev: &'static Device = Box::leak(Box::new(load(ctx)?));
+    cache.push((key, dev));
+    Ok((dev, guard))
+}
+
+/// Whether the loaded driver exports `name` (cudarc panics on a call to a missing symbol).
+fn has_symbol(name: &str) -> bool {
+    // SAFETY: only looks the symbol up in the already loaded driver library.
+    unsafe { sys::culib().get::<*const c_void>(name.as_bytes()).is_ok() }
+}
+
+/// A key that tells contexts apart for the process lifetime: the context's unique id (CUDA 12+;
+/// a destroyed context's address can be reused by a new one), else its address.
+fn context_key(ctx: CUcontext) -> CuResult<u64> {
+    static HAS_ID: OnceLock<bool> = OnceLock::new();
+    if *HAS_ID.get_or_init(|| has_symbol("cuCtxGetId")) {
+        let mut id = 0;
+        check(unsafe { sys::cuCtxGetId(ctx, &mut id) }, "cuCtxGetId")?;
+        Ok(id)
+    } else {
+        Ok(ctx as u64)
+    }
+}
+
+/// Whether `stream` is being captured into a CUDA graph (no synchronisation or event query then).
+///
+/// # Safety
+/// `stream` must be null or a live stream.
+pub unsafe fn is_capturing(stream: CUstream) -> CuResult<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    check(unsafe { sys::cuStreamIsCapturing(stream, &mut status) }, "cuStreamIsCapturing")?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// A kernel argument, passed by address to cuLaunchKernel.
+#[derive(Clone, Copy)]
+pub enum Arg {
+    Ptr(CUdeviceptr),
+    I32(i32),
+    F32(f32),
+}
+
+impl Arg {
+    pub fn opt(p: Option<CUdeviceptr>) -> Arg {
+        Arg::Ptr(p.unwrap_or(0))
+    }
+}
+
+/// Launches `f` on `stream`.
+///
+/// # Safety
+/// The arguments must match the kernel's parameter list, and every pointer must be valid for
+/// what the kernel reads and writes (see the contracts in kernels/*.cu).
+pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
+    // Storage for each argument's value; the kernel reads each through its own pointer.
+    let mut vals: Vec<u64> = Vec::with_capacity(args.len());
+    for a in args {
+        vals.push(match *a {
+            Arg::Ptr(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        });
+    }
+    // Little-endian: the low bytes of each u64 hold the i32 / f32 value.
+    let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut u64).cast::<c_void>()).collect();
+    check(
+        sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut()),
+        &format!("cuLaunchKernel({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem),
+    )
+}
