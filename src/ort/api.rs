@@ -362,3 +362,88 @@ impl KernelContext {
         Ok(Some(data))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Execution providers with device memory (CUDA)
+// ---------------------------------------------------------------------------------------------
+
+impl KernelContext {
+    /// The execution provider's compute stream (a `cudaStream_t` / `CUstream` on the CUDA EP).
+    pub fn gpu_stream(&self) -> Result<*mut c_void, String> {
+        let mut s = ptr::null_mut();
+        check(unsafe { (api().KernelContext_GetGPUComputeStream)(self.0, &mut s) })?;
+        Ok(s)
+    }
+
+    /// The device id of input `i`'s memory (ORT's OrtMemoryInfo id), or None when absent.
+    pub fn input_device_id(&self, i: usize) -> Result<Option<i32>, String> {
+        if i >= self.input_count()? {
+            return Ok(None);
+        }
+        let mut v: *const OrtValue = ptr::null();
+        check(unsafe { (api().KernelContext_GetInput)(self.0, i, &mut v) })?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        let mut info = ptr::null();
+        check(unsafe { (api().GetTensorMemoryInfo)(v, &mut info) })?;
+        let mut id = 0;
+        check(unsafe { (api().MemoryInfoGetId)(info, &mut id) })?;
+        Ok(Some(id))
+    }
+
+    /// ORT's allocator for the memory named `name` ("Cuda") on device `id`: the session's arena
+    /// for that device, so scratch comes from ORT and not from a cudaMalloc per call.
+    pub fn allocator(&self, name: &CStr, id: i32) -> Result<Allocator, String> {
+        let mut info = ptr::null_mut();
+        check(unsafe {
+            (api().CreateMemoryInfo)(name.as_ptr(), ort_sys::OrtAllocatorType::OrtArenaAllocator, id, ort_sys::OrtMemType::OrtMemTypeDefault, &mut info)
+        })?;
+        let mut alloc = ptr::null_mut();
+        let r = check(unsafe { (api().KernelContext_GetAllocator)(self.0, info, &mut alloc) });
+        unsafe { (api().ReleaseMemoryInfo)(info) };
+        r?;
+        if alloc.is_null() {
+            return Err(format!("ONNX Runtime has no allocator for {} device {id}", name.to_string_lossy()));
+        }
+        Ok(Allocator(alloc))
+    }
+}
+
+/// An allocator handed out by ORT for one compute call; released on drop.
+pub struct Allocator(*mut ort_sys::OrtAllocator);
+
+impl Allocator {
+    /// `bytes` of the allocator's memory, freed when the returned block drops.
+    pub fn alloc(&self, bytes: usize) -> Result<Block<'_>, String> {
+        // SAFETY: a live allocator from KernelContext_GetAllocator; Alloc is a required entry.
+        let f = unsafe { (*self.0).Alloc }.ok_or("ONNX Runtime's allocator has no Alloc")?;
+        let p = unsafe { f(self.0, bytes.max(1)) };
+        if p.is_null() {
+            return Err(format!("ONNX Runtime's allocator could not provide {bytes} bytes of scratch"));
+        }
+        Ok(Block { alloc: self, ptr: p })
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        // SAFETY: made by KernelContext_GetAllocator, released once.
+        unsafe { (api().ReleaseAllocator)(self.0) };
+    }
+}
+
+/// A block of an [`Allocator`], freed on drop.
+pub struct Block<'a> {
+    alloc: &'a Allocator,
+    pub ptr: *mut c_void,
+}
+
+impl Drop for Block<'_> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by this allocator, freed once.
+        if let Some(f) = unsafe { (*self.alloc.0).Free } {
+            unsafe { f(self.alloc.0, self.ptr) };
+        }
+    }
+}

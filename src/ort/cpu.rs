@@ -9,37 +9,37 @@ use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
 use half::{bf16, f16};
 
-fn to_string(e: SpecError) -> String {
+pub(super) fn to_string(e: SpecError) -> String {
     e.to_string()
 }
 
 /// Element types and shapes of a node's inputs, for `spec::*::check`.
-struct Signature {
-    types: Vec<Option<i32>>,
-    shapes: Vec<Option<Vec<Dim>>>,
+pub(super) struct Signature {
+    pub(super) types: Vec<Option<i32>>,
+    pub(super) shapes: Vec<Option<Vec<Dim>>>,
 }
 
 impl Signature {
-    fn from_type_shapes(inputs: &[Option<TypeShape>]) -> Self {
+    pub(super) fn from_type_shapes(inputs: &[Option<TypeShape>]) -> Self {
         Signature {
             types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
             shapes: inputs.iter().map(|i| i.as_ref().map(|t| t.dims.clone())).collect(),
         }
     }
 
-    fn from_tensors(inputs: &[Option<Tensor>]) -> Self {
+    pub(super) fn from_tensors(inputs: &[Option<Tensor>]) -> Self {
         Signature {
             types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
             shapes: inputs.iter().map(|i| i.as_ref().map(Tensor::shape)).collect(),
         }
     }
 
-    fn shape_refs(&self) -> Vec<Option<&[Dim]>> {
+    pub(super) fn shape_refs(&self) -> Vec<Option<&[Dim]>> {
         self.shapes.iter().map(|s| s.as_deref()).collect()
     }
 }
 
-fn kernel_inputs(info: &KernelInfo) -> Result<Vec<Option<TypeShape>>, String> {
+pub(super) fn kernel_inputs(info: &KernelInfo) -> Result<Vec<Option<TypeShape>>, String> {
     (0..info.input_count()?).map(|i| info.input(i)).collect()
 }
 
@@ -53,7 +53,7 @@ fn shape_inputs(ctx: &ShapeContext) -> Result<(Vec<Option<TypeShape>>, Vec<Optio
     Ok((plain, raw.into_iter().map(|r| r.map(|(_, d)| d)).collect()))
 }
 
-fn compute_inputs(ctx: &KernelContext) -> Result<Vec<Option<Tensor>>, String> {
+pub(super) fn compute_inputs(ctx: &KernelContext) -> Result<Vec<Option<Tensor>>, String> {
     (0..ctx.input_count()?).map(|i| ctx.input(i)).collect()
 }
 
@@ -78,7 +78,7 @@ unsafe fn indices(t: &Tensor, it: IndexType) -> Indices<'_> {
     }
 }
 
-fn known(d: Dim) -> usize {
+pub(super) fn known(d: Dim) -> usize {
     d.expect("all dimensions are known at run time") as usize
 }
 
@@ -97,7 +97,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     Ok(Box::new(MoeCpu { attrs }))
 }
 
-fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
+pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
     let attrs = scatter_moe::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&plain);
@@ -179,7 +179,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     Ok(Box::new(LinearCpu { attrs }))
 }
 
-fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
+pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
     let attrs = parallel_linear::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&plain);
@@ -255,7 +255,7 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     Ok(Box::new(MaskCpu { attrs }))
 }
 
-fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
+pub(super) fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
     capacity_mask::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&plain);

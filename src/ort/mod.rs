@@ -3,6 +3,7 @@
 
 pub mod api;
 mod cpu;
+mod cuda;
 pub mod op;
 pub mod runtime;
 
@@ -25,7 +26,9 @@ fn build_domain() -> Result<Domain, String> {
     let name = CString::new(crate::spec::DOMAIN).expect("no NUL");
     let mut domain = std::ptr::null_mut();
     check(unsafe { (api.CreateCustomOpDomain)(name.as_ptr(), &mut domain) })?;
-    for def in cpu::ops() {
+    // CPU and CUDA registrations side by side: ORT gives a node to the CUDA kernel when the
+    // session has the CUDA execution provider (the CUDA ones need a driver only when they run).
+    for def in cpu::ops().into_iter().chain(cuda::ops()) {
         let op: &'static CustomOp = Box::leak(CustomOp::new(def));
         check(unsafe { (api.CustomOpDomain_Add)(domain, op.raw()) })?;
     }

@@ -1,0 +1,317 @@
+//! The ops on ONNX Runtime's CUDA execution provider: contract checks from `spec` (host-side,
+//! from shapes, as on the CPU EP), launches from `crate::cuda::forward` on ORT's compute stream
+//! with device pointers, scratch from ORT's allocator for the inputs' device (freed at the end of
+//! compute: ORT's arena is stream-ordered for its single compute stream). No host synchronisation
+//! and no allocation of our own in compute, so a run can be captured into a CUDA graph.
+//!
+//! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
+
+use super::api::{KernelContext, KernelInfo, Tensor};
+use super::cpu::{compute_inputs, infer_linear, infer_mask, infer_moe, kernel_inputs, known, to_string, Signature};
+use super::op::{ort_type, Kernel, OpDef};
+use crate::cuda::checks::{self, AsyncChecks};
+use crate::cuda::driver::{self, CuResult, Device};
+use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
+use crate::reference::{LinearSizes, MoeSizes};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use ort_sys::ONNXTensorElementDataType;
+use std::sync::Mutex;
+
+/// ONNX Runtime's name for its CUDA execution provider.
+pub const CUDA_EP: &std::ffi::CStr = c"CUDAExecutionProvider";
+
+fn dptr(t: &Tensor) -> CUdeviceptr {
+    t.data as CUdeviceptr
+}
+
+/// What every CUDA kernel object keeps between runs: the pending asynchronous error checks.
+struct DeviceState {
+    sync_checks: bool,
+    checks: Mutex<Option<AsyncChecks>>,
+}
+
+/// What one run needs checked afterwards.
+struct CheckInfo {
+    op: &'static str,
+    it: IndexType,
+    routing_indices: CUdeviceptr,
+    k: usize,
+    experts: usize,
+}
+
+impl DeviceState {
+    fn new() -> Self {
+        DeviceState { sync_checks: checks::sync_checks_requested(), checks: Mutex::new(None) }
+    }
+
+    /// Runs `launch` on ORT's compute stream with `bytes` of scratch from ORT's allocator for the
+    /// device of input `device_input`, then queues (or, with sync checks, performs) the check
+    /// of the routing kernels' error words.
+    fn run(
+        &self,
+        ctx: &KernelContext,
+        device_input: usize,
+        bytes: usize,
+        info: CheckInfo,
+        launch: impl FnOnce(&Device, CUstream, CUdeviceptr) -> CuResult<Launched>,
+    ) -> Result<(), String> {
+        let op = info.op;
+        let stream = ctx.gpu_stream()? as CUstream;
+        // SAFETY: ORT's compute stream is live for the call.
+        let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(|e| format!("{op}: {e}"))?;
+        let capturing = unsafe { driver::is_capturing(stream) }.map_err(|e| format!("{op}: {e}"))?;
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        // Earlier runs' results first (never waits; skipped while a CUDA graph is captured).
+        if !self.sync_checks && !capturing {
+            if checks.as_ref().is_some_and(|c| c.context() != dev.ctx) {
+                *checks = None;
+            }
+            if checks.is_none() {
+                *checks = Some(AsyncChecks::new(dev.ctx).map_err(|e| format!("{op}: {e}"))?);
+            }
+            if let Some(msg) = checks.as_mut().unwrap().poll(op).map_err(|e| format!("{op}: {e}"))? {
+                return Err(msg);
+            }
+        }
+        let id = ctx.input_device_id(device_input)?.unwrap_or(0);
+        let allocator = ctx.allocator(c"Cuda", id)?;
+        let scratch = allocator.alloc(bytes)?;
+        let launched = launch(dev, stream, scratch.ptr as CUdeviceptr).map_err(|e| if e.starts_with(op) { e } else { format!("{op}: {e}") })?;
+        if let Some(error) = launched.error {
+            if capturing {
+                // A captured graph replays without calling us: nothing to check against.
+            } else if self.sync_checks {
+                // SAFETY: the error words and the indices stay allocated until this returns.
+                let msg = unsafe { forward::check_sync(stream, error, op, info.it, info.routing_indices, info.k, info.experts) }
+                    .map_err(|e| format!("{op}: {e}"))?;
+                if let Some(m) = msg {
+                    return Err(m);
+                }
+            } else if let Some(c) = checks.as_mut() {
+                // SAFETY: the error words belong to the launches just enqueued on ORT's stream.
+                unsafe { c.record(stream, error, info.k, info.experts) }.map_err(|e| format!("{op}: {e}"))?;
+            }
+        }
+        // `scratch` is freed here: ORT's arena hands it out again only to work ordered after ours
+        // on the same stream.
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ScatterMoE
+// ---------------------------------------------------------------------------------------------
+
+struct MoeCuda {
+    attrs: scatter_moe::Attrs,
+    state: DeviceState,
+}
+
+fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(MoeCuda { attrs, state: DeviceState::new() }))
+}
+
+impl Kernel for MoeCuda {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        use scatter_moe::*;
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let (t, it, dims) = check(&self.attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+        let s = MoeSizes { tokens: known(dims.tokens), k: known(dims.k), experts: known(dims.experts), d: known(dims.d), f: known(dims.f) };
+        let get = |i: usize| ins.get(i).and_then(Option::as_ref);
+        let capacity = match get(CAPACITY) {
+            // SAFETY: checked int64 with one element; declared a host input (OrtMemTypeCPUInput).
+            Some(c) => Some(check_capacity(unsafe { c.slice::<i64>() }[0]).map_err(to_string)?),
+            None => None,
+        };
+        let x = get(X).unwrap();
+        let y = ctx.output(Y, &x.dims)?.ok_or("output 'Y' is required")?;
+        if s.tokens == 0 {
+            return Ok(());
+        }
+        let ptrs = MoePtrs {
+            x: dptr(x),
+            routing_weights: dptr(get(ROUTING_WEIGHTS).unwrap()),
+            routing_indices: dptr(get(ROUTING_INDICES).unwrap()),
+            w_in: dptr(get(W_IN).unwrap()),
+            w_out: dptr(get(W_OUT).unwrap()),
+            b_in: get(B_IN).map(dptr),
+            b_out: get(B_OUT).map(dptr),
+        };
+        let bytes = Plan::scatter_moe(s, t, capacity.is_some()).bytes;
+        let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
+        let attrs = self.attrs;
+        self.state.run(ctx, X, bytes, info, |dev, stream, ws| unsafe {
+            // SAFETY: ORT's tensors have the shapes and types the contract check established.
+            forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, ws, y as CUdeviceptr, (None, None))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ParallelLinear
+// ---------------------------------------------------------------------------------------------
+
+struct LinearCuda {
+    attrs: parallel_linear::Attrs,
+    state: DeviceState,
+}
+
+fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(LinearCuda { attrs, state: DeviceState::new() }))
+}
+
+impl Kernel for LinearCuda {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        use parallel_linear::*;
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let refs = sig.shape_refs();
+        let (t, it, dims) = check(&self.attrs, &sig.types, &refs).map_err(to_string)?;
+        let s = LinearSizes {
+            tokens: known(dims.tokens),
+            k: known(dims.k),
+            experts: known(dims.experts),
+            d_in: known(dims.d_in),
+            d_out: known(dims.d_out),
+        };
+        let routing = refs[ROUTING_INDICES].unwrap();
+        let out: Vec<usize> =
+            output_shape(&self.attrs, routing, dims.d_out, dims.has_gates, grouped_rows).into_iter().map(known).collect();
+        let y = ctx.output(0, &out)?.ok_or("output 'Y' is required")?;
+        if s.tokens == 0 {
+            return Ok(());
+        }
+        let get = |i: usize| ins.get(i).and_then(Option::as_ref);
+        let ptrs = LinearPtrs {
+            x: dptr(get(X).unwrap()),
+            routing_indices: dptr(get(ROUTING_INDICES).unwrap()),
+            w: dptr(get(W).unwrap()),
+            b: get(B).map(dptr),
+            gates: get(GATES).map(dptr),
+        };
+        let bytes = Plan::parallel_linear(s, t, dims.has_gates).bytes;
+        let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
+        let attrs = self.attrs;
+        self.state.run(ctx, X, bytes, info, |dev, stream, ws| unsafe {
+            // SAFETY: as for ScatterMoE.
+            forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, ws, y as CUdeviceptr, None)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CapacityMask
+// ---------------------------------------------------------------------------------------------
+
+struct MaskCuda {
+    attrs: capacity_mask::Attrs,
+    state: DeviceState,
+}
+
+fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
+    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(MaskCuda { attrs, state: DeviceState::new() }))
+}
+
+impl Kernel for MaskCuda {
+    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+        use capacity_mask::*;
+        let ins = compute_inputs(ctx)?;
+        let sig = Signature::from_tensors(&ins);
+        let it = check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
+        let routing = ins[ROUTING_INDICES].as_ref().unwrap();
+        // SAFETY: checked int64 with one element; declared a host input.
+        let capacity = check_capacity(unsafe { ins[CAPACITY].as_ref().unwrap().slice::<i64>() }[0]).map_err(to_string)?;
+        let k = *routing.dims.last().unwrap();
+        let tokens = routing.len() / k;
+        let out = ctx.output(0, &routing.dims)?.ok_or("output 'kept' is required")?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let bytes = Plan::capacity_mask(tokens, k, self.attrs.num_experts).bytes;
+        let idx = dptr(routing);
+        let info = CheckInfo { op: NAME, it, routing_indices: idx, k, experts: self.attrs.num_experts };
+        let attrs = self.attrs;
+        self.state.run(ctx, ROUTING_INDICES, bytes, info, |dev, stream, ws| unsafe {
+            // SAFETY: `out` holds one bool (one byte) per assignment.
+            forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, ws, out as CUdeviceptr)
+        })
+    }
+}
+
+/// The CUDA execution provider's ops: each op once per float type `T`, like the CPU ones.
+pub fn ops() -> Vec<OpDef> {
+    let mut ops = Vec::new();
+    for t in ElemType::ALL {
+        ops.push(OpDef {
+            name: c"ScatterMoE",
+            execution_provider: Some(CUDA_EP),
+            inputs: &scatter_moe::INPUTS,
+            outputs: &scatter_moe::OUTPUTS,
+            output_type: ort_type(t),
+            type_carrier: Some(scatter_moe::X),
+            host_inputs: &[scatter_moe::CAPACITY],
+            create: create_moe,
+            infer: infer_moe,
+        });
+        ops.push(OpDef {
+            name: c"ParallelLinear",
+            execution_provider: Some(CUDA_EP),
+            inputs: &parallel_linear::INPUTS,
+            outputs: &parallel_linear::OUTPUTS,
+            output_type: ort_type(t),
+            type_carrier: Some(parallel_linear::X),
+            host_inputs: &[],
+            create: create_linear,
+            infer: infer_linear,
+        });
+    }
+    ops.push(OpDef {
+        name: c"CapacityMask",
+        execution_provider: Some(CUDA_EP),
+        inputs: &capacity_mask::INPUTS,
+        outputs: &capacity_mask::OUTPUTS,
+        output_type: ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+        type_carrier: None,
+        host_inputs: &[capacity_mask::CAPACITY],
+        create: create_mask,
+        infer: infer_mask,
+    });
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cuda_ops_mirror_the_cpu_ops() {
+        let (cpu, cuda) = (super::super::cpu::ops(), super::ops());
+        assert_eq!(cpu.len(), cuda.len());
+        for (a, b) in cpu.iter().zip(&cuda) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.output_type, b.output_type);
+            assert_eq!(b.execution_provider, Some(super::CUDA_EP));
+        }
+        // the capacity travels in host memory
+        assert_eq!(cuda[0].host_inputs, &[crate::spec::scatter_moe::CAPACITY]);
+        assert_eq!(cuda.last().unwrap().host_inputs, &[crate::spec::capacity_mask::CAPACITY]);
+    }
+
+    /// Creating the CUDA ops and asking for the driver must not panic without a GPU.
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        let n = crate::cuda::driver::device_count();
+        if n == 0 {
+            assert!(crate::cuda::driver::driver().is_err() || n == 0);
+        }
+    }
+}
