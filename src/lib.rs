@@ -4,3 +4,4 @@ pub mod ort;
 pub mod reference;
 pub mod rewrite;
 pub mod spec;
+pub mod trt;
