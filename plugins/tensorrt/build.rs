@@ -1,0 +1,95 @@
+//! Compiles the TensorRT plugins (cpp/) and the C++ side of the bridge (src/trt.rs) with
+//! cxx-build, when TensorRT's public headers are found: `TENSORRT_INCLUDE_DIR`, else
+//! `third_party/tensorrt/include` (git-ignored; docs/tensorrt.md says where the headers come from).
+//! Without them the crate builds an empty library and says so, so the workspace builds anywhere.
+//! With them it also builds the C++ test harness (tests/trt/harness.cpp) that drives the plugins
+//! through TensorRT's call sequence, and sets `cfg(scattermoe_trt_cpp)`.
+//!
+//! Nothing links libnvinfer: the plugins only implement TensorRT's interfaces (virtual calls into
+//! TensorRT go through the objects it passes), and the CUDA runtime types the headers name come
+//! from cpp/shim/cuda_runtime_api.h.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn headers(root: &Path) -> Option<PathBuf> {
+    let dir = match std::env::var_os("TENSORRT_INCLUDE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => root.join("third_party/tensorrt/include"),
+    };
+    let runtime = std::fs::read_to_string(dir.join("NvInferRuntime.h")).ok()?;
+    // IPluginV3 came with TensorRT 10; older headers cannot build these plugins.
+    (runtime.contains("IPluginV3OneCore") && dir.join("NvInferPluginBase.h").exists()).then_some(dir)
+}
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest.join("../..").canonicalize().unwrap();
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-env-changed=TENSORRT_INCLUDE_DIR");
+    println!("cargo:rerun-if-changed={}", root.join("third_party/tensorrt/include").display());
+    println!("cargo:rerun-if-changed={}", root.join("cpp").display());
+    println!("cargo:rerun-if-changed={}", root.join("src/trt.rs").display());
+    println!("cargo:rerun-if-changed={}", root.join("tests/trt/harness.cpp").display());
+    println!("cargo:rustc-check-cfg=cfg(scattermoe_trt_cpp)");
+
+    let Some(include) = headers(&root) else {
+        println!(
+            "cargo:warning=scattermoe-trt: TensorRT headers not found (set TENSORRT_INCLUDE_DIR); building without the TensorRT plugin"
+        );
+        return;
+    };
+
+    // The bridge's generated header, under a stable name for cpp/.
+    let shim = root.join("cpp/shim");
+    let mut build = cxx_build::bridge(root.join("src/trt.rs"));
+    build
+        .file(root.join("cpp/scattermoe_trt.cpp"))
+        .include(&shim)
+        .include(&include)
+        .include(&out)
+        .std("c++17")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .flag_if_supported("-Wno-unused-parameter");
+    std::fs::write(out.join("scattermoe_trt_bridge.h"), bridge_include(&out)).unwrap();
+    build.compile("scattermoe_trt_cpp");
+    println!("cargo:rustc-cfg=scattermoe_trt_cpp");
+
+    // The harness: a plain executable, no Rust and no TensorRT library (it loads
+    // libscattermoe_trt.so and the CUDA driver with dlopen).
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let harness = out.join("scattermoe_trt_harness");
+    let status = Command::new(compiler.path())
+        .args(["-std=c++17", "-O2", "-g", "-Wall", "-Wno-deprecated-declarations"])
+        .arg(format!("-I{}", shim.display()))
+        .arg(format!("-I{}", include.display()))
+        .arg(root.join("tests/trt/harness.cpp"))
+        .arg("-o")
+        .arg(&harness)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", compiler.path().display()));
+    if !status.success() {
+        panic!("building tests/trt/harness.cpp failed ({status})");
+    }
+    println!("cargo:rustc-env=SCATTERMOE_TRT_HARNESS={}", harness.display());
+}
+
+/// An include of the header cxx-build generated for src/trt.rs, wherever it put it.
+fn bridge_include(out: &Path) -> String {
+    let base = out.join("cxxbridge/include");
+    let mut found = None;
+    let mut stack = vec![base.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "trt.rs.h") {
+                found = Some(p);
+            }
+        }
+    }
+    let p = found.expect("cxx-build generated no header for src/trt.rs");
+    format!("#pragma once\n#include \"{}\"\n", p.display())
+}
