@@ -1,10 +1,10 @@
-//! `scattermoe rewrite IN.onnx OUT.onnx [--force] [--report] [--json] [--verify]`
+//! `scattermoe rewrite IN.onnx OUT.onnx [--force] [--report] [--json] [--verify] [--target onnxruntime|tensorrt]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use scattermoe::onnx::{self, SaveOptions};
 use scattermoe::rewrite;
@@ -40,7 +40,18 @@ enum Cmd {
         /// token counts for --verify (default: 1, a prime, and 16, the generator's traced length)
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 13, 16])]
         lengths: Vec<usize>,
+        /// the runtime the nodes are written for: tensorrt adds what TensorRT's ONNX parser needs
+        /// to map each node to the plugin in libscattermoe_trt.so (docs/tensorrt.md); the model
+        /// still runs in ONNX Runtime with libscattermoe_ort.so
+        #[arg(long, value_enum, default_value_t = TargetArg::Onnxruntime)]
+        target: TargetArg,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    Onnxruntime,
+    Tensorrt,
 }
 
 fn main() -> ExitCode {
@@ -56,7 +67,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Rewrite { input, output, force, report, json, verify, lengths } => {
+        Cmd::Rewrite { input, output, force, report, json, verify, lengths, target } => {
             if output.exists() && !force {
                 bail!("{} exists; pass --force to overwrite it", output.display());
             }
@@ -65,7 +76,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let mut model = onnx::load(&input)?;
             let original_proto = if verify { Some(model.proto.clone()) } else { None };
-            let rep = rewrite::rewrite(&mut model)?;
+            let target = match target {
+                TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
+                TargetArg::Tensorrt => rewrite::Target::TensorRt,
+            };
+            let rep = rewrite::rewrite_for(&mut model, target)?;
             if json {
                 println!("{}", rep.json());
             } else if report {

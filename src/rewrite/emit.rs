@@ -12,9 +12,26 @@ use onnx_protobuf::TensorProto;
 
 use super::expr::{BSrc, ExpertMlp, WSrc};
 use crate::onnx::graph::{attr_float, attr_int, attr_string, make_node, GraphIndex};
-use crate::onnx::tensor::{elem_size, encode_f32, make_i64, tensor_bytes, tensor_f32, ExternalStore};
+use crate::onnx::tensor::{elem_size, encode_f32, make_i64, make_tensor, tensor_bytes, tensor_f32, ExternalStore};
 use crate::onnx::PendingTensor;
-use crate::spec::{self, scatter_moe as sm, Activation, CapacityOrder};
+use crate::spec::{self, scatter_moe as sm, Activation, AttrDefault, CapacityOrder};
+
+/// The runtime the rewritten model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// ONNX Runtime with libscattermoe_ort.so: the contract's node as it is.
+    #[default]
+    OnnxRuntime,
+    /// TensorRT with libscattermoe_trt.so. Its ONNX parser maps a node it has no importer for to
+    /// the registered plugin named by the op type, with version and namespace from the node's
+    /// `plugin_version` / `plugin_namespace` attributes, and passes the attributes the creator
+    /// lists as fields (absent ones warn). So the node gets those two attributes and every
+    /// attribute of the op (defaults written out); and since the parser cannot pass an absent
+    /// input in the middle, absent biases before a present later input become zero initializers.
+    /// The node stays in the ai.scattermoe domain (the parser ignores domains), so the model also
+    /// still runs in ONNX Runtime with the plugin.
+    TensorRt,
+}
 
 /// Everything needed to write one MoE layer.
 #[derive(Debug, Clone)]
@@ -155,7 +172,7 @@ pub struct Emitted {
 }
 
 /// The layer's node (and any Cast, capacity constant, stacked weights).
-pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>) -> Result<Emitted> {
+pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>, target: Target) -> Result<Emitted> {
     let mut model = Emitted::default();
     let model = &mut model;
     let m0 = layer.mlp();
@@ -305,6 +322,25 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         None => None,
     };
 
+    let (mut b_in, mut b_out) = (b_in, b_out);
+    if target == Target::TensorRt {
+        // zeros where an absent bias precedes a present input
+        let zeros = |what: &str, len: usize, taken: &mut Vec<String>| {
+            let name = unique_name(g, taken, &format!("{tag}.{what}"));
+            let bytes = e_count * len * elem_size(elem).unwrap();
+            make_tensor(&name, elem, &[e_count as i64, len as i64], vec![0u8; bytes])
+        };
+        if b_in.is_none() && (b_out.is_some() || capacity.is_some()) {
+            let t = zeros("b_in_zeros", n, taken);
+            b_in = Some(t.name.clone());
+            model.initializers.push(t);
+        }
+        if b_out.is_none() && capacity.is_some() {
+            let t = zeros("b_out_zeros", d, taken);
+            b_out = Some(t.name.clone());
+            model.initializers.push(t);
+        }
+    }
     let mut inputs: Vec<String> = vec![layer.x.clone(), rw, layer.routing_indices.clone(), w_in, w_out];
     let opt = [b_in, b_out, capacity];
     let last = opt.iter().rposition(Option::is_some);
@@ -326,6 +362,20 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     if layer.capacity.is_some() {
         node.attribute.push(attr_string(sm::ATTR_CAPACITY_ORDER, layer.capacity_order.name()));
+    }
+    if target == Target::TensorRt {
+        for a in sm::ATTRS {
+            if node.attribute.iter().any(|x| x.name == a.name) {
+                continue;
+            }
+            node.attribute.push(match a.default {
+                AttrDefault::Int(v) => attr_int(a.name, v),
+                AttrDefault::Float(v) => attr_float(a.name, v),
+                AttrDefault::Str(v) => attr_string(a.name, v),
+            });
+        }
+        node.attribute.push(attr_string(crate::trt::PARSER_ATTR_VERSION, &crate::trt::plugin_version()));
+        node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
     }
     nodes.push(node);
     let mut out = std::mem::take(model);

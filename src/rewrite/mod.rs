@@ -24,6 +24,7 @@ use anyhow::Result;
 use crate::onnx::graph::{prune, GraphIndex};
 use crate::onnx::Model;
 use crate::spec;
+pub use emit::Target;
 use emit::MoeLayer;
 
 /// A candidate left as it was, and why.
@@ -149,8 +150,13 @@ fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
     }
 }
 
-/// Rewrites every recognised MoE layer of `model` in place.
+/// Rewrites every recognised MoE layer of `model` in place, for ONNX Runtime.
 pub fn rewrite(model: &mut Model) -> Result<Report> {
+    rewrite_for(model, Target::OnnxRuntime)
+}
+
+/// Rewrites every recognised MoE layer of `model` in place, writing the nodes for `target`.
+pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
     let mut report = Report {
         nodes_before: model.graph().node.len(),
         initializers_before: model.graph().initializer.len(),
@@ -176,7 +182,7 @@ pub fn rewrite(model: &mut Model) -> Result<Report> {
     let mut replace: Vec<(String, emit::Emitted)> = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let tag = format!("scattermoe_{i}");
-        match emit::emit(&g, l, &tag, &mut taken) {
+        match emit::emit(&g, l, &tag, &mut taken, target) {
             Ok(e) => {
                 let m = l.mlp();
                 let k = l.k.or_else(|| k_of(&g, &l.routing_indices));

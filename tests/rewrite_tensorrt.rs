@@ -1,0 +1,97 @@
+//! `scattermoe rewrite --target tensorrt`: every fixture's ScatterMoE node carries what TensorRT's
+//! ONNX parser needs to map it to the plugin (op type = plugin name, `plugin_version`,
+//! `plugin_namespace`, every attribute, no absent input in the middle), the fields the parser
+//! would pass create the plugin (`scattermoe::trt`) with the attributes of the ONNX Runtime node,
+//! and the model still verifies in ONNX Runtime.
+
+mod common;
+
+use scattermoe::onnx;
+use scattermoe::rewrite::{self, Target};
+use scattermoe::spec::{self, scatter_moe, AttrSource};
+use scattermoe::trt::{self, Attrs, Op};
+use std::process::Command;
+
+struct NodeAttrs<'a>(&'a onnx_protobuf::NodeProto);
+
+impl AttrSource for NodeAttrs<'_> {
+    fn int(&self, name: &str) -> Option<i64> {
+        self.0.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+    }
+    fn float(&self, name: &str) -> Option<f32> {
+        self.0.attribute.iter().find(|a| a.name == name).map(|a| a.f)
+    }
+    fn string(&self, name: &str) -> Option<String> {
+        self.0.attribute.iter().find(|a| a.name == name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+}
+
+fn moe_nodes(m: &onnx::Model) -> Vec<onnx_protobuf::NodeProto> {
+    m.graph().node.iter().filter(|n| n.op_type == scatter_moe::NAME).cloned().collect()
+}
+
+fn attr_s(n: &onnx_protobuf::NodeProto, name: &str) -> Option<String> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+}
+
+#[test]
+fn every_fixture_maps_to_the_plugin() {
+    let mut checked = 0;
+    for name in common::fixtures() {
+        let path = common::models_dir().join(format!("{name}.onnx"));
+        let mut ort_model = onnx::load(&path).unwrap();
+        rewrite::rewrite(&mut ort_model).unwrap();
+        let mut trt_model = onnx::load(&path).unwrap();
+        let rep = rewrite::rewrite_for(&mut trt_model, Target::TensorRt).unwrap();
+        let (a, b) = (moe_nodes(&ort_model), moe_nodes(&trt_model));
+        assert_eq!(a.len(), rep.layers.len(), "{name}");
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (o, t) in a.iter().zip(&b) {
+            assert_eq!(t.domain, spec::DOMAIN, "{name}");
+            assert_eq!(attr_s(t, trt::PARSER_ATTR_VERSION).as_deref(), Some("1"), "{name}");
+            assert_eq!(attr_s(t, trt::PARSER_ATTR_NAMESPACE).as_deref(), Some("ai.scattermoe"), "{name}");
+            for d in scatter_moe::ATTRS {
+                assert!(t.attribute.iter().any(|x| x.name == d.name), "{name}: attribute {} not written", d.name);
+            }
+            assert!(t.input.iter().all(|i| !i.is_empty()), "{name}: an absent input in the middle: {:?}", t.input);
+            // the ONNX Runtime node's inputs, with zeros for biases it leaves out
+            assert_eq!(&t.input[..5], &o.input[..5], "{name}");
+            for (i, (ti, oi)) in t.input.iter().zip(o.input.iter().chain(std::iter::repeat(&String::new()))).enumerate().skip(5) {
+                if oi.is_empty() {
+                    assert!(ti.contains("zeros"), "{name}: input {i} is {ti}");
+                    let z = trt_model.graph().initializer.iter().find(|x| &x.name == ti).expect("zero initializer");
+                    assert!(z.raw_data.iter().all(|&v| v == 0), "{name}: {ti} is not zeros");
+                } else {
+                    assert_eq!(ti, oi, "{name}");
+                }
+            }
+            // what the parser passes creates the plugin with the ONNX Runtime node's attributes
+            let fields = trt::parser_fields(Op::ScatterMoE, t);
+            assert_eq!(fields.len(), scatter_moe::ATTRS.len(), "{name}");
+            let p = trt::create_plugin(Op::ScatterMoE, &fields).unwrap();
+            let want = scatter_moe::Attrs::parse(&NodeAttrs(o)).unwrap();
+            assert_eq!(p.attrs(), &Attrs::Moe(want), "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 17, "{checked} nodes checked");
+}
+
+/// The capacity fixture (zero biases before the capacity input) still matches the original model
+/// in ONNX Runtime with the plugin.
+#[test]
+fn the_tensorrt_form_still_verifies_in_onnx_runtime() {
+    let dir = common::scratch("trt_verify");
+    for name in ["capacity_einsum", "gpt_oss"] {
+        let out = dir.join(format!("{name}.onnx"));
+        let o = Command::new(env!("CARGO_BIN_EXE_scattermoe"))
+            .args(["rewrite", common::models_dir().join(format!("{name}.onnx")).to_str().unwrap(), out.to_str().unwrap()])
+            .args(["--target", "tensorrt", "--verify", "--force"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(err.contains("verified"), "{name}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
