@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 scripts/setup-python.sh
 export NVCC=${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls "$PWD"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)}
+# With TensorRT's headers (docs/tensorrt.md) the TensorRT plugin is built and tested; its
+# registry test needs TensorRT-RTX from PyPI. Without them both say they were skipped.
+if [ -f "${TENSORRT_INCLUDE_DIR:-third_party/tensorrt/include}/NvInferRuntime.h" ]; then
+  export SCATTERMOE_TRT_PYTHON=${SCATTERMOE_TRT_PYTHON:-$(scripts/setup-tensorrt.sh | tail -n 1)}
+fi
 cargo build --release --workspace
 export SCATTERMOE_ORT_LIB=${SCATTERMOE_ORT_LIB:-$PWD/target/release/libscattermoe_ort.so}
 cargo test --release --workspace
