@@ -14,7 +14,7 @@ status=${PIPESTATUS[0]}
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ -n "$sanitizer" ]; then
   # memcheck over every case (bad-index case included: the kernels clamp, nothing reads out of bounds)
-  timeout 240 "$sanitizer" --tool memcheck --error-exitcode 3 "$dir/scattermoe_trt_harness" "$dir/libscattermoe_trt.so" "$dir"/cases/*.case \
+  timeout "${MEMCHECK_TIMEOUT:-120}" "$sanitizer" --tool memcheck --error-exitcode 3 "$dir/scattermoe_trt_harness" "$dir/libscattermoe_trt.so" "$dir"/cases/*.case \
     > "$out/harness-memcheck.log" 2>&1
   echo "compute-sanitizer memcheck exit status: $?" | tee -a "$out/harness-memcheck.log"
   grep -E "ERROR SUMMARY|passed, .* failed" "$out/harness-memcheck.log"
