@@ -154,10 +154,26 @@ pub struct Port {
     pub name: &'static str,
     pub ty: PortType,
     pub optional: bool,
+    /// The smallest rank the input may have (0 for scalars).
+    pub min_rank: usize,
 }
 
-const fn port(name: &'static str, ty: PortType, optional: bool) -> Port {
-    Port { name, ty, optional }
+const fn port(name: &'static str, ty: PortType, optional: bool, min_rank: usize) -> Port {
+    Port { name, ty, optional, min_rank }
+}
+
+/// Before run time a runtime may report an input whose shape it does not know as rank 0 (ONNX
+/// Runtime before 1.24 does, at kernel creation). Where the contract needs rank >= 1, such a shape
+/// means "unknown": it becomes `min_rank` symbolic dimensions, so only what is known is checked
+/// then, and everything at run time.
+pub fn unknown_ranks_as_symbolic(ports: &[Port], shapes: &mut [Option<Vec<Dim>>]) {
+    for (p, s) in ports.iter().zip(shapes.iter_mut()) {
+        if let Some(s) = s {
+            if s.is_empty() && p.min_rank > 0 {
+                *s = vec![None; p.min_rank];
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,18 +466,18 @@ pub mod scatter_moe {
     pub const CAPACITY: usize = 7;
 
     pub const INPUTS: [Port; 8] = [
-        port("X", PortType::Float, false),
-        port("routing_weights", PortType::Float, false),
-        port("routing_indices", PortType::Index, false),
-        port("w_in", PortType::Float, false),
-        port("w_out", PortType::Float, false),
-        port("b_in", PortType::Float, true),
-        port("b_out", PortType::Float, true),
-        port("capacity", PortType::Int64, true),
+        port("X", PortType::Float, false, 2),
+        port("routing_weights", PortType::Float, false, 2),
+        port("routing_indices", PortType::Index, false, 2),
+        port("w_in", PortType::Float, false, 3),
+        port("w_out", PortType::Float, false, 3),
+        port("b_in", PortType::Float, true, 2),
+        port("b_out", PortType::Float, true, 2),
+        port("capacity", PortType::Int64, true, 0),
     ];
 
     pub const Y: usize = 0;
-    pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false)];
+    pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false, 2)];
 
     pub const ATTR_ACTIVATION: &str = "activation";
     pub const ATTR_GATED: &str = "gated";
@@ -683,13 +699,13 @@ pub mod parallel_linear {
     pub const GATES: usize = 4;
 
     pub const INPUTS: [Port; 5] = [
-        port("X", PortType::Float, false),
-        port("routing_indices", PortType::Index, false),
-        port("W", PortType::Float, false),
-        port("b", PortType::Float, true),
-        port("gates", PortType::Float, true),
+        port("X", PortType::Float, false, 2),
+        port("routing_indices", PortType::Index, false, 2),
+        port("W", PortType::Float, false, 3),
+        port("b", PortType::Float, true, 2),
+        port("gates", PortType::Float, true, 2),
     ];
-    pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false)];
+    pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false, 2)];
 
     pub const ATTR_GROUPED_IN: &str = "grouped_in";
     pub const ATTR_GROUPED_OUT: &str = "grouped_out";
@@ -827,9 +843,10 @@ pub mod capacity_mask {
 
     pub const ROUTING_INDICES: usize = 0;
     pub const CAPACITY: usize = 1;
-    pub const INPUTS: [Port; 2] = [port("routing_indices", PortType::Index, false), port("capacity", PortType::Int64, false)];
+    pub const INPUTS: [Port; 2] =
+        [port("routing_indices", PortType::Index, false, 2), port("capacity", PortType::Int64, false, 0)];
     /// bool, shape of `routing_indices`
-    pub const OUTPUTS: [Port; 1] = [port("kept", PortType::Bool, false)];
+    pub const OUTPUTS: [Port; 1] = [port("kept", PortType::Bool, false, 2)];
 
     pub const ATTR_NUM_EXPERTS: &str = "num_experts";
     pub const ATTR_CAPACITY_ORDER: &str = scatter_moe::ATTR_CAPACITY_ORDER;

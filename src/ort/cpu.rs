@@ -4,7 +4,7 @@
 use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
 use super::op::{Kernel, OpDef};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Dim, ElemType, IndexType, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
 use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
 use half::{bf16, f16};
@@ -20,11 +20,11 @@ pub(super) struct Signature {
 }
 
 impl Signature {
-    pub(super) fn from_type_shapes(inputs: &[Option<TypeShape>]) -> Self {
-        Signature {
-            types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
-            shapes: inputs.iter().map(|i| i.as_ref().map(|t| t.dims.clone())).collect(),
-        }
+    /// Before run time: an unknown rank (reported as rank 0) is checked as unknown dimensions.
+    pub(super) fn from_type_shapes(ports: &[Port], inputs: &[Option<TypeShape>]) -> Self {
+        let mut shapes: Vec<_> = inputs.iter().map(|i| i.as_ref().map(|t| t.dims.clone())).collect();
+        unknown_ranks_as_symbolic(ports, &mut shapes);
+        Signature { types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(), shapes }
     }
 
     pub(super) fn from_tensors(inputs: &[Option<Tensor>]) -> Self {
@@ -92,7 +92,7 @@ struct MoeCpu {
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(MoeCpu { attrs }))
 }
@@ -100,10 +100,13 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
     let attrs = scatter_moe::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&plain);
+    let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &plain);
     let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    let y = scatter_moe::output_shape(named[scatter_moe::X].as_deref().unwrap());
-    ctx.set_output(scatter_moe::Y, t.onnx_code(), &y)
+    let x = named[scatter_moe::X].as_deref().unwrap();
+    if x.is_empty() {
+        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
+    }
+    ctx.set_output(scatter_moe::Y, t.onnx_code(), &scatter_moe::output_shape(x))
 }
 
 impl Kernel for MoeCpu {
@@ -174,7 +177,7 @@ struct LinearCpu {
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(LinearCpu { attrs }))
 }
@@ -182,10 +185,14 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
     let attrs = parallel_linear::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&plain);
+    let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &plain);
     let (t, _, dims) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     let routing = named[parallel_linear::ROUTING_INDICES].as_deref().unwrap();
-    let d_out = named[parallel_linear::W].as_deref().unwrap()[1].clone();
+    let w = named[parallel_linear::W].as_deref().unwrap();
+    if routing.is_empty() || w.is_empty() {
+        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
+    }
+    let d_out = w[1].clone();
     let rows = |r: &[SymDim]| {
         let dims: Vec<_> = r.iter().map(SymDim::dim).collect();
         parallel_linear::grouped_rows(&dims).map_or_else(SymDim::fresh, SymDim::Value)
@@ -250,7 +257,7 @@ struct MaskCpu {
 
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(MaskCpu { attrs }))
 }
@@ -258,9 +265,13 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 pub(super) fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
     capacity_mask::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&plain);
+    let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &plain);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
-    ctx.set_output(0, 9, named[capacity_mask::ROUTING_INDICES].as_deref().unwrap())
+    let routing = named[capacity_mask::ROUTING_INDICES].as_deref().unwrap();
+    if routing.is_empty() {
+        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
+    }
+    ctx.set_output(0, 9, routing)
 }
 
 impl Kernel for MaskCpu {

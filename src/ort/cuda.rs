@@ -110,7 +110,7 @@ struct MoeCuda {
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(MoeCuda { attrs, state: DeviceState::new() }))
 }
@@ -163,7 +163,7 @@ struct LinearCuda {
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(LinearCuda { attrs, state: DeviceState::new() }))
 }
@@ -218,7 +218,7 @@ struct MaskCuda {
 
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&kernel_inputs(info)?);
+    let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(MaskCuda { attrs, state: DeviceState::new() }))
 }
