@@ -2,7 +2,8 @@
 
 Two families, sharing graph input and output names so one feed dict runs both:
 
-* ``scatter_moe_model`` / ``parallel_linear_model``: one ``ai.scattermoe`` node. Graph inputs are
+* ``scatter_moe_model`` / ``parallel_linear_model`` / ``capacity_mask_model``: one ``ai.scattermoe``
+  node (``scatter_moe_model(kept=True)`` adds a CapacityMask beside the ScatterMoE). Graph inputs are
   float32 (indices int32/int64, capacity int64); every float input is Cast to the op's element type
   ``T`` (f32 / f16 / bf16) and every float output Cast back to float32, so Python never handles
   bfloat16 arrays. Weights and biases may be graph inputs or float32 initializers.
@@ -13,6 +14,8 @@ Two families, sharing graph input and output names so one feed dict runs both:
   times the gathered routing weight -> ScatterND or ScatterElements with reduction='add'). It
   rounds its float inputs to ``T`` first (Cast f32 -> T -> f32) and then computes in float32: an
   independent, ORT-computed reference.
+
+* ``composed_moe_model``: ScatterMoE next to its ParallelLinear composition, for comparing the two.
 
 Graph input names: X, routing_weights, routing_indices, w_in, w_out, b_in, b_out, capacity
 (ScatterMoE); X, routing_indices, W, b, gates (ParallelLinear); routing_indices, capacity
@@ -44,9 +47,6 @@ INDEX_ELEM = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 GLU_LAYOUTS = ("gate_up", "up_gate", "interleaved")
-
-Dim = "int | str | None"
-
 
 def elem_type(dtype) -> int:
     """'f32' / 'f16' / 'bf16' / 'f64', 'int32' / 'int64', or a TensorProto code."""
@@ -532,3 +532,39 @@ def composed_moe_model(
     b.nodes.append(helper.make_node("Cast", [y_pl], ["Y_pl"], to=TensorProto.FLOAT))
     outs = [_vi("Y_moe", TensorProto.FLOAT, None), _vi("Y_pl", TensorProto.FLOAT, None)]
     return _finish(b.nodes, gin, outs, b.inits, "composed_moe", opset)
+
+
+def stacked_moe_model(
+    *,
+    d: int,
+    f: int,
+    E: int,
+    k: int,
+    layers: int = 2,
+    dtype: str = "f32",
+    x_shape: Sequence | None = None,
+    routing_shape: Sequence | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """`layers` ScatterMoE nodes stacked with residual adds, as in a transformer:
+    H_0 = X, H_{i+1} = H_i + ScatterMoE(H_i, routing_weights, routing_indices, w_in[i], w_out[i]).
+    Every layer shares the routing (the test feeds one); weights are graph inputs w_in_i / w_out_i.
+    A node's X is another node's output, so its shape is known only through shape inference."""
+    x_shape = list(x_shape) if x_shape is not None else ["T", d]
+    routing_shape = list(routing_shape) if routing_shape is not None else ["T", k]
+    b = _Builder()
+    t = ELEM[dtype]
+
+    def cast_t(nm):
+        return nm if dtype == "f32" else b.op("Cast", [nm], nm + "_t", to=t)
+
+    gin = [_vi("X", TensorProto.FLOAT, x_shape), _vi("routing_weights", TensorProto.FLOAT, routing_shape),
+           _vi("routing_indices", TensorProto.INT64, routing_shape)]
+    h, rw = cast_t("X"), cast_t("routing_weights")
+    for i in range(layers):
+        gin += [_vi(f"w_in_{i}", TensorProto.FLOAT, [E, 2 * f, d]), _vi(f"w_out_{i}", TensorProto.FLOAT, [E, d, f])]
+        y = b.op("ScatterMoE", [h, rw, "routing_indices", cast_t(f"w_in_{i}"), cast_t(f"w_out_{i}")], f"moe{i}",
+                 domain=DOMAIN)
+        h = b.op("Add", [h, y], f"h{i + 1}")
+    b.nodes.append(helper.make_node("Cast", [h], ["Y"], to=TensorProto.FLOAT))
+    return _finish(b.nodes, gin, [_vi("Y", TensorProto.FLOAT, None)], b.inits, "stacked_moe", opset)

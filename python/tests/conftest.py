@@ -57,7 +57,8 @@ def pytest_runtest_makereport(item, call):
     if rep.failed and hasattr(item, "_scattermoe_seed"):
         rep.sections.append((
             "scattermoe seed",
-            f"rng seed {item._scattermoe_seed}; reproduce with SCATTERMOE_SEED={BASE_SEED} pytest '{item.nodeid}'",
+            f"rng seed {item._scattermoe_seed}; reproduce with "
+            f"SCATTERMOE_SEED={BASE_SEED} .venv/bin/python -m pytest 'python/{item.nodeid}'",
         ))
 
 

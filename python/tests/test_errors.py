@@ -318,3 +318,14 @@ def test_too_few_inputs(lib):
     model = graphs.op_model("ScatterMoE", specs, [("Y", "f32", None)])
     msg = creation_error(model, lib)
     assert "ScatterMoE" in msg and ("4" in msg or "w_out" in msg), msg
+
+
+def test_capacity_mask_capacity_with_two_elements(lib):
+    model = graphs.capacity_mask_model(E=E, k=K, routing_shape=[T, K], capacity_shape=[2])
+    assert_mentions(creation_error(model, lib), "CapacityMask: ", "'capacity'")
+
+
+def test_parallel_linear_weight_rank(lib):
+    shapes = {**pl_shapes(), "W": [F, D]}
+    model = bare("ParallelLinear", PL_INPUTS, shapes)
+    assert_mentions(creation_error(model, lib), "ParallelLinear: ", "'W'", "rank")

@@ -22,14 +22,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("opset", [17, 18])
 @pytest.mark.parametrize("dtype,act,gated,layout,biases,E,k,T,pattern,scatter", CASES)
-def test_loop_graph_matches_numpy(rng, dtype, act, gated, layout, biases, E, k, T, pattern, scatter):
+def test_loop_graph_matches_numpy(rng, dtype, act, gated, layout, biases, E, k, T, pattern, scatter, opset):
     d, f = 24, 40
     feeds = data.moe_inputs(rng, T=T, d=d, f=f, E=E, k=k, gated=gated, b_in=biases, b_out=biases,
                             pattern=pattern, a_scale=2.5)
     limit, alpha = (1.3, 1.1) if act == "swiglu_oai" else (7.0, 1.702)
     model = graphs.moe_loop_model(d=d, f=f, E=E, k=k, dtype=dtype, gated=gated, activation=act, glu_layout=layout,
-                                  b_in=biases, b_out=biases, scatter=scatter, alpha=alpha, limit=limit)
+                                  b_in=biases, b_out=biases, scatter=scatter, alpha=alpha, limit=limit, opset=opset)
+    assert model.ir_version <= 10 and model.opset_import[0].version == opset
     (y,) = ort_utils.run(ort_utils.session(model), feeds)
     r = {n: R.round_to(v, dtype) if v.dtype == np.float32 else v for n, v in feeds.items()}
     want, _ = R.scatter_moe(r["X"], r["routing_weights"], r["routing_indices"], r["w_in"], r["w_out"],

@@ -28,11 +28,11 @@ LAYOUTS = ["gate_up", "up_gate", "interleaved"]
 
 
 def _case(dtype, k, E, T, act, gated, b_in, b_out, pattern, index_dtype="int64", weights="inputs",
-          scatter="nd", layout="gate_up", d=24, f=40, rw="softmax"):
+          scatter="nd", layout="gate_up", d=24, f=40, rw="softmax", opset=17):
     if pattern == "empty_expert" and k >= E:
         pattern = "topk"  # topk with k > E draws with repeats (E = 1: every slot on expert 0)
     return dict(dtype=dtype, k=k, E=E, T=T, act=act, gated=gated, b_in=b_in, b_out=b_out, pattern=pattern,
-                index_dtype=index_dtype, weights=weights, scatter=scatter, layout=layout, d=d, f=f, rw=rw)
+                index_dtype=index_dtype, weights=weights, scatter=scatter, layout=layout, d=d, f=f, rw=rw, opset=opset)
 
 
 def _matrix():
@@ -49,6 +49,7 @@ def _matrix():
             weights=["inputs", "inputs", "initializers"][i % 3],
             scatter=["nd", "elements"][(i // 2) % 2],
             layout=LAYOUTS[(i // 5) % 3],
+            opset=[17, 18][(i // 3) % 2],
         ))
     # awkward cases
     cases += [
@@ -75,18 +76,19 @@ CASES = _matrix()
 def _id(c):
     return (f"{c['dtype']}-k{c['k']}-E{c['E']}-T{c['T']}-{c['act']}{'-gated' if c['gated'] else ''}"
             f"{'-bin' if c['b_in'] else ''}{'-bout' if c['b_out'] else ''}-{c['pattern']}-{c['index_dtype']}"
-            f"-{c['weights']}-{c['scatter']}-{c['layout']}-d{c['d']}f{c['f']}{'-rwnormal' if c['rw'] != 'softmax' else ''}")
+            f"-{c['weights']}-{c['scatter']}-{c['layout']}-d{c['d']}f{c['f']}{'-rwnormal' if c['rw'] != 'softmax' else ''}"
+            f"-opset{c['opset']}")
 
 
 def test_matrix_covers_every_axis_value():
     seen = {key: {c[key] for c in CASES} for key in ("dtype", "k", "E", "T", "act", "gated", "index_dtype", "weights",
-                                                       "scatter", "layout", "pattern")}
+                                                       "scatter", "layout", "pattern", "opset")}
     assert seen["dtype"] == set(DTYPES) and seen["k"] == set(KS) and seen["E"] == set(ES) and seen["T"] == set(TS)
     assert {a for a, _ in ACTS} <= seen["act"] and seen["gated"] == {0, 1}
     assert {(c["b_in"], c["b_out"]) for c in CASES} == set(BIASES)
     assert {"topk", "empty_expert", "one_expert", "duplicates"} <= seen["pattern"]
     assert seen["index_dtype"] == {"int32", "int64"} and seen["weights"] == {"inputs", "initializers"}
-    assert seen["layout"] == set(LAYOUTS)
+    assert seen["layout"] == set(LAYOUTS) and seen["opset"] == {17, 18}
 
 
 @pytest.mark.parametrize("c", CASES, ids=[_id(c) for c in CASES])
@@ -99,7 +101,7 @@ def test_scatter_moe_vs_loop_graph(lib, rng, c):
         assert len(np.unique(feeds["routing_indices"])) < c["E"]
     inits = {n: feeds[n] for n in ("w_in", "w_out", "b_in", "b_out") if n in feeds} if c["weights"] == "initializers" else None
     common = dict(d=c["d"], f=c["f"], E=c["E"], k=c["k"], dtype=dtype, index_dtype=c["index_dtype"], gated=gated,
-                  b_in=c["b_in"], b_out=c["b_out"], initializers=inits)
+                  b_in=c["b_in"], b_out=c["b_out"], initializers=inits, opset=c["opset"])
     plugin = graphs.scatter_moe_model(activation=act, glu_layout=c["layout"], alpha=alpha, limit=limit, **common)
     loop = graphs.moe_loop_model(activation=act, glu_layout=c["layout"], alpha=alpha, limit=limit,
                                  scatter=c["scatter"], **common)

@@ -218,6 +218,28 @@ def test_composition(lib, rng, dtype, act, gated, layout, biases):
     R.assert_close(y_pl, y_moe, dtype, "ParallelLinear chain vs ScatterMoE")
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("static", [True, False])
+def test_stacked_layers(lib, rng, dtype, static):
+    """Two ScatterMoE layers with residual adds: the second node's X is computed in the graph."""
+    T, E, k, layers = 12, 8, 2, 2
+    feeds = data.moe_inputs(rng, T=T, d=D, f=F, E=E, k=k)
+    for i in range(layers):
+        extra = data.moe_inputs(rng, T=1, d=D, f=F, E=E, k=k)
+        feeds[f"w_in_{i}"], feeds[f"w_out_{i}"] = extra["w_in"], extra["w_out"]
+    model = graphs.stacked_moe_model(d=D, f=F, E=E, k=k, layers=layers, dtype=dtype,
+                                     x_shape=[T, D] if static else None, routing_shape=[T, k] if static else None)
+    (y,) = ort_utils.run(ort_utils.session(model, lib), feeds)
+    r = _rounded(feeds, dtype)
+    h = r["X"].astype(np.float64)
+    for i in range(layers):
+        # the layer's input is rounded to T again in the graph
+        y_i, _ = R.scatter_moe(R.round_to(h, dtype), r["routing_weights"], r["routing_indices"], r[f"w_in_{i}"],
+                               r[f"w_out_{i}"])
+        h = h + y_i
+    R.assert_close(y, h, dtype, f"{layers} stacked layers")
+
+
 # --------------------------------------------------------------------------------------------
 # shapes: leading batch dims, T = 0
 # --------------------------------------------------------------------------------------------
