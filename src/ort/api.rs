@@ -313,7 +313,36 @@ impl Tensor {
 
 pub struct KernelContext(pub *mut OrtKernelContext);
 
+/// What ORT's ParallelFor calls: the user data is the caller's closure.
+unsafe extern "C" fn parallel_for_entry(data: *mut c_void, i: usize) {
+    let (f, panicked) = &*(data as *const (&(dyn Fn(usize) + Sync), std::sync::atomic::AtomicBool));
+    // A panic must not unwind into ORT's thread pool: note it, and re-raise it on our side.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))).is_err() {
+        panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl KernelContext {
+    /// Runs `f(i)` for every i in 0..n on ORT's intra-op thread pool (the session's threads,
+    /// so the op does not compete with a pool of its own), returning when all are done.
+    pub fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n <= 1 {
+            (0..n).for_each(f);
+            return;
+        }
+        let data = (f, std::sync::atomic::AtomicBool::new(false));
+        let status = unsafe {
+            (api().KernelContext_ParallelFor)(self.0, parallel_for_entry, n, 0, &data as *const _ as *mut c_void)
+        };
+        if check(status).is_err() {
+            // No pool available (ORT says so): run here.
+            (0..n).for_each(f);
+        }
+        if data.1.load(std::sync::atomic::Ordering::Relaxed) {
+            panic!("a parallel task panicked");
+        }
+    }
+
     pub fn input_count(&self) -> Result<usize, String> {
         let mut n = 0;
         check(unsafe { (api().KernelContext_GetInputCount)(self.0, &mut n) })?;

@@ -78,6 +78,19 @@ unsafe fn indices(t: &Tensor, it: IndexType) -> Indices<'_> {
     }
 }
 
+/// ORT's intra-op thread pool as the CPU code's [`reference::Pool`].
+struct OrtPool<'a>(&'a KernelContext);
+
+// SAFETY: ORT's ParallelFor may be called from the compute thread while tasks run on pool threads;
+// the context pointer is only used to dispatch, never mutated.
+unsafe impl Sync for OrtPool<'_> {}
+
+impl reference::Pool for OrtPool<'_> {
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.0.parallel_for(n, f);
+    }
+}
+
 pub(super) fn known(d: Dim) -> usize {
     d.expect("all dimensions are known at run time") as usize
 }
@@ -130,9 +143,9 @@ impl Kernel for MoeCpu {
         let x = get(scatter_moe::X).unwrap();
         let y = ctx.output(scatter_moe::Y, &x.dims)?.ok_or("output 'Y' is required")?;
         match t {
-            ElemType::F32 => self.run::<f32>(sizes, &ins, it, capacity, y),
-            ElemType::F16 => self.run::<f16>(sizes, &ins, it, capacity, y),
-            ElemType::BF16 => self.run::<bf16>(sizes, &ins, it, capacity, y),
+            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, capacity, y),
+            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, capacity, y),
+            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, capacity, y),
         }
     }
 }
@@ -140,6 +153,7 @@ impl Kernel for MoeCpu {
 impl MoeCpu {
     fn run<E: Element>(
         &self,
+        ctx: &KernelContext,
         s: MoeSizes,
         ins: &[Option<Tensor>],
         it: IndexType,
@@ -162,7 +176,7 @@ impl MoeCpu {
                 capacity,
             };
             let y = out_slice::<E>(y, s.tokens * s.d);
-            reference::scatter_moe(&self.attrs, s, &inputs, y).map_err(to_string)
+            reference::scatter_moe(&OrtPool(ctx), &self.attrs, s, &inputs, y).map_err(to_string)
         }
     }
 }
@@ -222,15 +236,15 @@ impl Kernel for LinearCpu {
         let y = ctx.output(0, &out)?.ok_or("output 'Y' is required")?;
         let len = out.iter().product();
         match t {
-            ElemType::F32 => self.run::<f32>(sizes, &ins, it, y, len),
-            ElemType::F16 => self.run::<f16>(sizes, &ins, it, y, len),
-            ElemType::BF16 => self.run::<bf16>(sizes, &ins, it, y, len),
+            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, y, len),
+            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, y, len),
+            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, y, len),
         }
     }
 }
 
 impl LinearCpu {
-    fn run<E: Element>(&self, s: LinearSizes, ins: &[Option<Tensor>], it: IndexType, y: *mut std::ffi::c_void, len: usize) -> Result<(), String> {
+    fn run<E: Element>(&self, ctx: &KernelContext, s: LinearSizes, ins: &[Option<Tensor>], it: IndexType, y: *mut std::ffi::c_void, len: usize) -> Result<(), String> {
         use parallel_linear::*;
         let get = |i: usize| ins.get(i).and_then(Option::as_ref);
         // SAFETY: as in MoeCpu::run.
@@ -242,7 +256,7 @@ impl LinearCpu {
                 b: get(B).map(|t| t.slice::<E>()),
                 gates: get(GATES).map(|t| t.slice::<E>()),
             };
-            reference::parallel_linear(&self.attrs, s, &inputs, out_slice::<E>(y, len)).map_err(to_string)
+            reference::parallel_linear(&OrtPool(ctx), &self.attrs, s, &inputs, out_slice::<E>(y, len)).map_err(to_string)
         }
     }
 }

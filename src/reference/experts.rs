@@ -1,52 +1,139 @@
-//! The work shared by both ops: run something per expert over that expert's rows of a grouped
-//! buffer, in parallel, and one expert's linear layer on gathered rows.
+//! The work shared by the ops: gather rows in grouped order, and cut a per-expert product into
+//! blocks (expert, column range) that run in parallel, so one busy expert still uses every core.
 
 use super::element::{as_f32, Element};
-use super::gemm::matmul_nt;
+use super::gemm::{matmul_nt, MatMut, MatRef};
+use super::pool::Pool;
 use super::routing::Routing;
-use rayon::prelude::*;
 use std::ops::Range;
 
-/// Splits `out` (grouped rows of `width` values) by expert and calls `f(e, rows, chunk)` for every
-/// expert with rows, in parallel. Each chunk is written by one task only.
-pub fn for_each_expert<F>(routing: &Routing, width: usize, out: &mut [f32], f: F)
-where
-    F: Fn(usize, Range<usize>, &mut [f32]) + Sync,
-{
-    let experts = routing.offsets.len() - 1;
-    let mut chunks = Vec::with_capacity(experts);
-    let mut rest = out;
-    for e in 0..experts {
-        let rows = routing.offsets[e]..routing.offsets[e + 1];
-        let (chunk, tail) = rest.split_at_mut(rows.len() * width);
-        rest = tail;
-        if !rows.is_empty() {
-            chunks.push((e, rows, chunk));
-        }
-    }
-    chunks.into_par_iter().for_each(|(e, rows, chunk)| f(e, rows, chunk));
+/// Columns per block: small enough to give every core work when one expert has all the tokens,
+/// large enough that a block's weight rows stream efficiently.
+const BLOCK_COLS: usize = 64;
+
+/// One block of a grouped product: expert `e`'s rows `rows` (grouped positions), columns `cols`.
+pub struct Block {
+    pub e: usize,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
 }
 
-/// `out[m, n] = a[m, k] · w^T + b` for one expert's weight `w` [n, k] and bias `b` [n].
-pub fn linear<E: Element>(m: usize, n: usize, k: usize, a: &[f32], w: &[E], b: Option<&[E]>, out: &mut [f32]) {
-    let w = as_f32(w);
-    matmul_nt(m, n, k, a, &w, out, false);
+/// The blocks of a product `width` columns wide over every expert that has rows.
+pub fn blocks(routing: &Routing, width: usize) -> Vec<Block> {
+    let experts = routing.offsets.len() - 1;
+    let mut out = Vec::new();
+    for e in 0..experts {
+        let rows = routing.offsets[e]..routing.offsets[e + 1];
+        if rows.is_empty() {
+            continue;
+        }
+        let mut c = 0;
+        while c < width {
+            let end = (c + BLOCK_COLS).min(width);
+            out.push(Block { e, rows: rows.clone(), cols: c..end });
+            c = end;
+        }
+    }
+    out
+}
+
+/// A buffer that parallel tasks write in disjoint blocks.
+pub struct Shared {
+    ptr: *mut f32,
+    len: usize,
+    stride: usize,
+}
+
+// SAFETY: tasks only write through `block`, and the blocks they are given do not overlap.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// `buf` seen as rows of `stride` values.
+    pub fn new(buf: &mut [f32], stride: usize) -> Self {
+        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), stride }
+    }
+
+    /// Row `i` as a slice of `w` values.
+    ///
+    /// # Safety
+    /// No two tasks may hold the same row.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, w: usize) -> &mut [f32] {
+        assert!((i + 1) * w <= self.len, "row outside the buffer");
+        std::slice::from_raw_parts_mut(self.ptr.add(i * w), w)
+    }
+
+    /// The block `rows` x `cols`.
+    ///
+    /// # Safety
+    /// No two live blocks may overlap, and the buffer must outlive them.
+    pub unsafe fn block(&self, rows: &Range<usize>, cols: &Range<usize>) -> MatMut {
+        assert!(rows.end * self.stride <= self.len && cols.end <= self.stride, "block outside the buffer");
+        MatMut { ptr: self.ptr.add(rows.start * self.stride + cols.start), rows: rows.len(), cols: cols.len(), stride: self.stride }
+    }
+}
+
+/// Gathers rows of `src` (width `k`) as f32 in parallel: row `i` of the result is `src[row_of(i)]`.
+pub fn gather_rows<E: Element>(pool: &dyn Pool, src: &[E], k: usize, rows: usize, row_of: &(dyn Fn(usize) -> usize + Sync)) -> Vec<f32> {
+    let mut a = vec![0f32; rows * k];
+    let shared = Shared::new(&mut a, k.max(1));
+    const CHUNK: usize = 64;
+    pool.for_each(rows.div_ceil(CHUNK), &|c| {
+        for i in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+            let r = row_of(i);
+            // SAFETY: row i belongs to chunk c only.
+            let dst = unsafe { shared.row(i, k) };
+            for (d, s) in dst.iter_mut().zip(&src[r * k..(r + 1) * k]) {
+                *d = s.to_f32();
+            }
+        }
+    });
+    a
+}
+
+/// `out = a · w[rows]ᵀ (+ b[rows])` for the weight rows `w_rows` of one expert's weight `w`
+/// ([n, k], torch.nn.Linear layout) and its bias `b` ([n]); `a` is [m, k].
+///
+/// # Safety
+/// As [`matmul_nt`]: `out` is a block no other thread touches.
+pub unsafe fn linear_rows<E: Element>(a: MatRef, w: &[E], b: Option<&[E]>, w_rows: Range<usize>, out: &MatMut) {
+    let k = a.cols;
+    let wf = as_f32(&w[w_rows.start * k..w_rows.end * k]);
+    matmul_nt(a, MatRef::new(&wf, w_rows.len(), k, k), out, false);
     if let Some(b) = b {
-        let b = as_f32(b);
-        for row in out.chunks_exact_mut(n) {
-            for (o, bi) in row.iter_mut().zip(b.iter()) {
-                *o += bi;
+        for i in 0..out.rows {
+            for (j, r) in w_rows.clone().enumerate() {
+                *out.ptr.add(i * out.stride + j) += b[r].to_f32();
             }
         }
     }
 }
 
-/// Gathers rows of `src` (width `k`) as f32: row `i` of the result is `src[row_of(i)]`.
-pub fn gather_rows<E: Element>(src: &[E], k: usize, rows: usize, row_of: impl Fn(usize) -> usize) -> Vec<f32> {
-    let mut a = Vec::with_capacity(rows * k);
-    for i in 0..rows {
-        let r = row_of(i);
-        a.extend(src[r * k..(r + 1) * k].iter().map(|v| v.to_f32()));
+/// An output of element type `E` that parallel tasks write row by row, each row by one task.
+pub struct SharedOut<E> {
+    ptr: *mut E,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint rows only.
+unsafe impl<E: Send> Sync for SharedOut<E> {}
+
+impl<E> SharedOut<E> {
+    pub fn new(buf: &mut [E]) -> Self {
+        SharedOut { ptr: buf.as_mut_ptr(), len: buf.len() }
     }
-    a
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Row `r` of width `w`.
+    ///
+    /// # Safety
+    /// No two tasks may hold the same row.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn row(&self, r: usize, w: usize) -> &mut [E] {
+        assert!((r + 1) * w <= self.len, "row outside the buffer");
+        std::slice::from_raw_parts_mut(self.ptr.add(r * w), w)
+    }
 }

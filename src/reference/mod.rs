@@ -8,8 +8,10 @@ mod experts;
 pub mod gemm;
 pub mod moe;
 pub mod parallel_linear;
+pub mod pool;
 pub mod routing;
 
 pub use element::{Element, Indices};
+pub use pool::{Pool, Rayon, Serial};
 pub use moe::{capacity_mask, scatter_moe, MoeInputs, MoeSizes};
 pub use parallel_linear::{parallel_linear, LinearInputs, LinearSizes};

@@ -2,10 +2,11 @@
 
 use super::activation::activate_row;
 use super::element::{Element, Indices};
-use super::experts::{for_each_expert, gather_rows, linear};
+use super::experts::{blocks, gather_rows, linear_rows, Block, Shared, SharedOut};
+use super::gemm::MatRef;
+use super::pool::Pool;
 use super::routing::{capacity_keep, experts_of, group, DROPPED};
-use crate::spec::{scatter_moe::{Attrs, NAME}, SpecError};
-use rayon::prelude::*;
+use crate::spec::{scatter_moe::{Attrs, NAME}, GluLayout, SpecError};
 
 /// The sizes of one call, all known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +30,8 @@ pub struct MoeInputs<'a, E> {
     pub capacity: Option<usize>,
 }
 
-/// Computes `Y` exactly as docs/op-spec.md defines it.
-pub fn scatter_moe<E: Element>(attrs: &Attrs, s: MoeSizes, inp: &MoeInputs<E>, y: &mut [E]) -> Result<(), SpecError> {
+/// Computes `Y` exactly as docs/op-spec.md defines it, running its loops on `pool`.
+pub fn scatter_moe<E: Element>(pool: &dyn Pool, attrs: &Attrs, s: MoeSizes, inp: &MoeInputs<E>, y: &mut [E]) -> Result<(), SpecError> {
     let MoeSizes { tokens, k, experts, d, f } = s;
     let n = if attrs.gated { 2 * f } else { f };
     assert_eq!(inp.x.len(), tokens * d);
@@ -43,37 +44,80 @@ pub fn scatter_moe<E: Element>(attrs: &Attrs, s: MoeSizes, inp: &MoeInputs<E>, y
     let expert = experts_of(NAME, inp.routing_indices, k, experts)?;
     let keep = inp.capacity.map(|c| capacity_keep(&expert, k, experts, c, attrs.capacity_order));
     let routing = group(&expert, experts, keep.as_deref());
+    let rows = routing.order.len();
 
-    // Every kept assignment's expert output o[t, j], in grouped order.
-    let mut grouped = vec![0f32; routing.order.len() * d];
-    for_each_expert(&routing, d, &mut grouped, |e, rows, out| {
-        let m = rows.len();
-        let a = gather_rows(inp.x, d, m, |i| routing.order[rows.start + i] as usize / k);
-        let mut h_pre = vec![0f32; m * n];
-        linear(m, n, d, &a, &inp.w_in[e * n * d..(e + 1) * n * d], inp.b_in.map(|b| &b[e * n..(e + 1) * n]), &mut h_pre);
-        let mut h = vec![0f32; m * f];
-        for (a_row, h_row) in h_pre.chunks_exact(n).zip(h.chunks_exact_mut(f)) {
-            activate_row(attrs, a_row, h_row);
+    // The kept assignments' token rows, in grouped order.
+    let a = gather_rows(pool, inp.x, d, rows, &|i| routing.order[i] as usize / k);
+
+    // Hidden activations h [rows, f], in blocks of hidden units.
+    let mut h = vec![0f32; rows * f];
+    let h_out = Shared::new(&mut h, f);
+    let work = blocks(&routing, f);
+    pool.for_each(work.len(), &|i| {
+        let Block { e, rows: r, cols } = &work[i];
+        let (m, u) = (r.len(), cols.len());
+        let a_e = MatRef::new(&a[r.start * d..r.end * d], m, d, d);
+        let w = &inp.w_in[e * n * d..(e + 1) * n * d];
+        let b = inp.b_in.map(|b| &b[e * n..(e + 1) * n]);
+        // First-projection values of these units, laid out as `glu_layout` lays out w_in's rows
+        // (with u units instead of f), so `activate_row` reads gate and up where it expects them.
+        let width = if attrs.gated { 2 * u } else { u };
+        let mut pre = vec![0f32; m * width];
+        let pre_out = Shared::new(&mut pre, width);
+        // SAFETY: `pre` is this task's own; `h_out` blocks of different tasks do not overlap.
+        unsafe {
+            if attrs.gated && attrs.glu_layout == GluLayout::Interleaved {
+                linear_rows(a_e, w, b, 2 * cols.start..2 * cols.end, &pre_out.block(&(0..m), &(0..2 * u)));
+            } else if attrs.gated {
+                linear_rows(a_e, w, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
+                linear_rows(a_e, w, b, f + cols.start..f + cols.end, &pre_out.block(&(0..m), &(u..2 * u)));
+            } else {
+                linear_rows(a_e, w, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
+            }
+            let dst = h_out.block(r, cols);
+            let mut row = vec![0f32; u];
+            for (ri, p) in pre.chunks_exact(width).enumerate() {
+                activate_row(attrs, p, &mut row);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr.add(ri * dst.stride), u);
+            }
         }
-        linear(m, d, f, &h, &inp.w_out[e * d * f..(e + 1) * d * f], inp.b_out.map(|b| &b[e * d..(e + 1) * d]), out);
     });
 
-    // Y[t] = sum_j w[t, j] * o[t, j], one task per token: deterministic, no atomics.
-    y.par_chunks_mut(d.max(1)).enumerate().for_each(|(t, y_row)| {
+    // Expert outputs o [rows, d], in blocks of output columns.
+    let mut o = vec![0f32; rows * d];
+    let o_out = Shared::new(&mut o, d);
+    let work = blocks(&routing, d);
+    pool.for_each(work.len(), &|i| {
+        let Block { e, rows: r, cols } = &work[i];
+        let h_e = MatRef::new(&h[r.start * f..r.end * f], r.len(), f, f);
+        let w = &inp.w_out[e * d * f..(e + 1) * d * f];
+        let b = inp.b_out.map(|b| &b[e * d..(e + 1) * d]);
+        // SAFETY: blocks of different tasks do not overlap.
+        unsafe { linear_rows(h_e, w, b, cols.clone(), &o_out.block(r, cols)) };
+    });
+
+    // Y[t] = sum_j w[t, j] * o[t, j], one task per token chunk: deterministic, no atomics.
+    let y_out = SharedOut::new(y);
+    const CHUNK: usize = 16;
+    pool.for_each(tokens.div_ceil(CHUNK), &|c| {
         let mut acc = vec![0f32; d];
-        for j in 0..k {
-            let p = routing.pos[t * k + j];
-            if p == DROPPED {
-                continue;
+        for t in c * CHUNK..((c + 1) * CHUNK).min(tokens) {
+            acc.fill(0.0);
+            for j in 0..k {
+                let p = routing.pos[t * k + j];
+                if p == DROPPED {
+                    continue;
+                }
+                let w = inp.routing_weights[t * k + j].to_f32();
+                for (a, &v) in acc.iter_mut().zip(&o[p as usize * d..(p as usize + 1) * d]) {
+                    *a += w * v;
+                }
             }
-            let w = inp.routing_weights[t * k + j].to_f32();
-            let o = &grouped[p as usize * d..(p as usize + 1) * d];
-            for (a, &v) in acc.iter_mut().zip(o) {
-                *a += w * v;
+            // SAFETY: token t belongs to chunk c only.
+            let y_row = unsafe { y_out.row(t, d) };
+            for (yv, a) in y_row.iter_mut().zip(&acc) {
+                *yv = E::from_f32(*a);
             }
-        }
-        for (yv, a) in y_row.iter_mut().zip(acc) {
-            *yv = E::from_f32(a);
         }
     });
     Ok(())

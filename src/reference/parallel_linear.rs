@@ -1,10 +1,11 @@
 //! `ParallelLinear` on the CPU.
 
 use super::element::{Element, Indices};
-use super::experts::{for_each_expert, gather_rows, linear};
+use super::experts::{blocks, gather_rows, linear_rows, Block, Shared, SharedOut};
+use super::gemm::MatRef;
+use super::pool::Pool;
 use super::routing::{experts_of, group};
 use crate::spec::{parallel_linear::{Attrs, NAME}, SpecError};
-use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearSizes {
@@ -24,7 +25,7 @@ pub struct LinearInputs<'a, E> {
 }
 
 /// Computes `Y` as docs/op-spec.md defines it; `y` is sized for the case (gated, grouped or not).
-pub fn parallel_linear<E: Element>(attrs: &Attrs, s: LinearSizes, inp: &LinearInputs<E>, y: &mut [E]) -> Result<(), SpecError> {
+pub fn parallel_linear<E: Element>(pool: &dyn Pool, attrs: &Attrs, s: LinearSizes, inp: &LinearInputs<E>, y: &mut [E]) -> Result<(), SpecError> {
     let LinearSizes { tokens, k, experts, d_in, d_out } = s;
     let assignments = tokens * k;
     assert_eq!(inp.x.len(), if attrs.grouped_in { assignments } else { tokens } * d_in);
@@ -33,24 +34,30 @@ pub fn parallel_linear<E: Element>(attrs: &Attrs, s: LinearSizes, inp: &LinearIn
     let expert = experts_of(NAME, inp.routing_indices, k, experts)?;
     let routing = group(&expert, experts, None);
 
-    // z for every assignment, in grouped order.
+    // Input rows in grouped order, then z for every assignment, in grouped order.
+    let a = if attrs.grouped_in {
+        gather_rows(pool, inp.x, d_in, assignments, &|i| i)
+    } else {
+        gather_rows(pool, inp.x, d_in, assignments, &|i| routing.order[i] as usize / k)
+    };
     let mut z = vec![0f32; assignments * d_out];
-    for_each_expert(&routing, d_out, &mut z, |e, rows, out| {
-        let m = rows.len();
-        let a = if attrs.grouped_in {
-            gather_rows(inp.x, d_in, m, |i| rows.start + i)
-        } else {
-            gather_rows(inp.x, d_in, m, |i| routing.order[rows.start + i] as usize / k)
-        };
+    let z_out = Shared::new(&mut z, d_out);
+    let work = blocks(&routing, d_out);
+    pool.for_each(work.len(), &|i| {
+        let Block { e, rows: r, cols } = &work[i];
+        let a_e = MatRef::new(&a[r.start * d_in..r.end * d_in], r.len(), d_in, d_in);
         let w = &inp.w[e * d_out * d_in..(e + 1) * d_out * d_in];
-        linear(m, d_out, d_in, &a, w, inp.b.map(|b| &b[e * d_out..(e + 1) * d_out]), out);
+        let b = inp.b.map(|b| &b[e * d_out..(e + 1) * d_out]);
+        // SAFETY: blocks of different tasks do not overlap.
+        unsafe { linear_rows(a_e, w, b, cols.clone(), &z_out.block(r, cols)) };
     });
 
     let row = |p: u32| &z[p as usize * d_out..(p as usize + 1) * d_out];
+    let y_out = SharedOut::new(y);
     match inp.gates {
         Some(g) => {
-            assert_eq!(y.len(), tokens * d_out);
-            y.par_chunks_mut(d_out).enumerate().for_each(|(t, y_row)| {
+            assert_eq!(y_out.len(), tokens * d_out);
+            pool.for_each(tokens, &|t| {
                 let mut acc = vec![0f32; d_out];
                 for j in 0..k {
                     let w = g[t * k + j].to_f32();
@@ -58,17 +65,19 @@ pub fn parallel_linear<E: Element>(attrs: &Attrs, s: LinearSizes, inp: &LinearIn
                         *a += w * v;
                     }
                 }
-                for (yv, a) in y_row.iter_mut().zip(acc) {
+                // SAFETY: row t belongs to task t only.
+                for (yv, a) in unsafe { y_out.row(t, d_out) }.iter_mut().zip(acc) {
                     *yv = E::from_f32(a);
                 }
             });
         }
         None => {
-            assert_eq!(y.len(), assignments * d_out);
+            assert_eq!(y_out.len(), assignments * d_out);
             // grouped_out: row p is z[p]; scattered: row t*k+j is z[pos(t, j)].
-            y.par_chunks_mut(d_out).enumerate().for_each(|(r, y_row)| {
+            pool.for_each(assignments, &|r| {
                 let p = if attrs.grouped_out { r as u32 } else { routing.pos[r] };
-                for (yv, &v) in y_row.iter_mut().zip(row(p)) {
+                // SAFETY: row r belongs to task r only.
+                for (yv, &v) in unsafe { y_out.row(r, d_out) }.iter_mut().zip(row(p)) {
                     *yv = E::from_f32(v);
                 }
             });
