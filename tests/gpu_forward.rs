@@ -318,7 +318,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         b_out: b_out.as_deref(),
         capacity: c.capacity.map(|x| x.0),
     };
-    reference::scatter_moe(&attrs, s, &inputs, &mut want).expect("reference");
+    reference::scatter_moe(&reference::Rayon, &attrs, s, &inputs, &mut want).expect("reference");
 
     let dx = g.upload(&bytes_of(&x));
     let drw = g.upload(&bytes_of(&rw));
@@ -480,7 +480,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
     let mut want = vec![E::from_f32(0.0); out_len];
     let mut i32s = Vec::new();
     let inputs = LinearInputs { x: &x, routing_indices: indices(&idx, &mut i32s, c.it), w: &w, b: b.as_deref(), gates: gates.as_deref() };
-    reference::parallel_linear(&attrs, s, &inputs, &mut want).expect("reference");
+    reference::parallel_linear(&reference::Rayon, &attrs, s, &inputs, &mut want).expect("reference");
 
     let dx = g.upload(&bytes_of(&x));
     let didx = g.upload(&index_bytes(&idx, c.it));
@@ -621,7 +621,7 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
             b_out: None,
             capacity: None,
         };
-        let cpu_msg = reference::scatter_moe(&attrs, s, &inputs, &mut want).unwrap_err().to_string();
+        let cpu_msg = reference::scatter_moe(&reference::Rayon, &attrs, s, &inputs, &mut want).unwrap_err().to_string();
         let (dx, drw, didx, dwi, dwo) = (
             g.upload(&bytes_of(&x)),
             g.upload(&bytes_of(&rw)),
@@ -708,7 +708,7 @@ impl Layer {
             b_out: None,
             capacity: self.capacity,
         };
-        reference::scatter_moe(&self.attrs, self.s, &inputs, &mut y).unwrap();
+        reference::scatter_moe(&reference::Rayon, &self.attrs, self.s, &inputs, &mut y).unwrap();
         y
     }
 }

@@ -175,7 +175,7 @@ fn moe_case<E: Float>(c: MoeCase) -> Case {
         b_out: with_bias.then_some(&b_out[..]),
         capacity: c.capacity.as_ref().map(|x| x.0 as usize),
     };
-    reference::scatter_moe(&c.attrs, s, &inp, &mut y).unwrap();
+    reference::scatter_moe(&reference::Rayon, &c.attrs, s, &inp, &mut y).unwrap();
     let lead = c.x_dims.len() - 1;
     let mut inputs = vec![
         ft(&x, &c.x_dims, dyn_lead(c.x_dims.len(), lead)),
@@ -218,7 +218,7 @@ fn linear_case<E: Float>(name: &str, attrs: parallel_linear::Attrs, ri_dims: &[u
     let out_dims = parallel_linear::output_shape(&attrs, ri_dims, d_out, gates, |r| r.iter().product());
     let mut y = vec![E::from_f32(0.0); out_dims.iter().product()];
     let inp = LinearInputs { x: &x, routing_indices: Indices::I64(&ri), w: &w, b: (bias || gates).then_some(&b[..]), gates: gates.then_some(&g[..]) };
-    reference::parallel_linear(&attrs, LinearSizes { tokens, k, experts, d_in, d_out }, &inp, &mut y).unwrap();
+    reference::parallel_linear(&reference::Rayon, &attrs, LinearSizes { tokens, k, experts, d_in, d_out }, &inp, &mut y).unwrap();
     let x_dims = if attrs.grouped_in { vec![tokens * k, d_in] } else { let mut v = ri_dims[..ri_dims.len() - 1].to_vec(); v.push(d_in); v };
     let ri_dyn = dyn_lead(ri_dims.len(), ri_dims.len() - 1);
     let mut inputs = vec![
