@@ -109,6 +109,7 @@ fn expected(l: &Layer, x: &[f32], rw: &[f32], ri: &[i64]) -> Vec<f64> {
 fn session(bytes: &[u8]) -> Session {
     let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
     let plugin = scattermoe::ort::runtime::plugin_path().expect("plugin");
+    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
     Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_memory(bytes).unwrap()
 }
 
@@ -171,6 +172,7 @@ fn unsupported_activation_fails_session_creation() {
     let l = Layer { d: 4, f: 4, e: 2, k: 1, w_in: vec![0.1; 2 * 8 * 4], w_out: vec![0.1; 2 * 4 * 4] };
     let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
     let plugin = scattermoe::ort::runtime::plugin_path().unwrap();
+    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
     let err = Session::builder(env)
         .unwrap()
         .with_operator_library(&plugin)

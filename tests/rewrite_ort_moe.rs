@@ -108,6 +108,7 @@ fn moe_model(act: &str, k: i64, normalize: i64, biases: bool, extra: Option<Attr
 fn session(path: &std::path::Path) -> Session {
     let env = scattermoe::ort::runtime::environment().unwrap();
     let plugin = scattermoe::ort::runtime::plugin_path().unwrap();
+    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
     Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_file(path).unwrap()
 }
 

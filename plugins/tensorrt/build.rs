@@ -23,6 +23,8 @@ fn headers(root: &Path) -> Option<PathBuf> {
 }
 
 fn main() {
+    // Stay mapped once loaded: see plugins/ort/build.rs (thread-local destructors outlive an unload).
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.join("../..").canonicalize().unwrap();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());

@@ -84,3 +84,12 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
         .as_ref()
         .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime environment: {e}"))
 }
+
+/// Hold this while creating a session that registers the plugin. ONNX Runtime adds a custom-op
+/// domain to its process-wide schema table without a lock when a session is created, so two
+/// sessions created at once on different threads can fail with "Trying to add a domain to
+/// DomainToVersion map, but the domain is already exist" (seen with concurrent test threads).
+pub fn session_creation_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

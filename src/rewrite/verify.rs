@@ -170,6 +170,7 @@ pub fn session(path: &Path) -> Result<Session> {
         .map_err(|e| anyhow!("{e}"))?
         .with_operator_library(&plugin)
         .map_err(|e| anyhow!("cannot register {}: {e}", plugin.display()))?;
+    let _one_at_a_time = crate::ort::runtime::session_creation_lock();
     b.commit_from_file(path).map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", path.display()))
 }
 
