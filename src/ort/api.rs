@@ -19,7 +19,7 @@ fn api() -> &'static ort_sys::OrtApi {
 }
 
 /// Turns an ORT status into a Result, releasing the status.
-fn check(status: OrtStatusPtr) -> Result<(), String> {
+pub(crate) fn check(status: OrtStatusPtr) -> Result<(), String> {
     if status.0.is_null() {
         return Ok(());
     }
@@ -355,16 +355,19 @@ impl KernelContext {
         Ok(n)
     }
 
-    /// Input `i`, or None when the node leaves it out.
-    pub fn input(&self, i: usize) -> Result<Option<Tensor>, String> {
+    /// Input `i`'s value, or None when the node leaves it out.
+    fn input_value(&self, i: usize) -> Result<Option<*const OrtValue>, String> {
         if i >= self.input_count()? {
             return Ok(None);
         }
         let mut v: *const OrtValue = ptr::null();
         check(unsafe { (api().KernelContext_GetInput)(self.0, i, &mut v) })?;
-        if v.is_null() {
-            return Ok(None);
-        }
+        Ok((!v.is_null()).then_some(v))
+    }
+
+    /// Input `i`, or None when the node leaves it out.
+    pub fn input(&self, i: usize) -> Result<Option<Tensor>, String> {
+        let Some(v) = self.input_value(i)? else { return Ok(None) };
         let mut info = ptr::null_mut();
         check(unsafe { (api().GetTensorTypeAndShape)(v, &mut info) })?;
         let r = read_type_shape(info);
@@ -406,14 +409,7 @@ impl KernelContext {
 
     /// The device id of input `i`'s memory (ORT's OrtMemoryInfo id), or None when absent.
     pub fn input_device_id(&self, i: usize) -> Result<Option<i32>, String> {
-        if i >= self.input_count()? {
-            return Ok(None);
-        }
-        let mut v: *const OrtValue = ptr::null();
-        check(unsafe { (api().KernelContext_GetInput)(self.0, i, &mut v) })?;
-        if v.is_null() {
-            return Ok(None);
-        }
+        let Some(v) = self.input_value(i)? else { return Ok(None) };
         let mut info = ptr::null();
         check(unsafe { (api().GetTensorMemoryInfo)(v, &mut info) })?;
         let mut id = 0;

@@ -7,6 +7,7 @@ mod cuda;
 pub mod op;
 pub mod runtime;
 
+use api::check;
 use op::CustomOp;
 use ort_sys::{OrtApiBase, OrtCustomOpDomain, OrtSessionOptions, OrtStatus};
 use std::ffi::CString;
@@ -33,16 +34,6 @@ fn build_domain() -> Result<Domain, String> {
         check(unsafe { (api.CustomOpDomain_Add)(domain, op.raw()) })?;
     }
     Ok(Domain(domain))
-}
-
-fn check(status: ort_sys::OrtStatusPtr) -> Result<(), String> {
-    if status.0.is_null() {
-        return Ok(());
-    }
-    let api = ort::api();
-    let msg = unsafe { std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned() };
-    unsafe { (api.ReleaseStatus)(status.0) };
-    Err(msg)
 }
 
 /// Installs the host's API table (version [`api::API_VERSION`]) for this library's use.
