@@ -77,27 +77,40 @@ template <> struct Cvt<__nv_bfloat16> {
 template <typename T> __device__ __forceinline__ float to_f(T v) { return Cvt<T>::to_f(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v) { return Cvt<T>::from_f(v); }
 
-// Element-wise activation (non-gated, or the gate half of a GLU).
-__device__ __forceinline__ float activate(float x, int act) {
-    switch (act) {
-    case SMOE_ACT_SILU: return x / (1.0f + __expf(-x));
-    case SMOE_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case SMOE_ACT_GELU_TANH: {
+// Element-wise activation (non-gated, or the gate half of a GLU), ACT known at compile time.
+template <int ACT> __device__ __forceinline__ float activate_c(float x) {
+    if constexpr (ACT == SMOE_ACT_SILU) return x / (1.0f + __expf(-x));
+    else if constexpr (ACT == SMOE_ACT_GELU) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    else if constexpr (ACT == SMOE_ACT_GELU_TANH) {
         float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
         return 0.5f * x * (1.0f + tanhf(u));
-    }
-    case SMOE_ACT_RELU: return fmaxf(x, 0.0f);
-    default: return x;
-    }
+    } else if constexpr (ACT == SMOE_ACT_RELU) return fmaxf(x, 0.0f);
+    else return x;
 }
 
 // GLU: h = act(gate) * up; swiglu_oai: (clamp(u,-l,l)+1) * g' * sigmoid(alpha g'), g' = min(g, l)
-__device__ __forceinline__ float glu(float g, float u, int act, float alpha, float limit) {
-    if (act == SMOE_ACT_SWIGLU_OAI) {
+template <int ACT> __device__ __forceinline__ float glu_c(float g, float u, float alpha, float limit) {
+    if constexpr (ACT == SMOE_ACT_SWIGLU_OAI) {
         float gc = fminf(g, limit);
         float uc = fminf(fmaxf(u, -limit), limit);
         return (uc + 1.0f) * gc / (1.0f + __expf(-alpha * gc));
+    } else {
+        return activate_c<ACT>(g) * u;
     }
+}
+
+// The same with ACT at run time.
+__device__ __forceinline__ float activate(float x, int act) {
+    switch (act) {
+    case SMOE_ACT_SILU: return activate_c<SMOE_ACT_SILU>(x);
+    case SMOE_ACT_GELU: return activate_c<SMOE_ACT_GELU>(x);
+    case SMOE_ACT_GELU_TANH: return activate_c<SMOE_ACT_GELU_TANH>(x);
+    case SMOE_ACT_RELU: return activate_c<SMOE_ACT_RELU>(x);
+    default: return x;
+    }
+}
+__device__ __forceinline__ float glu(float g, float u, int act, float alpha, float limit) {
+    if (act == SMOE_ACT_SWIGLU_OAI) return glu_c<SMOE_ACT_SWIGLU_OAI>(g, u, alpha, limit);
     return activate(g, act) * u;
 }
 

@@ -25,17 +25,23 @@
 //   scattermoe_gemm_{f16,bf16}_wgmma_s4  sm_90a only (Hopper wgmma m64n128k16), 128x128x64 tiles,
 //        block 256 (2 warpgroups), dynamic smem 4*32768+1024 = 132096 bytes. On other targets its
 //        body traps: never launch it below sm_90a.
+//   scattermoe_gemm_{f16,bf16}_wgmma_ws  sm_90a only, warp-specialised (gemm_hopper_ws.cuh): a
+//        cp.async producer warpgroup and two m64n256k16 consumer warpgroups, 128x256x64 tiles,
+//        block 384, dynamic smem 4*49152+1024 = 197632 bytes. Traps below sm_90a.
 //   scattermoe_gemm_f32                  SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
 // Choosing a kernel (measured on H200, bf16; R = rows per active expert = N_assign / min(E, N_assign)):
-//   R <= 1 and K <= 2048 -> 32x32;  R <= 128 -> 32x64 (32x64s6 when K >= 8192);
-//   K < 1024 -> 32x64 while R <= 512, else 128x128;  otherwise wgmma_s4 on sm_90a, 128x128 elsewhere.
+//   R <= 1 and K <= 2048 -> 32x32;
+//   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192), else wgmma_ws;
+//   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
+//   else 128x128. (wgmma_s4 stays for comparison; wgmma_ws beat it at every measured size.)
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
 //   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
 //   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),
-//   BM, BN = the tile in the name (f32: 64x64; wgmma: 128x128), BNo = BN (plain) or BN/2 (gated).
+//   BM, BN = the tile in the name (f32: 64x64; wgmma_s4: 128x128; wgmma_ws: 128x256), BNo = BN
+//   (plain) or BN/2 (gated).
 // Alignment: every pointer 16-byte aligned. Tensor-core path: K % 8 == 0 takes 16-byte cp.async
 //   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
 // Experts with no rows cost nothing; M, N, K need not be multiples of the tile.
@@ -628,6 +634,8 @@ __device__ void wg_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
 #endif
 }
 
+#include "gemm_hopper_ws.cuh"
+
 // ---------------------------------------------------------------- f32 SIMT kernel
 constexpr int F_BM = 64, F_BN = 64, F_BK = 16;
 
@@ -757,6 +765,14 @@ SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
 
 SMOE_WG_ENTRY(scattermoe_gemm_bf16_wgmma_s4, __nv_bfloat16, 4, 1)
 SMOE_WG_ENTRY(scattermoe_gemm_f16_wgmma_s4, __half, 4, 1)
+
+#define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
+        ws_gemm<T, ST>(SMOE_GEMM_ARGS);                                                     \
+    }
+
+SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4)
+SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
 
 extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
     f32_gemm(SMOE_GEMM_ARGS);

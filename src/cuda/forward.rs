@@ -36,13 +36,17 @@ pub enum GemmCfg {
     T32x32,
     /// Hopper wgmma, 128x128x64, sm_90a only
     WgmmaS4,
+    /// Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups),
+    /// 128x256x64, sm_90a only (kernels/gemm_hopper_ws.cuh)
+    WgmmaWs,
     /// SIMT f32, 64x64
     F32,
 }
 
 impl GemmCfg {
     /// The tensor-core (f16/bf16) configurations.
-    pub const TENSOR_CORE: [GemmCfg; 5] = [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaS4];
+    pub const TENSOR_CORE: [GemmCfg; 6] =
+        [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaS4, GemmCfg::WgmmaWs];
 
     pub const fn suffix(self) -> &'static str {
         match self {
@@ -51,6 +55,7 @@ impl GemmCfg {
             GemmCfg::T32x64s6 => "32x64s6",
             GemmCfg::T32x32 => "32x32",
             GemmCfg::WgmmaS4 => "wgmma_s4",
+            GemmCfg::WgmmaWs => "wgmma_ws",
             GemmCfg::F32 => "f32",
         }
     }
@@ -63,6 +68,7 @@ impl GemmCfg {
     pub const fn tile(self) -> (usize, usize) {
         match self {
             GemmCfg::T128x128 | GemmCfg::WgmmaS4 => (128, 128),
+            GemmCfg::WgmmaWs => (128, 256),
             GemmCfg::T32x64 | GemmCfg::T32x64s6 => (32, 64),
             GemmCfg::T32x32 => (32, 32),
             GemmCfg::F32 => (64, 64),
@@ -72,6 +78,7 @@ impl GemmCfg {
     pub const fn threads(self) -> u32 {
         match self {
             GemmCfg::T128x128 | GemmCfg::WgmmaS4 | GemmCfg::F32 => 256,
+            GemmCfg::WgmmaWs => 384,
             GemmCfg::T32x64 | GemmCfg::T32x64s6 | GemmCfg::T32x32 => 128,
         }
     }
@@ -84,6 +91,7 @@ impl GemmCfg {
             GemmCfg::T32x64s6 => 73728,
             GemmCfg::T32x32 => 32768,
             GemmCfg::WgmmaS4 => 4 * 32768 + 1024,
+            GemmCfg::WgmmaWs => 4 * 49152 + 1024,
             GemmCfg::F32 => 0,
         }
     }
@@ -99,6 +107,9 @@ impl GemmCfg {
 
 /// Rows per active expert at or below which the small-tile kernels win (measured on H200).
 pub const SMALL_ROWS: f64 = 128.0;
+/// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
+/// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
+pub const HOPPER_SMALL_ROWS: f64 = 16.0;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`. f32 has one kernel.
@@ -110,17 +121,17 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
     if r <= 1.0 && k_depth <= 2048 {
         return GemmCfg::T32x32;
     }
-    if r <= SMALL_ROWS {
+    let small = if wgmma { HOPPER_SMALL_ROWS } else { SMALL_ROWS };
+    if r <= small {
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
-    if k_depth < 1024 {
-        return if r <= 512.0 { GemmCfg::T32x64 } else { GemmCfg::T128x128 };
-    }
     if wgmma {
-        GemmCfg::WgmmaS4
-    } else {
-        GemmCfg::T128x128
+        return GemmCfg::WgmmaWs;
     }
+    if k_depth < 1024 && r <= 512.0 {
+        return GemmCfg::T32x64;
+    }
+    GemmCfg::T128x128
 }
 
 fn tname(t: ElemType) -> &'static str {

@@ -13,7 +13,7 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
            "wgmma_s4": (128, 128, 256, 4 * 32768 + 1024), "32x32": (32, 32, 128, 32768),
-           "32x64s6": (32, 64, 128, 73728)}
+           "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024)}
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -49,7 +49,7 @@ class Kernels:
         self.sms = props.multi_processor_count
         # rows per expert at or below which the small-tile kernel wins (measured on H200)
         self.small_rows = int(os.environ.get("SMOE_SMALL_ROWS", "128"))
-        self.large_cfg = os.environ.get("SMOE_LARGE_CFG", "wgmma_s4" if props.major == 9 else "128x128")
+        self.large_cfg = os.environ.get("SMOE_LARGE_CFG", "wgmma_ws" if props.major == 9 else "128x128")
         # wgmma kernels exist as SASS for sm_90a only
 
     def fn(self, module, name, dyn_smem=0):
@@ -125,14 +125,18 @@ class Kernels:
 
     # ------------------------------------------------------------------ grouped GEMM
     def pick_cfg(self, N_assign, E, K):
-        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md)."""
+        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md); mirrors
+        src/cuda/forward.rs pick_cfg."""
         R = N_assign / max(1, min(E, N_assign))  # rows per active expert
         if R <= 1 and K <= 2048:
             return "32x32"
-        if R <= self.small_rows:
+        hopper = self.large_cfg == "wgmma_ws"
+        if R <= (16 if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
-        if K < 1024:
-            return "32x64" if R <= 512 else "128x128"
+        if hopper:
+            return "wgmma_ws"
+        if K < 1024 and R <= 512:
+            return "32x64"
         return self.large_cfg
 
     def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,

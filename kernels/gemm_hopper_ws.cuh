@@ -1,0 +1,337 @@
+// kernels/gemm_hopper_ws.cuh -- the large-batch grouped GEMM on Hopper (sm_90a): warp-specialised
+// wgmma with a cp.async producer. Included by grouped_gemm.cu (it uses that file's tile scheduler,
+// b_row, swizzle and wgmma descriptor helpers); same parameters and semantics as every entry point
+// there.
+//
+// Why this shape:
+//   - The non-specialised wgmma kernel (wg_gemm) waits on its own cp.async groups between wgmma
+//     batches, so loads and math take turns; measured ~370 TFLOP/s on Mixtral GEMM1.
+//   - Here warpgroup 0 only loads (cp.async, 16-byte chunks, so A rows can be gathered by the sorted
+//     order: no grouped copy of X; eight threads per row so each warp reads whole rows) and warpgroups 1-2 only multiply. They hand stages over with
+//     mbarriers: full[s] completes when all 128 producer threads' copies for stage s have landed
+//     (cp.async.mbarrier.arrive.noinc), empty[s] when all 8 consumer warps have retired the wgmmas
+//     that read stage s. The producer runs ahead into the next tile while consumers run the
+//     epilogue, so the epilogue's stores overlap the next tile's loads.
+//   - Tile 128 x 256 x 64: each consumer warpgroup owns 64 rows x 256 columns (m64n256k16, 128
+//     f32 accumulators per thread): twice the math per staged byte of a 128 x 128 tile.
+//     Gated forms put the tile's 128 gate rows of W in smem rows 0-127 and the matching up rows in
+//     128-255 (b_row with WN = BN), so each thread holds gate and up of the same output in
+//     registers ni and ni + 16.
+//   - W rows come through cp.async as well (not TMA) so gated layouts and row validity reuse b_row.
+//   - No setmaxnreg: ptxas gives the whole kernel one register count (168 at 384 threads), which
+//     holds the 128 accumulators; lowering the producer's count only made it spill (measured).
+// The epilogue stores straight from registers (bias, activation / GLU, row scale fused).
+// Dynamic smem: STAGES * 49152 + 1024 bytes. K % 8 == 0 takes 16-byte cp.async; any other K a slow
+// element-wise path (correct, not tuned).
+
+#pragma once
+
+#if SMOE_HAS_WGMMA
+#define SMOE_WGMMA_N256(TY)                                                                       \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                     \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;\n"                                                \
+    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),  \
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),  \
+      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),  \
+      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),  \
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),  \
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),  \
+      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
+      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])  \
+    : "l"(da), "l"(db))
+
+template <typename T> struct Wgmma256;
+template <> struct Wgmma256<__nv_bfloat16> {
+    // D[64x256] += A[64x16] * B[16x256], A and B K-major in smem (128-byte swizzle descriptors)
+    static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
+        SMOE_WGMMA_N256("bf16");
+    }
+};
+template <> struct Wgmma256<__half> {
+    static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
+        SMOE_WGMMA_N256("f16");
+    }
+};
+#undef SMOE_WGMMA_N256
+
+// ---- mbarrier helpers (CTA scope)
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done = 0;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Barrier 1 among the producer warpgroup only (barrier 0 is __syncthreads).
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+// Arrives on `bar` once every cp.async this thread issued so far has landed; counts as one of the
+// barrier's expected arrivals (.noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+#endif  // SMOE_HAS_WGMMA
+
+// Two adjacent outputs of one row: one 4-byte store when the row stride allows (vec), else
+// element-wise with the column bound.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int col, int n, bool vec, float a, float b) {
+    if (vec && col + 1 < n) {
+        __align__(4) T v[2] = {from_f<T>(a), from_f<T>(b)};
+        *reinterpret_cast<unsigned*>(row + col) = *reinterpret_cast<const unsigned*>(v);
+    } else {
+        if (col < n) row[col] = from_f<T>(a);
+        if (col + 1 < n) row[col + 1] = from_f<T>(b);
+    }
+}
+
+// What the epilogue needs besides the accumulators and the tile.
+template <typename T> struct WsEpi {
+    T* Y;
+    const T* bias;
+    const int* sidx;
+    const T* row_scale;
+    int N, Nout, layout, grouped_out;
+    float alpha, limit;
+    int row0;  // this thread's first tile row (the second is row0 + 8)
+    int col0;  // this thread's first column inside each 8-column fragment
+};
+
+// Bias, activation or GLU, row scale, store, for one consumer thread's 64 x 256 fragment: fragment
+// ni covers columns 8 ni .. 8 ni + 7 (as mma.m16n8); gated: gate in ni < 16, up in ni + 16.
+template <typename T, int ACT>
+__device__ __forceinline__ void ws_epilogue(const float (&acc)[128], const Tile& t, int gated, const WsEpi<T>& ep) {
+    const T* be = ep.bias ? ep.bias + (long long)t.e * ep.N : nullptr;
+    const int f = ep.N >> 1;
+    const bool ovec = (ep.Nout % 2) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int rl = ep.row0 + h * 8;
+        if (t.m0 + rl >= t.cnt) continue;
+        const int p = t.start + t.m0 + rl;
+        const int sp = ep.sidx[p];
+        const float scale = ep.row_scale ? to_f(ep.row_scale[sp]) : 1.0f;
+        T* dst = ep.Y + (long long)(ep.grouped_out ? p : sp) * ep.Nout;
+        if (gated) {
+#pragma unroll
+            for (int ni = 0; ni < 16; ++ni) {
+                const int col = t.nt * 128 + ni * 8 + ep.col0;
+                float o[2];
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    float gv = acc[ni * 4 + 2 * h + x];
+                    float uv = acc[(ni + 16) * 4 + 2 * h + x];
+                    const int i = col + x;
+                    if (be && i < f) {
+                        gv += to_f(be[glu_gate_row(i, f, ep.layout)]);
+                        uv += to_f(be[glu_up_row(i, f, ep.layout)]);
+                    }
+                    o[x] = glu_c<ACT>(gv, uv, ep.alpha, ep.limit) * scale;
+                }
+                store_pair(dst, col, ep.Nout, ovec, o[0], o[1]);
+            }
+        } else {
+#pragma unroll
+            for (int ni = 0; ni < 32; ++ni) {
+                const int col = t.nt * 256 + ni * 8 + ep.col0;
+                float o[2];
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    float v = acc[ni * 4 + 2 * h + x];
+                    if (be && col + x < ep.N) v += to_f(be[col + x]);
+                    o[x] = activate_c<ACT>(v) * scale;
+                }
+                store_pair(dst, col, ep.Nout, ovec, o[0], o[1]);
+            }
+        }
+    }
+}
+
+template <int STAGES> struct WsCfg {
+    static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 384;
+    static constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;
+    static constexpr int PRODUCERS = 128;     // warpgroup 0
+    static constexpr int CONSUMER_WARPS = 8;  // warpgroups 1 and 2
+};
+
+template <typename T, int STAGES>
+__device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
+                        const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
+                        int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
+                        int layout, float alpha, float limit) {
+#if SMOE_HAS_WGMMA
+    using C = WsCfg<STAGES>;
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
+    __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+    __shared__ long long row_src[BM + BN];  // producer's per-tile row table
+    if (E > SMOE_ROUTING_MAX_E) return;
+    // 1024-byte aligned ring (the 128-byte swizzle pattern repeats every 1024 bytes). Stage s holds
+    // A (BM rows x 128 bytes) then B (BN rows x 128 bytes).
+    const unsigned raw_s = smem_u32(smem_raw);
+    const unsigned ring = (raw_s + 1023u) & ~1023u;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int Nout = gated ? (N >> 1) : N;
+    const int BNo = gated ? (BN / 2) : BN;
+    const int nN = (Nout + BNo - 1) / BNo;
+    const int KB = (K + BK - 1) / BK;
+    const bool kvec = (K % 8) == 0;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS);
+            mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS);
+        }
+    }
+    tile_prefix(off, E, BM, prefix);  // ends with __syncthreads: barriers initialised too
+    const int total = prefix[E] * nN;
+
+    if (wg == 0) {
+        // ------------------------------------------------------------ producer warpgroup
+        int stage = 0;
+        unsigned phase = 0;
+        // Per tile, the source of each staged row goes to row_src (element offset into X for the BM
+        // A rows, into W for the BN B rows; -1 = zero row). Each stage, thread tid copies 16-byte
+        // chunk c = tid % 8 of rows tid / 8 + 16 i: eight consecutive threads read one row's 128
+        // contiguous bytes, so every warp-wide copy touches 4 whole rows (full 32-byte sectors).
+        const int c = tid & 7, rg = tid >> 3;
+        const unsigned dst_off = (unsigned)rg * 128u + (((unsigned)c ^ (unsigned)(rg & 7)) * 16u);
+        for (int g = blockIdx.x; g < total; g += gridDim.x) {
+            const Tile t = find_tile(g, prefix, off, E, nN, BM);
+            producer_sync();  // the previous tile's table is no longer read
+            for (int r = tid; r < BM + BN; r += C::PRODUCERS) {
+                long long o = -1;
+                if (r < BM) {
+                    if (t.m0 + r < t.cnt) {
+                        const int p = t.start + t.m0 + r;
+                        o = (long long)(grouped_in ? p : sidx[p] / k) * K;
+                    }
+                } else {
+                    bool ok;
+                    const int n = b_row(r - BM, t.nt, BN, BN, N, gated, layout, &ok);
+                    if (ok) o = ((long long)t.e * N + n) * K;
+                }
+                row_src[r] = o;
+            }
+            producer_sync();
+            for (int kb = 0; kb < KB; ++kb) {
+                mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1u);
+                const unsigned dst = ring + stage * C::STAGE_BYTES + dst_off;
+                const int k0 = kb * BK + c * 8;
+                if (kvec) {
+                    const bool kin = k0 < K;
+                    // Offsets first, then the copies: each copy would otherwise wait on its own
+                    // shared-memory load (measured 1.3x slower).
+#pragma unroll
+                    for (int i0 = 0; i0 < (BM + BN) / 16; i0 += 8) {
+                        long long o[8];
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) o[j] = row_src[rg + 16 * (i0 + j)];
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            const int i = i0 + j;
+                            const T* src = i < BM / 16 ? X : W;  // B follows A in the stage
+                            const bool ok = o[j] >= 0 && kin;
+                            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + i * 16 * 128),
+                                         "l"(ok ? (const void*)(src + o[j] + k0) : (const void*)src), "r"(ok ? 16 : 0));
+                        }
+                    }
+                    mbar_arrive_cp_async(smem_u32(&full_bar[stage]));
+                } else {
+                    // K % 8 != 0: rows are not 16-byte aligned; element loads and ordinary smem
+                    // stores, then the proxy fence wgmma needs, then a plain arrive.
+                    for (int i = 0; i < (BM + BN) / 16; ++i) {
+                        const long long o = row_src[rg + 16 * i];
+                        const T* src = i < BM / 16 ? X : W;
+                        __align__(16) T v[8];
+                        for (int j = 0; j < 8; ++j) v[j] = (o >= 0 && k0 + j < K) ? src[o + k0 + j] : from_f<T>(0.0f);
+                        const uint4 u = *reinterpret_cast<const uint4*>(v);
+                        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + i * 16 * 128), "r"(u.x),
+                                     "r"(u.y), "r"(u.z), "r"(u.w)
+                                     : "memory");
+                    }
+                    fence_proxy_async();
+                    mbar_arrive(smem_u32(&full_bar[stage]));
+                }
+                if (++stage == STAGES) { stage = 0; phase ^= 1u; }
+            }
+        }
+        // Drain: the block must not exit with this thread's copies still in flight.
+        cp_async_wait<0>();
+    } else {
+        // ------------------------------------------------------------ consumer warpgroups
+        const int cw = wg - 1;        // rows cw*64 .. cw*64+63 of the tile
+        const int wq = warp & 3;      // 16-row slice inside them
+        int stage = 0;
+        unsigned phase = 0;
+        for (int g = blockIdx.x; g < total; g += gridDim.x) {
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+            int prev = -1;
+            for (int kb = 0; kb < KB; ++kb) {
+                mbar_wait(smem_u32(&full_bar[stage]), phase);
+                // cp.async wrote the stage through the generic proxy; wgmma reads it through the async proxy.
+                fence_proxy_async();
+                const unsigned a_s = ring + stage * C::STAGE_BYTES + cw * 64 * 128;
+                const unsigned b_s = ring + stage * C::STAGE_BYTES + C::A_BYTES;
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk) Wgmma256<T>::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
+                wg_commit();
+                wg_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
+                if (prev >= 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
+                prev = stage;
+                if (++stage == STAGES) { stage = 0; phase ^= 1u; }
+            }
+            wg_wait<0>();
+            if (prev >= 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
+            // The tile's coordinates are needed only now: finding them here keeps their registers
+            // free during the main loop (128 accumulators leave little room at 168 registers).
+            const Tile t = find_tile(g, prefix, off, E, nN, BM);
+
+            // ---- epilogue, specialised per activation: a run-time switch per element made the
+            // unrolled epilogue large and slow (measured: gated GEMMs at ~70% of plain ones).
+            const WsEpi<T> ep{Y, bias, sidx, row_scale, N, Nout, layout, grouped_out, alpha, limit,
+                              cw * 64 + wq * 16 + (lane >> 2), 2 * (lane & 3)};
+            switch (act) {
+            case SMOE_ACT_SILU: ws_epilogue<T, SMOE_ACT_SILU>(acc, t, gated, ep); break;
+            case SMOE_ACT_GELU: ws_epilogue<T, SMOE_ACT_GELU>(acc, t, gated, ep); break;
+            case SMOE_ACT_GELU_TANH: ws_epilogue<T, SMOE_ACT_GELU_TANH>(acc, t, gated, ep); break;
+            case SMOE_ACT_RELU: ws_epilogue<T, SMOE_ACT_RELU>(acc, t, gated, ep); break;
+            case SMOE_ACT_SWIGLU_OAI: ws_epilogue<T, SMOE_ACT_SWIGLU_OAI>(acc, t, gated, ep); break;
+            default: ws_epilogue<T, SMOE_ACT_NONE>(acc, t, gated, ep); break;
+            }
+        }
+    }
+#else
+    __trap();  // built for a target without wgmma: the host must not pick this kernel
+#endif
+}

@@ -1,0 +1,73 @@
+"""Launch one grouped GEMM of a layer shape with each given kernel config and time it (CUDA events,
+median of 20), for quick kernel experiments and for ncu (`ncu -k regex:NAME -c 1 python3 ...`).
+usage: python3 tests/gpu/one_gemm.py --shape mixtral --tokens 4096 --gemm g1 --cfgs wgmma_s4,wgmma_ws"""
+import argparse
+import math
+
+import torch
+
+from smoe_cuda import Kernels
+
+SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
+    ap.add_argument("--shape", default="mixtral")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--gemm", default="g1")
+    ap.add_argument("--cfgs", default="wgmma_s4,wgmma_ws")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    K = Kernels(a.fatbin_dir)
+    d, f, E, k = SHAPES[a.shape]
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    T = a.tokens
+    x = torch.randn(T, d, device="cuda", dtype=dt)
+    ri = torch.rand(T, E, device="cuda").topk(k, dim=1).indices.to(torch.int32).contiguous()
+    bufs = K.alloc_forward(T, k, E, d, f, dt)
+    K.routing(ri, E, bufs)
+    if a.gemm.startswith("g1"):
+        # g1: gathered rows of x, gated silu (the layer's first GEMM); g1plain: same product with a
+        # plain output (no GLU, twice the columns); g1grouped: rows already grouped (no gather).
+        w = torch.randn(E, 2 * f, d, device="cuda", dtype=dt) / math.sqrt(d)
+        if a.gemm == "g1plain":
+            bufs["H"] = torch.empty(T * k, 2 * f, device="cuda", dtype=dt)
+            args = (x, w, None, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, T * k, 0, 1, "none", 0)
+        elif a.gemm == "g1grouped":
+            xg = torch.randn(T * k, d, device="cuda", dtype=dt)
+            args = (xg, w, None, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, T * k, 1, 1, "silu", 1)
+        else:
+            args = (x, w, None, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, T * k, 0, 1, "silu", 1)
+        flops = 2 * T * k * d * 2 * f
+    else:
+        w = torch.randn(E, d, f, device="cuda", dtype=dt) / math.sqrt(f)
+        bufs["H"].normal_()
+        args = (bufs["H"], w, None, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, T * k, 1, 1, "none", 0)
+        flops = 2 * T * k * f * d
+    ref = None
+    for cfg in a.cfgs.split(","):
+        out = args[3]
+        out.fill_(float("nan"))
+        K.gemm(*args, cfg=cfg)
+        torch.cuda.synchronize()
+        res = out.float().clone()
+        err = 0.0 if ref is None else ((res - ref).abs().max() / ref.abs().max()).item()
+        ref = res if ref is None else ref
+        ts = []
+        for _ in range(a.reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            K.gemm(*args, cfg=cfg)
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1))
+        ms = sorted(ts)[len(ts) // 2]
+        print(f"{a.shape} T={T} {a.gemm} {cfg:14s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  "
+              f"nan={bool(torch.isnan(res).any())} rel.diff vs first={err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
