@@ -144,6 +144,23 @@ impl KernelInfo {
     }
 }
 
+impl KernelInfo {
+    /// Input `i` when it is a constant initializer (its value fixed for the session's lifetime,
+    /// owned by ORT), else None: absent, a graph input, or computed by another node.
+    pub fn constant_input(&self, i: usize) -> Result<Option<Tensor>, String> {
+        if i >= self.input_count()? {
+            return Ok(None);
+        }
+        let mut is_constant = 0;
+        let mut v: *const OrtValue = ptr::null();
+        check(unsafe { (api().KernelInfoGetConstantInput_tensor)(self.0, i, &mut is_constant, &mut v) })?;
+        if is_constant == 0 || v.is_null() {
+            return Ok(None);
+        }
+        tensor(v).map(Some)
+    }
+}
+
 impl crate::spec::AttrSource for KernelInfo {
     fn int(&self, name: &str) -> Option<i64> {
         let c = CString::new(name).ok()?;
@@ -311,6 +328,18 @@ impl Tensor {
     }
 }
 
+/// The tensor an ORT value holds: type, dimensions, data pointer.
+fn tensor(v: *const OrtValue) -> Result<Tensor, String> {
+    let mut info = ptr::null_mut();
+    check(unsafe { (api().GetTensorTypeAndShape)(v, &mut info) })?;
+    let r = read_type_shape(info);
+    unsafe { (api().ReleaseTensorTypeAndShapeInfo)(info) };
+    let (elem, dims) = r?;
+    let mut data = ptr::null_mut();
+    check(unsafe { (api().GetTensorMutableData)(v.cast_mut(), &mut data) })?;
+    Ok(Tensor { elem, dims: dims.iter().map(|&d| d.max(0) as usize).collect(), data })
+}
+
 pub struct KernelContext(pub *mut OrtKernelContext);
 
 /// What ORT's ParallelFor calls: the user data is the caller's closure.
@@ -368,14 +397,7 @@ impl KernelContext {
     /// Input `i`, or None when the node leaves it out.
     pub fn input(&self, i: usize) -> Result<Option<Tensor>, String> {
         let Some(v) = self.input_value(i)? else { return Ok(None) };
-        let mut info = ptr::null_mut();
-        check(unsafe { (api().GetTensorTypeAndShape)(v, &mut info) })?;
-        let r = read_type_shape(info);
-        unsafe { (api().ReleaseTensorTypeAndShapeInfo)(info) };
-        let (elem, dims) = r?;
-        let mut data = ptr::null_mut();
-        check(unsafe { (api().GetTensorMutableData)(v.cast_mut(), &mut data) })?;
-        Ok(Some(Tensor { elem, dims: dims.iter().map(|&d| d.max(0) as usize).collect(), data }))
+        tensor(v).map(Some)
     }
 
     /// Allocates output `i` with `dims`; None when the node does not ask for this optional output.

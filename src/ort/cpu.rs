@@ -1,9 +1,16 @@
 //! The ops on ONNX Runtime's CPU execution provider: contract checks from `spec`, arithmetic from
 //! `reference`.
+//!
+//! Weights that are constant initializers are packed once, when the session creates the kernel
+//! (as ORT's own MatMul prepacks its constant B): see `reference::panels`. The packed copy is f32
+//! and lives as long as the kernel, beside ORT's initializer; `SCATTERMOE_CPU_PREPACK=0` turns
+//! packing off (the products then read the initializers as they are, every call).
 
 use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
 use super::op::{Kernel, OpDef};
-use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes};
+use crate::reference::panels::{Columns, PackedWeights};
+use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, Scratch};
+use std::sync::{Mutex, TryLockError};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
 use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
@@ -95,19 +102,87 @@ pub(super) fn known(d: Dim) -> usize {
     d.expect("all dimensions are known at run time") as usize
 }
 
+/// Scratch a kernel keeps between calls, at most (the buffers of a bigger call are freed after it).
+const KEEP_SCRATCH_BYTES: usize = 256 << 20;
+
+/// Runs `f` with the kernel's scratch buffers, or fresh ones while another call holds them (ORT
+/// runs one kernel on several threads when a session is run from several threads at once).
+fn with_scratch<R>(cell: &Mutex<Scratch>, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut held = match cell.try_lock() {
+        Ok(g) => g,
+        // A panic in an earlier call leaves nothing to distrust: buffers are written before read.
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return f(&mut Scratch::default()),
+    };
+    let r = f(&mut held);
+    held.trim(KEEP_SCRATCH_BYTES);
+    r
+}
+
+/// Whether kernels pack constant weights (`SCATTERMOE_CPU_PREPACK=0` says no).
+fn prepack_enabled() -> bool {
+    std::env::var_os("SCATTERMOE_CPU_PREPACK").is_none_or(|v| v != "0")
+}
+
+/// The node's constant inputs `ids`, all of element type `t` (None for an input the node leaves
+/// out), or None when one of the present ones is not a constant initializer.
+fn constant_inputs<const N: usize>(info: &KernelInfo, t: ElemType, ids: [usize; N]) -> Option<[Option<Tensor>; N]> {
+    let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (slot, i) in out.iter_mut().zip(ids) {
+        if info.input(i).ok()?.is_none() {
+            continue;
+        }
+        let c = info.constant_input(i).ok()??;
+        if c.elem != t.onnx_code() {
+            return None;
+        }
+        *slot = Some(c);
+    }
+    Some(out)
+}
+
+/// A constant tensor's data as `E`.
+///
+/// # Safety
+/// The tensor's element type must be `E` and its data host memory.
+unsafe fn constant<E>(t: &Option<Tensor>) -> Option<&[E]> {
+    t.as_ref().map(|t| t.slice::<E>())
+}
+
 // ---------------------------------------------------------------------------------------------
 // ScatterMoE
 // ---------------------------------------------------------------------------------------------
 
 struct MoeCpu {
     attrs: scatter_moe::Attrs,
+    /// The weights and biases, packed at creation when they are all constant.
+    packed: Option<PackedMoe>,
+    scratch: Mutex<Scratch>,
 }
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
-    scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    Ok(Box::new(MoeCpu { attrs }))
+    let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    let packed = if prepack_enabled() { pack_moe(info, &attrs, t) } else { None };
+    Ok(Box::new(MoeCpu { attrs, packed, scratch: Mutex::default() }))
+}
+
+/// Packs `w_in`, `w_out` and the biases the node has, when all are constant initializers.
+fn pack_moe(info: &KernelInfo, attrs: &scatter_moe::Attrs, t: ElemType) -> Option<PackedMoe> {
+    use scatter_moe::*;
+    let [w_in, w_out, b_in, b_out] = constant_inputs(info, t, [W_IN, W_OUT, B_IN, B_OUT])?;
+    let (w_in, w_out) = (Some(w_in?), Some(w_out?));
+    // Constant shapes are static, so the contract check above has seen these very dims.
+    let &[experts, d, f] = w_out.as_ref()?.dims.as_slice() else { return None };
+    // SAFETY: element types checked against `t` by `constant_inputs`; CPU initializers are host memory.
+    unsafe {
+        match t {
+            ElemType::F32 => PackedMoe::new::<f32>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
+            ElemType::F16 => PackedMoe::new::<f16>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
+            ElemType::BF16 => PackedMoe::new::<bf16>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
+        }
+    }
 }
 
 pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
@@ -176,7 +251,10 @@ impl MoeCpu {
                 capacity,
             };
             let y = out_slice::<E>(y, s.tokens * s.d);
-            reference::scatter_moe(&OrtPool(ctx), &self.attrs, s, &inputs, y).map_err(to_string)
+            with_scratch(&self.scratch, |scratch| {
+                reference::scatter_moe_with(&OrtPool(ctx), &self.attrs, s, &inputs, self.packed.as_ref(), scratch, y)
+            })
+            .map_err(to_string)
         }
     }
 }
@@ -187,13 +265,33 @@ impl MoeCpu {
 
 struct LinearCpu {
     attrs: parallel_linear::Attrs,
+    /// `W` and `b`, packed at creation when they are constant.
+    packed: Option<PackedWeights>,
+    scratch: Mutex<Scratch>,
 }
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
-    parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    Ok(Box::new(LinearCpu { attrs }))
+    let (t, _, _) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    let packed = if prepack_enabled() { pack_linear(info, t) } else { None };
+    Ok(Box::new(LinearCpu { attrs, packed, scratch: Mutex::default() }))
+}
+
+/// Packs `W` and `b` (when the node has it), when both are constant initializers.
+fn pack_linear(info: &KernelInfo, t: ElemType) -> Option<PackedWeights> {
+    use parallel_linear::*;
+    let [w, b] = constant_inputs(info, t, [W, B])?;
+    let w = Some(w?);
+    let &[experts, d_out, d_in] = w.as_ref()?.dims.as_slice() else { return None };
+    // SAFETY: as in pack_moe.
+    unsafe {
+        match t {
+            ElemType::F32 => PackedWeights::new::<f32>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
+            ElemType::F16 => PackedWeights::new::<f16>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
+            ElemType::BF16 => PackedWeights::new::<bf16>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
+        }
+    }
 }
 
 pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
@@ -256,7 +354,11 @@ impl LinearCpu {
                 b: get(B).map(|t| t.slice::<E>()),
                 gates: get(GATES).map(|t| t.slice::<E>()),
             };
-            reference::parallel_linear(&OrtPool(ctx), &self.attrs, s, &inputs, out_slice::<E>(y, len)).map_err(to_string)
+            let y = out_slice::<E>(y, len);
+            with_scratch(&self.scratch, |scratch| {
+                reference::parallel_linear_with(&OrtPool(ctx), &self.attrs, s, &inputs, self.packed.as_ref(), scratch, y)
+            })
+            .map_err(to_string)
         }
     }
 }

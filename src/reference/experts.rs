@@ -3,6 +3,7 @@
 
 use super::element::{as_f32, Element};
 use super::gemm::{matmul_nt, MatMut, MatRef};
+use super::panels::{Epilogue, PackedWeights};
 use super::pool::Pool;
 use super::routing::Routing;
 use std::ops::Range;
@@ -20,6 +21,13 @@ pub struct Block {
 
 /// The blocks of a product `width` columns wide over every expert that has rows.
 pub fn blocks(routing: &Routing, width: usize) -> Vec<Block> {
+    blocks_by(routing, width, BLOCK_COLS)
+}
+
+/// Blocks of `per_block` units (columns, or panels of packed weights) out of `width`, for every
+/// expert that has rows.
+pub fn blocks_by(routing: &Routing, width: usize, per_block: usize) -> Vec<Block> {
+    assert!(per_block > 0);
     let experts = routing.offsets.len() - 1;
     let mut out = Vec::new();
     for e in 0..experts {
@@ -29,7 +37,7 @@ pub fn blocks(routing: &Routing, width: usize) -> Vec<Block> {
         }
         let mut c = 0;
         while c < width {
-            let end = (c + BLOCK_COLS).min(width);
+            let end = (c + per_block).min(width);
             out.push(Block { e, rows: rows.clone(), cols: c..end });
             c = end;
         }
@@ -73,10 +81,11 @@ impl Shared {
     }
 }
 
-/// Gathers rows of `src` (width `k`) as f32 in parallel: row `i` of the result is `src[row_of(i)]`.
-pub fn gather_rows<E: Element>(pool: &dyn Pool, src: &[E], k: usize, rows: usize, row_of: &(dyn Fn(usize) -> usize + Sync)) -> Vec<f32> {
-    let mut a = vec![0f32; rows * k];
-    let shared = Shared::new(&mut a, k.max(1));
+/// Gathers rows of `src` (width `k`) as f32 in parallel into `a` (`rows` x `k`): row `i` of `a`
+/// is `src[row_of(i)]`.
+pub fn gather_rows<E: Element>(pool: &dyn Pool, src: &[E], k: usize, a: &mut [f32], row_of: &(dyn Fn(usize) -> usize + Sync)) {
+    let rows = a.len().checked_div(k).unwrap_or(0);
+    let shared = Shared::new(a, k.max(1));
     const CHUNK: usize = 64;
     pool.for_each(rows.div_ceil(CHUNK), &|c| {
         for i in c * CHUNK..((c + 1) * CHUNK).min(rows) {
@@ -88,7 +97,6 @@ pub fn gather_rows<E: Element>(pool: &dyn Pool, src: &[E], k: usize, rows: usize
             }
         }
     });
-    a
 }
 
 /// `out = a · w[rows]ᵀ (+ b[rows])` for the weight rows `w_rows` of one expert's weight `w`
@@ -107,6 +115,20 @@ pub unsafe fn linear_rows<E: Element>(a: MatRef, w: &[E], b: Option<&[E]>, w_row
             }
         }
     }
+}
+
+/// `out = epi(a · W[e]ᵀ + b[e])` over packed weights for every expert's rows of `a` (grouped
+/// order, `pw.k()` wide), into `out` (`pw.width()` wide), in blocks (expert, panels) on `pool`.
+pub fn packed_product(pool: &dyn Pool, routing: &Routing, a: &[f32], pw: &PackedWeights, epi: Epilogue, out: &mut [f32]) {
+    let (k, width) = (pw.k(), pw.width());
+    let out = Shared::new(out, width);
+    let work = blocks_by(routing, pw.panels(), pw.task_panels());
+    pool.for_each(work.len(), &|i| {
+        let Block { e, rows: r, cols: panels } = &work[i];
+        let a_e = MatRef::new(&a[r.start * k..r.end * k], r.len(), k, k);
+        // SAFETY: blocks of different tasks do not overlap.
+        unsafe { pw.product(*e, panels.clone(), a_e, epi, &out.block(r, &pw.columns_of(panels))) };
+    });
 }
 
 /// An output of element type `E` that parallel tasks write row by row, each row by one task.

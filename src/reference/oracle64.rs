@@ -1,0 +1,100 @@
+//! Test-only: the ops evaluated in f64 straight from docs/op-spec.md, one assignment at a time,
+//! sharing no code with the f32 paths but the capacity rule (tested on its own in `routing`).
+
+use super::routing::capacity_keep;
+use crate::spec::{scatter_moe::Attrs, Activation};
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn act(a: Activation, x: f64) -> f64 {
+    match a {
+        Activation::Silu => x * sigmoid(x),
+        Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+        Activation::Relu => x.max(0.0),
+        Activation::SwigluOai => unreachable!("gated only"),
+    }
+}
+
+/// `w[e] · x + b[e]` for a `[rows, cols]` matrix per expert.
+fn linear(w: &[f64], b: Option<&[f64]>, e: usize, rows: usize, cols: usize, x: &[f64]) -> Vec<f64> {
+    (0..rows)
+        .map(|r| {
+            let row = &w[(e * rows + r) * cols..(e * rows + r + 1) * cols];
+            row.iter().zip(x).map(|(w, x)| w * x).sum::<f64>() + b.map_or(0.0, |b| b[e * rows + r])
+        })
+        .collect()
+}
+
+/// The inputs of a ScatterMoE call, as f64.
+pub struct Moe<'a> {
+    pub x: &'a [f64],
+    pub rw: &'a [f64],
+    pub ri: &'a [i64],
+    pub w_in: &'a [f64],
+    pub w_out: &'a [f64],
+    pub b_in: Option<&'a [f64]>,
+    pub b_out: Option<&'a [f64]>,
+    pub capacity: Option<usize>,
+}
+
+/// `Y` of ScatterMoE for `tokens` tokens of width `d`, `k` slots, `experts` experts of width `f`.
+pub fn scatter_moe(attrs: &Attrs, tokens: usize, k: usize, experts: usize, d: usize, f: usize, m: &Moe) -> Vec<f64> {
+    let n = if attrs.gated { 2 * f } else { f };
+    let expert: Vec<u32> = m.ri.iter().map(|&e| e as u32).collect();
+    let keep = m.capacity.map(|c| capacity_keep(&expert, k, experts, c, attrs.capacity_order));
+    let mut y = vec![0f64; tokens * d];
+    for t in 0..tokens {
+        for j in 0..k {
+            if keep.as_ref().is_some_and(|keep| !keep[t * k + j]) {
+                continue;
+            }
+            let e = m.ri[t * k + j] as usize;
+            let a = linear(m.w_in, m.b_in, e, n, d, &m.x[t * d..(t + 1) * d]);
+            let h: Vec<f64> = (0..f)
+                .map(|i| {
+                    if !attrs.gated {
+                        return act(attrs.activation, a[i]);
+                    }
+                    let (g, u) = attrs.glu_layout.rows(i, f);
+                    let (g, u) = (a[g], a[u]);
+                    match attrs.activation {
+                        Activation::SwigluOai => {
+                            let lim = attrs.limit as f64;
+                            let g = g.min(lim);
+                            (u.clamp(-lim, lim) + 1.0) * g * sigmoid(attrs.alpha as f64 * g)
+                        }
+                        other => act(other, g) * u,
+                    }
+                })
+                .collect();
+            let o = linear(m.w_out, m.b_out, e, d, f, &h);
+            for (yv, ov) in y[t * d..(t + 1) * d].iter_mut().zip(o) {
+                *yv += m.rw[t * k + j] * ov;
+            }
+        }
+    }
+    y
+}
+
+/// `z(t, j) = W[e] · x + b[e]` of ParallelLinear for every assignment, flat index `t * k + j`,
+/// with `x` one row per token.
+pub fn parallel_linear(x: &[f64], ri: &[i64], w: &[f64], b: Option<&[f64]>, k: usize, d_in: usize, d_out: usize) -> Vec<Vec<f64>> {
+    ri.iter()
+        .enumerate()
+        .map(|(i, &e)| linear(w, b, e as usize, d_out, d_in, &x[(i / k) * d_in..(i / k + 1) * d_in]))
+        .collect()
+}
+
+/// max |got - want| / max |want|, the tests' error measure.
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+    let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+    if diff.is_nan() || got.iter().any(|g| !g.is_finite()) {
+        return f64::INFINITY;
+    }
+    diff / scale.max(f64::MIN_POSITIVE)
+}
