@@ -398,6 +398,25 @@ def write_outputs(out, meta, rows, shapes):
         print(f"chart not written: {short(e)}", flush=True)
 
 
+def render(args):
+    """Tables and chart from earlier runs (a device call is time-boxed, so one table may take two runs)."""
+    meta, merged = {"runs": []}, {}
+    for path in args.render:
+        with open(path) as fh:
+            run = json.load(fh)
+        meta["runs"].append(run.get("meta", {}))
+        for row in run["rows"]:
+            key = (row["shape"], row["tokens"])
+            have = merged.setdefault(key, {"notes": {}})
+            notes = {**have["notes"], **row.get("notes", {})}
+            have.update(row)
+            have["notes"] = {c: why for c, why in notes.items() if c not in have}  # a measured cell needs no why
+    order = {s: i for i, s in enumerate(SHAPES)}
+    rows = [merged[k] for k in sorted(merged, key=lambda k: (order.get(k[0], 99), k[1]))]
+    write_outputs(args.out, meta, rows, list(dict.fromkeys(r["shape"] for r in rows)))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ dry run
 def dry_run(args):
     """GPU-free check: build every ONNX model at a toy size, check it, run the ScatterMoE ones (and try
@@ -543,11 +562,16 @@ def main():
     ap.add_argument("--hard-extra", type=float, default=60)
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build and check the models, render a report")
     ap.add_argument("--verbose", action="store_true", help="tracebacks of failing columns")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="no GPU: merge the rows of earlier runs' gpu_bench.json (a later file's cells win for the "
+                         "same shape and token count) and write the tables and chart to --out")
     args = ap.parse_args()
     bad = [s for s in args.shapes.split(",") if s not in SHAPES] + [p for p in args.peers.split(",") if p not in PEERS]
     if bad:
         ap.error(f"unknown shape or peer: {', '.join(bad)}")
     os.makedirs(args.out, exist_ok=True)
+    if args.render:
+        return render(args)
     if args.dry_run:
         return dry_run(args)
     Bench(args).run()
