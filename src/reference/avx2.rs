@@ -19,7 +19,8 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// `acc[i] (+)= sum_{l < k} a[i * lda + l] * b[l * NR .. (l + 1) * NR]` for the first `m` rows:
+/// `acc[i] (+)= sum_{l < k} a[l * MR + i] * b[l * NR .. (l + 1) * NR]` for the first `m` rows of a
+/// tile of token rows stored column by column (`MR` values per column, see `panels::RowTiles`):
 /// onto `acc`'s values when `accumulate` (a later block of the inner dimension), else from zero.
 ///
 /// With `prefetch`, the tile also asks for the lines [`PREFETCH_LINES`] ahead of the one it reads
@@ -27,19 +28,18 @@ pub fn available() -> bool {
 /// panel reads it from memory, and the hardware prefetcher alone stops at every 4 KiB page.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `a` must hold `m` rows of `k` values at stride `lda`, `b`
-/// `k` lines of `NR` values, 32-byte aligned.
+/// AVX2 and FMA must be available; `a` must hold `k` columns of `MR` values (the first `m` of
+/// each are read), `b` `k` lines of `NR` values, 32-byte aligned.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn tile(m: usize, k: usize, a: *const f32, lda: usize, b: *const f32, acc: &mut [[f32; NR]; MR], accumulate: bool, prefetch: bool) {
+pub unsafe fn tile(m: usize, k: usize, a: *const f32, b: *const f32, acc: &mut [[f32; NR]; MR], accumulate: bool, prefetch: bool) {
     // Few rows leave few independent accumulators, and each FMA waits on the previous one into
     // the same register (4-5 cycles): U interleaved sets of accumulators over k hide that latency.
     macro_rules! go {
         ($m:literal, $u:literal) => {
             if prefetch {
-                tile_m::<$m, $u, true>(k, a, lda, b, acc, accumulate)
+                tile_m::<$m, $u, true>(k, a, b, acc, accumulate)
             } else {
-                tile_m::<$m, $u, false>(k, a, lda, b, acc, accumulate)
+                tile_m::<$m, $u, false>(k, a, b, acc, accumulate)
             }
         };
     }
@@ -57,50 +57,52 @@ pub unsafe fn tile(m: usize, k: usize, a: *const f32, lda: usize, b: *const f32,
 /// How far ahead a prefetching tile asks for panel lines (64 bytes each).
 pub const PREFETCH_LINES: usize = 24;
 
+/// Inner steps per loop iteration: with the steps' offsets fixed, every load of the iteration
+/// addresses off two pointers, and the loop costs two additions and a branch per four steps.
+const UNROLL: usize = 4;
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_m<const M: usize, const U: usize, const PREFETCH: bool>(
     k: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     out: &mut [[f32; NR]; MR],
     accumulate: bool,
 ) {
-    let rows: [*const f32; M] = std::array::from_fn(|i| a.add(i * lda));
     let mut acc = [[[_mm256_setzero_ps(); 2]; M]; U];
     if accumulate {
         for i in 0..M {
             acc[0][i] = [_mm256_loadu_ps(out[i].as_ptr()), _mm256_loadu_ps(out[i].as_ptr().add(8))];
         }
     }
-    let mut l = 0;
-    while l + U <= k {
-        for (u, set) in acc.iter_mut().enumerate() {
-            let line = b.add((l + u) * NR);
+    // One inner step `u` of the current iteration, into accumulator set `set`.
+    macro_rules! step {
+        ($ap:expr, $bp:expr, $u:expr, $set:expr) => {{
+            let line = $bp.add($u * NR);
             if PREFETCH {
                 // wrapping: the address may lie past the allocation; a prefetch never faults
                 _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH_LINES * NR).cast::<i8>());
             }
             let b0 = _mm256_load_ps(line);
             let b1 = _mm256_load_ps(line.add(8));
+            let set = &mut acc[$set];
             for i in 0..M {
-                let av = _mm256_broadcast_ss(&*rows[i].add(l + u));
+                let av = _mm256_broadcast_ss(&*$ap.add($u * MR + i));
                 set[i][0] = _mm256_fmadd_ps(av, b0, set[i][0]);
                 set[i][1] = _mm256_fmadd_ps(av, b1, set[i][1]);
             }
-        }
-        l += U;
+        }};
     }
-    while l < k {
-        let line = b.add(l * NR);
-        let b0 = _mm256_load_ps(line);
-        let b1 = _mm256_load_ps(line.add(8));
-        for i in 0..M {
-            let av = _mm256_broadcast_ss(&*rows[i].add(l));
-            acc[0][i][0] = _mm256_fmadd_ps(av, b0, acc[0][i][0]);
-            acc[0][i][1] = _mm256_fmadd_ps(av, b1, acc[0][i][1]);
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..k / UNROLL {
+        for u in 0..UNROLL {
+            step!(ap, bp, u, u % U);
         }
-        l += 1;
+        ap = ap.add(UNROLL * MR);
+        bp = bp.add(UNROLL * NR);
+    }
+    for u in 0..k % UNROLL {
+        step!(ap, bp, u, 0);
     }
     for i in 0..M {
         let (mut lo, mut hi) = (acc[0][i][0], acc[0][i][1]);
@@ -150,12 +152,12 @@ unsafe fn silu8(v: *mut f32) {
 }
 
 /// Applies `epi` to one tile row `v` (bias already added) and writes the first `valid` results
-/// to `dst`.
+/// to `dst`, `step` values apart.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `dst` must be writable for `valid` values.
+/// AVX2 and FMA must be available; `dst` must be writable at those `valid` places.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn finish(epi: Epilogue, v: &mut [f32; NR], valid: usize, dst: *mut f32) {
+pub unsafe fn finish(epi: Epilogue, v: &mut [f32; NR], valid: usize, dst: *mut f32, step: usize) {
     match epi {
         Epilogue::Linear => {}
         Epilogue::Act(attrs) if attrs.activation == Activation::Silu => {
@@ -186,7 +188,13 @@ pub unsafe fn finish(epi: Epilogue, v: &mut [f32; NR], valid: usize, dst: *mut f
             _mm256_storeu_ps(v.as_mut_ptr(), h);
         }
     }
-    std::ptr::copy_nonoverlapping(v.as_ptr(), dst, valid);
+    if step == 1 {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), dst, valid);
+    } else {
+        for (j, x) in v.iter().take(valid).enumerate() {
+            *dst.add(j * step) = *x;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,19 +230,21 @@ mod tests {
             return;
         }
         #[repr(align(32))]
-        struct Panel([f32; 37 * NR]);
-        let k = 37; // odd: the interleaved accumulator sets have a remainder
-        let mut b = Panel([0.0; 37 * NR]);
+        struct Panel([f32; 39 * NR]);
+        let k = 39; // not a multiple of the unrolling nor of the accumulator sets
+        let mut b = Panel([0.0; 39 * NR]);
         b.0.iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 * 0.71).sin());
-        let lda = k + 5;
-        let a: Vec<f32> = (0..MR * lda).map(|i| (i as f32 * 0.29).cos()).collect();
+        let a: Vec<f32> = (0..MR * k).map(|i| (i as f32 * 0.29).cos()).collect();
         for m in 1..=MR {
-            let mut acc = [[f32::NAN; NR]; MR];
-            unsafe { tile(m, k, a.as_ptr(), lda, b.0.as_ptr(), &mut acc, false, m % 2 == 0) };
-            for i in 0..m {
-                for j in 0..NR {
-                    let want: f64 = (0..k).map(|l| a[i * lda + l] as f64 * b.0[l * NR + j] as f64).sum();
-                    assert!((acc[i][j] as f64 - want).abs() < 1e-5, "m={m} ({i},{j}): {} vs {want}", acc[i][j]);
+            for accumulate in [false, true] {
+                let mut acc = [[0.5f32; NR]; MR];
+                unsafe { tile(m, k, a.as_ptr(), b.0.as_ptr(), &mut acc, accumulate, m % 2 == 0) };
+                for i in 0..m {
+                    for j in 0..NR {
+                        let start = if accumulate { 0.5 } else { 0.0 };
+                        let want: f64 = start + (0..k).map(|l| a[l * MR + i] as f64 * b.0[l * NR + j] as f64).sum::<f64>();
+                        assert!((acc[i][j] as f64 - want).abs() < 1e-5, "m={m} ({i},{j}): {} vs {want}", acc[i][j]);
+                    }
                 }
             }
         }

@@ -3,7 +3,8 @@
 
 use super::element::{as_f32, Element};
 use super::gemm::{matmul_nt, MatMut, MatRef};
-use super::panels::{Epilogue, PackedWeights};
+use super::avx2::MR;
+use super::panels::{Epilogue, OutBlock, PackedWeights, RowTiles};
 use super::pool::Pool;
 use super::routing::Routing;
 use std::ops::Range;
@@ -59,6 +60,21 @@ impl Shared {
     /// `buf` seen as rows of `stride` values.
     pub fn new(buf: &mut [f32], stride: usize) -> Self {
         Shared { ptr: buf.as_mut_ptr(), len: buf.len(), stride }
+    }
+
+    /// The buffer's first value, for blocks addressed by hand ([`OutBlock`]).
+    fn base(&self) -> *mut f32 {
+        self.ptr
+    }
+
+    /// `n` values from the start of row `i`.
+    ///
+    /// # Safety
+    /// No two tasks may hold overlapping ranges.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, i: usize, n: usize) -> &mut [f32] {
+        assert!(i * self.stride + n <= self.len, "rows outside the buffer");
+        std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride), n)
     }
 
     /// Row `i` as a slice of `w` values.
@@ -117,17 +133,75 @@ pub unsafe fn linear_rows<E: Element>(a: MatRef, w: &[E], b: Option<&[E]>, w_row
     }
 }
 
-/// `out = epi(a · W[e]ᵀ + b[e])` over packed weights for every expert's rows of `a` (grouped
-/// order, `pw.k()` wide), into `out` (`pw.width()` wide), in blocks (expert, panels) on `pool`.
-pub fn packed_product(pool: &dyn Pool, routing: &Routing, a: &[f32], pw: &PackedWeights, epi: Epilogue, out: &mut [f32]) {
+/// Row offsets of each expert's rows in [`RowTiles`] buffers: expert `e`'s tiles start at row
+/// `tiled[e]`, its row count rounded up to whole tiles (length E + 1).
+pub fn tile_offsets(routing: &Routing) -> Vec<usize> {
+    let mut tiled = vec![0];
+    for w in routing.offsets.windows(2) {
+        tiled.push(tiled.last().unwrap() + (w[1] - w[0]).div_ceil(MR) * MR);
+    }
+    tiled
+}
+
+/// [`gather_rows`] into [`RowTiles`] layout: grouped row `i` (of expert `e`) is `src[row_of(i)]`,
+/// stored in `a` (`tiled[E]` rows of width `k`) at row `tiled[e] + i - offsets[e]`.
+pub fn gather_tiles<E: Element>(pool: &dyn Pool, src: &[E], k: usize, routing: &Routing, tiled: &[usize], a: &mut [f32], row_of: &(dyn Fn(usize) -> usize + Sync)) {
+    assert_eq!(a.len(), tiled.last().unwrap() * k, "gather_tiles: buffer size");
+    let shared = Shared::new(a, k.max(1));
+    // One task per tile: tiles are disjoint in `a`.
+    let tiles: Vec<(usize, Range<usize>)> = routing
+        .offsets
+        .windows(2)
+        .enumerate()
+        .flat_map(|(e, w)| (w[0]..w[1]).step_by(MR).map(move |r| (tiled[e] + r - w[0], r..(r + MR).min(w[1]))))
+        .collect();
+    pool.for_each(tiles.len(), &|t| {
+        let (at, rows) = &tiles[t];
+        // SAFETY: tile t's rows belong to task t only.
+        let dst = unsafe { shared.rows(*at, MR * k) };
+        for (lane, i) in rows.clone().enumerate() {
+            let r = row_of(i);
+            for (c, s) in src[r * k..(r + 1) * k].iter().enumerate() {
+                dst[c * MR + lane] = s.to_f32();
+            }
+        }
+    });
+}
+
+/// Where [`packed_product`] writes.
+pub enum Dest<'a> {
+    /// Row-major, one row per grouped row.
+    Rows(&'a mut [f32]),
+    /// [`RowTiles`] at the rows of [`tile_offsets`], for a product that reads them next.
+    Tiles(&'a mut [f32]),
+}
+
+/// `out = epi(a · W[e]ᵀ + b[e])` over packed weights for every expert's rows, `a` being the
+/// [`RowTiles`] (at `tiled`) of the grouped rows, `pw.k()` wide; `out` is `pw.width()` wide. In
+/// blocks (expert, panels) on `pool`.
+pub fn packed_product(pool: &dyn Pool, routing: &Routing, tiled: &[usize], a: &[f32], pw: &PackedWeights, epi: Epilogue, out: Dest) {
     let (k, width) = (pw.k(), pw.width());
-    let out = Shared::new(out, width);
+    let (buf, tiles) = match out {
+        Dest::Rows(b) => (b, false),
+        Dest::Tiles(b) => (b, true),
+    };
+    let rows_needed = if tiles { *tiled.last().unwrap() } else { *routing.offsets.last().unwrap() };
+    assert!(buf.len() >= rows_needed * width, "packed_product: output buffer too small");
+    let out = Shared::new(buf, width);
     let work = blocks_by(routing, pw.panels(), pw.task_panels());
     pool.for_each(work.len(), &|i| {
         let Block { e, rows: r, cols: panels } = &work[i];
-        let a_e = MatRef::new(&a[r.start * k..r.end * k], r.len(), k, k);
-        // SAFETY: blocks of different tasks do not overlap.
-        unsafe { pw.product(*e, panels.clone(), a_e, epi, &out.block(r, &pw.columns_of(panels))) };
+        let a_e = RowTiles::new(&a[tiled[*e] * k..tiled[e + 1] * k], r.len(), k);
+        let cols = pw.columns_of(panels);
+        // SAFETY: blocks of different tasks do not overlap, and lie inside the buffer (checked).
+        unsafe {
+            let dst = if tiles {
+                OutBlock::tiles(out.base().add(tiled[*e] * width), r.len(), cols.start, cols.len(), width)
+            } else {
+                OutBlock::rows(out.base().add(r.start * width + cols.start), r.len(), cols.len(), width)
+            };
+            pw.product(*e, panels.clone(), a_e, epi, &dst);
+        }
     });
 }
 

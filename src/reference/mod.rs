@@ -28,11 +28,10 @@ mod avx2 {
     pub fn available() -> bool {
         false
     }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(_: usize, _: usize, _: *const f32, _: usize, _: *const f32, _: &mut [[f32; NR]; MR], _: bool, _: bool) {
+    pub unsafe fn tile(_: usize, _: usize, _: *const f32, _: *const f32, _: &mut [[f32; NR]; MR], _: bool, _: bool) {
         unreachable!("no packed weights without AVX2")
     }
-    pub unsafe fn finish(_: Epilogue, _: &mut [f32; NR], _: usize, _: *mut f32) {
+    pub unsafe fn finish(_: Epilogue, _: &mut [f32; NR], _: usize, _: *mut f32, _: usize) {
         unreachable!("no packed weights without AVX2")
     }
 }

@@ -2,7 +2,7 @@
 
 use super::activation::activate_row;
 use super::element::{Element, Indices};
-use super::experts::{blocks, gather_rows, linear_rows, packed_product, Block, Shared, SharedOut};
+use super::experts::{blocks, gather_rows, gather_tiles, linear_rows, packed_product, tile_offsets, Block, Dest, Shared, SharedOut};
 use super::gemm::MatRef;
 use super::panels::{Columns, Epilogue, PackedWeights};
 use super::pool::Pool;
@@ -112,20 +112,27 @@ pub fn scatter_moe_with<E: Element>(
 
     // The kept assignments' token rows a [rows, d] in grouped order, hidden activations
     // h [rows, f], expert outputs o [rows, d]: each written in full before it is read.
-    let [a, h, o] = scratch.buffers([rows * d, rows * f, rows * d]);
-    gather_rows(pool, inp.x, d, a, &|i| routing.order[i] as usize / k);
-    match packed {
+    let row_of = |i: usize| routing.order[i] as usize / k;
+    let o: &[f32] = match packed {
         Some(p) => {
+            // a and h as the register tiles read them (rows padded to whole tiles), o by rows
+            let tiled = tile_offsets(&routing);
+            let padded = *tiled.last().unwrap();
+            let [a, h, o] = scratch.buffers([padded * d, padded * f, rows * d]);
+            gather_tiles(pool, inp.x, d, &routing, &tiled, a, &row_of);
             let epi = if attrs.gated { Epilogue::Glu(attrs) } else { Epilogue::Act(attrs) };
-            packed_product(pool, &routing, a, &p.w_in, epi, h);
-            packed_product(pool, &routing, h, &p.w_out, Epilogue::Linear, o);
+            packed_product(pool, &routing, &tiled, a, &p.w_in, epi, Dest::Tiles(h));
+            packed_product(pool, &routing, &tiled, h, &p.w_out, Epilogue::Linear, Dest::Rows(o));
+            o
         }
         None => {
+            let [a, h, o] = scratch.buffers([rows * d, rows * f, rows * d]);
+            gather_rows(pool, inp.x, d, a, &row_of);
             hidden(pool, attrs, s, inp, &routing, a, h);
             outputs(pool, s, inp, &routing, h, o);
+            o
         }
-    }
-    let o = &*o;
+    };
 
     // Y[t] = sum_j w[t, j] * o[t, j], one task per token chunk: deterministic, no atomics.
     let y_out = SharedOut::new(y);

@@ -19,7 +19,6 @@
 
 use super::avx2::{self, MR, NR};
 use super::element::Element;
-use super::gemm::{MatMut, MatRef};
 use crate::spec::{scatter_moe::Attrs, GluLayout};
 use std::ops::Range;
 
@@ -51,15 +50,97 @@ pub enum Epilogue<'a> {
     Glu(&'a Attrs),
 }
 
+/// The token rows of one expert as the register tile reads them: tiles of [`MR`] rows, each
+/// stored column by column (`MR` values per column, the last tile's unused ones never read), so
+/// a tile broadcasts every row's value of a column from one pointer, and reads its rows as one
+/// sequential stream.
+#[derive(Clone, Copy)]
+pub struct RowTiles<'a> {
+    /// Tile `t` at `t * MR * k`: value (row `i`, column `c`) at `(i / MR) * MR * k + c * MR + i % MR`.
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl<'a> RowTiles<'a> {
+    pub fn new(data: &'a [f32], rows: usize, k: usize) -> Self {
+        assert!(data.len() >= rows.div_ceil(MR) * MR * k, "RowTiles: buffer too small");
+        RowTiles { data, rows, k }
+    }
+}
+
+/// Where a product's values go: value (row `i`, column `j`) of the block at
+/// `ptr + (i / MR) * tile + (i % MR) * row + j * col`, which describes both a row-major block
+/// (`row` = its stride, `tile` = MR rows, `col` = 1) and a block of [`RowTiles`] (`row` = 1,
+/// `col` = MR), the layout the next product reads.
+pub struct OutBlock {
+    pub ptr: *mut f32,
+    pub rows: usize,
+    pub cols: usize,
+    pub tile: usize,
+    pub row: usize,
+    pub col: usize,
+}
+
+impl OutBlock {
+    /// `rows` x `cols` at `ptr` in a row-major buffer of row stride `stride`.
+    pub fn rows(ptr: *mut f32, rows: usize, cols: usize, stride: usize) -> Self {
+        OutBlock { ptr, rows, cols, tile: MR * stride, row: stride, col: 1 }
+    }
+
+    /// Columns `c0..c0 + cols` of the rows of a [`RowTiles`] buffer `width` columns wide whose
+    /// first tile is at `tiles`.
+    pub fn tiles(tiles: *mut f32, rows: usize, c0: usize, cols: usize, width: usize) -> Self {
+        OutBlock { ptr: tiles.wrapping_add(c0 * MR), rows, cols, tile: MR * width, row: 1, col: MR }
+    }
+
+    /// Where row `i`'s first value goes.
+    fn row_ptr(&self, i: usize) -> *mut f32 {
+        self.ptr.wrapping_add((i / MR) * self.tile + (i % MR) * self.row)
+    }
+}
+
 /// One cache line of a panel: the `NR` weights of one inner index `l`.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Line([f32; NR]);
 
+/// Zeroed storage for panel lines: an anonymous mapping, which Linux is asked to back with 2 MiB
+/// pages. A product streams megabytes of weights, and with 4 KiB pages every 64th line would
+/// need a TLB entry of its own (and a page walk: the weights of a layer outnumber the TLB).
+struct LineStore {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl LineStore {
+    fn zeroed(len: usize) -> Self {
+        let bytes = (len * std::mem::size_of::<Line>()).max(1);
+        let map = memmap2::MmapOptions::new().len(bytes).map_anon().expect("PackedWeights: cannot map memory for packed weights");
+        #[cfg(target_os = "linux")]
+        if std::env::var_os("SCRATCH_NOHUGE").is_none() {
+            // Only advice: without transparent huge pages the mapping keeps 4 KiB pages.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        LineStore { map, len }
+    }
+
+    fn lines(&self) -> &[Line] {
+        // SAFETY: the mapping is page-aligned (so aligned for Line), `len` lines long, and zeroed
+        // memory is a valid Line; it lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<Line>(), self.len) }
+    }
+
+    fn lines_mut(&mut self) -> &mut [Line] {
+        // SAFETY: as in `lines`, borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().cast::<Line>(), self.len) }
+    }
+}
+
 /// Every expert's weight matrix (and bias) of one projection, in panels.
 pub struct PackedWeights {
     /// `[experts][k blocks][panels][lines of the block]`.
-    lines: Vec<Line>,
+    lines: LineStore,
     /// `[experts][panels]`: the bias laid out like the panel's lanes (zero in padding lanes).
     bias: Option<Vec<Line>>,
     experts: usize,
@@ -84,8 +165,7 @@ impl PackedWeights {
         }
         let width = if let Columns::Glu(_) = columns { n / 2 } else { n };
         let panels = width.div_ceil(lanes_out(columns));
-        let mut me = PackedWeights { lines: Vec::new(), bias: None, experts, k, n, panels, columns };
-        me.lines = vec![Line([0.0; NR]); experts * panels * k];
+        let mut me = PackedWeights { lines: LineStore::zeroed(experts * panels * k), bias: None, experts, k, n, panels, columns };
         let mut bias = b.map(|_| vec![Line([0.0; NR]); experts * panels]);
         for e in 0..experts {
             for p in 0..panels {
@@ -94,7 +174,7 @@ impl PackedWeights {
                     let src = &w[(e * n + r) * k..(e * n + r + 1) * k];
                     for kb in (0..k).step_by(KC) {
                         let (at, kl) = me.block(e, kb, p);
-                        for (line, v) in me.lines[at..at + kl].iter_mut().zip(&src[kb..]) {
+                        for (line, v) in me.lines.lines_mut()[at..at + kl].iter_mut().zip(&src[kb..]) {
                             line.0[lane] = v.to_f32();
                         }
                     }
@@ -169,13 +249,13 @@ impl PackedWeights {
         self.panels_width(panels.start)..self.panels_width(panels.end)
     }
 
-    /// `out = epi(a · W[e]ᵀ + b[e])` for the output columns of `panels`: `a` is `[m, k]`, `out`
-    /// the `m` x `columns_of(panels).len()` block.
+    /// `out = epi(a · W[e]ᵀ + b[e])` for the output columns of `panels`: `a` holds expert `e`'s
+    /// `m` token rows of `k` values, `out` is `m` x `columns_of(panels).len()`.
     ///
     /// # Safety
     /// `out` must describe writable memory that no other thread touches during the call.
-    pub unsafe fn product(&self, e: usize, panels: Range<usize>, a: MatRef, epi: Epilogue, out: &MatMut) {
-        assert!(e < self.experts && panels.end <= self.panels && a.cols == self.k, "PackedWeights::product: out of range");
+    pub unsafe fn product(&self, e: usize, panels: Range<usize>, a: RowTiles, epi: Epilogue, out: &OutBlock) {
+        assert!(e < self.experts && panels.end <= self.panels && a.k == self.k, "PackedWeights::product: out of range");
         assert!(out.rows == a.rows && out.cols == self.columns_of(&panels).len(), "PackedWeights::product: output block has the wrong shape");
         assert_eq!(matches!(epi, Epilogue::Glu(_)), matches!(self.columns, Columns::Glu(_)), "PackedWeights::product: epilogue and panel layout differ");
         // SAFETY: `new` only builds this where AVX2 and FMA are available.
@@ -183,7 +263,7 @@ impl PackedWeights {
     }
 
     #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-    unsafe fn product_avx2(&self, e: usize, panels: Range<usize>, a: MatRef, epi: Epilogue, out: &MatMut) {
+    unsafe fn product_avx2(&self, e: usize, panels: Range<usize>, a: RowTiles, epi: Epilogue, out: &OutBlock) {
         let lanes = lanes_out(self.columns);
         let width = self.width();
         let (m, k) = (a.rows, self.k);
@@ -194,14 +274,15 @@ impl PackedWeights {
             let last = kb + KC >= k;
             for (pi, p) in panels.clone().enumerate() {
                 let (at, kl) = self.block(e, kb, p);
-                let panel = self.lines.as_ptr().add(at).cast::<f32>();
+                let panel = self.lines.lines().as_ptr().add(at).cast::<f32>();
                 let bias = self.bias.as_ref().map(|b| &b[e * self.panels + p].0);
                 let valid = lanes.min(width - p * lanes);
                 for t in 0..tiles {
-                    let (i0, mr) = (t * MR, MR.min(m - t * MR));
+                    let mr = MR.min(m - t * MR);
+                    let rows = a.data.as_ptr().add(t * MR * k + kb * MR);
                     let tile = &mut acc[t * panels.len() + pi];
                     // The first row tile reads the block from memory: it prefetches ahead.
-                    avx2::tile(mr, kl, a.data.as_ptr().add(i0 * a.stride + kb), a.stride, panel, tile, kb > 0, t == 0);
+                    avx2::tile(mr, kl, rows, panel, tile, kb > 0, t == 0);
                     if !last {
                         continue;
                     }
@@ -209,7 +290,8 @@ impl PackedWeights {
                         if let Some(b) = bias {
                             row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                         }
-                        avx2::finish(epi, row, valid, out.ptr.add((i0 + i) * out.stride + pi * lanes));
+                        let dst = out.row_ptr(t * MR + i).add(pi * lanes * out.col);
+                        avx2::finish(epi, row, valid, dst, out.col);
                     }
                 }
             }

@@ -1,7 +1,7 @@
 //! `ParallelLinear` on the CPU.
 
 use super::element::{Element, Indices};
-use super::experts::{blocks, gather_rows, linear_rows, packed_product, Block, Shared, SharedOut};
+use super::experts::{blocks, gather_rows, gather_tiles, linear_rows, packed_product, tile_offsets, Block, Dest, Shared, SharedOut};
 use super::gemm::MatRef;
 use super::panels::{Columns, Epilogue, PackedWeights};
 use super::pool::Pool;
@@ -59,16 +59,20 @@ pub fn parallel_linear_with<E: Element>(
     // Input rows in grouped order, then z for every assignment, in grouped order.
     // Input rows a [assignments, d_in] and products z [assignments, d_out], both in grouped order
     // and each written in full before it is read.
-    let [a, z] = scratch.buffers([assignments * d_in, assignments * d_out]);
-    if attrs.grouped_in {
-        gather_rows(pool, inp.x, d_in, a, &|i| i);
-    } else {
-        gather_rows(pool, inp.x, d_in, a, &|i| routing.order[i] as usize / k);
-    }
-    let a = &*a;
-    match packed {
-        Some(p) => packed_product(pool, &routing, a, p, Epilogue::Linear, z),
+    let row_of = |i: usize| if attrs.grouped_in { i } else { routing.order[i] as usize / k };
+    let z: &[f32] = match packed {
+        Some(p) => {
+            // a as the register tiles read it (rows padded to whole tiles)
+            let tiled = tile_offsets(&routing);
+            let [a, z] = scratch.buffers([*tiled.last().unwrap() * d_in, assignments * d_out]);
+            gather_tiles(pool, inp.x, d_in, &routing, &tiled, a, &row_of);
+            packed_product(pool, &routing, &tiled, a, p, Epilogue::Linear, Dest::Rows(z));
+            z
+        }
         None => {
+            let [a, z] = scratch.buffers([assignments * d_in, assignments * d_out]);
+            gather_rows(pool, inp.x, d_in, a, &row_of);
+            let a = &*a;
             let z_out = Shared::new(z, d_out);
             let work = blocks(&routing, d_out);
             pool.for_each(work.len(), &|i| {
@@ -79,8 +83,9 @@ pub fn parallel_linear_with<E: Element>(
                 // SAFETY: blocks of different tasks do not overlap.
                 unsafe { linear_rows(a_e, w, b, cols.clone(), &z_out.block(r, cols)) };
             });
+            z
         }
-    }
+    };
 
     let row = |p: u32| &z[p as usize * d_out..(p as usize + 1) * d_out];
     let y_out = SharedOut::new(y);
