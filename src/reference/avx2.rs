@@ -4,7 +4,7 @@
 //! activation does not cost more than the products around it.
 
 use super::activation;
-use super::panels::Epilogue;
+use super::panels::{Epilogue, OutBlock};
 use crate::spec::Activation;
 use std::arch::x86_64::*;
 
@@ -144,55 +144,80 @@ unsafe fn sigmoid8(x: __m256) -> __m256 {
     _mm256_div_ps(one, _mm256_add_ps(one, e))
 }
 
-/// silu for 8 values in place.
+/// silu for 8 lanes.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu8(v: *mut f32) {
-    let x = _mm256_loadu_ps(v);
-    _mm256_storeu_ps(v, _mm256_mul_ps(x, sigmoid8(x)));
+unsafe fn silu8(x: __m256) -> __m256 {
+    _mm256_mul_ps(x, sigmoid8(x))
 }
 
-/// Applies `epi` to one tile row `v` (bias already added) and writes the first `valid` results
-/// to `dst`, `step` values apart.
+/// Turns the sums of a row tile into output values and writes them: adds the bias, applies
+/// `epi` to each of the first `mr` rows, and writes the first `valid` values of each row to row
+/// `i0 + i`, columns `col0..col0 + valid` of `out` (`i0` a multiple of [`MR`]).
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `dst` must be writable at those `valid` places.
+/// AVX2 and FMA must be available; `out` must be writable at those places.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn finish(epi: Epilogue, v: &mut [f32; NR], valid: usize, dst: *mut f32, step: usize) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn finish_tile(epi: Epilogue, acc: &mut [[f32; NR]; MR], mr: usize, bias: Option<&[f32; NR]>, valid: usize, out: &OutBlock, i0: usize, col0: usize) {
+    let zero = [0f32; NR];
+    let b = bias.unwrap_or(&zero);
+    let (b_lo, b_hi) = (_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8)));
+    // Every row of the tile, used or not (unused rows hold stale sums, never written out): a
+    // fixed count lets the rows' sigmoids interleave instead of waiting on one another.
+    let lo: [__m256; MR] = std::array::from_fn(|i| _mm256_add_ps(_mm256_loadu_ps(acc[i].as_ptr()), b_lo));
+    let hi: [__m256; MR] = std::array::from_fn(|i| _mm256_add_ps(_mm256_loadu_ps(acc[i].as_ptr().add(8)), b_hi));
+    let set = |acc: &mut [[f32; NR]; MR], i: usize, l: __m256, h: __m256| {
+        _mm256_storeu_ps(acc[i].as_mut_ptr(), l);
+        _mm256_storeu_ps(acc[i].as_mut_ptr().add(8), h);
+    };
     match epi {
-        Epilogue::Linear => {}
-        Epilogue::Act(attrs) if attrs.activation == Activation::Silu => {
-            silu8(v.as_mut_ptr());
-            silu8(v.as_mut_ptr().add(8));
+        Epilogue::Linear => (0..MR).for_each(|i| set(acc, i, lo[i], hi[i])),
+        Epilogue::Act(attrs) if attrs.activation == Activation::Silu => (0..MR).for_each(|i| set(acc, i, silu8(lo[i]), silu8(hi[i]))),
+        Epilogue::Glu(attrs) if attrs.activation == Activation::Silu => (0..MR).for_each(|i| set(acc, i, _mm256_mul_ps(silu8(lo[i]), hi[i]), hi[i])),
+        Epilogue::Glu(attrs) if attrs.activation == Activation::SwigluOai => {
+            // as activation::glu: g = min(gate, limit), u = clamp(up, -limit, limit)
+            let lim = _mm256_set1_ps(attrs.limit);
+            for i in 0..MR {
+                let g = _mm256_min_ps(lo[i], lim);
+                let u = _mm256_max_ps(_mm256_min_ps(hi[i], lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+                let s = sigmoid8(_mm256_mul_ps(_mm256_set1_ps(attrs.alpha), g));
+                set(acc, i, _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0)), _mm256_mul_ps(g, s)), hi[i]);
+            }
         }
-        Epilogue::Act(attrs) => v.iter_mut().for_each(|x| *x = activation::apply(attrs.activation, *x)),
+        // the other activations lane by lane, as the unpacked path computes them
+        Epilogue::Act(attrs) => {
+            for i in 0..MR {
+                set(acc, i, lo[i], hi[i]);
+                acc[i].iter_mut().for_each(|x| *x = activation::apply(attrs.activation, *x));
+            }
+        }
         Epilogue::Glu(attrs) => {
-            let gate = _mm256_loadu_ps(v.as_ptr());
-            let up = _mm256_loadu_ps(v.as_ptr().add(8));
-            let h = match attrs.activation {
-                Activation::Silu => _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid8(gate)), up),
-                Activation::SwigluOai => {
-                    // as activation::glu: g = min(gate, limit), u = clamp(up, -limit, limit)
-                    let lim = _mm256_set1_ps(attrs.limit);
-                    let g = _mm256_min_ps(gate, lim);
-                    let u = _mm256_max_ps(_mm256_min_ps(up, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
-                    let s = sigmoid8(_mm256_mul_ps(_mm256_set1_ps(attrs.alpha), g));
-                    _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0)), _mm256_mul_ps(g, s))
+            for (i, row) in acc.iter_mut().enumerate().take(mr) {
+                _mm256_storeu_ps(row.as_mut_ptr(), lo[i]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), hi[i]);
+                for j in 0..NR / 2 {
+                    row[j] = activation::glu(attrs, row[j], row[NR / 2 + j]);
                 }
-                _ => {
-                    for i in 0..NR / 2 {
-                        v[i] = activation::glu(attrs, v[i], v[NR / 2 + i]);
-                    }
-                    _mm256_loadu_ps(v.as_ptr())
-                }
-            };
-            _mm256_storeu_ps(v.as_mut_ptr(), h);
+            }
         }
     }
-    if step == 1 {
-        std::ptr::copy_nonoverlapping(v.as_ptr(), dst, valid);
+    let base = out.row_ptr(i0).add(col0 * out.col);
+    if out.col == 1 {
+        for (i, row) in acc.iter().enumerate().take(mr) {
+            let dst = base.add(i * out.row);
+            if valid == NR {
+                _mm256_storeu_ps(dst, _mm256_loadu_ps(row.as_ptr()));
+                _mm256_storeu_ps(dst.add(8), _mm256_loadu_ps(row.as_ptr().add(8)));
+            } else {
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, valid);
+            }
+        }
     } else {
-        for (j, x) in v.iter().take(valid).enumerate() {
-            *dst.add(j * step) = *x;
+        // column-major destination (the next product's row tiles): written in address order
+        for j in 0..valid {
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                *base.add(i * out.row + j * out.col) = row[j];
+            }
         }
     }
 }

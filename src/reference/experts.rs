@@ -22,13 +22,12 @@ pub struct Block {
 
 /// The blocks of a product `width` columns wide over every expert that has rows.
 pub fn blocks(routing: &Routing, width: usize) -> Vec<Block> {
-    blocks_by(routing, width, BLOCK_COLS)
+    blocks_by(routing, width, &|_| BLOCK_COLS)
 }
 
-/// Blocks of `per_block` units (columns, or panels of packed weights) out of `width`, for every
-/// expert that has rows.
-pub fn blocks_by(routing: &Routing, width: usize, per_block: usize) -> Vec<Block> {
-    assert!(per_block > 0);
+/// Blocks of `per_block(rows)` units (columns, or panels of packed weights) out of `width`, for
+/// every expert that has rows (`rows` of them).
+pub fn blocks_by(routing: &Routing, width: usize, per_block: &dyn Fn(usize) -> usize) -> Vec<Block> {
     let experts = routing.offsets.len() - 1;
     let mut out = Vec::new();
     for e in 0..experts {
@@ -36,6 +35,8 @@ pub fn blocks_by(routing: &Routing, width: usize, per_block: usize) -> Vec<Block
         if rows.is_empty() {
             continue;
         }
+        let per_block = per_block(rows.len());
+        assert!(per_block > 0);
         let mut c = 0;
         while c < width {
             let end = (c + per_block).min(width);
@@ -188,7 +189,7 @@ pub fn packed_product(pool: &dyn Pool, routing: &Routing, tiled: &[usize], a: &[
     let rows_needed = if tiles { *tiled.last().unwrap() } else { *routing.offsets.last().unwrap() };
     assert!(buf.len() >= rows_needed * width, "packed_product: output buffer too small");
     let out = Shared::new(buf, width);
-    let work = blocks_by(routing, pw.panels(), pw.task_panels());
+    let work = blocks_by(routing, pw.panels(), &|rows| pw.task_panels(rows));
     pool.for_each(work.len(), &|i| {
         let Block { e, rows: r, cols: panels } = &work[i];
         let a_e = RowTiles::new(&a[tiled[*e] * k..tiled[e + 1] * k], r.len(), k);

@@ -22,7 +22,7 @@ mod avx2;
 /// Other architectures have no packed path: [`panels::PackedWeights::new`] declines there.
 #[cfg(not(target_arch = "x86_64"))]
 mod avx2 {
-    use super::panels::Epilogue;
+    use super::panels::{Epilogue, OutBlock};
     pub const NR: usize = 16;
     pub const MR: usize = 6;
     pub fn available() -> bool {
@@ -31,7 +31,8 @@ mod avx2 {
     pub unsafe fn tile(_: usize, _: usize, _: *const f32, _: *const f32, _: &mut [[f32; NR]; MR], _: bool, _: bool) {
         unreachable!("no packed weights without AVX2")
     }
-    pub unsafe fn finish(_: Epilogue, _: &mut [f32; NR], _: usize, _: *mut f32, _: usize) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn finish_tile(_: Epilogue, _: &mut [[f32; NR]; MR], _: usize, _: Option<&[f32; NR]>, _: usize, _: &OutBlock, _: usize, _: usize) {
         unreachable!("no packed weights without AVX2")
     }
 }

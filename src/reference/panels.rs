@@ -25,9 +25,14 @@ use std::ops::Range;
 /// Inner-dimension block: one panel's block is `KC` lines (16 KiB), half a 32 KiB L1.
 pub const KC: usize = 256;
 
-/// Weight bytes a task's panels should span: enough work per task to amortise dispatch, few
-/// enough that one busy expert still splits over every core.
+/// Weight bytes a task's panels should span at least: enough work per task to amortise its
+/// dispatch, few enough that one expert with few rows still splits over every core.
 const TASK_BYTES: usize = 128 << 10;
+
+/// Panels a task takes at least when the expert has more than one row tile: every row tile
+/// passes over the task's panels, so the token rows (read from L2 or L3 for each task) are
+/// reused this many times, while the panels' current inner blocks (16 KiB each) stay in L2.
+const TASK_PANELS_MANY_ROWS: usize = 4;
 
 /// Which weight rows a panel's lanes hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +100,7 @@ impl OutBlock {
     }
 
     /// Where row `i`'s first value goes.
-    fn row_ptr(&self, i: usize) -> *mut f32 {
+    pub(super) fn row_ptr(&self, i: usize) -> *mut f32 {
         self.ptr.wrapping_add((i / MR) * self.tile + (i % MR) * self.row)
     }
 }
@@ -239,9 +244,15 @@ impl PackedWeights {
         self.panels
     }
 
-    /// Panels per parallel task (see [`TASK_BYTES`]).
-    pub fn task_panels(&self) -> usize {
-        (TASK_BYTES / (self.k.max(1) * NR * 4)).max(1)
+    /// Panels per parallel task for an expert with `rows` token rows (see [`TASK_BYTES`],
+    /// [`TASK_PANELS_MANY_ROWS`]).
+    pub fn task_panels(&self, rows: usize) -> usize {
+        let by_bytes = TASK_BYTES.div_ceil(self.k.max(1) * NR * 4);
+        if rows > MR {
+            by_bytes.max(TASK_PANELS_MANY_ROWS)
+        } else {
+            by_bytes
+        }
     }
 
     /// The output columns panels `panels` write.
@@ -286,13 +297,7 @@ impl PackedWeights {
                     if !last {
                         continue;
                     }
-                    for (i, row) in tile.iter_mut().enumerate().take(mr) {
-                        if let Some(b) = bias {
-                            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                        }
-                        let dst = out.row_ptr(t * MR + i).add(pi * lanes * out.col);
-                        avx2::finish(epi, row, valid, dst, out.col);
-                    }
+                    avx2::finish_tile(epi, tile, mr, bias, valid, out, t * MR, pi * lanes);
                 }
             }
         }
