@@ -9,7 +9,10 @@ Layers (reduced width, so the whole run takes minutes on 2 cores):
   qwen3    Qwen3-30B-A3B's shape at 1/8 width:   d 256, f 96,   E 128, k 8, SiLU-gated
 Both models take the same inputs (X, routing weights, routing indices: the router stays outside)
 and hold the weights as float32 initializers; the loop graph stores each expert's transposed
-weights as its own initializer, as torch.onnx exports nn.Linear.
+weights as its own initializer, as torch.onnx exports nn.Linear. Both pack their constant weights
+when the session is created (ORT's MatMul for MLAS, the plugin for its AVX2 kernel; session
+creation times include it); --no-prepack runs the plugin with SCATTERMOE_CPU_PREPACK=0, on the
+weights as stored.
 
 Each model is timed in a process of its own (one InferenceSession, as an application would run
 it: two sessions in one process disturb each other through their thread pools), in rounds that
@@ -116,7 +119,10 @@ def run_worker(which, layer, args, save) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--layer", layer, "--tokens", args.tokens,
            "--threads", str(args.threads), "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--budget", str(args.budget), "--lib", args.lib, "--seed", str(args.seed), "--save", save]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.no_prepack:
+        env["SCATTERMOE_CPU_PREPACK"] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{which} {layer} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3, quick 1)")
     ap.add_argument("--budget", type=float, default=None, help="max seconds of timed runs per token count (default 8, quick 3)")
     ap.add_argument("--lib", default=str(ort_utils.library_path()), help="custom-op library")
+    ap.add_argument("--no-prepack", action="store_true", help="plugin without packed weights (SCATTERMOE_CPU_PREPACK=0)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", choices=["plugin", "loop"], help=argparse.SUPPRESS)
@@ -163,7 +170,8 @@ def main(argv=None) -> int:
     print(f"  time = median wall time of one InferenceSession.run over up to {args.reps} runs after {args.warmup} warm-up "
           f"runs (at most {args.budget:g} s of timed runs), each model in its own process; best of {rounds} "
           f"alternating round(s)")
-    print(f"  machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {loadavg()} at start; library {args.lib}")
+    print(f"  machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {loadavg()} at start; library {args.lib}"
+          + (" (SCATTERMOE_CPU_PREPACK=0)" if args.no_prepack else ""))
     print()
 
     header = (f"{'layer':<8} {'d':>4} {'f':>5} {'E':>4} {'k':>2} {'tokens':>6} | {'plugin ms':>10} {'loop ms':>10} "
@@ -200,7 +208,8 @@ def main(argv=None) -> int:
         print("plugin slower than the loop graph at: " + ", ".join(f"{r['layer']} T={r['tokens']}" for r in slower))
     if args.json:
         meta = dict(onnxruntime=ort.__version__, threads=args.threads, dtype="float32", reps=args.reps,
-                    warmup=args.warmup, rounds=rounds, cpu=cpu_name(), cpus=os.cpu_count(), library=args.lib)
+                    warmup=args.warmup, rounds=rounds, cpu=cpu_name(), cpus=os.cpu_count(), library=args.lib,
+                    prepack=not args.no_prepack)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 

@@ -119,15 +119,14 @@ struct LineStore {
 }
 
 impl LineStore {
-    fn zeroed(len: usize) -> Self {
+    /// None when the system refuses the memory (the caller then keeps the unpacked path).
+    fn zeroed(len: usize) -> Option<Self> {
         let bytes = (len * std::mem::size_of::<Line>()).max(1);
-        let map = memmap2::MmapOptions::new().len(bytes).map_anon().expect("PackedWeights: cannot map memory for packed weights");
+        let map = memmap2::MmapOptions::new().len(bytes).map_anon().ok()?;
+        // Only advice: without transparent huge pages the mapping keeps 4 KiB pages.
         #[cfg(target_os = "linux")]
-        if std::env::var_os("SCRATCH_NOHUGE").is_none() {
-            // Only advice: without transparent huge pages the mapping keeps 4 KiB pages.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
-        LineStore { map, len }
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Some(LineStore { map, len })
     }
 
     fn lines(&self) -> &[Line] {
@@ -158,7 +157,7 @@ pub struct PackedWeights {
 
 impl PackedWeights {
     /// Packs `w` (`[experts, n, k]`, torch.nn.Linear's layout) and its bias `b` (`[experts, n]`).
-    /// None where the machine lacks AVX2/FMA: callers keep the unpacked path there.
+    /// None where the machine lacks AVX2/FMA or the memory: callers keep the unpacked path.
     pub fn new<E: Element>(w: &[E], b: Option<&[E]>, experts: usize, n: usize, k: usize, columns: Columns) -> Option<Self> {
         if !avx2::available() || k == 0 {
             return None;
@@ -170,21 +169,26 @@ impl PackedWeights {
         }
         let width = if let Columns::Glu(_) = columns { n / 2 } else { n };
         let panels = width.div_ceil(lanes_out(columns));
-        let mut me = PackedWeights { lines: LineStore::zeroed(experts * panels * k), bias: None, experts, k, n, panels, columns };
+        let mut me = PackedWeights { lines: LineStore::zeroed(experts * panels * k)?, bias: None, experts, k, n, panels, columns };
         let mut bias = b.map(|_| vec![Line([0.0; NR]); experts * panels]);
         for e in 0..experts {
             for p in 0..panels {
-                for lane in 0..NR {
-                    let Some(r) = me.row_of(p, lane) else { continue };
-                    let src = &w[(e * n + r) * k..(e * n + r + 1) * k];
-                    for kb in (0..k).step_by(KC) {
-                        let (at, kl) = me.block(e, kb, p);
-                        for (line, v) in me.lines.lines_mut()[at..at + kl].iter_mut().zip(&src[kb..]) {
-                            line.0[lane] = v.to_f32();
+                // The panel's source rows (None for padding lanes), read 16 side by side so that
+                // each line is written whole, once.
+                let rows: [Option<&[E]>; NR] = std::array::from_fn(|lane| me.row_of(p, lane).map(|r| &w[(e * n + r) * k..(e * n + r + 1) * k]));
+                for kb in (0..k).step_by(KC) {
+                    let (at, kl) = me.block(e, kb, p);
+                    for (l, line) in me.lines.lines_mut()[at..at + kl].iter_mut().enumerate() {
+                        for (v, row) in line.0.iter_mut().zip(&rows) {
+                            *v = row.map_or(0.0, |r| r[kb + l].to_f32());
                         }
                     }
-                    if let (Some(bias), Some(b)) = (bias.as_mut(), b) {
-                        bias[e * panels + p].0[lane] = b[e * n + r].to_f32();
+                }
+                if let (Some(bias), Some(b)) = (bias.as_mut(), b) {
+                    for lane in 0..NR {
+                        if let Some(r) = me.row_of(p, lane) {
+                            bias[e * panels + p].0[lane] = b[e * n + r].to_f32();
+                        }
                     }
                 }
             }
