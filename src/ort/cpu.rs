@@ -10,11 +10,11 @@ use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeSh
 use super::op::{Kernel, OpDef};
 use crate::reference::panels::{Columns, PackedWeights};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, Scratch};
-use std::sync::{Mutex, TryLockError};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
 use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
 use half::{bf16, f16};
+use std::sync::{Mutex, TryLockError};
 
 pub(super) fn to_string(e: SpecError) -> String {
     e.to_string()
@@ -141,13 +141,6 @@ fn constant_inputs<const N: usize>(info: &KernelInfo, t: ElemType, ids: [usize; 
     Some(out)
 }
 
-/// A constant tensor's data as `E`.
-///
-/// # Safety
-/// The tensor's element type must be `E` and its data host memory.
-unsafe fn constant<E>(t: &Option<Tensor>) -> Option<&[E]> {
-    t.as_ref().map(|t| t.slice::<E>())
-}
 
 // ---------------------------------------------------------------------------------------------
 // ScatterMoE
@@ -171,16 +164,22 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 /// Packs `w_in`, `w_out` and the biases the node has, when all are constant initializers.
 fn pack_moe(info: &KernelInfo, attrs: &scatter_moe::Attrs, t: ElemType) -> Option<PackedMoe> {
     use scatter_moe::*;
-    let [w_in, w_out, b_in, b_out] = constant_inputs(info, t, [W_IN, W_OUT, B_IN, B_OUT])?;
-    let (w_in, w_out) = (Some(w_in?), Some(w_out?));
-    // Constant shapes are static, so the contract check above has seen these very dims.
-    let &[experts, d, f] = w_out.as_ref()?.dims.as_slice() else { return None };
-    // SAFETY: element types checked against `t` by `constant_inputs`; CPU initializers are host memory.
+    let [Some(w_in), Some(w_out), b_in, b_out] = constant_inputs(info, t, [W_IN, W_OUT, B_IN, B_OUT])? else { return None };
+    // Constant shapes are static: the contract check at creation has seen these very dims.
+    let &[experts, d, f] = w_out.dims.as_slice() else { return None };
+    /// # Safety
+    /// The tensors hold `E` in host memory.
+    unsafe fn pack<E: Element>(a: &scatter_moe::Attrs, s: [usize; 3], w: [&Tensor; 2], b: [Option<&Tensor>; 2]) -> Option<PackedMoe> {
+        let [experts, d, f] = s;
+        PackedMoe::new::<E>(a, experts, d, f, w[0].slice(), w[1].slice(), b[0].map(|t| t.slice()), b[1].map(|t| t.slice()))
+    }
+    let (s, w, b) = ([experts, d, f], [&w_in, &w_out], [b_in.as_ref(), b_out.as_ref()]);
+    // SAFETY: `constant_inputs` checked the element types against `t`; CPU initializers are host memory.
     unsafe {
         match t {
-            ElemType::F32 => PackedMoe::new::<f32>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
-            ElemType::F16 => PackedMoe::new::<f16>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
-            ElemType::BF16 => PackedMoe::new::<bf16>(attrs, experts, d, f, constant(&w_in)?, constant(&w_out)?, constant(&b_in), constant(&b_out)),
+            ElemType::F32 => pack::<f32>(attrs, s, w, b),
+            ElemType::F16 => pack::<f16>(attrs, s, w, b),
+            ElemType::BF16 => pack::<bf16>(attrs, s, w, b),
         }
     }
 }
@@ -281,15 +280,20 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 /// Packs `W` and `b` (when the node has it), when both are constant initializers.
 fn pack_linear(info: &KernelInfo, t: ElemType) -> Option<PackedWeights> {
     use parallel_linear::*;
-    let [w, b] = constant_inputs(info, t, [W, B])?;
-    let w = Some(w?);
-    let &[experts, d_out, d_in] = w.as_ref()?.dims.as_slice() else { return None };
+    let [Some(w), b] = constant_inputs(info, t, [W, B])? else { return None };
+    let &[experts, d_out, d_in] = w.dims.as_slice() else { return None };
+    /// # Safety
+    /// The tensors hold `E` in host memory.
+    unsafe fn pack<E: Element>(w: &Tensor, b: Option<&Tensor>, [experts, d_out, d_in]: [usize; 3]) -> Option<PackedWeights> {
+        PackedWeights::new::<E>(w.slice(), b.map(|t| t.slice()), experts, d_out, d_in, Columns::Plain)
+    }
+    let s = [experts, d_out, d_in];
     // SAFETY: as in pack_moe.
     unsafe {
         match t {
-            ElemType::F32 => PackedWeights::new::<f32>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
-            ElemType::F16 => PackedWeights::new::<f16>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
-            ElemType::BF16 => PackedWeights::new::<bf16>(constant(&w)?, constant(&b), experts, d_out, d_in, Columns::Plain),
+            ElemType::F32 => pack::<f32>(&w, b.as_ref(), s),
+            ElemType::F16 => pack::<f16>(&w, b.as_ref(), s),
+            ElemType::BF16 => pack::<bf16>(&w, b.as_ref(), s),
         }
     }
 }

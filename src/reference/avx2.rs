@@ -264,11 +264,11 @@ mod tests {
             for accumulate in [false, true] {
                 let mut acc = [[0.5f32; NR]; MR];
                 unsafe { tile(m, k, a.as_ptr(), b.0.as_ptr(), &mut acc, accumulate, m % 2 == 0) };
-                for i in 0..m {
-                    for j in 0..NR {
+                for (i, row) in acc.iter().enumerate().take(m) {
+                    for (j, &got) in row.iter().enumerate() {
                         let start = if accumulate { 0.5 } else { 0.0 };
                         let want: f64 = start + (0..k).map(|l| a[l * MR + i] as f64 * b.0[l * NR + j] as f64).sum::<f64>();
-                        assert!((acc[i][j] as f64 - want).abs() < 1e-5, "m={m} ({i},{j}): {} vs {want}", acc[i][j]);
+                        assert!((got as f64 - want).abs() < 1e-5, "m={m} ({i},{j}): {got} vs {want}");
                     }
                 }
             }
