@@ -702,3 +702,39 @@ pub unsafe fn check_sync(
     }
     Ok(error_message(op, words, k, experts, value))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decision table of kernels/grouped_gemm.cu's header, case by case.
+    #[test]
+    fn kernel_choice_follows_the_measured_thresholds() {
+        let bf = ElemType::BF16;
+        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, 4096, true), GemmCfg::F32);
+        // one row per expert, short K: the smallest tile
+        assert_eq!(pick_cfg(bf, 8, 8, 1024, true), GemmCfg::T32x32);
+        // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
+        assert_eq!(pick_cfg(bf, 128, 8, 4096, true), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 128, 8, 14336, true), GemmCfg::T32x64s6);
+        // 32 rows per expert: the warp-specialised kernel on sm_90a, small tiles elsewhere
+        assert_eq!(pick_cfg(bf, 256, 8, 4096, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 256, 8, 4096, false), GemmCfg::T32x64);
+        // many rows: wgmma_ws on sm_90a at any K, 128x128 elsewhere unless K is short and rows few
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 131072, 128, 768, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, false), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 8192, 32, 768, false), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 131072, 128, 768, false), GemmCfg::T128x128);
+    }
+
+    /// Launch geometry of the Hopper kernels as kernels/grouped_gemm.cu's header states it.
+    #[test]
+    fn hopper_kernel_geometry_matches_the_kernels() {
+        assert_eq!((GemmCfg::WgmmaWs.tile(), GemmCfg::WgmmaWs.threads(), GemmCfg::WgmmaWs.smem()), ((128, 256), 384, 197632));
+        assert_eq!((GemmCfg::WgmmaS4.tile(), GemmCfg::WgmmaS4.threads(), GemmCfg::WgmmaS4.smem()), ((128, 128), 256, 132096));
+        // static (~7.3 KB) + dynamic shared memory must fit the 227 KB a block may have on sm_90
+        assert!(GemmCfg::WgmmaWs.smem() as usize + 7296 <= 227 * 1024);
+        assert_eq!(GemmCfg::from_suffix("wgmma_ws"), Some(GemmCfg::WgmmaWs));
+    }
+}
