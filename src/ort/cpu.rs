@@ -9,12 +9,11 @@
 use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
 use super::op::{Kernel, OpDef};
 use crate::reference::panels::{Columns, PackedWeights};
-use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, Scratch};
+use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
 use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
 use half::{bf16, f16};
-use std::sync::{Mutex, TryLockError};
 
 pub(super) fn to_string(e: SpecError) -> String {
     e.to_string()
@@ -102,22 +101,12 @@ pub(super) fn known(d: Dim) -> usize {
     d.expect("all dimensions are known at run time") as usize
 }
 
-/// Scratch a kernel keeps between calls, at most (the buffers of a bigger call are freed after it).
-const KEEP_SCRATCH_BYTES: usize = 256 << 20;
+/// Intermediate buffers of the CPU kernels, shared by all of them (one node runs at a time in
+/// ORT's sequential executor) and freed with the last kernel.
+static SCRATCH: SharedScratch = SharedScratch::new();
 
-/// Runs `f` with the kernel's scratch buffers, or fresh ones while another call holds them (ORT
-/// runs one kernel on several threads when a session is run from several threads at once).
-fn with_scratch<R>(cell: &Mutex<Scratch>, f: impl FnOnce(&mut Scratch) -> R) -> R {
-    let mut held = match cell.try_lock() {
-        Ok(g) => g,
-        // A panic in an earlier call leaves nothing to distrust: buffers are written before read.
-        Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(TryLockError::WouldBlock) => return f(&mut Scratch::default()),
-    };
-    let r = f(&mut held);
-    held.trim(KEEP_SCRATCH_BYTES);
-    r
-}
+/// Scratch kept between calls, at most (the buffers of a bigger call are freed after it).
+const KEEP_SCRATCH_BYTES: usize = 256 << 20;
 
 /// Whether kernels pack constant weights (`SCATTERMOE_CPU_PREPACK=0` says no).
 fn prepack_enabled() -> bool {
@@ -150,7 +139,7 @@ struct MoeCpu {
     attrs: scatter_moe::Attrs,
     /// The weights and biases, packed at creation when they are all constant.
     packed: Option<PackedMoe>,
-    scratch: Mutex<Scratch>,
+    _scratch: ScratchUser,
 }
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
@@ -158,7 +147,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     let packed = if prepack_enabled() { pack_moe(info, &attrs, t) } else { None };
-    Ok(Box::new(MoeCpu { attrs, packed, scratch: Mutex::default() }))
+    Ok(Box::new(MoeCpu { attrs, packed, _scratch: SCRATCH.user() }))
 }
 
 /// Packs `w_in`, `w_out` and the biases the node has, when all are constant initializers.
@@ -250,7 +239,7 @@ impl MoeCpu {
                 capacity,
             };
             let y = out_slice::<E>(y, s.tokens * s.d);
-            with_scratch(&self.scratch, |scratch| {
+            SCRATCH.with(KEEP_SCRATCH_BYTES, |scratch| {
                 reference::scatter_moe_with(&OrtPool(ctx), &self.attrs, s, &inputs, self.packed.as_ref(), scratch, y)
             })
             .map_err(to_string)
@@ -266,7 +255,7 @@ struct LinearCpu {
     attrs: parallel_linear::Attrs,
     /// `W` and `b`, packed at creation when they are constant.
     packed: Option<PackedWeights>,
-    scratch: Mutex<Scratch>,
+    _scratch: ScratchUser,
 }
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
@@ -274,7 +263,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     let packed = if prepack_enabled() { pack_linear(info, t) } else { None };
-    Ok(Box::new(LinearCpu { attrs, packed, scratch: Mutex::default() }))
+    Ok(Box::new(LinearCpu { attrs, packed, _scratch: SCRATCH.user() }))
 }
 
 /// Packs `W` and `b` (when the node has it), when both are constant initializers.
@@ -359,7 +348,7 @@ impl LinearCpu {
                 gates: get(GATES).map(|t| t.slice::<E>()),
             };
             let y = out_slice::<E>(y, len);
-            with_scratch(&self.scratch, |scratch| {
+            SCRATCH.with(KEEP_SCRATCH_BYTES, |scratch| {
                 reference::parallel_linear_with(&OrtPool(ctx), &self.attrs, s, &inputs, self.packed.as_ref(), scratch, y)
             })
             .map_err(to_string)

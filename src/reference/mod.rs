@@ -39,6 +39,6 @@ mod avx2 {
 
 pub use element::{Element, Indices};
 pub use pool::{Pool, Rayon, Serial};
-pub use scratch::Scratch;
+pub use scratch::{Scratch, ScratchUser, SharedScratch};
 pub use moe::{capacity_mask, scatter_moe, scatter_moe_with, MoeInputs, MoeSizes, PackedMoe};
 pub use parallel_linear::{parallel_linear, parallel_linear_with, LinearInputs, LinearSizes};
