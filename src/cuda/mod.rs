@@ -43,12 +43,49 @@ mod tests {
         names.sort();
         assert_eq!(names, sources);
         for (name, bytes) in super::images::FATBINS {
-            // A fatbin starts with its magic 0xBA55ED50 (little endian).
-            assert_eq!(&bytes[..4], &[0x50, 0xed, 0x55, 0xba], "{name}: not a fatbin");
-            let text = String::from_utf8_lossy(bytes);
-            for arch in ["sm_80", "sm_89", "sm_90a"] {
-                assert!(text.contains(arch) || bytes.windows(arch.len()).any(|w| w == arch.as_bytes()), "{name}: no {arch} code");
+            let entries = fatbin_entries(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for sm in [80, 89] {
+                assert!(entries.iter().any(|e| e.elf && e.sm == sm), "{name}: no sm_{sm} code in {entries:?}");
+            }
+            // sm_90a: native code and PTX, both with the arch-specific features (wgmma)
+            for elf in [true, false] {
+                assert!(entries.iter().any(|e| e.elf == elf && e.sm == 90 && e.arch_specific), "{name}: no sm_90a {} in {entries:?}", if elf { "code" } else { "PTX" });
             }
         }
+    }
+
+    #[derive(Debug)]
+    struct Entry {
+        elf: bool,
+        sm: u32,
+        arch_specific: bool,
+    }
+
+    /// The entries of a fatbin container as nvcc 12/13 writes it. Its entries may be compressed, so
+    /// their contents cannot be searched for the arch name; their headers say it:
+    /// container header: magic 0xBA55ED50 (u32), version (u16), header size (u16), payload size (u64);
+    /// entry header: kind (u16 at 0: 1 PTX, 2 ELF), header size (u32 at 4), padded payload size
+    /// (u64 at 8), SM version (u32 at 28, e.g. 90), flags (u32 at 40: 0x8000 compressed,
+    /// 0x100000 arch-specific "a" features).
+    fn fatbin_entries(b: &[u8]) -> Result<Vec<Entry>, String> {
+        let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes(s.try_into().unwrap())).ok_or("truncated");
+        let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or("truncated");
+        let u64_at = |o: usize| b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or("truncated");
+        if u32_at(0)? != 0xBA55_ED50 {
+            return Err("not a fatbin".into());
+        }
+        let start = u16_at(6)? as usize;
+        let end = start + u64_at(8)? as usize;
+        let (mut off, mut out) = (start, Vec::new());
+        while off < end {
+            let kind = u16_at(off)?;
+            out.push(Entry { elf: kind == 2, sm: u32_at(off + 28)?, arch_specific: u32_at(off + 40)? & 0x10_0000 != 0 });
+            let step = u32_at(off + 4)? as usize + u64_at(off + 8)? as usize;
+            if step == 0 {
+                return Err(format!("empty entry at byte {off}"));
+            }
+            off += step;
+        }
+        Ok(out)
     }
 }
