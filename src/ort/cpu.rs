@@ -186,7 +186,7 @@ pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
 }
 
 impl Kernel for MoeCpu {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);
         let (t, it, dims) = scatter_moe::check(&self.attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -307,7 +307,7 @@ pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
 }
 
 impl Kernel for LinearCpu {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);
         let refs = sig.shape_refs();
@@ -384,7 +384,7 @@ pub(super) fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
 }
 
 impl Kernel for MaskCpu {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);
         let it = capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;

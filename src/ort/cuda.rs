@@ -116,7 +116,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 }
 
 impl Kernel for MoeCuda {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         use scatter_moe::*;
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);
@@ -169,7 +169,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 }
 
 impl Kernel for LinearCuda {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         use parallel_linear::*;
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);
@@ -224,7 +224,7 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 }
 
 impl Kernel for MaskCuda {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         use capacity_mask::*;
         let ins = compute_inputs(ctx)?;
         let sig = Signature::from_tensors(&ins);

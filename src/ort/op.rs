@@ -18,9 +18,11 @@ use ort_sys::{
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// A kernel instance: one per node per session.
-pub trait Kernel: Send {
-    fn compute(&mut self, ctx: &KernelContext) -> Result<(), String>;
+/// A kernel instance: one per node per session. ORT may run one session from several threads at
+/// once, so `compute` can be entered concurrently on the same instance: it takes `&self`, and
+/// state kept between runs sits behind a lock.
+pub trait Kernel: Send + Sync {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String>;
 }
 
 /// Everything ORT needs to know about one op on one execution provider.
@@ -88,8 +90,9 @@ unsafe extern "system" fn create_kernel(
 }
 
 unsafe extern "system" fn compute(kernel: *mut c_void, ctx: *mut OrtKernelContext) -> OrtStatusPtr {
-    // SAFETY: `kernel` is the Box<Box<dyn Kernel>> made in create_kernel, used by one thread at a time.
-    let k = unsafe { &mut *kernel.cast::<Box<dyn Kernel>>() };
+    // SAFETY: `kernel` is the Box<Box<dyn Kernel>> made in create_kernel, alive until destroy_kernel;
+    // concurrent runs share it through `&` only.
+    let k = unsafe { &*kernel.cast::<Box<dyn Kernel>>() };
     guarded("compute", || k.compute(&KernelContext(ctx)))
 }
 
