@@ -3,43 +3,16 @@
 //! graph inputs take the unpacked path. Both are checked against a float64 evaluation, at sizes
 //! that leave partial panels and row tiles, and with an expert that gets no rows.
 
+mod common;
+
+use common::build::{session_from_bytes as session, string_attr, value_info};
 use onnx_protobuf::{
-    tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, Message, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
 use ort::session::Session;
 use ort::value::Tensor;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use scattermoe::spec::{self, GluLayout};
-
-fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
-    let mut shape = TensorShapeProto::new();
-    for d in dims {
-        let mut dim = tensor_shape_proto::Dimension::new();
-        match d {
-            Some(v) => dim.set_dim_value(*v),
-            None => dim.set_dim_param("T".into()),
-        }
-        shape.dim.push(dim);
-    }
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = elem as i32;
-    tt.shape = Some(shape).into();
-    let mut ty = TypeProto::new();
-    ty.set_tensor_type(tt);
-    let mut vi = ValueInfoProto::new();
-    vi.name = name.into();
-    vi.type_ = Some(ty).into();
-    vi
-}
-
-fn string_attr(name: &str, v: &str) -> AttributeProto {
-    let mut a = AttributeProto::new();
-    a.name = name.into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
-    a.s = v.as_bytes().to_vec();
-    a
-}
 
 /// A float tensor the node reads: its values, its dims, and whether the graph holds it as an
 /// initializer (constant) or takes it as an input.
@@ -91,13 +64,6 @@ fn model(op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, x_width: usize, 
         m.opset_import.push(o);
     }
     m.write_to_bytes().unwrap()
-}
-
-fn session(bytes: &[u8]) -> Session {
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let plugin = scattermoe::ort::runtime::plugin_path().expect("plugin");
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
-    Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_memory(bytes).unwrap()
 }
 
 /// Runs `s` on `x`, `ri` and the named `[tokens, k]` floats, feeding the non-constant weights.

@@ -2,51 +2,13 @@
 //! registers libscattermoe_ort.so with `with_operator_library`, and runs a model with a ScatterMoE
 //! node; the result is checked against a float64 evaluation written out here.
 
-use onnx_protobuf::{
-    tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, Message, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
+mod common;
+
+use common::build::{f32_initializer, session_from_bytes as session, string_attr, value_info};
+use onnx_protobuf::{tensor_proto::DataType, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto};
 use ort::session::Session;
 use ort::value::Tensor;
 use rand::{Rng, SeedableRng};
-
-fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
-    let mut shape = TensorShapeProto::new();
-    for d in dims {
-        let mut dim = tensor_shape_proto::Dimension::new();
-        match d {
-            Some(v) => dim.set_dim_value(*v),
-            None => dim.set_dim_param("T".into()),
-        }
-        shape.dim.push(dim);
-    }
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = elem as i32;
-    tt.shape = Some(shape).into();
-    let mut ty = TypeProto::new();
-    ty.set_tensor_type(tt);
-    let mut vi = ValueInfoProto::new();
-    vi.name = name.into();
-    vi.type_ = Some(ty).into();
-    vi
-}
-
-fn f32_initializer(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    let mut t = TensorProto::new();
-    t.name = name.into();
-    t.dims = dims.to_vec();
-    t.data_type = DataType::FLOAT as i32;
-    t.float_data = data.to_vec();
-    t
-}
-
-fn string_attr(name: &str, v: &str) -> AttributeProto {
-    let mut a = AttributeProto::new();
-    a.name = name.into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
-    a.s = v.as_bytes().to_vec();
-    a
-}
 
 struct Layer {
     d: usize,
@@ -104,13 +66,6 @@ fn expected(l: &Layer, x: &[f32], rw: &[f32], ri: &[i64]) -> Vec<f64> {
         }
     }
     y
-}
-
-fn session(bytes: &[u8]) -> Session {
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let plugin = scattermoe::ort::runtime::plugin_path().expect("plugin");
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
-    Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_memory(bytes).unwrap()
 }
 
 #[test]

@@ -3,34 +3,13 @@
 
 mod common;
 
+use common::build::{int_attr as attr_i, session_from_file as session, string_attr as attr_s, value_info};
 use onnx_protobuf::{
-    tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, Message, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
 use ort::session::Session;
 use ort::value::Tensor;
 use scattermoe::onnx::{self, SaveOptions};
-
-fn vi(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
-    let mut shape = TensorShapeProto::new();
-    for d in dims {
-        let mut dim = tensor_shape_proto::Dimension::new();
-        match d {
-            Some(v) => dim.set_dim_value(*v),
-            None => dim.set_dim_param("T".into()),
-        }
-        shape.dim.push(dim);
-    }
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = DataType::FLOAT as i32;
-    tt.shape = Some(shape).into();
-    let mut ty = TypeProto::new();
-    ty.set_tensor_type(tt);
-    let mut v = ValueInfoProto::new();
-    v.name = name.into();
-    v.type_ = Some(ty).into();
-    v
-}
 
 fn init(name: &str, dims: &[i64], seed: &mut u64) -> TensorProto {
     let n: i64 = dims.iter().product();
@@ -47,21 +26,6 @@ fn init(name: &str, dims: &[i64], seed: &mut u64) -> TensorProto {
         })
         .collect();
     t
-}
-
-fn attr_i(name: &str, v: i64) -> AttributeProto {
-    let mut a = AttributeProto::new();
-    a.name = name.into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
-    a.i = v;
-    a
-}
-fn attr_s(name: &str, v: &str) -> AttributeProto {
-    let mut a = AttributeProto::new();
-    a.name = name.into();
-    a.type_ = onnx_protobuf::attribute_proto::AttributeType::STRING.into();
-    a.s = v.as_bytes().to_vec();
-    a
 }
 
 /// x [T, d], router logits [T, E] -> y [T, d] through one com.microsoft.MoE node.
@@ -84,9 +48,9 @@ fn moe_model(act: &str, k: i64, normalize: i64, biases: bool, extra: Option<Attr
     let mut g = GraphProto::new();
     g.name = "moe".into();
     g.node.push(node);
-    g.input.push(vi("x", &[None, Some(d)]));
-    g.input.push(vi("r", &[None, Some(e)]));
-    g.output.push(vi("y", &[None, Some(d)]));
+    g.input.push(value_info("x", DataType::FLOAT, &[None, Some(d)]));
+    g.input.push(value_info("r", DataType::FLOAT, &[None, Some(e)]));
+    g.output.push(value_info("y", DataType::FLOAT, &[None, Some(d)]));
     g.initializer.push(init("fc1", &[e, n, d], &mut seed));
     g.initializer.push(init("fc2", &[e, d, f], &mut seed));
     if biases {
@@ -103,13 +67,6 @@ fn moe_model(act: &str, k: i64, normalize: i64, biases: bool, extra: Option<Attr
         m.opset_import.push(o);
     }
     m.write_to_bytes().unwrap()
-}
-
-fn session(path: &std::path::Path) -> Session {
-    let env = scattermoe::ort::runtime::environment().unwrap();
-    let plugin = scattermoe::ort::runtime::plugin_path().unwrap();
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
-    Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_file(path).unwrap()
 }
 
 fn run(s: &mut Session, t: usize, seed: u64) -> Vec<f32> {

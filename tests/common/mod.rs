@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod build;
+
 pub fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
 }
