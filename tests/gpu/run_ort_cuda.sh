@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The ops on ONNX Runtime's CUDA EP (tests/gpu/test_ort_cuda.py), on the device machine.
-# Not yet run: onnxruntime-gpu travels in ~6 parts, one `run` call each, back to back.
+# onnxruntime-gpu travels in parts (4 of 56 MB with PART_MB=56), one device call each, back to back.
 #
 # Here (project root):
-#   ../shared/tools/ort-gpu-parts.sh                          # writes .carry/ort-gpu/p0..pN
+#   PART_MB=56 ../shared/tools/ort-gpu-parts.sh               # writes .carry/ort-gpu/p0..pN
 #   cargo build --release -p scattermoe-ort
 #   mkdir -p .carry/ort && objcopy --strip-debug target/release/libscattermoe_ort.so .carry/ort/libscattermoe_ort.so
 # Device calls, back to back (the machine stays warm ~30 s between calls):
