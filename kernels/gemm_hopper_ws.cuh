@@ -4,8 +4,9 @@
 // there.
 //
 // Why this shape:
-//   - The non-specialised wgmma kernel (wg_gemm) waits on its own cp.async groups between wgmma
-//     batches, so loads and math take turns; measured ~370 TFLOP/s on Mixtral GEMM1.
+//   - A non-specialised wgmma kernel (128x128 tiles, every warp loading and multiplying; removed,
+//     see tests/gpu/RESULTS.md) waited on its own cp.async groups between wgmma batches, so loads
+//     and math took turns: ~400 TFLOP/s on Mixtral GEMM1, against ~520 here.
 //   - Here warpgroup 0 only loads (cp.async, 16-byte chunks, so A rows can be gathered by the sorted
 //     order: no grouped copy of X; eight threads per row so each warp reads whole rows) and warpgroups 1-2 only multiply. They hand stages over with
 //     mbarriers: full[s] completes when all 128 producer threads' copies for stage s have landed

@@ -22,9 +22,6 @@
 //   scattermoe_gemm_{f16,bf16}_32x64     same machinery, BK 64, block 128, dynamic smem 49152 bytes.
 //   scattermoe_gemm_{f16,bf16}_32x64s6   32x64 with 6 stages, block 128, dynamic smem 73728 bytes.
 //   scattermoe_gemm_{f16,bf16}_32x32     block 128, dynamic smem 32768 bytes.
-//   scattermoe_gemm_{f16,bf16}_wgmma_s4  sm_90a only (Hopper wgmma m64n128k16), 128x128x64 tiles,
-//        block 256 (2 warpgroups), dynamic smem 4*32768+1024 = 132096 bytes. On other targets its
-//        body traps: never launch it below sm_90a.
 //   scattermoe_gemm_{f16,bf16}_wgmma_ws  sm_90a only, warp-specialised (gemm_hopper_ws.cuh): a
 //        cp.async producer warpgroup and two m64n256k16 consumer warpgroups, 128x256x64 tiles,
 //        block 384, dynamic smem 4*49152+1024 = 197632 bytes. Traps below sm_90a.
@@ -36,11 +33,11 @@
 //   R <= 1 and K <= 2048 -> 32x32;
 //   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192), else wgmma_ws;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
-//   else 128x128. (wgmma_s4 stays for comparison; wgmma_ws beat it at every measured size.)
+//   else 128x128.
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
 //   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
 //   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),
-//   BM, BN = the tile in the name (f32: 64x64; wgmma_s4: 128x128; wgmma_ws: 128x256), BNo = BN
+//   BM, BN = the tile in the name (f32: 64x64; wgmma_ws: 128x256), BNo = BN
 //   (plain) or BN/2 (gated).
 // Alignment: every pointer 16-byte aligned. Tensor-core path: K % 8 == 0 takes 16-byte cp.async
 //   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
@@ -373,55 +370,16 @@ __device__ void tc_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
     }
 }
 
-
-// ---------------------------------------------------------------- Hopper kernel (sm_90a): wgmma
-// BM 128 (two warpgroups of 64 rows), BN 128, BK 64; operands staged by cp.async into the
-// 128-byte-swizzled K-major layout wgmma reads (chunk c of row r at r*128 + ((c ^ r%8) * 16));
-// STAGES-deep ring with STAGES-2 loads in flight and one wgmma group outstanding.
-// Dynamic smem: STAGES * 32768 + 1024 bytes (1024 of slack to align the ring).
+// ---------------------------------------------------------------- Hopper (sm_90a): wgmma helpers
+// Operands sit in smem in the 128-byte-swizzled K-major layout wgmma reads (chunk c of row r at
+// r*128 + ((c ^ r%8) * 16)), which needs 1024-byte-aligned tiles. The kernel: gemm_hopper_ws.cuh.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SMOE_HAS_WGMMA 1
 #else
 #define SMOE_HAS_WGMMA 0
 #endif
 
-template <typename T> struct Wgmma;
 #if SMOE_HAS_WGMMA
-template <> struct Wgmma<__nv_bfloat16> {
-    // D[64x128] += A[64x16] * B[16x128], A and B K-major in smem (128-byte swizzle descriptors)
-    static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
-        asm volatile(
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(da), "l"(db));
-    }
-};
-template <> struct Wgmma<__half> {
-    // D[64x128] += A[64x16] * B[16x128], A and B K-major in smem (128-byte swizzle descriptors)
-    static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
-        asm volatile(
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(da), "l"(db));
-    }
-};
-
 __device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
     // start address >> 4 | LBO 16 B (unused for swizzled K-major) | SBO 1024 B (8 rows) | 128B swizzle
     return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
@@ -433,206 +391,6 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
-
-template <int STAGES> struct WgCfg {
-    static constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, CPR = 8;
-    static constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
-    static constexpr int A_IT = BM * CPR / THREADS, B_IT = BN * CPR / THREADS, RSTEP = THREADS / CPR;
-    static constexpr int LOOK = STAGES - 2;  // loads in flight
-    static constexpr int PAD = 8;
-    static_assert(STAGES >= 3, "stages");
-};
-
-template <typename T, int STAGES>
-__device__ void wg_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
-                        const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
-                        int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
-                        int layout, float alpha, float limit) {
-#if SMOE_HAS_WGMMA
-    using C = WgCfg<STAGES>;
-    constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
-    if (E > SMOE_ROUTING_MAX_E) return;
-    // 1024-byte aligned base (the swizzle pattern repeats every 1024 bytes)
-    const unsigned raw_s = smem_u32(smem_raw);
-    unsigned char* base = smem_raw + (((raw_s + 1023u) & ~1023u) - raw_s);
-    T* sA = reinterpret_cast<T*>(base);
-    T* sB = sA + STAGES * C::A_ELEMS;
-    T* sC = reinterpret_cast<T*>(base);
-    const unsigned sA_s = smem_u32(sA), sB_s = smem_u32(sB);
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = warp >> 2, wq = warp & 3;
-    const int Nout = gated ? (N >> 1) : N;
-    const int BNo = gated ? (BN / 2) : BN;
-    const int nN = (Nout + BNo - 1) / BNo;
-    const int KB = (K + BK - 1) / BK;
-    const bool kvec = (K % 8) == 0;
-    const bool ovec = (Nout % 8) == 0;
-
-    tile_prefix(off, E, BM, prefix);
-    const int total = prefix[E] * nN;
-
-    for (int g = blockIdx.x; g < total; g += gridDim.x) {
-        const Tile t = find_tile(g, prefix, off, E, nN, BM);
-        const int c = tid % C::CPR, kc = c * 8, r0 = tid / C::CPR;
-        const int dst0 = r0 * BK + swz<8>(r0, c) * 8;
-        const T* a_src[C::A_IT];
-#pragma unroll
-        for (int i = 0; i < C::A_IT; ++i) {
-            int r = r0 + i * C::RSTEP;
-            a_src[i] = nullptr;
-            if (t.m0 + r < t.cnt) {
-                int p = t.start + t.m0 + r;
-                long long xr = grouped_in ? p : sidx[p] / k;
-                a_src[i] = X + xr * K + kc;
-            }
-        }
-        const T* b_src[C::B_IT];
-#pragma unroll
-        for (int i = 0; i < C::B_IT; ++i) {
-            bool ok;
-            int n = b_row(r0 + i * C::RSTEP, t.nt, BN, BN, N, gated, layout, &ok);
-            b_src[i] = ok ? W + ((long long)t.e * N + n) * K + kc : nullptr;
-        }
-        auto load_stage = [&](int s, int kb) {
-            const int k0 = kb * BK;
-            T* a = sA + s * C::A_ELEMS + dst0;
-            T* b = sB + s * C::B_ELEMS + dst0;
-            const bool kin = k0 + kc < K;
-            if (kvec) {
-#pragma unroll
-                for (int i = 0; i < C::A_IT; ++i) {
-                    bool p = a_src[i] != nullptr && kin;
-                    cp_async16(a + i * C::RSTEP * BK, p ? (const void*)(a_src[i] + k0) : (const void*)X, p);
-                }
-#pragma unroll
-                for (int i = 0; i < C::B_IT; ++i) {
-                    bool p = b_src[i] != nullptr && kin;
-                    cp_async16(b + i * C::RSTEP * BK, p ? (const void*)(b_src[i] + k0) : (const void*)W, p);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < C::A_IT; ++i) {
-                    __align__(16) T v[8];
-#pragma unroll
-                    for (int j = 0; j < 8; ++j)
-                        v[j] = (a_src[i] && k0 + kc + j < K) ? a_src[i][k0 + j] : from_f<T>(0.0f);
-                    *reinterpret_cast<uint4*>(a + i * C::RSTEP * BK) = *reinterpret_cast<const uint4*>(v);
-                }
-#pragma unroll
-                for (int i = 0; i < C::B_IT; ++i) {
-                    __align__(16) T v[8];
-#pragma unroll
-                    for (int j = 0; j < 8; ++j)
-                        v[j] = (b_src[i] && k0 + kc + j < K) ? b_src[i][k0 + j] : from_f<T>(0.0f);
-                    *reinterpret_cast<uint4*>(b + i * C::RSTEP * BK) = *reinterpret_cast<const uint4*>(v);
-                }
-            }
-        };
-
-        float acc[64];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-
-#pragma unroll
-        for (int s = 0; s < C::LOOK; ++s) {
-            if (s < KB) load_stage(s, s);
-            cp_async_commit();
-        }
-        for (int kb = 0; kb < KB; ++kb) {
-            cp_async_wait<C::LOOK - 1>();
-            fence_proxy_async();
-            __syncthreads();
-            {
-                int nk = kb + C::LOOK;
-                if (nk < KB) load_stage(nk % STAGES, nk);
-                cp_async_commit();
-            }
-            const int s = kb % STAGES;
-            const unsigned a_s = sA_s + (unsigned)(s * C::A_ELEMS * 2 + wg * 64 * BK * 2);
-            const unsigned b_s = sB_s + (unsigned)(s * C::B_ELEMS * 2);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) Wgmma<T>::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
-            wg_commit();
-            wg_wait<1>();
-        }
-        wg_wait<0>();
-        cp_async_wait<0>();
-        __syncthreads();
-
-        // ---- epilogue (accumulator fragment ni covers columns 8ni..8ni+7, as mma.m16n8)
-        const int ldc = BNo + C::PAD;
-        const T* be = bias ? bias + (long long)t.e * N : nullptr;
-        const int f = N >> 1;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int rl = wg * 64 + wq * 16 + (lane >> 2) + h * 8;
-            float scale = 1.0f;
-            if (row_scale && t.m0 + rl < t.cnt) scale = to_f(row_scale[sidx[t.start + t.m0 + rl]]);
-            if (gated) {
-#pragma unroll
-                for (int ni = 0; ni < 8; ++ni) {
-                    const int oc = ni * 8 + 2 * (lane & 3);
-                    float o[2];
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-                        float gv = acc[ni * 4 + 2 * h + x];
-                        float uv = acc[(ni + 8) * 4 + 2 * h + x];
-                        int i = t.nt * BNo + oc + x;
-                        if (be && i < f) {
-                            gv += to_f(be[glu_gate_row(i, f, layout)]);
-                            uv += to_f(be[glu_up_row(i, f, layout)]);
-                        }
-                        o[x] = glu(gv, uv, act, alpha, limit) * scale;
-                    }
-                    sC[rl * ldc + oc] = from_f<T>(o[0]);
-                    sC[rl * ldc + oc + 1] = from_f<T>(o[1]);
-                }
-            } else {
-#pragma unroll
-                for (int ni = 0; ni < 16; ++ni) {
-                    const int oc = ni * 8 + 2 * (lane & 3);
-                    float o[2];
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-                        float v = acc[ni * 4 + 2 * h + x];
-                        int n = t.nt * BNo + oc + x;
-                        if (be && n < N) v += to_f(be[n]);
-                        o[x] = activate(v, act) * scale;
-                    }
-                    sC[rl * ldc + oc] = from_f<T>(o[0]);
-                    sC[rl * ldc + oc + 1] = from_f<T>(o[1]);
-                }
-            }
-        }
-        __syncthreads();
-        const int cpr_out = BNo / 8;
-        for (int id = tid; id < BM * cpr_out; id += C::THREADS) {
-            const int rl = id / cpr_out, c8 = id % cpr_out;
-            if (t.m0 + rl >= t.cnt) continue;
-            const int col = t.nt * BNo + c8 * 8;
-            if (col >= Nout) continue;
-            const int p = t.start + t.m0 + rl;
-            const long long orow = grouped_out ? p : sidx[p];
-            T* dst = Y + orow * Nout + col;
-            const T* src = sC + rl * ldc + c8 * 8;
-            if (ovec) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    if (col + j < Nout) dst[j] = src[j];
-            }
-        }
-        __syncthreads();
-    }
-#else
-    __trap();  // built for a target without wgmma: the host must not pick this kernel
-#endif
-}
 
 #include "gemm_hopper_ws.cuh"
 
@@ -757,14 +515,6 @@ SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x32, __nv_bfloat16, 32, 32, 64, 16, 16, 4, 
 SMOE_TC_ENTRY(scattermoe_gemm_f16_32x32, __half, 32, 32, 64, 16, 16, 4, 4)
 SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x64s6, __nv_bfloat16, 32, 64, 64, 32, 16, 6, 3)
 SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
-
-#define SMOE_WG_ENTRY(NAME, T, ST, MINB)                                                    \
-    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(SMOE_GEMM_PARAMS(T)) {     \
-        wg_gemm<T, ST>(SMOE_GEMM_ARGS);                                                      \
-    }
-
-SMOE_WG_ENTRY(scattermoe_gemm_bf16_wgmma_s4, __nv_bfloat16, 4, 1)
-SMOE_WG_ENTRY(scattermoe_gemm_f16_wgmma_s4, __half, 4, 1)
 
 #define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \

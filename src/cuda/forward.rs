@@ -34,8 +34,6 @@ pub enum GemmCfg {
     T32x64s6,
     /// mma.sync 32x32 tiles
     T32x32,
-    /// Hopper wgmma, 128x128x64, sm_90a only
-    WgmmaS4,
     /// Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups),
     /// 128x256x64, sm_90a only (kernels/gemm_hopper_ws.cuh)
     WgmmaWs,
@@ -45,8 +43,7 @@ pub enum GemmCfg {
 
 impl GemmCfg {
     /// The tensor-core (f16/bf16) configurations.
-    pub const TENSOR_CORE: [GemmCfg; 6] =
-        [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaS4, GemmCfg::WgmmaWs];
+    pub const TENSOR_CORE: [GemmCfg; 5] = [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaWs];
 
     pub const fn suffix(self) -> &'static str {
         match self {
@@ -54,7 +51,6 @@ impl GemmCfg {
             GemmCfg::T32x64 => "32x64",
             GemmCfg::T32x64s6 => "32x64s6",
             GemmCfg::T32x32 => "32x32",
-            GemmCfg::WgmmaS4 => "wgmma_s4",
             GemmCfg::WgmmaWs => "wgmma_ws",
             GemmCfg::F32 => "f32",
         }
@@ -67,7 +63,7 @@ impl GemmCfg {
     /// (BM, BN): rows and W rows of one tile.
     pub const fn tile(self) -> (usize, usize) {
         match self {
-            GemmCfg::T128x128 | GemmCfg::WgmmaS4 => (128, 128),
+            GemmCfg::T128x128 => (128, 128),
             GemmCfg::WgmmaWs => (128, 256),
             GemmCfg::T32x64 | GemmCfg::T32x64s6 => (32, 64),
             GemmCfg::T32x32 => (32, 32),
@@ -77,7 +73,7 @@ impl GemmCfg {
 
     pub const fn threads(self) -> u32 {
         match self {
-            GemmCfg::T128x128 | GemmCfg::WgmmaS4 | GemmCfg::F32 => 256,
+            GemmCfg::T128x128 | GemmCfg::F32 => 256,
             GemmCfg::WgmmaWs => 384,
             GemmCfg::T32x64 | GemmCfg::T32x64s6 | GemmCfg::T32x32 => 128,
         }
@@ -90,7 +86,6 @@ impl GemmCfg {
             GemmCfg::T32x64 => 49152,
             GemmCfg::T32x64s6 => 73728,
             GemmCfg::T32x32 => 32768,
-            GemmCfg::WgmmaS4 => 4 * 32768 + 1024,
             GemmCfg::WgmmaWs => 4 * 49152 + 1024,
             GemmCfg::F32 => 0,
         }
@@ -728,11 +723,10 @@ mod tests {
         assert_eq!(pick_cfg(bf, 131072, 128, 768, false), GemmCfg::T128x128);
     }
 
-    /// Launch geometry of the Hopper kernels as kernels/grouped_gemm.cu's header states it.
+    /// Launch geometry of the Hopper kernel as kernels/grouped_gemm.cu's header states it.
     #[test]
     fn hopper_kernel_geometry_matches_the_kernels() {
         assert_eq!((GemmCfg::WgmmaWs.tile(), GemmCfg::WgmmaWs.threads(), GemmCfg::WgmmaWs.smem()), ((128, 256), 384, 197632));
-        assert_eq!((GemmCfg::WgmmaS4.tile(), GemmCfg::WgmmaS4.threads(), GemmCfg::WgmmaS4.smem()), ((128, 128), 256, 132096));
         // static (~7.3 KB) + dynamic shared memory must fit the 227 KB a block may have on sm_90
         assert!(GemmCfg::WgmmaWs.smem() as usize + 7296 <= 227 * 1024);
         assert_eq!(GemmCfg::from_suffix("wgmma_ws"), Some(GemmCfg::WgmmaWs));

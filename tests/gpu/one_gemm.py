@@ -1,6 +1,6 @@
 """Launch one grouped GEMM of a layer shape with each given kernel config and time it (CUDA events,
 median of 20), for quick kernel experiments and for ncu (`ncu -k regex:NAME -c 1 python3 ...`).
-usage: python3 tests/gpu/one_gemm.py --shape mixtral --tokens 4096 --gemm g1 --cfgs wgmma_s4,wgmma_ws"""
+usage: python3 tests/gpu/one_gemm.py --shape mixtral --tokens 4096 --gemm g1 --cfgs 128x128,wgmma_ws"""
 import argparse
 import math
 
@@ -17,7 +17,7 @@ def main():
     ap.add_argument("--shape", default="mixtral")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--gemm", default="g1")
-    ap.add_argument("--cfgs", default="wgmma_s4,wgmma_ws")
+    ap.add_argument("--cfgs", default="128x128,wgmma_ws")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
     K = Kernels(a.fatbin_dir)

@@ -12,7 +12,7 @@ ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai":
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
-           "wgmma_s4": (128, 128, 256, 4 * 32768 + 1024), "32x32": (32, 32, 128, 32768),
+           "32x32": (32, 32, 128, 32768),
            "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024)}
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
