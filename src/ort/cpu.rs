@@ -7,13 +7,13 @@
 //! packing off (the products then read the initializers as they are, every call).
 
 use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
-use super::op::{Kernel, OpDef};
+use super::op::{ort_type, Kernel, OpDef};
 use crate::reference::panels::{Columns, PackedWeights};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
-use super::op::ort_type;
 use ort_sys::ONNXTensorElementDataType;
 use half::{bf16, f16};
+use std::ffi::CStr;
 
 pub(super) fn to_string(e: SpecError) -> String {
     e.to_string()
@@ -402,45 +402,65 @@ impl Kernel for MaskCpu {
     }
 }
 
-/// The CPU execution provider's ops: each op once per float type `T` (see `op.rs`).
-pub fn ops() -> Vec<OpDef> {
+/// How one execution provider builds the kernels of the three ops.
+pub(super) struct Kernels {
+    /// None: the CPU execution provider.
+    pub execution_provider: Option<&'static CStr>,
+    pub moe: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
+    pub linear: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
+    pub mask: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
+    /// Whether the scalar capacity input is read in host memory (a device EP).
+    pub capacity_on_host: bool,
+}
+
+/// One execution provider's registrations: ScatterMoE and ParallelLinear once per float type `T`
+/// (see `op.rs`), CapacityMask once. Shape inference is the same on every provider.
+pub(super) fn op_table(k: Kernels) -> Vec<OpDef> {
+    let ep = k.execution_provider;
+    let (moe_host, mask_host): (&'static [usize], &'static [usize]) =
+        if k.capacity_on_host { (&[scatter_moe::CAPACITY], &[capacity_mask::CAPACITY]) } else { (&[], &[]) };
     let mut ops = Vec::new();
     for t in ElemType::ALL {
         ops.push(OpDef {
             name: c"ScatterMoE",
-            execution_provider: None,
+            execution_provider: ep,
             inputs: &scatter_moe::INPUTS,
             outputs: &scatter_moe::OUTPUTS,
             output_type: ort_type(t),
             type_carrier: Some(scatter_moe::X),
-            host_inputs: &[],
-            create: create_moe,
+            host_inputs: moe_host,
+            create: k.moe,
             infer: infer_moe,
         });
         ops.push(OpDef {
             name: c"ParallelLinear",
-            execution_provider: None,
+            execution_provider: ep,
             inputs: &parallel_linear::INPUTS,
             outputs: &parallel_linear::OUTPUTS,
             output_type: ort_type(t),
             type_carrier: Some(parallel_linear::X),
             host_inputs: &[],
-            create: create_linear,
+            create: k.linear,
             infer: infer_linear,
         });
     }
     ops.push(OpDef {
         name: c"CapacityMask",
-        execution_provider: None,
+        execution_provider: ep,
         inputs: &capacity_mask::INPUTS,
         outputs: &capacity_mask::OUTPUTS,
         output_type: ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
         type_carrier: None,
-        host_inputs: &[],
-        create: create_mask,
+        host_inputs: mask_host,
+        create: k.mask,
         infer: infer_mask,
     });
     ops
+}
+
+/// The CPU execution provider's ops.
+pub fn ops() -> Vec<OpDef> {
+    op_table(Kernels { execution_provider: None, moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: false })
 }
 
 #[cfg(test)]

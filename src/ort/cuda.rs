@@ -7,15 +7,14 @@
 //! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
 
 use super::api::{KernelContext, KernelInfo, Tensor};
-use super::cpu::{compute_inputs, infer_linear, infer_mask, infer_moe, kernel_inputs, known, to_string, Signature};
-use super::op::{ort_type, Kernel, OpDef};
+use super::cpu::{compute_inputs, kernel_inputs, known, op_table, to_string, Kernels, Signature};
+use super::op::{Kernel, OpDef};
 use crate::cuda::checks::{self, AsyncChecks};
 use crate::cuda::driver::{self, CuResult, Device};
 use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, IndexType};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
-use ort_sys::ONNXTensorElementDataType;
 use std::sync::Mutex;
 
 /// ONNX Runtime's name for its CUDA execution provider.
@@ -249,45 +248,10 @@ impl Kernel for MaskCuda {
     }
 }
 
-/// The CUDA execution provider's ops: each op once per float type `T`, like the CPU ones.
+/// The CUDA execution provider's ops, registered like the CPU ones; the capacity input stays in host
+/// memory (one scalar the launch parameters need).
 pub fn ops() -> Vec<OpDef> {
-    let mut ops = Vec::new();
-    for t in ElemType::ALL {
-        ops.push(OpDef {
-            name: c"ScatterMoE",
-            execution_provider: Some(CUDA_EP),
-            inputs: &scatter_moe::INPUTS,
-            outputs: &scatter_moe::OUTPUTS,
-            output_type: ort_type(t),
-            type_carrier: Some(scatter_moe::X),
-            host_inputs: &[scatter_moe::CAPACITY],
-            create: create_moe,
-            infer: infer_moe,
-        });
-        ops.push(OpDef {
-            name: c"ParallelLinear",
-            execution_provider: Some(CUDA_EP),
-            inputs: &parallel_linear::INPUTS,
-            outputs: &parallel_linear::OUTPUTS,
-            output_type: ort_type(t),
-            type_carrier: Some(parallel_linear::X),
-            host_inputs: &[],
-            create: create_linear,
-            infer: infer_linear,
-        });
-    }
-    ops.push(OpDef {
-        name: c"CapacityMask",
-        execution_provider: Some(CUDA_EP),
-        inputs: &capacity_mask::INPUTS,
-        outputs: &capacity_mask::OUTPUTS,
-        output_type: ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-        type_carrier: None,
-        host_inputs: &[capacity_mask::CAPACITY],
-        create: create_mask,
-        infer: infer_mask,
-    });
-    ops
+    op_table(Kernels { execution_provider: Some(CUDA_EP), moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: true })
 }
 
 #[cfg(test)]
