@@ -1,6 +1,6 @@
 """torch._grouped_mm peer: sort assignments by expert, gather rows, grouped GEMM, SwiGLU, grouped GEMM,
 scale by the routing weight, index_add_ back. No host synchronisation (counts by scatter_add_, not
-bincount), so it can be captured in a CUDA graph; same as tests/gpu/bench_forward.py's torch path."""
+bincount), so it can be captured in a CUDA graph. tests/gpu/bench_forward.py times the same function."""
 import torch
 import torch.nn.functional as F
 

@@ -11,9 +11,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", "bench"))
+from peers.torch_gmm import forward as torch_moe  # noqa: E402  (the benchmark's torch._grouped_mm peer)
 from smoe_cuda import Kernels  # noqa: E402
 
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8)}
@@ -52,21 +53,6 @@ def graph_time(fn, min_reps=5, max_reps=40, budget_s=0.4):
     return ms[len(ms) // 2] / SETS, ms[0] / SETS, ms[-1] / SETS
 
 
-def torch_moe(x, rw, ri, w1t, w2t, E):
-    T, k = ri.shape
-    flat = ri.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offs = counts.cumsum(0).to(torch.int32)
-    tok = order // k
-    h = torch._grouped_mm(x[tok], w1t, offs=offs)
-    g, u = h.chunk(2, dim=-1)
-    a = F.silu(g) * u
-    o = torch._grouped_mm(a, w2t, offs=offs)
-    o = o * rw.reshape(-1)[order].unsqueeze(1)
-    return torch.zeros_like(x).index_add_(0, tok, o)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
@@ -100,7 +86,7 @@ def main():
             x, ri, rw, bufs = ins[0]
             y = K.forward(x, rw, ri, w1, w2, None, None, bufs).float()
             try:
-                yt = torch_moe(x, rw, ri.long(), w1t, w2t, E).float()
+                yt = torch_moe(x, rw, ri.long(), w1t, w2t).float()
                 row["err_vs_torch"] = ((y - yt).abs().max() / yt.abs().max().clamp_min(1e-30)).item()
             except Exception as ex:  # noqa: BLE001
                 row["torch_error"] = repr(ex)[:200]
@@ -126,7 +112,7 @@ def main():
             if "torch_error" not in row:
                 try:
                     ril = [i[1].long() for i in ins]
-                    row["torch_grouped_mm"] = graph_time(lambda: [torch_moe(x_, rw_, r_, w1t, w2t, E)
+                    row["torch_grouped_mm"] = graph_time(lambda: [torch_moe(x_, rw_, r_, w1t, w2t)
                                                                   for (x_, _, rw_, _), r_ in zip(ins, ril)])[0]
                 except Exception as ex:  # noqa: BLE001
                     row["torch_error"] = repr(ex)[:200]
