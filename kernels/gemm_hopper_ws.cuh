@@ -27,6 +27,19 @@
 
 #pragma once
 
+// A tensor map as the host encodes it (cuTensorMapEncodeTiled), passed by value as a
+// __grid_constant__ kernel parameter: TMA reads it from parameter space.
+struct __align__(64) TmaMap {
+    unsigned long long words[16];
+};
+// Cluster shapes exist from sm_90; the entry points built for older targets trap and are never
+// launched there.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define SMOE_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
+#else
+#define SMOE_CLUSTER_PAIR
+#endif
+
 #if SMOE_HAS_WGMMA
 #define SMOE_WGMMA_N256(TY)                                                                       \
     asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                     \
@@ -93,6 +106,41 @@ __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;
 // barrier's expected arrivals (.noinc).
 __device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// ---- cluster helpers (the multicast variant: two CTAs of a cluster share each W tile)
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Adds `bytes` to the transactions the current phase of `bar` waits for, and arrives once.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrives on the barrier at the same offset in CTA `rank` of this cluster. Default (CTA-scope
+// release) semantics: what must precede the peer's next write into this CTA's stage is the
+// retirement of this warp's wgmma reads, which wgmma.wait_group already ensured; a cluster-scope
+// release made every arrive a full memory barrier (measured: "membar" the top stall, 15% slower).
+__device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank) {
+    asm volatile(
+        "{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n"
+        " mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
+// One TMA box of the 4-D map at (c0..c3), written to `dst` in every CTA of `mask`; each receiver's
+// barrier at offset `bar` is credited with the bytes that landed in that CTA.
+__device__ __forceinline__ void tma_load_4d_multicast(unsigned dst, const TmaMap* map, int c0, int c1, int c2, int c3,
+                                                      unsigned bar, unsigned short mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(mask)
+        : "memory");
 }
 #endif  // SMOE_HAS_WGMMA
 
@@ -180,11 +228,22 @@ template <int STAGES> struct WsCfg {
     static constexpr int CONSUMER_WARPS = 8;  // warpgroups 1 and 2
 };
 
-template <typename T, int STAGES>
+// MC = false: one CTA per tile, launched as ordinary blocks.
+// MC = true: clusters of two CTAs (the entry point declares __cluster_dims__(2, 1, 1)) take two
+// M tiles of the same expert and column tile. Each CTA fetches one half of the shared W tile with
+// a multicast TMA (cp.async.bulk.tensor) that lands in both CTAs, so each W byte leaves L2 once per
+// pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB, which is what bounded the
+// single-CTA kernel (~5.3 TB/s from L2 at 460-520 TFLOP/s). A rows are still gathered by cp.async
+// (TMA on sm_90 cannot gather rows). The W layout reaches the kernel through `tmap` (4-D: K, row,
+// half, expert; see src/cuda/tensor_map.rs), so gated layouts and rows past N (zero-filled) need
+// no per-row table. A stage is free again only when the consumers of both CTAs have retired it
+// (each consumer warp arrives on both CTAs' empty barriers), because either CTA's TMA writes it in
+// both. Requires K % 8 == 0 and a 16-byte-aligned W (the host checks; otherwise MC = false).
+template <typename T, int STAGES, bool MC>
 __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
                         const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
                         int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
-                        int layout, float alpha, float limit) {
+                        int layout, float alpha, float limit, const TmaMap* tmap) {
 #if SMOE_HAS_WGMMA
     using C = WsCfg<STAGES>;
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
@@ -192,9 +251,9 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
     __shared__ long long row_src[BM + BN];  // producer's per-tile row table
-    if (E > SMOE_ROUTING_MAX_E) return;
+    if (E > SMOE_ROUTING_MAX_E) return;     // (uniform over the grid: no cluster peer is left waiting)
     // 1024-byte aligned ring (the 128-byte swizzle pattern repeats every 1024 bytes). Stage s holds
-    // A (BM rows x 128 bytes) then B (BN rows x 128 bytes).
+    // A (BM rows x 128 bytes) then B (BN rows x 128 bytes). Same offset in both CTAs of a cluster.
     const unsigned raw_s = smem_u32(smem_raw);
     const unsigned ring = (raw_s + 1023u) & ~1023u;
 
@@ -204,14 +263,28 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
     const int nN = (Nout + BNo - 1) / BNo;
     const int KB = (K + BK - 1) / BK;
     const bool kvec = (K % 8) == 0;
+    // Work units: one tile, or (MC) one pair of M tiles; this CTA's M tile in a pair is `rank`.
+    const unsigned rank = MC ? cluster_rank() : 0u;
+    const int unit_m = MC ? 2 * BM : BM;
+    const int first = MC ? (int)(blockIdx.x >> 1) : (int)blockIdx.x;
+    const int stride = MC ? (int)(gridDim.x >> 1) : (int)gridDim.x;
+    auto tile_of = [&](int g) {
+        Tile t = find_tile(g, prefix, off, E, nN, unit_m);
+        t.m0 += (int)rank * BM;
+        return t;
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS);
-            mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS);
+            // MC: 128 cp.async arrivals + the arrival that sets the TMA byte count; both CTAs'
+            // consumer warps release a stage.
+            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS + (MC ? 1 : 0));
+            mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS * (MC ? 2 : 1));
         }
+        if (MC) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    tile_prefix(off, E, BM, prefix);  // ends with __syncthreads: barriers initialised too
+    tile_prefix(off, E, unit_m, prefix);  // ends with __syncthreads: barriers initialised too
+    if (MC) cluster_sync();               // the peer's barriers exist before anything signals them
     const int total = prefix[E] * nN;
 
     if (wg == 0) {
@@ -222,12 +295,14 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         // A rows, into W for the BN B rows; -1 = zero row). Each stage, thread tid copies 16-byte
         // chunk c = tid % 8 of rows tid / 8 + 16 i: eight consecutive threads read one row's 128
         // contiguous bytes, so every warp-wide copy touches 4 whole rows (full 32-byte sectors).
+        // MC: only the A rows go through the table; W comes by TMA.
+        constexpr int ROWS = MC ? BM : BM + BN;
         const int c = tid & 7, rg = tid >> 3;
         const unsigned dst_off = (unsigned)rg * 128u + (((unsigned)c ^ (unsigned)(rg & 7)) * 16u);
-        for (int g = blockIdx.x; g < total; g += gridDim.x) {
-            const Tile t = find_tile(g, prefix, off, E, nN, BM);
+        for (int g = first; g < total; g += stride) {
+            const Tile t = tile_of(g);
             producer_sync();  // the previous tile's table is no longer read
-            for (int r = tid; r < BM + BN; r += C::PRODUCERS) {
+            for (int r = tid; r < ROWS; r += C::PRODUCERS) {
                 long long o = -1;
                 if (r < BM) {
                     if (t.m0 + r < t.cnt) {
@@ -242,16 +317,35 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 row_src[r] = o;
             }
             producer_sync();
+            // MC: this CTA's half of the W tile, as TMA coordinates (K, row, half, expert): gated
+            // tiles take the 128 gate rows (half 0 of the smem tile) and the 128 up rows (half 1).
+            int bc1 = 0, bc2 = 0;
+            if (MC) {
+                if (!gated) {
+                    bc1 = t.nt * BN + (int)rank * (BN / 2);
+                } else {
+                    const int hh = layout == SMOE_GLU_UP_GATE ? 1 - (int)rank : (int)rank;
+                    bc1 = layout == SMOE_GLU_INTERLEAVED ? hh : t.nt * (BN / 2);
+                    bc2 = layout == SMOE_GLU_INTERLEAVED ? t.nt * (BN / 2) : hh;
+                }
+            }
             for (int kb = 0; kb < KB; ++kb) {
                 mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1u);
-                const unsigned dst = ring + stage * C::STAGE_BYTES + dst_off;
+                const unsigned sbase = ring + stage * C::STAGE_BYTES;
+                const unsigned dst = sbase + dst_off;
                 const int k0 = kb * BK + c * 8;
-                if (kvec) {
+                if (MC && tid == 0) {
+                    const unsigned fb = smem_u32(&full_bar[stage]);
+                    mbar_arrive_expect_tx(fb, C::B_BYTES);  // both halves land here
+                    tma_load_4d_multicast(sbase + C::A_BYTES + rank * (C::B_BYTES / 2), tmap, kb * BK, bc1, bc2, t.e,
+                                          fb, (unsigned short)0x3);
+                }
+                if (MC || kvec) {
                     const bool kin = k0 < K;
                     // Offsets first, then the copies: each copy would otherwise wait on its own
                     // shared-memory load (measured 1.3x slower).
 #pragma unroll
-                    for (int i0 = 0; i0 < (BM + BN) / 16; i0 += 8) {
+                    for (int i0 = 0; i0 < ROWS / 16; i0 += 8) {
                         long long o[8];
 #pragma unroll
                         for (int j = 0; j < 8; ++j) o[j] = row_src[rg + 16 * (i0 + j)];
@@ -292,7 +386,15 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         const int wq = warp & 3;      // 16-row slice inside them
         int stage = 0;
         unsigned phase = 0;
-        for (int g = blockIdx.x; g < total; g += gridDim.x) {
+        // Hands stage s back: to this CTA's producer, and (MC) to the peer's, whose TMA also
+        // writes this CTA's copy of the stage.
+        auto release = [&](int s) {
+            if (lane == 0) {
+                mbar_arrive(smem_u32(&empty_bar[s]));
+                if (MC) mbar_arrive_cluster(smem_u32(&empty_bar[s]), rank ^ 1u);
+            }
+        };
+        for (int g = first; g < total; g += stride) {
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -308,15 +410,15 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 for (int kk = 0; kk < BK / 16; ++kk) Wgmma256<T>::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
                 wg_commit();
                 wg_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
-                if (prev >= 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
+                if (prev >= 0) release(prev);
                 prev = stage;
                 if (++stage == STAGES) { stage = 0; phase ^= 1u; }
             }
             wg_wait<0>();
-            if (prev >= 0 && lane == 0) mbar_arrive(smem_u32(&empty_bar[prev]));
+            if (prev >= 0) release(prev);
             // The tile's coordinates are needed only now: finding them here keeps their registers
             // free during the main loop (128 accumulators leave little room at 168 registers).
-            const Tile t = find_tile(g, prefix, off, E, nN, BM);
+            const Tile t = tile_of(g);
 
             // ---- epilogue, specialised per activation: a run-time switch per element made the
             // unrolled epilogue large and slow (measured: gated GEMMs at ~70% of plain ones).
@@ -332,6 +434,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
             }
         }
     }
+    // MC: neither CTA may exit while its peer can still arrive on its barriers or write its smem.
+    if (MC) cluster_sync();
 #else
     __trap();  // built for a target without wgmma: the host must not pick this kernel
 #endif

@@ -518,11 +518,22 @@ SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
 
 #define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
-        ws_gemm<T, ST>(SMOE_GEMM_ARGS);                                                     \
+        ws_gemm<T, ST, false>(SMOE_GEMM_ARGS, nullptr);                                     \
     }
 
 SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4)
 SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
+
+// The multicast variant: clusters of two CTAs; one extra parameter, the W tensor map (128 bytes,
+// src/cuda/tensor_map.rs). The grid must be even.
+#define SMOE_WS_MC_ENTRY(NAME, T, ST)                                                                      \
+    extern "C" __global__ void SMOE_CLUSTER_PAIR __launch_bounds__(384, 1)                                 \
+        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                                  \
+        ws_gemm<T, ST, true>(SMOE_GEMM_ARGS, &w_map);                                                       \
+    }
+
+SMOE_WS_MC_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4)
+SMOE_WS_MC_ENTRY(scattermoe_gemm_f16_wgmma_mc, __half, 4)
 
 extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
     f32_gemm(SMOE_GEMM_ARGS);

@@ -15,7 +15,7 @@ if [ ! -f $KB/grouped_gemm.fatbin ]; then
   scripts/gpu/build_kernels.sh $KB nvcc sm90 || { cat $KB/*.log; exit 1; }
 fi
 if command -v cuobjdump >/dev/null; then
-  for fn in wgmma_ws 128x128 32x64; do
+  for fn in wgmma_mc wgmma_ws 128x128 32x64; do
     echo "SASS bf16_$fn: HGMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $KB/grouped_gemm.fatbin 2>/dev/null | grep -c HGMMA)" \
       "HMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $KB/grouped_gemm.fatbin 2>/dev/null | grep -c HMMA)"
   done
@@ -27,7 +27,7 @@ if has correct; then
 fi
 for tool in memcheck racecheck; do
   if has $tool; then
-    timeout 80 compute-sanitizer --tool $tool python3 tests/gpu/test_kernels.py --fatbin-dir $KB --mode sanitize \
+    timeout 150 compute-sanitizer --tool $tool python3 tests/gpu/test_kernels.py --fatbin-dir $KB --mode sanitize \
       > "$OUT/$tool.log" 2>&1; echo "$tool rc=$?"; tail -4 "$OUT/$tool.log"
   fi
 done

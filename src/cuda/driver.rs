@@ -69,13 +69,16 @@ pub fn device_count() -> usize {
 /// Kernel modules (kernels/*.cu), in the order of [`Device::modules`].
 pub const MODULES: [&str; 3] = ["routing", "grouped_gemm", "combine"];
 
-/// One kernel: the function, its block size, its dynamic shared memory, resident blocks per SM.
+/// One kernel: the function, its block size, its dynamic shared memory, and how many of its
+/// blocks the whole device holds at once (the size of a persistent grid).
 #[derive(Debug, Clone, Copy)]
 pub struct Func {
     pub f: CUfunction,
     pub threads: u32,
     pub smem: u32,
-    pub blocks_per_sm: u32,
+    pub resident: u32,
+    /// CTAs per cluster (declared in the kernel with `__cluster_dims__`); grids are a multiple.
+    pub cluster: u32,
 }
 
 /// What the forward needs of one CUDA context.
@@ -173,15 +176,49 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
                     &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"),
                 )?;
             }
-            let mut blocks = 0;
-            check(
-                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, f, threads as i32, smem as usize),
-                &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"),
-            )?;
-            funcs.insert(name, Func { f, threads, smem, blocks_per_sm: blocks.max(1) as u32 });
+            let cluster = super::forward::GemmCfg::cluster_of(&name);
+            let resident = if cluster > 1 {
+                // Clusters must fit inside one GPC, so the device may hold fewer CTAs than
+                // SMs x blocks per SM; a persistent grid larger than this would run a second wave.
+                match max_active_clusters(f, threads, smem, cluster, sms) {
+                    Some(c) if c > 0 => c * cluster,
+                    _ => continue, // driver without cluster occupancy: the kernel is not offered
+                }
+            } else {
+                let mut blocks = 0;
+                check(
+                    sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, f, threads as i32, smem as usize),
+                    &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"),
+                )?;
+                sms * blocks.max(1) as u32
+            };
+            funcs.insert(name, Func { f, threads, smem, resident, cluster });
         }
         Ok(Device { ctx, device, sms, cc, modules, funcs })
     }
+}
+
+/// How many clusters of `cluster` CTAs of `f` the device runs at once (None: the driver cannot say).
+unsafe fn max_active_clusters(f: CUfunction, threads: u32, smem: u32, cluster: u32, sms: u32) -> Option<u32> {
+    if !has_symbol("cuOccupancyMaxActiveClusters") {
+        return None;
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: sms.div_ceil(cluster) * cluster,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(), // the cluster shape is compiled into the kernel
+        numAttrs: 0,
+    };
+    let mut n = 0;
+    // SAFETY: `f` is a loaded function; the config outlives the call.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f, &config) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(n.max(0) as u32)
 }
 
 /// Makes `ctx` current on this thread for the guard's lifetime, restoring the previous one after.
@@ -278,6 +315,8 @@ pub enum Arg {
     Ptr(CUdeviceptr),
     I32(i32),
     F32(f32),
+    /// A 128-byte TMA tensor map, passed by value (`__grid_constant__`).
+    Map(super::tensor_map::MapBytes),
 }
 
 impl Arg {
@@ -292,17 +331,25 @@ impl Arg {
 /// The arguments must match the kernel's parameter list, and every pointer must be valid for
 /// what the kernel reads and writes (see the contracts in kernels/*.cu).
 pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
-    // Storage for each argument's value; the kernel reads each through its own pointer.
-    let mut vals: Vec<u64> = Vec::with_capacity(args.len());
-    for a in args {
-        vals.push(match *a {
-            Arg::Ptr(p) => p,
-            Arg::I32(v) => v as u32 as u64,
-            Arg::F32(v) => v.to_bits() as u64,
-        });
-    }
-    // Little-endian: the low bytes of each u64 hold the i32 / f32 value.
-    let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut u64).cast::<c_void>()).collect();
+    // Storage for each argument's value (room for the largest, a tensor map); the kernel reads
+    // each through its own pointer. Little-endian: the low bytes hold an i32 / f32 value.
+    #[repr(C, align(64))]
+    struct Slot([u64; 16]);
+    let word = |v: u64| {
+        let mut s = [0u64; 16];
+        s[0] = v;
+        Slot(s)
+    };
+    let mut vals: Vec<Slot> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(p) => word(p),
+            Arg::I32(v) => word(v as u32 as u64),
+            Arg::F32(v) => word(v.to_bits() as u64),
+            Arg::Map(m) => Slot(m),
+        })
+        .collect();
+    let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
     check(
         sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut()),
         &format!("cuLaunchKernel({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem),

@@ -7,6 +7,7 @@
 //! Launch sequence and contracts: kernels/common.cuh, routing.cu, grouped_gemm.cu, combine.cu;
 //! tests/gpu/smoe_cuda.py is the reference host (same choices, in Python).
 
+use super::tensor_map;
 use super::driver::{self, Arg, CuResult, Device};
 use crate::reference::{LinearSizes, MoeSizes};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, SpecError};
@@ -37,13 +38,17 @@ pub enum GemmCfg {
     /// Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups),
     /// 128x256x64, sm_90a only (kernels/gemm_hopper_ws.cuh)
     WgmmaWs,
+    /// WgmmaWs in clusters of two CTAs that share each W tile through a multicast TMA load
+    /// (two M tiles per cluster), sm_90a only; needs a TMA-readable W (tensor_map::w_fits)
+    WgmmaMc,
     /// SIMT f32, 64x64
     F32,
 }
 
 impl GemmCfg {
     /// The tensor-core (f16/bf16) configurations.
-    pub const TENSOR_CORE: [GemmCfg; 5] = [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaWs];
+    pub const TENSOR_CORE: [GemmCfg; 6] =
+        [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaWs, GemmCfg::WgmmaMc];
 
     pub const fn suffix(self) -> &'static str {
         match self {
@@ -52,6 +57,7 @@ impl GemmCfg {
             GemmCfg::T32x64s6 => "32x64s6",
             GemmCfg::T32x32 => "32x32",
             GemmCfg::WgmmaWs => "wgmma_ws",
+            GemmCfg::WgmmaMc => "wgmma_mc",
             GemmCfg::F32 => "f32",
         }
     }
@@ -64,7 +70,7 @@ impl GemmCfg {
     pub const fn tile(self) -> (usize, usize) {
         match self {
             GemmCfg::T128x128 => (128, 128),
-            GemmCfg::WgmmaWs => (128, 256),
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => (128, 256),
             GemmCfg::T32x64 | GemmCfg::T32x64s6 => (32, 64),
             GemmCfg::T32x32 => (32, 32),
             GemmCfg::F32 => (64, 64),
@@ -74,7 +80,7 @@ impl GemmCfg {
     pub const fn threads(self) -> u32 {
         match self {
             GemmCfg::T128x128 | GemmCfg::F32 => 256,
-            GemmCfg::WgmmaWs => 384,
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => 384,
             GemmCfg::T32x64 | GemmCfg::T32x64s6 | GemmCfg::T32x32 => 128,
         }
     }
@@ -86,9 +92,22 @@ impl GemmCfg {
             GemmCfg::T32x64 => 49152,
             GemmCfg::T32x64s6 => 73728,
             GemmCfg::T32x32 => 32768,
-            GemmCfg::WgmmaWs => 4 * 49152 + 1024,
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => 4 * 49152 + 1024,
             GemmCfg::F32 => 0,
         }
+    }
+
+    /// CTAs per cluster of this configuration's kernels.
+    pub const fn cluster(self) -> u32 {
+        match self {
+            GemmCfg::WgmmaMc => 2,
+            _ => 1,
+        }
+    }
+
+    /// CTAs per cluster of the entry point `name` (1 for all but the multicast GEMM).
+    pub fn cluster_of(name: &str) -> u32 {
+        Self::TENSOR_CORE.into_iter().find(|c| name.ends_with(&format!("_{}", c.suffix()))).map_or(1, |c| c.cluster())
     }
 
     /// The entry point for element type suffix `t` (f32, f16, bf16).
@@ -105,6 +124,9 @@ pub const SMALL_ROWS: f64 = 128.0;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
 /// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
 pub const HOPPER_SMALL_ROWS: f64 = 16.0;
+/// On sm_90a, rows per active expert above which the multicast pair kernel (wgmma_mc) wins: it
+/// needs two M tiles per expert to share W tiles (tests/gpu/RESULTS.md).
+pub const HOPPER_MC_ROWS: f64 = 128.0;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`. f32 has one kernel.
@@ -121,7 +143,7 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
     if wgmma {
-        return GemmCfg::WgmmaWs;
+        return if r > HOPPER_MC_ROWS { GemmCfg::WgmmaMc } else { GemmCfg::WgmmaWs };
     }
     if k_depth < 1024 && r <= 512.0 {
         return GemmCfg::T32x64;
@@ -388,18 +410,24 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         (_, Some(c)) if c != GemmCfg::F32 => c,
         _ => pick_cfg(elem, n_assign, experts, g.kd, dev.has_wgmma()),
     };
+    // The multicast kernel reads W through TMA: it needs an aligned W, and a driver that can size
+    // its cluster grid; otherwise its single-CTA form does the same work.
+    let cfg = if cfg == GemmCfg::WgmmaMc && (!tensor_map::w_fits(g.w, g.kd) || dev.func(&cfg.kernel_name(tname(elem))).is_err()) {
+        GemmCfg::WgmmaWs
+    } else {
+        cfg
+    };
     let name = cfg.kernel_name(tname(elem));
     let f = dev.func(&name)?;
     let (bm, bn) = cfg.tile();
     let nout = if g.gated { g.n / 2 } else { g.n };
     let bno = if g.gated { bn / 2 } else { bn };
-    let bound = (n_assign.div_ceil(bm) + experts.min(n_assign)) * nout.div_ceil(bno);
-    let grid = bound.min(dev.sms as usize * f.blocks_per_sm as usize).max(1);
-    driver::launch(
-        &f,
-        (grid as u32, 1),
-        stream,
-        &[
+    // Work units: tiles, or (clusters) groups of `cluster` M tiles of one expert.
+    let c = f.cluster as usize;
+    let units = (n_assign.div_ceil(bm * c) + experts.min(n_assign)) * nout.div_ceil(bno);
+    let grid = (units * c).min(f.resident as usize).max(c) / c * c;
+    let mut args = vec![
+
             Arg::Ptr(g.x),
             Arg::Ptr(g.w),
             Arg::opt(g.bias),
@@ -418,9 +446,11 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
             Arg::I32(glu_code(g.glu_layout)),
             Arg::F32(g.alpha),
             Arg::F32(g.limit),
-        ],
-        &name,
-    )
+    ];
+    if cfg == GemmCfg::WgmmaMc {
+        args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
+    }
+    driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
 
 /// Y[t] = sum_j w[t,j] kept[t,j] O[pos[t*k+j]] (kernels/combine.cu).
@@ -715,9 +745,12 @@ mod tests {
         // 32 rows per expert: the warp-specialised kernel on sm_90a, small tiles elsewhere
         assert_eq!(pick_cfg(bf, 256, 8, 4096, true), GemmCfg::WgmmaWs);
         assert_eq!(pick_cfg(bf, 256, 8, 4096, false), GemmCfg::T32x64);
-        // many rows: wgmma_ws on sm_90a at any K, 128x128 elsewhere unless K is short and rows few
-        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 131072, 128, 768, true), GemmCfg::WgmmaWs);
+        // up to 128 rows per expert (one M tile) the single-CTA kernel; beyond, pairs sharing W
+        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 1032, 8, 4096, true), GemmCfg::WgmmaMc);
+        // many rows: wgmma_mc on sm_90a at any K, 128x128 elsewhere unless K is short and rows few
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 131072, 128, 768, true), GemmCfg::WgmmaMc);
         assert_eq!(pick_cfg(bf, 32768, 8, 4096, false), GemmCfg::T128x128);
         assert_eq!(pick_cfg(bf, 8192, 32, 768, false), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 131072, 128, 768, false), GemmCfg::T128x128);
@@ -730,5 +763,10 @@ mod tests {
         // static (~7.3 KB) + dynamic shared memory must fit the 227 KB a block may have on sm_90
         assert!(GemmCfg::WgmmaWs.smem() as usize + 7296 <= 227 * 1024);
         assert_eq!(GemmCfg::from_suffix("wgmma_ws"), Some(GemmCfg::WgmmaWs));
+        // the multicast form: same tile and block, in clusters of two (kernels say __cluster_dims__(2, 1, 1))
+        assert_eq!((GemmCfg::WgmmaMc.tile(), GemmCfg::WgmmaMc.threads(), GemmCfg::WgmmaMc.smem()), ((128, 256), 384, 197632));
+        assert_eq!(GemmCfg::cluster_of("scattermoe_gemm_bf16_wgmma_mc"), 2);
+        assert_eq!(GemmCfg::cluster_of("scattermoe_gemm_bf16_wgmma_ws"), 1);
+        assert_eq!(GemmCfg::cluster_of("scattermoe_routing_scan"), 1);
     }
 }

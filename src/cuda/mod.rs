@@ -5,6 +5,7 @@
 pub mod checks;
 pub mod driver;
 pub mod forward;
+pub mod tensor_map;
 
 /// The embedded fatbins, one per kernels/*.cu file (empty when built without nvcc).
 pub mod images {

@@ -19,6 +19,7 @@ def main():
     ap.add_argument("--gemm", default="g1")
     ap.add_argument("--cfgs", default="128x128,wgmma_ws")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--grid", type=int, default=None, help="force the grid size (default: the library's)")
     a = ap.parse_args()
     K = Kernels(a.fatbin_dir)
     d, f, E, k = SHAPES[a.shape]
@@ -51,7 +52,7 @@ def main():
     for cfg in a.cfgs.split(","):
         out = args[3]
         out.fill_(float("nan"))
-        K.gemm(*args, cfg=cfg)
+        K.gemm(*args, cfg=cfg, grid=a.grid)
         torch.cuda.synchronize()
         res = out.float().clone()
         err = 0.0 if ref is None else ((res - ref).abs().max() / ref.abs().max()).item()
@@ -60,7 +61,7 @@ def main():
         for _ in range(a.reps):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            K.gemm(*args, cfg=cfg)
+            K.gemm(*args, cfg=cfg, grid=a.grid)
             e1.record()
             torch.cuda.synchronize()
             ts.append(e0.elapsed_time(e1))

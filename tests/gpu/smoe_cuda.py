@@ -13,9 +13,25 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
            "32x32": (32, 32, 128, 32768),
-           "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024)}
+           "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024),
+           "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024)}
+CLUSTER = {"wgmma_mc": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
+# rows per active expert above which the multicast pair kernel wins on sm_90a (forward.rs HOPPER_MC_ROWS)
+HOPPER_MC_ROWS = 128
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class CUlaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("numAttrs", ctypes.c_uint)]
+
+
+class TmaMap(ctypes.Structure):
+    _align_ = 64
+    _fields_ = [("words", ctypes.c_uint64 * 16)]
 
 
 class Arg:
@@ -134,7 +150,7 @@ class Kernels:
         if R <= (16 if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
         if hopper:
-            return "wgmma_ws"
+            return "wgmma_mc" if R > HOPPER_MC_ROWS else "wgmma_ws"
         if K < 1024 and R <= 512:
             return "32x64"
         return self.large_cfg
@@ -150,17 +166,54 @@ class Kernels:
             cfg = cfg or self.pick_cfg(n_assign, E, K)
             BM, BN, threads, smem = TC_CFGS[cfg]
             name = f"scattermoe_gemm_{TNAME[dt]}_{cfg}"
+        c = CLUSTER.get(cfg, 1) if dt != torch.float32 else 1
+        if c > 1 and (K % 8 or W.data_ptr() % 16):
+            return self.gemm(X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
+                             act, gated, glu_layout, alpha, limit, "wgmma_ws", grid)
         f = self.fn("grouped_gemm", name, smem)
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
-        bound = ((n_assign + BM - 1) // BM + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
+        units = ((n_assign + BM * c - 1) // (BM * c) + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
         if grid is None:
-            grid = max(1, min(bound, self.sms * max(1, self.occupancy(f, threads, smem))))
+            resident = self.resident_clusters(f, threads, smem, c) * c if c > 1 else \
+                self.sms * max(1, self.occupancy(f, threads, smem))
+            grid = max(c, min(units * c, resident) // c * c)
         ci, cf = ctypes.c_int, ctypes.c_float
-        self.launch(f, (grid,), (threads,), smem,
-                    [Arg.ptr(X), Arg.ptr(W), Arg.ptr(bias), Arg.ptr(Y), Arg.ptr(sidx), Arg.ptr(offsets),
-                     Arg.ptr(row_scale), ci(k), ci(N), ci(K), ci(E), ci(grouped_in), ci(grouped_out),
-                     ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit)])
+        args = [Arg.ptr(X), Arg.ptr(W), Arg.ptr(bias), Arg.ptr(Y), Arg.ptr(sidx), Arg.ptr(offsets),
+                Arg.ptr(row_scale), ci(k), ci(N), ci(K), ci(E), ci(grouped_in), ci(grouped_out),
+                ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit)]
+        if c > 1:
+            args.append(self.w_map(W, gated, glu_layout))
+        self.launch(f, (grid,), (threads,), smem, args)
+
+    def resident_clusters(self, f, threads, smem, c):
+        key = ("clusters", f.value, threads, smem, c)
+        if key not in self._occ:
+            cfg = CUlaunchConfig((self.sms + c - 1) // c * c, 1, 1, threads, 1, 1, smem, None, None, 0)
+            n = ctypes.c_int()
+            _check(self.cu.cuOccupancyMaxActiveClusters(ctypes.byref(n), f, ctypes.byref(cfg)),
+                   "cuOccupancyMaxActiveClusters")
+            self._occ[key] = max(1, n.value)
+        return self._occ[key]
+
+    def w_map(self, W, gated, glu_layout):
+        """The 4-D TMA map of W [E, N, K] the multicast kernel reads (src/cuda/tensor_map.rs)."""
+        E, N, K = W.shape
+        row, f = 2 * K, N // 2
+        if not gated:
+            dims, strides, box = (K, N, 1, E), (row, row * N, row * N), (64, 128, 1, 1)
+        elif glu_layout == "interleaved":
+            dims, strides, box = (K, 2, f, E), (row, 2 * row, row * N), (64, 1, 128, 1)
+        else:
+            dims, strides, box = (K, f, 2, E), (row, row * f, row * N), (64, 128, 1, 1)
+        m = TmaMap()
+        u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+        dtype = {torch.float16: 6, torch.bfloat16: 9}[W.dtype]
+        _check(self.cu.cuTensorMapEncodeTiled(
+            ctypes.byref(m), ctypes.c_int(dtype), u32(4), ctypes.c_void_p(W.data_ptr()), (u64 * 4)(*dims),
+            (u64 * 3)(*strides), (u32 * 4)(*box), (u32 * 4)(1, 1, 1, 1), ctypes.c_int(0), ctypes.c_int(3),
+            ctypes.c_int(3), ctypes.c_int(0)), "cuTensorMapEncodeTiled")
+        return m
 
     # ------------------------------------------------------------------ combine
     def combine(self, O, pos, w, kept, Y, T, k, d):

@@ -212,7 +212,7 @@ def cfgs_for(dtype):
         return [None]
     c = ["128x128", "32x64", "32x32", "32x64s6"]
     if torch.cuda.get_device_capability()[0] == 9:
-        c.append("wgmma_ws")
+        c += ["wgmma_ws", "wgmma_mc"]
     return c
 
 
@@ -315,7 +315,7 @@ def sanitize(K):
         K.routing(bad, 8, b)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for (T, E, k, d, f, gated, act) in ((37, 8, 2, 200, 72, 1, "silu"), (10, 4, 2, 30, 5, 1, "gelu"),
-                                            (50, 3, 1, 64, 40, 0, "relu")):
+                                            (50, 3, 1, 64, 40, 0, "relu"), (600, 2, 2, 512, 64, 1, "silu")):
             n = 2 * f if gated else f
             ri = make_routing(T, E, k, "dup")
             x = torch.randn(T, d, device="cuda").to(dtype)
