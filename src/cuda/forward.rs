@@ -124,9 +124,14 @@ pub const SMALL_ROWS: f64 = 128.0;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
 /// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
 pub const HOPPER_SMALL_ROWS: f64 = 16.0;
-/// On sm_90a, rows per active expert above which the multicast pair kernel (wgmma_mc) wins: it
-/// needs two M tiles per expert to share W tiles (tests/gpu/RESULTS.md).
-pub const HOPPER_MC_ROWS: f64 = 128.0;
+/// On sm_90a, when the CTA-pair kernel (wgmma_mc) beats wgmma_ws (H200, bf16, tests/gpu/RESULTS.md):
+/// with a deep reduction (K >= HOPPER_MC_DEEP_K, Mixtral's 4096 and 14336) from 128 rows per
+/// expert (measured at 128, 192, 256, 1024, 4096 rows: 1.04-1.40x); with a short one (Qwen3's
+/// 2048 and 768, the fine-grained 1024 and 512) only from HOPPER_MC_ROWS rows (1.02-1.16x there;
+/// 0.73-0.98x at 64-256 rows, a tie at 512).
+pub const HOPPER_MC_DEEP_K: usize = 4096;
+pub const HOPPER_MC_DEEP_ROWS: f64 = 64.0;
+pub const HOPPER_MC_ROWS: f64 = 1024.0;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`. f32 has one kernel.
@@ -143,7 +148,8 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
     if wgmma {
-        return if r > HOPPER_MC_ROWS { GemmCfg::WgmmaMc } else { GemmCfg::WgmmaWs };
+        let pairs = if k_depth >= HOPPER_MC_DEEP_K { r > HOPPER_MC_DEEP_ROWS } else { r >= HOPPER_MC_ROWS };
+        return if pairs { GemmCfg::WgmmaMc } else { GemmCfg::WgmmaWs };
     }
     if k_depth < 1024 && r <= 512.0 {
         return GemmCfg::T32x64;
@@ -745,9 +751,12 @@ mod tests {
         // 32 rows per expert: the warp-specialised kernel on sm_90a, small tiles elsewhere
         assert_eq!(pick_cfg(bf, 256, 8, 4096, true), GemmCfg::WgmmaWs);
         assert_eq!(pick_cfg(bf, 256, 8, 4096, false), GemmCfg::T32x64);
-        // up to 128 rows per expert (one M tile) the single-CTA kernel; beyond, pairs sharing W
-        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 1032, 8, 4096, true), GemmCfg::WgmmaMc);
+        // CTA pairs sharing W: K >= 4096 above 64 rows per expert, shorter K from 1024 rows
+        assert_eq!(pick_cfg(bf, 512, 8, 4096, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 1024, 8, 14336, true), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 128, 2048, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 64, 1024, true), GemmCfg::WgmmaWs);
         // many rows: wgmma_mc on sm_90a at any K, 128x128 elsewhere unless K is short and rows few
         assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaMc);
         assert_eq!(pick_cfg(bf, 131072, 128, 768, true), GemmCfg::WgmmaMc);

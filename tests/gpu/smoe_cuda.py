@@ -16,8 +16,9 @@ TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
            "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024),
            "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024)}
 CLUSTER = {"wgmma_mc": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
-# rows per active expert above which the multicast pair kernel wins on sm_90a (forward.rs HOPPER_MC_ROWS)
-HOPPER_MC_ROWS = 128
+# when the CTA-pair kernel wins on sm_90a (src/cuda/forward.rs HOPPER_MC_*): K >= 4096 above 64
+# rows per expert, shorter K from 1024 rows
+HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS = 4096, 64, 1024
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -150,7 +151,8 @@ class Kernels:
         if R <= (16 if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
         if hopper:
-            return "wgmma_mc" if R > HOPPER_MC_ROWS else "wgmma_ws"
+            pairs = R > HOPPER_MC_DEEP_ROWS if K >= HOPPER_MC_DEEP_K else R >= HOPPER_MC_ROWS
+            return "wgmma_mc" if pairs else "wgmma_ws"
         if K < 1024 and R <= 512:
             return "32x64"
         return self.large_cfg
