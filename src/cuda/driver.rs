@@ -200,7 +200,9 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
 
 /// How many clusters of `cluster` CTAs of `f` the device runs at once (None: the driver cannot say).
 unsafe fn max_active_clusters(f: CUfunction, threads: u32, smem: u32, cluster: u32, sms: u32) -> Option<u32> {
-    if !has_symbol("cuOccupancyMaxActiveClusters") {
+    // Both arrived with CUDA 12.0 drivers; an older driver (which may still run cc 9.0) gets the
+    // single-CTA kernel instead (cudarc panics on a missing symbol, so ask first).
+    if !has_symbol("cuOccupancyMaxActiveClusters") || !has_symbol("cuTensorMapEncodeTiled") {
         return None;
     }
     let config = sys::CUlaunchConfig {

@@ -433,25 +433,24 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     let units = (n_assign.div_ceil(bm * c) + experts.min(n_assign)) * nout.div_ceil(bno);
     let grid = (units * c).min(f.resident as usize).max(c) / c * c;
     let mut args = vec![
-
-            Arg::Ptr(g.x),
-            Arg::Ptr(g.w),
-            Arg::opt(g.bias),
-            Arg::Ptr(g.y),
-            Arg::Ptr(ws + p.sorted_idx as u64),
-            Arg::Ptr(ws + p.offsets as u64),
-            Arg::opt(g.row_scale),
-            Arg::I32(k as i32),
-            Arg::I32(g.n as i32),
-            Arg::I32(g.kd as i32),
-            Arg::I32(experts as i32),
-            Arg::I32(g.grouped_in as i32),
-            Arg::I32(g.grouped_out as i32),
-            Arg::I32(act_code(g.act)),
-            Arg::I32(g.gated as i32),
-            Arg::I32(glu_code(g.glu_layout)),
-            Arg::F32(g.alpha),
-            Arg::F32(g.limit),
+        Arg::Ptr(g.x),
+        Arg::Ptr(g.w),
+        Arg::opt(g.bias),
+        Arg::Ptr(g.y),
+        Arg::Ptr(ws + p.sorted_idx as u64),
+        Arg::Ptr(ws + p.offsets as u64),
+        Arg::opt(g.row_scale),
+        Arg::I32(k as i32),
+        Arg::I32(g.n as i32),
+        Arg::I32(g.kd as i32),
+        Arg::I32(experts as i32),
+        Arg::I32(g.grouped_in as i32),
+        Arg::I32(g.grouped_out as i32),
+        Arg::I32(act_code(g.act)),
+        Arg::I32(g.gated as i32),
+        Arg::I32(glu_code(g.glu_layout)),
+        Arg::F32(g.alpha),
+        Arg::F32(g.limit),
     ];
     if cfg == GemmCfg::WgmmaMc {
         args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));

@@ -75,3 +75,18 @@ pub fn encode_w(w: CUdeviceptr, elem: ElemType, experts: usize, n: usize, kd: us
     )?;
     Ok(map.opaque)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TMA needs a 16-byte aligned base and row stride; anything else takes the cp.async kernel.
+    #[test]
+    fn only_aligned_weights_take_the_tma_path() {
+        assert!(w_fits(0x1000, 4096));
+        assert!(w_fits(0x1010, 8));
+        assert!(!w_fits(0x1008, 4096)); // base not 16-byte aligned
+        assert!(!w_fits(0x1000, 100)); // row of 200 bytes
+        assert!(!w_fits(0x1000, 0));
+    }
+}
