@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--shapes", default="mixtral,qwen3,fine")
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
-    ap.add_argument("--cfgs", default="128x128,wgmma_ws,32x64,32x64s6,32x32")
+    ap.add_argument("--cfgs", default="128x128,wgmma_ws,wgmma_mc,32x64,32x64s6,32x32")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     K = Kernels(a.fatbin_dir)
