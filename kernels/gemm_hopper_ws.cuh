@@ -124,7 +124,8 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned byt
 // Arrives on the barrier at the same offset in CTA `rank` of this cluster. Default (CTA-scope
 // release) semantics: what must precede the peer's next write into this CTA's stage is the
 // retirement of this warp's wgmma reads, which wgmma.wait_group already ensured; a cluster-scope
-// release made every arrive a full memory barrier (measured: "membar" the top stall, 15% slower).
+// release made every arrive a memory barrier (measured: "membar" the top stall; Mixtral GEMM1 at
+// 454 TFLOP/s against 612 without it).
 __device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank) {
     asm volatile(
         "{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n"
@@ -232,8 +233,9 @@ template <int STAGES> struct WsCfg {
 // MC = true: clusters of two CTAs (the entry point declares __cluster_dims__(2, 1, 1)) take two
 // M tiles of the same expert and column tile. Each CTA fetches one half of the shared W tile with
 // a multicast TMA (cp.async.bulk.tensor) that lands in both CTAs, so each W byte leaves L2 once per
-// pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB, which is what bounded the
-// single-CTA kernel (~5.3 TB/s from L2 at 460-520 TFLOP/s). A rows are still gathered by cp.async
+// pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB and the producer issues a
+// third of the copies (Mixtral GEMMs 1.15-1.3x faster from 1024 rows per expert; slower when few
+// rows share a W tile, see pick_cfg in src/cuda/forward.rs). A rows are still gathered by cp.async
 // (TMA on sm_90 cannot gather rows). The W layout reaches the kernel through `tmap` (4-D: K, row,
 // half, expert; see src/cuda/tensor_map.rs), so gated layouts and rows past N (zero-filled) need
 // no per-row table. A stage is free again only when the consumers of both CTAs have retired it
