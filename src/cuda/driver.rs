@@ -115,24 +115,24 @@ impl Device {
     }
 }
 
-/// Every entry point of the kernels, with (threads, dynamic smem). Mirrors the header comments of
-/// kernels/*.cu (see `super::forward::GemmCfg` for the GEMM tiles).
-fn entry_points() -> Vec<(usize, String, u32, u32)> {
+/// Every entry point of the kernels, with (threads, dynamic smem, CTAs per cluster). Mirrors the
+/// header comments of kernels/*.cu (see `super::forward::GemmCfg` for the GEMM tiles).
+fn entry_points() -> Vec<(usize, String, u32, u32, u32)> {
     let mut v = Vec::new();
     for i in ["i32", "i64"] {
-        v.push((0, format!("scattermoe_routing_count_{i}"), 256, 0));
-        v.push((0, format!("scattermoe_routing_scatter_{i}"), 256, 0));
+        v.push((0, format!("scattermoe_routing_count_{i}"), 256, 0, 1));
+        v.push((0, format!("scattermoe_routing_scatter_{i}"), 256, 0, 1));
     }
-    v.push((0, "scattermoe_routing_scan".into(), 1024, 0));
+    v.push((0, "scattermoe_routing_scan".into(), 1024, 0, 1));
     for t in ["f16", "bf16"] {
         for cfg in super::forward::GemmCfg::TENSOR_CORE {
-            v.push((1, cfg.kernel_name(t), cfg.threads(), cfg.smem()));
+            v.push((1, cfg.kernel_name(t), cfg.threads(), cfg.smem(), cfg.cluster()));
         }
     }
     let f32cfg = super::forward::GemmCfg::F32;
-    v.push((1, f32cfg.kernel_name("f32"), f32cfg.threads(), f32cfg.smem()));
+    v.push((1, f32cfg.kernel_name("f32"), f32cfg.threads(), f32cfg.smem(), 1));
     for t in ["f32", "f16", "bf16"] {
-        v.push((2, format!("scattermoe_combine_{t}"), 256, 0));
+        v.push((2, format!("scattermoe_combine_{t}"), 256, 0, 1));
     }
     v
 }
@@ -162,7 +162,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         }
         let wgmma = cc == (9, 0);
         let mut funcs = HashMap::new();
-        for (m, name, threads, smem) in entry_points() {
+        for (m, name, threads, smem, cluster) in entry_points() {
             if name.contains("wgmma") && !wgmma {
                 continue; // its body traps below sm_90a; never launched there
             }
@@ -176,7 +176,6 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
                     &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"),
                 )?;
             }
-            let cluster = super::forward::GemmCfg::cluster_of(&name);
             let resident = if cluster > 1 {
                 // Clusters must fit inside one GPC, so the device may hold fewer CTAs than
                 // SMs x blocks per SM; a persistent grid larger than this would run a second wave.

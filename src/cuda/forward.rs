@@ -105,11 +105,6 @@ impl GemmCfg {
         }
     }
 
-    /// CTAs per cluster of the entry point `name` (1 for all but the multicast GEMM).
-    pub fn cluster_of(name: &str) -> u32 {
-        Self::TENSOR_CORE.into_iter().find(|c| name.ends_with(&format!("_{}", c.suffix()))).map_or(1, |c| c.cluster())
-    }
-
     /// The entry point for element type suffix `t` (f32, f16, bf16).
     pub fn kernel_name(self, t: &str) -> String {
         match self {
@@ -773,8 +768,8 @@ mod tests {
         assert_eq!(GemmCfg::from_suffix("wgmma_ws"), Some(GemmCfg::WgmmaWs));
         // the multicast form: same tile and block, in clusters of two (kernels say __cluster_dims__(2, 1, 1))
         assert_eq!((GemmCfg::WgmmaMc.tile(), GemmCfg::WgmmaMc.threads(), GemmCfg::WgmmaMc.smem()), ((128, 256), 384, 197632));
-        assert_eq!(GemmCfg::cluster_of("scattermoe_gemm_bf16_wgmma_mc"), 2);
-        assert_eq!(GemmCfg::cluster_of("scattermoe_gemm_bf16_wgmma_ws"), 1);
-        assert_eq!(GemmCfg::cluster_of("scattermoe_routing_scan"), 1);
+        assert_eq!(GemmCfg::WgmmaMc.cluster(), 2);
+        assert!(GemmCfg::TENSOR_CORE.iter().filter(|&&c| c != GemmCfg::WgmmaMc).all(|c| c.cluster() == 1));
+        assert_eq!(GemmCfg::F32.cluster(), 1);
     }
 }
