@@ -16,24 +16,15 @@ the routing itself (top-k) is unaffected by the logits workload.py builds.
 """
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models"))
+from generate import FirstOutput  # noqa: E402  (the fixtures' wrapper: exports the hidden states only)
 
 FAMILY = {"mixtral": "mixtral", "qwen3": "qwen3_moe", "fine": "qwen3_moe"}
-
-
-class FirstOutput(nn.Module):
-    """Exports only the block's hidden states (the blocks may also return router logits)."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        y = self.m(x)
-        return y[0] if isinstance(y, tuple) else y
 
 
 def build_block(family, d, f, E, k, device="cuda"):

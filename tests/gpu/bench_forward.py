@@ -8,12 +8,12 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", "bench"))
+from peers.timing import graph_ms  # noqa: E402  (the benchmark's CUDA-graph timer)
 from peers.torch_gmm import forward as torch_moe  # noqa: E402  (the benchmark's torch._grouped_mm peer)
 from smoe_cuda import Kernels  # noqa: E402
 
@@ -23,34 +23,9 @@ SETS = 4
 SMALL_ONLY = ("32x32", "32x64s6")
 
 
-def graph_time(fn, min_reps=5, max_reps=40, budget_s=0.4):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up (module load, autotune, allocator)
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.time()
-    g.replay()
-    torch.cuda.synchronize()
-    est = time.time() - t0
-    reps = int(max(min_reps, min(max_reps, budget_s / max(est, 1e-6))))
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        ts.append((a, b))
-    torch.cuda.synchronize()
-    ms = sorted(a.elapsed_time(b) for a, b in ts)
-    return ms[len(ms) // 2] / SETS, ms[0] / SETS, ms[-1] / SETS
+def graph_time(fn, max_reps=40):
+    """ms per forward: fn runs SETS forwards, timed as one CUDA graph (bench/peers/timing.py)."""
+    return graph_ms([fn], budget_s=0.4, max_reps=max_reps) / SETS
 
 
 def main():
@@ -92,16 +67,16 @@ def main():
                 row["torch_error"] = repr(ex)[:200]
             fwd = lambda **kw: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_, **kw)  # noqa: E731
                                 for (x_, ri_, rw_, b_) in ins]
-            row["ours_auto"] = graph_time(lambda: fwd())[0]
+            row["ours_auto"] = graph_time(lambda: fwd())
             for st in ("route", "g1", "g2", "comb"):
-                row[f"stage_{st}"] = graph_time(lambda: fwd(stages=(st,)), max_reps=20)[0]
+                row[f"stage_{st}"] = graph_time(lambda: fwd(stages=(st,)), max_reps=20)
             rows_per_expert = T * k / min(E, T * k)
             for cfg in a.cfgs.split(","):
                 if cfg in SMALL_ONLY and rows_per_expert > 1024:
                     continue
                 for st, key in (("g1", "cfg1"), ("g2", "cfg2")):
                     try:
-                        row[f"{st}_{cfg}"] = graph_time(lambda: fwd(stages=(st,), **{key: cfg}), max_reps=20)[0]
+                        row[f"{st}_{cfg}"] = graph_time(lambda: fwd(stages=(st,), **{key: cfg}), max_reps=20)
                     except Exception as ex:  # noqa: BLE001
                         print("ERR", cfg, st, repr(ex)[:200])
             g1 = {c: row[f"g1_{c}"] for c in a.cfgs.split(",") if f"g1_{c}" in row}
@@ -113,7 +88,7 @@ def main():
                 try:
                     ril = [i[1].long() for i in ins]
                     row["torch_grouped_mm"] = graph_time(lambda: [torch_moe(x_, rw_, r_, w1t, w2t)
-                                                                  for (x_, _, rw_, _), r_ in zip(ins, ril)])[0]
+                                                                  for (x_, _, rw_, _), r_ in zip(ins, ril)])
                 except Exception as ex:  # noqa: BLE001
                     row["torch_error"] = repr(ex)[:200]
             rows.append(row)
