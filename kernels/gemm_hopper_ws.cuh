@@ -18,7 +18,8 @@
 //     Gated forms put the tile's 128 gate rows of W in smem rows 0-127 and the matching up rows in
 //     128-255 (b_row with WN = BN), so each thread holds gate and up of the same output in
 //     registers ni and ni + 16.
-//   - W rows come through cp.async as well (not TMA) so gated layouts and row validity reuse b_row.
+//   - W comes through cp.async as well in wgmma_ws (any K and alignment, gated layouts and row
+//     validity through b_row), through TMA in wgmma_tma and wgmma_mc (below: WLOAD).
 //   - No setmaxnreg: ptxas gives the whole kernel one register count (168 at 384 threads), which
 //     holds the 128 accumulators; lowering the producer's count only made it spill (measured).
 // The epilogue stores straight from registers (bias, activation / GLU, row scale fused).
@@ -133,6 +134,14 @@ __device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank)
         "r"(rank)
         : "memory");
 }
+// One TMA box of the 4-D map at (c0..c3) into this CTA's `dst`; `bar` is credited with its bytes.
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const TmaMap* map, int c0, int c1, int c2, int c3, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
 // One TMA box of the 4-D map at (c0..c3), written to `dst` in every CTA of `mask`; each receiver's
 // barrier at offset `bar` is credited with the bytes that landed in that CTA.
 __device__ __forceinline__ void tma_load_4d_multicast(unsigned dst, const TmaMap* map, int c0, int c1, int c2, int c3,
@@ -229,19 +238,33 @@ template <int STAGES> struct WsCfg {
     static constexpr int CONSUMER_WARPS = 8;  // warpgroups 1 and 2
 };
 
-// MC = false: one CTA per tile, launched as ordinary blocks.
-// MC = true: clusters of two CTAs (the entry point declares __cluster_dims__(2, 1, 1)) take two
-// M tiles of the same expert and column tile. Each CTA fetches one half of the shared W tile with
-// a multicast TMA (cp.async.bulk.tensor) that lands in both CTAs, so each W byte leaves L2 once per
-// pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB and the producer issues a
-// third of the copies (Mixtral GEMMs 1.15-1.3x faster from 1024 rows per expert; slower when few
-// rows share a W tile, see pick_cfg in src/cuda/forward.rs). A rows are still gathered by cp.async
-// (TMA on sm_90 cannot gather rows). The W layout reaches the kernel through `tmap` (4-D: K, row,
-// half, expert; see src/cuda/tensor_map.rs), so gated layouts and rows past N (zero-filled) need
-// no per-row table. A stage is free again only when the consumers of both CTAs have retired it
+// How W reaches shared memory (template parameter WLOAD):
+// WS_CP_ASYNC (wgmma_ws): W rows by cp.async like the A rows (any K, any alignment).
+// WS_TMA (wgmma_tma): one thread loads the W tile with two TMA boxes (its two 128-row halves); the
+// producer warpgroup then issues only the A copies, a third of the cp.async of WS_CP_ASYNC, and W
+// arrives in bulk. Same tiles and schedule as wgmma_ws.
+// WS_TMA_PAIR (wgmma_mc): clusters of two CTAs (the entry point declares __cluster_dims__(2, 1, 1))
+// take two M tiles of the same expert and column tile. Each CTA fetches one half of the shared W
+// tile with a multicast TMA (cp.async.bulk.tensor) that lands in both CTAs, so each W byte leaves
+// L2 once per pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB (Mixtral GEMMs
+// 1.15-1.3x faster from 1024 rows per expert; slower when few rows share a W tile, see pick_cfg in
+// src/cuda/forward.rs). A stage is free again only when the consumers of both CTAs have retired it
 // (each consumer warp arrives on both CTAs' empty barriers), because either CTA's TMA writes it in
-// both. Requires K % 8 == 0 and a 16-byte-aligned W (the host checks; otherwise MC = false).
-template <typename T, int STAGES, bool MC>
+// both.
+// A rows are always gathered by cp.async (TMA on sm_90 cannot gather rows). The TMA forms read W
+// through `tmap` (4-D: K, row, half, expert; see src/cuda/tensor_map.rs), so gated layouts and rows
+// past N (zero-filled) need no per-row table; they require K % 8 == 0 and a 16-byte-aligned W (the
+// host checks; otherwise it launches wgmma_ws).
+//
+// A consumer warpgroup whose 64 rows all lie past the expert's count skips its wgmmas (tiles of up
+// to 64 rows: decode batches, the last M tile of many experts, the idle CTA of a pair at small
+// batches) and only hands the stages back. (A build that also skipped the copies of those A rows,
+// a branch per copy in the producer, and kept the tile lookup alive through the main loop ran the
+// large GEMMs 15-25% slower; tests/gpu/RESULTS.md.)
+#define WS_CP_ASYNC 0
+#define WS_TMA 1
+#define WS_TMA_PAIR 2
+template <typename T, int STAGES, int WLOAD>
 __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
                         const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
                         int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
@@ -249,6 +272,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
 #if SMOE_HAS_WGMMA
     using C = WsCfg<STAGES>;
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
+    constexpr bool MC = WLOAD == WS_TMA_PAIR;  // a CTA pair
+    constexpr bool TMA_W = WLOAD != WS_CP_ASYNC;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
@@ -278,9 +303,9 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            // MC: 128 cp.async arrivals + the arrival that sets the TMA byte count; both CTAs'
+            // TMA: 128 cp.async arrivals + the arrival that sets the TMA byte count. MC: both CTAs'
             // consumer warps release a stage.
-            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS + (MC ? 1 : 0));
+            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS + (TMA_W ? 1 : 0));
             mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS * (MC ? 2 : 1));
         }
         if (MC) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -297,8 +322,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         // A rows, into W for the BN B rows; -1 = zero row). Each stage, thread tid copies 16-byte
         // chunk c = tid % 8 of rows tid / 8 + 16 i: eight consecutive threads read one row's 128
         // contiguous bytes, so every warp-wide copy touches 4 whole rows (full 32-byte sectors).
-        // MC: only the A rows go through the table; W comes by TMA.
-        constexpr int ROWS = MC ? BM : BM + BN;
+        // TMA: only the A rows go through the table.
+        constexpr int ROWS = TMA_W ? BM : BM + BN;
         const int c = tid & 7, rg = tid >> 3;
         const unsigned dst_off = (unsigned)rg * 128u + (((unsigned)c ^ (unsigned)(rg & 7)) * 16u);
         for (int g = first; g < total; g += stride) {
@@ -319,30 +344,41 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 row_src[r] = o;
             }
             producer_sync();
-            // MC: this CTA's half of the W tile, as TMA coordinates (K, row, half, expert): gated
-            // tiles take the 128 gate rows (half 0 of the smem tile) and the 128 up rows (half 1).
-            int bc1 = 0, bc2 = 0;
-            if (MC) {
+            // TMA coordinates (K, row, half, expert) of smem half h of the W tile: gated tiles
+            // take the 128 gate rows in half 0 and the 128 up rows in half 1. MC: this CTA loads
+            // half `rank` (for both CTAs); otherwise both halves.
+            auto w_coords = [&](int h, int& c1, int& c2) {
                 if (!gated) {
-                    bc1 = t.nt * BN + (int)rank * (BN / 2);
+                    c1 = t.nt * BN + h * (BN / 2);
+                    c2 = 0;
                 } else {
-                    const int hh = layout == SMOE_GLU_UP_GATE ? 1 - (int)rank : (int)rank;
-                    bc1 = layout == SMOE_GLU_INTERLEAVED ? hh : t.nt * (BN / 2);
-                    bc2 = layout == SMOE_GLU_INTERLEAVED ? t.nt * (BN / 2) : hh;
+                    const int hh = layout == SMOE_GLU_UP_GATE ? 1 - h : h;
+                    c1 = layout == SMOE_GLU_INTERLEAVED ? hh : t.nt * (BN / 2);
+                    c2 = layout == SMOE_GLU_INTERLEAVED ? t.nt * (BN / 2) : hh;
                 }
-            }
+            };
             for (int kb = 0; kb < KB; ++kb) {
                 mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1u);
                 const unsigned sbase = ring + stage * C::STAGE_BYTES;
                 const unsigned dst = sbase + dst_off;
                 const int k0 = kb * BK + c * 8;
-                if (MC && tid == 0) {
+                if (TMA_W && tid == 0) {
                     const unsigned fb = smem_u32(&full_bar[stage]);
                     mbar_arrive_expect_tx(fb, C::B_BYTES);  // both halves land here
-                    tma_load_4d_multicast(sbase + C::A_BYTES + rank * (C::B_BYTES / 2), tmap, kb * BK, bc1, bc2, t.e,
-                                          fb, (unsigned short)0x3);
+                    int c1, c2;
+                    if (MC) {
+                        w_coords((int)rank, c1, c2);
+                        tma_load_4d_multicast(sbase + C::A_BYTES + rank * (C::B_BYTES / 2), tmap, kb * BK, c1, c2, t.e,
+                                              fb, (unsigned short)0x3);
+                    } else {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            w_coords(h, c1, c2);
+                            tma_load_4d(sbase + C::A_BYTES + h * (C::B_BYTES / 2), tmap, kb * BK, c1, c2, t.e, fb);
+                        }
+                    }
                 }
-                if (MC || kvec) {
+                if (TMA_W || kvec) {
                     const bool kin = k0 < K;
                     // Offsets first, then the copies: each copy would otherwise wait on its own
                     // shared-memory load (measured 1.3x slower).
@@ -401,8 +437,23 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
 #pragma unroll
             for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
             int prev = -1;
+            // Whether any of this warpgroup's 64 rows is one of the tile's (else: no wgmma, see above).
+            // Only this bool lives through the main loop: the tile is found again after it, from
+            // an opaque copy of g so the compiler cannot keep this lookup's registers alive instead.
+            bool busy;
+            {
+                const Tile t0 = tile_of(g);
+                busy = t0.m0 + cw * 64 < t0.cnt;
+            }
+            int g_after = g;
+            asm volatile("" : "+r"(g_after));
             for (int kb = 0; kb < KB; ++kb) {
                 mbar_wait(smem_u32(&full_bar[stage]), phase);
+                if (!busy) {
+                    release(stage);
+                    if (++stage == STAGES) { stage = 0; phase ^= 1u; }
+                    continue;
+                }
                 // cp.async wrote the stage through the generic proxy; wgmma reads it through the async proxy.
                 fence_proxy_async();
                 const unsigned a_s = ring + stage * C::STAGE_BYTES + cw * 64 * 128;
@@ -420,7 +471,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
             if (prev >= 0) release(prev);
             // The tile's coordinates are needed only now: finding them here keeps their registers
             // free during the main loop (128 accumulators leave little room at 168 registers).
-            const Tile t = tile_of(g);
+            const Tile t = tile_of(g_after);
 
             // ---- epilogue, specialised per activation: a run-time switch per element made the
             // unrolled epilogue large and slow (measured: gated GEMMs at ~70% of plain ones).

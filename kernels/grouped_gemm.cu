@@ -25,24 +25,27 @@
 //   scattermoe_gemm_{f16,bf16}_wgmma_ws  sm_90a only, warp-specialised (gemm_hopper_ws.cuh): a
 //        cp.async producer warpgroup and two m64n256k16 consumer warpgroups, 128x256x64 tiles,
 //        block 384, dynamic smem 4*49152+1024 = 197632 bytes. Traps below sm_90a.
-//   scattermoe_gemm_{f16,bf16}_wgmma_mc  sm_90a only: wgmma_ws in clusters of two CTAs
-//        (__cluster_dims__(2, 1, 1)) sharing each W tile through a multicast TMA load. One extra,
-//        last parameter: `const __grid_constant__ TmaMap w_map`, the 128-byte tensor map of W
-//        (src/cuda/tensor_map.rs). Needs K % 8 == 0 and a 16-byte-aligned W. Same block and smem.
+//   scattermoe_gemm_{f16,bf16}_wgmma_tma sm_90a only: wgmma_ws with W loaded by TMA (the
+//        producer gathers only the A rows). One extra, last parameter: `const __grid_constant__
+//        TmaMap w_map`, the 128-byte tensor map of W (src/cuda/tensor_map.rs). Needs K % 8 == 0
+//        and a 16-byte-aligned W. Same block and smem.
+//   scattermoe_gemm_{f16,bf16}_wgmma_mc  sm_90a only: wgmma_tma in clusters of two CTAs
+//        (__cluster_dims__(2, 1, 1)) sharing each W tile through a multicast TMA load. Same extra
+//        parameter, needs, block and smem.
 //   scattermoe_gemm_f32                  SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
 // Choosing a kernel (measured on H200, bf16; R = rows per active expert = N_assign / min(E, N_assign)):
 //   R <= 1 and K <= 2048 -> 32x32;
-//   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 4096 and R > 64
-//           or when R >= 1024 (and W is TMA-readable), else wgmma_ws;
+//   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64,
+//           wgmma_tma when K >= 4096 or R >= 256 (both when W is TMA-readable), else wgmma_ws;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
 //   else 128x128.
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
 //   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
 //   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),
-//   BM, BN = the tile in the name (f32: 64x64; wgmma_ws, wgmma_mc: 128x256), BNo = BN
+//   BM, BN = the tile in the name (f32: 64x64; wgmma_*: 128x256), BNo = BN
 //   (plain) or BN/2 (gated). wgmma_mc: the grid is even (clusters of two), units are pairs of M
 //   tiles (ceil(N_assign / 2BM) + min(E, N_assign)) * ceil(Nout / BNo), and the useful size is
 //   2 * cuOccupancyMaxActiveClusters (clusters must fit in one GPC).
@@ -525,18 +528,27 @@ SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
 
 #define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
-        ws_gemm<T, ST, false>(SMOE_GEMM_ARGS, nullptr);                                     \
+        ws_gemm<T, ST, WS_CP_ASYNC>(SMOE_GEMM_ARGS, nullptr);                               \
     }
 
 SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4)
 SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
 
-// The multicast variant: clusters of two CTAs; one extra parameter, the W tensor map (128 bytes,
-// src/cuda/tensor_map.rs). The grid must be even.
+// The TMA variants take one extra parameter, the W tensor map (128 bytes, src/cuda/tensor_map.rs).
+// wgmma_tma: one CTA per tile, W by TMA.
+#define SMOE_WS_TMA_ENTRY(NAME, T, ST)                                                                     \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) { \
+        ws_gemm<T, ST, WS_TMA>(SMOE_GEMM_ARGS, &w_map);                                                     \
+    }
+
+SMOE_WS_TMA_ENTRY(scattermoe_gemm_bf16_wgmma_tma, __nv_bfloat16, 4)
+SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_tma, __half, 4)
+
+// wgmma_mc: clusters of two CTAs sharing W through a multicast TMA load. The grid must be even.
 #define SMOE_WS_MC_ENTRY(NAME, T, ST)                                                                      \
     extern "C" __global__ void SMOE_CLUSTER_PAIR __launch_bounds__(384, 1)                                 \
         NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                                  \
-        ws_gemm<T, ST, true>(SMOE_GEMM_ARGS, &w_map);                                                       \
+        ws_gemm<T, ST, WS_TMA_PAIR>(SMOE_GEMM_ARGS, &w_map);                                                \
     }
 
 SMOE_WS_MC_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4)

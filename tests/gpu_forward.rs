@@ -365,7 +365,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
     let mut cfgs: Vec<(Option<GemmCfg>, Option<GemmCfg>)> = vec![(None, None)];
     if c.all_cfgs && E::T != ElemType::F32 {
         for cfg in GemmCfg::TENSOR_CORE {
-            if matches!(cfg, GemmCfg::WgmmaWs | GemmCfg::WgmmaMc) && !g.dev.has_wgmma() {
+            if matches!(cfg, GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc) && !g.dev.has_wgmma() {
                 continue;
             }
             cfgs.push((Some(cfg), Some(cfg)));

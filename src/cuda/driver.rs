@@ -115,24 +115,44 @@ impl Device {
     }
 }
 
-/// Every entry point of the kernels, with (threads, dynamic smem, CTAs per cluster). Mirrors the
-/// header comments of kernels/*.cu (see `super::forward::GemmCfg` for the GEMM tiles).
-fn entry_points() -> Vec<(usize, String, u32, u32, u32)> {
+/// One kernel entry point as [`load`] needs it. Mirrors the header comments of kernels/*.cu (see
+/// `super::forward::GemmCfg` for the GEMM tiles).
+struct Entry {
+    /// index into [`MODULES`]
+    module: usize,
+    name: String,
+    threads: u32,
+    smem: u32,
+    /// CTAs per cluster (`__cluster_dims__`)
+    cluster: u32,
+    /// takes a TMA tensor map (needs cuTensorMapEncodeTiled)
+    tma: bool,
+}
+
+fn entry_points() -> Vec<Entry> {
+    let plain = |module, name: String, threads| Entry { module, name, threads, smem: 0, cluster: 1, tma: false };
     let mut v = Vec::new();
     for i in ["i32", "i64"] {
-        v.push((0, format!("scattermoe_routing_count_{i}"), 256, 0, 1));
-        v.push((0, format!("scattermoe_routing_scatter_{i}"), 256, 0, 1));
+        v.push(plain(0, format!("scattermoe_routing_count_{i}"), 256));
+        v.push(plain(0, format!("scattermoe_routing_scatter_{i}"), 256));
     }
-    v.push((0, "scattermoe_routing_scan".into(), 1024, 0, 1));
+    v.push(plain(0, "scattermoe_routing_scan".into(), 1024));
     for t in ["f16", "bf16"] {
         for cfg in super::forward::GemmCfg::TENSOR_CORE {
-            v.push((1, cfg.kernel_name(t), cfg.threads(), cfg.smem(), cfg.cluster()));
+            v.push(Entry {
+                module: 1,
+                name: cfg.kernel_name(t),
+                threads: cfg.threads(),
+                smem: cfg.smem(),
+                cluster: cfg.cluster(),
+                tma: cfg.w_by_tma(),
+            });
         }
     }
     let f32cfg = super::forward::GemmCfg::F32;
-    v.push((1, f32cfg.kernel_name("f32"), f32cfg.threads(), f32cfg.smem(), 1));
+    v.push(plain(1, f32cfg.kernel_name("f32"), f32cfg.threads()));
     for t in ["f32", "f16", "bf16"] {
-        v.push((2, format!("scattermoe_combine_{t}"), 256, 0, 1));
+        v.push(plain(2, format!("scattermoe_combine_{t}"), 256));
     }
     v
 }
@@ -162,9 +182,12 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         }
         let wgmma = cc == (9, 0);
         let mut funcs = HashMap::new();
-        for (m, name, threads, smem, cluster) in entry_points() {
+        for Entry { module: m, name, threads, smem, cluster, tma } in entry_points() {
             if name.contains("wgmma") && !wgmma {
                 continue; // its body traps below sm_90a; never launched there
+            }
+            if tma && !has_symbol("cuTensorMapEncodeTiled") {
+                continue; // a driver that cannot encode the map: the cp.async form is used
             }
             let c = CString::new(name.as_str()).expect("no NUL");
             let mut f: CUfunction = std::ptr::null_mut();
@@ -199,9 +222,9 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
 
 /// How many clusters of `cluster` CTAs of `f` the device runs at once (None: the driver cannot say).
 unsafe fn max_active_clusters(f: CUfunction, threads: u32, smem: u32, cluster: u32, sms: u32) -> Option<u32> {
-    // Both arrived with CUDA 12.0 drivers; an older driver (which may still run cc 9.0) gets the
+    // Arrived with CUDA 12.0 drivers; an older driver (which may still run cc 9.0) gets the
     // single-CTA kernel instead (cudarc panics on a missing symbol, so ask first).
-    if !has_symbol("cuOccupancyMaxActiveClusters") || !has_symbol("cuTensorMapEncodeTiled") {
+    if !has_symbol("cuOccupancyMaxActiveClusters") {
         return None;
     }
     let config = sys::CUlaunchConfig {
@@ -351,8 +374,9 @@ pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg],
         })
         .collect();
     let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
-    check(
-        sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut()),
-        &format!("cuLaunchKernel({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem),
-    )
+    let r = sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut());
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(()); // (the message below is built only on failure: this runs six times a forward)
+    }
+    check(r, &format!("cuLaunchKernel({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem))
 }

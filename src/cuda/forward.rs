@@ -38,7 +38,10 @@ pub enum GemmCfg {
     /// Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups),
     /// 128x256x64, sm_90a only (kernels/gemm_hopper_ws.cuh)
     WgmmaWs,
-    /// WgmmaWs in clusters of two CTAs that share each W tile through a multicast TMA load
+    /// WgmmaWs with W loaded by TMA (two boxes per stage, one thread) and only the A rows by
+    /// cp.async, sm_90a only; needs a TMA-readable W (tensor_map::w_fits)
+    WgmmaTma,
+    /// WgmmaTma in clusters of two CTAs that share each W tile through a multicast TMA load
     /// (two M tiles per cluster), sm_90a only; needs a TMA-readable W (tensor_map::w_fits)
     WgmmaMc,
     /// SIMT f32, 64x64
@@ -47,8 +50,15 @@ pub enum GemmCfg {
 
 impl GemmCfg {
     /// The tensor-core (f16/bf16) configurations.
-    pub const TENSOR_CORE: [GemmCfg; 6] =
-        [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaWs, GemmCfg::WgmmaMc];
+    pub const TENSOR_CORE: [GemmCfg; 7] = [
+        GemmCfg::T128x128,
+        GemmCfg::T32x64,
+        GemmCfg::T32x64s6,
+        GemmCfg::T32x32,
+        GemmCfg::WgmmaWs,
+        GemmCfg::WgmmaTma,
+        GemmCfg::WgmmaMc,
+    ];
 
     pub const fn suffix(self) -> &'static str {
         match self {
@@ -57,6 +67,7 @@ impl GemmCfg {
             GemmCfg::T32x64s6 => "32x64s6",
             GemmCfg::T32x32 => "32x32",
             GemmCfg::WgmmaWs => "wgmma_ws",
+            GemmCfg::WgmmaTma => "wgmma_tma",
             GemmCfg::WgmmaMc => "wgmma_mc",
             GemmCfg::F32 => "f32",
         }
@@ -70,7 +81,7 @@ impl GemmCfg {
     pub const fn tile(self) -> (usize, usize) {
         match self {
             GemmCfg::T128x128 => (128, 128),
-            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => (128, 256),
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc => (128, 256),
             GemmCfg::T32x64 | GemmCfg::T32x64s6 => (32, 64),
             GemmCfg::T32x32 => (32, 32),
             GemmCfg::F32 => (64, 64),
@@ -80,7 +91,7 @@ impl GemmCfg {
     pub const fn threads(self) -> u32 {
         match self {
             GemmCfg::T128x128 | GemmCfg::F32 => 256,
-            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => 384,
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc => 384,
             GemmCfg::T32x64 | GemmCfg::T32x64s6 | GemmCfg::T32x32 => 128,
         }
     }
@@ -92,9 +103,14 @@ impl GemmCfg {
             GemmCfg::T32x64 => 49152,
             GemmCfg::T32x64s6 => 73728,
             GemmCfg::T32x32 => 32768,
-            GemmCfg::WgmmaWs | GemmCfg::WgmmaMc => 4 * 49152 + 1024,
+            GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc => 4 * 49152 + 1024,
             GemmCfg::F32 => 0,
         }
+    }
+
+    /// Whether the kernel reads W through a TMA tensor map (an extra kernel parameter).
+    pub const fn w_by_tma(self) -> bool {
+        matches!(self, GemmCfg::WgmmaTma | GemmCfg::WgmmaMc)
     }
 
     /// CTAs per cluster of this configuration's kernels.
@@ -119,14 +135,18 @@ pub const SMALL_ROWS: f64 = 128.0;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
 /// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
 pub const HOPPER_SMALL_ROWS: f64 = 16.0;
-/// On sm_90a, when the CTA-pair kernel (wgmma_mc) beats wgmma_ws (H200, bf16, tests/gpu/RESULTS.md):
-/// with a deep reduction (K >= HOPPER_MC_DEEP_K, Mixtral's 4096 and 14336) from 128 rows per
-/// expert (measured at 128, 192, 256, 1024, 4096 rows: 1.04-1.40x); with a short one (Qwen3's
-/// 2048 and 768, the fine-grained 1024 and 512) only from HOPPER_MC_ROWS rows (1.02-1.16x there;
-/// 0.73-0.98x at 64-256 rows, a tie at 512).
-pub const HOPPER_MC_DEEP_K: usize = 4096;
+/// On sm_90a above HOPPER_SMALL_ROWS, from the per-GEMM timings of the three Hopper kernels
+/// (H200, bf16, tests/gpu/RESULTS.md, "Fourth round"):
+/// - the CTA pair (wgmma_mc) for a deep reduction (K >= HOPPER_MC_DEEP_K: Mixtral's GEMM2, K =
+///   14336) above HOPPER_MC_DEEP_ROWS rows per expert (1.05-1.15x wgmma_tma from 128 rows on);
+/// - wgmma_tma for K >= HOPPER_TMA_K (Mixtral's GEMM1 at every size: 1.03-1.2x the others, 0.92x
+///   wgmma_mc at 128 rows only) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and fine-grained
+///   from 256 rows: 1.0-1.1x);
+/// - wgmma_ws otherwise (short K and few rows: its cp.async W loads are 1.0-1.1x faster there).
+pub const HOPPER_MC_DEEP_K: usize = 8192;
 pub const HOPPER_MC_DEEP_ROWS: f64 = 64.0;
-pub const HOPPER_MC_ROWS: f64 = 1024.0;
+pub const HOPPER_TMA_K: usize = 4096;
+pub const HOPPER_TMA_ROWS: f64 = 256.0;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`. f32 has one kernel.
@@ -143,8 +163,13 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
     if wgmma {
-        let pairs = if k_depth >= HOPPER_MC_DEEP_K { r > HOPPER_MC_DEEP_ROWS } else { r >= HOPPER_MC_ROWS };
-        return if pairs { GemmCfg::WgmmaMc } else { GemmCfg::WgmmaWs };
+        return if k_depth >= HOPPER_MC_DEEP_K && r > HOPPER_MC_DEEP_ROWS {
+            GemmCfg::WgmmaMc
+        } else if k_depth >= HOPPER_TMA_K || r >= HOPPER_TMA_ROWS {
+            GemmCfg::WgmmaTma
+        } else {
+            GemmCfg::WgmmaWs
+        };
     }
     if k_depth < 1024 && r <= 512.0 {
         return GemmCfg::T32x64;
@@ -411,9 +436,9 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         (_, Some(c)) if c != GemmCfg::F32 => c,
         _ => pick_cfg(elem, n_assign, experts, g.kd, dev.has_wgmma()),
     };
-    // The multicast kernel reads W through TMA: it needs an aligned W, and a driver that can size
-    // its cluster grid; otherwise its single-CTA form does the same work.
-    let cfg = if cfg == GemmCfg::WgmmaMc && (!tensor_map::w_fits(g.w, g.kd) || dev.func(&cfg.kernel_name(tname(elem))).is_err()) {
+    // The TMA kernels need an aligned W and a driver that encodes tensor maps (and, for pairs,
+    // sizes cluster grids); otherwise the cp.async form does the same work.
+    let cfg = if cfg.w_by_tma() && (!tensor_map::w_fits(g.w, g.kd) || dev.func(&cfg.kernel_name(tname(elem))).is_err()) {
         GemmCfg::WgmmaWs
     } else {
         cfg
@@ -447,7 +472,7 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         Arg::F32(g.alpha),
         Arg::F32(g.limit),
     ];
-    if cfg == GemmCfg::WgmmaMc {
+    if cfg.w_by_tma() {
         args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
     }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
@@ -742,18 +767,24 @@ mod tests {
         // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
         assert_eq!(pick_cfg(bf, 128, 8, 4096, true), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 128, 8, 14336, true), GemmCfg::T32x64s6);
-        // 32 rows per expert: the warp-specialised kernel on sm_90a, small tiles elsewhere
-        assert_eq!(pick_cfg(bf, 256, 8, 4096, true), GemmCfg::WgmmaWs);
+        // 32 rows per expert: the warp-specialised kernels on sm_90a, small tiles elsewhere
+        assert_eq!(pick_cfg(bf, 256, 8, 4096, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, 14336, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, 1024, true), GemmCfg::WgmmaWs);
         assert_eq!(pick_cfg(bf, 256, 8, 4096, false), GemmCfg::T32x64);
-        // CTA pairs sharing W: K >= 4096 above 64 rows per expert, shorter K from 1024 rows
-        assert_eq!(pick_cfg(bf, 512, 8, 4096, true), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaMc);
+        // deep K: CTA pairs above 64 rows per expert
+        assert_eq!(pick_cfg(bf, 512, 8, 14336, true), GemmCfg::WgmmaTma);
         assert_eq!(pick_cfg(bf, 1024, 8, 14336, true), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 32768, 128, 2048, true), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 32768, 64, 1024, true), GemmCfg::WgmmaWs);
-        // many rows: wgmma_mc on sm_90a at any K, 128x128 elsewhere unless K is short and rows few
-        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 131072, 128, 768, true), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, 14336, true), GemmCfg::WgmmaMc);
+        // K = 4096: W by TMA at every size
+        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaTma);
+        // short K: cp.async below 256 rows per expert, TMA from there
+        assert_eq!(pick_cfg(bf, 8192, 128, 2048, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 128, 768, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 64, 512, true), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 64, 1024, true), GemmCfg::WgmmaTma);
+        // elsewhere: 128x128 unless K is short and rows few
         assert_eq!(pick_cfg(bf, 32768, 8, 4096, false), GemmCfg::T128x128);
         assert_eq!(pick_cfg(bf, 8192, 32, 768, false), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 131072, 128, 768, false), GemmCfg::T128x128);
@@ -770,6 +801,11 @@ mod tests {
         assert_eq!((GemmCfg::WgmmaMc.tile(), GemmCfg::WgmmaMc.threads(), GemmCfg::WgmmaMc.smem()), ((128, 256), 384, 197632));
         assert_eq!(GemmCfg::WgmmaMc.cluster(), 2);
         assert!(GemmCfg::TENSOR_CORE.iter().filter(|&&c| c != GemmCfg::WgmmaMc).all(|c| c.cluster() == 1));
+        // the TMA form without clusters: same tile and block; both TMA kernels take the map
+        assert_eq!((GemmCfg::WgmmaTma.tile(), GemmCfg::WgmmaTma.threads(), GemmCfg::WgmmaTma.smem()), ((128, 256), 384, 197632));
+        let tma: Vec<_> = GemmCfg::TENSOR_CORE.into_iter().filter(|c| c.w_by_tma()).collect();
+        assert_eq!(tma, [GemmCfg::WgmmaTma, GemmCfg::WgmmaMc]);
+        assert_eq!(GemmCfg::from_suffix("wgmma_tma"), Some(GemmCfg::WgmmaTma));
         assert_eq!(GemmCfg::F32.cluster(), 1);
     }
 }

@@ -1,8 +1,9 @@
-//! The TMA tensor map through which the multicast Hopper GEMM (`wgmma_mc`,
-//! kernels/gemm_hopper_ws.cuh) reads expert weights W [E, N, K].
+//! The TMA tensor map through which the Hopper GEMMs `wgmma_tma` and `wgmma_mc`
+//! (kernels/gemm_hopper_ws.cuh) read expert weights W [E, N, K].
 //!
-//! The kernel loads one half of a 256-row W tile per CTA: 128 rows of 64 K-elements (128 bytes, the
-//! 128-byte swizzle wgmma reads), multicast to both CTAs of its cluster. The map is 4-D, innermost
+//! One TMA box is one half of a 256-row W tile: 128 rows of 64 K-elements (128 bytes, the 128-byte
+//! swizzle wgmma reads). wgmma_tma loads both halves; in wgmma_mc each CTA of a pair loads one,
+//! multicast to both. The map is 4-D, innermost
 //! first: (K, row, half, expert), box (64, 128, 1, 1) or, for the interleaved GLU layout,
 //! (K, half, row, expert) with box (64, 1, 128, 1); the kernel addresses it as follows.
 //! - plain (`gated = 0`): dims (K, N, 1, E); half `h` of column tile `nt` is rows nt*256 + h*128.

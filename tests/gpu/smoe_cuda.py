@@ -14,11 +14,12 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
            "32x32": (32, 32, 128, 32768),
            "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024),
-           "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024)}
+           "wgmma_tma": (128, 256, 384, 4 * 49152 + 1024), "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024)}
 CLUSTER = {"wgmma_mc": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
-# when the CTA-pair kernel wins on sm_90a (src/cuda/forward.rs HOPPER_MC_*): K >= 4096 above 64
-# rows per expert, shorter K from 1024 rows
-HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS = 4096, 64, 1024
+TMA_W = ("wgmma_tma", "wgmma_mc")  # kernels reading W through a TMA map (one more parameter)
+# the Hopper kernel choice (src/cuda/forward.rs HOPPER_*): CTA pairs for K >= 8192 above 64 rows per
+# expert, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
+HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 4096, 256
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -151,8 +152,9 @@ class Kernels:
         if R <= (16 if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
         if hopper:
-            pairs = R > HOPPER_MC_DEEP_ROWS if K >= HOPPER_MC_DEEP_K else R >= HOPPER_MC_ROWS
-            return "wgmma_mc" if pairs else "wgmma_ws"
+            if K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS:
+                return "wgmma_mc"
+            return "wgmma_tma" if K >= HOPPER_TMA_K or R >= HOPPER_TMA_ROWS else "wgmma_ws"
         if K < 1024 and R <= 512:
             return "32x64"
         return self.large_cfg
@@ -169,7 +171,8 @@ class Kernels:
             BM, BN, threads, smem = TC_CFGS[cfg]
             name = f"scattermoe_gemm_{TNAME[dt]}_{cfg}"
         c = CLUSTER.get(cfg, 1) if dt != torch.float32 else 1
-        if c > 1 and (K % 8 or W.data_ptr() % 16):
+        tma = dt != torch.float32 and cfg in TMA_W
+        if tma and (K % 8 or W.data_ptr() % 16):
             return self.gemm(X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
                              act, gated, glu_layout, alpha, limit, "wgmma_ws", grid)
         f = self.fn("grouped_gemm", name, smem)
@@ -184,7 +187,7 @@ class Kernels:
         args = [Arg.ptr(X), Arg.ptr(W), Arg.ptr(bias), Arg.ptr(Y), Arg.ptr(sidx), Arg.ptr(offsets),
                 Arg.ptr(row_scale), ci(k), ci(N), ci(K), ci(E), ci(grouped_in), ci(grouped_out),
                 ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit)]
-        if c > 1:
+        if tma:
             args.append(self.w_map(W, gated, glu_layout))
         self.launch(f, (grid,), (threads,), smem, args)
 
@@ -199,7 +202,7 @@ class Kernels:
         return self._occ[key]
 
     def w_map(self, W, gated, glu_layout):
-        """The 4-D TMA map of W [E, N, K] the multicast kernel reads (src/cuda/tensor_map.rs)."""
+        """The 4-D TMA map of W [E, N, K] the TMA kernels read (src/cuda/tensor_map.rs)."""
         E, N, K = W.shape
         row, f = 2 * K, N // 2
         if not gated:
