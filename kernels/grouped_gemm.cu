@@ -38,8 +38,9 @@
 //   bytes) once per function before launching.
 // Choosing a kernel (measured on H200, bf16; R = rows per active expert = N_assign / min(E, N_assign)):
 //   R <= 1 and K <= 2048 -> 32x32;
-//   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64,
-//           wgmma_tma when K >= 4096 or R >= 256 (both when W is TMA-readable), else wgmma_ws;
+//   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64
+//           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (both when W is
+//           TMA-readable), else wgmma_ws;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
 //   else 128x128.
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,

@@ -14,6 +14,7 @@ As exported, Qwen3-MoE's router computes softmax(logits, dtype=float) as a bfloa
 a Cast (the TorchScript exporter's rendering), so that graph's routing weights carry bf16 rounding;
 the routing itself (top-k) is unaffected by the logits workload.py builds.
 """
+import contextlib
 import os
 import shutil
 import sys
@@ -66,9 +67,31 @@ def load_weights(block, w_gu, w_down, wr):
         raise RuntimeError(f"block parameters not in the expected fused layout: {layout}")
 
 
+@contextlib.contextmanager
+def _shape_inference_without_big_values(limit=16 << 20):
+    """The TorchScript exporter's graph-level shape inference (run twice per export) rebuilds every node as
+    a one-node ONNX model, embedding the full value of each parameter the node reads: each expert's
+    Gather(gate_up_proj | down_proj, idx) serialises the whole fused tensor, 2 x hit x (805 + 403) MB for
+    qwen3 (874 s on CPU at 84 hit). Those Gathers' indices are dynamic, so the values never fold; hiding
+    tensors over `limit` from that pass alone leaves them typed graph inputs with their shapes.
+    The exported file is byte-identical (checked: fine/qwen3 at 16 tokens, mixtral graph)."""
+    orig = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def lean(graph, params_dict, opset):
+        small = {name: v for name, v in params_dict.items()
+                 if not (isinstance(v, torch.Tensor) and v.numel() * v.element_size() > limit)}
+        return orig(graph, small, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = lean
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = orig
+
+
 def export(block, x, path, opset=17):
     """x: [T, d] bf16 on the GPU, traced as [1, T, d] (the blocks take [batch, seq, d])."""
-    with torch.no_grad():
+    with torch.no_grad(), _shape_inference_without_big_values():
         torch.onnx.export(FirstOutput(block).eval(), (x.unsqueeze(0),), path, dynamo=False, opset_version=opset,
                           input_names=["hidden_states"], output_names=["output"],
                           dynamic_axes={"hidden_states": {1: "S"}, "output": {1: "S"}}, do_constant_folding=True)

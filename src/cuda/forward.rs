@@ -135,16 +135,20 @@ pub const SMALL_ROWS: f64 = 128.0;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
 /// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
 pub const HOPPER_SMALL_ROWS: f64 = 16.0;
-/// On sm_90a above HOPPER_SMALL_ROWS, from the per-GEMM timings of the three Hopper kernels
-/// (H200, bf16, tests/gpu/RESULTS.md, "Fourth round"):
+/// On sm_90a above HOPPER_SMALL_ROWS, from the per-GEMM timings of the three Hopper kernels and the
+/// whole-layer benchmark (H200, bf16, tests/gpu/RESULTS.md, "Fourth round"):
 /// - the CTA pair (wgmma_mc) for a deep reduction (K >= HOPPER_MC_DEEP_K: Mixtral's GEMM2, K =
-///   14336) above HOPPER_MC_DEEP_ROWS rows per expert (1.05-1.15x wgmma_tma from 128 rows on);
-/// - wgmma_tma for K >= HOPPER_TMA_K (Mixtral's GEMM1 at every size: 1.03-1.2x the others, 0.92x
-///   wgmma_mc at 128 rows only) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and fine-grained
-///   from 256 rows: 1.0-1.1x);
+///   14336) above HOPPER_MC_DEEP_ROWS rows per expert (1.05-1.15x wgmma_tma from 128 rows on), and
+///   for K >= HOPPER_TMA_K from HOPPER_MC_ROWS rows (Mixtral's GEMM1 at 4096 and 16384 tokens: the
+///   whole layer, back to back, was 4-5% slower with wgmma_tma there, which moves more bytes from
+///   L2 per FLOP on a card that runs at its power limit);
+/// - wgmma_tma for K >= HOPPER_TMA_K (Mixtral's GEMM1 below that: 1.03-1.1x the others per GEMM;
+///   the layer at 1024 tokens 2.14 -> 2.00 ms) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and
+///   fine-grained from 256 rows: 1.0-1.1x);
 /// - wgmma_ws otherwise (short K and few rows: its cp.async W loads are 1.0-1.1x faster there).
 pub const HOPPER_MC_DEEP_K: usize = 8192;
 pub const HOPPER_MC_DEEP_ROWS: f64 = 64.0;
+pub const HOPPER_MC_ROWS: f64 = 1024.0;
 pub const HOPPER_TMA_K: usize = 4096;
 pub const HOPPER_TMA_ROWS: f64 = 256.0;
 
@@ -163,7 +167,7 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
     if wgmma {
-        return if k_depth >= HOPPER_MC_DEEP_K && r > HOPPER_MC_DEEP_ROWS {
+        return if (k_depth >= HOPPER_MC_DEEP_K && r > HOPPER_MC_DEEP_ROWS) || (k_depth >= HOPPER_TMA_K && r >= HOPPER_MC_ROWS) {
             GemmCfg::WgmmaMc
         } else if k_depth >= HOPPER_TMA_K || r >= HOPPER_TMA_ROWS {
             GemmCfg::WgmmaTma
@@ -776,9 +780,11 @@ mod tests {
         assert_eq!(pick_cfg(bf, 512, 8, 14336, true), GemmCfg::WgmmaTma);
         assert_eq!(pick_cfg(bf, 1024, 8, 14336, true), GemmCfg::WgmmaMc);
         assert_eq!(pick_cfg(bf, 32768, 8, 14336, true), GemmCfg::WgmmaMc);
-        // K = 4096: W by TMA at every size
-        assert_eq!(pick_cfg(bf, 1024, 8, 4096, true), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaTma);
+        // K = 4096: W by TMA, CTA pairs from 1024 rows per expert
+        assert_eq!(pick_cfg(bf, 2048, 8, 4096, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 4096, 8, 4096, true), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 8, 4096, true), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, true), GemmCfg::WgmmaMc);
         // short K: cp.async below 256 rows per expert, TMA from there
         assert_eq!(pick_cfg(bf, 8192, 128, 2048, true), GemmCfg::WgmmaWs);
         assert_eq!(pick_cfg(bf, 32768, 128, 768, true), GemmCfg::WgmmaTma);

@@ -18,8 +18,8 @@ TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
 CLUSTER = {"wgmma_mc": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
 TMA_W = ("wgmma_tma", "wgmma_mc")  # kernels reading W through a TMA map (one more parameter)
 # the Hopper kernel choice (src/cuda/forward.rs HOPPER_*): CTA pairs for K >= 8192 above 64 rows per
-# expert, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
-HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 4096, 256
+# expert and for K >= 4096 from 1024 rows, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
+HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 1024, 4096, 256
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -152,7 +152,7 @@ class Kernels:
         if R <= (16 if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
         if hopper:
-            if K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS:
+            if (K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS) or (K >= HOPPER_TMA_K and R >= HOPPER_MC_ROWS):
                 return "wgmma_mc"
             return "wgmma_tma" if K >= HOPPER_TMA_K or R >= HOPPER_TMA_ROWS else "wgmma_ws"
         if K < 1024 and R <= 512:
