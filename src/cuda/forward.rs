@@ -151,6 +151,10 @@ pub const HOPPER_MC_DEEP_ROWS: f64 = 64.0;
 pub const HOPPER_MC_ROWS: f64 = 1024.0;
 pub const HOPPER_TMA_K: usize = 4096;
 pub const HOPPER_TMA_ROWS: f64 = 256.0;
+/// From this reduction depth the TMA kernels get a full grid (one CTA or pair per work unit) instead
+/// of a persistent one (H200, Mixtral at 1024 tokens: GEMM1 1.21 -> 1.01 ms, GEMM2 0.60 -> 0.55;
+/// neutral at 4096 tokens; Qwen3's K = 2048 / 768 was 3-8% slower with it: tests/gpu/RESULTS.md).
+pub const FULL_GRID_K: usize = 4096;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`. f32 has one kernel.
@@ -455,7 +459,14 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     // Work units: tiles, or (clusters) groups of `cluster` M tiles of one expert.
     let c = f.cluster as usize;
     let units = (n_assign.div_ceil(bm * c) + experts.min(n_assign)) * nout.div_ceil(bno);
-    let grid = (units * c).min(f.resident as usize).max(c) / c * c;
+    let grid = if cfg.w_by_tma() && g.kd >= FULL_GRID_K {
+        // One CTA (pair) per work unit: the hardware starts them in order as SMs free up, so the M
+        // tiles that share a W tile run side by side and W leaves DRAM about once. A persistent grid
+        // lets the CTAs drift apart (ncu: W read 1.5-2x at Mixtral 1024 tokens).
+        units * c
+    } else {
+        (units * c).min(f.resident as usize).max(c) / c * c
+    };
     let mut args = vec![
         Arg::Ptr(g.x),
         Arg::Ptr(g.w),

@@ -20,6 +20,7 @@ TMA_W = ("wgmma_tma", "wgmma_mc")  # kernels reading W through a TMA map (one mo
 # the Hopper kernel choice (src/cuda/forward.rs HOPPER_*): CTA pairs for K >= 8192 above 64 rows per
 # expert and for K >= 4096 from 1024 rows, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
 HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 1024, 4096, 256
+FULL_GRID_K = 4096  # TMA kernels from this K: one CTA (pair) per work unit, not a persistent grid
 F32_CFG = (64, 64, 256, 0)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -179,6 +180,8 @@ class Kernels:
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
         units = ((n_assign + BM * c - 1) // (BM * c) + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
+        if grid is None and tma and K >= FULL_GRID_K:
+            grid = units * c  # one CTA (pair) per unit (src/cuda/forward.rs FULL_GRID_K)
         if grid is None:
             resident = self.resident_clusters(f, threads, smem, c) * c if c > 1 else \
                 self.sms * max(1, self.occupancy(f, threads, smem))
