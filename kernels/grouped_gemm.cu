@@ -49,7 +49,9 @@
 //   BM, BN = the tile in the name (f32: 64x64; wgmma_*: 128x256), BNo = BN
 //   (plain) or BN/2 (gated). wgmma_mc: the grid is even (clusters of two), units are pairs of M
 //   tiles (ceil(N_assign / 2BM) + min(E, N_assign)) * ceil(Nout / BNo), and the useful size is
-//   2 * cuOccupancyMaxActiveClusters (clusters must fit in one GPC).
+//   2 * cuOccupancyMaxActiveClusters (clusters must fit in one GPC). The host gives the TMA
+//   kernels (wgmma_tma, wgmma_mc) a full grid instead from K >= 4096, one CTA (pair) per unit, so
+//   that the tiles sharing a W tile start together (src/cuda/forward.rs FULL_GRID_K).
 // Alignment: every pointer 16-byte aligned. Tensor-core path: K % 8 == 0 takes 16-byte cp.async
 //   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
 // Experts with no rows cost nothing; M, N, K need not be multiples of the tile.
