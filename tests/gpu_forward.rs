@@ -277,6 +277,10 @@ fn moe_cases() -> Vec<MoeCase> {
             MoeCase { b_in: true, b_out: true, ..moe(4096, 2, 8, 1024, 256) },
             MoeCase { activation: Gelu, glu: GluLayout::Interleaved, ..moe(64, 8, 64, 2048, 100) },
             moe(65536, 8, 256, 64, 32),
+            // reductions of 4096 and 8192: on sm_90a the TMA kernels with a full grid (FULL_GRID_K),
+            // GEMM1 wgmma_tma at K = d = 4096, GEMM2 wgmma_mc at K = f = 8192 (128 rows per expert)
+            MoeCase { b_in: true, ..moe(200, 2, 8, 4096, 96) },
+            moe(512, 2, 8, 192, 8192),
         ]);
     }
     v
@@ -365,7 +369,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
     let mut cfgs: Vec<(Option<GemmCfg>, Option<GemmCfg>)> = vec![(None, None)];
     if c.all_cfgs && E::T != ElemType::F32 {
         for cfg in GemmCfg::TENSOR_CORE {
-            if matches!(cfg, GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc) && !g.dev.has_wgmma() {
+            if cfg.sm90a_only() && !g.dev.has_wgmma() {
                 continue;
             }
             cfgs.push((Some(cfg), Some(cfg)));

@@ -127,10 +127,12 @@ struct Entry {
     cluster: u32,
     /// takes a TMA tensor map (needs cuTensorMapEncodeTiled)
     tma: bool,
+    /// native code for sm_90a only (wgmma)
+    sm90a: bool,
 }
 
 fn entry_points() -> Vec<Entry> {
-    let plain = |module, name: String, threads| Entry { module, name, threads, smem: 0, cluster: 1, tma: false };
+    let plain = |module, name: String, threads| Entry { module, name, threads, smem: 0, cluster: 1, tma: false, sm90a: false };
     let mut v = Vec::new();
     for i in ["i32", "i64"] {
         v.push(plain(0, format!("scattermoe_routing_count_{i}"), 256));
@@ -146,6 +148,7 @@ fn entry_points() -> Vec<Entry> {
                 smem: cfg.smem(),
                 cluster: cfg.cluster(),
                 tma: cfg.w_by_tma(),
+                sm90a: cfg.sm90a_only(),
             });
         }
     }
@@ -182,8 +185,8 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         }
         let wgmma = cc == (9, 0);
         let mut funcs = HashMap::new();
-        for Entry { module: m, name, threads, smem, cluster, tma } in entry_points() {
-            if name.contains("wgmma") && !wgmma {
+        for Entry { module: m, name, threads, smem, cluster, tma, sm90a } in entry_points() {
+            if sm90a && !wgmma {
                 continue; // its body traps below sm_90a; never launched there
             }
             if tma && !has_symbol("cuTensorMapEncodeTiled") {

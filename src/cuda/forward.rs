@@ -108,6 +108,11 @@ impl GemmCfg {
         }
     }
 
+    /// Whether the kernel exists only as sm_90a code (wgmma; its body traps elsewhere).
+    pub const fn sm90a_only(self) -> bool {
+        matches!(self, GemmCfg::WgmmaWs | GemmCfg::WgmmaTma | GemmCfg::WgmmaMc)
+    }
+
     /// Whether the kernel reads W through a TMA tensor map (an extra kernel parameter).
     pub const fn w_by_tma(self) -> bool {
         matches!(self, GemmCfg::WgmmaTma | GemmCfg::WgmmaMc)
@@ -445,14 +450,16 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         _ => pick_cfg(elem, n_assign, experts, g.kd, dev.has_wgmma()),
     };
     // The TMA kernels need an aligned W and a driver that encodes tensor maps (and, for pairs,
-    // sizes cluster grids); otherwise the cp.async form does the same work.
-    let cfg = if cfg.w_by_tma() && (!tensor_map::w_fits(g.w, g.kd) || dev.func(&cfg.kernel_name(tname(elem))).is_err()) {
-        GemmCfg::WgmmaWs
-    } else {
-        cfg
+    // sizes cluster grids: `Device` leaves them out otherwise); else the cp.async form does the work.
+    let mut name = cfg.kernel_name(tname(elem));
+    let (cfg, f) = match dev.func(&name) {
+        Ok(f) if !cfg.w_by_tma() || tensor_map::w_fits(g.w, g.kd) => (cfg, f),
+        Err(e) if !cfg.w_by_tma() => return Err(e),
+        _ => {
+            name = GemmCfg::WgmmaWs.kernel_name(tname(elem));
+            (GemmCfg::WgmmaWs, dev.func(&name)?)
+        }
     };
-    let name = cfg.kernel_name(tname(elem));
-    let f = dev.func(&name)?;
     let (bm, bn) = cfg.tile();
     let nout = if g.gated { g.n / 2 } else { g.n };
     let bno = if g.gated { bn / 2 } else { bn };
@@ -824,5 +831,7 @@ mod tests {
         assert_eq!(tma, [GemmCfg::WgmmaTma, GemmCfg::WgmmaMc]);
         assert_eq!(GemmCfg::from_suffix("wgmma_tma"), Some(GemmCfg::WgmmaTma));
         assert_eq!(GemmCfg::F32.cluster(), 1);
+        // every sm_90a-only kernel is a wgmma one, as their names say
+        assert!(GemmCfg::TENSOR_CORE.iter().all(|c| c.sm90a_only() == c.suffix().starts_with("wgmma")));
     }
 }
