@@ -148,7 +148,7 @@ pub const HOPPER_SMALL_ROWS: f64 = 16.0;
 ///   whole layer, back to back, was 4-5% slower with wgmma_tma there, which moves more bytes from
 ///   L2 per FLOP on a card that runs at its power limit);
 /// - wgmma_tma for K >= HOPPER_TMA_K (Mixtral's GEMM1 below that: 1.03-1.1x the others per GEMM;
-///   the layer at 1024 tokens 2.14 -> 2.00 ms) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and
+///   1.15 against 1.24 ms at 1024 tokens) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and
 ///   fine-grained from 256 rows: 1.0-1.1x);
 /// - wgmma_ws otherwise (short K and few rows: its cp.async W loads are 1.0-1.1x faster there).
 pub const HOPPER_MC_DEEP_K: usize = 8192;
