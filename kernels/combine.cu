@@ -65,6 +65,7 @@ __device__ void combine_impl(const T* __restrict__ O, const int* __restrict__ po
 #define SMOE_COMBINE_ENTRY(NAME, T)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                    \
         NAME(const T* O, const int* pos, const T* w, const unsigned char* kept, T* Y, int T_, int k, int d) { \
+        pdl_begin();                                                                                     \
         combine_impl<T>(O, pos, w, kept, Y, T_, k, d);                                                   \
     }
 

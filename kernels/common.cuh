@@ -126,11 +126,39 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
+// Programmatic dependent launch (sm_90 and newer; src/cuda/driver.rs launches every kernel with
+// the programmatic-stream-serialization attribute there): a kernel's CTAs may be scheduled while
+// the previous kernel in the stream drains, so the launch latency between the forward's six kernels
+// overlaps the previous kernel's tail. Every entry point calls this before touching global memory:
+// griddepcontrol.wait returns once the previous grid has completed and its writes are visible;
+// launch_dependents then lets the next kernel launch (after the wait, so at most two of our grids
+// are resident at once, and the next one's CTAs only take SMs this one leaves free). Without the
+// attribute, and below sm_90, both do nothing.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// The 16-byte cp.async every tensor-core kernel uses, with an L2 prefetch-size hint (SMOE_CP_L2 =
+// 0, 128 or 256 bytes; A/B builds pass -DSMOE_CP_L2=N).
+#ifndef SMOE_CP_L2
+#define SMOE_CP_L2 0
+#endif
+#if SMOE_CP_L2 == 256
+#define SMOE_CP_ASYNC16 "cp.async.cg.shared.global.L2::256B"
+#elif SMOE_CP_L2 == 128
+#define SMOE_CP_ASYNC16 "cp.async.cg.shared.global.L2::128B"
+#else
+#define SMOE_CP_ASYNC16 "cp.async.cg.shared.global"
+#endif
+
 // 16-byte cp.async, zero-filled when !pred (src must still be a valid address).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
     unsigned s = smem_u32(smem);
     int n = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+    asm volatile(SMOE_CP_ASYNC16 " [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {

@@ -392,7 +392,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                             const int i = i0 + j;
                             const T* src = i < BM / 16 ? X : W;  // B follows A in the stage
                             const bool ok = o[j] >= 0 && kin;
-                            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + i * 16 * 128),
+                            asm volatile(SMOE_CP_ASYNC16 " [%0], [%1], 16, %2;\n" ::"r"(dst + i * 16 * 128),
                                          "l"(ok ? (const void*)(src + o[j] + k0) : (const void*)src), "r"(ok ? 16 : 0));
                         }
                     }

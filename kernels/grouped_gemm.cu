@@ -517,6 +517,7 @@ __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ 
 #define SMOE_TC_ENTRY(NAME, T, BM, BN, BK, WM, WN, ST, MINB)                                   \
     extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, MINB)            \
         NAME(SMOE_GEMM_PARAMS(T)) {                                                            \
+        pdl_begin();                                                                           \
         tc_gemm<T, BM, BN, BK, WM, WN, ST>(SMOE_GEMM_ARGS);                                     \
     }
 
@@ -531,6 +532,7 @@ SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
 
 #define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
+        pdl_begin();                                                                       \
         ws_gemm<T, ST, WS_CP_ASYNC>(SMOE_GEMM_ARGS, nullptr);                               \
     }
 
@@ -541,6 +543,7 @@ SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
 // wgmma_tma: one CTA per tile, W by TMA.
 #define SMOE_WS_TMA_ENTRY(NAME, T, ST)                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) { \
+        pdl_begin();                                                                                       \
         ws_gemm<T, ST, WS_TMA>(SMOE_GEMM_ARGS, &w_map);                                                     \
     }
 
@@ -551,6 +554,7 @@ SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_tma, __half, 4)
 #define SMOE_WS_MC_ENTRY(NAME, T, ST)                                                                      \
     extern "C" __global__ void SMOE_CLUSTER_PAIR __launch_bounds__(384, 1)                                 \
         NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                                  \
+        pdl_begin();                                                                                       \
         ws_gemm<T, ST, WS_TMA_PAIR>(SMOE_GEMM_ARGS, &w_map);                                                \
     }
 
@@ -558,5 +562,6 @@ SMOE_WS_MC_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4)
 SMOE_WS_MC_ENTRY(scattermoe_gemm_f16_wgmma_mc, __half, 4)
 
 extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
+    pdl_begin();
     f32_gemm(SMOE_GEMM_ARGS);
 }

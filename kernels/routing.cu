@@ -161,10 +161,12 @@ __device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int
 
 extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
 scattermoe_routing_count_i32(const int* idx, int N, int T, int k, int E, int* ws) {
+    smoe::pdl_begin();
     count_impl<int>(idx, N, T, k, E, ws);
 }
 extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
 scattermoe_routing_count_i64(const long long* idx, int N, int T, int k, int E, int* ws) {
+    smoe::pdl_begin();
     count_impl<long long>(idx, N, T, k, E, ws);
 }
 
@@ -173,6 +175,7 @@ scattermoe_routing_scan(int N, int E, int nb, int orders, const long long* capac
                         int* expert_offsets, int* error) {
     __shared__ int warp_tot[32];
     __shared__ int bad_red[32];
+    smoe::pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (E > SMOE_ROUTING_MAX_E) {
         if (tid == 0) { error[0] = SMOE_ERR_TOO_MANY_EXPERTS; error[1] = -1; }
@@ -238,6 +241,7 @@ extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
 scattermoe_routing_scatter_i32(const int* idx, int N, int T, int k, int E, const int* ws,
                                const int* expert_offsets, const long long* capacity, int capacity_order,
                                int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
+    smoe::pdl_begin();
     scatter_impl<int>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos, kept,
                       kept_out, kept_dtype);
 }
@@ -245,6 +249,7 @@ extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
 scattermoe_routing_scatter_i64(const long long* idx, int N, int T, int k, int E, const int* ws,
                                const int* expert_offsets, const long long* capacity, int capacity_order,
                                int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
+    smoe::pdl_begin();
     scatter_impl<long long>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos,
                             kept, kept_out, kept_dtype);
 }

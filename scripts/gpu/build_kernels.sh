@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile kernels/*.cu into fatbins (sm_80, sm_89, sm_90a SASS + compute_90a PTX).
 # usage: scripts/gpu/build_kernels.sh [outdir] [nvcc] [archs: all|sm90]
+# SMOE_NVCC_FLAGS: extra nvcc flags (A/B builds of a kernel variant, e.g. -DSMOE_CP_L2=256).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUTDIR=${1:-target/scattermoe-kernels}
@@ -14,7 +15,7 @@ else
 fi
 pids=()
 for f in routing grouped_gemm combine; do
-  "$NVCC" -fatbin -O3 -std=c++17 $GENCODE -Xptxas -v -Ikernels kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
+  "$NVCC" -fatbin -O3 -std=c++17 $GENCODE -Xptxas -v ${SMOE_NVCC_FLAGS:-} -Ikernels kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
     > "$OUTDIR/$f.ptxas.log" 2>&1 &
   pids+=($!)
 done

@@ -79,6 +79,8 @@ pub struct Func {
     pub resident: u32,
     /// CTAs per cluster (declared in the kernel with `__cluster_dims__`); grids are a multiple.
     pub cluster: u32,
+    /// Launched with programmatic dependent launch (see [`pdl_supported`]).
+    pub pdl: bool,
 }
 
 /// What the forward needs of one CUDA context.
@@ -184,6 +186,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
             modules.push(m);
         }
         let wgmma = cc == (9, 0);
+        let pdl = pdl_supported(cc);
         let mut funcs = HashMap::new();
         for Entry { module: m, name, threads, smem, cluster, tma, sm90a } in entry_points() {
             if sm90a && !wgmma {
@@ -217,10 +220,27 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
                 )?;
                 sms * blocks.max(1) as u32
             };
-            funcs.insert(name, Func { f, threads, smem, resident, cluster });
+            funcs.insert(name, Func { f, threads, smem, resident, cluster, pdl });
         }
         Ok(Device { ctx, device, sms, cc, modules, funcs })
     }
+}
+
+/// The environment variable that turns programmatic dependent launch off (`=0`), for A/B runs.
+pub const PDL_ENV: &str = "SCATTERMOE_CUDA_PDL";
+
+/// Whether kernels are launched with programmatic dependent launch (each kernel's CTAs may be
+/// scheduled while the previous kernel in the stream drains; every kernel waits for its
+/// predecessor in `pdl_begin`, kernels/common.cuh). Needs compute capability 9.0 or newer, and a
+/// driver of CUDA 12.3 or newer (cuLaunchKernelEx, and programmatic edges under graph capture).
+fn pdl_supported(cc: (i32, i32)) -> bool {
+    if cc.0 < 9 || std::env::var(PDL_ENV).is_ok_and(|v| v.trim() == "0") || !has_symbol("cuLaunchKernelEx") {
+        return false;
+    }
+    let mut version = 0;
+    // SAFETY: the driver is initialised.
+    let r = unsafe { sys::cuDriverGetVersion(&mut version) };
+    r == CUresult::CUDA_SUCCESS && version >= 12030
 }
 
 /// How many clusters of `cluster` CTAs of `f` the device runs at once (None: the driver cannot say).
@@ -377,9 +397,30 @@ pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg],
         })
         .collect();
     let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
-    let r = sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut());
+    let r = if f.pdl {
+        // SAFETY: all-zero bytes are a valid attribute value (a union of plain integers).
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: 1,
+            blockDimX: f.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: f.smem,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&config, f.f, ptrs.as_mut_ptr(), std::ptr::null_mut())
+    } else {
+        sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
+    };
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(()); // (the message below is built only on failure: this runs six times a forward)
     }
-    check(r, &format!("cuLaunchKernel({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem))
+    let call = if f.pdl { "cuLaunchKernelEx (programmatic dependent launch)" } else { "cuLaunchKernel" };
+    check(r, &format!("{call}({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem))
 }
