@@ -141,18 +141,9 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
-// The 16-byte cp.async every tensor-core kernel uses, with an L2 prefetch-size hint (SMOE_CP_L2 =
-// 0, 128 or 256 bytes; A/B builds pass -DSMOE_CP_L2=N).
-#ifndef SMOE_CP_L2
-#define SMOE_CP_L2 0
-#endif
-#if SMOE_CP_L2 == 256
-#define SMOE_CP_ASYNC16 "cp.async.cg.shared.global.L2::256B"
-#elif SMOE_CP_L2 == 128
-#define SMOE_CP_ASYNC16 "cp.async.cg.shared.global.L2::128B"
-#else
+// The 16-byte cp.async of every tensor-core kernel. (An L2 prefetch-size hint, .L2::128B or
+// .L2::256B, changed no GEMM by more than the noise on H200: tests/gpu/RESULTS.md.)
 #define SMOE_CP_ASYNC16 "cp.async.cg.shared.global"
-#endif
 
 // 16-byte cp.async, zero-filled when !pred (src must still be a valid address).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {

@@ -753,8 +753,8 @@ impl Plugin {
                     b_out: ptr(B_OUT),
                 };
                 let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream| unsafe {
-                    forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, workspace, y, (None, None))
+                self.run(stream, info, |dev, stream, error_to| unsafe {
+                    forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, workspace, y, (None, None), error_to)
                 })
             }
             (Checked::Linear(t, it, dims), Attrs::Linear(attrs)) => {
@@ -777,8 +777,8 @@ impl Plugin {
                     gates: ptr(GATES),
                 };
                 let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream| unsafe {
-                    forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, workspace, y, None)
+                self.run(stream, info, |dev, stream, error_to| unsafe {
+                    forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, workspace, y, None, error_to)
                 })
             }
             (Checked::Mask(it), Attrs::Mask(attrs)) => {
@@ -792,8 +792,8 @@ impl Plugin {
                 let capacity = check_capacity(read_capacity(op, stream, ptr(CAPACITY).unwrap())?).map_err(|e| e.to_string())?;
                 let idx = ptr(ROUTING_INDICES).unwrap();
                 let info = CheckInfo { it, routing_indices: idx, k, experts: attrs.num_experts };
-                self.run(stream, info, |dev, stream| unsafe {
-                    forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, workspace, y)
+                self.run(stream, info, |dev, stream, error_to| unsafe {
+                    forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, workspace, y, error_to)
                 })
             }
             _ => unreachable!("the check matches the attributes"),
@@ -802,7 +802,7 @@ impl Plugin {
 
     /// Launches on `stream` with its context current, then queues (or, with sync checks,
     /// performs) the check of the routing kernels' error words; earlier runs' results first.
-    fn run(&mut self, stream: CUstream, info: CheckInfo, launch: impl FnOnce(&Device, CUstream) -> CuResult<Launched>) -> Result<(), String> {
+    fn run(&mut self, stream: CUstream, info: CheckInfo, launch: impl FnOnce(&Device, CUstream, Option<CUdeviceptr>) -> CuResult<Launched>) -> Result<(), String> {
         let op = self.name();
         let ctx = |e: String| if e.starts_with(op) { e } else { format!("{op}: {e}") };
         // SAFETY: TensorRT's stream for this enqueue is live.
@@ -819,7 +819,9 @@ impl Plugin {
                 return Err(msg);
             }
         }
-        let launched = launch(dev, stream).map_err(ctx)?;
+        // Asynchronous checks: the kernels write their error words into a free slot of mapped host memory.
+        let slot = if self.sync_checks || capturing { None } else { self.checks.as_ref().and_then(|c| c.claim()) };
+        let launched = launch(dev, stream, slot.map(|s| s.1)).map_err(ctx)?;
         if let Some(error) = launched.error {
             if capturing {
                 // a captured graph replays without calling us: nothing to check against
@@ -829,9 +831,10 @@ impl Plugin {
                 if let Some(m) = msg {
                     return Err(m);
                 }
-            } else if let Some(c) = self.checks.as_mut() {
-                // SAFETY: `error` holds the error words of the forward just enqueued on `stream`.
-                unsafe { c.record(stream, error, info.k, info.experts) }.map_err(ctx)?;
+            } else if let (Some(c), Some((i, at))) = (self.checks.as_mut(), slot) {
+                debug_assert_eq!(error, at);
+                // SAFETY: the forward just enqueued on `stream` writes slot i.
+                unsafe { c.record(stream, i, info.k, info.experts) }.map_err(ctx)?;
             }
         }
         Ok(())

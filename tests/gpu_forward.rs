@@ -384,7 +384,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
             ),
             Some(x) => format!("{name}[cfg {}]", x.suffix()),
         };
-        let r = unsafe { forward::scatter_moe(g.dev, st, &attrs, E::T, c.it, s, c.capacity.map(|x| x.0), &ptrs, g.ptr(&ws), g.ptr(&y), cfg) };
+        let r = unsafe { forward::scatter_moe(g.dev, st, &attrs, E::T, c.it, s, c.capacity.map(|x| x.0), &ptrs, g.ptr(&ws), g.ptr(&y), cfg, None) };
         let launched = match r {
             Ok(l) => l,
             Err(e) => {
@@ -518,7 +518,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
         c.routing,
         if c.it == IndexType::I32 { " int32" } else { "" },
     );
-    let r = unsafe { forward::parallel_linear(g.dev, st, &attrs, E::T, c.it, s, &ptrs, g.ptr(&ws), g.ptr(&y), None) };
+    let r = unsafe { forward::parallel_linear(g.dev, st, &attrs, E::T, c.it, s, &ptrs, g.ptr(&ws), g.ptr(&y), None, None) };
     match r {
         Err(e) => rep.exact(&name, false, &e),
         Ok(l) => {
@@ -573,7 +573,7 @@ fn capacity_mask_matches_the_cpu_reference() {
                 let out = g.poisoned(tokens * k);
                 let st = g.stream.cu_stream();
                 let name = format!("CapacityMask T={tokens} k={k} E={experts} C={cap} {} {} {routing:?}", order.name(), it.name());
-                let r = unsafe { forward::capacity_mask(g.dev, st, &attrs, it, tokens, k, cap, g.ptr(&didx), g.ptr(&ws), g.ptr(&out)) };
+                let r = unsafe { forward::capacity_mask(g.dev, st, &attrs, it, tokens, k, cap, g.ptr(&didx), g.ptr(&ws), g.ptr(&out), None) };
                 match r {
                     Err(e) => rep.exact(&name, false, &e),
                     Ok(l) => {
@@ -644,18 +644,18 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
         };
         let ws = g.poisoned(Plan::scatter_moe(s, ElemType::F16, false).bytes);
         let y = g.poisoned(tokens * d * 2);
-        let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F16, it, s, None, &ptrs, g.ptr(&ws), g.ptr(&y), (None, None)) }.unwrap();
+        let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F16, it, s, None, &ptrs, g.ptr(&ws), g.ptr(&y), (None, None), None) }.unwrap();
         let msg = unsafe { forward::check_sync(st, l.error.unwrap(), scatter_moe::NAME, it, ptrs.routing_indices, k, experts) }.unwrap();
         rep.exact(&format!("bad index {bad:?} {}", it.name()), msg.as_deref() == Some(cpu_msg.as_str()), &format!("gpu {msg:?}, cpu {cpu_msg:?}"));
     }
     // T = 0: nothing launched, no error words.
     let s0 = MoeSizes { tokens: 0, k: 2, experts: 8, d: 16, f: 8 };
     let ptrs = MoePtrs { x: 0, routing_weights: 0, routing_indices: 0, w_in: 0, w_out: 0, b_in: None, b_out: None };
-    let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, s0, None, &ptrs, 0, 0, (None, None)) };
+    let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, s0, None, &ptrs, 0, 0, (None, None), None) };
     rep.exact("ScatterMoE T=0 launches nothing", matches!(l, Ok(forward::Launched { error: None })), &format!("{l:?}"));
     // E above the kernels' limit: a clear error, nothing launched.
     let big = MoeSizes { tokens: 4, k: 1, experts: 2000, d: 16, f: 8 };
-    let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, big, None, &ptrs, 0, 0, (None, None)) };
+    let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, big, None, &ptrs, 0, 0, (None, None), None) };
     rep.exact("ScatterMoE E=2000 refused", l.as_ref().is_err_and(|e| e.contains("at most 1024 experts")), &format!("{l:?}"));
     g.stream.synchronize().unwrap();
     rep.finish("errors");
@@ -746,7 +746,7 @@ fn forward_is_cuda_graph_capture_safe() {
         driver::check(sys::cuStreamBeginCapture_v2(st, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL), "begin capture").unwrap();
         let capturing = driver::is_capturing(st).unwrap();
         let (dev, guard) = driver::for_stream(st).unwrap();
-        let r = forward::scatter_moe(dev, st, &l.attrs, ElemType::F16, IndexType::I64, l.s, l.capacity, &ptrs, wsp, yp, (None, None));
+        let r = forward::scatter_moe(dev, st, &l.attrs, ElemType::F16, IndexType::I64, l.s, l.capacity, &ptrs, wsp, yp, (None, None), None);
         drop(guard);
         let mut graph = std::ptr::null_mut();
         let end = driver::check(sys::cuStreamEndCapture(st, &mut graph), "end capture");
@@ -800,9 +800,16 @@ fn async_checks_report_a_bad_index_of_an_earlier_run() {
         let ws = g.poisoned(Plan::scatter_moe(l.s, ElemType::F16, false).bytes);
         let y = g.poisoned(l.s.tokens * l.s.d * 2);
         let before = checks.poll(scatter_moe::NAME).unwrap();
-        let launched =
-            unsafe { forward::scatter_moe(g.dev, st, &l.attrs, ElemType::F16, IndexType::I64, l.s, None, &ptrs, g.ptr(&ws), g.ptr(&y), (None, None)) }.unwrap();
-        let queued = unsafe { checks.record(st, launched.error.unwrap(), l.s.k, l.s.experts) }.unwrap();
+        // The kernels write the error words straight into the claimed slot (mapped host memory).
+        let slot = checks.claim();
+        let launched = unsafe {
+            forward::scatter_moe(g.dev, st, &l.attrs, ElemType::F16, IndexType::I64, l.s, None, &ptrs, g.ptr(&ws), g.ptr(&y), (None, None), slot.map(|s| s.1))
+        }
+        .unwrap();
+        let queued = slot.is_some() && launched.error == slot.map(|s| s.1);
+        if let Some((i, _)) = slot {
+            unsafe { checks.record(st, i, l.s.k, l.s.experts) }.unwrap();
+        }
         g.stream.synchronize().unwrap();
         let after = checks.poll(scatter_moe::NAME).unwrap();
         let again = checks.poll(scatter_moe::NAME).unwrap();

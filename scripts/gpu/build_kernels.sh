@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile kernels/*.cu into fatbins (sm_80, sm_89, sm_90a SASS + compute_90a PTX).
 # usage: scripts/gpu/build_kernels.sh [outdir] [nvcc] [archs: all|sm90]
-# SMOE_NVCC_FLAGS: extra nvcc flags (A/B builds of a kernel variant, e.g. -DSMOE_CP_L2=256).
+# SMOE_NVCC_FLAGS: extra nvcc flags (A/B builds of a kernel variant, e.g. -DNAME=VALUE).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUTDIR=${1:-target/scattermoe-kernels}

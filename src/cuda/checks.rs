@@ -1,9 +1,10 @@
 //! Reporting a bad routing index without synchronising: the routing kernels clamp it (nothing is
-//! read out of bounds) and write error words on the device. After each run the words are copied
-//! asynchronously into pinned host memory owned by the kernel object, with an event behind the
-//! copy; the next run queries the event (non-blocking) and fails if an earlier run saw a bad
-//! index. `SCATTERMOE_CUDA_SYNC_CHECKS=1` instead synchronises after the launches and fails the
-//! run itself, with the contract's message (value included). See docs/op-spec.md.
+//! read out of bounds) and write error words. Each run has the scan kernel write them straight
+//! into a slot of mapped pinned host memory owned by the kernel object (no copy on the stream after
+//! the kernels), and records an event behind its launches; the next run queries the event
+//! (non-blocking) and fails if an earlier run saw a bad index. `SCATTERMOE_CUDA_SYNC_CHECKS=1`
+//! instead synchronises after the launches and fails the run itself, with the contract's message
+//! (value included). See docs/op-spec.md.
 
 use super::driver::{self, CuResult};
 use cudarc::driver::sys::{self, CUcontext, CUdeviceptr, CUevent, CUresult, CUstream};
@@ -28,6 +29,8 @@ struct Pending {
 pub struct AsyncChecks {
     ctx: CUcontext,
     host: *mut i32,
+    /// `host` as the device addresses it (mapped pinned memory)
+    device: CUdeviceptr,
     events: Vec<CUevent>,
     pending: Vec<Option<Pending>>,
 }
@@ -39,8 +42,10 @@ impl AsyncChecks {
     /// Allocates the pinned words and events in `ctx` (which must be current).
     pub fn new(ctx: CUcontext) -> CuResult<AsyncChecks> {
         let mut host = std::ptr::null_mut();
-        driver::check(unsafe { sys::cuMemAllocHost_v2(&mut host, SLOTS * 8) }, "cuMemAllocHost")?;
-        let mut me = AsyncChecks { ctx, host: host.cast(), events: Vec::new(), pending: (0..SLOTS).map(|_| None).collect() };
+        driver::check(unsafe { sys::cuMemHostAlloc(&mut host, SLOTS * 8, sys::CU_MEMHOSTALLOC_DEVICEMAP) }, "cuMemHostAlloc")?;
+        let mut me = AsyncChecks { ctx, host: host.cast(), device: 0, events: Vec::new(), pending: (0..SLOTS).map(|_| None).collect() };
+        // (from here on, dropping `me` frees the memory if a call fails)
+        driver::check(unsafe { sys::cuMemHostGetDevicePointer_v2(&mut me.device, host, 0) }, "cuMemHostGetDevicePointer")?;
         for _ in 0..SLOTS {
             let mut e = std::ptr::null_mut();
             driver::check(
@@ -66,8 +71,9 @@ impl AsyncChecks {
                 CUresult::CUDA_ERROR_NOT_READY => continue,
                 r => driver::check(r, "cuEventQuery")?,
             }
-            // SAFETY: the copy into this slot has completed.
-            let words = unsafe { [*self.host.add(2 * i), *self.host.add(2 * i + 1)] };
+            // SAFETY: the kernels that wrote this slot have completed (the event follows them);
+            // volatile: the device wrote the words behind the compiler's back.
+            let words = unsafe { [self.host.add(2 * i).read_volatile(), self.host.add(2 * i + 1).read_volatile()] };
             if found.is_none() {
                 found = super::forward::error_message(op, words, p.k, p.experts, None).map(|m| {
                     format!(
@@ -81,20 +87,24 @@ impl AsyncChecks {
         Ok(found)
     }
 
-    /// Queues the copy of a run's error words (device `error`, int32 [2]) behind the run's kernels.
-    /// Returns false when every slot is still in flight (this run then goes unchecked).
+    /// A free slot: its index, and the device address of its two int32 words, where this run's
+    /// routing kernels are to write their error words. None when every slot is still in flight
+    /// (the run then writes them to its workspace and goes unchecked). Nothing is reserved until
+    /// [`record`](Self::record).
+    pub fn claim(&self) -> Option<(usize, CUdeviceptr)> {
+        let i = self.pending.iter().position(Option::is_none)?;
+        Some((i, self.device + (8 * i) as CUdeviceptr))
+    }
+
+    /// Records the event behind a run whose kernels write their error words into `slot` (from
+    /// [`claim`](Self::claim)); a later [`poll`](Self::poll) reads them once it has passed.
     ///
     /// # Safety
-    /// `stream` must be a live stream of this object's context, `error` the error words of a
-    /// forward enqueued on it.
-    pub unsafe fn record(&mut self, stream: CUstream, error: CUdeviceptr, k: usize, experts: usize) -> CuResult<bool> {
-        let Some(i) = self.pending.iter().position(Option::is_none) else { return Ok(false) };
-        unsafe {
-            driver::check(sys::cuMemcpyDtoHAsync_v2(self.host.add(2 * i).cast(), error, 8, stream), "cuMemcpyDtoHAsync(error words)")?;
-            driver::check(sys::cuEventRecord(self.events[i], stream), "cuEventRecord")?;
-        }
-        self.pending[i] = Some(Pending { k, experts });
-        Ok(true)
+    /// `stream` must be a live stream of this object's context, holding that run's launches.
+    pub unsafe fn record(&mut self, stream: CUstream, slot: usize, k: usize, experts: usize) -> CuResult<()> {
+        unsafe { driver::check(sys::cuEventRecord(self.events[slot], stream), "cuEventRecord")? };
+        self.pending[slot] = Some(Pending { k, experts });
+        Ok(())
     }
 }
 
@@ -108,7 +118,7 @@ impl Drop for AsyncChecks {
             }
             for (i, e) in self.events.iter().enumerate() {
                 if self.pending[i].is_some() {
-                    sys::cuEventSynchronize(*e); // the copy must land before the memory goes
+                    sys::cuEventSynchronize(*e); // its kernels must be done writing before the memory goes
                 }
                 sys::cuEventDestroy_v2(*e);
             }

@@ -336,6 +336,10 @@ pub struct Launched {
     pub error: Option<CUdeviceptr>,
 }
 
+// Every forward takes `error_to`: where the routing kernels write their error words. None: the
+// workspace (read back by `check_sync`); Some: a slot of `checks::AsyncChecks`, mapped host memory
+// that the next call reads without a copy on the stream.
+
 /// Limits of the kernels that the contract does not have.
 fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Result<(), String> {
     if experts > MAX_EXPERTS {
@@ -361,6 +365,7 @@ unsafe fn routing(
     p: &Plan,
     capacity: Option<(CUdeviceptr, CapacityOrder)>,
     kept: Option<CUdeviceptr>,
+    error: CUdeviceptr,
 ) -> CuResult<()> {
     let n = tokens * k;
     let nb = n.div_ceil(ROUTING_CHUNK);
@@ -379,7 +384,7 @@ unsafe fn routing(
         &f,
         (1, 1),
         stream,
-        &[Arg::I32(n), Arg::I32(e), Arg::I32(nb as i32), Arg::I32(orders as i32), Arg::opt(cap_ptr), Arg::Ptr(rws), Arg::Ptr(offsets), Arg::Ptr(ws + p.error as u64)],
+        &[Arg::I32(n), Arg::I32(e), Arg::I32(nb as i32), Arg::I32(orders as i32), Arg::opt(cap_ptr), Arg::Ptr(rws), Arg::Ptr(offsets), Arg::Ptr(error)],
         "scattermoe_routing_scan",
     )?;
     if nb > 0 {
@@ -563,6 +568,7 @@ pub unsafe fn scatter_moe(
     ws: CUdeviceptr,
     y: CUdeviceptr,
     cfg: (CfgOverride, CfgOverride),
+    error_to: Option<CUdeviceptr>,
 ) -> CuResult<Launched> {
     check_limits(scatter_moe::NAME, s.tokens, s.k, s.experts)?;
     let n_assign = s.tokens * s.k;
@@ -575,7 +581,8 @@ pub unsafe fn scatter_moe(
     }
     let cap = p.capacity.map(|at| (ws + at as u64, attrs.capacity_order));
     let kept = p.kept.map(|at| ws + at as u64);
-    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept)?;
+    let error = error_to.unwrap_or(ws + p.error as u64);
+    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept, error)?;
     let hidden = ws + p.hidden.unwrap() as u64;
     let out = ws + p.out.unwrap() as u64;
     let n = if attrs.gated { 2 * s.f } else { s.f };
@@ -614,7 +621,7 @@ pub unsafe fn scatter_moe(
     };
     gemm(dev, stream, elem, &g2, s.k, n_assign, s.experts, ws, &p, cfg.1)?;
     combine(dev, stream, elem, out, Some(ws + p.pos as u64), Some(x.routing_weights), kept, y, s.tokens, s.k, s.d)?;
-    Ok(Launched { error: Some(ws + p.error as u64) })
+    Ok(Launched { error: Some(error) })
 }
 
 /// Device pointers of `ParallelLinear`'s inputs.
@@ -645,6 +652,7 @@ pub unsafe fn parallel_linear(
     ws: CUdeviceptr,
     y: CUdeviceptr,
     cfg: CfgOverride,
+    error_to: Option<CUdeviceptr>,
 ) -> CuResult<Launched> {
     check_limits(parallel_linear::NAME, s.tokens, s.k, s.experts)?;
     let n_assign = s.tokens * s.k;
@@ -652,7 +660,8 @@ pub unsafe fn parallel_linear(
         return Ok(Launched { error: None });
     }
     let p = Plan::parallel_linear(s, elem, x.gates.is_some());
-    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, None, None)?;
+    let error = error_to.unwrap_or(ws + p.error as u64);
+    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, None, None, error)?;
     let (dst, grouped_out) = match p.out {
         Some(o) => (ws + o as u64, true),
         None => (y, attrs.grouped_out),
@@ -677,7 +686,7 @@ pub unsafe fn parallel_linear(
     if x.gates.is_some() {
         combine(dev, stream, elem, dst, Some(ws + p.pos as u64), x.gates, None, y, s.tokens, s.k, s.d_out)?;
     }
-    Ok(Launched { error: Some(ws + p.error as u64) })
+    Ok(Launched { error: Some(error) })
 }
 
 /// `CapacityMask` on `stream`: routing with the capacity; `kept` (bool/uint8 [T*k], flat order)
@@ -697,6 +706,7 @@ pub unsafe fn capacity_mask(
     routing_indices: CUdeviceptr,
     ws: CUdeviceptr,
     kept: CUdeviceptr,
+    error_to: Option<CUdeviceptr>,
 ) -> CuResult<Launched> {
     check_limits(capacity_mask::NAME, tokens, k, attrs.num_experts)?;
     if tokens * k == 0 {
@@ -705,8 +715,9 @@ pub unsafe fn capacity_mask(
     let p = Plan::capacity_mask(tokens, k, attrs.num_experts);
     let at = ws + p.capacity.unwrap() as u64;
     write_capacity(stream, at, capacity)?;
-    routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept))?;
-    Ok(Launched { error: Some(ws + p.error as u64) })
+    let error = error_to.unwrap_or(ws + p.error as u64);
+    routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept), error)?;
+    Ok(Launched { error: Some(error) })
 }
 
 // ---------------------------------------------------------------------------------------------

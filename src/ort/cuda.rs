@@ -53,7 +53,7 @@ impl DeviceState {
         device_input: usize,
         bytes: usize,
         info: CheckInfo,
-        launch: impl FnOnce(&Device, CUstream, CUdeviceptr) -> CuResult<Launched>,
+        launch: impl FnOnce(&Device, CUstream, CUdeviceptr, Option<CUdeviceptr>) -> CuResult<Launched>,
     ) -> Result<(), String> {
         let op = info.op;
         let stream = ctx.gpu_stream()? as CUstream;
@@ -76,7 +76,9 @@ impl DeviceState {
         let id = ctx.input_device_id(device_input)?.unwrap_or(0);
         let allocator = ctx.allocator(c"Cuda", id)?;
         let scratch = allocator.alloc(bytes)?;
-        let launched = launch(dev, stream, scratch.ptr as CUdeviceptr).map_err(|e| if e.starts_with(op) { e } else { format!("{op}: {e}") })?;
+        // Asynchronous checks: the kernels write their error words into a free slot of mapped host memory.
+        let slot = if self.sync_checks || capturing { None } else { checks.as_ref().and_then(|c| c.claim()) };
+        let launched = launch(dev, stream, scratch.ptr as CUdeviceptr, slot.map(|s| s.1)).map_err(|e| if e.starts_with(op) { e } else { format!("{op}: {e}") })?;
         if let Some(error) = launched.error {
             if capturing {
                 // A captured graph replays without calling us: nothing to check against.
@@ -87,9 +89,10 @@ impl DeviceState {
                 if let Some(m) = msg {
                     return Err(m);
                 }
-            } else if let Some(c) = checks.as_mut() {
-                // SAFETY: the error words belong to the launches just enqueued on ORT's stream.
-                unsafe { c.record(stream, error, info.k, info.experts) }.map_err(|e| format!("{op}: {e}"))?;
+            } else if let (Some(c), Some((i, at))) = (checks.as_mut(), slot) {
+                debug_assert_eq!(error, at);
+                // SAFETY: the launches just enqueued on ORT's stream write slot i.
+                unsafe { c.record(stream, i, info.k, info.experts) }.map_err(|e| format!("{op}: {e}"))?;
             }
         }
         // `scratch` is freed here: ORT's arena hands it out again only to work ordered after ours
@@ -144,9 +147,9 @@ impl Kernel for MoeCuda {
         let bytes = Plan::scatter_moe(s, t, capacity.is_some()).bytes;
         let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
         let attrs = self.attrs;
-        self.state.run(ctx, X, bytes, info, |dev, stream, ws| unsafe {
+        self.state.run(ctx, X, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: ORT's tensors have the shapes and types the contract check established.
-            forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, ws, y as CUdeviceptr, (None, None))
+            forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, ws, y as CUdeviceptr, (None, None), error_to)
         })
     }
 }
@@ -199,9 +202,9 @@ impl Kernel for LinearCuda {
         let bytes = Plan::parallel_linear(s, t, dims.has_gates).bytes;
         let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
         let attrs = self.attrs;
-        self.state.run(ctx, X, bytes, info, |dev, stream, ws| unsafe {
+        self.state.run(ctx, X, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: as for ScatterMoE.
-            forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, ws, y as CUdeviceptr, None)
+            forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, ws, y as CUdeviceptr, None, error_to)
         })
     }
 }
@@ -241,9 +244,9 @@ impl Kernel for MaskCuda {
         let idx = dptr(routing);
         let info = CheckInfo { op: NAME, it, routing_indices: idx, k, experts: self.attrs.num_experts };
         let attrs = self.attrs;
-        self.state.run(ctx, ROUTING_INDICES, bytes, info, |dev, stream, ws| unsafe {
+        self.state.run(ctx, ROUTING_INDICES, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: `out` holds one bool (one byte) per assignment.
-            forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, ws, out as CUdeviceptr)
+            forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, ws, out as CUdeviceptr, error_to)
         })
     }
 }
