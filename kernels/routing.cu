@@ -1,7 +1,8 @@
 // kernels/routing.cu -- expert counts, offsets, grouped order, inverse, validation, capacity.
 //
 // N = T*k assignments; flat index f = t*k + j. Grouped order: assignments sorted by expert, ties by
-// f (stable). Everything stays on the device: three launches, no host round trip.
+// f (stable). Everything stays on the device: three launches (count, scan, scatter), or one
+// (small) when N <= SMOE_ROUTING_CHUNK and no capacity is given; no host round trip.
 //
 // Orders: order 0 reads assignments in flat order (gives the grouped order); order 1 reads them in
 // slot-major order q = j*T + t (only used to rank assignments for capacity_order = slot_major).
@@ -32,6 +33,9 @@
 //        whenever non-null (all 1 without capacity).
 //        kept_out: optional typed copy of kept (the op output), kept_dtype 0 none, 1 f32, 2 f16,
 //        3 bf16.
+//   scattermoe_routing_small_{i32,i64}(idx, N, E, expert_offsets, sorted_idx, pos, kept, error)
+//        N <= SMOE_ROUTING_CHUNK, no capacity: the three above in one block (grid 1, block 256, no
+//        workspace); the same expert_offsets, sorted_idx, pos, kept (all 1) and error words.
 #include "common.cuh"
 #include <limits.h>
 
@@ -157,7 +161,120 @@ __device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int
     }
 }
 
+// All three steps in one block, for N <= SMOE_ROUTING_CHUNK without capacity (decode and small
+// batches: one launch instead of three). Same outputs and error words as count + scan + scatter
+// with nb = 1: per-warp histograms over consecutive stretches of the flat order, their prefixes
+// within each expert, an exclusive scan over experts, then stable ranks as in scatter_impl.
+template <typename I>
+__device__ void small_impl(const I* __restrict__ idx, int N, int E, int* __restrict__ expert_offsets,
+                           int* __restrict__ sorted_idx, int* __restrict__ pos, unsigned char* __restrict__ kept,
+                           int* __restrict__ error) {
+    constexpr int WARPS = SMOE_ROUTING_THREADS / 32;
+    constexpr int PER_WARP = SMOE_ROUTING_CHUNK / WARPS;
+    constexpr int PER_THREAD = SMOE_ROUTING_MAX_E / SMOE_ROUTING_THREADS;  // experts per thread in the scan
+    __shared__ int whist[WARPS][SMOE_ROUTING_MAX_E];
+    __shared__ int warp_tot[WARPS];
+    __shared__ int bad_min;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (E > SMOE_ROUTING_MAX_E) {
+        if (tid == 0) { error[0] = SMOE_ERR_TOO_MANY_EXPERTS; error[1] = -1; }
+        return;
+    }
+    for (int i = tid; i < WARPS * E; i += blockDim.x) whist[i / E][i % E] = 0;
+    if (tid == 0) bad_min = INT_MAX;
+    __syncthreads();
+    const int qw0 = warp * PER_WARP;
+    const int qw1 = min(N, qw0 + PER_WARP);
+    int my_bad = INT_MAX;
+    for (int q = qw0 + lane; q < qw1; q += 32) {
+        bool bad;
+        const int e = load_expert(idx, q, E, &bad);
+        if (bad) my_bad = min(my_bad, q);
+        atomicAdd(&whist[warp][e], 1);
+    }
+    if (my_bad != INT_MAX) atomicMin(&bad_min, my_bad);
+    __syncthreads();
+    // Thread tid owns experts [tid * PER_THREAD, +PER_THREAD): each expert's warp counts become
+    // prefixes within the expert, its total joins the thread's sum; then a block scan of the sums.
+    int tot[PER_THREAD];
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int e = tid * PER_THREAD + j;
+        int run = 0;
+        if (e < E) {
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                const int c = whist[w][e];
+                whist[w][e] = run;
+                run += c;
+            }
+        }
+        tot[j] = run;
+        sum += run;
+    }
+    int incl = sum;
+#pragma unroll
+    for (int s = 1; s < 32; s <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, s);
+        if (lane >= s) incl += v;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    __syncthreads();
+    int base = incl - sum;
+    for (int w = 0; w < warp; ++w) base += warp_tot[w];
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int e = tid * PER_THREAD + j;
+        if (e < E) {
+            expert_offsets[e] = base;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) whist[w][e] += base;
+        }
+        base += tot[j];
+    }
+    if (tid == 0) {
+        expert_offsets[E] = N;
+        error[0] = bad_min != INT_MAX ? SMOE_ERR_BAD_INDEX : 0;
+        error[1] = bad_min != INT_MAX ? bad_min : -1;
+    }
+    __syncthreads();
+    const unsigned lt_mask = (1u << lane) - 1u;
+    for (int qb = qw0; qb < qw1; qb += 32) {
+        const int q = qb + lane;
+        const bool valid = q < qw1;
+        int e = -1;
+        if (valid) {
+            bool bad;
+            e = load_expert(idx, q, E, &bad);
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        int r = 0;
+        if (valid) r = whist[warp][e] + __popc(peers & lt_mask);
+        __syncwarp();
+        if (valid && (peers & lt_mask) == 0) whist[warp][e] += __popc(peers);
+        __syncwarp();
+        if (!valid) continue;
+        sorted_idx[r] = q;
+        pos[q] = r;
+        if (kept) kept[q] = 1;
+    }
+}
+
 }  // namespace
+
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_small_i32(const int* idx, int N, int E, int* expert_offsets, int* sorted_idx, int* pos,
+                             unsigned char* kept, int* error) {
+    smoe::pdl_begin();
+    small_impl<int>(idx, N, E, expert_offsets, sorted_idx, pos, kept, error);
+}
+extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
+scattermoe_routing_small_i64(const long long* idx, int N, int E, int* expert_offsets, int* sorted_idx, int* pos,
+                             unsigned char* kept, int* error) {
+    smoe::pdl_begin();
+    small_impl<long long>(idx, N, E, expert_offsets, sorted_idx, pos, kept, error);
+}
 
 extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
 scattermoe_routing_count_i32(const int* idx, int N, int T, int k, int E, int* ws) {

@@ -139,6 +139,7 @@ fn entry_points() -> Vec<Entry> {
     for i in ["i32", "i64"] {
         v.push(plain(0, format!("scattermoe_routing_count_{i}"), 256));
         v.push(plain(0, format!("scattermoe_routing_scatter_{i}"), 256));
+        v.push(plain(0, format!("scattermoe_routing_small_{i}"), 256));
     }
     v.push(plain(0, "scattermoe_routing_scan".into(), 1024));
     for t in ["f16", "bf16"] {

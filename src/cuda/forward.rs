@@ -351,7 +351,8 @@ fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Re
     Ok(())
 }
 
-/// The routing kernels: count, scan, scatter. `capacity`: the device int64 (already written).
+/// The routing kernels: count, scan, scatter, or the one-block `small` kernel when all assignments
+/// fit one block and no capacity is given. `capacity`: the device int64 (already written).
 #[allow(clippy::too_many_arguments)]
 unsafe fn routing(
     dev: &Device,
@@ -374,6 +375,13 @@ unsafe fn routing(
     let rws = ws + p.routing as u64;
     let offsets = ws + p.offsets as u64;
     let cap_ptr = capacity.map(|c| c.0);
+    if nb == 1 && capacity.is_none() {
+        // All assignments fit one block: count, scan and scatter in one launch.
+        let name = format!("scattermoe_routing_small_{}", iname(it));
+        let f = dev.func(&name)?;
+        let args = [Arg::Ptr(idx), Arg::I32(n), Arg::I32(e), Arg::Ptr(offsets), Arg::Ptr(ws + p.sorted_idx as u64), Arg::Ptr(ws + p.pos as u64), Arg::opt(kept), Arg::Ptr(error)];
+        return driver::launch(&f, (1, 1), stream, &args, &name);
+    }
     if nb > 0 {
         let name = format!("scattermoe_routing_count_{}", iname(it));
         let f = dev.func(&name)?;

@@ -119,14 +119,23 @@ class Kernels:
             error=torch.empty(2, dtype=torch.int32, device=dev),
         )
 
-    def routing(self, idx, E, bufs, capacity=None, capacity_order=0, kept_out=None):
-        """idx: [T, k] int32/int64 on the device. capacity: int64 device tensor [1] or None."""
+    def routing(self, idx, E, bufs, capacity=None, capacity_order=0, kept_out=None, small=None):
+        """idx: [T, k] int32/int64 on the device. capacity: int64 device tensor [1] or None.
+        small: the one-block kernel (None: when the library uses it, one block and no capacity)."""
         T, k = idx.shape
         N = T * k
         sfx = "i32" if idx.dtype == torch.int32 else "i64"
         nb = (N + ROUTING_CHUNK - 1) // ROUTING_CHUNK
         orders = 2 if (capacity is not None and capacity_order == 0) else 1
         ci = ctypes.c_int
+        if small is None:
+            small = nb == 1 and capacity is None and kept_out is None
+        if small:
+            assert nb == 1 and capacity is None and kept_out is None
+            self.launch(self.fn("routing", f"scattermoe_routing_small_{sfx}"), (1,), (256,), 0,
+                        [Arg.ptr(idx), ci(N), ci(E), Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["sidx"]),
+                         Arg.ptr(bufs["pos"]), Arg.ptr(bufs["kept"]), Arg.ptr(bufs["error"])])
+            return
         if nb > 0:
             self.launch(self.fn("routing", f"scattermoe_routing_count_{sfx}"), (nb, orders), (256,), 0,
                         [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"])])

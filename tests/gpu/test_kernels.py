@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from smoe_cuda import Kernels  # noqa: E402
+from smoe_cuda import ROUTING_CHUNK, Kernels  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -158,16 +158,18 @@ def test_routing(K):
                 if mode != "random" and T > 70000:
                     continue
                 ri = make_routing(T, E, k, mode, idt)
-                b = K.alloc_routing(T, k, E)
-                for key in ("sidx", "pos", "offsets", "error"):
-                    b[key].fill_(-7)
-                K.routing(ri, E, b)
-                torch.cuda.synchronize()
-                off, sidx, pos = routing_ref(ri, E)
-                ok = (torch.equal(b["offsets"].long(), off) and torch.equal(b["sidx"][: T * k].long(), sidx)
-                      and torch.equal(b["pos"][: T * k].long(), pos) and b["error"].tolist() == [0, -1]
-                      and bool((b["kept"][: T * k] == 1).all()))
-                check_exact(f"routing T={T} E={E} k={k} {str(idt)[6:]} {mode}", ok)
+                # one block of assignments: both the one-block kernel and count + scan + scatter
+                for small in ((True, False) if T * k <= ROUTING_CHUNK else (False,)):
+                    b = K.alloc_routing(T, k, E)
+                    for key in ("sidx", "pos", "offsets", "error", "kept"):
+                        b[key].fill_(-7 if key != "kept" else 7)
+                    K.routing(ri, E, b, small=small)
+                    torch.cuda.synchronize()
+                    off, sidx, pos = routing_ref(ri, E)
+                    ok = (torch.equal(b["offsets"].long(), off) and torch.equal(b["sidx"][: T * k].long(), sidx)
+                          and torch.equal(b["pos"][: T * k].long(), pos) and b["error"].tolist() == [0, -1]
+                          and bool((b["kept"][: T * k] == 1).all()))
+                    check_exact(f"routing T={T} E={E} k={k} {str(idt)[6:]} {mode}{' small' if small else ''}", ok)
     # capacity
     for T, E, k in [(1000, 8, 2), (3, 4, 8), (65536, 64, 8)]:
         ri = make_routing(T, E, k, "dup")
@@ -183,9 +185,10 @@ def test_routing(K):
                 ok = (torch.equal(b["kept"][: T * k], kr) and torch.equal(kout, kr.to(torch.bfloat16))
                       and torch.equal(b["sidx"][: T * k].long(), sidx) and b["error"].tolist() == [0, -1])
                 check_exact(f"capacity T={T} E={E} k={k} C={C} {'slot' if order == 0 else 'token'}_major", ok)
-    # validation
-    T, E, k = 5000, 16, 4
-    for idt, bads in ((torch.int32, [(77, 16), (3000, -1)]), (torch.int64, [(9, 2 ** 40), (19999, -(2 ** 40))])):
+    # validation (5000 tokens: several blocks; 1000 tokens: the one-block kernel)
+    E, k = 16, 4
+    for T, idt, bads in ((5000, torch.int32, [(77, 16), (3000, -1)]), (5000, torch.int64, [(9, 2 ** 40), (19999, -(2 ** 40))]),
+                         (1000, torch.int32, [(3999, 16), (2500, -5)]), (1000, torch.int64, [(0, 2 ** 40), (7, -1)])):
         ri = make_routing(T, E, k, "random", idt)
         flat = ri.view(-1)
         for p, v in bads:
@@ -194,7 +197,7 @@ def test_routing(K):
         K.routing(ri, E, b)
         torch.cuda.synchronize()
         mn = min(p for p, _ in bads)
-        check_exact(f"validation {str(idt)[6:]} bad at {[p for p, _ in bads]} -> error {b['error'].tolist()}",
+        check_exact(f"validation T={T} {str(idt)[6:]} bad at {[p for p, _ in bads]} -> error {b['error'].tolist()}",
                     b["error"].tolist() == [1, mn] and int(b["offsets"][E]) == T * k)
     b = K.alloc_routing(10, 2, 4)
     K.routing(make_routing(10, 4, 2), 4, b, torch.tensor([-3], dtype=torch.int64, device="cuda"), 1)
