@@ -5,7 +5,9 @@ Shapes (d, f, E, k): mixtral (4096, 14336, 8, 2), qwen3 = Qwen3-30B-A3B (2048, 7
 fine = fine-grained (1024, 512, 64, 8); tokens 1, 16, 128, 1024, 4096, 16384.
 
 Columns, ms per layer forward (medians); "host" = wall time of one call + torch.cuda.synchronize(),
-"graph" = device time of a CUDA-graph replay (peers/timing.py). All use the same weights and the same
+"graph" = device time of a CUDA-graph replay (peers/timing.py). The host-timed columns of a cell are
+timed together, in turn over five rounds (timing.host_ms_interleaved), so that a drift of the clocks
+during the cell does not favour one column. All use the same weights and the same
 inputs; each timed loop cycles over 4 input sets. The router weight is [I_E | 0], and the first E
 features of each token a random permutation of E distinct values, so that routing (softmax, top-k,
 renormalise) is random and identical in every column, whether given or computed (peers/workload.py):
@@ -227,6 +229,7 @@ class Bench:
                    ("ortmoe", "ORT MoE", self.col_ortmoe), ("exported", "exported/ORT", self.col_exported),
                    ("grouped_mm", "grouped_mm", self.col_grouped_mm), ("triton", "Triton", self.col_triton),
                    ("kernels", "kernels", self.col_kernels)]
+        self._host = []  # (key, fn) of the host-timed columns: timed together after the loop
         for peer, key, fn in columns:
             if peer not in self.peers:
                 continue
@@ -246,6 +249,12 @@ class Bench:
                     self.torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - a sticky CUDA error: the next columns will say so
                     print(f"{st['shape']} T={T}: CUDA error after {key}: {short(e)}", flush=True)
+        times, failed = self.timing.host_ms_interleaved(self._host, self.args.budget)
+        row.update(times)
+        for key, e in failed.items():
+            row["notes"][key] = short(e)
+            print(f"{st['shape']} T={T} {key} failed while timed: {short(e)}", flush=True)
+        self._host = []
         del sets, ref
         self.torch.cuda.empty_cache()
         return row
@@ -271,7 +280,7 @@ class Bench:
         placement = self.ortlib.first_run(sess, ios[0]) if first else sess.run_with_iobinding(ios[0])
         row[key + "_err"] = self.workload.rel_err(sets[0]["y"], ref)
         runs = [lambda io=io: sess.run_with_iobinding(io) for io in ios]
-        row[key] = self.timing.host_ms(self.timing.cycle(runs), self.args.budget)
+        self._host.append((key, self.timing.cycle(runs)))
         return placement
 
     def _session_column(self, st, key, peer, sets, ref, row, inputs):
@@ -321,7 +330,7 @@ class Bench:
         self.torch.cuda.synchronize()
         row[key + "_err"] = self.workload.rel_err(y0, ref)
         del y0
-        row[key] = self.timing.host_ms(self.timing.cycle(fns), self.args.budget)
+        self._host.append((key, self.timing.cycle(fns)))
         if graph:
             try:
                 row[key + "/graph"] = self.timing.graph_ms(fns, self.args.budget)

@@ -1,7 +1,10 @@
 """How the columns are timed, and the ceilings the floor is computed from.
 
-host_ms   median wall time of one call + torch.cuda.synchronize(), calls cycling over the input sets
-          (what a Python caller waits for: launches, host work, the EP's end-of-run sync)
+host_ms_interleaved  per column, the median wall time of one call + torch.cuda.synchronize(), calls
+          cycling over the input sets (what a Python caller waits for: launches, host work, the EP's
+          end-of-run sync); the columns of a cell are timed in turn over a few rounds, so that a drift of
+          the GPU's clocks (it runs at its power limit) or of the host falls on every column alike
+          instead of on whichever was timed last
 graph_ms  one CUDA graph holding one forward per input set, replayed between CUDA events; median
           replay time / number of sets (device time; launch overhead removed), as tests/gpu/bench_forward.py
 """
@@ -18,18 +21,40 @@ def cycle(fns):
     return lambda: next(it)()
 
 
-def host_ms(fn, budget_s=0.3, min_reps=5, max_reps=300, warmup=3):
-    for _ in range(warmup):
-        fn()
+def host_ms_interleaved(named, budget_s=0.3, rounds=5, min_reps=5, max_reps=300, warmup=3):
+    """named: [(name, fn)]. Every fn gets budget_s of timing in all, in `rounds` slices taken in turn
+    (the order reversed every other round). Returns ({name: median ms}, {name: exception} for those
+    that raised; a failed fn is dropped from the later rounds)."""
+    samples = {n: [] for n, _ in named}
+    failed = {}
+
+    def guarded(n, body):
+        try:
+            body()
+        except Exception as e:  # noqa: BLE001 - reported per column
+            failed[n] = e
+
+    for n, fn in named:
+        guarded(n, lambda fn=fn: [fn() for _ in range(warmup)])
     torch.cuda.synchronize()
-    ts = []
-    end = time.perf_counter() + budget_s
-    while len(ts) < min_reps or (len(ts) < max_reps and time.perf_counter() < end):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    per_round = max(1, -(-min_reps // rounds))
+    for r in range(rounds):
+        for n, fn in (named if r % 2 == 0 else named[::-1]):
+            if n in failed:
+                continue
+            ts = samples[n]
+
+            def timed(fn=fn, ts=ts):
+                end = time.perf_counter() + budget_s / rounds
+                start = len(ts)
+                while len(ts) - start < per_round or (len(ts) < max_reps and time.perf_counter() < end):
+                    t0 = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t0)
+
+            guarded(n, timed)
+    return {n: statistics.median(ts) * 1e3 for n, ts in samples.items() if ts and n not in failed}, failed
 
 
 def graph_ms(fns, budget_s=0.3, min_reps=5, max_reps=100):
