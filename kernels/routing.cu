@@ -81,6 +81,20 @@ __device__ void count_impl(const I* __restrict__ idx, int N, int T, int k, int E
     if (order == 0 && threadIdx.x == 0) ws[(size_t)2 * nb * E + b] = bad_min;
 }
 
+// Grouped position of each lane's assignment (expert e; valid lanes only), stable in lane order:
+// counters[e] is the warp's next position for expert e. Lanes of one expert take consecutive
+// positions, and the lowest of them advances the counter for the whole group.
+__device__ __forceinline__ int next_position(int* counters, int e, bool valid, int lane) {
+    const unsigned lt_mask = (1u << lane) - 1u;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    int r = 0;
+    if (valid) r = counters[e] + __popc(peers & lt_mask);
+    __syncwarp();
+    if (valid && (peers & lt_mask) == 0) counters[e] += __popc(peers);
+    __syncwarp();
+    return r;
+}
+
 template <typename I>
 __device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int E, const int* __restrict__ ws,
                              const int* __restrict__ expert_offsets, const long long* __restrict__ capacity,
@@ -124,7 +138,6 @@ __device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int
     }
     __syncthreads();
     // pass 3: stable ranks, 32 assignments at a time per warp, in reading order
-    const unsigned lt_mask = (1u << lane) - 1u;
     for (int qb = qw0; qb < qw1; qb += 32) {
         int q = qb + lane;
         bool valid = q < qw1;
@@ -134,12 +147,7 @@ __device__ void scatter_impl(const I* __restrict__ idx, int N, int T, int k, int
             f = flat_of(q, order, T, k);
             e = load_expert(idx, f, E, &bad);
         }
-        unsigned peers = __match_any_sync(0xffffffffu, e);
-        int r = 0;
-        if (valid) r = whist[warp][e] + __popc(peers & lt_mask);
-        __syncwarp();
-        if (valid && (peers & lt_mask) == 0) whist[warp][e] += __popc(peers);
-        __syncwarp();
+        const int r = next_position(whist[warp], e, valid, lane);
         if (!valid) continue;
         bool keep = true;
         if (order == 0) {
@@ -239,7 +247,6 @@ __device__ void small_impl(const I* __restrict__ idx, int N, int E, int* __restr
         error[1] = bad_min != INT_MAX ? bad_min : -1;
     }
     __syncthreads();
-    const unsigned lt_mask = (1u << lane) - 1u;
     for (int qb = qw0; qb < qw1; qb += 32) {
         const int q = qb + lane;
         const bool valid = q < qw1;
@@ -248,12 +255,7 @@ __device__ void small_impl(const I* __restrict__ idx, int N, int E, int* __restr
             bool bad;
             e = load_expert(idx, q, E, &bad);
         }
-        const unsigned peers = __match_any_sync(0xffffffffu, e);
-        int r = 0;
-        if (valid) r = whist[warp][e] + __popc(peers & lt_mask);
-        __syncwarp();
-        if (valid && (peers & lt_mask) == 0) whist[warp][e] += __popc(peers);
-        __syncwarp();
+        const int r = next_position(whist[warp], e, valid, lane);
         if (!valid) continue;
         sorted_idx[r] = q;
         pos[q] = r;
