@@ -23,7 +23,7 @@
 //! pass an absent input in the middle; `scattermoe rewrite --target tensorrt` writes zero biases
 //! where a later optional input (`capacity`) is present, so inputs keep the contract's positions.
 
-use crate::cuda::checks::{self, AsyncChecks};
+use crate::cuda::checks::{CheckInfo, RunChecks};
 use crate::cuda::driver::{self, CuResult, Device};
 use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
 use crate::reference::{LinearSizes, MoeSizes};
@@ -498,10 +498,9 @@ enum Checked {
 
 pub struct Plugin {
     attrs: Attrs,
-    /// asynchronous checks of bad routing indices (per plugin object: TensorRT clones one per
-    /// execution context), made on the first run
-    checks: Option<AsyncChecks>,
-    sync_checks: bool,
+    /// checks of bad routing indices (per plugin object: TensorRT clones one per execution
+    /// context); their pinned memory is made on the first run
+    checks: RunChecks,
     /// inputs of the last configuration (for messages)
     nb_inputs: usize,
 }
@@ -522,7 +521,7 @@ fn err(op: &'static str, message: impl Into<String>) -> SpecError {
 
 impl Plugin {
     pub fn new(attrs: Attrs) -> Plugin {
-        Plugin { attrs, checks: None, sync_checks: checks::sync_checks_requested(), nb_inputs: 0 }
+        Plugin { attrs, checks: RunChecks::default(), nb_inputs: 0 }
     }
 
     pub fn attrs(&self) -> &Attrs {
@@ -800,54 +799,22 @@ impl Plugin {
         }
     }
 
-    /// Launches on `stream` with its context current, then queues (or, with sync checks,
-    /// performs) the check of the routing kernels' error words; earlier runs' results first.
+    /// Launches on `stream` with its context current, with the error checks of
+    /// `crate::cuda::checks` around it.
     fn run(&mut self, stream: CUstream, info: CheckInfo, launch: impl FnOnce(&Device, CUstream, Option<CUdeviceptr>) -> CuResult<Launched>) -> Result<(), String> {
         let op = self.name();
         let ctx = |e: String| if e.starts_with(op) { e } else { format!("{op}: {e}") };
         // SAFETY: TensorRT's stream for this enqueue is live.
         let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(ctx)?;
         let capturing = unsafe { driver::is_capturing(stream) }.map_err(ctx)?;
-        if !self.sync_checks && !capturing {
-            if self.checks.as_ref().is_some_and(|c| c.context() != dev.ctx) {
-                self.checks = None;
-            }
-            if self.checks.is_none() {
-                self.checks = Some(AsyncChecks::new(dev.ctx).map_err(ctx)?);
-            }
-            if let Some(msg) = self.checks.as_mut().unwrap().poll(op).map_err(ctx)? {
-                return Err(msg);
-            }
-        }
-        // Asynchronous checks: the kernels write their error words into a free slot of mapped host memory.
-        let slot = if self.sync_checks || capturing { None } else { self.checks.as_ref().and_then(|c| c.claim()) };
+        let slot = self.checks.before(op, dev.ctx, capturing)?;
         let launched = launch(dev, stream, slot.map(|s| s.1)).map_err(ctx)?;
-        if let Some(error) = launched.error {
-            if capturing {
-                // a captured graph replays without calling us: nothing to check against
-            } else if self.sync_checks {
-                // SAFETY: the error words and the indices stay allocated until enqueue returns.
-                let msg = unsafe { forward::check_sync(stream, error, op, info.it, info.routing_indices, info.k, info.experts) }.map_err(ctx)?;
-                if let Some(m) = msg {
-                    return Err(m);
-                }
-            } else if let (Some(c), Some((i, at))) = (self.checks.as_mut(), slot) {
-                debug_assert_eq!(error, at);
-                // SAFETY: the forward just enqueued on `stream` writes slot i.
-                unsafe { c.record(stream, i, info.k, info.experts) }.map_err(ctx)?;
-            }
-        }
-        Ok(())
+        // SAFETY: the launches are on `stream`; their error words and the indices stay allocated
+        // until enqueue returns.
+        unsafe { self.checks.after(op, stream, capturing, slot, launched.error, &info) }
     }
 }
 
-/// What a run needs checked afterwards.
-struct CheckInfo {
-    it: IndexType,
-    routing_indices: CUdeviceptr,
-    k: usize,
-    experts: usize,
-}
 
 /// Reads the int64 `capacity` input, which TensorRT keeps on the device: the plugin waits for
 /// `stream` once and copies 8 bytes (not possible under CUDA graph capture, so refused there).

@@ -7,6 +7,7 @@
 //! (value included). See docs/op-spec.md.
 
 use super::driver::{self, CuResult};
+use crate::spec::IndexType;
 use cudarc::driver::sys::{self, CUcontext, CUdeviceptr, CUevent, CUresult, CUstream};
 
 /// The environment variable that turns on synchronous checks.
@@ -15,6 +16,87 @@ pub const SYNC_CHECKS_ENV: &str = "SCATTERMOE_CUDA_SYNC_CHECKS";
 /// Whether `SCATTERMOE_CUDA_SYNC_CHECKS=1` is set.
 pub fn sync_checks_requested() -> bool {
     std::env::var(SYNC_CHECKS_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// What a run's error words are checked against: its routing indices as the routing kernels read them.
+pub struct CheckInfo {
+    pub it: IndexType,
+    pub routing_indices: CUdeviceptr,
+    pub k: usize,
+    pub experts: usize,
+}
+
+/// The checks of one kernel object (an ONNX Runtime CUDA kernel, a TensorRT plugin) around each of
+/// its runs: asynchronous ([`AsyncChecks`]) by default, synchronous with `SCATTERMOE_CUDA_SYNC_CHECKS=1`,
+/// none while the stream is being captured into a CUDA graph (a replay does not call us).
+/// Call [`before`](Self::before) ahead of the run's launches and [`after`](Self::after) behind them.
+pub struct RunChecks {
+    sync: bool,
+    checks: Option<AsyncChecks>,
+}
+
+impl Default for RunChecks {
+    fn default() -> Self {
+        RunChecks { sync: sync_checks_requested(), checks: None }
+    }
+}
+
+impl RunChecks {
+    /// Fails if an earlier run saw a bad index (never waits), then picks where this run's routing
+    /// kernels write their error words: a free slot of mapped host memory (index and device address),
+    /// or None (their workspace: sync checks, capture, or every slot still in flight). `ctx`: the
+    /// stream's context, current.
+    pub fn before(&mut self, op: &'static str, ctx: CUcontext, capturing: bool) -> Result<Option<(usize, CUdeviceptr)>, String> {
+        if self.sync || capturing {
+            return Ok(None);
+        }
+        if self.checks.as_ref().is_some_and(|c| c.context() != ctx) {
+            self.checks = None;
+        }
+        if self.checks.is_none() {
+            self.checks = Some(AsyncChecks::new(ctx).map_err(|e| format!("{op}: {e}"))?);
+        }
+        let checks = self.checks.as_mut().unwrap();
+        if let Some(msg) = checks.poll(op).map_err(|e| format!("{op}: {e}"))? {
+            return Err(msg);
+        }
+        Ok(checks.claim())
+    }
+
+    /// Behind the run's launches on `stream`: with sync checks, waits for them and fails this run on
+    /// a bad index (the contract's message); otherwise records the event of the slot from
+    /// [`before`](Self::before), read by a later run. `error`: where the launches wrote their error
+    /// words (`Launched::error`), None when they launched no routing.
+    ///
+    /// # Safety
+    /// `stream` holds the run's launches; `error` and `info.routing_indices` stay allocated until
+    /// this returns.
+    pub unsafe fn after(
+        &mut self,
+        op: &'static str,
+        stream: CUstream,
+        capturing: bool,
+        slot: Option<(usize, CUdeviceptr)>,
+        error: Option<CUdeviceptr>,
+        info: &CheckInfo,
+    ) -> Result<(), String> {
+        let Some(error) = error else { return Ok(()) };
+        if capturing {
+            return Ok(());
+        }
+        if self.sync {
+            // SAFETY: the caller keeps the error words and the indices allocated.
+            let msg = unsafe { super::forward::check_sync(stream, error, op, info.it, info.routing_indices, info.k, info.experts) }
+                .map_err(|e| format!("{op}: {e}"))?;
+            return msg.map_or(Ok(()), Err);
+        }
+        if let (Some(c), Some((i, at))) = (self.checks.as_mut(), slot) {
+            debug_assert_eq!(error, at);
+            // SAFETY: the launches just enqueued on `stream` write slot i.
+            unsafe { c.record(stream, i, info.k, info.experts) }.map_err(|e| format!("{op}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs checked at once: a run whose copy is still in flight keeps its slot until it completes.

@@ -9,11 +9,11 @@
 use super::api::{KernelContext, KernelInfo, Tensor};
 use super::cpu::{compute_inputs, kernel_inputs, known, op_table, to_string, Kernels, Signature};
 use super::op::{Kernel, OpDef};
-use crate::cuda::checks::{self, AsyncChecks};
+use crate::cuda::checks::{CheckInfo, RunChecks};
 use crate::cuda::driver::{self, CuResult, Device};
 use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, IndexType};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use std::sync::Mutex;
 
@@ -24,80 +24,40 @@ fn dptr(t: &Tensor) -> CUdeviceptr {
     t.data as CUdeviceptr
 }
 
-/// What every CUDA kernel object keeps between runs: the pending asynchronous error checks.
+/// What every CUDA kernel object keeps between runs: its error checks (ORT may call compute from
+/// several threads, hence the lock).
+#[derive(Default)]
 struct DeviceState {
-    sync_checks: bool,
-    checks: Mutex<Option<AsyncChecks>>,
-}
-
-/// What one run needs checked afterwards.
-struct CheckInfo {
-    op: &'static str,
-    it: IndexType,
-    routing_indices: CUdeviceptr,
-    k: usize,
-    experts: usize,
+    checks: Mutex<RunChecks>,
 }
 
 impl DeviceState {
-    fn new() -> Self {
-        DeviceState { sync_checks: checks::sync_checks_requested(), checks: Mutex::new(None) }
-    }
-
     /// Runs `launch` on ORT's compute stream with `bytes` of scratch from ORT's allocator for the
-    /// device of input `device_input`, then queues (or, with sync checks, performs) the check
-    /// of the routing kernels' error words.
+    /// device of input `device_input`, with the error checks of `crate::cuda::checks` around it.
     fn run(
         &self,
         ctx: &KernelContext,
+        op: &'static str,
         device_input: usize,
         bytes: usize,
         info: CheckInfo,
         launch: impl FnOnce(&Device, CUstream, CUdeviceptr, Option<CUdeviceptr>) -> CuResult<Launched>,
     ) -> Result<(), String> {
-        let op = info.op;
         let stream = ctx.gpu_stream()? as CUstream;
         // SAFETY: ORT's compute stream is live for the call.
         let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(|e| format!("{op}: {e}"))?;
         let capturing = unsafe { driver::is_capturing(stream) }.map_err(|e| format!("{op}: {e}"))?;
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
-        // Earlier runs' results first (never waits; skipped while a CUDA graph is captured).
-        if !self.sync_checks && !capturing {
-            if checks.as_ref().is_some_and(|c| c.context() != dev.ctx) {
-                *checks = None;
-            }
-            if checks.is_none() {
-                *checks = Some(AsyncChecks::new(dev.ctx).map_err(|e| format!("{op}: {e}"))?);
-            }
-            if let Some(msg) = checks.as_mut().unwrap().poll(op).map_err(|e| format!("{op}: {e}"))? {
-                return Err(msg);
-            }
-        }
+        let slot = checks.before(op, dev.ctx, capturing)?;
         let id = ctx.input_device_id(device_input)?.unwrap_or(0);
         let allocator = ctx.allocator(c"Cuda", id)?;
         let scratch = allocator.alloc(bytes)?;
-        // Asynchronous checks: the kernels write their error words into a free slot of mapped host memory.
-        let slot = if self.sync_checks || capturing { None } else { checks.as_ref().and_then(|c| c.claim()) };
         let launched = launch(dev, stream, scratch.ptr as CUdeviceptr, slot.map(|s| s.1)).map_err(|e| if e.starts_with(op) { e } else { format!("{op}: {e}") })?;
-        if let Some(error) = launched.error {
-            if capturing {
-                // A captured graph replays without calling us: nothing to check against.
-            } else if self.sync_checks {
-                // SAFETY: the error words and the indices stay allocated until this returns.
-                let msg = unsafe { forward::check_sync(stream, error, op, info.it, info.routing_indices, info.k, info.experts) }
-                    .map_err(|e| format!("{op}: {e}"))?;
-                if let Some(m) = msg {
-                    return Err(m);
-                }
-            } else if let (Some(c), Some((i, at))) = (checks.as_mut(), slot) {
-                debug_assert_eq!(error, at);
-                // SAFETY: the launches just enqueued on ORT's stream write slot i.
-                unsafe { c.record(stream, i, info.k, info.experts) }.map_err(|e| format!("{op}: {e}"))?;
-            }
-        }
+        // SAFETY: the launches are on `stream`; their error words live in `scratch` or the slot, and
+        // the indices are an input of this call.
+        unsafe { checks.after(op, stream, capturing, slot, launched.error, &info) }
         // `scratch` is freed here: ORT's arena hands it out again only to work ordered after ours
         // on the same stream.
-        Ok(())
     }
 }
 
@@ -114,7 +74,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    Ok(Box::new(MoeCuda { attrs, state: DeviceState::new() }))
+    Ok(Box::new(MoeCuda { attrs, state: DeviceState::default() }))
 }
 
 impl Kernel for MoeCuda {
@@ -145,9 +105,9 @@ impl Kernel for MoeCuda {
             b_out: get(B_OUT).map(dptr),
         };
         let bytes = Plan::scatter_moe(s, t, capacity.is_some()).bytes;
-        let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
+        let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
         let attrs = self.attrs;
-        self.state.run(ctx, X, bytes, info, |dev, stream, ws, error_to| unsafe {
+        self.state.run(ctx, NAME, X, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: ORT's tensors have the shapes and types the contract check established.
             forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, ws, y as CUdeviceptr, (None, None), error_to)
         })
@@ -167,7 +127,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    Ok(Box::new(LinearCuda { attrs, state: DeviceState::new() }))
+    Ok(Box::new(LinearCuda { attrs, state: DeviceState::default() }))
 }
 
 impl Kernel for LinearCuda {
@@ -200,9 +160,9 @@ impl Kernel for LinearCuda {
             gates: get(GATES).map(dptr),
         };
         let bytes = Plan::parallel_linear(s, t, dims.has_gates).bytes;
-        let info = CheckInfo { op: NAME, it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
+        let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
         let attrs = self.attrs;
-        self.state.run(ctx, X, bytes, info, |dev, stream, ws, error_to| unsafe {
+        self.state.run(ctx, NAME, X, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: as for ScatterMoE.
             forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, ws, y as CUdeviceptr, None, error_to)
         })
@@ -222,7 +182,7 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
-    Ok(Box::new(MaskCuda { attrs, state: DeviceState::new() }))
+    Ok(Box::new(MaskCuda { attrs, state: DeviceState::default() }))
 }
 
 impl Kernel for MaskCuda {
@@ -242,9 +202,9 @@ impl Kernel for MaskCuda {
         }
         let bytes = Plan::capacity_mask(tokens, k, self.attrs.num_experts).bytes;
         let idx = dptr(routing);
-        let info = CheckInfo { op: NAME, it, routing_indices: idx, k, experts: self.attrs.num_experts };
+        let info = CheckInfo { it, routing_indices: idx, k, experts: self.attrs.num_experts };
         let attrs = self.attrs;
-        self.state.run(ctx, ROUTING_INDICES, bytes, info, |dev, stream, ws, error_to| unsafe {
+        self.state.run(ctx, NAME, ROUTING_INDICES, bytes, info, |dev, stream, ws, error_to| unsafe {
             // SAFETY: `out` holds one bool (one byte) per assignment.
             forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, ws, out as CUdeviceptr, error_to)
         })
