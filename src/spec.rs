@@ -436,6 +436,18 @@ fn check_arity(op: &'static str, ports: &[Port], given: usize) -> Result<(), Spe
     Ok(())
 }
 
+/// What every op's check starts with: the number of inputs, the required ones present
+/// (`shapes[i]` is None for an absent input), and their element types (see [`check_types`]).
+fn check_inputs(op: &'static str, ports: &[Port], types: InputTypes, shapes: &[Option<&Shape>]) -> Result<(ElemType, IndexType), SpecError> {
+    check_arity(op, ports, shapes.len())?;
+    for (p, shape) in ports.iter().zip(shapes) {
+        if !p.optional && shape.is_none() {
+            return err(op, format!("input '{}' is required", p.name));
+        }
+    }
+    check_types(op, ports, types)
+}
+
 /// Which of the routing index checks failed, for [`index_out_of_range`].
 pub fn index_out_of_range(op: &'static str, input: &str, value: i64, token: usize, slot: usize, experts: usize) -> SpecError {
     SpecError {
@@ -569,13 +581,7 @@ pub mod scatter_moe {
         shapes: &[Option<&Shape>],
     ) -> Result<(ElemType, IndexType, Dims), SpecError> {
         let op = NAME;
-        check_arity(op, &INPUTS, shapes.len())?;
-        for (i, p) in INPUTS.iter().enumerate().take(shapes.len()) {
-            if !p.optional && shapes[i].is_none() {
-                return err(op, format!("input '{}' is required", p.name));
-            }
-        }
-        let (t, it) = check_types(op, &INPUTS, types)?;
+        let (t, it) = check_inputs(op, &INPUTS, types, shapes)?;
         let get = |i: usize| shapes.get(i).copied().flatten();
         let x = get(X).expect("required");
         let rw = get(ROUTING_WEIGHTS).expect("required");
@@ -746,13 +752,7 @@ pub mod parallel_linear {
         shapes: &[Option<&Shape>],
     ) -> Result<(ElemType, IndexType, Dims), SpecError> {
         let op = NAME;
-        check_arity(op, &INPUTS, shapes.len())?;
-        for (i, p) in INPUTS.iter().enumerate().take(shapes.len()) {
-            if !p.optional && shapes[i].is_none() {
-                return err(op, format!("input '{}' is required", p.name));
-            }
-        }
-        let (t, it) = check_types(op, &INPUTS, types)?;
+        let (t, it) = check_inputs(op, &INPUTS, types, shapes)?;
         let get = |i: usize| shapes.get(i).copied().flatten();
         let x = get(X).expect("required");
         let ri = get(ROUTING_INDICES).expect("required");
@@ -877,13 +877,7 @@ pub mod capacity_mask {
 
     /// Checks inputs; returns the index type.
     pub fn check(types: InputTypes, shapes: &[Option<&Shape>]) -> Result<IndexType, SpecError> {
-        check_arity(NAME, &INPUTS, shapes.len())?;
-        for (i, p) in INPUTS.iter().enumerate() {
-            if shapes[i].is_none() {
-                return err(NAME, format!("input '{}' is required", p.name));
-            }
-        }
-        let (_, it) = check_types(NAME, &INPUTS, types)?;
+        let (_, it) = check_inputs(NAME, &INPUTS, types, shapes)?;
         let ri = shapes[ROUTING_INDICES].unwrap();
         check_min_rank(NAME, "routing_indices", ri, 2)?;
         check_positive(NAME, "routing_indices", ri, ri.len() - 1, "k (last dimension)")?;
