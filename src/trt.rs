@@ -815,7 +815,6 @@ impl Plugin {
     }
 }
 
-
 /// Reads the int64 `capacity` input, which TensorRT keeps on the device: the plugin waits for
 /// `stream` once and copies 8 bytes (not possible under CUDA graph capture, so refused there).
 fn read_capacity(op: &'static str, stream: CUstream, p: CUdeviceptr) -> Result<i64, String> {

@@ -336,10 +336,6 @@ pub struct Launched {
     pub error: Option<CUdeviceptr>,
 }
 
-// Every forward takes `error_to`: where the routing kernels write their error words. None: the
-// workspace (read back by `check_sync`); Some: a slot of `checks::AsyncChecks`, mapped host memory
-// that the next call reads without a copy on the stream.
-
 /// Limits of the kernels that the contract does not have.
 fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Result<(), String> {
     if experts > MAX_EXPERTS {
@@ -353,6 +349,9 @@ fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Re
 
 /// The routing kernels: count, scan, scatter, or the one-block `small` kernel when all assignments
 /// fit one block and no capacity is given. `capacity`: the device int64 (already written).
+/// `error_to`: where the kernels write their error words (every forward passes its own through):
+/// None, the workspace (read back by `check_sync`); Some, a slot of `checks::AsyncChecks`, mapped
+/// host memory that the next call reads without a copy on the stream. Returns the address used.
 #[allow(clippy::too_many_arguments)]
 unsafe fn routing(
     dev: &Device,
@@ -366,8 +365,9 @@ unsafe fn routing(
     p: &Plan,
     capacity: Option<(CUdeviceptr, CapacityOrder)>,
     kept: Option<CUdeviceptr>,
-    error: CUdeviceptr,
-) -> CuResult<()> {
+    error_to: Option<CUdeviceptr>,
+) -> CuResult<CUdeviceptr> {
+    let error = error_to.unwrap_or(ws + p.error as u64);
     let n = tokens * k;
     let nb = n.div_ceil(ROUTING_CHUNK);
     let orders = if matches!(capacity, Some((_, CapacityOrder::SlotMajor))) { 2 } else { 1 };
@@ -380,7 +380,8 @@ unsafe fn routing(
         let name = format!("scattermoe_routing_small_{}", iname(it));
         let f = dev.func(&name)?;
         let args = [Arg::Ptr(idx), Arg::I32(n), Arg::I32(e), Arg::Ptr(offsets), Arg::Ptr(ws + p.sorted_idx as u64), Arg::Ptr(ws + p.pos as u64), Arg::opt(kept), Arg::Ptr(error)];
-        return driver::launch(&f, (1, 1), stream, &args, &name);
+        driver::launch(&f, (1, 1), stream, &args, &name)?;
+        return Ok(error);
     }
     if nb > 0 {
         let name = format!("scattermoe_routing_count_{}", iname(it));
@@ -422,7 +423,7 @@ unsafe fn routing(
             &name,
         )?;
     }
-    Ok(())
+    Ok(error)
 }
 
 /// Writes the capacity (an int64 the routing kernels read) with two 32-bit memsets: the value
@@ -589,8 +590,7 @@ pub unsafe fn scatter_moe(
     }
     let cap = p.capacity.map(|at| (ws + at as u64, attrs.capacity_order));
     let kept = p.kept.map(|at| ws + at as u64);
-    let error = error_to.unwrap_or(ws + p.error as u64);
-    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept, error)?;
+    let error = routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept, error_to)?;
     let hidden = ws + p.hidden.unwrap() as u64;
     let out = ws + p.out.unwrap() as u64;
     let n = if attrs.gated { 2 * s.f } else { s.f };
@@ -668,8 +668,7 @@ pub unsafe fn parallel_linear(
         return Ok(Launched { error: None });
     }
     let p = Plan::parallel_linear(s, elem, x.gates.is_some());
-    let error = error_to.unwrap_or(ws + p.error as u64);
-    routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, None, None, error)?;
+    let error = routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, None, None, error_to)?;
     let (dst, grouped_out) = match p.out {
         Some(o) => (ws + o as u64, true),
         None => (y, attrs.grouped_out),
@@ -723,8 +722,7 @@ pub unsafe fn capacity_mask(
     let p = Plan::capacity_mask(tokens, k, attrs.num_experts);
     let at = ws + p.capacity.unwrap() as u64;
     write_capacity(stream, at, capacity)?;
-    let error = error_to.unwrap_or(ws + p.error as u64);
-    routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept), error)?;
+    let error = routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept), error_to)?;
     Ok(Launched { error: Some(error) })
 }
 
