@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--grid", type=int, default=None, help="force the grid size (default: the library's)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--routing", default="random", choices=["random", "balanced"],
+                    help="balanced: token t takes experts (t*k + j) % E, so every expert has exactly T*k/E rows")
     a = ap.parse_args()
     dirs = a.fatbin_dir.split(",")
     K = [(os.path.basename(d.rstrip("/")) if len(dirs) > 1 else "", Kernels(d)) for d in dirs]
@@ -40,9 +42,15 @@ def one(builds, a, shape, T, gemm):
     dt = torch.bfloat16
     torch.manual_seed(0)
     x = torch.randn(T, d, device="cuda", dtype=dt)
-    ri = torch.rand(T, E, device="cuda").topk(k, dim=1).indices.to(torch.int32).contiguous()
+    if a.routing == "balanced":
+        ri = ((torch.arange(T, device="cuda")[:, None] * k + torch.arange(k, device="cuda")[None, :]) % E).to(torch.int32).contiguous()
+    else:
+        ri = torch.rand(T, E, device="cuda").topk(k, dim=1).indices.to(torch.int32).contiguous()
     bufs = K.alloc_forward(T, k, E, d, f, dt)
     K.routing(ri, E, bufs)
+    cnt = torch.bincount(ri.flatten().long(), minlength=E)
+    print(f"{shape} T={T} routing={a.routing}: rows per expert {int(cnt.min())}..{int(cnt.max())}, "
+          f"128-row tiles {int(((cnt + 127) // 128).sum())}, 256-row pair units {int(((cnt + 255) // 256).sum())}", flush=True)
     if gemm.startswith("g1"):
         # g1: gathered rows of x, gated silu (the layer's first GEMM); g1plain: same product with a
         # plain output (no GLU, twice the columns); g1grouped: rows already grouped (no gather).
