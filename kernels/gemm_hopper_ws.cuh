@@ -251,10 +251,18 @@ template <int STAGES> struct WsCfg {
 // src/cuda/forward.rs). A stage is free again only when the consumers of both CTAs have retired it
 // (each consumer warp arrives on both CTAs' empty barriers), because either CTA's TMA writes it in
 // both.
-// A rows are always gathered by cp.async (TMA on sm_90 cannot gather rows). The TMA forms read W
-// through `tmap` (4-D: K, row, half, expert; see src/cuda/tensor_map.rs), so gated layouts and rows
-// past N (zero-filled) need no per-row table; they require K % 8 == 0 and a 16-byte-aligned W (the
-// host checks; otherwise it launches wgmma_ws).
+// The TMA forms read W through `tmap` (4-D: K, row, half, expert; see src/cuda/tensor_map.rs), so
+// gated layouts and rows past N (zero-filled) need no per-row table; they require K % 8 == 0 and a
+// 16-byte-aligned W (the host checks; otherwise it launches wgmma_ws).
+//
+// How A reaches shared memory (template parameter ALOAD):
+// WS_A_GATHER: the producer warpgroup gathers the A rows by cp.async, by the sorted order or, for
+// grouped input, from consecutive rows (TMA on sm_90 cannot gather rows).
+// WS_A_TMA (wgmma_mc_ga; grouped input and a TMA W only): the tile's A rows are consecutive rows
+// start + m0 .. + 127 of X, so one more TMA box through `amap` (X as rows of K, same box as a W half)
+// brings them, and one thread of the producer warpgroup issues everything: no cp.async at all. Rows
+// of the box past the expert's count belong to the next expert (or lie past X: zeros); their
+// results are never stored.
 //
 // A consumer warpgroup whose 64 rows all lie past the expert's count skips its wgmmas (tiles of up
 // to 64 rows: decode batches, the last M tile of many experts, the idle CTA of a pair at small
@@ -264,21 +272,26 @@ template <int STAGES> struct WsCfg {
 #define WS_CP_ASYNC 0
 #define WS_TMA 1
 #define WS_TMA_PAIR 2
-template <typename T, int STAGES, int WLOAD>
+#define WS_A_GATHER 0
+#define WS_A_TMA 1
+template <typename T, int STAGES, int WLOAD, int ALOAD>
 __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
                         const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
                         int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
-                        int layout, float alpha, float limit, const TmaMap* tmap) {
+                        int layout, float alpha, float limit, const TmaMap* tmap, const TmaMap* amap) {
 #if SMOE_HAS_WGMMA
     using C = WsCfg<STAGES>;
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
     constexpr bool MC = WLOAD == WS_TMA_PAIR;  // a CTA pair
     constexpr bool TMA_W = WLOAD != WS_CP_ASYNC;
+    constexpr bool TMA_A = ALOAD == WS_A_TMA;
+    static_assert(!TMA_A || TMA_W, "A by TMA only with W by TMA");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
     __shared__ long long row_src[BM + BN];  // producer's per-tile row table
     if (E > SMOE_ROUTING_MAX_E) return;     // (uniform over the grid: no cluster peer is left waiting)
+    if (TMA_A && !grouped_in) __trap();     // the host launches the _ga kernels for grouped input only
     // 1024-byte aligned ring (the 128-byte swizzle pattern repeats every 1024 bytes). Stage s holds
     // A (BM rows x 128 bytes) then B (BN rows x 128 bytes). Same offset in both CTAs of a cluster.
     const unsigned raw_s = smem_u32(smem_raw);
@@ -303,9 +316,9 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            // TMA: 128 cp.async arrivals + the arrival that sets the TMA byte count. MC: both CTAs'
-            // consumer warps release a stage.
-            mbar_init(smem_u32(&full_bar[s]), C::PRODUCERS + (TMA_W ? 1 : 0));
+            // TMA: 128 cp.async arrivals + the arrival that sets the TMA byte count (TMA_A: that
+            // arrival only). MC: both CTAs' consumer warps release a stage.
+            mbar_init(smem_u32(&full_bar[s]), TMA_A ? 1 : C::PRODUCERS + (TMA_W ? 1 : 0));
             mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS * (MC ? 2 : 1));
         }
         if (MC) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -326,10 +339,12 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         constexpr int ROWS = TMA_W ? BM : BM + BN;
         const int c = tid & 7, rg = tid >> 3;
         const unsigned dst_off = (unsigned)rg * 128u + (((unsigned)c ^ (unsigned)(rg & 7)) * 16u);
-        for (int g = first; g < total; g += stride) {
+        // TMA_A: thread 0 issues every load. Its whole warp walks the loop with it, so the warp is
+        // converged again at the cluster barrier at the end; the other three warps have nothing to do.
+        for (int g = first; g < total && (!TMA_A || warp == 0); g += stride) {
             const Tile t = tile_of(g);
-            producer_sync();  // the previous tile's table is no longer read
-            for (int r = tid; r < ROWS; r += C::PRODUCERS) {
+            if (!TMA_A) producer_sync();  // the previous tile's table is no longer read
+            for (int r = tid; r < ROWS && !TMA_A; r += C::PRODUCERS) {
                 long long o = -1;
                 if (r < BM) {
                     if (t.m0 + r < t.cnt) {
@@ -343,7 +358,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 }
                 row_src[r] = o;
             }
-            producer_sync();
+            if (!TMA_A) producer_sync();
             // TMA coordinates (K, row, half, expert) of smem half h of the W tile: gated tiles
             // take the 128 gate rows in half 0 and the 128 up rows in half 1. MC: this CTA loads
             // half `rank` (for both CTAs); otherwise both halves.
@@ -364,7 +379,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 const int k0 = kb * BK + c * 8;
                 if (TMA_W && tid == 0) {
                     const unsigned fb = smem_u32(&full_bar[stage]);
-                    mbar_arrive_expect_tx(fb, C::B_BYTES);  // both halves land here
+                    mbar_arrive_expect_tx(fb, C::B_BYTES + (TMA_A ? C::A_BYTES : 0));  // both W halves land here
+                    if (TMA_A) tma_load_4d(sbase, amap, kb * BK, t.start + t.m0, 0, 0, fb);
                     int c1, c2;
                     if (MC) {
                         w_coords((int)rank, c1, c2);
@@ -378,7 +394,9 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                         }
                     }
                 }
-                if (TMA_W || kvec) {
+                if (TMA_A) {
+                    // nothing else to load
+                } else if (TMA_W || kvec) {
                     const bool kin = k0 < K;
                     // Offsets first, then the copies: each copy would otherwise wait on its own
                     // shared-memory load (measured 1.3x slower).

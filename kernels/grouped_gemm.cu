@@ -32,6 +32,9 @@
 //   scattermoe_gemm_{f16,bf16}_wgmma_mc  sm_90a only: wgmma_tma in clusters of two CTAs
 //        (__cluster_dims__(2, 1, 1)) sharing each W tile through a multicast TMA load. Same extra
 //        parameter, needs, block and smem.
+//   scattermoe_gemm_{f16,bf16}_wgmma_mc_ga  wgmma_mc for grouped input (grouped_in = 1 only) with
+//        A by TMA too: two extra, last parameters, the W map and the map of X as rows of K (same
+//        128-byte maps). Needs K % 8 == 0 and a 16-byte-aligned X as well.
 //   scattermoe_gemm_f32                  SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
@@ -41,6 +44,8 @@
 //   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64
 //           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (both when W is
 //           TMA-readable), else wgmma_ws;
+//           grouped input (grouped_in = 1) takes wgmma_mc_ga instead of wgmma_mc when X is
+//           TMA-readable too;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
 //   else 128x128.
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
@@ -533,7 +538,7 @@ SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
 #define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
         pdl_begin();                                                                       \
-        ws_gemm<T, ST, WS_CP_ASYNC>(SMOE_GEMM_ARGS, nullptr);                               \
+        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER>(SMOE_GEMM_ARGS, nullptr, nullptr);                               \
     }
 
 SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4)
@@ -544,7 +549,7 @@ SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
 #define SMOE_WS_TMA_ENTRY(NAME, T, ST)                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) { \
         pdl_begin();                                                                                       \
-        ws_gemm<T, ST, WS_TMA>(SMOE_GEMM_ARGS, &w_map);                                                     \
+        ws_gemm<T, ST, WS_TMA, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                                                     \
     }
 
 SMOE_WS_TMA_ENTRY(scattermoe_gemm_bf16_wgmma_tma, __nv_bfloat16, 4)
@@ -555,11 +560,25 @@ SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_tma, __half, 4)
     extern "C" __global__ void SMOE_CLUSTER_PAIR __launch_bounds__(384, 1)                                 \
         NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                                  \
         pdl_begin();                                                                                       \
-        ws_gemm<T, ST, WS_TMA_PAIR>(SMOE_GEMM_ARGS, &w_map);                                                \
+        ws_gemm<T, ST, WS_TMA_PAIR, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                                                \
     }
 
 SMOE_WS_MC_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4)
 SMOE_WS_MC_ENTRY(scattermoe_gemm_f16_wgmma_mc, __half, 4)
+
+// wgmma_mc_ga: wgmma_mc for grouped input (grouped_in = 1) with A by TMA as well. Two extra
+// parameters, the W map and the map of X as rows of K (src/cuda/tensor_map.rs). Only the pair kernel
+// has this form: with one CTA per tile (wgmma_tma) it was 7-11% slower where experts have few rows
+// or K is short (a box always brings 128 rows; tests/gpu/RESULTS.md, fifth round).
+#define SMOE_WS_GA_ENTRY(NAME, T, ST, WLOAD, CLUSTER)                                                   \
+    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                           \
+        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map) { \
+        pdl_begin();                                                                                       \
+        ws_gemm<T, ST, WLOAD, WS_A_TMA>(SMOE_GEMM_ARGS, &w_map, &a_map);                                    \
+    }
+
+SMOE_WS_GA_ENTRY(scattermoe_gemm_bf16_wgmma_mc_ga, __nv_bfloat16, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR)
+SMOE_WS_GA_ENTRY(scattermoe_gemm_f16_wgmma_mc_ga, __half, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR)
 
 extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
     pdl_begin();

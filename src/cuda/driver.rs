@@ -144,15 +144,11 @@ fn entry_points() -> Vec<Entry> {
     v.push(plain(0, "scattermoe_routing_scan".into(), 1024));
     for t in ["f16", "bf16"] {
         for cfg in super::forward::GemmCfg::TENSOR_CORE {
-            v.push(Entry {
-                module: 1,
-                name: cfg.kernel_name(t),
-                threads: cfg.threads(),
-                smem: cfg.smem(),
-                cluster: cfg.cluster(),
-                tma: cfg.w_by_tma(),
-                sm90a: cfg.sm90a_only(),
-            });
+            let entry = |name| Entry { module: 1, name, threads: cfg.threads(), smem: cfg.smem(), cluster: cfg.cluster(), tma: cfg.w_by_tma(), sm90a: cfg.sm90a_only() };
+            v.push(entry(cfg.kernel_name(t)));
+            if cfg.has_grouped_a_form() {
+                v.push(entry(format!("{}{}", cfg.kernel_name(t), super::forward::GROUPED_A_SUFFIX)));
+            }
         }
     }
     let f32cfg = super::forward::GemmCfg::F32;

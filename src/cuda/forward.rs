@@ -118,6 +118,14 @@ impl GemmCfg {
         matches!(self, GemmCfg::WgmmaTma | GemmCfg::WgmmaMc)
     }
 
+    /// Whether the kernel has a `_ga` form ([`GROUPED_A_SUFFIX`]) for grouped input, with A by TMA as
+    /// well as W: wgmma_mc, 3-5% faster on Mixtral's GEMM2 from 4096 tokens (H200). The same form of
+    /// wgmma_tma was 7-11% slower where experts have few rows or K is short, because a TMA box always
+    /// brings 128 rows (tests/gpu/RESULTS.md, fifth and seventh rounds).
+    pub const fn has_grouped_a_form(self) -> bool {
+        matches!(self, GemmCfg::WgmmaMc)
+    }
+
     /// CTAs per cluster of this configuration's kernels.
     pub const fn cluster(self) -> u32 {
         match self {
@@ -453,6 +461,10 @@ pub struct Gemm {
     pub limit: f32,
 }
 
+/// The name suffix of the form of a kernel for grouped input that reads A through TMA too (see
+/// [`GemmCfg::has_grouped_a_form`]).
+pub const GROUPED_A_SUFFIX: &str = "_ga";
+
 /// Forces one GEMM configuration (tests); None: [`pick_cfg`].
 pub type CfgOverride = Option<GemmCfg>;
 
@@ -473,6 +485,17 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
             name = GemmCfg::WgmmaWs.kernel_name(tname(elem));
             (GemmCfg::WgmmaWs, dev.func(&name)?)
         }
+    };
+    // Grouped input: A's rows are consecutive, so the pair kernel takes them through TMA as well
+    // (wgmma_mc_ga; the producer then issues no cp.async at all).
+    let (f, name) = if cfg.has_grouped_a_form() && g.grouped_in && tensor_map::w_fits(g.x, g.kd) {
+        let ga = format!("{name}{GROUPED_A_SUFFIX}");
+        match dev.func(&ga) {
+            Ok(fga) => (fga, ga),
+            Err(_) => (f, name),
+        }
+    } else {
+        (f, name)
     };
     let (bm, bn) = cfg.tile();
     let nout = if g.gated { g.n / 2 } else { g.n };
@@ -510,6 +533,9 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     ];
     if cfg.w_by_tma() {
         args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
+    }
+    if name.ends_with(GROUPED_A_SUFFIX) {
+        args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
     }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
@@ -848,6 +874,9 @@ mod tests {
         assert_eq!(tma, [GemmCfg::WgmmaTma, GemmCfg::WgmmaMc]);
         assert_eq!(GemmCfg::from_suffix("wgmma_tma"), Some(GemmCfg::WgmmaTma));
         assert_eq!(GemmCfg::F32.cluster(), 1);
+        // only the pair kernel has a form with A by TMA for grouped input (driver.rs loads it)
+        let ga: Vec<_> = GemmCfg::TENSOR_CORE.into_iter().filter(|c| c.has_grouped_a_form()).collect();
+        assert_eq!(ga, [GemmCfg::WgmmaMc]);
         // every sm_90a-only kernel is a wgmma one, as their names say
         assert!(GemmCfg::TENSOR_CORE.iter().all(|c| c.sm90a_only() == c.suffix().starts_with("wgmma")));
     }

@@ -12,9 +12,14 @@
 //! - gated, interleaved (gate 2i, up 2i+1): dims (K, 2, f, E), rows 2K elements apart.
 //!
 //! Rows past N (or f) and columns past K read as zeros (TMA out-of-bounds fill), as the other
-//! kernels' masked loads do. The map is plain host data (cuTensorMapEncodeTiled touches no device
-//! state), so encoding it per call is safe under CUDA graph capture; it travels as a 128-byte
-//! `__grid_constant__` kernel parameter.
+//! kernels' masked loads do.
+//!
+//! `wgmma_mc_ga` (grouped input) also reads A through a map: X [rows, K] as a W of one expert, dims
+//! (K, rows, 1, 1), the same (64, 128, 1, 1) box, one box per A tile.
+//!
+//! A map is plain host data (cuTensorMapEncodeTiled touches no device state), so encoding it per
+//! call is safe under CUDA graph capture; it travels as a 128-byte `__grid_constant__` kernel
+//! parameter.
 
 use super::driver::{check, CuResult};
 use crate::spec::{ElemType, GluLayout};
@@ -35,11 +40,7 @@ pub fn w_fits(w: CUdeviceptr, kd: usize) -> bool {
 
 /// Encodes the W map (see the module comment). `n` is W's row count per expert (2f when gated).
 pub fn encode_w(w: CUdeviceptr, elem: ElemType, experts: usize, n: usize, kd: usize, gated: bool, layout: GluLayout) -> CuResult<MapBytes> {
-    let dtype = match elem {
-        ElemType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-        ElemType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        ElemType::F32 => return Err("the TMA weight map is for 16-bit weights only".into()),
-    };
+    let dtype = map_type(elem)?;
     if !w_fits(w, kd) {
         return Err(format!("W at {w:#x} with K = {kd} cannot be read through TMA (needs 16-byte alignment, K % 8 == 0)"));
     }
@@ -52,6 +53,29 @@ pub fn encode_w(w: CUdeviceptr, elem: ElemType, experts: usize, n: usize, kd: us
     } else {
         ([kd as u64, f, 2, experts as u64], [row, row * f, row * n as u64], [BOX_K, BOX_ROWS, 1, 1])
     };
+    encode(w, dtype, dims, strides, boxd, &format!("W: E {experts}, N {n}, K {kd}, gated {gated}, {layout:?}"))
+}
+
+/// Encodes the map of X [rows, K] for `wgmma_mc_ga` (see the module comment); same needs as W.
+pub fn encode_rows(x: CUdeviceptr, elem: ElemType, rows: usize, kd: usize) -> CuResult<MapBytes> {
+    let dtype = map_type(elem)?;
+    if !w_fits(x, kd) || rows == 0 {
+        return Err(format!("X at {x:#x} with {rows} rows of K = {kd} cannot be read through TMA (needs 16-byte alignment, K % 8 == 0)"));
+    }
+    let row = (kd * 2) as u64;
+    let all = row * rows as u64;
+    encode(x, dtype, [kd as u64, rows as u64, 1, 1], [row, all, all], [BOX_K, BOX_ROWS, 1, 1], &format!("X: {rows} rows, K {kd}"))
+}
+
+fn map_type(elem: ElemType) -> CuResult<sys::CUtensorMapDataType> {
+    match elem {
+        ElemType::F16 => Ok(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16),
+        ElemType::BF16 => Ok(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
+        ElemType::F32 => Err("TMA maps are for 16-bit tensors only".into()),
+    }
+}
+
+fn encode(ptr: CUdeviceptr, dtype: sys::CUtensorMapDataType, dims: [u64; 4], strides: [u64; 3], boxd: [u32; 4], what: &str) -> CuResult<MapBytes> {
     let elem_strides = [1u32; 4];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     // SAFETY: every array has the rank's length; the map is written by the driver only.
@@ -61,7 +85,7 @@ pub fn encode_w(w: CUdeviceptr, elem: ElemType, experts: usize, n: usize, kd: us
                 &mut map,
                 dtype,
                 4,
-                w as *mut std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),
                 boxd.as_ptr(),
@@ -72,7 +96,7 @@ pub fn encode_w(w: CUdeviceptr, elem: ElemType, experts: usize, n: usize, kd: us
                 sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )
         },
-        &format!("cuTensorMapEncodeTiled(W: E {experts}, N {n}, K {kd}, gated {gated}, {layout:?})"),
+        &format!("cuTensorMapEncodeTiled({what})"),
     )?;
     Ok(map.opaque)
 }

@@ -14,9 +14,13 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
            "32x32": (32, 32, 128, 32768),
            "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024),
-           "wgmma_tma": (128, 256, 384, 4 * 49152 + 1024), "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024)}
-CLUSTER = {"wgmma_mc": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
-TMA_W = ("wgmma_tma", "wgmma_mc")  # kernels reading W through a TMA map (one more parameter)
+           "wgmma_tma": (128, 256, 384, 4 * 49152 + 1024), "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024),
+           "wgmma_mc_ga": (128, 256, 384, 4 * 49152 + 1024)}
+CLUSTER = {"wgmma_mc": 2, "wgmma_mc_ga": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
+TMA_W = ("wgmma_tma", "wgmma_mc", "wgmma_mc_ga")  # W through a TMA map (one more parameter)
+# grouped input only: A through a TMA map too (one more parameter again); the library takes it for
+# every grouped-input GEMM that picks wgmma_mc (src/cuda/forward.rs GemmCfg::has_grouped_a_form)
+GROUPED_A = ("wgmma_mc_ga",)
 # the Hopper kernel choice (src/cuda/forward.rs HOPPER_*): CTA pairs for K >= 8192 above 64 rows per
 # expert and for K >= 4096 from 1024 rows, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
 HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 1024, 4096, 256
@@ -177,7 +181,12 @@ class Kernels:
             BM, BN, threads, smem = F32_CFG
             name = "scattermoe_gemm_f32"
         else:
-            cfg = cfg or self.pick_cfg(n_assign, E, K)
+            if cfg is None:
+                cfg = self.pick_cfg(n_assign, E, K)
+                if cfg == "wgmma_mc" and grouped_in:
+                    cfg += "_ga"
+            if cfg in GROUPED_A and (not grouped_in or K % 8 or X.data_ptr() % 16):
+                cfg = cfg[: -len("_ga")]  # as the library: the _ga kernels take aligned grouped input only
             BM, BN, threads, smem = TC_CFGS[cfg]
             name = f"scattermoe_gemm_{TNAME[dt]}_{cfg}"
         c = CLUSTER.get(cfg, 1) if dt != torch.float32 else 1
@@ -201,6 +210,8 @@ class Kernels:
                 ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit)]
         if tma:
             args.append(self.w_map(W, gated, glu_layout))
+        if cfg in GROUPED_A:
+            args.append(self.rows_map(X, n_assign))
         self.launch(f, (grid,), (threads,), smem, args)
 
     def resident_clusters(self, f, threads, smem, c):
@@ -223,14 +234,23 @@ class Kernels:
             dims, strides, box = (K, 2, f, E), (row, 2 * row, row * N), (64, 1, 128, 1)
         else:
             dims, strides, box = (K, f, 2, E), (row, row * f, row * N), (64, 128, 1, 1)
+        return self._encode(W, dims, strides, box)
+
+    def _encode(self, t, dims, strides, box):
         m = TmaMap()
         u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-        dtype = {torch.float16: 6, torch.bfloat16: 9}[W.dtype]
+        dtype = {torch.float16: 6, torch.bfloat16: 9}[t.dtype]
         _check(self.cu.cuTensorMapEncodeTiled(
-            ctypes.byref(m), ctypes.c_int(dtype), u32(4), ctypes.c_void_p(W.data_ptr()), (u64 * 4)(*dims),
+            ctypes.byref(m), ctypes.c_int(dtype), u32(4), ctypes.c_void_p(t.data_ptr()), (u64 * 4)(*dims),
             (u64 * 3)(*strides), (u32 * 4)(*box), (u32 * 4)(1, 1, 1, 1), ctypes.c_int(0), ctypes.c_int(3),
             ctypes.c_int(3), ctypes.c_int(0)), "cuTensorMapEncodeTiled")
         return m
+
+    def rows_map(self, X, rows):
+        """The TMA map of X [rows, K] wgmma_mc_ga reads A through (src/cuda/tensor_map.rs encode_rows)."""
+        K = X.shape[-1]
+        row = 2 * K
+        return self._encode(X, (K, rows, 1, 1), (row, row * rows, row * rows), (64, 128, 1, 1))
 
     # ------------------------------------------------------------------ combine
     def combine(self, O, pos, w, kept, Y, T, k, d):

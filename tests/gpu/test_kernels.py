@@ -215,7 +215,7 @@ def cfgs_for(dtype):
         return [None]
     c = ["128x128", "32x64", "32x32", "32x64s6"]
     if torch.cuda.get_device_capability()[0] == 9:
-        c += ["wgmma_ws", "wgmma_tma", "wgmma_mc"]
+        c += ["wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga"]  # _ga: grouped input only (else wgmma_mc)
     return c
 
 
