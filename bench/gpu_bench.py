@@ -137,7 +137,7 @@ class Bench:
         torch = self.torch
         m = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, onnx=onnx.__version__,
                  numpy=np.__version__, peak_flops=peak, copy_bw=bw, shapes=SHAPES, sets=self.workload.SETS,
-                 budget_s_per_cell=self.args.budget)
+                 budget_s_per_cell=self.args.budget, settle_s_per_slice=self.args.settle)
         if self.ort is not None:
             m["onnxruntime"] = self.ort.__version__
         try:
@@ -249,7 +249,7 @@ class Bench:
                     self.torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - a sticky CUDA error: the next columns will say so
                     print(f"{st['shape']} T={T}: CUDA error after {key}: {short(e)}", flush=True)
-        times, failed = self.timing.host_ms_interleaved(self._host, self.args.budget)
+        times, failed = self.timing.host_ms_interleaved(self._host, self.args.budget, settle_s=self.args.settle)
         row.update(times)
         for key, e in failed.items():
             row["notes"][key] = short(e)
@@ -566,6 +566,8 @@ def main():
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--peers", default=",".join(PEERS), help="subset of " + ",".join(PEERS))
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per column and cell")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds of untimed calls of a column before each of its timed slices (timing.py)")
     ap.add_argument("--time-limit", type=float, default=360,
                     help="seconds after which no new export starts; every column stops at this + --hard-extra")
     ap.add_argument("--hard-extra", type=float, default=60)

@@ -21,10 +21,12 @@ def cycle(fns):
     return lambda: next(it)()
 
 
-def host_ms_interleaved(named, budget_s=0.3, rounds=5, min_reps=5, max_reps=300, warmup=3):
+def host_ms_interleaved(named, budget_s=0.3, rounds=5, min_reps=5, max_reps=300, warmup=3, settle_s=0.0):
     """named: [(name, fn)]. Every fn gets budget_s of timing in all, in `rounds` slices taken in turn
-    (the order reversed every other round). Returns ({name: median ms}, {name: exception} for those
-    that raised; a failed fn is dropped from the later rounds)."""
+    (the order reversed every other round). With settle_s > 0, each slice is preceded by settle_s
+    seconds of untimed calls of the same fn, so that it is timed at its own steady state rather than
+    in the power and clock state the previous column left. Returns ({name: median ms}, {name:
+    exception} for those that raised; a failed fn is dropped from the later rounds)."""
     samples = {n: [] for n, _ in named}
     failed = {}
 
@@ -45,6 +47,10 @@ def host_ms_interleaved(named, budget_s=0.3, rounds=5, min_reps=5, max_reps=300,
             ts = samples[n]
 
             def timed(fn=fn, ts=ts):
+                end = time.perf_counter() + settle_s
+                while time.perf_counter() < end:
+                    fn()
+                    torch.cuda.synchronize()
                 end = time.perf_counter() + budget_s / rounds
                 start = len(ts)
                 while len(ts) - start < per_round or (len(ts) < max_reps and time.perf_counter() < end):
