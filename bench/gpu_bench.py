@@ -7,7 +7,9 @@ fine = fine-grained (1024, 512, 64, 8); tokens 1, 16, 128, 1024, 4096, 16384.
 Columns, ms per layer forward (medians); "host" = wall time of one call + torch.cuda.synchronize(),
 "graph" = device time of a CUDA-graph replay (peers/timing.py). The host-timed columns of a cell are
 timed together, in turn over five rounds (timing.host_ms_interleaved), so that a drift of the clocks
-during the cell does not favour one column. All use the same weights and the same
+during the cell does not favour one column; each timed slice follows --settle seconds (default 0.3) of
+untimed calls of the same column, so that no column is timed in the power state the previous one left
+(the H200 runs these layers at its power limit). All use the same weights and the same
 inputs; each timed loop cycles over 4 input sets. The router weight is [I_E | 0], and the first E
 features of each token a random permutation of E distinct values, so that routing (softmax, top-k,
 renormalise) is random and identical in every column, whether given or computed (peers/workload.py):
@@ -566,7 +568,7 @@ def main():
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--peers", default=",".join(PEERS), help="subset of " + ",".join(PEERS))
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per column and cell")
-    ap.add_argument("--settle", type=float, default=0.0,
+    ap.add_argument("--settle", type=float, default=0.3,
                     help="seconds of untimed calls of a column before each of its timed slices (timing.py)")
     ap.add_argument("--time-limit", type=float, default=360,
                     help="seconds after which no new export starts; every column stops at this + --hard-extra")

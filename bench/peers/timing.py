@@ -4,7 +4,9 @@ host_ms_interleaved  per column, the median wall time of one call + torch.cuda.s
           cycling over the input sets (what a Python caller waits for: launches, host work, the EP's
           end-of-run sync); the columns of a cell are timed in turn over a few rounds, so that a drift of
           the GPU's clocks (it runs at its power limit) or of the host falls on every column alike
-          instead of on whichever was timed last
+          instead of on whichever was timed last; each slice can follow a settling time of untimed
+          calls of the same column (settle_s), so that it is not timed in the power and clock state
+          the previous column left
 graph_ms  one CUDA graph holding one forward per input set, replayed between CUDA events; median
           replay time / number of sets (device time; launch overhead removed), as tests/gpu/bench_forward.py
 """
