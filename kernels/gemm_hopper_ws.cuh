@@ -291,7 +291,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
     __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
     __shared__ long long row_src[BM + BN];  // producer's per-tile row table
     if (E > SMOE_ROUTING_MAX_E) return;     // (uniform over the grid: no cluster peer is left waiting)
-    if (TMA_A && !grouped_in) __trap();     // the host launches the _ga kernels for grouped input only
+    if (TMA_A && !grouped_in) __trap();     // the host launches wgmma_mc_ga for grouped input only
     // 1024-byte aligned ring (the 128-byte swizzle pattern repeats every 1024 bytes). Stage s holds
     // A (BM rows x 128 bytes) then B (BN rows x 128 bytes). Same offset in both CTAs of a cluster.
     const unsigned raw_s = smem_u32(smem_raw);

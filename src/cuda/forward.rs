@@ -119,7 +119,7 @@ impl GemmCfg {
     }
 
     /// Whether the kernel has a `_ga` form ([`GROUPED_A_SUFFIX`]) for grouped input, with A by TMA as
-    /// well as W: wgmma_mc, 3-5% faster on Mixtral's GEMM2 from 4096 tokens (H200). The same form of
+    /// well as W: wgmma_mc, 2-4% faster on Mixtral's GEMM2 at 4096 tokens (H200). The same form of
     /// wgmma_tma was 7-11% slower where experts have few rows or K is short, because a TMA box always
     /// brings 128 rows (tests/gpu/RESULTS.md, fifth and seventh rounds).
     pub const fn has_grouped_a_form(self) -> bool {
