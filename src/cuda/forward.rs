@@ -488,15 +488,14 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     };
     // Grouped input: A's rows are consecutive, so the pair kernel takes them through TMA as well
     // (wgmma_mc_ga; the producer then issues no cp.async at all).
-    let (f, name) = if cfg.has_grouped_a_form() && g.grouped_in && tensor_map::w_fits(g.x, g.kd) {
-        let ga = format!("{name}{GROUPED_A_SUFFIX}");
-        match dev.func(&ga) {
-            Ok(fga) => (fga, ga),
-            Err(_) => (f, name),
-        }
+    let ga = if cfg.has_grouped_a_form() && g.grouped_in && tensor_map::w_fits(g.x, g.kd) {
+        let ga_name = format!("{name}{GROUPED_A_SUFFIX}");
+        dev.func(&ga_name).ok().map(|fga| (fga, ga_name))
     } else {
-        (f, name)
+        None
     };
+    let grouped_a = ga.is_some();
+    let (f, name) = ga.unwrap_or((f, name));
     let (bm, bn) = cfg.tile();
     let nout = if g.gated { g.n / 2 } else { g.n };
     let bno = if g.gated { bn / 2 } else { bn };
@@ -534,7 +533,7 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     if cfg.w_by_tma() {
         args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
     }
-    if name.ends_with(GROUPED_A_SUFFIX) {
+    if grouped_a {
         args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
     }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
