@@ -66,6 +66,10 @@ sys.path.insert(0, HERE)
 
 from peers import onnx_models, report  # noqa: E402  (numpy + onnx only)
 
+# The inputs of each ORT session: {model input name: key of an input set}.
+SESSION_INPUTS = {"ours": {"x": "x", "rw": "rw", "ri": "ri"}, "ours_router": {"x": "x"},
+                  "ortmoe": {"x": "x", "logits": "logits"}}
+
 SHAPES = {  # name: (d, f, E, k)
     "mixtral": (4096, 14336, 8, 2),
     "qwen3": (2048, 768, 128, 8),
@@ -271,12 +275,16 @@ class Bench:
         assert t.is_contiguous()
         return t.data_ptr(), tuple(t.shape), etype[t.dtype]
 
+    def bind_set(self, sess, s, inputs, output="y", view=None):
+        """IO binding of input set `s` to `sess`: inputs = {model input name: key of s}; the output to s["y"]."""
+        view = view or (lambda t: t)
+        return self.ortlib.bind(sess, {n: self._spec(view(s[src])) for n, src in inputs.items()},
+                                {output: self._spec(view(s["y"]))})
+
     def _ort_column(self, key, sess, sets, ref, row, inputs, output="y", view=None, first=False):
         """Binds every input set, checks set 0 against the reference, host-times the cycle. With first=True
         the check run is the session's first (profiled) run: returns its node placement."""
-        view = view or (lambda t: t)
-        ios = [self.ortlib.bind(sess, {n: self._spec(view(s[src])) for n, src in inputs.items()},
-                                {output: self._spec(view(s["y"]))}) for s in sets]
+        ios = [self.bind_set(sess, s, inputs, output, view) for s in sets]
         sets[0]["y"].fill_(float("nan"))
         self.torch.cuda.synchronize()  # inputs were written on torch's stream; ORT runs on its own
         placement = self.ortlib.first_run(sess, ios[0]) if first else sess.run_with_iobinding(ios[0])
@@ -293,13 +301,13 @@ class Bench:
             print(f"{st['shape']}: {key} node placement {placement}", flush=True)
 
     def col_ours(self, st, T, sets, ref, row):
-        self._session_column(st, "ours/ORT", "ours", sets, ref, row, {"x": "x", "rw": "rw", "ri": "ri"})
+        self._session_column(st, "ours/ORT", "ours", sets, ref, row, SESSION_INPUTS["ours"])
 
     def col_ours_router(self, st, T, sets, ref, row):
-        self._session_column(st, "ours/ORT+router", "ours_router", sets, ref, row, {"x": "x"})
+        self._session_column(st, "ours/ORT+router", "ours_router", sets, ref, row, SESSION_INPUTS["ours_router"])
 
     def col_ortmoe(self, st, T, sets, ref, row):
-        self._session_column(st, "ORT MoE", "ortmoe", sets, ref, row, {"x": "x", "logits": "logits"})
+        self._session_column(st, "ORT MoE", "ortmoe", sets, ref, row, SESSION_INPUTS["ortmoe"])
 
     def col_exported(self, st, T, sets, ref, row):
         ex = st["exporter"]
@@ -357,9 +365,13 @@ class Bench:
     def col_kernels(self, st, T, sets, ref, row):
         K, torch = self.kernels, self.torch
         bufs = [K.alloc_forward(T, st["k"], st["E"], st["d"], st["f"], torch.bfloat16) for _ in sets]
-        fns = [lambda s=s, b=b: K.forward(s["x"], s["rw"], s["ri"], st["w_gu"], st["w_down"], None, None, b,
-                                          act="silu", gated=1, glu_layout="gate_up") for s, b in zip(sets, bufs)]
+        fns = [lambda s=s, b=b: self.kernels_forward(st, s, b) for s, b in zip(sets, bufs)]
         self._torch_column("kernels", fns, ref, row)
+
+    def kernels_forward(self, st, s, bufs):
+        """One layer forward of input set `s` by our kernels alone (buffers from alloc_forward)."""
+        return self.kernels.forward(s["x"], s["rw"], s["ri"], st["w_gu"], st["w_down"], None, None, bufs,
+                                    act="silu", gated=1, glu_layout="gate_up")
 
     # ---------------------------------------------------------------------------------- the run
     def run(self):

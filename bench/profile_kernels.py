@@ -35,17 +35,14 @@ def columns(b, st, T, sets):
     """{column: callable running one forward on input set 0}."""
     torch, s = b.torch, sets[0]
     cols = {}
-    for peer, key, inputs in (("ours", "ours/ORT", {"x": "x", "rw": "rw", "ri": "ri"}),
-                              ("ortmoe", "ORT MoE", {"x": "x", "logits": "logits"})):
+    for peer, key in (("ours", "ours/ORT"), ("ortmoe", "ORT MoE")):
         if peer in b.peers and f"sess_{peer}" in st:
             sess = st[f"sess_{peer}"]
-            io = b.ortlib.bind(sess, {n: b._spec(s[src]) for n, src in inputs.items()}, {"y": b._spec(s["y"])})
+            io = b.bind_set(sess, s, gpu_bench.SESSION_INPUTS[peer])
             cols[key] = lambda sess=sess, io=io: sess.run_with_iobinding(io)
     if "kernels" in b.peers and b.kernels is not None:
-        K = b.kernels
-        bufs = K.alloc_forward(T, st["k"], st["E"], st["d"], st["f"], torch.bfloat16)
-        cols["kernels"] = lambda: K.forward(s["x"], s["rw"], s["ri"], st["w_gu"], st["w_down"], None, None, bufs,
-                                            act="silu", gated=1, glu_layout="gate_up")
+        bufs = b.kernels.alloc_forward(T, st["k"], st["E"], st["d"], st["f"], torch.bfloat16)
+        cols["kernels"] = lambda: b.kernels_forward(st, s, bufs)
     return cols
 
 
