@@ -1,0 +1,223 @@
+//! `ScatterMoE`: a whole expert MLP over scattered tokens.
+
+use super::values::read_enum;
+use super::*;
+
+pub const NAME: &str = "ScatterMoE";
+
+pub const X: usize = 0;
+pub const ROUTING_WEIGHTS: usize = 1;
+pub const ROUTING_INDICES: usize = 2;
+pub const W_IN: usize = 3;
+pub const W_OUT: usize = 4;
+pub const B_IN: usize = 5;
+pub const B_OUT: usize = 6;
+pub const CAPACITY: usize = 7;
+
+pub const INPUTS: [Port; 8] = [
+    port("X", PortType::Float, false, 2),
+    port("routing_weights", PortType::Float, false, 2),
+    port("routing_indices", PortType::Index, false, 2),
+    port("w_in", PortType::Float, false, 3),
+    port("w_out", PortType::Float, false, 3),
+    port("b_in", PortType::Float, true, 2),
+    port("b_out", PortType::Float, true, 2),
+    port("capacity", PortType::Int64, true, 0),
+];
+
+pub const Y: usize = 0;
+pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false, 2)];
+
+pub const ATTR_ACTIVATION: &str = "activation";
+pub const ATTR_GATED: &str = "gated";
+pub const ATTR_GLU_LAYOUT: &str = "glu_layout";
+pub const ATTR_ALPHA: &str = "alpha";
+pub const ATTR_LIMIT: &str = "limit";
+pub const ATTR_CAPACITY_ORDER: &str = "capacity_order";
+
+pub const ATTRS: [AttrDesc; 6] = [
+    AttrDesc { name: ATTR_ACTIVATION, default: AttrDefault::Str(Attrs::DEFAULT.activation.name()) },
+    AttrDesc { name: ATTR_GATED, default: AttrDefault::Int(Attrs::DEFAULT.gated as i64) },
+    AttrDesc { name: ATTR_GLU_LAYOUT, default: AttrDefault::Str(Attrs::DEFAULT.glu_layout.name()) },
+    AttrDesc { name: ATTR_ALPHA, default: AttrDefault::Float(Attrs::DEFAULT.alpha) },
+    AttrDesc { name: ATTR_LIMIT, default: AttrDefault::Float(Attrs::DEFAULT.limit) },
+    AttrDesc { name: ATTR_CAPACITY_ORDER, default: AttrDefault::Str(Attrs::DEFAULT.capacity_order.name()) },
+];
+
+/// The attributes of one `ScatterMoE` node, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attrs {
+    pub activation: Activation,
+    pub gated: bool,
+    pub glu_layout: GluLayout,
+    pub alpha: f32,
+    pub limit: f32,
+    pub capacity_order: CapacityOrder,
+}
+
+impl Default for Attrs {
+    fn default() -> Self {
+        Attrs::DEFAULT
+    }
+}
+
+impl Attrs {
+    /// The value of every absent attribute (also what [`ATTRS`] declares to emitters).
+    pub const DEFAULT: Attrs = Attrs {
+        activation: Activation::Silu,
+        gated: true,
+        glu_layout: GluLayout::GateUp,
+        alpha: 1.702,
+        limit: 7.0,
+        capacity_order: CapacityOrder::SlotMajor,
+    };
+
+    pub fn parse(src: &dyn AttrSource) -> Result<Self, SpecError> {
+        let d = Attrs::default();
+        let activation = read_enum(NAME, src, ATTR_ACTIVATION, d.activation)?;
+        let gated = read_bool(NAME, src, ATTR_GATED, d.gated)?;
+        let glu_layout = read_enum(NAME, src, ATTR_GLU_LAYOUT, d.glu_layout)?;
+        let alpha = src.float(ATTR_ALPHA).unwrap_or(d.alpha);
+        let limit = src.float(ATTR_LIMIT).unwrap_or(d.limit);
+        let capacity_order = read_enum(NAME, src, ATTR_CAPACITY_ORDER, d.capacity_order)?;
+        if activation.gated_only() && !gated {
+            return err(NAME, format!("attribute 'activation' = '{}' needs 'gated' = 1", activation.name()));
+        }
+        if !alpha.is_finite() {
+            return err(NAME, format!("attribute 'alpha' must be finite, got {alpha}"));
+        }
+        if !(limit > 0.0) {
+            return err(NAME, format!("attribute 'limit' must be positive, got {limit}"));
+        }
+        Ok(Attrs { activation, gated, glu_layout, alpha, limit, capacity_order })
+    }
+}
+
+/// The sizes of one call, from its input shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// tokens T (product of X's leading dimensions)
+    pub tokens: Dim,
+    pub k: Dim,
+    pub experts: Dim,
+    pub d: Dim,
+    /// hidden width f of one expert
+    pub f: Dim,
+    pub has_b_in: bool,
+    pub has_b_out: bool,
+    pub has_capacity: bool,
+}
+
+/// Checks input count, element types and shapes (`shapes[i]` is None for an absent input).
+/// Symbolic dimensions are checked only against known ones; at run time all are known.
+pub fn check(
+    attrs: &Attrs,
+    types: InputTypes,
+    shapes: &[Option<&Shape>],
+) -> Result<(ElemType, IndexType, Dims), SpecError> {
+    let op = NAME;
+    let (t, it) = check_inputs(op, &INPUTS, types, shapes)?;
+    let get = |i: usize| shapes.get(i).copied().flatten();
+    let x = get(X).expect("required");
+    let rw = get(ROUTING_WEIGHTS).expect("required");
+    let ri = get(ROUTING_INDICES).expect("required");
+    let w_in = get(W_IN).expect("required");
+    let w_out = get(W_OUT).expect("required");
+
+    check_min_rank(op, "X", x, 2)?;
+    check_min_rank(op, "routing_weights", rw, 2)?;
+    check_min_rank(op, "routing_indices", ri, 2)?;
+    check_rank(op, "w_in", w_in, 3)?;
+    check_rank(op, "w_out", w_out, 3)?;
+
+    if rw.len() != ri.len() || rw.iter().zip(ri.iter()).any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if a != b)) {
+        return err(op, format!(
+            "inputs 'routing_weights' {} and 'routing_indices' {} must have the same shape",
+            fmt_shape(rw),
+            fmt_shape(ri)
+        ));
+    }
+    let tokens = unify(op, leading_product(x), leading_product(ri), || {
+        format!(
+            "input 'X' {} has {} tokens but 'routing_indices' {} has {}; their leading dimensions must hold the same number of tokens",
+            fmt_shape(x), leading_product(x).unwrap(), fmt_shape(ri), leading_product(ri).unwrap()
+        )
+    })?;
+    let k = unify(op, *rw.last().unwrap(), *ri.last().unwrap(), || unreachable!())?;
+    check_positive(op, "routing_indices", ri, ri.len() - 1, "k (last dimension)")?;
+
+    let d = unify(op, *x.last().unwrap(), w_in[2], || {
+        format!("input 'w_in' {} must be [E, n, d] with d = {} (the last dimension of X)", fmt_shape(w_in), x.last().unwrap().unwrap())
+    })?;
+    check_positive(op, "X", x, x.len() - 1, "d (last dimension)")?;
+    let experts = unify(op, w_in[0], w_out[0], || {
+        format!("inputs 'w_in' {} and 'w_out' {} disagree on the number of experts E", fmt_shape(w_in), fmt_shape(w_out))
+    })?;
+    check_positive(op, "w_in", w_in, 0, "E")?;
+    let d = unify(op, d, w_out[1], || {
+        format!("input 'w_out' {} must be [E, d, f] with d = {}", fmt_shape(w_out), d.unwrap())
+    })?;
+    let f = w_out[2];
+    check_positive(op, "w_out", w_out, 2, "f")?;
+    let mult = if attrs.gated { 2 } else { 1 };
+    if let (Some(n), Some(f)) = (w_in[1], f) {
+        if n != mult * f {
+            return err(op, format!(
+                "input 'w_in' {} must be [E, {}, d] for f = {f} ({}), got n = {n}",
+                fmt_shape(w_in),
+                mult * f,
+                if attrs.gated { "gated: gate and up rows" } else { "not gated" }
+            ));
+        }
+    }
+    let f = match (f, w_in[1]) {
+        (Some(f), _) => Some(f),
+        (None, Some(n)) => Some(n / mult),
+        _ => None,
+    };
+    let n = f.map(|f| f * mult);
+
+    let b_in = get(B_IN);
+    if let Some(b) = b_in {
+        check_rank(op, "b_in", b, 2)?;
+        unify(op, b[0], experts, || format!("input 'b_in' {} must be [E, n] with E = {}", fmt_shape(b), experts.unwrap()))?;
+        unify(op, b[1], n, || format!("input 'b_in' {} must be [E, n] with n = {}", fmt_shape(b), n.unwrap()))?;
+    }
+    let b_out = get(B_OUT);
+    if let Some(b) = b_out {
+        check_rank(op, "b_out", b, 2)?;
+        unify(op, b[0], experts, || format!("input 'b_out' {} must be [E, d] with E = {}", fmt_shape(b), experts.unwrap()))?;
+        unify(op, b[1], d, || format!("input 'b_out' {} must be [E, d] with d = {}", fmt_shape(b), d.unwrap()))?;
+    }
+    let cap = get(CAPACITY);
+    if let Some(c) = cap {
+        let count = c.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v));
+        if c.len() > 1 || count.is_some_and(|n| n != 1) {
+            return err(op, format!("input 'capacity' must be a scalar or hold one element, got shape {}", fmt_shape(c)));
+        }
+    }
+    Ok((t, it, Dims {
+        tokens,
+        k,
+        experts,
+        d,
+        f,
+        has_b_in: b_in.is_some(),
+        has_b_out: b_out.is_some(),
+        has_capacity: cap.is_some(),
+    }))
+}
+
+/// Output shape: Y has X's shape. Generic over the dimension type so shape inference can
+/// carry symbolic names through.
+pub fn output_shape<D: Clone>(x: &[D]) -> Vec<D> {
+    x.to_vec()
+}
+
+/// The capacity value, once read: must be >= 0.
+pub fn check_capacity(value: i64) -> Result<usize, SpecError> {
+    if value < 0 {
+        return err(NAME, format!("input 'capacity' must be >= 0, got {value}"));
+    }
+    Ok(value as usize)
+}

@@ -1,0 +1,144 @@
+//! The allowed values of the string attributes (`activation`, `glu_layout`, `capacity_order`),
+//! each declared by one table: a row per value gives the variant, the name a model writes, and
+//! what it means. The enum, its `ALL` list, `name`, `from_name`, and the "supported: ..." list of
+//! the error message all come from that table, so a new value is one new row here (plus what it
+//! computes, wherever the op is implemented: see docs/extending.md).
+
+use super::{err, AttrSource, SpecError};
+
+/// A string attribute's value set, as its table declares it.
+pub trait AllowedValue: Copy + 'static {
+    /// The names a model may write, in table order (the order error messages list them in).
+    const NAMES: &'static [&'static str];
+    fn from_name(s: &str) -> Option<Self>;
+}
+
+/// Declares a value set from its table (see the module comment).
+macro_rules! allowed_values {
+    (
+        $(#[$meta:meta])*
+        pub enum $ty:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $name:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $ty {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $ty {
+            pub const ALL: [$ty; [$($ty::$variant),+].len()] = [$($ty::$variant),+];
+
+            /// The name a model writes for this value.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( $ty::$variant => $name, )+
+                }
+            }
+
+            pub fn from_name(s: &str) -> Option<Self> {
+                Self::ALL.into_iter().find(|a| a.name() == s)
+            }
+        }
+
+        impl AllowedValue for $ty {
+            const NAMES: &'static [&'static str] = &[$($name),+];
+            fn from_name(s: &str) -> Option<Self> {
+                $ty::from_name(s)
+            }
+        }
+    };
+}
+
+allowed_values! {
+    /// Activation applied between the two expert projections.
+    pub enum Activation {
+        /// x * sigmoid(x)
+        Silu = "silu",
+        /// x * Phi(x), the exact (erf) form
+        Gelu = "gelu",
+        /// the tanh approximation of GELU
+        GeluTanh = "gelu_tanh",
+        /// max(x, 0)
+        Relu = "relu",
+        /// GPT-OSS's clamped SwiGLU: g = min(gate, limit), u = clamp(up, -limit, limit),
+        /// h = (u + 1) * g * sigmoid(alpha * g). Gated only.
+        SwigluOai = "swiglu_oai",
+    }
+}
+
+impl Activation {
+    /// Whether the activation is defined only over a gate and an up projection.
+    pub const fn gated_only(self) -> bool {
+        matches!(self, Activation::SwigluOai)
+    }
+}
+
+allowed_values! {
+    /// How the 2f rows of a gated `w_in` hold the gate and the up projection.
+    pub enum GluLayout {
+        /// rows [0, f) gate, rows [f, 2f) up (Mixtral's w1 then w3)
+        GateUp = "gate_up",
+        /// rows [0, f) up, rows [f, 2f) gate
+        UpGate = "up_gate",
+        /// row 2i gate, row 2i+1 up (GPT-OSS)
+        Interleaved = "interleaved",
+    }
+}
+
+impl GluLayout {
+    /// Row of `w_in` (and element of `b_in`) holding gate unit `i` and up unit `i`, for `f` units.
+    #[inline]
+    pub const fn rows(self, i: usize, f: usize) -> (usize, usize) {
+        match self {
+            GluLayout::GateUp => (i, f + i),
+            GluLayout::UpGate => (f + i, i),
+            GluLayout::Interleaved => (2 * i, 2 * i + 1),
+        }
+    }
+}
+
+allowed_values! {
+    /// Which assignments win an expert's capacity when it is oversubscribed.
+    pub enum CapacityOrder {
+        /// all first choices (slot 0) in token order, then all slot-1 choices, ... (GShard, Switch)
+        SlotMajor = "slot_major",
+        /// token 0's choices, then token 1's, ...
+        TokenMajor = "token_major",
+    }
+}
+
+/// Reads a string attribute into its value set; absent means `default`.
+pub(super) fn read_enum<T: AllowedValue>(op: &'static str, src: &dyn AttrSource, name: &str, default: T) -> Result<T, SpecError> {
+    match src.string(name) {
+        None => Ok(default),
+        Some(s) => match T::from_name(&s) {
+            Some(v) => Ok(v),
+            None => err(op, format!("attribute '{name}' has unsupported value '{s}' (supported: {})", T::NAMES.join(", "))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is the single source: names round-trip, and the error list is the name list.
+    fn round_trip<T: AllowedValue + PartialEq + std::fmt::Debug>(all: &[T], name: fn(T) -> &'static str) {
+        assert_eq!(all.len(), T::NAMES.len());
+        for (v, n) in all.iter().zip(T::NAMES) {
+            assert_eq!(name(*v), *n);
+            assert_eq!(T::from_name(n), Some(*v));
+        }
+        assert_eq!(T::from_name("no_such_value"), None);
+    }
+
+    #[test]
+    fn tables_round_trip() {
+        round_trip(&Activation::ALL, Activation::name);
+        round_trip(&GluLayout::ALL, GluLayout::name);
+        round_trip(&CapacityOrder::ALL, CapacityOrder::name);
+        assert_eq!(Activation::NAMES, ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]);
+    }
+}
