@@ -1,3 +1,4 @@
+pub mod cpu;
 pub mod cuda;
 pub mod onnx;
 pub mod ort;

@@ -1,44 +1,23 @@
-//! The CPU implementation of the ops: the oracle every other path is tested against, and the
-//! kernel the ONNX Runtime CPU execution provider runs. Storage in `T`, arithmetic in f32,
-//! matrix products through the `gemm` crate (or, for weights packed once at session creation,
-//! an AVX2 register tile over panels), experts and tokens spread over the caller's thread pool.
+//! What the implementations are checked against.
+//!
+//! - [`oracle64`]: the ops evaluated in float64 straight from docs/op-spec.md, one assignment at a
+//!   time; the CPU kernels are tested against it here (the `*_tests` files).
+//! - The simple reference: [`scatter_moe`], [`parallel_linear`] and [`capacity_mask`] run the f32
+//!   CPU kernels of [`crate::cpu`] on a thread pool of the caller's choice ([`Rayon`], [`Serial`]);
+//!   the GPU, ONNX Runtime and TensorRT tests compare against them.
+//!
+//! The kernels themselves live in [`crate::cpu`]. The module re-exports below keep the paths code
+//! used before the kernels moved there (`reference::panels`, `reference::Element`, ...); new code
+//! names `crate::cpu`.
 
-pub mod activation;
-pub mod element;
-mod experts;
-pub mod gemm;
-pub mod moe;
-pub mod panels;
-pub mod parallel_linear;
-pub mod pool;
-pub mod routing;
-pub mod scratch;
+pub mod oracle64;
 #[cfg(test)]
-mod oracle64;
+mod parallel_linear_tests;
+#[cfg(test)]
+mod scatter_moe_tests;
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
-
-/// Other architectures have no packed path: [`panels::PackedWeights::new`] declines there.
-#[cfg(not(target_arch = "x86_64"))]
-mod avx2 {
-    use super::panels::{Epilogue, OutBlock};
-    pub const NR: usize = 16;
-    pub const MR: usize = 6;
-    pub fn available() -> bool {
-        false
-    }
-    pub unsafe fn tile(_: usize, _: usize, _: *const f32, _: *const f32, _: &mut [[f32; NR]; MR], _: bool, _: bool) {
-        unreachable!("no packed weights without AVX2")
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn finish_tile(_: Epilogue, _: &mut [[f32; NR]; MR], _: usize, _: Option<&[f32; NR]>, _: usize, _: &OutBlock, _: usize, _: usize) {
-        unreachable!("no packed weights without AVX2")
-    }
-}
-
-pub use element::{Element, Indices};
-pub use pool::{Pool, Rayon, Serial};
-pub use scratch::{Scratch, ScratchUser, SharedScratch};
-pub use moe::{capacity_mask, scatter_moe, scatter_moe_with, MoeInputs, MoeSizes, PackedMoe};
-pub use parallel_linear::{parallel_linear, parallel_linear_with, LinearInputs, LinearSizes};
+pub use crate::cpu::{activation, element, gemm, moe, panels, parallel_linear, pool, routing, scratch};
+pub use crate::cpu::{
+    capacity_mask, parallel_linear_with, scatter_moe, scatter_moe_with, Element, Indices, LinearInputs, LinearSizes, MoeInputs,
+    MoeSizes, PackedMoe, Pool, Rayon, Scratch, ScratchUser, Serial, SharedScratch,
+};

@@ -1,7 +1,7 @@
-//! Test-only: the ops evaluated in f64 straight from docs/op-spec.md, one assignment at a time,
-//! sharing no code with the f32 paths but the capacity rule (tested on its own in `routing`).
+//! The ops evaluated in f64 straight from docs/op-spec.md, one assignment at a time, for tests:
+//! it shares no code with the f32 paths but the capacity rule (tested on its own in `cpu::routing`).
 
-use super::routing::capacity_keep;
+use crate::cpu::routing::capacity_keep;
 use crate::spec::{scatter_moe::Attrs, Activation};
 
 fn sigmoid(x: f64) -> f64 {

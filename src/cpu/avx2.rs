@@ -4,15 +4,10 @@
 //! activation does not cost more than the products around it.
 
 use super::activation;
-use super::panels::{Epilogue, OutBlock};
+use super::tile::{Epilogue, OutBlock, MR, NR};
 use crate::spec::Activation;
 use std::arch::x86_64::*;
 
-/// Columns of a panel: two AVX registers of f32.
-pub const NR: usize = 16;
-/// Rows of a register tile: 6 rows x 2 registers = 12 accumulators, plus the two panel registers
-/// and one broadcast, fills the 16 AVX registers without spilling.
-pub const MR: usize = 6;
 
 /// Whether this machine runs the packed path.
 pub fn available() -> bool {

@@ -17,9 +17,10 @@
 //! 0..8 and their up rows in lanes 8..16 (whatever `glu_layout` says), so the epilogue forms the
 //! GLU in registers and the `2f`-wide pre-activation never reaches memory.
 
-use super::avx2::{self, MR, NR};
+use super::avx2;
+use super::tile::{Epilogue, OutBlock, RowTiles, MR, NR};
 use super::element::Element;
-use crate::spec::{scatter_moe::Attrs, GluLayout};
+use crate::spec::GluLayout;
 use std::ops::Range;
 
 /// Inner-dimension block: one panel's block is `KC` lines (16 KiB), half a 32 KiB L1.
@@ -42,67 +43,6 @@ pub enum Columns {
     /// Lanes `l < 8` of panel `p` are the gate rows of hidden units `8p + l`, lanes `8 + l` their
     /// up rows; the rows are found through the layout.
     Glu(GluLayout),
-}
-
-/// What a product makes of its sums (bias added): the epilogue of the register tile.
-#[derive(Clone, Copy)]
-pub enum Epilogue<'a> {
-    /// The sums themselves (a linear layer).
-    Linear,
-    /// `act(a)` lane by lane: a non-gated expert's hidden units.
-    Act(&'a Attrs),
-    /// Lanes 0..8 gate, 8..16 up ([`Columns::Glu`]): 8 hidden units `glu(gate, up)` per panel.
-    Glu(&'a Attrs),
-}
-
-/// The token rows of one expert as the register tile reads them: tiles of [`MR`] rows, each
-/// stored column by column (`MR` values per column, the last tile's unused ones never read), so
-/// a tile broadcasts every row's value of a column from one pointer, and reads its rows as one
-/// sequential stream.
-#[derive(Clone, Copy)]
-pub struct RowTiles<'a> {
-    /// Tile `t` at `t * MR * k`: value (row `i`, column `c`) at `(i / MR) * MR * k + c * MR + i % MR`.
-    pub data: &'a [f32],
-    pub rows: usize,
-    pub k: usize,
-}
-
-impl<'a> RowTiles<'a> {
-    pub fn new(data: &'a [f32], rows: usize, k: usize) -> Self {
-        assert!(data.len() >= rows.div_ceil(MR) * MR * k, "RowTiles: buffer too small");
-        RowTiles { data, rows, k }
-    }
-}
-
-/// Where a product's values go: value (row `i`, column `j`) of the block at
-/// `ptr + (i / MR) * tile + (i % MR) * row + j * col`, which describes both a row-major block
-/// (`row` = its stride, `tile` = MR rows, `col` = 1) and a block of [`RowTiles`] (`row` = 1,
-/// `col` = MR), the layout the next product reads.
-pub struct OutBlock {
-    pub ptr: *mut f32,
-    pub rows: usize,
-    pub cols: usize,
-    pub tile: usize,
-    pub row: usize,
-    pub col: usize,
-}
-
-impl OutBlock {
-    /// `rows` x `cols` at `ptr` in a row-major buffer of row stride `stride`.
-    pub fn rows(ptr: *mut f32, rows: usize, cols: usize, stride: usize) -> Self {
-        OutBlock { ptr, rows, cols, tile: MR * stride, row: stride, col: 1 }
-    }
-
-    /// Columns `c0..c0 + cols` of the rows of a [`RowTiles`] buffer `width` columns wide whose
-    /// first tile is at `tiles`.
-    pub fn tiles(tiles: *mut f32, rows: usize, c0: usize, cols: usize, width: usize) -> Self {
-        OutBlock { ptr: tiles.wrapping_add(c0 * MR), rows, cols, tile: MR * width, row: 1, col: MR }
-    }
-
-    /// Where row `i`'s first value goes.
-    pub(super) fn row_ptr(&self, i: usize) -> *mut f32 {
-        self.ptr.wrapping_add((i / MR) * self.tile + (i % MR) * self.row)
-    }
 }
 
 /// One cache line of a panel: the `NR` weights of one inner index `l`.

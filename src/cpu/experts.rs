@@ -3,8 +3,8 @@
 
 use super::element::{as_f32, Element};
 use super::gemm::{matmul_nt, MatMut, MatRef};
-use super::avx2::MR;
-use super::panels::{Epilogue, OutBlock, PackedWeights, RowTiles};
+use super::panels::PackedWeights;
+use super::tile::{Epilogue, OutBlock, RowTiles, MR};
 use super::pool::Pool;
 use super::routing::Routing;
 use std::ops::Range;
