@@ -298,6 +298,20 @@ pub fn prune(graph: &mut GraphProto) -> (usize, usize) {
     (n0 - graph.node.len(), i0 - graph.initializer.len())
 }
 
+/// Follows `v` back through producers of the given ops (their input 0), e.g. past the Cast and
+/// Identity nodes exporters put between two ops a pattern matches; at most 16 steps, so a cycle
+/// in a malformed graph cannot hang the matcher.
+pub fn strip<'a>(g: &GraphIndex<'a>, v: &'a str, ops: &[&str]) -> &'a str {
+    let mut cur = v;
+    for _ in 0..16 {
+        match g.prod(cur) {
+            Some((_, n)) if ops.contains(&n.op_type.as_str()) && !n.input.is_empty() => cur = &n.input[0],
+            _ => break,
+        }
+    }
+    cur
+}
+
 impl<'g> GraphIndex<'g> {
     /// Element type of a value, inferred from declarations and producers (depth-limited).
     pub fn infer_type(&self, v: &str) -> Option<i32> {

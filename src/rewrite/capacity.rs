@@ -12,9 +12,8 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
-use super::hf_loop::strip;
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, attr_s, make_node, GraphIndex};
+use crate::onnx::graph::{attr_i, attr_ints, attr_s, make_node, strip, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
 

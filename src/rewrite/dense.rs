@@ -88,7 +88,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
 /// The gate `ScatterElements(zeros[P, E], IDX, RW, axis = -1)` with IDX from TopK:
 /// (IDX, RW, k, E), or None when `gate` is no such scatter.
 fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, usize)>, String> {
-    let gv = super::hf_loop::strip(g, gate, &["Cast", "Identity"]);
+    let gv = crate::onnx::graph::strip(g, gate, &["Cast", "Identity"]);
     let Some((_, sc)) = g.prod(gv).filter(|(_, n)| n.op_type == "ScatterElements") else {
         return Ok(None);
     };

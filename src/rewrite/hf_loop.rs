@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
+use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,18 +53,6 @@ struct Step {
 
 fn producer<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
     g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
-
-/// Follows input 0 through the given ops.
-pub(crate) fn strip<'a>(g: &GraphIndex<'a>, v: &'a str, ops: &[&str]) -> &'a str {
-    let mut cur = v;
-    for _ in 0..16 {
-        match g.prod(cur) {
-            Some((_, n)) if ops.contains(&n.op_type.as_str()) && !n.input.is_empty() => cur = &n.input[0],
-            _ => break,
-        }
-    }
-    cur
 }
 
 fn is_zeros(g: &GraphIndex, v: &str) -> bool {

@@ -17,9 +17,8 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
-use super::hf_loop::strip;
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
+use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 
 type R<T> = Result<T, String>;
