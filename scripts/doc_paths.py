@@ -5,8 +5,9 @@
     python3 scripts/doc_paths.py --list    # every citation found, and what it resolved to
     python3 scripts/doc_paths.py --root DIR  # another checkout (the tests use a made-up one)
 
-Scanned: README.md, docs/, bench/, tests/ and python/: markdown in full, code files in their
-comments and docstrings only (a string a test builds at run time is no citation), for paths that
+Scanned: README.md and every folder of the repository (docs/, bench/, tests/, python/, src/,
+kernels/, scripts/, cpp/, plugins/, models/): markdown in full, code files in their comments and
+docstrings only (a string a test builds at run time is no citation), for paths that
 start at a folder of the repository (`bench/results/gpu_bench.md`) and, in markdown, file names in
 backticks or links (`gpu_bench.md`). A path resolves when it exists from the repository root or
 from the citing file's folder (`{a,b}` alternatives each exist, `*` matches something); a bare file
@@ -20,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP = ("src", "docs", "bench", "tests", "scripts", "models", "kernels", "cpp", "plugins", "python")
-SCANNED = ("README.md", "docs", "bench", "tests", "python")
-TEXT = {".md", ".py", ".sh", ".rs", ".toml", ".txt", ".cpp", ".h"}
+SCANNED = ("README.md", "docs", "bench", "tests", "python", "src", "kernels", "scripts", "cpp", "plugins", "models")
+TEXT = {".md", ".py", ".sh", ".rs", ".toml", ".txt", ".cpp", ".h", ".cu", ".cuh"}
 # Result logs are printouts of past runs: the paths in them are the device's, not this tree's.
 SKIP_DIRS = {"results", "__pycache__"}
 EXT = r"(?:md|py|sh|rs|json|log|png|onnx|toml|cu|cuh|cpp|txt|npz|csv)"
@@ -30,7 +31,7 @@ EXTERNAL = {"python/onnxruntime_inference_collection.py"}
 
 # A path from a top-level folder: `bench/results/gpu_bench.md`, `tests/gpu/results/`, `src/spec/`.
 ROOTED = re.compile(r"(?<![\w./$-])((?:%s)/[\w.{},*/-]*)" % "|".join(TOP))
-# In markdown, also a bare file name in backticks or a link target: `gpu_bench.md`, (docs/x.md).
+# In markdown, also a bare file name in backticks or a link target: `gpu_bench.md`, (results.md).
 BARE = re.compile(r"(?:`|\]\()([\w.{},*-]+\.%s)(?:`|\))" % EXT)
 
 
@@ -86,9 +87,9 @@ def files():
 def citations():
     for f in files():
         text = f.read_text(errors="replace")
-        if f.suffix in (".rs", ".cpp", ".h"):
+        if f.suffix in (".rs", ".cpp", ".h", ".cu", ".cuh"):
             text = "\n".join(re.findall(r"//[^\n]*", text))
-        elif f.suffix in (".py", ".sh"):
+        elif f.suffix in (".py", ".sh", ".toml"):
             text = "\n".join(re.findall(r"#[^\n]*", text) + re.findall(r'"""(.*?)"""', text, re.S))
         found = [m.group(1) for m in ROOTED.finditer(text)]
         if f.suffix == ".md":

@@ -55,7 +55,7 @@ CYCLES = {
 
 
 def module_of(path: Path) -> tuple:
-    """src/a/b.rs -> ("a", "b"); src/a/mod.rs and src/a.rs -> ("a",); src/lib.rs -> ()."""
+    """A file's module, from its path under src/: a/b.rs is ("a", "b"), a/mod.rs and a.rs are ("a",), lib.rs is ()."""
     rel = path.relative_to(SRC).with_suffix("")
     parts = list(rel.parts)
     if parts[0] == "bin":
