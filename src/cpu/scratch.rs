@@ -1,7 +1,8 @@
 //! Buffers kept from one call to the next. The intermediate activations of a call with many
 //! tokens take megabytes: allocated fresh every call, they come back from the allocator as new
-//! pages that the call faults in and zeroes one by one, about a tenth of the time of the products
-//! themselves. Calls that reuse a `Scratch` pay that once.
+//! pages that the call faults in and zeroes one by one, a cost that shows next to the products
+//! themselves at large token counts (`bench/cpu_bench.py` measures the layer). Calls that reuse a
+//! `Scratch` pay that once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
