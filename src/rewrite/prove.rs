@@ -243,6 +243,8 @@ struct Feed {
     elem: i32,
     shape: Shape,
     role: Role,
+    /// routing indices from TopK: distinct experts within a row
+    distinct: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -261,9 +263,12 @@ enum Pattern {
     FewExperts,
     EveryExpert,
     Ties,
+    /// one expert in every slot of a row (only where the router need not give distinct experts)
+    Repeated,
 }
 
-const PATTERNS: [Pattern; 5] = [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties];
+const PATTERNS: [Pattern; 6] =
+    [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties, Pattern::Repeated];
 
 /// xorshift64*: reproducible inputs without a dependency.
 struct Rng(u64);
@@ -289,11 +294,14 @@ impl Rng {
     }
 }
 
-/// Routing index rows [rows, k] over `e` experts, distinct within a row, for a pattern.
-fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pattern) -> Vec<i64> {
+/// Routing index rows [rows, k] over `e` experts for a pattern: distinct within a row when the
+/// router guarantees it (TopK), otherwise also with repeats.
+fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pattern, distinct: bool) -> Vec<i64> {
     let mut out = Vec::with_capacity(rows * k);
     for t in 0..rows {
         let pool: Vec<usize> = match p {
+            Pattern::Repeated => vec![rng.below(e); k],
+            Pattern::Random if !distinct => (0..k).map(|_| rng.below(e)).collect(),
             // expert 0 in every row, the rest drawn from the others
             Pattern::OneExpert => std::iter::once(0).chain(draw(rng, (1..e).collect(), k.saturating_sub(1))).collect(),
             // only the last k+1 experts ever chosen: the others get no token
@@ -335,7 +343,7 @@ fn fill(feeds: &[Feed], tokens: usize, p: Pattern, seed: u64, experts: usize) ->
         let vals: Vec<f64> = match f.role {
             Role::RoutingIndices => {
                 let k = slots(&f.shape);
-                routing_rows(&mut rng, n / k, k, experts, p).into_iter().map(|x| x as f64).collect()
+                routing_rows(&mut rng, n / k, k, experts, p, f.distinct).into_iter().map(|x| x as f64).collect()
             }
             Role::RoutingWeights if p == Pattern::Ties => vec![1.0 / last as f64; n],
             Role::RoutingWeights => (0..n).map(|_| 0.05 + 0.95 * rng.unit()).collect(),
@@ -404,12 +412,31 @@ fn first_line(e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// The indices come from TopK's second output (through casts), which never repeats an expert in a row.
+fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
+    let mut v = v;
+    for _ in 0..8 {
+        let Some((_, n)) = g.prod(v) else { return false };
+        match n.op_type.as_str() {
+            "TopK" => return n.output.get(1).map(String::as_str) == Some(v),
+            "ArgMax" | "ArgMin" => return true,
+            "Cast" | "Identity" => v = &n.input[0],
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
     let start = Instant::now();
     let reads = replacement_reads(g, em);
-    let region = region::extract(g, &layer.output, &reads)?;
+    // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
+    // guarantees random indices would not: both models compute them with the router's own nodes
+    let derive: Vec<String> =
+        reads.iter().filter(|v| **v == layer.routing_indices && !routed_by_topk(g, v)).cloned().collect();
+    let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     let tol = tolerance(out_elem);
 
@@ -443,7 +470,8 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
         } else {
             Role::Data
         };
-        feeds.push(Feed { name: v.clone(), elem, shape, role });
+        let distinct = role == Role::RoutingIndices && routed_by_topk(g, v);
+        feeds.push(Feed { name: v.clone(), elem, shape, role, distinct });
     }
     if let Some(f) = feeds.iter().find(|f| f.role == Role::RoutingIndices) {
         let kk = slots(&f.shape);
@@ -484,6 +512,9 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     for &tokens in &TOKENS {
         let mut at_count = false;
         for p in PATTERNS {
+            if p == Pattern::Repeated && !feeds.iter().any(|f| f.role == Role::RoutingIndices && !f.distinct && slots(&f.shape) > 1) {
+                continue;
+            }
             // a traced region can need every expert hit: random patterns get a few draws
             let seeds = if matches!(p, Pattern::Random | Pattern::Ties) { 3 } else { 1 };
             for seed in 0..seeds {
@@ -544,8 +575,16 @@ mod tests {
     fn routing_rows_are_distinct_and_follow_the_pattern() {
         let mut rng = Rng::new(3);
         for p in PATTERNS {
+            if p == Pattern::Repeated && !feeds.iter().any(|f| f.role == Role::RoutingIndices && !f.distinct && slots(&f.shape) > 1) {
+                continue;
+            }
             for (k, e) in [(1, 4), (2, 8), (4, 4), (3, 5)] {
-                let r = routing_rows(&mut rng, 23, k, e, p);
+                if p == Pattern::Repeated {
+                    let r = routing_rows(&mut rng, 23, k, e, p, false);
+                    assert!(r.chunks(k).all(|row| row.iter().all(|&x| x == row[0])));
+                    continue;
+                }
+                let r = routing_rows(&mut rng, 23, k, e, p, true);
                 assert_eq!(r.len(), 23 * k);
                 for row in r.chunks(k) {
                     let s: HashSet<i64> = row.iter().copied().collect();

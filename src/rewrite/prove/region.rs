@@ -33,7 +33,9 @@ fn is_float(t: Option<i32>) -> bool {
 }
 
 /// `replacement_reads`: values of the graph (not initializers) the replacement's nodes read.
-pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String]) -> Result<Region> {
+/// `derive`: those of them both models must compute from the others instead of reading them
+/// (routing indices whose router guarantees something random indices would not).
+pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], derive: &[String]) -> Result<Region> {
     let Some(&out_node) = g.producer.get(output) else { bail!("no node produces '{output}'") };
     // nodes still needed once `output` comes from the replacement
     let mut live = vec![false; g.graph.node.len()];
@@ -71,11 +73,20 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String]) -> Re
         }
     }
 
-    let anchors: HashSet<&str> = replacement_reads.iter().map(String::as_str).collect();
+    let anchors: HashSet<&str> = replacement_reads.iter().map(String::as_str).filter(|v| !derive.iter().any(|d| d == v)).collect();
     let mut shared = BTreeSet::new();
     let mut inputs = BTreeSet::new();
     let mut work: Vec<usize> = removed.iter().copied().collect();
     let mut done_values: HashSet<String> = HashSet::new();
+    for v in derive {
+        let Some(&p) = g.producer.get(v.as_str()) else { bail!("'{v}' has no producer to compute it from") };
+        if derived_from(g, v, &anchors).is_none() {
+            bail!("'{v}' is not computed from the replacement's other inputs within {PULL_BUDGET} nodes");
+        }
+        if !removed.contains(&p) && shared.insert(p) {
+            work.push(p);
+        }
+    }
     while let Some(i) = work.pop() {
         for v in node_inputs_with_subgraphs(g.node(i)) {
             if !done_values.insert(v.to_string()) || g.const_tensor(v).is_some() && g.prod(v).is_none() {
@@ -160,6 +171,11 @@ mod tests {
         ] {
             g.initializer.push(t);
         }
+        let mut wr = crate::onnx::tensor::make_i64("wr", &[4, 3], &[0; 12]);
+        wr.data_type = 1;
+        wr.int64_data.clear();
+        wr.raw_data = vec![0; 48];
+        g.initializer.push(wr);
         let n = |op: &str, name: &str, i: &[&str], o: &[&str]| make_node(op, "", name, i, o);
         g.node.push(n("Reshape", "reshape", &["h", "shape"], &["x"]));
         g.node.push(n("MatMul", "router", &["x", "wr"], &["logits"]));
@@ -179,7 +195,7 @@ mod tests {
         let g = graph();
         let gi = GraphIndex::new(&g, None).unwrap();
         let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
-        let r = extract(&gi, "moe", &reads).unwrap();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
         let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
         // rw2 is computed from rw only: removed with the region (nothing else reads it)
         assert_eq!(names(&r.removed), ["tokens", "scale", "region_a", "region_b", "region_out"]);
@@ -195,7 +211,7 @@ mod tests {
         // if the replacement read the logits, the router would stay live and TopK's outputs would
         // be region inputs computed elsewhere: rw and idx are derived from the logits, so pulled in
         let reads: Vec<String> = ["x", "logits"].iter().map(|s| s.to_string()).collect();
-        let r = extract(&gi, "moe", &reads).unwrap();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
         let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
         assert!(names(&r.removed).contains(&"topk".to_string()), "{:?}", names(&r.removed));
         assert_eq!(r.inputs, ["h", "logits", "x"]);
@@ -208,12 +224,24 @@ mod tests {
         let gi = GraphIndex::new(&g, None).unwrap();
         let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
         // region_a stays live for the graph output 'a', so only region_b and region_out go
-        let r = extract(&gi, "moe", &reads).unwrap();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
         assert!(r.inputs.contains(&"a".to_string()) || r.shared.iter().any(|&i| g.node[i].name == "region_a"));
         let mut g2 = graph();
         g2.output.push(vi("moe"));
         let gi2 = GraphIndex::new(&g2, None).unwrap();
         // 'moe' itself a graph output is fine: its producer is removed and replaced
-        assert!(extract(&gi2, "moe", &reads).is_ok());
+        assert!(extract(&gi2, "moe", &reads, &[]).is_ok());
+    }
+
+    #[test]
+    fn derived_routing_brings_the_router_into_both_models() {
+        let g = graph();
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &["idx".to_string()]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&r.shared), ["router", "topk", "shape_h"]);
+        // rw comes from the router's TopK now, computed in both models
+        assert_eq!(r.inputs, ["h", "x"]);
     }
 }
