@@ -1,4 +1,4 @@
-//! `scattermoe rewrite IN.onnx OUT.onnx [--force] [--report] [--json] [--verify] [--target onnxruntime|tensorrt]`
+//! `scattermoe rewrite IN.onnx OUT.onnx [--force] [--report] [--json] [--verify] [--no-prove] [--target onnxruntime|tensorrt]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,11 @@ enum Cmd {
         /// random inputs and write nothing unless they match
         #[arg(long)]
         verify: bool,
+        /// write candidates without proving each numerically first (by default every candidate
+        /// is run in ONNX Runtime against the nodes it replaces, and left as is on a mismatch;
+        /// with this flag the report says "not proven")
+        #[arg(long)]
+        no_prove: bool,
         /// token counts for --verify (default: 1, a prime, and 16, the generator's traced length)
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 13, 16])]
         lengths: Vec<usize>,
@@ -67,12 +72,20 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Rewrite { input, output, force, report, json, verify, lengths, target } => {
+        Cmd::Rewrite { input, output, force, report, json, verify, no_prove, lengths, target } => {
             if output.exists() && !force {
                 bail!("{} exists; pass --force to overwrite it", output.display());
             }
             if input.canonicalize().ok().is_some_and(|i| output.canonicalize().ok() == Some(i)) {
                 bail!("the output must not be the input file");
+            }
+            if (!no_prove || verify) && scattermoe::ort::runtime::environment().is_err() {
+                let why = scattermoe::ort::runtime::environment().err().map(|e| format!("{e:#}")).unwrap_or_default();
+                bail!(
+                    "every rewrite is proven in ONNX Runtime before it is written, and ONNX Runtime was not found ({why}). \
+                     Install it (`python3 -m pip install onnxruntime`, or set ORT_DYLIB_PATH to libonnxruntime.so), \
+                     or pass --no-prove to write unproven rewrites"
+                );
             }
             let mut model = onnx::load(&input)?;
             let original_proto = if verify { Some(model.proto.clone()) } else { None };
@@ -80,7 +93,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
                 TargetArg::Tensorrt => rewrite::Target::TensorRt,
             };
-            let rep = rewrite::rewrite_for(&mut model, target)?;
+            let rep = rewrite::rewrite_with(&mut model, &rewrite::RewriteOptions { target, prove: !no_prove })?;
             if json {
                 println!("{}", rep.json());
             } else if report {

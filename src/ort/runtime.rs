@@ -9,7 +9,8 @@ static LOADED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// Loads `libonnxruntime` once per process and installs its API for `ort`; returns its path.
 /// The library is found at `ORT_DYLIB_PATH`, else in the project's `.venv` (from the
-/// `onnxruntime` wheel) above the running executable or the current directory.
+/// `onnxruntime` wheel) above the running executable or the current directory, else in the
+/// `onnxruntime` package of the `python3` on PATH.
 pub fn load() -> Result<PathBuf> {
     LOADED
         .get_or_init(|| open(&find_onnxruntime()?).map_err(|e| format!("{e:#}")))
@@ -43,7 +44,31 @@ fn find_onnxruntime() -> Result<PathBuf, String> {
             }
         }
     }
-    Err("ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so, or run scripts/setup-python.sh to create .venv".into())
+    if let Some(p) = python_library() {
+        return Ok(p);
+    }
+    Err("ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so, install the onnxruntime Python package for python3, or run scripts/setup-python.sh to create .venv".into())
+}
+
+/// `capi/libonnxruntime.so.*` of the onnxruntime package the active `python3` imports.
+fn python_library() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime,os;print(os.path.dirname(onnxruntime.__file__))"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("capi");
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|f| f.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+        .collect();
+    libs.sort();
+    libs.pop()
 }
 
 fn venv_library(venv: &Path) -> Option<PathBuf> {

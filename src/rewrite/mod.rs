@@ -7,6 +7,11 @@
 //! [`dense`] (every expert for every token), [`capacity`] (one-hot dispatch/combine einsums),
 //! [`megablocks`] (sort, gather, padded per-expert batched MatMul, un-permute), [`ort_moe`]
 //! (`com.microsoft.MoE`). [`emit`] writes the node and the stacked weights.
+//!
+//! The driver runs every [`rule`] of the registry, keeps one candidate per replaced value, emits
+//! each, and (unless turned off) [`prove`]s it numerically against the nodes it replaces before
+//! anything in the graph changes: a candidate that fails its proof is a rejection, and the graph
+//! keeps its original nodes for it.
 
 pub mod capacity;
 pub mod dense;
@@ -15,11 +20,13 @@ pub mod expr;
 pub mod hf_loop;
 pub mod megablocks;
 pub mod ort_moe;
+pub mod prove;
+pub mod rule;
 pub mod verify;
 
 use std::fmt::Write as _;
 
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 
 use crate::onnx::graph::{prune, GraphIndex};
 use crate::onnx::Model;
@@ -52,6 +59,8 @@ pub struct LayerReport {
     pub elem_type: &'static str,
     pub capacity: Option<i64>,
     pub biases: bool,
+    /// what the numeric proof compared; None when the proof was turned off
+    pub proof: Option<prove::Proof>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -87,6 +96,7 @@ impl Report {
                 if l.biases { " with biases" } else { "" },
                 l.capacity.map_or(String::new(), |c| format!(" capacity={c}")),
             );
+            let _ = writeln!(s, "  {}", l.proof.as_ref().map_or("not proven (proof turned off)".to_string(), prove::Proof::text));
         }
         for r in &self.rejected {
             let _ = writeln!(s, "left as is: {} candidate ending at {}: {}", r.family, r.at, r.reason);
@@ -141,7 +151,7 @@ impl Report {
 }
 
 /// k of a routing index tensor when it comes from TopK with a constant k or ArgMax.
-fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
+pub(crate) fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
     let (_, n) = g.prod(idx)?;
     match n.op_type.as_str() {
         "TopK" => g.const_i64(&n.input[1]).filter(|k| k.len() == 1).map(|k| k[0] as usize),
@@ -150,13 +160,45 @@ fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
     }
 }
 
-/// Rewrites every recognised MoE layer of `model` in place, for ONNX Runtime.
-pub fn rewrite(model: &mut Model) -> Result<Report> {
-    rewrite_for(model, Target::OnnxRuntime)
+/// How to rewrite.
+#[derive(Debug, Clone, Copy)]
+pub struct RewriteOptions {
+    /// the runtime the nodes are written for
+    pub target: Target,
+    /// prove every candidate numerically in ONNX Runtime before it is written (needs ONNX
+    /// Runtime and libscattermoe_ort.so; see [`prove`])
+    pub prove: bool,
 }
 
-/// Rewrites every recognised MoE layer of `model` in place, writing the nodes for `target`.
+impl Default for RewriteOptions {
+    fn default() -> Self {
+        RewriteOptions { target: Target::OnnxRuntime, prove: true }
+    }
+}
+
+/// Rewrites every recognised MoE layer of `model` in place, for ONNX Runtime, each proven.
+pub fn rewrite(model: &mut Model) -> Result<Report> {
+    rewrite_with(model, &RewriteOptions::default())
+}
+
+/// Rewrites every recognised MoE layer of `model` in place, writing the nodes for `target`, each proven.
 pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
+    rewrite_with(model, &RewriteOptions { target, ..Default::default() })
+}
+
+/// Rewrites with the registry's rules.
+pub fn rewrite_with(model: &mut Model, opts: &RewriteOptions) -> Result<Report> {
+    rewrite_with_rules(model, opts, &rule::registry())
+}
+
+/// Rewrites with the given rules (tests give rules of their own).
+pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dyn rule::Rule]) -> Result<Report> {
+    let target = opts.target;
+    if opts.prove {
+        // fail early and clearly when the proof cannot run at all
+        crate::ort::runtime::environment().context("proving rewrites needs ONNX Runtime")?;
+        crate::ort::runtime::plugin_path().context("proving rewrites needs libscattermoe_ort.so")?;
+    }
     let mut report = Report {
         nodes_before: model.graph().node.len(),
         initializers_before: model.graph().initializer.len(),
@@ -167,8 +209,8 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
     g.opset = model.opset("").unwrap_or(17);
 
     let mut layers: Vec<MoeLayer> = Vec::new();
-    for find in [hf_loop::find, dense::find, capacity::find, megablocks::find, ort_moe::find] {
-        let (found, rejected) = find(&g);
+    for r in rules {
+        let (found, rejected) = r.find(&g);
         // a value is replaced once
         for l in found {
             if !layers.iter().any(|x| x.output == l.output) {
@@ -182,8 +224,12 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
     let mut replace: Vec<(String, emit::Emitted)> = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let tag = format!("scattermoe_{i}");
-        match emit::emit(&g, l, &tag, &mut taken, target) {
-            Ok(e) => {
+        let emitted = emit::emit(&g, l, &tag, &mut taken, target).and_then(|e| {
+            let proof = if opts.prove { Some(prove::prove(model, &g, l, &e).map_err(|err| anyhow!("not proven: {err:#}"))?) } else { None };
+            Ok((e, proof))
+        });
+        match emitted {
+            Ok((e, proof)) => {
                 let m = l.mlp();
                 let k = l.k.or_else(|| k_of(&g, &l.routing_indices));
                 let elem = g.infer_type(&l.x).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
@@ -201,6 +247,7 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
                     elem_type: elem,
                     capacity: l.capacity,
                     biases: m.b_in.iter().any(Option::is_some) || m.b_out.is_some(),
+                    proof,
                 });
                 replace.push((l.output.clone(), e));
             }

@@ -1,0 +1,59 @@
+"""Mutation tests of the rewriter (python/scattermoe_testing/mutate.py): single-node mutations of
+the fixtures; every mutant is rewritten to a model that matches it in ONNX Runtime, or left with
+a reason. Zero silent wrong rewrites.
+
+The default run checks a seeded sample (about a minute); the whole set is
+  .venv/bin/python python/scattermoe_testing/mutate.py --shuffle --jsonl run.jsonl
+(docs/rewriter.md gives its last numbers). SCATTERMOE_MUTANTS=N changes the sample size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import pytest
+
+from scattermoe_testing import mutate
+
+pytestmark = pytest.mark.skipif(not mutate.CLI.exists(), reason=f"{mutate.CLI} not built")
+
+SAMPLE = int(os.environ.get("SCATTERMOE_MUTANTS") or 120)
+
+
+def test_a_seeded_sample_of_mutants_has_no_wrong_rewrite(rng):
+    seed = int(rng.integers(2**31))
+    s = mutate.run(sample=SAMPLE, seed=seed, log=None)
+    print({k: v for k, v in s.items() if k != "wrong_cases"})
+    assert s["wrong"] == 0, s["wrong_cases"]
+    # the sample exercised the rewriter: some mutants were rewritten, some left
+    assert s["rewritten-matching"] > 0 and s["left"] > 0, s
+
+
+def _mutant(fixture, where):
+    m = onnx.load(str(mutate.MODELS / f"{fixture}.onnx"))
+    found = [mu for mu in mutate.mutants(fixture, m) if mu.where == where]
+    assert len(found) == 1, [mu.where for mu in mutate.mutants(fixture, m)][:20]
+    return found[0]
+
+
+# mutants that the matchers accept and that are rewritten wrongly without proof (found by the harness)
+KNOWN_HOLES = [
+    # a hand-written loop whose slice of the routing weights is one column off
+    ("loop_where", "/m/Constant_54_output_0[0]-1 (used by ['Slice'])"),
+    # PhiMoE's router scattering its mask along the wrong axis: repeated experts in a row
+    ("phimoe", "ScatterElements /m/router/ScatterElements.axis+1"),
+]
+
+
+@pytest.mark.parametrize("fixture,where", KNOWN_HOLES)
+def test_proof_catches_what_the_matcher_lets_through(fixture, where):
+    mu = _mutant(fixture, where)
+    with tempfile.TemporaryDirectory() as d:
+        rec = mutate.check(mu, Path(d))
+    # without proof: rewritten, and the rewritten model differs from the mutant (the harness sees it)
+    assert rec.get("wrong_without_proof"), rec
+    # with proof: left, with the proof's error as the reason
+    assert rec["outcome"] == "left" and rec["reason"].startswith("not proven"), rec

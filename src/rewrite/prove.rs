@@ -1,0 +1,601 @@
+//! Numeric proof of a candidate before it is written: the region the rewrite removes and its
+//! replacement (the emitted node with its extra nodes and stacked weights) are cut out as two
+//! small models with the same inputs ([`region`]), run in ONNX Runtime (CPU, the replacement
+//! with libscattermoe_ort.so) on random and adversarial inputs at several token counts, and
+//! compared. The matchers prove structure; this proves that the structure they accepted computes
+//! what the region computed, whatever they overlooked. It is independent of the family.
+//!
+//! Routing indices at the boundary are drawn as a router could produce them (distinct experts
+//! per row), including all tokens on one expert, experts with no token, every expert hit, and
+//! ties in the routing weights. Where the region reads router logits instead (com.microsoft.MoE),
+//! the logits are skewed so that one expert or a few take every token.
+
+pub mod region;
+pub mod shape;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::{
+    tensor_shape_proto, type_proto, GraphProto, Message, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
+};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+
+use super::emit::{Emitted, MoeLayer};
+use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
+use crate::onnx::tensor::{external_ref, is_external, ExternalStore};
+use crate::onnx::{Model, PendingTensor};
+use crate::spec;
+use shape::{Dim, Shape};
+
+/// Token counts every candidate is run at: 1 (where traced exports fail), a prime, the fixtures'
+/// traced length, and a larger prime.
+pub const TOKENS: [usize; 4] = [1, 7, 16, 61];
+
+/// What a proof compared.
+#[derive(Debug, Clone)]
+pub struct Proof {
+    /// token counts at which the two models were compared
+    pub tokens: Vec<usize>,
+    /// input cases compared (token count x routing pattern)
+    pub cases: usize,
+    /// max |replacement - region| / max |region| over every case
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+    pub millis: f64,
+}
+
+impl Proof {
+    pub fn text(&self) -> String {
+        let t: Vec<String> = self.tokens.iter().map(usize::to_string).collect();
+        format!(
+            "proven on {} cases at tokens {} (max relative error {:.1e}, tolerance {:.0e}, {:.0} ms)",
+            self.cases,
+            t.join(","),
+            self.max_rel_err,
+            self.tolerance,
+            self.millis
+        )
+    }
+}
+
+/// Relative tolerance of an element type (the project's: f32 1e-4, f16 1e-2, bf16 3e-2).
+pub fn tolerance(elem: i32) -> f64 {
+    match spec::ElemType::from_onnx_code(elem) {
+        Some(spec::ElemType::F16) => 1e-2,
+        Some(spec::ElemType::BF16) => 3e-2,
+        _ => 1e-4,
+    }
+}
+
+/// Values of the graph the replacement's nodes read (not initializers, not its own values).
+fn replacement_reads(g: &GraphIndex, em: &Emitted) -> Vec<String> {
+    let made: HashSet<&str> =
+        em.nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).chain(em.initializers.iter().map(|t| t.name.as_str())).collect();
+    let pending: HashSet<&str> = em.pending.iter().map(|p| p.name.as_str()).collect();
+    let mut out: Vec<String> = Vec::new();
+    for n in &em.nodes {
+        for v in node_inputs_with_subgraphs(n) {
+            if made.contains(v) || pending.contains(v) || (g.const_tensor(v).is_some() && g.prod(v).is_none()) {
+                continue;
+            }
+            if !out.iter().any(|o| o == v) {
+                out.push(v.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A removed-on-drop scratch directory for the two proof models.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch() -> Result<Scratch> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!("scattermoe-prove-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    Ok(Scratch(d))
+}
+
+fn value_info(name: &str, elem: i32, shape: Option<&Shape>) -> ValueInfoProto {
+    let mut tt = type_proto::Tensor::new();
+    tt.elem_type = elem;
+    if let Some(s) = shape {
+        let mut sp = TensorShapeProto::new();
+        for d in s {
+            let mut x = tensor_shape_proto::Dimension::new();
+            if d.t == 0 {
+                x.set_dim_value(d.c);
+            } else {
+                x.set_dim_param(if d.c == 1 { "T".to_string() } else { format!("T_{}", d.c) });
+            }
+            sp.dim.push(x);
+        }
+        tt.shape = Some(sp).into();
+    }
+    let mut t = TypeProto::new();
+    t.value = Some(type_proto::Value::TensorType(tt));
+    let mut vi = ValueInfoProto::new();
+    vi.name = name.to_string();
+    vi.type_ = Some(t).into();
+    vi
+}
+
+/// Initializers the nodes read, as stored (external ones keep their location: the scratch
+/// directory links the model's data files).
+fn initializers_for<'a>(g: &GraphIndex<'a>, nodes: &[NodeProto]) -> Vec<&'a TensorProto> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for n in nodes {
+        for v in node_inputs_with_subgraphs(n) {
+            if let Some(t) = g.initializers.get(v) {
+                if !g.graph_inputs.contains(v) && seen.insert(v.to_string()) {
+                    out.push(*t);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn link_external(dir: &Path, ext: &ExternalStore, inits: &[&TensorProto]) -> Result<()> {
+    for t in inits.iter().filter(|t| is_external(t)) {
+        let r = external_ref(t)?;
+        let at = dir.join(&r.location);
+        if at.exists() {
+            continue;
+        }
+        if let Some(p) = at.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let src = std::fs::canonicalize(ext.base().join(&r.location)).with_context(|| format!("external data of '{}'", t.name))?;
+        std::os::unix::fs::symlink(&src, &at).with_context(|| format!("cannot link {} into {}", src.display(), dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes the pending (stacked) tensors into one data file of the scratch directory.
+fn materialise(dir: &Path, ext: &ExternalStore, pending: &[PendingTensor]) -> Result<Vec<TensorProto>> {
+    use std::io::Write;
+    let name = "scattermoe_proof_stacked.data";
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(name))?);
+    let mut offset = 0usize;
+    let mut out = Vec::new();
+    for p in pending {
+        let mut len = 0usize;
+        (p.produce)(ext, &mut |b: &[u8]| {
+            len += b.len();
+            f.write_all(b)?;
+            Ok(())
+        })?;
+        if len != p.byte_len() {
+            bail!("stacked tensor '{}' produced {len} bytes, expected {}", p.name, p.byte_len());
+        }
+        let mut t = TensorProto::new();
+        t.name = p.name.clone();
+        t.data_type = p.data_type;
+        t.dims = p.dims.clone();
+        t.data_location = DataLocation::EXTERNAL.into();
+        for (k, v) in [("location", name.to_string()), ("offset", offset.to_string()), ("length", len.to_string())] {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            t.external_data.push(e);
+        }
+        out.push(t);
+        offset += len;
+    }
+    f.flush()?;
+    Ok(out)
+}
+
+struct Side {
+    path: PathBuf,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_side(
+    dir: &Path,
+    file: &str,
+    base: &ModelProto,
+    nodes: Vec<NodeProto>,
+    mut inits: Vec<TensorProto>,
+    inputs: &[ValueInfoProto],
+    output: ValueInfoProto,
+    extra_opset: bool,
+) -> Result<Side> {
+    let mut m = ModelProto::new();
+    m.ir_version = base.ir_version;
+    m.opset_import = base.opset_import.clone();
+    if extra_opset && !m.opset_import.iter().any(|o| o.domain == spec::DOMAIN) {
+        let mut o = onnx_protobuf::OperatorSetIdProto::new();
+        o.domain = spec::DOMAIN.into();
+        o.version = spec::OPSET_VERSION;
+        m.opset_import.push(o);
+    }
+    let mut g = GraphProto::new();
+    g.name = "proof".into();
+    g.node = nodes;
+    g.initializer.append(&mut inits);
+    g.input = inputs.to_vec();
+    g.output.push(output);
+    m.graph = Some(g).into();
+    let path = dir.join(file);
+    std::fs::write(&path, m.write_to_bytes()?)?;
+    Ok(Side { path })
+}
+
+/// One boundary input and how to fill it.
+struct Feed {
+    name: String,
+    elem: i32,
+    shape: Shape,
+    role: Role,
+    /// routing indices from TopK: distinct experts within a row
+    distinct: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    RoutingIndices,
+    RoutingWeights,
+    /// router logits over the experts (last axis = E) read by a region that routes itself
+    Logits,
+    Data,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pattern {
+    Random,
+    OneExpert,
+    FewExperts,
+    EveryExpert,
+    Ties,
+    /// one expert in every slot of a row (only where the router need not give distinct experts)
+    Repeated,
+}
+
+const PATTERNS: [Pattern; 6] =
+    [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties, Pattern::Repeated];
+
+/// xorshift64*: reproducible inputs without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.unit().max(1e-12), self.unit());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Routing index rows [rows, k] over `e` experts for a pattern: distinct within a row when the
+/// router guarantees it (TopK), otherwise also with repeats.
+fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pattern, distinct: bool) -> Vec<i64> {
+    let mut out = Vec::with_capacity(rows * k);
+    for t in 0..rows {
+        let pool: Vec<usize> = match p {
+            Pattern::Repeated => vec![rng.below(e); k],
+            Pattern::Random if !distinct => (0..k).map(|_| rng.below(e)).collect(),
+            // expert 0 in every row, the rest drawn from the others
+            Pattern::OneExpert => std::iter::once(0).chain(draw(rng, (1..e).collect(), k.saturating_sub(1))).collect(),
+            // only the last k+1 experts ever chosen: the others get no token
+            Pattern::FewExperts => draw(rng, (e.saturating_sub(k + 1)..e).collect(), k),
+            // consecutive experts round the table: every expert hit once rows * k >= e
+            Pattern::EveryExpert => (0..k).map(|j| (t * k + j) % e).collect(),
+            Pattern::Random | Pattern::Ties => draw(rng, (0..e).collect(), k),
+        };
+        out.extend(pool.iter().map(|&x| x as i64));
+    }
+    out
+}
+
+fn draw(rng: &mut Rng, mut pool: Vec<usize>, k: usize) -> Vec<usize> {
+    let k = k.min(pool.len());
+    for i in 0..k {
+        let j = i + rng.below(pool.len() - i);
+        pool.swap(i, j);
+    }
+    pool.truncate(k);
+    pool
+}
+
+/// k of routing indices: the last axis of [.., T, k]; 1 for [T].
+fn slots(s: &Shape) -> usize {
+    match s.last() {
+        Some(d) if s.len() >= 2 && d.t == 0 => d.c.max(1) as usize,
+        _ => 1,
+    }
+}
+
+fn fill(feeds: &[Feed], tokens: usize, p: Pattern, seed: u64, experts: usize) -> Result<Vec<(String, DynValue)>> {
+    let mut rng = Rng::new(seed ^ ((tokens as u64) << 20) ^ ((p as u64) << 40));
+    let mut out = Vec::new();
+    for f in feeds {
+        let shape: Vec<usize> = f.shape.iter().map(|d| d.at(tokens)).collect();
+        let n: usize = shape.iter().product();
+        let last = shape.last().copied().unwrap_or(1).max(1);
+        let vals: Vec<f64> = match f.role {
+            Role::RoutingIndices => {
+                let k = slots(&f.shape);
+                routing_rows(&mut rng, n / k, k, experts, p, f.distinct).into_iter().map(|x| x as f64).collect()
+            }
+            Role::RoutingWeights if p == Pattern::Ties => vec![1.0 / last as f64; n],
+            Role::RoutingWeights => (0..n).map(|_| 0.05 + 0.95 * rng.unit()).collect(),
+            Role::Logits => {
+                let mut v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
+                let e = last;
+                for (i, x) in v.iter_mut().enumerate() {
+                    let col = i % e;
+                    *x += match p {
+                        Pattern::OneExpert if col == 0 => 12.0,
+                        Pattern::FewExperts if col + 3 >= e => 12.0,
+                        _ => 0.0,
+                    };
+                }
+                v
+            }
+            Role::Data => (0..n).map(|_| rng.normal() as f64).collect(),
+        };
+        let v: DynValue = match f.elem {
+            1 => Tensor::from_array((shape, vals.iter().map(|&x| x as f32).collect::<Vec<f32>>()))?.into_dyn(),
+            11 => Tensor::from_array((shape, vals))?.into_dyn(),
+            10 => Tensor::from_array((shape, vals.iter().map(|&x| half::f16::from_f64(x)).collect::<Vec<_>>()))?.into_dyn(),
+            16 => Tensor::from_array((shape, vals.iter().map(|&x| half::bf16::from_f64(x)).collect::<Vec<_>>()))?.into_dyn(),
+            7 if f.role == Role::RoutingIndices => Tensor::from_array((shape, vals.iter().map(|&x| x as i64).collect::<Vec<i64>>()))?.into_dyn(),
+            6 if f.role == Role::RoutingIndices => Tensor::from_array((shape, vals.iter().map(|&x| x as i32).collect::<Vec<i32>>()))?.into_dyn(),
+            7 => Tensor::from_array((shape, vec![0i64; n]))?.into_dyn(),
+            6 => Tensor::from_array((shape, vec![0i32; n]))?.into_dyn(),
+            9 => Tensor::from_array((shape, vec![false; n]))?.into_dyn(),
+            other => bail!("boundary value '{}' has element type {}, which the proof cannot fill", f.name, spec::onnx_type_name(other)),
+        };
+        out.push((f.name.clone(), v));
+    }
+    Ok(out)
+}
+
+fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
+    if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
+        return Ok(d.iter().map(|&x| x as f64).collect());
+    }
+    if let Ok((_, d)) = v.try_extract_tensor::<f64>() {
+        return Ok(d.to_vec());
+    }
+    if let Ok((_, d)) = v.try_extract_tensor::<half::f16>() {
+        return Ok(d.iter().map(|x| x.to_f64()).collect());
+    }
+    if let Ok((_, d)) = v.try_extract_tensor::<half::bf16>() {
+        return Ok(d.iter().map(|x| x.to_f64()).collect());
+    }
+    bail!("the output has an element type the proof cannot read")
+}
+
+fn run(s: &mut Session, inputs: Vec<(String, DynValue)>) -> Result<(Vec<i64>, Vec<f64>)> {
+    let outs = s.run(inputs)?;
+    let v = &outs[0];
+    let shape = v.shape().to_vec();
+    Ok((shape, to_f64(v)?))
+}
+
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let s = s.lines().next().unwrap_or("").to_string();
+    if s.len() > 200 {
+        format!("{}...", &s[..200])
+    } else {
+        s
+    }
+}
+
+/// The indices come from TopK's second output (through casts), which never repeats an expert in a row.
+fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
+    let mut v = v;
+    for _ in 0..8 {
+        let Some((_, n)) = g.prod(v) else { return false };
+        match n.op_type.as_str() {
+            "TopK" => return n.output.get(1).map(String::as_str) == Some(v),
+            "ArgMax" | "ArgMin" => return true,
+            "Cast" | "Identity" => v = &n.input[0],
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
+/// replaces computed. An `Err` is the reason the candidate must be left as it is.
+pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
+    let start = Instant::now();
+    let reads = replacement_reads(g, em);
+    // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
+    // guarantees random indices would not: both models compute them with the router's own nodes
+    let derive: Vec<String> =
+        reads.iter().filter(|v| **v == layer.routing_indices && !routed_by_topk(g, v)).cloned().collect();
+    let region = region::extract(g, &layer.output, &reads, &derive)?;
+    let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
+    let tol = tolerance(out_elem);
+
+    // the boundary inputs, their shapes, and what they mean
+    let mut feeds = Vec::new();
+    let k = layer.k.or_else(|| super::k_of(g, &layer.routing_indices));
+    for v in &region.inputs {
+        let elem = g.infer_type(v).ok_or_else(|| anyhow!("cannot tell the element type of boundary value '{v}'"))?;
+        let shape = shape::shape_of(g, v)
+            .or_else(|| {
+                // the op's own contract for its inputs when the producers do not tell
+                if *v == layer.x {
+                    Some(vec![Dim::TOKENS, Dim::fixed(layer.mlp().d as i64)])
+                } else if *v == layer.routing_weights || *v == layer.routing_indices {
+                    k.map(|k| vec![Dim::TOKENS, Dim::fixed(k as i64)])
+                } else {
+                    None
+                }
+            })
+            .ok_or_else(|| anyhow!("cannot tell the shape of boundary value '{v}'"))?;
+        if shape.iter().filter(|d| d.t == 1).count() > 1 {
+            bail!("boundary value '{v}' has more than one token axis");
+        }
+        let experts = layer.experts.len() as i64;
+        let role = if *v == layer.routing_indices && matches!(elem, 6 | 7) {
+            Role::RoutingIndices
+        } else if *v == layer.routing_weights {
+            Role::RoutingWeights
+        } else if *v != layer.x && matches!(elem, 1 | 10 | 16 | 11) && shape.len() >= 2 && shape.last() == Some(&Dim::fixed(experts)) && experts > 1 {
+            Role::Logits
+        } else {
+            Role::Data
+        };
+        let distinct = role == Role::RoutingIndices && routed_by_topk(g, v);
+        feeds.push(Feed { name: v.clone(), elem, shape, role, distinct });
+    }
+    if let Some(f) = feeds.iter().find(|f| f.role == Role::RoutingIndices) {
+        let kk = slots(&f.shape);
+        if kk > layer.experts.len() {
+            bail!("routing indices '{}' have k = {kk} of {} experts", f.name, layer.experts.len());
+        }
+    }
+
+    // the two models
+    let dir = scratch()?;
+    let shared: Vec<NodeProto> = region.shared.iter().map(|&i| g.node(i).clone()).collect();
+    let mut orig_nodes = shared.clone();
+    orig_nodes.extend(region.removed.iter().map(|&i| g.node(i).clone()));
+    let mut repl_nodes = shared;
+    repl_nodes.extend(em.nodes.iter().cloned());
+    let inputs: Vec<ValueInfoProto> = feeds.iter().map(|f| value_info(&f.name, f.elem, Some(&f.shape))).collect();
+    let output = value_info(&layer.output, out_elem, None);
+
+    let orig_inits = initializers_for(g, &orig_nodes);
+    let mut repl_inits = initializers_for(g, &repl_nodes);
+    let emitted: HashSet<&str> = em.initializers.iter().map(|t| t.name.as_str()).chain(em.pending.iter().map(|p| p.name.as_str())).collect();
+    repl_inits.retain(|t| !emitted.contains(t.name.as_str()));
+    link_external(&dir.0, &model.ext, &orig_inits)?;
+    link_external(&dir.0, &model.ext, &repl_inits)?;
+    let mut repl_all: Vec<TensorProto> = repl_inits.into_iter().cloned().collect();
+    repl_all.extend(em.initializers.iter().cloned());
+    repl_all.extend(materialise(&dir.0, &model.ext, &em.pending)?);
+    let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, output.clone(), false)?;
+    let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output, true)?;
+    let mut so = super::verify::session(&orig_side.path).context("the region cut out of the graph")?;
+    let mut sr = super::verify::session(&repl_side.path).context("the replacement")?;
+
+    let experts = layer.experts.len();
+    let mut compared = Vec::new();
+    let mut cases = 0usize;
+    let mut worst = 0f64;
+    let mut original_failures = Vec::new();
+    for &tokens in &TOKENS {
+        let mut at_count = false;
+        for p in PATTERNS {
+            if p == Pattern::Repeated && !feeds.iter().any(|f| f.role == Role::RoutingIndices && !f.distinct && slots(&f.shape) > 1) {
+                continue;
+            }
+            // a traced region can need every expert hit: random patterns get a few draws
+            let seeds = if matches!(p, Pattern::Random | Pattern::Ties) { 3 } else { 1 };
+            for seed in 0..seeds {
+                let a = match run(&mut so, fill(&feeds, tokens, p, seed, experts)?) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        original_failures.push(format!("tokens {tokens} {p:?}: {}", first_line(&e)));
+                        continue;
+                    }
+                };
+                let b = run(&mut sr, fill(&feeds, tokens, p, seed, experts)?)
+                    .map_err(|e| anyhow!("at {tokens} tokens ({p:?} routing) the replacement fails where the region runs: {}", first_line(&e)))?;
+                if a.0 != b.0 {
+                    bail!("at {tokens} tokens ({p:?} routing) the replacement's output has shape {:?}, the region's {:?}", b.0, a.0);
+                }
+                let mut num = 0f64;
+                let mut den = 0f64;
+                for (x, y) in b.1.iter().zip(&a.1) {
+                    if x.is_nan() != y.is_nan() {
+                        bail!("at {tokens} tokens ({p:?} routing) one side gives NaN where the other gives a number");
+                    }
+                    if x.is_finite() && y.is_finite() {
+                        num = num.max((x - y).abs());
+                        den = den.max(y.abs());
+                    } else if x != y && !(x.is_nan() && y.is_nan()) {
+                        bail!("at {tokens} tokens ({p:?} routing) the outputs differ in an infinite value");
+                    }
+                }
+                let rel = if den > 0.0 { num / den } else { num };
+                if rel > tol {
+                    bail!("at {tokens} tokens ({p:?} routing) the replacement differs from the region: max relative error {rel:.3e} > {tol:.0e}");
+                }
+                worst = worst.max(rel);
+                cases += 1;
+                at_count = true;
+                break;
+            }
+        }
+        if at_count {
+            compared.push(tokens);
+        }
+    }
+    if compared.is_empty() {
+        bail!(
+            "the region cut out of the graph ran at none of the token counts {:?}, so nothing was compared (first error: {})",
+            TOKENS,
+            original_failures.first().map(String::as_str).unwrap_or("none")
+        );
+    }
+    Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_rows_are_distinct_and_follow_the_pattern() {
+        let mut rng = Rng::new(3);
+        for p in PATTERNS {
+            for (k, e) in [(1, 4), (2, 8), (4, 4), (3, 5)] {
+                if p == Pattern::Repeated {
+                    let r = routing_rows(&mut rng, 23, k, e, p, false);
+                    assert!(r.chunks(k).all(|row| row.iter().all(|&x| x == row[0])));
+                    continue;
+                }
+                let r = routing_rows(&mut rng, 23, k, e, p, true);
+                assert_eq!(r.len(), 23 * k);
+                for row in r.chunks(k) {
+                    let s: HashSet<i64> = row.iter().copied().collect();
+                    assert_eq!(s.len(), k, "{p:?} k={k} e={e}: {row:?}");
+                    assert!(row.iter().all(|&x| (0..e as i64).contains(&x)));
+                }
+                let used: HashSet<i64> = r.iter().copied().collect();
+                match p {
+                    Pattern::OneExpert => assert!(r.chunks(k).all(|row| row.contains(&0))),
+                    Pattern::FewExperts => assert!(used.len() <= k + 1),
+                    Pattern::EveryExpert => assert_eq!(used.len(), e),
+                    _ => {}
+                }
+            }
+        }
+    }
+}

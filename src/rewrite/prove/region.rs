@@ -1,0 +1,247 @@
+//! The region a candidate replaces, and the boundary both sides of the proof read.
+//!
+//! The region is exactly what the rewrite removes: the nodes that computed the candidate's output
+//! and that nothing else needs once the replacement produces it. Its boundary is every value those
+//! nodes read from outside. Both proof models must be functions of the same boundary, so values
+//! the region reads that the replacement does not (shape chains such as `Shape(X) -> Gather`,
+//! constants, small computations on the replacement's own inputs) are pulled in as nodes both
+//! models compute; the remaining boundary values (the replacement's inputs, graph inputs, and
+//! values that cannot be derived from them nearby) become the proof models' inputs.
+
+use std::collections::{BTreeSet, HashSet};
+
+use anyhow::{bail, Result};
+
+use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
+
+/// Most nodes pulled in beside the region (a shape chain is a handful; more means the boundary
+/// value comes from far away, and it is fed as an input instead).
+const PULL_BUDGET: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// nodes the rewrite removes, in topological order
+    pub removed: Vec<usize>,
+    /// live nodes both proof models compute, in topological order
+    pub shared: Vec<usize>,
+    /// values both proof models read as inputs, sorted
+    pub inputs: Vec<String>,
+}
+
+fn is_float(t: Option<i32>) -> bool {
+    matches!(t, Some(1) | Some(10) | Some(16) | Some(11))
+}
+
+/// `replacement_reads`: values of the graph (not initializers) the replacement's nodes read.
+/// `derive`: those of them both models must compute from the others instead of reading them
+/// (routing indices whose router guarantees something random indices would not).
+pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], derive: &[String]) -> Result<Region> {
+    let Some(&out_node) = g.producer.get(output) else { bail!("no node produces '{output}'") };
+    // nodes still needed once `output` comes from the replacement
+    let mut live = vec![false; g.graph.node.len()];
+    let mut stack: Vec<&str> = g.graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v.to_string()) {
+            continue;
+        }
+        if v == output {
+            stack.extend(replacement_reads.iter().map(String::as_str));
+            continue;
+        }
+        if let Some(&p) = g.producer.get(v) {
+            if !live[p] {
+                live[p] = true;
+                stack.extend(node_inputs_with_subgraphs(g.node(p)));
+            }
+        }
+    }
+    if live[out_node] {
+        bail!("the node producing '{output}' is still needed for its other outputs");
+    }
+    // the cone of `output` minus what stays live
+    let mut removed = BTreeSet::new();
+    let mut stack = vec![out_node];
+    while let Some(i) = stack.pop() {
+        if live[i] || !removed.insert(i) {
+            continue;
+        }
+        for v in node_inputs_with_subgraphs(g.node(i)) {
+            if let Some(&p) = g.producer.get(v) {
+                stack.push(p);
+            }
+        }
+    }
+
+    let anchors: HashSet<&str> = replacement_reads.iter().map(String::as_str).filter(|v| !derive.iter().any(|d| d == v)).collect();
+    let mut shared = BTreeSet::new();
+    let mut inputs = BTreeSet::new();
+    let mut work: Vec<usize> = removed.iter().copied().collect();
+    let mut done_values: HashSet<String> = HashSet::new();
+    for v in derive {
+        let Some(&p) = g.producer.get(v.as_str()) else { bail!("'{v}' has no producer to compute it from") };
+        if derived_from(g, v, &anchors).is_none() {
+            bail!("'{v}' is not computed from the replacement's other inputs within {PULL_BUDGET} nodes");
+        }
+        if !removed.contains(&p) && shared.insert(p) {
+            work.push(p);
+        }
+    }
+    while let Some(i) = work.pop() {
+        for v in node_inputs_with_subgraphs(g.node(i)) {
+            if !done_values.insert(v.to_string()) || g.const_tensor(v).is_some() && g.prod(v).is_none() {
+                continue;
+            }
+            let Some(&p) = g.producer.get(v) else {
+                // a graph input (an initializer that is also a graph input can be overridden)
+                inputs.insert(v.to_string());
+                continue;
+            };
+            if removed.contains(&p) || shared.contains(&p) {
+                continue;
+            }
+            if anchors.contains(v) {
+                inputs.insert(v.to_string());
+                continue;
+            }
+            let pull = g.node(p).op_type == "Constant"
+                || !is_float(g.infer_type(v))
+                || derived_from(g, v, &anchors).is_some_and(|n| n + shared.len() <= PULL_BUDGET);
+            if pull {
+                if shared.len() >= PULL_BUDGET {
+                    bail!("the region reads '{v}', whose computation is more than {PULL_BUDGET} nodes away from the replacement's inputs");
+                }
+                shared.insert(p);
+                work.push(p);
+            } else {
+                inputs.insert(v.to_string());
+            }
+        }
+    }
+    let order = |s: BTreeSet<usize>| {
+        let mut v: Vec<usize> = s.into_iter().collect();
+        v.sort_by_key(|&i| g.topo_pos[i]);
+        v
+    };
+    Ok(Region { removed: order(removed), shared: order(shared), inputs: inputs.into_iter().collect() })
+}
+
+/// Node count of `v`'s computation when it depends only on `anchors` and constants within the
+/// budget (so both proof models can compute it from their inputs); None otherwise.
+fn derived_from(g: &GraphIndex, v: &str, anchors: &HashSet<&str>) -> Option<usize> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        if anchors.contains(v) || (g.const_tensor(v).is_some() && g.prod(v).is_none()) {
+            continue;
+        }
+        let &p = g.producer.get(v)?;
+        if seen.insert(p) {
+            if seen.len() > PULL_BUDGET {
+                return None;
+            }
+            stack.extend(node_inputs_with_subgraphs(g.node(p)));
+        }
+    }
+    Some(seen.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::make_node;
+    use onnx_protobuf::{GraphProto, ValueInfoProto};
+
+    fn vi(name: &str) -> ValueInfoProto {
+        let mut v = ValueInfoProto::new();
+        v.name = name.into();
+        v
+    }
+
+    /// h -> Reshape -> x; router x -> logits -> TopK -> (rw, idx); the MoE region reads x, rw,
+    /// idx and Shape(h); the result is reshaped back with Shape(h), which stays live.
+    fn graph() -> GraphProto {
+        let mut g = GraphProto::new();
+        g.input.push(vi("h"));
+        g.output.push(vi("y"));
+        for t in [
+            crate::onnx::tensor::make_i64("shape", &[2], &[-1, 4]),
+            crate::onnx::tensor::make_i64("k", &[1], &[2]),
+            crate::onnx::tensor::make_i64("zero", &[1], &[0]),
+        ] {
+            g.initializer.push(t);
+        }
+        let mut wr = crate::onnx::tensor::make_i64("wr", &[4, 3], &[0; 12]);
+        wr.data_type = 1;
+        wr.int64_data.clear();
+        wr.raw_data = vec![0; 48];
+        g.initializer.push(wr);
+        let n = |op: &str, name: &str, i: &[&str], o: &[&str]| make_node(op, "", name, i, o);
+        g.node.push(n("Reshape", "reshape", &["h", "shape"], &["x"]));
+        g.node.push(n("MatMul", "router", &["x", "wr"], &["logits"]));
+        g.node.push(n("TopK", "topk", &["logits", "k"], &["rw", "idx"]));
+        g.node.push(n("Shape", "shape_h", &["h"], &["hs"]));
+        g.node.push(n("Gather", "tokens", &["hs", "zero"], &["t"]));
+        g.node.push(n("Mul", "scale", &["rw", "rw"], &["rw2"]));
+        g.node.push(n("Expand", "region_a", &["x", "t"], &["a"]));
+        g.node.push(n("Mul", "region_b", &["a", "rw2"], &["b"]));
+        g.node.push(n("Add", "region_out", &["b", "idx"], &["moe"]));
+        g.node.push(n("Reshape", "back", &["moe", "hs"], &["y"]));
+        g
+    }
+
+    #[test]
+    fn removed_nodes_shared_shape_chain_and_boundary() {
+        let g = graph();
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        // rw2 is computed from rw only: removed with the region (nothing else reads it)
+        assert_eq!(names(&r.removed), ["tokens", "scale", "region_a", "region_b", "region_out"]);
+        // Shape(h) stays live (the reshape back reads it) and is a shape chain: both models compute it
+        assert_eq!(names(&r.shared), ["shape_h"]);
+        assert_eq!(r.inputs, ["h", "idx", "rw", "x"]);
+    }
+
+    #[test]
+    fn a_value_the_replacement_reads_is_never_pulled_in() {
+        let g = graph();
+        let gi = GraphIndex::new(&g, None).unwrap();
+        // if the replacement read the logits, the router would stay live and TopK's outputs would
+        // be region inputs computed elsewhere: rw and idx are derived from the logits, so pulled in
+        let reads: Vec<String> = ["x", "logits"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        assert!(names(&r.removed).contains(&"topk".to_string()), "{:?}", names(&r.removed));
+        assert_eq!(r.inputs, ["h", "logits", "x"]);
+    }
+
+    #[test]
+    fn the_producer_kept_for_another_output_is_an_error() {
+        let mut g = graph();
+        g.output.push(vi("a"));
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
+        // region_a stays live for the graph output 'a', so only region_b and region_out go
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
+        assert!(r.inputs.contains(&"a".to_string()) || r.shared.iter().any(|&i| g.node[i].name == "region_a"));
+        let mut g2 = graph();
+        g2.output.push(vi("moe"));
+        let gi2 = GraphIndex::new(&g2, None).unwrap();
+        // 'moe' itself a graph output is fine: its producer is removed and replaced
+        assert!(extract(&gi2, "moe", &reads, &[]).is_ok());
+    }
+
+    #[test]
+    fn derived_routing_brings_the_router_into_both_models() {
+        let g = graph();
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &["idx".to_string()]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&r.shared), ["router", "topk", "shape_h"]);
+        // rw comes from the router's TopK now, computed in both models
+        assert_eq!(r.inputs, ["h", "x"]);
+    }
+}

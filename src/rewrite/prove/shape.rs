@@ -1,0 +1,394 @@
+//! Shapes of the values at a region's boundary, in terms of the token count T, so that the proof
+//! can feed inputs of the right shape at any T. The fixtures (TorchScript exports) carry no
+//! value_info, so the shape is read from declarations where there are any and otherwise from
+//! the producers, for the ops that build the values a MoE region reads (token rows, router
+//! outputs, shape chains). An op not listed makes the shape unknown: the proof then says so.
+
+use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
+use onnx_protobuf::type_proto;
+
+/// One dimension: `c * T^t` (t is 0 or 1: a dimension is either fixed or a multiple of T).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dim {
+    pub t: u8,
+    pub c: i64,
+}
+
+impl Dim {
+    pub const fn fixed(c: i64) -> Self {
+        Dim { t: 0, c }
+    }
+    pub const TOKENS: Dim = Dim { t: 1, c: 1 };
+    pub fn at(self, tokens: usize) -> usize {
+        (self.c as usize) * if self.t == 1 { tokens } else { 1 }
+    }
+}
+
+pub type Shape = Vec<Dim>;
+
+/// The shape of `v`, or None when it cannot be told.
+pub fn shape_of(g: &GraphIndex, v: &str) -> Option<Shape> {
+    infer(g, v, 0)
+}
+
+fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
+    if let Some(t) = g.const_tensor(v) {
+        return Some(t.dims.iter().map(|&d| Dim::fixed(d)).collect());
+    }
+    let vi = g.graph.input.iter().chain(&g.graph.value_info).chain(&g.graph.output).find(|x| x.name == v)?;
+    let Some(type_proto::Value::TensorType(tt)) = vi.type_.as_ref()?.value.as_ref() else { return None };
+    let s = tt.shape.as_ref()?;
+    let mut syms = 0;
+    let out: Shape = s
+        .dim
+        .iter()
+        .map(|d| {
+            if d.has_dim_value() {
+                Dim::fixed(d.dim_value())
+            } else {
+                syms += 1;
+                Dim::TOKENS
+            }
+        })
+        .collect();
+    // one symbolic axis is the token axis; two (batch, sequence) would make T ambiguous
+    (syms <= 1).then_some(out)
+}
+
+fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
+    let n = a.len().max(b.len());
+    let mut out = vec![Dim::fixed(1); n];
+    for i in 0..n {
+        let x = if i + a.len() >= n { a[i + a.len() - n] } else { Dim::fixed(1) };
+        let y = if i + b.len() >= n { b[i + b.len() - n] } else { Dim::fixed(1) };
+        out[i] = if x == Dim::fixed(1) {
+            y
+        } else if y == Dim::fixed(1) || x == y {
+            x
+        } else {
+            return None;
+        };
+    }
+    Some(out)
+}
+
+fn norm_axis(a: i64, rank: usize) -> Option<usize> {
+    let r = rank as i64;
+    let a = if a < 0 { a + r } else { a };
+    (0..r).contains(&a).then_some(a as usize)
+}
+
+fn axes(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
+    attr_ints(n, "axes").or_else(|| n.input.get(1).filter(|s| !s.is_empty()).and_then(|a| g.const_i64(a)))
+}
+
+fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
+    if let Some(s) = declared(g, v) {
+        return Some(s);
+    }
+    if depth > 48 {
+        return None;
+    }
+    let (_, n) = g.prod(v)?;
+    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+        return None;
+    }
+    let inp = |i: usize| -> Option<Shape> { n.input.get(i).filter(|s| !s.is_empty()).and_then(|x| infer(g, x, depth + 1)) };
+    let out_index = n.output.iter().position(|o| o == v)?;
+    match n.op_type.as_str() {
+        "Constant" => {
+            let a = n.attribute.iter().find(|a| a.name == "value")?;
+            Some(a.t.as_ref()?.dims.iter().map(|&d| Dim::fixed(d)).collect())
+        }
+        "Cast" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Log" | "Neg" | "Abs" | "Sqrt" | "Reciprocal"
+        | "Erf" | "Identity" | "Not" | "Clip" | "CumSum" | "Gelu" | "HardSigmoid" | "Softplus" | "IsNaN" | "Floor" | "Ceil" => inp(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or"
+        | "Max" | "Min" | "Mod" => {
+            let mut s = inp(0)?;
+            for i in 1..n.input.len() {
+                s = broadcast(&s, &inp(i)?)?;
+            }
+            Some(s)
+        }
+        "Where" => broadcast(&broadcast(&inp(0)?, &inp(1)?)?, &inp(2)?),
+        "TopK" => {
+            let mut s = inp(0)?;
+            let ax = norm_axis(attr_i(n, "axis").unwrap_or(-1), s.len())?;
+            let k = g.const_i64(&n.input[1]).filter(|k| k.len() == 1)?[0];
+            s[ax] = Dim::fixed(k);
+            Some(s)
+        }
+        "ArgMax" | "ArgMin" | "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" => {
+            let s = inp(0)?;
+            let keep = attr_i(n, "keepdims").unwrap_or(1) == 1;
+            let ax: Vec<usize> = if n.op_type.starts_with("Arg") {
+                vec![norm_axis(attr_i(n, "axis").unwrap_or(0), s.len())?]
+            } else {
+                match axes(g, n) {
+                    Some(a) if !a.is_empty() => a.iter().map(|&a| norm_axis(a, s.len())).collect::<Option<_>>()?,
+                    _ => (0..s.len()).collect(),
+                }
+            };
+            Some(
+                s.iter()
+                    .enumerate()
+                    .filter_map(|(i, d)| if ax.contains(&i) { keep.then_some(Dim::fixed(1)) } else { Some(*d) })
+                    .collect(),
+            )
+        }
+        "MatMul" => {
+            let (a, b) = (inp(0)?, inp(1)?);
+            if a.len() < 2 || b.len() < 2 {
+                return None;
+            }
+            let mut batch = broadcast(&a[..a.len() - 2].to_vec(), &b[..b.len() - 2].to_vec())?;
+            batch.push(a[a.len() - 2]);
+            batch.push(b[b.len() - 1]);
+            Some(batch)
+        }
+        "Gemm" => {
+            let (a, b) = (inp(0)?, inp(1)?);
+            let m = if attr_i(n, "transA").unwrap_or(0) == 1 { a[1] } else { a[0] };
+            let nn = if attr_i(n, "transB").unwrap_or(0) == 1 { b[0] } else { b[1] };
+            Some(vec![m, nn])
+        }
+        "Transpose" => {
+            let s = inp(0)?;
+            let perm = attr_ints(n, "perm").unwrap_or_else(|| (0..s.len() as i64).rev().collect());
+            perm.iter().map(|&p| s.get(p as usize).copied()).collect()
+        }
+        "Unsqueeze" => {
+            let mut s = inp(0)?;
+            let mut ax = axes(g, n)?;
+            let r = s.len() + ax.len();
+            for a in ax.iter_mut() {
+                *a = norm_axis(*a, r)? as i64;
+            }
+            ax.sort();
+            for a in ax {
+                s.insert(a as usize, Dim::fixed(1));
+            }
+            Some(s)
+        }
+        "Squeeze" => {
+            let s = inp(0)?;
+            let ax: Vec<usize> = match axes(g, n) {
+                Some(a) => a.iter().map(|&a| norm_axis(a, s.len())).collect::<Option<_>>()?,
+                None => (0..s.len()).filter(|&i| s[i] == Dim::fixed(1)).collect(),
+            };
+            Some(s.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, d)| *d).collect())
+        }
+        "ScatterElements" | "ScatterND" => inp(0),
+        "GatherElements" => inp(1),
+        "Expand" => broadcast(&inp(0)?, &value(g, &n.input[1], depth + 1)?),
+        "ConstantOfShape" => value(g, &n.input[0], depth + 1),
+        "Reshape" => {
+            let s = inp(0)?;
+            let target = value(g, &n.input[1], depth + 1)?;
+            let (mut t_all, mut c_all) = (0u32, 1i64);
+            for d in &s {
+                t_all += d.t as u32;
+                c_all *= d.c;
+            }
+            let mut out = Vec::new();
+            let mut hole = None;
+            let (mut t_known, mut c_known) = (0u32, 1i64);
+            for (i, &d) in target.iter().enumerate() {
+                let dim = match d {
+                    Dim { t: 0, c: -1 } => {
+                        hole = Some(i);
+                        Dim::fixed(1)
+                    }
+                    Dim { t: 0, c: 0 } if attr_i(n, "allowzero").unwrap_or(0) == 0 => *s.get(i)?,
+                    d => d,
+                };
+                if hole != Some(i) {
+                    t_known += dim.t as u32;
+                    c_known *= dim.c;
+                }
+                out.push(dim);
+            }
+            if let Some(h) = hole {
+                if t_all < t_known || t_all - t_known > 1 || c_known == 0 || c_all % c_known != 0 {
+                    return None;
+                }
+                out[h] = Dim { t: (t_all - t_known) as u8, c: c_all / c_known };
+            }
+            Some(out)
+        }
+        "Flatten" => {
+            let s = inp(0)?;
+            let ax = norm_axis(attr_i(n, "axis").unwrap_or(1), s.len() + 1)?;
+            let fold = |p: &[Dim]| -> Option<Dim> {
+                let t: u8 = p.iter().map(|d| d.t).sum();
+                (t <= 1).then(|| Dim { t, c: p.iter().map(|d| d.c).product() })
+            };
+            Some(vec![fold(&s[..ax])?, fold(&s[ax..])?])
+        }
+        "Gather" => {
+            let (d, i) = (inp(0)?, inp(1)?);
+            let ax = norm_axis(attr_i(n, "axis").unwrap_or(0), d.len())?;
+            let mut s = d[..ax].to_vec();
+            s.extend(i);
+            s.extend_from_slice(&d[ax + 1..]);
+            Some(s)
+        }
+        "Shape" if attr_i(n, "start").is_none() && attr_i(n, "end").is_none() => Some(vec![Dim::fixed(inp(0)?.len() as i64)]),
+        "Concat" => {
+            let mut s = inp(0)?;
+            let ax = norm_axis(attr_i(n, "axis")?, s.len())?;
+            for i in 1..n.input.len() {
+                let o = inp(i)?;
+                if o.len() != s.len() || s[ax].t + o[ax].t > 1 || (s[ax].t == 1 && o[ax].t == 1) {
+                    return None;
+                }
+                if s[ax].t != o[ax].t {
+                    return None;
+                }
+                s[ax].c += o[ax].c;
+            }
+            Some(s)
+        }
+        "Split" if out_index < n.output.len() => {
+            let mut s = inp(0)?;
+            let ax = norm_axis(attr_i(n, "axis").unwrap_or(0), s.len())?;
+            let sizes = attr_ints(n, "split").or_else(|| n.input.get(1).filter(|x| !x.is_empty()).and_then(|x| g.const_i64(x)));
+            if s[ax].t == 1 {
+                return None;
+            }
+            s[ax] = match sizes {
+                Some(sz) => Dim::fixed(*sz.get(out_index)?),
+                None => {
+                    let parts = n.output.len() as i64;
+                    (s[ax].c % parts == 0).then(|| Dim::fixed(s[ax].c / parts))?
+                }
+            };
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+/// The value of a 1-D (or scalar) integer shape tensor, element by element, in terms of T:
+/// constants, `Shape(x)`, and the Gather/Slice/Concat/Unsqueeze/Squeeze/Cast exporters build
+/// target shapes with.
+fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
+    if let Some(c) = g.const_i64(v) {
+        return Some(c.into_iter().map(Dim::fixed).collect());
+    }
+    if depth > 48 {
+        return None;
+    }
+    let (_, n) = g.prod(v)?;
+    let arg = |i: usize| value(g, n.input.get(i)?, depth + 1);
+    match n.op_type.as_str() {
+        "Shape" => {
+            let s = infer(g, &n.input[0], depth + 1)?;
+            let r = s.len() as i64;
+            let clamp = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+            let a = clamp(attr_i(n, "start").unwrap_or(0));
+            let b = clamp(attr_i(n, "end").unwrap_or(r));
+            Some(s.get(a..b.max(a))?.to_vec())
+        }
+        "Cast" | "Identity" | "Unsqueeze" | "Squeeze" => arg(0),
+        "Concat" => {
+            let mut out = Vec::new();
+            for i in 0..n.input.len() {
+                out.extend(arg(i)?);
+            }
+            Some(out)
+        }
+        "Gather" => {
+            let data = arg(0)?;
+            let idx = g.const_i64(&n.input[1])?;
+            idx.iter().map(|&i| data.get(if i < 0 { (i + data.len() as i64) as usize } else { i as usize }).copied()).collect()
+        }
+        "Slice" => {
+            let data = arg(0)?;
+            let r = data.len() as i64;
+            let (st, en) = (g.const_i64(&n.input[1])?, g.const_i64(&n.input[2])?);
+            let step = n.input.get(4).and_then(|s| g.const_i64(s)).map_or(1, |s| s[0]);
+            if st.len() != 1 || en.len() != 1 || step != 1 {
+                return None;
+            }
+            let clamp = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+            let (a, b) = (clamp(st[0]), clamp(en[0]));
+            Some(data.get(a..b.max(a))?.to_vec())
+        }
+        "Mul" | "Div" => {
+            let (a, b) = (arg(0)?, arg(1)?);
+            if a.len() != 1 || b.len() != 1 || b[0].t != 0 || b[0].c == 0 {
+                return None;
+            }
+            match n.op_type.as_str() {
+                "Mul" if a[0].t + b[0].t <= 1 => Some(vec![Dim { t: a[0].t + b[0].t, c: a[0].c * b[0].c }]),
+                "Div" if a[0].c % b[0].c == 0 => Some(vec![Dim { t: a[0].t, c: a[0].c / b[0].c }]),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::make_node;
+    use crate::onnx::tensor::make_i64;
+    use onnx_protobuf::{tensor_shape_proto, GraphProto, TensorShapeProto, TypeProto, ValueInfoProto};
+
+    fn input(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+        let mut shape = TensorShapeProto::new();
+        for d in dims {
+            let mut x = tensor_shape_proto::Dimension::new();
+            match d {
+                Some(v) => x.set_dim_value(*v),
+                None => x.set_dim_param("S".into()),
+            }
+            shape.dim.push(x);
+        }
+        let mut tt = type_proto::Tensor::new();
+        tt.elem_type = 1;
+        tt.shape = Some(shape).into();
+        let mut t = TypeProto::new();
+        t.value = Some(type_proto::Value::TensorType(tt));
+        let mut vi = ValueInfoProto::new();
+        vi.name = name.into();
+        vi.type_ = Some(t).into();
+        vi
+    }
+
+    #[test]
+    fn router_chain_of_a_batched_input() {
+        let mut g = GraphProto::new();
+        g.input.push(input("h", &[Some(1), None, Some(32)]));
+        g.initializer.push(make_i64("shape", &[2], &[-1, 32]));
+        g.initializer.push(make_i64("k", &[1], &[2]));
+        let mut w = make_i64("w", &[32, 8], &[0; 256]);
+        w.data_type = 1;
+        w.int64_data.clear();
+        w.raw_data = vec![0; 32 * 8 * 4];
+        g.initializer.push(w);
+        g.node.push(make_node("Reshape", "", "r", &["h", "shape"], &["x"]));
+        g.node.push(make_node("MatMul", "", "m", &["x", "w"], &["logits"]));
+        g.node.push(make_node("Softmax", "", "s", &["logits"], &["p"]));
+        g.node.push(make_node("TopK", "", "t", &["p", "k"], &["rw", "idx"]));
+        g.node.push(make_node("Shape", "", "sh", &["h"], &["hs"]));
+        // a target shape built from the input's own shape: [-1, h.shape[2]]
+        g.initializer.push(make_i64("minus1", &[1], &[-1]));
+        g.initializer.push(make_i64("two", &[], &[2]));
+        g.initializer.push(make_i64("ax0", &[1], &[0]));
+        g.node.push(make_node("Gather", "", "g2", &["hs", "two"], &["d"]));
+        g.node.push(make_node("Unsqueeze", "", "u", &["d", "ax0"], &["d1"]));
+        g.node.push(make_node("Concat", "", "c", &["minus1", "d1"], &["target"]));
+        g.node[5].attribute.push(crate::onnx::graph::attr_int("axis", 0));
+        g.node.push(make_node("Reshape", "", "r2", &["h", "target"], &["x2"]));
+        let gi = GraphIndex::new(&g, None).unwrap();
+        assert_eq!(shape_of(&gi, "x").unwrap(), vec![Dim::TOKENS, Dim::fixed(32)]);
+        assert_eq!(shape_of(&gi, "logits").unwrap(), vec![Dim::TOKENS, Dim::fixed(8)]);
+        assert_eq!(shape_of(&gi, "idx").unwrap(), vec![Dim::TOKENS, Dim::fixed(2)]);
+        assert_eq!(shape_of(&gi, "hs").unwrap(), vec![Dim::fixed(3)]);
+        assert_eq!(shape_of(&gi, "x2").unwrap(), vec![Dim::TOKENS, Dim::fixed(32)]);
+        assert_eq!(shape_of(&gi, "idx").unwrap().iter().map(|d| d.at(7)).collect::<Vec<_>>(), vec![7, 2]);
+    }
+}

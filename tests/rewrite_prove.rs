@@ -1,0 +1,128 @@
+//! The numeric proof: a candidate whose emitted node computes something else than the nodes it
+//! replaces is left as it was, with the proof's error in the report, whatever the matcher said;
+//! without proof the same candidate is written (which is what the proof is for). The CLI refuses
+//! to run without ONNX Runtime unless told `--no-prove`.
+
+mod common;
+
+use std::process::Command;
+
+use scattermoe::onnx::graph::GraphIndex;
+use scattermoe::onnx::{self};
+use scattermoe::rewrite::emit::MoeLayer;
+use scattermoe::rewrite::rule::Rule;
+use scattermoe::rewrite::{hf_loop, megablocks, Rejection, RewriteOptions};
+use scattermoe::spec::Activation;
+
+/// A family's rule whose candidates are deliberately wrong in one way.
+struct Wrong {
+    find: fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>),
+    spoil: fn(&mut MoeLayer),
+}
+
+impl Rule for Wrong {
+    fn name(&self) -> &'static str {
+        "wrong"
+    }
+    fn find(&self, g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
+        let (mut found, rejected) = (self.find)(g);
+        for l in &mut found {
+            (self.spoil)(l);
+        }
+        (found, rejected)
+    }
+}
+
+fn swap_first_two_experts(l: &mut MoeLayer) {
+    l.experts.swap(0, 1);
+}
+
+fn gelu_for_silu(l: &mut MoeLayer) {
+    for m in &mut l.experts {
+        m.activation = Activation::Gelu;
+    }
+}
+
+fn alpha_off(l: &mut MoeLayer) {
+    for m in &mut l.experts {
+        m.alpha *= 1.01;
+    }
+}
+
+fn rewrite(fixture: &str, rule: &Wrong, prove: bool) -> (scattermoe::rewrite::Report, usize, usize) {
+    let mut m = onnx::load(&common::models_dir().join(format!("{fixture}.onnx"))).unwrap();
+    let before = m.graph().node.len();
+    let opts = RewriteOptions { prove, ..Default::default() };
+    let rep = scattermoe::rewrite::rewrite_with_rules(&mut m, &opts, &[rule as &dyn Rule]).unwrap();
+    (rep, before, m.graph().node.len())
+}
+
+#[test]
+fn a_wrong_candidate_is_rejected_by_its_proof_and_the_graph_is_unchanged() {
+    let cases: [(&str, Wrong, &str); 4] = [
+        ("mixtral", Wrong { find: hf_loop::find, spoil: swap_first_two_experts }, "experts 0 and 1 swapped"),
+        ("qwen3_moe_op18_f16", Wrong { find: hf_loop::find, spoil: gelu_for_silu }, "gelu for silu, float16"),
+        ("gpt_oss", Wrong { find: hf_loop::find, spoil: alpha_off }, "GPT-OSS alpha 1% off"),
+        ("megablocks", Wrong { find: megablocks::find, spoil: swap_first_two_experts }, "Megablocks experts swapped"),
+    ];
+    for (fixture, rule, what) in &cases {
+        let (rep, before, after) = rewrite(fixture, rule, true);
+        assert!(rep.layers.is_empty(), "{what}: written although wrong\n{}", rep.text());
+        assert_eq!(before, after, "{what}: the graph changed");
+        let r = rep.rejected.iter().find(|r| r.reason.starts_with("not proven")).unwrap_or_else(|| panic!("{what}: {}", rep.text()));
+        assert!(r.reason.contains("relative error"), "{what}: {}", r.reason);
+        // the same candidate without proof is written: the proof is what stops it
+        let (rep, before, after) = rewrite(fixture, rule, false);
+        assert_eq!(rep.layers.len(), 1, "{what}: {}", rep.text());
+        assert!(after < before);
+        assert!(rep.layers[0].proof.is_none());
+    }
+}
+
+#[test]
+fn a_right_candidate_is_proven_at_several_token_counts() {
+    struct Right;
+    impl Rule for Right {
+        fn name(&self) -> &'static str {
+            "hf_loop"
+        }
+        fn find(&self, g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
+            hf_loop::find(g)
+        }
+    }
+    let mut m = onnx::load(&common::models_dir().join("mixtral.onnx")).unwrap();
+    let rep = scattermoe::rewrite::rewrite_with_rules(&mut m, &RewriteOptions::default(), &[&Right as &dyn Rule]).unwrap();
+    assert_eq!(rep.layers.len(), 1, "{}", rep.text());
+    let p = rep.layers[0].proof.as_ref().unwrap();
+    // the traced loop fails at 1 token (its Split needs every expert hit): skipped, others compared
+    assert!(!p.tokens.contains(&1) && p.tokens.len() >= 2, "{p:?}");
+    assert!(p.max_rel_err <= p.tolerance && p.cases >= p.tokens.len(), "{p:?}");
+    assert!(rep.text().contains("proven on"), "{}", rep.text());
+}
+
+fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_scattermoe"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn without_onnx_runtime_the_cli_refuses_unless_told_no_prove() {
+    let dir = common::scratch("noprove");
+    let input = common::models_dir().join("loop_where.onnx");
+    let out = dir.join("out.onnx");
+    let missing = [("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1")];
+    let (code, _, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap()], &missing);
+    assert_ne!(code, 0);
+    assert!(err.contains("ONNX Runtime") && err.contains("--no-prove") && err.contains("onnxruntime"), "{err}");
+    assert!(!out.exists());
+    let (code, stdout, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap(), "--no-prove", "--report"], &missing);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("replaced hf_loop layer") && stdout.contains("not proven"), "{stdout}");
+    assert!(out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
