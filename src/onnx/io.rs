@@ -312,6 +312,9 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     {
         let f = File::create(&onnx_tmp).with_context(|| format!("cannot create {}", onnx_tmp.display()))?;
         let mut w = BufWriter::new(f);
+        if let Some(g) = model.proto.graph.as_mut() {
+            write_zero_attribute_values(g);
+        }
         model.proto.write_to_writer(&mut w).map_err(|e| anyhow!("cannot serialise the model: {e}"))?;
         w.flush()?;
     }
@@ -327,4 +330,32 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     fs::rename(&onnx_tmp, out).with_context(|| format!("cannot move {} to {}", onnx_tmp.display(), out.display()))?;
     drop(tmp);
     Ok(())
+}
+
+/// ONNX's schema is proto2: an attribute's value field is either present or absent, and ONNX
+/// Runtime reads an int attribute whose `i` is absent as having no value (its custom-op attribute
+/// API refuses it, so a node with `gated = 0` would not load). The generated types follow proto3
+/// rules and skip zero scalars when writing, so zero values of int, float and string attributes are
+/// written explicitly, as the unknown field with the value's field number (`f` = 2, `i` = 3, `s` = 4).
+fn write_zero_attribute_values(g: &mut onnx_protobuf::GraphProto) {
+    use onnx_protobuf::attribute_proto::AttributeType;
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            let ty = a.type_.enum_value_or_default();
+            let (f, i, s_empty) = (a.f, a.i, a.s.is_empty());
+            let u = a.special_fields.mut_unknown_fields();
+            match ty {
+                AttributeType::INT if i == 0 && u.get(3).is_none() => u.add_varint(3, 0),
+                AttributeType::FLOAT if f == 0.0 && u.get(2).is_none() => u.add_fixed32(2, f.to_bits()),
+                AttributeType::STRING if s_empty && u.get(4).is_none() => u.add_length_delimited(4, Vec::new()),
+                _ => {}
+            }
+            if let Some(sub) = a.g.as_mut() {
+                write_zero_attribute_values(sub);
+            }
+            for sub in &mut a.graphs {
+                write_zero_attribute_values(sub);
+            }
+        }
+    }
 }

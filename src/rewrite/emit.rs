@@ -123,11 +123,40 @@ fn append_vector(ext: &ExternalStore, s: &Src, len: usize, elem: i32, buf: &mut 
     Ok(())
 }
 
-/// The whole of `init` is already `[E, rows, cols]` with expert e at index e, untransposed.
-fn as_is(g: &GraphIndex, parts: &[Vec<WSrc>], elem: i32) -> Option<String> {
+/// The element type and dims of a whole weight value the op can take as it is: an initializer, a
+/// graph input with a static shape, or a value the layer's own extra nodes compute (the rule that
+/// wrote them vouches for their type and layout: the dims asked for).
+fn whole_value(g: &GraphIndex, layer: &MoeLayer, name: &str, want: &[i64]) -> Option<(i32, Vec<i64>)> {
+    if let Some(t) = g.initializers.get(name) {
+        return Some((t.data_type, t.dims.clone()));
+    }
+    if g.graph_inputs.contains(name) {
+        let vi = g.graph.input.iter().find(|x| x.name == name)?;
+        let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = &vi.type_.as_ref()?.value else { return None };
+        let dims = t
+            .shape
+            .as_ref()?
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(v)) => Some(v),
+                _ => None,
+            })
+            .collect::<Option<Vec<i64>>>()?;
+        return Some((t.elem_type, dims));
+    }
+    if layer.extra_nodes.iter().any(|n| n.output.iter().any(|o| o == name)) {
+        let elem = g.infer_type(&layer.x)?;
+        return Some((elem, want.to_vec()));
+    }
+    None
+}
+
+/// The whole of `init` is already `[E, rows, cols]` (`want`) with expert e at index e, untransposed.
+fn as_is(g: &GraphIndex, layer: &MoeLayer, parts: &[Vec<WSrc>], elem: i32, want: &[i64]) -> Option<String> {
     let first = parts.first()?.first()?;
-    let t = g.initializers.get(first.init.as_str())?;
-    if t.data_type != elem || t.dims.len() != 3 || t.dims[0] as usize != parts.len() {
+    let (ty, dims) = whole_value(g, layer, &first.init, want)?;
+    if ty != elem || dims != want || dims[0] as usize != parts.len() {
         return None;
     }
     for (e, p) in parts.iter().enumerate() {
@@ -138,10 +167,10 @@ fn as_is(g: &GraphIndex, parts: &[Vec<WSrc>], elem: i32) -> Option<String> {
     Some(first.init.clone())
 }
 
-fn bias_as_is(g: &GraphIndex, parts: &[Vec<BSrc>], elem: i32) -> Option<String> {
+fn bias_as_is(g: &GraphIndex, layer: &MoeLayer, parts: &[Vec<BSrc>], elem: i32, want: &[i64]) -> Option<String> {
     let first = parts.first()?.first()?;
-    let t = g.initializers.get(first.init.as_str())?;
-    if t.data_type != elem || t.dims.len() != 2 || t.dims[0] as usize != parts.len() {
+    let (ty, dims) = whole_value(g, layer, &first.init, want)?;
+    if ty != elem || dims != want || dims[0] as usize != parts.len() {
         return None;
     }
     for (e, p) in parts.iter().enumerate() {
@@ -190,13 +219,17 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         if m.b_in.iter().any(Option::is_some) != m0.b_in.iter().any(Option::is_some) || m.b_out.is_some() != m0.b_out.is_some() {
             bail!("experts differ in which biases they have");
         }
+        // one node has one alpha and one limit: experts that differ in them are not one layer
+        if m0.activation == Activation::SwigluOai && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
+            bail!("experts differ in the swiglu_oai alpha or limit ({} / {} and {} / {})", m0.alpha, m0.limit, m.alpha, m.limit);
+        }
     }
     let mut nodes = layer.extra_nodes.clone();
     model.initializers.extend(layer.extra_inits.iter().cloned());
 
     // --- w_in [E, n, d]
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
-    let w_in = match as_is(g, &w_in_parts, elem).filter(|name| g.initializers[name.as_str()].dims == [e_count as i64, n as i64, d as i64]) {
+    let w_in = match as_is(g, layer, &w_in_parts, elem, &[e_count as i64, n as i64, d as i64]) {
         Some(name) => name,
         None => {
             let name = unique_name(g, taken, &format!("{tag}.w_in"));
@@ -229,7 +262,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     };
     // --- w_out [E, d, f]
     let w_out_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| vec![m.w_out.clone()]).collect();
-    let w_out = match as_is(g, &w_out_parts, elem).filter(|name| g.initializers[name.as_str()].dims == [e_count as i64, d as i64, f as i64]) {
+    let w_out = match as_is(g, layer, &w_out_parts, elem, &[e_count as i64, d as i64, f as i64]) {
         Some(name) => name,
         None => {
             let name = unique_name(g, taken, &format!("{tag}.w_out"));
@@ -257,7 +290,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     };
     // --- biases
     let bias = |parts: Vec<Vec<BSrc>>, len: usize, what: &str, model: &mut Emitted, taken: &mut Vec<String>| -> Result<String> {
-        if let Some(name) = bias_as_is(g, &parts, elem).filter(|nm| g.initializers[nm.as_str()].dims == [e_count as i64, len as i64]) {
+        if let Some(name) = bias_as_is(g, layer, &parts, elem, &[e_count as i64, len as i64]) {
             return Ok(name);
         }
         let name = unique_name(g, taken, &format!("{tag}.{what}"));
