@@ -54,7 +54,48 @@ enum TargetArg {
     Tensorrt,
 }
 
+/// The most tokens one `--verify` length may ask for: its random inputs are allocated per token,
+/// and a model's largest test batches stay far below this.
+const MAX_VERIFY_TOKENS: usize = 1 << 16;
+/// The most lengths one `--verify` may run.
+const MAX_VERIFY_LENGTHS: usize = 64;
+
+fn check_lengths(lengths: &[usize]) -> Result<()> {
+    if lengths.is_empty() {
+        bail!("--lengths is empty: give at least one token count");
+    }
+    if lengths.len() > MAX_VERIFY_LENGTHS {
+        bail!("--lengths gives {} token counts; at most {MAX_VERIFY_LENGTHS} are run", lengths.len());
+    }
+    if let Some(&n) = lengths.iter().find(|&&n| n > MAX_VERIFY_TOKENS) {
+        bail!("--lengths {n} is more tokens than --verify runs (at most {MAX_VERIFY_TOKENS}); choose a smaller count");
+    }
+    Ok(())
+}
+
+/// `--verify` needs ONNX Runtime and the plugin: checked before the rewrite, not after the weights
+/// were written.
+fn check_runtime() -> Result<()> {
+    let plugin = scattermoe::ort::runtime::plugin_path()?;
+    if !plugin.is_file() {
+        bail!("--verify needs the plugin library, but {} is not a file", plugin.display());
+    }
+    scattermoe::ort::runtime::environment().map_err(|e| anyhow::anyhow!("--verify needs ONNX Runtime: {e:#}"))?;
+    Ok(())
+}
+
+/// On SIGINT, SIGTERM or SIGHUP the temporary folder of a save in progress is removed before the
+/// process exits (a guard's Drop does not run when a signal ends the process).
+fn install_signal_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        onnx::output::remove_temp_dirs();
+        eprintln!("interrupted: nothing written");
+        std::process::exit(130);
+    });
+}
+
 fn main() -> ExitCode {
+    install_signal_cleanup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -68,13 +109,20 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Rewrite { input, output, force, report, json, verify, lengths, target } => {
-            if output.exists() && !force {
-                bail!("{} exists; pass --force to overwrite it", output.display());
-            }
-            if input.canonicalize().ok().is_some_and(|i| output.canonicalize().ok() == Some(i)) {
-                bail!("the output must not be the input file");
+            // Every check before any work: the arguments, the input, the destination, and (for
+            // --verify) that ONNX Runtime and the plugin load.
+            if verify {
+                check_lengths(&lengths)?;
             }
             let mut model = onnx::load(&input)?;
+            onnx::output::check_output(&output, force, &model.input_files())?;
+            if model.graph().output.is_empty() {
+                bail!("{} has a graph with no outputs: nothing it computes can be kept, so it is not rewritten", input.display());
+            }
+            model.check_opset_compatible(scattermoe::spec::DOMAIN, scattermoe::spec::OPSET_VERSION)?;
+            if verify {
+                check_runtime()?;
+            }
             let original_proto = if verify { Some(model.proto.clone()) } else { None };
             let target = match target {
                 TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,

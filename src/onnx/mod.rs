@@ -2,6 +2,7 @@
 
 pub mod graph;
 pub mod io;
+pub mod output;
 pub mod tensor;
 
 pub use graph::GraphIndex;
