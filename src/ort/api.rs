@@ -247,11 +247,13 @@ impl AttrProbe for KernelInfo {
             AttrKind::Str => self.string(name).is_some(),
             AttrKind::Ints => {
                 let mut n = 0usize;
-                check(unsafe { (api().KernelInfoGetAttributeArray_int64)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok()
+                // A size query succeeds for any attribute name ORT finds: only a non-empty list tells.
+                check(unsafe { (api().KernelInfoGetAttributeArray_int64)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok() && n > 0
             }
             AttrKind::Floats => {
                 let mut n = 0usize;
-                check(unsafe { (api().KernelInfoGetAttributeArray_float)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok()
+                // A size query succeeds for any attribute name ORT finds: only a non-empty list tells.
+                check(unsafe { (api().KernelInfoGetAttributeArray_float)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok() && n > 0
             }
         }
     }
