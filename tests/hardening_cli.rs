@@ -358,3 +358,40 @@ fn impossible_shapes_are_errors_not_wrapped_sizes() {
     assert!(err.contains("'huge'") && err.contains("more bytes than can be addressed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn contract_nodes_with_unknown_or_mistyped_attributes_are_refused() {
+    use scattermoe::onnx::proto::{attribute_proto::AttributeType, AttributeProto, Message, ModelProto};
+    let dir = common::scratch("hard-attrs");
+    let first = dir.join("first.onnx");
+    let (code, err) = cli(&["rewrite", s(&common::models_dir().join("mixtral.onnx")), s(&first)]);
+    assert_eq!(code, 0, "{err}");
+    let base = ModelProto::parse_from_bytes(&std::fs::read(&first).unwrap()).unwrap();
+    let edit = |f: &dyn Fn(&mut AttributeProto)| {
+        let mut p = base.clone();
+        let n = p.graph.mut_or_insert_default().node.iter_mut().find(|n| n.op_type == "ScatterMoE").unwrap();
+        let mut a = AttributeProto::new();
+        f(&mut a);
+        n.attribute.retain(|x| x.name != a.name);
+        n.attribute.push(a);
+        let input = dir.join("in.onnx");
+        std::fs::write(&input, p.write_to_bytes().unwrap()).unwrap();
+        cli(&["rewrite", s(&input), s(&dir.join("out.onnx")), "--force"])
+    };
+    let (code, err) = edit(&|a| {
+        a.name = "activaton".into();
+        a.type_ = AttributeType::STRING.into();
+        a.s = b"silu".to_vec();
+    });
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown attribute 'activaton'"), "{err}");
+    let (code, err) = edit(&|a| {
+        a.name = "gated".into();
+        a.type_ = AttributeType::FLOAT.into();
+        a.f = 1.0;
+    });
+    assert_eq!(code, 1);
+    assert!(err.contains("attribute 'gated' must be INT, got FLOAT"), "{err}");
+    assert!(!dir.join("out.onnx").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -73,6 +73,43 @@ fn check_lengths(lengths: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Nodes of the contract already in the input (a model rewritten before): every attribute must be
+/// one the op defines, of its type, as ONNX's checker treats a registered schema. ONNX Runtime's
+/// custom-op API gives a kernel no list of a node's attributes, so the plugin itself can only
+/// check the types of the attributes it knows (docs/hardening.md).
+fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> {
+    use onnx::proto::attribute_proto::AttributeType;
+    use scattermoe::spec::{self, AttrDefault, AttrDesc};
+    for n in graph.node.iter().filter(|n| n.domain == spec::DOMAIN) {
+        let attrs: &[AttrDesc] = match n.op_type.as_str() {
+            spec::scatter_moe::NAME => &spec::scatter_moe::ATTRS,
+            spec::parallel_linear::NAME => &spec::parallel_linear::ATTRS,
+            spec::capacity_mask::NAME => &spec::capacity_mask::ATTRS,
+            other => bail!("node '{}' is {}::{other}, which is not an op of the contract", n.name, spec::DOMAIN),
+        };
+        for a in &n.attribute {
+            // What the TensorRT target adds for TensorRT's ONNX parser; ONNX Runtime ignores it.
+            if a.name == scattermoe::trt::PARSER_ATTR_VERSION || a.name == scattermoe::trt::PARSER_ATTR_NAMESPACE {
+                continue;
+            }
+            let Some(d) = attrs.iter().find(|d| d.name == a.name) else {
+                let known: Vec<&str> = attrs.iter().map(|d| d.name).collect();
+                bail!("node '{}' ({}): unknown attribute '{}' (the op defines: {})", n.name, n.op_type, a.name, known.join(", "));
+            };
+            let want = match d.default {
+                AttrDefault::Int(_) => AttributeType::INT,
+                AttrDefault::Float(_) => AttributeType::FLOAT,
+                AttrDefault::Str(_) => AttributeType::STRING,
+            };
+            let got = a.type_.enum_value_or_default();
+            if got != want {
+                bail!("node '{}' ({}): attribute '{}' must be {want:?}, got {got:?}", n.name, n.op_type, a.name);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `--verify` needs ONNX Runtime and the plugin: checked before the rewrite, not after the weights
 /// were written.
 fn check_runtime() -> Result<()> {
@@ -120,6 +157,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("{} has a graph with no outputs: nothing it computes can be kept, so it is not rewritten", input.display());
             }
             model.check_opset_compatible(scattermoe::spec::DOMAIN, scattermoe::spec::OPSET_VERSION)?;
+            check_contract_attributes(model.graph())?;
             if verify {
                 check_runtime()?;
             }

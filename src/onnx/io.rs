@@ -97,13 +97,18 @@ pub fn load(path: &Path) -> Result<Model> {
         bail!("{} is not a file", path.display());
     }
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    load_bytes(&bytes, path)
+}
+
+/// Reads a model from its serialized `bytes`, as if loaded from `path` (whose folder holds its
+/// external data). The whole loader minus the file read: what the fuzz targets drive.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
     if bytes.is_empty() {
         bail!("{} is empty, not an ONNX model", path.display());
     }
-    let proto = ModelProto::parse_from_bytes(&bytes).map_err(|e| {
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| {
         anyhow!("{} is not a valid ONNX model: the protobuf does not parse ({e}); the file is corrupt, truncated, or not ONNX", path.display())
     })?;
-    drop(bytes);
     if proto.ir_version <= 0 || proto.graph.is_none() || proto.opset_import.is_empty() {
         bail!(
             "{} is not an ONNX model: it parses as protobuf but has {} (corrupt, truncated, or another format)",
