@@ -16,6 +16,7 @@ onnxruntime (the project's .venv) and a built target/release/{scattermoe,libscat
 from __future__ import annotations
 
 import argparse
+import warnings
 import collections
 import multiprocessing as mp
 import os
@@ -408,6 +409,7 @@ def one(args):
 
 
 def main():
+    warnings.simplefilter("ignore", RuntimeWarning)  # overflowing casts are mutations on purpose
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=None, help="stop starting runs after this long")
