@@ -395,3 +395,22 @@ fn contract_nodes_with_unknown_or_mistyped_attributes_are_refused() {
     assert!(!dir.join("out.onnx").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_node_reading_its_own_output_is_an_error_not_a_stack_overflow() {
+    // Found by fuzz/mutate_cli.py (seed 20261207, run 4619): the expression walker followed the
+    // self-loop until the stack overflowed (exit 134).
+    use scattermoe::onnx::proto::{Message, ModelProto};
+    let dir = common::scratch("hard-cycle");
+    let mut proto = ModelProto::parse_from_bytes(&std::fs::read(common::models_dir().join("dense_bmm.onnx")).unwrap()).unwrap();
+    let g = proto.graph.mut_or_insert_default();
+    let n = g.node.iter_mut().rev().find(|n| n.op_type == "Mul").unwrap();
+    n.input[0] = n.output[0].clone();
+    let input = dir.join("in.onnx");
+    std::fs::write(&input, proto.write_to_bytes().unwrap()).unwrap();
+    let (code, err) = cli(&["rewrite", s(&input), s(&dir.join("out.onnx"))]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cycle") && err.contains("consumes its own output"), "{err}");
+    assert_eq!(names(&dir), ["in.onnx"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
