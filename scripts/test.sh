@@ -17,3 +17,5 @@ cargo build --release --workspace
 export SCATTERMOE_ORT_LIB=${SCATTERMOE_ORT_LIB:-$PWD/target/release/libscattermoe_ort.so}
 cargo test --release --workspace
 .venv/bin/python -m pytest python/tests -q
+# Bounded fuzzing (about a minute, plus cargo-fuzz's first build): docs/hardening.md.
+fuzz/ci.sh

@@ -59,7 +59,85 @@ enum TargetArg {
     Tensorrt,
 }
 
+/// The most tokens one `--verify` length may ask for: its random inputs are allocated per token,
+/// and a model's largest test batches stay far below this.
+const MAX_VERIFY_TOKENS: usize = 1 << 16;
+/// The most lengths one `--verify` may run.
+const MAX_VERIFY_LENGTHS: usize = 64;
+
+fn check_lengths(lengths: &[usize]) -> Result<()> {
+    if lengths.is_empty() {
+        bail!("--lengths is empty: give at least one token count");
+    }
+    if lengths.len() > MAX_VERIFY_LENGTHS {
+        bail!("--lengths gives {} token counts; at most {MAX_VERIFY_LENGTHS} are run", lengths.len());
+    }
+    if let Some(&n) = lengths.iter().find(|&&n| n > MAX_VERIFY_TOKENS) {
+        bail!("--lengths {n} is more tokens than --verify runs (at most {MAX_VERIFY_TOKENS}); choose a smaller count");
+    }
+    Ok(())
+}
+
+/// Nodes of the contract already in the input (a model rewritten before): every attribute must be
+/// one the op defines, of its type, as ONNX's checker treats a registered schema. ONNX Runtime's
+/// custom-op API gives a kernel no list of a node's attributes, so the plugin itself can only
+/// check the types of the attributes it knows (docs/hardening.md).
+fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> {
+    use onnx::proto::attribute_proto::AttributeType;
+    use scattermoe::spec::{self, AttrDefault, AttrDesc};
+    for n in graph.node.iter().filter(|n| n.domain == spec::DOMAIN) {
+        let attrs: &[AttrDesc] = match n.op_type.as_str() {
+            spec::scatter_moe::NAME => &spec::scatter_moe::ATTRS,
+            spec::parallel_linear::NAME => &spec::parallel_linear::ATTRS,
+            spec::capacity_mask::NAME => &spec::capacity_mask::ATTRS,
+            other => bail!("node '{}' is {}::{other}, which is not an op of the contract", n.name, spec::DOMAIN),
+        };
+        for a in &n.attribute {
+            // What the TensorRT target adds for TensorRT's ONNX parser; ONNX Runtime ignores it.
+            if a.name == scattermoe::trt::PARSER_ATTR_VERSION || a.name == scattermoe::trt::PARSER_ATTR_NAMESPACE {
+                continue;
+            }
+            let Some(d) = attrs.iter().find(|d| d.name == a.name) else {
+                let known: Vec<&str> = attrs.iter().map(|d| d.name).collect();
+                bail!("node '{}' ({}): unknown attribute '{}' (the op defines: {})", n.name, n.op_type, a.name, known.join(", "));
+            };
+            let want = match d.default {
+                AttrDefault::Int(_) => AttributeType::INT,
+                AttrDefault::Float(_) => AttributeType::FLOAT,
+                AttrDefault::Str(_) => AttributeType::STRING,
+            };
+            let got = a.type_.enum_value_or_default();
+            if got != want {
+                bail!("node '{}' ({}): attribute '{}' must be {want:?}, got {got:?}", n.name, n.op_type, a.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--verify` needs ONNX Runtime and the plugin: checked before the rewrite, not after the weights
+/// were written.
+fn check_runtime() -> Result<()> {
+    let plugin = scattermoe::ort::runtime::plugin_path()?;
+    if !plugin.is_file() {
+        bail!("the proof and --verify need the plugin library, but {} is not a file", plugin.display());
+    }
+    scattermoe::ort::runtime::environment().map_err(|e| anyhow::anyhow!("the proof and --verify need ONNX Runtime: {e:#}"))?;
+    Ok(())
+}
+
+/// On SIGINT, SIGTERM or SIGHUP the temporary folder of a save in progress is removed before the
+/// process exits (a guard's Drop does not run when a signal ends the process).
+fn install_signal_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        onnx::output::remove_temp_dirs();
+        eprintln!("interrupted: nothing written");
+        std::process::exit(130);
+    });
+}
+
 fn main() -> ExitCode {
+    install_signal_cleanup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -73,11 +151,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Rewrite { input, output, force, report, json, verify, no_prove, lengths, target } => {
-            if output.exists() && !force {
-                bail!("{} exists; pass --force to overwrite it", output.display());
-            }
-            if input.canonicalize().ok().is_some_and(|i| output.canonicalize().ok() == Some(i)) {
-                bail!("the output must not be the input file");
+            // Every check before any work: the arguments, the input, the destination, and (for
+            // the proof and --verify) that ONNX Runtime and the plugin load.
+            if verify {
+                check_lengths(&lengths)?;
             }
             if (!no_prove || verify) && scattermoe::ort::runtime::environment().is_err() {
                 let why = scattermoe::ort::runtime::environment().err().map(|e| format!("{e:#}")).unwrap_or_default();
@@ -88,6 +165,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             let mut model = onnx::load(&input)?;
+            onnx::output::check_output(&output, force, &model.input_files())?;
+            if model.graph().output.is_empty() {
+                bail!("{} has a graph with no outputs: nothing it computes can be kept, so it is not rewritten", input.display());
+            }
+            model.check_opset_compatible(scattermoe::spec::DOMAIN, scattermoe::spec::OPSET_VERSION)?;
+            check_contract_attributes(model.graph())?;
+            if verify || !no_prove {
+                check_runtime()?;
+            }
             let original_proto = if verify { Some(model.proto.clone()) } else { None };
             let target = match target {
                 TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,

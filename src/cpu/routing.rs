@@ -22,6 +22,9 @@ pub fn experts_of(op: &'static str, idx: Indices, k: usize, experts: usize) -> R
     (0..idx.len())
         .map(|i| {
             let e = idx.get(i);
+            // Expert ids are held as u32 (as on the GPU): a count beyond that range only widens
+            // what is refused, it never truncates an index.
+            let experts = experts.min(u32::MAX as usize);
             if e < 0 || e >= experts as i64 {
                 Err(index_out_of_range(op, "routing_indices", e, i / k, i % k, experts))
             } else {
@@ -33,9 +36,15 @@ pub fn experts_of(op: &'static str, idx: Indices, k: usize, experts: usize) -> R
 
 /// Which assignments fit their expert's capacity: ranked by `order`, an assignment is kept iff
 /// fewer than `capacity` earlier ones chose the same expert.
+///
+/// The per-expert counters are sized by the experts the indices actually name (every index is
+/// below `experts`, as [`experts_of`] checked), not by `experts`: an attribute such as
+/// `num_experts = 2^40` must not become an allocation.
 pub fn capacity_keep(expert: &[u32], k: usize, experts: usize, capacity: usize, order: CapacityOrder) -> Vec<bool> {
     let tokens = if k == 0 { 0 } else { expert.len() / k };
-    let mut used = vec![0usize; experts];
+    let named = expert.iter().map(|&e| e as usize + 1).max().unwrap_or(0);
+    debug_assert!(named <= experts, "expert index beyond the expert count");
+    let mut used = vec![0usize; named.min(experts)];
     let mut keep = vec![false; expert.len()];
     let mut visit = |flat: usize| {
         let e = expert[flat] as usize;
@@ -102,6 +111,17 @@ mod tests {
         assert_eq!(capacity_keep(&e, 2, 2, 2, CapacityOrder::TokenMajor), vec![true, true, true, false, false, true]);
         let r = group(&e, 2, Some(&capacity_keep(&e, 2, 2, 0, CapacityOrder::SlotMajor)));
         assert!(r.order.is_empty() && r.pos.iter().all(|&p| p == DROPPED));
+    }
+
+    #[test]
+    fn a_huge_expert_count_allocates_only_for_the_experts_named() {
+        // CapacityMask's num_experts is an attribute: 2^40 used to size a Vec (an abort).
+        let e = [3u32, 0, 3, 1];
+        let keep = capacity_keep(&e, 2, 1 << 40, 1, CapacityOrder::TokenMajor);
+        assert_eq!(keep, vec![true, true, false, true]);
+        let idx = [0i64, 1 << 33];
+        let err = experts_of("CapacityMask", Indices::I64(&idx), 2, 1 << 40).unwrap_err().to_string();
+        assert!(err.contains("holds 8589934592"), "{err}");
     }
 
     #[test]

@@ -52,7 +52,12 @@ impl<'g> GraphIndex<'g> {
             let mut seen = HashSet::new();
             for v in node_inputs_with_subgraphs(node) {
                 if let Some(&p) = producer.get(v) {
-                    if p != i && seen.insert(p) {
+                    // A node reading its own output is the smallest cycle: walkers that follow
+                    // producers would recurse without end (a stack overflow, found by fuzzing).
+                    if p == i {
+                        bail!("the graph has a cycle: node '{}' ({}) consumes its own output '{v}'", node.name, node.op_type);
+                    }
+                    if seen.insert(p) {
                         indeg[i] += 1;
                         succ[p].push(i);
                     }

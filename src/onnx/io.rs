@@ -9,7 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
 
-use super::tensor::{elem_size, is_external, numel, tensor_bytes, ExternalStore};
+use super::output::{check_output, check_targets, input_files, TempDir};
+use super::tensor::{checked_byte_size, elem_size, is_external, numel, tensor_bytes, ExternalStore};
 
 /// Writes a tensor's bytes, in order, to the sink it is given.
 pub type Producer = Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>;
@@ -26,7 +27,7 @@ pub struct PendingTensor {
 
 impl PendingTensor {
     pub fn byte_len(&self) -> usize {
-        elem_size(self.data_type).unwrap_or(1) * numel(&self.dims)
+        elem_size(self.data_type).unwrap_or(1).saturating_mul(numel(&self.dims))
     }
 }
 
@@ -49,14 +50,39 @@ impl Model {
         self.proto.opset_import.iter().find(|o| o.domain == want || (want.is_empty() && o.domain == "ai.onnx")).map(|o| o.version)
     }
 
-    /// Adds `domain` at `version` to the opset imports unless it is there.
+    /// Imports `domain` at `version`: added when absent; an import of another version is set to
+    /// `version` (the nodes written need it, and ONNX allows one version per domain). Nodes of
+    /// another version that were already in the model are refused up front by
+    /// [`Model::check_opset_compatible`].
     pub fn ensure_opset(&mut self, domain: &str, version: i64) {
+        self.proto.opset_import.retain(|o| o.domain != domain || o.version == version);
         if !self.proto.opset_import.iter().any(|o| o.domain == domain) {
             let mut o = OperatorSetIdProto::new();
             o.domain = domain.to_string();
             o.version = version;
             self.proto.opset_import.push(o);
         }
+    }
+
+    /// An error when the model imports `domain` at a version other than `version` and has nodes
+    /// of that domain (they were written for another version: rewriting would relabel them).
+    pub fn check_opset_compatible(&self, domain: &str, version: i64) -> Result<()> {
+        let Some(other) = self.proto.opset_import.iter().find(|o| o.domain == domain && o.version != version) else { return Ok(()) };
+        let mut nodes = self.proto.graph.node.iter().filter(|n| n.domain == domain);
+        if let Some(n) = nodes.next() {
+            bail!(
+                "{} imports {domain} version {} and has {domain} nodes ('{}'); this build knows version {version} only",
+                self.path.display(),
+                other.version,
+                n.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The input model and every external-data file it reads.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        input_files(&self.path, &self.proto, self.ext.base())
     }
 
     pub fn has_external_data(&self) -> bool {
@@ -71,13 +97,18 @@ pub fn load(path: &Path) -> Result<Model> {
         bail!("{} is not a file", path.display());
     }
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    load_bytes(&bytes, path)
+}
+
+/// Reads a model from its serialized `bytes`, as if loaded from `path` (whose folder holds its
+/// external data). The whole loader minus the file read: what the fuzz targets drive.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
     if bytes.is_empty() {
         bail!("{} is empty, not an ONNX model", path.display());
     }
-    let proto = ModelProto::parse_from_bytes(&bytes).map_err(|e| {
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| {
         anyhow!("{} is not a valid ONNX model: the protobuf does not parse ({e}); the file is corrupt, truncated, or not ONNX", path.display())
     })?;
-    drop(bytes);
     if proto.ir_version <= 0 || proto.graph.is_none() || proto.opset_import.is_empty() {
         bail!(
             "{} is not an ONNX model: it parses as protobuf but has {} (corrupt, truncated, or another format)",
@@ -88,8 +119,12 @@ pub fn load(path: &Path) -> Result<Model> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
     let model = Model { proto, ext: ExternalStore::new(&base), pending: Vec::new(), path: path.to_path_buf() };
-    // Check external data up front: a truncated or missing data file is an error now, not mid-save.
+    // Check sizes and external data up front: an impossible shape, or a truncated, missing or
+    // refused data file, is an error now, not mid-save.
     for t in &model.proto.graph.initializer {
+        if elem_size(t.data_type).is_some() {
+            checked_byte_size(&t.name, t.data_type, &t.dims).with_context(|| format!("{}: initializer", path.display()))?;
+        }
         if is_external(t) {
             model.ext.bytes(t).with_context(|| format!("{}: external data", path.display()))?;
         }
@@ -109,15 +144,6 @@ pub struct SaveOptions {
     pub progress: Option<bool>,
 }
 
-/// Removes a temporary directory (and what is in it) when dropped: temp files never outlive a
-/// failed save.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 const ALIGN: u64 = 4096;
 const COPY_CHUNK: usize = 16 << 20;
 const PROGRESS_MIN: usize = 256 << 20;
@@ -135,24 +161,19 @@ pub type PreCommit<'a> = &'a dyn Fn(&Path) -> Result<()>;
 
 /// [`save`], with a check before the output is committed.
 pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>) -> Result<()> {
-    if out.exists() && !opts.force {
-        bail!("{} exists; pass --force to overwrite it", out.display());
-    }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        bail!("output directory {} does not exist", dir.display());
-    }
-    let out_name = out.file_name().ok_or_else(|| anyhow!("{} names no file", out.display()))?.to_string_lossy().to_string();
-    let data_name = format!("{out_name}.data");
-    let data_final = dir.join(&data_name);
-    let tmp = TempDir(dir.join(format!(".{out_name}.tmp{}", std::process::id())));
-    let _ = fs::remove_dir_all(&tmp.0);
-    fs::create_dir(&tmp.0).with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    // Every check of the destination first (again, for library callers; the CLI ran them before
+    // the rewrite): nothing is written unless all pass.
+    let inputs = model.input_files();
+    let paths = check_output(out, opts.force, &inputs)?;
+    let (out_name, data_name, data_final) = (paths.name.clone(), paths.data_name.clone(), paths.data());
+    let tmp = TempDir::create(paths.temp_dir())?;
+    let tmp = (tmp.path().to_path_buf(), tmp);
     let data_tmp = tmp.0.join(&data_name);
     let onnx_tmp = tmp.0.join(&out_name);
+    let pending_total = model.pending.iter().try_fold(0usize, |a, p| a.checked_add(p.byte_len()));
+    if pending_total.is_none_or(|b| b > isize::MAX as usize) {
+        bail!("the tensors to add have more bytes than can be addressed");
+    }
 
     let pending_bytes: usize = model.pending.iter().map(PendingTensor::byte_len).sum();
     let inline_bytes: usize = model.proto.graph.initializer.iter().filter(|t| !is_external(t)).map(|t| t.raw_data.len()).sum();
@@ -321,14 +342,13 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
     if let Some(check) = check {
         check(&onnx_tmp)?;
     }
-    if out.exists() && !opts.force {
-        bail!("{} exists; pass --force to overwrite it", out.display());
-    }
+    // Re-checked at commit: the destination may have changed while the model was written.
+    check_targets(out, opts.force, &inputs)?;
     if has_data {
         fs::rename(&data_tmp, &data_final).with_context(|| format!("cannot move {} to {}", data_tmp.display(), data_final.display()))?;
     }
     fs::rename(&onnx_tmp, out).with_context(|| format!("cannot move {} to {}", onnx_tmp.display(), out.display()))?;
-    drop(tmp);
+    drop(tmp.1);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -36,8 +36,30 @@ pub fn elem_size(data_type: i32) -> Option<usize> {
     })
 }
 
+/// Element count of a shape; saturates at `usize::MAX` (so a size check against real bytes fails
+/// rather than wrapping to a small number). Use [`checked_numel`] where an error must be reported.
 pub fn numel(dims: &[i64]) -> usize {
-    dims.iter().map(|&d| d.max(0) as usize).product()
+    checked_numel(dims).unwrap_or(usize::MAX)
+}
+
+/// Element count of a shape, or None when a dimension is negative or the product overflows
+/// (dims [2^61, 8, 1] would wrap to 0 with plain multiplication and pass every size check).
+pub fn checked_numel(dims: &[i64]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+}
+
+/// Byte size of tensor `name` of `data_type` and shape `dims`, with an error naming the tensor
+/// when the shape is invalid or its size does not fit in memory.
+pub fn checked_byte_size(name: &str, data_type: i32, dims: &[i64]) -> Result<usize> {
+    let esz = elem_size(data_type)
+        .ok_or_else(|| anyhow!("tensor '{name}' has element type {} which is not supported here", onnx_type_name(data_type)))?;
+    if let Some(d) = dims.iter().find(|&&d| d < 0) {
+        bail!("tensor '{name}' has a negative dimension {d} in its shape {dims:?}");
+    }
+    checked_numel(dims)
+        .and_then(|n| n.checked_mul(esz))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| anyhow!("tensor '{name}': shape {dims:?} of {} has more bytes than can be addressed", onnx_type_name(data_type)))
 }
 
 /// Where a tensor's external data lives.
@@ -70,6 +92,65 @@ pub fn external_ref(t: &TensorProto) -> Result<ExternalRef> {
     Ok(ExternalRef { location, offset, length })
 }
 
+/// Resolves an external-data `location` against the model's folder `base` the way ONNX Runtime
+/// does: a relative path, which after following every symlink (canonicalize) still lies inside
+/// the model's folder and names a regular file. Folders, FIFOs, sockets and devices are refused by
+/// their type before anything opens them (opening a FIFO for reading would block forever).
+pub fn resolve_location(base: &Path, location: &str) -> Result<PathBuf> {
+    let rel = Path::new(location);
+    if location.is_empty() {
+        bail!("external data location is empty");
+    }
+    if location.contains('\0') {
+        bail!("external data location '{}' contains a NUL byte", location.escape_debug());
+    }
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        bail!("external data location '{location}' must be a relative path inside the model's directory");
+    }
+    let joined = base.join(rel);
+    let base_real = base.canonicalize().with_context(|| format!("cannot resolve the model's directory {}", base.display()))?;
+    // symlink_metadata first: a dangling link is reported as such rather than as "missing".
+    fs::symlink_metadata(&joined).with_context(|| format!("cannot open external data file {}", joined.display()))?;
+    let real = joined
+        .canonicalize()
+        .with_context(|| format!("external data location '{location}' ({}) cannot be resolved (a dangling symlink?)", joined.display()))?;
+    if !real.starts_with(&base_real) {
+        bail!(
+            "external data location '{location}' resolves to {}, outside the model's directory {} (through a symlink); refused",
+            real.display(),
+            base_real.display()
+        );
+    }
+    let meta = fs::metadata(&real).with_context(|| format!("cannot stat external data file {}", real.display()))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        bail!("external data location '{location}' ({}) is {}, not a regular file; refused", real.display(), file_kind(ft));
+    }
+    Ok(real)
+}
+
+/// Words for a file type in error messages.
+pub fn file_kind(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Memory-mapped external data files of one model, opened on first use.
 #[derive(Default)]
 pub struct ExternalStore {
@@ -91,11 +172,7 @@ impl ExternalStore {
         if let Some(m) = maps.get(location) {
             return Ok(m);
         }
-        let rel = Path::new(location);
-        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            bail!("external data location '{location}' must be a relative path inside the model's directory");
-        }
-        let path = self.base.join(rel);
+        let path = resolve_location(&self.base, location)?;
         let file = File::open(&path).with_context(|| format!("cannot open external data file {}", path.display()))?;
         // SAFETY: the file is mapped read-only; we never write it while the map lives.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
@@ -129,7 +206,10 @@ impl ExternalStore {
     pub fn bytes(&self, t: &TensorProto) -> Result<&'static [u8]> {
         let r = external_ref(t)?;
         let map = self.map(&r.location)?;
-        let need = elem_size(t.data_type).map(|s| s * numel(&t.dims));
+        let need = match elem_size(t.data_type) {
+            Some(_) => Some(checked_byte_size(&t.name, t.data_type, &t.dims)?),
+            None => None,
+        };
         let len = match (r.length, need) {
             (Some(l), _) => l,
             (None, Some(n)) => n,
@@ -155,7 +235,7 @@ impl ExternalStore {
 pub fn tensor_bytes<'a>(t: &'a TensorProto, ext: Option<&ExternalStore>) -> Result<Cow<'a, [u8]>> {
     let esz = elem_size(t.data_type)
         .ok_or_else(|| anyhow!("tensor '{}' has element type {} which is not supported here", t.name, onnx_type_name(t.data_type)))?;
-    let n = numel(&t.dims);
+    let n = checked_byte_size(&t.name, t.data_type, &t.dims)? / esz;
     if is_external(t) {
         let ext = ext.ok_or_else(|| anyhow!("tensor '{}' has external data but no model directory is known", t.name))?;
         return Ok(Cow::Borrowed(ext.bytes(t)?));
@@ -166,7 +246,10 @@ pub fn tensor_bytes<'a>(t: &'a TensorProto, ext: Option<&ExternalStore>) -> Resu
         }
         return Ok(Cow::Borrowed(&t.raw_data));
     }
-    let mut out = Vec::with_capacity(n * esz);
+    // Reserve by what the typed fields hold, not by the shape: a shape that claims more than is
+    // present is an error below, not an allocation.
+    let present = t.float_data.len() + t.double_data.len() + t.int64_data.len() + t.uint64_data.len() + t.int32_data.len();
+    let mut out = Vec::with_capacity(present.min(n).saturating_mul(esz));
     match t.data_type {
         FLOAT => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DOUBLE => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),

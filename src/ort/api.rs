@@ -184,6 +184,81 @@ impl crate::spec::AttrSource for KernelInfo {
     }
 }
 
+/// Which ONNX type an attribute was given, as far as these getters can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttrKind {
+    Int,
+    Float,
+    Str,
+    Ints,
+    Floats,
+}
+
+impl AttrKind {
+    fn name(self) -> &'static str {
+        match self {
+            AttrKind::Int => "an int",
+            AttrKind::Float => "a float",
+            AttrKind::Str => "a string",
+            AttrKind::Ints => "a list of ints",
+            AttrKind::Floats => "a list of floats",
+        }
+    }
+
+    fn of(default: crate::spec::AttrDefault) -> Self {
+        match default {
+            crate::spec::AttrDefault::Int(_) => AttrKind::Int,
+            crate::spec::AttrDefault::Float(_) => AttrKind::Float,
+            crate::spec::AttrDefault::Str(_) => AttrKind::Str,
+        }
+    }
+}
+
+/// A node's attributes, probed by name and type (ORT's getters fail on a type mismatch, and the
+/// spec's parsers read that as "absent", which would silently apply the default).
+pub trait AttrProbe {
+    /// Whether attribute `name` is present with type `kind`.
+    fn has(&self, name: &str, kind: AttrKind) -> bool;
+
+    /// An error naming the first attribute of `descs` that is present with another type than the
+    /// contract's (op `op`).
+    fn check_attr_types(&self, op: &str, descs: &[crate::spec::AttrDesc]) -> Result<(), String> {
+        const ALL: [AttrKind; 5] = [AttrKind::Int, AttrKind::Float, AttrKind::Str, AttrKind::Ints, AttrKind::Floats];
+        for d in descs {
+            let want = AttrKind::of(d.default);
+            if self.has(d.name, want) {
+                continue;
+            }
+            if let Some(got) = ALL.into_iter().find(|&k| k != want && self.has(d.name, k)) {
+                return Err(format!("{op}: attribute '{}' must be {}, got {}", d.name, want.name(), got.name()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AttrProbe for KernelInfo {
+    fn has(&self, name: &str, kind: AttrKind) -> bool {
+        use crate::spec::AttrSource;
+        let Ok(c) = CString::new(name) else { return false };
+        match kind {
+            AttrKind::Int => self.int(name).is_some(),
+            AttrKind::Float => self.float(name).is_some(),
+            AttrKind::Str => self.string(name).is_some(),
+            AttrKind::Ints => {
+                let mut n = 0usize;
+                // A size query succeeds for any attribute name ORT finds: only a non-empty list tells.
+                check(unsafe { (api().KernelInfoGetAttributeArray_int64)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok() && n > 0
+            }
+            AttrKind::Floats => {
+                let mut n = 0usize;
+                // A size query succeeds for any attribute name ORT finds: only a non-empty list tells.
+                check(unsafe { (api().KernelInfoGetAttributeArray_float)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).is_ok() && n > 0
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shape inference
 // ---------------------------------------------------------------------------------------------
@@ -262,6 +337,20 @@ impl ShapeContext {
             }
             Err(_) => None,
         }
+    }
+}
+
+impl AttrProbe for ShapeContext {
+    fn has(&self, name: &str, kind: AttrKind) -> bool {
+        let ty = match kind {
+            AttrKind::Int => OrtOpAttrType::ORT_OP_ATTR_INT,
+            AttrKind::Float => OrtOpAttrType::ORT_OP_ATTR_FLOAT,
+            AttrKind::Str => OrtOpAttrType::ORT_OP_ATTR_STRING,
+            AttrKind::Ints => OrtOpAttrType::ORT_OP_ATTR_INTS,
+            AttrKind::Floats => OrtOpAttrType::ORT_OP_ATTR_FLOATS,
+        };
+        let mut b = [0u8; 64];
+        self.attr_raw(name, ty, &mut b).is_some()
     }
 }
 

@@ -6,7 +6,7 @@
 //! and lives as long as the kernel, beside ORT's initializer; `SCATTERMOE_CPU_PREPACK=0` turns
 //! packing off (the products then read the initializers as they are, every call).
 
-use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
+use super::api::{AttrProbe, KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
 use super::op::{ort_type, Kernel, OpDef};
 use crate::reference::panels::{Columns, PackedWeights};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
@@ -143,6 +143,7 @@ struct MoeCpu {
 }
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -174,6 +175,7 @@ fn pack_moe(info: &KernelInfo, attrs: &scatter_moe::Attrs, t: ElemType) -> Optio
 }
 
 pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
+    ctx.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &plain);
@@ -259,6 +261,7 @@ struct LinearCpu {
 }
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -288,6 +291,7 @@ fn pack_linear(info: &KernelInfo, t: ElemType) -> Option<PackedWeights> {
 }
 
 pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
+    ctx.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &plain);
@@ -365,6 +369,7 @@ struct MaskCpu {
 }
 
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -372,6 +377,7 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 }
 
 pub(super) fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
+    ctx.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     capacity_mask::Attrs::parse(ctx).map_err(to_string)?;
     let (plain, named) = shape_inputs(ctx)?;
     let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &plain);

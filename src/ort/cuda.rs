@@ -6,7 +6,7 @@
 //!
 //! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
 
-use super::api::{KernelContext, KernelInfo, Tensor};
+use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
 use super::cpu::{compute_inputs, kernel_inputs, known, op_table, to_string, Kernels, Signature};
 use super::op::{Kernel, OpDef};
 use crate::cuda::checks::{CheckInfo, RunChecks};
@@ -71,6 +71,7 @@ struct MoeCuda {
 }
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -124,6 +125,7 @@ struct LinearCuda {
 }
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
@@ -179,6 +181,7 @@ struct MaskCuda {
 }
 
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
     let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;

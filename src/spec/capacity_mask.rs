@@ -29,8 +29,10 @@ pub struct Attrs {
 impl Attrs {
     pub fn parse(src: &dyn AttrSource) -> Result<Self, SpecError> {
         let num_experts = match src.int(ATTR_NUM_EXPERTS) {
-            Some(e) if e >= 1 => e as usize,
-            Some(e) => return err(NAME, format!("attribute 'num_experts' must be >= 1, got {e}")),
+            // Expert ids are int32 or int64 tensors held as u32 by the kernels: beyond
+            // i32::MAX no index tensor could name them all.
+            Some(e) if (1..=i32::MAX as i64).contains(&e) => e as usize,
+            Some(e) => return err(NAME, format!("attribute 'num_experts' must be in [1, {}], got {e}", i32::MAX)),
             None => return err(NAME, "attribute 'num_experts' is required"),
         };
         let capacity_order = read_enum(NAME, src, ATTR_CAPACITY_ORDER, scatter_moe::Attrs::DEFAULT.capacity_order)?;
@@ -47,7 +49,7 @@ pub fn check(types: InputTypes, shapes: &[Option<&Shape>]) -> Result<IndexType, 
     let c = shapes[CAPACITY].unwrap();
     let count = c.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v));
     if c.len() > 1 || count.is_some_and(|n| n != 1) {
-        return err(NAME, format!("input 'capacity' must be a scalar or hold one element, got shape {}", fmt_shape(c)));
+        return err(NAME, format!("input 'capacity' must be a scalar (shape []) or a 1-D tensor of one element (shape [1]), got shape {}", fmt_shape(c)));
     }
     Ok(it)
 }

@@ -193,7 +193,7 @@ pub fn check(
     if let Some(c) = cap {
         let count = c.iter().try_fold(1u64, |acc, d| d.map(|v| acc * v));
         if c.len() > 1 || count.is_some_and(|n| n != 1) {
-            return err(op, format!("input 'capacity' must be a scalar or hold one element, got shape {}", fmt_shape(c)));
+            return err(op, format!("input 'capacity' must be a scalar (shape []) or a 1-D tensor of one element (shape [1]), got shape {}", fmt_shape(c)));
         }
     }
     Ok((t, it, Dims {
