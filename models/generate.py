@@ -441,14 +441,188 @@ def check_ort(path, arrays):
     return res
 
 
+# --- JetMoE, Llama-4, Nemotron-H, whole LMs ---
+# Fixtures under models/families/ (their own index.json): JetMoE's MoE block and a whole tiny JetMoE
+# LM (whose attention is Mixture-of-Attention), and whole tiny causal LMs. The block inputs are
+# `hidden_states` [1, S, d]; the LMs take `input_ids` [1, S] and return `logits`. Each entry says
+# what the rewriter must do with it (`expect`), which tests/rewrite_families.rs checks.
+
+FAMILY_TRACED = 16
+
+
+def _tiny_lm(name, experts_impl="eager"):
+    import transformers as tr
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False, experts_implementation=experts_impl)
+    if name == "jetmoe":
+        c = tr.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=64, tie_word_embeddings=False)
+        return tr.JetMoeForCausalLM(c)
+    if name == "mixtral":
+        c = tr.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8, **common)
+        return tr.MixtralForCausalLM(c)
+    if name == "qwen3_moe":
+        c = tr.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                              head_dim=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common)
+        return tr.Qwen3MoeForCausalLM(c)
+    raise KeyError(name)
+
+
+class _Logits(nn.Module):
+    """A causal LM without cache: input_ids -> logits. The explicit all-ones attention mask keeps
+    transformers from tracing its packed-sequence detection (torch.diff, which the TorchScript
+    exporter cannot write)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+
+
+def _jetmoe_block():
+    import transformers as tr
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE
+
+    c = tr.JetMoeConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, kv_channels=8,
+                        num_key_value_heads=2, num_attention_heads=4)
+    return JetMoeMoE(c)
+
+
+# name, builder ("block:jetmoe" or "lm:<family>[:<experts implementation>]"), exporter, dtype, expect
+# expect: dict(scattermoe=N, parallel_linear=N) for a rewrite, or dict(refused=reason substring)
+FAMILY_FIXTURES = [
+    ("jetmoe_moe", "block:jetmoe", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("jetmoe_moe_f16", "block:jetmoe", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # torch's TorchScript exporter writes JetMoE's index_add as ScatterElements without a
+    # reduction: a token's k rows overwrite each other, so the export does not compute JetMoE
+    ("jetmoe_moe_ts", "block:jetmoe", "torchscript", "float32", dict(refused="ScatterElements")),
+    ("jetmoe_lm", "lm:jetmoe", "dynamo", "float32", dict(scattermoe=2, parallel_linear=4)),
+    ("mixtral_lm", "lm:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("qwen3_moe_lm", "lm:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    # batched_mm experts, dynamo: needs the batched_mm rule
+    ("mixtral_lm_bmm_dynamo", "lm:mixtral:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+]
+
+
+def _export(model, x, path, exporter, input_name, output_name, opset=17):
+    import torch
+
+    with torch.no_grad():
+        if exporter == "dynamo":
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=[input_name], output_names=[output_name],
+                              dynamic_shapes=({1: torch.export.Dim("S", min=1, max=64)},), external_data=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, input_names=[input_name],
+                              output_names=[output_name], dynamic_axes={input_name: {1: "S"}, output_name: {1: "S"}},
+                              do_constant_folding=True)
+    fix_ir(path)
+    # the dynamo exporter stores a stack trace per node: drop them to keep the fixtures small
+    import onnx
+
+    mp = onnx.load(path)
+    for n in mp.graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    mp.graph.doc_string = ""
+    onnx.save(mp, path)
+
+
+def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
+    torch.manual_seed(seed)
+    parts = spec.split(":")
+    tdtype = getattr(torch, dtype)
+    if parts[0] == "block":
+        m = _jetmoe_block()
+        input_name, output_name = "hidden_states", "output"
+        randomise(m, seed)
+        m = FirstOutput(m.to(tdtype).eval()).eval()
+
+        def make_x(S, s):
+            return torch.randn((1, S, 32), generator=torch.Generator().manual_seed(s)).to(tdtype)
+    else:
+        lm = _tiny_lm(parts[1], parts[2] if len(parts) > 2 else "eager")
+        randomise(lm, seed)
+        m = _Logits(lm.to(tdtype).eval()).eval()
+        input_name, output_name = "input_ids", "logits"
+
+        def make_x(S, s):
+            return torch.randint(0, 64, (1, S), generator=torch.Generator().manual_seed(s))
+
+    # traced loops unroll over the experts the traced input hits: pick one that hits every expert
+    # (the whole-LM exports are checked by ORT at the traced length below)
+    x_trace = make_x(FAMILY_TRACED, seed * 1000)
+    path = os.path.join(out_dir, name + ".onnx")
+    _export(m, x_trace, path, exporter, input_name, output_name)
+    arrays = {}
+    for S in LENGTHS:
+        x = x_trace if S == FAMILY_TRACED else make_x(S, 7 + S)
+        with torch.no_grad():
+            y = m(x)
+        arrays[f"x_{S}"] = x.numpy()
+        arrays[f"y_{S}"] = y.numpy()
+    np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
+    ort_ok = {}
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        for S in LENGTHS:
+            try:
+                (o,) = sess.run(None, {input_name: arrays[f"x_{S}"]})
+                y = arrays[f"y_{S}"]
+                ort_ok[str(S)] = float(np.abs(o.astype(np.float64) - y).max() / max(np.abs(y).max(), 1e-30))
+            except Exception as e:
+                ort_ok[str(S)] = "fails: " + str(e).splitlines()[0][:200]
+    except ImportError:
+        pass
+    import onnx
+
+    mp = onnx.load(path)
+    return dict(name=name, source=spec, exporter=exporter, dtype=dtype, input=input_name, output=output_name,
+                traced=FAMILY_TRACED, lengths=list(LENGTHS), bytes=os.path.getsize(path), nodes=len(mp.graph.node),
+                opset=[o.version for o in mp.opset_import if o.domain == ""][0], ir_version=mp.ir_version,
+                original_runs_in_ort=ort_ok, expect=expect)
+
+
+def families_main(out_dir, only):
+    os.makedirs(out_dir, exist_ok=True)
+    index, failed = [], []
+    for i, (name, spec, exporter, dtype, expect) in enumerate(FAMILY_FIXTURES):
+        if only and name not in only:
+            continue
+        try:
+            e = export_family(name, spec, exporter, dtype, expect, out_dir, 100 + i)
+            index.append(e)
+            print(f"ok   {name}: {e['nodes']} nodes, {e['bytes']} bytes, ORT original: {e['original_runs_in_ort']}", flush=True)
+        except Exception as ex:
+            failed.append(name)
+            print(f"FAIL {name}: {type(ex).__name__}: {str(ex)[:1500]}", flush=True)
+    path = os.path.join(out_dir, "index.json")
+    old = json.load(open(path)) if os.path.exists(path) else dict(fixtures=[])
+    keep = [f for f in old["fixtures"] if f["name"] not in {e["name"] for e in index}]
+    with open(path, "w") as fh:
+        json.dump(dict(torch=torch.__version__, fixtures=sorted(keep + index, key=lambda f: f["name"]), failed=failed), fh, indent=1)
+    print(f"{len(index)} exported, {len(failed)} failed: {failed}", flush=True)
+
+
+# --- end of JetMoE, Llama-4, Nemotron-H, whole LMs ---
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--families", action="store_true", help="write the fixtures of models/families/ into --out")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     only = set(filter(None, a.only.split(",")))
+    if a.families:
+        return families_main(a.out, only)
     print(f"torch {torch.__version__}", flush=True)
     try:
         import transformers
