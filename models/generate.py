@@ -483,6 +483,28 @@ class _Logits(nn.Module):
         return self.m(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
 
+class _LogitsWithPast(nn.Module):
+    """A two-layer causal LM with past keys and values as inputs: (input_ids, past_key_0,
+    past_value_0, past_key_1, past_value_1) -> logits. The cache is rebuilt from the tensors."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, pk0, pv0, pk1, pv1):
+        from transformers import DynamicCache
+
+        c = DynamicCache()
+        c.update(pk0, pv0, 0)
+        c.update(pk1, pv1, 1)
+        mask = torch.ones((1, pk0.shape[2] + input_ids.shape[1]), dtype=torch.int64)
+        return self.m(input_ids=input_ids, attention_mask=mask, past_key_values=c, use_cache=True).logits
+
+
+PAST = 5
+PAST_NAMES = ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+
+
 def _jetmoe_block():
     import transformers as tr
     from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE
@@ -490,6 +512,25 @@ def _jetmoe_block():
     c = tr.JetMoeConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, kv_channels=8,
                         num_key_value_heads=2, num_attention_heads=4)
     return JetMoeMoE(c)
+
+
+def _llama4_block():
+    import transformers as tr
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    c = tr.Llama4TextConfig(hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_local_experts=4,
+                            num_experts_per_tok=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return Llama4TextMoe(c)
+
+
+def _nemotron_h_block(experts_impl):
+    import transformers as tr
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    c = tr.NemotronHConfig(hidden_size=32, moe_intermediate_size=48, moe_shared_expert_intermediate_size=64, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
+                           experts_implementation=experts_impl)
+    return NemotronHMoE(c)
 
 
 # name, builder ("block:jetmoe" or "lm:<family>[:<experts implementation>]"), exporter, dtype, expect
@@ -503,16 +544,31 @@ FAMILY_FIXTURES = [
     ("jetmoe_lm", "lm:jetmoe", "dynamo", "float32", dict(scattermoe=2, parallel_linear=4)),
     ("mixtral_lm", "lm:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("qwen3_moe_lm", "lm:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    # Llama-4: sigmoid top-1 scores scale the experts' inputs, shared expert beside
+    ("llama4_moe", "block:llama4", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_f16", "block:llama4", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_ts", "block:llama4", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Nemotron-H: non-gated experts with squared ReLU (relu2), which the op does not have
+    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(refused="activation")),
+    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(refused="activation", needs="batched_mm")),
+    # with past keys and values (5 cached positions) as inputs
+    ("mixtral_lm_past", "lmpast:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("qwen3_moe_lm_past", "lmpast:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     # batched_mm experts, dynamo: needs the batched_mm rule
     ("mixtral_lm_bmm_dynamo", "lm:mixtral:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
 ]
 
 
-def _export(model, x, path, exporter, input_name, output_name, opset=17):
+def _export(model, x, path, exporter, input_name, output_name, opset=17, extra=()):
     import torch
 
     with torch.no_grad():
-        if exporter == "dynamo":
+        if extra:
+            names = [input_name] + PAST_NAMES
+            axes = {input_name: {1: "S"}, **{n: {2: "P"} for n in PAST_NAMES}, output_name: {1: "S"}}
+            torch.onnx.export(model, (x, *extra), path, dynamo=False, opset_version=opset, input_names=names,
+                              output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
+        elif exporter == "dynamo":
             torch.onnx.export(model, (x,), path, dynamo=True, input_names=[input_name], output_names=[output_name],
                               dynamic_shapes=({1: torch.export.Dim("S", min=1, max=64)},), external_data=False)
         else:
@@ -536,7 +592,7 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
     parts = spec.split(":")
     tdtype = getattr(torch, dtype)
     if parts[0] == "block":
-        m = _jetmoe_block()
+        m = {"jetmoe": _jetmoe_block, "llama4": _llama4_block}[parts[1]]() if parts[1] != "nemotron_h" else _nemotron_h_block(parts[2])
         input_name, output_name = "hidden_states", "output"
         randomise(m, seed)
         m = FirstOutput(m.to(tdtype).eval()).eval()
@@ -546,7 +602,7 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
     else:
         lm = _tiny_lm(parts[1], parts[2] if len(parts) > 2 else "eager")
         randomise(lm, seed)
-        m = _Logits(lm.to(tdtype).eval()).eval()
+        m = (_LogitsWithPast if parts[0] == "lmpast" else _Logits)(lm.to(tdtype).eval()).eval()
         input_name, output_name = "input_ids", "logits"
 
         def make_x(S, s):
@@ -556,14 +612,25 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
     # (the whole-LM exports are checked by ORT at the traced length below)
     x_trace = make_x(FAMILY_TRACED, seed * 1000)
     path = os.path.join(out_dir, name + ".onnx")
-    _export(m, x_trace, path, exporter, input_name, output_name)
+
+    def past(s):
+        # [1, kv heads, PAST, head_dim] per layer; extra inputs are saved as in_<name>_<S>
+        if parts[0] != "lmpast":
+            return ()
+        g = torch.Generator().manual_seed(s)
+        return tuple(torch.randn((1, 2, PAST, 8), generator=g).to(tdtype) for _ in PAST_NAMES)
+
+    _export(m, x_trace, path, exporter, input_name, output_name, extra=past(seed * 1000 + 1))
     arrays = {}
     for S in LENGTHS:
         x = x_trace if S == FAMILY_TRACED else make_x(S, 7 + S)
+        extra = past(seed * 1000 + 1 if S == FAMILY_TRACED else 17 + S)
         with torch.no_grad():
-            y = m(x)
+            y = m(x, *extra)
         arrays[f"x_{S}"] = x.numpy()
         arrays[f"y_{S}"] = y.numpy()
+        for n, t in zip(PAST_NAMES, extra):
+            arrays[f"in_{n}_{S}"] = t.numpy()
     np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
     ort_ok = {}
     try:
@@ -572,7 +639,9 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         for S in LENGTHS:
             try:
-                (o,) = sess.run(None, {input_name: arrays[f"x_{S}"]})
+                feed = {input_name: arrays[f"x_{S}"]}
+                feed.update({n: arrays[f"in_{n}_{S}"] for n in PAST_NAMES if f"in_{n}_{S}" in arrays})
+                (o,) = sess.run(None, feed)
                 y = arrays[f"y_{S}"]
                 ort_ok[str(S)] = float(np.abs(o.astype(np.float64) - y).max() / max(np.abs(y).max(), 1e-30))
             except Exception as e:
