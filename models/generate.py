@@ -448,6 +448,7 @@ def check_ort(path, arrays):
 # what the rewriter must do with it (`expect`), which tests/rewrite_families.rs checks.
 
 FAMILY_TRACED = 16
+FAMILY_EXPERTS = 4  # every family fixture has 4 experts
 
 
 def _tiny_lm(name, experts_impl="eager"):
@@ -610,7 +611,6 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
 
     # traced loops unroll over the experts the traced input hits: pick one that hits every expert
     # (the whole-LM exports are checked by ORT at the traced length below)
-    x_trace = make_x(FAMILY_TRACED, seed * 1000)
     path = os.path.join(out_dir, name + ".onnx")
 
     def past(s):
@@ -620,6 +620,29 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
         g = torch.Generator().manual_seed(s)
         return tuple(torch.randn((1, 2, PAST, 8), generator=g).to(tdtype) for _ in PAST_NAMES)
 
+    # traced per-expert loops unroll over the experts the traced input hits: take an input that
+    # hits every expert of every layer
+    seen = []
+
+    def hook(_mod, args, kwargs):
+        a = list(args) + list(kwargs.values())
+        if len(a) >= 2 and torch.is_tensor(a[1]) and not a[1].dtype.is_floating_point:
+            seen.append(a[1].detach())
+
+    hooks = [mod.register_forward_pre_hook(hook, with_kwargs=True) for n, mod in m.named_modules() if n.endswith(".experts")]
+    x_trace = None
+    for s in range(seed * 1000, seed * 1000 + 200):
+        seen.clear()
+        x = make_x(FAMILY_TRACED, s)
+        with torch.no_grad():
+            m(x, *past(seed * 1000 + 1))
+        if all(len(torch.unique(i)) == FAMILY_EXPERTS for i in seen):
+            x_trace = x
+            break
+    for h in hooks:
+        h.remove()
+    if x_trace is None:
+        raise RuntimeError("no traced input found that hits every expert of every layer")
     _export(m, x_trace, path, exporter, input_name, output_name, extra=past(seed * 1000 + 1))
     arrays = {}
     for S in LENGTHS:

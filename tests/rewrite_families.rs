@@ -152,3 +152,14 @@ fn mixtral_lm_batched_mm_dynamo_is_rewritten() {
     let _ = std::fs::remove_dir_all(&scratch);
     r.unwrap();
 }
+
+/// Nemotron-H's experts are non-gated with a squared ReLU, an activation the op does not have: the
+/// eager loop is recognised as far as the activation and left with that reason (the rewriter must
+/// not approximate it by another activation).
+#[test]
+fn nemotron_h_relu2_experts_are_left_with_the_reason() {
+    let mut model = onnx::load(&dir().join("nemotron_h_moe.onnx")).unwrap();
+    let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+    assert!(report.layers.is_empty(), "{}", report.text());
+    assert!(report.rejected.iter().any(|r| r.reason.contains("activation is not one of")), "{}", report.text());
+}

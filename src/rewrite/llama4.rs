@@ -65,10 +65,8 @@ fn ints(g: &GraphIndex, v: &str, p: &str, e: i64, depth: usize) -> Option<Vec<i6
             let vals = crate::onnx::tensor::tensor_f32(val, None).ok()?;
             (len.len() == 1 && vals.len() == 1 && len[0] >= 0 && len[0] <= 8).then(|| vec![vals[0] as i64; len[0] as usize])
         }
-        "Shape" if n.input[0] == p => {
-            // Shape(P) of rank 2 read through Gather below; a bare Shape is not a known vector
-            None
-        }
+        // the length of a vector whose values are known
+        "Shape" if attr_i(n, "start").is_none() && attr_i(n, "end").is_none() => ints(g, &n.input[0], p, e, depth + 1).map(|v| vec![v.len() as i64]),
         "Gather" => {
             let s = prod(g, &n.input[0], "Shape")?;
             let i = g.const_i64(&n.input[1])?;
@@ -135,9 +133,19 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
     // Y_e = Reshape*(MatMul(H, down [E, f, d]))
     let mut cur = n.input[0].as_str();
     let mut reshapes = Vec::new();
-    while let Some(r) = prod(g, cur, "Reshape") {
-        reshapes.push(r);
-        cur = &r.input[0];
+    loop {
+        if let Some(r) = prod(g, cur, "Reshape") {
+            reshapes.push(r);
+            cur = &r.input[0];
+        } else if let Some(c) = prod(g, cur, "Cast") {
+            // float16/bfloat16 blocks sum in float32
+            if g.infer_type(&c.input[0]).is_none_or(|t| !matches!(t, 1 | 10 | 16)) || !matches!(attr_i(c, "to"), Some(1 | 10 | 16)) {
+                return Err("the expert outputs are cast to a non-float type".into());
+            }
+            cur = &c.input[0];
+        } else {
+            break;
+        }
     }
     let down = prod(g, cur, "MatMul").ok_or("the summed value is not a batched MatMul")?;
     let wd = g.const_dims(&down.input[1]).filter(|d| d.len() == 3 && g.initializers.contains_key(down.input[1].as_str())).ok_or("the second projection is not a stacked initializer [E, f, d]")?;
@@ -259,12 +267,22 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
     a.t = protobuf::MessageField::some(make_tensor("", elem, &[1], one));
     cos.attribute.push(a);
     extra.push(cos);
+    // the op writes the rows' type: the sum itself, or the Cast back to the rows' type that
+    // follows a float32 sum
+    let sum = n.output[0].as_str();
+    let output = if g.infer_type(sum) == Some(elem) {
+        sum.to_string()
+    } else {
+        let cons = g.cons(sum);
+        let cast = (cons.len() == 1).then(|| g.node(cons[0])).filter(|c| c.op_type == "Cast" && attr_i(c, "to") == Some(elem as i64) && !g.graph_outputs.contains(sum));
+        cast.ok_or("the sum over experts is in another type than the rows and not cast back to it")?.output[0].clone()
+    };
     Ok(MoeLayer {
         family: FAMILY,
         x: xs,
         routing_weights: ones,
         routing_indices: s.idx,
-        output: n.output[0].clone(),
+        output,
         experts,
         capacity: None,
         capacity_order: CapacityOrder::SlotMajor,
@@ -295,7 +313,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
             continue;
         }
         // cheap filter: the summed value comes (through reshapes) from a MatMul with a rank-3 initializer
-        let v = strip(g, &n.input[0], &["Reshape"]);
+        let v = strip(g, &n.input[0], &["Reshape", "Cast"]);
         let Some(mm) = prod(g, v, "MatMul") else { continue };
         if !g.const_dims(&mm.input[1]).is_some_and(|d| d.len() == 3) {
             continue;
