@@ -441,14 +441,280 @@ def check_ort(path, arrays):
     return res
 
 
+# --- JetMoE, Llama-4, Nemotron-H, whole LMs ---
+# Fixtures under models/families/ (their own index.json): JetMoE's MoE block and a whole tiny JetMoE
+# LM (whose attention is Mixture-of-Attention), and whole tiny causal LMs. The block inputs are
+# `hidden_states` [1, S, d]; the LMs take `input_ids` [1, S] and return `logits`. Each entry says
+# what the rewriter must do with it (`expect`), which tests/rewrite_families.rs checks.
+
+FAMILY_TRACED = 16
+FAMILY_EXPERTS = 4  # every family fixture has 4 experts
+
+
+def _tiny_lm(name, experts_impl="eager"):
+    import transformers as tr
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False, experts_implementation=experts_impl)
+    if name == "jetmoe":
+        c = tr.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=64, tie_word_embeddings=False)
+        return tr.JetMoeForCausalLM(c)
+    if name == "mixtral":
+        c = tr.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=8, **common)
+        return tr.MixtralForCausalLM(c)
+    if name == "qwen3_moe":
+        c = tr.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                              head_dim=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common)
+        return tr.Qwen3MoeForCausalLM(c)
+    raise KeyError(name)
+
+
+class _Logits(nn.Module):
+    """A causal LM without cache: input_ids -> logits. The explicit all-ones attention mask keeps
+    transformers from tracing its packed-sequence detection (torch.diff, which the TorchScript
+    exporter cannot write)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+
+
+class _LogitsWithPast(nn.Module):
+    """A two-layer causal LM with past keys and values as inputs: (input_ids, past_key_0,
+    past_value_0, past_key_1, past_value_1) -> logits. The cache is rebuilt from the tensors."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, pk0, pv0, pk1, pv1):
+        from transformers import DynamicCache
+
+        c = DynamicCache()
+        c.update(pk0, pv0, 0)
+        c.update(pk1, pv1, 1)
+        mask = torch.ones((1, pk0.shape[2] + input_ids.shape[1]), dtype=torch.int64)
+        return self.m(input_ids=input_ids, attention_mask=mask, past_key_values=c, use_cache=True).logits
+
+
+PAST = 5
+PAST_NAMES = ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+
+
+def _jetmoe_block():
+    import transformers as tr
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE
+
+    c = tr.JetMoeConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, kv_channels=8,
+                        num_key_value_heads=2, num_attention_heads=4)
+    return JetMoeMoE(c)
+
+
+def _llama4_block():
+    import transformers as tr
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    c = tr.Llama4TextConfig(hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_local_experts=4,
+                            num_experts_per_tok=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return Llama4TextMoe(c)
+
+
+def _nemotron_h_block(experts_impl):
+    import transformers as tr
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    c = tr.NemotronHConfig(hidden_size=32, moe_intermediate_size=48, moe_shared_expert_intermediate_size=64, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
+                           experts_implementation=experts_impl)
+    return NemotronHMoE(c)
+
+
+# name, builder ("block:jetmoe" or "lm:<family>[:<experts implementation>]"), exporter, dtype, expect
+# expect: dict(scattermoe=N, parallel_linear=N) for a rewrite, or dict(refused=reason substring)
+FAMILY_FIXTURES = [
+    ("jetmoe_moe", "block:jetmoe", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("jetmoe_moe_f16", "block:jetmoe", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # torch's TorchScript exporter writes JetMoE's index_add as ScatterElements without a
+    # reduction: a token's k rows overwrite each other, so the export does not compute JetMoE
+    ("jetmoe_moe_ts", "block:jetmoe", "torchscript", "float32", dict(refused="ScatterElements")),
+    ("jetmoe_lm", "lm:jetmoe", "dynamo", "float32", dict(scattermoe=2, parallel_linear=4)),
+    ("mixtral_lm", "lm:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("qwen3_moe_lm", "lm:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    # Llama-4: sigmoid top-1 scores scale the experts' inputs, shared expert beside
+    ("llama4_moe", "block:llama4", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_f16", "block:llama4", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_ts", "block:llama4", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Nemotron-H: non-gated experts with squared ReLU (relu2), which the op does not have
+    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(refused="activation")),
+    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(refused="activation", needs="batched_mm")),
+    # with past keys and values (5 cached positions) as inputs
+    ("mixtral_lm_past", "lmpast:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("qwen3_moe_lm_past", "lmpast:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    # batched_mm experts, dynamo: needs the batched_mm rule
+    ("mixtral_lm_bmm_dynamo", "lm:mixtral:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+]
+
+
+def _export(model, x, path, exporter, input_name, output_name, opset=17, extra=()):
+    import torch
+
+    with torch.no_grad():
+        if extra:
+            names = [input_name] + PAST_NAMES
+            axes = {input_name: {1: "S"}, **{n: {2: "P"} for n in PAST_NAMES}, output_name: {1: "S"}}
+            torch.onnx.export(model, (x, *extra), path, dynamo=False, opset_version=opset, input_names=names,
+                              output_names=[output_name], dynamic_axes=axes, do_constant_folding=True)
+        elif exporter == "dynamo":
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=[input_name], output_names=[output_name],
+                              dynamic_shapes=({1: torch.export.Dim("S", min=1, max=64)},), external_data=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, input_names=[input_name],
+                              output_names=[output_name], dynamic_axes={input_name: {1: "S"}, output_name: {1: "S"}},
+                              do_constant_folding=True)
+    fix_ir(path)
+    # the dynamo exporter stores a stack trace per node: drop them to keep the fixtures small
+    import onnx
+
+    mp = onnx.load(path)
+    for n in mp.graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    mp.graph.doc_string = ""
+    onnx.save(mp, path)
+
+
+def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
+    torch.manual_seed(seed)
+    parts = spec.split(":")
+    tdtype = getattr(torch, dtype)
+    if parts[0] == "block":
+        m = {"jetmoe": _jetmoe_block, "llama4": _llama4_block}[parts[1]]() if parts[1] != "nemotron_h" else _nemotron_h_block(parts[2])
+        input_name, output_name = "hidden_states", "output"
+        randomise(m, seed)
+        m = FirstOutput(m.to(tdtype).eval()).eval()
+
+        def make_x(S, s):
+            return torch.randn((1, S, 32), generator=torch.Generator().manual_seed(s)).to(tdtype)
+    else:
+        lm = _tiny_lm(parts[1], parts[2] if len(parts) > 2 else "eager")
+        randomise(lm, seed)
+        m = (_LogitsWithPast if parts[0] == "lmpast" else _Logits)(lm.to(tdtype).eval()).eval()
+        input_name, output_name = "input_ids", "logits"
+
+        def make_x(S, s):
+            return torch.randint(0, 64, (1, S), generator=torch.Generator().manual_seed(s))
+
+    # traced loops unroll over the experts the traced input hits: pick one that hits every expert
+    # (the whole-LM exports are checked by ORT at the traced length below)
+    path = os.path.join(out_dir, name + ".onnx")
+
+    def past(s):
+        # [1, kv heads, PAST, head_dim] per layer; extra inputs are saved as in_<name>_<S>
+        if parts[0] != "lmpast":
+            return ()
+        g = torch.Generator().manual_seed(s)
+        return tuple(torch.randn((1, 2, PAST, 8), generator=g).to(tdtype) for _ in PAST_NAMES)
+
+    # traced per-expert loops unroll over the experts the traced input hits: take an input that
+    # hits every expert of every layer
+    seen = []
+
+    def hook(_mod, args, kwargs):
+        a = list(args) + list(kwargs.values())
+        if len(a) >= 2 and torch.is_tensor(a[1]) and not a[1].dtype.is_floating_point:
+            seen.append(a[1].detach())
+
+    hooks = [mod.register_forward_pre_hook(hook, with_kwargs=True) for n, mod in m.named_modules() if n.endswith(".experts")]
+    x_trace = None
+    for s in range(seed * 1000, seed * 1000 + 200):
+        seen.clear()
+        x = make_x(FAMILY_TRACED, s)
+        with torch.no_grad():
+            m(x, *past(seed * 1000 + 1))
+        if all(len(torch.unique(i)) == FAMILY_EXPERTS for i in seen):
+            x_trace = x
+            break
+    for h in hooks:
+        h.remove()
+    if x_trace is None:
+        raise RuntimeError("no traced input found that hits every expert of every layer")
+    _export(m, x_trace, path, exporter, input_name, output_name, extra=past(seed * 1000 + 1))
+    arrays = {}
+    for S in LENGTHS:
+        x = x_trace if S == FAMILY_TRACED else make_x(S, 7 + S)
+        extra = past(seed * 1000 + 1 if S == FAMILY_TRACED else 17 + S)
+        with torch.no_grad():
+            y = m(x, *extra)
+        arrays[f"x_{S}"] = x.numpy()
+        arrays[f"y_{S}"] = y.numpy()
+        for n, t in zip(PAST_NAMES, extra):
+            arrays[f"in_{n}_{S}"] = t.numpy()
+    np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
+    ort_ok = {}
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        for S in LENGTHS:
+            try:
+                feed = {input_name: arrays[f"x_{S}"]}
+                feed.update({n: arrays[f"in_{n}_{S}"] for n in PAST_NAMES if f"in_{n}_{S}" in arrays})
+                (o,) = sess.run(None, feed)
+                y = arrays[f"y_{S}"]
+                ort_ok[str(S)] = float(np.abs(o.astype(np.float64) - y).max() / max(np.abs(y).max(), 1e-30))
+            except Exception as e:
+                ort_ok[str(S)] = "fails: " + str(e).splitlines()[0][:200]
+    except ImportError:
+        pass
+    import onnx
+
+    mp = onnx.load(path)
+    return dict(name=name, source=spec, exporter=exporter, dtype=dtype, input=input_name, output=output_name,
+                traced=FAMILY_TRACED, lengths=list(LENGTHS), bytes=os.path.getsize(path), nodes=len(mp.graph.node),
+                opset=[o.version for o in mp.opset_import if o.domain == ""][0], ir_version=mp.ir_version,
+                original_runs_in_ort=ort_ok, expect=expect)
+
+
+def families_main(out_dir, only):
+    os.makedirs(out_dir, exist_ok=True)
+    index, failed = [], []
+    for i, (name, spec, exporter, dtype, expect) in enumerate(FAMILY_FIXTURES):
+        if only and name not in only:
+            continue
+        try:
+            e = export_family(name, spec, exporter, dtype, expect, out_dir, 100 + i)
+            index.append(e)
+            print(f"ok   {name}: {e['nodes']} nodes, {e['bytes']} bytes, ORT original: {e['original_runs_in_ort']}", flush=True)
+        except Exception as ex:
+            failed.append(name)
+            print(f"FAIL {name}: {type(ex).__name__}: {str(ex)[:1500]}", flush=True)
+    path = os.path.join(out_dir, "index.json")
+    old = json.load(open(path)) if os.path.exists(path) else dict(fixtures=[])
+    keep = [f for f in old["fixtures"] if f["name"] not in {e["name"] for e in index}]
+    with open(path, "w") as fh:
+        json.dump(dict(torch=torch.__version__, fixtures=sorted(keep + index, key=lambda f: f["name"]), failed=failed), fh, indent=1)
+    print(f"{len(index)} exported, {len(failed)} failed: {failed}", flush=True)
+
+
+# --- end of JetMoE, Llama-4, Nemotron-H, whole LMs ---
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--families", action="store_true", help="write the fixtures of models/families/ into --out")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     only = set(filter(None, a.only.split(",")))
+    if a.families:
+        return families_main(a.out, only)
     print(f"torch {torch.__version__}", flush=True)
     try:
         import transformers

@@ -208,7 +208,12 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let e_count = layer.experts.len();
     let (d, f) = (m0.d, m0.f);
     let n = if m0.gated { 2 * f } else { f };
-    let elem = g.infer_type(&layer.x).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    // token rows made by the layer's own extra nodes (e.g. rows scaled by router scores) have
+    // the type of the nodes' first input
+    let elem = g
+        .infer_type(&layer.x)
+        .or_else(|| layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == &layer.x)).and_then(|n| g.infer_type(&n.input[0])))
+        .ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
     if spec::ElemType::from_onnx_code(elem).is_none() {
         bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
     }
@@ -414,4 +419,40 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let mut out = std::mem::take(model);
     out.nodes = nodes;
     Ok(out)
+}
+
+/// A stack [E, out, inp] of one matrix per expert, for ops other than ScatterMoE (ParallelLinear):
+/// the source itself when it already has that layout, else a new tensor produced at save time.
+pub(super) fn stack_matrices(g: &GraphIndex, taken: &mut Vec<String>, base: &str, ws: &[WSrc], elem: i32, out: &mut Emitted) -> Result<String> {
+    let e_count = ws.len();
+    let (o, i) = (ws[0].out, ws[0].inp);
+    let parts: Vec<Vec<WSrc>> = ws.iter().map(|w| vec![w.clone()]).collect();
+    if let Some(name) = as_is(g, &parts, elem).filter(|n| g.initializers[n.as_str()].dims == [e_count as i64, o as i64, i as i64]) {
+        return Ok(name);
+    }
+    let name = unique_name(g, taken, base);
+    let mut srcs = Vec::new();
+    for w in ws {
+        srcs.push((src_of(g, &w.init, w.index.map(|r| r.expert() as usize), w.transposed)?, w.out, w.inp));
+    }
+    out.pending.push(PendingTensor {
+        name: name.clone(),
+        data_type: elem,
+        dims: vec![e_count as i64, o as i64, i as i64],
+        produce: Box::new(move |ext, sink| {
+            let mut buf = Vec::new();
+            for (s, o, i) in &srcs {
+                buf.clear();
+                append_matrix(ext, s, *o, *i, elem, &mut buf)?;
+                sink(&buf)?;
+            }
+            Ok(())
+        }),
+    });
+    Ok(name)
+}
+
+/// A fresh value name.
+pub(super) fn fresh_name(g: &GraphIndex, taken: &mut Vec<String>, base: &str) -> String {
+    unique_name(g, taken, base)
 }

@@ -219,7 +219,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 let ends = self.int_vec(inp(2), &x)?;
                 let axes = if inp(3).is_empty() { vec![-1] } else { self.g.const_i64(inp(3)).ok_or("Slice axes not constant")? };
                 let steps = if inp(4).is_empty() { vec![1] } else { self.g.const_i64(inp(4)).ok_or("Slice steps not constant")? };
-                if starts.len() != 1 || ends.len() != 1 || axes.len() != 1 || steps.len() != 1 || !(axes[0] == -1 || axes[0] == 1) {
+                if starts.len() != 1 || ends.len() != 1 || axes.len() != 1 || steps.len() != 1 || !(axes[0] == -1 || axes[0] == 1 || (self.batched_leaf && axes[0] == 2)) {
                     return Err(format!("Slice producing '{v}' is not a column slice"));
                 }
                 let clampi = |s: i64| -> usize {
@@ -236,7 +236,8 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 let x = self.parse(inp(0))?;
                 let width = x.width(self.d.unwrap_or(0)).ok_or("split of a value of unknown width")?;
                 let axis = attr_i(n, "axis").unwrap_or(0);
-                if !(axis == -1 || axis == 1) {
+                // columns: the last axis of [rows, w], or of per-expert bins [E, rows, w]
+                if !(axis == -1 || axis == 1 || (self.batched_leaf && axis == 2)) {
                     return Err(format!("Split producing '{v}' is not along columns"));
                 }
                 let k = n.output.len();
@@ -323,7 +324,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 // Shape(y)[-1] (or [1]) where y is the sliced value itself
                 let idx = self.g.const_i64(&n.input[1])?;
                 let (_, s) = self.g.prod(&n.input[0])?;
-                if s.op_type != "Shape" || idx.len() != 1 || !(idx[0] == -1 || idx[0] == 1) {
+                if s.op_type != "Shape" || idx.len() != 1 || !(idx[0] == -1 || idx[0] == 1 || (self.batched_leaf && idx[0] == 2)) {
                     return None;
                 }
                 let y = self.parse(&s.input[0]).ok()?;

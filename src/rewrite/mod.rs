@@ -18,7 +18,10 @@ pub mod dense;
 pub mod emit;
 pub mod expr;
 pub mod hf_loop;
+pub mod jetmoe;
+pub mod llama4;
 pub mod megablocks;
+pub mod moa;
 pub mod ort_moe;
 pub mod prove;
 pub mod rule;
@@ -232,7 +235,7 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
             Ok((e, proof)) => {
                 let m = l.mlp();
                 let k = l.k.or_else(|| k_of(&g, &l.routing_indices));
-                let elem = g.infer_type(&l.x).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
+                let elem = g.infer_type(&l.x).or_else(|| g.infer_type(&l.routing_weights)).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
                 report.layers.push(LayerReport {
                     family: l.family,
                     output: l.output.clone(),
@@ -254,6 +257,16 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
             Err(err) => report.rejected.push(Rejection { family: l.family, at: l.output.clone(), reason: err.to_string() }),
         }
     }
+    // JetMoE's Mixture-of-Attention projections: ParallelLinear nodes
+    let (moa, moa_rejected) = moa::find(&g, &mut taken, 0);
+    for r in moa {
+        if replace.iter().any(|(o, _)| o == &r.output) {
+            continue;
+        }
+        report.layers.push(r.report);
+        replace.push((r.output, r.emitted));
+    }
+    report.rejected.extend(moa_rejected);
     drop(g);
     drop(graph);
 

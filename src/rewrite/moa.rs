@@ -1,0 +1,142 @@
+//! JetMoE's Mixture-of-Attention: the per-expert query projection (`JetMoeMoA.map`) and output
+//! projection (`JetMoeMoA.reduce`) become `ParallelLinear` nodes; the attention between them stays
+//! as ONNX ops. The regions are read by [`super::jetmoe`] (same routing, same grouped linear):
+//! - `map`: token rows, one grouped linear, scattered back to one row per assignment:
+//!   `Y[t·k + j] = W[IDX[t, j]] X[t]` -> `ParallelLinear(X, IDX, W)` ([T, k, h]) reshaped to [T·k, h];
+//! - `reduce`: rows already one per assignment ([T·k, h], (t, j) order), one grouped linear,
+//!   weighted and summed into token rows: `Y[t] = sum_j RW[t, j] W[IDX[t, j]] X[t·k + j]` ->
+//!   `ParallelLinear(X, IDX as [T·k, 1], W, gates = RW as [T·k, 1])` ([T·k, d]) reshaped to
+//!   [T, k, d] and summed over k;
+//! - a single weighted grouped linear on token rows: `ParallelLinear(X, IDX, W, gates = RW)`.
+//!
+//! Exact reformulations: the op reads the same rows with the same weights and needs no sort, so
+//! the result does not depend on how the exporter's sort orders ties.
+
+use anyhow::{anyhow, bail, Result};
+
+use super::emit::{fresh_name, stack_matrices, Emitted};
+use super::jetmoe::{regions, Form, Region};
+use super::{LayerReport, Rejection};
+use crate::onnx::graph::{attr_int, make_node, GraphIndex};
+use crate::onnx::tensor::make_i64;
+use crate::spec::{self, parallel_linear as pl};
+
+pub const FAMILY: &str = "jetmoe_moa";
+
+/// One replaced projection: the value it replaces, the nodes, the report line.
+pub struct Replacement {
+    pub output: String,
+    pub emitted: Emitted,
+    pub report: LayerReport,
+}
+
+/// Every single grouped linear of the graph, as ParallelLinear. Regions this rule cannot read are
+/// reported by [`super::jetmoe::find`].
+pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize) -> (Vec<Replacement>, Vec<Rejection>) {
+    let mut out = Vec::new();
+    let mut rejected = Vec::new();
+    for (at, r) in regions(g) {
+        let Ok(region) = r else { continue };
+        if !matches!(region.form, Form::Linear(_)) {
+            continue;
+        }
+        let tag = format!("scattermoe_pl_{}", first_tag + out.len());
+        match emit(g, &region, &tag, taken) {
+            Ok(r) => out.push(r),
+            Err(e) => rejected.push(Rejection { family: FAMILY, at, reason: e.to_string() }),
+        }
+    }
+    (out, rejected)
+}
+
+fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Result<Replacement> {
+    let Form::Linear(gl) = &r.form else { bail!("not a single grouped linear") };
+    if gl.b.iter().any(Option::is_some) {
+        bail!("the grouped projection has per-expert biases, which this rule does not write yet");
+    }
+    let elem = g.infer_type(&r.x).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", r.x))?;
+    let et = spec::ElemType::from_onnx_code(elem).ok_or_else(|| anyhow!("the rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem)))?;
+    let (d_out, d_in) = (gl.w[0].out, gl.w[0].inp);
+    let k = r.routing.k;
+    let mut em = Emitted::default();
+    let w = stack_matrices(g, taken, &format!("{tag}.W"), &gl.w, elem, &mut em)?;
+    let mut nodes = Vec::new();
+    let shape = |taken: &mut Vec<String>, em: &mut Emitted, what: &str, v: &[i64]| {
+        let name = fresh_name(g, taken, &format!("{tag}.{what}"));
+        em.initializers.push(make_i64(&name, &[v.len() as i64], v));
+        name
+    };
+    // gates in the rows' element type
+    let gates = |taken: &mut Vec<String>, nodes: &mut Vec<onnx_protobuf::NodeProto>, rw: &str| -> String {
+        if g.infer_type(rw) == Some(elem) {
+            return rw.to_string();
+        }
+        let name = fresh_name(g, taken, &format!("{tag}.gates"));
+        let mut c = make_node("Cast", "", &format!("{tag}/Cast"), &[rw], &[&name]);
+        c.attribute.push(attr_int("to", elem as i64));
+        nodes.push(c);
+        name
+    };
+    let pl_node = |inputs: &[&str], out: &str| {
+        let mut n = make_node(pl::NAME, spec::DOMAIN, tag, inputs, &[out]);
+        n.attribute.push(attr_int(pl::ATTR_GROUPED_IN, 0));
+        n.attribute.push(attr_int(pl::ATTR_GROUPED_OUT, 0));
+        n
+    };
+    match (r.x_per_assignment, &r.gates, r.out_per_assignment) {
+        // map: [T, k, h] -> [T·k, h]
+        (false, None, true) => {
+            let y = fresh_name(g, taken, &format!("{tag}.Y"));
+            nodes.push(pl_node(&[&r.x, &r.routing.idx, &w], &y));
+            let s = shape(taken, &mut em, "shape", &[-1, d_out as i64]);
+            nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape"), &[&y, &s], &[&r.output]));
+        }
+        // reduce: one row per assignment, weighted, summed over k
+        (true, Some(rw), false) => {
+            let col = shape(taken, &mut em, "column", &[-1, 1]);
+            let idx1 = fresh_name(g, taken, &format!("{tag}.routing_indices"));
+            nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape_indices"), &[&r.routing.idx, &col], &[&idx1]));
+            let rw = gates(taken, &mut nodes, rw);
+            let g1 = fresh_name(g, taken, &format!("{tag}.gates_column"));
+            nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape_gates"), &[&rw, &col], &[&g1]));
+            let y = fresh_name(g, taken, &format!("{tag}.Y"));
+            nodes.push(pl_node(&[&r.x, &idx1, &w, "", &g1], &y));
+            let s = shape(taken, &mut em, "per_token", &[-1, k, d_out as i64]);
+            let y3 = fresh_name(g, taken, &format!("{tag}.Y_per_token"));
+            nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape"), &[&y, &s], &[&y3]));
+            let mut sum = if g.opset >= 13 {
+                let ax = shape(taken, &mut em, "axes", &[1]);
+                make_node("ReduceSum", "", &format!("{tag}/ReduceSum"), &[&y3, &ax], &[&r.output])
+            } else {
+                let mut n = make_node("ReduceSum", "", &format!("{tag}/ReduceSum"), &[&y3], &[&r.output]);
+                n.attribute.push(crate::onnx::graph::attr_ints_new("axes", &[1]));
+                n
+            };
+            sum.attribute.push(attr_int("keepdims", 0));
+            nodes.push(sum);
+        }
+        // one weighted grouped linear on token rows
+        (false, Some(rw), false) => {
+            let rw = gates(taken, &mut nodes, rw);
+            nodes.push(pl_node(&[&r.x, &r.routing.idx, &w, "", &rw], &r.output));
+        }
+        _ => bail!("a grouped projection whose rows and output are both one per assignment"),
+    }
+    em.nodes = nodes;
+    let report = LayerReport {
+        family: FAMILY,
+        output: r.output.clone(),
+        node: tag.to_string(),
+        experts: r.experts,
+        k: Some(k as usize),
+        d: d_in,
+        f: d_out,
+        activation: "none",
+        gated: false,
+        glu_layout: "-",
+        elem_type: et.name(),
+        capacity: None,
+        biases: false,
+    };
+    Ok(Replacement { output: r.output.clone(), emitted: em, report })
+}
