@@ -8,6 +8,7 @@
 //! [`megablocks`] (sort, gather, padded per-expert batched MatMul, un-permute), [`ort_moe`]
 //! (`com.microsoft.MoE`). [`emit`] writes the node and the stacked weights.
 
+pub mod batched;
 pub mod capacity;
 pub mod dense;
 pub mod emit;
@@ -167,7 +168,7 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
     g.opset = model.opset("").unwrap_or(17);
 
     let mut layers: Vec<MoeLayer> = Vec::new();
-    for find in [hf_loop::find, dense::find, capacity::find, megablocks::find, ort_moe::find] {
+    for find in [hf_loop::find, dense::find, capacity::find, megablocks::find, ort_moe::find, batched::find] {
         let (found, rejected) = find(&g);
         // a value is replaced once
         for l in found {
