@@ -472,6 +472,10 @@ def cmd_check(a):
     os.makedirs(a.work, exist_ok=True)
     from concurrent.futures import ThreadPoolExecutor
 
+    if a.md_only:
+        recs = json.load(open(os.path.join(a.work, "results.json")))["cases"]
+        write_md(info, recs, a)
+        return
     with ThreadPoolExecutor(a.jobs) as ex:
         recs = list(ex.map(lambda r: check_case(dict(r), a), info["cases"]))
     with open(os.path.join(a.work, "results.json"), "w") as fh:
@@ -485,6 +489,10 @@ def write_md(info, recs, a):
     cats = Counter()
     for r in recs:
         cats[verdict(r)[1]] += 1
+    base = Counter()
+    if a.baseline:  # another rewriter's results.json over the same exports (e.g. before a change)
+        for r in json.load(open(a.baseline))["cases"]:
+            base[verdict(r)[1]] += 1
     lines = [
         "# The rewriter over transformers' MoE blocks",
         "",
@@ -501,21 +509,26 @@ def write_md(info, recs, a):
         "```sh",
         "python models/matrix.py export --dir /tmp/matrix --jobs 8",
         "python models/matrix.py check --dir /tmp/matrix --cli target/release/scattermoe \\",
-        "    --plugin target/release/libscattermoe_ort.so --md docs/rewriter-matrix.md",
+        "    --plugin target/release/libscattermoe_ort.so --md docs/rewriter-matrix.md \\",
+        "    [--baseline OTHER/results.json --baseline-name NAME]   # a second count column",
         "```",
         "",
         "## Counts",
         "",
-        "| outcome | cases |",
-        "|---|---|",
+        "| outcome | cases |" + (f" {a.baseline_name} |" if a.baseline else ""),
+        "|---|---|" + ("---|" if a.baseline else ""),
     ]
     for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {k} | {v} |")
+        lines.append(f"| {k} | {v} |" + (f" {base.get(k, 0)} |" if a.baseline else ""))
+    for k, v in base.items():
+        if a.baseline and k not in cats:
+            lines.append(f"| {k} | 0 | {v} |")
     runs = [r for r in recs if r.get("status") == "exported" and ok(r["ort"], TOL[r["dtype"]], (TRACED,))]
     done = [r for r in runs if r.get("rewritten_ok")]
     lines += ["", f"Exports that ONNX Runtime runs correctly at the traced length: {len(runs)}; rewritten and "
               f"matching torch at 1, 7 and {TRACED} with one ScatterMoE node: {len(done)}.", "",
-              "## Families", "", f"{len(info['families'])} block classes: " +
+              "## Wrong rewrites", ""] + [f"- {r['case']}: {verdict(r)[0]}" for r in recs if verdict(r)[1] == "rewritten wrong"] + [
+              "", "## Families", "", f"{len(info['families'])} block classes: " +
               ", ".join(f"`{f[2]}`" for f in info["families"]) + ".", "", "## Cases", "",
               "| family | implementation | exporter | dtype | outcome |", "|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["family"], r.get("impl", ""), r.get("exporter", ""), r.get("dtype", ""))):
@@ -523,7 +536,7 @@ def write_md(info, recs, a):
         lines.append(f"| {r['family']} | {r.get('impl', '*')} | {r.get('exporter', '*')} | {r.get('dtype', '*')} | {cell} |")
     with open(a.md, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines[18:18 + len(cats) + 6]))
+    print("\n".join(ln for ln in lines if ln.startswith("| ") and "|---" not in ln and ln.count("|") <= 4))
 
 
 def main():
@@ -546,6 +559,9 @@ def main():
     c.add_argument("--plugin", default="target/release/libscattermoe_ort.so")
     c.add_argument("--md", default="docs/rewriter-matrix.md")
     c.add_argument("--jobs", type=int, default=2)
+    c.add_argument("--baseline", default="", help="results.json of another rewriter over the same exports")
+    c.add_argument("--baseline-name", default="baseline")
+    c.add_argument("--md-only", action="store_true", help="rewrite the table from --work's results.json")
     a = ap.parse_args()
     if a.cmd == "list":
         fams = enumerate_blocks()
