@@ -8,7 +8,8 @@ torch.onnx.export(dynamo=False) at a traced token count, and saved as
     <name>.onnx   the exported block (input `hidden_states`, output `output`)
     <name>.npz    torch's own outputs: x_<S>, y_<S> for S in (1, 7, traced)
 
-plus index.json describing every fixture (family, E, k, d, f, dtype, opset, traced length, and
+plus index.json describing every fixture (MATRIX_FIXTURES: cases of models/matrix.py, other
+experts implementations and the dynamo exporter) (family, E, k, d, f, dtype, opset, traced length, and
 whether ONNX Runtime ran the exported original at each token count).
 
 Needs torch and transformers (made with torch 2.11, transformers 5.17); onnx and onnxruntime are
@@ -281,6 +282,55 @@ FIXTURES = [
     ("megablocks", "megablocks", "hand:megablocks", 2, 17, "float32"),
     ("dense_bmm", "dense", "hand:dense_bmm", 2, 17, "float32"),
 ]
+
+
+# Fixtures taken from the matrix (models/matrix.py): the same tiny config, seeded weights and
+# exporter as its case `<class>.<experts implementation>.<exporter>.<dtype>`, traced at 16 tokens.
+# name, family, matrix case
+MATRIX_FIXTURES = [
+    ("mixtral_bmm", "batched_mm", "MixtralSparseMoeBlock.batched_mm.ts17.f32"),
+    ("mixtral_bmm_dynamo", "batched_mm", "MixtralSparseMoeBlock.batched_mm.dynamo.f32"),
+    ("qwen3_moe_bmm_f16", "batched_mm", "Qwen3MoeSparseMoeBlock.batched_mm.ts18.f16"),
+    ("gpt_oss_bmm", "batched_mm", "GptOssMLP.batched_mm.ts17.f32"),
+    ("gpt_oss_bmm_dynamo", "batched_mm", "GptOssMLP.batched_mm.dynamo.f32"),
+    ("deepseek_v3_bmm_dynamo", "batched_mm", "DeepseekV3MoE.batched_mm.dynamo.f32"),
+]
+
+
+def export_matrix_case(name, family, case, out_dir):
+    """Exports one matrix case under the fixture's name, with the fixture's index entry."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import matrix
+
+    cls, impl, exporter, dt = case.split(".")
+    fam = next((f for f in matrix.enumerate_blocks() if f[2] == cls), None)
+    if fam is None:
+        raise KeyError(f"no MoE block class {cls}")
+    dtype = "float32" if dt == "f32" else "float16"
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = matrix.export_case(fam, impl, exporter, dtype, tmp, 1)
+        if rec["status"] != "exported":
+            raise RuntimeError(f"{case}: {rec['status']}: {rec.get('reason')}")
+        shutil.copy(os.path.join(tmp, case + ".onnx"), os.path.join(out_dir, name + ".onnx"))
+        shutil.copy(os.path.join(tmp, case + ".npz"), os.path.join(out_dir, name + ".npz"))
+    path = os.path.join(out_dir, name + ".onnx")
+    arrays = dict(np.load(os.path.join(out_dir, name + ".npz")))
+    entry = dict(name=name, family=family, source=f"matrix:{case}", opset=18 if exporter != "ts17" else 17, dtype=dtype,
+                 input_rank=3, traced=TRACED, lengths=list(LENGTHS), bytes=os.path.getsize(path),
+                 original_runs_in_ort=check_ort(path, arrays), experts_implementation=impl,
+                 exporter="dynamo" if exporter == "dynamo" else "torchscript")
+    try:
+        import onnx
+
+        m = onnx.load(path)
+        entry["nodes"] = len(m.graph.node)
+        entry["ir_version"] = m.ir_version
+    except Exception:
+        pass
+    return entry
 
 
 class FirstOutput(nn.Module):
@@ -733,6 +783,21 @@ def main():
             failed.append(name)
             print(f"FAIL {name}: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
             print("".join(traceback.format_exc().splitlines(True)[-12:])[-3000:], flush=True)
+    for name, family, case in MATRIX_FIXTURES:
+        if only and name not in only:
+            continue
+        try:
+            e = export_matrix_case(name, family, case, a.out)
+            index.append(e)
+            print(f"ok   {name}: {e.get('nodes')} nodes, {e['bytes']} bytes, ORT original: {e['original_runs_in_ort']}", flush=True)
+        except Exception as ex:
+            failed.append(name)
+            print(f"FAIL {name}: {type(ex).__name__}: {str(ex)[:2000]}", flush=True)
+    if only:  # keep the other fixtures' entries
+        path = os.path.join(a.out, "index.json")
+        if os.path.exists(path):
+            names = {e["name"] for e in index}
+            index = [e for e in json.load(open(path))["fixtures"] if e["name"] not in names] + index
     with open(os.path.join(a.out, "index.json"), "w") as fh:
         json.dump(dict(torch=torch.__version__, fixtures=index, failed=failed), fh, indent=1)
     print(f"{len(index)} exported, {len(failed)} failed: {failed}", flush=True)

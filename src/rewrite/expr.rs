@@ -94,6 +94,9 @@ pub struct ExprParser<'a, 'g> {
     /// the leaf is [E, rows, d] (per-expert bins): a MatMul with a rank-3 constant weight
     /// [E, in, out] is then one linear layer per expert
     pub batched_leaf: bool,
+    /// a family's own linear-layer forms (e.g. a batched MatMul with per-row gathered weights):
+    /// `v` -> (the layer's input value, its weight); consulted before the generic forms
+    pub lin_hook: Option<&'a dyn Fn(&str) -> Option<(String, WSrc)>>,
     memo: HashMap<String, Expr>,
 }
 
@@ -103,7 +106,7 @@ fn is_float_type(t: i64) -> bool {
 
 impl<'a, 'g> ExprParser<'a, 'g> {
     pub fn new(g: &'a GraphIndex<'g>, leaves: Vec<String>, eref: &'a dyn Fn(&str) -> Option<ERef>) -> Self {
-        ExprParser { g, leaves, eref, d: None, matched_leaf: None, batched_leaf: false, memo: HashMap::new() }
+        ExprParser { g, leaves, eref, d: None, matched_leaf: None, batched_leaf: false, lin_hook: None, memo: HashMap::new() }
     }
 
     pub fn parse(&mut self, v: &str) -> ParseResult<Expr> {
@@ -136,6 +139,11 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         if let Some(c) = self.scalar_const(v) {
             return Ok(Expr::Const(c));
         }
+        if let Some((xv, w)) = self.lin_hook.and_then(|h| h(v)) {
+            let x = self.parse(&xv)?;
+            self.check_in(&x, &w)?;
+            return Ok(Expr::Lin { x: Box::new(x), w, b: None });
+        }
         let Some((_, n)) = self.g.prod(v) else { return Err(format!("'{v}' is not computed from the token rows")) };
         let op = n.op_type.as_str();
         let inp = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
@@ -151,6 +159,16 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 } else {
                     Err(format!("Reshape producing '{v}' to {t:?} does not keep the rows"))
                 }
+            }
+            // Squeeze(Unsqueeze(y, a), a) is y (the dynamo exporter writes such pairs around
+            // in-place adds)
+            "Squeeze" if self.g.prod(inp(0)).is_some_and(|(_, u)| {
+                let ax = |m: &onnx_protobuf::NodeProto| if m.input.len() > 1 { self.g.const_i64(&m.input[1]) } else { attr_ints(m, "axes") };
+                u.op_type == "Unsqueeze" && ax(u).is_some_and(|a| a.len() == 1) && ax(u) == ax(n)
+            }) =>
+            {
+                let (_, u) = self.g.prod(inp(0)).unwrap();
+                self.parse(&u.input[0].clone())
             }
             "Cast" => {
                 if !is_float_type(attr_i(n, "to").unwrap_or(0)) {
@@ -447,6 +465,23 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                         return Err(format!("'{stack}' is not a bias stack [E, {out}]"));
                     }
                     let e = (self.eref)(&n.input[1]).ok_or("bias expert index is not an expert number")?;
+                    return Ok(BSrc { init: stack.clone(), index: Some(e), len: out });
+                }
+                // GatherND(stack, Unsqueeze(i, -1)) with batch_dims 0 is Gather(stack, i) for a
+                // rank-1 `i` (the resolvers that call a value an expert number only do so for rank-1
+                // index vectors; the unsqueezed axis is then 1 = -1)
+                "GatherND" if attr_i(n, "batch_dims").unwrap_or(0) == 0 => {
+                    let stack = &n.input[0];
+                    let (_, u) = self.g.prod(&n.input[1]).filter(|(_, u)| u.op_type == "Unsqueeze").ok_or("bias GatherND index is not an unsqueezed vector")?;
+                    let ax = if u.input.len() > 1 { self.g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+                    if !matches!(ax.as_deref(), Some([-1]) | Some([1])) {
+                        return Err("bias GatherND index is not unsqueezed on its last axis".into());
+                    }
+                    let t = self.g.const_tensor(stack).ok_or("bias stack not constant")?;
+                    if t.dims.len() != 2 || t.dims[1] as usize != out || !self.g.initializers.contains_key(stack.as_str()) {
+                        return Err(format!("'{stack}' is not a bias stack [E, {out}]"));
+                    }
+                    let e = (self.eref)(&u.input[0]).ok_or("bias expert index is not an expert number")?;
                     return Ok(BSrc { init: stack.clone(), index: Some(e), len: out });
                 }
                 op => return Err(format!("bias comes from {op}")),

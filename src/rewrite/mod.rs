@@ -13,6 +13,7 @@
 //! anything in the graph changes: a candidate that fails its proof is a rejection, and the graph
 //! keeps its original nodes for it.
 
+pub mod batched;
 pub mod capacity;
 pub mod dense;
 pub mod emit;

@@ -3,7 +3,7 @@
 //! looked at and left, the reasons). Adding a family is one line in [`registry`].
 
 use super::emit::MoeLayer;
-use super::{capacity, dense, hf_loop, jetmoe, llama4, megablocks, ort_moe, Rejection};
+use super::{batched, capacity, dense, hf_loop, jetmoe, llama4, megablocks, ort_moe, Rejection};
 use crate::onnx::graph::GraphIndex;
 
 pub trait Rule: Sync {
@@ -28,7 +28,7 @@ impl Rule for FnRule {
     }
 }
 
-static RULES: [FnRule; 7] = [
+static RULES: [FnRule; 8] = [
     FnRule { name: "hf_loop", find: hf_loop::find },
     FnRule { name: "dense", find: dense::find },
     FnRule { name: "capacity", find: capacity::find },
@@ -36,6 +36,7 @@ static RULES: [FnRule; 7] = [
     FnRule { name: "ort_moe", find: ort_moe::find },
     FnRule { name: "jetmoe", find: jetmoe::find },
     FnRule { name: "llama4", find: llama4::find },
+    FnRule { name: "batched", find: batched::find },
 ];
 
 /// Every rule, in the order the driver runs them (an earlier rule's candidate wins when two
@@ -53,7 +54,7 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len(), "{names:?}");
-        for f in ["hf_loop", "dense", "capacity", "megablocks", "ort_moe", "jetmoe", "llama4"] {
+        for f in ["hf_loop", "dense", "capacity", "megablocks", "ort_moe", "jetmoe", "llama4", "batched"] {
             assert!(names.contains(&f), "{f} missing from {names:?}");
         }
     }

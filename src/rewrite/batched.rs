@@ -1,0 +1,637 @@
+//! Per-assignment batched MoE: transformers' `batched_mm` experts implementation, as both torch
+//! exporters write it. Every (token, slot) assignment s = t k + j gets its own copy of the token row
+//! and its own expert's weights, gathered from the stacks by the flattened routing indices:
+//!
+//! ```text
+//! Xr  = repeat_interleave(X, k)                  Tile/Expand(Unsqueeze(X, 1), [1, k, 1]) -> [T k, d]
+//! e_s = Clip(Reshape(IDX, [-1]), 0, E - 1)       (the Clip optional; proven a no-op, see below)
+//! H   = MLP_{e_s}(Xr[s])                         Squeeze(MatMul(Gather(W, e_s), Unsqueeze(h, -1)), -1)
+//!                                                (or its transposed form), biases Gather(b, e_s)
+//! Z   = H * Unsqueeze(Reshape(RW, [-1]), -1)
+//! Y   = ReduceSum(Reshape(Z, [T, k, d]), axis 1)
+//! ```
+//!
+//! so `Y[t] = sum_j RW[t, j] MLP_{IDX[t, j]}(X[t])`: ScatterMoE(X, RW, IDX) with RW and IDX
+//! regrouped as [T k] -> [T, k] in the same row-major order the graph flattened them in.
+//! Every value of the region is explained: the expert MLP by [`ExprParser`] (with this family's
+//! batched linear layer as a hook), the repeat count and the final reshape by evaluating their
+//! shape arithmetic, the index by its flatten and clip; anything else rejects the candidate.
+
+use std::cell::RefCell;
+
+use super::emit::MoeLayer;
+use super::expr::{to_mlp, ERef, ExprParser, WSrc};
+use super::Rejection;
+use crate::onnx::graph::{attr_i, attr_ints, make_node, GraphIndex};
+use crate::onnx::tensor::make_i64;
+use crate::spec::CapacityOrder;
+
+const FAMILY: &str = "batched_mm";
+
+/// The constant or attribute axes of Unsqueeze / Squeeze / ReduceSum.
+fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
+    if n.input.len() > 1 && !n.input[1].is_empty() {
+        g.const_i64(&n.input[1])
+    } else {
+        attr_ints(n, "axes")
+    }
+}
+
+/// `v` after any chain of the given single-input ops.
+fn strip(g: &GraphIndex, v: &str, ops: &[&str]) -> String {
+    let mut cur = v.to_string();
+    for _ in 0..16 {
+        match g.prod(&cur) {
+            Some((_, n)) if ops.contains(&n.op_type.as_str()) && !n.input.is_empty() => cur = n.input[0].clone(),
+            _ => break,
+        }
+    }
+    cur
+}
+
+fn prod_op<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
+    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape arithmetic: the exporters build repeat counts and reshape targets from Shape() of the
+// token rows and the routing indices; this evaluates them with the dimensions that are known.
+// ---------------------------------------------------------------------------------------------
+
+/// An integer vector whose entries may be unknown (`None`); `open` when it may have further
+/// leading entries of unknown number (the shape of a value of unknown rank).
+#[derive(Debug, Clone, PartialEq)]
+struct IVec {
+    v: Vec<Option<i64>>,
+    open: bool,
+    scalar: bool,
+}
+
+impl IVec {
+    fn known(&self) -> Option<Vec<i64>> {
+        if self.open {
+            return None;
+        }
+        self.v.iter().copied().collect()
+    }
+}
+
+/// What is known of value shapes.
+type Facts<'a> = &'a dyn Fn(&str) -> Option<IVec>;
+
+fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Option<IVec> {
+    if depth > 24 {
+        return None;
+    }
+    if let Some(c) = g.const_i64(v) {
+        let scalar = g.const_dims(v).map_or(c.len() == 1 && g.prod(v).is_some_and(|(_, n)| n.attribute.iter().any(|a| a.name == "value_int")), |d| d.is_empty());
+        return Some(IVec { v: c.into_iter().map(Some).collect(), open: false, scalar });
+    }
+    let (_, n) = g.prod(v)?;
+    let arg = |i: usize| eval(g, n.input.get(i)?, facts, depth + 1);
+    match n.op_type.as_str() {
+        "Identity" => arg(0),
+        "Cast" => {
+            let t = attr_i(n, "to")?;
+            // integer casts only: a float round trip could change values
+            matches!(t, 6 | 7).then_some(())?;
+            arg(0)
+        }
+        "Shape" => {
+            let mut s = facts(&n.input[0])?;
+            let start = attr_i(n, "start");
+            let end = attr_i(n, "end");
+            if start.is_some() || end.is_some() {
+                let k = s.known()?;
+                let len = k.len() as i64;
+                let c = |x: i64| (if x < 0 { x + len } else { x }).clamp(0, len) as usize;
+                let (a, b) = (c(start.unwrap_or(0)), c(end.unwrap_or(len)));
+                s = IVec { v: k[a..b.max(a)].iter().copied().map(Some).collect(), open: false, scalar: false };
+            }
+            Some(IVec { scalar: false, ..s })
+        }
+        "Gather" => {
+            if attr_i(n, "axis").unwrap_or(0) != 0 {
+                return None;
+            }
+            let data = arg(0)?;
+            let idx = g.const_i64(&n.input[1])?;
+            let scalar = g.const_dims(&n.input[1]).is_some_and(|d| d.is_empty());
+            let mut out = Vec::new();
+            for i in idx {
+                if i < 0 {
+                    let p = data.v.len() as i64 + i;
+                    if p < 0 {
+                        if data.open {
+                            out.push(None);
+                            continue;
+                        }
+                        return None;
+                    }
+                    out.push(data.v[p as usize]);
+                } else if data.open {
+                    out.push(None);
+                } else {
+                    out.push(*data.v.get(i as usize)?);
+                }
+            }
+            Some(IVec { v: out, open: false, scalar })
+        }
+        "Slice" => {
+            let starts = arg(1)?.known()?;
+            let ends = arg(2)?.known()?;
+            if n.input.len() > 3 && !n.input[3].is_empty() && !matches!(g.const_i64(&n.input[3]).as_deref(), Some([0]) | Some([-1])) {
+                return None;
+            }
+            if n.input.len() > 4 && !n.input[4].is_empty() && g.const_i64(&n.input[4]).as_deref() != Some(&[1]) {
+                return None;
+            }
+            let (s, e) = (*starts.first()?, *ends.first()?);
+            if s >= 0 && e >= 0 && s >= e {
+                return Some(IVec { v: Vec::new(), open: false, scalar: false });
+            }
+            let data = arg(0)?;
+            if data.open {
+                // only a tail of a vector of unknown length: [-m:]
+                if s < 0 && e >= i64::MAX / 2 && (-s) as usize <= data.v.len() {
+                    return Some(IVec { v: data.v[data.v.len() - (-s) as usize..].to_vec(), open: false, scalar: false });
+                }
+                return None;
+            }
+            let len = data.v.len() as i64;
+            let c = |x: i64| (if x < 0 { x + len } else { x }).clamp(0, len) as usize;
+            let (a, b) = (c(s), c(e));
+            Some(IVec { v: data.v[a..b.max(a)].to_vec(), open: false, scalar: false })
+        }
+        "Squeeze" => {
+            let a = arg(0)?;
+            (a.v.len() == 1 && !a.open).then(|| IVec { scalar: true, ..a })
+        }
+        "Unsqueeze" => {
+            let a = arg(0)?;
+            (a.scalar && axes_of(g, n).as_deref() == Some(&[0])).then(|| IVec { scalar: false, ..a })
+        }
+        "Reshape" => {
+            let a = arg(0)?;
+            let t = arg(1)?.known()?;
+            (!a.open && (t == [-1] || t == [a.v.len() as i64])).then(|| IVec { scalar: false, ..a })
+        }
+        "Concat" => {
+            let mut out = IVec { v: Vec::new(), open: false, scalar: false };
+            for (i, x) in n.input.iter().enumerate() {
+                let p = eval(g, x, facts, depth + 1)?;
+                if p.open && i > 0 {
+                    return None;
+                }
+                out.open |= p.open;
+                out.v.extend(p.v);
+            }
+            Some(out)
+        }
+        "Add" | "Sub" | "Mul" | "Div" => {
+            let (a, b) = (arg(0)?, arg(1)?);
+            if a.open || b.open {
+                return None;
+            }
+            let len = a.v.len().max(b.v.len());
+            if !(a.v.len() == len || a.v.len() == 1) || !(b.v.len() == len || b.v.len() == 1) {
+                return None;
+            }
+            let at = |x: &IVec, i: usize| if x.v.len() == 1 { x.v[0] } else { x.v[i] };
+            let mut out = Vec::new();
+            for i in 0..len {
+                out.push(match (at(&a, i), at(&b, i)) {
+                    (Some(p), Some(q)) => Some(match n.op_type.as_str() {
+                        "Add" => p + q,
+                        "Sub" => p - q,
+                        "Mul" => p * q,
+                        _ => {
+                            if q == 0 {
+                                return None;
+                            }
+                            p.div_euclid(q)
+                        }
+                    }),
+                    _ => None,
+                });
+            }
+            Some(IVec { v: out, open: false, scalar: a.scalar && b.scalar })
+        }
+        // torch's TorchScript exporter builds repeat_interleave's repeats [1, k, 1] as
+        // OneHot([1], 3, [1, k]): indices rank 1, so the output is [n, depth], flattened here
+        "OneHot" => {
+            if attr_i(n, "axis").unwrap_or(-1) != -1 {
+                return None;
+            }
+            let idx = g.const_i64(&n.input[0])?;
+            let depth_v = arg(1)?.known()?;
+            let vals = arg(2)?;
+            if depth_v.len() != 1 || vals.v.len() != 2 || vals.open || g.const_dims(&n.input[0]).map_or(true, |d| d.len() != 1) {
+                return None;
+            }
+            let depth = depth_v[0];
+            let mut out = Vec::new();
+            for i in idx {
+                let i = if i < 0 { i + depth } else { i };
+                for j in 0..depth {
+                    out.push(if j == i { vals.v[1] } else { vals.v[0] });
+                }
+            }
+            Some(IVec { v: out, open: false, scalar: false })
+        }
+        _ => None,
+    }
+}
+
+/// Declared dimensions of a graph input or value_info (unknown ones as `None`).
+fn declared_dims(g: &GraphIndex, v: &str) -> Option<IVec> {
+    let vi = g.graph.input.iter().chain(&g.graph.value_info).find(|x| x.name == v)?;
+    match &vi.type_.as_ref()?.value {
+        Some(onnx_protobuf::type_proto::Value::TensorType(t)) => {
+            let s = t.shape.as_ref()?;
+            let v = s
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(x)) => Some(*x),
+                    _ => None,
+                })
+                .collect();
+            Some(IVec { v, open: false, scalar: false })
+        }
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pieces of the region
+// ---------------------------------------------------------------------------------------------
+
+/// `Reshape(v, [-1])`: the flattened value's source.
+fn flattened(g: &GraphIndex, v: &str) -> Option<String> {
+    let r = prod_op(g, &strip(g, v, &["Identity"]), "Reshape")?;
+    (g.const_i64(&r.input[1]).as_deref() == Some(&[-1])).then(|| r.input[0].clone())
+}
+
+/// A value that may be the repeated token rows: `Flatten(t, 2)` or `Reshape(t, [.., d])` with t a
+/// Tile or Expand of `Unsqueeze(X, 1)`. Returns (X, t's producer, the reshape when not Flatten).
+fn repeat_shape<'g>(g: &GraphIndex<'g>, v: &str) -> Option<(&'g str, &'g onnx_protobuf::NodeProto, Option<&'g onnx_protobuf::NodeProto>)> {
+    let (_, n) = g.prod(v)?;
+    let (t, reshape) = match n.op_type.as_str() {
+        "Flatten" if attr_i(n, "axis") == Some(2) => (&n.input[0], None),
+        "Reshape" => (&n.input[0], Some(n)),
+        _ => return None,
+    };
+    let (_, tn) = g.prod(t).filter(|(_, n)| n.op_type == "Tile" || n.op_type == "Expand")?;
+    let u = prod_op(g, &tn.input[0], "Unsqueeze")?;
+    matches!(axes_of(g, u).as_deref(), Some([1]) | Some([-2])).then_some(())?;
+    Some((u.input[0].as_str(), tn, reshape))
+}
+
+/// The expert index every weight gather reads: `Clip?(Reshape(IDX, [-1]))`. Returns
+/// (flattened indices value, IDX, clip bounds).
+#[allow(clippy::type_complexity)]
+fn flat_index(g: &GraphIndex, v: &str) -> Option<(String, String, Option<(Option<f64>, Option<f64>)>)> {
+    let v = strip(g, v, &["Identity", "Cast"]);
+    if let Some(c) = prod_op(g, &v, "Clip") {
+        let lo = c.input.get(1).filter(|s| !s.is_empty()).map(|s| g.const_scalar(s));
+        let hi = c.input.get(2).filter(|s| !s.is_empty()).map(|s| g.const_scalar(s));
+        // a computed bound cannot be checked
+        if lo.is_some_and(|x| x.is_none()) || hi.is_some_and(|x| x.is_none()) {
+            return None;
+        }
+        let inner = strip(g, &c.input[0], &["Identity", "Cast"]);
+        let idx = flattened(g, &inner)?;
+        return Some((inner, idx, Some((lo.flatten(), hi.flatten()))));
+    }
+    let idx = flattened(g, &v)?;
+    Some((v, idx, None))
+}
+
+/// The number of columns of the router projection that TopK reads, when it can be found: the
+/// first MatMul/Gemm with a constant weight upstream of `v`.
+fn router_columns(g: &GraphIndex, v: &str) -> Option<usize> {
+    let mut stack = vec![(v.to_string(), 0)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((cur, depth)) = stack.pop() {
+        if depth > 16 || !seen.insert(cur.clone()) {
+            continue;
+        }
+        let Some((_, n)) = g.prod(&cur) else { continue };
+        match n.op_type.as_str() {
+            "MatMul" => {
+                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                    return Some(d[1] as usize);
+                }
+            }
+            "Gemm" => {
+                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                    return Some(if attr_i(n, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
+                }
+            }
+            _ => {}
+        }
+        for i in n.input.iter().rev() {
+            if !i.is_empty() && g.const_tensor(i).is_none() {
+                stack.push((i.clone(), depth + 1));
+            }
+        }
+    }
+    None
+}
+
+pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
+    let mut layers = Vec::new();
+    let mut rejected = Vec::new();
+    for n in &g.graph.node {
+        if n.op_type != "ReduceSum" || !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            continue;
+        }
+        match prove(g, n) {
+            Ok(Some(l)) => layers.push(l),
+            Ok(None) => {}
+            Err(reason) => rejected.push(Rejection { family: FAMILY, at: n.output[0].clone(), reason }),
+        }
+    }
+    (layers, rejected)
+}
+
+fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLayer>, String> {
+    // anchor: ReduceSum(Reshape(H * Unsqueeze(Reshape(RW, [-1]), -1)), axis 1); anything else is
+    // not this family
+    if axes_of(g, rsum).as_deref() != Some(&[1]) || attr_i(rsum, "keepdims").unwrap_or(1) != 0 {
+        return Ok(None);
+    }
+    let Some(resh) = prod_op(g, &strip(g, &rsum.input[0], &["Cast", "Identity"]), "Reshape") else { return Ok(None) };
+    let Some(mul) = prod_op(g, &strip(g, &resh.input[0], &["Cast", "Identity"]), "Mul") else { return Ok(None) };
+    let mut parts = None;
+    for (a, b) in [(0, 1), (1, 0)] {
+        let Some(u) = prod_op(g, &strip(g, &mul.input[b], &["Cast", "Identity"]), "Unsqueeze") else { continue };
+        if !matches!(axes_of(g, u).as_deref(), Some([-1]) | Some([1])) {
+            continue;
+        }
+        let rw_flat = strip(g, &u.input[0], &["Cast", "Identity"]);
+        if flattened(g, &rw_flat).is_some() {
+            parts = Some((strip(g, &mul.input[a], &["Cast", "Identity"]), rw_flat));
+        }
+    }
+    let Some((h, rw_flat)) = parts else { return Ok(None) };
+
+    // the per-assignment expert MLP: batched linear layers over gathered weights
+    let seen_idx: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    let note = |v: &str| -> bool {
+        if flat_index(g, v).is_some() {
+            seen_idx.borrow_mut().push(v.to_string());
+            true
+        } else {
+            false
+        }
+    };
+    let resolver = |v: &str| note(v).then_some(ERef::Each);
+    let hook = |v: &str| -> Option<(String, WSrc)> { batched_linear(g, v, &note) };
+    let leaves: Vec<String> = g.graph.node.iter().filter_map(|n| n.output.first()).filter(|o| repeat_shape(g, o).is_some()).cloned().collect();
+    let mut p = ExprParser::new(g, leaves, &resolver);
+    p.lin_hook = Some(&hook);
+    let e = p.parse(&h)?;
+    let d = p.d.ok_or("the expert outputs read no batched linear layer of the repeated token rows")?;
+    let mlp = to_mlp(&e, d)?;
+    let xr = p.matched_leaf.clone().ok_or("cannot find the repeated token rows")?;
+    let e_count = mlp.each_count(g).ok_or("the expert weights are not gathered from stacks by the routing indices")?;
+    for w in mlp.w_in.iter().chain([&mlp.w_out]) {
+        if w.index != Some(ERef::Each) || g.const_dims(&w.init).map(|d| d[0] as usize) != Some(e_count) {
+            return Err(format!("weight '{}' is not a stack of {e_count} experts gathered by the routing indices", w.init));
+        }
+    }
+    for b in mlp.b_in.iter().flatten().chain(mlp.b_out.iter()) {
+        if b.index != Some(ERef::Each) || g.const_dims(&b.init).map(|d| d[0] as usize) != Some(e_count) {
+            return Err(format!("bias '{}' is not a stack of {e_count} experts gathered by the routing indices", b.init));
+        }
+    }
+
+    // one flattened index for every gather
+    let idx_vals = seen_idx.borrow().clone();
+    let iv = idx_vals.first().cloned().ok_or("no weight is gathered by the routing indices")?;
+    let Some((idx_flat, idx, clip)) = flat_index(g, &iv) else { unreachable!("noted values are flat indices") };
+    for other in &idx_vals {
+        if flat_index(g, other).map(|f| f.0).as_deref() != Some(idx_flat.as_str()) || strip(g, other, &["Identity", "Cast"]) != strip(g, &iv, &["Identity", "Cast"]) {
+            return Err("the expert weights are gathered by different index tensors".into());
+        }
+    }
+    // k: TopK's constant k when the indices come from TopK
+    let topk = g.prod(&strip(g, &idx, &["Cast", "Identity"])).filter(|(_, n)| n.op_type == "TopK").map(|(_, n)| n);
+    let k_topk = topk.and_then(|t| g.const_i64(&t.input[1])).filter(|k| k.len() == 1).map(|k| k[0]);
+
+    // a Clip of the indices must be a no-op: [0, E-1] and a router of exactly E columns
+    if let Some((lo, hi)) = clip {
+        if lo != Some(0.0) || hi != Some((e_count - 1) as f64) {
+            return Err(format!("the routing indices are clipped to [{lo:?}, {hi:?}], not [0, {}]", e_count - 1));
+        }
+        let t = topk.ok_or("the clipped routing indices do not come from TopK")?;
+        match router_columns(g, &t.input[0]) {
+            Some(c) if c == e_count => {}
+            Some(c) => return Err(format!("the router has {c} columns but the weights {e_count} experts (the Clip would change indices)")),
+            None => return Err("cannot tell the router's number of experts, so the index Clip is not proven a no-op".into()),
+        }
+    }
+
+    // what the shape arithmetic may read
+    let x = repeat_shape(g, &xr).unwrap().0.to_string();
+    let facts = |v: &str| -> Option<IVec> {
+        if v == x.as_str() {
+            return Some(IVec { v: vec![Some(d as i64)], open: true, scalar: false });
+        }
+        if let (Some(t), Some(k)) = (topk, k_topk) {
+            if t.output.iter().any(|o| o == v) || v == idx.as_str() {
+                return Some(IVec { v: vec![Some(k)], open: true, scalar: false });
+            }
+        }
+        declared_dims(g, v)
+    };
+
+    // the repeated rows: X [T, d] repeated k times along the rows, each row k times in a row
+    let (_, tn, xr_reshape) = repeat_shape(g, &xr).unwrap();
+    let reps = eval(g, &tn.input[1], &facts, 0).and_then(|r| r.known().map(|_| r)).ok_or("cannot evaluate the token rows' repeat count")?;
+    let k = match (tn.op_type.as_str(), reps.v.as_slice()) {
+        // Tile needs one repeat per axis: three, so X has rank 2
+        ("Tile", [Some(1), Some(k), Some(1)]) => *k,
+        // Expand broadcasts: [a, k, c] with a in {1, T} and c in {1, d} (anything else fails to run)
+        ("Expand", [_, Some(k), c]) if c.is_none() || *c == Some(1) || *c == Some(d as i64) => *k,
+        (op, r) => return Err(format!("the token rows are {op}'d by {r:?}, not repeated along a new second axis")),
+    };
+    if k < 1 {
+        return Err(format!("repeat count {k}"));
+    }
+    if let Some(r) = xr_reshape {
+        let t = eval(g, &r.input[1], &facts, 0).ok_or("cannot evaluate the repeated rows' reshape")?;
+        if t.open || t.v.len() != 2 || t.v[1] != Some(d as i64) {
+            return Err(format!("the repeated rows are reshaped to {:?}, not [T k, {d}]", t.v));
+        }
+    }
+    // Expand does not fix X's rank: it must be [T, d] by construction
+    if tn.op_type == "Expand" && !rank2(g, &x, &facts) {
+        return Err(format!("cannot prove that the token rows '{x}' are [T, d]"));
+    }
+    if let Some(kt) = k_topk {
+        if kt != k {
+            return Err(format!("rows are repeated {k} times but TopK picks {kt}"));
+        }
+    }
+    // the final reshape: [T, k, d], summed over k
+    let t = eval(g, &resh.input[1], &facts, 0).ok_or("cannot evaluate the weighted outputs' reshape")?;
+    if t.open || t.v.len() != 3 || t.v[1] != Some(k) || t.v[2] != Some(d as i64) {
+        return Err(format!("the weighted outputs are reshaped to {:?}, not [T, {k}, {d}]", t.v));
+    }
+
+    // the output: in the token rows' type (a trailing Cast back to it is part of the layer)
+    let mut output = rsum.output[0].clone();
+    let xt = g.infer_type(&x);
+    if g.infer_type(&output) != xt {
+        let cs = g.cons(&output);
+        let cast = (cs.len() == 1).then(|| g.node(cs[0])).filter(|c| c.op_type == "Cast" && attr_i(c, "to").map(|t| t as i32) == xt);
+        output = cast.ok_or("the combined output's type differs from the token rows'")?.output[0].clone();
+    }
+
+    // RW and IDX regrouped [T k] -> [T, k] in the order the graph flattened them
+    let tag = format!("{output}.batched");
+    let shape = format!("{tag}.k_shape");
+    let (rw_tk, idx_tk) = (format!("{tag}.routing_weights"), format!("{tag}.routing_indices"));
+    let extra_nodes = vec![
+        make_node("Reshape", "", &format!("{tag}/rw_reshape"), &[&rw_flat, &shape], &[&rw_tk]),
+        make_node("Reshape", "", &format!("{tag}/idx_reshape"), &[&idx_flat, &shape], &[&idx_tk]),
+    ];
+    Ok(Some(MoeLayer {
+        family: FAMILY,
+        x,
+        routing_weights: rw_tk,
+        routing_indices: idx_tk,
+        output,
+        experts: (0..e_count).map(|i| mlp.for_expert(i)).collect(),
+        capacity: None,
+        capacity_order: CapacityOrder::SlotMajor,
+        k: Some(k as usize),
+        extra_nodes,
+        extra_inits: vec![make_i64(&shape, &[2], &[-1, k])],
+    }))
+}
+
+/// X is [T, d]: a Reshape to two entries, a Flatten, or declared rank 2.
+fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
+    match g.prod(x) {
+        Some((_, n)) if n.op_type == "Reshape" => eval(g, &n.input[1], facts, 0).is_some_and(|t| !t.open && t.v.len() == 2),
+        Some((_, n)) if n.op_type == "Flatten" => true,
+        Some(_) => false,
+        None => declared_dims(g, x).is_some_and(|t| t.v.len() == 2),
+    }
+}
+
+/// This family's linear layer, `v` = one of
+///   Squeeze(MatMul(Wg, Unsqueeze(h, -1)), -1)    Wg [S, out, in] (transformers' default layout)
+///   Squeeze(MatMul(Unsqueeze(h, 1), Wg), 1)      Wg [S, in, out] (`is_transposed` experts)
+/// with Wg = Gather(W, e) or GatherND(W, Unsqueeze(e, -1)) of a rank-3 stack W by the flattened
+/// routing indices e (which `note` checks and records).
+fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Option<(String, WSrc)> {
+    let sq = prod_op(g, v, "Squeeze")?;
+    let sq_axes = axes_of(g, sq)?;
+    let mm = prod_op(g, &sq.input[0], "MatMul")?;
+    let unsq = |s: &str, ok: &[i64]| -> Option<String> {
+        let u = prod_op(g, s, "Unsqueeze")?;
+        let a = axes_of(g, u)?;
+        (a.len() == 1 && ok.contains(&a[0])).then(|| u.input[0].clone())
+    };
+    let (xv, wg, transposed) = if let Some(x) = unsq(&mm.input[1], &[-1, 2]) {
+        (matches!(sq_axes.as_slice(), [-1] | [2])).then_some(())?;
+        (x, &mm.input[0], false)
+    } else {
+        let x = unsq(&mm.input[0], &[1, -2])?;
+        (matches!(sq_axes.as_slice(), [1] | [-2])).then_some(())?;
+        (x, &mm.input[1], true)
+    };
+    let wn = g.prod(&strip(g, wg, &["Cast", "Identity"]))?.1;
+    let stack = match wn.op_type.as_str() {
+        "Gather" if attr_i(wn, "axis").unwrap_or(0) == 0 && note(&wn.input[1]) => &wn.input[0],
+        "GatherND" if attr_i(wn, "batch_dims").unwrap_or(0) == 0 => {
+            let e = unsq(&wn.input[1], &[-1, 1])?;
+            note(&e).then_some(())?;
+            &wn.input[0]
+        }
+        _ => return None,
+    };
+    let dims = g.const_dims(stack).filter(|d| d.len() == 3 && g.initializers.contains_key(stack.as_str()))?;
+    let (out, inp) = if transposed { (dims[2], dims[1]) } else { (dims[1], dims[2]) };
+    Some((xv, WSrc { init: stack.clone(), index: Some(ERef::Each), transposed, out: out as usize, inp: inp as usize }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx_protobuf::GraphProto;
+
+    fn graph(nodes: Vec<onnx_protobuf::NodeProto>, inits: Vec<onnx_protobuf::TensorProto>) -> GraphProto {
+        let mut g = GraphProto::new();
+        g.node = nodes;
+        g.initializer = inits;
+        g
+    }
+
+    fn none(_: &str) -> Option<IVec> {
+        None
+    }
+
+    /// TorchScript's repeat_interleave(X, k) repeats: OneHot([1], 3, [1, k]) flattened = [1, k, 1],
+    /// with k read from the routing indices' shape.
+    #[test]
+    fn onehot_repeat_counts_evaluate_to_one_k_one() {
+        let nodes = vec![
+            make_node("Shape", "", "s", &["idx"], &["shape"]),
+            make_node("Slice", "", "sl", &["shape", "m1", "big", "zero"], &["last"]),
+            make_node("Squeeze", "", "sq", &["last", "zero"], &["k"]),
+            make_node("Reshape", "", "r", &["k", "one_v"], &["k1"]),
+            make_node("Concat", "", "c", &["one_v", "k1"], &["vals"]),
+            make_node("OneHot", "", "oh", &["one_v", "three", "vals"], &["oh"]),
+            make_node("Reshape", "", "flat", &["oh", "m1"], &["reps"]),
+        ];
+        let inits = vec![
+            make_i64("m1", &[1], &[-1]),
+            make_i64("big", &[1], &[i64::MAX]),
+            make_i64("zero", &[1], &[0]),
+            make_i64("one_v", &[1], &[1]),
+            make_i64("three", &[], &[3]),
+        ];
+        let gp = graph(nodes, inits);
+        let g = GraphIndex::new(&gp, None).unwrap();
+        let facts = |v: &str| (v == "idx").then(|| IVec { v: vec![Some(2)], open: true, scalar: false });
+        let r = eval(&g, "reps", &facts, 0).unwrap();
+        assert_eq!(r.known(), Some(vec![1, 2, 1]));
+        // without knowing the indices' shape the count is not known, and nothing is assumed
+        assert!(eval(&g, "reps", &none, 0).is_none());
+    }
+
+    /// A Gather of a known position of an open shape is unknown, of its tail known.
+    #[test]
+    fn open_shapes_answer_only_from_the_end() {
+        let nodes = vec![
+            make_node("Shape", "", "s", &["x"], &["shape"]),
+            make_node("Gather", "", "g0", &["shape", "i0"], &["first"]),
+            make_node("Gather", "", "g1", &["shape", "im1"], &["last"]),
+        ];
+        let inits = vec![make_i64("i0", &[], &[0]), make_i64("im1", &[], &[-1])];
+        let gp = graph(nodes, inits);
+        let g = GraphIndex::new(&gp, None).unwrap();
+        let facts = |v: &str| (v == "x").then(|| IVec { v: vec![Some(32)], open: true, scalar: false });
+        assert_eq!(eval(&g, "first", &facts, 0).unwrap().v, vec![None]);
+        let last = eval(&g, "last", &facts, 0).unwrap();
+        assert_eq!((last.v, last.scalar), (vec![Some(32)], true));
+    }
+
+    /// A ReduceSum over another axis, or of something other than the weighted per-assignment
+    /// outputs, is not this family's candidate (no rejection noise for routers' sums).
+    #[test]
+    fn other_reducesums_are_not_candidates() {
+        let mut rs = make_node("ReduceSum", "", "rs", &["a", "ax"], &["y"]);
+        rs.attribute.push(crate::onnx::graph::attr_int("keepdims", 1));
+        let gp = graph(vec![make_node("Mul", "", "m", &["p", "q"], &["a"]), rs], vec![make_i64("ax", &[1], &[-1])]);
+        let g = GraphIndex::new(&gp, None).unwrap();
+        let (layers, rejected) = find(&g);
+        assert!(layers.is_empty() && rejected.is_empty());
+    }
+}
