@@ -8,11 +8,13 @@
 //! [`megablocks`] (sort, gather, padded per-expert batched MatMul, un-permute), [`ort_moe`]
 //! (`com.microsoft.MoE`). [`emit`] writes the node and the stacked weights.
 
+pub mod canon;
 pub mod capacity;
 pub mod dense;
 pub mod emit;
 pub mod expr;
 pub mod hf_loop;
+pub mod matcher;
 pub mod megablocks;
 pub mod ort_moe;
 pub mod verify;
@@ -162,6 +164,7 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
         initializers_before: model.graph().initializer.len(),
         ..Default::default()
     };
+    canon::canonicalise(model);
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);
