@@ -196,31 +196,35 @@ fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize,
 /// `P e, P e d -> P d`; `Squeeze(MatMul(Unsqueeze(G, -2), H), -2)`; and
 /// `ReduceSum(H * Unsqueeze(G, -1), axis -2)`. (gate, expert outputs).
 fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, String)> {
-    use super::matcher::{axes_of, prod};
+    use super::matcher::{axes_of, prod, rank_of};
     if !n.domain.is_empty() {
         return None;
     }
+    // `axes == [from_end]` counted from the end of a value of rank `r` (exporters write either)
+    let at_end = |ax: Option<Vec<i64>>, v: &str, from_end: i64| {
+        ax.is_some_and(|a| a.len() == 1 && (a[0] == from_end || rank_of(g, v).is_some_and(|r| a[0] == r as i64 + from_end)))
+    };
     match n.op_type.as_str() {
         "Einsum" if n.input.len() == 2 => {
             let (gi, yi) = combine_roles(&attr_s(n, "equation").unwrap_or_default())?;
             Some((n.input[gi].clone(), n.input[yi].clone()))
         }
         "Squeeze" => {
-            if axes_of(g, n)? != [-2] {
+            if !at_end(axes_of(g, n), &n.input[0], -2) {
                 return None;
             }
             let mm = prod(g, &n.input[0], "MatMul")?;
             let u = prod(g, &mm.input[0], "Unsqueeze")?;
-            (axes_of(g, u)? == [-2]).then(|| (u.input[0].clone(), mm.input[1].clone()))
+            at_end(axes_of(g, u), &u.output[0], -2).then(|| (u.input[0].clone(), mm.input[1].clone()))
         }
         "ReduceSum" => {
-            if axes_of(g, n)? != [-2] || attr_i(n, "keepdims").unwrap_or(1) != 0 {
+            if !at_end(axes_of(g, n), &n.input[0], -2) || attr_i(n, "keepdims").unwrap_or(1) != 0 {
                 return None;
             }
             let m = prod(g, &n.input[0], "Mul")?;
             for (a, b) in [(0, 1), (1, 0)] {
                 if let Some(u) = prod(g, &m.input[b], "Unsqueeze") {
-                    if axes_of(g, u)? == [-1] {
+                    if at_end(axes_of(g, u), &u.output[0], -1) {
                         return Some((u.input[0].clone(), m.input[a].clone()));
                     }
                 }
