@@ -10,7 +10,7 @@
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_s, GraphIndex};
+use crate::onnx::graph::{attr_i, attr_ints, attr_s, GraphIndex};
 use crate::spec::CapacityOrder;
 
 /// The first inputs of einsums that apply a stacked weight to shared rows (`P i, e {i o} -> P e o`).
@@ -61,6 +61,15 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     let mut rejected = Vec::new();
     let leaves = shared_row_inputs(g);
     for n in &g.graph.node {
+        if let Some((gate, y)) = combine_of(g, n) {
+            let at = n.output[0].clone();
+            match prove(g, &gate, &y, &leaves, &at) {
+                Ok(Some(l)) => layers.push(l),
+                Ok(None) => {}
+                Err(reason) => rejected.push(Rejection { family: "dense", at, reason }),
+            }
+            continue;
+        }
         if n.op_type == "ReduceSum" && n.domain.is_empty() {
             let at = n.output[0].clone();
             match prove_bmm(g, n) {
@@ -68,18 +77,6 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
                 Ok(None) => {}
                 Err(reason) => rejected.push(Rejection { family: "dense", at, reason }),
             }
-            continue;
-        }
-        if n.op_type != "Einsum" || n.input.len() != 2 {
-            continue;
-        }
-        let eq = attr_s(n, "equation").unwrap_or_default();
-        let Some((gi, yi)) = combine_roles(&eq) else { continue };
-        let at = n.output[0].clone();
-        match prove(g, &n.input[gi], &n.input[yi], &leaves, &at) {
-            Ok(Some(l)) => layers.push(l),
-            Ok(None) => {}
-            Err(reason) => rejected.push(Rejection { family: "dense", at, reason }),
         }
     }
     (layers, rejected)
@@ -89,6 +86,9 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
 /// (IDX, RW, k, E), or None when `gate` is no such scatter.
 fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, usize)>, String> {
     let gv = crate::onnx::graph::strip(g, gate, &["Cast", "Identity"]);
+    if let Some(r) = onehot_gate(g, gv) {
+        return r.map(Some);
+    }
     let Some((_, sc)) = g.prod(gv).filter(|(_, n)| n.op_type == "ScatterElements") else {
         return Ok(None);
     };
@@ -97,43 +97,189 @@ fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, 
     if red != "none" {
         return Err("the gate scatter reduces".into());
     }
-    let zeros = &sc.input[0];
-    let Some((_, z)) = g.prod(zeros).filter(|(_, n)| n.op_type == "ConstantOfShape") else {
-        return Err("the gate is not scattered into zeros".into());
-    };
-    let zero_val = z.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
-    if zero_val.is_some_and(|t| crate::onnx::tensor::tensor_f32(t, None).map(|v| v.iter().any(|&x| x != 0.0)).unwrap_or(true)) {
-        return Err("the gate is not scattered into zeros".into());
-    }
+    let shape = zeros_shape(g, &sc.input[0]).ok_or("the gate is not scattered into zeros")?;
     let (idx, rw) = (sc.input[1].clone(), sc.input[2].clone());
     let Some((_, tk)) = g.prod(&idx).filter(|(_, n)| n.op_type == "TopK" && n.output.get(1) == Some(&idx)) else {
         return Err("the gate's indices do not come from TopK (experts could repeat)".into());
     };
     let k = g.const_i64(&tk.input[1]).filter(|k| k.len() == 1).ok_or("TopK's k is not constant")?[0] as usize;
+    // the gate's rank, read from its shape vector (a Concat input may hold several dims)
+    let rank = super::matcher::vec_len(g, &shape);
+    let tk_axis = attr_i(tk, "axis").unwrap_or(-1);
+    if !super::matcher::is_last_axis(tk_axis, super::matcher::rank_of(g, &tk.input[0]).or(rank)) {
+        return Err(format!("the router's TopK runs along axis {tk_axis}, not the expert axis"));
+    }
     // the gate has E columns: zeros shaped Concat(..., [E])
     let e_gate = g
-        .prod(&z.input[0])
+        .prod(&shape)
         .filter(|(_, n)| n.op_type == "Concat")
         .and_then(|(_, c)| g.const_i64(c.input.last()?))
         .filter(|v| v.len() == 1)
         .map(|v| v[0] as usize)
-        .or_else(|| g.const_i64(&z.input[0]).map(|v| *v.last().unwrap() as usize))
+        .or_else(|| g.const_i64(&shape).and_then(|v| v.last().map(|&e| e as usize)))
         .ok_or("cannot tell the gate's number of experts")?;
-    let rank = g.prod(&z.input[0]).filter(|(_, n)| n.op_type == "Concat").map(|(_, c)| c.input.len() as i64);
-    if !(axis == -1 || Some(axis + 1) == rank) {
+    if !super::matcher::is_last_axis(axis, rank) {
         return Err(format!("the gate scatter runs along axis {axis}, not the expert axis"));
     }
     Ok(Some((idx, rw, k, e_gate)))
 }
 
-fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Result<Option<MoeLayer>, String> {
-    let Some((idx, rw, k, e_gate)) = gate_of(g, gate)? else { return Ok(None) };
-    // the experts, on shared rows
+
+/// The shape vector of a zeros tensor: `ConstantOfShape(shape)` with value 0 (or no value), or
+/// `Expand(0, shape)` with a scalar constant 0.
+fn zeros_shape(g: &GraphIndex, v: &str) -> Option<String> {
+    let (_, z) = g.prod(v)?;
+    match z.op_type.as_str() {
+        "ConstantOfShape" => {
+            let val = z.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
+            let zero = val.is_none_or(|t| crate::onnx::tensor::tensor_f32(t, None).is_ok_and(|v| v.iter().all(|&x| x == 0.0)));
+            zero.then(|| z.input[0].clone())
+        }
+        "Expand" => {
+            let t = g.const_tensor(&z.input[0])?;
+            let zero = crate::onnx::tensor::numel(&t.dims) == 1 && g.const_scalar(&z.input[0]) == Some(0.0);
+            zero.then(|| z.input[1].clone())
+        }
+        _ => None,
+    }
+}
+
+/// TopK's k when `idx` is its index output along the last axis (distinct entries per row).
+fn topk_k(g: &GraphIndex, idx: &str) -> Result<usize, String> {
+    let Some((_, tk)) = g.prod(idx).filter(|(_, n)| n.op_type == "TopK" && n.output.get(1).is_some_and(|o| o == idx)) else {
+        return Err("the gate's indices do not come from TopK (experts could repeat)".into());
+    };
+    let k = g.const_i64(&tk.input[1]).filter(|k| k.len() == 1).ok_or("TopK's k is not constant")?[0] as usize;
+    let axis = attr_i(tk, "axis").unwrap_or(-1);
+    if !super::matcher::is_last_axis(axis, super::matcher::rank_of(g, &tk.input[0])) {
+        return Err(format!("the router's TopK runs along axis {axis}, not the expert axis"));
+    }
+    Ok(k)
+}
+
+/// The one-hot spelling of the gate: `ReduceSum(OneHot(IDX, E, [0, 1]) * Unsqueeze(RW, -1),
+/// axis -2)`, i.e. G[t, e] = sum_j [IDX[t, j] = e] RW[t, j] (the scatter's value, IDX distinct).
+fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize, usize), String>> {
+    use super::matcher::{axes_of, prod, rank_of};
+    let rs = prod(g, v, "ReduceSum")?;
+    let mul = prod(g, crate::onnx::graph::strip(g, &rs.input[0], &["Cast"]), "Mul")?;
+    let mut parts = None;
+    for (a, b) in [(0, 1), (1, 0)] {
+        let Some(oh) = prod(g, crate::onnx::graph::strip(g, &mul.input[a], &["Cast"]), "OneHot") else { continue };
+        let Some(u) = prod(g, &mul.input[b], "Unsqueeze") else { continue };
+        parts = Some((oh, u));
+    }
+    let (oh, u) = parts?;
+    let check = || -> Result<(String, String, usize, usize), String> {
+        let idx = oh.input[0].clone();
+        let r = rank_of(g, &idx);
+        if !super::matcher::is_last_axis(attr_i(oh, "axis").unwrap_or(-1), r.map(|r| r + 1)) || g.const_f32(&oh.input[2]).as_deref() != Some(&[0.0, 1.0]) {
+            return Err("the gate's one-hot is not over the last axis with values [0, 1]".into());
+        }
+        let e = g.const_scalar(&oh.input[1]).filter(|e| *e >= 1.0).ok_or("the gate's one-hot depth is not constant")? as usize;
+        let ua = axes_of(g, u).ok_or("the routing weights are unsqueezed along a computed axis")?;
+        if !(ua.len() == 1 && super::matcher::is_last_axis(ua[0], r.map(|r| r + 1))) {
+            return Err("the routing weights are not broadcast over the experts".into());
+        }
+        let ra = axes_of(g, rs).ok_or("the gate's sum runs along a computed axis")?;
+        let second_last = ra.len() == 1 && (ra[0] == -2 || r.is_some_and(|r| ra[0] == r as i64 - 1));
+        if !second_last || attr_i(rs, "keepdims").unwrap_or(1) != 0 {
+            return Err("the gate's one-hot sum is not over the k choices".into());
+        }
+        let k = topk_k(g, &idx)?;
+        Ok((idx, u.input[0].clone(), k, e))
+    };
+    Some(check())
+}
+
+/// The combine forms of `Y[t] = sum_e G[t, e] H[t, e, :]` ending at node `n`: the einsum
+/// `P e, P e d -> P d`; `Squeeze(MatMul(Unsqueeze(G, -2), H), -2)`; and
+/// `ReduceSum(H * Unsqueeze(G, -1), axis -2)`. (gate, expert outputs).
+fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, String)> {
+    use super::matcher::{axes_of, prod, rank_of};
+    if !n.domain.is_empty() {
+        return None;
+    }
+    // `axes == [from_end]` counted from the end of a value of rank `r` (exporters write either)
+    let at_end = |ax: Option<Vec<i64>>, v: &str, from_end: i64| {
+        ax.is_some_and(|a| a.len() == 1 && (a[0] == from_end || rank_of(g, v).is_some_and(|r| a[0] == r as i64 + from_end)))
+    };
+    match n.op_type.as_str() {
+        "Einsum" if n.input.len() == 2 => {
+            let (gi, yi) = combine_roles(&attr_s(n, "equation").unwrap_or_default())?;
+            Some((n.input[gi].clone(), n.input[yi].clone()))
+        }
+        "Squeeze" => {
+            if !at_end(axes_of(g, n), &n.input[0], -2) {
+                return None;
+            }
+            let mm = prod(g, &n.input[0], "MatMul")?;
+            let u = prod(g, &mm.input[0], "Unsqueeze")?;
+            at_end(axes_of(g, u), &u.output[0], -2).then(|| (u.input[0].clone(), mm.input[1].clone()))
+        }
+        "ReduceSum" => {
+            if !at_end(axes_of(g, n), &n.input[0], -2) || attr_i(n, "keepdims").unwrap_or(1) != 0 {
+                return None;
+            }
+            let m = prod(g, &n.input[0], "Mul")?;
+            for (a, b) in [(0, 1), (1, 0)] {
+                if let Some(u) = prod(g, &m.input[b], "Unsqueeze") {
+                    if at_end(axes_of(g, u), &u.output[0], -1) {
+                        return Some((u.input[0].clone(), m.input[a].clone()));
+                    }
+                }
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// The experts applied to every token: H[.., t, e, :] = MLP_e(X[.., t, :]), either einsums with
+/// stacked weights (`leaves` are their row inputs) or a batched MatMul of the rows broadcast
+/// over a new expert axis, `Unsqueeze(X, -3) @ W[E, in, out]` ([.., E, t, out]), moved next to
+/// the width by a Transpose that swaps the expert and token axes. (MLP parse, token rows X).
+fn experts_of(g: &GraphIndex, y: &str, leaves: &[String]) -> Result<(super::expr::ExpertMlp, String), String> {
+    use super::matcher::{axes_of, prod, rank_of};
     let resolver = |_: &str| None;
+    if let Some(t) = prod(g, y, "Transpose") {
+        let perm = attr_ints(t, "perm").ok_or("the expert outputs are transposed without a permutation")?;
+        let r = perm.len();
+        let swapped = r >= 3 && (0..r).all(|i| perm[i] == if i == r - 3 { r as i64 - 2 } else if i == r - 2 { r as i64 - 3 } else { i as i64 });
+        if !swapped {
+            return Err(format!("the expert outputs are transposed by {perm:?}, not by a swap of the expert and token axes"));
+        }
+        // rows broadcast over the expert axis: Unsqueeze(X, axis -3 of the result)
+        let mut bl = Vec::new();
+        for n in &g.graph.node {
+            if n.op_type == "Unsqueeze" && n.domain.is_empty() {
+                let Some(a) = axes_of(g, n) else { continue };
+                let Some(xr) = rank_of(g, &n.input[0]) else { continue };
+                if xr + 1 == r && a.len() == 1 && (a[0] == -3 || a[0] == xr as i64 - 2) {
+                    bl.push(n.output[0].clone());
+                }
+            }
+        }
+        let mut p = ExprParser::new(g, bl, &resolver);
+        p.batched_leaf = true;
+        let e = p.parse(&t.input[0])?;
+        let d = p.d.ok_or("the expert outputs read no stacked linear layer of the token rows")?;
+        let mlp = to_mlp(&e, d)?;
+        let leaf = p.matched_leaf.clone().ok_or("cannot find the token rows")?;
+        let x = g.prod(&leaf).map(|(_, n)| n.input[0].clone()).ok_or("cannot find the token rows")?;
+        return Ok((mlp, x));
+    }
     let mut p = ExprParser::new(g, leaves.to_vec(), &resolver);
     let e = p.parse(y)?;
     let d = p.d.ok_or("the expert outputs read no stacked linear layer of the token rows")?;
     let mlp = to_mlp(&e, d)?;
+    let x = p.matched_leaf.clone().ok_or("cannot find the token rows")?;
+    Ok((mlp, x))
+}
+
+fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Result<Option<MoeLayer>, String> {
+    let Some((idx, rw, k, e_gate)) = gate_of(g, gate)? else { return Ok(None) };
+    let (mlp, x) = experts_of(g, y, leaves)?;
     let e_count = mlp.each_count(g).ok_or("the expert weights are not stacked over the expert axis")?;
     if e_count != e_gate {
         return Err(format!("the gate has {e_gate} experts, the weights {e_count}"));
@@ -143,7 +289,6 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
             return Err("stacked weights differ in their number of experts".into());
         }
     }
-    let x = p.matched_leaf.clone().ok_or("cannot find the token rows")?;
     Ok(Some(MoeLayer {
         family: "dense",
         x,
@@ -220,4 +365,40 @@ fn prove_bmm(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<M
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite, set_int_attr};
+
+    #[test]
+    fn the_fixtures_are_rewritten() {
+        for name in ["dense_einsum", "dense_bmm"] {
+            let mut m = fixture(name);
+            assert_eq!(rewrite(&mut m).0, 1, "{name}");
+        }
+    }
+
+    /// A router TopK along the token axis picks tokens, not distinct experts: the gate it builds
+    /// is no top-k gate (ORT runs the mutant at 7 tokens and it differs from any MoE).
+    #[test]
+    fn a_topk_along_the_token_axis_is_refused() {
+        let mut m = fixture("dense_einsum");
+        set_int_attr(node_mut(&mut m, "TopK", "/m/router/TopK"), "axis", 1);
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("TopK runs along axis 1")), "{why:?}");
+    }
+
+    /// The gate scattered along another axis than the expert axis.
+    #[test]
+    fn a_gate_scattered_along_the_token_axis_is_refused() {
+        for (name, axis) in [("dense_einsum", 1), ("dense_einsum", -2), ("dense_bmm", 0)] {
+            let mut m = fixture(name);
+            set_int_attr(node_mut(&mut m, "ScatterElements", ""), "axis", axis);
+            let (n, why) = rewrite(&mut m);
+            assert_eq!(n, 0, "{name} axis {axis}");
+            assert!(why.iter().any(|w| w.contains("not the expert axis")), "{why:?}");
+        }
+    }
 }

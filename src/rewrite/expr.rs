@@ -209,7 +209,10 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                         continue;
                     }
                     if let Ok(Expr::Lin { x, w, b: None }) = self.parse(a) {
-                        if let Ok(bias) = self.bias(b, w.out) {
+                        // an einsum over stacked weights leaves [..., E, out]: a bias [E, out]
+                        // adds row e to expert e
+                        let stack = (!self.batched_leaf && w.index == Some(ERef::Each)).then(|| self.g.const_dims(&w.init).map(|d| d[0])).flatten();
+                        if let Ok(bias) = self.bias_stacked(b, w.out, stack) {
                             return Ok(Expr::Lin { x, w, b: Some(bias) });
                         }
                     }
@@ -237,7 +240,9 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 let ends = self.int_vec(inp(2), &x)?;
                 let axes = if inp(3).is_empty() { vec![-1] } else { self.g.const_i64(inp(3)).ok_or("Slice axes not constant")? };
                 let steps = if inp(4).is_empty() { vec![1] } else { self.g.const_i64(inp(4)).ok_or("Slice steps not constant")? };
-                if starts.len() != 1 || ends.len() != 1 || axes.len() != 1 || steps.len() != 1 || !(axes[0] == -1 || axes[0] == 1 || (self.batched_leaf && axes[0] == 2)) {
+                // the column axis is the last one: axis 1 only of a rank-2 value
+                let last = axes.len() == 1 && super::matcher::is_last_axis(axes[0], super::matcher::rank_of(self.g, inp(0)));
+                if starts.len() != 1 || ends.len() != 1 || axes.len() != 1 || steps.len() != 1 || !(last || (self.batched_leaf && axes[0] == 2)) {
                     return Err(format!("Slice producing '{v}' is not a column slice"));
                 }
                 let clampi = |s: i64| -> usize {
@@ -255,7 +260,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                 let width = x.width(self.d.unwrap_or(0)).ok_or("split of a value of unknown width")?;
                 let axis = attr_i(n, "axis").unwrap_or(0);
                 // columns: the last axis of [rows, w], or of per-expert bins [E, rows, w]
-                if !(axis == -1 || axis == 1 || (self.batched_leaf && axis == 2)) {
+                if !(super::matcher::is_last_axis(axis, super::matcher::rank_of(self.g, inp(0))) || (self.batched_leaf && axis == 2)) {
                     return Err(format!("Split producing '{v}' is not along columns"));
                 }
                 let k = n.output.len();
@@ -441,9 +446,17 @@ impl<'a, 'g> ExprParser<'a, 'g> {
     }
 
     fn bias(&mut self, v: &str, out: usize) -> ParseResult<BSrc> {
+        self.bias_stacked(v, out, None)
+    }
+
+    /// A bias of `out`; with `stack` = Some(E), also a per-expert stack [E, out].
+    fn bias_stacked(&mut self, v: &str, out: usize, stack: Option<i64>) -> ParseResult<BSrc> {
         let mut cur = v.to_string();
         for _ in 0..4 {
             if let Some(t) = self.g.const_tensor(&cur) {
+                if stack.is_some_and(|e| t.dims.len() == 2 && t.dims[0] == e && t.dims[1] as usize == out) && self.g.initializers.contains_key(cur.as_str()) {
+                    return Ok(BSrc { init: cur, index: Some(ERef::Each), len: out });
+                }
                 // one bias row per expert, broadcast over the rows of batched bins: [E, 1, out]
                 if self.batched_leaf && t.dims.len() == 3 && t.dims[1] == 1 && t.dims[2] as usize == out && self.g.initializers.contains_key(cur.as_str()) {
                     return Ok(BSrc { init: cur, index: Some(ERef::Each), len: out });

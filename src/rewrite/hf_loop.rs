@@ -22,9 +22,7 @@ use std::collections::HashMap;
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
-/// Kept under its old path for code that names `hf_loop::strip`; it lives in `onnx::graph`.
-pub(crate) use crate::onnx::graph::strip;
+use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

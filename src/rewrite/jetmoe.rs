@@ -29,7 +29,7 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc, BSrc};
-use super::hf_loop::strip;
+use crate::onnx::graph::strip;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
 use crate::spec::CapacityOrder;

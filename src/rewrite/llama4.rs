@@ -17,7 +17,7 @@ use onnx_protobuf::NodeProto;
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc};
-use super::hf_loop::strip;
+use crate::onnx::graph::strip;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, attr_int, make_node, GraphIndex};
 use crate::onnx::tensor::{encode_f32, make_tensor};

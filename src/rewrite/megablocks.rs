@@ -17,6 +17,7 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
+use super::matcher::strip_noop_expand;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
@@ -35,12 +36,12 @@ fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
     }
 }
 
-/// `v = Unsqueeze(x, [axis])` (through Expand / Cast): x.
-fn unsqueezed<'g>(g: &GraphIndex<'g>, v: &'g str, axis: &[i64]) -> Option<&'g str> {
-    let u = prod(g, strip(g, v, &["Expand", "Cast"]), "Unsqueeze")?;
+/// `v = Unsqueeze(x, [axis])` (through Cast, and Expands that keep the shape, see
+/// [`strip_noop_expand`]; `peers` are the values known to share x's shape): x.
+fn unsqueezed<'g>(g: &GraphIndex<'g>, v: &'g str, axis: &[i64], peers: &[&str]) -> Option<&'g str> {
+    let u = prod(g, strip_noop_expand(g, v, peers), "Unsqueeze")?;
     let a = axes_of(g, u)?;
-    // index tensors broadcast against each other (Expand) keep their values
-    axis.contains(&a[0]).then(|| strip(g, u.input[0].as_str(), &["Expand", "Cast"])).filter(|_| a.len() == 1)
+    axis.contains(&a[0]).then(|| strip_noop_expand(g, u.input[0].as_str(), peers)).filter(|_| a.len() == 1)
 }
 
 struct Sort {
@@ -79,10 +80,13 @@ fn sort_of(g: &GraphIndex, sorted: &str) -> Option<Sort> {
 fn div_of(g: &GraphIndex, v: &str) -> Option<(String, i64)> {
     let v = strip(g, v, &["Cast"]);
     let div = if let Some(w) = prod(g, v, "Where") {
-        // Where(cond, Div - 1, Div): floor for negative quotients; the numerators are indices >= 0
+        // Where(cond, Div - 1, Div): equals Div only where cond is false everywhere
         let d = prod(g, &w.input[2], "Div")?;
         let s = prod(g, &w.input[1], "Sub")?;
         if s.input[0] != w.input[2] || g.const_scalar(&s.input[1]) != Some(1.0) {
+            return None;
+        }
+        if !floor_fix_is_false(g, &w.input[0], &d.input[0], &d.input[1]) {
             return None;
         }
         d
@@ -90,7 +94,50 @@ fn div_of(g: &GraphIndex, v: &str) -> Option<(String, i64)> {
         prod(g, v, "Div")?
     };
     let k = g.const_scalar(&div.input[1])?;
+    if k < 1.0 || k.fract() != 0.0 || !is_sort_order(g, &div.input[0]) {
+        return None;
+    }
     Some((div.input[0].clone(), k as i64))
+}
+
+/// Whether `v` is the second output of a TopK (indices, never negative).
+fn is_sort_order(g: &GraphIndex, v: &str) -> bool {
+    g.prod(v).is_some_and(|(_, n)| n.op_type == "TopK" && n.output.get(1).is_some_and(|o| o == v))
+}
+
+/// torch's floor-division correction `And(Xor(Less(num, 0), Less(k, 0)), Not(Equal(Mod(num, k), 0)))`
+/// (the Xor's second operand folded to a constant), with num >= 0 (sort indices) and k > 0 a
+/// constant: false everywhere. Any other condition could select `Div - 1`.
+fn floor_fix_is_false(g: &GraphIndex, cond: &str, num: &str, k: &str) -> bool {
+    let Some(kv) = g.const_scalar(k) else { return false };
+    if kv <= 0.0 || !is_sort_order(g, num) {
+        return false;
+    }
+    if g.const_i64(cond).is_some_and(|c| c.iter().all(|&x| x == 0)) {
+        return true;
+    }
+    let Some(and) = prod(g, cond, "And") else { return false };
+    [(0, 1), (1, 0)].into_iter().any(|(a, b)| {
+        // the sign part: Xor(Less(num, 0), const false) or Xor(Less(num, 0), Less(k, 0))
+        let sign_false = prod(g, &and.input[a], "Xor").is_some_and(|x| {
+            [(0, 1), (1, 0)].into_iter().any(|(p, q)| {
+                let num_neg = prod(g, &x.input[p], "Less").is_some_and(|l| l.input[0] == num && g.const_scalar(&l.input[1]) == Some(0.0));
+                let k_neg_false = g.const_i64(&x.input[q]).is_some_and(|c| c.iter().all(|&v| v == 0))
+                    || prod(g, &x.input[q], "Less").is_some_and(|l| l.input[0] == k && g.const_scalar(&l.input[1]) == Some(0.0));
+                num_neg && k_neg_false
+            })
+        });
+        // the remainder part must read the same numerator and divisor
+        let rem = prod(g, &and.input[b], "Not")
+            .and_then(|n| prod(g, &n.input[0], "Equal"))
+            .is_some_and(|e| {
+                [(0, 1), (1, 0)].into_iter().any(|(p, q)| {
+                    g.const_scalar(&e.input[q]) == Some(0.0)
+                        && prod(g, &e.input[p], "Mod").is_some_and(|m| m.input[0] == num && g.const_scalar(&m.input[1]) == Some(kv))
+                })
+            });
+        sign_false && rem
+    })
 }
 
 /// `pos = Squeeze(GatherElements(CumSum(OneHot(sorted, E), 0) - 1, Unsqueeze(sorted, 1), axis=1))`: E.
@@ -100,7 +147,7 @@ fn position_of(g: &GraphIndex, pos: &str, sorted: &str) -> Option<i64> {
         return None;
     }
     let ge = prod(g, &sq.input[0], "GatherElements")?;
-    if attr_i(ge, "axis").unwrap_or(0) != 1 || unsqueezed(g, &ge.input[1], &[1, -1])? != sorted {
+    if attr_i(ge, "axis").unwrap_or(0) != 1 || unsqueezed(g, &ge.input[1], &[1, -1], &[sorted])? != sorted {
         return None;
     }
     let sub = prod(g, &ge.input[0], "Sub")?;
@@ -141,7 +188,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto, mul: &onnx_protobuf::N
     // Y = ReduceSum(Reshape(Yu, [T, k, d]) * Unsqueeze(RW, -1), axis 1)
     let mut parts = None;
     for (a, b) in [(0, 1), (1, 0)] {
-        if let (Some(rs), Some(rw)) = (prod(g, &mul.input[a], "Reshape"), unsqueezed(g, &mul.input[b], &[-1, 2])) {
+        if let (Some(rs), Some(rw)) = (prod(g, &mul.input[a], "Reshape"), unsqueezed(g, &mul.input[b], &[-1, 2], &[])) {
             parts = Some((rs, rw));
         }
     }
@@ -154,7 +201,13 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto, mul: &onnx_protobuf::N
     if attr_i(yu_sc, "axis").unwrap_or(0) != 0 || crate::onnx::graph::attr_s(yu_sc, "reduction").is_some_and(|r| r != "none") {
         return Err("the un-permutation is not a row scatter".into());
     }
-    let order_u = unsqueezed(g, &yu_sc.input[1], &[1, -1]).ok_or("un-permutation indices are not one row index per row")?;
+    // Expand(Unsqueeze(order, 1), S) repeats order[i] along row i; ScatterElements forces S to
+    // the updates' shape, so any S keeps one row index per row
+    let mut ui = yu_sc.input[1].as_str();
+    if let Some(ex) = prod(g, ui, "Expand").filter(|ex| prod(g, &ex.input[0], "Unsqueeze").is_some()) {
+        ui = ex.input[0].as_str();
+    }
+    let order_u = unsqueezed(g, ui, &[1, -1], &[]).ok_or("un-permutation indices are not one row index per row")?;
     // Ys = Reshape(Gather(Flatten(O, 2), sorted * n + pos))
     let ys = strip(g, &yu_sc.input[2], &["Reshape", "Cast"]);
     let gat = prod(g, ys, "Gather").ok_or("un-permuted rows are not gathered from the expert outputs")?;
@@ -193,7 +246,11 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto, mul: &onnx_protobuf::N
         if cat.input.len() != 2 || attr_i(cat, "axis") != Some(-1) && attr_i(cat, "axis") != Some(1) {
             continue;
         }
-        if unsqueezed(g, &cat.input[0], &[-1, 1]) == Some(sort.sorted.as_str()) && unsqueezed(g, &cat.input[1], &[-1, 1]) == Some(pos.as_str()) {
+        // sorted and pos have the same shape (pos is read at each sorted entry)
+        let peers = [sort.sorted.as_str(), pos.as_str()];
+        if unsqueezed(g, &cat.input[0], &[-1, 1], &peers) == Some(sort.sorted.as_str())
+            && unsqueezed(g, &cat.input[1], &[-1, 1], &peers) == Some(pos.as_str())
+        {
             bins = Some(n);
         }
     }
@@ -255,4 +312,49 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto, mul: &onnx_protobuf::N
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::onnx::tensor::make_tensor;
+    use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+
+    #[test]
+    fn the_fixture_is_rewritten() {
+        let mut m = fixture("megablocks");
+        assert_eq!(rewrite(&mut m).0, 1);
+    }
+
+    /// torch's floor division `Where(cond, q - 1, q)`: with the condition's constant `false`
+    /// turned `true`, odd assignment numbers read the previous token's row. The rule used to take
+    /// any Where as the floor correction.
+    #[test]
+    fn a_changed_floor_division_condition_is_refused() {
+        let mut m = fixture("megablocks");
+        // the Xor's constant operand (Less(k, 0) folded by the exporter) becomes true
+        let xor = node_mut(&mut m, "Xor", "/m/Xor").clone();
+        let c = node_mut(&mut m, "Constant", &xor.input[1]);
+        c.attribute[0].t.as_mut().unwrap().raw_data = vec![1];
+        let (n, _) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        // and with Not dropped (the condition is then "divides evenly")
+        let mut m = fixture("megablocks");
+        let not_in = node_mut(&mut m, "Not", "/m/Not").input[0].clone();
+        let and = node_mut(&mut m, "And", "/m/And");
+        and.input[1] = not_in;
+        assert_eq!(rewrite(&mut m).0, 0);
+    }
+
+    /// An Expand of the bin coordinates to a shape other than their common shape changes which
+    /// bins are filled; only Expands that provably keep the shape are looked through.
+    #[test]
+    fn a_changed_expand_shape_is_refused() {
+        let mut m = fixture("megablocks");
+        let g = m.proto.graph.mut_or_insert_default();
+        g.initializer.push(make_tensor("mut/shape", crate::onnx::tensor::INT64, &[2], [1i64, 1].iter().flat_map(|x| x.to_le_bytes()).collect()));
+        let e = node_mut(&mut m, "Expand", "/m/Expand_output_0");
+        e.input[1] = "mut/shape".into();
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0, "{why:?}");
+    }
 }

@@ -14,6 +14,7 @@
 //! keeps its original nodes for it.
 
 pub mod batched;
+pub mod canon;
 pub mod capacity;
 pub mod dense;
 pub mod emit;
@@ -21,6 +22,7 @@ pub mod expr;
 pub mod hf_loop;
 pub mod jetmoe;
 pub mod llama4;
+pub mod matcher;
 pub mod megablocks;
 pub mod moa;
 pub mod ort_moe;
@@ -208,6 +210,7 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
         initializers_before: model.graph().initializer.len(),
         ..Default::default()
     };
+    canon::canonicalise(model);
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);

@@ -1,0 +1,373 @@
+"""Property-based generator of hand-written MoE spellings: dense, capacity (Switch/GShard) and
+Megablocks-style layers written in plain torch the ways people write them. Every seed draws one
+spelling (the choices below) and exports it; a new spelling is a new seed, not new code.
+
+    /path/to/torch/python models/spellings/generate.py --seeds 0-47 --out models/spellings
+    /path/to/torch/python models/spellings/generate.py --seeds 1000-1999 --out /tmp/spellings --no-index-merge
+
+Writes NAME.onnx (TorchScript or dynamo exporter, per seed), NAME.npz (x_S, y_S for S in 1, 7 and
+the traced length, torch's float32 outputs) and index.json (each model's choices, or why torch
+could not export it). Needs torch (2.11 here) and onnx; the tests read only the files.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TRACED = 16
+LENGTHS = (1, 7, TRACED)
+
+
+def act_fn(name):
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+    }[name]
+
+
+class Experts(nn.Module):
+    """Stacked expert weights in the layout a spelling asks for; `mlp(h)` applies them to
+    per-expert rows h [..., E, R, d] (expert axis third from the end, or given by `axis`)."""
+
+    def __init__(self, E, d, f, act, gated, bias):
+        super().__init__()
+        self.E, self.d, self.f, self.gated, self.bias = E, d, f, gated, bias
+        n = 2 * f if gated else f
+        self.w1 = nn.Parameter(torch.randn(E, d, n) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, f, d) / f**0.5)
+        self.b1 = nn.Parameter(torch.randn(E, n) * 0.1) if bias else None
+        self.b2 = nn.Parameter(torch.randn(E, d) * 0.1) if bias else None
+        self.act = act_fn(act)
+
+    def inner(self, h):
+        if self.gated:
+            g, u = h.chunk(2, dim=-1)
+            return self.act(g) * u
+        return self.act(h)
+
+
+class Router(nn.Module):
+    def __init__(self, d, E, k, form):
+        super().__init__()
+        self.proj = nn.Linear(d, E, bias=False)
+        self.k, self.form = k, form
+
+    def forward(self, x):
+        logits = self.proj(x)
+        if self.form == "softmax_topk_renorm":
+            w, idx = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
+            w = w / w.sum(dim=-1, keepdim=True)
+        elif self.form == "softmax_topk":
+            w, idx = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
+        else:  # topk_softmax
+            w, idx = torch.topk(logits, self.k, dim=-1)
+            w = torch.softmax(w, dim=-1)
+        return w, idx
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense: every expert for every token
+# ------------------------------------------------------------------------------------------------
+
+
+class DenseMoE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.router = Router(c["d"], c["E"], c["k"], c["router"])
+        self.ex = Experts(c["E"], c["d"], c["f"], c["act"], c["gated"], c["bias"])
+
+    def gates(self, x, w, idx):
+        E = self.c["E"]
+        if self.c["gate"] == "scatter":
+            return torch.zeros(x.shape[:-1] + (E,), dtype=x.dtype).scatter(-1, idx, w)
+        # one-hot of each choice weighted and summed over k
+        return (F.one_hot(idx, E).to(x.dtype) * w.unsqueeze(-1)).sum(dim=-2)
+
+    def forward(self, x):
+        c, ex = self.c, self.ex
+        w, idx = self.router(x)
+        gates = self.gates(x, w, idx)  # [..., E]
+        if c["compute"] == "einsum":
+            h = torch.einsum("...d,edn->...en", x, ex.w1)
+            if ex.bias:
+                h = h + ex.b1
+            h = ex.inner(h)
+            y = torch.einsum("...ef,efd->...ed", h, ex.w2)
+            if ex.bias:
+                y = y + ex.b2
+            # y: [..., E, d]
+        else:  # matmul: rows broadcast over a new expert axis [..., E, R, d]
+            h = torch.matmul(x.unsqueeze(-3), ex.w1)
+            if ex.bias:
+                h = h + ex.b1.unsqueeze(-2)
+            h = ex.inner(h)
+            y = torch.matmul(h, ex.w2)
+            if ex.bias:
+                y = y + ex.b2.unsqueeze(-2)
+            y = y.transpose(-3, -2)  # [..., R, E, d]
+        if c["combine"] == "einsum":
+            return torch.einsum("...e,...ed->...d", gates, y)
+        if c["combine"] == "mulsum":
+            return (y * gates.unsqueeze(-1)).sum(dim=-2)
+        return torch.matmul(gates.unsqueeze(-2), y).squeeze(-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Capacity: Switch/GShard top-1 with a fixed capacity per expert
+# ------------------------------------------------------------------------------------------------
+
+
+class CapacityMoE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.router = nn.Linear(c["d"], c["E"], bias=False)
+        self.ex = Experts(c["E"], c["d"], c["f"], c["act"], c["gated"], c["bias"])
+
+    def forward(self, x):
+        c, ex = self.c, self.ex
+        E, C = c["E"], c["C"]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T = x.shape[0]
+        probs = torch.softmax(self.router(x), dim=-1)
+        if c["choice"] == "max":
+            gate, idx = torch.max(probs, dim=-1)
+        else:
+            idx = torch.argmax(probs, dim=-1)
+            gate = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        mask = F.one_hot(idx, E).to(x.dtype)  # [T, E]
+        if c["positions"] == "cumsum_mul":
+            pos = torch.cumsum(mask, dim=0) * mask - 1.0
+            pos_tok = pos.sum(dim=-1) + (E - 1)  # the chosen expert's entry (others are -1)
+        else:  # exclusive count of earlier tokens of the same expert
+            pos_tok = ((torch.cumsum(mask, dim=0) - mask) * mask).sum(dim=-1)
+        kept = (pos_tok < C).to(x.dtype)  # [T]
+        slot = F.one_hot(pos_tok.clamp(0, C - 1).long(), C).to(x.dtype)  # [T, C]
+        dispatch = mask.unsqueeze(-1) * slot.unsqueeze(1) * kept[:, None, None]  # [T, E, C]
+        combine = dispatch * gate[:, None, None]
+        if c["dispatch"] == "einsum":
+            xin = torch.einsum("tec,td->ecd", dispatch, x)
+        else:
+            xin = torch.matmul(dispatch.reshape(T, E * C).t(), x).reshape(E, C, -1)
+        h = torch.matmul(xin, ex.w1)
+        if ex.bias:
+            h = h + ex.b1.unsqueeze(1)
+        h = ex.inner(h)
+        out = torch.matmul(h, ex.w2)
+        if ex.bias:
+            out = out + ex.b2.unsqueeze(1)
+        if c["combine"] == "einsum":
+            y = torch.einsum("tec,ecd->td", combine, out)
+        else:
+            y = torch.matmul(combine.reshape(T, E * C), out.reshape(E * C, -1))
+        if c["overflow"] == "pass":
+            y = y + x * (1.0 - kept).unsqueeze(-1)
+        return y.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Megablocks-style: sort by expert, bin, batched MatMul, un-permute
+# ------------------------------------------------------------------------------------------------
+
+
+class MegablocksMoE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.router = Router(c["d"], c["E"], c["k"], c["router"])
+        self.ex = Experts(c["E"], c["d"], c["f"], c["act"], c["gated"], c["bias"])
+
+    def forward(self, x):
+        c, ex = self.c, self.ex
+        E, k = c["E"], c["k"]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T, d = x.shape
+        w, idx = self.router(x)
+        flat = idx.reshape(-1)
+        N = flat.shape[0]
+        if c["sort"] == "sort":
+            sorted_e, order = torch.sort(flat)
+        else:
+            order = torch.argsort(flat)
+            sorted_e = flat[order]
+        tok = torch.div(order, k, rounding_mode="floor")
+        xs = x[tok]
+        if c["hist"] == "onehot":
+            counts = F.one_hot(flat, E).sum(dim=0)
+        elif c["hist"] == "scatter_add":
+            counts = torch.zeros(E, dtype=torch.long).scatter_add(0, flat, torch.ones_like(flat))
+        else:
+            counts = torch.bincount(flat, minlength=E)
+        if c["positions"] == "cumsum_onehot":
+            oh = F.one_hot(sorted_e, E)
+            pos = (torch.cumsum(oh, dim=0) - 1).gather(1, sorted_e.unsqueeze(1)).squeeze(1)
+        else:  # position = sorted index - first index of the expert's bin
+            starts = torch.cumsum(counts, dim=0) - counts
+            pos = torch.arange(N) - starts[sorted_e]
+        if c["buffer"] == "padded":
+            buf = torch.zeros(E, N, d, dtype=x.dtype).index_put((sorted_e, pos), xs)
+        else:  # one flat buffer of E*N rows, viewed per expert
+            buf = torch.zeros(E * N, d, dtype=x.dtype).index_copy(0, sorted_e * N + pos, xs).view(E, N, d)
+        if c["bmm"] == "bmm":
+            h = torch.bmm(buf, ex.w1)
+        elif c["bmm"] == "matmul":
+            h = torch.matmul(buf, ex.w1)
+        else:
+            h = torch.einsum("end,edf->enf", buf, ex.w1)
+        if ex.bias:
+            h = h + ex.b1.unsqueeze(1)
+        h = ex.inner(h)
+        o = torch.bmm(h, ex.w2) if c["bmm"] == "bmm" else torch.matmul(h, ex.w2)
+        if ex.bias:
+            o = o + ex.b2.unsqueeze(1)
+        if c["readback"] == "index":
+            ys = o[sorted_e, pos]
+        else:
+            ys = o.reshape(E * N, d)[sorted_e * N + pos]
+        if c["unpermute"] == "index_copy":
+            y = torch.zeros_like(ys).index_copy(0, order, ys)
+        elif c["unpermute"] == "scatter":
+            y = torch.zeros_like(ys).scatter(0, order.unsqueeze(1).expand(-1, d), ys)
+        else:  # gather by the inverse permutation
+            y = ys[torch.argsort(order)]
+        y = y.view(T, k, d)
+        if c["combine"] == "mulsum":
+            out = (y * w.unsqueeze(-1)).sum(dim=1)
+        elif c["combine"] == "einsum":
+            out = torch.einsum("tk,tkd->td", w, y)
+        else:
+            out = torch.bmm(w.unsqueeze(1), y).squeeze(1)
+        return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing a spelling from a seed
+# ------------------------------------------------------------------------------------------------
+
+
+def draw(seed):
+    r = random.Random(seed)
+    family = ["dense", "capacity", "megablocks"][seed % 3]
+    E = r.choice([2, 3, 4, 6, 8])
+    c = dict(
+        family=family,
+        E=E,
+        d=r.choice([8, 16, 24]),
+        f=r.choice([8, 16, 32]),
+        act=r.choice(["silu", "gelu", "gelu_tanh", "relu"]),
+        gated=r.random() < 0.5,
+        bias=r.random() < 0.4,
+        rank=r.choice([2, 3]),
+        exporter=r.choice(["torchscript", "torchscript", "dynamo"]),
+        opset=r.choice([17, 18]),
+    )
+    if family == "capacity":
+        c.update(k=1, C=r.choice([2, 3, 4, 6]), choice=r.choice(["max", "argmax"]),
+                 positions=r.choice(["cumsum_mul", "exclusive"]), dispatch=r.choice(["einsum", "matmul"]),
+                 combine=r.choice(["einsum", "matmul"]), overflow=r.choice(["drop", "pass"]))
+    else:
+        c.update(k=r.randint(1, min(3, E)), router=r.choice(["softmax_topk_renorm", "softmax_topk", "topk_softmax"]))
+    if family == "dense":
+        c.update(gate=r.choice(["scatter", "onehot"]), compute=r.choice(["einsum", "matmul"]),
+                 combine=r.choice(["einsum", "mulsum", "matmul"]))
+    if family == "megablocks":
+        c.update(sort=r.choice(["sort", "argsort"]), hist=r.choice(["onehot", "scatter_add", "bincount"]),
+                 positions=r.choice(["cumsum_onehot", "offsets"]), buffer=r.choice(["padded", "flat"]),
+                 bmm=r.choice(["bmm", "matmul", "einsum"]), readback=r.choice(["index", "flat"]),
+                 unpermute=r.choice(["index_copy", "scatter", "inverse"]), combine=r.choice(["mulsum", "einsum", "bmm"]))
+    return c
+
+
+def build(c):
+    return {"dense": DenseMoE, "capacity": CapacityMoE, "megablocks": MegablocksMoE}[c["family"]](c).eval()
+
+
+def export(model, c, x, path):
+    seq_axis = 1 if c["rank"] == 3 else 0
+    with torch.no_grad():
+        if c["exporter"] == "torchscript":
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=c["opset"],
+                              input_names=["hidden_states"], output_names=["output"],
+                              dynamic_axes={"hidden_states": {seq_axis: "S"}, "output": {seq_axis: "S"}})
+        else:
+            S = torch.export.Dim("S", min=1, max=4096)
+            prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=c["opset"],
+                                     input_names=["hidden_states"], output_names=["output"],
+                                     dynamic_shapes=({seq_axis: S},), verbose=False)
+            prog.save(path)
+    import onnx
+    m = onnx.load(path)
+    if m.ir_version > 10:  # ONNX Runtime 1.31 reads IR <= 13; keep files readable by older ones
+        m.ir_version = 10
+    onnx.save(m, path)
+
+
+def one(seed, out_dir):
+    c = draw(seed)
+    name = f"{c['family']}_{seed}"
+    torch.manual_seed(seed)
+    model = build(c)
+
+    def make_x(S, s):
+        g = torch.Generator().manual_seed(s)
+        shape = (1, S, c["d"]) if c["rank"] == 3 else (S, c["d"])
+        return torch.randn(shape, generator=g)
+
+    entry = dict(name=name, seed=seed, **c)
+    path = os.path.join(out_dir, name + ".onnx")
+    try:
+        export(model, c, make_x(TRACED, seed), path)
+    except Exception as e:  # noqa: BLE001 - the report records every reason torch gives
+        if os.path.exists(path):
+            os.remove(path)
+        entry["export_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        return entry
+    arrays = {}
+    for S in LENGTHS:
+        x = make_x(S, seed if S == TRACED else 7 + S)
+        with torch.no_grad():
+            arrays[f"x_{S}"] = x.numpy()
+            arrays[f"y_{S}"] = model(x).numpy()
+    np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
+    entry["bytes"] = os.path.getsize(path)
+    return entry
+
+
+def seeds_arg(s):
+    out = []
+    for part in s.split(","):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="0-47")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    entries = []
+    for s in seeds_arg(args.seeds):
+        e = one(s, args.out)
+        entries.append(e)
+        print(e["name"], "export failed: " + e["export_failed"] if "export_failed" in e else "ok", file=sys.stderr)
+    with open(os.path.join(args.out, "index.json"), "w") as fh:
+        json.dump(dict(torch=torch.__version__, lengths=list(LENGTHS), models=entries), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+//! The hand-written spellings corpus (models/spellings/, made by its generate.py from seeds):
+//! dense, capacity and Megablocks layers written in plain torch many ways and exported by both of
+//! torch's exporters. Every model is either rewritten into one whose outputs match torch's at 1, 7
+//! and the traced 16 tokens, or left with a reason; a rewritten model that differs from torch is a
+//! wrong rewrite and fails the test. The models listed in `expected_rewritten.txt` must be rewritten.
+//!
+//! `SCATTERMOE_SPELLINGS_DIR=/tmp/spellings cargo test --release --test rewrite_spellings -- --nocapture`
+//! runs the same check over a larger generated set (no expected list there) and prints the tally.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::Tensor;
+use scattermoe::onnx::{self, SaveOptions};
+use scattermoe::spec;
+
+fn session(path: &Path) -> Result<Session, String> {
+    let env = scattermoe::ort::runtime::environment().map_err(|e| e.to_string())?;
+    let plugin = scattermoe::ort::runtime::plugin_path().map_err(|e| e.to_string())?;
+    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
+    Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_operator_library(&plugin)
+        .map_err(|e| e.to_string())?
+        .commit_from_file(path)
+        .map_err(|e| e.to_string())
+}
+
+fn run(s: &mut Session, x: &common::Array) -> Result<Vec<f64>, String> {
+    let t = Tensor::from_array((x.shape.clone(), x.data.iter().map(|&v| v as f32).collect::<Vec<_>>())).map_err(|e| e.to_string())?;
+    let out = s.run(ort::inputs!["hidden_states" => t]).map_err(|e| e.to_string())?;
+    let (_, d) = out[0].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+    Ok(d.iter().map(|&v| v as f64).collect())
+}
+
+enum Outcome {
+    Rewritten(Vec<(usize, f64)>),
+    Refused(String),
+    Wrong(String),
+}
+
+fn check(path: &Path, dir: &Path) -> Outcome {
+    let name = path.file_stem().unwrap().to_str().unwrap();
+    let mut model = match onnx::load(path) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Refused(format!("cannot load: {e}")),
+    };
+    let report = match scattermoe::rewrite::rewrite(&mut model) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Refused(format!("rewrite error: {e}")),
+    };
+    if report.layers.is_empty() {
+        let why = report.rejected.iter().map(|r| format!("{}: {}", r.family, r.reason)).collect::<Vec<_>>();
+        return Outcome::Refused(if why.is_empty() { "no candidate found".into() } else { why.join("; ") });
+    }
+    let nodes = model.graph().node.iter().filter(|n| n.domain == spec::DOMAIN && n.op_type == spec::scatter_moe::NAME).count();
+    if nodes != 1 {
+        return Outcome::Wrong(format!("{nodes} ScatterMoE nodes for one layer"));
+    }
+    let out = dir.join(format!("{name}.onnx"));
+    if let Err(e) = onnx::save(model, &out, &SaveOptions::default()) {
+        return Outcome::Wrong(format!("cannot save: {e}"));
+    }
+    let mut s = match session(&out) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Wrong(format!("rewritten model does not load: {e}")),
+    };
+    let refs = common::read_npz(&path.with_extension("npz"));
+    let get = |k: &str| refs.iter().find(|(n, _)| n == k).map(|(_, a)| a.clone());
+    let mut errs = Vec::new();
+    for tokens in [1usize, 7, 16] {
+        let (Some(x), Some(y)) = (get(&format!("x_{tokens}")), get(&format!("y_{tokens}"))) else {
+            return Outcome::Wrong(format!("no torch output at {tokens} tokens"));
+        };
+        let got = match run(&mut s, &x) {
+            Ok(g) => g,
+            Err(e) => return Outcome::Wrong(format!("{tokens} tokens: the rewritten model fails: {e}")),
+        };
+        if got.len() != y.data.len() {
+            return Outcome::Wrong(format!("{tokens} tokens: {} outputs, torch has {}", got.len(), y.data.len()));
+        }
+        let scale = y.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let err = got.iter().zip(&y.data).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+        if !(err <= 1e-4) {
+            return Outcome::Wrong(format!("{tokens} tokens: relative error {err:.3e} > 1e-4"));
+        }
+        errs.push((tokens, err));
+    }
+    Outcome::Rewritten(errs)
+}
+
+fn models_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "onnx")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_spelling_is_rewritten_exactly_or_left_with_a_reason() {
+    let custom = std::env::var_os("SCATTERMOE_SPELLINGS_DIR").map(PathBuf::from);
+    let src = custom.clone().unwrap_or_else(|| common::models_dir().join("spellings"));
+    let models = models_in(&src);
+    assert!(custom.is_some() || models.len() >= 24, "the spellings corpus is missing: {} models in {}", models.len(), src.display());
+    let expected: Vec<String> = if custom.is_none() {
+        std::fs::read_to_string(src.join("expected_rewritten.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let dir = common::scratch("spellings");
+    let (mut rewritten, mut wrong, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &models {
+        let name = p.file_stem().unwrap().to_str().unwrap().to_string();
+        match check(p, &dir) {
+            Outcome::Rewritten(e) => {
+                println!("{name:<18} rewritten; rel. error vs torch: {}", e.iter().map(|(t, e)| format!("{t} tok {e:.1e}")).collect::<Vec<_>>().join(", "));
+                rewritten.push(name);
+            }
+            Outcome::Refused(why) => {
+                println!("{name:<18} left: {why}");
+                *reasons.entry(why.chars().take(140).collect()).or_default() += 1;
+                refused.push(name);
+            }
+            Outcome::Wrong(why) => {
+                println!("{name:<18} WRONG: {why}");
+                wrong.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{} models: {} rewritten, {} left, {} wrong", models.len(), rewritten.len(), refused.len(), wrong.len());
+    for (r, n) in &reasons {
+        println!("  {n:>4} x {r}");
+    }
+    assert!(wrong.is_empty(), "wrong rewrites:\n{}", wrong.join("\n"));
+    let missing: Vec<&String> = expected.iter().filter(|e| !rewritten.contains(e)).collect();
+    assert!(missing.is_empty(), "expected to be rewritten but left: {missing:?}");
+}
