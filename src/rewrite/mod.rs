@@ -164,7 +164,7 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
         initializers_before: model.graph().initializer.len(),
         ..Default::default()
     };
-    canon::canonicalise(model);
+    let undo = canon::Undo::canonicalise(model);
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);
@@ -213,6 +213,7 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
     drop(g);
     drop(graph);
 
+    undo.keep_if(!replace.is_empty(), model);
     if !replace.is_empty() {
         let gm = model.proto.graph.mut_or_insert_default();
         for (output, em) in replace {
