@@ -36,6 +36,28 @@ pub struct CanonStats {
     pub pruned: usize,
 }
 
+/// The graph as it was before canonicalisation: a model where nothing is replaced is written
+/// back unchanged.
+pub struct Undo(Option<onnx_protobuf::GraphProto>);
+
+impl Undo {
+    /// Canonicalises `model` (see [`canonicalise`]), keeping the original graph for [`Undo::keep_if`].
+    pub fn canonicalise(model: &mut Model) -> Undo {
+        let before = model.proto.graph.clone().into_option();
+        canonicalise(model);
+        Undo(before)
+    }
+
+    /// Keeps the canonical graph when `keep`, else puts the original back.
+    pub fn keep_if(self, keep: bool, model: &mut Model) {
+        if !keep {
+            if let Some(g) = self.0 {
+                model.proto.graph = protobuf::MessageField::some(g);
+            }
+        }
+    }
+}
+
 /// Canonicalises `model`'s main graph in place (see the module comment); returns what changed.
 pub fn canonicalise(model: &mut Model) -> CanonStats {
     let mut st = CanonStats::default();

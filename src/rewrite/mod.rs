@@ -210,7 +210,7 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
         initializers_before: model.graph().initializer.len(),
         ..Default::default()
     };
-    canon::canonicalise(model);
+    let undo = canon::Undo::canonicalise(model);
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);
@@ -274,6 +274,7 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
     drop(g);
     drop(graph);
 
+    undo.keep_if(!replace.is_empty(), model);
     if !replace.is_empty() {
         let gm = model.proto.graph.mut_or_insert_default();
         for (output, em) in replace {
