@@ -37,12 +37,25 @@ fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
     }
 }
 
-/// `v` after any chain of the given single-input ops.
+/// `v` after any chain of the given single-input ops; a "Cast" in `ops` is passed only when it
+/// stays within the same kind of number (float to float, integer to integer), so that no cast
+/// that changes values beyond rounding is assumed away.
 fn strip(g: &GraphIndex, v: &str, ops: &[&str]) -> String {
+    let float = |t: i64| matches!(t, 1 | 10 | 11 | 16);
+    let int = |t: i64| matches!(t, 6 | 7);
     let mut cur = v.to_string();
     for _ in 0..16 {
         match g.prod(&cur) {
-            Some((_, n)) if ops.contains(&n.op_type.as_str()) && !n.input.is_empty() => cur = n.input[0].clone(),
+            Some((_, n)) if ops.contains(&n.op_type.as_str()) && !n.input.is_empty() => {
+                if n.op_type == "Cast" {
+                    let to = attr_i(n, "to").unwrap_or(0);
+                    let from = g.infer_type(&n.input[0]).map(i64::from);
+                    if !from.is_some_and(|f| (float(f) && float(to)) || (int(f) && int(to))) {
+                        break;
+                    }
+                }
+                cur = n.input[0].clone();
+            }
             _ => break,
         }
     }
