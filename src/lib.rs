@@ -1,6 +1,6 @@
 pub mod cuda;
 pub mod onnx;
-pub mod ort;
+pub mod ort_ops;
 pub mod reference;
 pub mod rewrite;
 pub mod spec;
