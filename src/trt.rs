@@ -14,8 +14,10 @@
 //!   to input dimensions ([`ffi::DimRef`]) that the C++ side turns into IExprBuilder expressions.
 //!   Inputs are checked by the contract's `check` at build time (known dimensions) and before each
 //!   run (all dimensions).
-//! - Workspace: `crate::cuda::forward::Plan` at the largest shapes of the optimisation profile.
-//! - Enqueue: `crate::cuda::forward` on TensorRT's stream, with the workspace TensorRT hands in.
+//! - Workspace: the device ops' workspace (`crate::cuda::ops`) at the largest shapes of the
+//!   optimisation profile.
+//! - Enqueue: the device ops (`crate::cuda::ops`) on TensorRT's stream, with the workspace TensorRT
+//!   hands in; the `capacity` input stays on the device, where the op reads it (one wait).
 //!   Bad routing indices are reported as on ONNX Runtime's CUDA EP (`crate::cuda::checks`): by the
 //!   next run, or by the run itself with `SCATTERMOE_CUDA_SYNC_CHECKS=1`.
 //!
@@ -23,15 +25,14 @@
 //! pass an absent input in the middle; `scattermoe rewrite --target tensorrt` writes zero biases
 //! where a later optional input (`capacity`) is present, so inputs keep the contract's positions.
 
-use crate::cuda::checks::{CheckInfo, RunChecks};
-use crate::cuda::driver::{self, CuResult, Device};
-use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
+use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, LinearCall, MaskCall, MoeCall, ParallelLinearOp, Runner, ScatterMoeOp};
 use crate::reference::{LinearSizes, MoeSizes};
+use crate::signature::Signature;
 use crate::spec::{
     self, capacity_mask, parallel_linear, scatter_moe, AttrDefault, AttrDesc, AttrSource, Dim, ElemType, IndexType, Port,
     PortType, SpecError,
 };
-use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 pub use ffi::{DimRef, Field, Op, OutputShape, Range, TensorDesc};
 
@@ -488,19 +489,11 @@ impl Attrs {
     }
 }
 
-/// What the contract's check established about one call.
-#[derive(Debug, Clone, Copy)]
-enum Checked {
-    Moe(ElemType, IndexType, scatter_moe::Dims),
-    Linear(ElemType, IndexType, parallel_linear::Dims),
-    Mask(IndexType),
-}
-
 pub struct Plugin {
     attrs: Attrs,
-    /// checks of bad routing indices (per plugin object: TensorRT clones one per execution
-    /// context); their pinned memory is made on the first run
-    checks: RunChecks,
+    /// the device op's runner: the checks of bad routing indices (per plugin object: TensorRT
+    /// clones one per execution context); their pinned memory is made on the first run
+    runner: Runner,
     /// inputs of the last configuration (for messages)
     nb_inputs: usize,
 }
@@ -521,7 +514,7 @@ fn err(op: &'static str, message: impl Into<String>) -> SpecError {
 
 impl Plugin {
     pub fn new(attrs: Attrs) -> Plugin {
-        Plugin { attrs, checks: RunChecks::default(), nb_inputs: 0 }
+        Plugin { attrs, runner: Runner::default(), nb_inputs: 0 }
     }
 
     pub fn attrs(&self) -> &Attrs {
@@ -546,23 +539,17 @@ impl Plugin {
 
     /// The contract's check of one call: `types` TensorRT codes (None: not known), `shapes` with
     /// None for dimensions not known yet.
-    fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<Checked, SpecError> {
+    fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = types.iter().map(|t| t.map(onnx_code)).collect();
         let refs: Vec<Option<&[Dim]>> = shapes.iter().map(|s| Some(s.as_slice())).collect();
-        Ok(match &self.attrs {
-            Attrs::Moe(a) => {
-                let (t, i, d) = scatter_moe::check(a, &types, &refs)?;
-                Checked::Moe(t, i, d)
-            }
-            Attrs::Linear(a) => {
-                let (t, i, d) = parallel_linear::check(a, &types, &refs)?;
-                Checked::Linear(t, i, d)
-            }
-            Attrs::Mask(_) => Checked::Mask(capacity_mask::check(&types, &refs)?),
-        })
+        match &self.attrs {
+            Attrs::Moe(a) => scatter_moe::check(a, &types, &refs).map(drop),
+            Attrs::Linear(a) => parallel_linear::check(a, &types, &refs).map(drop),
+            Attrs::Mask(_) => capacity_mask::check(&types, &refs).map(drop),
+        }
     }
 
-    fn check_descs(&self, inputs: &[TensorDesc]) -> Result<Checked, SpecError> {
+    fn check_descs(&self, inputs: &[TensorDesc]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = inputs.iter().map(|d| Some(d.data_type)).collect();
         let shapes: Vec<Vec<Dim>> = inputs.iter().map(|d| known(&d.dims)).collect();
         self.check(&types, &shapes)
@@ -685,7 +672,7 @@ impl Plugin {
                     d: dim(X, -1),
                     f: dim(W_OUT, 2),
                 };
-                Plan::scatter_moe(s, elem(X)?, inputs.len() > CAPACITY).bytes
+                MoeCall { elem: elem(X)?, it: IndexType::I64, sizes: s, capacity: inputs.len() > CAPACITY }.workspace_bytes()
             }
             Attrs::Linear(_) => {
                 use parallel_linear::*;
@@ -696,11 +683,11 @@ impl Plugin {
                     d_in: dim(X, -1),
                     d_out: dim(W, 1),
                 };
-                Plan::parallel_linear(s, elem(X)?, inputs.len() > GATES).bytes
+                LinearCall { elem: elem(X)?, it: IndexType::I64, sizes: s, gates: inputs.len() > GATES }.workspace_bytes()
             }
             Attrs::Mask(a) => {
                 let ri = capacity_mask::ROUTING_INDICES;
-                Plan::capacity_mask(leading(ri), dim(ri, -1), a.num_experts).bytes
+                MaskCall { it: IndexType::I64, tokens: leading(ri), k: dim(ri, -1), experts: a.num_experts }.workspace_bytes()
             }
         })
     }
@@ -722,118 +709,34 @@ impl Plugin {
         stream: u64,
     ) -> Result<(), String> {
         let op = self.name();
-        let checked = self.check_descs(inputs).map_err(|e| e.to_string())?;
+        self.check_descs(inputs).map_err(|e| e.to_string())?;
         self.check_outputs(outputs.len()).map_err(|e| e.to_string())?;
         if input_ptrs.len() != inputs.len() || output_ptrs.len() != outputs.len() {
             return Err(format!("{op}: {} input and {} output pointers for {} inputs and {} outputs", input_ptrs.len(), output_ptrs.len(), inputs.len(), outputs.len()));
         }
+        let sig = Signature {
+            types: inputs.iter().map(|d| Some(onnx_code(d.data_type))).collect(),
+            shapes: inputs.iter().map(|d| Some(known(&d.dims))).collect(),
+        };
+        // TensorRT keeps every input on the device, the capacity too (read there by the op).
+        let io = DeviceIo {
+            inputs: input_ptrs.iter().map(|&p| Some(p as CUdeviceptr)).collect(),
+            outputs: output_ptrs.iter().map(|&p| p as CUdeviceptr).collect(),
+            host_capacity: None,
+        };
         let stream = stream as CUstream;
-        let all = |d: spec::Dim| d.expect("every dimension is known at run time") as usize;
-        let y = output_ptrs[0] as CUdeviceptr;
-        let ptr = |i: usize| input_ptrs.get(i).map(|&p| p as CUdeviceptr);
-        match (checked, self.attrs) {
-            (Checked::Moe(t, it, dims), Attrs::Moe(attrs)) => {
-                use scatter_moe::*;
-                let s = MoeSizes { tokens: all(dims.tokens), k: all(dims.k), experts: all(dims.experts), d: all(dims.d), f: all(dims.f) };
-                if s.tokens == 0 {
-                    return Ok(());
-                }
-                let capacity = match ptr(CAPACITY) {
-                    Some(p) => Some(check_capacity(read_capacity(op, stream, p)?).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                let ptrs = MoePtrs {
-                    x: ptr(X).unwrap(),
-                    routing_weights: ptr(ROUTING_WEIGHTS).unwrap(),
-                    routing_indices: ptr(ROUTING_INDICES).unwrap(),
-                    w_in: ptr(W_IN).unwrap(),
-                    w_out: ptr(W_OUT).unwrap(),
-                    b_in: ptr(B_IN),
-                    b_out: ptr(B_OUT),
-                };
-                let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, workspace, y, (None, None), error_to)
-                })
-            }
-            (Checked::Linear(t, it, dims), Attrs::Linear(attrs)) => {
-                use parallel_linear::*;
-                let s = LinearSizes {
-                    tokens: all(dims.tokens),
-                    k: all(dims.k),
-                    experts: all(dims.experts),
-                    d_in: all(dims.d_in),
-                    d_out: all(dims.d_out),
-                };
-                if s.tokens == 0 {
-                    return Ok(());
-                }
-                let ptrs = LinearPtrs {
-                    x: ptr(X).unwrap(),
-                    routing_indices: ptr(ROUTING_INDICES).unwrap(),
-                    w: ptr(W).unwrap(),
-                    b: ptr(B),
-                    gates: ptr(GATES),
-                };
-                let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, workspace, y, None, error_to)
-                })
-            }
-            (Checked::Mask(it), Attrs::Mask(attrs)) => {
-                use capacity_mask::*;
-                let ri = &inputs[ROUTING_INDICES].dims;
-                let k = *ri.last().unwrap() as usize;
-                let tokens = ri[..ri.len() - 1].iter().product::<i64>() as usize;
-                if tokens == 0 {
-                    return Ok(());
-                }
-                let capacity = check_capacity(read_capacity(op, stream, ptr(CAPACITY).unwrap())?).map_err(|e| e.to_string())?;
-                let idx = ptr(ROUTING_INDICES).unwrap();
-                let info = CheckInfo { it, routing_indices: idx, k, experts: attrs.num_experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, workspace, y, error_to)
-                })
-            }
-            _ => unreachable!("the check matches the attributes"),
+        let runner = &self.runner;
+        // SAFETY: TensorRT's buffers and workspace, as the caller promises, on its live stream.
+        unsafe fn run<O: DeviceOp>(runner: &Runner, op: O, sig: &Signature, io: &DeviceIo, stream: CUstream, ws: u64) -> Result<(), String> {
+            let call = op.check(sig).map_err(|e| e.to_string())?;
+            unsafe { runner.run(&op, &call, io, stream, |_| Ok((ws as CUdeviceptr, ()))) }
+        }
+        match self.attrs {
+            Attrs::Moe(a) => run(runner, ScatterMoeOp(a), &sig, &io, stream, workspace),
+            Attrs::Linear(a) => run(runner, ParallelLinearOp(a), &sig, &io, stream, workspace),
+            Attrs::Mask(a) => run(runner, CapacityMaskOp(a), &sig, &io, stream, workspace),
         }
     }
-
-    /// Launches on `stream` with its context current, with the error checks of
-    /// `crate::cuda::checks` around it.
-    fn run(&mut self, stream: CUstream, info: CheckInfo, launch: impl FnOnce(&Device, CUstream, Option<CUdeviceptr>) -> CuResult<Launched>) -> Result<(), String> {
-        let op = self.name();
-        let ctx = |e: String| if e.starts_with(op) { e } else { format!("{op}: {e}") };
-        // SAFETY: TensorRT's stream for this enqueue is live.
-        let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(ctx)?;
-        let capturing = unsafe { driver::is_capturing(stream) }.map_err(ctx)?;
-        let slot = self.checks.before(op, dev.ctx, capturing)?;
-        let launched = launch(dev, stream, slot.map(|s| s.1)).map_err(ctx)?;
-        // SAFETY: the launches are on `stream`; their error words and the indices stay allocated
-        // until enqueue returns.
-        unsafe { self.checks.after(op, stream, capturing, slot, launched.error, &info) }
-    }
-}
-
-/// Reads the int64 `capacity` input, which TensorRT keeps on the device: the plugin waits for
-/// `stream` once and copies 8 bytes (not possible under CUDA graph capture, so refused there).
-fn read_capacity(op: &'static str, stream: CUstream, p: CUdeviceptr) -> Result<i64, String> {
-    let ctx = |e: String| format!("{op}: {e}");
-    // SAFETY: TensorRT's stream for this enqueue is live.
-    unsafe { driver::stream_context(stream) }.map_err(ctx).and_then(|(_, _current)| {
-        if unsafe { driver::is_capturing(stream) }.map_err(ctx)? {
-            return Err(format!(
-                "{op}: input 'capacity' is read on the host (one wait for the stream per run), which CUDA graph capture does not allow"
-            ));
-        }
-        let mut v = 0i64;
-        // SAFETY: `p` holds one int64 (checked shape); the stream is waited for first.
-        unsafe {
-            driver::check(sys::cuStreamSynchronize(stream), "cuStreamSynchronize").map_err(ctx)?;
-            driver::check(sys::cuMemcpyDtoH_v2((&mut v as *mut i64).cast(), p, 8), "cuMemcpyDtoH(capacity)").map_err(ctx)?;
-        }
-        Ok(v)
-    })
 }
 
 #[cfg(test)]

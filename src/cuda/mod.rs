@@ -3,6 +3,7 @@
 //! passes that launch the kernels on a caller's stream.
 
 pub mod checks;
+pub mod ops;
 pub mod driver;
 pub mod forward;
 pub mod tensor_map;

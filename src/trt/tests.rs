@@ -1,6 +1,8 @@
 //! The bridge's Rust side without TensorRT: fields, types, formats, shapes, workspace, round trips.
 
 use super::*;
+use crate::cuda::driver;
+use crate::cuda::forward::Plan;
 use crate::spec::{Activation, CapacityOrder, GluLayout};
 
 fn int(name: &str, v: i32) -> Field {
