@@ -14,8 +14,10 @@
 //!   to input dimensions ([`ffi::DimRef`]) that the C++ side turns into IExprBuilder expressions.
 //!   Inputs are checked by the contract's `check` at build time (known dimensions) and before each
 //!   run (all dimensions).
-//! - Workspace: `crate::cuda::forward::Plan` at the largest shapes of the optimisation profile.
-//! - Enqueue: `crate::cuda::forward` on TensorRT's stream, with the workspace TensorRT hands in.
+//! - Workspace: the device ops' workspace (`crate::cuda::ops`) at the largest shapes of the
+//!   optimisation profile.
+//! - Enqueue: the device ops (`crate::cuda::ops`) on TensorRT's stream, with the workspace TensorRT
+//!   hands in; the `capacity` input stays on the device, where the op reads it (one wait).
 //!   Bad routing indices are reported as on ONNX Runtime's CUDA EP (`crate::cuda::checks`): by the
 //!   next run, or by the run itself with `SCATTERMOE_CUDA_SYNC_CHECKS=1`.
 //!
@@ -23,15 +25,14 @@
 //! pass an absent input in the middle; `scattermoe rewrite --target tensorrt` writes zero biases
 //! where a later optional input (`capacity`) is present, so inputs keep the contract's positions.
 
-use crate::cuda::checks::{CheckInfo, RunChecks};
-use crate::cuda::driver::{self, CuResult, Device};
-use crate::cuda::forward::{self, Launched, LinearPtrs, MoePtrs, Plan};
+use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, LinearCall, MaskCall, MoeCall, ParallelLinearOp, Runner, ScatterMoeOp};
 use crate::reference::{LinearSizes, MoeSizes};
+use crate::signature::Signature;
 use crate::spec::{
-    self, capacity_mask, parallel_linear, scatter_moe, AttrDefault, AttrDesc, AttrSource, Dim, ElemType, IndexType, Port,
+    self, capacity_mask, parallel_linear, scatter_moe, AttrSource, Dim, ElemType, IndexType,
     PortType, SpecError,
 };
-use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 pub use ffi::{DimRef, Field, Op, OutputShape, Range, TensorDesc};
 
@@ -198,7 +199,7 @@ pub fn field_type_size(t: i32) -> usize {
     }
 }
 
-fn field_type_name(t: i32) -> &'static str {
+pub(crate) fn field_type_name(t: i32) -> &'static str {
     match t {
         field_type::FLOAT16 => "kFLOAT16",
         field_type::FLOAT32 => "kFLOAT32",
@@ -214,218 +215,8 @@ fn field_type_name(t: i32) -> &'static str {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Names and fields
-// ---------------------------------------------------------------------------------------------
-
-impl Op {
-    pub const ALL: [Op; 3] = [Op::ScatterMoE, Op::ParallelLinear, Op::CapacityMask];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::ScatterMoE => scatter_moe::NAME,
-            Op::ParallelLinear => parallel_linear::NAME,
-            Op::CapacityMask => capacity_mask::NAME,
-            _ => "?",
-        }
-    }
-
-    pub fn attrs(self) -> &'static [AttrDesc] {
-        match self {
-            Op::ScatterMoE => &scatter_moe::ATTRS,
-            Op::ParallelLinear => &parallel_linear::ATTRS,
-            Op::CapacityMask => &capacity_mask::ATTRS,
-            _ => &[],
-        }
-    }
-
-    pub fn inputs(self) -> &'static [Port] {
-        match self {
-            Op::ScatterMoE => &scatter_moe::INPUTS,
-            Op::ParallelLinear => &parallel_linear::INPUTS,
-            Op::CapacityMask => &capacity_mask::INPUTS,
-            _ => &[],
-        }
-    }
-
-    pub fn outputs(self) -> &'static [Port] {
-        match self {
-            Op::ScatterMoE => &scatter_moe::OUTPUTS,
-            Op::ParallelLinear => &parallel_linear::OUTPUTS,
-            Op::CapacityMask => &capacity_mask::OUTPUTS,
-            _ => &[],
-        }
-    }
-}
-
-/// The node attributes TensorRT's ONNX parser reads to find a plugin's creator (the op type is
-/// the plugin name): `scattermoe rewrite --target tensorrt` writes them.
-pub const PARSER_ATTR_VERSION: &str = "plugin_version";
-pub const PARSER_ATTR_NAMESPACE: &str = "plugin_namespace";
-
-pub fn plugin_name(op: Op) -> String {
-    op.name().to_string()
-}
-
-pub fn plugin_version() -> String {
-    spec::OPSET_VERSION.to_string()
-}
-
-pub fn plugin_namespace() -> String {
-    spec::DOMAIN.to_string()
-}
-
-/// The field type and length an attribute is written with (the ONNX parser's choice for an
-/// attribute of that kind; a string's length counts its NUL).
-fn field_kind(d: &AttrDefault) -> i32 {
-    match d {
-        AttrDefault::Int(_) => field_type::INT32,
-        AttrDefault::Float(_) => field_type::FLOAT32,
-        AttrDefault::Str(_) => field_type::CHAR,
-    }
-}
-
-pub fn field_names(op: Op) -> Vec<Field> {
-    op.attrs()
-        .iter()
-        .map(|a| Field {
-            name: a.name.to_string(),
-            field_type: field_kind(&a.default),
-            length: match a.default {
-                AttrDefault::Str(s) => s.len() as i32 + 1,
-                _ => 1,
-            },
-            data: Vec::new(),
-        })
-        .collect()
-}
-
-/// An attribute value, to write as a field.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Int(i64),
-    Float(f32),
-    Str(String),
-}
-
-impl Value {
-    /// The field TensorRT's ONNX parser would pass for an attribute with this value.
-    pub fn field(&self, name: &str) -> Field {
-        let (field_type, length, data) = match self {
-            Value::Int(v) => (field_type::INT32, 1, (*v as i32).to_le_bytes().to_vec()),
-            Value::Float(v) => (field_type::FLOAT32, 1, v.to_le_bytes().to_vec()),
-            Value::Str(s) => {
-                let mut b = s.as_bytes().to_vec();
-                b.push(0);
-                (field_type::CHAR, b.len() as i32, b)
-            }
-        };
-        Field { name: name.to_string(), field_type, length, data }
-    }
-}
-
-/// The fields TensorRT's ONNX parser passes to `createPlugin` for `node` (its `loadFields`): for
-/// each field the creator lists, the node's attribute of that name, if any, as kINT32 (INT),
-/// kFLOAT32 (FLOAT) or kCHAR with a terminating NUL (STRING). Other attributes (the parser's own
-/// `plugin_version` / `plugin_namespace`) are not passed.
-pub fn parser_fields(op: Op, node: &onnx_protobuf::NodeProto) -> Vec<Field> {
-    use onnx_protobuf::attribute_proto::AttributeType;
-    let mut out = Vec::new();
-    for f in field_names(op) {
-        let Some(a) = node.attribute.iter().find(|a| a.name == f.name) else { continue };
-        let v = match a.type_.enum_value() {
-            Ok(AttributeType::INT) => Value::Int(a.i),
-            Ok(AttributeType::FLOAT) => Value::Float(a.f),
-            Ok(AttributeType::STRING) => Value::Str(String::from_utf8_lossy(&a.s).into_owned()),
-            _ => continue,
-        };
-        out.push(v.field(&f.name));
-    }
-    out
-}
-
-/// Fields as an attribute source for the contract's parsers, after checking that every field
-/// names an attribute of the op and has a type that attribute can be read from.
-struct Fields<'a> {
-    fields: &'a [Field],
-}
-
-fn decode_int(f: &Field) -> Option<i64> {
-    let b = &f.data;
-    Some(match f.field_type {
-        field_type::INT8 => *b.first()? as i8 as i64,
-        field_type::INT16 => i16::from_le_bytes(b.get(..2)?.try_into().ok()?) as i64,
-        field_type::INT32 => i32::from_le_bytes(b.get(..4)?.try_into().ok()?) as i64,
-        field_type::INT64 => i64::from_le_bytes(b.get(..8)?.try_into().ok()?),
-        _ => return None,
-    })
-}
-
-fn decode_float(f: &Field) -> Option<f32> {
-    let b = &f.data;
-    Some(match f.field_type {
-        field_type::FLOAT16 => half::f16::from_le_bytes(b.get(..2)?.try_into().ok()?).to_f32(),
-        field_type::BF16 => half::bf16::from_le_bytes(b.get(..2)?.try_into().ok()?).to_f32(),
-        field_type::FLOAT32 => f32::from_le_bytes(b.get(..4)?.try_into().ok()?),
-        field_type::FLOAT64 => f64::from_le_bytes(b.get(..8)?.try_into().ok()?) as f32,
-        _ => return None,
-    })
-}
-
-fn decode_str(f: &Field) -> Option<String> {
-    if f.field_type != field_type::CHAR {
-        return None;
-    }
-    let end = f.data.iter().position(|&c| c == 0).unwrap_or(f.data.len());
-    String::from_utf8(f.data[..end].to_vec()).ok()
-}
-
-impl<'a> Fields<'a> {
-    fn new(op: Op, fields: &'a [Field]) -> Result<Self, SpecError> {
-        let name = op.name();
-        let e = |message: String| SpecError { op: name, message };
-        for f in fields {
-            let Some(a) = op.attrs().iter().find(|a| a.name == f.name) else {
-                let known: Vec<&str> = op.attrs().iter().map(|a| a.name).collect();
-                return Err(e(format!("unknown plugin field '{}' (fields: {})", f.name, known.join(", "))));
-            };
-            let size = field_type_size(f.field_type);
-            if f.length < 1 || (size > 0 && f.data.len() < size * f.length as usize) {
-                return Err(e(format!("plugin field '{}' holds no value (length {}, {} bytes)", f.name, f.length, f.data.len())));
-            }
-            let (ok, want) = match a.default {
-                AttrDefault::Int(_) => (decode_int(f).is_some() && f.length == 1, "one integer (kINT32 or kINT64)"),
-                AttrDefault::Float(_) => (decode_float(f).is_some() && f.length == 1, "one float (kFLOAT32)"),
-                AttrDefault::Str(_) => (decode_str(f).is_some(), "a string (kCHAR)"),
-            };
-            if !ok {
-                return Err(e(format!(
-                    "plugin field '{}' must hold {want}, got {} of length {}",
-                    f.name,
-                    field_type_name(f.field_type),
-                    f.length
-                )));
-            }
-        }
-        Ok(Fields { fields })
-    }
-
-    fn get(&self, name: &str) -> Option<&Field> {
-        self.fields.iter().rev().find(|f| f.name == name)
-    }
-}
-
-impl AttrSource for Fields<'_> {
-    fn int(&self, name: &str) -> Option<i64> {
-        self.get(name).and_then(decode_int)
-    }
-    fn float(&self, name: &str) -> Option<f32> {
-        self.get(name).and_then(decode_float)
-    }
-    fn string(&self, name: &str) -> Option<String> {
-        self.get(name).and_then(decode_str)
-    }
-}
+mod fields;
+pub use fields::*;
 
 // ---------------------------------------------------------------------------------------------
 // The plugin
@@ -488,19 +279,11 @@ impl Attrs {
     }
 }
 
-/// What the contract's check established about one call.
-#[derive(Debug, Clone, Copy)]
-enum Checked {
-    Moe(ElemType, IndexType, scatter_moe::Dims),
-    Linear(ElemType, IndexType, parallel_linear::Dims),
-    Mask(IndexType),
-}
-
 pub struct Plugin {
     attrs: Attrs,
-    /// checks of bad routing indices (per plugin object: TensorRT clones one per execution
-    /// context); their pinned memory is made on the first run
-    checks: RunChecks,
+    /// the device op's runner: the checks of bad routing indices (per plugin object: TensorRT
+    /// clones one per execution context); their pinned memory is made on the first run
+    runner: Runner,
     /// inputs of the last configuration (for messages)
     nb_inputs: usize,
 }
@@ -521,7 +304,7 @@ fn err(op: &'static str, message: impl Into<String>) -> SpecError {
 
 impl Plugin {
     pub fn new(attrs: Attrs) -> Plugin {
-        Plugin { attrs, checks: RunChecks::default(), nb_inputs: 0 }
+        Plugin { attrs, runner: Runner::default(), nb_inputs: 0 }
     }
 
     pub fn attrs(&self) -> &Attrs {
@@ -546,23 +329,17 @@ impl Plugin {
 
     /// The contract's check of one call: `types` TensorRT codes (None: not known), `shapes` with
     /// None for dimensions not known yet.
-    fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<Checked, SpecError> {
+    fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = types.iter().map(|t| t.map(onnx_code)).collect();
         let refs: Vec<Option<&[Dim]>> = shapes.iter().map(|s| Some(s.as_slice())).collect();
-        Ok(match &self.attrs {
-            Attrs::Moe(a) => {
-                let (t, i, d) = scatter_moe::check(a, &types, &refs)?;
-                Checked::Moe(t, i, d)
-            }
-            Attrs::Linear(a) => {
-                let (t, i, d) = parallel_linear::check(a, &types, &refs)?;
-                Checked::Linear(t, i, d)
-            }
-            Attrs::Mask(_) => Checked::Mask(capacity_mask::check(&types, &refs)?),
-        })
+        match &self.attrs {
+            Attrs::Moe(a) => scatter_moe::check(a, &types, &refs).map(drop),
+            Attrs::Linear(a) => parallel_linear::check(a, &types, &refs).map(drop),
+            Attrs::Mask(_) => capacity_mask::check(&types, &refs).map(drop),
+        }
     }
 
-    fn check_descs(&self, inputs: &[TensorDesc]) -> Result<Checked, SpecError> {
+    fn check_descs(&self, inputs: &[TensorDesc]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = inputs.iter().map(|d| Some(d.data_type)).collect();
         let shapes: Vec<Vec<Dim>> = inputs.iter().map(|d| known(&d.dims)).collect();
         self.check(&types, &shapes)
@@ -685,7 +462,7 @@ impl Plugin {
                     d: dim(X, -1),
                     f: dim(W_OUT, 2),
                 };
-                Plan::scatter_moe(s, elem(X)?, inputs.len() > CAPACITY).bytes
+                MoeCall { elem: elem(X)?, it: IndexType::I64, sizes: s, capacity: inputs.len() > CAPACITY }.workspace_bytes()
             }
             Attrs::Linear(_) => {
                 use parallel_linear::*;
@@ -696,11 +473,11 @@ impl Plugin {
                     d_in: dim(X, -1),
                     d_out: dim(W, 1),
                 };
-                Plan::parallel_linear(s, elem(X)?, inputs.len() > GATES).bytes
+                LinearCall { elem: elem(X)?, it: IndexType::I64, sizes: s, gates: inputs.len() > GATES }.workspace_bytes()
             }
             Attrs::Mask(a) => {
                 let ri = capacity_mask::ROUTING_INDICES;
-                Plan::capacity_mask(leading(ri), dim(ri, -1), a.num_experts).bytes
+                MaskCall { it: IndexType::I64, tokens: leading(ri), k: dim(ri, -1), experts: a.num_experts }.workspace_bytes()
             }
         })
     }
@@ -722,118 +499,34 @@ impl Plugin {
         stream: u64,
     ) -> Result<(), String> {
         let op = self.name();
-        let checked = self.check_descs(inputs).map_err(|e| e.to_string())?;
+        self.check_descs(inputs).map_err(|e| e.to_string())?;
         self.check_outputs(outputs.len()).map_err(|e| e.to_string())?;
         if input_ptrs.len() != inputs.len() || output_ptrs.len() != outputs.len() {
             return Err(format!("{op}: {} input and {} output pointers for {} inputs and {} outputs", input_ptrs.len(), output_ptrs.len(), inputs.len(), outputs.len()));
         }
+        let sig = Signature {
+            types: inputs.iter().map(|d| Some(onnx_code(d.data_type))).collect(),
+            shapes: inputs.iter().map(|d| Some(known(&d.dims))).collect(),
+        };
+        // TensorRT keeps every input on the device, the capacity too (read there by the op).
+        let io = DeviceIo {
+            inputs: input_ptrs.iter().map(|&p| Some(p as CUdeviceptr)).collect(),
+            outputs: output_ptrs.iter().map(|&p| p as CUdeviceptr).collect(),
+            host_capacity: None,
+        };
         let stream = stream as CUstream;
-        let all = |d: spec::Dim| d.expect("every dimension is known at run time") as usize;
-        let y = output_ptrs[0] as CUdeviceptr;
-        let ptr = |i: usize| input_ptrs.get(i).map(|&p| p as CUdeviceptr);
-        match (checked, self.attrs) {
-            (Checked::Moe(t, it, dims), Attrs::Moe(attrs)) => {
-                use scatter_moe::*;
-                let s = MoeSizes { tokens: all(dims.tokens), k: all(dims.k), experts: all(dims.experts), d: all(dims.d), f: all(dims.f) };
-                if s.tokens == 0 {
-                    return Ok(());
-                }
-                let capacity = match ptr(CAPACITY) {
-                    Some(p) => Some(check_capacity(read_capacity(op, stream, p)?).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                let ptrs = MoePtrs {
-                    x: ptr(X).unwrap(),
-                    routing_weights: ptr(ROUTING_WEIGHTS).unwrap(),
-                    routing_indices: ptr(ROUTING_INDICES).unwrap(),
-                    w_in: ptr(W_IN).unwrap(),
-                    w_out: ptr(W_OUT).unwrap(),
-                    b_in: ptr(B_IN),
-                    b_out: ptr(B_OUT),
-                };
-                let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::scatter_moe(dev, stream, &attrs, t, it, s, capacity, &ptrs, workspace, y, (None, None), error_to)
-                })
-            }
-            (Checked::Linear(t, it, dims), Attrs::Linear(attrs)) => {
-                use parallel_linear::*;
-                let s = LinearSizes {
-                    tokens: all(dims.tokens),
-                    k: all(dims.k),
-                    experts: all(dims.experts),
-                    d_in: all(dims.d_in),
-                    d_out: all(dims.d_out),
-                };
-                if s.tokens == 0 {
-                    return Ok(());
-                }
-                let ptrs = LinearPtrs {
-                    x: ptr(X).unwrap(),
-                    routing_indices: ptr(ROUTING_INDICES).unwrap(),
-                    w: ptr(W).unwrap(),
-                    b: ptr(B),
-                    gates: ptr(GATES),
-                };
-                let info = CheckInfo { it, routing_indices: ptrs.routing_indices, k: s.k, experts: s.experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::parallel_linear(dev, stream, &attrs, t, it, s, &ptrs, workspace, y, None, error_to)
-                })
-            }
-            (Checked::Mask(it), Attrs::Mask(attrs)) => {
-                use capacity_mask::*;
-                let ri = &inputs[ROUTING_INDICES].dims;
-                let k = *ri.last().unwrap() as usize;
-                let tokens = ri[..ri.len() - 1].iter().product::<i64>() as usize;
-                if tokens == 0 {
-                    return Ok(());
-                }
-                let capacity = check_capacity(read_capacity(op, stream, ptr(CAPACITY).unwrap())?).map_err(|e| e.to_string())?;
-                let idx = ptr(ROUTING_INDICES).unwrap();
-                let info = CheckInfo { it, routing_indices: idx, k, experts: attrs.num_experts };
-                self.run(stream, info, |dev, stream, error_to| unsafe {
-                    forward::capacity_mask(dev, stream, &attrs, it, tokens, k, capacity, idx, workspace, y, error_to)
-                })
-            }
-            _ => unreachable!("the check matches the attributes"),
+        let runner = &self.runner;
+        // SAFETY: TensorRT's buffers and workspace, as the caller promises, on its live stream.
+        unsafe fn run<O: DeviceOp>(runner: &Runner, op: O, sig: &Signature, io: &DeviceIo, stream: CUstream, ws: u64) -> Result<(), String> {
+            let call = op.check(sig).map_err(|e| e.to_string())?;
+            unsafe { runner.run(&op, &call, io, stream, |_| Ok((ws as CUdeviceptr, ()))) }
+        }
+        match self.attrs {
+            Attrs::Moe(a) => run(runner, ScatterMoeOp(a), &sig, &io, stream, workspace),
+            Attrs::Linear(a) => run(runner, ParallelLinearOp(a), &sig, &io, stream, workspace),
+            Attrs::Mask(a) => run(runner, CapacityMaskOp(a), &sig, &io, stream, workspace),
         }
     }
-
-    /// Launches on `stream` with its context current, with the error checks of
-    /// `crate::cuda::checks` around it.
-    fn run(&mut self, stream: CUstream, info: CheckInfo, launch: impl FnOnce(&Device, CUstream, Option<CUdeviceptr>) -> CuResult<Launched>) -> Result<(), String> {
-        let op = self.name();
-        let ctx = |e: String| if e.starts_with(op) { e } else { format!("{op}: {e}") };
-        // SAFETY: TensorRT's stream for this enqueue is live.
-        let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(ctx)?;
-        let capturing = unsafe { driver::is_capturing(stream) }.map_err(ctx)?;
-        let slot = self.checks.before(op, dev.ctx, capturing)?;
-        let launched = launch(dev, stream, slot.map(|s| s.1)).map_err(ctx)?;
-        // SAFETY: the launches are on `stream`; their error words and the indices stay allocated
-        // until enqueue returns.
-        unsafe { self.checks.after(op, stream, capturing, slot, launched.error, &info) }
-    }
-}
-
-/// Reads the int64 `capacity` input, which TensorRT keeps on the device: the plugin waits for
-/// `stream` once and copies 8 bytes (not possible under CUDA graph capture, so refused there).
-fn read_capacity(op: &'static str, stream: CUstream, p: CUdeviceptr) -> Result<i64, String> {
-    let ctx = |e: String| format!("{op}: {e}");
-    // SAFETY: TensorRT's stream for this enqueue is live.
-    unsafe { driver::stream_context(stream) }.map_err(ctx).and_then(|(_, _current)| {
-        if unsafe { driver::is_capturing(stream) }.map_err(ctx)? {
-            return Err(format!(
-                "{op}: input 'capacity' is read on the host (one wait for the stream per run), which CUDA graph capture does not allow"
-            ));
-        }
-        let mut v = 0i64;
-        // SAFETY: `p` holds one int64 (checked shape); the stream is waited for first.
-        unsafe {
-            driver::check(sys::cuStreamSynchronize(stream), "cuStreamSynchronize").map_err(ctx)?;
-            driver::check(sys::cuMemcpyDtoH_v2((&mut v as *mut i64).cast(), p, 8), "cuMemcpyDtoH(capacity)").map_err(ctx)?;
-        }
-        Ok(v)
-    })
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use ort::value::Tensor;
 use scattermoe::onnx::{self, SaveOptions};
 
 fn session(path: &Path) -> Session {
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
+    let env = scattermoe::ort_ops::runtime::environment().expect("ONNX Runtime");
+    let _one_at_a_time = scattermoe::ort_ops::runtime::session_creation_lock();
     Session::builder(env).unwrap().commit_from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

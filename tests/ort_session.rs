@@ -125,9 +125,9 @@ fn bad_expert_index_fails_the_run_with_its_value() {
 #[test]
 fn unsupported_activation_fails_session_creation() {
     let l = Layer { d: 4, f: 4, e: 2, k: 1, w_in: vec![0.1; 2 * 8 * 4], w_out: vec![0.1; 2 * 4 * 4] };
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let plugin = scattermoe::ort::runtime::plugin_path().unwrap();
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
+    let env = scattermoe::ort_ops::runtime::environment().expect("ONNX Runtime");
+    let plugin = scattermoe::ort_ops::runtime::plugin_path().unwrap();
+    let _one_at_a_time = scattermoe::ort_ops::runtime::session_creation_lock();
     let err = Session::builder(env)
         .unwrap()
         .with_operator_library(&plugin)

@@ -10,9 +10,9 @@ use scattermoe::onnx::{self, SaveOptions};
 use scattermoe::spec;
 
 fn session(path: &std::path::Path) -> Session {
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let plugin = scattermoe::ort::runtime::plugin_path().expect("libscattermoe_ort.so");
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
+    let env = scattermoe::ort_ops::runtime::environment().expect("ONNX Runtime");
+    let plugin = scattermoe::ort_ops::runtime::plugin_path().expect("libscattermoe_ort.so");
+    let _one_at_a_time = scattermoe::ort_ops::runtime::session_creation_lock();
     Session::builder(env).unwrap().with_operator_library(&plugin).unwrap().commit_from_file(path).unwrap()
 }
 

@@ -18,9 +18,9 @@ use scattermoe::onnx::{self, SaveOptions};
 use scattermoe::spec;
 
 fn session(path: &Path) -> Result<Session, String> {
-    let env = scattermoe::ort::runtime::environment().map_err(|e| e.to_string())?;
-    let plugin = scattermoe::ort::runtime::plugin_path().map_err(|e| e.to_string())?;
-    let _one_at_a_time = scattermoe::ort::runtime::session_creation_lock();
+    let env = scattermoe::ort_ops::runtime::environment().map_err(|e| e.to_string())?;
+    let plugin = scattermoe::ort_ops::runtime::plugin_path().map_err(|e| e.to_string())?;
+    let _one_at_a_time = scattermoe::ort_ops::runtime::session_creation_lock();
     Session::builder(env)
         .map_err(|e| e.to_string())?
         .with_operator_library(&plugin)

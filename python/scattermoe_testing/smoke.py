@@ -116,7 +116,7 @@ def run_checks(lib: str, seed: int = 0) -> dict:
 
     check("parallel_linear_composition", composed)
 
-    # The library declares no shape-inference function before ORT 1.24 (src/ort/mod.rs: older
+    # The library declares no shape-inference function before ORT 1.24 (src/ort_ops/mod.rs: older
     # runtimes crash on a node with an optional input left out in the middle), so output shapes are
     # only checked from 1.24 on.
     ort_version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])

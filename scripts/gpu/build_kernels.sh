@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compile kernels/*.cu into fatbins (sm_80, sm_89, sm_90a SASS + compute_90a PTX).
+# Compile kernels/*.cu into fatbins with the flags and targets of kernels/manifest.toml (the ones
+# build.rs uses): native code for every target and PTX for the newest.
 # usage: scripts/gpu/build_kernels.sh [outdir] [nvcc] [archs: all|sm90]
+#   sm90: native sm_90a code only (a quicker build for the H100/H200).
 # SMOE_NVCC_FLAGS: extra nvcc flags (A/B builds of a kernel variant, e.g. -DNAME=VALUE).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -8,20 +10,26 @@ OUTDIR=${1:-target/scattermoe-kernels}
 NVCC=${2:-${NVCC:-nvcc}}
 ARCHS=${3:-all}
 mkdir -p "$OUTDIR"
-if [ "$ARCHS" = all ]; then
-  GENCODE="-gencode arch=compute_80,code=sm_80 -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90a,code=compute_90a"
-else
-  GENCODE="-gencode arch=compute_90a,code=sm_90a"
-fi
+# flags, gencodes and modules from the manifest (python 3.11+ reads TOML)
+read -r -a ARGS < <(python3 - "$ARCHS" <<'PY'
+import sys, tomllib
+m = tomllib.load(open("kernels/manifest.toml", "rb"))
+n = m["nvcc"]
+targets = [t for t in n["targets"] if sys.argv[1] == "all" or t["arch"] == "sm90a"]
+gencode = [f"-gencode={t['gencode']}" for t in targets] + ([f"-gencode={n['ptx']}"] if sys.argv[1] == "all" else [])
+print(" ".join(n["flags"] + gencode))
+PY
+)
+read -r -a MODULES < <(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("kernels/manifest.toml", "rb"))["modules"]))')
 pids=()
-for f in routing grouped_gemm combine; do
-  "$NVCC" -fatbin -O3 -std=c++17 $GENCODE -Xptxas -v ${SMOE_NVCC_FLAGS:-} -Ikernels kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
+for f in "${MODULES[@]}"; do
+  "$NVCC" -fatbin "${ARGS[@]}" -Xptxas -v ${SMOE_NVCC_FLAGS:-} -Ikernels kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
     > "$OUTDIR/$f.ptxas.log" 2>&1 &
   pids+=($!)
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
-for f in routing grouped_gemm combine; do
+for f in "${MODULES[@]}"; do
   if grep -qiE "error|warning" "$OUTDIR/$f.ptxas.log"; then grep -iE "error|warning" "$OUTDIR/$f.ptxas.log" | head -20; fi
 done
 exit $rc

@@ -118,11 +118,11 @@ fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> {
 /// `--verify` needs ONNX Runtime and the plugin: checked before the rewrite, not after the weights
 /// were written.
 fn check_runtime() -> Result<()> {
-    let plugin = scattermoe::ort::runtime::plugin_path()?;
+    let plugin = scattermoe::ort_ops::runtime::plugin_path()?;
     if !plugin.is_file() {
         bail!("the proof and --verify need the plugin library, but {} is not a file", plugin.display());
     }
-    scattermoe::ort::runtime::environment().map_err(|e| anyhow::anyhow!("the proof and --verify need ONNX Runtime: {e:#}"))?;
+    scattermoe::ort_ops::runtime::environment().map_err(|e| anyhow::anyhow!("the proof and --verify need ONNX Runtime: {e:#}"))?;
     Ok(())
 }
 
@@ -156,8 +156,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if verify {
                 check_lengths(&lengths)?;
             }
-            if (!no_prove || verify) && scattermoe::ort::runtime::environment().is_err() {
-                let why = scattermoe::ort::runtime::environment().err().map(|e| format!("{e:#}")).unwrap_or_default();
+            if (!no_prove || verify) && scattermoe::ort_ops::runtime::environment().is_err() {
+                let why = scattermoe::ort_ops::runtime::environment().err().map(|e| format!("{e:#}")).unwrap_or_default();
                 bail!(
                     "every rewrite is proven in ONNX Runtime before it is written, and ONNX Runtime was not found ({why}). \
                      Install it (`python3 -m pip install onnxruntime`, or set ORT_DYLIB_PATH to libonnxruntime.so), \

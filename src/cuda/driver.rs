@@ -7,6 +7,8 @@
 //! grids), the SM count and the compute capability. Made once per context, kept for the process
 //! (contexts are few; the primary context of each device in practice), behind a Mutex.
 
+use super::arch::Arch;
+use super::catalogue::{entry_points, Entry, TARGETS};
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUfunction, CUmodule, CUresult, CUstream};
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
@@ -67,7 +69,7 @@ pub fn device_count() -> usize {
 }
 
 /// Kernel modules (kernels/*.cu), in the order of [`Device::modules`].
-pub const MODULES: [&str; 3] = ["routing", "grouped_gemm", "combine"];
+pub use super::catalogue::MODULES;
 
 /// One kernel: the function, its block size, its dynamic shared memory, and how many of its
 /// blocks the whole device holds at once (the size of a persistent grid).
@@ -90,6 +92,8 @@ pub struct Device {
     pub sms: u32,
     /// compute capability (major, minor)
     pub cc: (i32, i32),
+    /// the arch whose native code runs here (selects the kernels)
+    pub arch: Arch,
     modules: Vec<CUmodule>,
     funcs: HashMap<String, Func>,
 }
@@ -107,56 +111,14 @@ impl Device {
         })
     }
 
-    /// Whether the Hopper (wgmma) kernels run here: native sm_90a code exists for cc 9.0 only.
+    /// Whether the Hopper (wgmma) kernels run here.
     pub fn has_wgmma(&self) -> bool {
-        self.cc == (9, 0)
+        self.arch.has_wgmma()
     }
 
     pub fn modules(&self) -> &[CUmodule] {
         &self.modules
     }
-}
-
-/// One kernel entry point as [`load`] needs it. Mirrors the header comments of kernels/*.cu (see
-/// `super::forward::GemmCfg` for the GEMM tiles).
-struct Entry {
-    /// index into [`MODULES`]
-    module: usize,
-    name: String,
-    threads: u32,
-    smem: u32,
-    /// CTAs per cluster (`__cluster_dims__`)
-    cluster: u32,
-    /// takes a TMA tensor map (needs cuTensorMapEncodeTiled)
-    tma: bool,
-    /// native code for sm_90a only (wgmma)
-    sm90a: bool,
-}
-
-fn entry_points() -> Vec<Entry> {
-    let plain = |module, name: String, threads| Entry { module, name, threads, smem: 0, cluster: 1, tma: false, sm90a: false };
-    let mut v = Vec::new();
-    for i in ["i32", "i64"] {
-        v.push(plain(0, format!("scattermoe_routing_count_{i}"), 256));
-        v.push(plain(0, format!("scattermoe_routing_scatter_{i}"), 256));
-        v.push(plain(0, format!("scattermoe_routing_small_{i}"), 256));
-    }
-    v.push(plain(0, "scattermoe_routing_scan".into(), 1024));
-    for t in ["f16", "bf16"] {
-        for cfg in super::forward::GemmCfg::TENSOR_CORE {
-            let entry = |name| Entry { module: 1, name, threads: cfg.threads(), smem: cfg.smem(), cluster: cfg.cluster(), tma: cfg.w_by_tma(), sm90a: cfg.sm90a_only() };
-            v.push(entry(cfg.kernel_name(t)));
-            if cfg.has_grouped_a_form() {
-                v.push(entry(format!("{}{}", cfg.kernel_name(t), super::forward::GROUPED_A_SUFFIX)));
-            }
-        }
-    }
-    let f32cfg = super::forward::GemmCfg::F32;
-    v.push(plain(1, f32cfg.kernel_name("f32"), f32cfg.threads()));
-    for t in ["f32", "f16", "bf16"] {
-        v.push(plain(2, format!("scattermoe_combine_{t}"), 256));
-    }
-    v
 }
 
 fn load(ctx: CUcontext) -> CuResult<Device> {
@@ -171,6 +133,10 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         use sys::CUdevice_attribute::*;
         let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let cc = (attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+        let built: Vec<&str> = TARGETS.iter().map(|a| a.name()).collect();
+        let arch = Arch::from_cc(cc).filter(|a| TARGETS.contains(a)).ok_or_else(|| {
+            format!("no CUDA kernels for this device (compute capability {}.{}): they hold native code for {}", cc.0, cc.1, built.join(", "))
+        })?;
         let mut modules = Vec::new();
         for name in MODULES {
             let image = super::image(name)?;
@@ -179,15 +145,14 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
             std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), image.len());
             let mut m: CUmodule = std::ptr::null_mut();
             check(sys::cuModuleLoadData(&mut m, aligned.as_ptr().cast::<c_void>()), &format!("cuModuleLoadData({name}.fatbin)"))
-                .map_err(|e| format!("{e}; the kernels hold native code for sm_80, sm_89 and sm_90a (this device is {}.{})", cc.0, cc.1))?;
+                .map_err(|e| format!("{e}; the kernels hold native code for {} (this device is {}.{})", built.join(", "), cc.0, cc.1))?;
             modules.push(m);
         }
-        let wgmma = cc == (9, 0);
         let pdl = pdl_supported(cc);
         let mut funcs = HashMap::new();
-        for Entry { module: m, name, threads, smem, cluster, tma, sm90a } in entry_points() {
-            if sm90a && !wgmma {
-                continue; // its body traps below sm_90a; never launched there
+        for Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
+            if !archs.contains(&arch) {
+                continue; // no native code here (its body traps); never launched here
             }
             if tma && !has_symbol("cuTensorMapEncodeTiled") {
                 continue; // a driver that cannot encode the map: the cp.async form is used
@@ -219,7 +184,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
             };
             funcs.insert(name, Func { f, threads, smem, resident, cluster, pdl });
         }
-        Ok(Device { ctx, device, sms, cc, modules, funcs })
+        Ok(Device { ctx, device, sms, cc, arch, modules, funcs })
     }
 }
 

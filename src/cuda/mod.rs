@@ -2,9 +2,12 @@
 //! driver (loaded at run time: no GPU or driver is needed to load the library) and the forward
 //! passes that launch the kernels on a caller's stream.
 
+pub mod arch;
+pub mod catalogue;
 pub mod checks;
 pub mod driver;
 pub mod forward;
+pub mod ops;
 pub mod tensor_map;
 
 /// The embedded fatbins, one per kernels/*.cu file (empty when built without nvcc).
@@ -45,13 +48,14 @@ mod tests {
         assert_eq!(names, sources);
         for (name, bytes) in super::images::FATBINS {
             let entries = fatbin_entries(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
-            for sm in [80, 89] {
-                assert!(entries.iter().any(|e| e.elf && e.sm == sm), "{name}: no sm_{sm} code in {entries:?}");
+            // native code for every target of kernels/manifest.toml, with the arch-specific
+            // features (wgmma) where the target has them
+            for arch in super::catalogue::TARGETS {
+                let found = entries.iter().any(|e| e.elf && e.sm == arch.sm() && e.arch_specific == arch.arch_specific());
+                assert!(found, "{name}: no {} code in {entries:?}", arch.name());
             }
-            // sm_90a: native code and PTX, both with the arch-specific features (wgmma)
-            for elf in [true, false] {
-                assert!(entries.iter().any(|e| e.elf == elf && e.sm == 90 && e.arch_specific), "{name}: no sm_90a {} in {entries:?}", if elf { "code" } else { "PTX" });
-            }
+            // PTX for the newest (compute_90a)
+            assert!(entries.iter().any(|e| !e.elf && e.sm == 90 && e.arch_specific), "{name}: no compute_90a PTX in {entries:?}");
         }
     }
 

@@ -202,8 +202,8 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
     let target = opts.target;
     if opts.prove {
         // fail early and clearly when the proof cannot run at all
-        crate::ort::runtime::environment().context("proving rewrites needs ONNX Runtime")?;
-        crate::ort::runtime::plugin_path().context("proving rewrites needs libscattermoe_ort.so")?;
+        crate::ort_ops::runtime::environment().context("proving rewrites needs ONNX Runtime")?;
+        crate::ort_ops::runtime::plugin_path().context("proving rewrites needs libscattermoe_ort.so")?;
     }
     let mut report = Report {
         nodes_before: model.graph().node.len(),

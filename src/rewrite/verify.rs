@@ -162,15 +162,15 @@ fn first_line(e: &dyn std::fmt::Display) -> String {
 }
 
 pub fn session(path: &Path) -> Result<Session> {
-    let env = crate::ort::runtime::environment()?;
-    let plugin = crate::ort::runtime::plugin_path()?;
+    let env = crate::ort_ops::runtime::environment()?;
+    let plugin = crate::ort_ops::runtime::plugin_path()?;
     // Errors of the original at token counts it cannot run are reported by --verify itself.
     let mut b = Session::builder(env)?
         .with_log_level(ort::logging::LogLevel::Fatal)
         .map_err(|e| anyhow!("{e}"))?
         .with_operator_library(&plugin)
         .map_err(|e| anyhow!("cannot register {}: {e}", plugin.display()))?;
-    let _one_at_a_time = crate::ort::runtime::session_creation_lock();
+    let _one_at_a_time = crate::ort_ops::runtime::session_creation_lock();
     b.commit_from_file(path).map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", path.display()))
 }
 

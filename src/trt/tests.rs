@@ -1,7 +1,9 @@
 //! The bridge's Rust side without TensorRT: fields, types, formats, shapes, workspace, round trips.
 
 use super::*;
-use crate::spec::{Activation, CapacityOrder, GluLayout};
+use crate::cuda::driver;
+use crate::cuda::forward::Plan;
+use crate::spec::{Activation, AttrDefault, CapacityOrder, GluLayout};
 
 fn int(name: &str, v: i32) -> Field {
     Field { name: name.into(), field_type: field_type::INT32, length: 1, data: v.to_le_bytes().to_vec() }

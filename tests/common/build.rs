@@ -57,9 +57,9 @@ pub fn int_attr(name: &str, v: i64) -> AttributeProto {
 /// A session builder with the plugin registered. Hold the returned guard until the session is
 /// committed: ORT races when two sessions registering a custom-op domain are created at once.
 pub fn plugin_builder() -> (SessionBuilder, std::sync::MutexGuard<'static, ()>) {
-    let env = scattermoe::ort::runtime::environment().expect("ONNX Runtime");
-    let plugin = scattermoe::ort::runtime::plugin_path().expect("plugin");
-    let guard = scattermoe::ort::runtime::session_creation_lock();
+    let env = scattermoe::ort_ops::runtime::environment().expect("ONNX Runtime");
+    let plugin = scattermoe::ort_ops::runtime::plugin_path().expect("plugin");
+    let guard = scattermoe::ort_ops::runtime::session_creation_lock();
     (Session::builder(env).unwrap().with_operator_library(&plugin).unwrap(), guard)
 }
 

@@ -10,22 +10,11 @@ ROUTING_CHUNK = 4096
 
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
-# name suffix -> (BM, BN, threads, dynamic smem bytes)
-TC_CFGS = {"128x128": (128, 128, 256, 65536), "32x64": (32, 64, 128, 49152),
-           "32x32": (32, 32, 128, 32768),
-           "32x64s6": (32, 64, 128, 73728), "wgmma_ws": (128, 256, 384, 4 * 49152 + 1024),
-           "wgmma_tma": (128, 256, 384, 4 * 49152 + 1024), "wgmma_mc": (128, 256, 384, 4 * 49152 + 1024),
-           "wgmma_mc_ga": (128, 256, 384, 4 * 49152 + 1024)}
-CLUSTER = {"wgmma_mc": 2, "wgmma_mc_ga": 2}  # CTAs per cluster (__cluster_dims__ in the kernel)
-TMA_W = ("wgmma_tma", "wgmma_mc", "wgmma_mc_ga")  # W through a TMA map (one more parameter)
-# grouped input only: A through a TMA map too (one more parameter again); the library takes it for
-# every grouped-input GEMM that picks wgmma_mc (src/cuda/forward.rs GemmCfg::has_grouped_a_form)
-GROUPED_A = ("wgmma_mc_ga",)
-# the Hopper kernel choice (src/cuda/forward.rs HOPPER_*): CTA pairs for K >= 8192 above 64 rows per
-# expert and for K >= 4096 from 1024 rows, W by TMA for K >= 4096 or from 256 rows, cp.async otherwise
-HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS = 8192, 64, 1024, 4096, 256
-FULL_GRID_K = 4096  # TMA kernels from this K: one CTA (pair) per work unit, not a persistent grid
-F32_CFG = (64, 64, 256, 0)
+# The kernel catalogue (geometry, clusters, TMA forms, thresholds), generated from
+# kernels/manifest.toml: the same table the library's driver and kernel choice read.
+from kernel_table import (CLUSTER, F32_CFG, FULL_GRID_K, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
+                          HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
+                          HOPPER_TMA_ROWS, MODULES, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -62,7 +51,7 @@ class Kernels:
         self.mods = {}
         self.fns = {}
         self._occ = {}
-        for name in ("routing", "grouped_gemm", "combine"):
+        for name in MODULES:
             data = open(os.path.join(fatbin_dir, f"{name}.fatbin"), "rb").read()
             buf = ctypes.create_string_buffer(data, len(data))
             mod = ctypes.c_void_p()
@@ -71,7 +60,7 @@ class Kernels:
         props = torch.cuda.get_device_properties(0)
         self.sms = props.multi_processor_count
         # rows per expert at or below which the small-tile kernel wins (measured on H200)
-        self.small_rows = int(os.environ.get("SMOE_SMALL_ROWS", "128"))
+        self.small_rows = int(os.environ.get("SMOE_SMALL_ROWS", str(SMALL_ROWS)))
         self.large_cfg = os.environ.get("SMOE_LARGE_CFG", "wgmma_ws" if props.major == 9 else "128x128")
         # wgmma kernels exist as SASS for sm_90a only
 
@@ -158,12 +147,12 @@ class Kernels:
     # ------------------------------------------------------------------ grouped GEMM
     def pick_cfg(self, N_assign, E, K):
         """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md); mirrors
-        src/cuda/forward.rs pick_cfg."""
+        src/cuda/forward/selection.rs pick_cfg."""
         R = N_assign / max(1, min(E, N_assign))  # rows per active expert
         if R <= 1 and K <= 2048:
             return "32x32"
         hopper = self.large_cfg == "wgmma_ws"
-        if R <= (16 if hopper else self.small_rows):
+        if R <= (HOPPER_SMALL_ROWS if hopper else self.small_rows):
             return "32x64s6" if K >= 8192 else "32x64"
         if hopper:
             if (K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS) or (K >= HOPPER_TMA_K and R >= HOPPER_MC_ROWS):
@@ -199,7 +188,7 @@ class Kernels:
         BNo = BN // 2 if gated else BN
         units = ((n_assign + BM * c - 1) // (BM * c) + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
         if grid is None and tma and K >= FULL_GRID_K:
-            grid = units * c  # one CTA (pair) per unit (src/cuda/forward.rs FULL_GRID_K)
+            grid = units * c  # one CTA (pair) per unit (FULL_GRID_K)
         if grid is None:
             resident = self.resident_clusters(f, threads, smem, c) * c if c > 1 else \
                 self.sms * max(1, self.occupancy(f, threads, smem))

@@ -13,5 +13,5 @@ use ort_sys::{OrtApiBase, OrtSessionOptions, OrtStatus};
 /// Called by ONNX Runtime with its own session options and API base.
 #[no_mangle]
 pub unsafe extern "C" fn RegisterCustomOps(options: *mut OrtSessionOptions, api_base: *const OrtApiBase) -> *mut OrtStatus {
-    scattermoe::ort::register_custom_ops(options, api_base)
+    scattermoe::ort_ops::register_custom_ops(options, api_base)
 }

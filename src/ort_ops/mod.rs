@@ -4,7 +4,9 @@
 pub mod api;
 mod cpu;
 mod cuda;
+mod inputs;
 pub mod op;
+mod registry;
 pub mod runtime;
 
 use api::check;
@@ -91,5 +93,22 @@ pub unsafe fn register_custom_ops(options: *mut OrtSessionOptions, api_base: *co
     match result {
         Ok(()) => std::ptr::null_mut(),
         Err(msg) => api::error_status(&format!("scattermoe: registering the custom ops failed: {msg}")).0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cuda_ops_mirror_the_cpu_ops() {
+        let (cpu, cuda) = (super::cpu::ops(), super::cuda::ops());
+        assert_eq!(cpu.len(), cuda.len());
+        for (a, b) in cpu.iter().zip(&cuda) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.output_type, b.output_type);
+            assert_eq!(b.execution_provider, Some(super::cuda::CUDA_EP));
+        }
+        // the capacity travels in host memory
+        assert_eq!(cuda[0].host_inputs, &[crate::spec::scatter_moe::CAPACITY]);
+        assert_eq!(cuda.last().unwrap().host_inputs, &[crate::spec::capacity_mask::CAPACITY]);
     }
 }

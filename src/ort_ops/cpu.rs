@@ -6,62 +6,14 @@
 //! and lives as long as the kernel, beside ORT's initializer; `SCATTERMOE_CPU_PREPACK=0` turns
 //! packing off (the products then read the initializers as they are, every call).
 
-use super::api::{AttrProbe, KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
-use super::op::{ort_type, Kernel, OpDef};
+use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
+use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_before_run, to_string};
+use super::op::{Kernel, OpDef};
+use super::registry::{op_table, Kernels};
 use crate::reference::panels::{Columns, PackedWeights};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, unknown_ranks_as_symbolic, Dim, ElemType, IndexType, Port, SpecError};
-use ort_sys::ONNXTensorElementDataType;
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType};
 use half::{bf16, f16};
-use std::ffi::CStr;
-
-pub(super) fn to_string(e: SpecError) -> String {
-    e.to_string()
-}
-
-/// Element types and shapes of a node's inputs, for `spec::*::check`.
-pub(super) struct Signature {
-    pub(super) types: Vec<Option<i32>>,
-    pub(super) shapes: Vec<Option<Vec<Dim>>>,
-}
-
-impl Signature {
-    /// Before run time: an unknown rank (reported as rank 0) is checked as unknown dimensions.
-    pub(super) fn from_type_shapes(ports: &[Port], inputs: &[Option<TypeShape>]) -> Self {
-        let mut shapes: Vec<_> = inputs.iter().map(|i| i.as_ref().map(|t| t.dims.clone())).collect();
-        unknown_ranks_as_symbolic(ports, &mut shapes);
-        Signature { types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(), shapes }
-    }
-
-    pub(super) fn from_tensors(inputs: &[Option<Tensor>]) -> Self {
-        Signature {
-            types: inputs.iter().map(|i| i.as_ref().map(|t| t.elem)).collect(),
-            shapes: inputs.iter().map(|i| i.as_ref().map(Tensor::shape)).collect(),
-        }
-    }
-
-    pub(super) fn shape_refs(&self) -> Vec<Option<&[Dim]>> {
-        self.shapes.iter().map(|s| s.as_deref()).collect()
-    }
-}
-
-pub(super) fn kernel_inputs(info: &KernelInfo) -> Result<Vec<Option<TypeShape>>, String> {
-    (0..info.input_count()?).map(|i| info.input(i)).collect()
-}
-
-/// Inputs as shape inference sees them: the contract's view (`TypeShape`) and the named dims.
-fn shape_inputs(ctx: &ShapeContext) -> Result<(Vec<Option<TypeShape>>, Vec<Option<Vec<SymDim>>>), String> {
-    let raw: Vec<_> = (0..ctx.input_count()?).map(|i| ctx.input(i)).collect::<Result<_, _>>()?;
-    let plain = raw
-        .iter()
-        .map(|r| r.as_ref().map(|(elem, dims)| TypeShape { elem: *elem, dims: dims.iter().map(SymDim::dim).collect() }))
-        .collect();
-    Ok((plain, raw.into_iter().map(|r| r.map(|(_, d)| d)).collect()))
-}
-
-pub(super) fn compute_inputs(ctx: &KernelContext) -> Result<Vec<Option<Tensor>>, String> {
-    (0..ctx.input_count()?).map(|i| ctx.input(i)).collect()
-}
 
 /// The output buffer as `&mut [E]` (empty tensors may come with a null pointer).
 ///
@@ -95,10 +47,6 @@ impl reference::Pool for OrtPool<'_> {
     fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         self.0.parallel_for(n, f);
     }
-}
-
-pub(super) fn known(d: Dim) -> usize {
-    d.expect("all dimensions are known at run time") as usize
 }
 
 /// Intermediate buffers of the CPU kernels, shared by all of them (one node runs at a time in
@@ -145,7 +93,7 @@ struct MoeCpu {
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &kernel_inputs(info)?);
+    let sig = signature_before_run(&scatter_moe::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     let packed = if prepack_enabled() { pack_moe(info, &attrs, t) } else { None };
     Ok(Box::new(MoeCpu { attrs, packed, _scratch: SCRATCH.user() }))
@@ -174,23 +122,10 @@ fn pack_moe(info: &KernelInfo, attrs: &scatter_moe::Attrs, t: ElemType) -> Optio
     }
 }
 
-pub(super) fn infer_moe(ctx: &mut ShapeContext) -> Result<(), String> {
-    ctx.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
-    let attrs = scatter_moe::Attrs::parse(ctx).map_err(to_string)?;
-    let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&scatter_moe::INPUTS, &plain);
-    let (t, _, _) = scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    let x = named[scatter_moe::X].as_deref().unwrap();
-    if x.is_empty() {
-        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
-    }
-    ctx.set_output(scatter_moe::Y, t.onnx_code(), &scatter_moe::output_shape(x))
-}
-
 impl Kernel for MoeCpu {
     fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
-        let sig = Signature::from_tensors(&ins);
+        let sig = signature(&ins);
         let (t, it, dims) = scatter_moe::check(&self.attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
         let sizes = MoeSizes {
             tokens: known(dims.tokens),
@@ -263,7 +198,7 @@ struct LinearCpu {
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &kernel_inputs(info)?);
+    let sig = signature_before_run(&parallel_linear::INPUTS, &kernel_inputs(info)?);
     let (t, _, _) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
     let packed = if prepack_enabled() { pack_linear(info, t) } else { None };
     Ok(Box::new(LinearCpu { attrs, packed, _scratch: SCRATCH.user() }))
@@ -290,30 +225,10 @@ fn pack_linear(info: &KernelInfo, t: ElemType) -> Option<PackedWeights> {
     }
 }
 
-pub(super) fn infer_linear(ctx: &mut ShapeContext) -> Result<(), String> {
-    ctx.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
-    let attrs = parallel_linear::Attrs::parse(ctx).map_err(to_string)?;
-    let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&parallel_linear::INPUTS, &plain);
-    let (t, _, dims) = parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
-    let routing = named[parallel_linear::ROUTING_INDICES].as_deref().unwrap();
-    let w = named[parallel_linear::W].as_deref().unwrap();
-    if routing.is_empty() || w.is_empty() {
-        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
-    }
-    let d_out = w[1].clone();
-    let rows = |r: &[SymDim]| {
-        let dims: Vec<_> = r.iter().map(SymDim::dim).collect();
-        parallel_linear::grouped_rows(&dims).map_or_else(SymDim::fresh, SymDim::Value)
-    };
-    let y = parallel_linear::output_shape(&attrs, routing, d_out, dims.has_gates, rows);
-    ctx.set_output(0, t.onnx_code(), &y)
-}
-
 impl Kernel for LinearCpu {
     fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
-        let sig = Signature::from_tensors(&ins);
+        let sig = signature(&ins);
         let refs = sig.shape_refs();
         let (t, it, dims) = parallel_linear::check(&self.attrs, &sig.types, &refs).map_err(to_string)?;
         let sizes = LinearSizes {
@@ -371,28 +286,15 @@ struct MaskCpu {
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &kernel_inputs(info)?);
+    let sig = signature_before_run(&capacity_mask::INPUTS, &kernel_inputs(info)?);
     capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
     Ok(Box::new(MaskCpu { attrs }))
-}
-
-pub(super) fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
-    ctx.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
-    capacity_mask::Attrs::parse(ctx).map_err(to_string)?;
-    let (plain, named) = shape_inputs(ctx)?;
-    let sig = Signature::from_type_shapes(&capacity_mask::INPUTS, &plain);
-    capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
-    let routing = named[capacity_mask::ROUTING_INDICES].as_deref().unwrap();
-    if routing.is_empty() {
-        return Ok(()); // rank unknown: the output's type is declared, its shape comes at run time
-    }
-    ctx.set_output(0, 9, routing)
 }
 
 impl Kernel for MaskCpu {
     fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
-        let sig = Signature::from_tensors(&ins);
+        let sig = signature(&ins);
         let it = capacity_mask::check(&sig.types, &sig.shape_refs()).map_err(to_string)?;
         let routing = ins[capacity_mask::ROUTING_INDICES].as_ref().unwrap();
         // SAFETY: checked int64 with one element, host memory.
@@ -408,64 +310,8 @@ impl Kernel for MaskCpu {
     }
 }
 
-/// How one execution provider builds the kernels of the three ops.
-pub(super) struct Kernels {
-    /// None: the CPU execution provider.
-    pub execution_provider: Option<&'static CStr>,
-    pub moe: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
-    pub linear: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
-    pub mask: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
-    /// Whether the scalar capacity input is read in host memory (a device EP).
-    pub capacity_on_host: bool,
-}
-
-/// One execution provider's registrations: ScatterMoE and ParallelLinear once per float type `T`
-/// (see `op.rs`), CapacityMask once. Shape inference is the same on every provider.
-pub(super) fn op_table(k: Kernels) -> Vec<OpDef> {
-    let ep = k.execution_provider;
-    let (moe_host, mask_host): (&'static [usize], &'static [usize]) =
-        if k.capacity_on_host { (&[scatter_moe::CAPACITY], &[capacity_mask::CAPACITY]) } else { (&[], &[]) };
-    let mut ops = Vec::new();
-    for t in ElemType::ALL {
-        ops.push(OpDef {
-            name: c"ScatterMoE",
-            execution_provider: ep,
-            inputs: &scatter_moe::INPUTS,
-            outputs: &scatter_moe::OUTPUTS,
-            output_type: ort_type(t),
-            type_carrier: Some(scatter_moe::X),
-            host_inputs: moe_host,
-            create: k.moe,
-            infer: infer_moe,
-        });
-        ops.push(OpDef {
-            name: c"ParallelLinear",
-            execution_provider: ep,
-            inputs: &parallel_linear::INPUTS,
-            outputs: &parallel_linear::OUTPUTS,
-            output_type: ort_type(t),
-            type_carrier: Some(parallel_linear::X),
-            host_inputs: &[],
-            create: k.linear,
-            infer: infer_linear,
-        });
-    }
-    ops.push(OpDef {
-        name: c"CapacityMask",
-        execution_provider: ep,
-        inputs: &capacity_mask::INPUTS,
-        outputs: &capacity_mask::OUTPUTS,
-        output_type: ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-        type_carrier: None,
-        host_inputs: mask_host,
-        create: k.mask,
-        infer: infer_mask,
-    });
-    ops
-}
-
 /// The CPU execution provider's ops.
-pub fn ops() -> Vec<OpDef> {
+pub(super) fn ops() -> Vec<OpDef> {
     op_table(Kernels { execution_provider: None, moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: false })
 }
 

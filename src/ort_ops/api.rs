@@ -550,8 +550,9 @@ impl KernelContext {
 pub struct Allocator(*mut ort_sys::OrtAllocator);
 
 impl Allocator {
-    /// `bytes` of the allocator's memory, freed when the returned block drops.
-    pub fn alloc(&self, bytes: usize) -> Result<Block<'_>, String> {
+    /// `bytes` of the allocator's memory, freed when the returned block (which keeps the
+    /// allocator) drops.
+    pub fn alloc(self, bytes: usize) -> Result<Block, String> {
         // SAFETY: a live allocator from KernelContext_GetAllocator; Alloc is a required entry.
         let f = unsafe { (*self.0).Alloc }.ok_or("ONNX Runtime's allocator has no Alloc")?;
         let p = unsafe { f(self.0, bytes.max(1)) };
@@ -569,13 +570,13 @@ impl Drop for Allocator {
     }
 }
 
-/// A block of an [`Allocator`], freed on drop.
-pub struct Block<'a> {
-    alloc: &'a Allocator,
+/// A block of an [`Allocator`], freed on drop (before the allocator is released).
+pub struct Block {
+    alloc: Allocator,
     pub ptr: *mut c_void,
 }
 
-impl Drop for Block<'_> {
+impl Drop for Block {
     fn drop(&mut self) {
         // SAFETY: allocated by this allocator, freed once.
         if let Some(f) = unsafe { (*self.alloc.0).Free } {

@@ -1,0 +1,103 @@
+//! Which grouped-GEMM configuration runs a GEMM: a decision over rows per active expert, the
+//! reduction depth and the device's [`Arch`], with the thresholds of kernels/manifest.toml
+//! (`[selection]`), where tests/gpu/kernel_table.py reads them too.
+
+use crate::cuda::arch::Arch;
+use crate::cuda::catalogue::{thresholds, GemmCfg};
+use crate::spec::ElemType;
+
+/// Rows per active expert at or below which the small-tile kernels win (measured on H200).
+pub const SMALL_ROWS: f64 = thresholds::SMALL_ROWS;
+/// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
+/// (H200, bf16, tests/gpu/RESULTS.md): at 16 rows 32x64 is ahead, from 32 rows wgmma_ws.
+pub const HOPPER_SMALL_ROWS: f64 = thresholds::HOPPER_SMALL_ROWS;
+/// On sm_90a above HOPPER_SMALL_ROWS, from the per-GEMM timings of the three Hopper kernels and the
+/// whole-layer benchmark (H200, bf16, tests/gpu/RESULTS.md, "Fourth round"):
+/// - the CTA pair (wgmma_mc) for a deep reduction (K >= HOPPER_MC_DEEP_K: Mixtral's GEMM2, K =
+///   14336) above HOPPER_MC_DEEP_ROWS rows per expert (1.05-1.15x wgmma_tma from 128 rows on), and
+///   for K >= HOPPER_TMA_K from HOPPER_MC_ROWS rows (Mixtral's GEMM1 at 4096 and 16384 tokens: the
+///   whole layer, back to back, was 4-5% slower with wgmma_tma there, which moves more bytes from
+///   L2 per FLOP on a card that runs at its power limit);
+/// - wgmma_tma for K >= HOPPER_TMA_K (Mixtral's GEMM1 below that: 1.03-1.1x the others per GEMM;
+///   1.15 against 1.24 ms at 1024 tokens) or from HOPPER_TMA_ROWS rows per expert (Qwen3 and
+///   fine-grained from 256 rows: 1.0-1.1x);
+/// - wgmma_ws otherwise (short K and few rows: its cp.async W loads are 1.0-1.1x faster there).
+pub const HOPPER_MC_DEEP_K: usize = thresholds::HOPPER_MC_DEEP_K;
+pub const HOPPER_MC_DEEP_ROWS: f64 = thresholds::HOPPER_MC_DEEP_ROWS;
+pub const HOPPER_MC_ROWS: f64 = thresholds::HOPPER_MC_ROWS;
+pub const HOPPER_TMA_K: usize = thresholds::HOPPER_TMA_K;
+pub const HOPPER_TMA_ROWS: f64 = thresholds::HOPPER_TMA_ROWS;
+/// From this reduction depth the TMA kernels get a full grid (one CTA or pair per work unit) instead
+/// of a persistent one (H200, Mixtral at 1024 tokens: GEMM1 1.21 -> 1.01 ms, GEMM2 0.60 -> 0.55;
+/// neutral at 4096 tokens; Qwen3's K = 2048 / 768 was 3-8% slower with it: tests/gpu/RESULTS.md).
+pub const FULL_GRID_K: usize = thresholds::FULL_GRID_K;
+
+/// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
+/// `n_assign` rows over `experts` experts, reduction depth `k_depth`, on `arch`. f32 has one kernel.
+pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize, arch: Arch) -> GemmCfg {
+    let wgmma = arch.has_wgmma();
+    if elem == ElemType::F32 {
+        return GemmCfg::F32;
+    }
+    let r = n_assign as f64 / experts.min(n_assign).max(1) as f64;
+    if r <= 1.0 && k_depth <= 2048 {
+        return GemmCfg::T32x32;
+    }
+    let small = if wgmma { HOPPER_SMALL_ROWS } else { SMALL_ROWS };
+    if r <= small {
+        return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
+    }
+    if wgmma {
+        return if (k_depth >= HOPPER_MC_DEEP_K && r > HOPPER_MC_DEEP_ROWS) || (k_depth >= HOPPER_TMA_K && r >= HOPPER_MC_ROWS) {
+            GemmCfg::WgmmaMc
+        } else if k_depth >= HOPPER_TMA_K || r >= HOPPER_TMA_ROWS {
+            GemmCfg::WgmmaTma
+        } else {
+            GemmCfg::WgmmaWs
+        };
+    }
+    if k_depth < 1024 && r <= 512.0 {
+        return GemmCfg::T32x64;
+    }
+    GemmCfg::T128x128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decision table of kernels/grouped_gemm.cu's header, case by case.
+    #[test]
+    fn kernel_choice_follows_the_measured_thresholds() {
+        let bf = ElemType::BF16;
+        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, 4096, Arch::Sm90a), GemmCfg::F32);
+        // one row per expert, short K: the smallest tile
+        assert_eq!(pick_cfg(bf, 8, 8, 1024, Arch::Sm90a), GemmCfg::T32x32);
+        // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
+        assert_eq!(pick_cfg(bf, 128, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 128, 8, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
+        // 32 rows per expert: the warp-specialised kernels on sm_90a, small tiles elsewhere
+        assert_eq!(pick_cfg(bf, 256, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, 1024, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 256, 8, 4096, Arch::Sm80), GemmCfg::T32x64);
+        // deep K: CTA pairs above 64 rows per expert
+        assert_eq!(pick_cfg(bf, 512, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 1024, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
+        // K = 4096: W by TMA, CTA pairs from 1024 rows per expert
+        assert_eq!(pick_cfg(bf, 2048, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 4096, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
+        // short K: cp.async below 256 rows per expert, TMA from there
+        assert_eq!(pick_cfg(bf, 8192, 128, 2048, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 128, 768, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 64, 512, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 64, 1024, Arch::Sm90a), GemmCfg::WgmmaTma);
+        // elsewhere: 128x128 unless K is short and rows few
+        assert_eq!(pick_cfg(bf, 32768, 8, 4096, Arch::Sm80), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 8192, 32, 768, Arch::Sm80), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 131072, 128, 768, Arch::Sm80), GemmCfg::T128x128);
+    }
+}

@@ -1,0 +1,90 @@
+//! `ScatterMoE` on the device: routing, GEMM1 with the activation fused, GEMM2, combine
+//! (`crate::cuda::forward::scatter_moe`).
+
+use super::{known, DeviceIo, DeviceOp};
+use crate::cuda::checks::CheckInfo;
+use crate::cuda::driver::{CuResult, Device};
+use crate::cuda::forward::{self, Launched, MoePtrs, Plan};
+use crate::reference::MoeSizes;
+use crate::signature::Signature;
+use crate::spec::scatter_moe::{self, *};
+use crate::spec::{ElemType, IndexType, SpecError};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+/// The op with its validated attributes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScatterMoeOp(pub scatter_moe::Attrs);
+
+/// One checked call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeCall {
+    pub elem: ElemType,
+    pub it: IndexType,
+    pub sizes: MoeSizes,
+    /// whether the `capacity` input is given
+    pub capacity: bool,
+}
+
+impl MoeCall {
+    pub fn workspace_bytes(&self) -> usize {
+        Plan::scatter_moe(self.sizes, self.elem, self.capacity).bytes
+    }
+}
+
+impl DeviceOp for ScatterMoeOp {
+    const NAME: &'static str = NAME;
+    const CAPACITY: Option<usize> = Some(CAPACITY);
+    type Call = MoeCall;
+
+    fn check(&self, sig: &Signature) -> Result<MoeCall, SpecError> {
+        super::all_known(NAME, sig)?;
+        let (elem, it, d) = check(&self.0, &sig.types, &sig.shape_refs())?;
+        let sizes = MoeSizes { tokens: known(d.tokens), k: known(d.k), experts: known(d.experts), d: known(d.d), f: known(d.f) };
+        Ok(MoeCall { elem, it, sizes, capacity: sig.has(CAPACITY) })
+    }
+
+    fn output_shape(&self, _: &MoeCall, sig: &Signature) -> Vec<usize> {
+        output_shape(&sig.dims(X))
+    }
+
+    fn is_empty(&self, call: &MoeCall) -> bool {
+        call.sizes.tokens == 0
+    }
+
+    fn workspace_bytes(&self, call: &MoeCall) -> usize {
+        call.workspace_bytes()
+    }
+
+    fn check_capacity(&self, value: i64) -> Result<usize, SpecError> {
+        check_capacity(value)
+    }
+
+    fn check_info(&self, call: &MoeCall, io: &DeviceIo) -> CuResult<CheckInfo> {
+        let s = call.sizes;
+        Ok(CheckInfo { it: call.it, routing_indices: io.required(NAME, ROUTING_INDICES)?, k: s.k, experts: s.experts })
+    }
+
+    unsafe fn launch(
+        &self,
+        dev: &Device,
+        stream: CUstream,
+        call: &MoeCall,
+        io: &DeviceIo,
+        capacity: Option<usize>,
+        ws: CUdeviceptr,
+        error_to: Option<CUdeviceptr>,
+    ) -> CuResult<Launched> {
+        let ptrs = MoePtrs {
+            x: io.required(NAME, X)?,
+            routing_weights: io.required(NAME, ROUTING_WEIGHTS)?,
+            routing_indices: io.required(NAME, ROUTING_INDICES)?,
+            w_in: io.required(NAME, W_IN)?,
+            w_out: io.required(NAME, W_OUT)?,
+            b_in: io.input(B_IN),
+            b_out: io.input(B_OUT),
+        };
+        let y = io.output(NAME, Y)?;
+        // SAFETY: the caller's buffers have the call's shapes and types.
+        unsafe { forward::scatter_moe(dev, stream, &self.0, call.elem, call.it, call.sizes, capacity, &ptrs, ws, y, (None, None), error_to) }
+    }
+}

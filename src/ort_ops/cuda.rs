@@ -1,0 +1,111 @@
+//! The ops on ONNX Runtime's CUDA execution provider: thin adapters over the device ops
+//! (`crate::cuda::ops`). Each kernel hands the op its run-time signature, ORT's device pointers by
+//! contract index, ORT's compute stream, and scratch from ORT's allocator for the inputs' device
+//! (freed at the end of compute: ORT's arena is stream-ordered for its single compute stream). No
+//! host synchronisation and no allocation of our own in compute, so a run can be captured into a
+//! CUDA graph. The capacity input is declared a host input (one scalar the launches need).
+//!
+//! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
+
+use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
+use super::inputs::{compute_inputs, kernel_inputs, signature, signature_before_run, to_string};
+use super::op::{Kernel, OpDef};
+use super::registry::{op_table, Kernels};
+use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+/// ONNX Runtime's name for its CUDA execution provider.
+pub const CUDA_EP: &std::ffi::CStr = c"CUDAExecutionProvider";
+
+/// One node's kernel: the device op (its attributes) and its runner (the checks between runs).
+struct CudaKernel<O> {
+    op: O,
+    /// the input whose device the scratch is allocated on
+    device_input: usize,
+    runner: Runner,
+}
+
+impl<O: DeviceOp> CudaKernel<O> {
+    /// Creates the kernel after the contract's check of what ORT knows of the inputs now.
+    fn create(op: O, ports: &[Port], device_input: usize, info: &KernelInfo, check: impl FnOnce(&crate::signature::Signature) -> Result<(), crate::spec::SpecError>) -> Result<Box<dyn Kernel>, String>
+    where
+        O: Send + Sync + 'static,
+    {
+        check(&signature_before_run(ports, &kernel_inputs(info)?)).map_err(to_string)?;
+        Ok(Box::new(CudaKernel { op, device_input, runner: Runner::default() }))
+    }
+}
+
+impl<O: DeviceOp + Send + Sync> Kernel for CudaKernel<O> {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = signature(&ins);
+        let call = self.op.check(&sig).map_err(to_string)?;
+        let y = ctx.output(0, &self.op.output_shape(&call, &sig))?.ok_or("output 0 is required")?;
+        let capacity = O::CAPACITY.and_then(|i| ins.get(i)?.as_ref());
+        let io = DeviceIo {
+            // the capacity is in host memory: it travels as a value, not a pointer
+            inputs: ins.iter().enumerate().map(|(i, t)| t.as_ref().filter(|_| Some(i) != O::CAPACITY).map(dptr)).collect(),
+            outputs: vec![y as CUdeviceptr],
+            // SAFETY: checked int64 with one element; declared a host input (OrtMemTypeCPUInput).
+            host_capacity: capacity.map(|c| unsafe { c.slice::<i64>() }[0]),
+        };
+        let stream = ctx.gpu_stream()? as CUstream;
+        let scratch = |bytes: usize| {
+            let id = ctx.input_device_id(self.device_input)?.unwrap_or(0);
+            let block = ctx.allocator(c"Cuda", id)?.alloc(bytes)?;
+            Ok((block.ptr as CUdeviceptr, block))
+        };
+        // SAFETY: ORT's tensors have the shapes and types the check established, on its stream's
+        // device; the scratch block is freed after the launches are enqueued (ORT's arena hands it
+        // out again only to work ordered after ours on the same stream).
+        unsafe { self.runner.run(&self.op, &call, &io, stream, scratch) }
+    }
+}
+
+fn dptr(t: &Tensor) -> CUdeviceptr {
+    t.data as CUdeviceptr
+}
+
+fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
+    let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
+    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, scatter_moe::X, info, |sig| {
+        scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
+    })
+}
+
+fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
+    let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
+    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, parallel_linear::X, info, |sig| {
+        parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
+    })
+}
+
+fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
+    let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
+    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, capacity_mask::ROUTING_INDICES, info, |sig| {
+        capacity_mask::check(&sig.types, &sig.shape_refs()).map(drop)
+    })
+}
+
+/// The CUDA execution provider's ops, registered like the CPU ones; the capacity input stays in host
+/// memory (one scalar the launch parameters need).
+pub(super) fn ops() -> Vec<OpDef> {
+    op_table(Kernels { execution_provider: Some(CUDA_EP), moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: true })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Creating the CUDA ops and asking for the driver must not panic without a GPU.
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        let n = crate::cuda::driver::device_count();
+        if n == 0 {
+            assert!(crate::cuda::driver::driver().is_err() || n == 0);
+        }
+    }
+}
