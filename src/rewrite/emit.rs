@@ -426,9 +426,12 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
 pub(super) fn stack_matrices(g: &GraphIndex, taken: &mut Vec<String>, base: &str, ws: &[WSrc], elem: i32, out: &mut Emitted) -> Result<String> {
     let e_count = ws.len();
     let (o, i) = (ws[0].out, ws[0].inp);
-    let parts: Vec<Vec<WSrc>> = ws.iter().map(|w| vec![w.clone()]).collect();
-    if let Some(name) = as_is(g, &parts, elem).filter(|n| g.initializers[n.as_str()].dims == [e_count as i64, o as i64, i as i64]) {
-        return Ok(name);
+    // already [E, out, inp] in the expert order, of the op's type: used as it is
+    let first = &ws[0];
+    let whole = g.initializers.get(first.init.as_str()).is_some_and(|t| t.data_type == elem && t.dims == [e_count as i64, o as i64, i as i64])
+        && ws.iter().enumerate().all(|(e, w)| w.init == first.init && !w.transposed && w.index.map(|r| r.expert()) == Some(e as i64));
+    if whole {
+        return Ok(first.init.clone());
     }
     let name = unique_name(g, taken, base);
     let mut srcs = Vec::new();

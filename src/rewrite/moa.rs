@@ -137,6 +137,7 @@ fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Resul
         elem_type: et.name(),
         capacity: None,
         biases: false,
+        proof: None,
     };
     Ok(Replacement { output: r.output.clone(), emitted: em, report })
 }
