@@ -122,3 +122,18 @@ fn unrecognised_moe_forms_are_left_and_reported() {
     assert!(rep.rejected.iter().any(|r| r.family == "ort_moe" && r.reason.contains("sparse mixer")), "{:?}", rep.rejected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn qmoe_is_left_as_quantized_experts_not_supported_yet() {
+    let dir = common::scratch("ort_qmoe");
+    let p = dir.join("q.onnx");
+    let mut m = ModelProto::parse_from_bytes(&moe_model("relu", 2, 0, false, None)).unwrap();
+    m.graph.as_mut().unwrap().node[0].op_type = "QMoE".into();
+    std::fs::write(&p, m.write_to_bytes().unwrap()).unwrap();
+    let mut m = onnx::load(&p).unwrap();
+    let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+    assert!(rep.layers.is_empty());
+    assert!(m.graph().node.iter().any(|n| n.op_type == "QMoE"));
+    assert!(rep.rejected.iter().any(|r| r.reason.contains("quantized experts are not supported yet")), "{:?}", rep.rejected);
+    let _ = std::fs::remove_dir_all(&dir);
+}

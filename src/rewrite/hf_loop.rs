@@ -55,6 +55,70 @@ fn producer<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protob
     g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
 }
 
+/// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
+/// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
+/// token; any other shape is not explained.
+fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -> Result<&'a str, String> {
+    let mut cur = index;
+    for _ in 0..16 {
+        match g.prod(cur) {
+            Some((_, n)) if n.op_type == "Cast" && n.domain.is_empty() => cur = &n.input[0],
+            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
+                let sh = producer(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
+                if sh.is_none() {
+                    return Err("the scatter indices are expanded to a shape other than the scattered value's".into());
+                }
+                cur = &n.input[0];
+            }
+            _ => break,
+        }
+    }
+    Ok(cur)
+}
+
+/// The scattered value under Expand / Cast / Identity. An Expand must provably keep its input's
+/// shape: to all ones, or to `Shape(zeros[..1, ..])` (TorchScript's index_add_ writes
+/// `Expand(v, Shape(Slice(zeros or the accumulator, 0, 1 on axis 0, everything on axis 1)))`,
+/// i.e. `[1, d]`), which
+/// broadcasting a `[n, d]` value leaves as it is. A shape that could repeat rows is not explained.
+fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'a str, String> {
+    let keeps = |shape: &str| -> bool {
+        if let Some(c) = g.const_i64(shape) {
+            return c.iter().all(|&v| v == 1);
+        }
+        let Some(sh) = producer(g, shape, "Shape").filter(|sh| sh.attribute.is_empty()) else { return false };
+        let Some(sl) = producer(g, &sh.input[0], "Slice") else { return false };
+        // sliced from zeros, or from the accumulator (shaped like them) in later iterations
+        if (producer(g, &sl.input[0], "ConstantOfShape").is_none() && sl.input[0] != acc) || sl.input.len() < 4 {
+            return false;
+        }
+        let (Some(starts), Some(ends), Some(axes)) = (g.const_i64(&sl.input[1]), g.const_i64(&sl.input[2]), g.const_i64(&sl.input[3])) else {
+            return false;
+        };
+        let steps_ok = sl.input.get(4).map_or(true, |st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
+        steps_ok
+            && starts.len() == ends.len()
+            && axes == [0, 1]
+            && starts.iter().all(|&v| v == 0)
+            && ends[0] == 1
+            && ends[1] >= i64::MAX / 2
+    };
+    let mut cur = update;
+    for _ in 0..16 {
+        match g.prod(cur) {
+            Some((_, n)) if (n.op_type == "Cast" || n.op_type == "Identity") && n.domain.is_empty() => cur = &n.input[0],
+            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
+                if !keeps(&n.input[1]) {
+                    return Err("the scattered value is expanded to a shape that is not proven to keep it".into());
+                }
+                cur = &n.input[0];
+            }
+            _ => break,
+        }
+    }
+    Ok(cur)
+}
+
 fn is_zeros(g: &GraphIndex, v: &str) -> bool {
     if let Some(n) = producer(g, v, "ConstantOfShape") {
         let val = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
@@ -407,7 +471,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let s = &steps[si];
         let fail = |m: String| format!("iteration {it} (scatter into '{}'): {m}", s.acc_out);
         // index: Expand(Unsqueeze(token, 1), ...)
-        let ix = strip(g, &s.index, &["Expand", "Cast"]);
+        let ix = index_rows(g, &s.index, &s.update).map_err(&fail)?;
         let un = producer(g, ix, "Unsqueeze").ok_or_else(|| fail("scatter indices are not the token list".into()))?;
         let axes = if un.input.len() > 1 { g.const_i64(&un.input[1]) } else { attr_ints(un, "axes") };
         if axes.as_deref() != Some(&[1]) && axes.as_deref() != Some(&[-1]) {
@@ -420,7 +484,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
             return Err(fail("scatter indices are the slot coordinate, not the token".into()));
         }
         // update: Cast(Mul(expert_out, RW[t, j]))
-        let upd = strip(g, &s.update, &["Expand", "Cast", "Identity"]);
+        let upd = update_value(g, &s.update, &s.acc_in).map_err(&fail)?;
         let mul = producer(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {
@@ -486,6 +550,8 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         (Some(e), _) => e,
         (None, _) => router_experts(g, &idx).ok_or("cannot tell how many experts the router chooses from")?,
     };
+    router_axis(g, &idx, e_count)?;
+    router_axis(g, &rw, e_count)?;
     if experts.len() != e_count || experts.iter().any(Option::is_none) {
         let have: Vec<usize> = experts.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(i, _)| i).collect();
         return Err(format!("the loop covers experts {have:?} of {e_count}"));
@@ -511,6 +577,27 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
     })
+}
+
+/// A routing tensor that a TopK or ArgMax makes must choose along the last axis, over the E
+/// experts (where the router's width is known): any other axis picks tokens, not experts.
+fn router_axis(g: &GraphIndex, v: &str, e: usize) -> Result<(), String> {
+    let v = strip(g, v, &["Cast", "Identity"]);
+    let Some((_, n)) = g.prod(v) else { return Ok(()) };
+    if !n.domain.is_empty() || !(n.op_type == "TopK" || n.op_type == "ArgMax") {
+        return Ok(());
+    }
+    // TopK's axis defaults to -1, ArgMax's to 0
+    let axis = attr_i(n, "axis").unwrap_or(if n.op_type == "TopK" { -1 } else { 0 });
+    if axis != -1 {
+        return Err(format!("the router's {} runs along axis {axis}, not the last (expert) axis", n.op_type));
+    }
+    if let Some(width) = router_experts(g, v) {
+        if width != e {
+            return Err(format!("the router's {} chooses among {width} values, not the {e} experts", n.op_type));
+        }
+    }
+    Ok(())
 }
 
 /// E of a router `TopK(f(MatMul(x, W[d, E])))`, looking back through elementwise ops.
