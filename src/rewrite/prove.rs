@@ -134,7 +134,7 @@ fn value_info(name: &str, elem: i32, shape: Option<&Shape>) -> ValueInfoProto {
 }
 
 /// Initializers the nodes read, as stored (external ones keep their location: the scratch
-/// directory links the model's data files).
+/// directory links or copies the model's data files).
 fn initializers_for<'a>(g: &GraphIndex<'a>, nodes: &[NodeProto]) -> Vec<&'a TensorProto> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
@@ -161,7 +161,11 @@ fn link_external(dir: &Path, ext: &ExternalStore, inits: &[&TensorProto]) -> Res
             std::fs::create_dir_all(p)?;
         }
         let src = std::fs::canonicalize(ext.base().join(&r.location)).with_context(|| format!("external data of '{}'", t.name))?;
-        std::os::unix::fs::symlink(&src, &at).with_context(|| format!("cannot link {} into {}", src.display(), dir.display()))?;
+        // ONNX Runtime resolves symbolic links and refuses data outside the model's directory: a
+        // hard link (free on the same file system), else a copy
+        if std::fs::hard_link(&src, &at).is_err() {
+            std::fs::copy(&src, &at).with_context(|| format!("cannot copy {} into {}", src.display(), dir.display()))?;
+        }
     }
     Ok(())
 }
