@@ -248,7 +248,7 @@ template <int STAGES> struct WsCfg {
 // tile with a multicast TMA (cp.async.bulk.tensor) that lands in both CTAs, so each W byte leaves
 // L2 once per pair: L2-to-SM traffic per CTA and stage drops from 48 KiB to 32 KiB (Mixtral GEMMs
 // 1.15-1.3x faster from 1024 rows per expert; slower when few rows share a W tile, see pick_cfg in
-// src/cuda/forward.rs). A stage is free again only when the consumers of both CTAs have retired it
+// src/cuda/forward/selection.rs). A stage is free again only when the consumers of both CTAs have retired it
 // (each consumer warp arrives on both CTAs' empty barriers), because either CTA's TMA writes it in
 // both.
 // The TMA forms read W through `tmap` (4-D: K, row, half, expert; see src/cuda/tensor_map.rs), so

@@ -56,7 +56,7 @@
 //   tiles (ceil(N_assign / 2BM) + min(E, N_assign)) * ceil(Nout / BNo), and the useful size is
 //   2 * cuOccupancyMaxActiveClusters (clusters must fit in one GPC). The host gives the TMA
 //   kernels (wgmma_tma, wgmma_mc) a full grid instead from K >= 4096, one CTA (pair) per unit, so
-//   that the tiles sharing a W tile start together (src/cuda/forward.rs FULL_GRID_K).
+//   that the tiles sharing a W tile start together (src/cuda/forward/selection.rs FULL_GRID_K).
 // Alignment: every pointer 16-byte aligned. Tensor-core path: K % 8 == 0 takes 16-byte cp.async
 //   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
 // Experts with no rows cost nothing; M, N, K need not be multiples of the tile.

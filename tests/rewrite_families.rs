@@ -6,6 +6,11 @@
 
 mod common;
 
+/// The rules are checked here against torch's outputs with the numeric proof off: the proof has
+/// its own tests (tests/rewrite_prove.rs), and the forms it cannot prove yet are listed in
+/// docs/rewriter.md.
+const UNPROVEN: scattermoe::rewrite::RewriteOptions = scattermoe::rewrite::RewriteOptions { target: scattermoe::rewrite::Target::OnnxRuntime, prove: false };
+
 use ort::session::Session;
 use ort::value::Tensor;
 use scattermoe::onnx::{self, SaveOptions};
@@ -68,7 +73,7 @@ fn count(model: &onnx::Model, op: &str) -> usize {
 /// Rewrites `name`, checks the node counts, and compares with torch: the errors per token count.
 fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
-    let report = scattermoe::rewrite::rewrite(&mut model).map_err(|e| e.to_string())?;
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).map_err(|e| e.to_string())?;
     let (got_smoe, got_pl) = (count(&model, spec::scatter_moe::NAME), count(&model, spec::parallel_linear::NAME));
     if (got_smoe, got_pl) != (smoe, pl) || report.layers.len() != smoe + pl {
         return Err(format!("{got_smoe} ScatterMoE, {got_pl} ParallelLinear, {} reported layers; expected {smoe} and {pl}:\n{}", report.layers.len(), report.text()));
@@ -132,7 +137,7 @@ fn family_fixtures_are_rewritten_one_node_per_layer_and_match_torch() {
 #[test]
 fn jetmoe_torchscript_export_is_left_with_the_reason() {
     let mut model = onnx::load(&dir().join("jetmoe_moe_ts.onnx")).unwrap();
-    let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
     assert!(report.layers.is_empty(), "{}", report.text());
     assert!(
         report.rejected.iter().any(|r| r.family == "jetmoe" && r.reason.contains("ScatterElements without a reduction")),
@@ -159,7 +164,7 @@ fn mixtral_lm_batched_mm_dynamo_is_rewritten() {
 #[test]
 fn nemotron_h_relu2_experts_are_left_with_the_reason() {
     let mut model = onnx::load(&dir().join("nemotron_h_moe.onnx")).unwrap();
-    let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
     assert!(report.layers.is_empty(), "{}", report.text());
     assert!(report.rejected.iter().any(|r| r.reason.contains("activation is not one of")), "{}", report.text());
 }

@@ -43,7 +43,10 @@ struct Outcome {
 fn check(name: &str, dir: &std::path::Path) -> Result<Outcome, String> {
     let models = common::models_dir();
     let mut model = onnx::load(&models.join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
-    let report = scattermoe::rewrite::rewrite(&mut model).map_err(|e| e.to_string())?;
+    // The rules are checked here against torch's outputs, with the numeric proof off: the proof has
+    // its own tests (tests/rewrite_prove.rs), and the forms it cannot prove yet are listed in
+    // docs/rewriter.md.
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &scattermoe::rewrite::RewriteOptions { prove: false, ..Default::default() }).map_err(|e| e.to_string())?;
     if report.layers.len() != 1 {
         return Err(format!("{} layers replaced; rejected: {:?}", report.layers.len(), report.rejected));
     }

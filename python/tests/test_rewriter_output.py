@@ -20,7 +20,7 @@ FIXTURES = sorted((ROOT / "models").glob("*.onnx"))
 @pytest.mark.parametrize("model", FIXTURES, ids=[p.stem for p in FIXTURES])
 def test_rewritten_fixture_passes_checker_and_keeps_ir_and_opsets(model: Path, tmp_path: Path):
     out = tmp_path / model.name
-    r = subprocess.run([str(CLI), "rewrite", str(model), str(out), "--json"], capture_output=True, text=True)
+    r = subprocess.run([str(CLI), "rewrite", "--no-prove", str(model), str(out), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert '"layers":[{' in r.stdout, r.stdout
     src, dst = onnx.load(model), onnx.load(out)

@@ -115,14 +115,22 @@ fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> {
     Ok(())
 }
 
-/// `--verify` needs ONNX Runtime and the plugin: checked before the rewrite, not after the weights
-/// were written.
-fn check_runtime() -> Result<()> {
-    let plugin = scattermoe::ort_ops::runtime::plugin_path()?;
-    if !plugin.is_file() {
-        bail!("the proof and --verify need the plugin library, but {} is not a file", plugin.display());
+/// The proof and `--verify` need ONNX Runtime and the plugin: checked before the rewrite, not
+/// after the weights were written.
+fn check_runtime(verify: bool, prove: bool) -> Result<()> {
+    if !verify && !prove {
+        return Ok(());
     }
-    scattermoe::ort_ops::runtime::environment().map_err(|e| anyhow::anyhow!("the proof and --verify need ONNX Runtime: {e:#}"))?;
+    let install = "install it (`python3 -m pip install onnxruntime`, or set ORT_DYLIB_PATH to libonnxruntime.so)";
+    let needs = match (verify, prove) {
+        (true, _) => "--verify needs".to_string(),
+        _ => format!("every rewrite is proven in ONNX Runtime before it is written ({install}, or pass --no-prove to write unproven rewrites), and that needs"),
+    };
+    let plugin = scattermoe::ort_ops::runtime::plugin_path().map_err(|e| anyhow::anyhow!("{needs} the plugin library: {e:#}"))?;
+    if !plugin.is_file() {
+        bail!("{needs} the plugin library, but {} is not a file", plugin.display());
+    }
+    scattermoe::ort_ops::runtime::environment().map_err(|e| anyhow::anyhow!("{needs} ONNX Runtime: {e:#}"))?;
     Ok(())
 }
 
@@ -132,7 +140,9 @@ fn install_signal_cleanup() {
     let _ = ctrlc::set_handler(|| {
         onnx::output::remove_temp_dirs();
         eprintln!("interrupted: nothing written");
-        std::process::exit(130);
+        // _exit, not exit: ONNX Runtime's threads may be running, and exit's static destructors
+        // would tear its state down under them (an abort instead of the documented 130)
+        unsafe { libc::_exit(130) };
     });
 }
 
@@ -156,14 +166,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if verify {
                 check_lengths(&lengths)?;
             }
-            if (!no_prove || verify) && scattermoe::ort_ops::runtime::environment().is_err() {
-                let why = scattermoe::ort_ops::runtime::environment().err().map(|e| format!("{e:#}")).unwrap_or_default();
-                bail!(
-                    "every rewrite is proven in ONNX Runtime before it is written, and ONNX Runtime was not found ({why}). \
-                     Install it (`python3 -m pip install onnxruntime`, or set ORT_DYLIB_PATH to libonnxruntime.so), \
-                     or pass --no-prove to write unproven rewrites"
-                );
-            }
             let mut model = onnx::load(&input)?;
             onnx::output::check_output(&output, force, &model.input_files())?;
             if model.graph().output.is_empty() {
@@ -171,9 +173,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             model.check_opset_compatible(scattermoe::spec::DOMAIN, scattermoe::spec::OPSET_VERSION)?;
             check_contract_attributes(model.graph())?;
-            if verify || !no_prove {
-                check_runtime()?;
-            }
+            check_runtime(verify, !no_prove)?;
             let original_proto = if verify { Some(model.proto.clone()) } else { None };
             let target = match target {
                 TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
