@@ -508,10 +508,40 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     let tag = format!("{output}.batched");
     let shape = format!("{tag}.k_shape");
     let (rw_tk, idx_tk) = (format!("{tag}.routing_weights"), format!("{tag}.routing_indices"));
-    let extra_nodes = vec![
-        make_node("Reshape", "", &format!("{tag}/rw_reshape"), &[&rw_flat, &shape], &[&rw_tk]),
-        make_node("Reshape", "", &format!("{tag}/idx_reshape"), &[&idx_flat, &shape], &[&idx_tk]),
-    ];
+    let mut extra_nodes = Vec::new();
+    // Likewise the routing weights, when they are the flattening of a rank-2 value computed
+    // elementwise from that TopK's values [T, k] (softmax, normalisation, casts): broadcasting
+    // cannot change a rank-2 [T, k] operand's shape into another rank-2 shape.
+    let rw_src = flattened(g, &rw_flat).filter(|src| {
+        let mut cur = src.clone();
+        for _ in 0..16 {
+            let Some((_, n)) = g.prod(&cur) else { return false };
+            if topk.is_some_and(|t| t.output.first() == Some(&cur)) {
+                return super::matcher::rank_of(g, src) == Some(2);
+            }
+            if !n.domain.is_empty() || !matches!(n.op_type.as_str(), "Cast" | "Identity" | "Softmax" | "Sigmoid" | "Exp" | "Div" | "Mul") {
+                return false;
+            }
+            cur = n.input[0].clone();
+        }
+        false
+    });
+    let rw_tk = match rw_src {
+        Some(src) => src,
+        None => {
+            extra_nodes.push(make_node("Reshape", "", &format!("{tag}/rw_reshape"), &[&rw_flat, &shape], &[&rw_tk]));
+            rw_tk
+        }
+    };
+    // Indices flattened from the router's own TopK output [T, k] (both exporters write that) are
+    // read as they are: regrouping a row-major flattening is the identity, and a Clip was proven
+    // a no-op above. The op (and the numeric proof) then see the router's indices themselves.
+    let idx_tk = if topk.is_some() && super::matcher::rank_of(g, &idx) == Some(2) {
+        idx.clone()
+    } else {
+        extra_nodes.push(make_node("Reshape", "", &format!("{tag}/idx_reshape"), &[&idx_flat, &shape], &[&idx_tk]));
+        idx_tk
+    };
     Ok(Some(MoeLayer {
         family: FAMILY,
         x,
