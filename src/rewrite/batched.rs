@@ -21,21 +21,14 @@ use std::cell::RefCell;
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser, WSrc};
+use super::matcher::{axes_of, prod};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, make_node, GraphIndex};
+use crate::onnx::graph::{attr_i, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
 
 const FAMILY: &str = "batched_mm";
 
-/// The constant or attribute axes of Unsqueeze / Squeeze / ReduceSum.
-fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
-    if n.input.len() > 1 && !n.input[1].is_empty() {
-        g.const_i64(&n.input[1])
-    } else {
-        attr_ints(n, "axes")
-    }
-}
 
 /// `v` after any chain of the given single-input ops; a "Cast" in `ops` is passed only when it
 /// stays within the same kind of number (float to float, integer to integer), so that no cast
@@ -62,9 +55,6 @@ fn strip(g: &GraphIndex, v: &str, ops: &[&str]) -> String {
     cur
 }
 
-fn prod_op<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shape arithmetic: the exporters build repeat counts and reshape targets from Shape() of the
@@ -282,7 +272,7 @@ fn declared_dims(g: &GraphIndex, v: &str) -> Option<IVec> {
 
 /// `Reshape(v, [-1])`: the flattened value's source.
 fn flattened(g: &GraphIndex, v: &str) -> Option<String> {
-    let r = prod_op(g, &strip(g, v, &["Identity"]), "Reshape")?;
+    let r = prod(g, &strip(g, v, &["Identity"]), "Reshape")?;
     (g.const_i64(&r.input[1]).as_deref() == Some(&[-1])).then(|| r.input[0].clone())
 }
 
@@ -296,7 +286,7 @@ fn repeat_shape<'g>(g: &GraphIndex<'g>, v: &str) -> Option<(&'g str, &'g onnx_pr
         _ => return None,
     };
     let (_, tn) = g.prod(t).filter(|(_, n)| n.op_type == "Tile" || n.op_type == "Expand")?;
-    let u = prod_op(g, &tn.input[0], "Unsqueeze")?;
+    let u = prod(g, &tn.input[0], "Unsqueeze")?;
     matches!(axes_of(g, u).as_deref(), Some([1]) | Some([-2])).then_some(())?;
     Some((u.input[0].as_str(), tn, reshape))
 }
@@ -306,7 +296,7 @@ fn repeat_shape<'g>(g: &GraphIndex<'g>, v: &str) -> Option<(&'g str, &'g onnx_pr
 #[allow(clippy::type_complexity)]
 fn flat_index(g: &GraphIndex, v: &str) -> Option<(String, String, Option<(Option<f64>, Option<f64>)>)> {
     let v = strip(g, v, &["Identity", "Cast"]);
-    if let Some(c) = prod_op(g, &v, "Clip") {
+    if let Some(c) = prod(g, &v, "Clip") {
         let lo = c.input.get(1).filter(|s| !s.is_empty()).map(|s| g.const_scalar(s));
         let hi = c.input.get(2).filter(|s| !s.is_empty()).map(|s| g.const_scalar(s));
         // a computed bound cannot be checked
@@ -375,11 +365,11 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     if axes_of(g, rsum).as_deref() != Some(&[1]) || attr_i(rsum, "keepdims").unwrap_or(1) != 0 {
         return Ok(None);
     }
-    let Some(resh) = prod_op(g, &strip(g, &rsum.input[0], &["Cast", "Identity"]), "Reshape") else { return Ok(None) };
-    let Some(mul) = prod_op(g, &strip(g, &resh.input[0], &["Cast", "Identity"]), "Mul") else { return Ok(None) };
+    let Some(resh) = prod(g, &strip(g, &rsum.input[0], &["Cast", "Identity"]), "Reshape") else { return Ok(None) };
+    let Some(mul) = prod(g, &strip(g, &resh.input[0], &["Cast", "Identity"]), "Mul") else { return Ok(None) };
     let mut parts = None;
     for (a, b) in [(0, 1), (1, 0)] {
-        let Some(u) = prod_op(g, &strip(g, &mul.input[b], &["Cast", "Identity"]), "Unsqueeze") else { continue };
+        let Some(u) = prod(g, &strip(g, &mul.input[b], &["Cast", "Identity"]), "Unsqueeze") else { continue };
         if !matches!(axes_of(g, u).as_deref(), Some([-1]) | Some([1])) {
             continue;
         }
@@ -573,11 +563,11 @@ fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
 /// with Wg = Gather(W, e) or GatherND(W, Unsqueeze(e, -1)) of a rank-3 stack W by the flattened
 /// routing indices e (which `note` checks and records).
 fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Option<(String, WSrc)> {
-    let sq = prod_op(g, v, "Squeeze")?;
+    let sq = prod(g, v, "Squeeze")?;
     let sq_axes = axes_of(g, sq)?;
-    let mm = prod_op(g, &sq.input[0], "MatMul")?;
+    let mm = prod(g, &sq.input[0], "MatMul")?;
     let unsq = |s: &str, ok: &[i64]| -> Option<String> {
-        let u = prod_op(g, s, "Unsqueeze")?;
+        let u = prod(g, s, "Unsqueeze")?;
         let a = axes_of(g, u)?;
         (a.len() == 1 && ok.contains(&a[0])).then(|| u.input[0].clone())
     };

@@ -12,14 +12,12 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
+use super::matcher::prod;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, attr_s, make_node, strip, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
 
-fn prod<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
 
 fn labels(eq: &str) -> Option<(String, String, String)> {
     let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser};
+use super::matcher::prod;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
@@ -51,9 +52,6 @@ struct Step {
     update: String,
 }
 
-fn producer<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
 
 /// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
 /// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
@@ -64,7 +62,7 @@ fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -> Result<&'
         match g.prod(cur) {
             Some((_, n)) if n.op_type == "Cast" && n.domain.is_empty() => cur = &n.input[0],
             Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
-                let sh = producer(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
+                let sh = prod(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
                 if sh.is_none() {
                     return Err("the scatter indices are expanded to a shape other than the scattered value's".into());
                 }
@@ -86,10 +84,10 @@ fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'
         if let Some(c) = g.const_i64(shape) {
             return c.iter().all(|&v| v == 1);
         }
-        let Some(sh) = producer(g, shape, "Shape").filter(|sh| sh.attribute.is_empty()) else { return false };
-        let Some(sl) = producer(g, &sh.input[0], "Slice") else { return false };
+        let Some(sh) = prod(g, shape, "Shape").filter(|sh| sh.attribute.is_empty()) else { return false };
+        let Some(sl) = prod(g, &sh.input[0], "Slice") else { return false };
         // sliced from zeros, or from the accumulator (shaped like them) in later iterations
-        if (producer(g, &sl.input[0], "ConstantOfShape").is_none() && sl.input[0] != acc) || sl.input.len() < 4 {
+        if (prod(g, &sl.input[0], "ConstantOfShape").is_none() && sl.input[0] != acc) || sl.input.len() < 4 {
             return false;
         }
         let (Some(starts), Some(ends), Some(axes)) = (g.const_i64(&sl.input[1]), g.const_i64(&sl.input[2]), g.const_i64(&sl.input[3])) else {
@@ -120,7 +118,7 @@ fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'
 }
 
 fn is_zeros(g: &GraphIndex, v: &str) -> bool {
-    if let Some(n) = producer(g, v, "ConstantOfShape") {
+    if let Some(n) = prod(g, v, "ConstantOfShape") {
         let val = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
         return match val {
             None => true,
@@ -135,7 +133,7 @@ fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
     for n in &g.graph.node {
         if n.op_type == "Add" && n.domain.is_empty() && n.input.len() == 2 {
             for (a, s) in [(0, 1), (1, 0)] {
-                if let Some(sc) = producer(g, &n.input[s], "ScatterElements") {
+                if let Some(sc) = prod(g, &n.input[s], "ScatterElements") {
                     let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
                     if attr_i(sc, "axis").unwrap_or(0) == 0 && red == "none" && is_zeros(g, &sc.input[0]) {
                         steps.push(Step {
@@ -168,7 +166,7 @@ fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
             if axes != [1] && axes != [-1] {
                 return None;
             }
-            let s = producer(g, &n.input[0], "Split")?;
+            let s = prod(g, &n.input[0], "Split")?;
             if attr_i(s, "axis").unwrap_or(0) != 1 || s.output.len() != 2 {
                 return None;
             }
@@ -186,11 +184,11 @@ fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
         }
         _ => return None,
     };
-    let tr = producer(g, t, "Transpose")?;
+    let tr = prod(g, t, "Transpose")?;
     if attr_ints(tr, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
         return None;
     }
-    let nz = producer(g, &tr.input[0], "NonZero")?;
+    let nz = prod(g, &tr.input[0], "NonZero")?;
     Some((nz.output[0].clone(), c))
 }
 
@@ -223,10 +221,10 @@ fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERef, usize>) 
                     }
                 }
                 let i = n.output.iter().position(|o| o == cur)?;
-                let tr = producer(g, &n.input[0], "Transpose")?;
-                let nz = producer(g, &tr.input[0], "NonZero")?;
+                let tr = prod(g, &n.input[0], "Transpose")?;
+                let nz = prod(g, &tr.input[0], "NonZero")?;
                 // the hit list: NonZero(Greater(ReduceSum(mask stack), 0)), a vector of length E
-                let gr = producer(g, &nz.input[0], "Greater")?;
+                let gr = prod(g, &nz.input[0], "Greater")?;
                 if g.const_scalar(&gr.input[1]) != Some(0.0) {
                     return None;
                 }
@@ -243,7 +241,7 @@ fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERef, usize>) 
 /// The one-hot routing mask `[T, K, E]` (optionally capacity-masked): (IDX, E, capacity).
 fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>), String> {
     let v = strip(g, v, &["Cast", "Identity"]);
-    if let Some(oh) = producer(g, v, "OneHot") {
+    if let Some(oh) = prod(g, v, "OneHot") {
         if attr_i(oh, "axis").unwrap_or(-1) != -1 {
             return Err("OneHot is not along the last axis".into());
         }
@@ -254,13 +252,13 @@ fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>),
         }
         return Ok((oh.input[0].clone(), depth, None));
     }
-    if let Some(mul) = producer(g, v, "Mul") {
+    if let Some(mul) = prod(g, v, "Mul") {
         // Switch: one_hot * (cumsum(one_hot, tokens) <= C)
         for (a, b) in [(0, 1), (1, 0)] {
             let Ok((idx, e, None)) = one_hot_like(g, &mul.input[a]) else { continue };
             let m = strip(g, &mul.input[b], &["Cast"]);
-            let Some(le) = producer(g, m, "LessOrEqual") else { continue };
-            let Some(cs) = producer(g, &le.input[0], "CumSum") else { continue };
+            let Some(le) = prod(g, m, "LessOrEqual") else { continue };
+            let Some(cs) = prod(g, &le.input[0], "CumSum") else { continue };
             if strip(g, &cs.input[0], &["Cast"]) != strip(g, &mul.input[a], &["Cast"]) {
                 continue;
             }
@@ -293,17 +291,17 @@ fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>),
 
 /// The routing index tensor has one slot per token (ArgMax keepdims, or TopK with k = 1).
 fn is_k1(g: &GraphIndex, idx: &str) -> bool {
-    if let Some(a) = producer(g, idx, "ArgMax") {
+    if let Some(a) = prod(g, idx, "ArgMax") {
         return attr_i(a, "keepdims").unwrap_or(1) == 1;
     }
-    if let Some(t) = producer(g, idx, "TopK") {
+    if let Some(t) = prod(g, idx, "TopK") {
         return g.const_i64(&t.input[1]).is_some_and(|k| k == [1]);
     }
     false
 }
 
 fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, usize>) -> Result<MaskInfo, String> {
-    let n = producer(g, nz, "NonZero").ok_or("not a NonZero")?;
+    let n = prod(g, nz, "NonZero").ok_or("not a NonZero")?;
     let m = strip(g, &n.input[0], &["Cast", "Identity"]);
     let (_, mn) = g.prod(m).ok_or("the mask is not computed")?;
     // Equal(IDX, e)
@@ -325,7 +323,7 @@ fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, usize>) -> R
         if axes.as_deref() != Some(&[0]) {
             return Err("mask Squeeze is not on axis 0".into());
         }
-        gat = producer(g, &mn.input[0], "Gather").ok_or("mask is not a gathered expert slice")?;
+        gat = prod(g, &mn.input[0], "Gather").ok_or("mask is not a gathered expert slice")?;
         squeezed = true;
     }
     if gat.op_type != "Gather" || attr_i(gat, "axis").unwrap_or(0) != 0 {
@@ -333,7 +331,7 @@ fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, usize>) -> R
     }
     let eref = resolve_eref(g, &gat.input[1], hit_counts).ok_or("the mask's expert index is not an expert number")?;
     let _ = squeezed;
-    let tr = producer(g, &gat.input[0], "Transpose").ok_or("the expert mask stack is not a transposed one-hot")?;
+    let tr = prod(g, &gat.input[0], "Transpose").ok_or("the expert mask stack is not a transposed one-hot")?;
     let perm = attr_ints(tr, "perm").ok_or("Transpose without perm")?;
     if perm.len() != 3 || perm[0] != 2 {
         return Err(format!("one-hot transposed with perm {perm:?}"));
@@ -346,17 +344,17 @@ fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, usize>) -> R
 /// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
 fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
     let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
-    let gn = producer(g, gv, "Gather")?;
+    let gn = prod(g, gv, "Gather")?;
     if attr_i(gn, "axis").unwrap_or(0) != 0 {
         return None;
     }
-    let fl = producer(g, &gn.input[0], "Flatten")?;
+    let fl = prod(g, &gn.input[0], "Flatten")?;
     if attr_i(fl, "axis").unwrap_or(1) != 2 {
         return None;
     }
     let mut rw = fl.input[0].as_str();
     let mut unsq = None;
-    if let Some(u) = producer(g, rw, "Unsqueeze") {
+    if let Some(u) = prod(g, rw, "Unsqueeze") {
         let axes = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
         if axes != [2] && axes != [-1] {
             return None;
@@ -364,16 +362,16 @@ fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usi
         unsq = Some(rw);
         rw = &u.input[0];
     }
-    let add = producer(g, &gn.input[1], "Add")?;
+    let add = prod(g, &gn.input[1], "Add")?;
     for (a, b) in [(0, 1), (1, 0)] {
-        let Some(mul) = producer(g, &add.input[b], "Mul") else { continue };
+        let Some(mul) = prod(g, &add.input[b], "Mul") else { continue };
         for (p, q) in [(0, 1), (1, 0)] {
             // q: k = Shape(RW or its unsqueeze)[1]
-            let Some(kg) = producer(g, &mul.input[q], "Gather") else { continue };
+            let Some(kg) = prod(g, &mul.input[q], "Gather") else { continue };
             if g.const_i64(&kg.input[1]).as_deref() != Some(&[1]) {
                 continue;
             }
-            let Some(sh) = producer(g, &kg.input[0], "Shape") else { continue };
+            let Some(sh) = prod(g, &kg.input[0], "Shape") else { continue };
             if sh.input[0] != rw && Some(sh.input[0].as_str()) != unsq {
                 continue;
             }
@@ -399,7 +397,7 @@ fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
         match attr_i(n, "axis").unwrap_or(0) {
             0 => out.push((n.output[0].clone(), n.input[0].clone())),
             1 => {
-                let Some(u) = producer(g, &n.input[0], "Unsqueeze") else { continue };
+                let Some(u) = prod(g, &n.input[0], "Unsqueeze") else { continue };
                 let axes = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
                 if axes.as_deref() != Some(&[0]) {
                     continue;
@@ -422,7 +420,7 @@ fn is_rows_shape(g: &GraphIndex, v: &str) -> bool {
     if let Some(c) = g.const_i64(v) {
         return c.len() == 2 && c[0] == -1;
     }
-    if let Some(cat) = producer(g, v, "Concat") {
+    if let Some(cat) = prod(g, v, "Concat") {
         return cat.input.len() == 2 && g.const_i64(&cat.input[0]).as_deref() == Some(&[-1]);
     }
     false
@@ -472,7 +470,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let fail = |m: String| format!("iteration {it} (scatter into '{}'): {m}", s.acc_out);
         // index: Expand(Unsqueeze(token, 1), ...)
         let ix = index_rows(g, &s.index, &s.update).map_err(&fail)?;
-        let un = producer(g, ix, "Unsqueeze").ok_or_else(|| fail("scatter indices are not the token list".into()))?;
+        let un = prod(g, ix, "Unsqueeze").ok_or_else(|| fail("scatter indices are not the token list".into()))?;
         let axes = if un.input.len() > 1 { g.const_i64(&un.input[1]) } else { attr_ints(un, "axes") };
         if axes.as_deref() != Some(&[1]) && axes.as_deref() != Some(&[-1]) {
             return Err(fail("scatter indices are not one token per row".into()));
@@ -485,7 +483,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         }
         // update: Cast(Mul(expert_out, RW[t, j]))
         let upd = update_value(g, &s.update, &s.acc_in).map_err(&fail)?;
-        let mul = producer(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
+        let mul = prod(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {
             if let Some((rw, nz2, ct, cs)) = routing_weight(g, &mul.input[b]) {
@@ -558,8 +556,8 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
     }
     // the accumulator starts as zeros shaped like the rows
     let head = &steps[chain[0]];
-    let zeros = producer(g, &head.acc_in, "ConstantOfShape").ok_or("accumulator is not zeros")?;
-    let sh = producer(g, &zeros.input[0], "Shape").ok_or("accumulator shape is not taken from a tensor")?;
+    let zeros = prod(g, &head.acc_in, "ConstantOfShape").ok_or("accumulator is not zeros")?;
+    let sh = prod(g, &zeros.input[0], "Shape").ok_or("accumulator shape is not taken from a tensor")?;
     if strip(g, &sh.input[0], &["Cast"]) != strip(g, &x, &["Cast"]) {
         return Err(format!("accumulator is shaped like '{}', not like the token rows '{x}'", sh.input[0]));
     }

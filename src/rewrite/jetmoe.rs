@@ -29,26 +29,16 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc, BSrc};
-use crate::onnx::graph::strip;
+use super::matcher::{axes_of, prod};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
+use crate::onnx::graph::{attr_i, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 
 type R<T> = Result<T, String>;
 
 pub const FAMILY: &str = "jetmoe";
 
-fn prod<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
 
-fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
-    if n.input.len() > 1 && !n.input[1].is_empty() {
-        g.const_i64(&n.input[1])
-    } else {
-        attr_ints(n, "axes")
-    }
-}
 
 /// `v = Unsqueeze(x, [-1 or 1])` (through Cast): x.
 fn unsqueezed_last<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {

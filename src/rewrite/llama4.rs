@@ -17,9 +17,9 @@ use onnx_protobuf::NodeProto;
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc};
-use crate::onnx::graph::strip;
+use super::matcher::{axes_of, prod};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, attr_int, make_node, GraphIndex};
+use crate::onnx::graph::{attr_i, attr_int, attr_ints, make_node, strip, GraphIndex};
 use crate::onnx::tensor::{encode_f32, make_tensor};
 use crate::spec::CapacityOrder;
 
@@ -27,17 +27,7 @@ type R<T> = Result<T, String>;
 
 pub const FAMILY: &str = "llama4";
 
-fn prod<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
 
-fn axes_of(g: &GraphIndex, n: &NodeProto) -> Option<Vec<i64>> {
-    if n.input.len() > 1 && !n.input[1].is_empty() {
-        g.const_i64(&n.input[1])
-    } else {
-        attr_ints(n, "axes")
-    }
-}
 
 /// Small integer values computed from shapes: constants, `Shape(P)[1]` (= E, P being the [T, E]
 /// scores), Unsqueeze/Squeeze/Cast/Concat of those. None when anything else is involved.

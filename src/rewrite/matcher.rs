@@ -1,4 +1,4 @@
-//! Graph helpers shared by the dense, capacity and Megablocks rules: producers of a given op,
+//! Graph helpers shared by the rules: producers of a given op,
 //! axes in either opset form, ranks and vector lengths read from the graph, and the no-op forms of
 //! broadcasts and floor divisions that exporters write around index tensors.
 
@@ -6,9 +6,9 @@ use onnx_protobuf::NodeProto;
 
 use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
 
-/// The producer of `v` when it is the default-domain op `op`.
+/// The producer of `v` when it is the default-domain op `op` (the domain written "" or "ai.onnx").
 pub fn prod<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
+    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx"))
 }
 
 /// `axes` of Unsqueeze/Squeeze/Reduce*: the second input (opset 13+) or the attribute.

@@ -17,24 +17,14 @@
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
-use super::matcher::strip_noop_expand;
+use super::matcher::{axes_of, prod, strip_noop_expand};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
+use crate::onnx::graph::{attr_i, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 
 type R<T> = Result<T, String>;
 
-fn prod<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<&'g onnx_protobuf::NodeProto> {
-    g.prod(v).map(|(_, n)| n).filter(|n| n.op_type == op && n.domain.is_empty())
-}
 
-fn axes_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
-    if n.input.len() > 1 && !n.input[1].is_empty() {
-        g.const_i64(&n.input[1])
-    } else {
-        attr_ints(n, "axes")
-    }
-}
 
 /// `v = Unsqueeze(x, [axis])` (through Cast, and Expands that keep the shape, see
 /// [`strip_noop_expand`]; `peers` are the values known to share x's shape): x.
