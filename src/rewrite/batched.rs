@@ -500,14 +500,21 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     let (rw_tk, idx_tk) = (format!("{tag}.routing_weights"), format!("{tag}.routing_indices"));
     let mut extra_nodes = Vec::new();
     // Likewise the routing weights, when they are the flattening of a rank-2 value computed
-    // elementwise from that TopK's values [T, k] (softmax, normalisation, casts): broadcasting
-    // cannot change a rank-2 [T, k] operand's shape into another rank-2 shape.
+    // elementwise from that TopK's values [T, k] or from scores gathered at its indices (softmax,
+    // normalisation, scaling, casts): broadcasting cannot change a rank-2 [T, k] operand's shape
+    // into another rank-2 shape.
     let rw_src = flattened(g, &rw_flat).filter(|src| {
         let mut cur = src.clone();
         for _ in 0..16 {
             let Some((_, n)) = g.prod(&cur) else { return false };
             if topk.is_some_and(|t| t.output.first() == Some(&cur)) {
                 return super::matcher::rank_of(g, src) == Some(2);
+            }
+            // scores gathered at the chosen experts (DeepSeek-V3's router): GatherElements'
+            // output has the shape of its indices, the TopK indices [T, k]
+            if n.op_type == "GatherElements" && n.domain.is_empty() && n.input.len() == 2 {
+                let by_topk = topk.is_some_and(|t| t.output.get(1).map(String::as_str) == Some(strip(g, &n.input[1], &["Identity"]).as_str()));
+                return by_topk && super::matcher::rank_of(g, src) == Some(2);
             }
             if !n.domain.is_empty() || !matches!(n.op_type.as_str(), "Cast" | "Identity" | "Softmax" | "Sigmoid" | "Exp" | "Div" | "Mul") {
                 return false;
