@@ -587,7 +587,9 @@ fn router_axis(g: &GraphIndex, v: &str, e: usize) -> Result<(), String> {
     }
     // TopK's axis defaults to -1, ArgMax's to 0
     let axis = attr_i(n, "axis").unwrap_or(if n.op_type == "TopK" { -1 } else { 0 });
-    if axis != -1 {
+    // the last axis written from the front (TorchScript writes dim=-1 as rank-1)
+    let last_from_front = axis >= 0 && super::matcher::rank_of(g, &n.input[0]) == Some(axis as usize + 1);
+    if axis != -1 && !last_from_front {
         return Err(format!("the router's {} runs along axis {axis}, not the last (expert) axis", n.op_type));
     }
     if let Some(width) = router_experts(g, v) {
