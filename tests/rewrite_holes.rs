@@ -82,3 +82,14 @@ fn router_topk_along_another_axis() {
     }
     expect_left(m, "TopK along axis 0", "not the last (expert) axis");
 }
+
+#[test]
+fn capacity_router_wider_than_the_experts() {
+    // The router's softmax reads the token rows (d = 32 columns) instead of the 4-column router
+    // projection: ArgMax may choose 4..31, which OneHot(., 4) drops and the op would refuse.
+    let mut m = load("capacity_einsum");
+    let x = m.graph().input[0].name.clone();
+    let sm = node_mut(&mut m, |n| n.op_type == "Softmax");
+    sm.input[0] = x;
+    expect_left(m, "a router of d columns", "the router chooses among");
+}

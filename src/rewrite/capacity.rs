@@ -147,6 +147,13 @@ fn prove(g: &GraphIndex, combine: &str, expert_out: &str, at: &str) -> Result<Op
         return Err("the kept tokens use another mask".into());
     }
     let r = routing_mask(g, &mask).ok_or("the expert mask is not OneHot(ArgMax(P))")?;
+    // OneHot drops a choice outside [0, E) (a zero row); the op refuses it: the router must have
+    // exactly E columns
+    match super::hf_loop::router_experts(g, &r.argmax) {
+        Some(w) if w as i64 == r.experts => {}
+        Some(w) => return Err(format!("the router chooses among {w} values, not the {} experts", r.experts).into()),
+        None => return Err("cannot tell that the router chooses among exactly the E experts".into()),
+    }
     if strip(g, &rm.input[0], &["Cast"]) != strip(g, &r.probs, &["Cast"]) {
         return Err("the gate and the expert choice come from different probabilities".into());
     }
