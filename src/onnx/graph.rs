@@ -165,6 +165,24 @@ impl<'g> GraphIndex<'g> {
     }
 
     /// Element type of a value, if recorded (initializer, graph input/output, value_info).
+    /// Declared static dims of a graph input (None when it is not one, or a dim is symbolic).
+    pub fn static_input_dims(&self, v: &str) -> Option<Vec<i64>> {
+        let vi = self.graph.input.iter().find(|x| x.name == v)?;
+        match &vi.type_.as_ref()?.value {
+            Some(onnx_protobuf::type_proto::Value::TensorType(t)) => t
+                .shape
+                .as_ref()?
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(v)) => Some(v),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
     pub fn elem_type(&self, v: &str) -> Option<i32> {
         if let Some(t) = self.const_tensor(v) {
             return Some(t.data_type);

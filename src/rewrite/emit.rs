@@ -131,19 +131,8 @@ fn whole_value(g: &GraphIndex, layer: &MoeLayer, name: &str, want: &[i64]) -> Op
         return Some((t.data_type, t.dims.clone()));
     }
     if g.graph_inputs.contains(name) {
-        let vi = g.graph.input.iter().find(|x| x.name == name)?;
-        let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = &vi.type_.as_ref()?.value else { return None };
-        let dims = t
-            .shape
-            .as_ref()?
-            .dim
-            .iter()
-            .map(|d| match d.value {
-                Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(v)) => Some(v),
-                _ => None,
-            })
-            .collect::<Option<Vec<i64>>>()?;
-        return Some((t.elem_type, dims));
+        let dims = g.static_input_dims(name)?;
+        return Some((g.elem_type(name)?, dims));
     }
     if layer.extra_nodes.iter().any(|n| n.output.iter().any(|o| o == name)) {
         let elem = g.infer_type(&layer.x)?;

@@ -123,24 +123,6 @@ fn attrs(n: &NodeProto) -> Result<Attrs, String> {
     Ok(a)
 }
 
-/// Declared static dims of a graph input.
-fn input_dims(g: &GraphIndex, v: &str) -> Option<Vec<i64>> {
-    let vi = g.graph.input.iter().find(|x| x.name == v)?;
-    match &vi.type_.as_ref()?.value {
-        Some(onnx_protobuf::type_proto::Value::TensorType(t)) => t
-            .shape
-            .as_ref()?
-            .dim
-            .iter()
-            .map(|d| match d.value {
-                Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(v)) => Some(v),
-                _ => None,
-            })
-            .collect(),
-        _ => None,
-    }
-}
-
 /// A weight or bias input: an initializer, or a graph input with a static shape (passed to the op
 /// as it is). Returns its dims.
 fn weight_dims(g: &GraphIndex, v: &str, what: &str) -> Result<Vec<i64>, String> {
@@ -148,7 +130,7 @@ fn weight_dims(g: &GraphIndex, v: &str, what: &str) -> Result<Vec<i64>, String> 
         return Ok(t.dims.clone());
     }
     if g.graph_inputs.contains(v) {
-        return input_dims(g, v).ok_or_else(|| format!("{what} '{v}' is a graph input without a static shape"));
+        return g.static_input_dims(v).ok_or_else(|| format!("{what} '{v}' is a graph input without a static shape"));
     }
     Err(format!("{what} '{v}' is neither an initializer nor a graph input"))
 }
@@ -307,7 +289,7 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         }
     }
     // the router's expert axis, where declared, must be E
-    if let Some(rd) = input_dims(g, router) {
+    if let Some(rd) = g.static_input_dims(router) {
         if rd.last() != Some(&e) {
             return Err(format!("router_probs {rd:?} does not end in E = {e}"));
         }
