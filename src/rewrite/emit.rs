@@ -260,25 +260,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         Some(name) => name,
         None => {
             let name = unique_name(g, taken, &format!("{tag}.w_out"));
-            let mut srcs = Vec::new();
-            for p in &w_out_parts {
-                let w = &p[0];
-                srcs.push((src_of(g, &w.init, w.index.map(|r| r.expert() as usize), w.transposed)?, w.out, w.inp));
-            }
-            model.pending.push(PendingTensor {
-                name: name.clone(),
-                data_type: elem,
-                dims: vec![e_count as i64, d as i64, f as i64],
-                produce: Box::new(move |ext, sink| {
-                    let mut buf = Vec::new();
-                    for (s, out, inp) in &srcs {
-                        buf.clear();
-                        append_matrix(ext, s, *out, *inp, elem, &mut buf)?;
-                        sink(&buf)?;
-                    }
-                    Ok(())
-                }),
-            });
+            let ws: Vec<WSrc> = w_out_parts.iter().map(|p| p[0].clone()).collect();
+            model.pending.push(pending_stack(g, &name, &ws, elem)?);
             name
         }
     };
@@ -423,14 +406,21 @@ pub(super) fn stack_matrices(g: &GraphIndex, taken: &mut Vec<String>, base: &str
         return Ok(first.init.clone());
     }
     let name = unique_name(g, taken, base);
+    out.pending.push(pending_stack(g, &name, ws, elem)?);
+    Ok(name)
+}
+
+/// A new [E, out, inp] tensor of one matrix per expert (`ws` in expert order), written one
+/// expert's matrix at a time while the model is saved.
+fn pending_stack(g: &GraphIndex, name: &str, ws: &[WSrc], elem: i32) -> Result<PendingTensor> {
     let mut srcs = Vec::new();
     for w in ws {
         srcs.push((src_of(g, &w.init, w.index.map(|r| r.expert() as usize), w.transposed)?, w.out, w.inp));
     }
-    out.pending.push(PendingTensor {
-        name: name.clone(),
+    Ok(PendingTensor {
+        name: name.to_string(),
         data_type: elem,
-        dims: vec![e_count as i64, o as i64, i as i64],
+        dims: vec![ws.len() as i64, ws[0].out as i64, ws[0].inp as i64],
         produce: Box::new(move |ext, sink| {
             let mut buf = Vec::new();
             for (s, o, i) in &srcs {
@@ -440,8 +430,7 @@ pub(super) fn stack_matrices(g: &GraphIndex, taken: &mut Vec<String>, base: &str
             }
             Ok(())
         }),
-    });
-    Ok(name)
+    })
 }
 
 /// A fresh value name.
