@@ -4,8 +4,8 @@
 #   rust     tests/gpu_forward.rs (full set, then memcheck on the reduced set): $BIN
 #            (default .carry/gpu/gpu_forward)
 #   kernels  the kernel harness tests/gpu/test_kernels.py on the fatbins in .carry/kernels (*.fatbin.xz)
-#   ort      unpacks onnxruntime-gpu from /tmp/ortparts (a tar.xz of the wheel's onnxruntime/ split
-#            in parts part00.., the last one possibly in $ORT_LAST_PART), then
+#   ort      unpacks onnxruntime-gpu from /tmp/ortparts (the wheel, or a tar.xz of its onnxruntime/,
+#            split in parts part00.., the last one possibly in $ORT_LAST_PART), then
 #            tests/gpu/test_ort_cuda.py on $LIB (default .carry/ort/libscattermoe_ort.so)
 #            and the layer benchmark (bench/gpu_bench.py,
 #            ours/ORT only) for this library and, when present, $BASE_LIB (default
@@ -41,7 +41,13 @@ fi
 if has ort; then
   if [ ! -d /tmp/ortgpu/onnxruntime ]; then
     [ -n "${ORT_LAST_PART:-}" ] && cp "$ORT_LAST_PART"/part* /tmp/ortparts/
-    mkdir -p /tmp/ortgpu && cat /tmp/ortparts/part* | xz -d -T16 | tar x -C /tmp/ortgpu || exit 1
+    mkdir -p /tmp/ortgpu
+    # parts of the wheel as downloaded (../shared/tools/ort-gpu-parts.sh) or of a tar.xz of its onnxruntime/
+    if [ "$(head -c 2 /tmp/ortparts/part00)" = "PK" ]; then
+      cat /tmp/ortparts/part* > /tmp/ortgpu.whl && python3 -m zipfile -e /tmp/ortgpu.whl /tmp/ortgpu || exit 1
+    else
+      cat /tmp/ortparts/part* | xz -d -T16 | tar x -C /tmp/ortgpu || exit 1
+    fi
   fi
   export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/ortgpu
