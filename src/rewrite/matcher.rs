@@ -132,6 +132,29 @@ pub fn vec_len(g: &GraphIndex, v: &str) -> Option<usize> {
     }
 }
 
+/// The entries of a 1-D shape vector, each a constant or None where computed: a constant, or a
+/// Concat of constants and one-element computed parts (an Unsqueeze of a scalar, a Reshape to
+/// [1], a one-element Slice or Gather of a shape).
+pub fn shape_entries(g: &GraphIndex, v: &str) -> Option<Vec<Option<i64>>> {
+    if let Some(c) = g.const_i64(v) {
+        return Some(c.into_iter().map(Some).collect());
+    }
+    let cat = prod(g, v, "Concat")?;
+    let mut out = Vec::new();
+    for part in &cat.input {
+        if let Some(c) = g.const_i64(part) {
+            out.extend(c.into_iter().map(Some));
+            continue;
+        }
+        let scalar_to_1 = |r: &NodeProto| g.const_i64(&r.input[1]).is_some_and(|t| t == [1] || t == [-1]) && rank_of(g, &r.input[0]) == Some(0);
+        if !(vec_len(g, part) == Some(1) || prod(g, part, "Reshape").is_some_and(scalar_to_1)) {
+            return None;
+        }
+        out.push(None);
+    }
+    Some(out)
+}
+
 /// A normalised axis: `axis` of a tensor of rank `rank`, when both are known.
 pub fn norm_axis(axis: i64, rank: Option<usize>) -> Option<usize> {
     let r = rank? as i64;

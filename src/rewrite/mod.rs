@@ -27,7 +27,9 @@ pub mod megablocks;
 pub mod moa;
 pub mod ort_moe;
 pub mod prove;
+pub mod routing;
 pub mod rule;
+pub mod slots;
 pub mod verify;
 
 use std::fmt::Write as _;
