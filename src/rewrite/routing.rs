@@ -162,6 +162,10 @@ pub fn floor_div<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i64)> {
             }
             (d.input[0].as_str(), g.const_scalar(&d.input[1])?)
         }
+        // k = 1: Floor(Cast(num, float)) (the exporter folds the division by 1)
+        "Floor" if prod(g, &n.input[0], "Cast").is_some_and(|c| matches!(g.infer_type(&c.input[0]), Some(6 | 7))) => {
+            (prod(g, &n.input[0], "Cast").unwrap().input[0].as_str(), 1.0)
+        }
         "Floor" => {
             let d = prod(g, &n.input[0], "Div")?;
             let num = d.input[0].as_str();
