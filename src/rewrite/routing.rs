@@ -6,8 +6,9 @@
 
 use onnx_protobuf::NodeProto;
 
-use super::matcher::{axes_of, prod, rank_of, strip_noop_expand};
+use super::matcher::{axes_of, prod, rank_of, shape_entries, strip_noop_expand};
 use crate::onnx::graph::{attr_i, attr_s, strip, GraphIndex};
+use crate::onnx::tensor::tensor_f32;
 
 /// `v` with Casts between numeric types removed (what an index or a 0/1 mask is does not change).
 pub fn uncast<'g>(g: &GraphIndex<'g>, v: &'g str) -> &'g str {
@@ -96,7 +97,61 @@ pub fn one_hot(g: &GraphIndex, v: &str) -> Option<(String, i64)> {
             }
             None
         }
+        // torch.zeros(.., E).scatter(-1, idx.unsqueeze(-1), 1): a 1 at each index (a negative
+        // index counts from the back, so again only for indices never negative)
+        "ScatterElements" if attr_s(n, "reduction").is_none_or(|r| r == "none") => {
+            let u = prod(g, &n.input[1], "Unsqueeze")?;
+            let idx = u.input[0].as_str();
+            let r = rank_of(g, idx)?;
+            let (ua, axis) = (axes_of(g, u)?, attr_i(n, "axis").unwrap_or(0));
+            let last = |a: i64| super::matcher::is_last_axis(a, Some(r + 1));
+            let depth = zeros_shape(g, &n.input[0]).and_then(|s| shape_entries(g, &s)).filter(|e| e.len() == r + 1).and_then(|e| *e.last()?)?;
+            (ua.len() == 1 && last(ua[0]) && last(axis) && is_ones(g, &n.input[2]) && nonneg(g, idx) && depth >= 1).then(|| (idx.to_string(), depth))
+        }
         _ => None,
+    }
+}
+
+/// The shape vector of zeros: `ConstantOfShape(shape)` with value 0 (or none), or `Expand(0, shape)`.
+pub fn zeros_shape<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
+    let (_, z) = g.prod(v)?;
+    match z.op_type.as_str() {
+        "ConstantOfShape" => {
+            let zero = z
+                .attribute
+                .iter()
+                .find(|a| a.name == "value")
+                .and_then(|a| a.t.as_ref())
+                .is_none_or(|t| tensor_f32(t, None).is_ok_and(|v| v.iter().all(|&x| x == 0.0)));
+            zero.then_some(z.input[0].as_str())
+        }
+        "Expand" => (g.const_scalar(&z.input[0]) == Some(0.0)).then_some(z.input[1].as_str()),
+        _ => None,
+    }
+}
+
+/// Whether `v` is zeros (see [`zeros_shape`]).
+pub fn is_zeros(g: &GraphIndex, v: &str) -> bool {
+    zeros_shape(g, v).is_some()
+}
+
+/// Ones: `ConstantOfShape` with value 1, `Expand` of a constant 1, a constant of ones, or a Slice,
+/// Reshape or Cast of ones.
+pub fn is_ones(g: &GraphIndex, v: &str) -> bool {
+    if let Some(c) = g.const_f32(v).or_else(|| g.const_i64(v).map(|x| x.iter().map(|&y| y as f32).collect())) {
+        return !c.is_empty() && c.iter().all(|&x| x == 1.0);
+    }
+    let Some((_, z)) = g.prod(v) else { return false };
+    match z.op_type.as_str() {
+        "ConstantOfShape" => z
+            .attribute
+            .iter()
+            .find(|a| a.name == "value")
+            .and_then(|a| a.t.as_ref())
+            .is_some_and(|t| tensor_f32(t, None).is_ok_and(|v| v.iter().all(|&x| x == 1.0))),
+        "Expand" => g.const_scalar(&z.input[0]) == Some(1.0),
+        "Slice" | "Reshape" | "Cast" | "Identity" => is_ones(g, &z.input[0]),
+        _ => false,
     }
 }
 
@@ -122,9 +177,17 @@ pub fn row_gather<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, &'g st
 /// as idx has a row per update row (the callers check that idx and upd have the same length).
 /// (base, idx, upd)
 pub fn row_scatter<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, &'g str, &'g str)> {
+    row_scatter_with(g, v, false)
+}
+
+/// [`row_scatter`], also reading `index_add` (a scatter with reduction add) when `add_ok`: the
+/// same as a copy into zeros at distinct indices, which the caller must know the indices are.
+pub fn row_scatter_with<'g>(g: &GraphIndex<'g>, v: &'g str, add_ok: bool) -> Option<(&'g str, &'g str, &'g str)> {
     let (_, n) = g.prod(v)?;
-    if attr_s(n, "reduction").is_some_and(|r| r != "none") {
-        return None;
+    match attr_s(n, "reduction").as_deref() {
+        None | Some("none") => {}
+        Some("add") if add_ok && is_zeros(g, &n.input[0]) => {}
+        _ => return None,
     }
     match n.op_type.as_str() {
         "ScatterND" => {
@@ -359,6 +422,63 @@ mod tests {
         assert_eq!(one_hot(&g, "m"), Some(("i".into(), 4)));
         assert_eq!(one_hot(&g, "m3"), Some(("i".into(), 4)));
         assert_eq!(one_hot(&g, "m4"), None);
+    }
+
+    #[test]
+    fn a_scatter_of_ones_is_a_one_hot() {
+        let mut tk = make_node("TopK", "", "tk", &["p", "k"], &["w", "i"]);
+        tk.attribute.push(attr_int("axis", -1));
+        let mut sc = make_node("ScatterElements", "", "sc", &["z", "iu", "ones"], &["m"]);
+        sc.attribute.push(attr_int("axis", 1));
+        let mut sc2 = sc.clone();
+        sc2.output[0] = "m2".into();
+        sc2.input[2] = "twos".into();
+        let nodes = vec![
+            tk,
+            make_node("Unsqueeze", "", "u", &["i", "ax"], &["iu"]),
+            make_node("ConstantOfShape", "", "zs", &["zshape"], &["z"]),
+            make_node("Expand", "", "ex", &["one", "ishape"], &["ones"]),
+            make_node("Expand", "", "ex2", &["two", "ishape"], &["twos"]),
+            sc,
+            sc2,
+        ];
+        let inits = vec![
+            make_i64("k", &[1], &[1]),
+            make_i64("ax", &[1], &[1]),
+            make_i64("zshape", &[2], &[5, 6]),
+            make_i64("ishape", &[2], &[5, 1]),
+            make_i64("one", &[], &[1]),
+            make_i64("two", &[], &[2]),
+        ];
+        let mut gp = graph(nodes, inits);
+        // i is [T, 1] from a TopK of k = 1 over [T, E]: rank 2, so the one-hot axis is 2 here;
+        // declare p so that ranks are known
+        let mut vi = onnx_protobuf::ValueInfoProto::new();
+        vi.name = "p".into();
+        let mut tt = onnx_protobuf::type_proto::Tensor::new();
+        tt.elem_type = 1;
+        let mut sh = onnx_protobuf::TensorShapeProto::new();
+        for d in [5, 6] {
+            let mut x = onnx_protobuf::tensor_shape_proto::Dimension::new();
+            x.set_dim_value(d);
+            sh.dim.push(x);
+        }
+        tt.shape = Some(sh).into();
+        let mut t = onnx_protobuf::TypeProto::new();
+        t.value = Some(onnx_protobuf::type_proto::Value::TensorType(tt));
+        vi.type_ = Some(t).into();
+        gp.input.push(vi);
+        // a rank-2 index unsqueezed at 1 is not the last axis: not a one-hot of it
+        let g = GraphIndex::new(&gp, None).unwrap();
+        assert_eq!(one_hot(&g, "m"), None);
+        // over a rank-1 index (the squeezed choice) it is
+        let mut gp2 = gp.clone();
+        gp2.node.insert(1, make_node("Squeeze", "", "sq", &["i", "ax"], &["i1"]));
+        gp2.node[2].input[0] = "i1".into();
+        let g2 = GraphIndex::new(&gp2, None).unwrap();
+        assert_eq!(one_hot(&g2, "m"), Some(("i1".into(), 6)));
+        // a scatter of twos is not
+        assert_eq!(one_hot(&g2, "m2"), None);
     }
 
     #[test]
