@@ -393,6 +393,26 @@ mod tests {
         assert!(why.iter().any(|w| w.contains("TopK runs along axis 1")), "{why:?}");
     }
 
+    /// The dynamo exporter's one-hot, `Equal(Unsqueeze(IDX, -1), arange(E))`, read as OneHot; with
+    /// an arange shorter than the router's width the gate drops the last expert's choices, which
+    /// the op would refuse: left with the reason.
+    #[test]
+    fn an_equal_one_hot_gate_is_read_and_its_width_checked() {
+        let mut m = fixture("spellings/dense_6");
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 1, "{:?}", r.rejected);
+        let mut m = fixture("spellings/dense_6");
+        let g = m.proto.graph.mut_or_insert_default();
+        let ar = g.initializer.iter_mut().find(|t| t.name == "arange").unwrap();
+        let v: Vec<i64> = (0..7).collect();
+        ar.dims = vec![7];
+        ar.int64_data.clear();
+        ar.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("router chooses among 8")), "{why:?}");
+    }
+
     /// The gate scattered along another axis than the expert axis.
     #[test]
     fn a_gate_scattered_along_the_token_axis_is_refused() {
