@@ -22,7 +22,7 @@ use super::emit::MoeLayer;
 use super::expr::{to_mlp, ExprParser};
 use super::matcher::{prod, shape_entries};
 use super::routing::{one_hot, uncast};
-use super::slots::{assignment, sem, Ax, Ctx, F};
+use super::slots::{assignment, sem, Ax, Ctx};
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, attr_s, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
@@ -262,7 +262,7 @@ fn token_gate(g: &GraphIndex, ctx: &Ctx, w: &str) -> Option<String> {
         let Some((_, n)) = g.prod(&cur) else { continue };
         if matches!(n.op_type.as_str(), "ReduceMax" | "Squeeze" | "GatherElements" | "ReduceSum") {
             if let Ok(s) = sem(g, ctx, &cur) {
-                if s.axes == [Ax::T] && s.chosen == F::Gate {
+                if s.axes == [Ax::T] && s.chosen.is_gate() {
                     return Some(cur);
                 }
             }

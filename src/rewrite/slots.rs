@@ -143,6 +143,12 @@ impl F {
         }
     }
 
+    /// Whether this is the gate itself at every rank (say `gate * 1 + (E - 1) * 0`, a masked sum).
+    pub fn is_gate(&self) -> bool {
+        let Some(upto) = bound(self, 1) else { return false };
+        (0..=upto).all(|r| self.eval(r, 0) == Some(Mono { coef: 1.0, pow: 1 }))
+    }
+
     /// The constant this is when it reads neither the rank, the slot nor the gate.
     pub fn constant(&self) -> Option<f64> {
         if self.reads_any() {
