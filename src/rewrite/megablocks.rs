@@ -32,7 +32,8 @@ use super::expr::{to_mlp, ExprParser};
 use super::matcher::{axes_of, prod, rank_of, shape_entries};
 use super::prove::shape::{shape_of, Dim};
 use super::routing::{
-    coord_pair, floor_div, is_ones, is_zeros, nonneg, one_hot, row_gather, row_scatter, row_scatter_with, sort_by_order, uncast, whole_length, Sort,
+    coord_pair, floor_div, is_ones, is_zeros, nonneg, one_hot, row_gather, row_scatter, row_scatter_with, sort_by_order, sym, uncast, whole_length,
+    zeros_shape, Sort,
 };
 use super::slots::{is_rank, Ctx};
 use super::Rejection;
@@ -40,51 +41,6 @@ use crate::onnx::graph::{attr_i, attr_s, GraphIndex};
 use crate::spec::CapacityOrder;
 
 type R<T> = Result<T, String>;
-
-/// The value of an integer scalar (or [1]) in terms of the token count: constants and the
-/// dimensions of values whose shapes are known, through the arithmetic exporters write.
-fn sym(g: &GraphIndex, v: &str) -> Option<Dim> {
-    sym_depth(g, v, 0)
-}
-
-fn sym_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<Dim> {
-    if let Some(c) = g.const_i64(v) {
-        return (c.len() == 1).then(|| Dim::fixed(c[0]));
-    }
-    if depth > 24 {
-        return None;
-    }
-    let (_, n) = g.prod(v)?;
-    let arg = |i: usize| sym_depth(g, n.input.get(i)?, depth + 1);
-    match n.op_type.as_str() {
-        "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" => arg(0),
-        "Shape" => {
-            let s = shape_of(g, &n.input[0])?;
-            let r = s.len() as i64;
-            let cl = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
-            let (a, b) = (cl(attr_i(n, "start").unwrap_or(0)), cl(attr_i(n, "end").unwrap_or(r)));
-            (b == a + 1).then(|| s[a])
-        }
-        "Gather" => {
-            let sh = prod(g, &n.input[0], "Shape")?;
-            let s = shape_of(g, &sh.input[0])?;
-            let i = g.const_i64(&n.input[1]).filter(|i| i.len() == 1)?[0];
-            let r = s.len() as i64;
-            let start = attr_i(sh, "start").map_or(0, |x| if x < 0 { x + r } else { x });
-            let j = if i < 0 { r + i } else { start + i };
-            s.get(usize::try_from(j).ok()?).copied()
-        }
-        "Mul" => {
-            let (a, b) = (arg(0)?, arg(1)?);
-            (a.t + b.t <= 1).then(|| Dim { t: a.t + b.t, c: a.c * b.c })
-        }
-        "Div" => {
-            let (a, b) = (arg(0)?, arg(1)?);
-            (b.t == 0 && b.c > 0 && a.c % b.c == 0).then(|| Dim { t: a.t, c: a.c / b.c })
-        }
-        _ => None,
-    }
-}
 
 /// The last entry of a shape vector: a constant, or the last part of a Concat.
 fn last_entry<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<Stride<'g>> {
@@ -174,13 +130,18 @@ fn stride_of<'g>(g: &GraphIndex<'g>, n: &'g str) -> Option<Stride<'g>> {
         }
         _ => return None,
     };
-    if attr_i(sh, "start").is_some() || attr_i(sh, "end").is_some() {
+    if !whole_shape(sh) {
         return None;
     }
     let v = sh.input[0].as_str();
-    let i = if i < 0 { i + rank_of(g, v)? as i64 } else { i };
+    // a dimension of zeros shaped like y is y's
+    let v = zeros_like_of(g, v).unwrap_or(v);
+    let r = rank_of(g, v);
+    let i = if i < 0 { i + r? as i64 } else { i };
     match shape_of(g, v).and_then(|s| s.get(usize::try_from(i).ok()?).copied()) {
         Some(d) => Some(Stride::Known(d)),
+        // the last dimension is the width, however it is told
+        None if r.is_some_and(|r| i == r as i64 - 1) => width(g, v).or(Some(Stride::DimOf(v, i))),
         None => Some(Stride::DimOf(v, i)),
     }
 }
@@ -276,21 +237,62 @@ fn reshapes_to(g: &GraphIndex, v: &str, want: &[Dim]) -> bool {
 /// The un-permutation: `Yu[order[i]] = Ys[i]` (a row scatter into zeros of Ys's shape) or
 /// `Yu = Ys[argsort(order)]`. (order, Ys)
 fn unpermute<'g>(g: &GraphIndex<'g>, yu: &'g str) -> Option<(&'g str, &'g str)> {
-    // order is a permutation (the caller checks it is a sort's): index_add into zeros copies
-    if let Some((base, order, ys)) = row_scatter_with(g, yu, true) {
-        // zeros_like(Ys): every row is overwritten once order is a permutation of Ys's rows
-        let same = shape_of(g, base).is_some() && shape_of(g, base) == shape_of(g, ys);
-        let like = g.prod(base).is_some_and(|(_, z)| {
-            matches!(z.op_type.as_str(), "ConstantOfShape" | "Expand")
-                && g.prod(z.input.last().unwrap()).is_some_and(|(_, s)| s.op_type == "Shape" && s.input[0] == ys)
-        });
-        return (is_zeros(g, base) && (same || like)).then_some((order, ys));
+    // TorchScript's index_add: zeros_like(Ys) + (a scatter into zeros)
+    let mut yu = yu;
+    let mut like_ys = None;
+    if let Some(a) = prod(g, yu, "Add") {
+        for (z, x) in [(0, 1), (1, 0)] {
+            if let Some(y) = zeros_like_of(g, &a.input[z]) {
+                yu = a.input[x].as_str();
+                like_ys = Some(y);
+            }
+        }
     }
-    let (ys, inv) = row_gather(g, yu)?;
+    // order is a permutation (the caller checks it is a sort's): index_add into zeros copies
+    if let Some((base, order, upd)) = row_scatter_with(g, yu, true) {
+        let ys = noop_expand(g, upd);
+        // zeros like Ys: every row is overwritten once order is a permutation of Ys's rows
+        let same = shape_of(g, base).is_some() && shape_of(g, base) == shape_of(g, ys);
+        let like = |y: Option<&str>| y.is_some_and(|y| same_shape(g, y) == same_shape(g, ys));
+        let ok = is_zeros(g, base) && (same || like(zeros_like_of(g, base))) && (like_ys.is_none() || like(like_ys));
+        return ok.then_some((order, ys));
+    }
+    let (ys, inv) = row_gather(g, yu).filter(|_| like_ys.is_none())?;
     // argsort(order) = TopK(order, len, largest = 0, sorted): the inverse permutation
     let (_, tk) = g.prod(inv).filter(|(_, n)| n.op_type == "TopK" && n.output[1] == inv)?;
     let ok = attr_i(tk, "largest") == Some(0) && attr_i(tk, "sorted").unwrap_or(1) != 0 && whole_length(g, &tk.input[1], &tk.input[0]);
     ok.then_some((tk.input[0].as_str(), ys))
+}
+
+/// Whether a Shape node reads the whole shape (no start other than 0, no end).
+fn whole_shape(s: &NodeProto) -> bool {
+    attr_i(s, "start").unwrap_or(0) == 0 && attr_i(s, "end").is_none()
+}
+
+/// The value zeros `v` are shaped like: `ConstantOfShape(Shape(y))` or `Expand(0, Shape(y))`,
+/// through zeros shaped like zeros.
+fn zeros_like_of<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
+    let sh = prod(g, zeros_shape(g, v)?, "Shape").filter(|s| whole_shape(s))?;
+    let y = sh.input[0].as_str();
+    Some(zeros_like_of(g, y).unwrap_or(y))
+}
+
+/// `v` without an Expand that keeps it: `Expand(y, Shape(z))` with z y itself, zeros like y, or a
+/// Slice of those (every dimension of a slice is at most y's, so the broadcast is y's shape or an
+/// error at run time, never a larger tensor).
+fn noop_expand<'g>(g: &GraphIndex<'g>, v: &'g str) -> &'g str {
+    let Some(ex) = prod(g, v, "Expand") else { return v };
+    let y = ex.input[0].as_str();
+    let Some(sh) = prod(g, &ex.input[1], "Shape").filter(|s| whole_shape(s)) else { return v };
+    let mut z = sh.input[0].as_str();
+    if let Some(sl) = prod(g, z, "Slice") {
+        z = sl.input[0].as_str();
+    }
+    if z == y || zeros_like_of(g, z).is_some_and(|w| same_shape(g, w) == same_shape(g, y)) {
+        y
+    } else {
+        v
+    }
 }
 
 /// The weighted sum over k ending at `n`: (RW, y3) with `Y[t] = sum_j RW[t, j] y3[t, j]`.

@@ -7,6 +7,7 @@
 use onnx_protobuf::NodeProto;
 
 use super::matcher::{axes_of, prod, rank_of, shape_entries, strip_noop_expand};
+use super::prove::shape::{shape_of, Dim};
 use crate::onnx::graph::{attr_i, attr_s, strip, GraphIndex};
 use crate::onnx::tensor::tensor_f32;
 
@@ -155,6 +156,51 @@ pub fn is_ones(g: &GraphIndex, v: &str) -> bool {
     }
 }
 
+/// The value of an integer scalar (or [1]) in terms of the token count: constants and the
+/// dimensions of values whose shapes are known, through the arithmetic exporters write.
+pub fn sym(g: &GraphIndex, v: &str) -> Option<Dim> {
+    sym_depth(g, v, 0)
+}
+
+fn sym_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<Dim> {
+    if let Some(c) = g.const_i64(v) {
+        return (c.len() == 1).then(|| Dim::fixed(c[0]));
+    }
+    if depth > 24 {
+        return None;
+    }
+    let (_, n) = g.prod(v)?;
+    let arg = |i: usize| sym_depth(g, n.input.get(i)?, depth + 1);
+    match n.op_type.as_str() {
+        "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" => arg(0),
+        "Shape" => {
+            let s = shape_of(g, &n.input[0])?;
+            let r = s.len() as i64;
+            let cl = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+            let (a, b) = (cl(attr_i(n, "start").unwrap_or(0)), cl(attr_i(n, "end").unwrap_or(r)));
+            (b == a + 1).then(|| s[a])
+        }
+        "Gather" => {
+            let sh = prod(g, &n.input[0], "Shape")?;
+            let s = shape_of(g, &sh.input[0])?;
+            let i = g.const_i64(&n.input[1]).filter(|i| i.len() == 1)?[0];
+            let r = s.len() as i64;
+            let start = attr_i(sh, "start").map_or(0, |x| if x < 0 { x + r } else { x });
+            let j = if i < 0 { r + i } else { start + i };
+            s.get(usize::try_from(j).ok()?).copied()
+        }
+        "Mul" => {
+            let (a, b) = (arg(0)?, arg(1)?);
+            (a.t + b.t <= 1).then(|| Dim { t: a.t + b.t, c: a.c * b.c })
+        }
+        "Div" => {
+            let (a, b) = (arg(0)?, arg(1)?);
+            (b.t == 0 && b.c > 0 && a.c % b.c == 0).then(|| Dim { t: a.t, c: a.c / b.c })
+        }
+        _ => None,
+    }
+}
+
 /// `v = data[idx]` along axis 0: `Gather(data, idx, axis 0)` or `GatherND(data, Unsqueeze(idx,
 /// -1), batch_dims 0)` (the same rows). (data, idx)
 pub fn row_gather<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, &'g str)> {
@@ -214,9 +260,33 @@ pub fn row_scatter_with<'g>(g: &GraphIndex<'g>, v: &'g str, add_ok: bool) -> Opt
 /// and k > 0; and the dynamo exporter's `Cast(Floor(Cast(num, float) / k))` (exact while num is
 /// below 2^24, as every float32 index is). (num, k)
 pub fn floor_div<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i64)> {
-    let v = strip(g, v, &["Cast", "Identity"]);
+    let mut v = strip(g, v, &["Cast", "Identity"]);
+    // a 1-D value reshaped to [-1] is itself
+    while let Some(r) = prod(g, v, "Reshape").filter(|r| g.const_i64(&r.input[1]).is_some_and(|t| t == [-1]) && rank_of(g, &r.input[0]) == Some(1)) {
+        v = strip(g, &r.input[0], &["Cast", "Identity"]);
+    }
     let (_, n) = g.prod(v)?;
     let (num, k) = match n.op_type.as_str() {
+        // the dynamo exporter's `q - (num < 0 and num mod k != 0)`: the correction is 0 for num >= 0
+        "Sub" => {
+            let q = n.input[0].as_str();
+            let (num, k) = match prod(g, q, "Div") {
+                Some(d) if matches!(g.infer_type(&d.input[0]), Some(6 | 7)) => (d.input[0].as_str(), g.const_scalar(&d.input[1])?),
+                Some(_) => return None,
+                None => (q, 1.0),
+            };
+            let and = prod(g, uncast(g, &n.input[1]), "And")?;
+            let negative = |x: &str| {
+                let less = |y: &str| prod(g, y, "Less").is_some_and(|l| uncast(g, &l.input[0]) == uncast(g, num) && g.const_scalar(&l.input[1]) == Some(0.0));
+                less(x)
+                    || prod(g, x, "Equal")
+                        .is_some_and(|e| [(0, 1), (1, 0)].into_iter().any(|(a, b)| less(&e.input[a]) && g.const_i64(&e.input[b]).is_some_and(|t| t == [1])))
+            };
+            if !(negative(&and.input[0]) || negative(&and.input[1])) {
+                return None;
+            }
+            (num, k)
+        }
         "Where" => {
             let d = prod(g, &n.input[2], "Div")?;
             let s = prod(g, &n.input[1], "Sub")?;
@@ -342,9 +412,12 @@ pub fn whole_length(g: &GraphIndex, k: &str, v: &str) -> bool {
         "Shape" => Some(n),
         _ => None,
     };
-    sh.is_some_and(|s| {
+    let direct = sh.is_some_and(|s| {
         s.input[0] == v && attr_i(s, "start").unwrap_or(0) == 0 && attr_i(s, "end").is_none_or(|e| e == 1 || e == -1 && rank_of(g, v) == Some(1))
-    }) && rank_of(g, v).is_none_or(|r| r == 1)
+    });
+    // or the same dimension computed otherwise (torch.topk(flat, T * k) from the rows' shape)
+    let same = || sym(g, k).is_some_and(|n| shape_of(g, v).is_some_and(|s| s.len() == 1 && s[0] == n));
+    (direct || same()) && rank_of(g, v).is_none_or(|r| r == 1)
 }
 
 /// `v = Concat(Unsqueeze(a, -1), Unsqueeze(b, -1), axis -1)`: coordinate pairs (a[i], b[i]) of a
