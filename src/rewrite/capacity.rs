@@ -239,7 +239,9 @@ fn routing_inputs(g: &GraphIndex, ctx: &Ctx, tag: &str, w: &str) -> R<(Vec<onnx_
         u
     };
     let mut nodes = vec![unsq("Unsqueeze_i", ctx.idx, &ri)];
-    match token_gate(g, ctx, w) {
+    // the graph's own gate where the proof can feed it (its shape is told), else P at the choice:
+    // the same value either way
+    match token_gate(g, ctx, w).filter(|v| super::prove::shape::shape_of(g, v).is_some()) {
         Some(gate) => nodes.push(unsq("Unsqueeze_w", &gate, &rw)),
         None => {
             let mut ge = make_node("GatherElements", "", &format!("{tag}/GatherElements_w"), &[ctx.probs.unwrap(), &ri], &[&rw]);
