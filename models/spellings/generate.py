@@ -3,11 +3,13 @@ Megablocks-style layers written in plain torch the ways people write them. Every
 spelling (the choices below) and exports it; a new spelling is a new seed, not new code.
 
     /path/to/torch/python models/spellings/generate.py --seeds 0-47 --out models/spellings
-    /path/to/torch/python models/spellings/generate.py --seeds 1000-1999 --out /tmp/spellings --no-index-merge
+    /path/to/torch/python models/spellings/generate.py --seeds 1000-1999 --out /tmp/spellings
 
 Writes NAME.onnx (TorchScript or dynamo exporter, per seed), NAME.npz (x_S, y_S for S in 1, 7 and
 the traced length, torch's float32 outputs) and index.json (each model's choices, or why torch
-could not export it). Needs torch (2.11 here) and onnx; the tests read only the files.
+could not export it, or why ONNX Runtime refuses what torch wrote: the dynamo exporter at opset 17
+writes some opset-18 attributes, e.g. Split's num_outputs). Needs torch (2.11 here), onnx and
+onnxruntime; the tests read only the files. `tally.py` counts each choice's outcomes from a test log.
 """
 
 import argparse
@@ -95,6 +97,14 @@ class DenseMoE(nn.Module):
 
     def forward(self, x):
         c, ex = self.c, self.ex
+        shape = x.shape
+        if c["tokens"] == "flatten":  # tokens as rows [T, d] instead of the kept batch axes
+            x = x.reshape(-1, shape[-1])
+        y = self.moe(x)
+        return y.reshape(shape)
+
+    def moe(self, x):
+        c, ex = self.c, self.ex
         w, idx = self.router(x)
         gates = self.gates(x, w, idx)  # [..., E]
         if c["compute"] == "einsum":
@@ -146,15 +156,30 @@ class CapacityMoE(nn.Module):
         else:
             idx = torch.argmax(probs, dim=-1)
             gate = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        mask = F.one_hot(idx, E).to(x.dtype)  # [T, E]
+        if c["mask"] == "onehot":
+            mask = F.one_hot(idx, E).to(x.dtype)  # [T, E]
+        elif c["mask"] == "scatter":
+            mask = torch.zeros(T, E, dtype=x.dtype).scatter(1, idx.unsqueeze(1), 1.0)
+        else:  # comparison with an arange
+            mask = (idx.unsqueeze(-1) == torch.arange(E)).to(x.dtype)
+        if c["gate"] == "masked_sum":  # the chosen probability as a masked sum
+            gate = (probs * mask).sum(dim=-1)
         if c["positions"] == "cumsum_mul":
             pos = torch.cumsum(mask, dim=0) * mask - 1.0
             pos_tok = pos.sum(dim=-1) + (E - 1)  # the chosen expert's entry (others are -1)
-        else:  # exclusive count of earlier tokens of the same expert
+        elif c["positions"] == "exclusive":  # exclusive count of earlier tokens of the same expert
             pos_tok = ((torch.cumsum(mask, dim=0) - mask) * mask).sum(dim=-1)
+        else:  # the running count gathered at the chosen expert
+            pos_tok = (torch.cumsum(mask, dim=0) - 1).gather(1, idx.unsqueeze(1)).squeeze(1)
         kept = (pos_tok < C).to(x.dtype)  # [T]
-        slot = F.one_hot(pos_tok.clamp(0, C - 1).long(), C).to(x.dtype)  # [T, C]
-        dispatch = mask.unsqueeze(-1) * slot.unsqueeze(1) * kept[:, None, None]  # [T, E, C]
+        if c["slot"] == "clip_onehot":
+            slot = F.one_hot(pos_tok.clamp(0, C - 1).long(), C).to(x.dtype)  # [T, C]
+            dispatch = mask.unsqueeze(-1) * slot.unsqueeze(1) * kept[:, None, None]  # [T, E, C]
+        else:  # a comparison with the slot numbers: a position >= C matches none
+            slot = (pos_tok.unsqueeze(-1) == torch.arange(C)).to(x.dtype)
+            dispatch = mask.unsqueeze(-1) * slot.unsqueeze(1)
+            if c["kept_mul"]:
+                dispatch = dispatch * kept[:, None, None]
         combine = dispatch * gate[:, None, None]
         if c["dispatch"] == "einsum":
             xin = torch.einsum("tec,td->ecd", dispatch, x)
@@ -199,11 +224,13 @@ class MegablocksMoE(nn.Module):
         N = flat.shape[0]
         if c["sort"] == "sort":
             sorted_e, order = torch.sort(flat)
+        elif c["sort"] == "topk":  # TopK of the smallest over the whole length
+            sorted_e, order = torch.topk(flat, N, largest=False)
         else:
             order = torch.argsort(flat)
             sorted_e = flat[order]
-        tok = torch.div(order, k, rounding_mode="floor")
-        xs = x[tok]
+        tok = torch.div(order, k, rounding_mode="floor") if c["tokdiv"] == "div" else order // k
+        xs = x[tok] if c["gather"] == "index" else x.index_select(0, tok)
         if c["hist"] == "onehot":
             counts = F.one_hot(flat, E).sum(dim=0)
         elif c["hist"] == "scatter_add":
@@ -240,6 +267,11 @@ class MegablocksMoE(nn.Module):
             y = torch.zeros_like(ys).index_copy(0, order, ys)
         elif c["unpermute"] == "scatter":
             y = torch.zeros_like(ys).scatter(0, order.unsqueeze(1).expand(-1, d), ys)
+        elif c["unpermute"] == "index_add":  # order is a permutation: adding into zeros is copying
+            y = torch.zeros_like(ys).index_add(0, order, ys)
+        elif c["unpermute"] == "index_put":
+            y = torch.zeros_like(ys)
+            y[order] = ys
         else:  # gather by the inverse permutation
             y = ys[torch.argsort(order)]
         y = y.view(T, k, d)
@@ -275,18 +307,22 @@ def draw(seed):
     )
     if family == "capacity":
         c.update(k=1, C=r.choice([2, 3, 4, 6]), choice=r.choice(["max", "argmax"]),
-                 positions=r.choice(["cumsum_mul", "exclusive"]), dispatch=r.choice(["einsum", "matmul"]),
-                 combine=r.choice(["einsum", "matmul"]), overflow=r.choice(["drop", "pass"]))
+                 positions=r.choice(["cumsum_mul", "exclusive", "gather"]), dispatch=r.choice(["einsum", "matmul"]),
+                 combine=r.choice(["einsum", "matmul"]), overflow=r.choice(["drop", "pass"]),
+                 mask=r.choice(["onehot", "scatter", "eq"]), gate=r.choice(["value", "masked_sum"]),
+                 slot=r.choice(["clip_onehot", "compare"]), kept_mul=r.random() < 0.5)
     else:
         c.update(k=r.randint(1, min(3, E)), router=r.choice(["softmax_topk_renorm", "softmax_topk", "topk_softmax"]))
     if family == "dense":
         c.update(gate=r.choice(["scatter", "onehot"]), compute=r.choice(["einsum", "matmul"]),
-                 combine=r.choice(["einsum", "mulsum", "matmul"]))
+                 combine=r.choice(["einsum", "mulsum", "matmul"]), tokens=r.choice(["kept", "flatten"]))
     if family == "megablocks":
-        c.update(sort=r.choice(["sort", "argsort"]), hist=r.choice(["onehot", "scatter_add", "bincount"]),
+        c.update(sort=r.choice(["sort", "argsort", "topk"]), hist=r.choice(["onehot", "scatter_add", "bincount"]),
                  positions=r.choice(["cumsum_onehot", "offsets"]), buffer=r.choice(["padded", "flat"]),
                  bmm=r.choice(["bmm", "matmul", "einsum"]), readback=r.choice(["index", "flat"]),
-                 unpermute=r.choice(["index_copy", "scatter", "inverse"]), combine=r.choice(["mulsum", "einsum", "bmm"]))
+                 unpermute=r.choice(["index_copy", "scatter", "inverse", "index_add", "index_put"]),
+                 combine=r.choice(["mulsum", "einsum", "bmm"]), gather=r.choice(["index", "index_select"]),
+                 tokdiv=r.choice(["div", "floordiv"]))
     return c
 
 
@@ -312,6 +348,12 @@ def export(model, c, x, path):
     if m.ir_version > 10:  # ONNX Runtime 1.31 reads IR <= 13; keep files readable by older ones
         m.ir_version = 10
     onnx.save(m, path)
+    # a model ONNX Runtime cannot load is no spelling to rewrite: the export failed
+    import onnxruntime as ort
+    try:
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError("ONNX Runtime refuses torch's export: " + str(e).replace(path, "MODEL")[:240]) from None
 
 
 def one(seed, out_dir):
