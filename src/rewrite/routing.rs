@@ -106,7 +106,7 @@ pub fn one_hot(g: &GraphIndex, v: &str) -> Option<(String, i64)> {
             let r = rank_of(g, idx)?;
             let (ua, axis) = (axes_of(g, u)?, attr_i(n, "axis").unwrap_or(0));
             let last = |a: i64| super::matcher::is_last_axis(a, Some(r + 1));
-            let depth = zeros_shape(g, &n.input[0]).and_then(|s| shape_entries(g, &s)).filter(|e| e.len() == r + 1).and_then(|e| *e.last()?)?;
+            let depth = zeros_shape(g, &n.input[0]).and_then(|s| shape_entries(g, s)).filter(|e| e.len() == r + 1).and_then(|e| *e.last()?)?;
             (ua.len() == 1 && last(ua[0]) && last(axis) && is_ones(g, &n.input[2]) && nonneg(g, idx) && depth >= 1).then(|| (idx.to_string(), depth))
         }
         _ => None,

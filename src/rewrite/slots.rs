@@ -187,12 +187,15 @@ impl F {
     }
 }
 
+/// (degree, magnitude, breakpoint bound) of a function; see [`shape_of`].
+type Shape = (u32, f64, f64);
+
 /// (degree in r, magnitude bound, breakpoint bound) of `f`, or None when f is not piecewise
 /// affine in r with integer slopes. Every breakpoint (where a comparison, one-hot or clip of an
 /// affine piece changes) lies at a rank below the breakpoint bound: an affine `a r + b` with an
 /// integer a != 0 and |b| <= m meets a constant of magnitude <= m' at |r| <= m + m'.
-fn shape_of(f: &F, slots: i64) -> Option<(u32, f64, f64)> {
-    let bin = |a: &F, b: &F| -> Option<((u32, f64, f64), (u32, f64, f64))> { Some((shape_of(a, slots)?, shape_of(b, slots)?)) };
+fn shape_of(f: &F, slots: i64) -> Option<Shape> {
+    let bin = |a: &F, b: &F| -> Option<(Shape, Shape)> { Some((shape_of(a, slots)?, shape_of(b, slots)?)) };
     Some(match f {
         F::Const(k) => (0, k.abs().max(1.0), 0.0),
         F::Rank => (1, 1.0, 0.0),
