@@ -143,7 +143,7 @@ fn derived_from(g: &GraphIndex, v: &str, anchors: &HashSet<&str>) -> Option<usiz
             // the shape of a graph input (the dynamo exporter sizes buffers from the input's
             // shape, not the token rows'): the input joins the proof's inputs, only its shape read
             let n = g.node(p);
-            if n.op_type == "Shape" && g.producer.get(n.input[0].as_str()).is_none() && g.graph.input.iter().any(|i| i.name == n.input[0]) {
+            if n.op_type == "Shape" && !g.producer.contains_key(n.input[0].as_str()) && g.graph.input.iter().any(|i| i.name == n.input[0]) {
                 continue;
             }
             stack.extend(node_inputs_with_subgraphs(n));
