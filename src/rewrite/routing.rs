@@ -201,6 +201,37 @@ fn sym_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<Dim> {
     }
 }
 
+/// A shape vector's entries in terms of the token count: constants, and a Concat of constants,
+/// `Shape(x)` slices of values whose shapes are known, and one-entry parts [`sym`] can tell.
+pub fn shape_vector(g: &GraphIndex, v: &str) -> Option<Vec<Dim>> {
+    if let Some(c) = g.const_i64(v) {
+        return Some(c.into_iter().map(Dim::fixed).collect());
+    }
+    let part = |p: &str| -> Option<Vec<Dim>> {
+        if let Some(c) = g.const_i64(p) {
+            return Some(c.into_iter().map(Dim::fixed).collect());
+        }
+        if let Some(sh) = prod(g, p, "Shape") {
+            let s = shape_of(g, &sh.input[0])?;
+            let r = s.len() as i64;
+            let cl = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+            let (a, b) = (cl(attr_i(sh, "start").unwrap_or(0)), cl(attr_i(sh, "end").unwrap_or(r)));
+            return Some(s[a..b.max(a)].to_vec());
+        }
+        sym(g, p).map(|d| vec![d])
+    };
+    match prod(g, v, "Concat") {
+        Some(cat) => {
+            let mut out = Vec::new();
+            for p in &cat.input {
+                out.extend(part(p)?);
+            }
+            Some(out)
+        }
+        None => part(v),
+    }
+}
+
 /// `v = data[idx]` along axis 0: `Gather(data, idx, axis 0)` or `GatherND(data, Unsqueeze(idx,
 /// -1), batch_dims 0)` (the same rows). (data, idx)
 pub fn row_gather<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, &'g str)> {

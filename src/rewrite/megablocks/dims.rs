@@ -7,7 +7,7 @@ use onnx_protobuf::NodeProto;
 
 use super::super::matcher::{prod, rank_of, shape_entries};
 use super::super::prove::shape::{shape_of, Dim};
-use super::super::routing::{row_gather, sym, zeros_shape};
+use super::super::routing::{row_gather, shape_vector, sym, zeros_shape};
 use crate::onnx::graph::{attr_i, GraphIndex};
 
 /// The last entry of a shape vector: a constant, or the last part of a Concat.
@@ -114,27 +114,10 @@ pub(super) fn stride_of<'g>(g: &GraphIndex<'g>, n: &'g str) -> Option<Stride<'g>
     }
 }
 
-/// A shape vector's entries in terms of the token count: constants, and computed entries
-/// [`sym`] can tell.
-pub(super) fn shape_vec(g: &GraphIndex, v: &str) -> Option<Vec<Dim>> {
-    if let Some(c) = g.const_i64(v) {
-        return Some(c.into_iter().map(Dim::fixed).collect());
-    }
-    let cat = prod(g, v, "Concat")?;
-    let mut out = Vec::new();
-    for part in &cat.input {
-        match g.const_i64(part) {
-            Some(c) => out.extend(c.into_iter().map(Dim::fixed)),
-            None => out.push(sym(g, part)?),
-        }
-    }
-    Some(out)
-}
-
 /// Whether the Reshape target `v` makes a value of `numel` elements into `want` (one entry may be
 /// -1, inferred from the others).
 pub(super) fn reshapes_to(g: &GraphIndex, v: &str, want: &[Dim]) -> bool {
-    let Some(e) = shape_vec(g, v) else { return false };
+    let Some(e) = shape_vector(g, v) else { return false };
     e.len() == want.len()
         && e.iter().zip(want).filter(|(a, b)| a != b).all(|(a, _)| *a == Dim::fixed(-1))
         && e.iter().filter(|a| **a == Dim::fixed(-1)).count() <= 1
