@@ -121,6 +121,15 @@ fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, 
     if !super::matcher::is_last_axis(axis, rank) {
         return Err(format!("the gate scatter runs along axis {axis}, not the expert axis"));
     }
+    // the gate's leading axes are the routing's: zeros of another shape broadcast the gate
+    // against the experts' outputs differently
+    let lead = super::prove::shape::shape_of(g, &idx).filter(|s| !s.is_empty());
+    let gate_shape = super::routing::shape_vector(g, &shape);
+    match (lead, gate_shape) {
+        (Some(l), Some(gs)) if gs.len() == l.len() && gs[..l.len() - 1] == l[..l.len() - 1] => {}
+        (Some(l), Some(gs)) => return Err(format!("the gate is scattered into zeros of shape {gs:?}, not the routing's leading shape {:?} and E", &l[..l.len() - 1])),
+        _ => return Err("cannot tell that the gate has the routing's leading shape".into()),
+    }
     Ok(Some((idx, rw, k, e_gate)))
 }
 
@@ -411,6 +420,21 @@ mod tests {
         let (n, why) = rewrite(&mut m);
         assert_eq!(n, 0);
         assert!(why.iter().any(|w| w.contains("router chooses among 8")), "{why:?}");
+    }
+
+    /// The gate's zeros shaped from another dimension of the input (a changed Gather index in the
+    /// shape arithmetic): the gate broadcasts against the experts' outputs into another shape.
+    /// Found by the mutation harness (rewritten wrongly with the proof off).
+    #[test]
+    fn a_gate_of_another_leading_shape_is_refused() {
+        let mut m = fixture("dense_einsum");
+        let g = m.proto.graph.mut_or_insert_default();
+        let ga = g.node.iter().find(|n| n.op_type == "Gather" && n.output[0] == "/m/Gather_output_0").unwrap().input[1].clone();
+        let c = g.node.iter_mut().find(|n| n.op_type == "Constant" && n.output[0] == ga).unwrap();
+        c.attribute[0].t.as_mut().unwrap().raw_data = 1i64.to_le_bytes().to_vec();
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("leading shape")), "{:?}", r.rejected);
     }
 
     /// The gate scattered along another axis than the expert axis.
