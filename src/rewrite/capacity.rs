@@ -62,9 +62,9 @@ fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, S
     }
 }
 
-/// Expert buffers `B = sum_t D[t, e, c] X[t]` anywhere in the graph: (B, D, X, E C when the
-/// spelling fixes it).
-fn buffers(g: &GraphIndex) -> Vec<(String, String, String, Option<i64>)> {
+/// Expert buffers `B = sum_t D[t, e, c] X[t]` anywhere in the graph: (B, D, X, the [E, C] a
+/// MatMul spelling reshapes to).
+fn buffers(g: &GraphIndex) -> Vec<(String, String, String, Option<(i64, i64)>)> {
     let mut out = Vec::new();
     for n in &g.graph.node {
         if !n.domain.is_empty() {
@@ -102,7 +102,7 @@ fn buffers(g: &GraphIndex) -> Vec<(String, String, String, Option<i64>)> {
             };
             if let ([Some(e), Some(c), _], [_, Some(ec)]) = (outer.as_slice(), ie.as_slice()) {
                 if e * c == *ec {
-                    out.push((n.output[0].clone(), inner.input[0].clone(), mm.input[1].clone(), Some(*ec)));
+                    out.push((n.output[0].clone(), inner.input[0].clone(), mm.input[1].clone(), Some((*e, *c))));
                 }
             }
         }
@@ -151,7 +151,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     (layers, rejected)
 }
 
-fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &[(String, String, String, Option<i64>)]) -> R<Option<MoeLayer>> {
+fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &[(String, String, String, Option<(i64, i64)>)]) -> R<Option<MoeLayer>> {
     // a candidate: the combine weights are built from a one-hot of a top-1 choice
     let Some((idx, probs, experts)) = routing_of(g, w) else {
         return Ok(None);
@@ -191,8 +191,8 @@ fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &
         return Err(format!("the dispatch keeps {} tokens of an expert, the combine reads {} (or other slots)", d.kept(), c.kept()));
     }
     let ec = experts * d.slots;
-    if ec_buf.is_some_and(|b| b != ec) {
-        return Err(format!("the buffers are reshaped to {ec_buf:?} rows, not E x C = {ec}"));
+    if ec_buf.is_some_and(|b| b != (experts, d.slots)) {
+        return Err(format!("the buffers are reshaped to {ec_buf:?}, not [E = {experts}, C = {}]", d.slots));
     }
     if n.op_type == "MatMul" {
         let rw = prod(g, &n.input[0], "Reshape").unwrap();

@@ -275,6 +275,12 @@ fn prove(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, order: &str, y
     if !reshapes_to(g, &rs.input[1], &[t, Dim::fixed(k), Dim::fixed(d as i64)]) {
         return Err("the un-permuted rows are not reshaped to [T, k, d]".into());
     }
+    // the routing weights pair with the indices: one per assignment
+    if let (Some(a), Some(b)) = (shape_of(g, rw), shape_of(g, &sort.idx)) {
+        if a != b {
+            return Err(format!("the routing weights have shape {a:?}, the indices {b:?}"));
+        }
+    }
     // OneHot drops, and ScatterND refuses, an index outside [0, E); the op refuses it too: the
     // router must have exactly E columns
     match super::hf_loop::router_experts(g, &sort.idx) {
