@@ -36,7 +36,7 @@ FLOORS = {
     "cuda": 2,  # the CUDA host side
     "ort": 3,  # ONNX Runtime custom ops
     "ort_ops": 3,  # the same, under the name that does not shadow the `ort` crate
-    "trt": 3,  # the Rust side of the TensorRT plugins
+    "trt": 3,  # what TensorRT's ONNX parser reads from a node (the plugin itself: plugins/tensorrt)
     "rewrite": 4,  # the rewriter
     "bin": 5,  # the CLI
 }
