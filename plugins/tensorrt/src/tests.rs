@@ -1,9 +1,10 @@
 //! The bridge's Rust side without TensorRT: fields, types, formats, shapes, workspace, round trips.
 
 use super::*;
-use crate::cuda::driver;
-use crate::cuda::forward::Plan;
-use crate::spec::{Activation, AttrDefault, CapacityOrder, GluLayout};
+use scattermoe::cuda::driver;
+use scattermoe::cuda::forward::Plan;
+use scattermoe::reference::{LinearSizes, MoeSizes};
+use scattermoe::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, AttrDefault, CapacityOrder, ElemType, GluLayout};
 
 fn int(name: &str, v: i32) -> Field {
     Field { name: name.into(), field_type: field_type::INT32, length: 1, data: v.to_le_bytes().to_vec() }
@@ -406,7 +407,7 @@ fn workspace_is_the_plan_at_the_largest_shapes() {
 #[test]
 fn enqueue_without_a_driver_is_an_error() {
     if driver::device_count() > 0 {
-        eprintln!("skipped: a CUDA device is present (the harness in tests/trt runs enqueue there)");
+        eprintln!("skipped: a CUDA device is present (the harness, cpp/tensorrt/harness, runs enqueue there)");
         return;
     }
     let mut p = moe(&[]);
