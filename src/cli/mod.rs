@@ -6,14 +6,15 @@
 
 mod bars;
 pub mod checks;
+pub mod file;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::onnx::{self, SaveOptions};
+use crate::onnx;
 use crate::rewrite;
 use bars::Bars;
 
@@ -166,81 +167,59 @@ fn none_replaced(model: &Path, rep: &rewrite::Report, inspect: bool) -> String {
     format!("{what}{} (exit status {EXIT_NO_MOE}; --allow-none accepts this)", if inspect { "" } else { ": nothing written" })
 }
 
-/// The checks of the graph every command runs before any work.
-fn check_graph(model: &onnx::Model, input: &Path) -> Result<()> {
-    if model.graph().output.is_empty() {
-        bail!("{} has a graph with no outputs: nothing it computes can be kept, so it is not rewritten", input.display());
+/// The CLI's listener: the report (as asked) before the save, the comparison after --verify.
+struct Say {
+    json: bool,
+    report: bool,
+}
+
+impl file::Listener for Say {
+    fn report(&self, rep: &rewrite::Report) {
+        if self.json {
+            println!("{}", rep.json());
+        } else if self.report {
+            print!("{}", rep.text());
+        } else if !rep.layers.is_empty() {
+            let n = rep.layers.len();
+            let left = if rep.rejected.is_empty() { String::new() } else { format!(", {} candidate(s) left as is (see --report)", rep.rejected.len()) };
+            eprintln!("{n} MoE layer{} replaced ({} nodes -> {}){left}", if n == 1 { "" } else { "s" }, rep.nodes_before, rep.nodes_after);
+        }
     }
-    model.check_opset_compatible(crate::spec::DOMAIN, crate::spec::OPSET_VERSION)?;
-    checks::check_contract_attributes(model.graph())
+
+    fn verify(&self, ort: Option<&Path>, v: &rewrite::verify::VerifyReport) {
+        if let Some(ort) = ort {
+            eprintln!("verifying with ONNX Runtime {}", ort.display());
+        }
+        eprint!("{}", v.text());
+        if v.passed() {
+            eprintln!("verified: the rewritten model matches the original");
+        }
+    }
 }
 
 fn run_rewrite(a: RewriteArgs) -> Result<u8> {
     let RewriteArgs { input, output, force, report, json, verify, lengths, inputs, target, common } = a;
     let bars = Bars::new(!common.quiet && !json);
-    // Every check before any work: the arguments, the input, the destination, and (for the
-    // proof and --verify) that ONNX Runtime and the plugin load.
-    let given = match &inputs {
-        Some(p) => Some(crate::npz::read(p)?),
-        None => {
-            if verify {
-                checks::check_lengths(&lengths)?;
-            }
-            None
-        }
-    };
-    let mut model = onnx::load_with_progress(&input, &bars)?;
-    onnx::output::check_output(&output, force, &model.input_files())?;
-    check_graph(&model, &input)?;
-    if let (Some(arrays), Some(p)) = (&given, &inputs) {
-        rewrite::verify::check_given(&model.proto, arrays, &p.display().to_string())?;
-    }
-    let ort = checks::check_runtime(verify, !common.no_prove)?;
-    let original_proto = if verify { Some(model.proto.clone()) } else { None };
     let target = match target {
         TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
         TargetArg::Tensorrt => rewrite::Target::TensorRt,
     };
-    let opts = rewrite::RewriteOptions { target, prove: !common.no_prove };
-    let rep = rewrite::rewrite_with_progress(&mut model, &opts, &bars)?;
-    if json {
-        println!("{}", rep.json());
-    } else if report {
-        print!("{}", rep.text());
-    } else if !rep.layers.is_empty() {
-        let n = rep.layers.len();
-        eprintln!(
-            "{} MoE layer{} replaced ({} nodes -> {}){}",
-            n,
-            if n == 1 { "" } else { "s" },
-            rep.nodes_before,
-            rep.nodes_after,
-            if rep.rejected.is_empty() { String::new() } else { format!(", {} candidate(s) left as is (see --report)", rep.rejected.len()) }
-        );
-    }
-    if rep.layers.is_empty() && !common.allow_none {
-        eprintln!("{}", none_replaced(&input, &rep, false));
+    let req = file::Request {
+        input: &input,
+        output: &output,
+        force,
+        verify,
+        prove: !common.no_prove,
+        target,
+        lengths: &lengths,
+        inputs: inputs.as_deref(),
+        allow_none: common.allow_none,
+    };
+    let out = file::rewrite_file(&req, &bars, &Say { json, report })?;
+    if !out.written {
+        eprintln!("{}", none_replaced(&input, &out.report, false));
         return Ok(EXIT_NO_MOE);
     }
-    let feed = match (given, &inputs) {
-        (Some(arrays), Some(p)) => rewrite::verify::Feed::Given { source: p.display().to_string(), arrays },
-        _ => rewrite::verify::Feed::Random(&lengths),
-    };
-    let check = |tmp: &Path| -> Result<()> {
-        let proto = original_proto.as_ref().expect("kept for --verify");
-        if let Some(ort) = &ort {
-            eprintln!("verifying with ONNX Runtime {}", ort.display());
-        }
-        let v = rewrite::verify::verify_with(&input, proto, tmp, &feed, &bars)?;
-        eprint!("{}", v.text());
-        if !v.passed() {
-            bail!("verification failed: nothing written");
-        }
-        eprintln!("verified: the rewritten model matches the original");
-        Ok(())
-    };
-    let opts = SaveOptions { force, ..Default::default() };
-    onnx::save_with_progress(model, &output, &opts, if verify { Some(&check) } else { None }, &bars)?;
     Ok(0)
 }
 
@@ -248,7 +227,7 @@ fn run_inspect(a: InspectArgs) -> Result<u8> {
     let InspectArgs { model: path, json, common } = a;
     let bars = Bars::new(!common.quiet && !json);
     let mut model = onnx::load_with_progress(&path, &bars)?;
-    check_graph(&model, &path)?;
+    file::check_graph(&model, &path)?;
     checks::check_runtime(false, !common.no_prove)?;
     let opts = rewrite::RewriteOptions { target: rewrite::Target::OnnxRuntime, prove: !common.no_prove };
     let rep = rewrite::rewrite_with_progress(&mut model, &opts, &bars)?;
