@@ -12,7 +12,7 @@ use crate::progress::{Progress, Silent, Unit};
 use crate::spec::ElemType;
 
 /// What happened at one token count.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct LengthResult {
     pub tokens: usize,
     /// the original's error at every seed tried, when it never ran
@@ -30,7 +30,7 @@ impl LengthResult {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {
     pub lengths: Vec<LengthResult>,
     /// the file the inputs came from (`--inputs`), when they were not random
