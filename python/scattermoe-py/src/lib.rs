@@ -1,5 +1,5 @@
 //! `scattermoe._native`: the rewriter and the CLI of the `scattermoe` crate for Python. The
-//! Python side (python/scattermoe/__init__.py) wraps these in its public functions.
+//! Python side (python/scattermoe-py/python/scattermoe/__init__.py) wraps these in its public functions.
 
 use std::path::PathBuf;
 
