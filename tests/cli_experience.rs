@@ -281,8 +281,11 @@ fn verify_finds_onnx_runtime_in_the_active_python_without_ort_dylib_path() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Writes `arrays` (name, numpy descr, shape, little-endian bytes) as an uncompressed .npz.
-fn write_npz(path: &Path, arrays: &[(&str, &str, &[usize], Vec<u8>)]) {
+/// One array for an .npz: name, numpy descr, shape, little-endian bytes.
+type NpyArray<'a> = (&'a str, &'a str, &'a [usize], Vec<u8>);
+
+/// Writes `arrays` as an uncompressed .npz.
+fn write_npz(path: &Path, arrays: &[NpyArray]) {
     let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     for (name, descr, shape, data) in arrays {
         let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
@@ -349,7 +352,7 @@ fn verify_runs_both_models_on_real_inputs_from_an_npz() {
     let x64: Vec<u8> = (0..16 * 32)
         .flat_map(|i| (i as f64).to_le_bytes())
         .collect();
-    let cases: Vec<(&str, Vec<(&str, &str, &[usize], Vec<u8>)>, String)> = vec![
+    let cases: Vec<(&str, Vec<NpyArray>, String)> = vec![
         (
             "name",
             vec![("hidden", "<f4", &[1, 16, 32], x.clone())],
