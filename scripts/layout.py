@@ -33,6 +33,8 @@ MAX_LINES = 600
 FLOORS = {
     "spec": 0,  # the op contract
     "onnx": 0,  # model load/save, graph index
+    "progress": 0,  # what the long steps report (the CLI draws it)
+    "npz": 0,  # NumPy .npz reading, for --verify --inputs
     "cpu": 1,  # the CPU kernels
     "reference": 1,  # the float64 oracle and the simple reference over the CPU kernels
     "signature": 1,  # checked call signatures shared by the runtime adapters
@@ -41,7 +43,8 @@ FLOORS = {
     "ort_ops": 3,  # the same, under the name that does not shadow the `ort` crate
     "trt": 3,  # what TensorRT's ONNX parser reads from a node (the plugin itself: plugins/tensorrt)
     "rewrite": 4,  # the rewriter
-    "bin": 5,  # the CLI
+    "cli": 5,  # the CLI (in the library, so the Python package runs it too)
+    "bin": 5,  # the CLI's main
 }
 
 # The floor of the runtime crates (plugins/<name>/src): the runtime adapters'.
