@@ -38,13 +38,10 @@
 #define SMOE_ERR_NEG_CAPACITY 2
 #define SMOE_ERR_TOO_MANY_EXPERTS 4
 
-// activation codes (grouped_gemm.cu)
-#define SMOE_ACT_NONE 0
-#define SMOE_ACT_SILU 1
-#define SMOE_ACT_GELU 2
-#define SMOE_ACT_GELU_TANH 3
-#define SMOE_ACT_RELU 4
-#define SMOE_ACT_SWIGLU_OAI 5   // gated only
+// activation codes (grouped_gemm.cu): SMOE_ACT_<NAME>, generated from kernels/manifest.toml's
+// `activations` (kernels/generated/activations.cuh). Each has its branch in activate() / glu()
+// below and in the Hopper epilogue's dispatch (gemm_hopper_ws.cuh); swiglu_oai is gated only.
+#include "activations.cuh"
 
 // GLU layouts
 #define SMOE_GLU_GATE_UP 0

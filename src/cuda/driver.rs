@@ -150,14 +150,14 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         }
         let pdl = pdl_supported(cc);
         let mut funcs = HashMap::new();
-        for Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
+        for &Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
             if !archs.contains(&arch) {
                 continue; // no native code here (its body traps); never launched here
             }
             if tma && !has_symbol("cuTensorMapEncodeTiled") {
                 continue; // a driver that cannot encode the map: the cp.async form is used
             }
-            let c = CString::new(name.as_str()).expect("no NUL");
+            let c = CString::new(name).expect("no NUL");
             let mut f: CUfunction = std::ptr::null_mut();
             check(sys::cuModuleGetFunction(&mut f, modules[m], c.as_ptr()), &format!("cuModuleGetFunction({name})"))?;
             if smem > 0 {
@@ -182,7 +182,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
                 )?;
                 sms * blocks.max(1) as u32
             };
-            funcs.insert(name, Func { f, threads, smem, resident, cluster, pdl });
+            funcs.insert(name.to_string(), Func { f, threads, smem, resident, cluster, pdl });
         }
         Ok(Device { ctx, device, sms, cc, arch, modules, funcs })
     }
