@@ -35,6 +35,8 @@ fn act_code(a: Option<Activation>) -> i32 {
         Some(Activation::GeluTanh) => 3,
         Some(Activation::Relu) => 4,
         Some(Activation::SwigluOai) => 5,
+        Some(Activation::Relu2) => 6,
+        Some(Activation::SwigluLimit) => 7,
     }
 }
 
