@@ -14,7 +14,7 @@ use super::expr::{BSrc, ExpertMlp, WSrc};
 use crate::onnx::graph::{attr_float, attr_int, attr_string, make_node, GraphIndex};
 use crate::onnx::tensor::{elem_size, encode_f32, make_i64, make_tensor, tensor_bytes, tensor_f32, ExternalStore};
 use crate::onnx::PendingTensor;
-use crate::spec::{self, scatter_moe as sm, Activation, AttrDefault, CapacityOrder};
+use crate::spec::{self, scatter_moe as sm, AttrDefault, CapacityOrder};
 
 /// The runtime the rewritten model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,8 +214,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             bail!("experts differ in which biases they have");
         }
         // one node has one alpha and one limit: experts that differ in them are not one layer
-        if m0.activation == Activation::SwigluOai && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
-            bail!("experts differ in the swiglu_oai alpha or limit ({} / {} and {} / {})", m0.alpha, m0.limit, m.alpha, m.limit);
+        if m0.activation.clamped() && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
+            bail!("experts differ in the {} alpha or limit ({} / {} and {} / {})", m0.activation.name(), m0.alpha, m0.limit, m.alpha, m.limit);
         }
     }
     let mut nodes = layer.extra_nodes.clone();
@@ -366,7 +366,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     if m0.gated {
         node.attribute.push(attr_string(sm::ATTR_GLU_LAYOUT, m0.glu_layout.name()));
     }
-    if m0.activation == Activation::SwigluOai {
+    if m0.activation.clamped() {
         node.attribute.push(attr_float(sm::ATTR_ALPHA, m0.alpha));
         node.attribute.push(attr_float(sm::ATTR_LIMIT, m0.limit));
     }
