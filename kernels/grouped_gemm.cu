@@ -14,7 +14,8 @@
 //   (const T* X, const T* W, const T* bias, T* Y, const int* sorted_idx, const int* expert_offsets,
 //    const T* row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
 //    int act, int gated, int glu_layout, float alpha, float limit)
-//   act: SMOE_ACT_* (common.cuh); swiglu_oai (5) needs gated = 1; alpha, limit used by it only.
+//   act: SMOE_ACT_* (common.cuh); swiglu_oai (5) and swiglu_limit (7) need gated = 1; alpha, limit
+//   used by them only.
 //   N_assign is expert_offsets[E]; E <= 1024. N even when gated.
 //
 //   scattermoe_gemm_{f16,bf16}_128x128   tensor cores (mma.sync m16n8k16, ldmatrix, 4-stage
