@@ -8,7 +8,7 @@ import torch
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 ROUTING_CHUNK = 4096
 
-ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
+ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # The kernel catalogue (geometry, clusters, TMA forms, thresholds), generated from
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
