@@ -502,6 +502,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
             case SMOE_ACT_GELU_TANH: ws_epilogue<T, SMOE_ACT_GELU_TANH>(acc, t, gated, ep); break;
             case SMOE_ACT_RELU: ws_epilogue<T, SMOE_ACT_RELU>(acc, t, gated, ep); break;
             case SMOE_ACT_SWIGLU_OAI: ws_epilogue<T, SMOE_ACT_SWIGLU_OAI>(acc, t, gated, ep); break;
+            case SMOE_ACT_RELU2: ws_epilogue<T, SMOE_ACT_RELU2>(acc, t, gated, ep); break;
+            case SMOE_ACT_SWIGLU_LIMIT: ws_epilogue<T, SMOE_ACT_SWIGLU_LIMIT>(acc, t, gated, ep); break;
             default: ws_epilogue<T, SMOE_ACT_NONE>(acc, t, gated, ep); break;
             }
         }

@@ -14,8 +14,8 @@
 //   (const T* X, const T* W, const T* bias, T* Y, const int* sorted_idx, const int* expert_offsets,
 //    const T* row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
 //    int act, int gated, int glu_layout, float alpha, float limit)
-//   act: SMOE_ACT_* (the codes of kernels/manifest.toml's `activations`); swiglu_oai needs
-//   gated = 1; alpha, limit used by it only.
+//   act: SMOE_ACT_* (the codes of kernels/manifest.toml's `activations`); swiglu_oai and
+//   swiglu_limit need gated = 1; alpha, limit used by them only.
 //   N_assign is expert_offsets[E]; E <= 1024. N even when gated.
 //
 //   The configurations, each with its tile, block and dynamic smem, are kernels/manifest.toml's

@@ -565,12 +565,12 @@ def _jetmoe_block():
     return JetMoeMoE(c)
 
 
-def _llama4_block():
+def _llama4_block(k=1):
     import transformers as tr
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     c = tr.Llama4TextConfig(hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_local_experts=4,
-                            num_experts_per_tok=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+                            num_experts_per_tok=k, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     return Llama4TextMoe(c)
 
 
@@ -582,6 +582,34 @@ def _nemotron_h_block(experts_impl):
                            num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
                            experts_implementation=experts_impl)
     return NemotronHMoE(c)
+
+
+def _clamped_swiglu_block(family, experts_impl):
+    """GLM-5-Next's or HY-V4's MoE block: experts silu(min(gate, l)) * clamp(up, -l, l). The limit is
+    small, so the clamps act on the fixture's values."""
+    if family == "glm5_next":
+        from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig as Config
+        from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextMoE as Block
+        limit = 0.5
+    else:
+        from transformers.models.hy_v4.configuration_hy_v4 import HYV4Config as Config
+        from transformers.models.hy_v4.modeling_hy_v4 import HYV4MoE as Block
+        limit = 1.0
+    c = Config(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, n_group=1,
+               topk_group=1, n_shared_experts=1, swiglu_limit=limit)
+    c._experts_implementation = experts_impl
+    return Block(c)
+
+
+def _family_block(parts):
+    """The block of a "block:<family>[:<option>]" builder."""
+    if parts[1] == "nemotron_h":
+        return _nemotron_h_block(parts[2])
+    if parts[1] in ("glm5_next", "hy_v4"):
+        return _clamped_swiglu_block(parts[1], parts[2])
+    if parts[1] == "llama4":
+        return _llama4_block(int(parts[2][1:]) if len(parts) > 2 else 1)  # "k2": top-2
+    return {"jetmoe": _jetmoe_block}[parts[1]]()
 
 
 # name, builder ("block:jetmoe" or "lm:<family>[:<experts implementation>]"), exporter, dtype, expect
@@ -599,14 +627,23 @@ FAMILY_FIXTURES = [
     ("llama4_moe", "block:llama4", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
     ("llama4_moe_f16", "block:llama4", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
     ("llama4_moe_ts", "block:llama4", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
-    # Nemotron-H: non-gated experts with squared ReLU (relu2), which the op does not have
-    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(refused="activation")),
-    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(refused="activation", needs="batched_mm")),
+    # Nemotron-H: non-gated experts with squared ReLU (relu2)
+    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
     # with past keys and values (5 cached positions) as inputs
     ("mixtral_lm_past", "lmpast:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("qwen3_moe_lm_past", "lmpast:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     # batched_mm experts, dynamo: needs the batched_mm rule
     ("mixtral_lm_bmm_dynamo", "lm:mixtral:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+    # float16 experts summed in float32 (the router's weights are float32): the op writes float16,
+    # a Cast gives the sum its type
+    ("nemotron_h_moe_f16", "block:nemotron_h:eager", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # GLM-5-Next and HY-V4: swiglu_limit experts (limits 0.5 and 1.0)
+    ("glm5_next_moe", "block:glm5_next:eager", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("hy_v4_moe_bmm_dynamo", "block:hy_v4:batched_mm", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Llama-4 with top-2 routing: one row per assignment, summed over k after the op
+    ("llama4_moe_k2", "block:llama4:k2", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_k2_ts", "block:llama4:k2", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 
@@ -643,7 +680,7 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
     parts = spec.split(":")
     tdtype = getattr(torch, dtype)
     if parts[0] == "block":
-        m = {"jetmoe": _jetmoe_block, "llama4": _llama4_block}[parts[1]]() if parts[1] != "nemotron_h" else _nemotron_h_block(parts[2])
+        m = _family_block(parts)
         input_name, output_name = "hidden_states", "output"
         randomise(m, seed)
         m = FirstOutput(m.to(tdtype).eval()).eval()

@@ -240,12 +240,15 @@ def test_int32_capacity(lib):
 
 MOE_ATTR_CASES = {
     "activation_swish": ({"activation": "swish"},
-                         ["attribute 'activation' has unsupported value 'swish'", "silu", "gelu_tanh", "swiglu_oai"]),
+                         ["attribute 'activation' has unsupported value 'swish'", "silu", "gelu_tanh", "relu2", "swiglu_oai",
+                          "swiglu_limit"]),
     "gated_2": ({"gated": 2}, ["'gated'", "2"]),
     "gated_minus_1": ({"gated": -1}, ["'gated'", "-1"]),
     "glu_layout": ({"glu_layout": "gateup"}, ["attribute 'glu_layout' has unsupported value 'gateup'", "interleaved"]),
     "capacity_order": ({"capacity_order": "random"}, ["attribute 'capacity_order' has unsupported value 'random'"]),
     "swiglu_not_gated": ({"activation": "swiglu_oai", "gated": 0}, ["'swiglu_oai'", "'gated'"]),
+    "swiglu_limit_not_gated": ({"activation": "swiglu_limit", "gated": 0}, ["'swiglu_limit'", "'gated'"]),
+    "swiglu_limit_limit_zero": ({"activation": "swiglu_limit", "limit": 0.0}, ["'limit'", "0"]),
     "limit_zero": ({"activation": "swiglu_oai", "limit": 0.0}, ["'limit'", "0"]),
     "limit_negative": ({"activation": "swiglu_oai", "limit": -1.5}, ["'limit'", "-1.5"]),
     "alpha_inf": ({"activation": "swiglu_oai", "alpha": math.inf}, ["'alpha'"]),

@@ -14,7 +14,7 @@ use super::expr::{BSrc, ExpertMlp, WSrc};
 use crate::onnx::graph::{attr_float, attr_int, attr_string, make_node, GraphIndex};
 use crate::onnx::tensor::{elem_size, encode_f32, make_i64, make_tensor, tensor_bytes, tensor_f32, ExternalStore};
 use crate::onnx::PendingTensor;
-use crate::spec::{self, scatter_moe as sm, Activation, AttrDefault, CapacityOrder};
+use crate::spec::{self, scatter_moe as sm, AttrDefault, CapacityOrder};
 
 /// The runtime the rewritten model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,7 +50,9 @@ pub struct MoeLayer {
     /// k when known (for the report)
     pub k: Option<usize>,
     /// nodes and initializers that build the op's inputs from what the graph has (e.g. a
-    /// trailing k = 1 axis on routing tensors), placed before the op
+    /// trailing k = 1 axis on routing tensors), placed before the op; those that read
+    /// [`op_result`]`(output)` (and what they feed) finish the layer's result from the op's and
+    /// go after it, and the op then writes that value instead of `output`
     pub extra_nodes: Vec<onnx_protobuf::NodeProto>,
     pub extra_inits: Vec<TensorProto>,
 }
@@ -59,6 +61,25 @@ impl MoeLayer {
     pub fn mlp(&self) -> &ExpertMlp {
         &self.experts[0]
     }
+
+    /// The element type of a value of the graph, or of one the layer's extra nodes make (the type
+    /// of their first input, e.g. rows scaled by router scores).
+    pub(super) fn value_type<'a>(&'a self, g: &GraphIndex, v: &'a str) -> Option<i32> {
+        let mut v = v;
+        for _ in 0..8 {
+            if let Some(t) = g.infer_type(v) {
+                return Some(t);
+            }
+            v = self.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?.input.first()?.as_str();
+        }
+        None
+    }
+}
+
+/// The value the op writes when the layer's extra nodes compute its `output` from the op's
+/// result (a sum over k of one row per assignment, say): those nodes read it under this name.
+pub fn op_result(output: &str) -> String {
+    format!("{output}.scattermoe_op")
 }
 
 /// A weight source, kept alive for the save.
@@ -199,10 +220,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let n = if m0.gated { 2 * f } else { f };
     // token rows made by the layer's own extra nodes (e.g. rows scaled by router scores) have
     // the type of the nodes' first input
-    let elem = g
-        .infer_type(&layer.x)
-        .or_else(|| layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == &layer.x)).and_then(|n| g.infer_type(&n.input[0])))
-        .ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    let elem = layer.value_type(g, &layer.x).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
     if spec::ElemType::from_onnx_code(elem).is_none() {
         bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
     }
@@ -214,11 +232,30 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             bail!("experts differ in which biases they have");
         }
         // one node has one alpha and one limit: experts that differ in them are not one layer
-        if m0.activation == Activation::SwigluOai && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
-            bail!("experts differ in the swiglu_oai alpha or limit ({} / {} and {} / {})", m0.alpha, m0.limit, m.alpha, m.limit);
+        if m0.activation.clamped() && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
+            bail!("experts differ in the {} alpha or limit ({} / {} and {} / {})", m0.activation.name(), m0.alpha, m0.limit, m.alpha, m.limit);
         }
     }
-    let mut nodes = layer.extra_nodes.clone();
+    // extra nodes that read the op's result go after it
+    let result = op_result(&layer.output);
+    let mut after_values = vec![result.clone()];
+    let (mut nodes, mut after) = (Vec::new(), Vec::new());
+    for n in &layer.extra_nodes {
+        if n.input.iter().any(|i| after_values.contains(i)) {
+            after_values.extend(n.output.iter().cloned());
+            after.push(n.clone());
+        } else {
+            nodes.push(n.clone());
+        }
+    }
+    // a replaced value of another float type than the rows (float16 experts summed in float32):
+    // the op writes the rows' type, a Cast gives the value its own
+    if let Some(t) = g.infer_type(&layer.output).filter(|&t| after.is_empty() && t != elem && spec::ElemType::from_onnx_code(t).is_some()) {
+        let mut c = make_node("Cast", "", &format!("{tag}/Cast_output"), &[&result], &[&layer.output]);
+        c.attribute.push(attr_int("to", t as i64));
+        after.push(c);
+    }
+    let op_output = if after.is_empty() { layer.output.clone() } else { result };
     model.initializers.extend(layer.extra_inits.iter().cloned());
 
     // --- w_in [E, n, d]
@@ -360,13 +397,13 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         }
     }
     let in_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&layer.output]);
+    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&op_output]);
     node.attribute.push(attr_string(sm::ATTR_ACTIVATION, m0.activation.name()));
     node.attribute.push(attr_int(sm::ATTR_GATED, m0.gated as i64));
     if m0.gated {
         node.attribute.push(attr_string(sm::ATTR_GLU_LAYOUT, m0.glu_layout.name()));
     }
-    if m0.activation == Activation::SwigluOai {
+    if m0.activation.clamped() {
         node.attribute.push(attr_float(sm::ATTR_ALPHA, m0.alpha));
         node.attribute.push(attr_float(sm::ATTR_LIMIT, m0.limit));
     }
@@ -388,6 +425,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
     }
     nodes.push(node);
+    nodes.extend(after);
     let mut out = std::mem::take(model);
     out.nodes = nodes;
     Ok(out)

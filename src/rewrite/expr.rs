@@ -590,14 +590,21 @@ pub fn act(a: Activation, x: f64) -> f64 {
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
         Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
         Activation::Relu => x.max(0.0),
-        Activation::SwigluOai => f64::NAN,
+        Activation::Relu2 => x.max(0.0).powi(2),
+        Activation::SwigluOai | Activation::SwigluLimit => f64::NAN,
     }
 }
 
-fn swiglu_oai(g: f64, u: f64, alpha: f64, limit: f64) -> f64 {
+/// The activations defined on one value, the candidates of [`identify_unary`] and of the
+/// `act(gate) * up` forms of [`identify_gated`].
+const UNARY: [Activation; 5] = [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Relu2];
+
+/// The clamped SwiGLU forms over (gate, up), with their alpha and limit.
+fn clamped_glu(a: Activation, g: f64, u: f64, alpha: f64, limit: f64) -> f64 {
     let g = g.min(limit);
     let u = u.clamp(-limit, limit);
-    (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+    let offset = if a == Activation::SwigluOai { 1.0 } else { 0.0 };
+    (u + offset) * g / (1.0 + (-alpha * g).exp())
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -610,10 +617,25 @@ fn samples() -> Vec<f64> {
     s
 }
 
+/// Points on both sides of every constant of `h` (and of its negation): a clamp or a threshold
+/// sits at one of them, so a clamp beyond the fixed samples (a limit of 50, say) is still seen.
+fn breakpoints(h: &Expr) -> Vec<f64> {
+    let mut consts = Vec::new();
+    collect_consts(h, &mut consts);
+    let mut out = Vec::new();
+    for c in consts.into_iter().filter(|c| c.is_finite() && *c != 0.0 && c.abs() <= 1e6) {
+        for v in [c, -c] {
+            out.extend([v - 0.5, v + 0.5, 2.0 * v]);
+        }
+    }
+    out
+}
+
 /// A unary activation h(x) among the supported ones.
 pub fn identify_unary(h: &Expr, leaf: &Expr) -> Option<Activation> {
-    let pts = samples();
-    [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu].into_iter().find(|&a| {
+    let mut pts = samples();
+    pts.extend(breakpoints(h));
+    UNARY.into_iter().find(|&a| {
         pts.iter().all(|&x| {
             let v = eval(h, &|e| (e == leaf).then_some(x));
             v.is_some_and(|v| close(v, act(a, x)))
@@ -623,10 +645,11 @@ pub fn identify_unary(h: &Expr, leaf: &Expr) -> Option<Activation> {
 
 /// A gated activation h(p, q): returns (activation, p is the gate, alpha, limit).
 pub fn identify_gated(h: &Expr, p: &Expr, q: &Expr) -> Option<(Activation, bool, f32, f32)> {
-    let pts: Vec<f64> = samples().into_iter().step_by(3).collect();
+    let mut pts: Vec<f64> = samples().into_iter().step_by(3).collect();
+    pts.extend(breakpoints(h));
     let f = |x: f64, y: f64| eval(h, &|e| if e == p { Some(x) } else if e == q { Some(y) } else { None });
     let check = |target: &dyn Fn(f64, f64) -> f64| pts.iter().all(|&x| pts.iter().all(|&y| f(x, y).is_some_and(|v| close(v, target(x, y)))));
-    for a in [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+    for a in UNARY {
         if check(&|x, y| act(a, x) * y) {
             return Some((a, true, 1.702, 7.0));
         }
@@ -634,21 +657,24 @@ pub fn identify_gated(h: &Expr, p: &Expr, q: &Expr) -> Option<(Activation, bool,
             return Some((a, false, 1.702, 7.0));
         }
     }
-    // clamped SwiGLU: alpha and limit among the expression's constants
+    // clamped SwiGLU: alpha and limit among the expression's constants (alpha 1 is silu's,
+    // which has no constant of its own)
     let mut consts = Vec::new();
     collect_consts(h, &mut consts);
     let mut cands: Vec<f64> = consts.iter().map(|c| c.abs()).filter(|c| *c > 0.0 && c.is_finite()).collect();
-    cands.extend([1.702, 7.0]);
+    cands.extend([1.0, 1.702, 7.0]);
     cands.sort_by(|a, b| a.partial_cmp(b).unwrap());
     cands.dedup();
-    for &alpha in &cands {
-        for &limit in &cands {
-            let (al, li) = (alpha as f32 as f64, limit as f32 as f64);
-            if check(&|x, y| swiglu_oai(x, y, al, li)) {
-                return Some((Activation::SwigluOai, true, alpha as f32, limit as f32));
-            }
-            if check(&|x, y| swiglu_oai(y, x, al, li)) {
-                return Some((Activation::SwigluOai, false, alpha as f32, limit as f32));
+    for a in [Activation::SwigluOai, Activation::SwigluLimit] {
+        for &alpha in &cands {
+            for &limit in &cands {
+                let (al, li) = (alpha as f32 as f64, limit as f32 as f64);
+                if check(&|x, y| clamped_glu(a, x, y, al, li)) {
+                    return Some((a, true, alpha as f32, limit as f32));
+                }
+                if check(&|x, y| clamped_glu(a, y, x, al, li)) {
+                    return Some((a, false, alpha as f32, limit as f32));
+                }
             }
         }
     }
@@ -750,12 +776,12 @@ pub fn to_mlp(e: &Expr, d: usize) -> Result<ExpertMlp, String> {
     let mlp = match ins.as_slice() {
         [a] => {
             let (w, b) = lin_of(a).ok_or("the activation's input is not a linear layer of the token rows")?;
-            let act = identify_unary(h, a).ok_or("the activation is not one of silu, gelu, gelu_tanh, relu")?;
+            let act = identify_unary(h, a).ok_or("the activation is not one of silu, gelu, gelu_tanh, relu, relu2")?;
             base(&w, &b, false, act, GluLayout::GateUp, 1.702, 7.0, w.out)
         }
         [p, q] => {
             let (act, p_gate, alpha, limit) =
-                identify_gated(h, p, q).ok_or("the gated activation is not act(gate) * up nor the clamped SwiGLU")?;
+                identify_gated(h, p, q).ok_or("the gated activation is not act(gate) * up nor a clamped SwiGLU (swiglu_oai, swiglu_limit)")?;
             let (gate, up) = if p_gate { (p, q) } else { (q, p) };
             match (gate, up) {
                 (Expr::Slice { x: gx, start: gs, end: ge, step: gst }, Expr::Slice { x: ux, start: us, end: ue, step: ust }) if gx == ux => {
@@ -838,5 +864,51 @@ mod tests {
         assert_eq!(identify_gated(&h, &p, &q), Some((Activation::SwigluOai, true, 1.5, 5.0)));
         // not a GLU: gate * up without an activation
         assert_eq!(identify_gated(&op("Mul", vec![p.clone(), q.clone()]), &p, &q), None);
+    }
+
+    #[test]
+    fn squared_relu_is_identified_in_either_spelling() {
+        let x = lin("a");
+        let r = op("Relu", vec![x.clone()]);
+        // transformers' ReLUSquaredActivation: square(relu(x)), as Mul or Pow
+        assert_eq!(identify_unary(&op("Mul", vec![r.clone(), r.clone()]), &x), Some(Activation::Relu2));
+        assert_eq!(identify_unary(&op("Pow", vec![r.clone(), c(2.0)]), &x), Some(Activation::Relu2));
+        // relu(x)^3 and x^2 are not
+        assert_eq!(identify_unary(&op("Pow", vec![r.clone(), c(3.0)]), &x), None);
+        assert_eq!(identify_unary(&op("Mul", vec![x.clone(), x.clone()]), &x), None);
+        // gated: relu2(gate) * up
+        let (p, q) = (lin("p"), lin("q"));
+        let rp = op("Relu", vec![p.clone()]);
+        assert_eq!(identify_gated(&op("Mul", vec![op("Mul", vec![rp.clone(), rp]), q.clone()]), &p, &q), Some((Activation::Relu2, true, 1.702, 7.0)));
+    }
+
+    #[test]
+    fn swiglu_limit_is_told_from_silu_and_from_swiglu_oai() {
+        let (p, q) = (lin("p"), lin("q"));
+        // GLM-5-Next / HY-V4: silu(min(gate, l)) * clamp(up, -l, l), l = 10
+        let glm = |l: f64| {
+            let gc = Expr::Clip { x: Box::new(p.clone()), lo: None, hi: Some(l) };
+            let uc = Expr::Clip { x: Box::new(q.clone()), lo: Some(-l), hi: Some(l) };
+            op("Mul", vec![op("Mul", vec![gc.clone(), op("Sigmoid", vec![gc])]), uc])
+        };
+        assert_eq!(identify_gated(&glm(10.0), &p, &q), Some((Activation::SwigluLimit, true, 1.0, 10.0)));
+        // a limit beyond every fixed sample point is still a clamp, not silu * up
+        assert_eq!(identify_gated(&glm(50.0), &p, &q), Some((Activation::SwigluLimit, true, 1.0, 50.0)));
+        // the same clamps with GPT-OSS's "+ 1" on up are swiglu_oai
+        let gc = Expr::Clip { x: Box::new(q.clone()), lo: None, hi: Some(10.0) };
+        let uc = Expr::Clip { x: Box::new(p.clone()), lo: Some(-10.0), hi: Some(10.0) };
+        let oai = op("Mul", vec![op("Add", vec![uc, c(1.0)]), op("Mul", vec![gc.clone(), op("Sigmoid", vec![gc])])]);
+        assert_eq!(identify_gated(&oai, &p, &q), Some((Activation::SwigluOai, false, 1.0, 10.0)));
+        // only one side clamped: neither
+        let half = op("Mul", vec![op("Mul", vec![p.clone(), op("Sigmoid", vec![p.clone()])]), Expr::Clip { x: Box::new(q.clone()), lo: Some(-10.0), hi: Some(10.0) }]);
+        assert_eq!(identify_gated(&half, &p, &q), None);
+    }
+
+    #[test]
+    fn a_clamp_beyond_the_samples_is_not_taken_for_a_plain_activation() {
+        // relu(min(x, 100)) is relu only below 100
+        let x = lin("a");
+        let h = op("Relu", vec![Expr::Clip { x: Box::new(x.clone()), lo: None, hi: Some(100.0) }]);
+        assert_eq!(identify_unary(&h, &x), None);
     }
 }

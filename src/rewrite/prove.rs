@@ -235,6 +235,9 @@ fn write_side(
     g.initializer.append(&mut inits);
     g.input = inputs.to_vec();
     g.output.push(output);
+    // zero-valued attributes (`gated = 0`) written with their value, as the model's save does:
+    // without it ONNX Runtime reads such a node as having no value for them
+    crate::onnx::io::write_zero_attribute_values(&mut g);
     m.graph = Some(g).into();
     let path = dir.join(file);
     std::fs::write(&path, m.write_to_bytes()?)?;
@@ -431,18 +434,33 @@ fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     false
 }
 
+/// The graph value the op's routing indices are made from: the layer's own, or the one the
+/// replacement's nodes reshape into them (a trailing axis of one slot, one row per assignment).
+fn routing_source<'a>(layer: &'a MoeLayer, em: &'a Emitted) -> &'a str {
+    let mut v = layer.routing_indices.as_str();
+    for _ in 0..8 {
+        match em.nodes.iter().find(|n| n.output.iter().any(|o| o == v)) {
+            Some(n) if n.domain.is_empty() && matches!(n.op_type.as_str(), "Reshape" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity") => v = &n.input[0],
+            _ => break,
+        }
+    }
+    v
+}
+
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
     let start = Instant::now();
     let reads = replacement_reads(g, em);
+    let routing = routing_source(layer, em);
     // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
     // guarantees random indices would not: both models compute them with the router's own nodes
-    let derive: Vec<String> =
-        reads.iter().filter(|v| **v == layer.routing_indices && !routed_by_topk(g, v)).cloned().collect();
+    let derive: Vec<String> = reads.iter().filter(|v| *v == routing && !routed_by_topk(g, v)).cloned().collect();
     let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
-    let tol = tolerance(out_elem);
+    // the op computes in the rows' type: a float16 layer summed into a float32 value is compared
+    // at float16's tolerance
+    let tol = layer.value_type(g, &layer.x).map_or(0.0, tolerance).max(tolerance(out_elem));
 
     // the boundary inputs, their shapes, and what they mean
     let mut feeds = Vec::new();
@@ -454,7 +472,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
                 // the op's own contract for its inputs when the producers do not tell
                 if *v == layer.x {
                     Some(vec![Dim::TOKENS, Dim::fixed(layer.mlp().d as i64)])
-                } else if *v == layer.routing_weights || *v == layer.routing_indices {
+                } else if *v == layer.routing_weights || v == routing {
                     k.map(|k| vec![Dim::TOKENS, Dim::fixed(k as i64)])
                 } else {
                     None
@@ -465,7 +483,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
             bail!("boundary value '{v}' has more than one token axis");
         }
         let experts = layer.experts.len() as i64;
-        let role = if *v == layer.routing_indices && matches!(elem, 6 | 7) {
+        let role = if v == routing && matches!(elem, 6 | 7) {
             Role::RoutingIndices
         } else if *v == layer.routing_weights {
             Role::RoutingWeights
