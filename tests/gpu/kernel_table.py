@@ -7,7 +7,7 @@ rewrites it.
 
 MODULES = ("routing", "grouped_gemm", "combine")
 # the kernels' activation codes (`act`)
-ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
+ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch
 PLAIN_THREADS = {
     "scattermoe_routing_count_i32": 256,
