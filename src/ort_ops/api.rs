@@ -490,10 +490,8 @@ impl KernelContext {
     }
 
     /// Allocates output `i` with `dims`; None when the node does not ask for this optional output.
-    /// `elem` is the ONNX element type the kernel writes: ONNX Runtime allocates the output with
-    /// the type the graph's type inference gave it, and where that failed (a model that declares
-    /// another type for the value) it can differ from what the inputs make the op compute. Writing
-    /// then would fill a buffer of another element size, silently wrong, so it is an error.
+    /// `elem` is the element type the kernel writes: where the graph defeats type inference, ORT
+    /// allocates the declared type instead, and writing would be silently wrong (an error here).
     pub fn output(&self, i: usize, dims: &[usize], elem: i32) -> Result<Option<*mut c_void>, String> {
         if i >= self.output_count()? {
             return Ok(None);
@@ -504,21 +502,15 @@ impl KernelContext {
         if v.is_null() {
             return Ok(None);
         }
-        let mut info = ptr::null_mut();
-        check(unsafe { (api().GetTensorTypeAndShape)(v, &mut info) })?;
-        let r = read_type_shape(info);
-        unsafe { (api().ReleaseTensorTypeAndShapeInfo)(info) };
-        let (have, _) = r?;
-        if have != elem {
+        let out = tensor(v)?;
+        if out.elem != elem {
             return Err(format!(
                 "output {i} was allocated as {} but the op computes {} from its inputs: the model gives this value another type (an attribute without a value, or a declared type, can make ONNX Runtime's type inference fall back)",
-                crate::spec::onnx_type_name(have),
+                crate::spec::onnx_type_name(out.elem),
                 crate::spec::onnx_type_name(elem)
             ));
         }
-        let mut data = ptr::null_mut();
-        check(unsafe { (api().GetTensorMutableData)(v, &mut data) })?;
-        Ok(Some(data))
+        Ok(Some(out.data.cast_mut()))
     }
 }
 
