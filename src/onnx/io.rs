@@ -357,7 +357,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
 /// API refuses it, so a node with `gated = 0` would not load). The generated types follow proto3
 /// rules and skip zero scalars when writing, so zero values of int, float and string attributes are
 /// written explicitly, as the unknown field with the value's field number (`f` = 2, `i` = 3, `s` = 4).
-fn write_zero_attribute_values(g: &mut onnx_protobuf::GraphProto) {
+pub(crate) fn write_zero_attribute_values(g: &mut onnx_protobuf::GraphProto) {
     use onnx_protobuf::attribute_proto::AttributeType;
     for n in &mut g.node {
         for a in &mut n.attribute {

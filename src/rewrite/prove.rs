@@ -235,6 +235,9 @@ fn write_side(
     g.initializer.append(&mut inits);
     g.input = inputs.to_vec();
     g.output.push(output);
+    // zero-valued attributes (the op's `gated = 0`) written with their value, as `onnx::save` does:
+    // ONNX Runtime refuses a custom-op attribute without one
+    crate::onnx::io::write_zero_attribute_values(&mut g);
     m.graph = Some(g).into();
     let path = dir.join(file);
     std::fs::write(&path, m.write_to_bytes()?)?;
@@ -416,6 +419,22 @@ fn first_line(e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// The values the op's routing indices `idx` are computed from: `idx` itself, or the values the
+/// emitted nodes read to make it (a Reshape of flattened indices).
+fn index_sources<'e>(em: &'e Emitted, idx: &'e str) -> HashSet<&'e str> {
+    let mut out = HashSet::new();
+    let mut stack = vec![idx];
+    while let Some(v) = stack.pop() {
+        if !out.insert(v) {
+            continue;
+        }
+        if let Some(n) = em.nodes.iter().find(|n| n.output.iter().any(|o| o == v)) {
+            stack.extend(n.input.iter().map(String::as_str).filter(|i| !i.is_empty()));
+        }
+    }
+    out
+}
+
 /// The indices come from TopK's second output (through casts), which never repeats an expert in a row.
 fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     let mut v = v;
@@ -437,9 +456,11 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let start = Instant::now();
     let reads = replacement_reads(g, em);
     // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
-    // guarantees random indices would not: both models compute them with the router's own nodes
-    let derive: Vec<String> =
-        reads.iter().filter(|v| **v == layer.routing_indices && !routed_by_topk(g, v)).cloned().collect();
+    // guarantees random indices would not: both models compute them with the router's own nodes.
+    // So are the graph's values the emitted nodes regroup into the op's indices (a clipped,
+    // flattened index), whatever router made them.
+    let sources = index_sources(em, &layer.routing_indices);
+    let derive: Vec<String> = reads.iter().filter(|v| sources.contains(v.as_str()) && !routed_by_topk(g, v)).cloned().collect();
     let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     let tol = tolerance(out_elem);

@@ -39,20 +39,38 @@ fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
     let Some(type_proto::Value::TensorType(tt)) = vi.type_.as_ref()?.value.as_ref() else { return None };
     let s = tt.shape.as_ref()?;
     let mut syms = 0;
-    let out: Shape = s
+    let out: Option<Shape> = s
         .dim
         .iter()
         .map(|d| {
             if d.has_dim_value() {
-                Dim::fixed(d.dim_value())
+                Some(Dim::fixed(d.dim_value()))
             } else {
                 syms += 1;
-                Dim::TOKENS
+                symbolic(d.dim_param())
             }
         })
         .collect();
     // one symbolic axis is the token axis; two (batch, sequence) would make T ambiguous
-    (syms <= 1).then_some(out)
+    out.filter(|_| syms <= 1)
+}
+
+/// A symbolic dimension in terms of T: a name (`S`) is T, a product of a name and an integer (the
+/// dynamo exporter's `2*S`) that multiple of T; any other expression (or none) is not told.
+fn symbolic(p: &str) -> Option<Dim> {
+    let name = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !x.starts_with(|c: char| c.is_ascii_digit());
+    let p = p.trim();
+    if name(p) {
+        return Some(Dim::TOKENS);
+    }
+    let (a, b) = p.split_once('*')?;
+    let (a, b) = (a.trim(), b.trim());
+    let c = match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(c), Err(_)) if name(b) => c,
+        (Err(_), Ok(c)) if name(a) => c,
+        _ => return None,
+    };
+    (c > 0).then_some(Dim { t: 1, c })
 }
 
 fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
@@ -332,6 +350,16 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn symbolic_dims_are_multiples_of_the_token_count_or_unknown() {
+        assert_eq!(super::symbolic("S"), Some(Dim::TOKENS));
+        assert_eq!(super::symbolic("2*S"), Some(Dim { t: 1, c: 2 }));
+        assert_eq!(super::symbolic("s53*4"), Some(Dim { t: 1, c: 4 }));
+        for other in ["", "S + 1", "s0*s1", "2*3", "-2*S", "(S)"] {
+            assert_eq!(super::symbolic(other), None, "{other}");
+        }
+    }
+
     use super::*;
     use crate::onnx::graph::make_node;
     use crate::onnx::tensor::make_i64;
