@@ -187,6 +187,64 @@ pub struct Emitted {
     pub nodes: Vec<onnx_protobuf::NodeProto>,
     pub initializers: Vec<TensorProto>,
     pub pending: Vec<PendingTensor>,
+    /// the op's element type T (ONNX code; 0 where no ScatterMoE node was written)
+    pub elem: i32,
+}
+
+/// The element type of the matrix products that read `weight` (through the gathers, casts,
+/// transposes and reshapes exporters put between a weight and its product), when the graph
+/// computes one.
+fn product_type(g: &GraphIndex, weight: &str) -> Option<i32> {
+    let mut stack = vec![(weight.to_string(), 0usize)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((v, depth)) = stack.pop() {
+        if depth > 8 || !seen.insert(v.clone()) {
+            continue;
+        }
+        for &c in g.cons(&v) {
+            let n = g.node(c);
+            if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+                continue;
+            }
+            match n.op_type.as_str() {
+                "MatMul" | "Gemm" | "Einsum" => return g.infer_type(&n.output[0]),
+                "Gather" | "GatherND" | "Cast" | "Transpose" | "Unsqueeze" | "Squeeze" | "Reshape" | "Identity" | "Slice" | "Split" => {
+                    stack.extend(n.output.iter().map(|o| (o.clone(), depth + 1)));
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// The element type the experts compute in: that of the products reading the first expert's
+/// first and last weights, where both agree (an exporter may cast the token rows and weights of a
+/// float16 model up and compute, weight and accumulate the experts in float32). None where the
+/// graph computes no such product (`com.microsoft.MoE` reads its weights itself) or they differ.
+fn compute_type(g: &GraphIndex, layer: &MoeLayer) -> Option<i32> {
+    let m = layer.mlp();
+    let a = product_type(g, &m.w_in.first()?.init)?;
+    let b = product_type(g, &m.w_out.init)?;
+    (a == b && spec::ElemType::from_onnx_code(a).is_some()).then_some(a)
+}
+
+/// The element type of `v`: the graph's, or for a value the layer's own extra nodes make (rows
+/// scaled by router scores, regrouped routing weights) that of the node's first input.
+fn value_type(g: &GraphIndex, layer: &MoeLayer, v: &str, depth: usize) -> Option<i32> {
+    g.infer_type(v).or_else(|| {
+        let n = layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?;
+        (depth < 8).then(|| value_type(g, layer, n.input.first()?, depth + 1)).flatten()
+    })
+}
+
+/// `Cast(v, to)` into a fresh value, appended to `nodes`.
+fn cast_to(g: &GraphIndex, taken: &mut Vec<String>, nodes: &mut Vec<onnx_protobuf::NodeProto>, tag: &str, what: &str, v: &str, to: i32) -> String {
+    let name = unique_name(g, taken, &format!("{tag}.{what}"));
+    let mut c = make_node("Cast", "", &format!("{tag}/Cast_{what}"), &[v], &[&name]);
+    c.attribute.push(attr_int("to", to as i64));
+    nodes.push(c);
+    name
 }
 
 /// The layer's node (and any Cast, capacity constant, stacked weights).
@@ -197,15 +255,14 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let e_count = layer.experts.len();
     let (d, f) = (m0.d, m0.f);
     let n = if m0.gated { 2 * f } else { f };
-    // token rows made by the layer's own extra nodes (e.g. rows scaled by router scores) have
-    // the type of the nodes' first input
-    let elem = g
-        .infer_type(&layer.x)
-        .or_else(|| layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == &layer.x)).and_then(|n| g.infer_type(&n.input[0])))
-        .ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    let x_elem = value_type(g, layer, &layer.x, 0).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    // T follows the original: the type its experts compute in, with Casts around the node where
+    // the token rows or the replaced value have another type
+    let elem = compute_type(g, layer).unwrap_or(x_elem);
     if spec::ElemType::from_onnx_code(elem).is_none() {
         bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
     }
+    let out_elem = g.infer_type(&layer.output).filter(|&t| spec::ElemType::from_onnx_code(t).is_some()).unwrap_or(elem);
     for m in &layer.experts {
         if m.d != d || m.f != f || m.gated != m0.gated || m.activation != m0.activation || m.glu_layout != m0.glu_layout {
             bail!("experts differ in shape or activation");
@@ -220,6 +277,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     let mut nodes = layer.extra_nodes.clone();
     model.initializers.extend(layer.extra_inits.iter().cloned());
+    let x = if x_elem == elem { layer.x.clone() } else { cast_to(g, taken, &mut nodes, tag, "x", &layer.x, elem) };
 
     // --- w_in [E, n, d]
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
@@ -313,16 +371,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     };
 
     // --- routing weights in the op's element type
-    let rw_type = g.infer_type(&layer.routing_weights);
-    let rw = if rw_type == Some(elem) {
-        layer.routing_weights.clone()
-    } else {
-        let name = unique_name(g, taken, &format!("{tag}.routing_weights"));
-        let mut c = make_node("Cast", "", &format!("{tag}/Cast"), &[&layer.routing_weights], &[&name]);
-        c.attribute.push(attr_int("to", elem as i64));
-        nodes.push(c);
-        name
-    };
+    let rw_type = value_type(g, layer, &layer.routing_weights, 0);
+    let rw = if rw_type == Some(elem) { layer.routing_weights.clone() } else { cast_to(g, taken, &mut nodes, tag, "routing_weights", &layer.routing_weights, elem) };
     let capacity = match layer.capacity {
         Some(c) => {
             let name = unique_name(g, taken, &format!("{tag}.capacity"));
@@ -351,7 +401,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             model.initializers.push(t);
         }
     }
-    let mut inputs: Vec<String> = vec![layer.x.clone(), rw, layer.routing_indices.clone(), w_in, w_out];
+    let mut inputs: Vec<String> = vec![x, rw, layer.routing_indices.clone(), w_in, w_out];
     let opt = [b_in, b_out, capacity];
     let last = opt.iter().rposition(Option::is_some);
     if let Some(last) = last {
@@ -360,7 +410,9 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         }
     }
     let in_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&layer.output]);
+    // the op writes T; a replaced value of another type gets it through a Cast
+    let y = if out_elem == elem { layer.output.clone() } else { unique_name(g, taken, &format!("{tag}.y")) };
+    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&y]);
     node.attribute.push(attr_string(sm::ATTR_ACTIVATION, m0.activation.name()));
     node.attribute.push(attr_int(sm::ATTR_GATED, m0.gated as i64));
     if m0.gated {
@@ -388,8 +440,14 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
     }
     nodes.push(node);
+    if y != layer.output {
+        let mut c = make_node("Cast", "", &format!("{tag}/Cast_y"), &[&y], &[&layer.output]);
+        c.attribute.push(attr_int("to", out_elem as i64));
+        nodes.push(c);
+    }
     let mut out = std::mem::take(model);
     out.nodes = nodes;
+    out.elem = elem;
     Ok(out)
 }
 

@@ -244,7 +244,7 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
             Ok((e, proof)) => {
                 let m = l.mlp();
                 let k = l.k.or_else(|| k_of(&g, &l.routing_indices));
-                let elem = g.infer_type(&l.x).or_else(|| g.infer_type(&l.routing_weights)).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
+                let elem = spec::ElemType::from_onnx_code(e.elem).map_or("?", |t| t.name());
                 report.layers.push(LayerReport {
                     family: l.family,
                     output: l.output.clone(),
