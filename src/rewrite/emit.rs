@@ -230,11 +230,17 @@ fn compute_type(g: &GraphIndex, layer: &MoeLayer) -> Option<i32> {
 }
 
 /// The element type of `v`: the graph's, or for a value the layer's own extra nodes make (rows
-/// scaled by router scores, regrouped routing weights) that of the node's first input.
+/// scaled by router scores, regrouped or routed weights) the type such a node gives it: a Cast's
+/// target, int64 for indices, else its first input's type.
 fn value_type(g: &GraphIndex, layer: &MoeLayer, v: &str, depth: usize) -> Option<i32> {
     g.infer_type(v).or_else(|| {
         let n = layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?;
-        (depth < 8).then(|| value_type(g, layer, n.input.first()?, depth + 1)).flatten()
+        match n.op_type.as_str() {
+            "Cast" => crate::onnx::graph::attr_i(n, "to").map(|t| t as i32),
+            "ArgMax" | "ArgMin" | "Shape" | "Size" | "NonZero" => Some(7),
+            "TopK" if n.output.get(1).map(String::as_str) == Some(v) => Some(7),
+            _ => (depth < 8).then(|| value_type(g, layer, n.input.first()?, depth + 1)).flatten(),
+        }
     })
 }
 

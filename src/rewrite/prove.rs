@@ -318,10 +318,12 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let reads = replacement_reads(g, em);
     // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
     // guarantees random indices would not: both models compute them with the router's own nodes.
-    // So are the graph's values the emitted nodes regroup into the op's indices (a clipped,
-    // flattened index), whatever router made them.
+    // So are the graph's integer values the emitted nodes regroup into the op's indices (a
+    // clipped, flattened index), whatever router made them (router logits the emitted nodes
+    // route themselves, com.microsoft.MoE's, stay inputs).
     let sources = index_sources(em, &layer.routing_indices);
-    let derive: Vec<String> = reads.iter().filter(|v| sources.contains(v.as_str()) && !routed_by_topk(g, v)).cloned().collect();
+    let index = |v: &str| sources.contains(v) && matches!(g.infer_type(v), Some(6 | 7));
+    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || index(v)) && !routed_by_topk(g, v)).cloned().collect();
     let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     let tol = tolerance(out_elem);
