@@ -55,22 +55,22 @@ fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
     out.filter(|_| syms <= 1)
 }
 
-/// A symbolic dimension in terms of T: a name (`S`) is T, a product of a name and an integer (the
-/// dynamo exporter's `2*S`) that multiple of T; any other expression (or none) is not told.
+/// A symbolic dimension in terms of T: a product of names (`S`, onnxruntime-genai's
+/// `batch_size * sequence_length`) is the token count, times its integer factors (the dynamo
+/// exporter's `2*S`); a sum or any other expression (or none) is not told.
 fn symbolic(p: &str) -> Option<Dim> {
     let name = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !x.starts_with(|c: char| c.is_ascii_digit());
-    let p = p.trim();
-    if name(p) {
-        return Some(Dim::TOKENS);
+    let (mut c, mut names) = (1i64, 0);
+    for f in p.split('*').map(str::trim) {
+        if let Ok(x) = f.parse::<i64>() {
+            c = c.checked_mul(x)?;
+        } else if name(f) {
+            names += 1;
+        } else {
+            return None;
+        }
     }
-    let (a, b) = p.split_once('*')?;
-    let (a, b) = (a.trim(), b.trim());
-    let c = match (a.parse::<i64>(), b.parse::<i64>()) {
-        (Ok(c), Err(_)) if name(b) => c,
-        (Err(_), Ok(c)) if name(a) => c,
-        _ => return None,
-    };
-    (c > 0).then_some(Dim { t: 1, c })
+    (names > 0 && c > 0).then_some(Dim { t: 1, c })
 }
 
 fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
@@ -355,7 +355,8 @@ mod tests {
         assert_eq!(super::symbolic("S"), Some(Dim::TOKENS));
         assert_eq!(super::symbolic("2*S"), Some(Dim { t: 1, c: 2 }));
         assert_eq!(super::symbolic("s53*4"), Some(Dim { t: 1, c: 4 }));
-        for other in ["", "S + 1", "s0*s1", "2*3", "-2*S", "(S)"] {
+        assert_eq!(super::symbolic("batch_size * sequence_length"), Some(Dim::TOKENS));
+        for other in ["", "S + 1", "2*3", "-2*S", "(S)", "S*"] {
             assert_eq!(super::symbolic(other), None, "{other}");
         }
     }
