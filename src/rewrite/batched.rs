@@ -235,7 +235,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         if lo != Some(0.0) || hi != Some((e_count - 1) as f64) {
             return Err(format!("the routing indices are clipped to [{lo:?}, {hi:?}], not [0, {}]", e_count - 1));
         }
-        reads_clipped = !topk.is_some_and(|t| router_columns(g, &t.input[0]) == Some(e_count));
+        reads_clipped = topk.is_none_or(|t| router_columns(g, &t.input[0]) != Some(e_count));
     }
 
     // what the shape arithmetic may read

@@ -112,16 +112,16 @@ pub(super) fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Optio
         }
         "Squeeze" => {
             let a = arg(0)?;
-            (a.v.len() == 1 && !a.open).then(|| IVec { scalar: true, ..a })
+            (a.v.len() == 1 && !a.open).then_some(IVec { scalar: true, ..a })
         }
         "Unsqueeze" => {
             let a = arg(0)?;
-            (a.scalar && axes_of(g, n).as_deref() == Some(&[0])).then(|| IVec { scalar: false, ..a })
+            (a.scalar && axes_of(g, n).as_deref() == Some(&[0])).then_some(IVec { scalar: false, ..a })
         }
         "Reshape" => {
             let a = arg(0)?;
             let t = arg(1)?.known()?;
-            (!a.open && (t == [-1] || t == [a.v.len() as i64])).then(|| IVec { scalar: false, ..a })
+            (!a.open && (t == [-1] || t == [a.v.len() as i64])).then_some(IVec { scalar: false, ..a })
         }
         "Concat" => {
             let mut out = IVec { v: Vec::new(), open: false, scalar: false };
@@ -173,7 +173,7 @@ pub(super) fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Optio
             let idx = g.const_i64(&n.input[0])?;
             let depth_v = arg(1)?.known()?;
             let vals = arg(2)?;
-            if depth_v.len() != 1 || vals.v.len() != 2 || vals.open || g.const_dims(&n.input[0]).map_or(true, |d| d.len() != 1) {
+            if depth_v.len() != 1 || vals.v.len() != 2 || vals.open || g.const_dims(&n.input[0]).is_none_or(|d| d.len() != 1) {
                 return None;
             }
             let depth = depth_v[0];

@@ -94,7 +94,7 @@ pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -
         let (Some(starts), Some(ends), Some(axes)) = (g.const_i64(&sl.input[1]), g.const_i64(&sl.input[2]), g.const_i64(&sl.input[3])) else {
             return false;
         };
-        let steps_ok = sl.input.get(4).map_or(true, |st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
+        let steps_ok = sl.input.get(4).is_none_or(|st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
         steps_ok
             && starts.len() == ends.len()
             && axes == [0, 1]
