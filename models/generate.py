@@ -644,6 +644,20 @@ FAMILY_FIXTURES = [
     # Llama-4 with top-2 routing: one row per assignment, summed over k after the op
     ("llama4_moe_k2", "block:llama4:k2", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
     ("llama4_moe_k2_ts", "block:llama4:k2", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # cases of models/matrix.py (matrix:<case>[:config overrides]); exporter and dtype are the case's
+    # float16 rows whose experts are not gated (`gated = 0` must carry its value)
+    ("switch_f16", "matrix:SwitchTransformersSparseMLP.eager.ts17.f16", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # float16 rows cast up: the experts compute, weight and accumulate in float32
+    ("openai_privacy_filter_f16", "matrix:OpenAIPrivacyFilterMLP.eager.ts17.f16", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # the loop unrolled over the 2 experts its traced input hit, of 4
+    ("ernie45_moe", "matrix:Ernie4_5_MoeSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # routers other than TopK: PhiMoE's sparsemixer (two masked ArgMax), Zaya's TopK over E + 1
+    # classes with the skip class masked to expert 0 (its router MLP narrowed to keep the file small)
+    ("phimoe_bmm", "matrix:PhimoeSparseMoeBlock.batched_mm.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("zaya_bmm_dynamo", "matrix:ZayaSparseMoeBlock.batched_mm.dynamo.f32:router_hidden_size=32", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Zaya's eager loop: index_add_ as ScatterElements without a reduction, and a router that can
+    # give one token expert 0 twice (the skip class masked to 0): the graph keeps one of the two
+    ("zaya_moe", "matrix:ZayaSparseMoeBlock.eager.ts17.f32:router_hidden_size=32", "torchscript", "float32", dict(refused="without a reduction")),
 ]
 
 
@@ -675,7 +689,49 @@ def _export(model, x, path, exporter, input_name, output_name, opset=17, extra=(
     onnx.save(mp, path)
 
 
+def export_family_matrix(name, spec, expect, out_dir):
+    """A case of models/matrix.py (`matrix:<case>[:key=value,...]`, the values tiny-config overrides
+    where the family's config has the key) under the fixture's name, with its index entry."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import matrix
+
+    parts = spec.split(":")
+    case = parts[1]
+    overrides = dict(kv.split("=") for kv in parts[2].split(",")) if len(parts) > 2 else {}
+    cls, impl, exporter, dt = case.split(".")
+    fam = next((f for f in matrix.enumerate_blocks() if f[2] == cls), None)
+    if fam is None:
+        raise KeyError(f"no MoE block class {cls}")
+    saved = dict(matrix.TINY)
+    matrix.TINY.update({k: int(v) for k, v in overrides.items()})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = matrix.export_case(fam, impl, exporter, "float32" if dt == "f32" else "float16", tmp, 1)
+            if rec["status"] != "exported":
+                raise RuntimeError(f"{case}: {rec['status']}: {rec.get('reason')}")
+            for ext in (".onnx", ".npz"):
+                shutil.copy(os.path.join(tmp, case + ext), os.path.join(out_dir, name + ext))
+    finally:
+        matrix.TINY.clear()
+        matrix.TINY.update(saved)
+    import onnx
+
+    path = os.path.join(out_dir, name + ".onnx")
+    mp = onnx.load(path)
+    arrays = dict(np.load(os.path.join(out_dir, name + ".npz")))
+    return dict(name=name, source=spec, exporter="dynamo" if exporter == "dynamo" else "torchscript",
+                dtype=rec["dtype"], input="hidden_states", output="output", traced=TRACED, lengths=list(LENGTHS),
+                bytes=os.path.getsize(path), nodes=len(mp.graph.node),
+                opset=[o.version for o in mp.opset_import if o.domain == ""][0], ir_version=mp.ir_version,
+                original_runs_in_ort=check_ort(path, arrays), expect=expect)
+
+
 def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
+    if spec.startswith("matrix:"):
+        return export_family_matrix(name, spec, expect, out_dir)
     torch.manual_seed(seed)
     parts = spec.split(":")
     tdtype = getattr(torch, dtype)

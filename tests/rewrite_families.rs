@@ -43,7 +43,18 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     // GLM-5-Next and HY-V4: silu(min(gate, l)) * clamp(up, -l, l) experts (swiglu_limit)
     ("glm5_next_moe", "hidden_states", 1, 0),
     ("hy_v4_moe_bmm_dynamo", "hidden_states", 1, 0),
+    // blocks of the matrix (models/matrix.py cases): float16 rows with non-gated experts; float16
+    // rows whose experts compute in float32; a loop unrolled over 2 of 4 experts; routers other
+    // than TopK (PhiMoE's sparsemixer, Zaya's masked skip class) in the batched_mm form
+    ("switch_f16", "hidden_states", 1, 0),
+    ("openai_privacy_filter_f16", "hidden_states", 1, 0),
+    ("ernie45_moe", "hidden_states", 1, 0),
+    ("phimoe_bmm", "hidden_states", 1, 0),
+    ("zaya_bmm_dynamo", "hidden_states", 1, 0),
 ];
+
+/// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven.
+const PROVEN: &[&str] = &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
@@ -84,8 +95,15 @@ fn count(model: &onnx::Model, op: &str) -> usize {
 
 /// Rewrites `name`, checks the node counts, and compares with torch: the errors per token count.
 fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path) -> Result<Vec<(usize, f64)>, String> {
+    check_with(name, input, smoe, pl, scratch, &UNPROVEN)
+}
+
+fn check_with(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path, opts: &scattermoe::rewrite::RewriteOptions) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
-    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).map_err(|e| e.to_string())?;
+    let report = scattermoe::rewrite::rewrite_with(&mut model, opts).map_err(|e| e.to_string())?;
+    if opts.prove && report.layers.iter().any(|l| l.proof.is_none() && l.family != "jetmoe_moa") {
+        return Err(format!("a ScatterMoE layer was written unproven:\n{}", report.text()));
+    }
     let (got_smoe, got_pl) = (count(&model, spec::scatter_moe::NAME), count(&model, spec::parallel_linear::NAME));
     if (got_smoe, got_pl) != (smoe, pl) || report.layers.len() != smoe + pl {
         return Err(format!("{got_smoe} ScatterMoE, {got_pl} ParallelLinear, {} reported layers; expected {smoe} and {pl}:\n{}", report.layers.len(), report.text()));
@@ -142,6 +160,49 @@ fn family_fixtures_are_rewritten_one_node_per_layer_and_match_torch() {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), REWRITTEN.len(), failures.join("\n"));
+}
+
+/// With the proof on, the blocks of the matrix that ONNX Runtime runs as exported are replaced,
+/// every layer proven, and still match torch.
+#[test]
+fn matrix_blocks_are_rewritten_with_the_proof_on() {
+    let scratch = common::scratch("families_proven");
+    let mut failures = Vec::new();
+    for name in PROVEN {
+        let &(_, input, smoe, pl) = REWRITTEN.iter().find(|r| r.0 == *name).unwrap();
+        if let Err(e) = check_with(name, input, smoe, pl, &scratch, &scattermoe::rewrite::RewriteOptions::default()) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), PROVEN.len(), failures.join("\n"));
+}
+
+/// The types the op computes in follow the original's: float16 rows whose experts compute in
+/// float32 are cast up before the node (the node is float32, as the value it replaces), float16
+/// experts stay float16.
+#[test]
+fn the_op_computes_in_the_type_the_experts_computed_in() {
+    for (name, elem, casts_rows) in [("openai_privacy_filter_f16", "float32", true), ("switch_f16", "float16", false)] {
+        let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();
+        let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
+        assert_eq!(report.layers.len(), 1, "{name}: {}", report.text());
+        assert_eq!(report.layers[0].elem_type, elem, "{name}");
+        let node = model.graph().node.iter().find(|n| n.op_type == spec::scatter_moe::NAME).unwrap();
+        let x = &node.input[0];
+        let cast = model.graph().node.iter().find(|n| n.output.iter().any(|o| o == x) && n.op_type == "Cast");
+        assert_eq!(cast.is_some(), casts_rows, "{name}: X = {x}");
+    }
+}
+
+/// Zaya's eager loop is left, with why: its router gives a token expert 0 twice when it picks the
+/// skip class, and the exported loop keeps only one of the two rows.
+#[test]
+fn zaya_eager_loop_is_left_with_the_reason() {
+    let mut model = onnx::load(&dir().join("zaya_moe.onnx")).unwrap();
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
+    assert!(report.layers.is_empty(), "{}", report.text());
+    assert!(report.rejected.iter().any(|r| r.family == "hf_loop" && r.reason.contains("without a reduction")), "{}", report.text());
 }
 
 /// torch's TorchScript exporter writes JetMoE's `index_add` as ScatterElements without a

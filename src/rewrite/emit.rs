@@ -62,17 +62,10 @@ impl MoeLayer {
         &self.experts[0]
     }
 
-    /// The element type of a value of the graph, or of one the layer's extra nodes make (the type
-    /// of their first input, e.g. rows scaled by router scores).
-    pub(super) fn value_type<'a>(&'a self, g: &GraphIndex, v: &'a str) -> Option<i32> {
-        let mut v = v;
-        for _ in 0..8 {
-            if let Some(t) = g.infer_type(v) {
-                return Some(t);
-            }
-            v = self.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?.input.first()?.as_str();
-        }
-        None
+    /// The element type of a value of the graph, or of one the layer's extra nodes make
+    /// (see [`value_type`]).
+    pub(super) fn value_type(&self, g: &GraphIndex, v: &str) -> Option<i32> {
+        value_type(g, self, v, 0)
     }
 }
 
@@ -208,6 +201,70 @@ pub struct Emitted {
     pub nodes: Vec<onnx_protobuf::NodeProto>,
     pub initializers: Vec<TensorProto>,
     pub pending: Vec<PendingTensor>,
+    /// the op's element type T (ONNX code; 0 where no ScatterMoE node was written)
+    pub elem: i32,
+}
+
+/// The element type of the matrix products that read `weight` (through the gathers, casts,
+/// transposes and reshapes exporters put between a weight and its product), when the graph
+/// computes one.
+fn product_type(g: &GraphIndex, weight: &str) -> Option<i32> {
+    let mut stack = vec![(weight.to_string(), 0usize)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((v, depth)) = stack.pop() {
+        if depth > 8 || !seen.insert(v.clone()) {
+            continue;
+        }
+        for &c in g.cons(&v) {
+            let n = g.node(c);
+            if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+                continue;
+            }
+            match n.op_type.as_str() {
+                "MatMul" | "Gemm" | "Einsum" => return g.infer_type(&n.output[0]),
+                "Gather" | "GatherND" | "Cast" | "Transpose" | "Unsqueeze" | "Squeeze" | "Reshape" | "Identity" | "Slice" | "Split" => {
+                    stack.extend(n.output.iter().map(|o| (o.clone(), depth + 1)));
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// The element type the experts compute in: that of the products reading the first expert's
+/// first and last weights, where both agree (an exporter may cast the token rows and weights of a
+/// float16 model up and compute, weight and accumulate the experts in float32). None where the
+/// graph computes no such product (`com.microsoft.MoE` reads its weights itself) or they differ.
+fn compute_type(g: &GraphIndex, layer: &MoeLayer) -> Option<i32> {
+    let m = layer.mlp();
+    let a = product_type(g, &m.w_in.first()?.init)?;
+    let b = product_type(g, &m.w_out.init)?;
+    (a == b && spec::ElemType::from_onnx_code(a).is_some()).then_some(a)
+}
+
+/// The element type of `v`: the graph's, or for a value the layer's own extra nodes make (rows
+/// scaled by router scores, regrouped or routed weights) the type such a node gives it: a Cast's
+/// target, int64 for indices, else its first input's type.
+fn value_type(g: &GraphIndex, layer: &MoeLayer, v: &str, depth: usize) -> Option<i32> {
+    g.infer_type(v).or_else(|| {
+        let n = layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?;
+        match n.op_type.as_str() {
+            "Cast" => crate::onnx::graph::attr_i(n, "to").map(|t| t as i32),
+            "ArgMax" | "ArgMin" | "Shape" | "Size" | "NonZero" => Some(7),
+            "TopK" if n.output.get(1).map(String::as_str) == Some(v) => Some(7),
+            _ => (depth < 8).then(|| value_type(g, layer, n.input.first()?, depth + 1)).flatten(),
+        }
+    })
+}
+
+/// `Cast(v, to)` into a fresh value, appended to `nodes`.
+fn cast_to(g: &GraphIndex, taken: &mut Vec<String>, nodes: &mut Vec<onnx_protobuf::NodeProto>, tag: &str, what: &str, v: &str, to: i32) -> String {
+    let name = unique_name(g, taken, &format!("{tag}.{what}"));
+    let mut c = make_node("Cast", "", &format!("{tag}/Cast_{what}"), &[v], &[&name]);
+    c.attribute.push(attr_int("to", to as i64));
+    nodes.push(c);
+    name
 }
 
 /// The layer's node (and any Cast, capacity constant, stacked weights).
@@ -218,9 +275,10 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let e_count = layer.experts.len();
     let (d, f) = (m0.d, m0.f);
     let n = if m0.gated { 2 * f } else { f };
-    // token rows made by the layer's own extra nodes (e.g. rows scaled by router scores) have
-    // the type of the nodes' first input
-    let elem = layer.value_type(g, &layer.x).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    let x_elem = value_type(g, layer, &layer.x, 0).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    // T follows the original: the type its experts compute in, with Casts around the node where
+    // the token rows or the replaced value have another type
+    let elem = compute_type(g, layer).unwrap_or(x_elem);
     if spec::ElemType::from_onnx_code(elem).is_none() {
         bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
     }
@@ -257,6 +315,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     let op_output = if after.is_empty() { layer.output.clone() } else { result };
     model.initializers.extend(layer.extra_inits.iter().cloned());
+    let x = if x_elem == elem { layer.x.clone() } else { cast_to(g, taken, &mut nodes, tag, "x", &layer.x, elem) };
 
     // --- w_in [E, n, d]
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
@@ -350,16 +409,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     };
 
     // --- routing weights in the op's element type
-    let rw_type = g.infer_type(&layer.routing_weights);
-    let rw = if rw_type == Some(elem) {
-        layer.routing_weights.clone()
-    } else {
-        let name = unique_name(g, taken, &format!("{tag}.routing_weights"));
-        let mut c = make_node("Cast", "", &format!("{tag}/Cast"), &[&layer.routing_weights], &[&name]);
-        c.attribute.push(attr_int("to", elem as i64));
-        nodes.push(c);
-        name
-    };
+    let rw_type = value_type(g, layer, &layer.routing_weights, 0);
+    let rw = if rw_type == Some(elem) { layer.routing_weights.clone() } else { cast_to(g, taken, &mut nodes, tag, "routing_weights", &layer.routing_weights, elem) };
     let capacity = match layer.capacity {
         Some(c) => {
             let name = unique_name(g, taken, &format!("{tag}.capacity"));
@@ -388,7 +439,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             model.initializers.push(t);
         }
     }
-    let mut inputs: Vec<String> = vec![layer.x.clone(), rw, layer.routing_indices.clone(), w_in, w_out];
+    let mut inputs: Vec<String> = vec![x, rw, layer.routing_indices.clone(), w_in, w_out];
     let opt = [b_in, b_out, capacity];
     let last = opt.iter().rposition(Option::is_some);
     if let Some(last) = last {
@@ -428,6 +479,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     nodes.extend(after);
     let mut out = std::mem::take(model);
     out.nodes = nodes;
+    out.elem = elem;
     Ok(out)
 }
 

@@ -15,7 +15,7 @@ pub enum ERef {
     Const(i64),
     /// the i-th entry of the sorted list of experts that received tokens; when the exporter
     /// unrolled exactly E iterations (a Split into E pieces) the graph only runs when all E are
-    /// hit, so entry i is expert i
+    /// hit, so entry i is expert i (with fewer iterations, see `hf_loop::per_hit_expert`)
     Hit(usize),
     /// a stacked weight used by every expert at once (an einsum over the expert axis): expert e
     /// uses slice e; replaced by `Const(e)` per expert with [`ExpertMlp::for_expert`]
@@ -708,7 +708,7 @@ pub fn inputs(e: &Expr, out: &mut Vec<Expr>) {
 }
 
 /// One expert MLP in the op's terms.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExpertMlp {
     /// first projection rows, in order: for gated, gate and up blocks per `glu_layout`
     pub w_in: Vec<WSrc>,

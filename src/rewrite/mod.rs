@@ -138,6 +138,8 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
         });
         match emitted {
             Ok((e, proof)) => {
+                // the op's T (the type its experts compute in), which the report names
+                let elem = spec::ElemType::from_onnx_code(e.elem).map_or("?", |t| t.name());
                 report.layers.push(LayerReport {
                     family: l.family,
                     output: l.output.clone(),

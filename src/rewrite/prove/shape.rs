@@ -39,20 +39,38 @@ fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
     let Some(type_proto::Value::TensorType(tt)) = vi.type_.as_ref()?.value.as_ref() else { return None };
     let s = tt.shape.as_ref()?;
     let mut syms = 0;
-    let out: Shape = s
+    let out: Option<Shape> = s
         .dim
         .iter()
         .map(|d| {
             if d.has_dim_value() {
-                Dim::fixed(d.dim_value())
+                Some(Dim::fixed(d.dim_value()))
             } else {
                 syms += 1;
-                Dim::TOKENS
+                symbolic(d.dim_param())
             }
         })
         .collect();
     // one symbolic axis is the token axis; two (batch, sequence) would make T ambiguous
-    (syms <= 1).then_some(out)
+    out.filter(|_| syms <= 1)
+}
+
+/// A symbolic dimension in terms of T: a product of names (`S`, onnxruntime-genai's
+/// `batch_size * sequence_length`) is the token count, times its integer factors (the dynamo
+/// exporter's `2*S`); a sum or any other expression (or none) is not told.
+fn symbolic(p: &str) -> Option<Dim> {
+    let name = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !x.starts_with(|c: char| c.is_ascii_digit());
+    let (mut c, mut names) = (1i64, 0);
+    for f in p.split('*').map(str::trim) {
+        if let Ok(x) = f.parse::<i64>() {
+            c = c.checked_mul(x)?;
+        } else if name(f) {
+            names += 1;
+        } else {
+            return None;
+        }
+    }
+    (names > 0 && c > 0).then_some(Dim { t: 1, c })
 }
 
 fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
@@ -332,6 +350,17 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn symbolic_dims_are_multiples_of_the_token_count_or_unknown() {
+        assert_eq!(super::symbolic("S"), Some(Dim::TOKENS));
+        assert_eq!(super::symbolic("2*S"), Some(Dim { t: 1, c: 2 }));
+        assert_eq!(super::symbolic("s53*4"), Some(Dim { t: 1, c: 4 }));
+        assert_eq!(super::symbolic("batch_size * sequence_length"), Some(Dim::TOKENS));
+        for other in ["", "S + 1", "2*3", "-2*S", "(S)", "S*"] {
+            assert_eq!(super::symbolic(other), None, "{other}");
+        }
+    }
+
     use super::*;
     use crate::onnx::graph::make_node;
     use crate::onnx::tensor::make_i64;
