@@ -318,6 +318,10 @@ pub unsafe fn is_capturing(stream: CUstream) -> CuResult<bool> {
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
+/// A tensor map's 128 opaque bytes, as the kernel receives them (`__grid_constant__`): a launch
+/// argument type, so it lives here; `tensor_map` encodes them.
+pub type MapBytes = [u64; 16];
+
 /// A kernel argument, passed by address to cuLaunchKernel.
 #[derive(Clone, Copy)]
 pub enum Arg {
@@ -325,7 +329,7 @@ pub enum Arg {
     I32(i32),
     F32(f32),
     /// A 128-byte TMA tensor map, passed by value (`__grid_constant__`).
-    Map(super::tensor_map::MapBytes),
+    Map(MapBytes),
 }
 
 impl Arg {
