@@ -134,7 +134,10 @@ fn other_integer_float_and_string_encodings() {
 fn bad_fields_name_the_op_and_the_field() {
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activation", "swish")]),
-        "ScatterMoE: attribute 'activation' has unsupported value 'swish' (supported: silu, gelu, gelu_tanh, relu, swiglu_oai)"
+        format!(
+            "ScatterMoE: attribute 'activation' has unsupported value 'swish' (supported: {})",
+            Activation::ALL.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+        )
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activaton", "silu")]),
@@ -193,7 +196,7 @@ fn fields_round_trip() {
     }
     let mut made = 0;
     for (op, fields) in all {
-        let Ok(p) = create_plugin(op, &fields) else { continue }; // swiglu_oai without gating
+        let Ok(p) = create_plugin(op, &fields) else { continue }; // a gated-only activation without gating
         made += 1;
         let ser = p.fields_to_serialize();
         // the parser's types, every attribute, in ATTRS order
@@ -204,7 +207,11 @@ fn fields_round_trip() {
         assert_eq!(q.fields_to_serialize(), ser);
         assert_eq!(p.clone_plugin().attrs(), p.attrs());
     }
-    assert_eq!(made, 5 * 2 * 3 * 2 - 3 * 2 + 4 + 2);
+    // every ScatterMoE combination but the gated-only activations without gating, every
+    // ParallelLinear one, every CapacityMask one
+    let (acts, gated_only) = (Activation::ALL.len(), Activation::ALL.iter().filter(|a| a.gated_only()).count());
+    let per_act = GluLayout::ALL.len() * CapacityOrder::ALL.len();
+    assert_eq!(made, acts * 2 * per_act - gated_only * per_act + 4 + CapacityOrder::ALL.len());
 }
 
 #[test]
