@@ -157,26 +157,24 @@ fn topk_k(g: &GraphIndex, idx: &str) -> Result<usize, String> {
     Ok(k)
 }
 
-/// The one-hot spelling of the gate: `ReduceSum(OneHot(IDX, E, [0, 1]) * Unsqueeze(RW, -1),
-/// axis -2)`, i.e. G[t, e] = sum_j [IDX[t, j] = e] RW[t, j] (the scatter's value, IDX distinct).
+/// The one-hot spelling of the gate: `ReduceSum(one_hot(IDX, E) * Unsqueeze(RW, -1), axis -2)`,
+/// i.e. G[t, e] = sum_j [IDX[t, j] = e] RW[t, j] (the scatter's value, IDX distinct), with the
+/// one-hot in any spelling [`super::routing::one_hot`] reads (OneHot, or a comparison with an
+/// arange). A one-hot drops an index outside [0, E) that the op would refuse, so the router must
+/// have exactly E columns.
 fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize, usize), String>> {
     use super::matcher::{axes_of, prod, rank_of};
     let rs = prod(g, v, "ReduceSum")?;
     let mul = prod(g, crate::onnx::graph::strip(g, &rs.input[0], &["Cast"]), "Mul")?;
     let mut parts = None;
     for (a, b) in [(0, 1), (1, 0)] {
-        let Some(oh) = prod(g, crate::onnx::graph::strip(g, &mul.input[a], &["Cast"]), "OneHot") else { continue };
+        let Some((idx, e)) = super::routing::one_hot(g, &mul.input[a]) else { continue };
         let Some(u) = prod(g, &mul.input[b], "Unsqueeze") else { continue };
-        parts = Some((oh, u));
+        parts = Some((idx, e, u));
     }
-    let (oh, u) = parts?;
+    let (idx, e, u) = parts?;
     let check = || -> Result<(String, String, usize, usize), String> {
-        let idx = oh.input[0].clone();
         let r = rank_of(g, &idx);
-        if !super::matcher::is_last_axis(attr_i(oh, "axis").unwrap_or(-1), r.map(|r| r + 1)) || g.const_f32(&oh.input[2]).as_deref() != Some(&[0.0, 1.0]) {
-            return Err("the gate's one-hot is not over the last axis with values [0, 1]".into());
-        }
-        let e = g.const_scalar(&oh.input[1]).filter(|e| *e >= 1.0).ok_or("the gate's one-hot depth is not constant")? as usize;
         let ua = axes_of(g, u).ok_or("the routing weights are unsqueezed along a computed axis")?;
         if !(ua.len() == 1 && super::matcher::is_last_axis(ua[0], r.map(|r| r + 1))) {
             return Err("the routing weights are not broadcast over the experts".into());
@@ -187,7 +185,12 @@ fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize,
             return Err("the gate's one-hot sum is not over the k choices".into());
         }
         let k = topk_k(g, &idx)?;
-        Ok((idx, u.input[0].clone(), k, e))
+        match super::hf_loop::router_experts(g, &idx) {
+            Some(w) if w as i64 == e => {}
+            Some(w) => return Err(format!("the router chooses among {w} values, not the gate's {e} experts")),
+            None => return Err("cannot tell that the router chooses among exactly the gate's experts".into()),
+        }
+        Ok((idx, u.input[0].clone(), k, e as usize))
     };
     Some(check())
 }
@@ -388,6 +391,26 @@ mod tests {
         let (n, why) = rewrite(&mut m);
         assert_eq!(n, 0);
         assert!(why.iter().any(|w| w.contains("TopK runs along axis 1")), "{why:?}");
+    }
+
+    /// The dynamo exporter's one-hot, `Equal(Unsqueeze(IDX, -1), arange(E))`, read as OneHot; with
+    /// an arange shorter than the router's width the gate drops the last expert's choices, which
+    /// the op would refuse: left with the reason.
+    #[test]
+    fn an_equal_one_hot_gate_is_read_and_its_width_checked() {
+        let mut m = fixture("spellings/dense_6");
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 1, "{:?}", r.rejected);
+        let mut m = fixture("spellings/dense_6");
+        let g = m.proto.graph.mut_or_insert_default();
+        let ar = g.initializer.iter_mut().find(|t| t.name == "arange").unwrap();
+        let v: Vec<i64> = (0..7).collect();
+        ar.dims = vec![7];
+        ar.int64_data.clear();
+        ar.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("router chooses among 8")), "{why:?}");
     }
 
     /// The gate scattered along another axis than the expert axis.

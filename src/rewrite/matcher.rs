@@ -50,8 +50,9 @@ fn rank_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<usize> {
     let r = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).and_then(|s| rank_depth(g, s, depth + 1));
     match n.op_type.as_str() {
         "Cast" | "Identity" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Neg" | "Abs" | "Sqrt" | "Erf" | "Not"
-        | "TopK" | "CumSum" | "Clip" | "ScatterElements" | "ScatterND" | "GatherElements" => r(0),
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "And" | "Or" | "Xor" | "Where" | "Max" | "Min" => {
+        | "TopK" | "CumSum" | "Clip" | "ScatterElements" | "ScatterND" | "GatherElements" | "Floor" | "Ceil" | "Round" | "Sign" => r(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
+        | "Where" | "Max" | "Min" => {
             let mut m = 0;
             for i in 0..n.input.len() {
                 m = m.max(r(i)?);
@@ -118,6 +119,8 @@ pub fn vec_len(g: &GraphIndex, v: &str) -> Option<usize> {
         "Unsqueeze" => (rank_of(g, &n.input[0]) == Some(0) && axes_of(g, n)?.len() == 1).then_some(1),
         "Concat" => n.input.iter().map(|i| vec_len(g, i)).sum(),
         "Cast" | "Identity" | "Abs" | "Neg" => vec_len(g, &n.input[0]),
+        // entries of a shape picked by a 1-D constant index
+        "Gather" => g.const_dims(&n.input[1]).filter(|d| d.len() == 1).map(|d| d[0] as usize),
         "Slice" => {
             let len = vec_len(g, &n.input[0])? as i64;
             let s = g.const_i64(&n.input[1]).filter(|x| x.len() == 1)?[0];
@@ -130,6 +133,29 @@ pub fn vec_len(g: &GraphIndex, v: &str) -> Option<usize> {
         }
         _ => None,
     }
+}
+
+/// The entries of a 1-D shape vector, each a constant or None where computed: a constant, or a
+/// Concat of constants and one-element computed parts (an Unsqueeze of a scalar, a Reshape to
+/// [1], a one-element Slice or Gather of a shape).
+pub fn shape_entries(g: &GraphIndex, v: &str) -> Option<Vec<Option<i64>>> {
+    if let Some(c) = g.const_i64(v) {
+        return Some(c.into_iter().map(Some).collect());
+    }
+    let cat = prod(g, v, "Concat")?;
+    let mut out = Vec::new();
+    for part in &cat.input {
+        if let Some(c) = g.const_i64(part) {
+            out.extend(c.into_iter().map(Some));
+            continue;
+        }
+        let scalar_to_1 = |r: &NodeProto| g.const_i64(&r.input[1]).is_some_and(|t| t == [1] || t == [-1]) && rank_of(g, &r.input[0]) == Some(0);
+        if !(vec_len(g, part) == Some(1) || prod(g, part, "Reshape").is_some_and(scalar_to_1)) {
+            return None;
+        }
+        out.push(None);
+    }
+    Some(out)
 }
 
 /// A normalised axis: `axis` of a tensor of rank `rank`, when both are known.

@@ -28,7 +28,9 @@ pub mod moa;
 pub mod ort_moe;
 pub mod prove;
 pub mod report;
+pub mod routing;
 pub mod rule;
+pub mod slots;
 pub mod verify;
 
 use anyhow::{anyhow, Context, Result};

@@ -129,6 +129,11 @@ fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             Some(s)
         }
         "Where" => broadcast(&broadcast(&inp(0)?, &inp(1)?)?, &inp(2)?),
+        // arange(n): n entries
+        "Range" if g.const_scalar(&n.input[0]) == Some(0.0) && g.const_scalar(&n.input[2]) == Some(1.0) => {
+            let l = value(g, &n.input[1], depth + 1)?;
+            (l.len() == 1).then(|| vec![l[0]])
+        }
         "TopK" => {
             let mut s = inp(0)?;
             let ax = norm_axis(attr_i(n, "axis").unwrap_or(-1), s.len())?;
@@ -335,14 +340,21 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
         }
         "Mul" | "Div" => {
             let (a, b) = (arg(0)?, arg(1)?);
-            if a.len() != 1 || b.len() != 1 || b[0].t != 0 || b[0].c == 0 {
+            if a.len() != 1 || b.len() != 1 {
                 return None;
             }
             match n.op_type.as_str() {
+                // either factor may be the multiple of T (the dynamo exporter writes `k * S`)
                 "Mul" if a[0].t + b[0].t <= 1 => Some(vec![Dim { t: a[0].t + b[0].t, c: a[0].c * b[0].c }]),
-                "Div" if a[0].c % b[0].c == 0 => Some(vec![Dim { t: a[0].t, c: a[0].c / b[0].c }]),
+                "Div" if b[0].t == 0 && b[0].c != 0 && a[0].c % b[0].c == 0 => Some(vec![Dim { t: a[0].t, c: a[0].c / b[0].c }]),
                 _ => None,
             }
+        }
+        // a vector reshaped to its own length
+        "Reshape" => {
+            let a = arg(0)?;
+            let t = g.const_i64(&n.input[1])?;
+            (t == [-1] || t == [a.len() as i64]).then_some(a)
         }
         _ => None,
     }
