@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Structured mutation fuzzing of `scattermoe rewrite`: ONNX-level mutations of the fixtures in
 models/ (dims, dtypes, attributes, initializer values, node deletion, rewiring), each mutant run
-through the CLI. Every run must end in exit 0 or a clean error (exit 1 with an `error:` line)
+through the CLI. Every run must end in exit 0, a clean error (exit 1 with an `error:` line) or exit 3 (no MoE
+layer replaced, nothing written)
 within the time limit; a signal, a panic (101), an abort (134) or a hang is a crash. Every
 successful rewrite is compared against its mutant in ONNX Runtime (CPU, with the plugin) at
 several token counts, on random inputs: a mismatch beyond the output type's tolerance, or a
@@ -387,6 +388,11 @@ def one(args):
             return ("hang", name, applied, f"no exit after {time_limit} s")
         dt = time.time() - t0
         err = p.stderr.decode(errors="replace")
+        if p.returncode == 3:
+            # no MoE layer replaced: documented exit status; nothing may be written
+            if out.exists() or any(".tmp" in x.name for x in d.iterdir()):
+                return ("wrong", name, applied, "exit 3 (nothing replaced) left output or temporaries")
+            return ("unchanged", name, applied, dt)
         if p.returncode not in (0, 1):
             return ("crash", name, applied, f"exit {p.returncode}: {err[-500:]}")
         if p.returncode == 1:

@@ -7,7 +7,8 @@
 //   O [T*k, d] in grouped order (pos = routing's inverse), or scattered [T, k, d] with pos = null.
 //   w: routing weights [T*k] (flat index) or null (1). kept: uint8 mask [T*k] or null (all kept);
 //   dropped assignments (kept 0) are skipped entirely.
-//   block 256; grid ceil(T * ceil(d / V) / 256), V = 16 / sizeof(T) (8 for f16/bf16, 4 for f32).
+//   block B = kernels/manifest.toml's threads (256); grid ceil(T * ceil(d / V) / B), V = 16 / sizeof(T)
+//   (8 for f16/bf16, 4 for f32).
 //   Each thread owns V consecutive columns of one token: 16-byte loads and stores when
 //   d % V == 0 (pointers 16-byte aligned), element-wise otherwise.
 #include "common.cuh"
@@ -62,13 +63,14 @@ __device__ void combine_impl(const T* __restrict__ O, const int* __restrict__ po
 
 }  // namespace
 
-#define SMOE_COMBINE_ENTRY(NAME, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256)                                                    \
+// The entry points: kernels/manifest.toml lists them ([[plain]]) and build.rs generates the
+// invocations, included below, one per element type. Any block size works (the grid covers
+// T * ceil(d / V) threads); the manifest's is the launch bound.
+#define SMOE_COMBINE_ENTRY(NAME, T, NTHREADS)                                                            \
+    extern "C" __global__ void __launch_bounds__(NTHREADS)                                               \
         NAME(const T* O, const int* pos, const T* w, const unsigned char* kept, T* Y, int T_, int k, int d) { \
         pdl_begin();                                                                                     \
         combine_impl<T>(O, pos, w, kept, Y, T_, k, d);                                                   \
     }
 
-SMOE_COMBINE_ENTRY(scattermoe_combine_f32, float)
-SMOE_COMBINE_ENTRY(scattermoe_combine_f16, __half)
-SMOE_COMBINE_ENTRY(scattermoe_combine_bf16, __nv_bfloat16)
+#include "combine_entries.cuh"

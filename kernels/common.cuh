@@ -38,13 +38,10 @@
 #define SMOE_ERR_NEG_CAPACITY 2
 #define SMOE_ERR_TOO_MANY_EXPERTS 4
 
-// activation codes (grouped_gemm.cu)
-#define SMOE_ACT_NONE 0
-#define SMOE_ACT_SILU 1
-#define SMOE_ACT_GELU 2
-#define SMOE_ACT_GELU_TANH 3
-#define SMOE_ACT_RELU 4
-#define SMOE_ACT_SWIGLU_OAI 5   // gated only
+// activation codes (grouped_gemm.cu): SMOE_ACT_<NAME>, generated from kernels/manifest.toml's
+// `activations` (kernels/generated/activations.cuh). Each has its branch in activate() / glu()
+// below and in the Hopper epilogue's dispatch (gemm_hopper_ws.cuh); swiglu_oai is gated only.
+#include "activations.cuh"
 
 // GLU layouts
 #define SMOE_GLU_GATE_UP 0
@@ -88,15 +85,20 @@ template <int ACT> __device__ __forceinline__ float activate_c(float x) {
         float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
         return 0.5f * x * (1.0f + tanhf(u));
     } else if constexpr (ACT == SMOE_ACT_RELU) return fmaxf(x, 0.0f);
-    else return x;
+    else if constexpr (ACT == SMOE_ACT_RELU2) {
+        float r = fmaxf(x, 0.0f);
+        return r * r;
+    } else return x;
 }
 
-// GLU: h = act(gate) * up; swiglu_oai: (clamp(u,-l,l)+1) * g' * sigmoid(alpha g'), g' = min(g, l)
+// GLU: h = act(gate) * up; swiglu_oai: (clamp(u,-l,l)+1) * g' * sigmoid(alpha g'), g' = min(g, l);
+// swiglu_limit: the same without the + 1
 template <int ACT> __device__ __forceinline__ float glu_c(float g, float u, float alpha, float limit) {
-    if constexpr (ACT == SMOE_ACT_SWIGLU_OAI) {
+    if constexpr (ACT == SMOE_ACT_SWIGLU_OAI || ACT == SMOE_ACT_SWIGLU_LIMIT) {
         float gc = fminf(g, limit);
         float uc = fminf(fmaxf(u, -limit), limit);
-        return (uc + 1.0f) * __fdividef(gc, 1.0f + __expf(-alpha * gc));
+        float offset = ACT == SMOE_ACT_SWIGLU_OAI ? 1.0f : 0.0f;
+        return (uc + offset) * __fdividef(gc, 1.0f + __expf(-alpha * gc));
     } else {
         return activate_c<ACT>(g) * u;
     }
@@ -109,11 +111,13 @@ __device__ __forceinline__ float activate(float x, int act) {
     case SMOE_ACT_GELU: return activate_c<SMOE_ACT_GELU>(x);
     case SMOE_ACT_GELU_TANH: return activate_c<SMOE_ACT_GELU_TANH>(x);
     case SMOE_ACT_RELU: return activate_c<SMOE_ACT_RELU>(x);
+    case SMOE_ACT_RELU2: return activate_c<SMOE_ACT_RELU2>(x);
     default: return x;
     }
 }
 __device__ __forceinline__ float glu(float g, float u, int act, float alpha, float limit) {
     if (act == SMOE_ACT_SWIGLU_OAI) return glu_c<SMOE_ACT_SWIGLU_OAI>(g, u, alpha, limit);
+    if (act == SMOE_ACT_SWIGLU_LIMIT) return glu_c<SMOE_ACT_SWIGLU_LIMIT>(g, u, alpha, limit);
     return activate(g, act) * u;
 }
 

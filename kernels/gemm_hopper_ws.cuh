@@ -34,12 +34,13 @@ struct __align__(64) TmaMap {
     unsigned long long words[16];
 };
 // Cluster shapes exist from sm_90; the entry points built for older targets trap and are never
-// launched there.
+// launched there. SMOE_CLUSTER_NONE: the entry macros' cluster argument for one CTA per tile.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define SMOE_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
 #else
 #define SMOE_CLUSTER_PAIR
 #endif
+#define SMOE_CLUSTER_NONE
 
 #if SMOE_HAS_WGMMA
 #define SMOE_WGMMA_N256(TY)                                                                       \
@@ -501,6 +502,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
             case SMOE_ACT_GELU_TANH: ws_epilogue<T, SMOE_ACT_GELU_TANH>(acc, t, gated, ep); break;
             case SMOE_ACT_RELU: ws_epilogue<T, SMOE_ACT_RELU>(acc, t, gated, ep); break;
             case SMOE_ACT_SWIGLU_OAI: ws_epilogue<T, SMOE_ACT_SWIGLU_OAI>(acc, t, gated, ep); break;
+            case SMOE_ACT_RELU2: ws_epilogue<T, SMOE_ACT_RELU2>(acc, t, gated, ep); break;
+            case SMOE_ACT_SWIGLU_LIMIT: ws_epilogue<T, SMOE_ACT_SWIGLU_LIMIT>(acc, t, gated, ep); break;
             default: ws_epilogue<T, SMOE_ACT_NONE>(acc, t, gated, ep); break;
             }
         }

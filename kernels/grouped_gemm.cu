@@ -14,28 +14,28 @@
 //   (const T* X, const T* W, const T* bias, T* Y, const int* sorted_idx, const int* expert_offsets,
 //    const T* row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
 //    int act, int gated, int glu_layout, float alpha, float limit)
-//   act: SMOE_ACT_* (common.cuh); swiglu_oai (5) needs gated = 1; alpha, limit used by it only.
+//   act: SMOE_ACT_* (the codes of kernels/manifest.toml's `activations`); swiglu_oai and
+//   swiglu_limit need gated = 1; alpha, limit used by them only.
 //   N_assign is expert_offsets[E]; E <= 1024. N even when gated.
 //
-//   scattermoe_gemm_{f16,bf16}_128x128   tensor cores (mma.sync m16n8k16, ldmatrix, 4-stage
-//        cp.async), BK 32. block 256, dynamic smem 65536 bytes.
-//   scattermoe_gemm_{f16,bf16}_32x64     same machinery, BK 64, block 128, dynamic smem 49152 bytes.
-//   scattermoe_gemm_{f16,bf16}_32x64s6   32x64 with 6 stages, block 128, dynamic smem 73728 bytes.
-//   scattermoe_gemm_{f16,bf16}_32x32     block 128, dynamic smem 32768 bytes.
-//   scattermoe_gemm_{f16,bf16}_wgmma_ws  sm_90a only, warp-specialised (gemm_hopper_ws.cuh): a
-//        cp.async producer warpgroup and two m64n256k16 consumer warpgroups, 128x256x64 tiles,
-//        block 384, dynamic smem 4*49152+1024 = 197632 bytes. Traps below sm_90a.
+//   The configurations, each with its tile, block and dynamic smem, are kernels/manifest.toml's
+//   [[gemm]] tables; the entry macros at the end of this file define them, one per template:
+//   scattermoe_gemm_{f16,bf16}_<tile>    tc_gemm: tensor cores (mma.sync m16n8k16, ldmatrix,
+//        multi-stage cp.async), any arch.
+//   scattermoe_gemm_{f16,bf16}_wgmma_ws  ws_gemm, sm_90a only, warp-specialised (gemm_hopper_ws.cuh):
+//        a cp.async producer warpgroup and two m64n256k16 consumer warpgroups, 128x256x64 tiles,
+//        block 384, dynamic smem STAGES*49152+1024 bytes. Traps below sm_90a.
 //   scattermoe_gemm_{f16,bf16}_wgmma_tma sm_90a only: wgmma_ws with W loaded by TMA (the
 //        producer gathers only the A rows). One extra, last parameter: `const __grid_constant__
 //        TmaMap w_map`, the 128-byte tensor map of W (src/cuda/tensor_map.rs). Needs K % 8 == 0
-//        and a 16-byte-aligned W. Same block and smem.
+//        and a 16-byte-aligned W.
 //   scattermoe_gemm_{f16,bf16}_wgmma_mc  sm_90a only: wgmma_tma in clusters of two CTAs
 //        (__cluster_dims__(2, 1, 1)) sharing each W tile through a multicast TMA load. Same extra
-//        parameter, needs, block and smem.
+//        parameter and needs.
 //   scattermoe_gemm_{f16,bf16}_wgmma_mc_ga  wgmma_mc for grouped input (grouped_in = 1 only) with
 //        A by TMA too: two extra, last parameters, the W map and the map of X as rows of K (same
 //        128-byte maps). Needs K % 8 == 0 and a 16-byte-aligned X as well.
-//   scattermoe_gemm_f32                  SIMT f32, 64x64 tiles, block 256, no dynamic smem.
+//   scattermoe_gemm_f32                  f32_gemm: SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
@@ -414,6 +414,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 // ---------------------------------------------------------------- f32 SIMT kernel
 constexpr int F_BM = 64, F_BN = 64, F_BK = 16;
+constexpr int F_THREADS = 256;  // 16 x 16 threads, 4 x 4 outputs each
 
 __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ W, const float* __restrict__ bias,
                          float* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
@@ -519,68 +520,68 @@ __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ 
     X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated, \
         glu_layout, alpha, limit
 
-#define SMOE_TC_ENTRY(NAME, T, BM, BN, BK, WM, WN, ST, MINB)                                   \
-    extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, MINB)            \
-        NAME(SMOE_GEMM_PARAMS(T)) {                                                            \
-        pdl_begin();                                                                           \
-        tc_gemm<T, BM, BN, BK, WM, WN, ST>(SMOE_GEMM_ARGS);                                     \
+// ---------------------------------------------------------------- entry points
+// One macro per kernel template and parameter list. kernels/manifest.toml lists the entry points
+// (one [[gemm]] table per configuration) and build.rs generates the invocations, included at the
+// end of this file. Each macro first checks the manifest's geometry (the numbers the host launches
+// with) against the template's own constants.
+
+// tc_gemm (mma.sync).
+#define SMOE_TC_ENTRY(NAME, T, BM, BN, BK, WM, WN, ST, MINB, NTHREADS, DSMEM)                            \
+    static_assert(TcCfg<T, BM, BN, BK, WM, WN, ST>::THREADS == NTHREADS &&                              \
+                      TcCfg<T, BM, BN, BK, WM, WN, ST>::SMEM == DSMEM,                                   \
+                  #NAME ": threads or smem in kernels/manifest.toml differ from the kernel's");         \
+    extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, MINB)                       \
+        NAME(SMOE_GEMM_PARAMS(T)) {                                                                     \
+        pdl_begin();                                                                                    \
+        tc_gemm<T, BM, BN, BK, WM, WN, ST>(SMOE_GEMM_ARGS);                                              \
     }
 
-SMOE_TC_ENTRY(scattermoe_gemm_bf16_128x128, __nv_bfloat16, 128, 128, 32, 64, 32, 4, 2)
-SMOE_TC_ENTRY(scattermoe_gemm_f16_128x128, __half, 128, 128, 32, 64, 32, 4, 2)
-SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x64, __nv_bfloat16, 32, 64, 64, 32, 16, 4, 4)
-SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64, __half, 32, 64, 64, 32, 16, 4, 4)
-SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x32, __nv_bfloat16, 32, 32, 64, 16, 16, 4, 4)
-SMOE_TC_ENTRY(scattermoe_gemm_f16_32x32, __half, 32, 32, 64, 16, 16, 4, 4)
-SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x64s6, __nv_bfloat16, 32, 64, 64, 32, 16, 6, 3)
-SMOE_TC_ENTRY(scattermoe_gemm_f16_32x64s6, __half, 32, 64, 64, 32, 16, 6, 3)
+// ws_gemm (Hopper, gemm_hopper_ws.cuh): its tile and block are fixed (WsCfg), STAGES sets the smem.
+#define SMOE_WS_CHECK(NAME, ST, TBM, TBN, NTHREADS, DSMEM)                                              \
+    static_assert(WsCfg<ST>::BM == TBM && WsCfg<ST>::BN == TBN && WsCfg<ST>::THREADS == NTHREADS &&      \
+                      WsCfg<ST>::SMEM == DSMEM,                                                          \
+                  #NAME ": tile, threads or smem in kernels/manifest.toml differ from the kernel's");
 
-#define SMOE_WS_ENTRY(NAME, T, ST)                                                         \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {       \
-        pdl_begin();                                                                       \
-        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER>(SMOE_GEMM_ARGS, nullptr, nullptr);                               \
+// wgmma_ws: W by cp.async like A.
+#define SMOE_WS_ENTRY(NAME, T, ST, BM, BN, NTHREADS, DSMEM)                                             \
+    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {                    \
+        pdl_begin();                                                                                    \
+        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER>(SMOE_GEMM_ARGS, nullptr, nullptr);                      \
     }
 
-SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4)
-SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4)
-
-// The TMA variants take one extra parameter, the W tensor map (128 bytes, src/cuda/tensor_map.rs).
-// wgmma_tma: one CTA per tile, W by TMA.
-#define SMOE_WS_TMA_ENTRY(NAME, T, ST)                                                                     \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) { \
-        pdl_begin();                                                                                       \
-        ws_gemm<T, ST, WS_TMA, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                                                     \
+// The TMA forms take one extra parameter, the W tensor map (128 bytes, src/cuda/tensor_map.rs).
+// WLOAD: WS_TMA (wgmma_tma, one CTA per tile) or WS_TMA_PAIR (wgmma_mc: clusters of two CTAs
+// sharing W through a multicast TMA load, CLUSTER = SMOE_CLUSTER_PAIR; the grid must be even).
+#define SMOE_WS_TMA_ENTRY(NAME, T, ST, WLOAD, CLUSTER, BM, BN, NTHREADS, DSMEM)                         \
+    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
+    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                        \
+        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                               \
+        pdl_begin();                                                                                    \
+        ws_gemm<T, ST, WLOAD, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                             \
     }
 
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_bf16_wgmma_tma, __nv_bfloat16, 4)
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_tma, __half, 4)
-
-// wgmma_mc: clusters of two CTAs sharing W through a multicast TMA load. The grid must be even.
-#define SMOE_WS_MC_ENTRY(NAME, T, ST)                                                                      \
-    extern "C" __global__ void SMOE_CLUSTER_PAIR __launch_bounds__(384, 1)                                 \
-        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                                  \
-        pdl_begin();                                                                                       \
-        ws_gemm<T, ST, WS_TMA_PAIR, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                                                \
-    }
-
-SMOE_WS_MC_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4)
-SMOE_WS_MC_ENTRY(scattermoe_gemm_f16_wgmma_mc, __half, 4)
-
-// wgmma_mc_ga: wgmma_mc for grouped input (grouped_in = 1) with A by TMA as well. Two extra
-// parameters, the W map and the map of X as rows of K (src/cuda/tensor_map.rs). Only the pair kernel
-// has this form: with one CTA per tile (wgmma_tma) it was 7-11% slower where experts have few rows
-// or K is short (a box always brings 128 rows; tests/gpu/RESULTS.md, fifth round).
-#define SMOE_WS_GA_ENTRY(NAME, T, ST, WLOAD, CLUSTER)                                                   \
-    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                           \
+// The `_ga` form for grouped input (grouped_in = 1) with A by TMA as well. Two extra parameters,
+// the W map and the map of X as rows of K (src/cuda/tensor_map.rs). Only the pair kernel has this
+// form: with one CTA per tile (wgmma_tma) it was 7-11% slower where experts have few rows or K is
+// short (a box always brings 128 rows; tests/gpu/RESULTS.md, fifth round).
+#define SMOE_WS_GA_ENTRY(NAME, T, ST, WLOAD, CLUSTER, BM, BN, NTHREADS, DSMEM)                          \
+    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
+    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                        \
         NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map) { \
-        pdl_begin();                                                                                       \
-        ws_gemm<T, ST, WLOAD, WS_A_TMA>(SMOE_GEMM_ARGS, &w_map, &a_map);                                    \
+        pdl_begin();                                                                                    \
+        ws_gemm<T, ST, WLOAD, WS_A_TMA>(SMOE_GEMM_ARGS, &w_map, &a_map);                                 \
     }
 
-SMOE_WS_GA_ENTRY(scattermoe_gemm_bf16_wgmma_mc_ga, __nv_bfloat16, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR)
-SMOE_WS_GA_ENTRY(scattermoe_gemm_f16_wgmma_mc_ga, __half, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR)
+// f32_gemm (SIMT): its tile and block are fixed.
+#define SMOE_F32_ENTRY(NAME, T, BM, BN, NTHREADS, DSMEM)                                                \
+    static_assert(F_BM == BM && F_BN == BN && F_THREADS == NTHREADS && DSMEM == 0,                       \
+                  #NAME ": tile, threads or smem in kernels/manifest.toml differ from the kernel's");   \
+    extern "C" __global__ void __launch_bounds__(F_THREADS) NAME(SMOE_GEMM_PARAMS(T)) {                 \
+        pdl_begin();                                                                                    \
+        f32_gemm(SMOE_GEMM_ARGS);                                                                       \
+    }
 
-extern "C" __global__ void __launch_bounds__(256) scattermoe_gemm_f32(SMOE_GEMM_PARAMS(float)) {
-    pdl_begin();
-    f32_gemm(SMOE_GEMM_ARGS);
-}
+// The invocations, one per entry point: generated from kernels/manifest.toml (kernels/generated/).
+#include "grouped_gemm_entries.cuh"

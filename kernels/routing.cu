@@ -285,38 +285,11 @@ __device__ void small_impl(const I* __restrict__ idx, int N, int E, int* __restr
     }
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_small_i32(const int* idx, int N, int E, int* expert_offsets, int* sorted_idx, int* pos,
-                             unsigned char* kept, int* error) {
-    smoe::pdl_begin();
-    small_impl<int>(idx, N, E, expert_offsets, sorted_idx, pos, kept, error);
-}
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_small_i64(const long long* idx, int N, int E, int* expert_offsets, int* sorted_idx, int* pos,
-                             unsigned char* kept, int* error) {
-    smoe::pdl_begin();
-    small_impl<long long>(idx, N, E, expert_offsets, sorted_idx, pos, kept, error);
-}
-
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_count_i32(const int* idx, int N, int T, int k, int E, int* ws) {
-    smoe::pdl_begin();
-    count_impl<int>(idx, N, T, k, E, ws);
-}
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_count_i64(const long long* idx, int N, int T, int k, int E, int* ws) {
-    smoe::pdl_begin();
-    count_impl<long long>(idx, N, T, k, E, ws);
-}
-
-extern "C" __global__ void __launch_bounds__(1024)
-scattermoe_routing_scan(int N, int E, int nb, int orders, const long long* capacity, int* ws,
-                        int* expert_offsets, int* error) {
+// The scan: one block, one thread per expert (E <= SMOE_ROUTING_MAX_E = the block size).
+__device__ void scan_impl(int N, int E, int nb, int orders, const long long* capacity, int* ws, int* expert_offsets,
+                          int* error) {
     __shared__ int warp_tot[32];
     __shared__ int bad_red[32];
-    smoe::pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (E > SMOE_ROUTING_MAX_E) {
         if (tid == 0) { error[0] = SMOE_ERR_TOO_MANY_EXPERTS; error[1] = -1; }
@@ -378,19 +351,50 @@ scattermoe_routing_scan(int N, int E, int nb, int orders, const long long* capac
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_scatter_i32(const int* idx, int N, int T, int k, int E, const int* ws,
-                               const int* expert_offsets, const long long* capacity, int capacity_order,
-                               int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
-    smoe::pdl_begin();
-    scatter_impl<int>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos, kept,
-                      kept_out, kept_dtype);
-}
-extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)
-scattermoe_routing_scatter_i64(const long long* idx, int N, int T, int k, int E, const int* ws,
-                               const int* expert_offsets, const long long* capacity, int capacity_order,
-                               int* sorted_idx, int* pos, unsigned char* kept, void* kept_out, int kept_dtype) {
-    smoe::pdl_begin();
-    scatter_impl<long long>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos,
-                            kept, kept_out, kept_dtype);
-}
+}  // namespace
+
+// ---------------------------------------------------------------- entry points
+// kernels/manifest.toml lists them ([[plain]]: name, entry macro, threads) and build.rs generates
+// the invocations, included at the end of this file: one per index type ({i}: I = int or long
+// long). Each macro checks the manifest's block size against the one the kernel is written for.
+#define SMOE_ROUTING_CHECK(NAME, NTHREADS, WANT) \
+    static_assert(NTHREADS == WANT, #NAME ": threads in kernels/manifest.toml differ from the kernel's");
+
+#define SMOE_ROUTING_SMALL_ENTRY(NAME, I, NTHREADS)                                                        \
+    SMOE_ROUTING_CHECK(NAME, NTHREADS, SMOE_ROUTING_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)                                      \
+    NAME(const I* idx, int N, int E, int* expert_offsets, int* sorted_idx, int* pos, unsigned char* kept,   \
+         int* error) {                                                                                      \
+        smoe::pdl_begin();                                                                                  \
+        small_impl<I>(idx, N, E, expert_offsets, sorted_idx, pos, kept, error);                            \
+    }
+
+#define SMOE_ROUTING_COUNT_ENTRY(NAME, I, NTHREADS)                                                        \
+    SMOE_ROUTING_CHECK(NAME, NTHREADS, SMOE_ROUTING_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)                                      \
+    NAME(const I* idx, int N, int T, int k, int E, int* ws) {                                               \
+        smoe::pdl_begin();                                                                                  \
+        count_impl<I>(idx, N, T, k, E, ws);                                                                 \
+    }
+
+#define SMOE_ROUTING_SCAN_ENTRY(NAME, NTHREADS)                                                            \
+    SMOE_ROUTING_CHECK(NAME, NTHREADS, SMOE_ROUTING_MAX_E)                                                  \
+    extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_MAX_E)                                        \
+    NAME(int N, int E, int nb, int orders, const long long* capacity, int* ws, int* expert_offsets,         \
+         int* error) {                                                                                      \
+        smoe::pdl_begin();                                                                                  \
+        scan_impl(N, E, nb, orders, capacity, ws, expert_offsets, error);                                   \
+    }
+
+#define SMOE_ROUTING_SCATTER_ENTRY(NAME, I, NTHREADS)                                                      \
+    SMOE_ROUTING_CHECK(NAME, NTHREADS, SMOE_ROUTING_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(SMOE_ROUTING_THREADS)                                      \
+    NAME(const I* idx, int N, int T, int k, int E, const int* ws, const int* expert_offsets,                \
+         const long long* capacity, int capacity_order, int* sorted_idx, int* pos, unsigned char* kept,     \
+         void* kept_out, int kept_dtype) {                                                                  \
+        smoe::pdl_begin();                                                                                  \
+        scatter_impl<I>(idx, N, T, k, E, ws, expert_offsets, capacity, capacity_order, sorted_idx, pos, kept, \
+                        kept_out, kept_dtype);                                                              \
+    }
+
+#include "routing_entries.cuh"

@@ -565,12 +565,12 @@ def _jetmoe_block():
     return JetMoeMoE(c)
 
 
-def _llama4_block():
+def _llama4_block(k=1):
     import transformers as tr
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     c = tr.Llama4TextConfig(hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_local_experts=4,
-                            num_experts_per_tok=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+                            num_experts_per_tok=k, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     return Llama4TextMoe(c)
 
 
@@ -582,6 +582,34 @@ def _nemotron_h_block(experts_impl):
                            num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
                            experts_implementation=experts_impl)
     return NemotronHMoE(c)
+
+
+def _clamped_swiglu_block(family, experts_impl):
+    """GLM-5-Next's or HY-V4's MoE block: experts silu(min(gate, l)) * clamp(up, -l, l). The limit is
+    small, so the clamps act on the fixture's values."""
+    if family == "glm5_next":
+        from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig as Config
+        from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextMoE as Block
+        limit = 0.5
+    else:
+        from transformers.models.hy_v4.configuration_hy_v4 import HYV4Config as Config
+        from transformers.models.hy_v4.modeling_hy_v4 import HYV4MoE as Block
+        limit = 1.0
+    c = Config(hidden_size=32, moe_intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, n_group=1,
+               topk_group=1, n_shared_experts=1, swiglu_limit=limit)
+    c._experts_implementation = experts_impl
+    return Block(c)
+
+
+def _family_block(parts):
+    """The block of a "block:<family>[:<option>]" builder."""
+    if parts[1] == "nemotron_h":
+        return _nemotron_h_block(parts[2])
+    if parts[1] in ("glm5_next", "hy_v4"):
+        return _clamped_swiglu_block(parts[1], parts[2])
+    if parts[1] == "llama4":
+        return _llama4_block(int(parts[2][1:]) if len(parts) > 2 else 1)  # "k2": top-2
+    return {"jetmoe": _jetmoe_block}[parts[1]]()
 
 
 # name, builder ("block:jetmoe" or "lm:<family>[:<experts implementation>]"), exporter, dtype, expect
@@ -599,14 +627,37 @@ FAMILY_FIXTURES = [
     ("llama4_moe", "block:llama4", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
     ("llama4_moe_f16", "block:llama4", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
     ("llama4_moe_ts", "block:llama4", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
-    # Nemotron-H: non-gated experts with squared ReLU (relu2), which the op does not have
-    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(refused="activation")),
-    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(refused="activation", needs="batched_mm")),
+    # Nemotron-H: non-gated experts with squared ReLU (relu2)
+    ("nemotron_h_moe", "block:nemotron_h:eager", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("nemotron_h_moe_bmm_dynamo", "block:nemotron_h:batched_mm", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
     # with past keys and values (5 cached positions) as inputs
     ("mixtral_lm_past", "lmpast:mixtral", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("qwen3_moe_lm_past", "lmpast:qwen3_moe", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     # batched_mm experts, dynamo: needs the batched_mm rule
     ("mixtral_lm_bmm_dynamo", "lm:mixtral:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+    # float16 experts summed in float32 (the router's weights are float32): the op writes float16,
+    # a Cast gives the sum its type
+    ("nemotron_h_moe_f16", "block:nemotron_h:eager", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # GLM-5-Next and HY-V4: swiglu_limit experts (limits 0.5 and 1.0)
+    ("glm5_next_moe", "block:glm5_next:eager", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("hy_v4_moe_bmm_dynamo", "block:hy_v4:batched_mm", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Llama-4 with top-2 routing: one row per assignment, summed over k after the op
+    ("llama4_moe_k2", "block:llama4:k2", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("llama4_moe_k2_ts", "block:llama4:k2", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # cases of models/matrix.py (matrix:<case>[:config overrides]); exporter and dtype are the case's
+    # float16 rows whose experts are not gated (`gated = 0` must carry its value)
+    ("switch_f16", "matrix:SwitchTransformersSparseMLP.eager.ts17.f16", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # float16 rows cast up: the experts compute, weight and accumulate in float32
+    ("openai_privacy_filter_f16", "matrix:OpenAIPrivacyFilterMLP.eager.ts17.f16", "torchscript", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # the loop unrolled over the 2 experts its traced input hit, of 4
+    ("ernie45_moe", "matrix:Ernie4_5_MoeSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # routers other than TopK: PhiMoE's sparsemixer (two masked ArgMax), Zaya's TopK over E + 1
+    # classes with the skip class masked to expert 0 (its router MLP narrowed to keep the file small)
+    ("phimoe_bmm", "matrix:PhimoeSparseMoeBlock.batched_mm.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("zaya_bmm_dynamo", "matrix:ZayaSparseMoeBlock.batched_mm.dynamo.f32:router_hidden_size=32", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # Zaya's eager loop: index_add_ as ScatterElements without a reduction, and a router that can
+    # give one token expert 0 twice (the skip class masked to 0): the graph keeps one of the two
+    ("zaya_moe", "matrix:ZayaSparseMoeBlock.eager.ts17.f32:router_hidden_size=32", "torchscript", "float32", dict(refused="without a reduction")),
 ]
 
 
@@ -638,12 +689,54 @@ def _export(model, x, path, exporter, input_name, output_name, opset=17, extra=(
     onnx.save(mp, path)
 
 
+def export_family_matrix(name, spec, expect, out_dir):
+    """A case of models/matrix.py (`matrix:<case>[:key=value,...]`, the values tiny-config overrides
+    where the family's config has the key) under the fixture's name, with its index entry."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import matrix
+
+    parts = spec.split(":")
+    case = parts[1]
+    overrides = dict(kv.split("=") for kv in parts[2].split(",")) if len(parts) > 2 else {}
+    cls, impl, exporter, dt = case.split(".")
+    fam = next((f for f in matrix.enumerate_blocks() if f[2] == cls), None)
+    if fam is None:
+        raise KeyError(f"no MoE block class {cls}")
+    saved = dict(matrix.TINY)
+    matrix.TINY.update({k: int(v) for k, v in overrides.items()})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = matrix.export_case(fam, impl, exporter, "float32" if dt == "f32" else "float16", tmp, 1)
+            if rec["status"] != "exported":
+                raise RuntimeError(f"{case}: {rec['status']}: {rec.get('reason')}")
+            for ext in (".onnx", ".npz"):
+                shutil.copy(os.path.join(tmp, case + ext), os.path.join(out_dir, name + ext))
+    finally:
+        matrix.TINY.clear()
+        matrix.TINY.update(saved)
+    import onnx
+
+    path = os.path.join(out_dir, name + ".onnx")
+    mp = onnx.load(path)
+    arrays = dict(np.load(os.path.join(out_dir, name + ".npz")))
+    return dict(name=name, source=spec, exporter="dynamo" if exporter == "dynamo" else "torchscript",
+                dtype=rec["dtype"], input="hidden_states", output="output", traced=TRACED, lengths=list(LENGTHS),
+                bytes=os.path.getsize(path), nodes=len(mp.graph.node),
+                opset=[o.version for o in mp.opset_import if o.domain == ""][0], ir_version=mp.ir_version,
+                original_runs_in_ort=check_ort(path, arrays), expect=expect)
+
+
 def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
+    if spec.startswith("matrix:"):
+        return export_family_matrix(name, spec, expect, out_dir)
     torch.manual_seed(seed)
     parts = spec.split(":")
     tdtype = getattr(torch, dtype)
     if parts[0] == "block":
-        m = {"jetmoe": _jetmoe_block, "llama4": _llama4_block}[parts[1]]() if parts[1] != "nemotron_h" else _nemotron_h_block(parts[2])
+        m = _family_block(parts)
         input_name, output_name = "hidden_states", "output"
         randomise(m, seed)
         m = FirstOutput(m.to(tdtype).eval()).eval()

@@ -16,6 +16,8 @@ fi
 cargo build --release --workspace
 export SCATTERMOE_ORT_LIB=${SCATTERMOE_ORT_LIB:-$PWD/target/release/libscattermoe_ort.so}
 cargo test --release --workspace
+# python/tests/test_wheel.py builds the wheel (scripts/build-wheel.sh: maturin reuses the build above)
+# and installs it into fresh venvs with ONNX Runtime 1.31.1 and 1.20.1 (SCATTERMOE_WHEEL=0 skips it).
 .venv/bin/python -m pytest python/tests -q
 # Bounded fuzzing (about a minute, plus cargo-fuzz's first build): docs/hardening.md.
 fuzz/ci.sh

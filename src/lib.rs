@@ -1,7 +1,10 @@
+pub mod cli;
 pub mod cpu;
 pub mod cuda;
+pub mod npz;
 pub mod onnx;
 pub mod ort_ops;
+pub mod progress;
 pub mod reference;
 pub mod rewrite;
 pub mod signature;

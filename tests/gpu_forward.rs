@@ -265,6 +265,8 @@ fn moe_cases() -> Vec<MoeCase> {
         MoeCase { activation: Gelu, gated: false, b_in: true, b_out: true, it: IndexType::I32, ..moe(3, 1, 8, 40, 24) },
         MoeCase { activation: SwigluOai, glu: GluLayout::Interleaved, b_in: true, all_cfgs: true, ..moe(64, 8, 64, 100, 36) },
         MoeCase { activation: Relu, gated: false, b_in: true, b_out: true, ..moe(1000, 1, 1, 30, 5) },
+        MoeCase { activation: Relu2, gated: false, b_in: true, b_out: true, all_cfgs: true, ..moe(64, 2, 8, 100, 36) },
+        MoeCase { activation: SwigluLimit, glu: GluLayout::UpGate, b_in: true, all_cfgs: true, ..moe(64, 8, 64, 100, 36) },
         MoeCase { routing: Routing::All(3), b_out: true, all_cfgs: true, ..moe(1000, 2, 64, 128, 64) },
         MoeCase { capacity: Some((200, CapacityOrder::SlotMajor)), ..moe(1000, 2, 8, 64, 40) },
         MoeCase { capacity: Some((0, CapacityOrder::SlotMajor)), ..moe(64, 2, 8, 24, 16) },
@@ -281,6 +283,9 @@ fn moe_cases() -> Vec<MoeCase> {
             // GEMM1 wgmma_tma at K = d = 4096, GEMM2 wgmma_mc at K = f = 8192 (128 rows per expert)
             MoeCase { b_in: true, ..moe(200, 2, 8, 4096, 96) },
             moe(512, 2, 8, 192, 8192),
+            // the new activations through the sm_90a epilogues (specialised per activation)
+            MoeCase { activation: Relu2, gated: false, b_out: true, ..moe(4096, 2, 8, 1024, 256) },
+            MoeCase { activation: SwigluLimit, glu: GluLayout::Interleaved, b_in: true, ..moe(4096, 2, 8, 1024, 256) },
         ]);
     }
     v
@@ -292,7 +297,9 @@ fn moe_attrs(c: &MoeCase) -> scatter_moe::Attrs {
         gated: c.gated,
         glu_layout: c.glu,
         capacity_order: c.capacity.map_or(CapacityOrder::SlotMajor, |x| x.1),
-        ..scatter_moe::Attrs::default()
+        // swiglu_limit as GLM-5-Next writes it (alpha 1), with a limit the values cross
+        alpha: if c.activation == Activation::SwigluLimit { 1.0 } else { 1.702 },
+        limit: if c.activation == Activation::SwigluLimit { 0.5 } else { 7.0 },
     }
 }
 

@@ -156,7 +156,7 @@ fn a_candidate_that_is_not_proven_is_left_and_reported() {
 }
 
 #[test]
-fn a_model_without_moe_is_written_unchanged_with_exit_0() {
+fn a_model_without_moe_is_written_unchanged_with_allow_none() {
     let dir = common::scratch("nomoe");
     // the router alone: cut the capacity fixture after its softmax
     let mut m = scattermoe::onnx::load(&common::models_dir().join("capacity_einsum.onnx")).unwrap();
@@ -173,7 +173,8 @@ fn a_model_without_moe_is_written_unchanged_with_exit_0() {
     let input = dir.join("router.onnx");
     scattermoe::onnx::save(m, &input, &Default::default()).unwrap();
     let out = dir.join("out.onnx");
-    let (code, stdout, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap(), "--report"]);
+    // without --allow-none: exit 3 and nothing written (tests/cli_experience.rs)
+    let (code, stdout, err) = cli(&["rewrite", input.to_str().unwrap(), out.to_str().unwrap(), "--report", "--allow-none"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("no MoE layer was replaced"), "{stdout}");
     assert!(out.exists());

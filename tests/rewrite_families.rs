@@ -1,5 +1,6 @@
 //! The fixtures of models/families/ (JetMoE's MoE block and a whole JetMoE LM with its
-//! Mixture-of-Attention, whole tiny Mixtral and Qwen3-MoE LMs): each is rewritten into the
+//! Mixture-of-Attention, whole tiny Mixtral and Qwen3-MoE LMs, Llama-4, Nemotron-H, GLM-5-Next and
+//! HY-V4 blocks): each is rewritten into the
 //! expected number of ScatterMoE / ParallelLinear nodes (one ScatterMoE per MoE layer), or left with
 //! the expected reason; the rewritten model, run in ONNX Runtime (CPU) with the plugin, reproduces
 //! torch's outputs at 1, 7 and the traced 16 tokens (float32 1e-4, float16 1e-2).
@@ -31,7 +32,29 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     ("llama4_moe", "hidden_states", 1, 0),
     ("llama4_moe_f16", "hidden_states", 1, 0),
     ("llama4_moe_ts", "hidden_states", 1, 0),
+    // Llama-4 with top-2 routing: one row per assignment, summed over k after the op
+    ("llama4_moe_k2", "hidden_states", 1, 0),
+    ("llama4_moe_k2_ts", "hidden_states", 1, 0),
+    // Nemotron-H: non-gated squared-ReLU experts (relu2); eager TorchScript, batched_mm dynamo, and
+    // float16 experts summed in float32
+    ("nemotron_h_moe", "hidden_states", 1, 0),
+    ("nemotron_h_moe_bmm_dynamo", "hidden_states", 1, 0),
+    ("nemotron_h_moe_f16", "hidden_states", 1, 0),
+    // GLM-5-Next and HY-V4: silu(min(gate, l)) * clamp(up, -l, l) experts (swiglu_limit)
+    ("glm5_next_moe", "hidden_states", 1, 0),
+    ("hy_v4_moe_bmm_dynamo", "hidden_states", 1, 0),
+    // blocks of the matrix (models/matrix.py cases): float16 rows with non-gated experts; float16
+    // rows whose experts compute in float32; a loop unrolled over 2 of 4 experts; routers other
+    // than TopK (PhiMoE's sparsemixer, Zaya's masked skip class) in the batched_mm form
+    ("switch_f16", "hidden_states", 1, 0),
+    ("openai_privacy_filter_f16", "hidden_states", 1, 0),
+    ("ernie45_moe", "hidden_states", 1, 0),
+    ("phimoe_bmm", "hidden_states", 1, 0),
+    ("zaya_bmm_dynamo", "hidden_states", 1, 0),
 ];
+
+/// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven.
+const PROVEN: &[&str] = &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
@@ -72,8 +95,15 @@ fn count(model: &onnx::Model, op: &str) -> usize {
 
 /// Rewrites `name`, checks the node counts, and compares with torch: the errors per token count.
 fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path) -> Result<Vec<(usize, f64)>, String> {
+    check_with(name, input, smoe, pl, scratch, &UNPROVEN)
+}
+
+fn check_with(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path, opts: &scattermoe::rewrite::RewriteOptions) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
-    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).map_err(|e| e.to_string())?;
+    let report = scattermoe::rewrite::rewrite_with(&mut model, opts).map_err(|e| e.to_string())?;
+    if opts.prove && report.layers.iter().any(|l| l.proof.is_none() && l.family != "jetmoe_moa") {
+        return Err(format!("a ScatterMoE layer was written unproven:\n{}", report.text()));
+    }
     let (got_smoe, got_pl) = (count(&model, spec::scatter_moe::NAME), count(&model, spec::parallel_linear::NAME));
     if (got_smoe, got_pl) != (smoe, pl) || report.layers.len() != smoe + pl {
         return Err(format!("{got_smoe} ScatterMoE, {got_pl} ParallelLinear, {} reported layers; expected {smoe} and {pl}:\n{}", report.layers.len(), report.text()));
@@ -90,7 +120,9 @@ fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::P
     let mut s = session(&out);
     let refs = common::read_npz(&dir().join(format!("{name}.npz")));
     let get = |k: &str| refs.iter().find(|(n, _)| n == k).map(|(_, a)| a.clone()).unwrap();
-    let tol = if get("y_1").dtype == "f2" { 1e-2 } else { 1e-4 };
+    // float16 inputs: float16's tolerance, also where the block returns float32 (Nemotron-H sums
+    // its float16 experts in float32)
+    let tol = if get("y_1").dtype == "f2" || get("x_1").dtype == "f2" { 1e-2 } else { 1e-4 };
     let mut errors = Vec::new();
     for tokens in [1usize, 7, 16] {
         let y = get(&format!("y_{tokens}"));
@@ -130,6 +162,49 @@ fn family_fixtures_are_rewritten_one_node_per_layer_and_match_torch() {
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), REWRITTEN.len(), failures.join("\n"));
 }
 
+/// With the proof on, the blocks of the matrix that ONNX Runtime runs as exported are replaced,
+/// every layer proven, and still match torch.
+#[test]
+fn matrix_blocks_are_rewritten_with_the_proof_on() {
+    let scratch = common::scratch("families_proven");
+    let mut failures = Vec::new();
+    for name in PROVEN {
+        let &(_, input, smoe, pl) = REWRITTEN.iter().find(|r| r.0 == *name).unwrap();
+        if let Err(e) = check_with(name, input, smoe, pl, &scratch, &scattermoe::rewrite::RewriteOptions::default()) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), PROVEN.len(), failures.join("\n"));
+}
+
+/// The types the op computes in follow the original's: float16 rows whose experts compute in
+/// float32 are cast up before the node (the node is float32, as the value it replaces), float16
+/// experts stay float16.
+#[test]
+fn the_op_computes_in_the_type_the_experts_computed_in() {
+    for (name, elem, casts_rows) in [("openai_privacy_filter_f16", "float32", true), ("switch_f16", "float16", false)] {
+        let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();
+        let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
+        assert_eq!(report.layers.len(), 1, "{name}: {}", report.text());
+        assert_eq!(report.layers[0].elem_type, elem, "{name}");
+        let node = model.graph().node.iter().find(|n| n.op_type == spec::scatter_moe::NAME).unwrap();
+        let x = &node.input[0];
+        let cast = model.graph().node.iter().find(|n| n.output.iter().any(|o| o == x) && n.op_type == "Cast");
+        assert_eq!(cast.is_some(), casts_rows, "{name}: X = {x}");
+    }
+}
+
+/// Zaya's eager loop is left, with why: its router gives a token expert 0 twice when it picks the
+/// skip class, and the exported loop keeps only one of the two rows.
+#[test]
+fn zaya_eager_loop_is_left_with_the_reason() {
+    let mut model = onnx::load(&dir().join("zaya_moe.onnx")).unwrap();
+    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
+    assert!(report.layers.is_empty(), "{}", report.text());
+    assert!(report.rejected.iter().any(|r| r.family == "hf_loop" && r.reason.contains("without a reduction")), "{}", report.text());
+}
+
 /// torch's TorchScript exporter writes JetMoE's `index_add` as ScatterElements without a
 /// reduction (a token's two rows overwrite each other: ONNX Runtime's result is 96% off torch's at
 /// the traced length, see index.json) and the expert counts as the traced constants. The rewriter
@@ -158,13 +233,70 @@ fn mixtral_lm_batched_mm_dynamo_is_rewritten() {
     r.unwrap();
 }
 
-/// Nemotron-H's experts are non-gated with a squared ReLU, an activation the op does not have: the
-/// eager loop is recognised as far as the activation and left with that reason (the rewriter must
-/// not approximate it by another activation).
+/// The fixtures of the activations added for Nemotron-H (relu2), GLM-5-Next and HY-V4
+/// (swiglu_limit) and of Llama-4 with k = 2, rewritten with the numeric proof on: each layer is
+/// proven, with the activation and its constants the models use.
 #[test]
-fn nemotron_h_relu2_experts_are_left_with_the_reason() {
-    let mut model = onnx::load(&dir().join("nemotron_h_moe.onnx")).unwrap();
-    let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
-    assert!(report.layers.is_empty(), "{}", report.text());
-    assert!(report.rejected.iter().any(|r| r.reason.contains("activation is not one of")), "{}", report.text());
+fn relu2_swiglu_limit_and_llama4_top2_are_proven() {
+    // name, activation, gated, alpha and limit (swiglu_limit), k
+    type Case = (&'static str, &'static str, bool, Option<(f32, f32)>, usize);
+    let cases: [Case; 7] = [
+        ("nemotron_h_moe", "relu2", false, None, 2),
+        ("nemotron_h_moe_bmm_dynamo", "relu2", false, None, 2),
+        ("nemotron_h_moe_f16", "relu2", false, None, 2),
+        ("glm5_next_moe", "swiglu_limit", true, Some((1.0, 0.5)), 2),
+        ("hy_v4_moe_bmm_dynamo", "swiglu_limit", true, Some((1.0, 1.0)), 2),
+        ("llama4_moe_k2", "silu", true, None, 2),
+        ("llama4_moe_k2_ts", "silu", true, None, 2),
+    ];
+    for (name, act, gated, clamp, k) in cases {
+        let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();
+        let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+        assert_eq!(report.layers.len(), 1, "{name}: {}", report.text());
+        let l = &report.layers[0];
+        assert!(l.proof.is_some(), "{name}: {}", report.text());
+        assert_eq!((l.activation, l.gated, l.k), (act, gated, Some(k)), "{name}: {}", report.text());
+        let node = model.graph().node.iter().find(|n| n.op_type == spec::scatter_moe::NAME).unwrap();
+        let f = |a: &str| node.attribute.iter().find(|x| x.name == a).map(|x| x.f);
+        if let Some((alpha, limit)) = clamp {
+            assert_eq!((f("alpha"), f("limit")), (Some(alpha), Some(limit)), "{name}");
+        }
+    }
+}
+
+/// A wrong candidate of the new forms is stopped by the proof: swiglu_limit with its limit 1% off
+/// (GLM-5-Next) and Llama-4 top-2 with two experts swapped.
+#[test]
+fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
+    use scattermoe::onnx::graph::GraphIndex;
+    use scattermoe::rewrite::emit::MoeLayer;
+    use scattermoe::rewrite::rule::Rule;
+    use scattermoe::rewrite::{hf_loop, llama4, Rejection, RewriteOptions};
+    struct Spoiled(fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>), fn(&mut MoeLayer));
+    impl Rule for Spoiled {
+        fn name(&self) -> &'static str {
+            "spoiled"
+        }
+        fn find(&self, g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
+            let (mut found, rejected) = (self.0)(g);
+            found.iter_mut().for_each(self.1);
+            (found, rejected)
+        }
+    }
+    let limit_off: fn(&mut MoeLayer) = |l| l.experts.iter_mut().for_each(|m| m.limit *= 1.01);
+    let swap: fn(&mut MoeLayer) = |l| l.experts.swap(0, 1);
+    for (name, rule) in [("glm5_next_moe", Spoiled(hf_loop::find, limit_off)), ("llama4_moe_k2", Spoiled(llama4::find, swap))] {
+        for prove in [true, false] {
+            let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();
+            let opts = RewriteOptions { prove, ..Default::default() };
+            let report = scattermoe::rewrite::rewrite_with_rules(&mut model, &opts, &[&rule as &dyn Rule]).unwrap();
+            if prove {
+                assert!(report.layers.is_empty(), "{name}: written although wrong\n{}", report.text());
+                assert!(report.rejected.iter().any(|r| r.reason.starts_with("not proven") && r.reason.contains("relative error")), "{name}: {}", report.text());
+            } else {
+                // without the proof the same candidate is written: the proof is what stops it
+                assert_eq!(report.layers.len(), 1, "{name}: {}", report.text());
+            }
+        }
+    }
 }

@@ -1,13 +1,14 @@
-//! Compiles the TensorRT plugins (cpp/) and the C++ side of the bridge (src/trt.rs) with
-//! cxx-build, when TensorRT's public headers are found: `TENSORRT_INCLUDE_DIR`, else
-//! `third_party/tensorrt/include` (git-ignored; docs/tensorrt.md says where the headers come from).
-//! Without them the crate builds an empty library and says so, so the workspace builds anywhere.
-//! With them it also builds the C++ test harness (tests/trt/harness.cpp) that drives the plugins
-//! through TensorRT's call sequence, and sets `cfg(scattermoe_trt_cpp)`.
+//! Compiles the TensorRT plugin classes (cpp/tensorrt/) and the C++ side of the bridge
+//! (src/bridge.rs) with cxx-build, when TensorRT's public headers are found: `TENSORRT_INCLUDE_DIR`,
+//! else `third_party/tensorrt/include` at the workspace root (git-ignored; docs/tensorrt.md says
+//! where the headers come from). Without them the crate builds a library that exports nothing and
+//! says so, so the workspace builds anywhere. With them it also builds the C++ test harness
+//! (cpp/tensorrt/harness/) that drives the plugins through TensorRT's call sequence, and sets
+//! `cfg(scattermoe_trt_cpp)`. Besides the headers it reads this crate and cpp/tensorrt/ only.
 //!
 //! Nothing links libnvinfer: the plugins only implement TensorRT's interfaces (virtual calls into
 //! TensorRT go through the objects it passes), and the CUDA runtime types the headers name come
-//! from cpp/shim/cuda_runtime_api.h.
+//! from cpp/tensorrt/shim/cuda_runtime_api.h.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,12 +28,13 @@ fn main() {
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.join("../..").canonicalize().unwrap();
+    let cpp = root.join("cpp/tensorrt");
+    let bridge = manifest.join("src/bridge.rs");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-env-changed=TENSORRT_INCLUDE_DIR");
     println!("cargo:rerun-if-changed={}", root.join("third_party/tensorrt/include").display());
-    println!("cargo:rerun-if-changed={}", root.join("cpp").display());
-    println!("cargo:rerun-if-changed={}", root.join("src/trt.rs").display());
-    println!("cargo:rerun-if-changed={}", root.join("tests/trt/harness.cpp").display());
+    println!("cargo:rerun-if-changed={}", cpp.display());
+    println!("cargo:rerun-if-changed={}", bridge.display());
     println!("cargo:rustc-check-cfg=cfg(scattermoe_trt_cpp)");
 
     let Some(include) = headers(&root) else {
@@ -42,11 +44,11 @@ fn main() {
         return;
     };
 
-    // The bridge's generated header, under a stable name for cpp/.
-    let shim = root.join("cpp/shim");
-    let mut build = cxx_build::bridge(root.join("src/trt.rs"));
+    // The bridge's generated header, under a stable name for cpp/tensorrt.
+    let shim = cpp.join("shim");
+    let mut build = cxx_build::bridge(&bridge);
     build
-        .file(root.join("cpp/scattermoe_trt.cpp"))
+        .file(cpp.join("scattermoe_trt.cpp"))
         .include(&shim)
         .include(&include)
         .include(&out)
@@ -65,19 +67,19 @@ fn main() {
         .args(["-std=c++17", "-O2", "-g", "-Wall", "-Wno-deprecated-declarations"])
         .arg(format!("-I{}", shim.display()))
         .arg(format!("-I{}", include.display()))
-        .arg(root.join("tests/trt/harness.cpp"))
+        .arg(cpp.join("harness/harness.cpp"))
         .arg("-o")
         .arg(&harness)
         .arg("-ldl")
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", compiler.path().display()));
     if !status.success() {
-        panic!("building tests/trt/harness.cpp failed ({status})");
+        panic!("building cpp/tensorrt/harness/harness.cpp failed ({status})");
     }
     println!("cargo:rustc-env=SCATTERMOE_TRT_HARNESS={}", harness.display());
 }
 
-/// An include of the header cxx-build generated for src/trt.rs, wherever it put it.
+/// An include of the header cxx-build generated for src/bridge.rs, wherever it put it.
 fn bridge_include(out: &Path) -> String {
     let base = out.join("cxxbridge/include");
     let mut found = None;
@@ -87,11 +89,11 @@ fn bridge_include(out: &Path) -> String {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.file_name().is_some_and(|n| n == "trt.rs.h") {
+            } else if p.file_name().is_some_and(|n| n == "bridge.rs.h") {
                 found = Some(p);
             }
         }
     }
-    let p = found.expect("cxx-build generated no header for src/trt.rs");
+    let p = found.expect("cxx-build generated no header for src/bridge.rs");
     format!("#pragma once\n#include \"{}\"\n", p.display())
 }

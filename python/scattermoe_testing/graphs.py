@@ -45,7 +45,7 @@ ELEM = {
 }
 INDEX_ELEM = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_limit")
 GLU_LAYOUTS = ("gate_up", "up_gate", "interleaved")
 
 def elem_type(dtype) -> int:
@@ -319,6 +319,9 @@ def _act(b: _Builder, x: str, activation: str) -> str:
         return b.op("Mul", [x, b.op("Sigmoid", [x])], "silu")
     if activation == "relu":
         return b.op("Relu", [x])
+    if activation == "relu2":  # square(relu(x)), as transformers writes it
+        r = b.op("Relu", [x])
+        return b.op("Mul", [r, r], "relu2")
     if activation == "gelu":  # x * 0.5 * (1 + erf(x / sqrt(2))); the Gelu op is opset 20
         e = b.op("Erf", [b.op("Mul", [x, b.const(1.0 / math.sqrt(2.0))])])
         return b.op("Mul", [b.op("Mul", [x, b.const(0.5)]), b.op("Add", [e, b.const(1.0)])], "gelu")
@@ -356,6 +359,11 @@ def hidden(b: _Builder, a: str, *, f: int, gated: int, activation: str, glu_layo
         u = b.op("Clip", [up, b.const(-limit), b.const(limit)])
         sg = b.op("Sigmoid", [b.op("Mul", [g, b.const(alpha)])])
         return b.op("Mul", [b.op("Mul", [b.op("Add", [u, b.const(1.0)]), g]), sg], "swiglu")
+    if activation == "swiglu_limit":  # GLM-5-Next: silu(min(gate, l)) * clamp(up, -l, l), alpha general
+        g = b.op("Min", [gate, b.const(limit)])
+        u = b.op("Clip", [up, b.const(-limit), b.const(limit)])
+        sg = b.op("Sigmoid", [b.op("Mul", [g, b.const(alpha)])])
+        return b.op("Mul", [b.op("Mul", [g, sg]), u], "swiglu_limit")
     return b.op("Mul", [_act(b, gate, activation), up], "glu")
 
 

@@ -45,7 +45,13 @@ def activation(x: np.ndarray, name: str) -> np.ndarray:
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     if name == "relu":
         return np.maximum(x, 0.0)
+    if name == "relu2":
+        return np.maximum(x, 0.0) ** 2
     raise ValueError(f"ScatterMoE: attribute 'activation' has unsupported value '{name}'")
+
+
+# the activations defined only over a gate and an up projection (clamped SwiGLU forms)
+GATED_ONLY = ("swiglu_oai", "swiglu_limit")
 
 
 def glu_rows(glu_layout: str, f: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,15 +71,16 @@ def hidden(a: np.ndarray, *, gated: int, activation_name: str, glu_layout: str =
     """h from a ([..., n]) per the spec."""
     a = np.asarray(a, np.float64)
     if not gated:
-        if activation_name == "swiglu_oai":
-            raise ValueError("ScatterMoE: attribute 'activation' = 'swiglu_oai' needs 'gated' = 1")
+        if activation_name in GATED_ONLY:
+            raise ValueError(f"ScatterMoE: attribute 'activation' = '{activation_name}' needs 'gated' = 1")
         return activation(a, activation_name)
     f = a.shape[-1] // 2
     gr, ur = glu_rows(glu_layout, f)
     g, u = a[..., gr], a[..., ur]
-    if activation_name == "swiglu_oai":
+    if activation_name in GATED_ONLY:
         g2 = np.minimum(g, limit)
-        return (np.clip(u, -limit, limit) + 1.0) * g2 * _sigmoid(alpha * g2)
+        offset = 1.0 if activation_name == "swiglu_oai" else 0.0
+        return (np.clip(u, -limit, limit) + offset) * g2 * _sigmoid(alpha * g2)
     return activation(g, activation_name) * u
 
 

@@ -165,6 +165,22 @@ def test_gated_zero_with_gated_weights(lib):
     assert_mentions(creation_error(model, lib), "ScatterMoE: ", "'w_in'", "not gated")
 
 
+def test_output_allocated_with_another_type_is_an_error_not_garbage(lib):
+    """An attribute without a value (`gated` of type INT, no `i`) makes ONNX Runtime's type
+    inference for the node fail, and ORT then allocates Y with the type the graph declares
+    (float32) while the inputs make the op compute float16: the kernel must refuse, not write
+    float16 results into a float32 buffer."""
+    from onnx import AttributeProto
+
+    types = {"X": "f16", "routing_weights": "f16", "w_in": "f16", "w_out": "f16"}
+    model = bare("ScatterMoE", MOE_INPUTS, moe_shapes(gated=0), types=types, attrs={"activation": "relu"})
+    a = AttributeProto()
+    a.name, a.type = "gated", AttributeProto.INT
+    model.graph.node[0].attribute.append(a)
+    feed = feeds(MOE_INPUTS, moe_shapes(gated=0), types=types, present=MOE_INPUTS[:5])
+    assert_mentions(any_error(model, lib, feed), "allocated as float32", "computes float16")
+
+
 PL_SHAPE_CASES = {
     "d_in": ({"W": [E, F, D + 1]}, None, {}, ["'W'", "d_in"]),
     "tokens": ({"X": [T + 1, D]}, None, {}, ["'X'", "'routing_indices'"]),
@@ -240,12 +256,15 @@ def test_int32_capacity(lib):
 
 MOE_ATTR_CASES = {
     "activation_swish": ({"activation": "swish"},
-                         ["attribute 'activation' has unsupported value 'swish'", "silu", "gelu_tanh", "swiglu_oai"]),
+                         ["attribute 'activation' has unsupported value 'swish'", "silu", "gelu_tanh", "relu2", "swiglu_oai",
+                          "swiglu_limit"]),
     "gated_2": ({"gated": 2}, ["'gated'", "2"]),
     "gated_minus_1": ({"gated": -1}, ["'gated'", "-1"]),
     "glu_layout": ({"glu_layout": "gateup"}, ["attribute 'glu_layout' has unsupported value 'gateup'", "interleaved"]),
     "capacity_order": ({"capacity_order": "random"}, ["attribute 'capacity_order' has unsupported value 'random'"]),
     "swiglu_not_gated": ({"activation": "swiglu_oai", "gated": 0}, ["'swiglu_oai'", "'gated'"]),
+    "swiglu_limit_not_gated": ({"activation": "swiglu_limit", "gated": 0}, ["'swiglu_limit'", "'gated'"]),
+    "swiglu_limit_limit_zero": ({"activation": "swiglu_limit", "limit": 0.0}, ["'limit'", "0"]),
     "limit_zero": ({"activation": "swiglu_oai", "limit": 0.0}, ["'limit'", "0"]),
     "limit_negative": ({"activation": "swiglu_oai", "limit": -1.5}, ["'limit'", "-1.5"]),
     "alpha_inf": ({"activation": "swiglu_oai", "alpha": math.inf}, ["'alpha'"]),

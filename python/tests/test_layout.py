@@ -37,6 +37,9 @@ def test_a_clean_made_up_tree_passes(tmp_path):
         "src/spec/values.rs": "use super::*;\npub enum Activation {}\n",
         "src/cpu/mod.rs": "// crate::rewrite named in a comment is no import\nuse crate::spec::{self, Activation};\n",
         "src/rewrite/mod.rs": "use crate::{cpu, spec::values::Activation};\nfn f() { let s = \"crate::bin\"; }\n",
+        # a runtime crate: its own `crate::rewrite` is not the crate's rewriter
+        "plugins/rt/src/lib.rs": "mod rewrite;\nuse crate::rewrite::X;\nuse scattermoe::{cpu, spec::Activation};\n",
+        "plugins/rt/src/rewrite.rs": "use super::*;\npub struct X;\n",
     })
     r = run("--root", str(tmp_path), "--quiet")
     assert r.returncode == 0, r.stdout
@@ -54,6 +57,9 @@ def test_each_broken_rule_is_named(tmp_path):
         "src/cpu/kernels.rs": "\n" * 601,
         "src/rewrite/mod.rs": "",
         "src/gadgets/mod.rs": "",
+        # a runtime crate reaching up to the rewriter, and one of its files too long
+        "plugins/rt/src/lib.rs": "fn f() { scattermoe::rewrite::rewrite(); }\n",
+        "plugins/rt/src/big.rs": "\n" * 601,
     })
     r = run("--root", str(tmp_path), "--quiet")
     assert r.returncode == 1
@@ -62,3 +68,5 @@ def test_each_broken_rule_is_named(tmp_path):
     assert "import cycle between cpu::a, cpu::b" in out, out
     assert "src/cpu/kernels.rs has 601 lines, over 600" in out, out
     assert "top-level module 'gadgets' has no floor" in out, out
+    assert "'plugins/rt' (floor 3) imports 'scattermoe::rewrite' (floor 4), a higher floor" in out, out
+    assert "plugins/rt/src/big.rs has 601 lines, over 600" in out, out

@@ -19,6 +19,10 @@ CASES = [
     ("bf16", "gelu_tanh", 0, "gate_up", True, 8, 2, 64, "empty_expert", "nd"),
     ("bf16", "relu", 1, "gate_up", True, 8, 2, 64, "duplicates", "elements"),
     ("bf16", "swiglu_oai", 1, "up_gate", False, 8, 2, 64, "topk", "nd"),
+    ("f32", "relu2", 0, "gate_up", True, 8, 2, 64, "topk", "nd"),
+    ("f16", "relu2", 1, "interleaved", False, 8, 2, 17, "duplicates", "elements"),
+    ("f32", "swiglu_limit", 1, "gate_up", True, 8, 2, 64, "empty_expert", "elements"),
+    ("bf16", "swiglu_limit", 1, "interleaved", True, 8, 2, 64, "topk", "nd"),
 ]
 
 
@@ -28,7 +32,7 @@ def test_loop_graph_matches_numpy(rng, dtype, act, gated, layout, biases, E, k, 
     d, f = 24, 40
     feeds = data.moe_inputs(rng, T=T, d=d, f=f, E=E, k=k, gated=gated, b_in=biases, b_out=biases,
                             pattern=pattern, a_scale=2.5)
-    limit, alpha = (1.3, 1.1) if act == "swiglu_oai" else (7.0, 1.702)
+    limit, alpha = (1.3, 1.1) if act in R.GATED_ONLY else (7.0, 1.702)
     model = graphs.moe_loop_model(d=d, f=f, E=E, k=k, dtype=dtype, gated=gated, activation=act, glu_layout=layout,
                                   b_in=biases, b_out=biases, scatter=scatter, alpha=alpha, limit=limit, opset=opset)
     assert model.ir_version <= 10 and model.opset_import[0].version == opset

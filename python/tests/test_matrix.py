@@ -21,6 +21,7 @@ TS = [1, 3, 64, 1000]
 ACTS = [  # (activation, gated)
     ("silu", 1), ("gelu", 0), ("gelu_tanh", 1), ("relu", 0), ("swiglu_oai", 1),
     ("silu", 0), ("gelu", 1), ("gelu_tanh", 0), ("relu", 1),
+    ("relu2", 0), ("swiglu_limit", 1), ("relu2", 1),
 ]
 BIASES = [(False, False), (True, True), (True, False), (False, True)]
 PATTERNS = ["topk", "empty_expert", "one_expert"]
@@ -66,6 +67,11 @@ def _matrix():
         _case("f16", 2, 8, 64, "gelu_tanh", 1, False, True, "topk", d=130, f=70, layout="interleaved"),
         _case("f32", 8, 64, 1000, "swiglu_oai", 1, True, True, "topk", layout="interleaved", weights="initializers"),
         _case("f32", 1, 1, 1, "relu", 1, False, False, "topk"),                    # the smallest layer
+        _case("f32", 2, 8, 3, "relu2", 0, True, True, "topk", d=1, f=1),           # relu2, d = f = 1
+        _case("bf16", 8, 64, 1000, "relu2", 0, False, True, "one_expert", d=17, f=29),
+        _case("f16", 2, 8, 64, "swiglu_limit", 1, True, True, "duplicates", layout="interleaved"),
+        _case("f32", 8, 64, 1000, "swiglu_limit", 1, False, False, "empty_expert", d=130, f=70, layout="up_gate",
+              weights="initializers"),
     ]
     return cases
 
@@ -94,7 +100,7 @@ def test_matrix_covers_every_axis_value():
 @pytest.mark.parametrize("c", CASES, ids=[_id(c) for c in CASES])
 def test_scatter_moe_vs_loop_graph(lib, rng, c):
     dtype, act, gated = c["dtype"], c["act"], c["gated"]
-    limit, alpha = (2.0, 1.702) if act == "swiglu_oai" else (7.0, 1.702)
+    limit, alpha = {"swiglu_oai": (2.0, 1.702), "swiglu_limit": (1.5, 1.0)}.get(act, (7.0, 1.702))
     feeds = data.moe_inputs(rng, T=c["T"], d=c["d"], f=c["f"], E=c["E"], k=c["k"], gated=gated, b_in=c["b_in"],
                             b_out=c["b_out"], pattern=c["pattern"], weights=c["rw"], a_scale=2.0)
     if c["pattern"] == "empty_expert" and c["T"] > 0:

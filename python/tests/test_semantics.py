@@ -103,23 +103,24 @@ def test_capacity_mask_op(lib, rng, index_dtype, order):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("act", R.GATED_ONLY)
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("layout", graphs.GLU_LAYOUTS)
 @pytest.mark.parametrize("alpha,limit", [(None, None), (1.0, 0.5), (2.5, 3.0)])
-def test_swiglu_oai(lib, rng, dtype, layout, alpha, limit):
+def test_clamped_swiglu(lib, rng, act, dtype, layout, alpha, limit):
     T, E, k = 64, 8, 2
     # a_scale 6: gate and up values well past the limit, so both clamps matter
     feeds = data.moe_inputs(rng, T=T, d=D, f=F, E=E, k=k, b_in=True, b_out=True, a_scale=6.0)
-    model = graphs.scatter_moe_model(d=D, f=F, E=E, k=k, dtype=dtype, activation="swiglu_oai", glu_layout=layout,
+    model = graphs.scatter_moe_model(d=D, f=F, E=E, k=k, dtype=dtype, activation=act, glu_layout=layout,
                                      alpha=alpha, limit=limit, b_in=True, b_out=True)
     (y,) = ort_utils.run(ort_utils.session(model, lib), feeds)
-    want, _ = _ref_moe(feeds, dtype, activation="swiglu_oai", glu_layout=layout,
+    want, _ = _ref_moe(feeds, dtype, activation=act, glu_layout=layout,
                        alpha=1.702 if alpha is None else alpha, limit=7.0 if limit is None else limit)
-    R.assert_close(y, want, dtype, f"swiglu_oai {layout} alpha={alpha} limit={limit}")
+    R.assert_close(y, want, dtype, f"{act} {layout} alpha={alpha} limit={limit}")
 
 
 @pytest.mark.parametrize("layout", graphs.GLU_LAYOUTS)
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "relu2"])
 def test_glu_layouts(lib, rng, layout, act):
     T, E, k = 64, 8, 2
     feeds = data.moe_inputs(rng, T=T, d=D, f=F, E=E, k=k, b_in=True, a_scale=2.0)
@@ -128,7 +129,7 @@ def test_glu_layouts(lib, rng, layout, act):
     R.assert_close(y, _ref_moe(feeds, "f32", activation=act, glu_layout=layout)[0], "f32", f"{act} {layout}")
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "relu2"])
 def test_plain_activations(lib, rng, act):
     T, E, k = 64, 8, 2
     feeds = data.moe_inputs(rng, T=T, d=D, f=F, E=E, k=k, gated=0, b_in=True, b_out=True, a_scale=2.0)

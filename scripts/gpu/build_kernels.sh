@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile kernels/*.cu into fatbins with the flags and targets of kernels/manifest.toml (the ones
-# build.rs uses): native code for every target and PTX for the newest.
+# build.rs uses): native code for every target and PTX for the newest. The entry points and the
+# activation codes come from the headers build.rs generates from the manifest, committed in
+# kernels/generated/ (a unit test of the crate keeps them current; this script runs without cargo).
 # usage: scripts/gpu/build_kernels.sh [outdir] [nvcc] [archs: all|sm90]
 #   sm90: native sm_90a code only (a quicker build for the H100/H200).
 # SMOE_NVCC_FLAGS: extra nvcc flags (A/B builds of a kernel variant, e.g. -DNAME=VALUE).
@@ -23,7 +25,7 @@ PY
 read -r -a MODULES < <(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("kernels/manifest.toml", "rb"))["modules"]))')
 pids=()
 for f in "${MODULES[@]}"; do
-  "$NVCC" -fatbin "${ARGS[@]}" -Xptxas -v ${SMOE_NVCC_FLAGS:-} -Ikernels kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
+  "$NVCC" -fatbin "${ARGS[@]}" -Xptxas -v ${SMOE_NVCC_FLAGS:-} -Ikernels -Ikernels/generated kernels/$f.cu -o "$OUTDIR/$f.fatbin" \
     > "$OUTDIR/$f.ptxas.log" 2>&1 &
   pids+=($!)
 done

@@ -25,12 +25,16 @@ pub fn apply(act: Activation, x: f32) -> f32 {
             0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
         }
         Activation::Relu => x.max(0.0),
-        // Only reachable through `glu`; as a plain activation it is refused by the contract.
-        Activation::SwigluOai => x * sigmoid(1.702 * x),
+        Activation::Relu2 => {
+            let r = x.max(0.0);
+            r * r
+        }
+        // Only reachable through `glu`; as plain activations they are refused by the contract.
+        Activation::SwigluOai | Activation::SwigluLimit => x * sigmoid(1.702 * x),
     }
 }
 
-/// h = act(gate) * up, or GPT-OSS's clamped form for `swiglu_oai`.
+/// h = act(gate) * up, or the clamped forms of `swiglu_oai` (GPT-OSS) and `swiglu_limit`.
 #[inline(always)]
 pub fn glu(attrs: &Attrs, gate: f32, up: f32) -> f32 {
     match attrs.activation {
@@ -38,6 +42,11 @@ pub fn glu(attrs: &Attrs, gate: f32, up: f32) -> f32 {
             let g = gate.min(attrs.limit);
             let u = up.clamp(-attrs.limit, attrs.limit);
             (u + 1.0) * g * sigmoid(attrs.alpha * g)
+        }
+        Activation::SwigluLimit => {
+            let g = gate.min(attrs.limit);
+            let u = up.clamp(-attrs.limit, attrs.limit);
+            u * g * sigmoid(attrs.alpha * g)
         }
         act => apply(act, gate) * up,
     }
@@ -74,5 +83,13 @@ mod tests {
         // gate clamped to 7, up clamped to -7: (−7 + 1) * 7 * sigmoid(1.702 * 7)
         let want = -6.0 * 7.0 / (1.0 + (-1.702f32 * 7.0).exp());
         assert!((glu(&a, 9.0, -8.0) - want).abs() < 1e-5);
+        assert_eq!(apply(Activation::Relu2, -2.0), 0.0);
+        assert_eq!(apply(Activation::Relu2, 3.0), 9.0);
+        // swiglu_limit, alpha 1, limit 10: gate clamped to 10, up to -10, no offset on up
+        let a = Attrs { activation: Activation::SwigluLimit, limit: 10.0, alpha: 1.0, ..Attrs::default() };
+        let want = -10.0 * 10.0 / (1.0 + (-10.0f32).exp());
+        assert!((glu(&a, 12.0, -11.0) - want).abs() < 1e-4);
+        // inside the limits it is silu(gate) * up
+        assert!((glu(&a, 1.0, 2.0) - 2.0 * apply(Activation::Silu, 1.0)).abs() < 1e-6);
     }
 }

@@ -179,6 +179,16 @@ pub unsafe fn finish_tile(epi: Epilogue, acc: &mut [[f32; NR]; MR], mr: usize, b
                 set(acc, i, _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0)), _mm256_mul_ps(g, s)), hi[i]);
             }
         }
+        Epilogue::Glu(attrs) if attrs.activation == Activation::SwigluLimit => {
+            // as activation::glu: the same clamps, no offset on up
+            let lim = _mm256_set1_ps(attrs.limit);
+            for i in 0..MR {
+                let g = _mm256_min_ps(lo[i], lim);
+                let u = _mm256_max_ps(_mm256_min_ps(hi[i], lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+                let s = sigmoid8(_mm256_mul_ps(_mm256_set1_ps(attrs.alpha), g));
+                set(acc, i, _mm256_mul_ps(u, _mm256_mul_ps(g, s)), hi[i]);
+            }
+        }
         // the other activations lane by lane, as the unpacked path computes them
         Epilogue::Act(attrs) => {
             for i in 0..MR {

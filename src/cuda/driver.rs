@@ -150,14 +150,14 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
         }
         let pdl = pdl_supported(cc);
         let mut funcs = HashMap::new();
-        for Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
+        for &Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
             if !archs.contains(&arch) {
                 continue; // no native code here (its body traps); never launched here
             }
             if tma && !has_symbol("cuTensorMapEncodeTiled") {
                 continue; // a driver that cannot encode the map: the cp.async form is used
             }
-            let c = CString::new(name.as_str()).expect("no NUL");
+            let c = CString::new(name).expect("no NUL");
             let mut f: CUfunction = std::ptr::null_mut();
             check(sys::cuModuleGetFunction(&mut f, modules[m], c.as_ptr()), &format!("cuModuleGetFunction({name})"))?;
             if smem > 0 {
@@ -182,7 +182,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
                 )?;
                 sms * blocks.max(1) as u32
             };
-            funcs.insert(name, Func { f, threads, smem, resident, cluster, pdl });
+            funcs.insert(name.to_string(), Func { f, threads, smem, resident, cluster, pdl });
         }
         Ok(Device { ctx, device, sms, cc, arch, modules, funcs })
     }
@@ -318,6 +318,10 @@ pub unsafe fn is_capturing(stream: CUstream) -> CuResult<bool> {
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
+/// A tensor map's 128 opaque bytes, as the kernel receives them (`__grid_constant__`): a launch
+/// argument type, so it lives here; `tensor_map` encodes them.
+pub type MapBytes = [u64; 16];
+
 /// A kernel argument, passed by address to cuLaunchKernel.
 #[derive(Clone, Copy)]
 pub enum Arg {
@@ -325,7 +329,7 @@ pub enum Arg {
     I32(i32),
     F32(f32),
     /// A 128-byte TMA tensor map, passed by value (`__grid_constant__`).
-    Map(super::tensor_map::MapBytes),
+    Map(MapBytes),
 }
 
 impl Arg {

@@ -29,8 +29,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 pub const BOX_ROWS: u32 = 128;
 pub const BOX_K: u32 = 64;
 
-/// A tensor map's 128 opaque bytes, as the kernel receives them.
-pub type MapBytes = [u64; 16];
+pub use super::driver::MapBytes;
 
 /// Whether W can be read through TMA: 16-byte aligned base and 16-byte multiple row stride (K % 8
 /// == 0 for 16-bit elements). Otherwise the host uses the cp.async kernel.

@@ -10,6 +10,8 @@ use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
 
 use super::output::{check_output, check_targets, input_files, TempDir};
+use crate::progress::{Progress, Silent, Unit};
+
 use super::tensor::{checked_byte_size, elem_size, is_external, numel, tensor_bytes, ExternalStore};
 
 /// Writes a tensor's bytes, in order, to the sink it is given.
@@ -67,7 +69,9 @@ impl Model {
     /// An error when the model imports `domain` at a version other than `version` and has nodes
     /// of that domain (they were written for another version: rewriting would relabel them).
     pub fn check_opset_compatible(&self, domain: &str, version: i64) -> Result<()> {
-        let Some(other) = self.proto.opset_import.iter().find(|o| o.domain == domain && o.version != version) else { return Ok(()) };
+        let Some(other) = self.proto.opset_import.iter().find(|o| o.domain == domain && o.version != version) else {
+            return Ok(());
+        };
         let mut nodes = self.proto.graph.node.iter().filter(|n| n.domain == domain);
         if let Some(n) = nodes.next() {
             bail!(
@@ -92,12 +96,33 @@ impl Model {
 
 /// Reads a model. Corrupt, truncated or non-ONNX files give an error naming the file and the problem.
 pub fn load(path: &Path) -> Result<Model> {
+    load_with_progress(path, &Silent)
+}
+
+/// [`load`], reporting the bytes of the model file read (step "load"; the protobuf is parsed
+/// and the external data checked once it is read).
+pub fn load_with_progress(path: &Path, progress: &dyn Progress) -> Result<Model> {
+    use std::io::Read;
     let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a file", path.display());
     }
-    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    load_bytes(&bytes, path)
+    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes = Vec::with_capacity(meta.len().min(isize::MAX as u64) as usize);
+    progress.begin("load", Some(meta.len()), Unit::Bytes);
+    let mut chunk = vec![0u8; COPY_CHUNK];
+    loop {
+        let n = f.read(&mut chunk).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        progress.advance(n as u64);
+    }
+    progress.note("parsing");
+    let model = load_bytes(&bytes, path);
+    progress.end();
+    model
 }
 
 /// Reads a model from its serialized `bytes`, as if loaded from `path` (whose folder holds its
@@ -140,13 +165,10 @@ pub struct SaveOptions {
     /// Write every initializer of at least this many bytes to external data. `None`: external
     /// data exactly when the input had some or the model would exceed protobuf's 2 GiB.
     pub external_threshold: Option<usize>,
-    /// Show a progress bar on stderr for large models (default: when stderr is a terminal).
-    pub progress: Option<bool>,
 }
 
 const ALIGN: u64 = 4096;
 const COPY_CHUNK: usize = 16 << 20;
-const PROGRESS_MIN: usize = 256 << 20;
 const INLINE_LIMIT: usize = 1 << 30;
 
 /// Writes `model` to `out` (and `out`'s external data file `<name>.data` when needed). Nothing
@@ -160,7 +182,12 @@ pub fn save(model: Model, out: &Path, opts: &SaveOptions) -> Result<()> {
 pub type PreCommit<'a> = &'a dyn Fn(&Path) -> Result<()>;
 
 /// [`save`], with a check before the output is committed.
-pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>) -> Result<()> {
+pub fn save_checked(model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>) -> Result<()> {
+    save_with_progress(model, out, opts, check, &Silent)
+}
+
+/// [`save_checked`], reporting the bytes of weights written (step "save").
+pub fn save_with_progress(mut model: Model, out: &Path, opts: &SaveOptions, check: Option<PreCommit>, progress: &dyn Progress) -> Result<()> {
     // Every check of the destination first (again, for library callers; the CLI ran them before
     // the rewrite): nothing is written unless all pass.
     let inputs = model.input_files();
@@ -222,7 +249,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         Ok(())
     }
 
-    // Progress (on a terminal, for large models): bytes of weights written so far.
+    // Progress: bytes of weights written so far.
     let ext = &model.ext;
     let total_bytes: usize = model
         .proto
@@ -232,22 +259,8 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         .map(|t| if is_external(t) { ext.bytes(t).map(|b| b.len()).unwrap_or(0) } else { t.raw_data.len() })
         .sum::<usize>()
         + pending_bytes;
-    let progress = opts.progress.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr())) && total_bytes >= PROGRESS_MIN;
-    let mut done = 0usize;
-    let mut last_shown = 0usize;
-    let mut show = |n: usize| {
-        done += n;
-        if progress && (done - last_shown >= 64 << 20 || done == total_bytes) {
-            last_shown = done;
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            let width = 30;
-            let filled = (done * width) / total_bytes.max(1);
-            eprint!("\rwriting weights [{}{}] {:.2}/{:.2} GiB", "#".repeat(filled), "-".repeat(width - filled), gib(done), gib(total_bytes));
-            if done == total_bytes {
-                eprintln!();
-            }
-        }
-    };
+    progress.begin("save", Some(total_bytes as u64), Unit::Bytes);
+    let show = |n: usize| progress.advance(n as u64);
 
     // Existing initializers: external ones are copied from the memory map, large inline ones move out.
     for t in model.proto.graph.mut_or_insert_default().initializer.iter_mut() {
@@ -296,6 +309,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
                 (p.produce)(ext, &mut |b: &[u8]| {
                     file.write_all(b)?;
                     written += b.len();
+                    show(b.len());
                     Ok(())
                 })
                 .with_context(|| format!("building tensor '{}'", p.name))?;
@@ -312,6 +326,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
                 let mut buf = Vec::with_capacity(want);
                 (p.produce)(ext, &mut |b: &[u8]| {
                     buf.extend_from_slice(b);
+                    show(b.len());
                     Ok(())
                 })
                 .with_context(|| format!("building tensor '{}'", p.name))?;
@@ -323,7 +338,6 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
             bail!("internal error: tensor '{}' produced {written} bytes, expected {want}", p.name);
         }
         model.proto.graph.mut_or_insert_default().initializer.push(t);
-        show(written);
     }
     if let Some((mut w, _)) = writer {
         w.flush()?;
@@ -339,6 +353,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
         model.proto.write_to_writer(&mut w).map_err(|e| anyhow!("cannot serialise the model: {e}"))?;
         w.flush()?;
     }
+    progress.end();
     if let Some(check) = check {
         check(&onnx_tmp)?;
     }
@@ -357,7 +372,7 @@ pub fn save_checked(mut model: Model, out: &Path, opts: &SaveOptions, check: Opt
 /// API refuses it, so a node with `gated = 0` would not load). The generated types follow proto3
 /// rules and skip zero scalars when writing, so zero values of int, float and string attributes are
 /// written explicitly, as the unknown field with the value's field number (`f` = 2, `i` = 3, `s` = 4).
-fn write_zero_attribute_values(g: &mut onnx_protobuf::GraphProto) {
+pub(crate) fn write_zero_attribute_values(g: &mut onnx_protobuf::GraphProto) {
     use onnx_protobuf::attribute_proto::AttributeType;
     for n in &mut g.node {
         for a in &mut n.attribute {

@@ -6,5 +6,5 @@ pub mod output;
 pub mod tensor;
 
 pub use graph::GraphIndex;
-pub use io::{load, load_bytes, save, save_checked, Model, PendingTensor, SaveOptions};
+pub use io::{load, load_bytes, load_with_progress, save, save_checked, save_with_progress, Model, PendingTensor, SaveOptions};
 pub use onnx_protobuf as proto;

@@ -490,7 +490,9 @@ impl KernelContext {
     }
 
     /// Allocates output `i` with `dims`; None when the node does not ask for this optional output.
-    pub fn output(&self, i: usize, dims: &[usize]) -> Result<Option<*mut c_void>, String> {
+    /// `elem` is the element type the kernel writes: where the graph defeats type inference, ORT
+    /// allocates the declared type instead, and writing would be silently wrong (an error here).
+    pub fn output(&self, i: usize, dims: &[usize], elem: i32) -> Result<Option<*mut c_void>, String> {
         if i >= self.output_count()? {
             return Ok(None);
         }
@@ -500,9 +502,15 @@ impl KernelContext {
         if v.is_null() {
             return Ok(None);
         }
-        let mut data = ptr::null_mut();
-        check(unsafe { (api().GetTensorMutableData)(v, &mut data) })?;
-        Ok(Some(data))
+        let out = tensor(v)?;
+        if out.elem != elem {
+            return Err(format!(
+                "output {i} was allocated as {} but the op computes {} from its inputs: the model gives this value another type (an attribute without a value, or a declared type, can make ONNX Runtime's type inference fall back)",
+                crate::spec::onnx_type_name(out.elem),
+                crate::spec::onnx_type_name(elem)
+            ));
+        }
+        Ok(Some(out.data.cast_mut()))
     }
 }
 

@@ -7,7 +7,7 @@
 //! packing off (the products then read the initializers as they are, every call).
 
 use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
-use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_before_run, to_string};
+use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_before_run, to_string, BOOL};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::reference::panels::{Columns, PackedWeights};
@@ -141,7 +141,7 @@ impl Kernel for MoeCpu {
             None => None,
         };
         let x = get(scatter_moe::X).unwrap();
-        let y = ctx.output(scatter_moe::Y, &x.dims)?.ok_or("output 'Y' is required")?;
+        let y = ctx.output(scatter_moe::Y, &x.dims, t.onnx_code())?.ok_or("output 'Y' is required")?;
         match t {
             ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, capacity, y),
             ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, capacity, y),
@@ -243,7 +243,7 @@ impl Kernel for LinearCpu {
             .into_iter()
             .map(known)
             .collect();
-        let y = ctx.output(0, &out)?.ok_or("output 'Y' is required")?;
+        let y = ctx.output(0, &out, t.onnx_code())?.ok_or("output 'Y' is required")?;
         let len = out.iter().product();
         match t {
             ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, y, len),
@@ -301,7 +301,7 @@ impl Kernel for MaskCpu {
         let capacity = capacity_mask::check_capacity(unsafe { ins[capacity_mask::CAPACITY].as_ref().unwrap().slice::<i64>() }[0])
             .map_err(to_string)?;
         let k = *routing.dims.last().unwrap();
-        let out = ctx.output(0, &routing.dims)?.ok_or("output 'kept' is required")?;
+        let out = ctx.output(0, &routing.dims, BOOL)?.ok_or("output 'kept' is required")?;
         // SAFETY: index type checked; the output holds one bool per assignment.
         unsafe {
             let kept = out_slice::<bool>(out, routing.len());

@@ -8,11 +8,11 @@
 //! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
 
 use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
-use super::inputs::{compute_inputs, kernel_inputs, signature, signature_before_run, to_string};
+use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signature_before_run, to_string};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port, PortType};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// ONNX Runtime's name for its CUDA execution provider.
@@ -21,19 +21,22 @@ pub const CUDA_EP: &std::ffi::CStr = c"CUDAExecutionProvider";
 /// One node's kernel: the device op (its attributes) and its runner (the checks between runs).
 struct CudaKernel<O> {
     op: O,
-    /// the input whose device the scratch is allocated on
+    /// the input whose device the scratch is allocated on (the float input `X`, or the routing
+    /// indices for CapacityMask)
     device_input: usize,
+    /// the contract's type of the op's output (`T`, or bool for CapacityMask)
+    output_ty: PortType,
     runner: Runner,
 }
 
 impl<O: DeviceOp> CudaKernel<O> {
     /// Creates the kernel after the contract's check of what ORT knows of the inputs now.
-    fn create(op: O, ports: &[Port], device_input: usize, info: &KernelInfo, check: impl FnOnce(&crate::signature::Signature) -> Result<(), crate::spec::SpecError>) -> Result<Box<dyn Kernel>, String>
+    fn create(op: O, ports: &[Port], output: &Port, device_input: usize, info: &KernelInfo, check: impl FnOnce(&crate::signature::Signature) -> Result<(), crate::spec::SpecError>) -> Result<Box<dyn Kernel>, String>
     where
         O: Send + Sync + 'static,
     {
         check(&signature_before_run(ports, &kernel_inputs(info)?)).map_err(to_string)?;
-        Ok(Box::new(CudaKernel { op, device_input, runner: Runner::default() }))
+        Ok(Box::new(CudaKernel { op, device_input, output_ty: output.ty, runner: Runner::default() }))
     }
 }
 
@@ -42,7 +45,8 @@ impl<O: DeviceOp + Send + Sync> Kernel for CudaKernel<O> {
         let ins = compute_inputs(ctx)?;
         let sig = signature(&ins);
         let call = self.op.check(&sig).map_err(to_string)?;
-        let y = ctx.output(0, &self.op.output_shape(&call, &sig))?.ok_or("output 0 is required")?;
+        let elem = output_elem(self.output_ty, sig.types.get(self.device_input).copied().flatten());
+        let y = ctx.output(0, &self.op.output_shape(&call, &sig), elem)?.ok_or("output 0 is required")?;
         let capacity = O::CAPACITY.and_then(|i| ins.get(i)?.as_ref());
         let io = DeviceIo {
             // the capacity is in host memory: it travels as a value, not a pointer
@@ -71,7 +75,7 @@ fn dptr(t: &Tensor) -> CUdeviceptr {
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, scatter_moe::X, info, |sig| {
+    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, &scatter_moe::OUTPUTS[0], scatter_moe::X, info, |sig| {
         scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -79,7 +83,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, parallel_linear::X, info, |sig| {
+    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, &parallel_linear::OUTPUTS[0], parallel_linear::X, info, |sig| {
         parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -87,7 +91,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, capacity_mask::ROUTING_INDICES, info, |sig| {
+    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, &capacity_mask::OUTPUTS[0], capacity_mask::ROUTING_INDICES, info, |sig| {
         capacity_mask::check(&sig.types, &sig.shape_refs()).map(drop)
     })
 }

@@ -3,7 +3,20 @@
 
 use super::api::{KernelContext, KernelInfo, ShapeContext, SymDim, Tensor, TypeShape};
 use crate::signature::Signature;
-use crate::spec::{Dim, Port, SpecError};
+use crate::spec::{Dim, Port, PortType, SpecError};
+
+/// ONNX's element type code of bool (`TensorProto.DataType.BOOL`): CapacityMask's output.
+pub(super) const BOOL: i32 = 9;
+
+/// The element type an op writes into an output of type `ty`, given the type `t` of the float
+/// input it computes in (checked against what ONNX Runtime allocated: `KernelContext::output`).
+pub(super) fn output_elem(ty: PortType, t: Option<i32>) -> i32 {
+    match ty {
+        PortType::Bool => BOOL,
+        PortType::Int64 => 7,
+        PortType::Float | PortType::Index => t.unwrap_or(0),
+    }
+}
 
 pub(super) fn to_string(e: SpecError) -> String {
     e.to_string()

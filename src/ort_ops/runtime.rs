@@ -3,14 +3,42 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 static LOADED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
+/// What a program that embeds this library knows better than the search below: the Python
+/// package sets the onnxruntime of the interpreter it runs in and the op library it ships.
+#[derive(Default)]
+struct Hints {
+    python_onnxruntime: Option<PathBuf>,
+    plugin: Option<PathBuf>,
+}
+
+static HINTS: Mutex<Hints> = Mutex::new(Hints { python_onnxruntime: None, plugin: None });
+
+fn hints() -> std::sync::MutexGuard<'static, Hints> {
+    HINTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `libonnxruntime.so` of the Python that embeds this library (used in place of asking the
+/// `python3` on PATH). Effective before the first [`load`].
+pub fn set_python_onnxruntime(lib: PathBuf) {
+    hints().python_onnxruntime = Some(lib);
+}
+
+/// The op library shipped beside an embedding program (used when `SCATTERMOE_ORT_LIB` is unset).
+pub fn set_plugin(lib: PathBuf) {
+    hints().plugin = Some(lib);
+}
+
 /// Loads `libonnxruntime` once per process and installs its API for `ort`; returns its path.
-/// The library is found at `ORT_DYLIB_PATH`, else in the project's `.venv` (from the
-/// `onnxruntime` wheel) above the running executable or the current directory, else in the
-/// `onnxruntime` package of the `python3` on PATH.
+/// Searched in this order (the first that exists is used; none is tried after a failure):
+/// 1. `ORT_DYLIB_PATH`, when set and not empty: the user's explicit choice;
+/// 2. the `onnxruntime` package of the active Python (the interpreter embedding this library,
+///    else the `python3` on PATH), found without importing it;
+/// 3. the project's `.venv` (from `scripts/setup-python.sh`) above the running executable or the
+///    current directory.
 pub fn load() -> Result<PathBuf> {
     LOADED
         .get_or_init(|| open(&find_onnxruntime()?).map_err(|e| format!("{e:#}")))
@@ -32,9 +60,22 @@ fn open(path: &Path) -> Result<PathBuf, String> {
     Ok(path.to_path_buf())
 }
 
-fn find_onnxruntime() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return Ok(PathBuf::from(p));
+/// Where [`load`] finds ONNX Runtime, without loading it (the search order is [`load`]'s).
+pub fn find_onnxruntime() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            return Err(format!("ORT_DYLIB_PATH is {}, which is not a file: point it at libonnxruntime.so, or unset it", p.display()));
+        }
+        return Ok(p);
+    }
+    let embedded = hints().python_onnxruntime.clone();
+    let python = match embedded {
+        Some(p) => Some(p).filter(|p| p.is_file()),
+        None => python_library(),
+    };
+    if let Some(p) = python {
+        return Ok(p);
     }
     let starts = [std::env::current_exe().ok(), std::env::current_dir().ok()];
     for start in starts.iter().flatten() {
@@ -44,24 +85,33 @@ fn find_onnxruntime() -> Result<PathBuf, String> {
             }
         }
     }
-    if let Some(p) = python_library() {
-        return Ok(p);
-    }
-    Err("ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so, install the onnxruntime Python package for python3, or run scripts/setup-python.sh to create .venv".into())
+    Err("ONNX Runtime not found: ORT_DYLIB_PATH is not set, the active Python has no onnxruntime package, and no project .venv \
+         holds one; install it (`python3 -m pip install onnxruntime`), set ORT_DYLIB_PATH to libonnxruntime.so, or run \
+         scripts/setup-python.sh in the project"
+        .into())
 }
 
-/// `capi/libonnxruntime.so.*` of the onnxruntime package the active `python3` imports.
+/// `capi/libonnxruntime.so.*` of the onnxruntime package the `python3` on PATH would import
+/// (located with importlib, not imported: no start-up cost, no warnings).
 fn python_library() -> Option<PathBuf> {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import onnxruntime,os;print(os.path.dirname(onnxruntime.__file__))"])
+        .args(["-c", "import importlib.util,os;s=importlib.util.find_spec('onnxruntime');print(os.path.dirname(s.origin) if s and s.origin else '')"])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("capi");
-    let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if dir.is_empty() {
+        return None;
+    }
+    capi_library(&PathBuf::from(dir).join("capi"))
+}
+
+/// The newest `libonnxruntime.so.*` in an onnxruntime package's `capi` folder.
+pub fn capi_library(capi: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(capi)
         .ok()?
         .flatten()
         .map(|f| f.path())
@@ -73,23 +123,18 @@ fn python_library() -> Option<PathBuf> {
 
 fn venv_library(venv: &Path) -> Option<PathBuf> {
     let lib = venv.join("lib");
-    for py in std::fs::read_dir(lib).ok()?.flatten() {
-        let capi = py.path().join("site-packages/onnxruntime/capi");
-        for f in std::fs::read_dir(&capi).into_iter().flatten().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.starts_with("libonnxruntime.so.") {
-                return Some(f.path());
-            }
-        }
-    }
-    None
+    std::fs::read_dir(lib).ok()?.flatten().find_map(|py| capi_library(&py.path().join("site-packages/onnxruntime/capi")))
 }
 
-/// The custom-op library to register: `SCATTERMOE_ORT_LIB`, else `libscattermoe_ort.so` beside
-/// the running executable (or one folder up, for test binaries in target/*/deps).
+/// The custom-op library to register: `SCATTERMOE_ORT_LIB`, else the one an embedding program
+/// ships ([`set_plugin`]), else `libscattermoe_ort.so` beside the running executable (or one
+/// folder up, for test binaries in target/*/deps).
 pub fn plugin_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SCATTERMOE_ORT_LIB") {
+    if let Some(p) = std::env::var_os("SCATTERMOE_ORT_LIB").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = hints().plugin.clone() {
+        return Ok(p);
     }
     let exe = std::env::current_exe().context("cannot locate the running executable")?;
     for dir in exe.ancestors().skip(1).take(2) {

@@ -14,7 +14,8 @@ fn act(a: Activation, x: f64) -> f64 {
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
         Activation::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
         Activation::Relu => x.max(0.0),
-        Activation::SwigluOai => unreachable!("gated only"),
+        Activation::Relu2 => x.max(0.0).powi(2),
+        Activation::SwigluOai | Activation::SwigluLimit => unreachable!("gated only"),
     }
 }
 
@@ -65,6 +66,11 @@ pub fn scatter_moe(attrs: &Attrs, tokens: usize, k: usize, experts: usize, d: us
                             let lim = attrs.limit as f64;
                             let g = g.min(lim);
                             (u.clamp(-lim, lim) + 1.0) * g * sigmoid(attrs.alpha as f64 * g)
+                        }
+                        Activation::SwigluLimit => {
+                            let lim = attrs.limit as f64;
+                            let g = g.min(lim);
+                            u.clamp(-lim, lim) * g * sigmoid(attrs.alpha as f64 * g)
                         }
                         other => act(other, g) * u,
                     }

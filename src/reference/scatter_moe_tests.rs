@@ -96,14 +96,46 @@ fn packed_matches_f64_for_every_activation_and_layout() {
     let mut i = 0;
     for activation in Activation::ALL {
         for gated in [false, true] {
-            if activation == Activation::SwigluOai && !gated {
+            if activation.gated_only() && !gated {
                 continue;
             }
             let layouts: &[GluLayout] = if gated { &GluLayout::ALL } else { &[GluLayout::GateUp] };
             for &glu_layout in layouts {
-                let attrs = Attrs { activation, gated, glu_layout, limit: 1.5, ..Attrs::default() };
+                // swiglu_limit as GLM-5-Next writes it (alpha 1)
+                let alpha = if activation == Activation::SwigluLimit { 1.0 } else { 1.702 };
+                let attrs = Attrs { activation, gated, glu_layout, limit: 1.5, alpha, ..Attrs::default() };
                 i += 1;
                 check(&case(attrs, 37, 45, i % 2 == 0), &format!("{activation:?} gated={gated} {glu_layout:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn relu2_and_swiglu_limit_match_f64_at_awkward_sizes() {
+    use crate::cpu::panels::KC;
+    let relu2 = |gated| Attrs { activation: Activation::Relu2, gated, ..Attrs::default() };
+    let clamp = |glu_layout, limit| Attrs { activation: Activation::SwigluLimit, glu_layout, alpha: 1.0, limit, ..Attrs::default() };
+    // d = f = 1: one column, one hidden unit
+    check(&case(relu2(false), 1, 1, true), "relu2 d = f = 1");
+    check(&case(clamp(GluLayout::Interleaved, 0.25), 1, 1, false), "swiglu_limit d = f = 1, limit 0.25");
+    // odd widths, one partial panel of 8 units on each side
+    check(&case(relu2(true), 17, 9, false), "relu2 gated d 17 f 9");
+    check(&case(clamp(GluLayout::UpGate, 0.5), 9, 17, true), "swiglu_limit up_gate d 9 f 17, limit 0.5");
+    // several inner blocks, a limit no value reaches (silu(gate) * up there)
+    check(&case(relu2(false), KC + 3, 33, true), "relu2 d > KC");
+    check(&case(clamp(GluLayout::GateUp, 100.0), KC + 3, 33, true), "swiglu_limit d > KC, limit 100");
+    // alpha other than 1, capacity dropping rows
+    let a = Attrs { alpha: -0.75, ..clamp(GluLayout::GateUp, 1.0) };
+    check(&Case { capacity: Some(3), ..case(a, 24, 40, true) }, "swiglu_limit alpha -0.75 capacity 3");
+    check(&Case { capacity: Some(2), ..case(relu2(false), 24, 40, true) }, "relu2 capacity 2");
+    // half-precision storage, outputs rounded: the contract's tolerances
+    for (what, attrs) in [("relu2", relu2(false)), ("swiglu_limit", clamp(GluLayout::Interleaved, 1.0))] {
+        let c = case(attrs, 33, 20, true);
+        for (name, got, tol) in [("f16", errors::<f16>(&c, 5), 1e-2), ("bf16", errors::<bf16>(&c, 5), 3e-2)] {
+            match got {
+                None => eprintln!("skipped ({what} {name}): no packed path on this machine"),
+                Some((packed, plain)) => assert!(packed < tol && plain < tol, "{what} {name}: packed {packed:e}, unpacked {plain:e}"),
             }
         }
     }

@@ -17,6 +17,8 @@
 //! batched linear layer as a hook), the repeat count and the final reshape by evaluating their
 //! shape arithmetic, the index by its flatten and clip; anything else rejects the candidate.
 
+mod shape;
+
 use std::cell::RefCell;
 
 use super::emit::MoeLayer;
@@ -26,6 +28,7 @@ use super::Rejection;
 use crate::onnx::graph::{attr_i, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
+use shape::{declared_dims, eval, index_width, Facts, IVec};
 
 const FAMILY: &str = "batched_mm";
 
@@ -55,217 +58,6 @@ fn strip(g: &GraphIndex, v: &str, ops: &[&str]) -> String {
     cur
 }
 
-
-// ---------------------------------------------------------------------------------------------
-// Shape arithmetic: the exporters build repeat counts and reshape targets from Shape() of the
-// token rows and the routing indices; this evaluates them with the dimensions that are known.
-// ---------------------------------------------------------------------------------------------
-
-/// An integer vector whose entries may be unknown (`None`); `open` when it may have further
-/// leading entries of unknown number (the shape of a value of unknown rank).
-#[derive(Debug, Clone, PartialEq)]
-struct IVec {
-    v: Vec<Option<i64>>,
-    open: bool,
-    scalar: bool,
-}
-
-impl IVec {
-    fn known(&self) -> Option<Vec<i64>> {
-        if self.open {
-            return None;
-        }
-        self.v.iter().copied().collect()
-    }
-}
-
-/// What is known of value shapes.
-type Facts<'a> = &'a dyn Fn(&str) -> Option<IVec>;
-
-fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Option<IVec> {
-    if depth > 24 {
-        return None;
-    }
-    if let Some(c) = g.const_i64(v) {
-        let scalar = g.const_dims(v).map_or(c.len() == 1 && g.prod(v).is_some_and(|(_, n)| n.attribute.iter().any(|a| a.name == "value_int")), |d| d.is_empty());
-        return Some(IVec { v: c.into_iter().map(Some).collect(), open: false, scalar });
-    }
-    let (_, n) = g.prod(v)?;
-    let arg = |i: usize| eval(g, n.input.get(i)?, facts, depth + 1);
-    match n.op_type.as_str() {
-        "Identity" => arg(0),
-        "Cast" => {
-            let t = attr_i(n, "to")?;
-            // integer casts only: a float round trip could change values
-            matches!(t, 6 | 7).then_some(())?;
-            arg(0)
-        }
-        "Shape" => {
-            let mut s = facts(&n.input[0])?;
-            let start = attr_i(n, "start");
-            let end = attr_i(n, "end");
-            if start.is_some() || end.is_some() {
-                let k = s.known()?;
-                let len = k.len() as i64;
-                let c = |x: i64| (if x < 0 { x + len } else { x }).clamp(0, len) as usize;
-                let (a, b) = (c(start.unwrap_or(0)), c(end.unwrap_or(len)));
-                s = IVec { v: k[a..b.max(a)].iter().copied().map(Some).collect(), open: false, scalar: false };
-            }
-            Some(IVec { scalar: false, ..s })
-        }
-        "Gather" => {
-            if attr_i(n, "axis").unwrap_or(0) != 0 {
-                return None;
-            }
-            let data = arg(0)?;
-            let idx = g.const_i64(&n.input[1])?;
-            let scalar = g.const_dims(&n.input[1]).is_some_and(|d| d.is_empty());
-            let mut out = Vec::new();
-            for i in idx {
-                if i < 0 {
-                    let p = data.v.len() as i64 + i;
-                    if p < 0 {
-                        if data.open {
-                            out.push(None);
-                            continue;
-                        }
-                        return None;
-                    }
-                    out.push(data.v[p as usize]);
-                } else if data.open {
-                    out.push(None);
-                } else {
-                    out.push(*data.v.get(i as usize)?);
-                }
-            }
-            Some(IVec { v: out, open: false, scalar })
-        }
-        "Slice" => {
-            let starts = arg(1)?.known()?;
-            let ends = arg(2)?.known()?;
-            if n.input.len() > 3 && !n.input[3].is_empty() && !matches!(g.const_i64(&n.input[3]).as_deref(), Some([0]) | Some([-1])) {
-                return None;
-            }
-            if n.input.len() > 4 && !n.input[4].is_empty() && g.const_i64(&n.input[4]).as_deref() != Some(&[1]) {
-                return None;
-            }
-            let (s, e) = (*starts.first()?, *ends.first()?);
-            if s >= 0 && e >= 0 && s >= e {
-                return Some(IVec { v: Vec::new(), open: false, scalar: false });
-            }
-            let data = arg(0)?;
-            if data.open {
-                // only a tail of a vector of unknown length: [-m:]
-                if s < 0 && e >= i64::MAX / 2 && (-s) as usize <= data.v.len() {
-                    return Some(IVec { v: data.v[data.v.len() - (-s) as usize..].to_vec(), open: false, scalar: false });
-                }
-                return None;
-            }
-            let len = data.v.len() as i64;
-            let c = |x: i64| (if x < 0 { x + len } else { x }).clamp(0, len) as usize;
-            let (a, b) = (c(s), c(e));
-            Some(IVec { v: data.v[a..b.max(a)].to_vec(), open: false, scalar: false })
-        }
-        "Squeeze" => {
-            let a = arg(0)?;
-            (a.v.len() == 1 && !a.open).then(|| IVec { scalar: true, ..a })
-        }
-        "Unsqueeze" => {
-            let a = arg(0)?;
-            (a.scalar && axes_of(g, n).as_deref() == Some(&[0])).then(|| IVec { scalar: false, ..a })
-        }
-        "Reshape" => {
-            let a = arg(0)?;
-            let t = arg(1)?.known()?;
-            (!a.open && (t == [-1] || t == [a.v.len() as i64])).then(|| IVec { scalar: false, ..a })
-        }
-        "Concat" => {
-            let mut out = IVec { v: Vec::new(), open: false, scalar: false };
-            for (i, x) in n.input.iter().enumerate() {
-                let p = eval(g, x, facts, depth + 1)?;
-                if p.open && i > 0 {
-                    return None;
-                }
-                out.open |= p.open;
-                out.v.extend(p.v);
-            }
-            Some(out)
-        }
-        "Add" | "Sub" | "Mul" | "Div" => {
-            let (a, b) = (arg(0)?, arg(1)?);
-            if a.open || b.open {
-                return None;
-            }
-            let len = a.v.len().max(b.v.len());
-            if !(a.v.len() == len || a.v.len() == 1) || !(b.v.len() == len || b.v.len() == 1) {
-                return None;
-            }
-            let at = |x: &IVec, i: usize| if x.v.len() == 1 { x.v[0] } else { x.v[i] };
-            let mut out = Vec::new();
-            for i in 0..len {
-                out.push(match (at(&a, i), at(&b, i)) {
-                    (Some(p), Some(q)) => Some(match n.op_type.as_str() {
-                        "Add" => p + q,
-                        "Sub" => p - q,
-                        "Mul" => p * q,
-                        _ => {
-                            if q == 0 {
-                                return None;
-                            }
-                            p.div_euclid(q)
-                        }
-                    }),
-                    _ => None,
-                });
-            }
-            Some(IVec { v: out, open: false, scalar: a.scalar && b.scalar })
-        }
-        // torch's TorchScript exporter builds repeat_interleave's repeats [1, k, 1] as
-        // OneHot([1], 3, [1, k]): indices rank 1, so the output is [n, depth], flattened here
-        "OneHot" => {
-            if attr_i(n, "axis").unwrap_or(-1) != -1 {
-                return None;
-            }
-            let idx = g.const_i64(&n.input[0])?;
-            let depth_v = arg(1)?.known()?;
-            let vals = arg(2)?;
-            if depth_v.len() != 1 || vals.v.len() != 2 || vals.open || g.const_dims(&n.input[0]).map_or(true, |d| d.len() != 1) {
-                return None;
-            }
-            let depth = depth_v[0];
-            let mut out = Vec::new();
-            for i in idx {
-                let i = if i < 0 { i + depth } else { i };
-                for j in 0..depth {
-                    out.push(if j == i { vals.v[1] } else { vals.v[0] });
-                }
-            }
-            Some(IVec { v: out, open: false, scalar: false })
-        }
-        _ => None,
-    }
-}
-
-/// Declared dimensions of a graph input or value_info (unknown ones as `None`).
-fn declared_dims(g: &GraphIndex, v: &str) -> Option<IVec> {
-    let vi = g.graph.input.iter().chain(&g.graph.value_info).find(|x| x.name == v)?;
-    match &vi.type_.as_ref()?.value {
-        Some(onnx_protobuf::type_proto::Value::TensorType(t)) => {
-            let s = t.shape.as_ref()?;
-            let v = s
-                .dim
-                .iter()
-                .map(|d| match &d.value {
-                    Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(x)) => Some(*x),
-                    _ => None,
-                })
-                .collect();
-            Some(IVec { v, open: false, scalar: false })
-        }
-        _ => None,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The pieces of the region
 // ---------------------------------------------------------------------------------------------
@@ -291,10 +83,19 @@ fn repeat_shape<'g>(g: &GraphIndex<'g>, v: &str) -> Option<(&'g str, &'g onnx_pr
     Some((u.input[0].as_str(), tn, reshape))
 }
 
-/// The expert index every weight gather reads: `Clip?(Reshape(IDX, [-1]))`. Returns
-/// (flattened indices value, IDX, clip bounds).
-#[allow(clippy::type_complexity)]
-fn flat_index(g: &GraphIndex, v: &str) -> Option<(String, String, Option<(Option<f64>, Option<f64>)>)> {
+/// The expert index every weight gather reads: `Clip?(Reshape(IDX, [-1]))`.
+struct FlatIndex {
+    /// what the gathers read (under integer casts): the Clip's output, or the flattened indices
+    read: String,
+    /// the flattened indices `Reshape(IDX, [-1])`
+    flat: String,
+    /// IDX
+    idx: String,
+    /// the Clip's bounds
+    clip: Option<(Option<f64>, Option<f64>)>,
+}
+
+fn flat_index(g: &GraphIndex, v: &str) -> Option<FlatIndex> {
     let v = strip(g, v, &["Identity", "Cast"]);
     if let Some(c) = prod(g, &v, "Clip") {
         let lo = c.input.get(1).filter(|s| !s.is_empty()).map(|s| g.const_scalar(s));
@@ -305,10 +106,10 @@ fn flat_index(g: &GraphIndex, v: &str) -> Option<(String, String, Option<(Option
         }
         let inner = strip(g, &c.input[0], &["Identity", "Cast"]);
         let idx = flattened(g, &inner)?;
-        return Some((inner, idx, Some((lo.flatten(), hi.flatten()))));
+        return Some(FlatIndex { read: v, flat: inner, idx, clip: Some((lo.flatten(), hi.flatten())) });
     }
     let idx = flattened(g, &v)?;
-    Some((v, idx, None))
+    Some(FlatIndex { read: v.clone(), flat: v, idx, clip: None })
 }
 
 /// The number of columns of the router projection that TopK reads, when it can be found: the
@@ -414,27 +215,27 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     // one flattened index for every gather
     let idx_vals = seen_idx.borrow().clone();
     let iv = idx_vals.first().cloned().ok_or("no weight is gathered by the routing indices")?;
-    let Some((idx_flat, idx, clip)) = flat_index(g, &iv) else { unreachable!("noted values are flat indices") };
+    let Some(FlatIndex { read: idx_read, flat: idx_flat, idx, clip }) = flat_index(g, &iv) else { unreachable!("noted values are flat indices") };
     for other in &idx_vals {
-        if flat_index(g, other).map(|f| f.0).as_deref() != Some(idx_flat.as_str()) || strip(g, other, &["Identity", "Cast"]) != strip(g, &iv, &["Identity", "Cast"]) {
+        if flat_index(g, other).map(|f| f.flat).as_deref() != Some(idx_flat.as_str()) || strip(g, other, &["Identity", "Cast"]) != strip(g, &iv, &["Identity", "Cast"]) {
             return Err("the expert weights are gathered by different index tensors".into());
         }
     }
-    // k: TopK's constant k when the indices come from TopK
+    // k: TopK's constant k when the indices come from TopK; else the width the router's own
+    // nodes give its indices (PhiMoE's two ArgMax columns, Zaya's masked TopK)
     let topk = g.prod(&strip(g, &idx, &["Cast", "Identity"])).filter(|(_, n)| n.op_type == "TopK").map(|(_, n)| n);
     let k_topk = topk.and_then(|t| g.const_i64(&t.input[1])).filter(|k| k.len() == 1).map(|k| k[0]);
+    let k_idx = k_topk.or_else(|| index_width(g, &idx, 0));
 
-    // a Clip of the indices must be a no-op: [0, E-1] and a router of exactly E columns
+    // A Clip of the indices must keep them in [0, E-1]; where it is proven a no-op (the router's
+    // own TopK over exactly E columns) the op reads the router's indices, else the clipped ones
+    // the weights are gathered by, which is what the graph computes whatever the router
+    let mut reads_clipped = false;
     if let Some((lo, hi)) = clip {
         if lo != Some(0.0) || hi != Some((e_count - 1) as f64) {
             return Err(format!("the routing indices are clipped to [{lo:?}, {hi:?}], not [0, {}]", e_count - 1));
         }
-        let t = topk.ok_or("the clipped routing indices do not come from TopK")?;
-        match router_columns(g, &t.input[0]) {
-            Some(c) if c == e_count => {}
-            Some(c) => return Err(format!("the router has {c} columns but the weights {e_count} experts (the Clip would change indices)")),
-            None => return Err("cannot tell the router's number of experts, so the index Clip is not proven a no-op".into()),
-        }
+        reads_clipped = topk.is_none_or(|t| router_columns(g, &t.input[0]) != Some(e_count));
     }
 
     // what the shape arithmetic may read
@@ -444,9 +245,12 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
             return Some(IVec { v: vec![Some(d as i64)], open: true, scalar: false });
         }
         if let (Some(t), Some(k)) = (topk, k_topk) {
-            if t.output.iter().any(|o| o == v) || v == idx.as_str() {
+            if t.output.iter().any(|o| o == v) {
                 return Some(IVec { v: vec![Some(k)], open: true, scalar: false });
             }
+        }
+        if let Some(k) = k_idx.filter(|_| v == idx.as_str()) {
+            return Some(IVec { v: vec![Some(k)], open: true, scalar: false });
         }
         declared_dims(g, v)
     };
@@ -474,9 +278,9 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     if tn.op_type == "Expand" && !rank2(g, &x, &facts) {
         return Err(format!("cannot prove that the token rows '{x}' are [T, d]"));
     }
-    if let Some(kt) = k_topk {
+    if let Some(kt) = k_idx {
         if kt != k {
-            return Err(format!("rows are repeated {k} times but TopK picks {kt}"));
+            return Err(format!("rows are repeated {k} times but the router picks {kt}"));
         }
     }
     // the final reshape: [T, k, d], summed over k
@@ -533,10 +337,13 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     // Indices flattened from the router's own TopK output [T, k] (both exporters write that) are
     // read as they are: regrouping a row-major flattening is the identity, and a Clip was proven
     // a no-op above. The op (and the numeric proof) then see the router's indices themselves.
-    let idx_tk = if topk.is_some() && super::matcher::rank_of(g, &idx) == Some(2) {
+    // Other indices are regrouped from what the gathers read (the Clip's output where it is not
+    // proven a no-op).
+    let idx_tk = if topk.is_some() && !reads_clipped && super::matcher::rank_of(g, &idx) == Some(2) {
         idx.clone()
     } else {
-        extra_nodes.push(make_node("Reshape", "", &format!("{tag}/idx_reshape"), &[&idx_flat, &shape], &[&idx_tk]));
+        let src = if reads_clipped { &idx_read } else { &idx_flat };
+        extra_nodes.push(make_node("Reshape", "", &format!("{tag}/idx_reshape"), &[src, &shape], &[&idx_tk]));
         idx_tk
     };
     Ok(Some(MoeLayer {
@@ -613,54 +420,50 @@ mod tests {
         g
     }
 
-    fn none(_: &str) -> Option<IVec> {
-        None
+    /// Routers other than TopK: PhiMoE's sparsemixer (k from its two ArgMax columns) and Zaya's
+    /// TopK over E + 1 classes with the skip class masked to expert 0 (its Clip is no no-op proof:
+    /// the op reads the clipped indices the weights are gathered by). Both proven.
+    #[test]
+    fn indices_of_other_routers_are_read_as_the_weights_are_gathered() {
+        use crate::rewrite::matcher::testing::fixture;
+        for name in ["families/phimoe_bmm", "families/zaya_bmm_dynamo"] {
+            let mut m = fixture(name);
+            let r = crate::rewrite::rewrite(&mut m).unwrap();
+            assert_eq!(r.layers.len(), 1, "{name}: {}", r.text());
+            assert_eq!((r.layers[0].experts, r.layers[0].k), (4, Some(2)), "{name}");
+            assert!(r.layers[0].proof.is_some(), "{name}");
+        }
     }
 
-    /// TorchScript's repeat_interleave(X, k) repeats: OneHot([1], 3, [1, k]) flattened = [1, k, 1],
-    /// with k read from the routing indices' shape.
+    /// One weight gathered by the clipped indices and the other by the unclipped ones: no single
+    /// index tensor for the op to read, refused.
     #[test]
-    fn onehot_repeat_counts_evaluate_to_one_k_one() {
-        let nodes = vec![
-            make_node("Shape", "", "s", &["idx"], &["shape"]),
-            make_node("Slice", "", "sl", &["shape", "m1", "big", "zero"], &["last"]),
-            make_node("Squeeze", "", "sq", &["last", "zero"], &["k"]),
-            make_node("Reshape", "", "r", &["k", "one_v"], &["k1"]),
-            make_node("Concat", "", "c", &["one_v", "k1"], &["vals"]),
-            make_node("OneHot", "", "oh", &["one_v", "three", "vals"], &["oh"]),
-            make_node("Reshape", "", "flat", &["oh", "m1"], &["reps"]),
-        ];
-        let inits = vec![
-            make_i64("m1", &[1], &[-1]),
-            make_i64("big", &[1], &[i64::MAX]),
-            make_i64("zero", &[1], &[0]),
-            make_i64("one_v", &[1], &[1]),
-            make_i64("three", &[], &[3]),
-        ];
-        let gp = graph(nodes, inits);
-        let g = GraphIndex::new(&gp, None).unwrap();
-        let facts = |v: &str| (v == "idx").then(|| IVec { v: vec![Some(2)], open: true, scalar: false });
-        let r = eval(&g, "reps", &facts, 0).unwrap();
-        assert_eq!(r.known(), Some(vec![1, 2, 1]));
-        // without knowing the indices' shape the count is not known, and nothing is assumed
-        assert!(eval(&g, "reps", &none, 0).is_none());
+    fn weights_gathered_by_different_indices_are_refused() {
+        use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+        let mut m = fixture("families/phimoe_bmm");
+        let gathers: Vec<usize> = (0..m.graph().node.len()).filter(|&i| m.graph().node[i].op_type == "Gather" && m.graph().node[i].input[1].contains("Clip")).collect();
+        assert_eq!(gathers.len(), 2);
+        let clip = node_mut(&mut m, "Clip", "").input[0].clone();
+        m.proto.graph.mut_or_insert_default().node[gathers[1]].input[1] = clip;
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("different index tensors")), "{why:?}");
     }
 
-    /// A Gather of a known position of an open shape is unknown, of its tail known.
+    /// A Clip that lets an index out of [0, E-1] (a negative index wraps in Gather; the op
+    /// refuses it) is refused.
     #[test]
-    fn open_shapes_answer_only_from_the_end() {
-        let nodes = vec![
-            make_node("Shape", "", "s", &["x"], &["shape"]),
-            make_node("Gather", "", "g0", &["shape", "i0"], &["first"]),
-            make_node("Gather", "", "g1", &["shape", "im1"], &["last"]),
-        ];
-        let inits = vec![make_i64("i0", &[], &[0]), make_i64("im1", &[], &[-1])];
-        let gp = graph(nodes, inits);
-        let g = GraphIndex::new(&gp, None).unwrap();
-        let facts = |v: &str| (v == "x").then(|| IVec { v: vec![Some(32)], open: true, scalar: false });
-        assert_eq!(eval(&g, "first", &facts, 0).unwrap().v, vec![None]);
-        let last = eval(&g, "last", &facts, 0).unwrap();
-        assert_eq!((last.v, last.scalar), (vec![Some(32)], true));
+    fn a_clip_beyond_the_experts_is_refused() {
+        use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+        let mut m = fixture("families/phimoe_bmm");
+        let lo = node_mut(&mut m, "Clip", "").input[1].clone();
+        let c = node_mut(&mut m, "Constant", &lo);
+        let t = c.attribute.iter_mut().find(|a| a.name == "value").unwrap().t.as_mut().unwrap();
+        t.raw_data = (-1i64).to_le_bytes().to_vec();
+        t.int64_data.clear();
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("clipped to")), "{why:?}");
     }
 
     /// A ReduceSum over another axis, or of something other than the weighted per-assignment

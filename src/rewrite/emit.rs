@@ -14,7 +14,7 @@ use super::expr::{BSrc, ExpertMlp, WSrc};
 use crate::onnx::graph::{attr_float, attr_int, attr_string, make_node, GraphIndex};
 use crate::onnx::tensor::{elem_size, encode_f32, make_i64, make_tensor, tensor_bytes, tensor_f32, ExternalStore};
 use crate::onnx::PendingTensor;
-use crate::spec::{self, scatter_moe as sm, Activation, AttrDefault, CapacityOrder};
+use crate::spec::{self, scatter_moe as sm, AttrDefault, CapacityOrder};
 
 /// The runtime the rewritten model is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,7 +50,9 @@ pub struct MoeLayer {
     /// k when known (for the report)
     pub k: Option<usize>,
     /// nodes and initializers that build the op's inputs from what the graph has (e.g. a
-    /// trailing k = 1 axis on routing tensors), placed before the op
+    /// trailing k = 1 axis on routing tensors), placed before the op; those that read
+    /// [`op_result`]`(output)` (and what they feed) finish the layer's result from the op's and
+    /// go after it, and the op then writes that value instead of `output`
     pub extra_nodes: Vec<onnx_protobuf::NodeProto>,
     pub extra_inits: Vec<TensorProto>,
 }
@@ -59,6 +61,18 @@ impl MoeLayer {
     pub fn mlp(&self) -> &ExpertMlp {
         &self.experts[0]
     }
+
+    /// The element type of a value of the graph, or of one the layer's extra nodes make
+    /// (see [`value_type`]).
+    pub(super) fn value_type(&self, g: &GraphIndex, v: &str) -> Option<i32> {
+        value_type(g, self, v, 0)
+    }
+}
+
+/// The value the op writes when the layer's extra nodes compute its `output` from the op's
+/// result (a sum over k of one row per assignment, say): those nodes read it under this name.
+pub fn op_result(output: &str) -> String {
+    format!("{output}.scattermoe_op")
 }
 
 /// A weight source, kept alive for the save.
@@ -187,6 +201,70 @@ pub struct Emitted {
     pub nodes: Vec<onnx_protobuf::NodeProto>,
     pub initializers: Vec<TensorProto>,
     pub pending: Vec<PendingTensor>,
+    /// the op's element type T (ONNX code; 0 where no ScatterMoE node was written)
+    pub elem: i32,
+}
+
+/// The element type of the matrix products that read `weight` (through the gathers, casts,
+/// transposes and reshapes exporters put between a weight and its product), when the graph
+/// computes one.
+fn product_type(g: &GraphIndex, weight: &str) -> Option<i32> {
+    let mut stack = vec![(weight.to_string(), 0usize)];
+    let mut seen = std::collections::HashSet::new();
+    while let Some((v, depth)) = stack.pop() {
+        if depth > 8 || !seen.insert(v.clone()) {
+            continue;
+        }
+        for &c in g.cons(&v) {
+            let n = g.node(c);
+            if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+                continue;
+            }
+            match n.op_type.as_str() {
+                "MatMul" | "Gemm" | "Einsum" => return g.infer_type(&n.output[0]),
+                "Gather" | "GatherND" | "Cast" | "Transpose" | "Unsqueeze" | "Squeeze" | "Reshape" | "Identity" | "Slice" | "Split" => {
+                    stack.extend(n.output.iter().map(|o| (o.clone(), depth + 1)));
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// The element type the experts compute in: that of the products reading the first expert's
+/// first and last weights, where both agree (an exporter may cast the token rows and weights of a
+/// float16 model up and compute, weight and accumulate the experts in float32). None where the
+/// graph computes no such product (`com.microsoft.MoE` reads its weights itself) or they differ.
+fn compute_type(g: &GraphIndex, layer: &MoeLayer) -> Option<i32> {
+    let m = layer.mlp();
+    let a = product_type(g, &m.w_in.first()?.init)?;
+    let b = product_type(g, &m.w_out.init)?;
+    (a == b && spec::ElemType::from_onnx_code(a).is_some()).then_some(a)
+}
+
+/// The element type of `v`: the graph's, or for a value the layer's own extra nodes make (rows
+/// scaled by router scores, regrouped or routed weights) the type such a node gives it: a Cast's
+/// target, int64 for indices, else its first input's type.
+fn value_type(g: &GraphIndex, layer: &MoeLayer, v: &str, depth: usize) -> Option<i32> {
+    g.infer_type(v).or_else(|| {
+        let n = layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == v))?;
+        match n.op_type.as_str() {
+            "Cast" => crate::onnx::graph::attr_i(n, "to").map(|t| t as i32),
+            "ArgMax" | "ArgMin" | "Shape" | "Size" | "NonZero" => Some(7),
+            "TopK" if n.output.get(1).map(String::as_str) == Some(v) => Some(7),
+            _ => (depth < 8).then(|| value_type(g, layer, n.input.first()?, depth + 1)).flatten(),
+        }
+    })
+}
+
+/// `Cast(v, to)` into a fresh value, appended to `nodes`.
+fn cast_to(g: &GraphIndex, taken: &mut Vec<String>, nodes: &mut Vec<onnx_protobuf::NodeProto>, tag: &str, what: &str, v: &str, to: i32) -> String {
+    let name = unique_name(g, taken, &format!("{tag}.{what}"));
+    let mut c = make_node("Cast", "", &format!("{tag}/Cast_{what}"), &[v], &[&name]);
+    c.attribute.push(attr_int("to", to as i64));
+    nodes.push(c);
+    name
 }
 
 /// The layer's node (and any Cast, capacity constant, stacked weights).
@@ -197,12 +275,10 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let e_count = layer.experts.len();
     let (d, f) = (m0.d, m0.f);
     let n = if m0.gated { 2 * f } else { f };
-    // token rows made by the layer's own extra nodes (e.g. rows scaled by router scores) have
-    // the type of the nodes' first input
-    let elem = g
-        .infer_type(&layer.x)
-        .or_else(|| layer.extra_nodes.iter().find(|n| n.output.iter().any(|o| o == &layer.x)).and_then(|n| g.infer_type(&n.input[0])))
-        .ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    let x_elem = value_type(g, layer, &layer.x, 0).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.x))?;
+    // T follows the original: the type its experts compute in, with Casts around the node where
+    // the token rows or the replaced value have another type
+    let elem = compute_type(g, layer).unwrap_or(x_elem);
     if spec::ElemType::from_onnx_code(elem).is_none() {
         bail!("the token rows are {}, not float32/float16/bfloat16", spec::onnx_type_name(elem));
     }
@@ -214,12 +290,32 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             bail!("experts differ in which biases they have");
         }
         // one node has one alpha and one limit: experts that differ in them are not one layer
-        if m0.activation == Activation::SwigluOai && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
-            bail!("experts differ in the swiglu_oai alpha or limit ({} / {} and {} / {})", m0.alpha, m0.limit, m.alpha, m.limit);
+        if m0.activation.clamped() && (m.alpha.to_bits() != m0.alpha.to_bits() || m.limit.to_bits() != m0.limit.to_bits()) {
+            bail!("experts differ in the {} alpha or limit ({} / {} and {} / {})", m0.activation.name(), m0.alpha, m0.limit, m.alpha, m.limit);
         }
     }
-    let mut nodes = layer.extra_nodes.clone();
+    // extra nodes that read the op's result go after it
+    let result = op_result(&layer.output);
+    let mut after_values = vec![result.clone()];
+    let (mut nodes, mut after) = (Vec::new(), Vec::new());
+    for n in &layer.extra_nodes {
+        if n.input.iter().any(|i| after_values.contains(i)) {
+            after_values.extend(n.output.iter().cloned());
+            after.push(n.clone());
+        } else {
+            nodes.push(n.clone());
+        }
+    }
+    // a replaced value of another float type than the rows (float16 experts summed in float32):
+    // the op writes the rows' type, a Cast gives the value its own
+    if let Some(t) = g.infer_type(&layer.output).filter(|&t| after.is_empty() && t != elem && spec::ElemType::from_onnx_code(t).is_some()) {
+        let mut c = make_node("Cast", "", &format!("{tag}/Cast_output"), &[&result], &[&layer.output]);
+        c.attribute.push(attr_int("to", t as i64));
+        after.push(c);
+    }
+    let op_output = if after.is_empty() { layer.output.clone() } else { result };
     model.initializers.extend(layer.extra_inits.iter().cloned());
+    let x = if x_elem == elem { layer.x.clone() } else { cast_to(g, taken, &mut nodes, tag, "x", &layer.x, elem) };
 
     // --- w_in [E, n, d]
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
@@ -313,16 +409,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     };
 
     // --- routing weights in the op's element type
-    let rw_type = g.infer_type(&layer.routing_weights);
-    let rw = if rw_type == Some(elem) {
-        layer.routing_weights.clone()
-    } else {
-        let name = unique_name(g, taken, &format!("{tag}.routing_weights"));
-        let mut c = make_node("Cast", "", &format!("{tag}/Cast"), &[&layer.routing_weights], &[&name]);
-        c.attribute.push(attr_int("to", elem as i64));
-        nodes.push(c);
-        name
-    };
+    let rw_type = value_type(g, layer, &layer.routing_weights, 0);
+    let rw = if rw_type == Some(elem) { layer.routing_weights.clone() } else { cast_to(g, taken, &mut nodes, tag, "routing_weights", &layer.routing_weights, elem) };
     let capacity = match layer.capacity {
         Some(c) => {
             let name = unique_name(g, taken, &format!("{tag}.capacity"));
@@ -351,7 +439,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
             model.initializers.push(t);
         }
     }
-    let mut inputs: Vec<String> = vec![layer.x.clone(), rw, layer.routing_indices.clone(), w_in, w_out];
+    let mut inputs: Vec<String> = vec![x, rw, layer.routing_indices.clone(), w_in, w_out];
     let opt = [b_in, b_out, capacity];
     let last = opt.iter().rposition(Option::is_some);
     if let Some(last) = last {
@@ -360,13 +448,13 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         }
     }
     let in_refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&layer.output]);
+    let mut node = make_node(sm::NAME, spec::DOMAIN, tag, &in_refs, &[&op_output]);
     node.attribute.push(attr_string(sm::ATTR_ACTIVATION, m0.activation.name()));
     node.attribute.push(attr_int(sm::ATTR_GATED, m0.gated as i64));
     if m0.gated {
         node.attribute.push(attr_string(sm::ATTR_GLU_LAYOUT, m0.glu_layout.name()));
     }
-    if m0.activation == Activation::SwigluOai {
+    if m0.activation.clamped() {
         node.attribute.push(attr_float(sm::ATTR_ALPHA, m0.alpha));
         node.attribute.push(attr_float(sm::ATTR_LIMIT, m0.limit));
     }
@@ -388,8 +476,10 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
     }
     nodes.push(node);
+    nodes.extend(after);
     let mut out = std::mem::take(model);
     out.nodes = nodes;
+    out.elem = elem;
     Ok(out)
 }
 

@@ -19,412 +19,15 @@
 
 use std::collections::HashMap;
 
+mod iteration;
+
 use super::emit::MoeLayer;
-use super::expr::{to_mlp, ERef, ExprParser};
+use super::expr::{to_mlp, ERef, ExpertMlp, ExprParser};
 use super::matcher::prod;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Axis {
-    T,
-    K,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct MaskInfo {
-    idx: String,
-    eref: ERef,
-    /// which routing axis each NonZero coordinate indexes
-    axes: [Axis; 2],
-    experts: Option<usize>,
-    capacity: Option<i64>,
-    /// number of unrolled iterations the hit list was split into (Hit form)
-    hit_count: Option<usize>,
-}
-
-/// One `acc + scatter(token, contribution)` step.
-struct Step {
-    acc_in: String,
-    acc_out: String,
-    index: String,
-    update: String,
-}
-
-
-/// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
-/// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
-/// token; any other shape is not explained.
-fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -> Result<&'a str, String> {
-    let mut cur = index;
-    for _ in 0..16 {
-        match g.prod(cur) {
-            Some((_, n)) if n.op_type == "Cast" && n.domain.is_empty() => cur = &n.input[0],
-            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
-                let sh = prod(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
-                if sh.is_none() {
-                    return Err("the scatter indices are expanded to a shape other than the scattered value's".into());
-                }
-                cur = &n.input[0];
-            }
-            _ => break,
-        }
-    }
-    Ok(cur)
-}
-
-/// The scattered value under Expand / Cast / Identity. An Expand must provably keep its input's
-/// shape: to all ones, or to `Shape(zeros[..1, ..])` (TorchScript's index_add_ writes
-/// `Expand(v, Shape(Slice(zeros or the accumulator, 0, 1 on axis 0, everything on axis 1)))`,
-/// i.e. `[1, d]`), which
-/// broadcasting a `[n, d]` value leaves as it is. A shape that could repeat rows is not explained.
-fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'a str, String> {
-    let keeps = |shape: &str| -> bool {
-        if let Some(c) = g.const_i64(shape) {
-            return c.iter().all(|&v| v == 1);
-        }
-        let Some(sh) = prod(g, shape, "Shape").filter(|sh| sh.attribute.is_empty()) else { return false };
-        let Some(sl) = prod(g, &sh.input[0], "Slice") else { return false };
-        // sliced from zeros, or from the accumulator (shaped like them) in later iterations
-        if (prod(g, &sl.input[0], "ConstantOfShape").is_none() && sl.input[0] != acc) || sl.input.len() < 4 {
-            return false;
-        }
-        let (Some(starts), Some(ends), Some(axes)) = (g.const_i64(&sl.input[1]), g.const_i64(&sl.input[2]), g.const_i64(&sl.input[3])) else {
-            return false;
-        };
-        let steps_ok = sl.input.get(4).map_or(true, |st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
-        steps_ok
-            && starts.len() == ends.len()
-            && axes == [0, 1]
-            && starts.iter().all(|&v| v == 0)
-            && ends[0] == 1
-            && ends[1] >= i64::MAX / 2
-    };
-    let mut cur = update;
-    for _ in 0..16 {
-        match g.prod(cur) {
-            Some((_, n)) if (n.op_type == "Cast" || n.op_type == "Identity") && n.domain.is_empty() => cur = &n.input[0],
-            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
-                if !keeps(&n.input[1]) {
-                    return Err("the scattered value is expanded to a shape that is not proven to keep it".into());
-                }
-                cur = &n.input[0];
-            }
-            _ => break,
-        }
-    }
-    Ok(cur)
-}
-
-fn is_zeros(g: &GraphIndex, v: &str) -> bool {
-    if let Some(n) = prod(g, v, "ConstantOfShape") {
-        let val = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
-        return match val {
-            None => true,
-            Some(t) => crate::onnx::tensor::tensor_f32(t, None).map(|x| x.iter().all(|&v| v == 0.0)).unwrap_or(false),
-        };
-    }
-    false
-}
-
-fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
-    let mut steps = Vec::new();
-    for n in &g.graph.node {
-        if n.op_type == "Add" && n.domain.is_empty() && n.input.len() == 2 {
-            for (a, s) in [(0, 1), (1, 0)] {
-                if let Some(sc) = prod(g, &n.input[s], "ScatterElements") {
-                    let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
-                    if attr_i(sc, "axis").unwrap_or(0) == 0 && red == "none" && is_zeros(g, &sc.input[0]) {
-                        steps.push(Step {
-                            acc_in: n.input[a].clone(),
-                            acc_out: n.output[0].clone(),
-                            index: sc.input[1].clone(),
-                            update: sc.input[2].clone(),
-                        });
-                        break;
-                    }
-                }
-            }
-        } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
-            let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
-            if attr_i(n, "axis").unwrap_or(0) == 0 && red == "add" {
-                steps.push(Step { acc_in: n.input[0].clone(), acc_out: n.output[0].clone(), index: n.input[1].clone(), update: n.input[2].clone() });
-            }
-        }
-    }
-    steps
-}
-
-/// `v` is coordinate c of the NonZero `nz`: Squeeze(Split(Transpose(nz))[c]) or Gather(Transpose(nz), c, axis=1).
-fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
-    let v = strip(g, v, &["Cast", "Identity"]);
-    let (_, n) = g.prod(v)?;
-    let (t, c) = match n.op_type.as_str() {
-        "Squeeze" => {
-            let axes = if n.input.len() > 1 { g.const_i64(&n.input[1])? } else { attr_ints(n, "axes")? };
-            if axes != [1] && axes != [-1] {
-                return None;
-            }
-            let s = prod(g, &n.input[0], "Split")?;
-            if attr_i(s, "axis").unwrap_or(0) != 1 || s.output.len() != 2 {
-                return None;
-            }
-            if s.input.len() > 1 && !s.input[1].is_empty() && g.const_i64(&s.input[1])? != [1, 1] {
-                return None;
-            }
-            (s.input[0].as_str(), s.output.iter().position(|o| o == &n.input[0])?)
-        }
-        "Gather" if attr_i(n, "axis") == Some(1) => {
-            let c = g.const_i64(&n.input[1])?;
-            if c.len() != 1 || g.const_dims(&n.input[1]).is_some_and(|d| !d.is_empty()) {
-                return None;
-            }
-            (n.input[0].as_str(), c[0] as usize)
-        }
-        _ => return None,
-    };
-    let tr = prod(g, t, "Transpose")?;
-    if attr_ints(tr, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
-        return None;
-    }
-    let nz = prod(g, &tr.input[0], "NonZero")?;
-    Some((nz.output[0].clone(), c))
-}
-
-/// Resolves an expert-number value: a constant, or entry i of the split list of hit experts.
-fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERef, usize>) -> Option<ERef> {
-    let mut cur = v;
-    for _ in 0..8 {
-        if let Some(c) = g.const_i64(cur) {
-            return (c.len() == 1).then(|| ERef::Const(c[0]));
-        }
-        let (_, n) = g.prod(cur)?;
-        match n.op_type.as_str() {
-            "Squeeze" | "Unsqueeze" | "Reshape" | "Cast" | "Identity" => cur = &n.input[0],
-            "Gather" => {
-                let i = g.const_i64(&n.input[1])?;
-                if i != [0] || attr_i(n, "axis").unwrap_or(0) != 0 {
-                    return None;
-                }
-                cur = &n.input[0];
-            }
-            "Split" => {
-                if attr_i(n, "axis").unwrap_or(0) != 0 {
-                    return None;
-                }
-                let count = n.output.len();
-                if n.input.len() > 1 && !n.input[1].is_empty() {
-                    let s = g.const_i64(&n.input[1])?;
-                    if s.iter().any(|&x| x != 1) || s.len() != count {
-                        return None;
-                    }
-                }
-                let i = n.output.iter().position(|o| o == cur)?;
-                let tr = prod(g, &n.input[0], "Transpose")?;
-                let nz = prod(g, &tr.input[0], "NonZero")?;
-                // the hit list: NonZero(Greater(ReduceSum(mask stack), 0)), a vector of length E
-                let gr = prod(g, &nz.input[0], "Greater")?;
-                if g.const_scalar(&gr.input[1]) != Some(0.0) {
-                    return None;
-                }
-                let e = ERef::Hit(i);
-                hit_counts.insert(e, count);
-                return Some(e);
-            }
-            _ => return None,
-        }
-    }
-    None
-}
-
-/// The one-hot routing mask `[T, K, E]` (optionally capacity-masked): (IDX, E, capacity).
-fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>), String> {
-    let v = strip(g, v, &["Cast", "Identity"]);
-    if let Some(oh) = prod(g, v, "OneHot") {
-        if attr_i(oh, "axis").unwrap_or(-1) != -1 {
-            return Err("OneHot is not along the last axis".into());
-        }
-        let depth = g.const_scalar(&oh.input[1]).ok_or("OneHot depth is not constant")? as usize;
-        let vals = g.const_f32(&oh.input[2]).ok_or("OneHot values are not constant")?;
-        if vals != [0.0, 1.0] {
-            return Err("OneHot values are not [0, 1]".into());
-        }
-        return Ok((oh.input[0].clone(), depth, None));
-    }
-    if let Some(mul) = prod(g, v, "Mul") {
-        // Switch: one_hot * (cumsum(one_hot, tokens) <= C)
-        for (a, b) in [(0, 1), (1, 0)] {
-            let Ok((idx, e, None)) = one_hot_like(g, &mul.input[a]) else { continue };
-            let m = strip(g, &mul.input[b], &["Cast"]);
-            let Some(le) = prod(g, m, "LessOrEqual") else { continue };
-            let Some(cs) = prod(g, &le.input[0], "CumSum") else { continue };
-            if strip(g, &cs.input[0], &["Cast"]) != strip(g, &mul.input[a], &["Cast"]) {
-                continue;
-            }
-            if attr_i(cs, "exclusive").unwrap_or(0) != 0 || attr_i(cs, "reverse").unwrap_or(0) != 0 {
-                return Err("capacity CumSum is exclusive or reversed".into());
-            }
-            let axis = g.const_scalar(&cs.input[1]).ok_or("CumSum axis not constant")? as i64;
-            let c = g.const_scalar(&le.input[1]).ok_or("capacity is not constant")?;
-            let k1 = is_k1(g, &idx);
-            // CumSum over the k axis (size 1 in top-1 routing) counts only the assignment itself:
-            // the mask keeps everything when C >= 1 (transformers' Switch router does this).
-            if (axis == 1 || axis == -2) && k1 {
-                if c >= 1.0 {
-                    return Ok((idx, e, None));
-                }
-                return Err(format!("capacity {c} drops every token"));
-            }
-            if !(axis == 0 || axis == -3) {
-                return Err(format!("capacity CumSum runs along axis {axis}, not over tokens"));
-            }
-            if !k1 {
-                return Err("capacity masks are recognised for top-1 routing only".into());
-            }
-            // kept iff the running count including itself <= C, i.e. fewer than C before it
-            return Ok((idx, e, Some(c.floor() as i64)));
-        }
-    }
-    Err(format!("'{v}' is not a one-hot routing mask"))
-}
-
-/// The routing index tensor has one slot per token (ArgMax keepdims, or TopK with k = 1).
-fn is_k1(g: &GraphIndex, idx: &str) -> bool {
-    if let Some(a) = prod(g, idx, "ArgMax") {
-        return attr_i(a, "keepdims").unwrap_or(1) == 1;
-    }
-    if let Some(t) = prod(g, idx, "TopK") {
-        return g.const_i64(&t.input[1]).is_some_and(|k| k == [1]);
-    }
-    false
-}
-
-fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, usize>) -> Result<MaskInfo, String> {
-    let n = prod(g, nz, "NonZero").ok_or("not a NonZero")?;
-    let m = strip(g, &n.input[0], &["Cast", "Identity"]);
-    let (_, mn) = g.prod(m).ok_or("the mask is not computed")?;
-    // Equal(IDX, e)
-    if mn.op_type == "Equal" {
-        for (a, b) in [(0, 1), (1, 0)] {
-            if let Some(c) = g.const_i64(&mn.input[b]) {
-                if c.len() == 1 {
-                    return Ok(MaskInfo { idx: mn.input[a].clone(), eref: ERef::Const(c[0]), axes: [Axis::T, Axis::K], experts: None, capacity: None, hit_count: None });
-                }
-            }
-        }
-        return Err("Equal mask does not compare with a constant expert number".into());
-    }
-    // [Squeeze](Gather(Transpose(one_hot), e))
-    let mut gat = mn;
-    let mut squeezed = false;
-    if mn.op_type == "Squeeze" {
-        let axes = if mn.input.len() > 1 { g.const_i64(&mn.input[1]) } else { attr_ints(mn, "axes") };
-        if axes.as_deref() != Some(&[0]) {
-            return Err("mask Squeeze is not on axis 0".into());
-        }
-        gat = prod(g, &mn.input[0], "Gather").ok_or("mask is not a gathered expert slice")?;
-        squeezed = true;
-    }
-    if gat.op_type != "Gather" || attr_i(gat, "axis").unwrap_or(0) != 0 {
-        return Err(format!("the mask comes from {}", gat.op_type));
-    }
-    let eref = resolve_eref(g, &gat.input[1], hit_counts).ok_or("the mask's expert index is not an expert number")?;
-    let _ = squeezed;
-    let tr = prod(g, &gat.input[0], "Transpose").ok_or("the expert mask stack is not a transposed one-hot")?;
-    let perm = attr_ints(tr, "perm").ok_or("Transpose without perm")?;
-    if perm.len() != 3 || perm[0] != 2 {
-        return Err(format!("one-hot transposed with perm {perm:?}"));
-    }
-    let (idx, e, cap) = one_hot_like(g, &tr.input[0])?;
-    let ax = |p: i64| if p == 0 { Axis::T } else { Axis::K };
-    Ok(MaskInfo { idx, eref, axes: [ax(perm[1]), ax(perm[2])], experts: Some(e), capacity: cap, hit_count: hit_counts.get(&eref).copied() })
-}
-
-/// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
-fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
-    let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
-    let gn = prod(g, gv, "Gather")?;
-    if attr_i(gn, "axis").unwrap_or(0) != 0 {
-        return None;
-    }
-    let fl = prod(g, &gn.input[0], "Flatten")?;
-    if attr_i(fl, "axis").unwrap_or(1) != 2 {
-        return None;
-    }
-    let mut rw = fl.input[0].as_str();
-    let mut unsq = None;
-    if let Some(u) = prod(g, rw, "Unsqueeze") {
-        let axes = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
-        if axes != [2] && axes != [-1] {
-            return None;
-        }
-        unsq = Some(rw);
-        rw = &u.input[0];
-    }
-    let add = prod(g, &gn.input[1], "Add")?;
-    for (a, b) in [(0, 1), (1, 0)] {
-        let Some(mul) = prod(g, &add.input[b], "Mul") else { continue };
-        for (p, q) in [(0, 1), (1, 0)] {
-            // q: k = Shape(RW or its unsqueeze)[1]
-            let Some(kg) = prod(g, &mul.input[q], "Gather") else { continue };
-            if g.const_i64(&kg.input[1]).as_deref() != Some(&[1]) {
-                continue;
-            }
-            let Some(sh) = prod(g, &kg.input[0], "Shape") else { continue };
-            if sh.input[0] != rw && Some(sh.input[0].as_str()) != unsq {
-                continue;
-            }
-            let (nz1, c_tok) = where_coord(g, &mul.input[p])?;
-            let (nz2, c_slot) = where_coord(g, &add.input[a])?;
-            if nz1 != nz2 {
-                return None;
-            }
-            return Some((rw.to_string(), nz1, c_tok, c_slot));
-        }
-    }
-    None
-}
-
-/// The token rows of `nz`'s token coordinate: Gather(X, tok) or Reshape(Gather(Unsqueeze(X, 0), tok, axis=1)).
-fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for &c in g.cons(tok) {
-        let n = g.node(c);
-        if n.op_type != "Gather" || n.input.get(1).map(String::as_str) != Some(tok) {
-            continue;
-        }
-        match attr_i(n, "axis").unwrap_or(0) {
-            0 => out.push((n.output[0].clone(), n.input[0].clone())),
-            1 => {
-                let Some(u) = prod(g, &n.input[0], "Unsqueeze") else { continue };
-                let axes = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
-                if axes.as_deref() != Some(&[0]) {
-                    continue;
-                }
-                for &r in g.cons(&n.output[0]) {
-                    let rn = g.node(r);
-                    if rn.op_type == "Reshape" && is_rows_shape(g, &rn.input[1]) {
-                        out.push((rn.output[0].clone(), u.input[0].clone()));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-/// A reshape target of the form [-1, d] (constant or Concat(-1, dim)).
-fn is_rows_shape(g: &GraphIndex, v: &str) -> bool {
-    if let Some(c) = g.const_i64(v) {
-        return c.len() == 2 && c[0] == -1;
-    }
-    if let Some(cat) = prod(g, v, "Concat") {
-        return cat.input.len() == 2 && g.const_i64(&cat.input[0]).as_deref() == Some(&[-1]);
-    }
-    false
-}
+use iteration::{index_rows, is_zeros, mask_of, resolve_eref, routing_weight, row_leaves, scatter_steps, update_value, where_coord, Axis, HitSplit, Step};
 
 /// Every per-expert loop in the graph: replaced layers and rejected candidates.
 pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
@@ -460,11 +63,11 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
 
 fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLayer, String> {
     let mut hit_counts = HashMap::new();
-    let mut experts: Vec<Option<super::expr::ExpertMlp>> = Vec::new();
-    // idx, rw, x, E, capacity: the same for every iteration
-    type Common = (String, String, String, Option<usize>, Option<i64>);
+    let mut experts: Vec<Option<ExpertMlp>> = Vec::new();
+    // idx, rw, x, E, capacity, mask stack: the same for every iteration
+    type Common = (String, String, String, Option<usize>, Option<i64>, Option<String>);
     let mut common: Option<Common> = None;
-    let mut n_hit: Option<usize> = None;
+    let mut n_hit: Option<HitSplit> = None;
     for (it, &si) in chain.iter().enumerate() {
         let s = &steps[si];
         let fail = |m: String| format!("iteration {it} (scatter into '{}'): {m}", s.acc_out);
@@ -517,13 +120,13 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
             }
         }
         if let ERef::Hit(_) = mask.eref {
-            let c = mask.hit_count.ok_or_else(|| fail("unknown iteration count".into()))?;
-            if n_hit.is_some_and(|n| n != c) {
+            let h = mask.hit_split.clone().ok_or_else(|| fail("unknown iteration count".into()))?;
+            if n_hit.as_ref().is_some_and(|n| *n != h) {
                 return Err(fail("iterations split different hit lists".into()));
             }
-            n_hit = Some(c);
+            n_hit = Some(h);
         }
-        let key = (mask.idx.clone(), rw.clone(), x.clone(), mask.experts, mask.capacity);
+        let key = (mask.idx.clone(), rw.clone(), x.clone(), mask.experts, mask.capacity, mask.stack.clone());
         match &common {
             None => common = Some(key),
             Some(c) if *c != key => return Err(fail("iterations read different routing tensors, rows or capacity".into())),
@@ -542,9 +145,22 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         }
         experts[en] = Some(mlp);
     }
-    let (idx, rw, x, e_mask, capacity) = common.ok_or("empty chain")?;
-    let e_count = match (e_mask, n_hit) {
-        (Some(e), Some(h)) if e != h => return Err(format!("the loop has {h} iterations but the one-hot has {e} experts")),
+    let (idx, rw, x, e_mask, capacity, stack) = common.ok_or("empty chain")?;
+    // A scatter without a reduction keeps one of the rows an iteration sends to one token: the
+    // loop adds every slot's contribution only where a row never names one expert twice
+    if chain.iter().any(|&si| steps[si].overwrites) && !distinct_in_rows(g, &idx) {
+        return Err(format!(
+            "the loop adds each expert's rows with ScatterElements without a reduction (of two rows for one token, one is kept), and the routing indices '{idx}' do not come from a router that names an expert once per token (TopK, ArgMax, or an ArgMax of the scores with the first choice masked): where a token gets one expert in two slots (a masked expert mapped to another index, say) the graph keeps one contribution and ScatterMoE would add both"
+        ));
+    }
+    let e_count = match (e_mask, &n_hit) {
+        (Some(e), Some(h)) if h.count > e => return Err(format!("the loop has {} iterations but the one-hot has {e} experts", h.count)),
+        (Some(e), Some(h)) if h.count < e => {
+            // unrolled over a traced input's hit list: each iteration is the expert it names
+            let generic = per_hit_expert(g, &experts, e, h, stack.as_deref())?;
+            experts = (0..e).map(|j| Some(generic.for_expert(j))).collect();
+            e
+        }
         (Some(e), _) => e,
         (None, _) => router_experts(g, &idx).ok_or("cannot tell how many experts the router chooses from")?,
     };
@@ -575,6 +191,93 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
     })
+}
+
+/// A loop the exporter unrolled over the hit list of its traced input, with fewer iterations than
+/// experts (`for e in experts_hit` where the traced routing used only some experts): iteration i
+/// takes the tokens of expert `hit[i]` and that expert's weights, gathered from [E, ...] stacks by
+/// `hit[i]` itself, so it computes expert `hit[i]`'s contribution whichever expert that is. The
+/// Split of the list has sizes (all ones), so the graph runs only when exactly `count` experts are
+/// hit, and the list is the experts with assignments of the iterations' own mask stack: the
+/// iterations then add up every expert's contribution, which is the MoE over all E experts. Returns
+/// the MLP with its stacks indexed by [`ERef::Each`].
+fn per_hit_expert(g: &GraphIndex, experts: &[Option<ExpertMlp>], e: usize, h: &HitSplit, stack: Option<&str>) -> Result<ExpertMlp, String> {
+    let n = h.count;
+    if !h.sized {
+        return Err(format!("the loop has {n} iterations for {e} experts and splits the hit list without sizes (a longer list would be split unevenly)"));
+    }
+    if stack.is_none() || h.stack.as_deref() != stack {
+        return Err(format!("the loop has {n} iterations for {e} experts, over a hit list that is not the list of experts of the masks it slices"));
+    }
+    let mut generic: Option<ExpertMlp> = None;
+    for (i, m) in experts.iter().enumerate() {
+        let m = m.as_ref().ok_or_else(|| format!("the loop covers hit experts {:?} of {n}", (0..experts.len()).filter(|&j| experts[j].is_some()).collect::<Vec<_>>()))?;
+        // every weight and bias gathered by this iteration's hit entry from a stack of E
+        let mut gm = m.clone();
+        let mut ok = true;
+        let mut fix = |r: &mut Option<ERef>, init: &str| {
+            ok &= *r == Some(ERef::Hit(i)) && g.const_dims(init).is_some_and(|d| d.first() == Some(&(e as i64)));
+            *r = Some(ERef::Each);
+        };
+        for w in gm.w_in.iter_mut() {
+            fix(&mut w.index, &w.init.clone());
+        }
+        fix(&mut gm.w_out.index, &gm.w_out.init.clone());
+        for b in gm.b_in.iter_mut().flatten().chain(gm.b_out.iter_mut()) {
+            fix(&mut b.index, &b.init.clone());
+        }
+        if !ok {
+            return Err(format!("the loop has {n} iterations for {e} experts, and iteration {i}'s weights are not gathered by its hit entry from stacks of {e} experts"));
+        }
+        match &generic {
+            None => generic = Some(gm),
+            Some(g0) if *g0 != gm => return Err(format!("the loop has {n} iterations for {e} experts, and they compute different MLPs")),
+            _ => {}
+        }
+    }
+    if experts.len() != n {
+        return Err(format!("the loop covers {} of its {n} hit entries", experts.len()));
+    }
+    generic.ok_or_else(|| "empty loop".to_string())
+}
+
+/// The routing indices name an expert at most once per token, by construction: TopK's indices,
+/// one ArgMax, or (PhiMoE's sparsemixer) `Concat(ArgMax(s), ArgMax(ScatterElements(s, that
+/// ArgMax, -inf)))` along the last axis, whose second choice masks the first.
+fn distinct_in_rows(g: &GraphIndex, idx: &str) -> bool {
+    let v = strip(g, idx, &["Cast", "Identity"]);
+    let Some((_, n)) = g.prod(v) else { return false };
+    if !n.domain.is_empty() {
+        return false;
+    }
+    let argmax = |v: &str| prod(g, strip(g, v, &["Cast", "Identity"]), "ArgMax").filter(|a| attr_i(a, "keepdims").unwrap_or(1) == 1);
+    match n.op_type.as_str() {
+        "TopK" => n.output.get(1).map(String::as_str) == Some(v),
+        "ArgMax" | "ArgMin" => true,
+        "Concat" if n.input.len() == 2 => {
+            let (Some(a), Some(b)) = (argmax(&n.input[0]), argmax(&n.input[1])) else { return false };
+            let last = |x: &onnx_protobuf::NodeProto| super::matcher::is_last_axis(attr_i(x, "axis").unwrap_or(0), super::matcher::rank_of(g, &x.input[0]));
+            let Some(sc) = prod(g, &b.input[0], "ScatterElements") else { return false };
+            let minus_inf = |f: &str| {
+                let f = strip(g, f, &["Cast"]);
+                let c = prod(g, f, "Expand").map_or(f, |e| e.input[0].as_str());
+                if let Some(cs) = prod(g, c, "ConstantOfShape") {
+                    let t = cs.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
+                    return t.and_then(|t| crate::onnx::tensor::tensor_f32(t, None).ok()).is_some_and(|x| x.iter().all(|&y| y == f32::NEG_INFINITY));
+                }
+                g.const_scalar(c) == Some(f64::NEG_INFINITY)
+            };
+            let axis_of = |x: &onnx_protobuf::NodeProto| attr_i(x, "axis").unwrap_or(0);
+            last(a)
+                && last(b)
+                && super::matcher::is_last_axis(axis_of(sc), super::matcher::rank_of(g, &sc.input[0]))
+                && super::matcher::is_last_axis(attr_i(n, "axis").unwrap_or(0), super::matcher::rank_of(g, v))
+                && strip(g, &sc.input[0], &["Cast"]) == strip(g, &a.input[0], &["Cast"])
+                && strip(g, &sc.input[1], &["Cast", "Identity"]) == a.output[0]
+                && minus_inf(&sc.input[2])
+        }
+        _ => false,
+    }
 }
 
 /// A routing tensor that a TopK or ArgMax makes must choose along the last axis, over the E
@@ -620,4 +323,76 @@ pub fn router_experts(g: &GraphIndex, idx: &str) -> Option<usize> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+
+    /// Ernie-4.5's loop, which torch's TorchScript exporter unrolled over the 2 experts its traced
+    /// input hit (of 4): each iteration gathers its expert's weights by its hit entry, so the
+    /// layer is the MoE over all 4 experts (proven where exactly 2 are hit, at 1 token).
+    #[test]
+    fn a_loop_over_the_traced_hit_list_is_every_expert() {
+        let mut m = fixture("families/ernie45_moe");
+        let r = crate::rewrite::rewrite(&mut m).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        assert_eq!(r.layers[0].experts, 4);
+        assert!(r.layers[0].proof.as_ref().is_some_and(|p| p.tokens.contains(&1)), "{}", r.text());
+    }
+
+    /// Without sizes a Split of 4 hit experts into 2 pieces gives 2 experts each, and the
+    /// iterations would take only the first of each: not every expert's contribution.
+    #[test]
+    fn a_hit_list_split_without_sizes_is_refused() {
+        let mut m = fixture("families/ernie45_moe");
+        node_mut(&mut m, "Split", "/m/experts/Split_output_0").input.truncate(1);
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("without sizes")), "{why:?}");
+    }
+
+    /// A hit list counted over the token axis only lists (expert, slot) pairs, not the experts
+    /// the iterations' masks hold: refused.
+    #[test]
+    fn a_hit_list_of_other_counts_is_refused() {
+        let mut m = fixture("families/ernie45_moe");
+        let axes = node_mut(&mut m, "ReduceSum", "/m/experts/ReduceSum_output_0").input[1].clone();
+        let c = node_mut(&mut m, "Constant", &axes);
+        c.attribute.retain(|a| a.name != "value");
+        let mut a = onnx_protobuf::AttributeProto::new();
+        a.name = "value".into();
+        a.type_ = onnx_protobuf::attribute_proto::AttributeType::TENSOR.into();
+        a.t = protobuf::MessageField::some(crate::onnx::tensor::make_i64("", &[1], &[-1]));
+        c.attribute.push(a);
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("not the list of experts")), "{why:?}");
+    }
+
+    /// Zaya's router maps its skip class to expert 0, so a token can name expert 0 in both slots;
+    /// the loop's scatter has no reduction and keeps one of the two rows: refused, with why.
+    #[test]
+    fn repeated_experts_into_an_overwriting_scatter_are_refused() {
+        let mut m = fixture("families/zaya_moe");
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("without a reduction") && w.contains("ScatterMoE would add both")), "{why:?}");
+    }
+
+    /// PhiMoE's second choice is the ArgMax of the scores with the first masked to -inf, so the
+    /// two differ; masked with 0 instead, the second can repeat the first: refused.
+    #[test]
+    fn a_second_choice_that_can_repeat_the_first_is_refused() {
+        let mut m = fixture("phimoe");
+        assert_eq!(rewrite(&mut m).0, 1);
+        let mut m = fixture("phimoe");
+        let c = node_mut(&mut m, "Constant", "/m/router/Constant_2_output_0");
+        let t = c.attribute.iter_mut().find(|a| a.name == "value").unwrap().t.as_mut().unwrap();
+        t.raw_data = 0f32.to_le_bytes().to_vec();
+        t.float_data.clear();
+        let (n, why) = rewrite(&mut m);
+        assert_eq!(n, 0);
+        assert!(why.iter().any(|w| w.contains("names an expert once per token")), "{why:?}");
+    }
 }

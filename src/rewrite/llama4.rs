@@ -8,19 +8,22 @@
 //! ```
 //!
 //! with MLP_e the batched MatMuls over the stacks `gate_up_proj` [E, d, 2f] / `down_proj` [E, f, d]
-//! (no biases). sigmoid(-inf) = 0 and MLP_e(0) = 0, so experts outside the top k add nothing, and
-//! with k = 1 (Llama-4's configuration) `Y[t] = MLP_{IDX[t]}(sigmoid(v_t) x_t)`:
-//! `ScatterMoE(X * Sigmoid(TopKValues), ones, IDX)`. The shared expert stays as ONNX ops. k > 1 is
-//! left (the scores scale inputs, which one ScatterMoE cannot express).
+//! (no biases). sigmoid(-inf) = 0 and MLP_e(0) = 0, so experts outside the top k add nothing:
+//! `Y[t] = sum_j MLP_{IDX[t, j]}(sigmoid(v_tj) x_t)`. The shared expert stays as ONNX ops.
+//! - k = 1 (Llama-4's configuration): `ScatterMoE(X * Sigmoid(TopKValues), ones, IDX)`.
+//! - k > 1: each assignment has an input of its own, so every assignment is one row:
+//!   `rows[t, j] = x_t * sigmoid(v_tj)` ([T, k, d], T·k tokens of the op), each routed to its one
+//!   expert (`IDX` as [T, k, 1]) with weight 1, and the op's [T, k, d] result summed over k. The
+//!   activation stays fused in the op; the only extra work is the k-fold row tensor and the sum.
 
 use onnx_protobuf::NodeProto;
 
-use super::emit::MoeLayer;
+use super::emit::{op_result, MoeLayer};
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc};
 use super::matcher::{axes_of, prod};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, attr_int, attr_ints, make_node, strip, GraphIndex};
-use crate::onnx::tensor::{encode_f32, make_tensor};
+use crate::onnx::graph::{attr_i, attr_int, attr_ints, attr_ints_new, make_node, strip, GraphIndex};
+use crate::onnx::tensor::{encode_f32, make_i64, make_tensor};
 use crate::spec::CapacityOrder;
 
 type R<T> = Result<T, String>;
@@ -219,8 +222,8 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
             return Err("the expert outputs are reshaped other than by rows".into());
         }
     }
-    if s.k != 1 {
-        return Err(format!("k = {}: the scores scale the experts' inputs, which one ScatterMoE expresses only for k = 1", s.k));
+    if s.k < 1 || s.k > e_count {
+        return Err(format!("the router's k = {} is not in 1..={e_count}", s.k));
     }
     let mut experts = Vec::new();
     for e in 0..e_count as usize {
@@ -243,10 +246,25 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
         extra.push(n);
         c
     };
-    let xs = format!("{tag}.scaled_rows");
-    extra.push(make_node("Mul", "", &format!("{tag}/Mul"), &[&x, &sig_t], &[&xs]));
+    let mut inits = Vec::new();
+    let (xs, idx) = if s.k == 1 {
+        let xs = format!("{tag}.scaled_rows");
+        extra.push(make_node("Mul", "", &format!("{tag}/Mul"), &[&x, &sig_t], &[&xs]));
+        (xs, s.idx.clone())
+    } else {
+        // rows [T, k, d] = X [T, 1, d] * scores [T, k, 1]; indices [T, k, 1]: one expert per row
+        let (row_shape, col_shape) = (format!("{tag}.row_shape"), format!("{tag}.slot_shape"));
+        inits.push(make_i64(&row_shape, &[3], &[-1, 1, d]));
+        inits.push(make_i64(&col_shape, &[3], &[-1, s.k, 1]));
+        let (xr, sr, xs, idx) = (format!("{tag}.rows"), format!("{tag}.score_column"), format!("{tag}.scaled_rows"), format!("{tag}.indices"));
+        extra.push(make_node("Reshape", "", &format!("{tag}/Reshape_rows"), &[&x, &row_shape], &[&xr]));
+        extra.push(make_node("Reshape", "", &format!("{tag}/Reshape_scores"), &[&sig_t, &col_shape], &[&sr]));
+        extra.push(make_node("Mul", "", &format!("{tag}/Mul"), &[&xr, &sr], &[&xs]));
+        extra.push(make_node("Reshape", "", &format!("{tag}/Reshape_indices"), &[&s.idx, &col_shape], &[&idx]));
+        (xs, idx)
+    };
     let shape = format!("{tag}.index_shape");
-    extra.push(make_node("Shape", "", &format!("{tag}/Shape"), &[&s.idx], &[&shape]));
+    extra.push(make_node("Shape", "", &format!("{tag}/Shape"), &[&idx], &[&shape]));
     let ones = format!("{tag}.ones");
     let mut cos = make_node("ConstantOfShape", "", &format!("{tag}/ConstantOfShape"), &[&shape], &[&ones]);
     let mut one = Vec::new();
@@ -267,18 +285,33 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
         let cast = (cons.len() == 1).then(|| g.node(cons[0])).filter(|c| c.op_type == "Cast" && attr_i(c, "to") == Some(elem as i64) && !g.graph_outputs.contains(sum));
         cast.ok_or("the sum over experts is in another type than the rows and not cast back to it")?.output[0].clone()
     };
+    if s.k > 1 {
+        // the op's [T, k, d] result summed over the slots
+        let mut sum = if g.opset >= 13 {
+            let axes = format!("{tag}.slot_axis");
+            inits.push(make_i64(&axes, &[1], &[1]));
+            make_node("ReduceSum", "", &format!("{tag}/ReduceSum"), &[&op_result(&output), &axes], &[&output])
+        } else {
+            let mut r = make_node("ReduceSum", "", &format!("{tag}/ReduceSum"), &[&op_result(&output)], &[&output]);
+            r.attribute.push(attr_ints_new("axes", &[1]));
+            r
+        };
+        sum.attribute.push(attr_int("keepdims", 0));
+        extra.push(sum);
+    }
     Ok(MoeLayer {
         family: FAMILY,
         x: xs,
         routing_weights: ones,
-        routing_indices: s.idx,
+        routing_indices: idx,
         output,
         experts,
         capacity: None,
         capacity_order: CapacityOrder::SlotMajor,
-        k: Some(1),
+        // the router's k (the op sees one slot per row when k > 1)
+        k: Some(s.k as usize),
         extra_nodes: extra,
-        extra_inits: vec![],
+        extra_inits: inits,
     })
 }
 

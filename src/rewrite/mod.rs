@@ -27,141 +27,21 @@ pub mod megablocks;
 pub mod moa;
 pub mod ort_moe;
 pub mod prove;
+pub mod report;
 pub mod routing;
 pub mod rule;
 pub mod slots;
 pub mod verify;
 
-use std::fmt::Write as _;
-
 use anyhow::{anyhow, Context, Result};
 
 use crate::onnx::graph::{prune, GraphIndex};
 use crate::onnx::Model;
+use crate::progress::{Progress, Silent, Unit};
 use crate::spec;
-pub use emit::Target;
 use emit::MoeLayer;
-
-/// A candidate left as it was, and why.
-#[derive(Debug, Clone)]
-pub struct Rejection {
-    pub family: &'static str,
-    /// the value where the candidate ends
-    pub at: String,
-    pub reason: String,
-}
-
-/// One replaced layer.
-#[derive(Debug, Clone)]
-pub struct LayerReport {
-    pub family: &'static str,
-    pub output: String,
-    pub node: String,
-    pub experts: usize,
-    pub k: Option<usize>,
-    pub d: usize,
-    pub f: usize,
-    pub activation: &'static str,
-    pub gated: bool,
-    pub glu_layout: &'static str,
-    pub elem_type: &'static str,
-    pub capacity: Option<i64>,
-    pub biases: bool,
-    /// what the numeric proof compared; None when the proof was turned off
-    pub proof: Option<prove::Proof>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub layers: Vec<LayerReport>,
-    pub rejected: Vec<Rejection>,
-    pub nodes_before: usize,
-    pub nodes_after: usize,
-    pub initializers_before: usize,
-    pub initializers_after: usize,
-}
-
-impl Report {
-    pub fn text(&self) -> String {
-        let mut s = String::new();
-        if self.layers.is_empty() {
-            let _ = writeln!(s, "no MoE layer was replaced");
-        }
-        for l in &self.layers {
-            let _ = writeln!(
-                s,
-                "replaced {} layer -> {} ({}): E={} k={} d={} f={} activation={}{} {}{}{}",
-                l.family,
-                l.output,
-                l.node,
-                l.experts,
-                l.k.map_or("?".to_string(), |k| k.to_string()),
-                l.d,
-                l.f,
-                l.activation,
-                if l.gated { format!(" gated ({})", l.glu_layout) } else { String::new() },
-                l.elem_type,
-                if l.biases { " with biases" } else { "" },
-                l.capacity.map_or(String::new(), |c| format!(" capacity={c}")),
-            );
-            let unproven = if l.family == moa::FAMILY {
-                "not proven (the numeric proof covers ScatterMoE candidates; ParallelLinear replacements are not proven yet)"
-            } else {
-                "not proven (proof turned off)"
-            };
-            let _ = writeln!(s, "  {}", l.proof.as_ref().map_or(unproven.to_string(), prove::Proof::text));
-        }
-        for r in &self.rejected {
-            let _ = writeln!(s, "left as is: {} candidate ending at {}: {}", r.family, r.at, r.reason);
-        }
-        let _ = writeln!(
-            s,
-            "nodes {} -> {}, initializers {} -> {}",
-            self.nodes_before, self.nodes_after, self.initializers_before, self.initializers_after
-        );
-        s
-    }
-
-    pub fn json(&self) -> String {
-        let q = |v: &str| {
-            let mut o = String::from("\"");
-            for c in v.chars() {
-                match c {
-                    '"' => o.push_str("\\\""),
-                    '\\' => o.push_str("\\\\"),
-                    '\n' => o.push_str("\\n"),
-                    c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => o.push(c),
-                }
-            }
-            o.push('"');
-            o
-        };
-        let opt = |v: Option<i64>| v.map_or("null".to_string(), |x| x.to_string());
-        let layers: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| {
-                format!(
-                    "{{\"family\":{},\"output\":{},\"node\":{},\"experts\":{},\"k\":{},\"d\":{},\"f\":{},\"activation\":{},\"gated\":{},\"glu_layout\":{},\"elem_type\":{},\"capacity\":{},\"biases\":{}}}",
-                    q(l.family), q(&l.output), q(&l.node), l.experts, opt(l.k.map(|k| k as i64)), l.d, l.f, q(l.activation),
-                    l.gated, q(l.glu_layout), q(l.elem_type), opt(l.capacity), l.biases
-                )
-            })
-            .collect();
-        let rejected: Vec<String> =
-            self.rejected.iter().map(|r| format!("{{\"family\":{},\"at\":{},\"reason\":{}}}", q(r.family), q(&r.at), q(&r.reason))).collect();
-        format!(
-            "{{\"layers\":[{}],\"rejected\":[{}],\"nodes_before\":{},\"nodes_after\":{},\"initializers_before\":{},\"initializers_after\":{}}}",
-            layers.join(","),
-            rejected.join(","),
-            self.nodes_before,
-            self.nodes_after,
-            self.initializers_before,
-            self.initializers_after
-        )
-    }
-}
+pub use emit::Target;
+pub use report::{Found, LayerReport, Rejection, Report};
 
 /// k of a routing index tensor when it comes from TopK with a constant k or ArgMax.
 pub(crate) fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
@@ -201,30 +81,39 @@ pub fn rewrite_for(model: &mut Model, target: Target) -> Result<Report> {
 
 /// Rewrites with the registry's rules.
 pub fn rewrite_with(model: &mut Model, opts: &RewriteOptions) -> Result<Report> {
-    rewrite_with_rules(model, opts, &rule::registry())
+    rewrite_with_progress(model, opts, &Silent)
+}
+
+/// [`rewrite_with`], reporting the rules run (step "match") and the candidates emitted and
+/// proven (step "prove", or "emit" without the proof).
+pub fn rewrite_with_progress(model: &mut Model, opts: &RewriteOptions, progress: &dyn Progress) -> Result<Report> {
+    rewrite_with_rules_progress(model, opts, &rule::registry(), progress)
 }
 
 /// Rewrites with the given rules (tests give rules of their own).
 pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dyn rule::Rule]) -> Result<Report> {
+    rewrite_with_rules_progress(model, opts, rules, &Silent)
+}
+
+fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: &[&dyn rule::Rule], progress: &dyn Progress) -> Result<Report> {
     let target = opts.target;
     if opts.prove {
         // fail early and clearly when the proof cannot run at all
         crate::ort_ops::runtime::environment().context("proving rewrites needs ONNX Runtime")?;
         crate::ort_ops::runtime::plugin_path().context("proving rewrites needs libscattermoe_ort.so")?;
     }
-    let mut report = Report {
-        nodes_before: model.graph().node.len(),
-        initializers_before: model.graph().initializer.len(),
-        ..Default::default()
-    };
+    let mut report = Report { nodes_before: model.graph().node.len(), initializers_before: model.graph().initializer.len(), ..Default::default() };
     let undo = canon::Undo::canonicalise(model);
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);
 
     let mut layers: Vec<MoeLayer> = Vec::new();
+    progress.begin("match", Some(rules.len() as u64), Unit::Items("rules"));
     for r in rules {
+        progress.note(r.name());
         let (found, rejected) = r.find(&g);
+        progress.advance(1);
         // a value is replaced once
         for l in found {
             if !layers.iter().any(|x| x.output == l.output) {
@@ -234,19 +123,25 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
         report.rejected.extend(rejected);
     }
 
+    progress.end();
+
     let mut taken = Vec::new();
     let mut replace: Vec<(String, emit::Emitted)> = Vec::new();
+    progress.begin(if opts.prove { "prove" } else { "emit" }, Some(layers.len() as u64), Unit::Items("candidates"));
     for (i, l) in layers.iter().enumerate() {
         let tag = format!("scattermoe_{i}");
+        progress.note(&l.output);
+        let (m, k) = (l.mlp(), l.k.or_else(|| k_of(&g, &l.routing_indices)));
+        let elem = g.infer_type(&l.x).or_else(|| g.infer_type(&l.routing_weights)).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
+        report.found.push(Found { family: l.family, at: l.output.clone(), experts: l.experts.len(), k, d: m.d, f: m.f, elem_type: elem });
         let emitted = emit::emit(&g, l, &tag, &mut taken, target).and_then(|e| {
             let proof = if opts.prove { Some(prove::prove(model, &g, l, &e).map_err(|err| anyhow!("not proven: {err:#}"))?) } else { None };
             Ok((e, proof))
         });
         match emitted {
             Ok((e, proof)) => {
-                let m = l.mlp();
-                let k = l.k.or_else(|| k_of(&g, &l.routing_indices));
-                let elem = g.infer_type(&l.x).or_else(|| g.infer_type(&l.routing_weights)).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
+                // the op's T (the type its experts compute in), which the report names
+                let elem = spec::ElemType::from_onnx_code(e.elem).map_or("?", |t| t.name());
                 report.layers.push(LayerReport {
                     family: l.family,
                     output: l.output.clone(),
@@ -267,7 +162,9 @@ pub fn rewrite_with_rules(model: &mut Model, opts: &RewriteOptions, rules: &[&dy
             }
             Err(err) => report.rejected.push(Rejection { family: l.family, at: l.output.clone(), reason: err.to_string() }),
         }
+        progress.advance(1);
     }
+    progress.end();
     // JetMoE's Mixture-of-Attention projections: ParallelLinear nodes
     let (moa, moa_rejected) = moa::find(&g, &mut taken, 0);
     for r in moa {

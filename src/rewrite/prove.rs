@@ -10,6 +10,7 @@
 //! ties in the routing weights. Where the region reads router logits instead (com.microsoft.MoE),
 //! the logits are skewed so that one expert or a few take every token.
 
+mod inputs;
 pub mod region;
 pub mod shape;
 
@@ -24,13 +25,14 @@ use onnx_protobuf::{
     TypeProto, ValueInfoProto,
 };
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::DynValue;
 
 use super::emit::{Emitted, MoeLayer};
 use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
 use crate::onnx::tensor::{external_ref, is_external, ExternalStore};
 use crate::onnx::{Model, PendingTensor};
 use crate::spec;
+use inputs::{fill, slots, Feed, Pattern, Role, PATTERNS};
 use shape::{Dim, Shape};
 
 /// Token counts every candidate is run at: 1 (where traced exports fail), a prime, the fixtures'
@@ -235,153 +237,15 @@ fn write_side(
     g.initializer.append(&mut inits);
     g.input = inputs.to_vec();
     g.output.push(output);
+    // zero-valued attributes (the op's `gated = 0`) written with their value, as `onnx::save` does:
+    // ONNX Runtime refuses a custom-op attribute without one
+    crate::onnx::io::write_zero_attribute_values(&mut g);
     m.graph = Some(g).into();
     let path = dir.join(file);
     std::fs::write(&path, m.write_to_bytes()?)?;
     Ok(Side { path })
 }
 
-/// One boundary input and how to fill it.
-struct Feed {
-    name: String,
-    elem: i32,
-    shape: Shape,
-    role: Role,
-    /// routing indices from TopK: distinct experts within a row
-    distinct: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    RoutingIndices,
-    RoutingWeights,
-    /// router logits over the experts (last axis = E) read by a region that routes itself
-    Logits,
-    Data,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pattern {
-    Random,
-    OneExpert,
-    FewExperts,
-    EveryExpert,
-    Ties,
-    /// one expert in every slot of a row (only where the router need not give distinct experts)
-    Repeated,
-}
-
-const PATTERNS: [Pattern; 6] =
-    [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties, Pattern::Repeated];
-
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-12), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// Routing index rows [rows, k] over `e` experts for a pattern: distinct within a row when the
-/// router guarantees it (TopK), otherwise also with repeats.
-fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pattern, distinct: bool) -> Vec<i64> {
-    let mut out = Vec::with_capacity(rows * k);
-    for t in 0..rows {
-        let pool: Vec<usize> = match p {
-            Pattern::Repeated => vec![rng.below(e); k],
-            Pattern::Random if !distinct => (0..k).map(|_| rng.below(e)).collect(),
-            // expert 0 in every row, the rest drawn from the others
-            Pattern::OneExpert => std::iter::once(0).chain(draw(rng, (1..e).collect(), k.saturating_sub(1))).collect(),
-            // only the last k+1 experts ever chosen: the others get no token
-            Pattern::FewExperts => draw(rng, (e.saturating_sub(k + 1)..e).collect(), k),
-            // consecutive experts round the table: every expert hit once rows * k >= e
-            Pattern::EveryExpert => (0..k).map(|j| (t * k + j) % e).collect(),
-            Pattern::Random | Pattern::Ties => draw(rng, (0..e).collect(), k),
-        };
-        out.extend(pool.iter().map(|&x| x as i64));
-    }
-    out
-}
-
-fn draw(rng: &mut Rng, mut pool: Vec<usize>, k: usize) -> Vec<usize> {
-    let k = k.min(pool.len());
-    for i in 0..k {
-        let j = i + rng.below(pool.len() - i);
-        pool.swap(i, j);
-    }
-    pool.truncate(k);
-    pool
-}
-
-/// k of routing indices: the last axis of [.., T, k]; 1 for [T].
-fn slots(s: &Shape) -> usize {
-    match s.last() {
-        Some(d) if s.len() >= 2 && d.t == 0 => d.c.max(1) as usize,
-        _ => 1,
-    }
-}
-
-fn fill(feeds: &[Feed], tokens: usize, p: Pattern, seed: u64, experts: usize) -> Result<Vec<(String, DynValue)>> {
-    let mut rng = Rng::new(seed ^ ((tokens as u64) << 20) ^ ((p as u64) << 40));
-    let mut out = Vec::new();
-    for f in feeds {
-        let shape: Vec<usize> = f.shape.iter().map(|d| d.at(tokens)).collect();
-        let n: usize = shape.iter().product();
-        let last = shape.last().copied().unwrap_or(1).max(1);
-        let vals: Vec<f64> = match f.role {
-            Role::RoutingIndices => {
-                let k = slots(&f.shape);
-                routing_rows(&mut rng, n / k, k, experts, p, f.distinct).into_iter().map(|x| x as f64).collect()
-            }
-            Role::RoutingWeights if p == Pattern::Ties => vec![1.0 / last as f64; n],
-            Role::RoutingWeights => (0..n).map(|_| 0.05 + 0.95 * rng.unit()).collect(),
-            Role::Logits => {
-                let mut v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
-                let e = last;
-                for (i, x) in v.iter_mut().enumerate() {
-                    let col = i % e;
-                    *x += match p {
-                        Pattern::OneExpert if col == 0 => 12.0,
-                        Pattern::FewExperts if col + 3 >= e => 12.0,
-                        _ => 0.0,
-                    };
-                }
-                v
-            }
-            Role::Data => (0..n).map(|_| rng.normal() as f64).collect(),
-        };
-        let v: DynValue = match f.elem {
-            1 => Tensor::from_array((shape, vals.iter().map(|&x| x as f32).collect::<Vec<f32>>()))?.into_dyn(),
-            11 => Tensor::from_array((shape, vals))?.into_dyn(),
-            10 => Tensor::from_array((shape, vals.iter().map(|&x| half::f16::from_f64(x)).collect::<Vec<_>>()))?.into_dyn(),
-            16 => Tensor::from_array((shape, vals.iter().map(|&x| half::bf16::from_f64(x)).collect::<Vec<_>>()))?.into_dyn(),
-            7 if f.role == Role::RoutingIndices => Tensor::from_array((shape, vals.iter().map(|&x| x as i64).collect::<Vec<i64>>()))?.into_dyn(),
-            6 if f.role == Role::RoutingIndices => Tensor::from_array((shape, vals.iter().map(|&x| x as i32).collect::<Vec<i32>>()))?.into_dyn(),
-            7 => Tensor::from_array((shape, vec![0i64; n]))?.into_dyn(),
-            6 => Tensor::from_array((shape, vec![0i32; n]))?.into_dyn(),
-            9 => Tensor::from_array((shape, vec![false; n]))?.into_dyn(),
-            other => bail!("boundary value '{}' has element type {}, which the proof cannot fill", f.name, spec::onnx_type_name(other)),
-        };
-        out.push((f.name.clone(), v));
-    }
-    Ok(out)
-}
 
 fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
     if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
@@ -416,6 +280,22 @@ fn first_line(e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// The values the op's routing indices `idx` are computed from: `idx` itself, or the values the
+/// emitted nodes read to make it (a Reshape of flattened indices).
+fn index_sources<'e>(em: &'e Emitted, idx: &'e str) -> HashSet<&'e str> {
+    let mut out = HashSet::new();
+    let mut stack = vec![idx];
+    while let Some(v) = stack.pop() {
+        if !out.insert(v) {
+            continue;
+        }
+        if let Some(n) = em.nodes.iter().find(|n| n.output.iter().any(|o| o == v)) {
+            stack.extend(n.input.iter().map(String::as_str).filter(|i| !i.is_empty()));
+        }
+    }
+    out
+}
+
 /// The indices come from TopK's second output (through casts), which never repeats an expert in a row.
 fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     let mut v = v;
@@ -431,18 +311,38 @@ fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     false
 }
 
+/// The graph value the op's routing indices are made from: the layer's own, or the one the
+/// replacement's nodes reshape into them (a trailing axis of one slot, one row per assignment).
+fn routing_source<'a>(layer: &'a MoeLayer, em: &'a Emitted) -> &'a str {
+    let mut v = layer.routing_indices.as_str();
+    for _ in 0..8 {
+        match em.nodes.iter().find(|n| n.output.iter().any(|o| o == v)) {
+            Some(n) if n.domain.is_empty() && matches!(n.op_type.as_str(), "Reshape" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity") => v = &n.input[0],
+            _ => break,
+        }
+    }
+    v
+}
+
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
     let start = Instant::now();
     let reads = replacement_reads(g, em);
+    let routing = routing_source(layer, em);
     // indices from a router other than TopK/ArgMax (e.g. PhiMoE's masked second ArgMax) carry
-    // guarantees random indices would not: both models compute them with the router's own nodes
-    let derive: Vec<String> =
-        reads.iter().filter(|v| **v == layer.routing_indices && !routed_by_topk(g, v)).cloned().collect();
+    // guarantees random indices would not: both models compute them with the router's own nodes.
+    // So are the graph's integer values the emitted nodes regroup into the op's indices (a
+    // clipped, flattened index), whatever router made them (router logits the emitted nodes
+    // route themselves, com.microsoft.MoE's, stay inputs).
+    let sources = index_sources(em, &layer.routing_indices);
+    let index = |v: &str| sources.contains(v) && matches!(g.infer_type(v), Some(6 | 7));
+    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !routed_by_topk(g, v)).cloned().collect();
     let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
-    let tol = tolerance(out_elem);
+    // the op computes in the rows' type: a float16 layer summed into a float32 value is compared
+    // at float16's tolerance
+    let tol = layer.value_type(g, &layer.x).map_or(0.0, tolerance).max(tolerance(out_elem));
 
     // the boundary inputs, their shapes, and what they mean
     let mut feeds = Vec::new();
@@ -454,7 +354,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
                 // the op's own contract for its inputs when the producers do not tell
                 if *v == layer.x {
                     Some(vec![Dim::TOKENS, Dim::fixed(layer.mlp().d as i64)])
-                } else if *v == layer.routing_weights || *v == layer.routing_indices {
+                } else if *v == layer.routing_weights || v == routing {
                     k.map(|k| vec![Dim::TOKENS, Dim::fixed(k as i64)])
                 } else {
                     None
@@ -465,7 +365,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
             bail!("boundary value '{v}' has more than one token axis");
         }
         let experts = layer.experts.len() as i64;
-        let role = if *v == layer.routing_indices && matches!(elem, 6 | 7) {
+        let role = if v == routing && matches!(elem, 6 | 7) {
             Role::RoutingIndices
         } else if *v == layer.routing_weights {
             Role::RoutingWeights
@@ -569,37 +469,4 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
         );
     }
     Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3 })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routing_rows_are_distinct_and_follow_the_pattern() {
-        let mut rng = Rng::new(3);
-        for p in PATTERNS {
-            for (k, e) in [(1, 4), (2, 8), (4, 4), (3, 5)] {
-                if p == Pattern::Repeated {
-                    let r = routing_rows(&mut rng, 23, k, e, p, false);
-                    assert!(r.chunks(k).all(|row| row.iter().all(|&x| x == row[0])));
-                    continue;
-                }
-                let r = routing_rows(&mut rng, 23, k, e, p, true);
-                assert_eq!(r.len(), 23 * k);
-                for row in r.chunks(k) {
-                    let s: HashSet<i64> = row.iter().copied().collect();
-                    assert_eq!(s.len(), k, "{p:?} k={k} e={e}: {row:?}");
-                    assert!(row.iter().all(|&x| (0..e as i64).contains(&x)));
-                }
-                let used: HashSet<i64> = r.iter().copied().collect();
-                match p {
-                    Pattern::OneExpert => assert!(r.chunks(k).all(|row| row.contains(&0))),
-                    Pattern::FewExperts => assert!(used.len() <= k + 1),
-                    Pattern::EveryExpert => assert_eq!(used.len(), e),
-                    _ => {}
-                }
-            }
-        }
-    }
 }

@@ -8,10 +8,11 @@ use onnx_protobuf::{type_proto, ModelProto};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
+use crate::progress::{Progress, Silent, Unit};
 use crate::spec::ElemType;
 
 /// What happened at one token count.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct LengthResult {
     pub tokens: usize,
     /// the original's error at every seed tried, when it never ran
@@ -29,9 +30,19 @@ impl LengthResult {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {
     pub lengths: Vec<LengthResult>,
+    /// the file the inputs came from (`--inputs`), when they were not random
+    pub given: Option<String>,
+}
+
+/// What the two models are fed.
+pub enum Feed<'a> {
+    /// random inputs at each of these token counts (dynamic dims set to the count)
+    Random(&'a [usize]),
+    /// these arrays, by graph input name (`--inputs FILE.npz`); `source` names the file
+    Given { source: String, arrays: Vec<crate::npz::Array> },
 }
 
 impl VerifyReport {
@@ -44,22 +55,29 @@ impl VerifyReport {
     pub fn text(&self) -> String {
         let mut s = String::new();
         for l in &self.lengths {
+            let at = match &self.given {
+                Some(f) => format!("inputs from {f}"),
+                None => format!("tokens {}", l.tokens),
+            };
             let line = match (&l.rewritten_error, &l.original_error, l.rel_err) {
-                (Some(e), _, _) => format!("tokens {}: the rewritten model FAILS: {e}", l.tokens),
-                (None, Some(e), _) => format!("tokens {}: the original fails ({e}); the rewritten model runs", l.tokens),
-                (None, None, Some(r)) => format!(
-                    "tokens {}: max relative error {r:.3e} (tolerance {:.0e}){}",
-                    l.tokens,
-                    l.tolerance,
-                    if r <= l.tolerance { "" } else { "  MISMATCH" }
-                ),
-                _ => format!("tokens {}: nothing compared", l.tokens),
+                (Some(e), _, _) => format!("{at}: the rewritten model FAILS: {e}"),
+                (None, Some(e), _) => {
+                    format!("{at}: the original fails ({e}); the rewritten model runs")
+                }
+                (None, None, Some(r)) => {
+                    format!("{at}: max relative error {r:.3e} (tolerance {:.0e}){}", l.tolerance, if r <= l.tolerance { "" } else { "  MISMATCH" })
+                }
+                _ => format!("{at}: nothing compared"),
             };
             s.push_str(&line);
             s.push('\n');
         }
         if !self.lengths.iter().any(|l| l.rel_err.is_some()) {
-            s.push_str("the original model ran at none of these token counts, so nothing could be compared\n");
+            s.push_str(if self.given.is_some() {
+                "the original model did not run on these inputs, so nothing could be compared\n"
+            } else {
+                "the original model ran at none of these token counts, so nothing could be compared\n"
+            });
         }
         s
     }
@@ -126,6 +144,61 @@ fn make_inputs(inputs: &[Input], tokens: usize, seed: u64) -> Result<Vec<(String
     Ok(out)
 }
 
+/// An error unless `arrays` give every graph input of `model`, by name, of its element type and
+/// rank (run before the rewrite, so that a wrong file costs nothing).
+pub fn check_given(model: &ModelProto, arrays: &[crate::npz::Array], source: &str) -> Result<()> {
+    check_arrays(&graph_inputs(model)?, arrays, source)
+}
+
+fn check_arrays(inputs: &[Input], arrays: &[crate::npz::Array], source: &str) -> Result<()> {
+    let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
+    if let Some(extra) = arrays.iter().find(|a| !inputs.iter().any(|i| i.name == a.name)) {
+        let want: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        bail!("{source} holds '{}', which is not an input of the model (its inputs: {})", extra.name, want.join(", "));
+    }
+    for i in inputs {
+        let Some(a) = arrays.iter().find(|a| a.name == i.name) else {
+            bail!("the model's input '{}' is not in {source} (it holds: {})", i.name, names.join(", "));
+        };
+        if a.dtype.onnx() != i.elem {
+            bail!(
+                "input '{}' is {} in the model, but {source} holds it as {}",
+                i.name,
+                crate::spec::onnx_type_name(i.elem),
+                crate::spec::onnx_type_name(a.dtype.onnx())
+            );
+        }
+        let fits = a.shape.len() == i.dims.len() && a.shape.iter().zip(&i.dims).all(|(&n, d)| d.is_none_or(|d| d == n as i64));
+        if !i.dims.is_empty() && !fits {
+            let want: Vec<String> = i.dims.iter().map(|d| d.map_or("?".to_string(), |d| d.to_string())).collect();
+            bail!("input '{}' has shape [{}] in the model, but {source} holds shape {:?}", i.name, want.join(", "), a.shape);
+        }
+    }
+    Ok(())
+}
+
+/// The arrays of `--inputs`, one per graph input, each of the input's element type and rank.
+fn given_inputs(inputs: &[Input], arrays: &[crate::npz::Array], source: &str) -> Result<Vec<(String, DynValue)>> {
+    use crate::npz::Dtype;
+    check_arrays(inputs, arrays, source)?;
+    let mut out = Vec::new();
+    for i in inputs {
+        let a = arrays.iter().find(|a| a.name == i.name).expect("checked");
+        let shape = a.shape.clone();
+        let b = &a.data;
+        let v: DynValue = match a.dtype {
+            Dtype::F32 => Tensor::from_array((shape, b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>()))?.into_dyn(),
+            Dtype::F64 => Tensor::from_array((shape, b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>()))?.into_dyn(),
+            Dtype::F16 => Tensor::from_array((shape, b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>()))?.into_dyn(),
+            Dtype::I64 => Tensor::from_array((shape, b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>()))?.into_dyn(),
+            Dtype::I32 => Tensor::from_array((shape, b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>()))?.into_dyn(),
+            Dtype::Bool => Tensor::from_array((shape, b.iter().map(|&x| x != 0).collect::<Vec<bool>>()))?.into_dyn(),
+        };
+        out.push((i.name.clone(), v));
+    }
+    Ok(out)
+}
+
 fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
     if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
         return Ok(d.iter().map(|&x| x as f64).collect());
@@ -135,6 +208,9 @@ fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
     }
     if let Ok((_, d)) = v.try_extract_tensor::<half::bf16>() {
         return Ok(d.iter().map(|x| x.to_f64()).collect());
+    }
+    if let Ok((_, d)) = v.try_extract_tensor::<f64>() {
+        return Ok(d.to_vec());
     }
     if let Ok((_, d)) = v.try_extract_tensor::<i64>() {
         return Ok(d.iter().map(|&x| x as f64).collect());
@@ -178,6 +254,12 @@ pub fn session(path: &Path) -> Result<Session> {
 /// Where the original fails, other random inputs are tried (a traced per-expert loop runs only
 /// when its inputs route tokens to every expert).
 pub fn verify(original: &Path, original_proto: &ModelProto, rewritten: &Path, lengths: &[usize]) -> Result<VerifyReport> {
+    verify_with(original, original_proto, rewritten, &Feed::Random(lengths), &Silent)
+}
+
+/// [`verify`] on what `feed` gives, reporting each session created and each comparison (step
+/// "verify").
+pub fn verify_with(original: &Path, original_proto: &ModelProto, rewritten: &Path, feed: &Feed, progress: &dyn Progress) -> Result<VerifyReport> {
     let inputs = graph_inputs(original_proto)?;
     let elem = original_proto
         .graph
@@ -193,10 +275,40 @@ pub fn verify(original: &Path, original_proto: &ModelProto, rewritten: &Path, le
         ElemType::F16 => 1e-2,
         ElemType::BF16 => 3e-2,
     };
+    let runs = match feed {
+        Feed::Random(l) => l.len(),
+        Feed::Given { .. } => 1,
+    };
+    progress.begin("verify", Some(2 + runs as u64), Unit::Items("steps"));
+    progress.note("loading the original");
     let mut so = session(original).context("original model")?;
+    progress.advance(1);
+    progress.note("loading the rewritten model");
     let mut sr = session(rewritten).context("rewritten model")?;
+    progress.advance(1);
+    let lengths = match feed {
+        Feed::Random(lengths) => *lengths,
+        Feed::Given { source, arrays } => {
+            progress.note("running both");
+            let given = given_inputs(&inputs, arrays, source)?;
+            let mut res = LengthResult { tokens: 0, original_error: None, rewritten_error: None, rel_err: None, tolerance };
+            let again = given_inputs(&inputs, arrays, source)?;
+            match (run(&mut so, given), run(&mut sr, again)) {
+                (_, Err(e)) => res.rewritten_error = Some(first_line(&e)),
+                (Err(e), Ok(_)) => res.original_error = Some(first_line(&e)),
+                (Ok(a), Ok(b)) => match compare(&a, &b) {
+                    Ok(r) => res.rel_err = Some(r),
+                    Err(e) => res.rewritten_error = Some(e),
+                },
+            }
+            progress.advance(1);
+            progress.end();
+            return Ok(VerifyReport { lengths: vec![res], given: Some(source.clone()) });
+        }
+    };
     let mut out = Vec::new();
     for &tokens in lengths {
+        progress.note(&format!("{tokens} tokens"));
         let mut res = LengthResult { tokens, original_error: None, rewritten_error: None, rel_err: None, tolerance };
         let mut last_orig_err = None;
         for seed in 0..12u64 {
@@ -216,26 +328,38 @@ pub fn verify(original: &Path, original_proto: &ModelProto, rewritten: &Path, le
             };
             match run(&mut sr, make_inputs(&inputs, tokens, seed)?) {
                 Err(e) => res.rewritten_error = Some(first_line(&e)),
-                Ok(b) => {
-                    let mut num = 0f64;
-                    let mut den = 0f64;
-                    for (x, y) in b.iter().zip(&a) {
-                        if x.len() != y.len() {
-                            res.rewritten_error = Some(format!("output sizes differ ({} vs {})", x.len(), y.len()));
-                        }
-                        for (p, q) in x.iter().zip(y) {
-                            num = num.max((p - q).abs());
-                            den = den.max(q.abs());
-                        }
-                    }
-                    res.rel_err = Some(if den > 0.0 { num / den } else { num });
-                }
+                Ok(b) => match compare(&a, &b) {
+                    Ok(r) => res.rel_err = Some(r),
+                    Err(e) => res.rewritten_error = Some(e),
+                },
             }
             last_orig_err = None;
             break;
         }
         res.original_error = last_orig_err;
         out.push(res);
+        progress.advance(1);
     }
-    Ok(VerifyReport { lengths: out })
+    progress.end();
+    Ok(VerifyReport { lengths: out, given: None })
+}
+
+/// max |b - a| / max |a| over every output (a: the original's outputs, b: the rewritten's), or
+/// why they cannot be compared.
+fn compare(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64, String> {
+    if a.len() != b.len() {
+        return Err(format!("{} outputs instead of {}", b.len(), a.len()));
+    }
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (x, y) in b.iter().zip(a) {
+        if x.len() != y.len() {
+            return Err(format!("output sizes differ ({} vs {})", x.len(), y.len()));
+        }
+        for (p, q) in x.iter().zip(y) {
+            num = num.max((p - q).abs());
+            den = den.max(q.abs());
+        }
+    }
+    Ok(if den > 0.0 { num / den } else { num })
 }

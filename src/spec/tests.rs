@@ -99,6 +99,17 @@ fn attributes_are_validated() {
     a.0.insert("gated", AttrValue::I(0));
     assert!(scatter_moe::Attrs::parse(&a).unwrap_err().to_string().contains("needs 'gated' = 1"));
     let mut a = Attrs::default();
+    a.0.insert("activation", AttrValue::S("swiglu_limit"));
+    a.0.insert("gated", AttrValue::I(0));
+    assert!(scatter_moe::Attrs::parse(&a).unwrap_err().to_string().contains("'swiglu_limit' needs 'gated' = 1"));
+    // relu2 is defined on one value: plain and gated
+    for gated in [0, 1] {
+        let mut a = Attrs::default();
+        a.0.insert("activation", AttrValue::S("relu2"));
+        a.0.insert("gated", AttrValue::I(gated));
+        assert_eq!(scatter_moe::Attrs::parse(&a).unwrap().activation, crate::spec::Activation::Relu2);
+    }
+    let mut a = Attrs::default();
     a.0.insert("gated", AttrValue::I(2));
     assert!(scatter_moe::Attrs::parse(&a).is_err());
     let mut a = Attrs::default();

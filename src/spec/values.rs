@@ -62,16 +62,27 @@ allowed_values! {
         GeluTanh = "gelu_tanh",
         /// max(x, 0)
         Relu = "relu",
+        /// max(x, 0)^2, the squared ReLU (Nemotron-H's experts; transformers' "relu2")
+        Relu2 = "relu2",
         /// GPT-OSS's clamped SwiGLU: g = min(gate, limit), u = clamp(up, -limit, limit),
         /// h = (u + 1) * g * sigmoid(alpha * g). Gated only.
         SwigluOai = "swiglu_oai",
+        /// SwiGLU with both projections clamped and no offset on up: g = min(gate, limit),
+        /// u = clamp(up, -limit, limit), h = u * g * sigmoid(alpha * g) (GLM-5-Next and HY-V4
+        /// with alpha = 1). Gated only.
+        SwigluLimit = "swiglu_limit",
     }
 }
 
 impl Activation {
     /// Whether the activation is defined only over a gate and an up projection.
     pub const fn gated_only(self) -> bool {
-        matches!(self, Activation::SwigluOai)
+        matches!(self, Activation::SwigluOai | Activation::SwigluLimit)
+    }
+
+    /// Whether the activation reads the `alpha` and `limit` attributes.
+    pub const fn clamped(self) -> bool {
+        matches!(self, Activation::SwigluOai | Activation::SwigluLimit)
     }
 }
 
@@ -139,6 +150,6 @@ mod tests {
         round_trip(&Activation::ALL, Activation::name);
         round_trip(&GluLayout::ALL, GluLayout::name);
         round_trip(&CapacityOrder::ALL, CapacityOrder::name);
-        assert_eq!(Activation::NAMES, ["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"]);
+        assert_eq!(Activation::NAMES, ["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_limit"]);
     }
 }

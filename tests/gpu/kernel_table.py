@@ -6,6 +6,21 @@ rewrites it.
 """
 
 MODULES = ("routing", "grouped_gemm", "combine")
+# the kernels' activation codes (`act`)
+ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
+# block size of each kernel with a plain launch
+PLAIN_THREADS = {
+    "scattermoe_routing_count_i32": 256,
+    "scattermoe_routing_count_i64": 256,
+    "scattermoe_routing_scatter_i32": 256,
+    "scattermoe_routing_scatter_i64": 256,
+    "scattermoe_routing_small_i32": 256,
+    "scattermoe_routing_small_i64": 256,
+    "scattermoe_routing_scan": 1024,
+    "scattermoe_combine_f32": 256,
+    "scattermoe_combine_f16": 256,
+    "scattermoe_combine_bf16": 256,
+}
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {
     "128x128": (128, 128, 256, 65536),

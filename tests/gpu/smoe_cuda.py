@@ -8,13 +8,12 @@ import torch
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 ROUTING_CHUNK = 4096
 
-ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5}
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
-# The kernel catalogue (geometry, clusters, TMA forms, thresholds), generated from
+# The kernel catalogue (geometry, clusters, TMA forms, activation codes, thresholds), generated from
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
-from kernel_table import (CLUSTER, F32_CFG, FULL_GRID_K, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
+from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
-                          HOPPER_TMA_ROWS, MODULES, SMALL_ROWS, TC_CFGS, TMA_W)
+                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -86,6 +85,10 @@ class Kernels:
         self._occ[key] = n.value
         return n.value
 
+    def launch_plain(self, module, name, grid, args):
+        """A kernel with a plain launch, at its block size in the catalogue."""
+        self.launch(self.fn(module, name), grid, (PLAIN_THREADS[name],), 0, args)
+
     def launch(self, f, grid, block, smem, args):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
@@ -125,24 +128,24 @@ class Kernels:
             small = nb == 1 and capacity is None and kept_out is None
         if small:
             assert nb == 1 and capacity is None and kept_out is None
-            self.launch(self.fn("routing", f"scattermoe_routing_small_{sfx}"), (1,), (256,), 0,
-                        [Arg.ptr(idx), ci(N), ci(E), Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["sidx"]),
-                         Arg.ptr(bufs["pos"]), Arg.ptr(bufs["kept"]), Arg.ptr(bufs["error"])])
+            self.launch_plain("routing", f"scattermoe_routing_small_{sfx}", (1,),
+                              [Arg.ptr(idx), ci(N), ci(E), Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["sidx"]),
+                               Arg.ptr(bufs["pos"]), Arg.ptr(bufs["kept"]), Arg.ptr(bufs["error"])])
             return
         if nb > 0:
-            self.launch(self.fn("routing", f"scattermoe_routing_count_{sfx}"), (nb, orders), (256,), 0,
-                        [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"])])
-        self.launch(self.fn("routing", "scattermoe_routing_scan"), (1,), (1024,), 0,
-                    [ci(N), ci(E), ci(nb), ci(orders), Arg.ptr(capacity), Arg.ptr(bufs["ws"]),
-                     Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["error"])])
+            self.launch_plain("routing", f"scattermoe_routing_count_{sfx}", (nb, orders),
+                              [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"])])
+        self.launch_plain("routing", "scattermoe_routing_scan", (1,),
+                          [ci(N), ci(E), ci(nb), ci(orders), Arg.ptr(capacity), Arg.ptr(bufs["ws"]),
+                           Arg.ptr(bufs["offsets"]), Arg.ptr(bufs["error"])])
         kdt = 0
         if kept_out is not None:
             kdt = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[kept_out.dtype]
         if nb > 0:
-            self.launch(self.fn("routing", f"scattermoe_routing_scatter_{sfx}"), (nb, orders), (256,), 0,
-                        [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"]), Arg.ptr(bufs["offsets"]),
-                         Arg.ptr(capacity), ci(capacity_order), Arg.ptr(bufs["sidx"]), Arg.ptr(bufs["pos"]),
-                         Arg.ptr(bufs["kept"]), Arg.ptr(kept_out), ci(kdt)])
+            self.launch_plain("routing", f"scattermoe_routing_scatter_{sfx}", (nb, orders),
+                              [Arg.ptr(idx), ci(N), ci(T), ci(k), ci(E), Arg.ptr(bufs["ws"]), Arg.ptr(bufs["offsets"]),
+                               Arg.ptr(capacity), ci(capacity_order), Arg.ptr(bufs["sidx"]), Arg.ptr(bufs["pos"]),
+                               Arg.ptr(bufs["kept"]), Arg.ptr(kept_out), ci(kdt)])
 
     # ------------------------------------------------------------------ grouped GEMM
     def pick_cfg(self, N_assign, E, K):
@@ -248,8 +251,10 @@ class Kernels:
         if total == 0:
             return
         ci = ctypes.c_int
-        self.launch(self.fn("combine", f"scattermoe_combine_{TNAME[O.dtype]}"), ((total + 255) // 256,), (256,), 0,
-                    [Arg.ptr(O), Arg.ptr(pos), Arg.ptr(w), Arg.ptr(kept), Arg.ptr(Y), ci(T), ci(k), ci(d)])
+        name = f"scattermoe_combine_{TNAME[O.dtype]}"
+        block = PLAIN_THREADS[name]
+        self.launch_plain("combine", name, ((total + block - 1) // block,),
+                          [Arg.ptr(O), Arg.ptr(pos), Arg.ptr(w), Arg.ptr(kept), Arg.ptr(Y), ci(T), ci(k), ci(d)])
 
     # ------------------------------------------------------------------ full forward
     def alloc_forward(self, T, k, E, d, f, dtype):

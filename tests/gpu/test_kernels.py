@@ -53,6 +53,8 @@ def act_ref(x, act):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     if act == "relu":
         return x.clamp_min(0)
+    if act == "relu2":
+        return x.clamp_min(0) ** 2
     return x
 
 
@@ -64,10 +66,10 @@ def glu_ref(a, act, layout, alpha, limit):
         u, g = a[:, :f], a[:, f:]
     else:
         g, u = a[:, 0::2], a[:, 1::2]
-    if act == "swiglu_oai":
+    if act in ("swiglu_oai", "swiglu_limit"):
         g = g.clamp(max=limit)
         u = u.clamp(-limit, limit)
-        return (u + 1) * g * torch.sigmoid(alpha * g)
+        return (u + (1 if act == "swiglu_oai" else 0)) * g * torch.sigmoid(alpha * g)
     return act_ref(g, act) * u
 
 
@@ -267,7 +269,16 @@ FWD_CASES = [
     ("T65536 E256 k8", 65536, 256, 8, 200, 72, 1, 1, "silu", "gate_up", "random", None),
     ("T65536 E8 k2 plain", 65536, 8, 2, 512, 256, 0, 1, "gelu", "gate_up", "random", None),
     ("mid 4096 E64 k8", 4096, 64, 8, 1024, 512, 1, 0, "silu", "gate_up", "random", None),
+    ("plain relu2", 1000, 8, 2, 200, 72, 0, 1, "relu2", "gate_up", "random", None),
+    ("gated relu2 odd d=30 f=5", 10, 4, 2, 30, 5, 1, 1, "relu2", "interleaved", "dup", None),
+    ("swiglu_limit up_gate", 1000, 8, 2, 200, 72, 1, 1, "swiglu_limit", "up_gate", "random", None),
+    ("swiglu_limit interleaved unaligned", 77, 8, 2, 100, 36, 1, 0, "swiglu_limit", "interleaved", "dup", None),
+    ("mid relu2 plain", 4096, 8, 2, 1024, 512, 0, 1, "relu2", "gate_up", "random", None),
+    ("mid swiglu_limit", 4096, 64, 8, 1024, 512, 1, 0, "swiglu_limit", "gate_up", "random", None),
 ]
+# alpha and limit of the clamped forms per activation (others ignore them): swiglu_limit as GLM-5-Next
+# writes it (alpha 1) with a limit the values cross
+ACT_PARAMS = {"swiglu_limit": (1.0, 0.5)}
 
 
 def test_forward(K):
@@ -281,22 +292,23 @@ def test_forward(K):
             w1, w2, b1, b2 = make_weights(E, n, d, f, dtype, bias)
             capt = torch.tensor([cap[0]], dtype=torch.int64, device="cuda") if cap else None
             kept = kept_ref(ri, E, cap[0], cap[1]) if cap else None
-            ref = forward_ref(x, rw, ri, w1, w2, b1, b2, act, gated, layout, 1.702, 7.0, kept)
+            alpha, limit = ACT_PARAMS.get(act, (1.702, 7.0))
+            ref = forward_ref(x, rw, ri, w1, w2, b1, b2, act, gated, layout, alpha, limit, kept)
             for cfg in cfgs_for(dtype):
                 if T * k > 100000 and cfg in ("32x64s6", "32x32"):
                     continue
                 bufs = K.alloc_forward(T, k, E, d, f, dtype)
                 for key in ("H", "O", "Y"):
                     bufs[key].fill_(float("nan"))
-                y = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, 1.702, 7.0, capt,
+                y = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit, capt,
                               cap[1] if cap else 0, cfg1=cfg, cfg2=cfg)
                 torch.cuda.synchronize()
                 report(f"fwd {name} T={T} E={E} k={k} d={d} f={f} {DT[dtype]} {cfg}", relerr(y, ref), TOL[dtype])
             # the automatic choice, once
             bufs = K.alloc_forward(T, k, E, d, f, dtype)
-            y = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, 1.702, 7.0, capt,
+            y = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit, capt,
                           cap[1] if cap else 0).clone()
-            y2 = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, 1.702, 7.0, capt,
+            y2 = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit, capt,
                            cap[1] if cap else 0).clone()
             torch.cuda.synchronize()
             check_exact(f"fwd {name} {DT[dtype]} auto cfg deterministic (bitwise equal twice)",
@@ -318,7 +330,8 @@ def sanitize(K):
         K.routing(bad, 8, b)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for (T, E, k, d, f, gated, act) in ((37, 8, 2, 200, 72, 1, "silu"), (10, 4, 2, 30, 5, 1, "gelu"),
-                                            (50, 3, 1, 64, 40, 0, "relu"), (600, 2, 2, 512, 64, 1, "silu")):
+                                            (50, 3, 1, 64, 40, 0, "relu"), (600, 2, 2, 512, 64, 1, "silu"),
+                                            (50, 3, 1, 64, 40, 0, "relu2"), (37, 8, 2, 200, 72, 1, "swiglu_limit")):
             n = 2 * f if gated else f
             ri = make_routing(T, E, k, "dup")
             x = torch.randn(T, d, device="cuda").to(dtype)

@@ -131,6 +131,8 @@ def main():
             (1000, 8, 72, 40, 2, 0, "gelu", False, 100, "random"),
             (4096, 8, 1024, 256, 2, 1, "silu", True, None, "random"),
             (300, 256, 64, 48, 8, 1, "gelu_tanh", False, None, "one"),
+            (1000, 8, 100, 36, 2, 0, "relu2", True, None, "random"),
+            (1000, 64, 100, 36, 8, 1, "swiglu_limit", True, None, "random"),
         ]:
             model = moe_model(dtype, E, d, f, k, gated, act, biases, cap is not None)
             feed = moe_feed(T, d, k, E, pattern)

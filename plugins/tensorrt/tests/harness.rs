@@ -1,18 +1,19 @@
-//! Runs tests/trt/harness.cpp (built by build.rs with TensorRT's headers) on cases written here:
-//! inputs and fields for each plugin, and the CPU reference's output (`scattermoe::reference`).
-//! The harness drives libscattermoe_trt.so through TensorRT's call sequence and enqueues on a
-//! real GPU stream where there is one; elsewhere it runs every step but enqueue.
+//! Runs the harness (cpp/tensorrt/harness/, built by build.rs with TensorRT's headers) on cases
+//! written here: inputs and fields for each plugin, and the CPU reference's output
+//! (`scattermoe::reference`). The harness drives libscattermoe_trt.so through TensorRT's call
+//! sequence and enqueues on a real GPU stream where there is one; elsewhere it runs every step but
+//! enqueue.
 //!
 //! `SCATTERMOE_TRT_CASES_OUT=DIR` keeps the cases in DIR (to run the harness on another machine,
-//! as tests/trt/run_device.sh does). `SCATTERMOE_TRT_LIB` names the library to load (default: the
-//! one beside this test's target directory).
+//! as plugins/tensorrt/tests/device/run_device.sh does). `SCATTERMOE_TRT_LIB` names the library to
+//! load (default: the one beside this test's target directory).
 
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use scattermoe::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes};
 use scattermoe::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, GluLayout};
-use scattermoe::trt::data_type;
+use scattermoe_trt::data_type;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

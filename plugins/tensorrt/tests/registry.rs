@@ -3,14 +3,15 @@
 //! version and namespace, and creates a plugin from the fields its ONNX parser passes for each
 //! ScatterMoE node that `scattermoe rewrite --target tensorrt` writes for the fixtures under
 //! models/ (plus ParallelLinear and CapacityMask nodes written here, which the rewriter does not
-//! emit, and one refused field). tests/trt/registry.py does the TensorRT side.
+//! emit, and one refused field). registry.py (beside this file) does the TensorRT side.
 //!
 //! Skipped, with a message, without TensorRT's headers or without the TensorRT-RTX environment
 //! (`SCATTERMOE_TRT_PYTHON`, default .venv-trtrtx/bin/python).
 
 use scattermoe::onnx::{self, graph};
 use scattermoe::spec::{self, capacity_mask, parallel_linear, scatter_moe};
-use scattermoe::trt::{self, Field, Op};
+use scattermoe::trt::{PARSER_ATTR_NAMESPACE, PARSER_ATTR_VERSION};
+use scattermoe_trt::{self as trt, Field, Op};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,8 +80,8 @@ fn tensorrt_rtx_registry_loads_finds_and_creates_every_plugin() {
         let m = onnx::load(&out).unwrap();
         for n in m.graph().node.iter().filter(|n| n.op_type == scatter_moe::NAME) {
             let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| String::from_utf8_lossy(&a.s).into_owned());
-            assert_eq!(attr(trt::PARSER_ATTR_VERSION), Some(trt::plugin_version()), "{name}");
-            assert_eq!(attr(trt::PARSER_ATTR_NAMESPACE), Some(trt::plugin_namespace()), "{name}");
+            assert_eq!(attr(PARSER_ATTR_VERSION), Some(trt::plugin_version()), "{name}");
+            assert_eq!(attr(PARSER_ATTR_NAMESPACE), Some(trt::plugin_namespace()), "{name}");
             entries.push(json_entry(&format!("models/{name}.onnx"), &n.name, Op::ScatterMoE, &trt::parser_fields(Op::ScatterMoE, n), false));
         }
     }
@@ -105,7 +106,7 @@ fn tensorrt_rtx_registry_loads_finds_and_creates_every_plugin() {
         _ => ld,
     };
     let o = Command::new(&python)
-        .arg(root().join("tests/trt/registry.py"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/registry.py"))
         .arg(&lib)
         .arg(&spec_file)
         .env("LD_LIBRARY_PATH", ld)

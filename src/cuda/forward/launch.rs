@@ -5,7 +5,7 @@
 use super::plan::Plan;
 use super::selection::{pick_cfg, FULL_GRID_K};
 use super::{MAX_EXPERTS, ROUTING_CHUNK};
-use crate::cuda::catalogue::{GemmCfg, GROUPED_A_SUFFIX};
+use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
 use crate::reference::{LinearSizes, MoeSizes};
@@ -24,17 +24,6 @@ fn iname(i: IndexType) -> &'static str {
     match i {
         IndexType::I32 => "i32",
         IndexType::I64 => "i64",
-    }
-}
-
-fn act_code(a: Option<Activation>) -> i32 {
-    match a {
-        None => 0,
-        Some(Activation::Silu) => 1,
-        Some(Activation::Gelu) => 2,
-        Some(Activation::GeluTanh) => 3,
-        Some(Activation::Relu) => 4,
-        Some(Activation::SwigluOai) => 5,
     }
 }
 
@@ -275,7 +264,7 @@ unsafe fn combine(
     let f = dev.func(&name)?;
     driver::launch(
         &f,
-        (total.div_ceil(256) as u32, 1),
+        (total.div_ceil(f.threads as usize) as u32, 1),
         stream,
         &[Arg::Ptr(o), Arg::opt(pos), Arg::opt(w), Arg::opt(kept), Arg::Ptr(y), Arg::I32(tokens as i32), Arg::I32(k as i32), Arg::I32(d as i32)],
         &name,

@@ -1,10 +1,11 @@
 //! The device ops: one struct per op (`ScatterMoeOp`, `ParallelLinearOp`, `CapacityMaskOp`)
 //! implementing [`DeviceOp`], the only place where an op's checked signature becomes sizes,
 //! workspace and launch arguments. A runtime adapter (ONNX Runtime's CUDA kernels in
-//! `crate::ort_ops::cuda`, the TensorRT plugin's enqueue in `crate::trt`) hands in attributes, a
-//! [`Signature`], device pointers by contract index ([`DeviceIo`]), a workspace and a stream; a
-//! [`Runner`] (one per kernel object) does the rest: the contract's check, the launches on that
-//! stream, and the asynchronous checks of the routing indices (`super::checks`) around them.
+//! `crate::ort_ops::cuda`, the TensorRT plugin's enqueue in plugins/tensorrt/src/plugin/) hands
+//! in attributes, a [`Signature`], device pointers by contract index ([`DeviceIo`]), a workspace
+//! and a stream; a [`Runner`] (one per kernel object) does the rest: the contract's check, the
+//! launches on that stream, and the asynchronous checks of the routing indices (`super::checks`)
+//! around them.
 //! Nothing here knows either runtime.
 
 mod capacity_mask;
@@ -20,7 +21,10 @@ use super::driver::{self, CuResult, Device};
 use super::forward::Launched;
 use crate::signature::Signature;
 use crate::spec::SpecError;
-use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::sys;
+/// The device pointer and stream types of this interface (the CUDA driver API's), for adapters
+/// outside the crate.
+pub use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use std::sync::Mutex;
 
 /// The device buffers of one call, by contract index.

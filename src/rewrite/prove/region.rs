@@ -78,11 +78,16 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
     let mut inputs = BTreeSet::new();
     let mut work: Vec<usize> = removed.iter().copied().collect();
     let mut done_values: HashSet<String> = HashSet::new();
+    // the nodes that compute the derived values from the anchors or the graph's inputs: both
+    // models compute them (a router that reads the graph's input rather than the token rows the
+    // replacement reads is computed from that input, so the proof sees the routings it makes)
+    let mut derive_nodes = HashSet::new();
     for v in derive {
         let Some(&p) = g.producer.get(v.as_str()) else { bail!("'{v}' has no producer to compute it from") };
-        if derived_from(g, v, &anchors).is_none() {
-            bail!("'{v}' is not computed from the replacement's other inputs within {PULL_BUDGET} nodes");
-        }
+        let Some(nodes) = derived_from(g, v, &anchors, true) else {
+            bail!("'{v}' is not computed from the replacement's other inputs and the graph's inputs within {PULL_BUDGET} nodes");
+        };
+        derive_nodes.extend(nodes);
         if !removed.contains(&p) && shared.insert(p) {
             work.push(p);
         }
@@ -106,7 +111,8 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
             }
             let pull = g.node(p).op_type == "Constant"
                 || !is_float(g.infer_type(v))
-                || derived_from(g, v, &anchors).is_some_and(|n| n + shared.len() <= PULL_BUDGET);
+                || derive_nodes.contains(&p)
+                || derived_from(g, v, &anchors, false).is_some_and(|n| n.len() + shared.len() <= PULL_BUDGET);
             if pull {
                 if shared.len() >= PULL_BUDGET {
                     bail!("the region reads '{v}', whose computation is more than {PULL_BUDGET} nodes away from the replacement's inputs");
@@ -126,13 +132,14 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
     Ok(Region { removed: order(removed), shared: order(shared), inputs: inputs.into_iter().collect() })
 }
 
-/// Node count of `v`'s computation when it depends only on `anchors` and constants within the
-/// budget (so both proof models can compute it from their inputs); None otherwise.
-fn derived_from(g: &GraphIndex, v: &str, anchors: &HashSet<&str>) -> Option<usize> {
+/// The nodes of `v`'s computation when it depends only on `anchors` and constants (and, with
+/// `graph_inputs`, the graph's inputs) within the budget, so that both proof models can compute
+/// it from their inputs; None otherwise.
+fn derived_from(g: &GraphIndex, v: &str, anchors: &HashSet<&str>, graph_inputs: bool) -> Option<HashSet<usize>> {
     let mut seen = HashSet::new();
     let mut stack = vec![v];
     while let Some(v) = stack.pop() {
-        if anchors.contains(v) || (g.const_tensor(v).is_some() && g.prod(v).is_none()) {
+        if anchors.contains(v) || (g.const_tensor(v).is_some() && g.prod(v).is_none()) || (graph_inputs && g.graph_inputs.contains(v)) {
             continue;
         }
         let &p = g.producer.get(v)?;
@@ -149,7 +156,7 @@ fn derived_from(g: &GraphIndex, v: &str, anchors: &HashSet<&str>) -> Option<usiz
             stack.extend(node_inputs_with_subgraphs(n));
         }
     }
-    Some(seen.len())
+    Some(seen)
 }
 
 #[cfg(test)]
@@ -249,5 +256,24 @@ mod tests {
         assert_eq!(names(&r.shared), ["router", "topk", "shape_h"]);
         // rw comes from the router's TopK now, computed in both models
         assert_eq!(r.inputs, ["h", "x"]);
+    }
+
+    /// Indices derived from a router that reads the graph's input rather than the rows the
+    /// replacement reads: the router is computed from that input in both models.
+    #[test]
+    fn derived_routing_may_start_at_a_graph_input() {
+        let g = graph();
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["rw", "idx"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &["idx".to_string()]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        assert!(["reshape", "router", "topk"].iter().all(|n| names(&r.shared).contains(&n.to_string())), "{:?}", names(&r.shared));
+        // rw comes from the router's TopK too, which both models now compute
+        assert_eq!(r.inputs, ["h"]);
+        // a value computed from no input at all is still refused
+        let mut g2 = graph();
+        g2.input.clear();
+        let gi2 = GraphIndex::new(&g2, None).unwrap();
+        assert!(extract(&gi2, "moe", &reads, &["idx".to_string()]).is_err());
     }
 }

@@ -1,8 +1,9 @@
 // TensorRT IPluginV3 plugins for the ai.scattermoe ops (ScatterMoE, ParallelLinear, CapacityMask).
 //
-// Thin on purpose: every method converts TensorRT's structures into the bridge's (src/trt.rs) and
-// calls the Rust function that decides. Names, fields, type and format rules, shape rules,
-// validation, workspace sizes and the launch all live there; this file knows no attribute name.
+// Thin on purpose: every method converts TensorRT's structures into the bridge's
+// (plugins/tensorrt/src/bridge.rs) and calls the Rust function that decides. Names, fields, type
+// and format rules, shape rules, validation, workspace sizes and the launch all live there; this
+// file knows no attribute name.
 // Errors thrown by the bridge (rust::Error) are caught here, logged through the logger TensorRT
 // gave setLoggerFinder, and turned into TensorRT's failure values.
 

@@ -1,9 +1,10 @@
 //! The bridge's Rust side without TensorRT: fields, types, formats, shapes, workspace, round trips.
 
 use super::*;
-use crate::cuda::driver;
-use crate::cuda::forward::Plan;
-use crate::spec::{Activation, AttrDefault, CapacityOrder, GluLayout};
+use scattermoe::cuda::driver;
+use scattermoe::cuda::forward::Plan;
+use scattermoe::reference::{LinearSizes, MoeSizes};
+use scattermoe::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, AttrDefault, CapacityOrder, ElemType, GluLayout};
 
 fn int(name: &str, v: i32) -> Field {
     Field { name: name.into(), field_type: field_type::INT32, length: 1, data: v.to_le_bytes().to_vec() }
@@ -133,7 +134,10 @@ fn other_integer_float_and_string_encodings() {
 fn bad_fields_name_the_op_and_the_field() {
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activation", "swish")]),
-        "ScatterMoE: attribute 'activation' has unsupported value 'swish' (supported: silu, gelu, gelu_tanh, relu, swiglu_oai)"
+        format!(
+            "ScatterMoE: attribute 'activation' has unsupported value 'swish' (supported: {})",
+            Activation::ALL.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+        )
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activaton", "silu")]),
@@ -192,7 +196,7 @@ fn fields_round_trip() {
     }
     let mut made = 0;
     for (op, fields) in all {
-        let Ok(p) = create_plugin(op, &fields) else { continue }; // swiglu_oai without gating
+        let Ok(p) = create_plugin(op, &fields) else { continue }; // a gated-only activation without gating
         made += 1;
         let ser = p.fields_to_serialize();
         // the parser's types, every attribute, in ATTRS order
@@ -203,7 +207,11 @@ fn fields_round_trip() {
         assert_eq!(q.fields_to_serialize(), ser);
         assert_eq!(p.clone_plugin().attrs(), p.attrs());
     }
-    assert_eq!(made, 5 * 2 * 3 * 2 - 3 * 2 + 4 + 2);
+    // every ScatterMoE combination but the gated-only activations without gating, every
+    // ParallelLinear one, every CapacityMask one
+    let (acts, gated_only) = (Activation::ALL.len(), Activation::ALL.iter().filter(|a| a.gated_only()).count());
+    let per_act = GluLayout::ALL.len() * CapacityOrder::ALL.len();
+    assert_eq!(made, acts * 2 * per_act - gated_only * per_act + 4 + CapacityOrder::ALL.len());
 }
 
 #[test]
@@ -406,7 +414,7 @@ fn workspace_is_the_plan_at_the_largest_shapes() {
 #[test]
 fn enqueue_without_a_driver_is_an_error() {
     if driver::device_count() > 0 {
-        eprintln!("skipped: a CUDA device is present (the harness in tests/trt runs enqueue there)");
+        eprintln!("skipped: a CUDA device is present (the harness, cpp/tensorrt/harness, runs enqueue there)");
         return;
     }
     let mut p = moe(&[]);

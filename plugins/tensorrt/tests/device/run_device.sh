@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs the TensorRT plugin harness on the GPU machine (no cargo, no TensorRT there). Build and
 # stage here first:
-#   cargo build --release --workspace            (with nvcc and TensorRT's headers)
-#   tests/trt/stage_device.sh                     (harness, library and cases into .carry/trt)
-# then, on the device: tests/trt/run_device.sh   (logs under $OUT)
+#   cargo build --release --workspace                     (with nvcc and TensorRT's headers)
+#   plugins/tensorrt/tests/device/stage_device.sh          (harness, library and cases into .carry/trt)
+# then, on the device: plugins/tensorrt/tests/device/run_device.sh   (logs under $OUT)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../../.."  # the repository root
 dir=.carry/trt
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | tee "$out/device.txt"

@@ -2,8 +2,8 @@
 //
 //   dlopen + setLoggerFinder + getCreators -> creator by name/version/namespace -> getFieldNames
 //   -> createPlugin(fields, kBUILD) -> clone -> getCapabilityInterface (core/build/runtime)
-//   -> getNbOutputs, getOutputDataTypes, getOutputShapes (with this file's own IExprBuilder, the
-//      leading dimensions symbolic) -> supportsFormatCombination (every position, and refusals)
+//   -> getNbOutputs, getOutputDataTypes, getOutputShapes (with the harness's own IExprBuilder,
+//      the leading dimensions symbolic) -> supportsFormatCombination (every position, refusals)
 //   -> configurePlugin -> getWorkspaceSize -> getFieldsToSerialize -> createPlugin(fields,
 //      kRUNTIME) (the engine's re-creation; its fields must serialise to the same bytes)
 //   -> attachToContext -> onShapeChange -> enqueue on a real CUDA stream -> the output against
@@ -13,8 +13,14 @@
 // Usage: scattermoe_trt_harness LIBRARY CASE...   Without a CUDA driver or device every step but
 // enqueue runs (and says so). Ends with "N passed, M failed"; exit status 1 on any failure.
 // It needs neither TensorRT's libraries nor the CUDA toolkit: the CUDA driver is loaded with dlopen.
+//
+// Files: tensorrt_side.h (the logger, expression builder and resource context TensorRT would
+// pass), cuda_driver.h (the driver, loaded at run time), case_file.h (the case format).
 
 #include "NvInferRuntime.h"
+#include "case_file.h"
+#include "cuda_driver.h"
+#include "tensorrt_side.h"
 
 #include <dlfcn.h>
 
@@ -23,320 +29,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <limits>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
 using namespace nvinfer1;
-
-// ---------------------------------------------------------------------------------------------
-// Logger
-// ---------------------------------------------------------------------------------------------
-
-struct Logger final : ILogger {
-  std::vector<std::string> errors;
-  void log(Severity s, AsciiChar const* msg) noexcept override {
-    if (s <= Severity::kERROR) errors.emplace_back(msg);
-    if (s <= Severity::kWARNING) std::printf("    [plugin %s] %s\n", s <= Severity::kERROR ? "error" : "warning", msg);
-  }
-};
-
-struct Finder final : ILoggerFinder {
-  Logger* logger;
-  explicit Finder(Logger* l) : logger(l) {}
-  ILogger* findLogger() noexcept override { return logger; }
-};
-
-// ---------------------------------------------------------------------------------------------
-// A small IExprBuilder: every expression carries its value; only constants say so.
-// ---------------------------------------------------------------------------------------------
-
-class Expr final : public IDimensionExpr {
- public:
-  Expr(int64_t v, bool c) : mI(v, c) { mImpl = &mI; }
-  int64_t value() const { return mI.v; }
-
- private:
-  struct Impl final : apiv::VDimensionExpr {
-    int64_t v;
-    bool c;
-    Impl(int64_t v_, bool c_) : v(v_), c(c_) {}
-    bool isConstant() const override { return c; }
-    int64_t getConstantValue() const override { return c ? v : std::numeric_limits<int64_t>::min(); }
-    bool isSizeTensor() const override { return false; }
-  } mI;
-};
-
-class Builder final : public IExprBuilder {
- public:
-  Builder() : mI(this) { mImpl = &mI; }
-  Expr const* make(int64_t v, bool c) {
-    mExprs.emplace_back(new Expr(v, c));
-    return mExprs.back().get();
-  }
-  size_t size() const { return mExprs.size(); }
-
- private:
-  struct Impl final : apiv::VExprBuilder {
-    Builder* b;
-    explicit Impl(Builder* b_) : b(b_) {}
-    IDimensionExpr const* constant(int64_t v) override { return b->make(v, true); }
-    IDimensionExpr const* operation(DimensionOperation op, IDimensionExpr const& x, IDimensionExpr const& y) override {
-      int64_t p = static_cast<Expr const&>(x).value(), q = static_cast<Expr const&>(y).value(), r = 0;
-      switch (op) {
-        case DimensionOperation::kSUM: r = p + q; break;
-        case DimensionOperation::kPROD: r = p * q; break;
-        case DimensionOperation::kMAX: r = p > q ? p : q; break;
-        case DimensionOperation::kMIN: r = p < q ? p : q; break;
-        case DimensionOperation::kSUB: r = p - q; break;
-        case DimensionOperation::kEQUAL: r = p == q; break;
-        case DimensionOperation::kLESS: r = p < q; break;
-        case DimensionOperation::kFLOOR_DIV: r = q ? (p / q - ((p % q != 0) && ((p < 0) != (q < 0)))) : 0; break;
-        case DimensionOperation::kCEIL_DIV: r = q ? (p + q - 1) / q : 0; break;
-      }
-      return b->make(r, x.isConstant() && y.isConstant());
-    }
-    IDimensionExpr const* declareSizeTensor(int32_t, IDimensionExpr const&, IDimensionExpr const&) override {
-      return nullptr;
-    }
-  } mI;
-  std::vector<std::unique_ptr<Expr>> mExprs;
-};
-
-struct ResourceContext final : IPluginResourceContext {
-  IGpuAllocator* getGpuAllocator() const noexcept override { return nullptr; }
-  IErrorRecorder* getErrorRecorder() const noexcept override { return nullptr; }
-};
-
-// ---------------------------------------------------------------------------------------------
-// CUDA driver, loaded at run time
-// ---------------------------------------------------------------------------------------------
-
-typedef int CUresult;
-typedef int CUdevice;
-typedef struct CUctx_st* CUcontext;
-typedef unsigned long long CUdeviceptr;
-typedef struct CUstream_st* CUstream;
-
-struct Cuda {
-  bool ok = false;
-  std::string why;
-  CUresult (*cuInit)(unsigned);
-  CUresult (*cuDeviceGet)(CUdevice*, int);
-  CUresult (*cuDeviceGetName)(char*, int, CUdevice);
-  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
-  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
-  CUresult (*cuCtxSetCurrent)(CUcontext);
-  CUresult (*cuStreamCreate)(CUstream*, unsigned);
-  CUresult (*cuStreamSynchronize)(CUstream);
-  CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);
-  CUresult (*cuMemFree)(CUdeviceptr);
-  CUresult (*cuMemcpyHtoD)(CUdeviceptr, void const*, size_t);
-  CUresult (*cuMemcpyDtoH)(void*, CUdeviceptr, size_t);
-  CUresult (*cuMemsetD8)(CUdeviceptr, unsigned char, size_t);
-  CUstream stream = nullptr;
-
-  template <typename F>
-  bool sym(void* lib, F& f, char const* name) {
-    f = reinterpret_cast<F>(dlsym(lib, name));
-    if (f == nullptr) why = std::string("libcuda lacks ") + name;
-    return f != nullptr;
-  }
-
-  void init() {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (lib == nullptr) {
-      why = "no CUDA driver (libcuda.so.1 could not be loaded)";
-      return;
-    }
-    if (!(sym(lib, cuInit, "cuInit") && sym(lib, cuDeviceGet, "cuDeviceGet") && sym(lib, cuDeviceGetName, "cuDeviceGetName") &&
-          sym(lib, cuDeviceGetAttribute, "cuDeviceGetAttribute") &&
-          sym(lib, cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain") && sym(lib, cuCtxSetCurrent, "cuCtxSetCurrent") &&
-          sym(lib, cuStreamCreate, "cuStreamCreate") && sym(lib, cuStreamSynchronize, "cuStreamSynchronize") &&
-          sym(lib, cuMemAlloc, "cuMemAlloc_v2") && sym(lib, cuMemFree, "cuMemFree_v2") &&
-          sym(lib, cuMemcpyHtoD, "cuMemcpyHtoD_v2") && sym(lib, cuMemcpyDtoH, "cuMemcpyDtoH_v2") &&
-          sym(lib, cuMemsetD8, "cuMemsetD8_v2")))
-      return;
-    CUdevice dev;
-    CUcontext ctx;
-    if (cuInit(0) != 0 || cuDeviceGet(&dev, 0) != 0) {
-      why = "no CUDA device (cuInit/cuDeviceGet failed)";
-      return;
-    }
-    if (cuDevicePrimaryCtxRetain(&ctx, dev) != 0 || cuCtxSetCurrent(ctx) != 0 || cuStreamCreate(&stream, 1) != 0) {
-      why = "could not make a context and stream";
-      return;
-    }
-    char name[256] = {0};
-    int major = 0, minor = 0;
-    cuDeviceGetName(name, sizeof(name), dev);
-    cuDeviceGetAttribute(&major, 75, dev);
-    cuDeviceGetAttribute(&minor, 76, dev);
-    std::printf("device: %s (compute capability %d.%d); enqueue on a stream of its primary context\n", name, major, minor);
-    ok = true;
-  }
-};
-
-struct DeviceBuffer {
-  Cuda* cuda = nullptr;
-  CUdeviceptr p = 0;
-  DeviceBuffer(Cuda* c, size_t bytes) : cuda(c) {
-    if (cuda->cuMemAlloc(&p, bytes > 0 ? bytes : 1) != 0) p = 0;
-  }
-  ~DeviceBuffer() {
-    if (p != 0) cuda->cuMemFree(p);
-  }
-  DeviceBuffer(DeviceBuffer const&) = delete;
-  DeviceBuffer& operator=(DeviceBuffer const&) = delete;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Cases
-// ---------------------------------------------------------------------------------------------
-
-size_t dtypeSize(DataType t) {
-  switch (t) {
-    case DataType::kFLOAT: case DataType::kINT32: return 4;
-    case DataType::kHALF: case DataType::kBF16: return 2;
-    case DataType::kINT64: return 8;
-    default: return 1;
-  }
-}
-
-char const* dtypeName(DataType t) {
-  switch (t) {
-    case DataType::kFLOAT: return "f32";
-    case DataType::kHALF: return "f16";
-    case DataType::kBF16: return "bf16";
-    case DataType::kINT32: return "i32";
-    case DataType::kINT64: return "i64";
-    case DataType::kBOOL: return "bool";
-    default: return "?";
-  }
-}
-
-struct Tensor {
-  DataType type;
-  std::vector<int64_t> dims;
-  std::string dyn;  // '1' where the dimension is symbolic at build time
-  std::vector<uint8_t> data;
-  size_t count() const {
-    size_t n = 1;
-    for (auto d : dims) n *= static_cast<size_t>(d);
-    return n;
-  }
-  size_t bytes() const { return count() * dtypeSize(type); }
-  Dims trtDims(bool symbolic) const {
-    Dims d;
-    d.nbDims = static_cast<int32_t>(dims.size());
-    for (size_t i = 0; i < dims.size(); ++i) d.d[i] = symbolic && dyn[i] == '1' ? -1 : dims[i];
-    return d;
-  }
-};
-
-struct FieldValue {
-  std::string name;
-  char kind;  // i f s
-  int32_t i = 0;
-  float f = 0;
-  std::string s;
-};
-
-struct Case {
-  std::string name, op, expect;
-  bool syncChecks = false;
-  double tol = 0;
-  std::vector<FieldValue> fields;
-  std::vector<Tensor> inputs;
-  Tensor output;
-  std::vector<float> reference;  // float outputs as f32; bool outputs as 0/1
-};
-
-Tensor parseTensor(std::istringstream& ls) {
-  Tensor t;
-  int type, rank;
-  ls >> type >> rank;
-  t.type = static_cast<DataType>(type);
-  t.dims.resize(rank);
-  for (auto& d : t.dims) ls >> d;
-  std::string word;
-  ls >> word >> t.dyn;
-  if (t.dyn == "-") t.dyn.clear();
-  return t;
-}
-
-bool readCase(std::string const& path, Case& c, std::string& err) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    err = "cannot open " + path;
-    return false;
-  }
-  std::string line;
-  std::getline(in, line);
-  if (line != "scattermoe-trt-case 1") {
-    err = path + ": not a case file";
-    return false;
-  }
-  while (std::getline(in, line) && line != "end") {
-    std::istringstream ls(line);
-    std::string key;
-    ls >> key;
-    if (key == "name") ls >> c.name;
-    else if (key == "op") ls >> c.op;
-    else if (key == "expect") ls >> c.expect;
-    else if (key == "sync_checks") { int v; ls >> v; c.syncChecks = v != 0; }
-    else if (key == "tol") ls >> c.tol;
-    else if (key == "field") {
-      FieldValue f;
-      ls >> f.name >> f.kind;
-      if (f.kind == 'i') ls >> f.i;
-      else if (f.kind == 'f') ls >> f.f;
-      else ls >> f.s;
-      c.fields.push_back(f);
-    } else if (key == "input") c.inputs.push_back(parseTensor(ls));
-    else if (key == "output") c.output = parseTensor(ls);
-  }
-  for (auto& t : c.inputs) {
-    t.data.resize(t.bytes());
-    in.read(reinterpret_cast<char*>(t.data.data()), static_cast<std::streamsize>(t.data.size()));
-  }
-  c.reference.resize(c.output.count());
-  in.read(reinterpret_cast<char*>(c.reference.data()), static_cast<std::streamsize>(c.reference.size() * sizeof(float)));
-  if (!in) {
-    err = path + ": truncated";
-    return false;
-  }
-  return true;
-}
-
-float halfToFloat(uint16_t h) {
-  uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
-  if (exp == 0) {
-    if (man == 0) f = sign << 31;
-    else {
-      exp = 127 - 15 + 1;
-      while (!(man & 0x400)) { man <<= 1; --exp; }
-      man &= 0x3ff;
-      f = (sign << 31) | (exp << 23) | (man << 13);
-    }
-  } else if (exp == 31) f = (sign << 31) | 0x7f800000 | (man << 13);
-  else f = (sign << 31) | ((exp - 15 + 127) << 23) | (man << 13);
-  float r;
-  std::memcpy(&r, &f, 4);
-  return r;
-}
-
-float toFloat(DataType t, uint8_t const* p) {
-  switch (t) {
-    case DataType::kFLOAT: { float v; std::memcpy(&v, p, 4); return v; }
-    case DataType::kHALF: { uint16_t h; std::memcpy(&h, p, 2); return halfToFloat(h); }
-    case DataType::kBF16: { uint16_t h; std::memcpy(&h, p, 2); uint32_t u = uint32_t(h) << 16; float v; std::memcpy(&v, &u, 4); return v; }
-    default: return p[0] ? 1.0f : 0.0f;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The sequence

@@ -1,8 +1,14 @@
 //! Plugin names and fields: the creator's field list (one field per attribute of the contract), the
 //! fields TensorRT's ONNX parser passes, and their decoding into the contract's attribute source.
 
-use super::{field_type, field_type_name, field_type_size, Field, Op};
-use crate::spec::{self, capacity_mask, parallel_linear, scatter_moe, AttrDefault, AttrDesc, AttrSource, Port, SpecError};
+use crate::bridge::{Field, Op};
+use crate::codes::{field_type, field_type_name, field_type_size};
+use scattermoe::onnx::proto::{attribute_proto::AttributeType, NodeProto};
+use scattermoe::spec::{capacity_mask, parallel_linear, scatter_moe, AttrDefault, AttrDesc, AttrSource, Port, SpecError};
+
+/// The plugin version (the op set version, "1") and namespace (the ONNX domain,
+/// "ai.scattermoe"): the ones `scattermoe rewrite --target tensorrt` writes on each node.
+pub use scattermoe::trt::{plugin_namespace, plugin_version};
 
 impl Op {
     pub const ALL: [Op; 3] = [Op::ScatterMoE, Op::ParallelLinear, Op::CapacityMask];
@@ -44,21 +50,9 @@ impl Op {
     }
 }
 
-/// The node attributes TensorRT's ONNX parser reads to find a plugin's creator (the op type is
-/// the plugin name): `scattermoe rewrite --target tensorrt` writes them.
-pub const PARSER_ATTR_VERSION: &str = "plugin_version";
-pub const PARSER_ATTR_NAMESPACE: &str = "plugin_namespace";
-
+/// The plugin name of `op`: the op's name, which is the ONNX node's op type.
 pub fn plugin_name(op: Op) -> String {
     op.name().to_string()
-}
-
-pub fn plugin_version() -> String {
-    spec::OPSET_VERSION.to_string()
-}
-
-pub fn plugin_namespace() -> String {
-    spec::DOMAIN.to_string()
 }
 
 /// The field type and length an attribute is written with (the ONNX parser's choice for an
@@ -71,6 +65,8 @@ pub(crate) fn field_kind(d: &AttrDefault) -> i32 {
     }
 }
 
+/// The fields a creator lists: one per attribute, with the type and length the parser passes it
+/// with, no data.
 pub fn field_names(op: Op) -> Vec<Field> {
     op.attrs()
         .iter()
@@ -114,8 +110,7 @@ impl Value {
 /// each field the creator lists, the node's attribute of that name, if any, as kINT32 (INT),
 /// kFLOAT32 (FLOAT) or kCHAR with a terminating NUL (STRING). Other attributes (the parser's own
 /// `plugin_version` / `plugin_namespace`) are not passed.
-pub fn parser_fields(op: Op, node: &onnx_protobuf::NodeProto) -> Vec<Field> {
-    use onnx_protobuf::attribute_proto::AttributeType;
+pub fn parser_fields(op: Op, node: &NodeProto) -> Vec<Field> {
     let mut out = Vec::new();
     for f in field_names(op) {
         let Some(a) = node.attribute.iter().find(|a| a.name == f.name) else { continue };

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Stages what tests/trt/run_device.sh needs on the GPU machine into the git-ignored .carry/trt:
+# Stages what run_device.sh (beside this file) needs on the GPU machine into the git-ignored .carry/trt:
 # the harness and libscattermoe_trt.so from the last release build (debug info stripped), and the
 # harness cases with their CPU reference outputs (written by plugins/tensorrt/tests/harness.rs).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../../.."  # the repository root
 target=${CARGO_TARGET_DIR:-target}/release
 dir=.carry/trt
 rm -rf "$dir" && mkdir -p "$dir/cases"

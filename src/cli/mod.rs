@@ -1,0 +1,257 @@
+//! The `scattermoe` command line: `rewrite` and `inspect`. It lives in the library so that the
+//! binary (src/bin/scattermoe.rs) and the Python package's console script run the same code.
+//!
+//! Exit status: 0 done; 1 error (nothing written); 2 bad arguments; 3 no MoE layer replaced
+//! (nothing written; `--allow-none` accepts it); 130 interrupted (nothing written).
+
+mod bars;
+pub mod checks;
+pub mod file;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::onnx;
+use crate::rewrite;
+use bars::Bars;
+
+/// Exit status when no MoE layer was replaced (none found, or every candidate left as is).
+pub const EXIT_NO_MOE: u8 = 3;
+/// Exit status of an error: nothing was written.
+pub const EXIT_ERROR: u8 = 1;
+
+/// What every help page ends with.
+const AFTER_HELP: &str = "Exit status: 0 done; 1 error (nothing written); 2 bad arguments; 3 no MoE layer replaced \
+(nothing written; --allow-none accepts it); 130 interrupted (nothing written).
+ONNX Runtime (for the proof and --verify) is taken from ORT_DYLIB_PATH, else from the onnxruntime package of the \
+active python3, else from the project's .venv; the op library from SCATTERMOE_ORT_LIB, else beside this program.";
+
+#[derive(Parser)]
+#[command(name = "scattermoe", version, about = "ScatterMoE for ONNX models", after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replace every recognised Mixture-of-Experts subgraph with one ai.scattermoe::ScatterMoE node.
+    #[command(after_help = AFTER_HELP)]
+    Rewrite(RewriteArgs),
+    /// List every MoE candidate of a model (family, E, k, d, f, dtype) and whether `rewrite` would
+    /// replace it, or why not; writes nothing.
+    #[command(after_help = AFTER_HELP)]
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// write candidates without proving each numerically first (by default every candidate is
+    /// run in ONNX Runtime against the nodes it replaces, and left as is on a mismatch; with this
+    /// flag the report says "not proven" and ONNX Runtime is not needed)
+    #[arg(long)]
+    no_prove: bool,
+    /// exit 0 when no MoE layer is replaced (default: exit 3 and write nothing)
+    #[arg(long)]
+    allow_none: bool,
+    /// no progress display
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct RewriteArgs {
+    /// input model (.onnx; external data beside it is read memory-mapped)
+    input: PathBuf,
+    /// output model (its external data, when any, is written to OUTPUT.data)
+    output: PathBuf,
+    /// overwrite OUTPUT if it exists
+    #[arg(long)]
+    force: bool,
+    /// print every MoE layer found and every candidate left as is, with the reason
+    #[arg(long)]
+    report: bool,
+    /// print the report as JSON on stdout (implies --report; no progress display)
+    #[arg(long)]
+    json: bool,
+    /// run original and rewritten models in ONNX Runtime (CPU, with libscattermoe_ort.so) on
+    /// random inputs (or --inputs) and write nothing unless they match; ONNX Runtime is found
+    /// before the rewrite starts (see below)
+    #[arg(long)]
+    verify: bool,
+    /// token counts for --verify, comma-separated: each dynamic input dimension is set to the
+    /// count (default: 1, where traced exports fail; 13, a prime; 16, the fixtures' traced length)
+    #[arg(long, value_delimiter = ',', default_value = "1,13,16", value_name = "N,N,...")]
+    lengths: Vec<usize>,
+    /// real inputs for --verify: a NumPy .npz (np.savez) with one array per graph input, by
+    /// name, of the input's dtype; both models run once on them (instead of --lengths)
+    #[arg(long, value_name = "FILE.npz", requires = "verify", conflicts_with = "lengths")]
+    inputs: Option<PathBuf>,
+    /// the runtime the nodes are written for: tensorrt adds what TensorRT's ONNX parser needs
+    /// to map each node to the plugin in libscattermoe_trt.so (docs/tensorrt.md); the model
+    /// still runs in ONNX Runtime with libscattermoe_ort.so
+    #[arg(long, value_enum, default_value_t = TargetArg::Onnxruntime)]
+    target: TargetArg,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// the model (.onnx)
+    model: PathBuf,
+    /// print the candidates as JSON on stdout (no progress display)
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    Onnxruntime,
+    Tensorrt,
+}
+
+/// On SIGINT, SIGTERM or SIGHUP the temporary folder of a save in progress is removed before the
+/// process exits (a guard's Drop does not run when a signal ends the process).
+fn install_signal_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        onnx::output::remove_temp_dirs();
+        eprintln!("interrupted: nothing written");
+        // _exit, not exit: ONNX Runtime's threads may be running, and exit's static destructors
+        // would tear its state down under them (an abort instead of the documented 130)
+        unsafe { libc::_exit(130) };
+    });
+}
+
+/// Runs the CLI on `args` (the program name first) and returns its exit status.
+pub fn main<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    install_signal_cleanup();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code().clamp(0, 255) as u8;
+        }
+    };
+    let code = match cli.cmd {
+        Cmd::Rewrite(a) => run_rewrite(a),
+        Cmd::Inspect(a) => run_inspect(a),
+    };
+    let code = code.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        EXIT_ERROR
+    });
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    code
+}
+
+/// The line said when no layer was (or, for `inspect`, would be) replaced.
+fn none_replaced(model: &Path, rep: &rewrite::Report, inspect: bool) -> String {
+    let n = rep.rejected.len();
+    let found = format!("{n} candidate{} found, each left as is", if n == 1 { "" } else { "s" });
+    let what = match (n, inspect) {
+        (0, _) => format!("no MoE layer found in {}", model.display()),
+        (_, true) => format!("no MoE layer would be replaced in {}: {found}", model.display()),
+        (_, false) => format!("no MoE layer replaced in {}: {found} (see --report)", model.display()),
+    };
+    format!("{what}{} (exit status {EXIT_NO_MOE}; --allow-none accepts this)", if inspect { "" } else { ": nothing written" })
+}
+
+/// The CLI's listener: the report (as asked) before the save, the comparison after --verify.
+struct Say {
+    json: bool,
+    report: bool,
+}
+
+impl file::Listener for Say {
+    fn report(&self, rep: &rewrite::Report) {
+        if self.json {
+            println!("{}", rep.json());
+        } else if self.report {
+            print!("{}", rep.text());
+        } else if !rep.layers.is_empty() {
+            let n = rep.layers.len();
+            let left = if rep.rejected.is_empty() { String::new() } else { format!(", {} candidate(s) left as is (see --report)", rep.rejected.len()) };
+            eprintln!("{n} MoE layer{} replaced ({} nodes -> {}){left}", if n == 1 { "" } else { "s" }, rep.nodes_before, rep.nodes_after);
+        }
+    }
+
+    fn verify(&self, ort: Option<&Path>, v: &rewrite::verify::VerifyReport) {
+        if let Some(ort) = ort {
+            eprintln!("verifying with ONNX Runtime {}", ort.display());
+        }
+        eprint!("{}", v.text());
+        if v.passed() {
+            eprintln!("verified: the rewritten model matches the original");
+        }
+    }
+}
+
+fn run_rewrite(a: RewriteArgs) -> Result<u8> {
+    let RewriteArgs { input, output, force, report, json, verify, lengths, inputs, target, common } = a;
+    let bars = Bars::new(!common.quiet && !json);
+    let target = match target {
+        TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
+        TargetArg::Tensorrt => rewrite::Target::TensorRt,
+    };
+    let req = file::Request {
+        input: &input,
+        output: &output,
+        force,
+        verify,
+        prove: !common.no_prove,
+        target,
+        lengths: &lengths,
+        inputs: inputs.as_deref(),
+        allow_none: common.allow_none,
+    };
+    let out = file::rewrite_file(&req, &bars, &Say { json, report })?;
+    if !out.written {
+        eprintln!("{}", none_replaced(&input, &out.report, false));
+        return Ok(EXIT_NO_MOE);
+    }
+    Ok(0)
+}
+
+fn run_inspect(a: InspectArgs) -> Result<u8> {
+    let InspectArgs { model: path, json, common } = a;
+    let bars = Bars::new(!common.quiet && !json);
+    let mut model = onnx::load_with_progress(&path, &bars)?;
+    file::check_graph(&model, &path)?;
+    checks::check_runtime(false, !common.no_prove)?;
+    let opts = rewrite::RewriteOptions { target: rewrite::Target::OnnxRuntime, prove: !common.no_prove };
+    let rep = rewrite::rewrite_with_progress(&mut model, &opts, &bars)?;
+    let candidates = rep.candidates();
+    let would = candidates.iter().filter(|c| c.rewrite).count();
+    if json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            model: String,
+            proven: bool,
+            would_rewrite: usize,
+            candidates: &'a [rewrite::report::Candidate],
+        }
+        let out = Out { model: path.display().to_string(), proven: !common.no_prove, would_rewrite: would, candidates: &candidates };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        for c in &candidates {
+            println!("{}", c.text(!common.no_prove));
+        }
+        println!("{would} of {} candidate{} would be rewritten", candidates.len(), if candidates.len() == 1 { "" } else { "s" });
+    }
+    if would == 0 && !common.allow_none {
+        eprintln!("{}", none_replaced(&path, &rep, true));
+        return Ok(EXIT_NO_MOE);
+    }
+    Ok(0)
+}

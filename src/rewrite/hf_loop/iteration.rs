@@ -1,0 +1,443 @@
+//! One iteration of a per-expert loop, read from the graph: the scatter step that adds it into
+//! the accumulator, `torch.where`'s coordinates, the expert mask (one-hot, `Equal`, or
+//! capacity-masked), the routing weight `RW[token, slot]` and the token rows. [`super`] puts the
+//! iterations of one chain together.
+
+use std::collections::HashMap;
+
+use super::super::expr::ERef;
+use super::super::matcher::{axes_of, norm_axis, prod, rank_of};
+use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Axis {
+    T,
+    K,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct MaskInfo {
+    pub(super) idx: String,
+    pub(super) eref: ERef,
+    /// which routing axis each NonZero coordinate indexes
+    pub(super) axes: [Axis; 2],
+    pub(super) experts: Option<usize>,
+    pub(super) capacity: Option<i64>,
+    /// the mask stack [E, ., .] this iteration's mask is a slice of (one-hot form)
+    pub(super) stack: Option<String>,
+    /// how the hit list was split into unrolled iterations (Hit form)
+    pub(super) hit_split: Option<HitSplit>,
+}
+
+/// The split of the list of hit experts `NonZero(Greater(ReduceSum(stack), 0))` into the unrolled
+/// iterations of a traced loop.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct HitSplit {
+    /// number of pieces (iterations)
+    pub(super) count: usize,
+    /// the pieces' sizes are given, all ones: the Split fails unless the list has `count` entries
+    pub(super) sized: bool,
+    /// the per-expert mask stack [E, ...] the list is reduced from, when it is summed over every
+    /// axis but the expert axis (so the list holds exactly the experts that have assignments)
+    pub(super) stack: Option<String>,
+}
+
+/// One `acc + scatter(token, contribution)` step.
+pub(super) struct Step {
+    pub(super) acc_in: String,
+    pub(super) acc_out: String,
+    pub(super) index: String,
+    pub(super) update: String,
+    /// the scatter has no reduction (TorchScript's `index_add_`): of rows scattered to one token
+    /// in one step, only one is kept
+    pub(super) overwrites: bool,
+}
+
+
+/// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
+/// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
+/// token; any other shape is not explained.
+pub(super) fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -> Result<&'a str, String> {
+    let mut cur = index;
+    for _ in 0..16 {
+        match g.prod(cur) {
+            Some((_, n)) if n.op_type == "Cast" && n.domain.is_empty() => cur = &n.input[0],
+            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
+                let sh = prod(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
+                if sh.is_none() {
+                    return Err("the scatter indices are expanded to a shape other than the scattered value's".into());
+                }
+                cur = &n.input[0];
+            }
+            _ => break,
+        }
+    }
+    Ok(cur)
+}
+
+/// The scattered value under Expand / Cast / Identity. An Expand must provably keep its input's
+/// shape: to all ones, or to `Shape(zeros[..1, ..])` (TorchScript's index_add_ writes
+/// `Expand(v, Shape(Slice(zeros or the accumulator, 0, 1 on axis 0, everything on axis 1)))`,
+/// i.e. `[1, d]`), which
+/// broadcasting a `[n, d]` value leaves as it is. A shape that could repeat rows is not explained.
+pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'a str, String> {
+    let keeps = |shape: &str| -> bool {
+        if let Some(c) = g.const_i64(shape) {
+            return c.iter().all(|&v| v == 1);
+        }
+        let Some(sh) = prod(g, shape, "Shape").filter(|sh| sh.attribute.is_empty()) else { return false };
+        let Some(sl) = prod(g, &sh.input[0], "Slice") else { return false };
+        // sliced from zeros, or from the accumulator (shaped like them) in later iterations
+        if (prod(g, &sl.input[0], "ConstantOfShape").is_none() && sl.input[0] != acc) || sl.input.len() < 4 {
+            return false;
+        }
+        let (Some(starts), Some(ends), Some(axes)) = (g.const_i64(&sl.input[1]), g.const_i64(&sl.input[2]), g.const_i64(&sl.input[3])) else {
+            return false;
+        };
+        let steps_ok = sl.input.get(4).is_none_or(|st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
+        steps_ok
+            && starts.len() == ends.len()
+            && axes == [0, 1]
+            && starts.iter().all(|&v| v == 0)
+            && ends[0] == 1
+            && ends[1] >= i64::MAX / 2
+    };
+    let mut cur = update;
+    for _ in 0..16 {
+        match g.prod(cur) {
+            Some((_, n)) if (n.op_type == "Cast" || n.op_type == "Identity") && n.domain.is_empty() => cur = &n.input[0],
+            Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
+                if !keeps(&n.input[1]) {
+                    return Err("the scattered value is expanded to a shape that is not proven to keep it".into());
+                }
+                cur = &n.input[0];
+            }
+            _ => break,
+        }
+    }
+    Ok(cur)
+}
+
+pub(super) fn is_zeros(g: &GraphIndex, v: &str) -> bool {
+    if let Some(n) = prod(g, v, "ConstantOfShape") {
+        let val = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
+        return match val {
+            None => true,
+            Some(t) => crate::onnx::tensor::tensor_f32(t, None).map(|x| x.iter().all(|&v| v == 0.0)).unwrap_or(false),
+        };
+    }
+    false
+}
+
+pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for n in &g.graph.node {
+        if n.op_type == "Add" && n.domain.is_empty() && n.input.len() == 2 {
+            for (a, s) in [(0, 1), (1, 0)] {
+                if let Some(sc) = prod(g, &n.input[s], "ScatterElements") {
+                    let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
+                    if attr_i(sc, "axis").unwrap_or(0) == 0 && red == "none" && is_zeros(g, &sc.input[0]) {
+                        steps.push(Step {
+                            acc_in: n.input[a].clone(),
+                            acc_out: n.output[0].clone(),
+                            index: sc.input[1].clone(),
+                            update: sc.input[2].clone(),
+                            overwrites: true,
+                        });
+                        break;
+                    }
+                }
+            }
+        } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
+            let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
+            if attr_i(n, "axis").unwrap_or(0) == 0 && red == "add" {
+                steps.push(Step { acc_in: n.input[0].clone(), acc_out: n.output[0].clone(), index: n.input[1].clone(), update: n.input[2].clone(), overwrites: false });
+            }
+        }
+    }
+    steps
+}
+
+/// `v` is coordinate c of the NonZero `nz`: Squeeze(Split(Transpose(nz))[c]) or Gather(Transpose(nz), c, axis=1).
+pub(super) fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
+    let v = strip(g, v, &["Cast", "Identity"]);
+    let (_, n) = g.prod(v)?;
+    let (t, c) = match n.op_type.as_str() {
+        "Squeeze" => {
+            let axes = if n.input.len() > 1 { g.const_i64(&n.input[1])? } else { attr_ints(n, "axes")? };
+            if axes != [1] && axes != [-1] {
+                return None;
+            }
+            let s = prod(g, &n.input[0], "Split")?;
+            if attr_i(s, "axis").unwrap_or(0) != 1 || s.output.len() != 2 {
+                return None;
+            }
+            if s.input.len() > 1 && !s.input[1].is_empty() && g.const_i64(&s.input[1])? != [1, 1] {
+                return None;
+            }
+            (s.input[0].as_str(), s.output.iter().position(|o| o == &n.input[0])?)
+        }
+        "Gather" if attr_i(n, "axis") == Some(1) => {
+            let c = g.const_i64(&n.input[1])?;
+            if c.len() != 1 || g.const_dims(&n.input[1]).is_some_and(|d| !d.is_empty()) {
+                return None;
+            }
+            (n.input[0].as_str(), c[0] as usize)
+        }
+        _ => return None,
+    };
+    let tr = prod(g, t, "Transpose")?;
+    if attr_ints(tr, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
+        return None;
+    }
+    let nz = prod(g, &tr.input[0], "NonZero")?;
+    Some((nz.output[0].clone(), c))
+}
+
+/// Resolves an expert-number value: a constant, or entry i of the split list of hit experts.
+pub(super) fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERef, HitSplit>) -> Option<ERef> {
+    let mut cur = v;
+    for _ in 0..8 {
+        if let Some(c) = g.const_i64(cur) {
+            return (c.len() == 1).then(|| ERef::Const(c[0]));
+        }
+        let (_, n) = g.prod(cur)?;
+        match n.op_type.as_str() {
+            "Squeeze" | "Unsqueeze" | "Reshape" | "Cast" | "Identity" => cur = &n.input[0],
+            "Gather" => {
+                let i = g.const_i64(&n.input[1])?;
+                if i != [0] || attr_i(n, "axis").unwrap_or(0) != 0 {
+                    return None;
+                }
+                cur = &n.input[0];
+            }
+            "Split" => {
+                if attr_i(n, "axis").unwrap_or(0) != 0 {
+                    return None;
+                }
+                let count = n.output.len();
+                let sized = n.input.len() > 1 && !n.input[1].is_empty();
+                if sized {
+                    let s = g.const_i64(&n.input[1])?;
+                    if s.iter().any(|&x| x != 1) || s.len() != count {
+                        return None;
+                    }
+                }
+                let i = n.output.iter().position(|o| o == cur)?;
+                let tr = prod(g, &n.input[0], "Transpose")?;
+                let nz = prod(g, &tr.input[0], "NonZero")?;
+                // the hit list: NonZero(Greater(ReduceSum(mask stack), 0)), a vector of length E
+                let gr = prod(g, &nz.input[0], "Greater")?;
+                if g.const_scalar(&gr.input[1]) != Some(0.0) {
+                    return None;
+                }
+                let e = ERef::Hit(i);
+                hit_counts.insert(e, HitSplit { count, sized, stack: hit_stack(g, &gr.input[0]) });
+                return Some(e);
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// `ReduceSum(stack, axes)` over every axis of the rank-3 `stack` but the first (keepdims 0): the
+/// per-expert counts of a mask stack [E, ., .]. Returns the stack.
+fn hit_stack(g: &GraphIndex, counts: &str) -> Option<String> {
+    let rs = prod(g, counts, "ReduceSum")?;
+    if attr_i(rs, "keepdims").unwrap_or(1) != 0 || rank_of(g, &rs.input[0]) != Some(3) {
+        return None;
+    }
+    let mut axes: Vec<usize> = axes_of(g, rs)?.into_iter().map(|a| norm_axis(a, Some(3))).collect::<Option<_>>()?;
+    axes.sort();
+    (axes == [1, 2]).then(|| rs.input[0].clone())
+}
+
+/// The one-hot routing mask `[T, K, E]` (optionally capacity-masked): (IDX, E, capacity).
+pub(super) fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Option<i64>), String> {
+    let v = strip(g, v, &["Cast", "Identity"]);
+    if let Some(oh) = prod(g, v, "OneHot") {
+        if attr_i(oh, "axis").unwrap_or(-1) != -1 {
+            return Err("OneHot is not along the last axis".into());
+        }
+        let depth = g.const_scalar(&oh.input[1]).ok_or("OneHot depth is not constant")? as usize;
+        let vals = g.const_f32(&oh.input[2]).ok_or("OneHot values are not constant")?;
+        if vals != [0.0, 1.0] {
+            return Err("OneHot values are not [0, 1]".into());
+        }
+        return Ok((oh.input[0].clone(), depth, None));
+    }
+    if let Some(mul) = prod(g, v, "Mul") {
+        // Switch: one_hot * (cumsum(one_hot, tokens) <= C)
+        for (a, b) in [(0, 1), (1, 0)] {
+            let Ok((idx, e, None)) = one_hot_like(g, &mul.input[a]) else { continue };
+            let m = strip(g, &mul.input[b], &["Cast"]);
+            let Some(le) = prod(g, m, "LessOrEqual") else { continue };
+            let Some(cs) = prod(g, &le.input[0], "CumSum") else { continue };
+            if strip(g, &cs.input[0], &["Cast"]) != strip(g, &mul.input[a], &["Cast"]) {
+                continue;
+            }
+            if attr_i(cs, "exclusive").unwrap_or(0) != 0 || attr_i(cs, "reverse").unwrap_or(0) != 0 {
+                return Err("capacity CumSum is exclusive or reversed".into());
+            }
+            let axis = g.const_scalar(&cs.input[1]).ok_or("CumSum axis not constant")? as i64;
+            let c = g.const_scalar(&le.input[1]).ok_or("capacity is not constant")?;
+            let k1 = is_k1(g, &idx);
+            // CumSum over the k axis (size 1 in top-1 routing) counts only the assignment itself:
+            // the mask keeps everything when C >= 1 (transformers' Switch router does this).
+            if (axis == 1 || axis == -2) && k1 {
+                if c >= 1.0 {
+                    return Ok((idx, e, None));
+                }
+                return Err(format!("capacity {c} drops every token"));
+            }
+            if !(axis == 0 || axis == -3) {
+                return Err(format!("capacity CumSum runs along axis {axis}, not over tokens"));
+            }
+            if !k1 {
+                return Err("capacity masks are recognised for top-1 routing only".into());
+            }
+            // kept iff the running count including itself <= C, i.e. fewer than C before it
+            return Ok((idx, e, Some(c.floor() as i64)));
+        }
+    }
+    Err(format!("'{v}' is not a one-hot routing mask"))
+}
+
+/// The routing index tensor has one slot per token (ArgMax keepdims, or TopK with k = 1).
+pub(super) fn is_k1(g: &GraphIndex, idx: &str) -> bool {
+    if let Some(a) = prod(g, idx, "ArgMax") {
+        return attr_i(a, "keepdims").unwrap_or(1) == 1;
+    }
+    if let Some(t) = prod(g, idx, "TopK") {
+        return g.const_i64(&t.input[1]).is_some_and(|k| k == [1]);
+    }
+    false
+}
+
+pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, HitSplit>) -> Result<MaskInfo, String> {
+    let n = prod(g, nz, "NonZero").ok_or("not a NonZero")?;
+    let m = strip(g, &n.input[0], &["Cast", "Identity"]);
+    let (_, mn) = g.prod(m).ok_or("the mask is not computed")?;
+    // Equal(IDX, e)
+    if mn.op_type == "Equal" {
+        for (a, b) in [(0, 1), (1, 0)] {
+            if let Some(c) = g.const_i64(&mn.input[b]) {
+                if c.len() == 1 {
+                    return Ok(MaskInfo { idx: mn.input[a].clone(), eref: ERef::Const(c[0]), axes: [Axis::T, Axis::K], experts: None, capacity: None, hit_split: None, stack: None });
+                }
+            }
+        }
+        return Err("Equal mask does not compare with a constant expert number".into());
+    }
+    // [Squeeze](Gather(Transpose(one_hot), e))
+    let mut gat = mn;
+    let mut squeezed = false;
+    if mn.op_type == "Squeeze" {
+        let axes = if mn.input.len() > 1 { g.const_i64(&mn.input[1]) } else { attr_ints(mn, "axes") };
+        if axes.as_deref() != Some(&[0]) {
+            return Err("mask Squeeze is not on axis 0".into());
+        }
+        gat = prod(g, &mn.input[0], "Gather").ok_or("mask is not a gathered expert slice")?;
+        squeezed = true;
+    }
+    if gat.op_type != "Gather" || attr_i(gat, "axis").unwrap_or(0) != 0 {
+        return Err(format!("the mask comes from {}", gat.op_type));
+    }
+    let eref = resolve_eref(g, &gat.input[1], hit_counts).ok_or("the mask's expert index is not an expert number")?;
+    let _ = squeezed;
+    let tr = prod(g, &gat.input[0], "Transpose").ok_or("the expert mask stack is not a transposed one-hot")?;
+    let perm = attr_ints(tr, "perm").ok_or("Transpose without perm")?;
+    if perm.len() != 3 || perm[0] != 2 {
+        return Err(format!("one-hot transposed with perm {perm:?}"));
+    }
+    let (idx, e, cap) = one_hot_like(g, &tr.input[0])?;
+    let ax = |p: i64| if p == 0 { Axis::T } else { Axis::K };
+    let stack = Some(gat.input[0].clone());
+    Ok(MaskInfo { idx, eref, axes: [ax(perm[1]), ax(perm[2])], experts: Some(e), capacity: cap, hit_split: hit_counts.get(&eref).cloned(), stack })
+}
+
+/// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
+pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
+    let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
+    let gn = prod(g, gv, "Gather")?;
+    if attr_i(gn, "axis").unwrap_or(0) != 0 {
+        return None;
+    }
+    let fl = prod(g, &gn.input[0], "Flatten")?;
+    if attr_i(fl, "axis").unwrap_or(1) != 2 {
+        return None;
+    }
+    let mut rw = fl.input[0].as_str();
+    let mut unsq = None;
+    if let Some(u) = prod(g, rw, "Unsqueeze") {
+        let axes = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
+        if axes != [2] && axes != [-1] {
+            return None;
+        }
+        unsq = Some(rw);
+        rw = &u.input[0];
+    }
+    let add = prod(g, &gn.input[1], "Add")?;
+    for (a, b) in [(0, 1), (1, 0)] {
+        let Some(mul) = prod(g, &add.input[b], "Mul") else { continue };
+        for (p, q) in [(0, 1), (1, 0)] {
+            // q: k = Shape(RW or its unsqueeze)[1]
+            let Some(kg) = prod(g, &mul.input[q], "Gather") else { continue };
+            if g.const_i64(&kg.input[1]).as_deref() != Some(&[1]) {
+                continue;
+            }
+            let Some(sh) = prod(g, &kg.input[0], "Shape") else { continue };
+            if sh.input[0] != rw && Some(sh.input[0].as_str()) != unsq {
+                continue;
+            }
+            let (nz1, c_tok) = where_coord(g, &mul.input[p])?;
+            let (nz2, c_slot) = where_coord(g, &add.input[a])?;
+            if nz1 != nz2 {
+                return None;
+            }
+            return Some((rw.to_string(), nz1, c_tok, c_slot));
+        }
+    }
+    None
+}
+
+/// The token rows of `nz`'s token coordinate: Gather(X, tok) or Reshape(Gather(Unsqueeze(X, 0), tok, axis=1)).
+pub(super) fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for &c in g.cons(tok) {
+        let n = g.node(c);
+        if n.op_type != "Gather" || n.input.get(1).map(String::as_str) != Some(tok) {
+            continue;
+        }
+        match attr_i(n, "axis").unwrap_or(0) {
+            0 => out.push((n.output[0].clone(), n.input[0].clone())),
+            1 => {
+                let Some(u) = prod(g, &n.input[0], "Unsqueeze") else { continue };
+                let axes = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+                if axes.as_deref() != Some(&[0]) {
+                    continue;
+                }
+                for &r in g.cons(&n.output[0]) {
+                    let rn = g.node(r);
+                    if rn.op_type == "Reshape" && is_rows_shape(g, &rn.input[1]) {
+                        out.push((rn.output[0].clone(), u.input[0].clone()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A reshape target of the form [-1, d] (constant or Concat(-1, dim)).
+pub(super) fn is_rows_shape(g: &GraphIndex, v: &str) -> bool {
+    if let Some(c) = g.const_i64(v) {
+        return c.len() == 2 && c[0] == -1;
+    }
+    if let Some(cat) = prod(g, v, "Concat") {
+        return cat.input.len() == 2 && g.const_i64(&cat.input[0]).as_deref() == Some(&[-1]);
+    }
+    false
+}
