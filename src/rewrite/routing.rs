@@ -7,9 +7,12 @@
 use onnx_protobuf::NodeProto;
 
 use super::matcher::{axes_of, prod, rank_of, shape_entries, strip_noop_expand};
-use super::prove::shape::{shape_of, Dim};
+use super::prove::shape::shape_of;
+
+mod dims;
 use crate::onnx::graph::{attr_i, attr_s, strip, GraphIndex};
 use crate::onnx::tensor::tensor_f32;
+pub use dims::{shape_vector, sym};
 
 /// `v` with Casts between numeric types removed (what an index or a 0/1 mask is does not change).
 pub fn uncast<'g>(g: &GraphIndex<'g>, v: &'g str) -> &'g str {
@@ -153,82 +156,6 @@ pub fn is_ones(g: &GraphIndex, v: &str) -> bool {
         "Expand" => g.const_scalar(&z.input[0]) == Some(1.0),
         "Slice" | "Reshape" | "Cast" | "Identity" => is_ones(g, &z.input[0]),
         _ => false,
-    }
-}
-
-/// The value of an integer scalar (or [1]) in terms of the token count: constants and the
-/// dimensions of values whose shapes are known, through the arithmetic exporters write.
-pub fn sym(g: &GraphIndex, v: &str) -> Option<Dim> {
-    sym_depth(g, v, 0)
-}
-
-fn sym_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<Dim> {
-    if let Some(c) = g.const_i64(v) {
-        return (c.len() == 1).then(|| Dim::fixed(c[0]));
-    }
-    if depth > 24 {
-        return None;
-    }
-    let (_, n) = g.prod(v)?;
-    let arg = |i: usize| sym_depth(g, n.input.get(i)?, depth + 1);
-    match n.op_type.as_str() {
-        "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" => arg(0),
-        "Shape" => {
-            let s = shape_of(g, &n.input[0])?;
-            let r = s.len() as i64;
-            let cl = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
-            let (a, b) = (cl(attr_i(n, "start").unwrap_or(0)), cl(attr_i(n, "end").unwrap_or(r)));
-            (b == a + 1).then(|| s[a])
-        }
-        "Gather" => {
-            let sh = prod(g, &n.input[0], "Shape")?;
-            let s = shape_of(g, &sh.input[0])?;
-            let i = g.const_i64(&n.input[1]).filter(|i| i.len() == 1)?[0];
-            let r = s.len() as i64;
-            let start = attr_i(sh, "start").map_or(0, |x| if x < 0 { x + r } else { x });
-            let j = if i < 0 { r + i } else { start + i };
-            s.get(usize::try_from(j).ok()?).copied()
-        }
-        "Mul" => {
-            let (a, b) = (arg(0)?, arg(1)?);
-            (a.t + b.t <= 1).then(|| Dim { t: a.t + b.t, c: a.c * b.c })
-        }
-        "Div" => {
-            let (a, b) = (arg(0)?, arg(1)?);
-            (b.t == 0 && b.c > 0 && a.c % b.c == 0).then(|| Dim { t: a.t, c: a.c / b.c })
-        }
-        _ => None,
-    }
-}
-
-/// A shape vector's entries in terms of the token count: constants, and a Concat of constants,
-/// `Shape(x)` slices of values whose shapes are known, and one-entry parts [`sym`] can tell.
-pub fn shape_vector(g: &GraphIndex, v: &str) -> Option<Vec<Dim>> {
-    if let Some(c) = g.const_i64(v) {
-        return Some(c.into_iter().map(Dim::fixed).collect());
-    }
-    let part = |p: &str| -> Option<Vec<Dim>> {
-        if let Some(c) = g.const_i64(p) {
-            return Some(c.into_iter().map(Dim::fixed).collect());
-        }
-        if let Some(sh) = prod(g, p, "Shape") {
-            let s = shape_of(g, &sh.input[0])?;
-            let r = s.len() as i64;
-            let cl = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
-            let (a, b) = (cl(attr_i(sh, "start").unwrap_or(0)), cl(attr_i(sh, "end").unwrap_or(r)));
-            return Some(s[a..b.max(a)].to_vec());
-        }
-        sym(g, p).map(|d| vec![d])
-    };
-    match prod(g, v, "Concat") {
-        Some(cat) => {
-            let mut out = Vec::new();
-            for p in &cat.input {
-                out.extend(part(p)?);
-            }
-            Some(out)
-        }
-        None => part(v),
     }
 }
 
