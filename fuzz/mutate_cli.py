@@ -433,7 +433,20 @@ def main():
     with tempfile.TemporaryDirectory(prefix="scattermoe-mutate-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as wd:
         work = ((i, a.seed, fixtures, a.exe, a.lib, a.time_limit, wd) for i in range(a.runs))
         with mp.Pool(a.jobs) as pool:
-            for res in pool.imap_unordered(one, work, chunksize=4):
+            results = pool.imap_unordered(one, work)  # chunksize 1: the iterator then takes a timeout
+            while True:
+                # A worker stuck outside the CLI's own time limit (in ONNX Runtime, comparing a
+                # mutant) would block the run for ever: no result for this long is a hang.
+                try:
+                    res = results.next(timeout=4 * a.time_limit + 60)
+                except StopIteration:
+                    break
+                except mp.TimeoutError:
+                    counts["hang"] += 1
+                    bad.append(("hang", "?", [], "no result from any worker"))
+                    print(f"HANG: no result from any worker for {4 * a.time_limit + 60:.0f} s; stopping", file=sys.stderr, flush=True)
+                    pool.terminate()
+                    break
                 counts[res[0]] += 1
                 if res[0] in ("crash", "hang", "wrong"):
                     bad.append(res)
