@@ -9,7 +9,10 @@ The default run checks a seeded sample (about a minute); the whole set is
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,3 +64,44 @@ def test_proof_catches_what_the_matcher_lets_through(fixture, where):
     assert rec.get("wrong_without_proof"), rec
     # with proof: left, with the proof's error as the reason
     assert rec["outcome"] == "left" and rec["reason"].startswith("not proven"), rec
+
+
+# Rewired graphs the structured fuzzer (fuzz/mutate_cli.py) found rewritten wrongly with the proof
+# on: (fixture, node name, input index, new value, what the report must say). In each, the graph
+# gives a value another shape than the op's contract or the graph's own declarations say, which
+# the proof's cut-out models (fed the declared or the contract's shapes) did not reproduce.
+REWIRED = [
+    # routing weights divided by a sum over an expert weight: [4, 32, 2], not [T, k]
+    ("dense_bmm", "/m/router/ReduceSum", 0, "m.w1", "ScatterMoE: inputs 'routing_weights'"),
+    # a mask cast from a value of another rank; '_to_copy' keeps its declared [S, 4]
+    ("deepseek_v3_bmm_dynamo", "node__to_copy", 0, "view_1", "declared shapes are stale"),
+    # the shared expert's product with a value of twice the tokens: runs at 1 token only
+    ("deepseek_v3_bmm_dynamo", "node_silu_1", 1, "split_split_0", "at no token count but one"),
+]
+
+
+@pytest.mark.parametrize("fixture,node,slot,value,reason", REWIRED, ids=[r[0] + ":" + r[1] for r in REWIRED])
+def test_rewired_graphs_the_fuzzer_found_are_left_with_the_reason(fixture, node, slot, value, reason):
+    sys.path.insert(0, str(mutate.ROOT / "fuzz"))
+    import mutate_cli
+
+    m = onnx.load(str(mutate.MODELS / f"{fixture}.onnx"))
+    [n] = [n for n in m.graph.node if n.name == node]
+    n.input[slot] = value
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "mutant.onnx", Path(d) / "rewritten.onnx"
+        onnx.save(m, str(src))
+        # the hazard is real: unproven, the rewrite is wrong where the mutant runs
+        rep, err = mutate.rewrite(src, dst, prove=False)
+        assert rep and rep["layers"], err
+        elem = m.graph.output[0].type.tensor_type.elem_type
+        got = mutate_cli.compare(src, dst, str(mutate.ort_utils.library_path()), elem)
+        assert got not in ("equal", "mutant-fails"), got
+        dst.unlink()
+        # proven: left, nothing written, and the report names the reason
+        rep, err = mutate.rewrite(src, dst, prove=True)
+        assert rep is None and not dst.exists(), rep
+        p = subprocess.run([str(mutate.CLI), "rewrite", str(src), str(dst), "--json", "--allow-none"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        rejected = json.loads(p.stdout)["rejected"]
+        assert any(reason in r["reason"] for r in rejected), rejected

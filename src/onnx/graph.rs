@@ -19,6 +19,9 @@ pub struct GraphIndex<'g> {
     pub initializers: HashMap<&'g str, &'g TensorProto>,
     pub graph_inputs: HashSet<&'g str>,
     pub graph_outputs: HashSet<&'g str>,
+    /// value name -> its declaration (the graph's inputs, then value_info, then outputs; the
+    /// first one of a name)
+    pub declared: HashMap<&'g str, &'g onnx_protobuf::ValueInfoProto>,
     /// node indices in a topological order
     pub topo: Vec<usize>,
     /// position of each node in `topo`
@@ -44,6 +47,10 @@ impl<'g> GraphIndex<'g> {
         let initializers = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
         let graph_inputs = graph.input.iter().map(|v| v.name.as_str()).collect();
         let graph_outputs = graph.output.iter().map(|v| v.name.as_str()).collect();
+        let mut declared = HashMap::new();
+        for v in graph.input.iter().chain(&graph.value_info).chain(&graph.output) {
+            declared.entry(v.name.as_str()).or_insert(v);
+        }
         // Kahn's algorithm, stable in file order.
         let n = graph.node.len();
         let mut indeg = vec![0usize; n];
@@ -82,7 +89,7 @@ impl<'g> GraphIndex<'g> {
         for (p, &i) in topo.iter().enumerate() {
             topo_pos[i] = p;
         }
-        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, topo, topo_pos, opset: 17 })
+        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, declared, topo, topo_pos, opset: 17 })
     }
 
     pub fn default_opset(&self) -> i64 {

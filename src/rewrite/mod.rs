@@ -33,7 +33,7 @@ pub mod rule;
 pub mod slots;
 pub mod verify;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::onnx::graph::{prune, GraphIndex};
 use crate::onnx::Model;
@@ -127,6 +127,7 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
 
     let mut taken = Vec::new();
     let mut replace: Vec<(String, emit::Emitted)> = Vec::new();
+    let contradicted = if opts.prove { prove::contradicted_shapes(&g) } else { None };
     progress.begin(if opts.prove { "prove" } else { "emit" }, Some(layers.len() as u64), Unit::Items("candidates"));
     for (i, l) in layers.iter().enumerate() {
         let tag = format!("scattermoe_{i}");
@@ -135,6 +136,9 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
         let elem = g.infer_type(&l.x).or_else(|| g.infer_type(&l.routing_weights)).and_then(spec::ElemType::from_onnx_code).map_or("?", |t| t.name());
         report.found.push(Found { family: l.family, at: l.output.clone(), experts: l.experts.len(), k, d: m.d, f: m.f, elem_type: elem });
         let emitted = emit::emit(&g, l, &tag, &mut taken, target).and_then(|e| {
+            if let Some(why) = &contradicted {
+                bail!("not proven: {why}");
+            }
             let proof = if opts.prove { Some(prove::prove(model, &g, l, &e).map_err(|err| anyhow!("not proven: {err:#}"))?) } else { None };
             Ok((e, proof))
         });

@@ -21,8 +21,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{
-    tensor_shape_proto, type_proto, GraphProto, Message, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto,
+    tensor_shape_proto, type_proto, GraphProto, Message, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
 };
 use ort::session::Session;
 use ort::value::DynValue;
@@ -98,6 +98,11 @@ fn replacement_reads(g: &GraphIndex, em: &Emitted) -> Vec<String> {
 struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // SCATTERMOE_KEEP_PROOF=1 keeps the two models of every proof for inspection
+        if std::env::var_os("SCATTERMOE_KEEP_PROOF").is_some_and(|v| !v.is_empty() && v != "0") {
+            eprintln!("proof models kept in {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -246,7 +251,6 @@ fn write_side(
     Ok(Side { path })
 }
 
-
 fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
     if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
         return Ok(d.iter().map(|&x| x as f64).collect());
@@ -300,7 +304,9 @@ fn index_sources<'e>(em: &'e Emitted, idx: &'e str) -> HashSet<&'e str> {
 fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     let mut v = v;
     for _ in 0..8 {
-        let Some((_, n)) = g.prod(v) else { return false };
+        let Some((_, n)) = g.prod(v) else {
+            return false;
+        };
         match n.op_type.as_str() {
             "TopK" => return n.output.get(1).map(String::as_str) == Some(v),
             "ArgMax" | "ArgMin" => return true,
@@ -324,6 +330,90 @@ fn routing_source<'a>(layer: &'a MoeLayer, em: &'a Emitted) -> &'a str {
     v
 }
 
+/// The op's shape rules (docs/op-spec.md) over what the graph tells of the shapes of the inputs
+/// the emitted node reads straight from the graph: routing weights and indices of one shape of
+/// rank 2 or more, token rows `[..., d]` holding as many tokens as the routing's leading axes.
+/// The cut-out models are fed the shapes the boundary values have in the graph, or the op's own
+/// where the graph does not tell, so a contradiction the graph shows must be found here.
+fn static_contract(g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<()> {
+    let Some(op) = em.nodes.iter().find(|n| n.domain == spec::DOMAIN && n.op_type == spec::scatter_moe::NAME) else {
+        return Ok(());
+    };
+    let made: HashSet<&str> = em.nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+    let told = |i: usize| -> Option<(&str, Shape)> {
+        let v = op.input.get(i).map(String::as_str).filter(|v| !v.is_empty() && !made.contains(v))?;
+        Some((v, shape::shape_of(g, v)?))
+    };
+    let (x, w, idx) = (told(0), told(1), told(2));
+    for (what, t) in [("routing weights", &w), ("routing indices", &idx)] {
+        if let Some((v, s)) = t {
+            if s.len() < 2 {
+                bail!("{what} '{v}' have shape {}: the op needs [..., k]", shape::text(s));
+            }
+        }
+    }
+    if let (Some((wv, ws)), Some((iv, is))) = (&w, &idx) {
+        if ws != is {
+            bail!("routing weights '{wv}' have shape {} and routing indices '{iv}' {}: the op needs one shape", shape::text(ws), shape::text(is));
+        }
+    }
+    if let Some((xv, xs)) = &x {
+        let d = layer.mlp().d as i64;
+        if xs.len() < 2 || xs.last() != Some(&Dim::fixed(d)) {
+            bail!("token rows '{xv}' have shape {}: the op needs [..., {d}]", shape::text(xs));
+        }
+        if let Some((rv, rs)) = idx.as_ref().or(w.as_ref()) {
+            if let (Some(a), Some(b)) = (tokens_of(xs), tokens_of(rs)) {
+                if a != b {
+                    bail!("token rows '{xv}' have shape {} and the routing '{rv}' {}: they hold different token counts", shape::text(xs), shape::text(rs));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The product of the leading axes (all but the last), where it is a multiple of T at most once.
+fn tokens_of(s: &Shape) -> Option<Dim> {
+    let mut t = Dim::fixed(1);
+    for d in &s[..s.len().saturating_sub(1)] {
+        t = Dim { t: t.t.checked_add(d.t).filter(|&x| x <= 1)?, c: t.c.checked_mul(d.c)? };
+    }
+    Some(t)
+}
+
+/// The first place where the graph contradicts its own declared shapes: a declared shape its
+/// producer does not compute ([`shape::stale_declaration`]) or a broadcast no token count but one
+/// can make ([`shape::impossible_broadcast`]). Such a graph (a hand edit that left declarations
+/// behind) runs in ONNX Runtime only where its buffer plan happens to fit, and any change to it,
+/// a rewrite included, can move that; so no candidate of it is proven. Checked once per graph.
+pub fn contradicted_shapes(g: &GraphIndex) -> Option<String> {
+    for n in &g.graph.node {
+        if !n.output.iter().any(|o| g.declared.contains_key(o.as_str())) {
+            continue;
+        }
+        if let Some(s) = shape::impossible_broadcast(g, n) {
+            let s: Vec<String> = s.iter().map(shape::text).collect();
+            return Some(format!(
+                "node '{}' ({}) broadcasts {} at no token count but one, while the graph declares its output",
+                n.name,
+                n.op_type,
+                s.join(" and ")
+            ));
+        }
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if let Some((d, c)) = shape::stale_declaration(g, o) {
+                return Some(format!(
+                    "the graph declares '{o}' as {} but its producer computes {}: its declared shapes are stale",
+                    shape::text(&d),
+                    shape::text(&c)
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
@@ -337,7 +427,15 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     // route themselves, com.microsoft.MoE's, stay inputs).
     let sources = index_sources(em, &layer.routing_indices);
     let index = |v: &str| sources.contains(v) && matches!(g.infer_type(v), Some(6 | 7));
-    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !routed_by_topk(g, v)).cloned().collect();
+    let mut derive: Vec<String> =
+        reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !routed_by_topk(g, v)).cloned().collect();
+    // Routing weights whose shape the graph does not tell are computed by both models from their
+    // producers, not fed in the op's [T, k]: fed so, they would hide a graph in which they have
+    // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
+    if reads.contains(&layer.routing_weights) && shape::shape_of(g, &layer.routing_weights).is_none() && !derive.contains(&layer.routing_weights) {
+        derive.push(layer.routing_weights.clone());
+    }
+    static_contract(g, layer, em)?;
     let region = region::extract(g, &layer.output, &reads, &derive)?;
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     // the op computes in the rows' type: a float16 layer summed into a float32 value is compared

@@ -26,8 +26,30 @@ impl Dim {
 
 pub type Shape = Vec<Dim>;
 
+/// `[T, 2]`, `[4, 32, 2]`, `[2*T, 8]`: a shape as the proof's messages print it.
+pub fn text(s: &Shape) -> String {
+    let d: Vec<String> = s
+        .iter()
+        .map(|d| match (d.t, d.c) {
+            (0, c) => c.to_string(),
+            (_, 1) => "T".to_string(),
+            (_, c) => format!("{c}*T"),
+        })
+        .collect();
+    format!("[{}]", d.join(", "))
+}
+
+/// Steps one [`shape_of`] may take: the walk has no memo, and a graph without declarations can
+/// reach one value along many paths.
+const STEPS: usize = 20_000;
+
+thread_local! {
+    static TAKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The shape of `v`, or None when it cannot be told.
 pub fn shape_of(g: &GraphIndex, v: &str) -> Option<Shape> {
+    TAKEN.with(|t| t.set(0));
     infer(g, v, 0)
 }
 
@@ -35,8 +57,10 @@ fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
     if let Some(t) = g.const_tensor(v) {
         return Some(t.dims.iter().map(|&d| Dim::fixed(d)).collect());
     }
-    let vi = g.graph.input.iter().chain(&g.graph.value_info).chain(&g.graph.output).find(|x| x.name == v)?;
-    let Some(type_proto::Value::TensorType(tt)) = vi.type_.as_ref()?.value.as_ref() else { return None };
+    let vi = g.declared.get(v)?;
+    let Some(type_proto::Value::TensorType(tt)) = vi.type_.as_ref()?.value.as_ref() else {
+        return None;
+    };
     let s = tt.shape.as_ref()?;
     let mut syms = 0;
     let out: Option<Shape> = s
@@ -100,13 +124,54 @@ fn axes(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
     attr_ints(n, "axes").or_else(|| n.input.get(1).filter(|s| !s.is_empty()).and_then(|a| g.const_i64(a)))
 }
 
+/// A declared shape of `v` (value_info, an input or output of the graph) that its producer,
+/// over its inputs' shapes, contradicts: another rank, or another size of an axis both tell.
+/// A hand-edited graph keeps the declarations of the values it rewired; ONNX Runtime computes
+/// the shapes again, so a proof fed the declared ones would not see the graph ONNX Runtime runs.
+/// Returns (declared, computed).
+pub fn stale_declaration(g: &GraphIndex, v: &str) -> Option<(Shape, Shape)> {
+    if g.const_tensor(v).is_some() {
+        return None;
+    }
+    let d = declared(g, v)?;
+    let p = produced(g, v, 0)?;
+    let differ = d.len() != p.len() || d.iter().zip(&p).any(|(a, b)| a.t == b.t && a.c != b.c);
+    differ.then_some((d, p))
+}
+
+/// An elementwise node whose inputs' shapes (all told) broadcast at no token count but one, or
+/// none: `[1, T, 16] * [2T, 16]` runs only at T = 1, where the declared `[1, T, 16]` is wrong.
+/// Returns the node's name and its inputs' shapes.
+pub fn impossible_broadcast(g: &GraphIndex, node: &onnx_protobuf::NodeProto) -> Option<Vec<Shape>> {
+    const ELEMENTWISE: [&str; 14] = ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Max", "Min", "Mod", "Where"];
+    if !(node.domain.is_empty() || node.domain == "ai.onnx") || !ELEMENTWISE.contains(&node.op_type.as_str()) || node.input.len() < 2 {
+        return None;
+    }
+    let shapes: Vec<Shape> = node.input.iter().map(|i| (!i.is_empty()).then(|| shape_of(g, i)).flatten()).collect::<Option<_>>()?;
+    let n = shapes.iter().map(Vec::len).max()?;
+    // two sizes of one axis, neither 1, that no token count makes equal (a fixed size against T
+    // is left: traced exports bake the traced length, and run there)
+    for i in 0..n {
+        let sizes: Vec<Dim> = shapes.iter().filter(|s| i + s.len() >= n).map(|s| s[i + s.len() - n]).filter(|d| *d != Dim::fixed(1)).collect();
+        if sizes.iter().any(|a| sizes.iter().any(|b| a.t == b.t && a.c != b.c)) {
+            return Some(shapes);
+        }
+    }
+    None
+}
+
 fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
     if let Some(s) = declared(g, v) {
         return Some(s);
     }
-    if depth > 48 {
+    if depth > 48 || TAKEN.with(|t| t.replace(t.get() + 1)) > STEPS {
         return None;
     }
+    produced(g, v, depth)
+}
+
+/// The shape of `v` from its producer's rule over its inputs' shapes.
+fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
     let (_, n) = g.prod(v)?;
     if !(n.domain.is_empty() || n.domain == "ai.onnx") {
         return None;
@@ -118,10 +183,9 @@ fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             let a = n.attribute.iter().find(|a| a.name == "value")?;
             Some(a.t.as_ref()?.dims.iter().map(|&d| Dim::fixed(d)).collect())
         }
-        "Cast" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Log" | "Neg" | "Abs" | "Sqrt" | "Reciprocal"
-        | "Erf" | "Identity" | "Not" | "Clip" | "CumSum" | "Gelu" | "HardSigmoid" | "Softplus" | "IsNaN" | "Floor" | "Ceil" => inp(0),
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or"
-        | "Max" | "Min" | "Mod" => {
+        "Cast" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Log" | "Neg" | "Abs" | "Sqrt" | "Reciprocal" | "Erf" | "Identity"
+        | "Not" | "Clip" | "CumSum" | "Gelu" | "HardSigmoid" | "Softplus" | "IsNaN" | "Floor" | "Ceil" => inp(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Max" | "Min" | "Mod" => {
             let mut s = inp(0)?;
             for i in 1..n.input.len() {
                 s = broadcast(&s, &inp(i)?)?;
@@ -152,12 +216,7 @@ fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
                     _ => (0..s.len()).collect(),
                 }
             };
-            Some(
-                s.iter()
-                    .enumerate()
-                    .filter_map(|(i, d)| if ax.contains(&i) { keep.then_some(Dim::fixed(1)) } else { Some(*d) })
-                    .collect(),
-            )
+            Some(s.iter().enumerate().filter_map(|(i, d)| if ax.contains(&i) { keep.then_some(Dim::fixed(1)) } else { Some(*d) }).collect())
         }
         "MatMul" => {
             let (a, b) = (inp(0)?, inp(1)?);
