@@ -360,6 +360,10 @@ def compare(mutant: Path, rewritten: Path, lib: str, out_elem: int):
 # ---------------------------------------------------------------------------------------------
 
 
+# --only: the mutant is also written to the current folder (set before the workers fork)
+KEEP = False
+
+
 def one(args):
     i, seed, fixtures, exe, lib, time_limit, workdir = args
     rng = random.Random(seed * 1_000_003 + i)
@@ -375,8 +379,17 @@ def one(args):
             d = None
         if d:
             applied.append(d)
+    if KEEP:
+        Path(f"mutant-{seed}-{i}.onnx").write_bytes(m.SerializeToString())
+        print(f"mutant-{seed}-{i}.onnx: {name} {applied}", file=sys.stderr)
     d = Path(workdir) / f"r{i}"
     d.mkdir()
+    res = _one(i, name, m, applied, d, exe, lib, time_limit)
+    # the run's index: `--seed S --only I` builds the same mutant again
+    return (*res, i) if res[0] in ("crash", "hang", "wrong") else res
+
+
+def _one(i, name, m, applied, d, exe, lib, time_limit):
     try:
         src = d / "in.onnx"
         src.write_bytes(m.SerializeToString())
@@ -423,15 +436,19 @@ def main():
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--exe", default=str(REPO / "target/release/scattermoe"))
+    ap.add_argument("--only", type=int, default=None, help="run only this run index (to reproduce a finding; writes its mutant to the current folder)")
     ap.add_argument("--lib", default=os.environ.get("SCATTERMOE_ORT_LIB") or str(REPO / "target/release/libscattermoe_ort.so"))
     a = ap.parse_args()
+    global KEEP
+    KEEP = a.only is not None
     fixtures = {p.stem: p.read_bytes() for p in sorted((REPO / "models").glob("*.onnx"))}
     counts = collections.Counter()
     bad = []
     t0 = time.time()
     os.environ.setdefault("SCATTERMOE_ORT_LIB", a.lib)
     with tempfile.TemporaryDirectory(prefix="scattermoe-mutate-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as wd:
-        work = ((i, a.seed, fixtures, a.exe, a.lib, a.time_limit, wd) for i in range(a.runs))
+        runs = [a.only] if a.only is not None else range(a.runs)
+        work = ((i, a.seed, fixtures, a.exe, a.lib, a.time_limit, wd) for i in runs)
         with mp.Pool(a.jobs) as pool:
             results = pool.imap_unordered(one, work)  # chunksize 1: the iterator then takes a timeout
             while True:
@@ -451,6 +468,8 @@ def main():
                 if res[0] in ("crash", "hang", "wrong"):
                     bad.append(res)
                     print(f"{res[0].upper()}: {res[1]} {res[2]}: {res[3]}", file=sys.stderr, flush=True)
+                    if len(res) > 4:
+                        print(f"  reproduce: fuzz/mutate_cli.py --seed {a.seed} --only {res[4]}", file=sys.stderr, flush=True)
                 n = sum(counts.values())
                 if n % 500 == 0:
                     print(f"{n} runs, {time.time() - t0:.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
