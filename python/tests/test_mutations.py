@@ -105,3 +105,41 @@ def test_rewired_graphs_the_fuzzer_found_are_left_with_the_reason(fixture, node,
         assert p.returncode == 0, p.stderr
         rejected = json.loads(p.stdout)["rejected"]
         assert any(reason in r["reason"] for r in rejected), rejected
+
+
+def _set_attr(m, node, name, value):
+    [n] = [n for n in m.graph.node if n.name == node]
+    [a] = [a for a in n.attribute if a.name == name]
+    a.i = value
+
+
+def _rewire(m, node, slot, value):
+    [n] = [n for n in m.graph.node if n.name == node]
+    n.input[slot] = value
+
+
+# Mutants on which the CLI crashed (found by fuzz/mutate_cli.py): a panic in the proof's shape
+# reading (a Gemm of a rank-1 input), ONNX Runtime's own loader aborting the process (a Split
+# whose num_outputs disagrees with its outputs; 2^40 of them hung it). Each must end in a clean
+# exit with the reason.
+CRASHERS = [
+    ("gpt_oss_bmm_dynamo", lambda m: _rewire(m, "node_linear", 1, "val_24"), None),
+    ("deepseek_v3_bmm_dynamo", lambda m: _set_attr(m, "node_Split_99", "num_outputs", 1), "ONNX Runtime aborts the process"),
+    ("mixtral_bmm_dynamo", lambda m: _set_attr(m, "node_Split_66", "num_outputs", 2**40), "ONNX Runtime aborts the process"),
+]
+
+
+@pytest.mark.parametrize("fixture,edit,reason", CRASHERS, ids=["gemm-rank1", "split-num-outputs", "split-2^40"])
+def test_mutants_that_crashed_the_cli_end_cleanly(fixture, edit, reason):
+    m = onnx.load(str(mutate.MODELS / f"{fixture}.onnx"))
+    edit(m)
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "mutant.onnx", Path(d) / "rewritten.onnx"
+        onnx.save(m, str(src))
+        p = subprocess.run([str(mutate.CLI), "rewrite", str(src), str(dst), "--json", "--allow-none"], capture_output=True, text=True, timeout=120)
+        assert p.returncode in (0, 1), (p.returncode, p.stderr[-2000:])
+        if p.returncode == 1:
+            assert "error:" in p.stderr and not dst.exists(), p.stderr
+            return
+        if reason:
+            assert any(reason in r["reason"] for r in json.loads(p.stdout)["rejected"]), p.stdout

@@ -414,6 +414,21 @@ pub fn contradicted_shapes(g: &GraphIndex) -> Option<String> {
     None
 }
 
+/// What makes ONNX Runtime's own loader abort rather than refuse (found by fuzzing; its builds
+/// assert on these): a Split whose `num_outputs` or `split` sizes disagree with its outputs.
+fn aborts_onnx_runtime(n: &NodeProto) -> Option<String> {
+    if n.op_type == "Split" && n.domain.is_empty() {
+        let outs = n.output.len() as i64;
+        if let Some(k) = crate::onnx::graph::attr_i(n, "num_outputs").filter(|&k| k != outs) {
+            return Some(format!("has num_outputs = {k} but {outs} outputs"));
+        }
+        if let Some(s) = crate::onnx::graph::attr_ints(n, "split").filter(|s| s.len() as i64 != outs) {
+            return Some(format!("has {} split sizes but {outs} outputs", s.len()));
+        }
+    }
+    None
+}
+
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
@@ -501,8 +516,14 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let mut repl_all: Vec<TensorProto> = repl_inits.into_iter().cloned().collect();
     repl_all.extend(em.initializers.iter().cloned());
     repl_all.extend(materialise(&dir.0, &model.ext, &em.pending)?);
+    let orig_nodes_checked = orig_nodes.clone();
     let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, output.clone(), false)?;
     let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output, true)?;
+    for n in orig_nodes_checked.iter() {
+        if let Some(why) = aborts_onnx_runtime(n) {
+            bail!("node '{}' ({}) {why}: ONNX Runtime aborts the process on it", n.name, n.op_type);
+        }
+    }
     let mut so = super::verify::session(&orig_side.path).context("the region cut out of the graph")?;
     let mut sr = super::verify::session(&repl_side.path).context("the replacement")?;
 

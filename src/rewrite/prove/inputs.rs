@@ -3,7 +3,7 @@
 //! without a dependency (random routing, all tokens on one expert, experts with no token, every
 //! expert hit, ties, repeated experts where the router allows them).
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use ort::value::{DynValue, Tensor};
 
 use super::shape::Shape;
@@ -105,12 +105,26 @@ pub(super) fn slots(s: &Shape) -> usize {
     }
 }
 
+/// Most elements of one proof input (a layer's token rows at the largest token count are far fewer).
+const MAX_FEED: usize = 1 << 26;
+
 pub(super) fn fill(feeds: &[Feed], tokens: usize, p: Pattern, seed: u64, experts: usize) -> Result<Vec<(String, DynValue)>> {
     let mut rng = Rng::new(seed ^ ((tokens as u64) << 20) ^ ((p as u64) << 40));
     let mut out = Vec::new();
     for f in feeds {
-        let shape: Vec<usize> = f.shape.iter().map(|d| d.at(tokens)).collect();
-        let n: usize = shape.iter().product();
+        // the sizes come from the graph's declarations: a negative or absurd one is an error, not
+        // an allocation
+        let shape: Vec<usize> = f
+            .shape
+            .iter()
+            .map(|d| usize::try_from(d.c).ok()?.checked_mul(if d.t == 1 { tokens } else { 1 }))
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow!("boundary value '{}' has a negative or oversized dimension", f.name))?;
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .filter(|&n| n <= MAX_FEED)
+            .ok_or_else(|| anyhow!("boundary value '{}' would hold more than {MAX_FEED} elements at {tokens} tokens", f.name))?;
         let last = shape.last().copied().unwrap_or(1).max(1);
         let vals: Vec<f64> = match f.role {
             Role::RoutingIndices => {

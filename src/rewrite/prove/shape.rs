@@ -194,14 +194,14 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
         }
         "Where" => broadcast(&broadcast(&inp(0)?, &inp(1)?)?, &inp(2)?),
         // arange(n): n entries
-        "Range" if g.const_scalar(&n.input[0]) == Some(0.0) && g.const_scalar(&n.input[2]) == Some(1.0) => {
-            let l = value(g, &n.input[1], depth + 1)?;
+        "Range" if n.input.len() == 3 && g.const_scalar(&n.input[0]) == Some(0.0) && g.const_scalar(&n.input[2]) == Some(1.0) => {
+            let l = value(g, n.input.get(1)?, depth + 1)?;
             (l.len() == 1).then(|| vec![l[0]])
         }
         "TopK" => {
             let mut s = inp(0)?;
             let ax = norm_axis(attr_i(n, "axis").unwrap_or(-1), s.len())?;
-            let k = g.const_i64(&n.input[1]).filter(|k| k.len() == 1)?[0];
+            let k = g.const_i64(n.input.get(1)?).filter(|k| k.len() == 1)?[0];
             s[ax] = Dim::fixed(k);
             Some(s)
         }
@@ -230,6 +230,9 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
         }
         "Gemm" => {
             let (a, b) = (inp(0)?, inp(1)?);
+            if a.len() != 2 || b.len() != 2 {
+                return None;
+            }
             let m = if attr_i(n, "transA").unwrap_or(0) == 1 { a[1] } else { a[0] };
             let nn = if attr_i(n, "transB").unwrap_or(0) == 1 { b[0] } else { b[1] };
             Some(vec![m, nn])
@@ -262,15 +265,15 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
         }
         "ScatterElements" | "ScatterND" => inp(0),
         "GatherElements" => inp(1),
-        "Expand" => broadcast(&inp(0)?, &value(g, &n.input[1], depth + 1)?),
-        "ConstantOfShape" => value(g, &n.input[0], depth + 1),
+        "Expand" => broadcast(&inp(0)?, &value(g, n.input.get(1)?, depth + 1)?),
+        "ConstantOfShape" => value(g, n.input.get(0)?, depth + 1),
         "Reshape" => {
             let s = inp(0)?;
-            let target = value(g, &n.input[1], depth + 1)?;
+            let target = value(g, n.input.get(1)?, depth + 1)?;
             let (mut t_all, mut c_all) = (0u32, 1i64);
             for d in &s {
                 t_all += d.t as u32;
-                c_all *= d.c;
+                c_all = c_all.checked_mul(d.c)?;
             }
             let mut out = Vec::new();
             let mut hole = None;
@@ -286,12 +289,12 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
                 };
                 if hole != Some(i) {
                     t_known += dim.t as u32;
-                    c_known *= dim.c;
+                    c_known = c_known.checked_mul(dim.c)?;
                 }
                 out.push(dim);
             }
             if let Some(h) = hole {
-                if t_all < t_known || t_all - t_known > 1 || c_known == 0 || c_all % c_known != 0 {
+                if t_all < t_known || t_all - t_known > 1 || c_known == 0 || c_all.checked_rem(c_known) != Some(0) {
                     return None;
                 }
                 out[h] = Dim { t: (t_all - t_known) as u8, c: c_all / c_known };
@@ -327,7 +330,7 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
                 if s[ax].t != o[ax].t {
                     return None;
                 }
-                s[ax].c += o[ax].c;
+                s[ax].c = s[ax].c.checked_add(o[ax].c)?;
             }
             Some(s)
         }
@@ -365,7 +368,7 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
     let arg = |i: usize| value(g, n.input.get(i)?, depth + 1);
     match n.op_type.as_str() {
         "Shape" => {
-            let s = infer(g, &n.input[0], depth + 1)?;
+            let s = infer(g, n.input.get(0)?, depth + 1)?;
             let r = s.len() as i64;
             let clamp = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
             let a = clamp(attr_i(n, "start").unwrap_or(0));
@@ -382,14 +385,14 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
         }
         "Gather" => {
             let data = arg(0)?;
-            let idx = g.const_i64(&n.input[1])?;
+            let idx = g.const_i64(n.input.get(1)?)?;
             idx.iter().map(|&i| data.get(if i < 0 { (i + data.len() as i64) as usize } else { i as usize }).copied()).collect()
         }
         "Slice" => {
             let data = arg(0)?;
             let r = data.len() as i64;
-            let (st, en) = (g.const_i64(&n.input[1])?, g.const_i64(&n.input[2])?);
-            let step = n.input.get(4).and_then(|s| g.const_i64(s)).map_or(1, |s| s[0]);
+            let (st, en) = (g.const_i64(n.input.get(1)?)?, g.const_i64(n.input.get(2)?)?);
+            let step = n.input.get(4).and_then(|s| g.const_i64(s)).map_or(Some(1), |s| s.first().copied())?;
             if st.len() != 1 || en.len() != 1 || step != 1 {
                 return None;
             }
@@ -404,15 +407,15 @@ fn value(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
             }
             match n.op_type.as_str() {
                 // either factor may be the multiple of T (the dynamo exporter writes `k * S`)
-                "Mul" if a[0].t + b[0].t <= 1 => Some(vec![Dim { t: a[0].t + b[0].t, c: a[0].c * b[0].c }]),
-                "Div" if b[0].t == 0 && b[0].c != 0 && a[0].c % b[0].c == 0 => Some(vec![Dim { t: a[0].t, c: a[0].c / b[0].c }]),
+                "Mul" if a[0].t + b[0].t <= 1 => Some(vec![Dim { t: a[0].t + b[0].t, c: a[0].c.checked_mul(b[0].c)? }]),
+                "Div" if b[0].t == 0 && b[0].c != 0 && a[0].c.checked_rem(b[0].c) == Some(0) => Some(vec![Dim { t: a[0].t, c: a[0].c.checked_div(b[0].c)? }]),
                 _ => None,
             }
         }
         // a vector reshaped to its own length
         "Reshape" => {
             let a = arg(0)?;
-            let t = g.const_i64(&n.input[1])?;
+            let t = g.const_i64(n.input.get(1)?)?;
             (t == [-1] || t == [a.len() as i64]).then_some(a)
         }
         _ => None,
