@@ -300,3 +300,29 @@ fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
         }
     }
 }
+
+/// JetMoE's `index_add` must add into zeros: onto any other value (here the token rows
+/// themselves, a shape ONNX Runtime accepts) the graph keeps that value in the sum, which the
+/// replacement would drop. The rule refuses it, with the proof off and on.
+#[test]
+fn jetmoe_index_add_onto_the_rows_is_left() {
+    use scattermoe::onnx::graph::GraphIndex;
+    use scattermoe::rewrite::jetmoe;
+    for prove in [false, true] {
+        let mut model = onnx::load(&dir().join("jetmoe_moe.onnx")).unwrap();
+        let (at, x) = {
+            let g = GraphIndex::new(model.graph(), Some(&model.ext)).unwrap();
+            let regions = jetmoe::regions(&g);
+            assert_eq!(regions.len(), 1);
+            let r = regions[0].1.as_ref().unwrap();
+            (r.output.clone(), r.x.clone())
+        };
+        let gm = model.proto.graph.mut_or_insert_default();
+        let n = gm.node.iter_mut().find(|n| n.output[0] == at && n.op_type == "ScatterND").unwrap();
+        n.input[0] = x;
+        let opts = scattermoe::rewrite::RewriteOptions { prove, ..Default::default() };
+        let report = scattermoe::rewrite::rewrite_with(&mut model, &opts).unwrap();
+        assert!(report.layers.is_empty(), "{}", report.text());
+        assert!(report.rejected.iter().any(|r| r.family == "jetmoe" && r.reason.contains("not zeros")), "{}", report.text());
+    }
+}
