@@ -10,7 +10,8 @@
 //! - a single weighted grouped linear on token rows: `ParallelLinear(X, IDX, W, gates = RW)`.
 //!
 //! Exact reformulations: the op reads the same rows with the same weights and needs no sort, so
-//! the result does not depend on how the exporter's sort orders ties.
+//! the result does not depend on how the exporter's sort orders ties. Each replacement carries the
+//! [`Subject`] the numeric proof ([`super::prove`]) runs it against its region with.
 
 use anyhow::{anyhow, bail, Result};
 
