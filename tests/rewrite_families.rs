@@ -53,8 +53,10 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     ("zaya_bmm_dynamo", "hidden_states", 1, 0),
 ];
 
-/// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven.
-const PROVEN: &[&str] = &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe"];
+/// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven
+/// (JetMoE's LM: its 2 MoE layers as ScatterMoE and its 4 Mixture-of-Attention projections as
+/// ParallelLinear).
+const PROVEN: &[&str] = &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
@@ -101,8 +103,8 @@ fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::P
 fn check_with(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path, opts: &scattermoe::rewrite::RewriteOptions) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
     let report = scattermoe::rewrite::rewrite_with(&mut model, opts).map_err(|e| e.to_string())?;
-    if opts.prove && report.layers.iter().any(|l| l.proof.is_none() && l.family != "jetmoe_moa") {
-        return Err(format!("a ScatterMoE layer was written unproven:\n{}", report.text()));
+    if opts.prove && report.layers.iter().any(|l| l.proof.is_none()) {
+        return Err(format!("a layer was written unproven:\n{}", report.text()));
     }
     let (got_smoe, got_pl) = (count(&model, spec::scatter_moe::NAME), count(&model, spec::parallel_linear::NAME));
     if (got_smoe, got_pl) != (smoe, pl) || report.layers.len() != smoe + pl {
@@ -162,8 +164,8 @@ fn family_fixtures_are_rewritten_one_node_per_layer_and_match_torch() {
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), REWRITTEN.len(), failures.join("\n"));
 }
 
-/// With the proof on, the blocks of the matrix that ONNX Runtime runs as exported are replaced,
-/// every layer proven, and still match torch.
+/// With the proof on, the blocks of the matrix that ONNX Runtime runs as exported, and JetMoE's
+/// block and whole LM, are replaced, every layer proven, and still match torch.
 #[test]
 fn matrix_blocks_are_rewritten_with_the_proof_on() {
     let scratch = common::scratch("families_proven");
@@ -265,13 +267,13 @@ fn relu2_swiglu_limit_and_llama4_top2_are_proven() {
 }
 
 /// A wrong candidate of the new forms is stopped by the proof: swiglu_limit with its limit 1% off
-/// (GLM-5-Next) and Llama-4 top-2 with two experts swapped.
+/// (GLM-5-Next), Llama-4 top-2 and JetMoE's MoE layers inside its LM with two experts swapped.
 #[test]
 fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
     use scattermoe::onnx::graph::GraphIndex;
     use scattermoe::rewrite::emit::MoeLayer;
     use scattermoe::rewrite::rule::Rule;
-    use scattermoe::rewrite::{hf_loop, llama4, Rejection, RewriteOptions};
+    use scattermoe::rewrite::{hf_loop, jetmoe, llama4, moa, Rejection, RewriteOptions};
     struct Spoiled(fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>), fn(&mut MoeLayer));
     impl Rule for Spoiled {
         fn name(&self) -> &'static str {
@@ -285,18 +287,85 @@ fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
     }
     let limit_off: fn(&mut MoeLayer) = |l| l.experts.iter_mut().for_each(|m| m.limit *= 1.01);
     let swap: fn(&mut MoeLayer) = |l| l.experts.swap(0, 1);
-    for (name, rule) in [("glm5_next_moe", Spoiled(hf_loop::find, limit_off)), ("llama4_moe_k2", Spoiled(llama4::find, swap))] {
+    // (the Mixture-of-Attention projections the driver adds beside the rules are not counted)
+    for (name, rule, layers) in [
+        ("glm5_next_moe", Spoiled(hf_loop::find, limit_off), 1),
+        ("llama4_moe_k2", Spoiled(llama4::find, swap), 1),
+        ("jetmoe_lm", Spoiled(jetmoe::find, swap), 2),
+    ] {
         for prove in [true, false] {
             let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();
             let opts = RewriteOptions { prove, ..Default::default() };
             let report = scattermoe::rewrite::rewrite_with_rules(&mut model, &opts, &[&rule as &dyn Rule]).unwrap();
+            let written = report.layers.iter().filter(|l| l.family != moa::FAMILY).count();
             if prove {
-                assert!(report.layers.is_empty(), "{name}: written although wrong\n{}", report.text());
-                assert!(report.rejected.iter().any(|r| r.reason.starts_with("not proven") && r.reason.contains("relative error")), "{name}: {}", report.text());
+                assert_eq!(written, 0, "{name}: written although wrong\n{}", report.text());
+                let stopped = report.rejected.iter().filter(|r| r.reason.starts_with("not proven") && r.reason.contains("relative error")).count();
+                assert_eq!(stopped, layers, "{name}: {}", report.text());
             } else {
-                // without the proof the same candidate is written: the proof is what stops it
-                assert_eq!(report.layers.len(), 1, "{name}: {}", report.text());
+                // without the proof the same candidates are written: the proof is what stops them
+                assert_eq!(written, layers, "{name}: {}", report.text());
             }
         }
     }
+}
+
+/// JetMoE's `index_add` must add into zeros: onto any other value (here the token rows
+/// themselves, a shape ONNX Runtime accepts) the graph keeps that value in the sum, which the
+/// replacement would drop. The rule refuses it, with the proof off and on.
+#[test]
+fn jetmoe_index_add_onto_the_rows_is_left() {
+    use scattermoe::onnx::graph::GraphIndex;
+    use scattermoe::rewrite::jetmoe;
+    for prove in [false, true] {
+        let mut model = onnx::load(&dir().join("jetmoe_moe.onnx")).unwrap();
+        let (at, x) = {
+            let g = GraphIndex::new(model.graph(), Some(&model.ext)).unwrap();
+            let regions = jetmoe::regions(&g);
+            assert_eq!(regions.len(), 1);
+            let r = regions[0].1.as_ref().unwrap();
+            (r.output.clone(), r.x.clone())
+        };
+        let gm = model.proto.graph.mut_or_insert_default();
+        let n = gm.node.iter_mut().find(|n| n.output[0] == at && n.op_type == "ScatterND").unwrap();
+        n.input[0] = x;
+        let opts = scattermoe::rewrite::RewriteOptions { prove, ..Default::default() };
+        let report = scattermoe::rewrite::rewrite_with(&mut model, &opts).unwrap();
+        assert!(report.layers.is_empty(), "{}", report.text());
+        assert!(report.rejected.iter().any(|r| r.family == "jetmoe" && r.reason.contains("not zeros")), "{}", report.text());
+    }
+}
+
+/// ParallelLinear candidates (JetMoE's Mixture-of-Attention projections, from the LM) are proven
+/// like ScatterMoE ones: each right candidate is proven, and the same candidate with two experts'
+/// weights swapped is stopped by the proof (without it the driver would write it: the emitted
+/// node loads and runs).
+#[test]
+fn spoiled_parallel_linear_candidates_are_not_proven() {
+    use scattermoe::onnx::graph::GraphIndex;
+    use scattermoe::rewrite::{jetmoe, moa, prove};
+    let model = onnx::load(&dir().join("jetmoe_lm.onnx")).unwrap();
+    let mut g = GraphIndex::new(model.graph(), Some(&model.ext)).unwrap();
+    g.opset = model.opset("").unwrap_or(17);
+    let mut taken = Vec::new();
+    let mut checked = 0;
+    for (at, r) in jetmoe::regions(&g) {
+        let Ok(mut r) = r else { continue };
+        if !matches!(r.form, jetmoe::Form::Linear(_)) {
+            continue;
+        }
+        let right = moa::emit(&g, &r, &format!("right_{checked}"), &mut taken).unwrap();
+        let proof = prove::prove_subject(&model, &g, &right.subject, &right.emitted);
+        let proof = proof.unwrap_or_else(|e| panic!("{at}: the right candidate is not proven: {e:#}"));
+        assert!(proof.tokens.contains(&1) && proof.cases >= 4 * proof.tokens.len(), "{at}: {}", proof.text());
+        if let jetmoe::Form::Linear(gl) = &mut r.form {
+            gl.w.swap(0, 1);
+        }
+        let spoiled = moa::emit(&g, &r, &format!("spoiled_{checked}"), &mut taken).unwrap();
+        let err = prove::prove_subject(&model, &g, &spoiled.subject, &spoiled.emitted).expect_err(&format!("{at}: proven although two experts are swapped"));
+        assert!(err.to_string().contains("relative error"), "{at}: {err:#}");
+        checked += 1;
+    }
+    // map and reduce of each of the two decoder layers
+    assert_eq!(checked, 4);
 }

@@ -30,6 +30,8 @@
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc, BSrc};
 use super::matcher::{axes_of, prod};
+use super::prove::shape::{shape_of, Dim};
+use super::routing::{shape_vector, zeros_shape};
 use super::Rejection;
 use crate::onnx::graph::{attr_i, strip, GraphIndex};
 use crate::spec::CapacityOrder;
@@ -300,6 +302,22 @@ fn check_counts(g: &GraphIndex, sizes: &str, idx: &str, e_count: usize) -> R<()>
     Ok(())
 }
 
+/// The scatter adds into zeros of exactly the output's shape: one row per token (the routing
+/// indices' rows) or one per assignment (k times as many), each as wide as the projection. An
+/// `index_add` onto any other value keeps that value in the sum, which the replacement does not
+/// compute; more rows than that would be rows the replacement does not write.
+fn check_base(g: &GraphIndex, data: &str, routing: &Routing, per_token: bool, width: usize) -> R<()> {
+    let sh = zeros_shape(g, data).ok_or_else(|| format!("the rows are added into '{data}', which is not zeros (the replacement drops it)"))?;
+    let dims = shape_vector(g, sh).ok_or_else(|| format!("cannot tell the shape of the zeros '{data}' the rows are added into"))?;
+    let t = shape_of(g, &routing.idx).filter(|s| s.len() == 2).map(|s| s[0]).ok_or("cannot tell the token count of the routing indices")?;
+    let rows = if per_token { t } else { Dim { t: t.t, c: t.c * routing.k } };
+    let want = [rows, Dim::fixed(width as i64)];
+    if dims != want {
+        return Err(format!("the rows are added into zeros of shape {dims:?}, not {want:?} (the output's rows and width)"));
+    }
+    Ok(())
+}
+
 /// Rows gathered by `by`: Gather(X, by, axis 0) or GatherND(X, Unsqueeze(by, -1)). (X, by)
 fn gathered<'g>(g: &GraphIndex<'g>, v: &str) -> Option<(&'g str, &'g str)> {
     let (_, n) = g.prod(v)?;
@@ -404,6 +422,7 @@ pub fn region(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> R<Region> {
     let x_per_token = check_index(by, &by_tok)?;
     let out_per_token = check_index(scat_by, &scat_tok)?;
     check_counts(g, &last.sizes, &routing.idx, e_count)?;
+    check_base(g, &n.input[0], &routing, out_per_token, last.w[0].out)?;
     let gates = match gate {
         Some((rwf, gby)) => {
             if gby != routing.order {

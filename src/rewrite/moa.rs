@@ -10,12 +10,14 @@
 //! - a single weighted grouped linear on token rows: `ParallelLinear(X, IDX, W, gates = RW)`.
 //!
 //! Exact reformulations: the op reads the same rows with the same weights and needs no sort, so
-//! the result does not depend on how the exporter's sort orders ties.
+//! the result does not depend on how the exporter's sort orders ties. Each replacement carries the
+//! [`Subject`] the numeric proof ([`super::prove`]) runs it against its region with.
 
 use anyhow::{anyhow, bail, Result};
 
 use super::emit::{fresh_name, stack_matrices, Emitted};
 use super::jetmoe::{regions, Form, Region};
+use super::prove::Subject;
 use super::{LayerReport, Rejection};
 use crate::onnx::graph::{attr_int, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
@@ -23,11 +25,13 @@ use crate::spec::{self, parallel_linear as pl};
 
 pub const FAMILY: &str = "jetmoe_moa";
 
-/// One replaced projection: the value it replaces, the nodes, the report line.
+/// One replaced projection: the value it replaces, the nodes, the report line, and what the
+/// numeric proof needs to know of it.
 pub struct Replacement {
     pub output: String,
     pub emitted: Emitted,
     pub report: LayerReport,
+    pub subject: Subject,
 }
 
 /// Every single grouped linear of the graph, as ParallelLinear. Regions this rule cannot read are
@@ -49,7 +53,9 @@ pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize) -> (Vec<R
     (out, rejected)
 }
 
-fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Result<Replacement> {
+/// The ParallelLinear replacement of one single grouped linear `r` (names from `tag`, kept
+/// distinct from `taken`).
+pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Result<Replacement> {
     let Form::Linear(gl) = &r.form else { bail!("not a single grouped linear") };
     if gl.b.iter().any(Option::is_some) {
         bail!("the grouped projection has per-expert biases, which this rule does not write yet");
@@ -61,6 +67,8 @@ fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Resul
     let mut em = Emitted::default();
     let w = stack_matrices(g, taken, &format!("{tag}.W"), &gl.w, elem, &mut em)?;
     let mut nodes = Vec::new();
+    // what the op reads as its indices and gates, and the rows per token of its input
+    let (mut op_idx, mut op_gates, mut x_rows) = (r.routing.idx.clone(), None, 1);
     let shape = |taken: &mut Vec<String>, em: &mut Emitted, what: &str, v: &[i64]| {
         let name = fresh_name(g, taken, &format!("{tag}.{what}"));
         em.initializers.push(make_i64(&name, &[v.len() as i64], v));
@@ -96,6 +104,7 @@ fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Resul
             let col = shape(taken, &mut em, "column", &[-1, 1]);
             let idx1 = fresh_name(g, taken, &format!("{tag}.routing_indices"));
             nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape_indices"), &[&r.routing.idx, &col], &[&idx1]));
+            (op_idx, op_gates, x_rows) = (idx1.clone(), Some(rw.clone()), k);
             let rw = gates(taken, &mut nodes, rw);
             let g1 = fresh_name(g, taken, &format!("{tag}.gates_column"));
             nodes.push(make_node("Reshape", "", &format!("{tag}/Reshape_gates"), &[&rw, &col], &[&g1]));
@@ -117,6 +126,7 @@ fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Resul
         }
         // one weighted grouped linear on token rows
         (false, Some(rw), false) => {
+            op_gates = Some(rw.clone());
             let rw = gates(taken, &mut nodes, rw);
             nodes.push(pl_node(&[&r.x, &r.routing.idx, &w, "", &rw], &r.output));
         }
@@ -139,5 +149,16 @@ fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Resul
         biases: false,
         proof: None,
     };
-    Ok(Replacement { output: r.output.clone(), emitted: em, report })
+    let subject = Subject {
+        output: r.output.clone(),
+        x: r.x.clone(),
+        x_rows,
+        x_width: d_in,
+        x_elem: Some(elem),
+        routing_indices: op_idx,
+        routing_weights: op_gates,
+        experts: r.experts,
+        k: Some(k as usize),
+    };
+    Ok(Replacement { output: r.output.clone(), emitted: em, report, subject })
 }

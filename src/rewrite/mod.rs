@@ -171,9 +171,18 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
     progress.end();
     // JetMoE's Mixture-of-Attention projections: ParallelLinear nodes
     let (moa, moa_rejected) = moa::find(&g, &mut taken, 0);
-    for r in moa {
+    for mut r in moa {
         if replace.iter().any(|(o, _)| o == &r.output) {
             continue;
+        }
+        if opts.prove {
+            match prove::prove_subject(model, &g, &r.subject, &r.emitted) {
+                Ok(p) => r.report.proof = Some(p),
+                Err(err) => {
+                    report.rejected.push(Rejection { family: moa::FAMILY, at: r.output, reason: format!("not proven: {err:#}") });
+                    continue;
+                }
+            }
         }
         report.layers.push(r.report);
         replace.push((r.output, r.emitted));

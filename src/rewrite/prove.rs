@@ -317,10 +317,50 @@ fn routed_by_topk(g: &GraphIndex, v: &str) -> bool {
     false
 }
 
-/// The graph value the op's routing indices are made from: the layer's own, or the one the
+/// What the proof needs to know of a candidate, whatever op replaces it: the value it replaces
+/// and what the values its replacement reads mean (so that they are drawn as the router could
+/// make them).
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// the value the replacement computes instead of the region
+    pub output: String,
+    /// the rows the op reads
+    pub x: String,
+    /// their shape where the graph does not tell it: [rows, width] with rows `x_rows` times T
+    /// (one per token: 1; one per assignment: k)
+    pub x_rows: i64,
+    pub x_width: usize,
+    /// the element type the op computes in (its rows'), where known
+    pub x_elem: Option<i32>,
+    /// the indices the op reads (or the emitted value it reads them through)
+    pub routing_indices: String,
+    /// the routing weights the op reads as gates, where it reads any
+    pub routing_weights: Option<String>,
+    pub experts: usize,
+    pub k: Option<usize>,
+}
+
+impl Subject {
+    /// A ScatterMoE candidate.
+    pub fn of_layer(g: &GraphIndex, layer: &MoeLayer) -> Subject {
+        Subject {
+            output: layer.output.clone(),
+            x: layer.x.clone(),
+            x_rows: 1,
+            x_width: layer.mlp().d,
+            x_elem: layer.value_type(g, &layer.x),
+            routing_indices: layer.routing_indices.clone(),
+            routing_weights: Some(layer.routing_weights.clone()),
+            experts: layer.experts.len(),
+            k: layer.k,
+        }
+    }
+}
+
+/// The graph value the op's routing indices are made from: the candidate's own, or the one the
 /// replacement's nodes reshape into them (a trailing axis of one slot, one row per assignment).
-fn routing_source<'a>(layer: &'a MoeLayer, em: &'a Emitted) -> &'a str {
-    let mut v = layer.routing_indices.as_str();
+fn routing_source<'a>(subject: &'a Subject, em: &'a Emitted) -> &'a str {
+    let mut v = subject.routing_indices.as_str();
     for _ in 0..8 {
         match em.nodes.iter().find(|n| n.output.iter().any(|o| o == v)) {
             Some(n) if n.domain.is_empty() && matches!(n.op_type.as_str(), "Reshape" | "Unsqueeze" | "Squeeze" | "Cast" | "Identity") => v = &n.input[0],
@@ -432,6 +472,12 @@ fn aborts_onnx_runtime(n: &NodeProto) -> Option<String> {
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
+    prove_subject(model, g, &Subject::of_layer(g, layer), em)
+}
+
+/// [`prove`] for any candidate: a ScatterMoE layer ([`Subject::of_layer`]) or a ParallelLinear
+/// projection.
+pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted) -> Result<Proof> {
     let start = Instant::now();
     let reads = replacement_reads(g, em);
     let routing = routing_source(layer, em);
@@ -455,7 +501,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     // the op computes in the rows' type: a float16 layer summed into a float32 value is compared
     // at float16's tolerance
-    let tol = layer.value_type(g, &layer.x).map_or(0.0, tolerance).max(tolerance(out_elem));
+    let tol = layer.x_elem.map_or(0.0, tolerance).max(tolerance(out_elem));
 
     // the boundary inputs, their shapes, and what they mean
     let mut feeds = Vec::new();
@@ -466,8 +512,8 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
             .or_else(|| {
                 // the op's own contract for its inputs when the producers do not tell
                 if *v == layer.x {
-                    Some(vec![Dim::TOKENS, Dim::fixed(layer.mlp().d as i64)])
-                } else if *v == layer.routing_weights || v == routing {
+                    Some(vec![Dim { t: 1, c: layer.x_rows }, Dim::fixed(layer.x_width as i64)])
+                } else if layer.routing_weights.as_ref() == Some(v) || v == routing {
                     k.map(|k| vec![Dim::TOKENS, Dim::fixed(k as i64)])
                 } else {
                     None
@@ -477,10 +523,10 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
         if shape.iter().filter(|d| d.t == 1).count() > 1 {
             bail!("boundary value '{v}' has more than one token axis");
         }
-        let experts = layer.experts.len() as i64;
+        let experts = layer.experts as i64;
         let role = if v == routing && matches!(elem, 6 | 7) {
             Role::RoutingIndices
-        } else if *v == layer.routing_weights {
+        } else if layer.routing_weights.as_ref() == Some(v) {
             Role::RoutingWeights
         } else if *v != layer.x && matches!(elem, 1 | 10 | 16 | 11) && shape.len() >= 2 && shape.last() == Some(&Dim::fixed(experts)) && experts > 1 {
             Role::Logits
@@ -492,8 +538,8 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     }
     if let Some(f) = feeds.iter().find(|f| f.role == Role::RoutingIndices) {
         let kk = slots(&f.shape);
-        if kk > layer.experts.len() {
-            bail!("routing indices '{}' have k = {kk} of {} experts", f.name, layer.experts.len());
+        if kk > layer.experts {
+            bail!("routing indices '{}' have k = {kk} of {} experts", f.name, layer.experts);
         }
     }
 
@@ -527,7 +573,7 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let mut so = super::verify::session(&orig_side.path).context("the region cut out of the graph")?;
     let mut sr = super::verify::session(&repl_side.path).context("the replacement")?;
 
-    let experts = layer.experts.len();
+    let experts = layer.experts;
     let mut compared = Vec::new();
     let mut cases = 0usize;
     let mut worst = 0f64;

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Serialize, Serializer};
 
-use super::{moa, prove};
+use super::prove;
 
 /// A candidate left as it was, and why.
 #[derive(Debug, Clone, Serialize)]
@@ -123,12 +123,7 @@ impl Report {
                 if l.biases { " with biases" } else { "" },
                 l.capacity.map_or(String::new(), |c| format!(" capacity={c}")),
             );
-            let unproven = if l.family == moa::FAMILY {
-                "not proven (the numeric proof covers ScatterMoE candidates; ParallelLinear replacements are not proven yet)"
-            } else {
-                "not proven (proof turned off)"
-            };
-            let _ = writeln!(s, "  {}", l.proof.as_ref().map_or(unproven.to_string(), prove::Proof::text));
+            let _ = writeln!(s, "  {}", l.proof.as_ref().map_or("not proven (proof turned off)".to_string(), prove::Proof::text));
         }
         for r in &self.rejected {
             let _ = writeln!(s, "left as is: {} candidate ending at {}: {}", r.family, r.at, r.reason);

@@ -258,6 +258,49 @@ mod tests {
         assert_eq!(r.inputs, ["h", "x"]);
     }
 
+    /// Zeros the region adds into, sized from a graph input's shape (the dynamo exporter sizes
+    /// JetMoE's `index_add` buffers from `input_ids`, not from the token rows): both models
+    /// compute them, the graph input joins the inputs for its shape. Fed as an input, the zeros
+    /// would be drawn as random data that the replacement never adds, and a right candidate
+    /// (JetMoE's MoE inside its whole LM) would differ from its region.
+    #[test]
+    fn zeros_sized_from_a_graph_input_are_computed_in_both_models() {
+        let mut g = GraphProto::new();
+        for v in ["ids", "x", "idx"] {
+            g.input.push(vi(v));
+        }
+        g.output.push(vi("y"));
+        g.initializer.push(crate::onnx::tensor::make_i64("width", &[1], &[4]));
+        let mut zero = crate::onnx::tensor::make_i64("zero", &[], &[0]);
+        zero.data_type = 1;
+        zero.int64_data.clear();
+        zero.raw_data = vec![0; 4];
+        g.initializer.push(zero);
+        let n = |op: &str, name: &str, i: &[&str], o: &[&str]| make_node(op, "", name, i, o);
+        let mut shape = n("Shape", "shape_ids", &["ids"], &["s"]);
+        shape.attribute.push(crate::onnx::graph::attr_int("start", 1));
+        g.node.push(shape);
+        g.node.push(n("Concat", "zeros_shape", &["s", "width"], &["zs"]));
+        g.node.push(n("Expand", "zeros", &["zero", "zs"], &["z"]));
+        g.node.push(n("ScatterND", "index_add", &["z", "idx", "x"], &["moe"]));
+        g.node.push(n("Identity", "out", &["moe"], &["y"]));
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let reads: Vec<String> = ["x", "idx"].iter().map(|s| s.to_string()).collect();
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        // nothing else reads the zeros: they go with the region, computed from the input's shape
+        assert_eq!(names(&r.removed), ["shape_ids", "zeros_shape", "zeros", "index_add"]);
+        assert_eq!(r.inputs, ["ids", "idx", "x"]);
+        // read elsewhere too, they stay live and both models compute them
+        g.output.push(vi("z"));
+        let gi = GraphIndex::new(&g, None).unwrap();
+        // float data: pulled in only because it is derivable, never for being an integer
+        assert_eq!(gi.infer_type("z"), Some(1));
+        let r = extract(&gi, "moe", &reads, &[]).unwrap();
+        assert_eq!(names(&r.shared), ["shape_ids", "zeros_shape", "zeros"]);
+        assert_eq!(r.inputs, ["ids", "idx", "x"]);
+    }
+
     /// Indices derived from a router that reads the graph's input rather than the rows the
     /// replacement reads: the router is computed from that input in both models.
     #[test]
