@@ -13,6 +13,7 @@
 mod inputs;
 pub mod region;
 pub mod shape;
+mod twin;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -50,18 +51,21 @@ pub struct Proof {
     pub max_rel_err: f64,
     pub tolerance: f64,
     pub millis: f64,
+    /// the region was run with its 16-bit com.microsoft.MoE node computed in float32 (`twin.rs`)
+    pub float32_reference: bool,
 }
 
 impl Proof {
     pub fn text(&self) -> String {
         let t: Vec<String> = self.tokens.iter().map(usize::to_string).collect();
         format!(
-            "proven on {} cases at tokens {} (max relative error {:.1e}, tolerance {:.0e}, {:.0} ms)",
+            "proven on {} cases at tokens {} (max relative error {:.1e}, tolerance {:.0e}, {:.0} ms{})",
             self.cases,
             t.join(","),
             self.max_rel_err,
             self.tolerance,
-            self.millis
+            self.millis,
+            if self.float32_reference { "; against the region's node computed in float32 on the same 16-bit values" } else { "" }
         )
     }
 }
@@ -389,6 +393,10 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let shared: Vec<NodeProto> = region.shared.iter().map(|&i| g.node(i).clone()).collect();
     let mut orig_nodes = shared.clone();
     orig_nodes.extend(region.removed.iter().map(|&i| g.node(i).clone()));
+    // a 16-bit node whose ONNX Runtime kernel is missing or defective is compared in float32
+    let twin = twin::float32_twin(g, &orig_nodes, &layer.output);
+    let float32_reference = twin.is_some();
+    let orig_nodes = twin.unwrap_or(orig_nodes);
     let mut repl_nodes = shared;
     repl_nodes.extend(em.nodes.iter().cloned());
     let inputs: Vec<ValueInfoProto> = feeds.iter().map(|f| value_info(&f.name, f.elem, Some(&f.shape))).collect();
@@ -403,7 +411,8 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
     let mut repl_all: Vec<TensorProto> = repl_inits.into_iter().cloned().collect();
     repl_all.extend(em.initializers.iter().cloned());
     repl_all.extend(materialise(&dir.0, &model.ext, &em.pending)?);
-    let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, output.clone(), false)?;
+    let orig_output = if float32_reference { value_info(&layer.output, 1, None) } else { output.clone() };
+    let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, orig_output, false)?;
     let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output, true)?;
     let mut so = super::verify::session(&orig_side.path).context("the region cut out of the graph")?;
     let mut sr = super::verify::session(&repl_side.path).context("the replacement")?;
@@ -468,5 +477,5 @@ pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> R
             original_failures.first().map(String::as_str).unwrap_or("none")
         );
     }
-    Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3 })
+    Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3, float32_reference })
 }

@@ -92,8 +92,19 @@ fn proof_json<S: Serializer>(p: &Option<prove::Proof>, s: S) -> Result<S::Ok, S:
         max_rel_err: f64,
         tolerance: f64,
         millis: f64,
+        /// the region's 16-bit com.microsoft.MoE node was computed in float32 for the comparison
+        float32_reference: bool,
     }
-    p.as_ref().map(|p| P { tokens: &p.tokens, cases: p.cases, max_rel_err: p.max_rel_err, tolerance: p.tolerance, millis: p.millis }).serialize(s)
+    p.as_ref()
+        .map(|p| P {
+            tokens: &p.tokens,
+            cases: p.cases,
+            max_rel_err: p.max_rel_err,
+            tolerance: p.tolerance,
+            millis: p.millis,
+            float32_reference: p.float32_reference,
+        })
+        .serialize(s)
 }
 
 fn opt(v: Option<usize>) -> String {
