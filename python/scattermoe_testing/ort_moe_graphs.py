@@ -208,3 +208,48 @@ def feeds(case: Case, w: dict[str, np.ndarray], tokens: int, rng: np.random.Gene
     if case.weights == "input":
         out.update({k: as_feed(case.dtype, v) for k, v in w.items()})
     return out
+
+
+def reference(case: Case, w: dict[str, np.ndarray], x: np.ndarray, router: np.ndarray) -> np.ndarray:
+    """com.microsoft.MoE evaluated in float64, independently of ONNX Runtime, on the given values
+    (16-bit inputs and weights as their float32 values): softmax over the router logits, top-k
+    with ties to the higher expert number (ONNX Runtime's CPU kernel sorts (probability, expert)
+    pairs in descending order), the k weights divided by their sum when normalize_routing_weights
+    is 1, then fc1 [E, n, d] (+ bias), the activation, fc2 [E, d, f] (+ bias). swiglu is the
+    interleaved form: g' = min(g, limit), u' = clamp(u, -limit, limit),
+    h = g' sigmoid(alpha g') (u' + beta); absent alpha / beta / limit are 1 / 0 / none."""
+    if case.fc3 or (case.gated and case.fusion != 1):
+        raise ValueError(f"{case.id}: no reference for fc3 or a swiglu_fusion other than 1")
+    x = np.asarray(x, np.float64).reshape(-1, D)
+    r = np.asarray(router, np.float64).reshape(-1, E)
+    p = np.exp(r - r.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    # descending probability, then descending expert number
+    order = np.lexsort((-np.arange(E)[None, :].repeat(len(p), 0), -p), axis=-1)
+    idx = order[:, : case.k]
+    wt = np.take_along_axis(p, idx, -1)
+    if case.normalize == 1:
+        wt = wt / wt.sum(-1, keepdims=True)
+    alpha = 1.0 if case.alpha is None else case.alpha
+    beta = 0.0 if case.beta is None else case.beta
+    limit = np.inf if case.limit is None else case.limit
+    f64 = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    y = np.zeros_like(x)
+    for t in range(len(x)):
+        for j in range(case.k):
+            e = idx[t, j]
+            h = f64["fc1"][e] @ x[t] + (f64["b1"][e] if case.biases else 0.0)
+            if case.activation == "relu":
+                h = np.maximum(h, 0.0)
+            elif case.activation == "gelu":
+                h = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
+            elif case.activation == "silu":
+                h = h / (1.0 + np.exp(-h))
+            elif case.activation == "swiglu":
+                g, u = np.minimum(h[0::2], limit), np.clip(h[1::2], -limit, limit)
+                h = g / (1.0 + np.exp(-alpha * g)) * (u + beta)
+            elif case.activation != "identity":
+                raise ValueError(f"activation {case.activation}")
+            o = f64["fc2"][e] @ h + (f64["b2"][e] if case.biases else 0.0)
+            y[t] += wt[t, j] * o
+    return y

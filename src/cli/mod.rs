@@ -159,7 +159,16 @@ where
 fn none_replaced(model: &Path, rep: &rewrite::Report, inspect: bool) -> String {
     let n = rep.rejected.len();
     let found = format!("{n} candidate{} found, each left as is", if n == 1 { "" } else { "s" });
+    let looks = rep.looks_like_moe.len();
     let what = match (n, inspect) {
+        (0, _) if looks > 0 => format!(
+            "no MoE layer found in {}: {looks} region{} look{} like MoE but no rule covers {} ({})",
+            model.display(),
+            if looks == 1 { "" } else { "s" },
+            if looks == 1 { "s" } else { "" },
+            if looks == 1 { "it" } else { "them" },
+            if inspect { "listed above" } else { "see --report" }
+        ),
         (0, _) => format!("no MoE layer found in {}", model.display()),
         (_, true) => format!("no MoE layer would be replaced in {}: {found}", model.display()),
         (_, false) => format!("no MoE layer replaced in {}: {found} (see --report)", model.display()),
@@ -181,7 +190,8 @@ impl file::Listener for Say {
             print!("{}", rep.text());
         } else if !rep.layers.is_empty() {
             let n = rep.layers.len();
-            let left = if rep.rejected.is_empty() { String::new() } else { format!(", {} candidate(s) left as is (see --report)", rep.rejected.len()) };
+            let n_left = rep.rejected.len() + rep.looks_like_moe.len();
+            let left = if n_left == 0 { String::new() } else { format!(", {n_left} candidate(s) left as is (see --report)") };
             eprintln!("{n} MoE layer{} replaced ({} nodes -> {}){left}", if n == 1 { "" } else { "s" }, rep.nodes_before, rep.nodes_after);
         }
     }

@@ -22,6 +22,7 @@ pub mod expr;
 pub mod hf_loop;
 pub mod jetmoe;
 pub mod llama4;
+pub mod looks_like;
 pub mod matcher;
 pub mod megablocks;
 pub mod moa;
@@ -171,12 +172,19 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
     progress.end();
     // JetMoE's Mixture-of-Attention projections: ParallelLinear nodes
     let (moa, moa_rejected) = moa::find(&g, &mut taken, 0);
+    // what looks like MoE and no rule covered, with the rules' reasons (the graph is not changed)
+    let moa_routing: Vec<String> = moa.iter().flat_map(|r| r.emitted.nodes.iter().flat_map(|n| n.input.iter().cloned())).filter(|v| matches!(g.infer_type(v), Some(6 | 7))).collect();
+    report.looks_like_moe = looks_like::find(&g, &layers, &moa_routing, &report.rejected);
     for mut r in moa {
         if replace.iter().any(|(o, _)| o == &r.output) {
             continue;
         }
         if opts.prove {
-            match prove::prove_subject(model, &g, &r.subject, &r.emitted) {
+            let proven = match &contradicted {
+                Some(why) => Err(anyhow!("{why}")),
+                None => prove::prove_subject(model, &g, &r.subject, &r.emitted),
+            };
+            match proven {
                 Ok(p) => r.report.proof = Some(p),
                 Err(err) => {
                     report.rejected.push(Rejection { family: moa::FAMILY, at: r.output, reason: format!("not proven: {err:#}") });

@@ -12,6 +12,8 @@
 //! infinity). relu, gelu, silu and identity ignore alpha, beta and limit.
 //!
 //! The router becomes Cast -> Softmax -> TopK [-> ReduceSum, Div]; the experts one ScatterMoE node.
+//! TopK reads the experts in reverse order, so that ties go to the higher expert number as in the
+//! kernel (`top_k_last_wins`).
 //! What ScatterMoE has no activation for is written exactly in one it has, by rescaling weights
 //! (nodes in front of the op; ONNX Runtime folds them when the weights are initializers):
 //! - identity: `a = relu(a) - relu(-a)`, so fc1 becomes `[fc1; -fc1]` and fc2 `[fc2, -fc2]`
@@ -254,6 +256,37 @@ impl Prep<'_> {
     }
 }
 
+/// Top-k of `probs` [T, E] as ONNX Runtime's CPU kernel takes it: `partial_sort` of (probability,
+/// expert) pairs by `std::greater`, so of two equal probabilities the higher expert number wins
+/// (checked at exact ties in float32 and float16 by `python/tests/test_ort_moe_matrix.py`), while
+/// ONNX's TopK keeps the lower index. TopK runs over the experts in reverse order and its indices
+/// are mapped back (`E - 1 - j`), which also gives the kernel's order within a row. Ties are
+/// common where the router's logits are float16 (two logits one rounding apart). Returns the
+/// values and the indices.
+fn top_k_last_wins(p: &mut Prep, probs: &str, k: i64, e: i64) -> (String, String) {
+    let tag = p.tag;
+    let rev = format!("{tag}/probs_reversed");
+    let [starts, ends, axes, steps] = ["starts", "ends", "axes", "steps"].map(|s| format!("{tag}/reverse_{s}"));
+    // router_probs is [T, E] (ONNX Runtime's kernel requires rank 2); Slice-10 takes no negative axis
+    for (name, v) in [(&starts, -1), (&ends, i64::MIN), (&axes, 1), (&steps, -1)] {
+        p.inits.push(make_i64(name, &[1], &[v]));
+    }
+    p.nodes.push(make_node("Slice", "", &format!("{tag}/Reverse"), &[probs, &starts, &ends, &axes, &steps], &[&rev]));
+    let kname = format!("{tag}/k");
+    p.inits.push(make_i64(&kname, &[1], &[k]));
+    let (vals, rev_idx) = (format!("{tag}/topk_values"), format!("{tag}/topk_reversed_indices"));
+    let mut tk = make_node("TopK", "", &format!("{tag}/TopK"), &[&rev, &kname], &[&vals, &rev_idx]);
+    tk.attribute.push(attr_int("axis", -1));
+    tk.attribute.push(attr_int("largest", 1));
+    tk.attribute.push(attr_int("sorted", 1));
+    p.nodes.push(tk);
+    let last = format!("{tag}/last_expert");
+    p.inits.push(make_i64(&last, &[1], &[e - 1]));
+    let idx = format!("{tag}/topk_indices");
+    p.nodes.push(make_node("Sub", "", &format!("{tag}/Unreverse"), &[&last, &rev_idx], &[&idx]));
+    (vals, idx)
+}
+
 fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> {
     let inp = |j: usize| n.input.get(j).map(String::as_str).unwrap_or("");
     if n.output.len() != 1 {
@@ -370,17 +403,10 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         out
     };
     let probs = format!("{tag}/probs");
-    let kname = format!("{tag}/k");
-    let (vals, idx) = (format!("{tag}/topk_values"), format!("{tag}/topk_indices"));
-    p.inits.push(make_i64(&kname, &[1], &[a.k]));
     let mut sm = make_node("Softmax", "", &format!("{tag}/Softmax"), &[&logits], &[&probs]);
     sm.attribute.push(attr_int("axis", -1));
     p.nodes.push(sm);
-    let mut tk = make_node("TopK", "", &format!("{tag}/TopK"), &[&probs, &kname], &[&vals, &idx]);
-    tk.attribute.push(attr_int("axis", -1));
-    tk.attribute.push(attr_int("largest", 1));
-    tk.attribute.push(attr_int("sorted", 1));
-    p.nodes.push(tk);
+    let (vals, idx) = top_k_last_wins(&mut p, &probs, a.k, e);
     let weights = if a.normalize {
         let sum = format!("{tag}/sum");
         let w = format!("{tag}/weights");

@@ -13,6 +13,7 @@
 mod inputs;
 pub mod region;
 pub mod shape;
+mod twin;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -50,18 +51,21 @@ pub struct Proof {
     pub max_rel_err: f64,
     pub tolerance: f64,
     pub millis: f64,
+    /// the region was run with its 16-bit com.microsoft.MoE node computed in float32 (`twin.rs`)
+    pub float32_reference: bool,
 }
 
 impl Proof {
     pub fn text(&self) -> String {
         let t: Vec<String> = self.tokens.iter().map(usize::to_string).collect();
         format!(
-            "proven on {} cases at tokens {} (max relative error {:.1e}, tolerance {:.0e}, {:.0} ms)",
+            "proven on {} cases at tokens {} (max relative error {:.1e}, tolerance {:.0e}, {:.0} ms{})",
             self.cases,
             t.join(","),
             self.max_rel_err,
             self.tolerance,
-            self.millis
+            self.millis,
+            if self.float32_reference { "; against the region's node computed in float32 on the same 16-bit values" } else { "" }
         )
     }
 }
@@ -375,7 +379,7 @@ fn routing_source<'a>(subject: &'a Subject, em: &'a Emitted) -> &'a str {
 /// rank 2 or more, token rows `[..., d]` holding as many tokens as the routing's leading axes.
 /// The cut-out models are fed the shapes the boundary values have in the graph, or the op's own
 /// where the graph does not tell, so a contradiction the graph shows must be found here.
-fn static_contract(g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<()> {
+fn static_contract(g: &GraphIndex, layer: &Subject, em: &Emitted) -> Result<()> {
     let Some(op) = em.nodes.iter().find(|n| n.domain == spec::DOMAIN && n.op_type == spec::scatter_moe::NAME) else {
         return Ok(());
     };
@@ -398,7 +402,7 @@ fn static_contract(g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<()>
         }
     }
     if let Some((xv, xs)) = &x {
-        let d = layer.mlp().d as i64;
+        let d = layer.x_width as i64;
         if xs.len() < 2 || xs.last() != Some(&Dim::fixed(d)) {
             bail!("token rows '{xv}' have shape {}: the op needs [..., {d}]", shape::text(xs));
         }
@@ -493,8 +497,10 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     // Routing weights whose shape the graph does not tell are computed by both models from their
     // producers, not fed in the op's [T, k]: fed so, they would hide a graph in which they have
     // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
-    if reads.contains(&layer.routing_weights) && shape::shape_of(g, &layer.routing_weights).is_none() && !derive.contains(&layer.routing_weights) {
-        derive.push(layer.routing_weights.clone());
+    if let Some(w) = layer.routing_weights.as_ref().filter(|w| reads.contains(w) && !derive.contains(w)) {
+        if shape::shape_of(g, w).is_none() {
+            derive.push(w.clone());
+        }
     }
     static_contract(g, layer, em)?;
     let region = region::extract(g, &layer.output, &reads, &derive)?;
@@ -548,6 +554,10 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     let shared: Vec<NodeProto> = region.shared.iter().map(|&i| g.node(i).clone()).collect();
     let mut orig_nodes = shared.clone();
     orig_nodes.extend(region.removed.iter().map(|&i| g.node(i).clone()));
+    // a 16-bit node whose ONNX Runtime kernel is missing or defective is compared in float32
+    let twin = twin::float32_twin(g, &orig_nodes, &layer.output);
+    let float32_reference = twin.is_some();
+    let orig_nodes = twin.unwrap_or(orig_nodes);
     let mut repl_nodes = shared;
     repl_nodes.extend(em.nodes.iter().cloned());
     let inputs: Vec<ValueInfoProto> = feeds.iter().map(|f| value_info(&f.name, f.elem, Some(&f.shape))).collect();
@@ -563,7 +573,8 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     repl_all.extend(em.initializers.iter().cloned());
     repl_all.extend(materialise(&dir.0, &model.ext, &em.pending)?);
     let orig_nodes_checked = orig_nodes.clone();
-    let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, output.clone(), false)?;
+    let orig_output = if float32_reference { value_info(&layer.output, 1, None) } else { output.clone() };
+    let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, orig_output, false)?;
     let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output, true)?;
     for n in orig_nodes_checked.iter() {
         if let Some(why) = aborts_onnx_runtime(n) {
@@ -633,5 +644,5 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
             original_failures.first().map(String::as_str).unwrap_or("none")
         );
     }
-    Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3 })
+    Ok(Proof { tokens: compared, cases, max_rel_err: worst, tolerance: tol, millis: start.elapsed().as_secs_f64() * 1e3, float32_reference })
 }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Serialize, Serializer};
 
+use super::looks_like::LooksLike;
 use super::prove;
 
 /// A candidate left as it was, and why.
@@ -60,6 +61,9 @@ pub struct Report {
     pub nodes_after: usize,
     pub initializers_before: usize,
     pub initializers_after: usize,
+    /// regions no rule covered that have a router and per-expert weights ("looks like MoE, not
+    /// proven"), left as they are
+    pub looks_like_moe: Vec<LooksLike>,
     /// every candidate the rules matched (replaced or not); [`Report::candidates`] reads it
     #[serde(skip)]
     pub found: Vec<Found>,
@@ -92,8 +96,19 @@ fn proof_json<S: Serializer>(p: &Option<prove::Proof>, s: S) -> Result<S::Ok, S:
         max_rel_err: f64,
         tolerance: f64,
         millis: f64,
+        /// the region's 16-bit com.microsoft.MoE node was computed in float32 for the comparison
+        float32_reference: bool,
     }
-    p.as_ref().map(|p| P { tokens: &p.tokens, cases: p.cases, max_rel_err: p.max_rel_err, tolerance: p.tolerance, millis: p.millis }).serialize(s)
+    p.as_ref()
+        .map(|p| P {
+            tokens: &p.tokens,
+            cases: p.cases,
+            max_rel_err: p.max_rel_err,
+            tolerance: p.tolerance,
+            millis: p.millis,
+            float32_reference: p.float32_reference,
+        })
+        .serialize(s)
 }
 
 fn opt(v: Option<usize>) -> String {
@@ -128,12 +143,16 @@ impl Report {
         for r in &self.rejected {
             let _ = writeln!(s, "left as is: {} candidate ending at {}: {}", r.family, r.at, r.reason);
         }
+        for l in &self.looks_like_moe {
+            let _ = writeln!(s, "left as is: at {}: {}", l.at, l.text());
+        }
         let _ = writeln!(s, "nodes {} -> {}, initializers {} -> {}", self.nodes_before, self.nodes_after, self.initializers_before, self.initializers_after);
         s
     }
 
     /// The report as one line of JSON: `layers` (each with its `proof`, or null), `rejected`,
-    /// and the node and initializer counts.
+    /// `looks_like_moe` (each with `at`, `router`, `experts`, `k`, `anchors`, `reason`), and the
+    /// node and initializer counts.
     pub fn json(&self) -> String {
         serde_json::to_string(self).expect("a report serializes (strings, numbers, booleans only)")
     }
@@ -170,6 +189,19 @@ impl Report {
                 reason: Some(r.reason.clone()),
             });
         }
+        for l in &self.looks_like_moe {
+            out.push(Candidate {
+                family: "looks_like_moe",
+                at: l.at.clone(),
+                experts: Some(l.experts),
+                k: l.k,
+                d: None,
+                f: None,
+                elem_type: None,
+                rewrite: false,
+                reason: Some(l.text()),
+            });
+        }
         out
     }
 }
@@ -179,6 +211,7 @@ impl Candidate {
     pub fn text(&self, proven: bool) -> String {
         let shape = match (self.experts, self.d, self.f) {
             (Some(e), Some(d), Some(f)) => format!("E={e} k={} d={d} f={f} {}", opt(self.k), self.elem_type.unwrap_or("?")),
+            (Some(e), None, None) if self.family == "looks_like_moe" => format!("E={e} k={}", opt(self.k)),
             _ => "E=? k=? d=? f=? (the rule stopped before the shapes were read)".to_string(),
         };
         let verdict = match (&self.reason, proven) {
