@@ -210,10 +210,8 @@ def server_env() -> dict[str, str]:
     library, and fails in multiprocessing ("'_thread.RLock' object has no attribute
     '_recursion_count'"). The interpreter's own LIBDIR first makes them one Python.
     """
-    info = subprocess.run(
-        [str(SERVING_PYTHON), "-c", "import sysconfig, json; print(json.dumps([sysconfig.get_config_var(k) for k in ('LIBDIR', 'LDLIBRARY')]))"],
-        capture_output=True, text=True, check=True,
-    )
+    ask = "import sysconfig, json; print(json.dumps([sysconfig.get_config_var(k) for k in ('LIBDIR', 'LDLIBRARY')]))"
+    info = subprocess.run([str(SERVING_PYTHON), "-c", ask], capture_output=True, text=True, check=True)
     libdir, ldlibrary = json.loads(info.stdout)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     if ldlibrary and (Path(libdir) / ldlibrary).exists():
