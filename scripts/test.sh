@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Passes every test on a fresh machine: installs what it needs (project venvs with pinned ONNX
-# Runtime 1.31.1 and 1.20.1; nvcc 13.0 from PyPI, so every CUDA kernel is compiled on every run),
+# Runtime 1.31.1 and 1.20.1, and PyTriton for the serving test; ONNX Runtime's C header; nvcc 13.0
+# from PyPI, so every CUDA kernel is compiled on every run),
 # builds the workspace, then runs the Rust and Python suites.
 # GPU tests run only where a GPU is present; they say so when skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-python.sh
+# ONNX Runtime's C header, for compiling the README's C snippet (Debian 13's libonnxruntime-dev, unpacked)
+export SCATTERMOE_ORT_INCLUDE=${SCATTERMOE_ORT_INCLUDE:-$(scripts/setup-ort-headers.sh | tail -n 1)}
 export NVCC=${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls "$PWD"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n 1)}
 # With TensorRT's headers (docs/tensorrt.md) the TensorRT plugin is built and tested; its
