@@ -405,7 +405,7 @@ def check_case(rec, a):
         if os.path.exists(p):
             os.remove(p)
     t0 = time.time()
-    p = subprocess.run([a.cli, "rewrite", base + ".onnx", out, "--json"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([a.cli, "rewrite", base + ".onnx", out, "--json", "--allow-none"], capture_output=True, text=True, timeout=300)
     rec["rewrite_s"] = round(time.time() - t0, 2)
     rep = None
     for line in p.stdout.splitlines()[::-1]:
@@ -513,6 +513,7 @@ def write_md(info, recs, a):
         "    [--baseline OTHER/results.json --baseline-name NAME]   # a second count column",
         "```",
         "",
+    ] + ([a.note, ""] if a.note else []) + [
         "## Counts",
         "",
         "| outcome | cases |" + (f" {a.baseline_name} |" if a.baseline else ""),
@@ -561,6 +562,7 @@ def main():
     c.add_argument("--jobs", type=int, default=2)
     c.add_argument("--baseline", default="", help="results.json of another rewriter over the same exports")
     c.add_argument("--baseline-name", default="baseline")
+    c.add_argument("--note", default="", help="a paragraph under the commands: what made this table (revision, ONNX Runtime, machine)")
     c.add_argument("--md-only", action="store_true", help="rewrite the table from --work's results.json")
     a = ap.parse_args()
     if a.cmd == "list":
