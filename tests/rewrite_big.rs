@@ -34,7 +34,19 @@ fn fill(w: &mut impl Write, n: usize, block: &[u8]) -> usize {
 #[ignore]
 fn nine_gib_of_external_weights_rewrite_within_one_gib_plus_one_layer() {
     let (d, f, layers) = (env_or("SCATTERMOE_BIG_D", 4096), env_or("SCATTERMOE_BIG_F", 8192), env_or("SCATTERMOE_BIG_LAYERS", 6));
-    let dir = common::scratch("big");
+    stack(d, f, layers, "big");
+}
+
+/// A deep stack of small layers, every one proven: the shapes the proof reads for layer 40 are
+/// told through the 39 layers before it (they once were not: their depth exceeded the shape
+/// walk's, and the layers past the second were left).
+#[test]
+fn a_48_layer_stack_has_every_layer_proven_and_replaced() {
+    stack(64, 128, 48, "deep");
+}
+
+fn stack(d: usize, f: usize, layers: usize, tag: &str) {
+    let dir = common::scratch(tag);
     let base = scattermoe::onnx::load(&common::models_dir().join("dbrx.onnx")).unwrap().proto;
     let g0 = base.graph.clone().unwrap();
     let e = 4usize;

@@ -22,6 +22,8 @@ pub struct GraphIndex<'g> {
     /// value name -> its declaration (the graph's inputs, then value_info, then outputs; the
     /// first one of a name)
     pub declared: HashMap<&'g str, &'g onnx_protobuf::ValueInfoProto>,
+    /// unique per index made (caches keyed by a graph use it: an address can be reused)
+    pub id: u64,
     /// node indices in a topological order
     pub topo: Vec<usize>,
     /// position of each node in `topo`
@@ -89,7 +91,9 @@ impl<'g> GraphIndex<'g> {
         for (p, &i) in topo.iter().enumerate() {
             topo_pos[i] = p;
         }
-        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, declared, topo, topo_pos, opset: 17 })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(GraphIndex { graph, ext, producer, consumers, initializers, graph_inputs, graph_outputs, declared, id, topo, topo_pos, opset: 17 })
     }
 
     pub fn default_opset(&self) -> i64 {

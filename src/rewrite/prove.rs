@@ -492,18 +492,19 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     // route themselves, com.microsoft.MoE's, stay inputs).
     let sources = index_sources(em, &layer.routing_indices);
     let index = |v: &str| sources.contains(v) && matches!(g.infer_type(v), Some(6 | 7));
-    let mut derive: Vec<String> =
+    let derive: Vec<String> =
         reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !routed_by_topk(g, v)).cloned().collect();
     // Routing weights whose shape the graph does not tell are computed by both models from their
     // producers, not fed in the op's [T, k]: fed so, they would hide a graph in which they have
     // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
-    if let Some(w) = layer.routing_weights.as_ref().filter(|w| reads.contains(w) && !derive.contains(w)) {
-        if shape::shape_of(g, w).is_none() {
-            derive.push(w.clone());
-        }
-    }
+    // (Where they are too far from the replacement's inputs to compute, they take the op's shape.)
+    let derive_weights = layer.routing_weights.as_ref().filter(|w| reads.contains(w) && !derive.contains(w) && shape::shape_of(g, w).is_none());
     static_contract(g, layer, em)?;
-    let region = region::extract(g, &layer.output, &reads, &derive)?;
+    let region = match derive_weights {
+        Some(w) => region::extract(g, &layer.output, &reads, &[derive.clone(), vec![w.clone()]].concat())
+            .or_else(|_| region::extract(g, &layer.output, &reads, &derive))?,
+        None => region::extract(g, &layer.output, &reads, &derive)?,
+    };
     let out_elem = g.infer_type(&layer.output).ok_or_else(|| anyhow!("cannot tell the element type of '{}'", layer.output))?;
     // the op computes in the rows' type: a float16 layer summed into a float32 value is compared
     // at float16's tolerance

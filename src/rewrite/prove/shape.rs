@@ -4,6 +4,9 @@
 //! the producers, for the ops that build the values a MoE region reads (token rows, router
 //! outputs, shape chains). An op not listed makes the shape unknown: the proof then says so.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use crate::onnx::graph::{attr_i, attr_ints, GraphIndex};
 use onnx_protobuf::type_proto;
 
@@ -39,17 +42,37 @@ pub fn text(s: &Shape) -> String {
     format!("[{}]", d.join(", "))
 }
 
-/// Steps one [`shape_of`] may take: the walk has no memo, and a graph without declarations can
-/// reach one value along many paths.
-const STEPS: usize = 20_000;
-
 thread_local! {
-    static TAKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The shapes of every value a node of one graph (by [`GraphIndex::id`]) produces, computed
+    /// once in topological order: each value is then told from its inputs' stored shapes, so a
+    /// value deep in a whole LM is told as cheaply as one near its inputs.
+    static MEMO: RefCell<(u64, HashMap<String, Option<Shape>>)> = RefCell::new((u64::MAX, HashMap::new()));
+}
+
+fn ensure(g: &GraphIndex) {
+    if MEMO.with(|m| m.borrow().0 == g.id) {
+        return;
+    }
+    MEMO.with(|m| {
+        let mut m = m.borrow_mut();
+        m.0 = g.id;
+        m.1.clear();
+    });
+    for &i in &g.topo {
+        for o in g.node(i).output.iter().filter(|o| !o.is_empty()) {
+            let s = infer(g, o, 0);
+            MEMO.with(|m| m.borrow_mut().1.insert(o.clone(), s));
+        }
+    }
+}
+
+fn memo(v: &str) -> Option<Option<Shape>> {
+    MEMO.with(|m| m.borrow().1.get(v).cloned())
 }
 
 /// The shape of `v`, or None when it cannot be told.
 pub fn shape_of(g: &GraphIndex, v: &str) -> Option<Shape> {
-    TAKEN.with(|t| t.set(0));
+    ensure(g);
     infer(g, v, 0)
 }
 
@@ -130,6 +153,7 @@ fn axes(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
 /// the shapes again, so a proof fed the declared ones would not see the graph ONNX Runtime runs.
 /// Returns (declared, computed).
 pub fn stale_declaration(g: &GraphIndex, v: &str) -> Option<(Shape, Shape)> {
+    ensure(g);
     if g.const_tensor(v).is_some() {
         return None;
     }
@@ -164,7 +188,10 @@ fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
     if let Some(s) = declared(g, v) {
         return Some(s);
     }
-    if depth > 48 || TAKEN.with(|t| t.replace(t.get() + 1)) > STEPS {
+    if let Some(s) = memo(v) {
+        return s;
+    }
+    if depth > 48 {
         return None;
     }
     produced(g, v, depth)
@@ -205,7 +232,8 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             s[ax] = Dim::fixed(k);
             Some(s)
         }
-        "ArgMax" | "ArgMin" | "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" => {
+        "ArgMax" | "ArgMin" | "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2" | "ReduceLogSum"
+        | "ReduceLogSumExp" | "ReduceSumSquare" => {
             let s = inp(0)?;
             let keep = attr_i(n, "keepdims").unwrap_or(1) == 1;
             let ax: Vec<usize> = if n.op_type.starts_with("Arg") {
