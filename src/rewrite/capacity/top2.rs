@@ -82,7 +82,7 @@ fn check_choice(g: &GraphIndex, idx: &str, experts: i64) -> R<()> {
         return Err(format!("the choice '{idx}' is not one ArgMax index per token over the last axis"));
     }
     // OneHot drops an index outside [0, E) (a zero row) where the op refuses it
-    let cols = input_shape.and_then(|s| s.last().copied());
+    let cols = input_shape.or_else(|| shape_in(g, &am.input[0], 0)).and_then(|s| s.last().copied());
     let router = crate::rewrite::hf_loop::router_experts(g, idx).map(|c| Dim::fixed(c as i64));
     if cols.or(router) != Some(Dim::fixed(experts)) {
         return Err(format!("cannot tell that the choice '{idx}' is among exactly the {experts} experts"));
@@ -103,7 +103,74 @@ fn depends(g: &GraphIndex, v: &str, target: &str) -> bool {
 /// A per-token value [T] or [T, 1].
 fn per_token(g: &GraphIndex, v: &str) -> bool {
     let t = Dim::TOKENS;
-    matches!(shape_of(g, v).as_deref(), Some([d]) if *d == t) || matches!(shape_of(g, v).as_deref(), Some([d, one]) if *d == t && *one == Dim::fixed(1))
+    match shape_in(g, v, 0).as_deref() {
+        Some([d]) => *d == t,
+        Some([d, one]) => *d == t && *one == Dim::fixed(1),
+        _ => false,
+    }
+}
+
+/// [`shape_of`], and through the ops a routing weight is computed with that it does not read
+/// (the one-hot of a choice, the elementwise and reduction ops over it).
+fn shape_in(g: &GraphIndex, v: &str, depth: usize) -> Option<Vec<Dim>> {
+    if let Some(s) = shape_of(g, v) {
+        return Some(s);
+    }
+    let (_, n) = g.prod(v).filter(|(_, n)| n.domain.is_empty() && depth < 24)?;
+    let inp = |i: usize| shape_in(g, n.input.get(i)?, depth + 1);
+    match n.op_type.as_str() {
+        "OneHot" => {
+            let depth = g.const_scalar(&n.input[1]).filter(|d| *d >= 1.0 && d.fract() == 0.0)? as i64;
+            let mut s = inp(0)?;
+            is_last_axis(attr_i(n, "axis").unwrap_or(-1), Some(s.len() + 1)).then(|| s.push(Dim::fixed(depth)))?;
+            Some(s)
+        }
+        "Cast" | "Identity" | "Neg" | "Clip" | "Not" | "Reciprocal" => inp(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Max" | "Min" | "Where" => {
+            let mut s = inp(0)?;
+            for i in 1..n.input.len() {
+                s = broadcast(&s, &inp(i)?)?;
+            }
+            Some(s)
+        }
+        "ReduceSum" | "ReduceMax" | "ArgMax" => {
+            let mut s = inp(0)?;
+            let ax = if n.op_type == "ArgMax" { vec![attr_i(n, "axis").unwrap_or(0)] } else { crate::rewrite::matcher::axes_of(g, n)? };
+            let r = s.len() as i64;
+            let mut ax: Vec<usize> = ax.iter().map(|&a| if a < 0 { a + r } else { a }).filter(|a| (0..r).contains(a)).map(|a| a as usize).collect();
+            (ax.len() == 1).then_some(())?;
+            if attr_i(n, "keepdims").unwrap_or(1) != 0 {
+                s[ax[0]] = Dim::fixed(1);
+            } else {
+                s.remove(ax.pop()?);
+            }
+            Some(s)
+        }
+        "Unsqueeze" => {
+            let mut s = inp(0)?;
+            let mut ax = crate::rewrite::matcher::axes_of(g, n)?;
+            let r = (s.len() + ax.len()) as i64;
+            ax.iter_mut().for_each(|a| *a = if *a < 0 { *a + r } else { *a });
+            ax.sort_unstable();
+            for a in ax {
+                (0..r).contains(&a).then(|| s.insert(a as usize, Dim::fixed(1)))?;
+            }
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
+    let n = a.len().max(b.len());
+    let at = |s: &[Dim], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { Dim::fixed(1) };
+    (0..n)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y || y == Dim::fixed(1) => Some(x),
+            (x, y) if x == Dim::fixed(1) => Some(y),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The one per-token value a combine term is weighted by: the outermost per-token values
