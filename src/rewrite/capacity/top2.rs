@@ -250,6 +250,17 @@ pub fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, buf
     }
     let wt = terms(g, w).ok_or("the combine is not the sum of one tensor per choice")?;
     let dt = terms(g, &dispatch).ok_or("the dispatch is not the sum of one tensor per choice (a dispatch read from the combine's nonzeros is not)")?;
+    let mut random = None;
+    ancestors(g, &dispatch, 600, |cur| {
+        let op = g.prod(cur).map(|(_, n)| n.op_type.as_str()).unwrap_or("");
+        if op.starts_with("Random") || op == "Bernoulli" || op == "Multinomial" {
+            random.get_or_insert(op.to_string());
+        }
+        true
+    });
+    if let Some(op) = random {
+        return Err(format!("the dispatch reads a random draw ({op}: GShard's random routing of the second choice), which no capacity computes"));
+    }
     let (a, b) = (ch[0].0.as_str(), ch[1].0.as_str());
     // the second choice is the one computed from the first (its ArgMax masks the first out);
     // both orders where neither is
@@ -331,4 +342,80 @@ fn routing_inputs(g: &GraphIndex, tag: &str, idx: [&str; 2], gates: [&str; 2]) -
     }
     let inits = if g.default_opset() < 13 { Vec::new() } else { vec![make_i64(&axes, &[1], &[-1])] };
     (nodes, inits, rw, ri)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::onnx::graph::{attr_int, make_node};
+    use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+
+    /// GShard top-2 from the spellings corpus (TorchScript, gates normalised before the drop, E = 4,
+    /// C = 6): `/Add_1` is the second choice's position `cumsum - 1 + counts`, `/ReduceSum_2` the
+    /// first choices' counts, `/Add_2` the dispatch D1 + D2, `/Mul_4` the second choice's kept mask.
+    fn gshard() -> crate::onnx::Model {
+        fixture("spellings/capacity_52")
+    }
+
+    fn refused(m: &mut crate::onnx::Model, why: &str) {
+        let (n, reasons) = rewrite(m);
+        assert_eq!(n, 0, "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.starts_with("capacity:") && r.contains(why)), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_gshard_top2_layer_is_rewritten_with_k_2() {
+        let mut m = gshard();
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 1, "{:?}", r.rejected);
+        assert_eq!((r.layers[0].k, r.layers[0].capacity), (Some(2), Some(6)));
+    }
+
+    /// Second positions from the second choices alone, or scaled: first and second choices of one
+    /// expert would share slots.
+    #[test]
+    fn a_second_choice_position_without_the_first_choices_count_is_refused() {
+        let mut m = gshard();
+        let pos = node_mut(&mut m, "Add", "/Add_1_output_0");
+        pos.input[1] = pos.input[0].clone();
+        refused(&mut m, "second choice's slot does not read");
+        // the counts of the second choices instead of the first
+        let mut m = gshard();
+        node_mut(&mut m, "ReduceSum", "/ReduceSum_2_output_0").input[0] = "/Cast_1_output_0".into();
+        refused(&mut m, "the dispatch tensor");
+    }
+
+    #[test]
+    fn a_dispatch_that_is_not_a_sum_of_the_choices_is_refused() {
+        let mut m = gshard();
+        node_mut(&mut m, "Add", "/Add_2_output_0").op_type = "Max".into();
+        refused(&mut m, "dispatch is not the sum");
+    }
+
+    /// GShard's random routing (the second choice kept where `g2 > uniform`) and a threshold on
+    /// the second gate: the kept mask then depends on more than the ranks.
+    #[test]
+    fn a_second_choice_dropped_at_random_or_by_a_threshold_is_refused() {
+        for (random, why) in [(true, "random draw (RandomUniformLike"), (false, "'/Softmax_output_0' comes from Softmax")] {
+            let mut m = gshard();
+            let g = m.proto.graph.mut_or_insert_default();
+            let at = g.node.iter().position(|n| n.output[0] == "/Mul_4_output_0").unwrap();
+            let mut nodes = Vec::new();
+            if random {
+                nodes.push(make_node("RandomUniformLike", "", "t/rnd", &["/ReduceSum_1_output_0"], &["t/bar"]));
+            } else {
+                g.initializer.push(crate::onnx::tensor::make_tensor("t/bar", 1, &[], 0.2f32.to_le_bytes().to_vec()));
+            }
+            nodes.push(make_node("Greater", "", "t/gt", &["/ReduceSum_1_output_0", "t/bar"], &["t/keep"]));
+            let mut cast = make_node("Cast", "", "t/cast", &["t/keep"], &["t/keepf"]);
+            cast.attribute.push(attr_int("to", 1));
+            nodes.push(cast);
+            nodes.push(make_node("Unsqueeze", "", "t/unsq", &["t/keepf", "/Constant_15_output_0"], &["t/keepu"]));
+            nodes.push(make_node("Mul", "", "t/mask2", &["/Cast_1_output_0", "t/keepu"], &["t/mask2"]));
+            g.node[at].input[0] = "t/mask2".into();
+            for (i, n) in nodes.into_iter().enumerate() {
+                g.node.insert(at + i, n);
+            }
+            refused(&mut m, why);
+        }
+    }
 }

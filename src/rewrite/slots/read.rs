@@ -48,8 +48,7 @@ fn first_counts(g: &GraphIndex, ctx: &Ctx, x: &Extra, n: &onnx_protobuf::NodePro
     let first = x.first.filter(|_| n.op_type == "ReduceSum")?;
     let (i, e) = one_hot(g, n.input.first()?)?;
     let ax = axes_of(g, n)?;
-    (uncast(g, &i) == uncast(g, first) && e == ctx.experts && ax.len() == 1 && (ax[0] == 0 || ax[0] == -2))
-        .then(|| attr_i(n, "keepdims").unwrap_or(1) != 0)
+    (uncast(g, &i) == uncast(g, first) && e == ctx.experts && ax.len() == 1 && (ax[0] == 0 || ax[0] == -2)).then(|| attr_i(n, "keepdims").unwrap_or(1) != 0)
 }
 
 fn sem_depth(g: &GraphIndex, ctx: &Ctx, x: &Extra, v: &str, depth: usize) -> R<Sem> {
