@@ -197,17 +197,17 @@ fn gate_of(g: &GraphIndex, ctx: &Ctx, x: &Extra, w: &str) -> R<String> {
 /// analysis reads; the error of the closer attempt otherwise.
 fn pair<T>(a: &str, b: &str, first: impl Fn(&str) -> R<T>, second: impl Fn(&str) -> R<T>) -> R<(T, T)> {
     let fa = first(a);
-    if let Ok(x) = &fa {
-        if let Ok(y) = second(b) {
-            let _ = x;
-            return Ok((fa.unwrap(), y));
+    if fa.is_ok() {
+        match second(b) {
+            Ok(y) => return Ok((fa?, y)),
+            // b is not the second choice, and a reads as the first: b's error is the closer one
+            Err(e) if first(b).is_err() => return Err(e),
+            Err(_) => {}
         }
     }
-    let fb = first(b);
-    match (fa, fb) {
-        (_, Ok(x)) => Ok((x, second(a)?)),
-        (Ok(_), Err(_)) => Err(second(b).err().unwrap_or_default()),
-        (Err(e), Err(_)) => Err(e),
+    match first(b) {
+        Ok(x) => Ok((x, second(a)?)),
+        Err(e) => Err(fa.err().unwrap_or(e)),
     }
 }
 
