@@ -4,6 +4,7 @@ spelling (the choices below) and exports it; a new spelling is a new seed, not n
 
     /path/to/torch/python models/spellings/generate.py --seeds 0-47 --out models/spellings
     /path/to/torch/python models/spellings/generate.py --seeds 1000-1999 --out /tmp/spellings
+    /path/to/torch/python models/spellings/generate.py --seeds 49-94:3 --merge   # add seeds to the corpus
 
 Writes NAME.onnx (TorchScript or dynamo exporter, per seed), NAME.npz (x_S, y_S for S in 1, 7 and
 the traced length, torch's float32 outputs) and index.json (each model's choices, or why torch
@@ -133,7 +134,7 @@ class DenseMoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Capacity: Switch/GShard top-1 with a fixed capacity per expert
+# Capacity: Switch/GShard top-1 or top-2 with a fixed capacity per expert
 # ------------------------------------------------------------------------------------------------
 
 
@@ -144,12 +145,25 @@ class CapacityMoE(nn.Module):
         self.router = nn.Linear(c["d"], c["E"], bias=False)
         self.ex = Experts(c["E"], c["d"], c["f"], c["act"], c["gated"], c["bias"])
 
+    def experts(self, xin):
+        ex = self.ex
+        h = torch.matmul(xin, ex.w1)
+        if ex.bias:
+            h = h + ex.b1.unsqueeze(1)
+        h = ex.inner(h)
+        out = torch.matmul(h, ex.w2)
+        if ex.bias:
+            out = out + ex.b2.unsqueeze(1)
+        return out
+
     def forward(self, x):
         c, ex = self.c, self.ex
         E, C = c["E"], c["C"]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         T = x.shape[0]
+        if c["k"] == 2:
+            return self.top2(x).reshape(shape)
         probs = torch.softmax(self.router(x), dim=-1)
         if c["choice"] == "max":
             gate, idx = torch.max(probs, dim=-1)
@@ -185,13 +199,7 @@ class CapacityMoE(nn.Module):
             xin = torch.einsum("tec,td->ecd", dispatch, x)
         else:
             xin = torch.matmul(dispatch.reshape(T, E * C).t(), x).reshape(E, C, -1)
-        h = torch.matmul(xin, ex.w1)
-        if ex.bias:
-            h = h + ex.b1.unsqueeze(1)
-        h = ex.inner(h)
-        out = torch.matmul(h, ex.w2)
-        if ex.bias:
-            out = out + ex.b2.unsqueeze(1)
+        out = self.experts(xin)
         if c["combine"] == "einsum":
             y = torch.einsum("tec,ecd->td", combine, out)
         else:
@@ -199,6 +207,62 @@ class CapacityMoE(nn.Module):
         if c["overflow"] == "pass":
             y = y + x * (1.0 - kept).unsqueeze(-1)
         return y.reshape(shape)
+
+    def top2(self, x):
+        """GShard top-2: the second choice is the best expert but the first; its positions come
+        after every first choice of its expert (`offset = "missing"` spoils that on purpose:
+        first and second choices then share slots, which no op computes)."""
+        c = self.c
+        E, C = c["E"], c["C"]
+        T = x.shape[0]
+        logits = self.router(x)
+        probs = torch.softmax(logits, dim=-1)
+        idx1 = torch.argmax(probs, dim=-1)
+        mask1 = F.one_hot(idx1, E).to(x.dtype)
+        if c["second"] == "mul":  # the first choice's probability zeroed
+            idx2 = torch.argmax(probs * (1.0 - mask1), dim=-1)
+        else:  # the first choice's logit masked to -inf
+            idx2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=-1)
+        mask2 = F.one_hot(idx2, E).to(x.dtype)
+        g1 = (probs * mask1).sum(dim=-1)
+        g2 = (probs * mask2).sum(dim=-1)
+        if c["norm"] == "before":
+            denom = torch.clamp(g1 + g2, min=1e-9)
+            g1, g2 = g1 / denom, g2 / denom
+        pos1 = torch.cumsum(mask1, dim=0) - 1.0
+        pos2 = torch.cumsum(mask2, dim=0) - 1.0
+        if c["offset"] == "counts":
+            pos2 = pos2 + mask1.sum(dim=0, keepdim=True)
+        mask1 = mask1 * (pos1 < C).to(x.dtype)
+        mask2 = mask2 * (pos2 < C).to(x.dtype)
+        if c["norm"] == "after":  # fairscale: the gates of the kept choices, renormalised
+            g1 = (probs * mask1).sum(dim=-1)
+            g2 = (probs * mask2).sum(dim=-1)
+            denom = torch.clamp(g1 + g2, min=1e-9)
+            g1, g2 = g1 / denom, g2 / denom
+        p1 = (pos1 * mask1).sum(dim=-1)
+        p2 = (pos2 * mask2).sum(dim=-1)
+        if c["slot"] == "clip_onehot":
+            s1 = F.one_hot(p1.long(), C).to(x.dtype)
+            s2 = F.one_hot(p2.long(), C).to(x.dtype)
+        else:
+            s1 = (p1.unsqueeze(-1) == torch.arange(C)).to(x.dtype)
+            s2 = (p2.unsqueeze(-1) == torch.arange(C)).to(x.dtype)
+        d1 = mask1.unsqueeze(-1) * s1.unsqueeze(1)  # [T, E, C]
+        d2 = mask2.unsqueeze(-1) * s2.unsqueeze(1)
+        dispatch = d1 + d2
+        if c["combine_form"] == "gate_dispatch":
+            combine = g1[:, None, None] * d1 + g2[:, None, None] * d2
+        else:  # fairscale: gate times mask [T, E], then times the slots
+            combine = (g1.unsqueeze(-1) * mask1).unsqueeze(-1) * s1.unsqueeze(1) + (g2.unsqueeze(-1) * mask2).unsqueeze(-1) * s2.unsqueeze(1)
+        if c["dispatch"] == "einsum":
+            xin = torch.einsum("tec,td->ecd", dispatch, x)
+        else:
+            xin = torch.matmul(dispatch.reshape(T, E * C).t(), x).reshape(E, C, -1)
+        out = self.experts(xin)
+        if c["combine"] == "einsum":
+            return torch.einsum("tec,ecd->td", combine, out)
+        return torch.matmul(combine.reshape(T, E * C), out.reshape(E * C, -1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +375,13 @@ def draw(seed):
                  combine=r.choice(["einsum", "matmul"]), overflow=r.choice(["drop", "pass"]),
                  mask=r.choice(["onehot", "scatter", "eq"]), gate=r.choice(["value", "masked_sum"]),
                  slot=r.choice(["clip_onehot", "compare"]), kept_mul=r.random() < 0.5)
+        # top-2 (GShard) from seed 48 on; earlier seeds keep the top-1 corpus they were made with
+        if seed >= 48 and r.random() < 0.75:
+            c.update(k=2, second=r.choice(["mul", "fill"]), norm=r.choice(["none", "before", "after"]),
+                     combine_form=r.choice(["gate_dispatch", "fairscale"]),
+                     offset="missing" if r.random() < 0.2 else "counts")
+            for key in ("choice", "mask", "gate", "positions", "kept_mul", "overflow"):  # top-1 choices only
+                del c[key]
     else:
         c.update(k=r.randint(1, min(3, E)), router=r.choice(["softmax_topk_renorm", "softmax_topk", "topk_softmax"]))
     if family == "dense":
@@ -390,8 +461,9 @@ def one(seed, out_dir):
 def seeds_arg(s):
     out = []
     for part in s.split(","):
+        part, _, step = part.partition(":")
         a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
+        out.extend(range(int(a), int(b or a) + 1, int(step or 1)))
     return out
 
 
@@ -399,6 +471,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0-47")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--merge", action="store_true", help="keep index.json's other entries (replace those of these seeds)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
@@ -407,7 +480,13 @@ def main():
         e = one(s, args.out)
         entries.append(e)
         print(e["name"], "export failed: " + e["export_failed"] if "export_failed" in e else "ok", file=sys.stderr)
-    with open(os.path.join(args.out, "index.json"), "w") as fh:
+    index = os.path.join(args.out, "index.json")
+    if args.merge and os.path.exists(index):
+        with open(index) as fh:
+            old = json.load(fh)["models"]
+        names = {e["name"] for e in entries}
+        entries = sorted([e for e in old if e["name"] not in names] + entries, key=lambda e: e["seed"])
+    with open(index, "w") as fh:
         json.dump(dict(torch=torch.__version__, lengths=list(LENGTHS), models=entries), fh, indent=1)
 
 

@@ -19,7 +19,7 @@
 //! tokens (Switch passes them through) stays as ONNX ops around the node.
 
 use super::emit::MoeLayer;
-use super::expr::{to_mlp, ExprParser};
+use super::expr::{to_mlp, ExpertMlp, ExprParser};
 use super::matcher::{prod, shape_entries};
 use super::routing::{one_hot, uncast};
 use super::slots::{assignment, sem, Ax, Ctx};
@@ -28,7 +28,9 @@ use crate::onnx::graph::{attr_i, attr_ints, attr_s, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
 
-type R<T> = Result<T, String>;
+mod top2;
+
+pub(super) type R<T> = Result<T, String>;
 
 fn labels(eq: &str) -> Option<(Vec<char>, Vec<char>, Vec<char>)> {
     let eq: String = eq.chars().filter(|c| !c.is_whitespace()).collect();
@@ -64,7 +66,7 @@ fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, S
 
 /// Expert buffers `B = sum_t D[t, e, c] X[t]` anywhere in the graph: (B, D, X, the [E, C] a
 /// MatMul spelling reshapes to).
-fn buffers(g: &GraphIndex) -> Vec<(String, String, String, Option<(i64, i64)>)> {
+fn buffers(g: &GraphIndex) -> Vec<Buf> {
     let mut out = Vec::new();
     for n in &g.graph.node {
         if !n.domain.is_empty() {
@@ -151,19 +153,52 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     (layers, rejected)
 }
 
-fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &[(String, String, String, Option<(i64, i64)>)]) -> R<Option<MoeLayer>> {
-    // a candidate: the combine weights are built from a one-hot of a top-1 choice
-    let Some((idx, probs, experts)) = routing_of(g, w) else {
-        return Ok(None);
-    };
-    // the experts read one of the dispatch buffers
+/// A dispatch buffer: (B, D, X, the [E, C] a MatMul spelling reshapes to).
+pub(super) type Buf = (String, String, String, Option<(i64, i64)>);
+
+/// The experts the combine's other input `o` computes from one of the dispatch buffers: that
+/// buffer and one MLP per expert (stacked over exactly `experts`).
+pub(super) fn experts_of(g: &GraphIndex, o: &str, bufs: &[Buf], experts: i64) -> R<(Buf, Vec<ExpertMlp>)> {
     let leaves: Vec<String> = bufs.iter().map(|b| b.0.clone()).collect();
     let resolver = |_: &str| None;
     let mut p = ExprParser::new(g, leaves, &resolver);
     p.batched_leaf = true;
     let e = p.parse(o)?;
     let leaf = p.matched_leaf.clone().ok_or("the experts read no dispatch buffer")?;
-    let (_, dispatch, x, ec_buf) = bufs.iter().find(|b| b.0 == leaf).cloned().unwrap();
+    let buf = bufs.iter().find(|b| b.0 == leaf).cloned().unwrap();
+    let dx = p.d.ok_or("the experts read no stacked linear layer of the buffers")?;
+    let mlp = to_mlp(&e, dx)?;
+    let e_count = mlp.each_count(g).ok_or("the expert weights are not stacked over the expert axis")?;
+    if e_count as i64 != experts {
+        return Err(format!("the mask has {experts} experts, the weights {e_count}"));
+    }
+    Ok((buf, (0..e_count).map(|i| mlp.for_expert(i)).collect()))
+}
+
+/// That the buffers and a MatMul combine are reshaped to E x C slots.
+pub(super) fn check_slots(g: &GraphIndex, n: &onnx_protobuf::NodeProto, ec_buf: Option<(i64, i64)>, experts: i64, slots: i64) -> R<()> {
+    if ec_buf.is_some_and(|b| b != (experts, slots)) {
+        return Err(format!("the buffers are reshaped to {ec_buf:?}, not [E = {experts}, C = {slots}]"));
+    }
+    if n.op_type == "MatMul" {
+        let rw = prod(g, &n.input[0], "Reshape").unwrap();
+        if shape_entries(g, &rw.input[1]).and_then(|s| s[1]) != Some(experts * slots) {
+            return Err("the combine is reshaped to another number of slots than E x C".into());
+        }
+    }
+    Ok(())
+}
+
+fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &[Buf]) -> R<Option<MoeLayer>> {
+    if let Some(two) = top2::candidate(g, w) {
+        return top2::prove(g, n, w, o, bufs, two);
+    }
+    // a candidate: the combine weights are built from a one-hot of a top-1 choice
+    let Some((idx, probs, experts)) = routing_of(g, w) else {
+        return Ok(None);
+    };
+    // the experts read one of the dispatch buffers
+    let ((_, dispatch, x, ec_buf), experts_mlp) = experts_of(g, o, bufs, experts)?;
     if routing_of(g, &dispatch).is_none_or(|r| r.0 != idx) {
         return Err("the dispatch and the combine are built from different expert choices".into());
     }
@@ -190,22 +225,7 @@ fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &
     if d.slots != c.slots || d.slot != c.slot {
         return Err(format!("the dispatch keeps {} tokens of an expert, the combine reads {} (or other slots)", d.kept(), c.kept()));
     }
-    let ec = experts * d.slots;
-    if ec_buf.is_some_and(|b| b != (experts, d.slots)) {
-        return Err(format!("the buffers are reshaped to {ec_buf:?}, not [E = {experts}, C = {}]", d.slots));
-    }
-    if n.op_type == "MatMul" {
-        let rw = prod(g, &n.input[0], "Reshape").unwrap();
-        if shape_entries(g, &rw.input[1]).and_then(|s| s[1]) != Some(ec) {
-            return Err("the combine is reshaped to another number of slots than E x C".into());
-        }
-    }
-    let dx = p.d.ok_or("the experts read no stacked linear layer of the buffers")?;
-    let mlp = to_mlp(&e, dx)?;
-    let e_count = mlp.each_count(g).ok_or("the expert weights are not stacked over the expert axis")?;
-    if e_count as i64 != experts {
-        return Err(format!("the mask has {experts} experts, the weights {e_count}"));
-    }
+    check_slots(g, n, ec_buf, experts, d.slots)?;
     let at = n.output[0].clone();
     let tag = format!("{}/capacity", at.trim_start_matches('/'));
     let (extra_nodes, extra_inits, rw, ri) = routing_inputs(g, &ctx, &tag, w)?;
@@ -215,7 +235,7 @@ fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &
         routing_weights: rw,
         routing_indices: ri,
         output: at,
-        experts: (0..e_count).map(|i| mlp.for_expert(i)).collect(),
+        experts: experts_mlp,
         capacity: Some(d.kept()),
         capacity_order: CapacityOrder::SlotMajor,
         k: Some(1),

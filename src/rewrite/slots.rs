@@ -38,6 +38,10 @@ pub enum Ax {
 pub enum F {
     Const(f64),
     Rank,
+    /// a second choice's offset: how many first choices its expert has (see [`offset`]); it
+    /// evaluates to 0, which is exact once [`offset::through_sum`] has shown that the value
+    /// reads the rank and the offset only through their sum (the rank is then that sum)
+    Offset,
     Coord,
     Gate,
     Add(Box<F>, Box<F>),
@@ -81,6 +85,7 @@ impl F {
         match self {
             F::Const(k) => mono(*k),
             F::Rank => mono(r as f64),
+            F::Offset => mono(0.0),
             F::Coord => mono(c as f64),
             F::Gate => Some(Mono { coef: 1.0, pow: 1 }),
             F::Add(a, b) => {
@@ -158,7 +163,7 @@ impl F {
     fn reads_any(&self) -> bool {
         match self {
             F::Const(_) => false,
-            F::Rank | F::Coord | F::Gate => true,
+            F::Rank | F::Offset | F::Coord | F::Gate => true,
             F::Add(a, b) | F::Mul(a, b) | F::Max(a, b) | F::Min(a, b) | F::Cmp(_, a, b) => a.reads_any() || b.reads_any(),
             F::OneHot(a, _) | F::SumC(a, _) => a.reads_any(),
             F::Where(k, a, b) => k.reads_any() || a.reads_any() || b.reads_any(),
@@ -168,7 +173,7 @@ impl F {
     fn reads_gate(&self) -> bool {
         match self {
             F::Gate => true,
-            F::Const(_) | F::Rank | F::Coord => false,
+            F::Const(_) | F::Rank | F::Offset | F::Coord => false,
             F::Add(a, b) | F::Mul(a, b) | F::Max(a, b) | F::Min(a, b) | F::Cmp(_, a, b) => a.reads_gate() || b.reads_gate(),
             F::OneHot(a, _) | F::SumC(a, _) => a.reads_gate(),
             F::Where(k, a, b) => k.reads_gate() || a.reads_gate() || b.reads_gate(),
@@ -199,6 +204,8 @@ fn shape_of(f: &F, slots: i64) -> Option<Shape> {
     Some(match f {
         F::Const(k) => (0, k.abs().max(1.0), 0.0),
         F::Rank => (1, 1.0, 0.0),
+        // evaluated as the constant 0
+        F::Offset => (0, 1.0, 0.0),
         F::Coord => (0, slots as f64, 0.0),
         F::Gate => (0, 1.0, 0.0),
         F::Add(a, b) | F::Max(a, b) | F::Min(a, b) => {
@@ -286,10 +293,22 @@ pub struct Ctx<'a> {
     pub experts: i64,
 }
 
+/// What a top-2 layer adds to the analysis of one of its choices.
+#[derive(Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// for the second choice: the first choice's index, whose one-hot summed over the tokens
+    /// is the offset [`F::Offset`] (each expert's count of first choices)
+    pub first: Option<&'a str>,
+    /// per-token values [T] (or [T, 1]) read as the symbol [`F::Gate`] whatever computes them:
+    /// the routing weights the graph computes, which the op then reads as they are
+    pub gates: &'a [String],
+}
+
 type R<T> = Result<T, String>;
 
+pub mod offset;
 mod read;
-pub use read::sem;
+pub use read::{sem, sem_in};
 
 fn zero(f: &Option<F>) -> bool {
     f.as_ref().and_then(F::constant) == Some(0.0)
@@ -315,7 +334,19 @@ impl Assignment {
 /// Reads `v` as a dispatch (`gated` false: entries 0 or 1) or combine (`gated`: entries 0 or
 /// the gate) tensor [T, E, C] and says where it places each rank.
 pub fn assignment(g: &GraphIndex, ctx: &Ctx, v: &str, gated: bool) -> R<Assignment> {
-    let s = sem(g, ctx, v)?;
+    assignment_in(g, ctx, &Extra::default(), v, gated)
+}
+
+/// [`assignment`] of one choice of a top-2 layer. For the second choice (`x.first`) the rank
+/// is its rank in slot-major order, the first choices' count at its expert plus its rank among
+/// the second choices: the value must read the two only through their sum.
+pub fn assignment_in(g: &GraphIndex, ctx: &Ctx, x: &Extra, v: &str, gated: bool) -> R<Assignment> {
+    let s = sem_in(g, ctx, x, v)?;
+    if x.first.is_some() && !offset::through_sum(&s.chosen) {
+        return Err("the second choice's slot does not read its rank among the second choices plus its expert's count of first choices \
+                    (without that offset a first and a second choice of one expert share slots)"
+            .into());
+    }
     if s.axes != [Ax::T, Ax::E, Ax::C] {
         return Err(format!("the tensor's axes are {:?}, not tokens x experts x slots", s.axes));
     }

@@ -225,6 +225,14 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             let l = value(g, n.input.get(1)?, depth + 1)?;
             (l.len() == 1).then(|| vec![l[0]])
         }
+        // one_hot(idx, depth) along a new axis (torch's F.one_hot: the last)
+        "OneHot" => {
+            let mut s = inp(0)?;
+            let depth = g.const_scalar(n.input.get(1)?).filter(|d| *d >= 1.0 && d.fract() == 0.0)? as i64;
+            let ax = norm_axis(attr_i(n, "axis").unwrap_or(-1), s.len() + 1)?;
+            s.insert(ax, Dim::fixed(depth));
+            Some(s)
+        }
         "TopK" => {
             let mut s = inp(0)?;
             let ax = norm_axis(attr_i(n, "axis").unwrap_or(-1), s.len())?;

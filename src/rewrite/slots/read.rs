@@ -4,7 +4,7 @@
 
 use super::super::matcher::{axes_of, prod};
 use super::super::routing::{arange_len, one_hot, uncast};
-use super::{zero, Ax, Cmp, Ctx, Sem, F, R};
+use super::{zero, Ax, Cmp, Ctx, Extra, Sem, F, R};
 use crate::onnx::graph::{attr_i, GraphIndex};
 
 fn broadcast(a: &Sem, b: &Sem) -> R<(Vec<Ax>, Option<i64>)> {
@@ -34,14 +34,37 @@ fn norm(axis: i64, rank: usize) -> R<usize> {
 
 /// The meaning of `v` (see the module comment), or why it cannot be told.
 pub fn sem(g: &GraphIndex, ctx: &Ctx, v: &str) -> R<Sem> {
-    sem_depth(g, ctx, v, 0)
+    sem_depth(g, ctx, &Extra::default(), v, 0)
 }
 
-fn sem_depth(g: &GraphIndex, ctx: &Ctx, v: &str, depth: usize) -> R<Sem> {
+/// [`sem`] for one choice of a top-2 layer (see [`Extra`]).
+pub fn sem_in(g: &GraphIndex, ctx: &Ctx, x: &Extra, v: &str) -> R<Sem> {
+    sem_depth(g, ctx, x, v, 0)
+}
+
+/// `Some(keepdims)` when `n` is a sum over the tokens of the first choice's one-hot [T, E]:
+/// each expert's count of first choices.
+fn first_counts(g: &GraphIndex, ctx: &Ctx, x: &Extra, n: &onnx_protobuf::NodeProto) -> Option<bool> {
+    let first = x.first.filter(|_| n.op_type == "ReduceSum")?;
+    let (i, e) = one_hot(g, n.input.first()?)?;
+    let ax = axes_of(g, n)?;
+    (uncast(g, &i) == uncast(g, first) && e == ctx.experts && ax.len() == 1 && (ax[0] == 0 || ax[0] == -2)).then(|| attr_i(n, "keepdims").unwrap_or(1) != 0)
+}
+
+fn sem_depth(g: &GraphIndex, ctx: &Ctx, x: &Extra, v: &str, depth: usize) -> R<Sem> {
     if depth > 64 {
         return Err("the bookkeeping chain is too deep".into());
     }
     let uc = uncast(g, v);
+    // a routing weight the graph computes per token, read as it is
+    if x.gates.iter().any(|w| w == v) {
+        let axes = match super::super::matcher::rank_of(g, v) {
+            Some(1) => vec![Ax::T],
+            Some(2) => vec![Ax::T, Ax::One],
+            r => return Err(format!("a per-token routing weight of rank {r:?}")),
+        };
+        return Ok(Sem::new(axes, F::Gate, None, None));
+    }
     if let Some((i, e)) = one_hot(g, v) {
         if uncast(g, &i) == uncast(g, ctx.idx) && e == ctx.experts {
             return Ok(Sem::new(vec![Ax::T, Ax::E], F::Const(1.0), Some(F::Const(0.0)), None));
@@ -66,7 +89,11 @@ fn sem_depth(g: &GraphIndex, ctx: &Ctx, v: &str, depth: usize) -> R<Sem> {
     if !n.domain.is_empty() {
         return Err(format!("'{v}' comes from {}::{}", n.domain, n.op_type));
     }
-    let arg = |i: usize| -> R<Sem> { sem_depth(g, ctx, n.input.get(i).ok_or("a missing input")?, depth + 1) };
+    if let Some(keep) = first_counts(g, ctx, x, n) {
+        let axes = if keep { vec![Ax::One, Ax::E] } else { vec![Ax::E] };
+        return Ok(Sem::new(axes, F::Offset, None, None));
+    }
+    let arg = |i: usize| -> R<Sem> { sem_depth(g, ctx, x, n.input.get(i).ok_or("a missing input")?, depth + 1) };
     let binary = |mk: &dyn Fn(F, F) -> F, zero_absorbs: bool| -> R<Sem> {
         let (a, b) = (arg(0)?, arg(1)?);
         let (axes, slots) = broadcast(&a, &b)?;
