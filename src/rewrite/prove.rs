@@ -10,6 +10,8 @@
 //! ties in the routing weights. Where the region reads router logits instead (com.microsoft.MoE),
 //! the logits are skewed so that one expert or a few take every token.
 
+mod checks;
+pub use checks::contradicted_shapes;
 mod inputs;
 pub mod region;
 pub mod shape;
@@ -374,105 +376,6 @@ fn routing_source<'a>(subject: &'a Subject, em: &'a Emitted) -> &'a str {
     v
 }
 
-/// The op's shape rules (docs/op-spec.md) over what the graph tells of the shapes of the inputs
-/// the emitted node reads straight from the graph: routing weights and indices of one shape of
-/// rank 2 or more, token rows `[..., d]` holding as many tokens as the routing's leading axes.
-/// The cut-out models are fed the shapes the boundary values have in the graph, or the op's own
-/// where the graph does not tell, so a contradiction the graph shows must be found here.
-fn static_contract(g: &GraphIndex, layer: &Subject, em: &Emitted) -> Result<()> {
-    let Some(op) = em.nodes.iter().find(|n| n.domain == spec::DOMAIN && n.op_type == spec::scatter_moe::NAME) else {
-        return Ok(());
-    };
-    let made: HashSet<&str> = em.nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
-    let told = |i: usize| -> Option<(&str, Shape)> {
-        let v = op.input.get(i).map(String::as_str).filter(|v| !v.is_empty() && !made.contains(v))?;
-        Some((v, shape::shape_of(g, v)?))
-    };
-    let (x, w, idx) = (told(0), told(1), told(2));
-    for (what, t) in [("routing weights", &w), ("routing indices", &idx)] {
-        if let Some((v, s)) = t {
-            if s.len() < 2 {
-                bail!("{what} '{v}' have shape {}: the op needs [..., k]", shape::text(s));
-            }
-        }
-    }
-    if let (Some((wv, ws)), Some((iv, is))) = (&w, &idx) {
-        if ws != is {
-            bail!("routing weights '{wv}' have shape {} and routing indices '{iv}' {}: the op needs one shape", shape::text(ws), shape::text(is));
-        }
-    }
-    if let Some((xv, xs)) = &x {
-        let d = layer.x_width as i64;
-        if xs.len() < 2 || xs.last() != Some(&Dim::fixed(d)) {
-            bail!("token rows '{xv}' have shape {}: the op needs [..., {d}]", shape::text(xs));
-        }
-        if let Some((rv, rs)) = idx.as_ref().or(w.as_ref()) {
-            if let (Some(a), Some(b)) = (tokens_of(xs), tokens_of(rs)) {
-                if a != b {
-                    bail!("token rows '{xv}' have shape {} and the routing '{rv}' {}: they hold different token counts", shape::text(xs), shape::text(rs));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The product of the leading axes (all but the last), where it is a multiple of T at most once.
-fn tokens_of(s: &Shape) -> Option<Dim> {
-    let mut t = Dim::fixed(1);
-    for d in &s[..s.len().saturating_sub(1)] {
-        t = Dim { t: t.t.checked_add(d.t).filter(|&x| x <= 1)?, c: t.c.checked_mul(d.c)? };
-    }
-    Some(t)
-}
-
-/// The first place where the graph contradicts its own declared shapes: a declared shape its
-/// producer does not compute ([`shape::stale_declaration`]) or a broadcast no token count but one
-/// can make ([`shape::impossible_broadcast`]). Such a graph (a hand edit that left declarations
-/// behind) runs in ONNX Runtime only where its buffer plan happens to fit, and any change to it,
-/// a rewrite included, can move that; so no candidate of it is proven. Checked once per graph.
-pub fn contradicted_shapes(g: &GraphIndex) -> Option<String> {
-    for n in &g.graph.node {
-        if !n.output.iter().any(|o| g.declared.contains_key(o.as_str())) {
-            continue;
-        }
-        if let Some(s) = shape::impossible_broadcast(g, n) {
-            let s: Vec<String> = s.iter().map(shape::text).collect();
-            return Some(format!(
-                "node '{}' ({}) broadcasts {} at no token count but one, while the graph declares its output",
-                n.name,
-                n.op_type,
-                s.join(" and ")
-            ));
-        }
-        for o in n.output.iter().filter(|o| !o.is_empty()) {
-            if let Some((d, c)) = shape::stale_declaration(g, o) {
-                return Some(format!(
-                    "the graph declares '{o}' as {} but its producer computes {}: its declared shapes are stale",
-                    shape::text(&d),
-                    shape::text(&c)
-                ));
-            }
-        }
-    }
-    None
-}
-
-/// What makes ONNX Runtime's own loader abort rather than refuse (found by fuzzing; its builds
-/// assert on these): a Split whose `num_outputs` or `split` sizes disagree with its outputs.
-fn aborts_onnx_runtime(n: &NodeProto) -> Option<String> {
-    if n.op_type == "Split" && n.domain.is_empty() {
-        let outs = n.output.len() as i64;
-        if let Some(k) = crate::onnx::graph::attr_i(n, "num_outputs").filter(|&k| k != outs) {
-            return Some(format!("has num_outputs = {k} but {outs} outputs"));
-        }
-        if let Some(s) = crate::onnx::graph::attr_ints(n, "split").filter(|s| s.len() as i64 != outs) {
-            return Some(format!("has {} split sizes but {outs} outputs", s.len()));
-        }
-    }
-    None
-}
-
 /// Proves that `em` (emitted for `layer` from the graph `g` of `model`) computes what the nodes it
 /// replaces computed. An `Err` is the reason the candidate must be left as it is.
 pub fn prove(model: &Model, g: &GraphIndex, layer: &MoeLayer, em: &Emitted) -> Result<Proof> {
@@ -499,7 +402,7 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
     // (Where they are too far from the replacement's inputs to compute, they take the op's shape.)
     let derive_weights = layer.routing_weights.as_ref().filter(|w| reads.contains(w) && !derive.contains(w) && shape::shape_of(g, w).is_none());
-    static_contract(g, layer, em)?;
+    checks::static_contract(g, layer, em)?;
     let region = match derive_weights {
         Some(w) => region::extract(g, &layer.output, &reads, &[derive.clone(), vec![w.clone()]].concat())
             .or_else(|_| region::extract(g, &layer.output, &reads, &derive))?,
@@ -531,7 +434,9 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
             bail!("boundary value '{v}' has more than one token axis");
         }
         let experts = layer.experts as i64;
-        let role = if v == routing && matches!(elem, 6 | 7) {
+        // the router's indices, or a router's column the emitted nodes join into them (top-2
+        // capacity: Concat of two ArgMax outputs), are drawn as routing, not as data
+        let role = if (v == routing || index(v)) && matches!(elem, 6 | 7) {
             Role::RoutingIndices
         } else if layer.routing_weights.as_ref() == Some(v) {
             Role::RoutingWeights
@@ -578,7 +483,7 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
     let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes, orig_inits.into_iter().cloned().collect(), &inputs, orig_output, false)?;
     let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output, true)?;
     for n in orig_nodes_checked.iter() {
-        if let Some(why) = aborts_onnx_runtime(n) {
+        if let Some(why) = checks::aborts_onnx_runtime(n) {
             bail!("node '{}' ({}) {why}: ONNX Runtime aborts the process on it", n.name, n.op_type);
         }
     }
