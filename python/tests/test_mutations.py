@@ -77,6 +77,11 @@ REWIRED = [
     ("deepseek_v3_bmm_dynamo", "node__to_copy", 0, "view_1", "declared shapes are stale"),
     # the shared expert's product with a value of twice the tokens: runs at 1 token only
     ("deepseek_v3_bmm_dynamo", "node_silu_1", 1, "split_split_0", "at no token count but one"),
+    # a view of a scalar: [1], while 'view_5' keeps its declared [2*S]
+    ("deepseek_v3_bmm_dynamo", "node_view_5", 0, "val_30", "declared shapes are stale"),
+    # the router's sum over axes a value computes (the token count): the weights' shape is not
+    # told, so they are computed in the proof, not fed as [T, k]
+    ("dense_einsum", "/m/router/ReduceSum", 1, "/m/Unsqueeze_output_0", "ScatterMoE: inputs 'routing_weights'"),
 ]
 
 
@@ -126,10 +131,12 @@ CRASHERS = [
     ("gpt_oss_bmm_dynamo", lambda m: _rewire(m, "node_linear", 1, "val_24"), None),
     ("deepseek_v3_bmm_dynamo", lambda m: _set_attr(m, "node_Split_99", "num_outputs", 1), "ONNX Runtime aborts the process"),
     ("mixtral_bmm_dynamo", lambda m: _set_attr(m, "node_Split_66", "num_outputs", 2**40), "ONNX Runtime aborts the process"),
+    # Unsqueeze with repeated axes (a panic in the shape reading)
+    ("olmoe", lambda m: _rewire(m, "/m/Unsqueeze_3", 1, "/m/experts/Constant_12_output_0"), None),
 ]
 
 
-@pytest.mark.parametrize("fixture,edit,reason", CRASHERS, ids=["gemm-rank1", "split-num-outputs", "split-2^40"])
+@pytest.mark.parametrize("fixture,edit,reason", CRASHERS, ids=["gemm-rank1", "split-num-outputs", "split-2^40", "unsqueeze-axes"])
 def test_mutants_that_crashed_the_cli_end_cleanly(fixture, edit, reason):
     m = onnx.load(str(mutate.MODELS / f"{fixture}.onnx"))
     edit(m)

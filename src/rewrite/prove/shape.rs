@@ -143,8 +143,17 @@ fn norm_axis(a: i64, rank: usize) -> Option<usize> {
     (0..r).contains(&a).then_some(a as usize)
 }
 
-fn axes(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Vec<i64>> {
-    attr_ints(n, "axes").or_else(|| n.input.get(1).filter(|s| !s.is_empty()).and_then(|a| g.const_i64(a)))
+/// The `axes` of a Reduce/Squeeze/Unsqueeze node: `Some(None)` when it has none (the op's
+/// default), `Some(Some(axes))` when they are an attribute or a constant input, None when an
+/// input computes them (the shape then cannot be told).
+fn axes(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<Option<Vec<i64>>> {
+    if let Some(a) = attr_ints(n, "axes") {
+        return Some(Some(a));
+    }
+    match n.input.get(1).filter(|s| !s.is_empty()) {
+        None => Some(None),
+        Some(a) => Some(Some(g.const_i64(a)?)),
+    }
 }
 
 /// A declared shape of `v` (value_info, an input or output of the graph) that its producer,
@@ -159,7 +168,15 @@ pub fn stale_declaration(g: &GraphIndex, v: &str) -> Option<(Shape, Shape)> {
     }
     let d = declared(g, v)?;
     let p = produced(g, v, 0)?;
-    let differ = d.len() != p.len() || d.iter().zip(&p).any(|(a, b)| a.t == b.t && a.c != b.c);
+    // a fixed size against a multiple of T is a contradiction only where no token count makes
+    // them equal (traced exports declare the traced length where the graph computes T)
+    let never_equal = |f: Dim, t: Dim| t.c <= 0 || f.c % t.c != 0 || f.c < t.c;
+    let differ = d.len() != p.len()
+        || d.iter().zip(&p).any(|(&a, &b)| match (a.t, b.t) {
+            (x, y) if x == y => a.c != b.c,
+            (0, _) => never_equal(a, b),
+            _ => never_equal(b, a),
+        });
     differ.then_some((d, p))
 }
 
@@ -247,8 +264,9 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             let ax: Vec<usize> = if n.op_type.starts_with("Arg") {
                 vec![norm_axis(attr_i(n, "axis").unwrap_or(0), s.len())?]
             } else {
-                match axes(g, n) {
+                match axes(g, n)? {
                     Some(a) if !a.is_empty() => a.iter().map(|&a| norm_axis(a, s.len())).collect::<Option<_>>()?,
+                    _ if attr_i(n, "noop_with_empty_axes") == Some(1) => vec![],
                     _ => (0..s.len()).collect(),
                 }
             };
@@ -280,12 +298,15 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
         }
         "Unsqueeze" => {
             let mut s = inp(0)?;
-            let mut ax = axes(g, n)?;
+            let mut ax = axes(g, n)??;
             let r = s.len() + ax.len();
             for a in ax.iter_mut() {
                 *a = norm_axis(*a, r)? as i64;
             }
             ax.sort();
+            if ax.windows(2).any(|w| w[0] == w[1]) {
+                return None; // repeated axes: ONNX refuses the node
+            }
             for a in ax {
                 s.insert(a as usize, Dim::fixed(1));
             }
@@ -293,7 +314,7 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
         }
         "Squeeze" => {
             let s = inp(0)?;
-            let ax: Vec<usize> = match axes(g, n) {
+            let ax: Vec<usize> = match axes(g, n)? {
                 Some(a) => a.iter().map(|&a| norm_axis(a, s.len())).collect::<Option<_>>()?,
                 None => (0..s.len()).filter(|&i| s[i] == Dim::fixed(1)).collect(),
             };
