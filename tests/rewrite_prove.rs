@@ -126,3 +126,43 @@ fn without_onnx_runtime_the_cli_refuses_unless_told_no_prove() {
     assert!(out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The proof's sessions take the values they compute from an arena capped at
+/// `PROOF_ARENA_BYTES`: a buffer past it (a region whose ConstantOfShape reads data values, as a
+/// hand-edited megablocks graph did: `fuzz/mutate_cli.py --seed 20261209 --only 2273`, killed by
+/// the OOM killer) fails the run at once instead of being allocated and filled.
+#[test]
+fn the_proofs_sessions_cannot_allocate_past_their_cap() {
+    use onnx_protobuf::{type_proto, GraphProto, Message, ModelProto, OperatorSetIdProto, TypeProto, ValueInfoProto};
+    use scattermoe::onnx::graph::make_node;
+    use scattermoe::onnx::tensor::make_i64;
+    // a float32 buffer of 4.5 GiB: past the cap, within what the machine could fill
+    let elems = (scattermoe::ort_ops::runtime::PROOF_ARENA_BYTES as i64 / 4) * 9 / 8;
+    let mut g = GraphProto::new();
+    g.name = "big".into();
+    g.initializer.push(make_i64("shape", &[1], &[elems]));
+    g.node.push(make_node("ConstantOfShape", "", "fill", &["shape"], &["y"]));
+    let mut tt = type_proto::Tensor::new();
+    tt.elem_type = 1;
+    let mut t = TypeProto::new();
+    t.value = Some(type_proto::Value::TensorType(tt));
+    let mut out = ValueInfoProto::new();
+    out.name = "y".into();
+    out.type_ = Some(t).into();
+    g.output.push(out);
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    let mut op = OperatorSetIdProto::new();
+    op.version = 17;
+    m.opset_import.push(op);
+    m.graph = Some(g).into();
+    let dir = common::scratch("cap");
+    let path = dir.join("big.onnx");
+    std::fs::write(&path, m.write_to_bytes().unwrap()).unwrap();
+    let mut s = scattermoe::rewrite::verify::capped_session(&path).unwrap();
+    let t0 = std::time::Instant::now();
+    let r = s.run(Vec::<(String, ort::value::DynValue)>::new());
+    assert!(r.is_err(), "a {elems}-element buffer was allocated past the cap");
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}

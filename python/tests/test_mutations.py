@@ -150,3 +150,4 @@ def test_mutants_that_crashed_the_cli_end_cleanly(fixture, edit, reason):
             return
         if reason:
             assert any(reason in r["reason"] for r in json.loads(p.stdout)["rejected"]), p.stdout
+

@@ -155,6 +155,51 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
         .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime environment: {e}"))
 }
 
+/// Most bytes the proof's sessions may take for the values they compute (their initializers are
+/// allocated outside it): a cut-out region runs on at most 61 tokens, so this is far more than a
+/// real region needs, and a buffer sized by data values (a hand-edited graph that feeds a
+/// `ConstantOfShape` from data) fails the case cleanly instead of exhausting the machine.
+pub const PROOF_ARENA_BYTES: usize = 4 << 30;
+
+/// Registers, once, a CPU arena capped at [`PROOF_ARENA_BYTES`] with the environment. Sessions
+/// use it only where they ask (`session.use_env_allocators`): the proof's do, `--verify`'s (whole
+/// models) do not.
+pub fn capped_arena() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let env = environment()?;
+    DONE.get_or_init(|| unsafe { register_capped_arena(env) })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot register a capped allocator with ONNX Runtime: {e}"))
+}
+
+unsafe fn register_capped_arena(env: &ort::environment::Environment) -> Result<(), String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let check = |st: ort_sys::OrtStatusPtr| -> Result<(), String> {
+        if st.0.is_null() {
+            return Ok(());
+        }
+        let msg = std::ffi::CStr::from_ptr((api.GetErrorMessage)(st.0)).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(st.0);
+        Err(msg)
+    };
+    // arena_extend_strategy 1 (kSameAsRequested): grow by what is asked, so the cap is reached
+    // only by what the region really allocates
+    let keys = [c"max_mem".as_ptr(), c"arena_extend_strategy".as_ptr()];
+    let values = [PROOF_ARENA_BYTES, 1usize];
+    let mut cfg = std::ptr::null_mut();
+    check((api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &mut cfg))?;
+    let mut info = std::ptr::null_mut();
+    if let Err(e) = check((api.CreateCpuMemoryInfo)(ort_sys::OrtAllocatorType::OrtArenaAllocator, ort_sys::OrtMemType::OrtMemTypeDefault, &mut info)) {
+        (api.ReleaseArenaCfg)(cfg);
+        return Err(e);
+    }
+    let st = (api.CreateAndRegisterAllocator)(env.ptr() as *mut _, info, cfg);
+    (api.ReleaseMemoryInfo)(info);
+    (api.ReleaseArenaCfg)(cfg);
+    check(st)
+}
+
 /// Hold this while creating a session that registers the plugin. ONNX Runtime adds a custom-op
 /// domain to its process-wide schema table without a lock when a session is created, so two
 /// sessions created at once on different threads can fail with "Trying to add a domain to

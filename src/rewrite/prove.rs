@@ -487,8 +487,8 @@ pub fn prove_subject(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitte
             bail!("node '{}' ({}) {why}: ONNX Runtime aborts the process on it", n.name, n.op_type);
         }
     }
-    let mut so = super::verify::session(&orig_side.path).context("the region cut out of the graph")?;
-    let mut sr = super::verify::session(&repl_side.path).context("the replacement")?;
+    let mut so = super::verify::capped_session(&orig_side.path).context("the region cut out of the graph")?;
+    let mut sr = super::verify::capped_session(&repl_side.path).context("the replacement")?;
 
     let experts = layer.experts;
     let mut compared = Vec::new();

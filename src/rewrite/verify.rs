@@ -238,6 +238,16 @@ fn first_line(e: &dyn std::fmt::Display) -> String {
 }
 
 pub fn session(path: &Path) -> Result<Session> {
+    session_with(path, false)
+}
+
+/// A session of one of the proof's cut-out models: the values it computes come from an arena
+/// capped at [`crate::ort_ops::runtime::PROOF_ARENA_BYTES`], its initializers from outside it.
+pub fn capped_session(path: &Path) -> Result<Session> {
+    session_with(path, true)
+}
+
+fn session_with(path: &Path, capped: bool) -> Result<Session> {
     let env = crate::ort_ops::runtime::environment()?;
     let plugin = crate::ort_ops::runtime::plugin_path()?;
     // Errors of the original at token counts it cannot run are reported by --verify itself.
@@ -246,6 +256,13 @@ pub fn session(path: &Path) -> Result<Session> {
         .map_err(|e| anyhow!("{e}"))?
         .with_operator_library(&plugin)
         .map_err(|e| anyhow!("cannot register {}: {e}", plugin.display()))?;
+    if capped {
+        crate::ort_ops::runtime::capped_arena()?;
+        b = b
+            .with_env_allocators()
+            .and_then(|b| b.with_config_entry("session.use_device_allocator_for_initializers", "1"))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     let _one_at_a_time = crate::ort_ops::runtime::session_creation_lock();
     b.commit_from_file(path).map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", path.display()))
 }
