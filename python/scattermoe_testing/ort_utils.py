@@ -55,3 +55,19 @@ def feeds_for(sess, feeds: dict) -> dict:
 
 def run(sess, feeds: dict, outputs=None):
     return sess.run(outputs, feeds_for(sess, feeds))
+
+
+def aborts_onnx_runtime(m) -> str | None:
+    """Why ONNX Runtime's loader would abort the process on model `m` (an assertion in its build)
+    rather than refuse it, or None: a Split whose num_outputs or split sizes disagree with its
+    outputs (found by the mutation harnesses; the rewriter refuses such a region the same way).
+    A harness must not hand such a mutant to ONNX Runtime in its own process."""
+    for n in m.graph.node:
+        if n.op_type != "Split" or n.domain not in ("", "ai.onnx"):
+            continue
+        for a in n.attribute:
+            if a.name == "num_outputs" and a.i != len(n.output):
+                return f"Split '{n.name}' has num_outputs = {a.i} but {len(n.output)} outputs"
+            if a.name == "split" and len(a.ints) != len(n.output):
+                return f"Split '{n.name}' has {len(a.ints)} split sizes but {len(n.output)} outputs"
+    return None
