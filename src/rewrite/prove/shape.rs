@@ -182,9 +182,10 @@ pub fn stale_declaration(g: &GraphIndex, v: &str) -> Option<(Shape, Shape)> {
 
 /// An elementwise node whose inputs' shapes (all told) broadcast at no token count but one, or
 /// none: `[1, T, 16] * [2T, 16]` runs only at T = 1, where the declared `[1, T, 16]` is wrong.
-/// Returns the node's name and its inputs' shapes.
+/// Returns its inputs' shapes.
 pub fn impossible_broadcast(g: &GraphIndex, node: &onnx_protobuf::NodeProto) -> Option<Vec<Shape>> {
-    const ELEMENTWISE: [&str; 14] = ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Max", "Min", "Mod", "Where"];
+    const ELEMENTWISE: [&str; 17] =
+        ["Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Max", "Min", "Mod", "Where"];
     if !(node.domain.is_empty() || node.domain == "ai.onnx") || !ELEMENTWISE.contains(&node.op_type.as_str()) || node.input.len() < 2 {
         return None;
     }
