@@ -195,15 +195,7 @@ class CapacityMoE(nn.Module):
             if c["kept_mul"]:
                 dispatch = dispatch * kept[:, None, None]
         combine = dispatch * gate[:, None, None]
-        if c["dispatch"] == "einsum":
-            xin = torch.einsum("tec,td->ecd", dispatch, x)
-        else:
-            xin = torch.matmul(dispatch.reshape(T, E * C).t(), x).reshape(E, C, -1)
-        out = self.experts(xin)
-        if c["combine"] == "einsum":
-            y = torch.einsum("tec,ecd->td", combine, out)
-        else:
-            y = torch.matmul(combine.reshape(T, E * C), out.reshape(E * C, -1))
+        y = self.through_slots(x, dispatch, combine, T)
         if c["overflow"] == "pass":
             y = y + x * (1.0 - kept).unsqueeze(-1)
         return y.reshape(shape)
@@ -255,6 +247,14 @@ class CapacityMoE(nn.Module):
             combine = g1[:, None, None] * d1 + g2[:, None, None] * d2
         else:  # fairscale: gate times mask [T, E], then times the slots
             combine = (g1.unsqueeze(-1) * mask1).unsqueeze(-1) * s1.unsqueeze(1) + (g2.unsqueeze(-1) * mask2).unsqueeze(-1) * s2.unsqueeze(1)
+        return self.through_slots(x, dispatch, combine, T)
+
+    def through_slots(self, x, dispatch, combine, T):
+        """The experts over the slots: T tokens dispatched into per-expert buffers [E, C, d] (einsum
+        or MatMul, as the case says), each expert's MLP, outputs combined back into tokens. (T is
+        the caller's: reading x.shape again would add nodes to the traced graph.)"""
+        c = self.c
+        E, C = c["E"], c["C"]
         if c["dispatch"] == "einsum":
             xin = torch.einsum("tec,td->ecd", dispatch, x)
         else:
