@@ -72,8 +72,13 @@ def build(name, tiny, dtype, seed, device="cpu", experts_impl="batched_mm"):
     import transformers as tr
 
     cfg = hf_config(name, tiny, experts_impl)
-    with torch.device(device):
-        model = getattr(tr, MODELS[name]["model"])(cfg)
+    cls = getattr(tr, MODELS[name]["model"])
+    try:
+        with torch.device(device):  # built where it runs: a real-size model's init on the host takes minutes
+            model = cls(cfg)
+    except Exception as e:  # noqa: BLE001
+        print(f"building on {device} failed ({type(e).__name__}: {e}); building on the host", flush=True)
+        model = cls(cfg).to(device)
     randomise(model, seed, in_out=name == "gptoss")
     return model.to(dtype).eval()
 

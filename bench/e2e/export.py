@@ -116,13 +116,13 @@ def rewrite(cli, src, dst, extra=()):
 def cut_moe(src, dst, op_types=("ScatterMoE", "MoE")):
     """The graph with each MoE node's output replaced by its input 0 (the hidden states) and every node
     no output depends on any more removed: the model without its MoE blocks (router included), for
-    the MoE share of a step. Initializers stay in the source's external data file (referenced, not
-    copied), so `dst`'s folder links to it."""
+    the MoE share of a step. Initializers stay in the source's external data file, hard-linked into
+    `dst`'s folder (ONNX Runtime refuses external data outside the model's folder, symbolic links
+    included); copied where a hard link cannot be made."""
     import onnx
 
     m = onnx.load(src, load_external_data=False)
     g = m.graph
-    alias = {}
     keep = []
     for n in g.node:
         if n.op_type in op_types:
@@ -147,9 +147,12 @@ def cut_moe(src, dst, op_types=("ScatterMoE", "MoE")):
             if e.key == "location":
                 link = os.path.join(os.path.dirname(dst), e.value)
                 if not os.path.exists(link):
-                    os.symlink(os.path.abspath(os.path.join(os.path.dirname(src), e.value)), link)
+                    target = os.path.join(os.path.dirname(src), e.value)
+                    try:
+                        os.link(target, link)
+                    except OSError:
+                        shutil.copy(target, link)
     onnx.save(m, dst)
-    del alias
     return dict(nodes=len(live), cut=sum(1 for n in live if n.name.endswith("/cut")))
 
 

@@ -1,0 +1,238 @@
+"""ONNX Runtime sessions of the benchmark's models, run through IO binding on torch tensors.
+
+Every input and output is a torch tensor on the session's device, bound by pointer: no host copy
+in a timed loop. On CUDA, ORT runs on a torch stream (`user_compute_stream`) and the decode loop
+runs with `disable_synchronize_execution_providers`, so that the greedy step (argmax of the logits
+into the next input ids) is a torch op ordered on the same stream and nothing waits for the host
+until the loop ends.
+
+Two graph kinds:
+  hf     the dynamo export (export.py): input_ids, past_key_i / past_value_i -> logits [B, 1, V],
+         present_key_i / present_value_i = past + new (a Concat: the cache grows by one position per
+         step, so a decode step never has the shapes of the previous one)
+  genai  onnxruntime-genai's builder model: input_ids, attention_mask, past_key_values.i.key/value ->
+         logits [B, S, V] (float32, every position), present.i.key/value (GroupQueryAttention). Prefill
+         runs with an empty past; decode with the past and present bound to one max-length buffer per
+         layer (GroupQueryAttention's shared buffer, as onnxruntime-genai runs it) and an attention
+         mask of max length: every decode step has the same shapes and addresses, which is what ORT's
+         CUDA graph (enable_cuda_graph) needs.
+"""
+
+import os
+
+# torch dtype name -> ONNX TensorProto element type
+ETYPE = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7, "int32": 6}
+ONNX_TO_TORCH = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64"}
+
+
+def load_ort():
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch brought
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - CPU-only builds
+            pass
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+class Session:
+    """One ORT session of one model file, with its IO layout read from the graph."""
+
+    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None):
+        import torch
+
+        self.torch, self.kind, self.device, self.graph, self.path = torch, kind, device, graph, path
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        if lib:
+            so.register_custom_ops_library(lib)
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            opts = {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"}
+            if stream is not None:
+                opts["user_compute_stream"] = str(stream.cuda_stream)
+            if graph:
+                opts["enable_cuda_graph"] = "1"
+            providers.insert(0, ("CUDAExecutionProvider", opts))
+        self.sess = ort.InferenceSession(path, so, providers=providers)
+        self.run_options = ort.RunOptions()
+        if device == "cuda" and stream is not None:
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        ins = {i.name: i for i in self.sess.get_inputs()}
+        outs = {o.name: o for o in self.sess.get_outputs()}
+        if kind == "hf":
+            self.past_in = sorted((n for n in ins if n.startswith("past_")), key=_layer_order)
+            self.past_out = [n.replace("past_", "present_", 1) for n in self.past_in]
+        else:
+            self.past_in = sorted((n for n in ins if n.startswith("past_key_values.")), key=_layer_order)
+            self.past_out = [n.replace("past_key_values.", "present.", 1) for n in self.past_in]
+        missing = [n for n in self.past_out if n not in outs]
+        if missing:
+            raise RuntimeError(f"{path}: no output {missing[0]} for input {self.past_in[0]}")
+        p0 = ins[self.past_in[0]]
+        self.kv_dtype = getattr(torch, ONNX_TO_TORCH[p0.type])
+        self.kv_heads, self.head_dim = p0.shape[1], p0.shape[3]
+        if not isinstance(self.head_dim, int):  # the builder names it kv_cache_dim
+            raise RuntimeError(f"{path}: head dim of {p0.name} is symbolic ({self.head_dim})")
+        lo = outs["logits"]
+        self.logits_dtype = getattr(torch, ONNX_TO_TORCH[lo.type])
+        self.vocab = lo.shape[-1]
+        self.layers = len(self.past_in) // 2
+
+    def kv(self, batch, length):
+        return self.torch.empty((batch, self.kv_heads, length, self.head_dim), dtype=self.kv_dtype, device=self.device)
+
+    def bind(self, io, inputs, outputs):
+        for name, t in inputs.items():
+            _bind(io.bind_input, name, t, self.device)
+        for name, t in outputs.items():
+            _bind(io.bind_output, name, t, self.device)
+
+    def run(self, io):
+        self.sess.run_with_iobinding(io, self.run_options)
+
+    # ------------------------------------------------------------------ prefill (both kinds)
+    def forward(self, ids, past=None, past_len=0):
+        """One run on ids [B, S] after `past` (list of [B, H, P, D] tensors, or None: empty); returns
+        (logits of the last position [B, V], presents [B, H, P + S, D])."""
+        torch = self.torch
+        B, S = ids.shape
+        if past is None:
+            past = [self.kv(B, 0) for _ in self.past_in]
+        P = past[0].shape[2]
+        ins = {"input_ids": ids}
+        ins.update(dict(zip(self.past_in, past)))
+        if self.kind == "genai":
+            ins["attention_mask"] = torch.ones((B, P + S), dtype=torch.int64, device=self.device)
+        presents = [self.kv(B, P + S) for _ in self.past_out]
+        lS = 1 if self.kind == "hf" else S
+        logits = torch.empty((B, lS, self.vocab), dtype=self.logits_dtype, device=self.device)
+        io = self.sess.io_binding()
+        self.bind(io, ins, dict(zip(self.past_out, presents), logits=logits))
+        self.run(io)
+        return logits[:, -1], presents
+
+    def prefill(self, ids, chunk=0):
+        """The prompt in runs of at most `chunk` positions (0: one run), each after the last's presents."""
+        S = ids.shape[1]
+        step = chunk or S
+        past = None
+        for at in range(0, S, step):
+            logits, past = self.forward(ids[:, at:at + step].contiguous(), past)
+        return logits, past
+
+
+def _bind(fn, name, t, device):
+    dt = str(t.dtype).replace("torch.", "")
+    ptr = t.data_ptr()
+    if t.numel() == 0:
+        ptr = _dummy(device, t)  # a valid address for an empty tensor (ORT reads none of it)
+    fn(name, device, 0, ETYPE[dt], list(t.shape), ptr)
+
+
+_DUMMIES = {}
+
+
+def _dummy(device, t):
+    import torch
+
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.zeros(64, dtype=torch.float32, device=device)
+    return _DUMMIES[device].data_ptr()
+
+
+def _layer_order(name):
+    import re
+
+    m = re.search(r"(\d+)", name)
+    return (int(m.group(1)) if m else 0, 0 if "key" in name else 1)
+
+
+class HFDecode:
+    """Greedy decode on the export's graph: each step binds the last presents as the past and new
+    output tensors of one more position (the cache grows; no fixed shape to capture)."""
+
+    def __init__(self, s, prompt_presents, first_ids):
+        self.s, self.torch = s, s.torch
+        self.prompt, self.first = prompt_presents, first_ids
+        self.B = first_ids.shape[0]
+        self.ids = first_ids.clone()
+        self.logits = s.torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
+        self.io = s.sess.io_binding()
+        self.reset()
+
+    def reset(self):
+        self.ids.copy_(self.first)
+        self.past = self.prompt
+
+    def step(self):
+        s = self.s
+        P = self.past[0].shape[2]
+        present = [s.kv(self.B, P + 1) for _ in s.past_out]
+        s.bind(self.io, dict(input_ids=self.ids, **dict(zip(s.past_in, self.past))), dict(zip(s.past_out, present), logits=self.logits))
+        s.run(self.io)
+        self.past = present
+        self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
+        return self.logits[:, -1]
+
+
+class GenaiDecode:
+    """Greedy decode on the builder's graph with GroupQueryAttention's shared past/present buffer of
+    `max_len` positions and a max-length attention mask: fixed shapes and addresses every step."""
+
+    def __init__(self, s, prompt_presents, first_ids, max_len):
+        torch = s.torch
+        self.s, self.torch, self.B = s, torch, first_ids.shape[0]
+        self.prompt, self.first, self.max_len = prompt_presents, first_ids, max_len
+        self.L0 = prompt_presents[0].shape[2]
+        if self.L0 >= max_len:
+            raise ValueError(f"prompt of {self.L0} does not fit a buffer of {max_len}")
+        self.kvbuf = [s.kv(self.B, max_len) for _ in s.past_in]
+        self.mask = torch.zeros((self.B, max_len), dtype=torch.int64, device=s.device)
+        self.ids = first_ids.clone()
+        self.logits = torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
+        self.io = s.sess.io_binding()
+        ins = dict(input_ids=self.ids, attention_mask=self.mask, **dict(zip(s.past_in, self.kvbuf)))
+        s.bind(self.io, ins, dict(zip(s.past_out, self.kvbuf), logits=self.logits))
+        self.reset()
+
+    def reset(self):
+        for buf, p in zip(self.kvbuf, self.prompt):
+            buf[:, :, : self.L0].copy_(p)
+        self.mask.zero_()
+        self.mask[:, : self.L0] = 1
+        self.pos = self.L0
+        self.ids.copy_(self.first)
+
+    def step(self):
+        if self.pos >= self.max_len:
+            raise RuntimeError(f"decode past the buffer of {self.max_len} positions")
+        self.mask[:, self.pos] = 1  # the new token's position counts in the total length
+        self.s.run(self.io)
+        self.pos += 1
+        self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
+        return self.logits[:, -1]
+
+
+def decoder(s, prompt_presents, first_ids, max_len):
+    if s.kind == "hf":
+        return HFDecode(s, prompt_presents, first_ids)
+    return GenaiDecode(s, prompt_presents, first_ids, max_len)
+
+
+def cuda_graph_reason(kind):
+    """Why a column's decode step is not captured by ORT's CUDA graph (None when it is tried)."""
+    if kind == "hf":
+        return ("not capturable: the export's cache grows by a Concat each step (past P -> present P + 1), so no two "
+                "decode steps have the same shapes, and ORT replays a captured graph only at the shapes and "
+                "addresses it was captured with")
+    return None
+
+
+def env_threads():
+    return int(os.environ.get("E2E_THREADS", "0"))
