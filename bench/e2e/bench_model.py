@@ -65,7 +65,8 @@ def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None):
 
         limit = C.batched_mm_token_limit(cfg, torch.tensor([], dtype=getattr(torch, a.dtype)).element_size(), a.gather_budget_gib * 2**30)
     kind = C.KIND.get(name) or ("genai" if "builder" in name else "hf")
-    return C.OrtColumn(ort, dev, p[path_key or name], kind, lib, a.threads, graph=graph, token_limit=limit)
+    return C.OrtColumn(ort, dev, p[path_key or name], kind, lib, a.threads, graph=graph, token_limit=limit,
+                       head_dim=configs.past_shape(cfg, 1, 0)[3])
 
 
 def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log):
@@ -180,14 +181,15 @@ def run(a, name, dtype, ph, tol, log):
 
 def checks(traces, tol, ran):
     """rewritten vs export and builder_rw vs builder gate the run (a pair of which one column ran and the
-    other failed fails too); torch vs export is shown, not gated (transformers' grouped_mm against the
-    batched_mm export: other arithmetic, same model)."""
+    other failed fails too); torch vs export and builder vs torch are shown, not gated (the same model in
+    other arithmetic: transformers' grouped_mm, the builder's fused ops)."""
     out = {}
-    for ref, got, gate in (("export", "rewritten", True), ("builder", "builder_rw", True), ("export", "torch", False)):
+    pairs = (("export", "rewritten", True), ("builder", "builder_rw", True), ("export", "torch", False), ("torch", "builder", False))
+    for ref, got, gate in pairs:
         key = f"{got} vs {ref}"
         if ref in traces and got in traces:
             out[key] = dict(measure.compare(traces[ref], traces[got], tol), gate=gate)
-        elif gate and (ref in ran or got in ran):
+        elif gate and ref in ran and got in ran:
             lost = ref if ref not in traces else got
             out[key] = dict(ok=False, gate=True, why=f"{lost} did not run", max_rel_err=float("nan"), tol=tol, steps=0,
                             tokens_equal=False, first_diff=None)

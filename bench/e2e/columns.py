@@ -22,9 +22,9 @@ USES_LIB = {"rewritten", "builder_rw"}
 
 
 class OrtColumn:
-    def __init__(self, ort, dev, path, kind, lib, threads, graph=False, token_limit=0):
+    def __init__(self, ort, dev, path, kind, lib, threads, graph=False, token_limit=0, head_dim=None):
         with dev.ctx():
-            self.s = ortrun.Session(ort, path, kind, dev.kind, lib=lib, threads=threads, graph=graph, stream=dev.stream)
+            self.s = ortrun.Session(ort, path, kind, dev.kind, lib=lib, threads=threads, graph=graph, stream=dev.stream, head_dim=head_dim)
         self.dev, self.token_limit = dev, token_limit
 
     def chunk(self, batch):

@@ -57,8 +57,6 @@ def hf_config(name, tiny, experts_impl):
         # the rope scaling of GPT-OSS (YaRN, factor 32 over 4096) as its published config has it
         kw["rope_parameters"] = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
                                      original_max_position_embeddings=4096, truncate=False)
-        if tiny:
-            kw["rope_parameters"]["original_max_position_embeddings"] = 16
     cfg = getattr(tr, spec["config"])(**kw)
     cfg._experts_implementation = experts_impl
     # GPT-OSS's sinks have no SDPA path in transformers: eager attention there

@@ -45,7 +45,8 @@ def log(*a):
 
 
 def short(e):
-    return " ".join(f"{type(e).__name__}: {e}".split())[:600]
+    """One line: the error's type and its last 600 characters (a subprocess's traceback ends with the cause)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[-600:]
 
 
 # ------------------------------------------------------------------------------------------ prepare

@@ -40,7 +40,7 @@ def load_ort():
 class Session:
     """One ORT session of one model file, with its IO layout read from the graph."""
 
-    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None):
+    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None, head_dim=None):
         import torch
 
         self.torch, self.kind, self.device, self.graph, self.path = torch, kind, device, graph, path
@@ -77,8 +77,10 @@ class Session:
         p0 = ins[self.past_in[0]]
         self.kv_dtype = getattr(torch, ONNX_TO_TORCH[p0.type])
         self.kv_heads, self.head_dim = p0.shape[1], p0.shape[3]
-        if not isinstance(self.head_dim, int):  # the builder names it kv_cache_dim
-            raise RuntimeError(f"{path}: head dim of {p0.name} is symbolic ({self.head_dim})")
+        if not isinstance(self.head_dim, int):  # the builder names it kv_cache_dim: the model's head dim
+            if head_dim is None:
+                raise RuntimeError(f"{path}: head dim of {p0.name} is symbolic ({self.head_dim}) and none was given")
+            self.head_dim = head_dim
         lo = outs["logits"]
         self.logits_dtype = getattr(torch, ONNX_TO_TORCH[lo.type])
         self.vocab = lo.shape[-1]
