@@ -57,7 +57,7 @@ def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None):
     if name == "torch":
         import torchrun
 
-        return C.TorchColumn(p["ckpt"], a.dtype, dev, torchrun.fastest_impl())
+        return C.TorchColumn(a.model, a.tiny, a.dtype, a.seed, dev, torchrun.fastest_impl())
     lib = a.lib if (name in C.USES_LIB) else None
     limit = 0
     if name == "export":
@@ -136,6 +136,7 @@ def run(a, name, dtype, ph, tol, log):
     import torch
 
     ort = ortrun.load_ort()
+    a.model = name
     p = export.paths(a.work, name, dtype)
     prep = json.load(open(p["prepared"]))
     cfg = configs.hf_config(name, a.tiny, "batched_mm")

@@ -63,8 +63,16 @@ class _InCtx:
 
 
 class TorchColumn:
-    def __init__(self, ckpt, dtype, dev, impl):
-        self.m = torchrun.load(ckpt, dtype, dev.kind, impl)
+    """The model rebuilt from its config and seed on the device (configs.build draws the same weights
+    the export was made from: the same generator, draws and order on the same device; the check
+    "torch vs export" shows it), with the fastest experts implementation."""
+
+    def __init__(self, name, tiny, dtype, seed, dev, impl):
+        import torch
+
+        import configs
+
+        self.m = configs.build(name, tiny, getattr(torch, dtype), seed, device=dev.kind, experts_impl=impl)
         self.lm = torchrun.TorchLM(self.m)
         self.impl = impl
 

@@ -23,9 +23,9 @@ ORT's CPU kernels have no bfloat16 MatMul, MoE or GroupQueryAttention).
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -59,17 +59,21 @@ def prepare_one(a, name, dtype):
     rec.update(model=name, dtype=dtype, tiny=a.tiny, seed=a.seed, notes=rec.get("notes", {}))
     tdtype = getattr(torch, dtype)
     device = a.device
-    if not (os.path.exists(p["export"]) and os.path.exists(os.path.join(p["ckpt"], "config.json"))):
+    builder = name == "gptoss" and not a.no_builder
+    need_ckpt = builder and not os.path.exists(p["builder"])
+    if not os.path.exists(p["export"]) or (need_ckpt and not os.path.exists(os.path.join(p["ckpt"], "config.json"))):
         t0 = time.time()
         lm = configs.build(name, a.tiny, tdtype, a.seed, device=device)
         rec["build_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        export.save_checkpoint(lm, lm.config, p["ckpt"])
-        rec["save_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        rec["export"] = export.export_onnx(lm, lm.config, p["export"], tdtype, device)
-        rec["export"]["seconds"] = round(time.time() - t0, 1)
-        log(f"{name} {dtype}: exported in {rec['export']['seconds']} s ({rec['export']['nodes']} nodes)")
+        if need_ckpt:  # only the builder reads a checkpoint (the torch column rebuilds from the seed)
+            t0 = time.time()
+            export.save_checkpoint(lm, lm.config, p["ckpt"])
+            rec["save_s"] = round(time.time() - t0, 1)
+        if not os.path.exists(p["export"]):
+            t0 = time.time()
+            rec["export"] = export.export_onnx(lm, lm.config, p["export"], tdtype, device)
+            rec["export"]["seconds"] = round(time.time() - t0, 1)
+            log(f"{name} {dtype}: exported in {rec['export']['seconds']} s ({rec['export']['nodes']} nodes)")
         del lm
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -82,11 +86,13 @@ def prepare_one(a, name, dtype):
     if a.spoil:
         rec["spoiled"] = spoil(p["rewritten"], a.spoil)
     rec["nomoe"] = export.cut_moe(p["rewritten"], p["nomoe"])
-    if name == "gptoss" and not a.no_builder:
+    if builder:
         try:
             if not os.path.exists(p["builder"]):
                 ep = "cuda" if device == "cuda" else "cpu"
-                rec["builder"] = export.run_builder(p["ckpt"], os.path.dirname(p["builder"]), dtype, ep, python=a.builder_python)
+                rec["builder"] = export.run_builder(p["ckpt"], os.path.dirname(p["builder"]), dtype, ep, python=a.builder_python,
+                                                    pythonpath=a.builder_pythonpath)
+                shutil.rmtree(p["ckpt"], ignore_errors=True)  # disk: the device holds one model's files at a time
                 log(f"{name} {dtype}: builder model in {rec['builder']['seconds']} s")
             if not os.path.exists(p["builder_rw"]):
                 rep = export.rewrite(a.cli, p["builder"], p["builder_rw"], extra)
@@ -146,6 +152,8 @@ def parse(argv=None):
     ap.add_argument("--columns", default="export,rewritten,builder,builder_rw,torch")
     ap.add_argument("--rewrite-args", default="", help="extra arguments of `scattermoe rewrite` (e.g. --no-prove)")
     ap.add_argument("--builder-python", default="", help="the Python that runs onnxruntime-genai's builder (default: this one)")
+    ap.add_argument("--builder-pythonpath", default=os.environ.get("E2E_BUILDER_PYTHONPATH", ""),
+                    help="folders put first on the builder's PYTHONPATH (where onnxruntime-genai was unpacked)")
     ap.add_argument("--no-builder", action="store_true")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph decode rows")
     ap.add_argument("--gather-budget-gib", type=float, default=8.0,

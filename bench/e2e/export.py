@@ -1,7 +1,8 @@
 """Model preparation, per model and dtype, into a work folder that later calls reuse:
 
     <work>/<model>-<dtype>/
-        ckpt/                  save_pretrained of the random model (+ a word-level tokenizer the builder loads)
+        ckpt/                  save_pretrained of the random model (+ a word-level tokenizer), for the builder only,
+                               removed once the builder has run
         export/model.onnx      transformers -> torch.onnx.export(dynamo=True), with past keys and values
         rewritten/model.onnx   `scattermoe rewrite` of the export; rewrite.json its report
         nomoe/model.onnx       the export's graph with every MoE block cut out (for the MoE share)
@@ -103,7 +104,7 @@ def rewrite(cli, src, dst, extra=()):
     """`scattermoe rewrite SRC DST --json` (+ extra args); returns the report (raises on failure)."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     t0 = time.time()
-    p = subprocess.run([cli, "rewrite", src, dst, "--json", *extra], capture_output=True, text=True)
+    p = subprocess.run([cli, "rewrite", src, dst, "--json", "--force", *extra], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"scattermoe rewrite failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-800:]}")
     report = json.loads(p.stdout)
@@ -170,7 +171,7 @@ def save_checkpoint(lm, cfg, path):
                             pad_token="<pad>").save_pretrained(path)
 
 
-def run_builder(ckpt, out_dir, dtype, ep, python=None, max_length=None):
+def run_builder(ckpt, out_dir, dtype, ep, python=None, pythonpath=""):
     """onnxruntime-genai's model builder on the checkpoint: `-p {bf16,fp16,fp32} -e {cuda,cpu}`.
     windowed_kv_cache=false: every layer's KV buffer is max-length (GPT-OSS's sliding-window layers
     would otherwise keep a window-sized buffer that the caller must rotate as genai's runtime does)."""
@@ -179,8 +180,11 @@ def run_builder(ckpt, out_dir, dtype, ep, python=None, max_length=None):
     extra = ["windowed_kv_cache=false"]
     cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", ckpt, "-o", out_dir, "-p", prec, "-e", ep,
            "-c", cache, "--extra_options", *extra]
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     shutil.rmtree(cache, ignore_errors=True)
     if p.returncode != 0:
         raise RuntimeError(f"model builder failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-800:]}")

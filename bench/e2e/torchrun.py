@@ -1,4 +1,4 @@
-"""transformers in torch on the same checkpoint, with its fastest experts implementation.
+"""transformers in torch with the same weights, with its fastest experts implementation.
 
 `grouped_mm` (torch's grouped GEMM over tokens sorted by expert) where transformers registers it,
 else `batched_mm`. The cache is transformers' DynamicCache; prefill and each decode step are one
@@ -11,15 +11,6 @@ def fastest_impl():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     return "grouped_mm" if "grouped_mm" in ALL_EXPERTS_FUNCTIONS else "batched_mm"
-
-
-def load(ckpt, dtype, device, impl):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # loaded on the host, then moved (device_map would need accelerate)
-    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), experts_implementation=impl)
-    return m.to(device).eval()
 
 
 class NoMoE:
