@@ -77,11 +77,12 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log):
     rec = dict(column=name)
     dev.settle()
     base = dev.used()
-    if dev.kind == "cuda":
-        dev.torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     col = open_column(a, ort, dev, name, p, cfg)
     rec["open_s"] = round(time.time() - t0, 2)
+    if dev.kind == "cuda":  # torch's peak from here: the model as it runs, not its float32 construction
+        dev.settle()
+        dev.torch.cuda.reset_peak_memory_stats()
     if isinstance(col, C.OrtColumn) and col.token_limit and col.chunk(1) < ph["prefill"]:
         rec["prefill_chunk"] = col.chunk(1)
     if name == "torch":
