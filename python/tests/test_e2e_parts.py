@@ -68,9 +68,12 @@ def test_cut_moe_removes_every_moe_node_and_its_router_and_the_cut_model_runs(tm
     inits = {t.name for t in after.graph.initializer}
     assert not any("experts" in n or "router" in n for n in inits)
     s = ort_utils.session(str(dst), threads=1)
-    feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    # this fixture's GroupQueryAttention keeps a window-sized cache: the past is that long (zeros)
+    window = max((onnx.helper.get_attribute_value(a) for n in after.graph.node if n.op_type == "GroupQueryAttention"
+                  for a in n.attribute if a.name == "local_window_size"), default=0)
+    feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "attention_mask": np.ones((1, window + 3), np.int64)}
     for i in s.get_inputs():
         if i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((1, i.shape[1], 0, 16), np.float32)
+            feeds[i.name] = np.zeros((1, i.shape[1], window, 16), np.float32)
     logits = s.run(["logits"], feeds)[0]
     assert logits.shape[:2] == (1, 3) and np.isfinite(logits).all()
