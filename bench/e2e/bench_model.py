@@ -169,6 +169,7 @@ def run(a, name, dtype, ph, tol, log):
                     rec["nomoe"].update(nomoe_rows(a, ort, dev, p, cfg, ph, pr, key, True, cache))
             rec["moe_share"] = moe_share(rec, rec.get("nomoe", {}))
             res["columns"][col] = rec
+            _save(a, res)  # a call cut short by its time limit still returns the columns it measured
         except Exception as e:  # noqa: BLE001 - a column that fails is reported; the others go on
             traceback.print_exc()
             res["columns"][col] = dict(column=col, error=_short(e))
@@ -177,14 +178,20 @@ def run(a, name, dtype, ph, tol, log):
     res["checks_ok"] = all(c["ok"] for c in res["checks"].values() if c.get("gate")) and bool(res["checks"])
     for k, c in res["checks"].items():
         log(f"  check {k}: {'ok' if c['ok'] else 'FAILED: ' + c['why']} (max rel err {c['max_rel_err']:.3g}, tol {c['tol']:g})")
-    os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
-    path = os.path.join(a.work, "results", f"{name}-{dtype}.json")
-    json.dump(res, open(path, "w"), indent=1)
-    os.makedirs(a.out, exist_ok=True)
-    shutil.copy(path, os.path.join(a.out, f"e2e-{name}-{dtype}.json"))
+    _save(a, res)
     if a.device == "cuda" and not a.keep:
         shutil.rmtree(p["root"], ignore_errors=True)  # the device's disk holds one model's files at a time
     return res
+
+
+def _save(a, res):
+    """DIR/results/<model>-<dtype>.json, and its copy OUT/e2e-<model>-<dtype>.json."""
+    os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
+    path = os.path.join(a.work, "results", f"{res['model']}-{res['dtype']}.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.makedirs(a.out, exist_ok=True)
+    shutil.copy(path, os.path.join(a.out, f"e2e-{res['model']}-{res['dtype']}.json"))
 
 
 def checks(traces, tol, ran, dtype):

@@ -46,7 +46,8 @@ def model_tables(res):
     sep = "|---|" + "---:|" * len(ph)
     title = f"## {res['model']} ({res['layers']} of {res['full_depth']} layers), {res['dtype']}, {res['device']}"
     lines = [title, "", f"ONNX Runtime {res['onnxruntime']}, torch {res['torch']}. Time (ms per prefill, ms per decode step; "
-             "in brackets the export as written's time over this one: above 1 is faster).", "", head, sep]
+             "in brackets the export as written's time over this one: above 1 is faster; for a CUDA-graph row, over the "
+             "export's plain decode, which has no graph row).", "", head, sep]
     for c in cols:
         r = res["columns"][c]
         if "error" in r:
