@@ -25,11 +25,13 @@
 #   2. carry [".carry/ort-gpux/p1"]: bash bench/e2e/run.sh part:.carry/ort-gpux/p1 prepare:qwen3                       (~3 min)
 #   3. carry [".carry/ort-gpux/p2"]: bash bench/e2e/run.sh part:.carry/ort-gpux/p2                                     (seconds)
 #   4. carry [".carry/ort-gpux/p3"]: bash bench/e2e/run.sh part:.carry/ort-gpux/p3                                     (seconds)
-#   5. carry [".carry/ort-gpux/p4", ".carry/e2e"]: bash bench/e2e/run.sh setup:.carry/ort-gpux/p4 smoke bench:mixtral  (~6 min)
-#   6. carry []: bash bench/e2e/run.sh bench:qwen3                                                                      (~4 min)
-#   7. carry []: bash bench/e2e/run.sh prepare:gptoss                                                                   (~4 min)
-#   8. carry []: bash bench/e2e/run.sh bench:gptoss                                                                     (~6 min)
-# Call 8's $OUT holds the whole table (e2e.md, e2e.json, e2e.png). If the machine went cold between
+#   5. carry [".carry/ort-gpux/p4", ".carry/e2e"]: bash bench/e2e/run.sh setup:.carry/ort-gpux/p4 smoke               (~3 min)
+#   6. carry []: bash bench/e2e/run.sh bench:mixtral                                                                    (~4 min)
+#   7. carry []: bash bench/e2e/run.sh bench:qwen3                                                                      (~4 min)
+#   8. carry []: bash bench/e2e/run.sh prepare:gptoss                                                                   (~4 min)
+#   9. carry []: bash bench/e2e/run.sh bench:gptoss                                                                     (~6 min)
+# Each stage is bounded by STAGE_S (default 560 s) and a call by 600 s: keep one long stage per call.
+# Call 9's $OUT holds the whole table (e2e.md, e2e.json, e2e.png). If the machine went cold between
 # calls, start again from call 1 (the per-model JSONs already returned can be merged here:
 # mkdir -p D/results && cp e2e-*.json D/results/ && python3 bench/e2e/e2e.py report --work D --out D).
 set -uo pipefail
