@@ -300,6 +300,7 @@ fn moe_attrs(c: &MoeCase) -> scatter_moe::Attrs {
         // swiglu_limit as GLM-5-Next writes it (alpha 1), with a limit the values cross
         alpha: if c.activation == Activation::SwigluLimit { 1.0 } else { 1.702 },
         limit: if c.activation == Activation::SwigluLimit { 0.5 } else { 7.0 },
+        ..Default::default()
     }
 }
 
@@ -479,7 +480,7 @@ fn linear_cases() -> Vec<LinearCase> {
 
 fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Report) {
     let s = LinearSizes { tokens: c.tokens, k: c.k, experts: c.experts, d_in: c.d_in, d_out: c.d_out };
-    let attrs = parallel_linear::Attrs { grouped_in: c.grouped_in, grouped_out: c.grouped_out };
+    let attrs = parallel_linear::Attrs { grouped_in: c.grouped_in, grouped_out: c.grouped_out, ..Default::default() };
     let rows = if c.grouped_in { c.tokens * c.k } else { c.tokens };
     let scale = 1.0 / (c.d_in as f32).sqrt();
     let x: Vec<E> = conv(&(0..rows * c.d_in).map(|_| rng.random_range(-1.0..1.0)).collect::<Vec<f32>>());
