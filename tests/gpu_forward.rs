@@ -324,8 +324,8 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         x: &x,
         routing_weights: &rw,
         routing_indices: indices(&idx, &mut i32s, c.it),
-        w_in: &w_in,
-        w_out: &w_out,
+        w_in: (&w_in).into(),
+        w_out: (&w_out).into(),
         b_in: b_in.as_deref(),
         b_out: b_out.as_deref(),
         capacity: c.capacity.map(|x| x.0),
@@ -491,7 +491,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
     let out_len = if c.gates { c.tokens * c.d_out } else { c.tokens * c.k * c.d_out };
     let mut want = vec![E::from_f32(0.0); out_len];
     let mut i32s = Vec::new();
-    let inputs = LinearInputs { x: &x, routing_indices: indices(&idx, &mut i32s, c.it), w: &w, b: b.as_deref(), gates: gates.as_deref() };
+    let inputs = LinearInputs { x: &x, routing_indices: indices(&idx, &mut i32s, c.it), w: (&w).into(), b: b.as_deref(), gates: gates.as_deref() };
     reference::parallel_linear(&reference::Rayon, &attrs, s, &inputs, &mut want).expect("reference");
 
     let dx = g.upload(&bytes_of(&x));
@@ -627,8 +627,8 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
             x: &x,
             routing_weights: &rw,
             routing_indices: indices(&idx, &mut i32s, it),
-            w_in: &w_in,
-            w_out: &w_out,
+            w_in: (&w_in).into(),
+            w_out: (&w_out).into(),
             b_in: None,
             b_out: None,
             capacity: None,
@@ -714,8 +714,8 @@ impl Layer {
             x: &self.x,
             routing_weights: &self.rw,
             routing_indices: Indices::I64(&self.idx),
-            w_in: &self.w_in,
-            w_out: &self.w_out,
+            w_in: (&self.w_in).into(),
+            w_out: (&self.w_out).into(),
             b_in: None,
             b_out: None,
             capacity: self.capacity,

@@ -27,7 +27,7 @@ fn packed_matches_f64_and_the_unpacked_path() {
         // a value the call does not write shows as NaN
         scratch.buffers([tokens * k * (d_in + d_out); 2]).iter_mut().for_each(|b| b.fill(f32::NAN));
         let mut y = vec![f32::NAN; rows * d_out];
-        let inp = LinearInputs { x, routing_indices: Indices::I64(&ri), w: &w, b: Some(&b), gates };
+        let inp = LinearInputs { x, routing_indices: Indices::I64(&ri), w: (&w).into(), b: Some(&b), gates };
         parallel_linear_with(&Rayon, attrs, s, &inp, p, &mut scratch, &mut y).unwrap();
         y
     };

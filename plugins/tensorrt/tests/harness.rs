@@ -170,8 +170,8 @@ fn moe_case<E: Float>(c: MoeCase) -> Case {
         x: &x,
         routing_weights: &rw,
         routing_indices: Indices::I64(&ri),
-        w_in: &w_in,
-        w_out: &w_out,
+        w_in: (&w_in).into(),
+        w_out: (&w_out).into(),
         b_in: with_bias.then_some(&b_in[..]),
         b_out: with_bias.then_some(&b_out[..]),
         capacity: c.capacity.as_ref().map(|x| x.0 as usize),
@@ -218,7 +218,7 @@ fn linear_case<E: Float>(name: &str, attrs: parallel_linear::Attrs, ri_dims: &[u
     let g: Vec<E> = (0..tokens * k).map(|_| E::from_f32(rng.random_range(0.0f32..1.0))).collect();
     let out_dims = parallel_linear::output_shape(&attrs, ri_dims, d_out, gates, |r| r.iter().product());
     let mut y = vec![E::from_f32(0.0); out_dims.iter().product()];
-    let inp = LinearInputs { x: &x, routing_indices: Indices::I64(&ri), w: &w, b: (bias || gates).then_some(&b[..]), gates: gates.then_some(&g[..]) };
+    let inp = LinearInputs { x: &x, routing_indices: Indices::I64(&ri), w: (&w).into(), b: (bias || gates).then_some(&b[..]), gates: gates.then_some(&g[..]) };
     reference::parallel_linear(&reference::Rayon, &attrs, LinearSizes { tokens, k, experts, d_in, d_out }, &inp, &mut y).unwrap();
     let x_dims = if attrs.grouped_in { vec![tokens * k, d_in] } else { let mut v = ri_dims[..ri_dims.len() - 1].to_vec(); v.push(d_in); v };
     let ri_dyn = dyn_lead(ri_dims.len(), ri_dims.len() - 1);
