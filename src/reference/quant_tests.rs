@@ -32,10 +32,14 @@ const fn blocks(block_out: u64, block_in: u64) -> ScaleLayout {
     ScaleLayout::Blocks { block_out, block_in }
 }
 
+/// A quantized weight's buffers: codes, scales as float32 and as `T` (the form's choice is
+/// read from `quant.scale`), zero points.
+type Stored<E> = (Quant, Vec<u8>, Vec<f32>, Vec<E>, Option<Vec<u8>>);
+
 /// One weight's random data, stored as the op takes it, and its f64 values.
 struct Data<E> {
     plain: Vec<E>,
-    quant: Option<(Quant, Vec<u8>, Vec<f32>, Vec<E>, Option<Vec<u8>>)>,
+    quant: Option<Stored<E>>,
     want: Vec<f64>,
 }
 
