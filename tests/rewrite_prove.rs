@@ -166,3 +166,57 @@ fn the_proofs_sessions_cannot_allocate_past_their_cap() {
     assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The float32 twin (`prove/twin.rs`) stands in for a 16-bit region that ONNX Runtime's CPU
+/// provider cannot run, at the type's tolerance widened by `ROUNDING_GAP`. Here the gap is
+/// measured on the 16-bit fixtures' regions, on the proof's own inputs: the twin against the same
+/// region with every node's 16-bit result rounded (as a backend that stores each result in 16 bits
+/// computes it), in float16 and, as if the layer were bfloat16, rounded to bfloat16. Every gap must
+/// stay within half of ROUNDING_GAP.
+#[test]
+fn the_float32_twin_is_within_the_rounding_gap_of_16_bit_computation() {
+    use scattermoe::rewrite::prove::{self, twin_gap, ROUNDING_GAP};
+    use scattermoe::rewrite::{canon, emit, Target};
+    let dir = common::models_dir();
+    let fixtures = [
+        "mixtral_f16",
+        "qwen3_moe_bmm_f16",
+        "qwen3_moe_op18_f16",
+        "families/jetmoe_moe_f16",
+        "families/llama4_moe_f16",
+        "families/nemotron_h_moe_f16",
+        "families/openai_privacy_filter_f16",
+        "families/switch_f16",
+    ];
+    let mut measured = 0;
+    let mut largest = [0f64; 2];
+    for name in fixtures {
+        let mut model = onnx::load(&dir.join(format!("{name}.onnx"))).unwrap();
+        let _undo = canon::Undo::canonicalise(&mut model);
+        let graph = model.proto.graph.clone().unwrap_or_default();
+        let mut g = GraphIndex::new(&graph, Some(&model.ext)).unwrap();
+        g.opset = model.opset("").unwrap_or(17);
+        let mut taken = Vec::new();
+        for rule in scattermoe::rewrite::rule::registry() {
+            for l in rule.find(&g).0 {
+                let em = emit::emit(&g, &l, &format!("gap_{measured}"), &mut taken, Target::OnnxRuntime).unwrap();
+                let subject = prove::Subject::of_layer(&g, &l);
+                for (i, (ty, elem)) in [("float16", 10), ("bfloat16", 16)].into_iter().enumerate() {
+                    let gap = twin_gap(&model, &g, &subject, &em, elem).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                    println!(
+                        "{name:<36} {:<8} rounded to {ty:<8}: {:.2e} from the twin over {} cases (allowed {:.1e})",
+                        rule.name(),
+                        gap.max_rel_err,
+                        gap.cases,
+                        gap.tolerance
+                    );
+                    assert!(gap.max_rel_err <= ROUNDING_GAP[i] / 2.0, "{name}, {ty}: the twin is {:.2e} from the rounded region", gap.max_rel_err);
+                    largest[i] = largest[i].max(gap.max_rel_err);
+                }
+                measured += 1;
+            }
+        }
+    }
+    println!("largest gap over {measured} regions: float16 {:.2e}, bfloat16 {:.2e}", largest[0], largest[1]);
+    assert_eq!(measured, fixtures.len());
+}
