@@ -421,3 +421,16 @@ fn jetmoe_float16_is_proven_against_its_float32_twin_and_spoiled_candidates_are_
         }
     }
 }
+
+/// Ernie-4.5's block, exported by TorchScript as a loop unrolled over the 2 of its 4 experts the
+/// traced input hit, runs only where exactly 2 experts get tokens: the proof's routing with exactly
+/// k experts hit runs it at every token count, not at 1 token alone.
+#[test]
+fn ernie45_is_proven_at_every_token_count() {
+    let mut model = onnx::load(&dir().join("ernie45_moe.onnx")).unwrap();
+    let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+    assert_eq!(report.layers.len(), 1, "{}", report.text());
+    let p = report.layers[0].proof.as_ref().unwrap();
+    assert_eq!(p.tokens, scattermoe::rewrite::prove::TOKENS, "{}", p.text());
+    assert!(p.max_rel_err <= 1e-4, "{}", p.text());
+}

@@ -66,55 +66,40 @@ pub(super) fn first_line(e: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// Most `Exactly(m)` patterns tried at a count where no other pattern ran the reference.
+const MOST_EXACT_TRIES: usize = 64;
+
 /// Runs `reference` (the region, or its float32 twin) and `other` (the replacement) on the same
 /// inputs at each token count, under each routing pattern, and compares them at `tol`. Where the
 /// reference fails the case is skipped (traced loops fail at 1 token, and whenever an expert gets
 /// no token); `other` failing where it runs, a shape difference, a NaN on one side only, an
 /// infinite value that differs or an error beyond `tol` is an `Err`, the reason.
+///
+/// Besides [`PATTERNS`], routing with exactly k experts hit (k the routing's slots); and where
+/// nothing ran the reference at a count, exactly m experts for m = k + 1, k + 2, ... up to what
+/// the count can hit (the first that runs): a loop unrolled over the m experts its traced input
+/// hit runs only then.
 pub(super) fn compare(reference: &mut Session, other: &mut Session, feeds: &[Feed], experts: usize, tol: f64) -> Result<Compared> {
     let mut c = Compared { tokens: Vec::new(), cases: 0, worst: 0.0, reference_failures: Vec::new() };
+    let k = feeds.iter().find(|f| f.role == Role::RoutingIndices).map(|f| slots(&f.shape));
+    let mut patterns = PATTERNS.to_vec();
+    patterns.extend(k.map(Pattern::Exactly));
     for &tokens in &TOKENS {
         let mut at_count = false;
-        for p in PATTERNS {
+        for &p in &patterns {
             if p == Pattern::Repeated && !feeds.iter().any(|f| f.role == Role::RoutingIndices && !f.distinct && slots(&f.shape) > 1) {
                 continue;
             }
             // a traced region can need every expert hit: random patterns get a few draws
             let seeds = if matches!(p, Pattern::Random | Pattern::Ties) { 3 } else { 1 };
-            for seed in 0..seeds {
-                let a = match run(reference, fill(feeds, tokens, p, seed, experts)?) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        c.reference_failures.push(format!("tokens {tokens} {p:?}: {}", first_line(&e)));
-                        continue;
-                    }
-                };
-                let b = run(other, fill(feeds, tokens, p, seed, experts)?)
-                    .map_err(|e| anyhow!("at {tokens} tokens ({p:?} routing) the replacement fails where the region runs: {}", first_line(&e)))?;
-                if a.0 != b.0 {
-                    bail!("at {tokens} tokens ({p:?} routing) the replacement's output has shape {:?}, the region's {:?}", b.0, a.0);
+            at_count |= case(reference, other, feeds, experts, tol, tokens, p, seeds, &mut c)?;
+        }
+        if let (false, Some(k)) = (at_count, k) {
+            for m in (k + 1..=experts.min(tokens * k)).take(MOST_EXACT_TRIES) {
+                if case(reference, other, feeds, experts, tol, tokens, Pattern::Exactly(m), 1, &mut c)? {
+                    at_count = true;
+                    break;
                 }
-                let mut num = 0f64;
-                let mut den = 0f64;
-                for (x, y) in b.1.iter().zip(&a.1) {
-                    if x.is_nan() != y.is_nan() {
-                        bail!("at {tokens} tokens ({p:?} routing) one side gives NaN where the other gives a number");
-                    }
-                    if x.is_finite() && y.is_finite() {
-                        num = num.max((x - y).abs());
-                        den = den.max(y.abs());
-                    } else if x != y && !(x.is_nan() && y.is_nan()) {
-                        bail!("at {tokens} tokens ({p:?} routing) the outputs differ in an infinite value");
-                    }
-                }
-                let rel = if den > 0.0 { num / den } else { num };
-                if rel > tol {
-                    bail!("at {tokens} tokens ({p:?} routing) the replacement differs from the region: max relative error {rel:.3e} > {tol:.1e}");
-                }
-                c.worst = c.worst.max(rel);
-                c.cases += 1;
-                at_count = true;
-                break;
             }
         }
         if at_count {
@@ -122,4 +107,55 @@ pub(super) fn compare(reference: &mut Session, other: &mut Session, feeds: &[Fee
         }
     }
     Ok(c)
+}
+
+/// One routing pattern at one token count: up to `seeds` draws until the reference runs, then the
+/// comparison. Whether something was compared.
+#[allow(clippy::too_many_arguments)]
+fn case(
+    reference: &mut Session,
+    other: &mut Session,
+    feeds: &[Feed],
+    experts: usize,
+    tol: f64,
+    tokens: usize,
+    p: Pattern,
+    seeds: u64,
+    c: &mut Compared,
+) -> Result<bool> {
+    for seed in 0..seeds {
+        let a = match run(reference, fill(feeds, tokens, p, seed, experts)?) {
+            Ok(a) => a,
+            Err(e) => {
+                c.reference_failures.push(format!("tokens {tokens} {p:?}: {}", first_line(&e)));
+                continue;
+            }
+        };
+        let b = run(other, fill(feeds, tokens, p, seed, experts)?)
+            .map_err(|e| anyhow!("at {tokens} tokens ({p:?} routing) the replacement fails where the region runs: {}", first_line(&e)))?;
+        if a.0 != b.0 {
+            bail!("at {tokens} tokens ({p:?} routing) the replacement's output has shape {:?}, the region's {:?}", b.0, a.0);
+        }
+        let mut num = 0f64;
+        let mut den = 0f64;
+        for (x, y) in b.1.iter().zip(&a.1) {
+            if x.is_nan() != y.is_nan() {
+                bail!("at {tokens} tokens ({p:?} routing) one side gives NaN where the other gives a number");
+            }
+            if x.is_finite() && y.is_finite() {
+                num = num.max((x - y).abs());
+                den = den.max(y.abs());
+            } else if x != y && !(x.is_nan() && y.is_nan()) {
+                bail!("at {tokens} tokens ({p:?} routing) the outputs differ in an infinite value");
+            }
+        }
+        let rel = if den > 0.0 { num / den } else { num };
+        if rel > tol {
+            bail!("at {tokens} tokens ({p:?} routing) the replacement differs from the region: max relative error {rel:.3e} > {tol:.1e}");
+        }
+        c.worst = c.worst.max(rel);
+        c.cases += 1;
+        return Ok(true);
+    }
+    Ok(false)
 }
