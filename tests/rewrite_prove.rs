@@ -220,3 +220,83 @@ fn the_float32_twin_is_within_the_rounding_gap_of_16_bit_computation() {
     println!("largest gap over {measured} regions: float16 {:.2e}, bfloat16 {:.2e}", largest[0], largest[1]);
     assert_eq!(measured, fixtures.len());
 }
+
+/// The model with every float32 and float16 tensor, value and cast made bfloat16 (the values
+/// rounded): a bfloat16 export of the same layer, which ONNX Runtime's CPU provider cannot run.
+fn to_bfloat16(m: &mut onnx::Model) {
+    use scattermoe::onnx::tensor::{encode_f32, make_tensor, tensor_f32};
+    const BF16: i32 = 16;
+    let narrow = |t: &mut onnx_protobuf::TensorProto| {
+        if matches!(t.data_type, 1 | 10) {
+            let v = tensor_f32(t, None).unwrap();
+            let mut raw = Vec::new();
+            encode_f32(&v, BF16, &mut raw);
+            *t = make_tensor(&t.name, BF16, &t.dims.clone(), raw);
+        }
+    };
+    let g = m.proto.graph.mut_or_insert_default();
+    g.initializer.iter_mut().for_each(narrow);
+    for vi in g.input.iter_mut().chain(g.output.iter_mut()).chain(g.value_info.iter_mut()) {
+        if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = vi.type_.as_mut().and_then(|t| t.value.as_mut()) {
+            if matches!(t.elem_type, 1 | 10) {
+                t.elem_type = BF16;
+            }
+        }
+    }
+    for n in g.node.iter_mut() {
+        for a in n.attribute.iter_mut() {
+            if n.op_type == "Cast" && a.name == "to" && matches!(a.i, 1 | 10) {
+                a.i = BF16 as i64;
+            }
+            if let Some(t) = a.t.as_mut() {
+                narrow(t);
+            }
+        }
+    }
+}
+
+/// bfloat16 layers, which ONNX Runtime's CPU provider does not even load (no bfloat16 MatMul,
+/// Gemm, Add, Mul, TopK, ...), are proven against the region's float32 twin at bfloat16's
+/// tolerance plus the rounding gap, one per family: a per-expert loop, dense, capacity,
+/// Megablocks, JetMoE's sorted blocks, and PhiMoE's batched_mm, whose router both proof models
+/// compute (in float32 too, rounded to bfloat16 alike). The same candidates with two experts
+/// swapped are refused at that tolerance; without the proof they would be written.
+#[test]
+fn bfloat16_layers_are_proven_against_their_float32_twin_and_spoiled_ones_are_not() {
+    use scattermoe::rewrite::prove::{Reference, ROUNDING_GAP};
+    use scattermoe::rewrite::{batched, capacity, dense, jetmoe};
+    let tolerance = 3e-2 + ROUNDING_GAP[1];
+    let cases: [(&str, fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>)); 6] = [
+        ("mixtral", hf_loop::find),
+        ("dense_einsum", dense::find),
+        ("capacity_einsum", capacity::find),
+        ("megablocks", megablocks::find),
+        ("families/jetmoe_moe", jetmoe::find),
+        ("families/phimoe_bmm", batched::find),
+    ];
+    let keep: fn(&mut MoeLayer) = |_| {};
+    for (fixture, find) in cases {
+        for (spoiled, spoil) in [(false, keep), (true, swap_first_two_experts as fn(&mut MoeLayer))] {
+            for prove in [true, false] {
+                let mut m = onnx::load(&common::models_dir().join(format!("{fixture}.onnx"))).unwrap();
+                to_bfloat16(&mut m);
+                let rule = Wrong { find, spoil };
+                let rep = scattermoe::rewrite::rewrite_with_rules(&mut m, &RewriteOptions { prove, ..Default::default() }, &[&rule as &dyn Rule]).unwrap();
+                if spoiled && prove {
+                    assert!(rep.layers.is_empty(), "{fixture}: written with two experts swapped\n{}", rep.text());
+                    let r = rep.rejected.iter().find(|r| r.reason.starts_with("not proven")).unwrap_or_else(|| panic!("{fixture}: {}", rep.text()));
+                    assert!(r.reason.contains("relative error") && r.reason.contains(&format!("> {tolerance:.1e}")), "{fixture}: {}", r.reason);
+                    println!("{fixture} bfloat16, experts swapped: {}", r.reason);
+                    continue;
+                }
+                assert_eq!(rep.layers.len(), 1, "{fixture} bfloat16: {}", rep.text());
+                assert_eq!(rep.layers[0].elem_type, "bfloat16", "{fixture}");
+                if let Some(p) = &rep.layers[0].proof {
+                    assert_eq!(p.reference, Reference::RegionFloat32, "{fixture}: {}", p.text());
+                    assert!((p.tolerance - tolerance).abs() < 1e-12 && p.max_rel_err <= 3e-2, "{fixture}: {}", p.text());
+                    println!("{fixture} bfloat16: {}", p.text());
+                }
+            }
+        }
+    }
+}

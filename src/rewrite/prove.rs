@@ -13,6 +13,7 @@
 mod checks;
 pub use checks::contradicted_shapes;
 mod compare;
+mod files;
 mod inputs;
 pub mod region;
 pub mod shape;
@@ -20,24 +21,19 @@ mod twin;
 pub use twin::ROUNDING_GAP;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use onnx_protobuf::tensor_proto::DataLocation;
-use onnx_protobuf::{
-    tensor_shape_proto, type_proto, GraphProto, Message, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
-};
+use onnx_protobuf::{NodeProto, TensorProto, ValueInfoProto};
 use ort::session::Session;
 
 use super::emit::{Emitted, MoeLayer};
 use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
-use crate::onnx::tensor::{external_ref, is_external, ExternalStore};
-use crate::onnx::{Model, PendingTensor};
+use crate::onnx::Model;
 use crate::spec;
+use files::{initializers_for, link_external, materialise, scratch, value_info, write_side};
 use inputs::{slots, Feed, Role};
-use shape::{Dim, Shape};
+use shape::Dim;
 
 /// Token counts every candidate is run at: 1 (where traced exports fail), a prime, the fixtures'
 /// traced length, and a larger prime.
@@ -133,163 +129,6 @@ fn replacement_reads(g: &GraphIndex, em: &Emitted) -> Vec<String> {
         }
     }
     out
-}
-
-/// A removed-on-drop scratch directory for the two proof models.
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SCATTERMOE_KEEP_PROOF=1 keeps the two models of every proof for inspection
-        if std::env::var_os("SCATTERMOE_KEEP_PROOF").is_some_and(|v| !v.is_empty() && v != "0") {
-            eprintln!("proof models kept in {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch() -> Result<Scratch> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!("scattermoe-prove-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
-    Ok(Scratch(d))
-}
-
-fn value_info(name: &str, elem: i32, shape: Option<&Shape>) -> ValueInfoProto {
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = elem;
-    if let Some(s) = shape {
-        let mut sp = TensorShapeProto::new();
-        for d in s {
-            let mut x = tensor_shape_proto::Dimension::new();
-            if d.t == 0 {
-                x.set_dim_value(d.c);
-            } else {
-                x.set_dim_param(if d.c == 1 { "T".to_string() } else { format!("T_{}", d.c) });
-            }
-            sp.dim.push(x);
-        }
-        tt.shape = Some(sp).into();
-    }
-    let mut t = TypeProto::new();
-    t.value = Some(type_proto::Value::TensorType(tt));
-    let mut vi = ValueInfoProto::new();
-    vi.name = name.to_string();
-    vi.type_ = Some(t).into();
-    vi
-}
-
-/// Initializers the nodes read, as stored (external ones keep their location: the scratch
-/// directory links or copies the model's data files).
-fn initializers_for<'a>(g: &GraphIndex<'a>, nodes: &[NodeProto]) -> Vec<&'a TensorProto> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for n in nodes {
-        for v in node_inputs_with_subgraphs(n) {
-            if let Some(t) = g.initializers.get(v) {
-                if !g.graph_inputs.contains(v) && seen.insert(v.to_string()) {
-                    out.push(*t);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn link_external(dir: &Path, ext: &ExternalStore, inits: &[&TensorProto]) -> Result<()> {
-    for t in inits.iter().filter(|t| is_external(t)) {
-        let r = external_ref(t)?;
-        let at = dir.join(&r.location);
-        if at.exists() {
-            continue;
-        }
-        if let Some(p) = at.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        let src = std::fs::canonicalize(ext.base().join(&r.location)).with_context(|| format!("external data of '{}'", t.name))?;
-        // ONNX Runtime resolves symbolic links and refuses data outside the model's directory: a
-        // hard link (free on the same file system), else a copy
-        if std::fs::hard_link(&src, &at).is_err() {
-            std::fs::copy(&src, &at).with_context(|| format!("cannot copy {} into {}", src.display(), dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes the pending (stacked) tensors into one data file of the scratch directory.
-fn materialise(dir: &Path, ext: &ExternalStore, pending: &[PendingTensor]) -> Result<Vec<TensorProto>> {
-    use std::io::Write;
-    let name = "scattermoe_proof_stacked.data";
-    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(name))?);
-    let mut offset = 0usize;
-    let mut out = Vec::new();
-    for p in pending {
-        let mut len = 0usize;
-        (p.produce)(ext, &mut |b: &[u8]| {
-            len += b.len();
-            f.write_all(b)?;
-            Ok(())
-        })?;
-        if len != p.byte_len() {
-            bail!("stacked tensor '{}' produced {len} bytes, expected {}", p.name, p.byte_len());
-        }
-        let mut t = TensorProto::new();
-        t.name = p.name.clone();
-        t.data_type = p.data_type;
-        t.dims = p.dims.clone();
-        t.data_location = DataLocation::EXTERNAL.into();
-        for (k, v) in [("location", name.to_string()), ("offset", offset.to_string()), ("length", len.to_string())] {
-            let mut e = StringStringEntryProto::new();
-            e.key = k.into();
-            e.value = v;
-            t.external_data.push(e);
-        }
-        out.push(t);
-        offset += len;
-    }
-    f.flush()?;
-    Ok(out)
-}
-
-struct Side {
-    path: PathBuf,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_side(
-    dir: &Path,
-    file: &str,
-    base: &ModelProto,
-    nodes: Vec<NodeProto>,
-    mut inits: Vec<TensorProto>,
-    inputs: &[ValueInfoProto],
-    output: ValueInfoProto,
-    extra_opset: bool,
-) -> Result<Side> {
-    let mut m = ModelProto::new();
-    m.ir_version = base.ir_version;
-    m.opset_import = base.opset_import.clone();
-    if extra_opset && !m.opset_import.iter().any(|o| o.domain == spec::DOMAIN) {
-        let mut o = onnx_protobuf::OperatorSetIdProto::new();
-        o.domain = spec::DOMAIN.into();
-        o.version = spec::OPSET_VERSION;
-        m.opset_import.push(o);
-    }
-    let mut g = GraphProto::new();
-    g.name = "proof".into();
-    g.node = nodes;
-    g.initializer.append(&mut inits);
-    g.input = inputs.to_vec();
-    g.output.push(output);
-    // zero-valued attributes (the op's `gated = 0`) written with their value, as `onnx::save` does:
-    // ONNX Runtime refuses a custom-op attribute without one
-    crate::onnx::io::write_zero_attribute_values(&mut g);
-    m.graph = Some(g).into();
-    let path = dir.join(file);
-    std::fs::write(&path, m.write_to_bytes()?)?;
-    Ok(Side { path })
 }
 
 /// The values the op's routing indices `idx` are computed from: `idx` itself, or the values the
@@ -494,22 +333,23 @@ fn prove_or_measure(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted
     let mut repl_all: Vec<TensorProto> = repl_inits.into_iter().cloned().collect();
     repl_all.extend(em.initializers.iter().cloned());
     repl_all.extend(materialise(&dir.0, &model.ext, &em.pending)?);
-    let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes, repl_all, &inputs, output.clone(), true)?;
-    // the region's float32 twin (twin.rs) over the chosen nodes; its output is float32
-    let twin_session = |chosen: &[bool], round: Option<i32>| -> Result<Session> {
-        let nodes = twin::float32_twin(g, &orig_nodes, chosen, round)?;
-        let file = if round.is_some() { "region_f32_rounded.onnx" } else { "region_f32.onnx" };
+    let repl_side = write_side(&dir.0, "replacement.onnx", &model.proto, repl_nodes.clone(), repl_all.clone(), &inputs, output.clone(), true)?;
+    let n_shared = region.shared.len();
+    let shared: Vec<bool> = (0..orig_nodes.len()).map(|i| i < n_shared).collect();
+    let removed: Vec<bool> = shared.iter().map(|s| !s).collect();
+    // the region's float32 twin (twin.rs); its output is float32
+    let twin_session = |plan: &twin::Plan, file: &str| -> Result<Session> {
+        let nodes = twin::float32_twin(g, &orig_nodes, plan)?;
         let side = write_side(&dir.0, file, &model.proto, nodes, orig_inits.clone(), &inputs, value_info(&layer.output, 1, None), false)?;
         super::verify::capped_session(&side.path).context("the region's float32 twin")
     };
     let experts = layer.experts;
-    let removed: Vec<bool> = (0..orig_nodes.len()).map(|i| i >= region.shared.len()).collect();
     if let Some(emulate) = measure_twin {
         if !twin::touches_16bit(g, &orig_nodes, &removed) {
             bail!("the region computes nothing in 16 bits");
         }
-        let mut st = twin_session(&removed, None)?;
-        let mut sr = twin_session(&removed, Some(emulate))?;
+        let mut st = twin_session(&twin::Plan { chosen: &removed, rounded: &[], round_to: None }, "region_f32.onnx")?;
+        let mut sr = twin_session(&twin::Plan { chosen: &removed, rounded: &removed, round_to: Some(emulate) }, "region_f32_rounded.onnx")?;
         let c = compare::compare(&mut st, &mut sr, &feeds, experts, f64::INFINITY)?.ran()?;
         let millis = start.elapsed().as_secs_f64() * 1e3;
         let tolerance = twin::ROUNDING_GAP[(emulate == 16) as usize];
@@ -520,26 +360,48 @@ fn prove_or_measure(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted
         // a 16-bit com.microsoft.MoE: its ONNX Runtime kernel is missing or defective, so that
         // node is computed in float32 on the same values
         let chosen: Vec<bool> = (0..orig_nodes.len()).map(|i| i == at).collect();
-        let mut so = twin_session(&chosen, None)?;
+        let mut so = twin_session(&twin::Plan { chosen: &chosen, rounded: &[], round_to: None }, "region_f32.onnx")?;
         let mut sr = super::verify::capped_session(&repl_side.path).context("the replacement")?;
         (Reference::NodeFloat32, tol, compare::compare(&mut so, &mut sr, &feeds, experts, tol)?)
     } else {
         let orig_side = write_side(&dir.0, "region.onnx", &model.proto, orig_nodes.clone(), orig_inits.clone(), &inputs, output, false)?;
         let native = super::verify::capped_session(&orig_side.path).context("the region cut out of the graph");
-        let mut sr = super::verify::capped_session(&repl_side.path).context("the replacement")?;
-        let native = match native {
-            Ok(mut so) => compare::compare(&mut so, &mut sr, &feeds, experts, tol)?.ran().map_err(|e| anyhow!("{e}")),
-            Err(e) => Err(e),
+        let mut sr = super::verify::capped_session(&repl_side.path).context("the replacement");
+        let native = match (native, sr.as_mut()) {
+            (Ok(mut so), Ok(sr)) => compare::compare(&mut so, sr, &feeds, experts, tol)?.ran().map_err(|e| anyhow!("{e}")),
+            (Ok(_), Err(e)) => bail!("{e:#}"),
+            (Err(e), _) => Err(e),
         };
-        // where the region cannot run in its 16-bit type (a kernel ONNX Runtime's CPU provider
-        // lacks), the removed nodes are computed in float32 (the shared ones stay as they are, the
-        // replacement computes them too), at the tolerance widened by the original's own rounding
         match native {
             Ok(c) => (Reference::Region, tol, c),
-            Err(e) if !twin::touches_16bit(g, &orig_nodes, &removed) => return Err(e),
+            Err(e) if !twin::touches_16bit(g, &orig_nodes, &vec![true; orig_nodes.len()]) => return Err(e),
             Err(e) => {
-                let mut so = twin_session(&removed, None).map_err(|t| anyhow!("{e:#}; its float32 twin: {t:#}"))?;
-                let tol = tol + twin::rounding_gap(g, &orig_nodes, &removed);
+                // the region cannot run in its 16-bit type (a kernel ONNX Runtime's CPU provider
+                // lacks): its float32 twin, at the tolerance widened by the original's own
+                // rounding. The nodes both models compute are computed in float32 too where they
+                // are 16-bit (a bfloat16 router the proof derives), in both models alike, their
+                // results rounded to 16 bits: the two see one routing.
+                let all = vec![true; orig_nodes.len()];
+                let plan = twin::Plan { chosen: &all, rounded: &shared, round_to: None };
+                let mut so = twin_session(&plan, "region_f32.onnx").map_err(|t| anyhow!("{e:#}; its float32 twin: {t:#}"))?;
+                let mut sr = if twin::touches_16bit(g, &orig_nodes, &shared) {
+                    let in_repl: Vec<bool> = (0..repl_nodes.len()).map(|i| i < n_shared).collect();
+                    let nodes = twin::float32_twin(g, &repl_nodes, &twin::Plan { chosen: &in_repl, rounded: &in_repl, round_to: None })?;
+                    let side = write_side(
+                        &dir.0,
+                        "replacement_f32_shared.onnx",
+                        &model.proto,
+                        nodes,
+                        repl_all,
+                        &inputs,
+                        value_info(&layer.output, out_elem, None),
+                        true,
+                    )?;
+                    super::verify::capped_session(&side.path).context("the replacement")?
+                } else {
+                    sr?
+                };
+                let tol = tol + twin::rounding_gap(g, &orig_nodes, &all);
                 let c = compare::compare(&mut so, &mut sr, &feeds, experts, tol)?;
                 (Reference::RegionFloat32, tol, c.ran().map_err(|t| anyhow!("{e:#}; its float32 twin: {t}"))?)
             }

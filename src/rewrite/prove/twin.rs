@@ -114,28 +114,46 @@ fn widened(t: &TensorProto) -> Result<TensorProto> {
     Ok(w)
 }
 
-/// `nodes` (in order) with the `chosen` ones computed in float32 on the same values, as the module
+/// Which nodes a twin computes in float32, and which of their 16-bit results it rounds.
+pub(super) struct Plan<'a> {
+    /// computed in float32
+    pub chosen: &'a [bool],
+    /// of the chosen, those whose 16-bit results are rounded to 16 bits (a `Cast` there and back):
+    /// nodes left in 16 bits may read these, and read the rounded value
+    pub rounded: &'a [bool],
+    /// round to this type instead of each result's own: as if the layer were of that type (for
+    /// measuring [`ROUNDING_GAP`])
+    pub round_to: Option<i32>,
+}
+
+/// `nodes` (in order) with the chosen ones computed in float32 on the same values, as the module
 /// says. Errs where a chosen node cannot be run so: a subgraph (its inner types are not rewritten),
 /// an attribute naming a 16-bit output type other than a Cast's, or a 16-bit result of a chosen
-/// node read by one left as it is.
+/// node that is not rounded read by one left as it is.
 ///
-/// `round_every_node`: also round every 16-bit result of a chosen node to that type (a `Cast` to
-/// it and back), which emulates a backend that computes each node in float32 and stores its
-/// result in 16 bits (torch's eager float16 on CPU or GPU, ONNX Runtime's kernels that have the
-/// type), for measuring how far the twin is from such a computation ([`ROUNDING_GAP`]).
-pub(super) fn float32_twin(g: &GraphIndex, nodes: &[NodeProto], chosen: &[bool], round_every_node: Option<i32>) -> Result<Vec<NodeProto>> {
-    let made: HashSet<&str> = nodes.iter().zip(chosen).filter(|(_, &c)| c).flat_map(|(n, _)| n.output.iter().map(String::as_str)).collect();
-    for n in nodes.iter().zip(chosen).filter(|(_, &c)| !c).map(|(n, _)| n) {
-        if let Some(v) = n.input.iter().find(|v| made.contains(v.as_str()) && is16(g.infer_type(v))) {
-            bail!("node '{}' reads the 16-bit value '{v}' of the part computed in float32", n.name);
-        }
-    }
+/// Rounding every result of every chosen node emulates a backend that computes each node in
+/// float32 and stores its result in 16 bits (torch's eager float16, ONNX Runtime's kernels that
+/// have the type); rounding the results of the nodes both proof models compute (a router the
+/// proof derives, which ONNX Runtime cannot run in bfloat16) gives both models one routing.
+pub(super) fn float32_twin(g: &GraphIndex, nodes: &[NodeProto], plan: &Plan) -> Result<Vec<NodeProto>> {
     let tag = "scattermoe_proof_f32";
+    let chosen = |i: usize| plan.chosen.get(i).copied().unwrap_or(false);
+    let made: HashSet<&str> = nodes.iter().enumerate().filter(|(i, _)| chosen(*i)).flat_map(|(_, n)| n.output.iter().map(String::as_str)).collect();
+    // the 16-bit value a rounded result (or an explicit cast to 16 bits) leaves, for readers left in 16 bits
+    let rounded_name = |o: &str| format!("{o}/{tag}_rounded");
+    let mut rounded16: HashSet<String> = HashSet::new();
     let mut up: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(nodes.len() * 2);
     for (i, n) in nodes.iter().enumerate() {
-        if !chosen[i] {
-            out.push(n.clone());
+        if !chosen(i) {
+            let mut n = n.clone();
+            for v in n.input.iter_mut().filter(|v| made.contains(v.as_str()) && is16(g.infer_type(v))) {
+                if !rounded16.contains(v.as_str()) {
+                    bail!("node '{}' reads the 16-bit value '{v}' of the part computed in float32", n.name);
+                }
+                *v = rounded_name(v);
+            }
+            out.push(n);
             continue;
         }
         if n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
@@ -157,34 +175,24 @@ pub(super) fn float32_twin(g: &GraphIndex, nodes: &[NodeProto], chosen: &[bool],
             });
             *v = f.clone();
         }
-        let rounds_to = match n.op_type.as_str() {
+        let round = |x: &str, y: &str, t: i32, j: usize, out: &mut Vec<NodeProto>| {
+            let r = rounded_name(y);
+            let mut down = make_node("Cast", "", &format!("{}/{tag}_round{j}", n.name), &[x], &[&r]);
+            down.attribute.push(attr_int("to", t as i64));
+            let mut back = make_node("Cast", "", &format!("{}/{tag}_back{j}", n.name), &[&r], &[y]);
+            back.attribute.push(attr_int("to", FLOAT as i64));
+            out.extend([down, back]);
+        };
+        let casts_to = match n.op_type.as_str() {
             "Cast" if n.domain.is_empty() => attr_i(&n, "to").map(|t| t as i32).filter(|&t| is16(Some(t))),
             "CastLike" if n.domain.is_empty() => like16,
             _ => None,
         };
-        if let Some(t) = rounds_to {
+        if let Some(t) = casts_to {
             // the graph rounds here: round, then go on in float32
-            let (x, y) = (n.input[0].clone(), n.output[0].clone());
-            let r = format!("{y}/{tag}_rounded");
-            let mut down = make_node("Cast", "", &format!("{}/{tag}_round", n.name), &[&x], &[&r]);
-            down.attribute.push(attr_int("to", t as i64));
-            let mut back = make_node("Cast", "", &format!("{}/{tag}_back", n.name), &[&r], &[&y]);
-            back.attribute.push(attr_int("to", FLOAT as i64));
-            out.push(down);
-            out.push(back);
+            round(&n.input[0], &n.output[0], plan.round_to.unwrap_or(t), 0, &mut out);
+            rounded16.insert(n.output[0].clone());
             continue;
-        }
-        let mut rounding = Vec::new();
-        if let Some(t) = round_every_node {
-            for (j, o) in n.output.iter_mut().enumerate().filter(|(_, o)| !o.is_empty() && is16(g.infer_type(o))) {
-                let (exact, r) = (format!("{o}/{tag}_exact"), format!("{o}/{tag}_rounded"));
-                let mut down = make_node("Cast", "", &format!("{}/{tag}_round{j}", n.name), &[&exact], &[&r]);
-                down.attribute.push(attr_int("to", t as i64));
-                let mut back = make_node("Cast", "", &format!("{}/{tag}_back{j}", n.name), &[&r], &[o.as_str()]);
-                back.attribute.push(attr_int("to", FLOAT as i64));
-                rounding.extend([down, back]);
-                *o = exact;
-            }
         }
         for a in n.attribute.iter_mut() {
             match a.t.as_mut() {
@@ -194,6 +202,16 @@ pub(super) fn float32_twin(g: &GraphIndex, nodes: &[NodeProto], chosen: &[bool],
             }
             if a.name == "dtype" && is16(Some(a.i as i32)) {
                 bail!("node '{}' ({}) makes a 16-bit value by its 'dtype'", n.name, n.op_type);
+            }
+        }
+        let mut rounding = Vec::new();
+        if plan.rounded.get(i).copied().unwrap_or(false) {
+            for (j, o) in n.output.iter_mut().enumerate() {
+                let Some(t) = g.infer_type(o).filter(|&t| !o.is_empty() && is16(Some(t))) else { continue };
+                let exact = format!("{o}/{tag}_exact");
+                round(&exact, o, plan.round_to.unwrap_or(t), j, &mut rounding);
+                rounded16.insert(o.clone());
+                *o = exact;
             }
         }
         out.push(n);
@@ -245,7 +263,7 @@ mod tests {
     fn reads_are_cast_up_once_and_casts_to_16_bit_round() {
         let g = graph();
         let gi = GraphIndex::new(&g, None).unwrap();
-        let t = float32_twin(&gi, &g.node, &[true; 5], None).unwrap();
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true; 5], rounded: &[], round_to: None }).unwrap();
         let ops: Vec<String> = t.iter().map(|n| format!("{}({})->{}", n.op_type, n.input.join(","), n.output.join(","))).collect();
         let f = |v: &str| format!("{v}/scattermoe_proof_f32");
         assert_eq!(
@@ -270,11 +288,33 @@ mod tests {
         let g = graph();
         let gi = GraphIndex::new(&g, None).unwrap();
         // Mul left in float16: its result is cast up for the float32 part
-        let t = float32_twin(&gi, &g.node, &[false, true, true, true, true], None).unwrap();
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[false, true, true, true, true], rounded: &[], round_to: None }).unwrap();
         assert_eq!(t[0].op_type, "Mul");
         assert_eq!(t[0].input, ["x", "w16"]);
-        // a 16-bit result of the twin read by a node left as it is: refused
-        assert!(float32_twin(&gi, &g.node, &[true, true, true, true, false], None).is_err());
+        // a node left as it is reads a cast to 16 bits of the twin: the rounded 16-bit value
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true, true, true, true, false], rounded: &[], round_to: None }).unwrap();
+        assert_eq!(t.last().unwrap().input, ["d/scattermoe_proof_f32_rounded"]);
+        // ... but an unrounded 16-bit result of the twin: refused
+        assert!(float32_twin(&gi, &g.node, &Plan { chosen: &[true, false, false, false, false], rounded: &[], round_to: None }).is_err());
+        // rounded, it reads the rounded value; the twin reads it cast back up
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true, false, false, false, false], rounded: &[true], round_to: None }).unwrap();
+        let ops: Vec<String> = t.iter().take(6).map(|n| format!("{}({})->{}", n.op_type, n.input.join(","), n.output.join(","))).collect();
+        let f = |v: &str| format!("{v}/scattermoe_proof_f32");
+        assert_eq!(
+            ops,
+            [
+                format!("Cast(x)->{}", f("x")),
+                format!("Cast(w16)->{}", f("w16")),
+                format!("Mul({},{})->{}_exact", f("x"), f("w16"), f("a")),
+                format!("Cast({}_exact)->{}_rounded", f("a"), f("a")),
+                format!("Cast({}_rounded)->a", f("a")),
+                format!("Cast({}_rounded)->b", f("a")),
+            ]
+        );
+        // as if bfloat16: the rounding casts go to bfloat16
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true; 5], rounded: &[true; 5], round_to: Some(BFLOAT16) }).unwrap();
+        assert!(t.iter().filter(|n| n.op_type == "Cast" && attr_i(n, "to") == Some(BFLOAT16 as i64)).count() >= 3);
+        assert!(!t.iter().any(|n| n.op_type == "Cast" && attr_i(n, "to") == Some(FLOAT16 as i64)));
         assert!(touches_16bit(&gi, &g.node, &[false, false, true, false, false]) == false);
         assert!(touches_16bit(&gi, &g.node, &[false, false, false, false, true]));
     }
@@ -291,7 +331,7 @@ mod tests {
         n.attribute.push(a);
         g.node.insert(0, n);
         let gi = GraphIndex::new(&g, None).unwrap();
-        let t = float32_twin(&gi, &g.node, &[true; 6], None).unwrap();
+        let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true; 6], rounded: &[], round_to: None }).unwrap();
         let z = t[0].attribute[0].t.as_ref().unwrap();
         assert_eq!(z.data_type, FLOAT);
         assert_eq!(crate::onnx::tensor::tensor_f32(z, None).unwrap(), [half::f16::from_f32(0.1).to_f32()]);
@@ -299,6 +339,6 @@ mod tests {
         e.attribute.push(attr_int("dtype", FLOAT16 as i64));
         g.node.push(e);
         let gi = GraphIndex::new(&g, None).unwrap();
-        assert!(float32_twin(&gi, &g.node, &[true; 7], None).is_err());
+        assert!(float32_twin(&gi, &g.node, &Plan { chosen: &[true; 7], rounded: &[], round_to: None }).is_err());
     }
 }
