@@ -14,9 +14,12 @@ use scattermoe::rewrite::rule::Rule;
 use scattermoe::rewrite::{hf_loop, megablocks, Rejection, RewriteOptions};
 use scattermoe::spec::Activation;
 
+/// A family's rule.
+type Find = fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>);
+
 /// A family's rule whose candidates are deliberately wrong in one way.
 struct Wrong {
-    find: fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>),
+    find: Find,
     spoil: fn(&mut MoeLayer),
 }
 
@@ -266,7 +269,7 @@ fn bfloat16_layers_are_proven_against_their_float32_twin_and_spoiled_ones_are_no
     use scattermoe::rewrite::prove::{Reference, ROUNDING_GAP};
     use scattermoe::rewrite::{batched, capacity, dense, jetmoe};
     let tolerance = 3e-2 + ROUNDING_GAP[1];
-    let cases: [(&str, fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>)); 6] = [
+    let cases: [(&str, Find); 6] = [
         ("mixtral", hf_loop::find),
         ("dense_einsum", dense::find),
         ("capacity_einsum", capacity::find),

@@ -274,8 +274,8 @@ mod tests {
                 format!("Mul({},{})->a", f("x"), f("w16")),
                 "Cast(a)->b".into(),
                 "Add(b,b)->c".into(),
-                format!("Cast(c)->d/scattermoe_proof_f32_rounded"),
-                format!("Cast(d/scattermoe_proof_f32_rounded)->d"),
+                "Cast(c)->d/scattermoe_proof_f32_rounded".to_string(),
+                "Cast(d/scattermoe_proof_f32_rounded)->d".to_string(),
                 "Relu(d)->y".into(),
             ]
         );
@@ -315,7 +315,7 @@ mod tests {
         let t = float32_twin(&gi, &g.node, &Plan { chosen: &[true; 5], rounded: &[true; 5], round_to: Some(BFLOAT16) }).unwrap();
         assert!(t.iter().filter(|n| n.op_type == "Cast" && attr_i(n, "to") == Some(BFLOAT16 as i64)).count() >= 3);
         assert!(!t.iter().any(|n| n.op_type == "Cast" && attr_i(n, "to") == Some(FLOAT16 as i64)));
-        assert!(touches_16bit(&gi, &g.node, &[false, false, true, false, false]) == false);
+        assert!(!touches_16bit(&gi, &g.node, &[false, false, true, false, false]));
         assert!(touches_16bit(&gi, &g.node, &[false, false, false, false, true]));
     }
 
