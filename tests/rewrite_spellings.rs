@@ -291,7 +291,7 @@ fn float16_index_add_megablocks_are_proven_against_the_float32_twin() {
             (found, rejected)
         }
     }
-    for name in ["megablocks_2033_f16", "megablocks_2045_f16", "megablocks_2159_f16"] {
+    for name in ["megablocks_2033_f16", "megablocks_2045_f16", "megablocks_2066_f16", "megablocks_2159_f16"] {
         let path = common::models_dir().join("spellings").join(format!("{name}.onnx"));
         for (swap, prove) in [(false, true), (true, true), (true, false)] {
             let mut model = onnx::load(&path).unwrap();
