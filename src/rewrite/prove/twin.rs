@@ -21,8 +21,10 @@
 //! values), constants they hold are converted exactly, and a `Cast` (or `CastLike`) to a 16-bit
 //! type among them is kept as a rounding step (a `Cast` to the 16-bit type, then one back to
 //! float32), so the twin rounds where the graph itself asks for rounding. The nodes both proof
-//! models compute (`Region::shared`, e.g. a router the proof derives) stay as they are, so both
-//! models see the same routing. The twin's output is float32: the region's result is not rounded
+//! models compute (`Region::shared`, e.g. a router the proof derives) must give both models the
+//! same values: where they are 16-bit they are computed in float32 in both models alike (ONNX
+//! Runtime cannot run a bfloat16 router either), their results rounded to 16 bits, so both models
+//! see one routing (`prove.rs` builds the replacement's side so). The twin's output is float32: the region's result is not rounded
 //! to 16 bits at the end (ONNX Runtime 1.31's float32 `com.microsoft.MoE` kernel, too, returns
 //! zeros without normalised weights when its token rows come from a Cast and its result goes on to
 //! a Cast: measured; with its result as the graph's output it matches the float64 evaluation).
