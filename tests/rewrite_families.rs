@@ -56,7 +56,10 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
 /// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven
 /// (JetMoE's LM: its 2 MoE layers as ScatterMoE and its 4 Mixture-of-Attention projections as
 /// ParallelLinear).
-const PROVEN: &[&str] = &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm"];
+/// JetMoE's float16 block is proven against its float32 twin (ONNX Runtime's CPU provider has no
+/// float16 ScatterND with a reduction, so the region itself runs at no token count).
+const PROVEN: &[&str] =
+    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
@@ -368,4 +371,66 @@ fn spoiled_parallel_linear_candidates_are_not_proven() {
     }
     // map and reduce of each of the two decoder layers
     assert_eq!(checked, 4);
+}
+
+/// JetMoE's float16 block: ONNX Runtime's CPU provider runs its region at no token count (no
+/// float16 ScatterND with a reduction), so the proof compares the replacement with the region's
+/// float32 twin at float16's tolerance plus the rounding gap (`prove/twin.rs`). The right candidate
+/// is proven so; the same candidate with two experts swapped, or gelu for silu, is still refused
+/// at that tolerance, and without the proof both would be written.
+#[test]
+fn jetmoe_float16_is_proven_against_its_float32_twin_and_spoiled_candidates_are_not() {
+    use scattermoe::onnx::graph::GraphIndex;
+    use scattermoe::rewrite::emit::MoeLayer;
+    use scattermoe::rewrite::prove::{Reference, ROUNDING_GAP};
+    use scattermoe::rewrite::rule::Rule;
+    use scattermoe::rewrite::{jetmoe, Rejection, RewriteOptions};
+    struct Spoiled(fn(&mut MoeLayer));
+    impl Rule for Spoiled {
+        fn name(&self) -> &'static str {
+            "jetmoe"
+        }
+        fn find(&self, g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
+            let (mut found, rejected) = jetmoe::find(g);
+            found.iter_mut().for_each(self.0);
+            (found, rejected)
+        }
+    }
+    let tolerance = 1e-2 + ROUNDING_GAP[0];
+    let right: fn(&mut MoeLayer) = |_| {};
+    let swap: fn(&mut MoeLayer) = |l| l.experts.swap(0, 1);
+    let gelu: fn(&mut MoeLayer) = |l| l.experts.iter_mut().for_each(|m| m.activation = spec::Activation::Gelu);
+    for (what, spoil) in [("right", right), ("experts 0 and 1 swapped", swap), ("gelu for silu", gelu)] {
+        for prove in [true, false] {
+            let mut model = onnx::load(&dir().join("jetmoe_moe_f16.onnx")).unwrap();
+            let opts = RewriteOptions { prove, ..Default::default() };
+            let report = scattermoe::rewrite::rewrite_with_rules(&mut model, &opts, &[&Spoiled(spoil) as &dyn Rule]).unwrap();
+            if !prove || what == "right" {
+                assert_eq!(report.layers.len(), 1, "{what}: {}", report.text());
+                if let Some(p) = &report.layers[0].proof {
+                    assert_eq!(p.reference, Reference::RegionFloat32, "{what}: {}", p.text());
+                    assert!((p.tolerance - tolerance).abs() < 1e-12 && p.max_rel_err <= 1e-2 && p.tokens.len() == 4, "{what}: {}", p.text());
+                    println!("{what}: {}", p.text());
+                }
+                continue;
+            }
+            assert!(report.layers.is_empty(), "{what}: written although wrong\n{}", report.text());
+            let r = report.rejected.iter().find(|r| r.reason.starts_with("not proven")).unwrap_or_else(|| panic!("{what}: {}", report.text()));
+            assert!(r.reason.contains("relative error") && r.reason.contains(&format!("> {tolerance:.1e}")), "{what}: {}", r.reason);
+            println!("{what}: {}", r.reason);
+        }
+    }
+}
+
+/// Ernie-4.5's block, exported by TorchScript as a loop unrolled over the 2 of its 4 experts the
+/// traced input hit, runs only where exactly 2 experts get tokens: the proof's routing with exactly
+/// k experts hit runs it at every token count, not at 1 token alone.
+#[test]
+fn ernie45_is_proven_at_every_token_count() {
+    let mut model = onnx::load(&dir().join("ernie45_moe.onnx")).unwrap();
+    let report = scattermoe::rewrite::rewrite(&mut model).unwrap();
+    assert_eq!(report.layers.len(), 1, "{}", report.text());
+    let p = report.layers[0].proof.as_ref().unwrap();
+    assert_eq!(p.tokens, scattermoe::rewrite::prove::TOKENS, "{}", p.text());
+    assert!(p.max_rel_err <= 1e-4, "{}", p.text());
 }

@@ -14,9 +14,12 @@ use scattermoe::rewrite::rule::Rule;
 use scattermoe::rewrite::{hf_loop, megablocks, Rejection, RewriteOptions};
 use scattermoe::spec::Activation;
 
+/// A family's rule.
+type Find = fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>);
+
 /// A family's rule whose candidates are deliberately wrong in one way.
 struct Wrong {
-    find: fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>),
+    find: Find,
     spoil: fn(&mut MoeLayer),
 }
 
@@ -165,4 +168,138 @@ fn the_proofs_sessions_cannot_allocate_past_their_cap() {
     assert!(r.is_err(), "a {elems}-element buffer was allocated past the cap");
     assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The float32 twin (`prove/twin.rs`) stands in for a 16-bit region that ONNX Runtime's CPU
+/// provider cannot run, at the type's tolerance widened by `ROUNDING_GAP`. Here the gap is
+/// measured on the 16-bit fixtures' regions, on the proof's own inputs: the twin against the same
+/// region with every node's 16-bit result rounded (as a backend that stores each result in 16 bits
+/// computes it), in float16 and, as if the layer were bfloat16, rounded to bfloat16. Every gap must
+/// stay within half of ROUNDING_GAP.
+#[test]
+fn the_float32_twin_is_within_the_rounding_gap_of_16_bit_computation() {
+    use scattermoe::rewrite::prove::{self, twin_gap, ROUNDING_GAP};
+    use scattermoe::rewrite::{canon, emit, Target};
+    let dir = common::models_dir();
+    let fixtures = [
+        "mixtral_f16",
+        "qwen3_moe_bmm_f16",
+        "qwen3_moe_op18_f16",
+        "families/jetmoe_moe_f16",
+        "families/llama4_moe_f16",
+        "families/nemotron_h_moe_f16",
+        "families/openai_privacy_filter_f16",
+        "families/switch_f16",
+    ];
+    let mut measured = 0;
+    let mut largest = [0f64; 2];
+    for name in fixtures {
+        let mut model = onnx::load(&dir.join(format!("{name}.onnx"))).unwrap();
+        let _undo = canon::Undo::canonicalise(&mut model);
+        let graph = model.proto.graph.clone().unwrap_or_default();
+        let mut g = GraphIndex::new(&graph, Some(&model.ext)).unwrap();
+        g.opset = model.opset("").unwrap_or(17);
+        let mut taken = Vec::new();
+        for rule in scattermoe::rewrite::rule::registry() {
+            for l in rule.find(&g).0 {
+                let em = emit::emit(&g, &l, &format!("gap_{measured}"), &mut taken, Target::OnnxRuntime).unwrap();
+                let subject = prove::Subject::of_layer(&g, &l);
+                for (i, (ty, elem)) in [("float16", 10), ("bfloat16", 16)].into_iter().enumerate() {
+                    let gap = twin_gap(&model, &g, &subject, &em, elem).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                    println!(
+                        "{name:<36} {:<8} rounded to {ty:<8}: {:.2e} from the twin over {} cases (allowed {:.1e})",
+                        rule.name(),
+                        gap.max_rel_err,
+                        gap.cases,
+                        gap.tolerance
+                    );
+                    assert!(gap.max_rel_err <= ROUNDING_GAP[i] / 2.0, "{name}, {ty}: the twin is {:.2e} from the rounded region", gap.max_rel_err);
+                    largest[i] = largest[i].max(gap.max_rel_err);
+                }
+                measured += 1;
+            }
+        }
+    }
+    println!("largest gap over {measured} regions: float16 {:.2e}, bfloat16 {:.2e}", largest[0], largest[1]);
+    assert_eq!(measured, fixtures.len());
+}
+
+/// The model with every float32 and float16 tensor, value and cast made bfloat16 (the values
+/// rounded): a bfloat16 export of the same layer, which ONNX Runtime's CPU provider cannot run.
+fn to_bfloat16(m: &mut onnx::Model) {
+    use scattermoe::onnx::tensor::{encode_f32, make_tensor, tensor_f32};
+    const BF16: i32 = 16;
+    let narrow = |t: &mut onnx_protobuf::TensorProto| {
+        if matches!(t.data_type, 1 | 10) {
+            let v = tensor_f32(t, None).unwrap();
+            let mut raw = Vec::new();
+            encode_f32(&v, BF16, &mut raw);
+            *t = make_tensor(&t.name, BF16, &t.dims.clone(), raw);
+        }
+    };
+    let g = m.proto.graph.mut_or_insert_default();
+    g.initializer.iter_mut().for_each(narrow);
+    for vi in g.input.iter_mut().chain(g.output.iter_mut()).chain(g.value_info.iter_mut()) {
+        if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = vi.type_.as_mut().and_then(|t| t.value.as_mut()) {
+            if matches!(t.elem_type, 1 | 10) {
+                t.elem_type = BF16;
+            }
+        }
+    }
+    for n in g.node.iter_mut() {
+        for a in n.attribute.iter_mut() {
+            if n.op_type == "Cast" && a.name == "to" && matches!(a.i, 1 | 10) {
+                a.i = BF16 as i64;
+            }
+            if let Some(t) = a.t.as_mut() {
+                narrow(t);
+            }
+        }
+    }
+}
+
+/// bfloat16 layers, which ONNX Runtime's CPU provider does not even load (no bfloat16 MatMul,
+/// Gemm, Add, Mul, TopK, ...), are proven against the region's float32 twin at bfloat16's
+/// tolerance plus the rounding gap, one per family: a per-expert loop, dense, capacity,
+/// Megablocks, JetMoE's sorted blocks, and PhiMoE's batched_mm, whose router both proof models
+/// compute (in float32 too, rounded to bfloat16 alike). The same candidates with two experts
+/// swapped are refused at that tolerance; without the proof they would be written.
+#[test]
+fn bfloat16_layers_are_proven_against_their_float32_twin_and_spoiled_ones_are_not() {
+    use scattermoe::rewrite::prove::{Reference, ROUNDING_GAP};
+    use scattermoe::rewrite::{batched, capacity, dense, jetmoe};
+    let tolerance = 3e-2 + ROUNDING_GAP[1];
+    let cases: [(&str, Find); 6] = [
+        ("mixtral", hf_loop::find),
+        ("dense_einsum", dense::find),
+        ("capacity_einsum", capacity::find),
+        ("megablocks", megablocks::find),
+        ("families/jetmoe_moe", jetmoe::find),
+        ("families/phimoe_bmm", batched::find),
+    ];
+    let keep: fn(&mut MoeLayer) = |_| {};
+    for (fixture, find) in cases {
+        for (spoiled, spoil) in [(false, keep), (true, swap_first_two_experts as fn(&mut MoeLayer))] {
+            for prove in [true, false] {
+                let mut m = onnx::load(&common::models_dir().join(format!("{fixture}.onnx"))).unwrap();
+                to_bfloat16(&mut m);
+                let rule = Wrong { find, spoil };
+                let rep = scattermoe::rewrite::rewrite_with_rules(&mut m, &RewriteOptions { prove, ..Default::default() }, &[&rule as &dyn Rule]).unwrap();
+                if spoiled && prove {
+                    assert!(rep.layers.is_empty(), "{fixture}: written with two experts swapped\n{}", rep.text());
+                    let r = rep.rejected.iter().find(|r| r.reason.starts_with("not proven")).unwrap_or_else(|| panic!("{fixture}: {}", rep.text()));
+                    assert!(r.reason.contains("relative error") && r.reason.contains(&format!("> {tolerance:.1e}")), "{fixture}: {}", r.reason);
+                    println!("{fixture} bfloat16, experts swapped: {}", r.reason);
+                    continue;
+                }
+                assert_eq!(rep.layers.len(), 1, "{fixture} bfloat16: {}", rep.text());
+                assert_eq!(rep.layers[0].elem_type, "bfloat16", "{fixture}");
+                if let Some(p) = &rep.layers[0].proof {
+                    assert_eq!(p.reference, Reference::RegionFloat32, "{fixture}: {}", p.text());
+                    assert!((p.tolerance - tolerance).abs() < 1e-12 && p.max_rel_err <= 3e-2, "{fixture}: {}", p.text());
+                    println!("{fixture} bfloat16: {}", p.text());
+                }
+            }
+        }
+    }
 }

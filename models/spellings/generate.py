@@ -5,12 +5,16 @@ spelling (the choices below) and exports it; a new spelling is a new seed, not n
     /path/to/torch/python models/spellings/generate.py --seeds 0-47 --out models/spellings
     /path/to/torch/python models/spellings/generate.py --seeds 1000-1999 --out /tmp/spellings
     /path/to/torch/python models/spellings/generate.py --seeds 49-94:3 --merge   # add seeds to the corpus
+    /path/to/torch/python models/spellings/generate.py --seeds 49-94:3 --dtype float16 --merge   # NAME_f16
 
 Writes NAME.onnx (TorchScript or dynamo exporter, per seed), NAME.npz (x_S, y_S for S in 1, 7 and
-the traced length, torch's float32 outputs) and index.json (each model's choices, or why torch
+the traced length, torch's outputs in the model's dtype) and index.json (each model's choices, or why torch
 could not export it, or why ONNX Runtime refuses what torch wrote: the dynamo exporter at opset 17
 writes some opset-18 attributes, e.g. Split's num_outputs). Needs torch (2.11 here), onnx and
 onnxruntime; the tests read only the files. `tally.py` counts each choice's outcomes from a test log.
+
+`--dtype float16` draws the same spellings (a seed's choices do not depend on it) with float16
+weights, inputs and outputs, named NAME_f16 (entry `dtype`: "float16").
 """
 
 import argparse
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 TRACED = 16
 LENGTHS = (1, 7, TRACED)
+DTYPE = torch.float32  # --dtype
 
 
 def act_fn(name):
@@ -218,8 +223,11 @@ class CapacityMoE(nn.Module):
         mask2 = F.one_hot(idx2, E).to(x.dtype)
         g1 = (probs * mask1).sum(dim=-1)
         g2 = (probs * mask2).sum(dim=-1)
+        # fairscale clamps at the type's eps; 1e-9 (kept for float32, whose corpus was made with it)
+        # is zero in float16, where a token with both choices dropped would get 0 / 0
+        tiny = 1e-9 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps
         if c["norm"] == "before":
-            denom = torch.clamp(g1 + g2, min=1e-9)
+            denom = torch.clamp(g1 + g2, min=tiny)
             g1, g2 = g1 / denom, g2 / denom
         pos1 = torch.cumsum(mask1, dim=0) - 1.0
         pos2 = torch.cumsum(mask2, dim=0) - 1.0
@@ -230,7 +238,7 @@ class CapacityMoE(nn.Module):
         if c["norm"] == "after":  # fairscale: the gates of the kept choices, renormalised
             g1 = (probs * mask1).sum(dim=-1)
             g2 = (probs * mask2).sum(dim=-1)
-            denom = torch.clamp(g1 + g2, min=1e-9)
+            denom = torch.clamp(g1 + g2, min=tiny)
             g1, g2 = g1 / denom, g2 / denom
         p1 = (pos1 * mask1).sum(dim=-1)
         p2 = (pos2 * mask2).sum(dim=-1)
@@ -429,16 +437,18 @@ def export(model, c, x, path):
 
 def one(seed, out_dir):
     c = draw(seed)
-    name = f"{c['family']}_{seed}"
+    name = f"{c['family']}_{seed}" + ("_f16" if DTYPE == torch.float16 else "")
     torch.manual_seed(seed)
-    model = build(c)
+    model = build(c).to(DTYPE)  # seeded weights drawn in float32, then rounded
 
     def make_x(S, s):
         g = torch.Generator().manual_seed(s)
         shape = (1, S, c["d"]) if c["rank"] == 3 else (S, c["d"])
-        return torch.randn(shape, generator=g)
+        return torch.randn(shape, generator=g).to(DTYPE)
 
     entry = dict(name=name, seed=seed, **c)
+    if DTYPE != torch.float32:
+        entry["dtype"] = str(DTYPE).removeprefix("torch.")
     path = os.path.join(out_dir, name + ".onnx")
     try:
         export(model, c, make_x(TRACED, seed), path)
@@ -472,7 +482,10 @@ def main():
     ap.add_argument("--seeds", default="0-47")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--merge", action="store_true", help="keep index.json's other entries (replace those of these seeds)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="the layers' weights, inputs and outputs")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     entries = []

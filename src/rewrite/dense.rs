@@ -206,7 +206,8 @@ fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize,
 
 /// The combine forms of `Y[t] = sum_e G[t, e] H[t, e, :]` ending at node `n`: the einsum
 /// `P e, P e d -> P d`; `Squeeze(MatMul(Unsqueeze(G, -2), H), -2)`; and
-/// `ReduceSum(H * Unsqueeze(G, -1), axis -2)`. (gate, expert outputs).
+/// `ReduceSum(H * Unsqueeze(G, -1), axis -2)` (its float16 product widened to float32 before the
+/// sum, as the dynamo exporter writes a float16 sum). (gate, expert outputs).
 fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, String)> {
     use super::matcher::{axes_of, prod, rank_of};
     if !n.domain.is_empty() {
@@ -233,7 +234,8 @@ fn combine_of(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, S
             if !at_end(axes_of(g, n), &n.input[0], -2) || attr_i(n, "keepdims").unwrap_or(1) != 0 {
                 return None;
             }
-            let m = prod(g, &n.input[0], "Mul")?;
+            // a float16 sum accumulated in float32 (the dynamo exporter's): the op sums in its own type
+            let m = prod(g, super::matcher::widened_16bit(g, &n.input[0]), "Mul")?;
             for (a, b) in [(0, 1), (1, 0)] {
                 if let Some(u) = prod(g, &m.input[b], "Unsqueeze") {
                     if at_end(axes_of(g, u), &u.output[0], -1) {

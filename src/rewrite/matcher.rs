@@ -253,3 +253,12 @@ pub(crate) mod testing {
         (r.layers.len(), r.rejected.iter().map(|x| format!("{}: {}", x.family, x.reason)).collect())
     }
 }
+
+/// The 16-bit value `v` widens when `v` is its exact `Cast` to float32 (the dynamo exporter writes a
+/// float16 sum as `ReduceSum(Cast(x, float32))`, torch accumulating in float32), else `v`.
+pub fn widened_16bit<'g>(g: &GraphIndex<'g>, v: &'g str) -> &'g str {
+    match prod(g, v, "Cast") {
+        Some(c) if crate::onnx::graph::attr_i(c, "to") == Some(1) && matches!(g.infer_type(&c.input[0]), Some(10 | 16)) => &c.input[0],
+        _ => v,
+    }
+}

@@ -137,14 +137,16 @@ fn unpermute<'g>(g: &GraphIndex<'g>, yu: &'g str) -> Option<(&'g str, &'g str)> 
     ok.then_some((tk.input[0].as_str(), ys))
 }
 
-/// The weighted sum over k ending at `n`: (RW, y3) with `Y[t] = sum_j RW[t, j] y3[t, j]`.
+/// The weighted sum over k ending at `n`: (RW, y3) with `Y[t] = sum_j RW[t, j] y3[t, j]` (a
+/// float16 product may be widened to float32 before the sum, as the dynamo exporter writes it).
 fn combine_of<'g>(g: &GraphIndex<'g>, n: &'g NodeProto) -> Option<(&'g str, &'g str)> {
     if !n.domain.is_empty() {
         return None;
     }
     match n.op_type.as_str() {
         "ReduceSum" if axes_of(g, n).is_some_and(|a| a == [1]) && attr_i(n, "keepdims") == Some(0) => {
-            let m = prod(g, &n.input[0], "Mul")?;
+            // a float16 sum accumulated in float32 (the dynamo exporter's): the op sums in its own type
+            let m = prod(g, super::matcher::widened_16bit(g, &n.input[0]), "Mul")?;
             for (a, b) in [(0, 1), (1, 0)] {
                 let Some(u) = prod(g, &m.input[b], "Unsqueeze") else { continue };
                 if axes_of(g, u).is_some_and(|x| x == [-1] || x == [2]) && prod(g, &m.input[a], "Reshape").is_some() {

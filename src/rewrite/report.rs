@@ -96,8 +96,11 @@ fn proof_json<S: Serializer>(p: &Option<prove::Proof>, s: S) -> Result<S::Ok, S:
         max_rel_err: f64,
         tolerance: f64,
         millis: f64,
-        /// the region's 16-bit com.microsoft.MoE node was computed in float32 for the comparison
+        /// something of the region was computed in float32 for the comparison (`reference` says what)
         float32_reference: bool,
+        /// "region", "node_float32" (its 16-bit com.microsoft.MoE node), "region_float32" (its
+        /// float32 twin, where it cannot run in its 16-bit type)
+        reference: &'static str,
     }
     p.as_ref()
         .map(|p| P {
@@ -106,7 +109,8 @@ fn proof_json<S: Serializer>(p: &Option<prove::Proof>, s: S) -> Result<S::Ok, S:
             max_rel_err: p.max_rel_err,
             tolerance: p.tolerance,
             millis: p.millis,
-            float32_reference: p.float32_reference,
+            float32_reference: p.reference.float32(),
+            reference: p.reference.name(),
         })
         .serialize(s)
 }

@@ -1,6 +1,15 @@
 //! Numeric identification of the activation: the elementwise part of an expert, evaluated at
 //! sample points (both sides of every constant it holds), is compared with each activation the op
 //! has, so any spelling of SiLU, GELU, squared ReLU or the clamped SwiGLUs is recognised.
+//!
+//! A 16-bit export holds the activation's constants rounded to its type (GELU's sqrt(2) as float16
+//! 1.4140625, tanh-GELU's sqrt(2/pi) and 0.044715 likewise), so its expression is the activation
+//! only up to that rounding (2.8e-5 for erf-GELU in float16, 3.0e-4 for tanh-GELU in bfloat16,
+//! relative to 1 + |value|), beyond the exact comparison's 1e-5. Where nothing matches exactly,
+//! each constant that is the float16 or bfloat16 rounding of a constant of the activations'
+//! definitions ([`defining`]) is put back to that constant and the comparison is made again,
+//! exactly. Only those constants are put back: an expression whose constants are not such
+//! roundings (x * sigmoid(1.0078125 x), say, in any type) is held to the exact comparison.
 
 use super::*;
 
@@ -103,16 +112,64 @@ fn breakpoints(h: &Expr) -> Vec<f64> {
     out
 }
 
+/// The constants of the activations' definitions and of the spellings exporters fold them into:
+/// sqrt(2) and 1/sqrt(2) (erf-GELU), sqrt(2/pi), 2 sqrt(2/pi) (the sigmoid spelling), 0.044715 and
+/// its products with those two (tanh-GELU), 1.702 (GPT-OSS's alpha).
+fn defining() -> [f64; 8] {
+    let (s2, c) = (std::f64::consts::SQRT_2, (2.0 / std::f64::consts::PI).sqrt());
+    [s2, 1.0 / s2, c, 2.0 * c, 0.044715, 0.044715 * c, 0.044715 * 2.0 * c, 1.702]
+}
+
+/// `h` with every constant that is the float16 or bfloat16 rounding of a [`defining`] constant
+/// (or of its negation), rounded from float64 or from float32 as exporters do, put back to that
+/// constant; None where there is none.
+fn unrounded(h: &Expr) -> Option<Expr> {
+    let back = |c: f64| -> Option<f64> {
+        defining().into_iter().flat_map(|k| [k, -k]).find(|&k| {
+            let r = [
+                half::f16::from_f64(k).to_f64(),
+                half::f16::from_f32(k as f32).to_f64(),
+                half::bf16::from_f64(k).to_f64(),
+                half::bf16::from_f32(k as f32).to_f64(),
+            ];
+            c != k && r.contains(&c)
+        })
+    };
+    fn walk(e: &Expr, back: &dyn Fn(f64) -> Option<f64>, changed: &mut bool) -> Expr {
+        let mut one = |c: f64| match back(c) {
+            Some(k) => {
+                *changed = true;
+                k
+            }
+            None => c,
+        };
+        match e {
+            Expr::Const(c) => Expr::Const(one(*c)),
+            Expr::Clip { x, lo, hi } => {
+                let (lo, hi) = (lo.map(&mut one), hi.map(&mut one));
+                Expr::Clip { x: Box::new(walk(x, back, changed)), lo, hi }
+            }
+            Expr::Op(o, a) => Expr::Op(o, a.iter().map(|x| walk(x, back, changed)).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut changed = false;
+    let out = walk(h, &back, &mut changed);
+    changed.then_some(out)
+}
+
 /// A unary activation h(x) among the supported ones.
 pub fn identify_unary(h: &Expr, leaf: &Expr) -> Option<Activation> {
     let mut pts = samples();
     pts.extend(breakpoints(h));
-    UNARY.into_iter().find(|&a| {
+    let exact = UNARY.into_iter().find(|&a| {
         pts.iter().all(|&x| {
             let v = eval(h, &|e| (e == leaf).then_some(x));
             v.is_some_and(|v| close(v, act(a, x)))
         })
-    })
+    });
+    // a 16-bit export's rounded constants put back (see the module's comment)
+    exact.or_else(|| identify_unary(&unrounded(h)?, leaf))
 }
 
 /// A gated activation h(p, q): returns (activation, p is the gate, alpha, limit).
@@ -150,7 +207,8 @@ pub fn identify_gated(h: &Expr, p: &Expr, q: &Expr) -> Option<(Activation, bool,
             }
         }
     }
-    None
+    // a 16-bit export's rounded constants put back (see the module's comment)
+    identify_gated(&unrounded(h)?, p, q)
 }
 
 fn collect_consts(e: &Expr, out: &mut Vec<f64>) {

@@ -89,3 +89,47 @@ fn a_clamp_beyond_the_samples_is_not_taken_for_a_plain_activation() {
     let h = op("Relu", vec![Expr::Clip { x: Box::new(x.clone()), lo: None, hi: Some(100.0) }]);
     assert_eq!(identify_unary(&h, &x), None);
 }
+
+/// A 16-bit export's constants are rounded to its type: erf- and tanh-GELU spelled with float16 or
+/// bfloat16 constants are still identified, each as itself, and a constant off by more than its
+/// rounding, a float32 one off at all, or a 16-bit number that rounds no defining constant, is not.
+#[test]
+fn activations_with_16_bit_constants_are_identified_as_themselves() {
+    let x = lin("a");
+    let r16 = |v: f64| half::f16::from_f64(v).to_f64();
+    let rb16 = |v: f64| half::bf16::from_f64(v).to_f64();
+    let gelu = |s2: f64| op("Mul", vec![op("Mul", vec![x.clone(), op("Add", vec![op("Erf", vec![op("Div", vec![x.clone(), c(s2)])]), c(1.0)])]), c(0.5)]);
+    let tanh = |a: f64, b: f64| {
+        let cube = op("Mul", vec![x.clone(), op("Mul", vec![x.clone(), x.clone()])]);
+        let inner = op("Mul", vec![c(a), op("Add", vec![x.clone(), op("Mul", vec![c(b), cube])])]);
+        op("Mul", vec![c(0.5), op("Mul", vec![x.clone(), op("Add", vec![c(1.0), op("Tanh", vec![inner])])])])
+    };
+    let (s2, a, b) = (std::f64::consts::SQRT_2, (2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+    for r in [r16, rb16] {
+        assert_eq!(identify_unary(&gelu(r(s2)), &x), Some(Activation::Gelu));
+        assert_eq!(identify_unary(&tanh(r(a), r(b)), &x), Some(Activation::GeluTanh));
+    }
+    // off by far more than float16's rounding, though a float16 number
+    assert_eq!(identify_unary(&gelu(r16(s2 * 1.05)), &x), None);
+    // a float32 constant off by 1e-3: held to the exact comparison
+    assert_eq!(identify_unary(&gelu((s2 * 1.001) as f32 as f64), &x), None);
+    // x * sigmoid(1.0078125 x) is no silu, though 1.0078125 is a bfloat16 number one ulp from 1
+    assert_eq!(identify_unary(&op("Mul", vec![x.clone(), op("Sigmoid", vec![op("Mul", vec![x.clone(), c(1.0078125)])])]), &x), None);
+    // gated: gelu(gate) * up with float16 constants
+    let (p, q) = (lin("p"), lin("q"));
+    let g16 = op(
+        "Mul",
+        vec![op("Mul", vec![op("Mul", vec![p.clone(), op("Add", vec![op("Erf", vec![op("Div", vec![p.clone(), c(r16(s2))])]), c(1.0)])]), c(0.5)]), q.clone()],
+    );
+    assert_eq!(identify_gated(&g16, &p, &q), Some((Activation::Gelu, true, 1.702, 7.0)));
+}
+
+/// The dynamo exporter's float16 tanh-GELU: `0.5 x (1 + tanh(0.79785 (x + 0.044708 Pow(x, 3))))`.
+#[test]
+fn a_16_bit_tanh_gelu_with_pow_is_identified() {
+    let x = lin("a");
+    let cube = op("Pow", vec![x.clone(), c(3.0)]);
+    let inner = op("Mul", vec![c(0.7978515625), op("Add", vec![x.clone(), op("Mul", vec![c(0.044708251953125), cube])])]);
+    let h = op("Mul", vec![x.clone(), op("Mul", vec![c(0.5), op("Add", vec![op("Tanh", vec![inner]), c(1.0)])])]);
+    assert_eq!(identify_unary(&h, &x), Some(Activation::GeluTanh));
+}

@@ -37,10 +37,28 @@ pub(super) enum Pattern {
     Ties,
     /// one expert in every slot of a row (only where the router need not give distinct experts)
     Repeated,
+    /// exactly m experts get tokens (a random m of them, taken in turn, distinct within a row; m
+    /// at least k): a loop the exporter unrolled over the m experts its traced input hit runs
+    /// only on such routing (Ernie-4.5's, at every token count with m = k)
+    Exactly(usize),
 }
 
-pub(super) const PATTERNS: [Pattern; 6] =
-    [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties, Pattern::Repeated];
+impl Pattern {
+    /// A number of its own, for seeding.
+    fn code(self) -> u64 {
+        match self {
+            Pattern::Random => 0,
+            Pattern::OneExpert => 1,
+            Pattern::FewExperts => 2,
+            Pattern::EveryExpert => 3,
+            Pattern::Ties => 4,
+            Pattern::Repeated => 5,
+            Pattern::Exactly(m) => 6 + m as u64,
+        }
+    }
+}
+
+pub(super) const PATTERNS: [Pattern; 6] = [Pattern::Random, Pattern::OneExpert, Pattern::FewExperts, Pattern::EveryExpert, Pattern::Ties, Pattern::Repeated];
 
 /// xorshift64*: reproducible inputs without a dependency.
 pub(super) struct Rng(u64);
@@ -70,6 +88,10 @@ impl Rng {
 /// router guarantees it (TopK), otherwise also with repeats.
 pub(super) fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pattern, distinct: bool) -> Vec<i64> {
     let mut out = Vec::with_capacity(rows * k);
+    let chosen = match p {
+        Pattern::Exactly(m) => draw(rng, (0..e).collect(), m.max(k)),
+        _ => Vec::new(),
+    };
     for t in 0..rows {
         let pool: Vec<usize> = match p {
             Pattern::Repeated => vec![rng.below(e); k],
@@ -80,6 +102,8 @@ pub(super) fn routing_rows(rng: &mut Rng, rows: usize, k: usize, e: usize, p: Pa
             Pattern::FewExperts => draw(rng, (e.saturating_sub(k + 1)..e).collect(), k),
             // consecutive experts round the table: every expert hit once rows * k >= e
             Pattern::EveryExpert => (0..k).map(|j| (t * k + j) % e).collect(),
+            // the chosen experts in turn: all of them hit once rows * k >= m
+            Pattern::Exactly(_) => (0..k).map(|j| chosen[(t * k + j) % chosen.len()]).collect(),
             Pattern::Random | Pattern::Ties => draw(rng, (0..e).collect(), k),
         };
         out.extend(pool.iter().map(|&x| x as i64));
@@ -109,7 +133,7 @@ pub(super) fn slots(s: &Shape) -> usize {
 const MAX_FEED: usize = 1 << 26;
 
 pub(super) fn fill(feeds: &[Feed], tokens: usize, p: Pattern, seed: u64, experts: usize) -> Result<Vec<(String, DynValue)>> {
-    let mut rng = Rng::new(seed ^ ((tokens as u64) << 20) ^ ((p as u64) << 40));
+    let mut rng = Rng::new(seed ^ ((tokens as u64) << 20) ^ (p.code() << 40));
     let mut out = Vec::new();
     for f in feeds {
         // the sizes come from the graph's declarations: a negative or absurd one is an error, not
@@ -173,7 +197,7 @@ mod tests {
     #[test]
     fn routing_rows_are_distinct_and_follow_the_pattern() {
         let mut rng = Rng::new(3);
-        for p in PATTERNS {
+        for p in PATTERNS.into_iter().chain([Pattern::Exactly(2), Pattern::Exactly(4)]) {
             for (k, e) in [(1, 4), (2, 8), (4, 4), (3, 5)] {
                 if p == Pattern::Repeated {
                     let r = routing_rows(&mut rng, 23, k, e, p, false);
@@ -192,6 +216,7 @@ mod tests {
                     Pattern::OneExpert => assert!(r.chunks(k).all(|row| row.contains(&0))),
                     Pattern::FewExperts => assert!(used.len() <= k + 1),
                     Pattern::EveryExpert => assert_eq!(used.len(), e),
+                    Pattern::Exactly(m) => assert_eq!(used.len(), m.max(k).min(e)),
                     _ => {}
                 }
             }

@@ -104,9 +104,14 @@ fn declared(g: &GraphIndex, v: &str) -> Option<Shape> {
 
 /// A symbolic dimension in terms of T: a product of names (`S`, onnxruntime-genai's
 /// `batch_size * sequence_length`) is the token count, times its integer factors (the dynamo
-/// exporter's `2*S`); a sum or any other expression (or none) is not told.
+/// exporter's `2*S`); a sum or any other expression (or none) is not told, nor is a name ONNX's
+/// shape inference made up for a size it could not tell (`unk__5`: the dynamo exporter declares
+/// a flattened [T k] so, and it is not T).
 fn symbolic(p: &str) -> Option<Dim> {
-    let name = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !x.starts_with(|c: char| c.is_ascii_digit());
+    let made_up = |x: &str| x.strip_prefix("unk__").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+    let name = |x: &str| {
+        !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !x.starts_with(|c: char| c.is_ascii_digit()) && !made_up(x)
+    };
     let (mut c, mut names) = (1i64, 0);
     for f in p.split('*').map(str::trim) {
         if let Ok(x) = f.parse::<i64>() {
@@ -488,7 +493,7 @@ mod tests {
         assert_eq!(super::symbolic("2*S"), Some(Dim { t: 1, c: 2 }));
         assert_eq!(super::symbolic("s53*4"), Some(Dim { t: 1, c: 4 }));
         assert_eq!(super::symbolic("batch_size * sequence_length"), Some(Dim::TOKENS));
-        for other in ["", "S + 1", "2*3", "-2*S", "(S)", "S*"] {
+        for other in ["", "S + 1", "2*3", "-2*S", "(S)", "S*", "unk__5", "2*unk__12"] {
             assert_eq!(super::symbolic(other), None, "{other}");
         }
     }
