@@ -21,6 +21,7 @@ mod shape;
 
 use std::cell::RefCell;
 
+use super::dequant::weight_dims;
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser, WSrc};
 use super::matcher::{axes_of, prod};
@@ -124,12 +125,12 @@ fn router_columns(g: &GraphIndex, v: &str) -> Option<usize> {
         let Some((_, n)) = g.prod(&cur) else { continue };
         match n.op_type.as_str() {
             "MatMul" => {
-                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
                     return Some(d[1] as usize);
                 }
             }
             "Gemm" => {
-                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
                     return Some(if attr_i(n, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
                 }
             }
@@ -202,7 +203,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     let xr = p.matched_leaf.clone().ok_or("cannot find the repeated token rows")?;
     let e_count = mlp.each_count(g).ok_or("the expert weights are not gathered from stacks by the routing indices")?;
     for w in mlp.w_in.iter().chain([&mlp.w_out]) {
-        if w.index != Some(ERef::Each) || g.const_dims(&w.init).map(|d| d[0] as usize) != Some(e_count) {
+        if w.index != Some(ERef::Each) || weight_dims(g, &w.init).map(|d| d[0] as usize) != Some(e_count) {
             return Err(format!("weight '{}' is not a stack of {e_count} experts gathered by the routing indices", w.init));
         }
     }
@@ -358,6 +359,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         k: Some(k as usize),
         extra_nodes,
         extra_inits: vec![make_i64(&shape, &[2], &[-1, k])],
+        quant: None,
     }))
 }
 
@@ -403,7 +405,7 @@ fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Optio
         }
         _ => return None,
     };
-    let dims = g.const_dims(stack).filter(|d| d.len() == 3 && g.initializers.contains_key(stack.as_str()))?;
+    let dims = weight_dims(g, stack).filter(|d| d.len() == 3)?;
     let (out, inp) = if transposed { (dims[2], dims[1]) } else { (dims[1], dims[2]) };
     Some((xv, WSrc { init: stack.clone(), index: Some(ERef::Each), transposed, out: out as usize, inp: inp as usize }))
 }

@@ -190,6 +190,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         k,
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
+        quant: None,
     })
 }
 
@@ -216,7 +217,7 @@ fn per_hit_expert(g: &GraphIndex, experts: &[Option<ExpertMlp>], e: usize, h: &H
         let mut gm = m.clone();
         let mut ok = true;
         let mut fix = |r: &mut Option<ERef>, init: &str| {
-            ok &= *r == Some(ERef::Hit(i)) && g.const_dims(init).is_some_and(|d| d.first() == Some(&(e as i64)));
+            ok &= *r == Some(ERef::Hit(i)) && super::dequant::weight_dims(g, init).is_some_and(|d| d.first() == Some(&(e as i64)));
             *r = Some(ERef::Each);
         };
         for w in gm.w_in.iter_mut() {

@@ -438,5 +438,6 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         k: Some(a.k as usize),
         extra_nodes: p.nodes,
         extra_inits: p.inits,
+        quant: None,
     })
 }
