@@ -534,6 +534,8 @@ fn pending_stack(g: &GraphIndex, name: &str, ws: &[WSrc], elem: i32) -> Result<P
 
 mod quantized;
 
+pub(super) use quantized::linear_inputs as quantized_linear_inputs;
+
 /// A fresh value name.
 pub(super) fn fresh_name(g: &GraphIndex, taken: &mut Vec<String>, base: &str) -> String {
     unique_name(g, taken, base)

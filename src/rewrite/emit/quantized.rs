@@ -83,3 +83,30 @@ pub(super) fn inputs(
     }
     Ok(q)
 }
+
+/// A `ParallelLinear` weight `ws` (one matrix per expert) matched through `DequantizeLinear`:
+/// the codes in place of `W`, then `W_scale` and `W_zero_point` (`""` where absent), and the
+/// node's attributes. None where the weight is not dequantized.
+pub(in crate::rewrite) fn linear_inputs(
+    g: &GraphIndex,
+    ws: &[WSrc],
+    elem: i32,
+    base: &str,
+    taken: &mut Vec<String>,
+    model: &mut Emitted,
+) -> Result<Option<(String, [String; 2], Vec<AttributeProto>)>> {
+    let parts: Vec<Vec<WSrc>> = ws.iter().map(|w| vec![w.clone()]).collect();
+    let Some(lq) = quant::plan(g, &parts, &[], elem).map_err(|e| anyhow!("{e}"))? else { return Ok(None) };
+    let Some(w) = &lq.w_in else { return Ok(None) };
+    let codes = tensor(g, &w.codes, base, taken, model);
+    let scale = tensor(g, &w.scale, base, taken, model);
+    let zero = w.zero_point.as_ref().map(|z| tensor(g, z, base, taken, model)).unwrap_or_default();
+    let mut attrs = Vec::new();
+    if w.format != OpFormat::Fp8 {
+        attrs.push(attr_int("weight_bits", lq.weight_bits as i64));
+    }
+    if let (true, Some(b)) = (w.blocked, lq.block_size) {
+        attrs.push(attr_ints_new("block_size", &b));
+    }
+    Ok(Some((codes, [scale, zero], attrs)))
+}
