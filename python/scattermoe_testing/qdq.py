@@ -325,6 +325,10 @@ def raise_opset(m: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
     out = version_converter.convert_version(m, version)
     out.ir_version = max(out.ir_version, 10 if version >= 21 else 9)
+    # the converter's shape inference adds declarations the exporter did not write (with the
+    # traced length where the graph computes another): keep the exporter's own
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(m.graph.value_info)
     return out
 
 

@@ -28,8 +28,10 @@
 //! no ScatterMoE activation computes it), swiglu with alpha = 0 and beta = 0, other swiglu
 //! fusions (ONNX Runtime's CPU kernel refuses them), fc3 (the CPU kernel refuses it), sparse
 //! mixer routing (the CPU kernel ignores `use_sparse_mixer`, its CUDA kernel routes by
-//! sparsemixer: the two disagree), weights in another layout, and com.microsoft.QMoE (quantized
-//! experts).
+//! sparsemixer: the two disagree), and weights in another layout.
+//!
+//! `com.microsoft.QMoE` (integer quantized experts) becomes a quantized ScatterMoE the same way:
+//! `qmoe.rs`.
 //!
 //! ONNX Runtime's older CUDA MoE kernel (the FasterTransformer one) defaulted an absent
 //! `activation_alpha` / `activation_beta` / `swiglu_limit` / `swiglu_fusion` to GPT-OSS's values
@@ -44,6 +46,8 @@ use crate::onnx::tensor::{encode_f32, make_i64, make_tensor};
 use crate::spec::{Activation, CapacityOrder, GluLayout};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::NodeProto;
+
+mod qmoe;
 
 const FLOAT: i32 = 1;
 const BFLOAT16: i32 = 16;
@@ -61,13 +65,10 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
                 Ok(l) => layers.push(l),
                 Err(reason) => rejected.push(Rejection { family: "ort_moe", at, reason }),
             },
-            "QMoE" => rejected.push(Rejection {
-                family: "ort_moe",
-                at,
-                reason: "com.microsoft.QMoE: quantized experts are not supported yet (ScatterMoE's weights are float32/float16/bfloat16; \
-                         dequantizing would change what the model stores and computes)"
-                    .into(),
-            }),
+            "QMoE" => match qmoe::convert(g, n, i) {
+                Ok(l) => layers.push(l),
+                Err(reason) => rejected.push(Rejection { family: "ort_moe", at, reason: format!("com.microsoft.QMoE: {reason}") }),
+            },
             _ => {}
         }
     }
