@@ -18,9 +18,10 @@ const FLOAT: i32 = 1;
 const FLOAT16: i32 = 10;
 const BFLOAT16: i32 = 16;
 
-/// Whether ONNX Runtime's CPU kernel for `n` cannot be trusted in the 16-bit type `elem`.
+/// Whether ONNX Runtime's CPU kernel for `n` cannot be trusted in the 16-bit type `elem`
+/// (`com.microsoft.QMoE` has no bfloat16 CPU kernel either; its float16 one is right).
 fn untrusted(n: &NodeProto, elem: i32) -> bool {
-    n.domain == "com.microsoft" && n.op_type == "MoE" && matches!(elem, FLOAT16 | BFLOAT16)
+    n.domain == "com.microsoft" && ((n.op_type == "MoE" && matches!(elem, FLOAT16 | BFLOAT16)) || (n.op_type == "QMoE" && elem == BFLOAT16))
 }
 
 /// The region `nodes` (in order) with the node that computes its `output` run in float32 on the
