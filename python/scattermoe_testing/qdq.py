@@ -342,7 +342,8 @@ def quantize_matmul_nbits_qdq(m: onnx.ModelProto, block: int = 16, symmetric: bo
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, quant_format=QuantFormat.QDQ, bits=4, op_types_to_quantize=("MatMul",))
-    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(m.SerializeToString()), algo_config=cfg)
+    # the quantizer sets opset 21 without converting the graph: convert it first
+    q = MatMulNBitsQuantizer(raise_opset(onnx.ModelProto.FromString(m.SerializeToString()), 21), algo_config=cfg)
     q.process()
     return q.model.model
 

@@ -193,11 +193,14 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         }
     };
     let resolver = |v: &str| note(v).then_some(ERef::Each);
-    let hook = |v: &str| -> Option<(String, WSrc)> { batched_linear(g, v, &note) };
+    // a gathered stack that is DequantizeLinear of something the weights cannot be read from:
+    // its reason, given where the parse then fails
+    let why: RefCell<Option<String>> = RefCell::new(None);
+    let hook = |v: &str| -> Option<(String, WSrc)> { batched_linear(g, v, &note, &why) };
     let leaves: Vec<String> = g.graph.node.iter().filter_map(|n| n.output.first()).filter(|o| repeat_shape(g, o).is_some()).cloned().collect();
     let mut p = ExprParser::new(g, leaves, &resolver);
     p.lin_hook = Some(&hook);
-    let e = p.parse(&h)?;
+    let e = p.parse(&h).map_err(|e| why.borrow_mut().take().unwrap_or(e))?;
     let d = p.d.ok_or("the expert outputs read no batched linear layer of the repeated token rows")?;
     let mlp = to_mlp(&e, d)?;
     let xr = p.matched_leaf.clone().ok_or("cannot find the repeated token rows")?;
@@ -378,7 +381,7 @@ fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
 ///   Squeeze(MatMul(Unsqueeze(h, 1), Wg), 1)      Wg [S, in, out] (`is_transposed` experts)
 /// with Wg = Gather(W, e) or GatherND(W, Unsqueeze(e, -1)) of a rank-3 stack W by the flattened
 /// routing indices e (which `note` checks and records).
-fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Option<(String, WSrc)> {
+fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool, why: &RefCell<Option<String>>) -> Option<(String, WSrc)> {
     let sq = prod(g, v, "Squeeze")?;
     let sq_axes = axes_of(g, sq)?;
     let mm = prod(g, &sq.input[0], "MatMul")?;
@@ -405,7 +408,13 @@ fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Optio
         }
         _ => return None,
     };
-    let dims = weight_dims(g, stack).filter(|d| d.len() == 3)?;
+    let dims = match super::dequant::weight_dims_or_reason(g, stack) {
+        Ok(d) => d.filter(|d| d.len() == 3)?,
+        Err(e) => {
+            *why.borrow_mut() = Some(e);
+            return None;
+        }
+    };
     let (out, inp) = if transposed { (dims[2], dims[1]) } else { (dims[1], dims[2]) };
     Some((xv, WSrc { init: stack.clone(), index: Some(ERef::Each), transposed, out: out as usize, inp: inp as usize }))
 }

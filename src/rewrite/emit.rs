@@ -206,6 +206,8 @@ pub struct Emitted {
     pub pending: Vec<PendingTensor>,
     /// the op's element type T (ONNX code; 0 where no ScatterMoE node was written)
     pub elem: i32,
+    /// the quantized weights the node reads, for the report (`LayerQuant::describe`)
+    pub quantized: Option<String>,
 }
 
 /// The element type of the matrix products that read `weight` (through the gathers, casts,
@@ -492,6 +494,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let mut out = std::mem::take(model);
     out.nodes = nodes;
     out.elem = elem;
+    out.quantized = q.describe;
     Ok(out)
 }
 

@@ -314,9 +314,9 @@ pub fn router_experts(g: &GraphIndex, idx: &str) -> Option<usize> {
     for _ in 0..16 {
         let (_, p) = g.prod(cur)?;
         match p.op_type.as_str() {
-            "MatMul" => return g.const_dims(&p.input[1]).filter(|d| d.len() == 2).map(|d| d[1] as usize),
+            "MatMul" => return super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2).map(|d| d[1] as usize),
             "Gemm" => {
-                let d = g.const_dims(&p.input[1]).filter(|d| d.len() == 2)?;
+                let d = super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2)?;
                 return Some(if attr_i(p, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
             }
             "Softmax" | "Sigmoid" | "Cast" | "Identity" | "Div" | "Mul" | "Add" | "Sub" | "LogSoftmax" => cur = &p.input[0],

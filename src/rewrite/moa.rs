@@ -68,7 +68,7 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
     // a weight matched through DequantizeLinear: its codes, scale and zero point (`quant.rs`)
     let q = super::emit::quantized_linear_inputs(g, &gl.w, elem, &format!("{tag}.W"), taken, &mut em)?;
     let w = match &q {
-        Some((codes, _, _)) => codes.clone(),
+        Some((codes, _, _, _)) => codes.clone(),
         None => stack_matrices(g, taken, &format!("{tag}.W"), &gl.w, elem, &mut em)?,
     };
     let mut nodes = Vec::new();
@@ -137,7 +137,8 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         }
         _ => bail!("a grouped projection whose rows and output are both one per assignment"),
     }
-    if let Some((_, [scale, zero], attrs)) = q {
+    let quantized = q.as_ref().map(|(_, _, _, what)| what.clone());
+    if let Some((_, [scale, zero], attrs, _)) = q {
         // W_scale (5) and W_zero_point (6) after the optional bias and gates
         let n = nodes.iter_mut().find(|n| n.op_type == pl::NAME).expect("the ParallelLinear node");
         n.input.resize(5, String::new());
@@ -162,6 +163,7 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         elem_type: et.name(),
         capacity: None,
         biases: false,
+        quantized,
         proof: None,
     };
     let subject = Subject {

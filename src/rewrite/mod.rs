@@ -163,6 +163,7 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
                     elem_type: elem,
                     capacity: l.capacity,
                     biases: m.b_in.iter().any(Option::is_some) || m.b_out.is_some(),
+                    quantized: e.quantized.clone(),
                     proof,
                 });
                 replace.push((l.output.clone(), e));

@@ -20,6 +20,8 @@ pub(super) struct QInputs {
     /// `w_in_scale`, `w_out_scale`, `w_in_zero_point`, `w_out_zero_point`
     pub params: [Option<String>; 4],
     pub attrs: Vec<AttributeProto>,
+    /// what the report says of them
+    pub describe: Option<String>,
 }
 
 fn tensor(g: &GraphIndex, t: &QTensor, base: &str, taken: &mut Vec<String>, model: &mut Emitted) -> String {
@@ -59,7 +61,7 @@ pub(super) fn inputs(
     if target == Target::TensorRt {
         bail!("quantized expert weights ({}): the TensorRT target does not take them yet", lq.describe());
     }
-    let mut q = QInputs::default();
+    let mut q = QInputs { describe: Some(lq.describe()), ..Default::default() };
     let mut uint8 = false;
     for (j, (w, what)) in [(&lq.w_in, "w_in"), (&lq.w_out, "w_out")].into_iter().enumerate() {
         let Some(w) = w else { continue };
@@ -94,7 +96,7 @@ pub(in crate::rewrite) fn linear_inputs(
     base: &str,
     taken: &mut Vec<String>,
     model: &mut Emitted,
-) -> Result<Option<(String, [String; 2], Vec<AttributeProto>)>> {
+) -> Result<Option<(String, [String; 2], Vec<AttributeProto>, String)>> {
     let parts: Vec<Vec<WSrc>> = ws.iter().map(|w| vec![w.clone()]).collect();
     let Some(lq) = quant::plan(g, &parts, &[], elem).map_err(|e| anyhow!("{e}"))? else { return Ok(None) };
     let Some(w) = &lq.w_in else { return Ok(None) };
@@ -108,5 +110,6 @@ pub(in crate::rewrite) fn linear_inputs(
     if let (true, Some(b)) = (w.blocked, lq.block_size) {
         attrs.push(attr_ints_new("block_size", &b));
     }
-    Ok(Some((codes, [scale, zero], attrs)))
+    let what = LayerQuant { w_in: Some(w.clone()), ..lq.clone() }.describe().replace("w_in", "W").replace(", w_out float", "");
+    Ok(Some((codes, [scale, zero], attrs, what)))
 }
