@@ -45,7 +45,7 @@ FIXTURES = [
     ("families/llama4_moe", Scheme("fp8", "block_in", 16), 1, None),
     ("families/nemotron_h_moe_bmm_dynamo", Scheme("uint4", "block_in", 16), 1, None),
     ("switch", "nbits-sym", 1, None),                                       # onnxruntime.quantization QDQ, int4
-    ("loop_where", "nbits-asym", 1, None),                                  # the same, uint4 with zero points
+    ("families/nemotron_h_moe_f16", "nbits-asym", 1, None),                 # the same, uint4 with zero points, float16
     ("families/nemotron_h_moe", "nbits-sym", 1, None),
     # spoiled: left, with the reason the rewriter gives
     ("mixtral_bmm", Scheme("int8", "in_channel", zero=True), 0, "one scale per input channel"),
