@@ -270,3 +270,6 @@ pub fn plan(g: &GraphIndex, w_in: &[Vec<WSrc>], w_out: &[WSrc], elem: i32) -> Re
     }
     Ok(Some(lq))
 }
+
+#[cfg(test)]
+mod tests;
