@@ -63,10 +63,8 @@ def left_reason(c: Q.Case) -> str | None:
         return "swiglu_fusion"
     if c.gated and (c.beta or 0.0) == 0.0 and c.limit is not None:
         return "computes clamp(up) without an offset"
-    if c.activation == "identity":
-        return "identity activation on quantized experts"
-    if c.gated and not ((c.beta == 1.0) or ((c.beta or 0.0) == 0.0 and (c.alpha or 1.0) == 1.0)):
-        return "rescaled"
+    if c.activation == "identity" and c.bits == 2:
+        return "identity activation on 2-bit experts"
     return None
 
 

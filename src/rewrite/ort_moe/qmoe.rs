@@ -21,12 +21,18 @@
 //! unpacked to one byte each; 2-bit codes are repacked two a byte as 4-bit codes with their zero
 //! points (2 where absent) given explicitly. Nothing is re-quantised.
 //!
-//! Left, with the reason: quant types other than `int` (ONNX Runtime's CPU kernel has no fp8 or fp4
-//! QMoE); fc1 and fc2 of different widths, fc3, swiglu fusions other than 1 (the CPU kernel refuses
-//! them); sparse mixer routing (as for MoE); the inputs of the fp8/fp4 modes; and the forms the CPU
-//! kernel computes with int8-quantized activations rather than the dequantized product: 8-bit
-//! block-wise experts, and 4-bit block-wise experts with `accuracy_level = 4` (MLAS's QNBit
-//! kernels; relative differences of 5e-3 from the node's formula, measured).
+//! The activations ScatterMoE has no form for are written as for MoE, on the scales instead of the
+//! weights: swiglu's rescaled gate/up rows and fc2 multiply the scales (`(q - z)(s c)`), identity's
+//! negated copies `[W1; -W1]`, `[W2, -W2]` repeat the codes and negate the scales.
+//!
+//! Left, with the reason: quant types other than `int` (ONNX Runtime's CPU kernel ignores the
+//! attribute and reads integers, its CUDA kernel reads fp8/fp4); fc1 and fc2 of different widths,
+//! fc3, swiglu fusions other than 1 (the CPU kernel refuses them); sparse mixer routing (as for
+//! MoE); the inputs of the fp8/fp4 modes; identity on 2-bit experts; and the forms the CPU kernel
+//! computes with quantized activations rather than the dequantized product: 8-bit block-wise
+//! experts, 4-bit block-wise experts with `accuracy_level = 4` (MLAS's QNBit kernels), 2-bit
+//! block-wise experts (MLAS's LUT GEMM, where the shape allows) (relative differences of 5e-3 to
+//! 7e-3 from the node's formula, measured).
 //!
 //! ONNX Runtime's CUDA kernel differs: its default `weights_prepacked = -1` means weights already
 //! in CUTLASS's interleaved layout (the CPU kernel reads the raw layout whatever the attribute
@@ -45,7 +51,7 @@ use crate::onnx::tensor::{make_tensor, tensor_bytes};
 use crate::rewrite::emit::MoeLayer;
 use crate::rewrite::expr::{BSrc, ERef, ExpertMlp, WSrc};
 use crate::rewrite::quant::{LayerQuant, OpFormat, QTensor, QWeight};
-use crate::spec::{CapacityOrder, GluLayout};
+use crate::spec::{Activation, CapacityOrder, GluLayout};
 
 const UINT8: i32 = 2;
 
@@ -141,32 +147,30 @@ fn bytes_of(g: &GraphIndex, v: &str, what: &str) -> Result<Arc<onnx_protobuf::Te
 }
 
 /// Zero points `[E, rows(, blocks)]` one a byte, from QMoE's packing of `bits`-bit values along
-/// the last axis (`per_row`: rows packed for one scale per channel).
-fn unpacked_zero_points(t: Arc<onnx_protobuf::TensorProto>, bits: i64, dims: Vec<i64>) -> QTensor {
+/// the last axis (the rows for one scale per channel, the blocks otherwise): an initializer
+/// (zero points are one value per scale, small).
+fn unpacked_zero_points(g: &GraphIndex, p: &mut Prep, t: &onnx_protobuf::TensorProto, bits: i64, dims: &[i64], what: &str) -> Result<String, String> {
     let per = (8 / bits) as usize;
     let last = *dims.last().unwrap() as usize;
     let lead: usize = dims[..dims.len() - 1].iter().map(|&d| d as usize).product();
-    QTensor::New {
-        what: "zero_point",
-        data_type: UINT8,
-        dims,
-        produce: Arc::new(move |ext, sink| {
-            let b = tensor_bytes(&t, Some(ext))?;
-            let stored = last.div_ceil(per);
-            let mask = ((1u16 << bits) - 1) as u8;
-            let mut out = Vec::with_capacity(lead * last);
-            for r in 0..lead {
-                for j in 0..last {
-                    out.push((b[r * stored + j / per] >> (bits as usize * (j % per))) & mask);
-                }
-            }
-            sink(&out)
-        }),
+    let b = tensor_bytes(t, g.ext).map_err(|e| e.to_string())?;
+    let stored = last.div_ceil(per);
+    let mask = ((1u16 << bits) - 1) as u8;
+    let mut out = Vec::with_capacity(lead * last);
+    for r in 0..lead {
+        for j in 0..last {
+            out.push((b[r * stored + j / per] >> (bits as usize * (j % per))) & mask);
+        }
     }
+    let name = format!("{}/{what}_zero_points", p.tag);
+    p.inits.push(make_tensor(&name, UINT8, dims, out));
+    Ok(name)
 }
 
 /// One projection's op input: codes `[E, rows, in·bits/8]`, scale, zero point.
-fn weight(g: &GraphIndex, n: &NodeProto, idx: [usize; 3], rows: i64, inp: i64, e: i64, q: &QAttrs, elem: i32, what: &str) -> Result<QWeight, String> {
+#[allow(clippy::too_many_arguments)]
+fn weight(g: &GraphIndex, p: &mut Prep, n: &NodeProto, idx: [usize; 3], rows: i64, inp: i64, e: i64, q: &QAttrs, what: &str) -> Result<QWeight, String> {
+    let elem = p.elem;
     let name = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
     let (codes, scale, zero) = (name(idx[0]), name(idx[1]), name(idx[2]));
     if scale.is_empty() {
@@ -196,8 +200,9 @@ fn weight(g: &GraphIndex, n: &NodeProto, idx: [usize; 3], rows: i64, inp: i64, e
     let zero_point = if zero.is_empty() {
         // 2-bit codes become 4-bit ones, whose default zero point (8) is not 2-bit's (2)
         (q.bits == 2).then(|| {
-            let n = logical.iter().product::<i64>() as usize;
-            QTensor::New { what: "zero_point", data_type: UINT8, dims: logical.clone(), produce: Arc::new(move |_, sink| sink(&vec![2u8; n])) }
+            let name = format!("{}/{what}_zero_points", p.tag);
+            p.inits.push(make_tensor(&name, UINT8, &logical, vec![2u8; logical.iter().product::<i64>() as usize]));
+            QTensor::Existing(name)
         })
     } else if q.bits == 8 {
         if weight_dims(g, zero, &format!("{what} zero points"))? != logical {
@@ -212,7 +217,7 @@ fn weight(g: &GraphIndex, n: &NodeProto, idx: [usize; 3], rows: i64, inp: i64, e
         if t.dims != packed {
             return Err(format!("{what} zero points are {:?}, expected {packed:?} ({}-bit values packed)", t.dims, q.bits));
         }
-        Some(unpacked_zero_points(t, q.bits, logical.clone()))
+        Some(QTensor::Existing(unpacked_zero_points(g, p, &t, q.bits, &logical, what)?))
     };
     let codes = if q.bits == 2 {
         // four codes a byte, lowest first -> two a byte (low nibble first)
@@ -252,22 +257,7 @@ pub(super) fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLaye
         return Err("global or activation scales (inputs 15-20, for the fp8 and fp4 modes) on an integer QMoE".into());
     }
     let form = form(&a)?;
-    let gated = match form {
-        Form::Plain(_, g) => g,
-        Form::Swiglu { gate_scale, up_scale, out_scale, .. } if gate_scale == 1.0 && up_scale == 1.0 && out_scale == 1.0 => true,
-        Form::Swiglu { .. } => {
-            return Err(format!(
-                "swiglu with activation_alpha = {}, activation_beta = {} on quantized experts: ScatterMoE computes it only with the scales rescaled, \
-                 which the rule does not write yet",
-                a.alpha, a.beta
-            ))
-        }
-        Form::IdentityPair => {
-            return Err("identity activation on quantized experts: ScatterMoE writes it as relu(a) - relu(-a) over negated weights, which the rule does not \
-                        write for quantized ones yet"
-                .into())
-        }
-    };
+    let gated = matches!(form, Form::Plain(_, true) | Form::Swiglu { .. });
     let (x, router) = (inp(0), inp(1));
     let elem = g.infer_type(x).ok_or_else(|| format!("cannot tell the element type of '{x}'"))?;
     let per = 8 / q.bits;
@@ -300,23 +290,43 @@ pub(super) fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLaye
         Ok(Some(name.to_string()))
     };
     let (b1, b2) = (bias(inp(4), n_rows)?, bias(inp(7), d)?);
-    let w_in = weight(g, n, [2, 3, 11], n_rows, d, e, &q, elem, "fc1")?;
-    let w_out = weight(g, n, [5, 6, 12], d, f, e, &q, elem, "fc2")?;
-
     let tag = format!("ort_qmoe_{i}");
     let mut p = Prep { tag: &tag, elem, nodes: Vec::new(), inits: Vec::new() };
-    let (activation, alpha, limit) = match form {
-        Form::Plain(act, _) => (act, 1.702, 7.0),
-        Form::Swiglu { activation, alpha, limit, .. } => (activation, alpha, limit),
-        Form::IdentityPair => unreachable!(),
+    let mut w_in = weight(g, &mut p, n, [2, 3, 11], n_rows, d, e, &q, "fc1")?;
+    let mut w_out = weight(g, &mut p, n, [5, 6, 12], d, f, e, &q, "fc2")?;
+    let mut bb1 = b1.clone();
+    let mut block_size = (q.block_size > 0).then_some([1, q.block_size]);
+
+    // the experts in a form ScatterMoE computes (as for MoE, with the scales rescaled in place of
+    // the weights: (q - z) * (s * c) = ((q - z) * s) * c)
+    let (activation, alpha, limit, f_op) = match form {
+        Form::Plain(act, _) => (act, 1.702, 7.0, f),
+        Form::IdentityPair => {
+            identity_pair(&mut p, &mut w_in, &mut w_out, &mut block_size, f, q.bits, g.default_opset())?;
+            bb1 = bb1.map(|b| p.with_negation(&b, "fc1_bias", 1));
+            (Activation::Relu, 1.702, 7.0, 2 * f)
+        }
+        Form::Swiglu { activation, gate_scale, up_scale, out_scale, alpha, limit } => {
+            if gate_scale != 1.0 || up_scale != 1.0 {
+                // interleaved: row 2i gate, 2i+1 up
+                let rows: Vec<f32> = (0..n_rows).map(|r| if r % 2 == 0 { gate_scale } else { up_scale }).collect();
+                let rank = if w_in.blocked { 3 } else { 2 };
+                w_in.scale = QTensor::Existing(p.scale_rows(&name_of(&w_in.scale), "fc1_scales", &rows, rank));
+                bb1 = bb1.map(|b| p.scale_rows(&b, "fc1_bias", &rows, 2));
+            }
+            if out_scale != 1.0 {
+                w_out.scale = QTensor::Existing(p.scale(&name_of(&w_out.scale), "fc2_scales", out_scale));
+            }
+            (activation, alpha, limit, f)
+        }
     };
-    let (n_op, du, fu) = (n_rows as usize, d as usize, f as usize);
+    let (n_op, du, fu) = (if matches!(form, Form::IdentityPair) { 2 * n_rows } else { n_rows } as usize, d as usize, f_op as usize);
     let experts = (0..e)
         .map(|j| {
             let r = Some(ERef::Const(j));
             ExpertMlp {
                 w_in: vec![WSrc { init: inp(2).to_string(), index: r, transposed: false, out: n_op, inp: du }],
-                b_in: vec![b1.as_ref().map(|b| BSrc { init: b.clone(), index: r, len: n_op })],
+                b_in: vec![bb1.as_ref().map(|b| BSrc { init: b.clone(), index: r, len: n_op })],
                 w_out: WSrc { init: inp(5).to_string(), index: r, transposed: false, out: du, inp: fu },
                 b_out: b2.as_ref().map(|b| BSrc { init: b.clone(), index: r, len: du }),
                 activation,
@@ -330,7 +340,6 @@ pub(super) fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLaye
         })
         .collect();
     let (weights, idx) = route(&mut p, g, router, inp(14), a.k, e, a.normalize);
-    let block_size = (q.block_size > 0).then_some([1, q.block_size]);
     let quant = LayerQuant { w_in: Some(w_in), w_out: Some(w_out), weight_bits: if q.bits == 8 { 8 } else { 4 }, block_size };
     Ok(MoeLayer {
         family: "ort_moe",
@@ -346,6 +355,69 @@ pub(super) fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLaye
         extra_inits: p.inits,
         quant: Some(Box::new(quant)),
     })
+}
+
+/// The name of a tensor of the graph or of the rule's own initializers (scales, 8-bit codes and
+/// zero points are always such).
+fn name_of(t: &QTensor) -> String {
+    match t {
+        QTensor::Existing(n) => n.clone(),
+        QTensor::New { .. } => unreachable!("scales and zero points are named tensors"),
+    }
+}
+
+/// identity as `relu(a) - relu(-a)` (as for MoE): fc1 `[W1; -W1]` (codes twice, scales `[s; -s]`,
+/// zero points twice), fc2 `[W2, -W2]` along its input (codes twice along each row, scales
+/// `[s, -s]` as blocks of the row's half or of the node's block). Nodes in front of the op;
+/// ONNX Runtime folds them.
+fn identity_pair(p: &mut Prep, w_in: &mut QWeight, w_out: &mut QWeight, block_size: &mut Option<[i64; 2]>, f: i64, bits: i64, opset: i64) -> Result<(), String> {
+    if bits == 2 {
+        return Err("identity activation on 2-bit experts: the repacked codes would have to be doubled as well, which the rule does not write".into());
+    }
+    if block_size.is_some() && !(w_in.blocked && w_out.blocked) {
+        return Err("identity activation with block_size and a per-channel scale: the negated half needs one block size for both".into());
+    }
+    let concat = |p: &mut Prep, a: &str, b: &str, axis: i64, what: &str| -> String {
+        let out = format!("{}/{what}", p.tag);
+        let mut c = make_node("Concat", "", &out, &[a, b], &[&out]);
+        c.attribute.push(attr_int("axis", axis));
+        p.nodes.push(c);
+        out
+    };
+    let unsqueezed = |p: &mut Prep, v: &str, what: &str| -> String {
+        let out = format!("{}/{what}_column", p.tag);
+        if opset >= 13 {
+            let axes = format!("{}/{what}_axes", p.tag);
+            p.inits.push(crate::onnx::tensor::make_i64(&axes, &[1], &[2]));
+            p.nodes.push(make_node("Unsqueeze", "", &out, &[v, &axes], &[&out]));
+        } else {
+            let mut u = make_node("Unsqueeze", "", &out, &[v], &[&out]);
+            u.attribute.push(crate::onnx::graph::attr_ints_new("axes", &[2]));
+            p.nodes.push(u);
+        }
+        out
+    };
+    let c1 = name_of(&w_in.codes);
+    w_in.codes = QTensor::Existing(concat(p, &c1, &c1, 1, "fc1_codes_pair"));
+    w_in.scale = QTensor::Existing(p.with_negation(&name_of(&w_in.scale), "fc1_scales", 1));
+    if let Some(z) = &w_in.zero_point {
+        let z = name_of(z);
+        w_in.zero_point = Some(QTensor::Existing(concat(p, &z, &z, 1, "fc1_zero_points_pair")));
+    }
+    let c2 = name_of(&w_out.codes);
+    w_out.codes = QTensor::Existing(concat(p, &c2, &c2, 2, "fc2_codes_pair"));
+    let mut s2 = name_of(&w_out.scale);
+    let mut z2 = w_out.zero_point.as_ref().map(name_of);
+    if !w_out.blocked {
+        // one scale per row -> one per half row: blocks of f along the input
+        s2 = unsqueezed(p, &s2, "fc2_scales");
+        z2 = z2.map(|z| unsqueezed(p, &z, "fc2_zero_points"));
+        *block_size = Some([1, f]);
+        w_out.blocked = true;
+    }
+    w_out.scale = QTensor::Existing(p.with_negation(&s2, "fc2_scales", 2));
+    w_out.zero_point = z2.map(|z| QTensor::Existing(concat(p, &z, &z, 2, "fc2_zero_points_pair")));
+    Ok(())
 }
 
 /// The routing as the CPU kernel computes it, in float32: the top k logits (ties to the higher
