@@ -121,3 +121,45 @@ def test_the_weights_found_are_the_experts():
     assert found == {"m.experts.gate_up_proj": (1, 2, 0), "m.experts.down_proj": (1, 2, 0)}
     m = onnx.load(str(MODELS / "megablocks.onnx"))
     assert {w.name: (w.out_axis, w.in_axis, w.expert_axis) for w in qdq.expert_weights(m)} == {"m.w1": (2, 1, 0), "m.w2": (2, 1, 0)}
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="target/release/scattermoe not built")
+@pytest.mark.parametrize("act,code,layout", [("silu", "int4", "block_in"), ("relu", "uint8", "channel"), ("swiglu", "fp8", "tensor"),
+                                             ("gelu", "int8", "row"), ("identity", "int8", "channel")])
+def test_moe_nodes_with_dequantized_weights(act: str, code: str, layout: str, lib, rng, tmp_path: Path):
+    """com.microsoft.MoE reading its fc1/fc2 through DequantizeLinear ([E, rows, in] stacks, the
+    op's layout): the node reads the codes; identity (negated weights) is left with the reason."""
+    from onnx import helper, numpy_helper
+
+    from scattermoe_testing import ort_moe_graphs as M
+
+    case = M.Case(act, 2, 1, fusion=1 if act == "swiglu" else None)
+    w = M.weights(case, rng)
+    m = M.build(case, w)
+    g = m.graph
+    scheme = qdq.Scheme(code, layout, 8)
+    nodes = []
+    for name in ("fc1", "fc2"):
+        t = next(x for x in g.initializer if x.name == name)
+        codes, scale, zp, attrs = qdq.quantize_weight(numpy_helper.to_array(t).astype(np.float64), qdq.Weight(name, 1, 2, 0), scheme, rng)
+        g.initializer.remove(t)
+        g.initializer.extend([numpy_helper.from_array(codes, name + "_q"), numpy_helper.from_array(np.asarray(scale, np.float32), name + "_s")])
+        nodes.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_s"], [name], **attrs))
+    for n in reversed(nodes):
+        g.node.insert(0, n)
+    m = qdq.raise_opset(m, 21)
+    src, out = tmp_path / "moe.onnx", tmp_path / "moe.rw.onnx"
+    onnx.save(m, str(src))
+    r = subprocess.run([str(CLI), "rewrite", "--allow-none", "--json", str(src), str(out)], capture_output=True, text=True, env=_cli_env(lib))
+    report = json.loads(r.stdout)
+    if act == "identity":
+        assert report["layers"] == [] and any("through DequantizeLinear" in x["reason"] for x in report["rejected"]), report
+        return
+    assert len(report["layers"]) == 1 and report["layers"][0]["quantized"], report
+    original, rewritten = _session(m), _session(str(out), lib)
+    for tokens in (1, 7, 33):
+        fd = M.feeds(case, w, tokens, rng)
+        want = original.run(None, fd)[0].astype(np.float64)
+        got = rewritten.run(None, fd)[0].astype(np.float64)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, f"{tokens} tokens: relative error {err:.3g}"

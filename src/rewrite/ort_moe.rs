@@ -135,6 +135,10 @@ fn weight_dims(g: &GraphIndex, v: &str, what: &str) -> Result<Vec<i64>, String> 
     if g.graph_inputs.contains(v) {
         return g.static_input_dims(v).ok_or_else(|| format!("{what} '{v}' is a graph input without a static shape"));
     }
+    // DequantizeLinear of initializers (the emitter gives the op its codes: `quant.rs`)
+    if let Some(d) = super::dequant::weight_dims_or_reason(g, v)? {
+        return Ok(d);
+    }
     Err(format!("{what} '{v}' is neither an initializer nor a graph input"))
 }
 
@@ -318,9 +322,18 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         ));
     }
     for (v, what) in [(fc1, "fc1"), (fc2, "fc2")] {
-        if g.elem_type(v) != Some(elem) {
+        if g.infer_type(v) != Some(elem) {
             return Err(format!("{what} weights are not of the input's element type"));
         }
+    }
+    // dequantized weights are read as the op's quantized inputs: only forms that use them as they are
+    let rewritten = matches!(form, Form::IdentityPair) || matches!(form, Form::Swiglu { gate_scale, up_scale, out_scale, .. } if gate_scale != 1.0 || up_scale != 1.0 || out_scale != 1.0);
+    if rewritten && (super::dequant::is_dequantized(g, fc1) || super::dequant::is_dequantized(g, fc2)) {
+        return Err(format!(
+            "activation '{}' (alpha {}, beta {}) on weights through DequantizeLinear: ScatterMoE computes it only with the weights rescaled or negated, \
+             which the rule does not write for dequantized ones",
+            a.activation, a.alpha, a.beta
+        ));
     }
     // the router's expert axis, where declared, must be E
     if let Some(rd) = g.static_input_dims(router) {
