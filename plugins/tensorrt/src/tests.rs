@@ -142,7 +142,7 @@ fn bad_fields_name_the_op_and_the_field() {
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activaton", "silu")]),
-        "ScatterMoE: unknown plugin field 'activaton' (fields: activation, gated, glu_layout, alpha, limit, capacity_order)"
+        "ScatterMoE: unknown plugin field 'activaton' (fields: activation, gated, glu_layout, alpha, limit, capacity_order, weight_bits, block_size)"
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[float("gated", 1.0)]),
@@ -183,6 +183,7 @@ fn fields_round_trip() {
                             float("alpha", 1.25),
                             float("limit", 3.5),
                             string("capacity_order", order.name()),
+                            int("weight_bits", if gated == 1 { 4 } else { 8 }),
                         ],
                     ));
                 }
@@ -190,8 +191,11 @@ fn fields_round_trip() {
         }
     }
     for (gi, go) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-        all.push((Op::ParallelLinear, vec![int("grouped_in", gi), int("grouped_out", go)]));
+        all.push((Op::ParallelLinear, vec![int("grouped_in", gi), int("grouped_out", go), int("weight_bits", 8)]));
     }
+    // block_size, a list, written only when given
+    let block = crate::fields::Value::Ints(vec![1, 32]).field("block_size");
+    all.push((Op::ParallelLinear, vec![int("grouped_in", 0), int("grouped_out", 0), int("weight_bits", 4), block]));
     for order in CapacityOrder::ALL {
         all.push((Op::CapacityMask, vec![int("num_experts", 64), string("capacity_order", order.name())]));
     }
@@ -200,8 +204,9 @@ fn fields_round_trip() {
         let Ok(p) = create_plugin(op, &fields) else { continue }; // a gated-only activation without gating
         made += 1;
         let ser = p.fields_to_serialize();
-        // the parser's types, every attribute, in ATTRS order
-        assert_eq!(ser.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), op.attrs().iter().map(|a| a.name).collect::<Vec<_>>());
+        // the parser's types, every attribute, in ATTRS order (block_size, which has no default, when given)
+        let given = op.attrs().iter().map(|a| a.name).filter(|n| *n != "block_size" || fields.iter().any(|f| f.name == *n));
+        assert_eq!(ser.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), given.collect::<Vec<_>>());
         assert_eq!(ser, fields, "{}: serialised fields differ from the ones it was made from", op.name());
         let q = create_plugin(op, &ser).unwrap();
         assert_eq!(q.attrs(), p.attrs());
@@ -212,7 +217,7 @@ fn fields_round_trip() {
     // ParallelLinear one, every CapacityMask one
     let (acts, gated_only) = (Activation::ALL.len(), Activation::ALL.iter().filter(|a| a.gated_only()).count());
     let per_act = GluLayout::ALL.len() * CapacityOrder::ALL.len();
-    assert_eq!(made, acts * 2 * per_act - gated_only * per_act + 4 + CapacityOrder::ALL.len());
+    assert_eq!(made, acts * 2 * per_act - gated_only * per_act + 5 + CapacityOrder::ALL.len());
 }
 
 #[test]
@@ -243,7 +248,7 @@ fn output_types() {
     assert_eq!(l.output_types(&[B, I32, B, B, B]).unwrap(), vec![B]);
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     assert_eq!(m.output_types(&[I32, I64]).unwrap(), vec![data_type::BOOL]);
-    assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type an unsupported type; supported: int32, int64");
+    assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type float8e4m3fn; supported: int32, int64");
 }
 
 fn d(input: i32, axis: i32) -> DimRef {
@@ -282,7 +287,7 @@ fn known_dimensions_are_checked_at_build_time() {
         e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2]), desc(I64, &[-1, 2]), desc(F, &[4, 48, 16]), desc(F, &[4, 16, 32])]),
         "ScatterMoE: input 'w_in' [4, 48, 16] must be [E, 64, d] for f = 32 (gated: gate and up rows), got n = 48"
     );
-    assert_eq!(e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2])]), "ScatterMoE: expects 5 to 8 inputs, got 2");
+    assert_eq!(e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2])]), "ScatterMoE: expects 5 to 12 inputs, got 2");
     assert_eq!(
         e(&[desc(F, &[16]), desc(F, &[-1, 2]), desc(I64, &[-1, 2]), desc(F, &[4, 64, 16]), desc(F, &[4, 16, 32])]),
         "ScatterMoE: input 'X' must have rank >= 2, got shape [16]"
@@ -321,7 +326,12 @@ fn formats_and_types() {
     assert!(!p.supports_format(7, &v, 8));
     // positions past the ports
     assert!(!p.supports_format(6, &io(F, I64, F), 5));
-    assert!(!p.supports_format(0, &vec![desc(F, &[]); 10], 9));
+    assert!(!p.supports_format(0, &vec![desc(F, &[]); 14], 13));
+    // quantized weights, their scales and zero points are not served by the plugin yet
+    let mut q = vec![desc(F, &[]); 13];
+    q[3].data_type = data_type::FP8;
+    assert!(!p.supports_format(3, &q, 12));
+    assert!(!p.supports_format(8, &q, 12));
 
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     let v = vec![desc(I32, &[]), desc(I64, &[]), desc(data_type::BOOL, &[])];
