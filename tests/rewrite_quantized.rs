@@ -45,13 +45,15 @@ fn entries() -> Vec<Entry> {
         let v = rest[..end].trim();
         (v != "null").then(|| v.trim_matches('"').to_string())
     };
-    text.split("\n  {").skip(1).map(|obj| Entry {
-        name: field(obj, "name").unwrap(),
-        layers: field(obj, "layers").unwrap().parse().unwrap(),
-        reason: field(obj, "reason"),
-        f16: field(obj, "dtype").as_deref() == Some("float16"),
-    })
-    .collect()
+    text.split("\n  {")
+        .skip(1)
+        .map(|obj| Entry {
+            name: field(obj, "name").unwrap(),
+            layers: field(obj, "layers").unwrap().parse().unwrap(),
+            reason: field(obj, "reason"),
+            f16: field(obj, "dtype").as_deref() == Some("float16"),
+        })
+        .collect()
 }
 
 fn run(s: &mut Session, x: &common::Array) -> Vec<f64> {
@@ -101,7 +103,12 @@ fn check(e: &Entry, dir: &Path) -> Result<String, String> {
         .filter(|n| n.domain == spec::DOMAIN)
         .filter(|n| {
             let w = if n.op_type == spec::scatter_moe::NAME { spec::scatter_moe::W_IN } else { spec::parallel_linear::W };
-            let ty = g.initializer.iter().find(|t| t.name == n.input[w]).map(|t| t.data_type).or_else(|| model.pending.iter().find(|t| t.name == n.input[w]).map(|t| t.data_type));
+            let ty = g
+                .initializer
+                .iter()
+                .find(|t| t.name == n.input[w])
+                .map(|t| t.data_type)
+                .or_else(|| model.pending.iter().find(|t| t.name == n.input[w]).map(|t| t.data_type));
             matches!(ty, Some(2 | 17))
         })
         .count();
@@ -253,7 +260,9 @@ fn run_qmoe(s: &mut Session, t: usize, seed: u64) -> Vec<f64> {
 #[test]
 fn qmoe_nodes_become_quantized_scattermoe_and_match_the_qmoe_kernel() {
     let dir = common::scratch("qmoe");
-    for (bits, block, zero, act) in [(8, 0, false, "relu"), (8, 0, true, "silu"), (4, 0, true, "gelu"), (4, 16, false, "swiglu"), (4, 32, true, "relu"), (2, 0, true, "relu")] {
+    for (bits, block, zero, act) in
+        [(8, 0, false, "relu"), (8, 0, true, "silu"), (4, 0, true, "gelu"), (4, 16, false, "swiglu"), (4, 32, true, "relu"), (2, 0, true, "relu")]
+    {
         let what = format!("{bits}-bit, block {block}, zero points {zero}, {act}");
         let bytes = qmoe_model(bits, block, zero, act);
         let src = dir.join("qmoe.onnx");

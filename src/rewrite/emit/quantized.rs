@@ -30,7 +30,12 @@ fn tensor(g: &GraphIndex, t: &QTensor, base: &str, taken: &mut Vec<String>, mode
         QTensor::New { what, data_type, dims, produce } => {
             let name = unique_name(g, taken, &format!("{base}_{what}"));
             let p = produce.clone();
-            model.pending.push(PendingTensor { name: name.clone(), data_type: *data_type, dims: dims.clone(), produce: Box::new(move |ext, sink| p(ext, sink)) });
+            model.pending.push(PendingTensor {
+                name: name.clone(),
+                data_type: *data_type,
+                dims: dims.clone(),
+                produce: Box::new(move |ext, sink| p(ext, sink)),
+            });
             name
         }
     }

@@ -370,7 +370,15 @@ fn name_of(t: &QTensor) -> String {
 /// zero points twice), fc2 `[W2, -W2]` along its input (codes twice along each row, scales
 /// `[s, -s]` as blocks of the row's half or of the node's block). Nodes in front of the op;
 /// ONNX Runtime folds them.
-fn identity_pair(p: &mut Prep, w_in: &mut QWeight, w_out: &mut QWeight, block_size: &mut Option<[i64; 2]>, f: i64, bits: i64, opset: i64) -> Result<(), String> {
+fn identity_pair(
+    p: &mut Prep,
+    w_in: &mut QWeight,
+    w_out: &mut QWeight,
+    block_size: &mut Option<[i64; 2]>,
+    f: i64,
+    bits: i64,
+    opset: i64,
+) -> Result<(), String> {
     if bits == 2 {
         return Err("identity activation on 2-bit experts: the repacked codes would have to be doubled as well, which the rule does not write".into());
     }

@@ -181,7 +181,8 @@ fn int4_and_uint4_stacks_blocked_along_an_odd_input_with_zero_points() {
         let v = dq("v", ty, &[e_count as i64, inp as i64, out as i64], Some((1, 4)), false, &mut seed);
         let g = graph(&[&w, &v]);
         let gi = GraphIndex::new(&g, None).unwrap();
-        let w_in: Vec<Vec<WSrc>> = (0..e_count).map(|e| vec![WSrc { init: "w".into(), index: Some(ERef::Const(e as i64)), transposed: false, out, inp }]).collect();
+        let w_in: Vec<Vec<WSrc>> =
+            (0..e_count).map(|e| vec![WSrc { init: "w".into(), index: Some(ERef::Const(e as i64)), transposed: false, out, inp }]).collect();
         // the second projection stored [E, in, out]: its input blocks run along axis 1
         let w_out: Vec<WSrc> = (0..e_count).map(|e| WSrc { init: "v".into(), index: Some(ERef::Const(e as i64)), transposed: true, out, inp }).collect();
         let lq = plan(&gi, &w_in, &w_out, 1).unwrap().unwrap();
@@ -250,7 +251,10 @@ fn forms_the_op_cannot_hold_are_errors() {
     let mut g = graph(&[&dq("w", INT8, &[4, 6], None, false, &mut seed)]);
     g.initializer.push(floats("f", &[4, 6], &mut seed).0);
     let gi = GraphIndex::new(&g, None).unwrap();
-    let parts = vec![vec![WSrc { init: "w".into(), index: None, transposed: false, out: 4, inp: 6 }], vec![WSrc { init: "f".into(), index: None, transposed: false, out: 4, inp: 6 }]];
+    let parts = vec![
+        vec![WSrc { init: "w".into(), index: None, transposed: false, out: 4, inp: 6 }],
+        vec![WSrc { init: "f".into(), index: None, transposed: false, out: 4, inp: 6 }],
+    ];
     let err = plan(&gi, &parts, &[], 1).unwrap_err();
     assert!(err.contains("some experts' weights are dequantized"), "{err}");
     // float32 weights into a float16 product are fine; float16 ones into a float32 product are not
