@@ -93,7 +93,7 @@ fn initializer<'g>(g: &GraphIndex<'g>, v: &str, what: &str, w: &str) -> Result<&
     match g.const_tensor(v) {
         Some(t) => Ok(t),
         None => {
-            let from = g.prod(v).map_or("a graph input".to_string(), |(_, p)| format!("{}", p.op_type));
+            let from = g.prod(v).map_or("a graph input".to_string(), |(_, p)| p.op_type.to_string());
             Err(format!("weight '{w}' is DequantizeLinear of {what} that are not constant ('{v}' comes from {from})"))
         }
     }

@@ -340,7 +340,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
         // cheap filter: the summed value comes (through reshapes) from a MatMul with a rank-3 initializer
         let v = strip(g, &n.input[0], &["Reshape", "Cast"]);
         let Some(mm) = prod(g, v, "MatMul") else { continue };
-        if !weight_dims(g, &mm.input[1]).is_some_and(|d| d.len() == 3) {
+        if weight_dims(g, &mm.input[1]).is_none_or(|d| d.len() != 3) {
             continue;
         }
         match block(g, n) {

@@ -240,7 +240,7 @@ pub fn plan(g: &GraphIndex, w_in: &[Vec<WSrc>], w_out: &[WSrc], elem: i32) -> Re
             }
         }
     }
-    let block_size = (bo > 0 || bi > 0).then(|| [if bo == 0 { max_out } else { bo }, if bi == 0 { 1 } else { bi }]);
+    let block_size = (bo > 0 || bi > 0).then_some([if bo == 0 { max_out } else { bo }, if bi == 0 { 1 } else { bi }]);
     if let Some([o, i]) = block_size {
         if o * i < 2 {
             return Err("the weights' scale blocks have no common block larger than one code (the node has one block_size)".into());

@@ -257,7 +257,8 @@ fn session_with(path: &Path, capped: bool) -> Result<Session> {
     // which is what both models are compared against
     let mut b = Session::builder(env)?
         .with_log_level(ort::logging::LogLevel::Fatal)
-        .and_then(|b| b.with_config_entry("session.disable_quant_qdq", "1"))
+        .map_err(|e| anyhow!("{e}"))?
+        .with_config_entry("session.disable_quant_qdq", "1")
         .map_err(|e| anyhow!("{e}"))?
         .with_operator_library(&plugin)
         .map_err(|e| anyhow!("cannot register {}: {e}", plugin.display()))?;

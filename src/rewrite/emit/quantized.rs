@@ -91,6 +91,10 @@ pub(super) fn inputs(
     Ok(q)
 }
 
+/// A `ParallelLinear`'s quantized weight: its codes (in place of `W`), `W_scale` and
+/// `W_zero_point` (`""` where absent), the node's attributes, and what the report says of them.
+pub(in crate::rewrite) type LinearInputs = (String, [String; 2], Vec<AttributeProto>, String);
+
 /// A `ParallelLinear` weight `ws` (one matrix per expert) matched through `DequantizeLinear`:
 /// the codes in place of `W`, then `W_scale` and `W_zero_point` (`""` where absent), and the
 /// node's attributes. None where the weight is not dequantized.
@@ -101,7 +105,7 @@ pub(in crate::rewrite) fn linear_inputs(
     base: &str,
     taken: &mut Vec<String>,
     model: &mut Emitted,
-) -> Result<Option<(String, [String; 2], Vec<AttributeProto>, String)>> {
+) -> Result<Option<LinearInputs>> {
     let parts: Vec<Vec<WSrc>> = ws.iter().map(|w| vec![w.clone()]).collect();
     let Some(lq) = quant::plan(g, &parts, &[], elem).map_err(|e| anyhow!("{e}"))? else { return Ok(None) };
     let Some(w) = &lq.w_in else { return Ok(None) };
