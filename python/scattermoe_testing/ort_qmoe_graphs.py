@@ -54,6 +54,7 @@ class Case:
     quant_type: str | None = None
     bits_fc: tuple | None = None        # (fc1_expert_weight_bits, fc2_expert_weight_bits)
     input_3d: bool = False
+    defaults: bool = False              # k, activation_type, expert_weight_bits absent (1, relu, 4)
 
     @property
     def id(self) -> str:
@@ -63,7 +64,8 @@ class Case:
                         ("mixer", self.sparse_mixer), ("qt", self.quant_type), ("bitsfc", self.bits_fc)):
             if v is not None:
                 parts.append(f"{name}{v:g}" if isinstance(v, float) else f"{name}{v}")
-        for flag, name in ((self.zero, "zp"), (self.router_weights, "rw"), (self.biases, "bias"), (self.input_3d, "3d")):
+        for flag, name in ((self.zero, "zp"), (self.router_weights, "rw"), (self.biases, "bias"), (self.input_3d, "3d"),
+                           (self.defaults, "defaults")):
             if flag:
                 parts.append(name)
         return "-".join(parts).replace(" ", "").replace(",", "_")
@@ -106,6 +108,7 @@ def enumerate_cases() -> list[Case]:
         Case("relu", 2, bits_fc=(8, 4), bits=4),
         Case("relu", 2, bits_fc=(4, 4), **base),
         Case("relu", 2, input_3d=True, **base),
+        Case("relu", 1, bits=4, defaults=True), Case("relu", 1, bits=4, block=16, zero=True, defaults=True),
         Case("relu", 2, bits=4, block=16, dtype="bf16"),
         Case("relu", 2, bits=8, block=0, dtype="bf16"),
     ]
@@ -191,7 +194,7 @@ def build(case: Case, w: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelPr
              "", "", "", "z1" if case.zero else "", "z2" if case.zero else "", "", "rw" if case.router_weights else ""]
     while names and names[-1] == "":
         names.pop()
-    attrs: dict = {"k": case.k, "activation_type": case.activation, "expert_weight_bits": case.bits}
+    attrs: dict = {} if case.defaults else {"k": case.k, "activation_type": case.activation, "expert_weight_bits": case.bits}
     for name, v in (("block_size", case.block or None), ("normalize_routing_weights", case.normalize),
                     ("activation_alpha", case.alpha), ("activation_beta", case.beta), ("swiglu_fusion", case.fusion),
                     ("swiglu_limit", case.limit), ("accuracy_level", case.accuracy_level), ("weights_prepacked", case.prepacked),
