@@ -21,6 +21,9 @@ def session_options(lib: Path | str | None = None, threads: int | None = None, o
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # DequantizeLinear-fed MatMuls as written: ONNX Runtime would otherwise fuse them into
+    # MatMulNBits, which quantizes the activations to int8 (as the rewriter's proof does)
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

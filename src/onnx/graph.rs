@@ -375,6 +375,11 @@ impl<'g> GraphIndex<'g> {
             "ConstantOfShape" => Some(n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()).map(|t| t.data_type).unwrap_or(1)),
             "OneHot" => n.input.get(2).and_then(|i| self.infer_type_depth(i, depth + 1)),
             "Where" => n.input.get(1).and_then(|i| self.infer_type_depth(i, depth + 1)),
+            // the scale's type, unless `output_dtype` names another
+            "DequantizeLinear" => match attr_i(n, "output_dtype").filter(|&t| t != 0) {
+                Some(t) => Some(t as i32),
+                None => n.input.get(1).and_then(|i| self.infer_type_depth(i, depth + 1)),
+            },
             _ => first(self),
         }
     }

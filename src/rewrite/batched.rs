@@ -21,6 +21,7 @@ mod shape;
 
 use std::cell::RefCell;
 
+use super::dequant::weight_dims;
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser, WSrc};
 use super::matcher::{axes_of, prod};
@@ -124,12 +125,12 @@ fn router_columns(g: &GraphIndex, v: &str) -> Option<usize> {
         let Some((_, n)) = g.prod(&cur) else { continue };
         match n.op_type.as_str() {
             "MatMul" => {
-                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
                     return Some(d[1] as usize);
                 }
             }
             "Gemm" => {
-                if let Some(d) = g.const_dims(&n.input[1]).filter(|d| d.len() == 2) {
+                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
                     return Some(if attr_i(n, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
                 }
             }
@@ -192,17 +193,20 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         }
     };
     let resolver = |v: &str| note(v).then_some(ERef::Each);
-    let hook = |v: &str| -> Option<(String, WSrc)> { batched_linear(g, v, &note) };
+    // a gathered stack that is DequantizeLinear of something the weights cannot be read from:
+    // its reason, given where the parse then fails
+    let why: RefCell<Option<String>> = RefCell::new(None);
+    let hook = |v: &str| -> Option<(String, WSrc)> { batched_linear(g, v, &note, &why) };
     let leaves: Vec<String> = g.graph.node.iter().filter_map(|n| n.output.first()).filter(|o| repeat_shape(g, o).is_some()).cloned().collect();
     let mut p = ExprParser::new(g, leaves, &resolver);
     p.lin_hook = Some(&hook);
-    let e = p.parse(&h)?;
+    let e = p.parse(&h).map_err(|e| why.borrow_mut().take().unwrap_or(e))?;
     let d = p.d.ok_or("the expert outputs read no batched linear layer of the repeated token rows")?;
     let mlp = to_mlp(&e, d)?;
     let xr = p.matched_leaf.clone().ok_or("cannot find the repeated token rows")?;
     let e_count = mlp.each_count(g).ok_or("the expert weights are not gathered from stacks by the routing indices")?;
     for w in mlp.w_in.iter().chain([&mlp.w_out]) {
-        if w.index != Some(ERef::Each) || g.const_dims(&w.init).map(|d| d[0] as usize) != Some(e_count) {
+        if w.index != Some(ERef::Each) || weight_dims(g, &w.init).map(|d| d[0] as usize) != Some(e_count) {
             return Err(format!("weight '{}' is not a stack of {e_count} experts gathered by the routing indices", w.init));
         }
     }
@@ -358,6 +362,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         k: Some(k as usize),
         extra_nodes,
         extra_inits: vec![make_i64(&shape, &[2], &[-1, k])],
+        quant: None,
     }))
 }
 
@@ -376,7 +381,7 @@ fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
 ///   Squeeze(MatMul(Unsqueeze(h, 1), Wg), 1)      Wg [S, in, out] (`is_transposed` experts)
 /// with Wg = Gather(W, e) or GatherND(W, Unsqueeze(e, -1)) of a rank-3 stack W by the flattened
 /// routing indices e (which `note` checks and records).
-fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Option<(String, WSrc)> {
+fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool, why: &RefCell<Option<String>>) -> Option<(String, WSrc)> {
     let sq = prod(g, v, "Squeeze")?;
     let sq_axes = axes_of(g, sq)?;
     let mm = prod(g, &sq.input[0], "MatMul")?;
@@ -403,7 +408,13 @@ fn batched_linear(g: &GraphIndex, v: &str, note: &dyn Fn(&str) -> bool) -> Optio
         }
         _ => return None,
     };
-    let dims = g.const_dims(stack).filter(|d| d.len() == 3 && g.initializers.contains_key(stack.as_str()))?;
+    let dims = match super::dequant::weight_dims_or_reason(g, stack) {
+        Ok(d) => d.filter(|d| d.len() == 3)?,
+        Err(e) => {
+            *why.borrow_mut() = Some(e);
+            return None;
+        }
+    };
     let (out, inp) = if transposed { (dims[2], dims[1]) } else { (dims[1], dims[2]) };
     Some((xv, WSrc { init: stack.clone(), index: Some(ERef::Each), transposed, out: out as usize, inp: inp as usize }))
 }

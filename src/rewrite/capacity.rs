@@ -241,6 +241,7 @@ fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &
         k: Some(1),
         extra_nodes,
         extra_inits,
+        quant: None,
     }))
 }
 

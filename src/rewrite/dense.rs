@@ -24,8 +24,8 @@ fn shared_row_inputs(g: &GraphIndex) -> Vec<String> {
         let Some((lhs, out)) = eq.split_once("->") else { continue };
         let Some((la, lb)) = lhs.split_once(',') else { continue };
         for (xl, wl, x, w) in [(la, lb, &n.input[0], &n.input[1]), (lb, la, &n.input[1], &n.input[0])] {
-            let Some(t) = g.const_tensor(w) else { continue };
-            if t.dims.len() != 3 || wl.len() != 3 {
+            let Some(dims) = super::dequant::weight_dims(g, w) else { continue };
+            if dims.len() != 3 || wl.len() != 3 {
                 continue;
             }
             let e = wl.chars().next().unwrap();
@@ -299,7 +299,7 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
         return Err(format!("the gate has {e_gate} experts, the weights {e_count}"));
     }
     for w in mlp.w_in.iter().chain([&mlp.w_out]) {
-        if g.const_dims(&w.init).map(|d| d[0] as usize) != Some(e_count) {
+        if super::dequant::weight_dims(g, &w.init).map(|d| d[0] as usize) != Some(e_count) {
             return Err("stacked weights differ in their number of experts".into());
         }
     }
@@ -315,6 +315,7 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
         k: Some(k),
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
+        quant: None,
     }))
 }
 
@@ -378,6 +379,7 @@ fn prove_bmm(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<M
         k: Some(k),
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
+        quant: None,
     }))
 }
 

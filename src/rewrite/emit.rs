@@ -55,6 +55,9 @@ pub struct MoeLayer {
     /// go after it, and the op then writes that value instead of `output`
     pub extra_nodes: Vec<onnx_protobuf::NodeProto>,
     pub extra_inits: Vec<TensorProto>,
+    /// quantized weights a rule lays out itself (`com.microsoft.QMoE`); weights matched through
+    /// `DequantizeLinear` are laid out by the emitter (`quant.rs`)
+    pub quant: Option<Box<super::quant::LayerQuant>>,
 }
 
 impl MoeLayer {
@@ -203,6 +206,8 @@ pub struct Emitted {
     pub pending: Vec<PendingTensor>,
     /// the op's element type T (ONNX code; 0 where no ScatterMoE node was written)
     pub elem: i32,
+    /// the quantized weights the node reads, for the report (`LayerQuant::describe`)
+    pub quantized: Option<String>,
 }
 
 /// The element type of the matrix products that read `weight` (through the gathers, casts,
@@ -317,11 +322,15 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     model.initializers.extend(layer.extra_inits.iter().cloned());
     let x = if x_elem == elem { layer.x.clone() } else { cast_to(g, taken, &mut nodes, tag, "x", &layer.x, elem) };
 
-    // --- w_in [E, n, d]
+    // --- quantized weights (codes, scales, zero points), where the layer has them
     let w_in_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| m.w_in.clone()).collect();
-    let w_in = match as_is(g, layer, &w_in_parts, elem, &[e_count as i64, n as i64, d as i64]) {
-        Some(name) => name,
-        None => {
+    let w_out_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| vec![m.w_out.clone()]).collect();
+    let q = quantized::inputs(g, layer, &w_in_parts, &w_out_parts, elem, tag, taken, model, target)?;
+    // --- w_in [E, n, d]
+    let w_in = match (q.w_in.clone(), as_is(g, layer, &w_in_parts, elem, &[e_count as i64, n as i64, d as i64])) {
+        (Some(codes), _) => codes,
+        (None, Some(name)) => name,
+        (None, None) => {
             let name = unique_name(g, taken, &format!("{tag}.w_in"));
             let mut srcs = Vec::new();
             for p in &w_in_parts {
@@ -351,10 +360,10 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         }
     };
     // --- w_out [E, d, f]
-    let w_out_parts: Vec<Vec<WSrc>> = layer.experts.iter().map(|m| vec![m.w_out.clone()]).collect();
-    let w_out = match as_is(g, layer, &w_out_parts, elem, &[e_count as i64, d as i64, f as i64]) {
-        Some(name) => name,
-        None => {
+    let w_out = match (q.w_out.clone(), as_is(g, layer, &w_out_parts, elem, &[e_count as i64, d as i64, f as i64])) {
+        (Some(codes), _) => codes,
+        (None, Some(name)) => name,
+        (None, None) => {
             let name = unique_name(g, taken, &format!("{tag}.w_out"));
             let ws: Vec<WSrc> = w_out_parts.iter().map(|p| p[0].clone()).collect();
             model.pending.push(pending_stack(g, &name, &ws, elem)?);
@@ -440,7 +449,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         }
     }
     let mut inputs: Vec<String> = vec![x, rw, layer.routing_indices.clone(), w_in, w_out];
-    let opt = [b_in, b_out, capacity];
+    let [s_in, s_out, z_in, z_out] = q.params.clone();
+    let opt = [b_in, b_out, capacity, s_in, s_out, z_in, z_out];
     let last = opt.iter().rposition(Option::is_some);
     if let Some(last) = last {
         for o in &opt[..=last] {
@@ -461,6 +471,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     if layer.capacity.is_some() {
         node.attribute.push(attr_string(sm::ATTR_CAPACITY_ORDER, layer.capacity_order.name()));
     }
+    node.attribute.extend(q.attrs);
     if target == Target::TensorRt {
         for a in sm::ATTRS {
             if node.attribute.iter().any(|x| x.name == a.name) {
@@ -483,6 +494,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     let mut out = std::mem::take(model);
     out.nodes = nodes;
     out.elem = elem;
+    out.quantized = q.describe;
     Ok(out)
 }
 
@@ -525,6 +537,10 @@ fn pending_stack(g: &GraphIndex, name: &str, ws: &[WSrc], elem: i32) -> Result<P
         }),
     })
 }
+
+mod quantized;
+
+pub(super) use quantized::linear_inputs as quantized_linear_inputs;
 
 /// A fresh value name.
 pub(super) fn fresh_name(g: &GraphIndex, taken: &mut Vec<String>, base: &str) -> String {

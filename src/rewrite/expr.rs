@@ -211,7 +211,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                     if let Ok(Expr::Lin { x, w, b: None }) = self.parse(a) {
                         // an einsum over stacked weights leaves [..., E, out]: a bias [E, out]
                         // adds row e to expert e
-                        let stack = (!self.batched_leaf && w.index == Some(ERef::Each)).then(|| self.g.const_dims(&w.init).map(|d| d[0])).flatten();
+                        let stack = (!self.batched_leaf && w.index == Some(ERef::Each)).then(|| super::dequant::weight_dims(self.g, &w.init).map(|d| d[0])).flatten();
                         if let Ok(bias) = self.bias_stacked(b, w.out, stack) {
                             return Ok(Expr::Lin { x, w, b: Some(bias) });
                         }
@@ -367,8 +367,8 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         let (lhs, out) = eq.split_once("->")?;
         let (la, lb) = lhs.split_once(',')?;
         for (xl, wl, x, w) in [(la, lb, a, b), (lb, la, b, a)] {
-            let t = self.g.const_tensor(w)?;
-            if t.dims.len() != 3 || wl.len() != 3 || !self.g.initializers.contains_key(w) || xl.contains('.') || out.contains('.') {
+            let Some(dims) = super::dequant::weight_dims(self.g, w) else { continue };
+            if dims.len() != 3 || wl.len() != 3 || xl.contains('.') || out.contains('.') {
                 continue;
             }
             let wc: Vec<char> = wl.chars().collect();
@@ -382,7 +382,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
             }
             // W[e] stored [p, q]; [out, in] when p is the output label
             let transposed = p == i;
-            let (r, c) = (t.dims[1] as usize, t.dims[2] as usize);
+            let (r, c) = (dims[1] as usize, dims[2] as usize);
             let (outd, ind) = if transposed { (c, r) } else { (r, c) };
             return Some((x, WSrc { init: w.to_string(), index: Some(ERef::Each), transposed, out: outd, inp: ind }));
         }
@@ -405,17 +405,18 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         if depth > 6 {
             return Err("weight chain too deep".into());
         }
-        if let Some(t) = self.g.const_tensor(v) {
-            if t.dims.len() == 3 && self.batched_leaf && self.g.initializers.contains_key(v) {
-                return Ok((v.to_string(), Some(ERef::Each), false, [t.dims[1] as usize, t.dims[2] as usize]));
+        // an initializer, or DequantizeLinear of initializers (`dequant.rs`)
+        if let Some(dims) = super::dequant::weight_dims_or_reason(self.g, v)? {
+            if dims.len() == 3 && self.batched_leaf {
+                return Ok((v.to_string(), Some(ERef::Each), false, [dims[1] as usize, dims[2] as usize]));
             }
-            if t.dims.len() != 2 {
-                return Err(format!("weight '{v}' has rank {}", t.dims.len()));
+            if dims.len() != 2 {
+                return Err(format!("weight '{v}' has rank {}", dims.len()));
             }
-            if !self.g.initializers.contains_key(v) {
-                return Err(format!("weight '{v}' is a Constant node, not an initializer"));
-            }
-            return Ok((v.to_string(), None, false, [t.dims[0] as usize, t.dims[1] as usize]));
+            return Ok((v.to_string(), None, false, [dims[0] as usize, dims[1] as usize]));
+        }
+        if self.g.const_tensor(v).is_some() {
+            return Err(format!("weight '{v}' is a Constant node, not an initializer"));
         }
         let (_, n) = self.g.prod(v).ok_or_else(|| format!("weight '{v}' is neither constant nor computed"))?;
         match n.op_type.as_str() {
@@ -434,12 +435,12 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                     return Err("weight gathered along an axis other than 0".into());
                 }
                 let stack = &n.input[0];
-                let t = self.g.const_tensor(stack).ok_or_else(|| format!("weight stack '{stack}' is not constant"))?;
-                if t.dims.len() != 3 || !self.g.initializers.contains_key(stack.as_str()) {
+                let dims = super::dequant::weight_dims_or_reason(self.g, stack)?.ok_or_else(|| format!("weight stack '{stack}' is not constant"))?;
+                if dims.len() != 3 {
                     return Err(format!("weight stack '{stack}' is not a rank-3 initializer"));
                 }
                 let e = (self.eref)(&n.input[1]).ok_or_else(|| format!("expert index of weight '{stack}' is not an expert number"))?;
-                Ok((stack.clone(), Some(e), false, [t.dims[1] as usize, t.dims[2] as usize]))
+                Ok((stack.clone(), Some(e), false, [dims[1] as usize, dims[2] as usize]))
             }
             op => Err(format!("weight '{v}' comes from {op}")),
         }

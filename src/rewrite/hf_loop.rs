@@ -190,6 +190,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         k,
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
+        quant: None,
     })
 }
 
@@ -216,7 +217,7 @@ fn per_hit_expert(g: &GraphIndex, experts: &[Option<ExpertMlp>], e: usize, h: &H
         let mut gm = m.clone();
         let mut ok = true;
         let mut fix = |r: &mut Option<ERef>, init: &str| {
-            ok &= *r == Some(ERef::Hit(i)) && g.const_dims(init).is_some_and(|d| d.first() == Some(&(e as i64)));
+            ok &= *r == Some(ERef::Hit(i)) && super::dequant::weight_dims(g, init).is_some_and(|d| d.first() == Some(&(e as i64)));
             *r = Some(ERef::Each);
         };
         for w in gm.w_in.iter_mut() {
@@ -313,9 +314,9 @@ pub fn router_experts(g: &GraphIndex, idx: &str) -> Option<usize> {
     for _ in 0..16 {
         let (_, p) = g.prod(cur)?;
         match p.op_type.as_str() {
-            "MatMul" => return g.const_dims(&p.input[1]).filter(|d| d.len() == 2).map(|d| d[1] as usize),
+            "MatMul" => return super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2).map(|d| d[1] as usize),
             "Gemm" => {
-                let d = g.const_dims(&p.input[1]).filter(|d| d.len() == 2)?;
+                let d = super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2)?;
                 return Some(if attr_i(p, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
             }
             "Softmax" | "Sigmoid" | "Cast" | "Identity" | "Div" | "Mul" | "Add" | "Sub" | "LogSoftmax" => cur = &p.input[0],

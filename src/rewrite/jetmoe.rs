@@ -561,6 +561,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
                     k: Some(routing.k as usize),
                     extra_nodes: vec![],
                     extra_inits: vec![],
+                    quant: None,
                 });
             }
             Ok(Region { form: Form::Mlp(_), .. }) => {

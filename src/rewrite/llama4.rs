@@ -18,6 +18,7 @@
 
 use onnx_protobuf::NodeProto;
 
+use super::dequant::weight_dims;
 use super::emit::{op_result, MoeLayer};
 use super::expr::{to_mlp, ERef, Expr, ExprParser, WSrc};
 use super::matcher::{axes_of, prod};
@@ -141,7 +142,7 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
         }
     }
     let down = prod(g, cur, "MatMul").ok_or("the summed value is not a batched MatMul")?;
-    let wd = g.const_dims(&down.input[1]).filter(|d| d.len() == 3 && g.initializers.contains_key(down.input[1].as_str())).ok_or("the second projection is not a stacked initializer [E, f, d]")?;
+    let wd = weight_dims(g, &down.input[1]).filter(|d| d.len() == 3).ok_or("the second projection is not a stacked initializer [E, f, d]")?;
     let (e_count, f, d) = (wd[0], wd[1], wd[2]);
     let h_v = down.input[0].as_str();
     // the first projection: MatMul(V, gate_up [E, d, n]) with V [E, rows, d]
@@ -155,16 +156,16 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
                 break;
             }
             let Some((_, p)) = g.prod(&v) else { continue };
-            if p.op_type == "MatMul" && g.const_dims(&p.input[1]).is_some_and(|dd| dd.len() == 3) {
+            if p.op_type == "MatMul" && weight_dims(g, &p.input[1]).is_some_and(|dd| dd.len() == 3) {
                 found = Some(p);
                 break;
             }
-            stack.extend(p.input.iter().filter(|i| !i.is_empty() && g.const_tensor(i).is_none()).cloned());
+            stack.extend(p.input.iter().filter(|i| !i.is_empty() && g.const_tensor(i).is_none() && weight_dims(g, i).is_none()).cloned());
         }
         found.ok_or("no batched first projection")?
     };
-    let wg = g.const_dims(&first.input[1]).unwrap();
-    if !g.initializers.contains_key(first.input[1].as_str()) || wg[0] != e_count || wg[1] != d {
+    let wg = weight_dims(g, &first.input[1]).unwrap();
+    if wg[0] != e_count || wg[1] != d {
         return Err("the first projection is not a stacked initializer [E, d, n]".into());
     }
     let n_in = wg[2];
@@ -312,6 +313,7 @@ fn block(g: &GraphIndex, n: &NodeProto) -> R<MoeLayer> {
         k: Some(s.k as usize),
         extra_nodes: extra,
         extra_inits: inits,
+        quant: None,
     })
 }
 
@@ -338,7 +340,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
         // cheap filter: the summed value comes (through reshapes) from a MatMul with a rank-3 initializer
         let v = strip(g, &n.input[0], &["Reshape", "Cast"]);
         let Some(mm) = prod(g, v, "MatMul") else { continue };
-        if !g.const_dims(&mm.input[1]).is_some_and(|d| d.len() == 3) {
+        if weight_dims(g, &mm.input[1]).is_none_or(|d| d.len() != 3) {
             continue;
         }
         match block(g, n) {

@@ -88,7 +88,7 @@ fn router(g: &GraphIndex, i: usize) -> Option<Router> {
         }
         match p.op_type.as_str() {
             "MatMul" | "Gemm" => {
-                let w = g.const_dims(p.input.get(1)?)?;
+                let w = super::dequant::weight_dims(g, p.input.get(1)?)?;
                 let cols = if p.op_type == "Gemm" && attr_i(p, "transB") == Some(1) { *w.first()? } else { *w.last()? };
                 return (w.len() == 2 && cols > 1).then(|| Router { node: i, matmul: j, experts: cols, k, x: p.input[0].clone() });
             }
@@ -179,9 +179,10 @@ fn region(g: &GraphIndex, r: &Router, stops: &HashSet<usize>) -> Vec<usize> {
     order
 }
 
-/// A constant the node reads, through one Cast/Transpose/Unsqueeze of it: (name, dims).
+/// A constant the node reads (an initializer, or DequantizeLinear of initializers), through one
+/// Cast/Transpose/Unsqueeze of it: (name, dims).
 fn constant_read(g: &GraphIndex, v: &str) -> Option<(String, Vec<i64>)> {
-    if let Some(d) = g.const_dims(v) {
+    if let Some(d) = g.const_dims(v).or_else(|| super::dequant::weight_dims(g, v)) {
         return Some((v.to_string(), d));
     }
     let (_, p) = g.prod(v)?;
@@ -189,7 +190,7 @@ fn constant_read(g: &GraphIndex, v: &str) -> Option<(String, Vec<i64>)> {
         return None;
     }
     let src = p.input.first()?;
-    let d = g.const_dims(src)?;
+    let d = g.const_dims(src).or_else(|| super::dequant::weight_dims(g, src))?;
     Some((src.clone(), d))
 }
 

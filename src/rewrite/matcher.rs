@@ -50,7 +50,8 @@ fn rank_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<usize> {
     let r = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).and_then(|s| rank_depth(g, s, depth + 1));
     match n.op_type.as_str() {
         "Cast" | "Identity" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Neg" | "Abs" | "Sqrt" | "Erf" | "Not"
-        | "TopK" | "CumSum" | "Clip" | "ScatterElements" | "ScatterND" | "GatherElements" | "Floor" | "Ceil" | "Round" | "Sign" => r(0),
+        | "TopK" | "CumSum" | "Clip" | "ScatterElements" | "ScatterND" | "GatherElements" | "Floor" | "Ceil" | "Round" | "Sign"
+        | "DequantizeLinear" => r(0),
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor"
         | "Where" | "Max" | "Min" => {
             let mut m = 0;

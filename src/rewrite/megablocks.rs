@@ -302,6 +302,7 @@ fn prove(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, order: &str, y
         k: Some(k as usize),
         extra_nodes: Vec::new(),
         extra_inits: Vec::new(),
+        quant: None,
     })
 }
 

@@ -65,7 +65,12 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
     let (d_out, d_in) = (gl.w[0].out, gl.w[0].inp);
     let k = r.routing.k;
     let mut em = Emitted::default();
-    let w = stack_matrices(g, taken, &format!("{tag}.W"), &gl.w, elem, &mut em)?;
+    // a weight matched through DequantizeLinear: its codes, scale and zero point (`quant.rs`)
+    let q = super::emit::quantized_linear_inputs(g, &gl.w, elem, &format!("{tag}.W"), taken, &mut em)?;
+    let w = match &q {
+        Some((codes, _, _, _)) => codes.clone(),
+        None => stack_matrices(g, taken, &format!("{tag}.W"), &gl.w, elem, &mut em)?,
+    };
     let mut nodes = Vec::new();
     // what the op reads as its indices and gates, and the rows per token of its input
     let (mut op_idx, mut op_gates, mut x_rows) = (r.routing.idx.clone(), None, 1);
@@ -132,6 +137,17 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         }
         _ => bail!("a grouped projection whose rows and output are both one per assignment"),
     }
+    let quantized = q.as_ref().map(|(_, _, _, what)| what.clone());
+    if let Some((_, [scale, zero], attrs, _)) = q {
+        // W_scale (5) and W_zero_point (6) after the optional bias and gates
+        let n = nodes.iter_mut().find(|n| n.op_type == pl::NAME).expect("the ParallelLinear node");
+        n.input.resize(5, String::new());
+        n.input.push(scale);
+        if !zero.is_empty() {
+            n.input.push(zero);
+        }
+        n.attribute.extend(attrs);
+    }
     em.nodes = nodes;
     let report = LayerReport {
         family: FAMILY,
@@ -147,6 +163,7 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         elem_type: et.name(),
         capacity: None,
         biases: false,
+        quantized,
         proof: None,
     };
     let subject = Subject {

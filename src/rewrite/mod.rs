@@ -17,6 +17,7 @@ pub mod batched;
 pub mod canon;
 pub mod capacity;
 pub mod dense;
+pub mod dequant;
 pub mod emit;
 pub mod expr;
 pub mod hf_loop;
@@ -28,6 +29,7 @@ pub mod megablocks;
 pub mod moa;
 pub mod ort_moe;
 pub mod prove;
+pub mod quant;
 pub mod report;
 pub mod routing;
 pub mod rule;
@@ -161,6 +163,7 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
                     elem_type: elem,
                     capacity: l.capacity,
                     biases: m.b_in.iter().any(Option::is_some) || m.b_out.is_some(),
+                    quantized: e.quantized.clone(),
                     proof,
                 });
                 replace.push((l.output.clone(), e));

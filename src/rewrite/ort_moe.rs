@@ -28,8 +28,10 @@
 //! no ScatterMoE activation computes it), swiglu with alpha = 0 and beta = 0, other swiglu
 //! fusions (ONNX Runtime's CPU kernel refuses them), fc3 (the CPU kernel refuses it), sparse
 //! mixer routing (the CPU kernel ignores `use_sparse_mixer`, its CUDA kernel routes by
-//! sparsemixer: the two disagree), weights in another layout, and com.microsoft.QMoE (quantized
-//! experts).
+//! sparsemixer: the two disagree), and weights in another layout.
+//!
+//! `com.microsoft.QMoE` (integer quantized experts) becomes a quantized ScatterMoE the same way:
+//! `qmoe.rs`.
 //!
 //! ONNX Runtime's older CUDA MoE kernel (the FasterTransformer one) defaulted an absent
 //! `activation_alpha` / `activation_beta` / `swiglu_limit` / `swiglu_fusion` to GPT-OSS's values
@@ -44,6 +46,8 @@ use crate::onnx::tensor::{encode_f32, make_i64, make_tensor};
 use crate::spec::{Activation, CapacityOrder, GluLayout};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::NodeProto;
+
+mod qmoe;
 
 const FLOAT: i32 = 1;
 const BFLOAT16: i32 = 16;
@@ -61,13 +65,10 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
                 Ok(l) => layers.push(l),
                 Err(reason) => rejected.push(Rejection { family: "ort_moe", at, reason }),
             },
-            "QMoE" => rejected.push(Rejection {
-                family: "ort_moe",
-                at,
-                reason: "com.microsoft.QMoE: quantized experts are not supported yet (ScatterMoE's weights are float32/float16/bfloat16; \
-                         dequantizing would change what the model stores and computes)"
-                    .into(),
-            }),
+            "QMoE" => match qmoe::convert(g, n, i) {
+                Ok(l) => layers.push(l),
+                Err(reason) => rejected.push(Rejection { family: "ort_moe", at, reason: format!("com.microsoft.QMoE: {reason}") }),
+            },
             _ => {}
         }
     }
@@ -133,6 +134,10 @@ fn weight_dims(g: &GraphIndex, v: &str, what: &str) -> Result<Vec<i64>, String> 
     }
     if g.graph_inputs.contains(v) {
         return g.static_input_dims(v).ok_or_else(|| format!("{what} '{v}' is a graph input without a static shape"));
+    }
+    // DequantizeLinear of initializers (the emitter gives the op its codes: `quant.rs`)
+    if let Some(d) = super::dequant::weight_dims_or_reason(g, v)? {
+        return Ok(d);
     }
     Err(format!("{what} '{v}' is neither an initializer nor a graph input"))
 }
@@ -317,9 +322,18 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         ));
     }
     for (v, what) in [(fc1, "fc1"), (fc2, "fc2")] {
-        if g.elem_type(v) != Some(elem) {
+        if g.infer_type(v) != Some(elem) {
             return Err(format!("{what} weights are not of the input's element type"));
         }
+    }
+    // dequantized weights are read as the op's quantized inputs: only forms that use them as they are
+    let rewritten = matches!(form, Form::IdentityPair) || matches!(form, Form::Swiglu { gate_scale, up_scale, out_scale, .. } if gate_scale != 1.0 || up_scale != 1.0 || out_scale != 1.0);
+    if rewritten && (super::dequant::is_dequantized(g, fc1) || super::dequant::is_dequantized(g, fc2)) {
+        return Err(format!(
+            "activation '{}' (alpha {}, beta {}) on weights through DequantizeLinear: ScatterMoE computes it only with the weights rescaled or negated, \
+             which the rule does not write for dequantized ones",
+            a.activation, a.alpha, a.beta
+        ));
     }
     // the router's expert axis, where declared, must be E
     if let Some(rd) = g.static_input_dims(router) {
@@ -438,5 +452,6 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         k: Some(a.k as usize),
         extra_nodes: p.nodes,
         extra_inits: p.inits,
+        quant: None,
     })
 }

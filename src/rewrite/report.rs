@@ -34,6 +34,9 @@ pub struct LayerReport {
     pub elem_type: &'static str,
     pub capacity: Option<i64>,
     pub biases: bool,
+    /// the quantized weights the node reads, e.g. "w_in int4 blocks [1, 32], w_out int8 per
+    /// channel"; None where its weights are in its element type
+    pub quantized: Option<String>,
     /// what the numeric proof compared; None when the proof was turned off
     #[serde(serialize_with = "proof_json")]
     pub proof: Option<prove::Proof>,
@@ -128,7 +131,7 @@ impl Report {
         for l in &self.layers {
             let _ = writeln!(
                 s,
-                "replaced {} layer -> {} ({}): E={} k={} d={} f={} activation={}{} {}{}{}",
+                "replaced {} layer -> {} ({}): E={} k={} d={} f={} activation={}{} {}{}{}{}",
                 l.family,
                 l.output,
                 l.node,
@@ -141,6 +144,7 @@ impl Report {
                 l.elem_type,
                 if l.biases { " with biases" } else { "" },
                 l.capacity.map_or(String::new(), |c| format!(" capacity={c}")),
+                l.quantized.as_ref().map_or(String::new(), |q| format!(", quantized weights: {q}")),
             );
             let _ = writeln!(s, "  {}", l.proof.as_ref().map_or("not proven (proof turned off)".to_string(), prove::Proof::text));
         }

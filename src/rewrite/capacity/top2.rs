@@ -309,6 +309,7 @@ pub fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, buf
         k: Some(2),
         extra_nodes,
         extra_inits,
+        quant: None,
     }))
 }
 

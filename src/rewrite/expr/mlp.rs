@@ -38,7 +38,7 @@ impl ExpertMlp {
     /// The number of experts of the stacked weights used by every expert, if any.
     pub fn each_count(&self, g: &GraphIndex) -> Option<usize> {
         let w = self.w_in.iter().chain([&self.w_out]).find(|w| w.index == Some(ERef::Each))?;
-        g.const_dims(&w.init).map(|d| d[0] as usize)
+        crate::rewrite::dequant::weight_dims(g, &w.init).map(|d| d[0] as usize)
     }
 }
 

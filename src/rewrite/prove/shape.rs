@@ -234,7 +234,7 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             Some(a.t.as_ref()?.dims.iter().map(|&d| Dim::fixed(d)).collect())
         }
         "Cast" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Relu" | "Tanh" | "Exp" | "Log" | "Neg" | "Abs" | "Sqrt" | "Reciprocal" | "Erf" | "Identity"
-        | "Not" | "Clip" | "CumSum" | "Gelu" | "HardSigmoid" | "Softplus" | "IsNaN" | "Floor" | "Ceil" => inp(0),
+        | "Not" | "Clip" | "CumSum" | "Gelu" | "HardSigmoid" | "Softplus" | "IsNaN" | "Floor" | "Ceil" | "DequantizeLinear" => inp(0),
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Max" | "Min" | "Mod" => {
             let mut s = inp(0)?;
             for i in 1..n.input.len() {

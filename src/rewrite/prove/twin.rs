@@ -88,11 +88,14 @@ pub(super) fn rounding_gap(g: &GraphIndex, nodes: &[NodeProto], chosen: &[bool])
 }
 
 /// The node computing `output` when it is a 16-bit `com.microsoft.MoE`, whose ONNX Runtime kernel
-/// is missing (bfloat16) or defective (float16): its index in `nodes`.
+/// is missing (bfloat16) or defective (float16), or a bfloat16 `com.microsoft.QMoE` (no kernel):
+/// its index in `nodes`.
 pub(super) fn untrusted_node(g: &GraphIndex, nodes: &[NodeProto], output: &str) -> Option<usize> {
     let at = nodes.iter().position(|n| n.output.first().map(String::as_str) == Some(output))?;
     let n = &nodes[at];
-    let untrusted = n.domain == "com.microsoft" && n.op_type == "MoE" && is16(g.infer_type(output));
+    // com.microsoft.QMoE has no bfloat16 CPU kernel either; its float16 one is right.
+    let t = g.infer_type(output);
+    let untrusted = n.domain == "com.microsoft" && ((n.op_type == "MoE" && is16(t)) || (n.op_type == "QMoE" && t == Some(BFLOAT16)));
     (untrusted && !nodes.iter().any(|n| n.input.iter().any(|i| i == output))).then_some(at)
 }
 
