@@ -300,6 +300,7 @@ fn moe_attrs(c: &MoeCase) -> scatter_moe::Attrs {
         // swiglu_limit as GLM-5-Next writes it (alpha 1), with a limit the values cross
         alpha: if c.activation == Activation::SwigluLimit { 1.0 } else { 1.702 },
         limit: if c.activation == Activation::SwigluLimit { 0.5 } else { 7.0 },
+        ..Default::default()
     }
 }
 
@@ -323,8 +324,8 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         x: &x,
         routing_weights: &rw,
         routing_indices: indices(&idx, &mut i32s, c.it),
-        w_in: &w_in,
-        w_out: &w_out,
+        w_in: (&w_in).into(),
+        w_out: (&w_out).into(),
         b_in: b_in.as_deref(),
         b_out: b_out.as_deref(),
         capacity: c.capacity.map(|x| x.0),
@@ -479,7 +480,7 @@ fn linear_cases() -> Vec<LinearCase> {
 
 fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Report) {
     let s = LinearSizes { tokens: c.tokens, k: c.k, experts: c.experts, d_in: c.d_in, d_out: c.d_out };
-    let attrs = parallel_linear::Attrs { grouped_in: c.grouped_in, grouped_out: c.grouped_out };
+    let attrs = parallel_linear::Attrs { grouped_in: c.grouped_in, grouped_out: c.grouped_out, ..Default::default() };
     let rows = if c.grouped_in { c.tokens * c.k } else { c.tokens };
     let scale = 1.0 / (c.d_in as f32).sqrt();
     let x: Vec<E> = conv(&(0..rows * c.d_in).map(|_| rng.random_range(-1.0..1.0)).collect::<Vec<f32>>());
@@ -490,7 +491,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
     let out_len = if c.gates { c.tokens * c.d_out } else { c.tokens * c.k * c.d_out };
     let mut want = vec![E::from_f32(0.0); out_len];
     let mut i32s = Vec::new();
-    let inputs = LinearInputs { x: &x, routing_indices: indices(&idx, &mut i32s, c.it), w: &w, b: b.as_deref(), gates: gates.as_deref() };
+    let inputs = LinearInputs { x: &x, routing_indices: indices(&idx, &mut i32s, c.it), w: (&w).into(), b: b.as_deref(), gates: gates.as_deref() };
     reference::parallel_linear(&reference::Rayon, &attrs, s, &inputs, &mut want).expect("reference");
 
     let dx = g.upload(&bytes_of(&x));
@@ -626,8 +627,8 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
             x: &x,
             routing_weights: &rw,
             routing_indices: indices(&idx, &mut i32s, it),
-            w_in: &w_in,
-            w_out: &w_out,
+            w_in: (&w_in).into(),
+            w_out: (&w_out).into(),
             b_in: None,
             b_out: None,
             capacity: None,
@@ -713,8 +714,8 @@ impl Layer {
             x: &self.x,
             routing_weights: &self.rw,
             routing_indices: Indices::I64(&self.idx),
-            w_in: &self.w_in,
-            w_out: &self.w_out,
+            w_in: (&self.w_in).into(),
+            w_out: (&self.w_out).into(),
             b_in: None,
             b_out: None,
             capacity: self.capacity,

@@ -51,6 +51,7 @@ pub fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> 
                 AttrDefault::Int(_) => AttributeType::INT,
                 AttrDefault::Float(_) => AttributeType::FLOAT,
                 AttrDefault::Str(_) => AttributeType::STRING,
+                AttrDefault::Ints(_) => AttributeType::INTS,
             };
             let got = a.type_.enum_value_or_default();
             if got != want {

@@ -1,11 +1,12 @@
 //! The work shared by the ops: gather rows in grouped order, and cut a per-expert product into
 //! blocks (expert, column range) that run in parallel, so one busy expert still uses every core.
 
-use super::element::{as_f32, Element};
+use super::element::Element;
 use super::gemm::{matmul_nt, MatMut, MatRef};
 use super::panels::PackedWeights;
 use super::tile::{Epilogue, OutBlock, RowTiles, MR};
 use super::pool::Pool;
+use super::quant::Weight;
 use super::routing::Routing;
 use std::ops::Range;
 
@@ -116,14 +117,16 @@ pub fn gather_rows<E: Element>(pool: &dyn Pool, src: &[E], k: usize, a: &mut [f3
     });
 }
 
-/// `out = a · w[rows]ᵀ (+ b[rows])` for the weight rows `w_rows` of one expert's weight `w`
-/// ([n, k], torch.nn.Linear layout) and its bias `b` ([n]); `a` is [m, k].
+/// `out = a · w[e][rows]ᵀ (+ b[rows])` for the weight rows `w_rows` of expert `e`'s matrix of
+/// `w` (`[n, k]` each, torch.nn.Linear layout) and its bias `b` ([n]); `a` is [m, k]. Those rows
+/// only are converted to f32 (dequantized, for a quantized weight) before the product.
 ///
 /// # Safety
 /// As [`matmul_nt`]: `out` is a block no other thread touches.
-pub unsafe fn linear_rows<E: Element>(a: MatRef, w: &[E], b: Option<&[E]>, w_rows: Range<usize>, out: &MatMut) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn linear_rows<E: Element>(a: MatRef, w: &Weight<E>, e: usize, n: usize, b: Option<&[E]>, w_rows: Range<usize>, out: &MatMut) {
     let k = a.cols;
-    let wf = as_f32(&w[w_rows.start * k..w_rows.end * k]);
+    let wf = w.rows_f32(e, w_rows.clone(), n, k);
     matmul_nt(a, MatRef::new(&wf, w_rows.len(), k, k), out, false);
     if let Some(b) = b {
         for i in 0..out.rows {

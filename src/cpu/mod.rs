@@ -12,6 +12,7 @@ pub mod moe;
 pub mod panels;
 pub mod parallel_linear;
 pub mod pool;
+pub mod quant;
 pub mod routing;
 pub mod scratch;
 pub mod tile;
@@ -37,6 +38,7 @@ mod avx2 {
 
 pub use element::{Element, Indices};
 pub use pool::{Pool, Rayon, Serial};
+pub use quant::{QuantWeight, Scales, Weight};
 pub use scratch::{Scratch, ScratchUser, SharedScratch};
 pub use moe::{capacity_mask, scatter_moe, scatter_moe_with, MoeInputs, MoeSizes, PackedMoe};
 pub use parallel_linear::{parallel_linear, parallel_linear_with, LinearInputs, LinearSizes};

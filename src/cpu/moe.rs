@@ -7,6 +7,7 @@ use super::gemm::MatRef;
 use super::panels::{Columns, PackedWeights};
 use super::tile::Epilogue;
 use super::pool::Pool;
+use super::quant::Weight;
 use super::scratch::Scratch;
 use super::routing::{capacity_keep, experts_of, group, Routing, DROPPED};
 use crate::spec::{scatter_moe::{Attrs, NAME}, GluLayout, SpecError};
@@ -26,14 +27,15 @@ pub struct MoeInputs<'a, E> {
     pub x: &'a [E],
     pub routing_weights: &'a [E],
     pub routing_indices: Indices<'a>,
-    pub w_in: &'a [E],
-    pub w_out: &'a [E],
+    pub w_in: Weight<'a, E>,
+    pub w_out: Weight<'a, E>,
     pub b_in: Option<&'a [E]>,
     pub b_out: Option<&'a [E]>,
     pub capacity: Option<usize>,
 }
 
-/// Both projections of a node, packed once (see [`PackedWeights`]) when its weights are constant.
+/// Both projections of a node, packed once (see [`PackedWeights`]) when its weights are constant
+/// and in `T` (quantized weights are not packed: the packed copy is f32, a whole dequantized copy).
 pub struct PackedMoe {
     w_in: PackedWeights,
     w_out: PackedWeights,
@@ -92,8 +94,8 @@ pub fn scatter_moe_with<E: Element>(
     assert_eq!(inp.x.len(), tokens * d);
     assert_eq!(inp.routing_weights.len(), tokens * k);
     assert_eq!(inp.routing_indices.len(), tokens * k);
-    assert_eq!(inp.w_in.len(), experts * n * d);
-    assert_eq!(inp.w_out.len(), experts * d * f);
+    inp.w_in.assert_shape("ScatterMoE w_in", experts, n, d);
+    inp.w_out.assert_shape("ScatterMoE w_out", experts, d, f);
     assert_eq!(y.len(), tokens * d);
     if let Some(p) = packed {
         let (n, columns) = in_layout(attrs, f);
@@ -101,7 +103,9 @@ pub fn scatter_moe_with<E: Element>(
             p.w_in.fits(experts, n, d, columns)
                 && p.w_out.fits(experts, d, f, Columns::Plain)
                 && p.w_in.has_bias() == inp.b_in.is_some()
-                && p.w_out.has_bias() == inp.b_out.is_some(),
+                && p.w_out.has_bias() == inp.b_out.is_some()
+                && inp.w_in.plain().is_some()
+                && inp.w_out.plain().is_some(),
             "ScatterMoE: packed weights of another shape"
         );
     }
@@ -172,7 +176,7 @@ fn hidden<E: Element>(pool: &dyn Pool, attrs: &Attrs, s: MoeSizes, inp: &MoeInpu
         let Block { e, rows: r, cols } = &work[i];
         let (m, u) = (r.len(), cols.len());
         let a_e = MatRef::new(&a[r.start * d..r.end * d], m, d, d);
-        let w = &inp.w_in[e * n * d..(e + 1) * n * d];
+        let w = &inp.w_in;
         let b = inp.b_in.map(|b| &b[e * n..(e + 1) * n]);
         // First-projection values of these units, laid out as `glu_layout` lays out w_in's rows
         // (with u units instead of f), so `activate_row` reads gate and up where it expects them.
@@ -182,12 +186,12 @@ fn hidden<E: Element>(pool: &dyn Pool, attrs: &Attrs, s: MoeSizes, inp: &MoeInpu
         // SAFETY: `pre` is this task's own; `h_out` blocks of different tasks do not overlap.
         unsafe {
             if attrs.gated && attrs.glu_layout == GluLayout::Interleaved {
-                linear_rows(a_e, w, b, 2 * cols.start..2 * cols.end, &pre_out.block(&(0..m), &(0..2 * u)));
+                linear_rows(a_e, w, *e, n, b, 2 * cols.start..2 * cols.end, &pre_out.block(&(0..m), &(0..2 * u)));
             } else if attrs.gated {
-                linear_rows(a_e, w, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
-                linear_rows(a_e, w, b, f + cols.start..f + cols.end, &pre_out.block(&(0..m), &(u..2 * u)));
+                linear_rows(a_e, w, *e, n, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
+                linear_rows(a_e, w, *e, n, b, f + cols.start..f + cols.end, &pre_out.block(&(0..m), &(u..2 * u)));
             } else {
-                linear_rows(a_e, w, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
+                linear_rows(a_e, w, *e, n, b, cols.clone(), &pre_out.block(&(0..m), &(0..u)));
             }
             let dst = h_out.block(r, cols);
             let mut row = vec![0f32; u];
@@ -207,10 +211,9 @@ fn outputs<E: Element>(pool: &dyn Pool, s: MoeSizes, inp: &MoeInputs<E>, routing
     pool.for_each(work.len(), &|i| {
         let Block { e, rows: r, cols } = &work[i];
         let h_e = MatRef::new(&h[r.start * f..r.end * f], r.len(), f, f);
-        let w = &inp.w_out[e * d * f..(e + 1) * d * f];
         let b = inp.b_out.map(|b| &b[e * d..(e + 1) * d]);
         // SAFETY: blocks of different tasks do not overlap.
-        unsafe { linear_rows(h_e, w, b, cols.clone(), &o_out.block(r, cols)) };
+        unsafe { linear_rows(h_e, &inp.w_out, *e, d, b, cols.clone(), &o_out.block(r, cols)) };
     });
 }
 

@@ -6,6 +6,7 @@ use super::gemm::MatRef;
 use super::panels::{Columns, PackedWeights};
 use super::tile::Epilogue;
 use super::pool::Pool;
+use super::quant::Weight;
 use super::scratch::Scratch;
 use super::routing::{experts_of, group};
 use crate::spec::{parallel_linear::{Attrs, NAME}, SpecError};
@@ -22,7 +23,7 @@ pub struct LinearSizes {
 pub struct LinearInputs<'a, E> {
     pub x: &'a [E],
     pub routing_indices: Indices<'a>,
-    pub w: &'a [E],
+    pub w: Weight<'a, E>,
     pub b: Option<&'a [E]>,
     pub gates: Option<&'a [E]>,
 }
@@ -46,10 +47,10 @@ pub fn parallel_linear_with<E: Element>(
     let LinearSizes { tokens, k, experts, d_in, d_out } = s;
     let assignments = tokens * k;
     assert_eq!(inp.x.len(), if attrs.grouped_in { assignments } else { tokens } * d_in);
-    assert_eq!(inp.w.len(), experts * d_out * d_in);
+    inp.w.assert_shape("ParallelLinear W", experts, d_out, d_in);
     if let Some(p) = packed {
         assert!(
-            p.fits(experts, d_out, d_in, Columns::Plain) && p.has_bias() == inp.b.is_some(),
+            p.fits(experts, d_out, d_in, Columns::Plain) && p.has_bias() == inp.b.is_some() && inp.w.plain().is_some(),
             "ParallelLinear: packed weights of another shape"
         );
     }
@@ -79,10 +80,9 @@ pub fn parallel_linear_with<E: Element>(
             pool.for_each(work.len(), &|i| {
                 let Block { e, rows: r, cols } = &work[i];
                 let a_e = MatRef::new(&a[r.start * d_in..r.end * d_in], r.len(), d_in, d_in);
-                let w = &inp.w[e * d_out * d_in..(e + 1) * d_out * d_in];
                 let b = inp.b.map(|b| &b[e * d_out..(e + 1) * d_out]);
                 // SAFETY: blocks of different tasks do not overlap.
-                unsafe { linear_rows(a_e, w, b, cols.clone(), &z_out.block(r, cols)) };
+                unsafe { linear_rows(a_e, &inp.w, *e, d_out, b, cols.clone(), &z_out.block(r, cols)) };
             });
             z
         }

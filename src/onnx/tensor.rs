@@ -23,12 +23,14 @@ pub const BOOL: i32 = 9;
 pub const FLOAT16: i32 = 10;
 pub const DOUBLE: i32 = 11;
 pub const BFLOAT16: i32 = 16;
+/// Quantized expert weights (docs/op-spec.md): one byte a value, like UINT8.
+pub const FLOAT8E4M3FN: i32 = 17;
 
 /// Bytes per element of the fixed-width types we read or write.
 pub fn elem_size(data_type: i32) -> Option<usize> {
     Some(match data_type {
         FLOAT | INT32 => 4,
-        UINT8 | INT8 | BOOL => 1,
+        UINT8 | INT8 | BOOL | FLOAT8E4M3FN => 1,
         4 | 5 | FLOAT16 | BFLOAT16 => 2,
         INT64 | DOUBLE | 13 => 8,
         12 => 4,
@@ -259,7 +261,7 @@ pub fn tensor_bytes<'a>(t: &'a TensorProto, ext: Option<&ExternalStore>) -> Resu
         INT32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         // int32_data holds one element per entry for the narrower types (f16/bf16 as bit patterns).
         4 | 5 | FLOAT16 | BFLOAT16 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&(*v as u16).to_le_bytes())),
-        UINT8 | INT8 | BOOL => t.int32_data.iter().for_each(|v| out.push(*v as u8)),
+        UINT8 | INT8 | BOOL | FLOAT8E4M3FN => t.int32_data.iter().for_each(|v| out.push(*v as u8)),
         _ => unreachable!(),
     }
     if out.len() != n * esz {

@@ -182,6 +182,20 @@ impl crate::spec::AttrSource for KernelInfo {
         check(unsafe { (api().KernelInfoGetAttribute_string)(self.0, c.as_ptr(), buf.as_mut_ptr().cast(), &mut len) }).ok()?;
         CStr::from_bytes_until_nul(&buf).ok().map(|s| s.to_string_lossy().into_owned())
     }
+
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let c = CString::new(name).ok()?;
+        let mut n = 0usize;
+        // A size query succeeds for any attribute name ORT finds: only a non-empty list tells.
+        check(unsafe { (api().KernelInfoGetAttributeArray_int64)(self.0, c.as_ptr(), ptr::null_mut(), &mut n) }).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut v = vec![0i64; n];
+        check(unsafe { (api().KernelInfoGetAttributeArray_int64)(self.0, c.as_ptr(), v.as_mut_ptr(), &mut n) }).ok()?;
+        v.truncate(n);
+        Some(v)
+    }
 }
 
 /// Which ONNX type an attribute was given, as far as these getters can tell.
@@ -210,6 +224,7 @@ impl AttrKind {
             crate::spec::AttrDefault::Int(_) => AttrKind::Int,
             crate::spec::AttrDefault::Float(_) => AttrKind::Float,
             crate::spec::AttrDefault::Str(_) => AttrKind::Str,
+            crate::spec::AttrDefault::Ints(_) => AttrKind::Ints,
         }
     }
 }
@@ -378,6 +393,17 @@ impl crate::spec::AttrSource for ShapeContext {
             b.pop();
         }
         Some(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let mut b = vec![0u8; 64];
+        // ReadOpAttr reports the list's size in bytes; a list longer than the buffer is read again.
+        let len = self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_INTS, &mut b)?;
+        if len > b.len() {
+            b = vec![0u8; len];
+            self.attr_raw(name, OrtOpAttrType::ORT_OP_ATTR_INTS, &mut b)?;
+        }
+        Some(b[..len].chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().unwrap())).collect())
     }
 }
 

@@ -4,15 +4,18 @@
 //! Weights that are constant initializers are packed once, when the session creates the kernel
 //! (as ORT's own MatMul prepacks its constant B): see `reference::panels`. The packed copy is f32
 //! and lives as long as the kernel, beside ORT's initializer; `SCATTERMOE_CPU_PREPACK=0` turns
-//! packing off (the products then read the initializers as they are, every call).
+//! packing off (the products then read the initializers as they are, every call). Quantized
+//! weights are never packed (the packed copy would be a whole dequantized f32 copy): the products
+//! dequantize the rows they multiply, a block at a time (`crate::cpu::quant`).
 
 use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
 use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_before_run, to_string, BOOL};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::reference::panels::{Columns, PackedWeights};
+use crate::cpu::{QuantWeight, Scales, Weight};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType, Quant};
 use half::{bf16, f16};
 
 /// The output buffer as `&mut [E]` (empty tensors may come with a null pointer).
@@ -34,6 +37,23 @@ unsafe fn indices(t: &Tensor, it: IndexType) -> Indices<'_> {
         IndexType::I32 => Indices::I32(t.slice::<i32>()),
         IndexType::I64 => Indices::I64(t.slice::<i64>()),
     }
+}
+
+/// The weight input `w`, in `T` (`E`) or quantized as `q` describes, with its scale and zero
+/// point inputs `scale` and `zero`.
+///
+/// # Safety
+/// The contract check established the inputs' types and shapes (`q` is its finding); they are
+/// host memory.
+unsafe fn weight<E: Element>(ins: &[Option<Tensor>], [w, scale, zero]: [usize; 3], q: Option<Quant>) -> Weight<'_, E> {
+    let get = |i: usize| ins.get(i).and_then(Option::as_ref).expect("checked present");
+    let Some(quant) = q else { return Weight::Plain(get(w).slice::<E>()) };
+    Weight::Quant(QuantWeight {
+        quant,
+        codes: get(w).slice::<u8>(),
+        scales: if quant.scale == ElemType::F32 { Scales::F32(get(scale).slice::<f32>()) } else { Scales::T(get(scale).slice::<E>()) },
+        zero_points: quant.zero_point.then(|| get(zero).slice::<u8>()),
+    })
 }
 
 /// ORT's intra-op thread pool as the CPU code's [`reference::Pool`].
@@ -142,21 +162,24 @@ impl Kernel for MoeCpu {
         };
         let x = get(scatter_moe::X).unwrap();
         let y = ctx.output(scatter_moe::Y, &x.dims, t.onnx_code())?.ok_or("output 'Y' is required")?;
+        let q = [dims.w_in, dims.w_out];
         match t {
-            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, capacity, y),
-            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, capacity, y),
-            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, capacity, y),
+            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, q, capacity, y),
+            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, q, capacity, y),
+            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, q, capacity, y),
         }
     }
 }
 
 impl MoeCpu {
+    #[allow(clippy::too_many_arguments)]
     fn run<E: Element>(
         &self,
         ctx: &KernelContext,
         s: MoeSizes,
         ins: &[Option<Tensor>],
         it: IndexType,
+        [q_in, q_out]: [Option<Quant>; 2],
         capacity: Option<usize>,
         y: *mut std::ffi::c_void,
     ) -> Result<(), String> {
@@ -169,8 +192,8 @@ impl MoeCpu {
                 x: get(X).unwrap().slice::<E>(),
                 routing_weights: get(ROUTING_WEIGHTS).unwrap().slice::<E>(),
                 routing_indices: indices(get(ROUTING_INDICES).unwrap(), it),
-                w_in: get(W_IN).unwrap().slice::<E>(),
-                w_out: get(W_OUT).unwrap().slice::<E>(),
+                w_in: weight(ins, [W_IN, W_IN_SCALE, W_IN_ZERO_POINT], q_in),
+                w_out: weight(ins, [W_OUT, W_OUT_SCALE, W_OUT_ZERO_POINT], q_out),
                 b_in: get(B_IN).map(|t| t.slice::<E>()),
                 b_out: get(B_OUT).map(|t| t.slice::<E>()),
                 capacity,
@@ -246,15 +269,16 @@ impl Kernel for LinearCpu {
         let y = ctx.output(0, &out, t.onnx_code())?.ok_or("output 'Y' is required")?;
         let len = out.iter().product();
         match t {
-            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, y, len),
-            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, y, len),
-            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, y, len),
+            ElemType::F32 => self.run::<f32>(ctx, sizes, &ins, it, dims.w, y, len),
+            ElemType::F16 => self.run::<f16>(ctx, sizes, &ins, it, dims.w, y, len),
+            ElemType::BF16 => self.run::<bf16>(ctx, sizes, &ins, it, dims.w, y, len),
         }
     }
 }
 
 impl LinearCpu {
-    fn run<E: Element>(&self, ctx: &KernelContext, s: LinearSizes, ins: &[Option<Tensor>], it: IndexType, y: *mut std::ffi::c_void, len: usize) -> Result<(), String> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<E: Element>(&self, ctx: &KernelContext, s: LinearSizes, ins: &[Option<Tensor>], it: IndexType, q: Option<Quant>, y: *mut std::ffi::c_void, len: usize) -> Result<(), String> {
         use parallel_linear::*;
         let get = |i: usize| ins.get(i).and_then(Option::as_ref);
         // SAFETY: as in MoeCpu::run.
@@ -262,7 +286,7 @@ impl LinearCpu {
             let inputs = LinearInputs {
                 x: get(X).unwrap().slice::<E>(),
                 routing_indices: indices(get(ROUTING_INDICES).unwrap(), it),
-                w: get(W).unwrap().slice::<E>(),
+                w: weight(ins, [W, W_SCALE, W_ZERO_POINT], q),
                 b: get(B).map(|t| t.slice::<E>()),
                 gates: get(GATES).map(|t| t.slice::<E>()),
             };

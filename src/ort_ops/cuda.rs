@@ -12,7 +12,8 @@ use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signa
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port, PortType};
+use crate::signature::Signature;
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, Port, PortType, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// ONNX Runtime's name for its CUDA execution provider.
@@ -26,17 +27,22 @@ struct CudaKernel<O> {
     device_input: usize,
     /// the contract's type of the op's output (`T`, or bool for CapacityMask)
     output_ty: PortType,
+    /// the contract's check of the inputs before each run: what the device path refuses
+    /// (quantized weights, not served on the GPU yet) before the device op sees the call
+    refuse: fn(&Signature) -> Result<(), SpecError>,
     runner: Runner,
 }
 
 impl<O: DeviceOp> CudaKernel<O> {
     /// Creates the kernel after the contract's check of what ORT knows of the inputs now.
-    fn create(op: O, ports: &[Port], output: &Port, device_input: usize, info: &KernelInfo, check: impl FnOnce(&crate::signature::Signature) -> Result<(), crate::spec::SpecError>) -> Result<Box<dyn Kernel>, String>
+    /// `refuse` runs at creation and before every run.
+    fn create(op: O, ports: &[Port], output: &Port, device_input: usize, info: &KernelInfo, refuse: fn(&Signature) -> Result<(), SpecError>, check: impl FnOnce(&Signature) -> Result<(), SpecError>) -> Result<Box<dyn Kernel>, String>
     where
         O: Send + Sync + 'static,
     {
-        check(&signature_before_run(ports, &kernel_inputs(info)?)).map_err(to_string)?;
-        Ok(Box::new(CudaKernel { op, device_input, output_ty: output.ty, runner: Runner::default() }))
+        let sig = signature_before_run(ports, &kernel_inputs(info)?);
+        check(&sig).and_then(|_| refuse(&sig)).map_err(to_string)?;
+        Ok(Box::new(CudaKernel { op, device_input, output_ty: output.ty, refuse, runner: Runner::default() }))
     }
 }
 
@@ -44,6 +50,7 @@ impl<O: DeviceOp + Send + Sync> Kernel for CudaKernel<O> {
     fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
         let sig = signature(&ins);
+        (self.refuse)(&sig).map_err(to_string)?;
         let call = self.op.check(&sig).map_err(to_string)?;
         let elem = output_elem(self.output_ty, sig.types.get(self.device_input).copied().flatten());
         let y = ctx.output(0, &self.op.output_shape(&call, &sig), elem)?.ok_or("output 0 is required")?;
@@ -72,10 +79,38 @@ fn dptr(t: &Tensor) -> CUdeviceptr {
     t.data as CUdeviceptr
 }
 
+/// A quantized weight (docs/op-spec.md, "Quantized expert weights") has no CUDA path yet: refused
+/// by name, where the weight's element type is known, before anything is launched.
+fn no_quantized_weights(op: &'static str, ports: &[Port], sig: &Signature) -> Result<(), SpecError> {
+    for (p, ty) in ports.iter().zip(&sig.types) {
+        if let (PortType::Weight, Some(code)) = (p.ty, *ty) {
+            if ElemType::from_onnx_code(code).is_none() {
+                return Err(SpecError {
+                    op,
+                    message: format!(
+                        "input '{}' is {}: quantized weights are not supported on the CUDA execution provider yet (the CPU execution provider runs them)",
+                        p.name,
+                        crate::spec::onnx_type_name(code)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn moe_refuse(sig: &Signature) -> Result<(), SpecError> {
+    no_quantized_weights(scatter_moe::NAME, &scatter_moe::INPUTS, sig)
+}
+
+fn linear_refuse(sig: &Signature) -> Result<(), SpecError> {
+    no_quantized_weights(parallel_linear::NAME, &parallel_linear::INPUTS, sig)
+}
+
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, &scatter_moe::OUTPUTS[0], scatter_moe::X, info, |sig| {
+    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, &scatter_moe::OUTPUTS[0], scatter_moe::X, info, moe_refuse, |sig| {
         scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -83,7 +118,7 @@ fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, &parallel_linear::OUTPUTS[0], parallel_linear::X, info, |sig| {
+    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, &parallel_linear::OUTPUTS[0], parallel_linear::X, info, linear_refuse, |sig| {
         parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -91,7 +126,7 @@ fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, &capacity_mask::OUTPUTS[0], capacity_mask::ROUTING_INDICES, info, |sig| {
+    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, &capacity_mask::OUTPUTS[0], capacity_mask::ROUTING_INDICES, info, |_| Ok(()), |sig| {
         capacity_mask::check(&sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -104,6 +139,21 @@ pub(super) fn ops() -> Vec<OpDef> {
 
 #[cfg(test)]
 mod tests {
+    use crate::signature::Signature;
+    use crate::spec::scatter_moe;
+
+    #[test]
+    fn quantized_weights_are_refused_by_name() {
+        let mut types = vec![Some(1), Some(1), Some(7), Some(17), Some(1), None, None, None, Some(1)];
+        let sig = Signature { types: types.clone(), shapes: vec![None; types.len()] };
+        let e = super::moe_refuse(&sig).unwrap_err().to_string();
+        assert_eq!(e, "ScatterMoE: input 'w_in' is float8e4m3fn: quantized weights are not supported on the CUDA execution provider yet (the CPU execution provider runs them)");
+        types[scatter_moe::W_IN] = Some(1);
+        assert!(super::moe_refuse(&Signature { types, shapes: vec![] }).is_ok());
+        let sig = Signature { types: vec![Some(10), Some(7), Some(2)], shapes: vec![] };
+        assert!(super::linear_refuse(&sig).unwrap_err().to_string().starts_with("ParallelLinear: input 'W' is uint8:"));
+    }
+
     /// Creating the CUDA ops and asking for the driver must not panic without a GPU.
     #[test]
     fn no_driver_is_an_error_not_a_panic() {

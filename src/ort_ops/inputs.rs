@@ -14,7 +14,8 @@ pub(super) fn output_elem(ty: PortType, t: Option<i32>) -> i32 {
     match ty {
         PortType::Bool => BOOL,
         PortType::Int64 => 7,
-        PortType::Float | PortType::Index => t.unwrap_or(0),
+        // outputs are T (or bool): the input ports' types never describe one
+        PortType::Float | PortType::Index | PortType::Weight | PortType::Scale | PortType::ZeroPoint => t.unwrap_or(0),
     }
 }
 

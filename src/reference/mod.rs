@@ -14,6 +14,8 @@ pub mod oracle64;
 #[cfg(test)]
 mod parallel_linear_tests;
 #[cfg(test)]
+mod quant_tests;
+#[cfg(test)]
 mod scatter_moe_tests;
 
 pub use crate::cpu::{activation, element, gemm, moe, panels, parallel_linear, pool, routing, scratch};

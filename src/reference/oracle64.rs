@@ -2,7 +2,7 @@
 //! it shares no code with the f32 paths but the capacity rule (tested on its own in `cpu::routing`).
 
 use crate::cpu::routing::capacity_keep;
-use crate::spec::{scatter_moe::Attrs, Activation};
+use crate::spec::{scatter_moe::Attrs, Activation, Quant, QuantFormat, ScaleLayout};
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -92,6 +92,53 @@ pub fn parallel_linear(x: &[f64], ri: &[i64], w: &[f64], b: Option<&[f64]>, k: u
         .enumerate()
         .map(|(i, &e)| linear(w, b, e as usize, d_out, d_in, &x[(i / k) * d_in..(i / k + 1) * d_in]))
         .collect()
+}
+
+/// A float8e4m3fn code's value from its fields: `(-1)^s 2^(e - 7) (1 + m / 8)`, subnormal
+/// `(-1)^s 2^-6 (m / 8)` for `e = 0`, NaN for `e = 15, m = 7`.
+pub fn fp8_e4m3fn(code: u8) -> f64 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (((code >> 3) & 0xf) as i32, (code & 7) as f64);
+    match (e, m as u8) {
+        (15, 7) => f64::NAN,
+        (0, _) => sign * 2f64.powi(-6) * (m / 8.0),
+        _ => sign * 2f64.powi(e - 7) * (1.0 + m / 8.0),
+    }
+}
+
+/// A quantized weight's logical values `[experts, out, in_]` in f64, from docs/op-spec.md's
+/// formula `(q - z) * s` with the scale and zero point of the block holding each `(o, i)`:
+/// `scales` and `zero_points` (`None`: the format's default) laid out as the contract's scale
+/// shape for `quant.layout`. Element by element, from the definition.
+pub fn dequantize(quant: &Quant, codes: &[u8], scales: &[f64], zero_points: Option<&[u8]>, experts: usize, out: usize, in_: usize) -> Vec<f64> {
+    let mut w = Vec::with_capacity(experts * out * in_);
+    let stored = if quant.format == QuantFormat::Int4 { in_.div_ceil(2) } else { in_ };
+    for e in 0..experts {
+        for o in 0..out {
+            for i in 0..in_ {
+                let byte = codes[(e * out + o) * stored + if quant.format == QuantFormat::Int4 { i / 2 } else { i }];
+                // the scale's index: [e, o] per channel, [e, o / bo, i / bi] for blocks
+                let at = match quant.layout {
+                    ScaleLayout::PerChannel => e * out + o,
+                    ScaleLayout::Blocks { block_out, block_in } => {
+                        let (bo, bi) = (block_out as usize, block_in as usize);
+                        let (rows, cols) = (out.div_ceil(bo), in_.div_ceil(bi));
+                        (e * rows + o / bo) * cols + i / bi
+                    }
+                };
+                let (q, z) = match quant.format {
+                    QuantFormat::Fp8E4M3Fn => (fp8_e4m3fn(byte), 0.0),
+                    QuantFormat::Int8 => (byte as f64, zero_points.map_or(128.0, |z| z[at] as f64)),
+                    QuantFormat::Int4 => {
+                        let nibble = if i % 2 == 0 { byte & 0xf } else { byte >> 4 };
+                        (nibble as f64, zero_points.map_or(8.0, |z| z[at] as f64))
+                    }
+                };
+                w.push((q - z) * scales[at]);
+            }
+        }
+    }
+    w
 }
 
 /// max |got - want| / max |want|, the tests' error measure.

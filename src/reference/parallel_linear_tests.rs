@@ -27,19 +27,19 @@ fn packed_matches_f64_and_the_unpacked_path() {
         // a value the call does not write shows as NaN
         scratch.buffers([tokens * k * (d_in + d_out); 2]).iter_mut().for_each(|b| b.fill(f32::NAN));
         let mut y = vec![f32::NAN; rows * d_out];
-        let inp = LinearInputs { x, routing_indices: Indices::I64(&ri), w: &w, b: Some(&b), gates };
+        let inp = LinearInputs { x, routing_indices: Indices::I64(&ri), w: (&w).into(), b: Some(&b), gates };
         parallel_linear_with(&Rayon, attrs, s, &inp, p, &mut scratch, &mut y).unwrap();
         y
     };
 
     let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&v| v as f64).collect() };
     let want: Vec<f64> = oracle64::parallel_linear(&wide(&x), &ri, &wide(&w), Some(&wide(&b)), k, d_in, d_out).concat();
-    let scattered = Attrs { grouped_in: false, grouped_out: false };
+    let scattered = Attrs { grouped_in: false, grouped_out: false, ..Default::default() };
     let got = run(&scattered, &x, None, Some(&packed));
     assert!(rel_err(&got, &want) < 2e-5, "packed rel err {:e}", rel_err(&got, &want));
 
     for (grouped_in, grouped_out, with_gates) in [(false, true, false), (true, false, false), (true, false, true), (false, false, true)] {
-        let attrs = Attrs { grouped_in, grouped_out };
+        let attrs = Attrs { grouped_in, grouped_out, ..Default::default() };
         let x = if grouped_in { &xg } else { &x };
         let g = with_gates.then_some(gates.as_slice());
         let (got, plain) = (run(&attrs, x, g, Some(&packed)), run(&attrs, x, g, None));

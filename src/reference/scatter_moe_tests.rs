@@ -54,8 +54,8 @@ fn errors<E: Element>(c: &Case, seed: u64) -> Option<(f64, f64)> {
         x: &x,
         routing_weights: &rw,
         routing_indices: Indices::I64(&c.ri),
-        w_in: &w_in,
-        w_out: &w_out,
+        w_in: (&w_in).into(),
+        w_out: (&w_out).into(),
         b_in: b_in.as_deref(),
         b_out: b_out.as_deref(),
         capacity: c.capacity,
@@ -184,7 +184,7 @@ fn packed_weights_of_another_shape_are_refused() {
     let Some(packed) = PackedMoe::new(&c.attrs, 5, 16, 8, &w_in, &w_out, None, None) else { return };
     // same sizes, but the node has biases the packed weights do not
     let (x, rw, b) = (vec![0f32; 13 * 16], vec![0f32; 26], vec![0f32; 5 * 16]);
-    let inp = MoeInputs { x: &x, routing_weights: &rw, routing_indices: Indices::I64(&c.ri), w_in: &w_in, w_out: &w_out, b_in: Some(&b), b_out: None, capacity: None };
+    let inp = MoeInputs { x: &x, routing_weights: &rw, routing_indices: Indices::I64(&c.ri), w_in: (&w_in).into(), w_out: (&w_out).into(), b_in: Some(&b), b_out: None, capacity: None };
     let s = MoeSizes { tokens: 13, k: 2, experts: 5, d: 16, f: 8 };
     let r = std::panic::catch_unwind(|| scatter_moe_with(&Serial, &c.attrs, s, &inp, Some(&packed), &mut Scratch::default(), &mut vec![0f32; 13 * 16]));
     assert!(r.is_err());

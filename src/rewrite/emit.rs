@@ -470,6 +470,9 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
                 AttrDefault::Int(v) => attr_int(a.name, v),
                 AttrDefault::Float(v) => attr_float(a.name, v),
                 AttrDefault::Str(v) => attr_string(a.name, v),
+                // absent by default (`block_size`): nothing to write
+                AttrDefault::Ints([]) => continue,
+                AttrDefault::Ints(v) => crate::onnx::graph::attr_ints_new(a.name, v),
             });
         }
         node.attribute.push(attr_string(crate::trt::PARSER_ATTR_VERSION, &crate::trt::plugin_version()));

@@ -14,9 +14,11 @@ use std::fmt;
 
 pub mod capacity_mask;
 pub mod parallel_linear;
+pub mod quant;
 pub mod scatter_moe;
 mod values;
 
+pub use quant::{Quant, QuantAttrs, QuantFormat, ScaleLayout};
 pub use values::{Activation, AllowedValue, CapacityOrder, GluLayout};
 
 /// ONNX domain of every op in this crate.
@@ -100,6 +102,12 @@ pub fn onnx_type_name(code: i32) -> &'static str {
         12 => "uint32",
         13 => "uint64",
         16 => "bfloat16",
+        17 => "float8e4m3fn",
+        18 => "float8e4m3fnuz",
+        19 => "float8e5m2",
+        20 => "float8e5m2fnuz",
+        21 => "uint4",
+        22 => "int4",
         _ => "an unsupported type",
     }
 }
@@ -137,6 +145,12 @@ fn err<T>(op: &'static str, message: impl Into<String>) -> Result<T, SpecError> 
 pub enum PortType {
     /// The op's float type `T`.
     Float,
+    /// An expert weight: `T`, or quantized (float8e4m3fn, uint8; see [`quant`]).
+    Weight,
+    /// A quantized weight's scale: `T` or float32.
+    Scale,
+    /// A quantized weight's zero point: uint8.
+    ZeroPoint,
     /// Routing indices `I` (int32 or int64).
     Index,
     /// Always int64.
@@ -182,6 +196,8 @@ pub trait AttrSource {
     fn int(&self, name: &str) -> Option<i64>;
     fn float(&self, name: &str) -> Option<f32>;
     fn string(&self, name: &str) -> Option<String>;
+    /// A list of ints (`block_size`).
+    fn ints(&self, name: &str) -> Option<Vec<i64>>;
 }
 
 /// An attribute's name, type and default, for emitters and plugin fields.
@@ -190,6 +206,8 @@ pub enum AttrDefault {
     Int(i64),
     Float(f32),
     Str(&'static str),
+    /// A list of ints; an empty default means the attribute is absent unless given.
+    Ints(&'static [i64]),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -261,16 +279,27 @@ fn check_positive(op: &'static str, input: &str, s: &Shape, axis: usize, what: &
 /// The element types a node's inputs were given, by position (`None`: the input is absent).
 pub type InputTypes<'a> = &'a [Option<i32>];
 
-/// Checks every present input's element type against the ports: all `Float` ports must share
-/// one of f32/f16/bf16, `Index` ports int32/int64, `Int64` ports int64. Returns (T, I).
+/// Checks every present input's element type against the ports: all `Float` ports, and `Weight`
+/// ports in `T`, must share one of f32/f16/bf16; a `Weight` may instead be quantized
+/// (float8e4m3fn or uint8, see [`quant`]); `Scale` ports are `T` or float32, `ZeroPoint` ports
+/// uint8, `Index` ports int32/int64, `Int64` ports int64. Returns (T, I).
 pub fn check_types(op: &'static str, ports: &[Port], types: InputTypes) -> Result<(ElemType, IndexType), SpecError> {
     let mut t: Option<(ElemType, &str)> = None;
     let mut i: Option<IndexType> = None;
     for (p, ty) in ports.iter().zip(types.iter()) {
         let Some(code) = *ty else { continue };
         match p.ty {
-            PortType::Float => {
+            PortType::Float | PortType::Weight => {
                 let Some(et) = ElemType::from_onnx_code(code) else {
+                    if p.ty == PortType::Weight {
+                        if QuantFormat::from_type(code, 8).is_some() {
+                            continue;
+                        }
+                        return err(op, format!(
+                            "input '{}' has element type {}; supported: {} (T), {}, {} (quantized)",
+                            p.name, onnx_type_name(code), ElemType::NAMES.join(", "), onnx_type_name(quant::FLOAT8E4M3FN), onnx_type_name(quant::UINT8)
+                        ));
+                    }
                     return err(op, format!(
                         "input '{}' has element type {}; supported: {}",
                         p.name, onnx_type_name(code), ElemType::NAMES.join(", ")
@@ -285,6 +314,13 @@ pub fn check_types(op: &'static str, ports: &[Port], types: InputTypes) -> Resul
                         ))
                     }
                     _ => {}
+                }
+            }
+            // checked against T below, once T is known
+            PortType::Scale => {}
+            PortType::ZeroPoint => {
+                if code != quant::UINT8 {
+                    return err(op, format!("input '{}' has element type {}; it must be uint8", p.name, onnx_type_name(code)));
                 }
             }
             PortType::Index => match IndexType::from_onnx_code(code) {
@@ -306,6 +342,19 @@ pub fn check_types(op: &'static str, ports: &[Port], types: InputTypes) -> Resul
                     return err(op, format!("input '{}' has element type {}; it must be int64", p.name, onnx_type_name(code)));
                 }
             }
+        }
+    }
+    for (p, ty) in ports.iter().zip(types.iter()) {
+        let (PortType::Scale, Some(code)) = (p.ty, *ty) else { continue };
+        let ok = match (ElemType::from_onnx_code(code), t) {
+            (Some(ElemType::F32), _) => true,
+            (Some(s), Some((t0, _))) => s == t0,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !ok {
+            let t_name = t.map_or_else(String::new, |(t0, n0)| format!(" ({}, the type of '{n0}')", t0.name()));
+            return err(op, format!("input '{}' has element type {}; a scale must be float32 or T{t_name}", p.name, onnx_type_name(code)));
         }
     }
     let t = t.map(|x| x.0).unwrap_or(ElemType::F32);
@@ -342,5 +391,7 @@ pub fn index_out_of_range(op: &'static str, input: &str, value: i64, token: usiz
     }
 }
 
+#[cfg(test)]
+mod quant_tests;
 #[cfg(test)]
 mod tests;

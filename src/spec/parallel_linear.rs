@@ -1,5 +1,6 @@
 //! `ParallelLinear`: one scattered grouped linear layer, ScatterMoE's building block.
 
+use super::quant::{self, check_packed_in, check_weight, WeightPorts};
 use super::*;
 
 pub const NAME: &str = "ParallelLinear";
@@ -9,27 +10,37 @@ pub const ROUTING_INDICES: usize = 1;
 pub const W: usize = 2;
 pub const B: usize = 3;
 pub const GATES: usize = 4;
+pub const W_SCALE: usize = 5;
+pub const W_ZERO_POINT: usize = 6;
 
-pub const INPUTS: [Port; 5] = [
+pub const INPUTS: [Port; 7] = [
     port("X", PortType::Float, false, 2),
     port("routing_indices", PortType::Index, false, 2),
-    port("W", PortType::Float, false, 3),
+    port("W", PortType::Weight, false, 3),
     port("b", PortType::Float, true, 2),
     port("gates", PortType::Float, true, 2),
+    port("W_scale", PortType::Scale, true, 2),
+    port("W_zero_point", PortType::ZeroPoint, true, 2),
 ];
 pub const OUTPUTS: [Port; 1] = [port("Y", PortType::Float, false, 2)];
 
 pub const ATTR_GROUPED_IN: &str = "grouped_in";
 pub const ATTR_GROUPED_OUT: &str = "grouped_out";
-pub const ATTRS: [AttrDesc; 2] = [
+pub const ATTR_WEIGHT_BITS: &str = quant::ATTR_WEIGHT_BITS;
+pub const ATTR_BLOCK_SIZE: &str = quant::ATTR_BLOCK_SIZE;
+pub const ATTRS: [AttrDesc; 4] = [
     AttrDesc { name: ATTR_GROUPED_IN, default: AttrDefault::Int(0) },
     AttrDesc { name: ATTR_GROUPED_OUT, default: AttrDefault::Int(0) },
+    quant::ATTRS[0],
+    quant::ATTRS[1],
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Attrs {
     pub grouped_in: bool,
     pub grouped_out: bool,
+    /// `weight_bits` and `block_size`, for a quantized `W`.
+    pub quant: QuantAttrs,
 }
 
 impl Attrs {
@@ -37,6 +48,7 @@ impl Attrs {
         Ok(Attrs {
             grouped_in: read_bool(NAME, src, ATTR_GROUPED_IN, false)?,
             grouped_out: read_bool(NAME, src, ATTR_GROUPED_OUT, false)?,
+            quant: QuantAttrs::parse(NAME, src)?,
         })
     }
 }
@@ -50,6 +62,8 @@ pub struct Dims {
     pub d_out: Dim,
     pub has_bias: bool,
     pub has_gates: bool,
+    /// How `W` is quantized (None: in `T`, or not known before run time).
+    pub w: Option<Quant>,
 }
 
 pub fn check(
@@ -86,9 +100,25 @@ pub fn check(
         })?;
     }
     check_positive(op, "X", x, x.len() - 1, "d_in (last dimension)")?;
-    let d_in = unify(op, *x.last().unwrap(), w[2], || {
-        format!("input 'W' {} must be [E, d_out, d_in] with d_in = {}", fmt_shape(w), x.last().unwrap().unwrap())
-    })?;
+    let typ = |i: usize| types.get(i).copied().flatten();
+    let qw = WeightPorts {
+        name: INPUTS[W].name,
+        scale_name: INPUTS[W_SCALE].name,
+        zero_name: INPUTS[W_ZERO_POINT].name,
+        ty: typ(W),
+        shape: w,
+        scale: get(W_SCALE).map(|s| (typ(W_SCALE), s)),
+        zero: get(W_ZERO_POINT).map(|s| (typ(W_ZERO_POINT), s)),
+    };
+    // A 4-bit W stores ceil(d_in / 2) bytes a row: d_in is X's.
+    let d_in = if qw.may_be_packed(&attrs.quant) {
+        *x.last().unwrap()
+    } else {
+        unify(op, *x.last().unwrap(), w[2], || {
+            format!("input 'W' {} must be [E, d_out, d_in] with d_in = {}", fmt_shape(w), x.last().unwrap().unwrap())
+        })?
+    };
+    check_packed_in(op, &qw, &attrs.quant, "d_in", d_in)?;
     let experts = w[0];
     let d_out = w[1];
     let b = get(B);
@@ -110,7 +140,8 @@ pub fn check(
             ));
         }
     }
-    Ok((t, it, Dims { tokens, k, experts, d_in, d_out, has_bias: b.is_some(), has_gates: g.is_some() }))
+    let q = check_weight(op, &attrs.quant, t, &qw, experts, ("d_out", d_out), ("d_in", d_in))?;
+    Ok((t, it, Dims { tokens, k, experts, d_in, d_out, has_bias: b.is_some(), has_gates: g.is_some(), w: q }))
 }
 
 /// The number of rows T*k of a grouped tensor, from the routing shape.

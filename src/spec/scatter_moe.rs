@@ -1,5 +1,6 @@
 //! `ScatterMoE`: a whole expert MLP over scattered tokens.
 
+use super::quant::{self, check_packed_in, check_weight, WeightPorts};
 use super::values::read_enum;
 use super::*;
 
@@ -13,16 +14,24 @@ pub const W_OUT: usize = 4;
 pub const B_IN: usize = 5;
 pub const B_OUT: usize = 6;
 pub const CAPACITY: usize = 7;
+pub const W_IN_SCALE: usize = 8;
+pub const W_OUT_SCALE: usize = 9;
+pub const W_IN_ZERO_POINT: usize = 10;
+pub const W_OUT_ZERO_POINT: usize = 11;
 
-pub const INPUTS: [Port; 8] = [
+pub const INPUTS: [Port; 12] = [
     port("X", PortType::Float, false, 2),
     port("routing_weights", PortType::Float, false, 2),
     port("routing_indices", PortType::Index, false, 2),
-    port("w_in", PortType::Float, false, 3),
-    port("w_out", PortType::Float, false, 3),
+    port("w_in", PortType::Weight, false, 3),
+    port("w_out", PortType::Weight, false, 3),
     port("b_in", PortType::Float, true, 2),
     port("b_out", PortType::Float, true, 2),
     port("capacity", PortType::Int64, true, 0),
+    port("w_in_scale", PortType::Scale, true, 2),
+    port("w_out_scale", PortType::Scale, true, 2),
+    port("w_in_zero_point", PortType::ZeroPoint, true, 2),
+    port("w_out_zero_point", PortType::ZeroPoint, true, 2),
 ];
 
 pub const Y: usize = 0;
@@ -34,14 +43,18 @@ pub const ATTR_GLU_LAYOUT: &str = "glu_layout";
 pub const ATTR_ALPHA: &str = "alpha";
 pub const ATTR_LIMIT: &str = "limit";
 pub const ATTR_CAPACITY_ORDER: &str = "capacity_order";
+pub const ATTR_WEIGHT_BITS: &str = quant::ATTR_WEIGHT_BITS;
+pub const ATTR_BLOCK_SIZE: &str = quant::ATTR_BLOCK_SIZE;
 
-pub const ATTRS: [AttrDesc; 6] = [
+pub const ATTRS: [AttrDesc; 8] = [
     AttrDesc { name: ATTR_ACTIVATION, default: AttrDefault::Str(Attrs::DEFAULT.activation.name()) },
     AttrDesc { name: ATTR_GATED, default: AttrDefault::Int(Attrs::DEFAULT.gated as i64) },
     AttrDesc { name: ATTR_GLU_LAYOUT, default: AttrDefault::Str(Attrs::DEFAULT.glu_layout.name()) },
     AttrDesc { name: ATTR_ALPHA, default: AttrDefault::Float(Attrs::DEFAULT.alpha) },
     AttrDesc { name: ATTR_LIMIT, default: AttrDefault::Float(Attrs::DEFAULT.limit) },
     AttrDesc { name: ATTR_CAPACITY_ORDER, default: AttrDefault::Str(Attrs::DEFAULT.capacity_order.name()) },
+    quant::ATTRS[0],
+    quant::ATTRS[1],
 ];
 
 /// The attributes of one `ScatterMoE` node, validated.
@@ -53,6 +66,8 @@ pub struct Attrs {
     pub alpha: f32,
     pub limit: f32,
     pub capacity_order: CapacityOrder,
+    /// `weight_bits` and `block_size`, for quantized weights.
+    pub quant: QuantAttrs,
 }
 
 impl Default for Attrs {
@@ -70,6 +85,7 @@ impl Attrs {
         alpha: 1.702,
         limit: 7.0,
         capacity_order: CapacityOrder::SlotMajor,
+        quant: QuantAttrs::DEFAULT,
     };
 
     pub fn parse(src: &dyn AttrSource) -> Result<Self, SpecError> {
@@ -80,6 +96,7 @@ impl Attrs {
         let alpha = src.float(ATTR_ALPHA).unwrap_or(d.alpha);
         let limit = src.float(ATTR_LIMIT).unwrap_or(d.limit);
         let capacity_order = read_enum(NAME, src, ATTR_CAPACITY_ORDER, d.capacity_order)?;
+        let quant = QuantAttrs::parse(NAME, src)?;
         if activation.gated_only() && !gated {
             return err(NAME, format!("attribute 'activation' = '{}' needs 'gated' = 1", activation.name()));
         }
@@ -89,7 +106,7 @@ impl Attrs {
         if !(limit > 0.0) {
             return err(NAME, format!("attribute 'limit' must be positive, got {limit}"));
         }
-        Ok(Attrs { activation, gated, glu_layout, alpha, limit, capacity_order })
+        Ok(Attrs { activation, gated, glu_layout, alpha, limit, capacity_order, quant })
     }
 }
 
@@ -106,6 +123,9 @@ pub struct Dims {
     pub has_b_in: bool,
     pub has_b_out: bool,
     pub has_capacity: bool,
+    /// How `w_in` and `w_out` are quantized (None: in `T`, or not known before run time).
+    pub w_in: Option<Quant>,
+    pub w_out: Option<Quant>,
 }
 
 /// Checks input count, element types and shapes (`shapes[i]` is None for an absent input).
@@ -146,9 +166,27 @@ pub fn check(
     let k = unify(op, *rw.last().unwrap(), *ri.last().unwrap(), || unreachable!())?;
     check_positive(op, "routing_indices", ri, ri.len() - 1, "k (last dimension)")?;
 
-    let d = unify(op, *x.last().unwrap(), w_in[2], || {
-        format!("input 'w_in' {} must be [E, n, d] with d = {} (the last dimension of X)", fmt_shape(w_in), x.last().unwrap().unwrap())
-    })?;
+    let typ = |i: usize| types.get(i).copied().flatten();
+    let weight = |w: usize, s: usize, z: usize, shape| WeightPorts {
+        name: INPUTS[w].name,
+        scale_name: INPUTS[s].name,
+        zero_name: INPUTS[z].name,
+        ty: typ(w),
+        shape,
+        scale: get(s).map(|sh| (typ(s), sh)),
+        zero: get(z).map(|sh| (typ(z), sh)),
+    };
+    let (q_in, q_out) = (weight(W_IN, W_IN_SCALE, W_IN_ZERO_POINT, w_in), weight(W_OUT, W_OUT_SCALE, W_OUT_ZERO_POINT, w_out));
+    let qa = &attrs.quant;
+
+    // A 4-bit weight stores ceil(in / 2) bytes a row: its in is told by the other inputs.
+    let d = if q_in.may_be_packed(qa) {
+        *x.last().unwrap()
+    } else {
+        unify(op, *x.last().unwrap(), w_in[2], || {
+            format!("input 'w_in' {} must be [E, n, d] with d = {} (the last dimension of X)", fmt_shape(w_in), x.last().unwrap().unwrap())
+        })?
+    };
     check_positive(op, "X", x, x.len() - 1, "d (last dimension)")?;
     let experts = unify(op, w_in[0], w_out[0], || {
         format!("inputs 'w_in' {} and 'w_out' {} disagree on the number of experts E", fmt_shape(w_in), fmt_shape(w_out))
@@ -157,9 +195,19 @@ pub fn check(
     let d = unify(op, d, w_out[1], || {
         format!("input 'w_out' {} must be [E, d, f] with d = {}", fmt_shape(w_out), d.unwrap())
     })?;
-    let f = w_out[2];
-    check_positive(op, "w_out", w_out, 2, "f")?;
+    check_packed_in(op, &q_in, qa, "d", d)?;
     let mult = if attrs.gated { 2 } else { 1 };
+    let f = if q_out.may_be_packed(qa) {
+        if let Some(n) = w_in[1].filter(|n| n % mult != 0) {
+            return err(op, format!("input 'w_in' {} must be [E, 2f, d] (gated: gate and up rows), got an odd n = {n}", fmt_shape(w_in)));
+        }
+        check_positive(op, "w_in", w_in, 1, "n")?;
+        w_in[1].map(|n| n / mult)
+    } else {
+        w_out[2]
+    };
+    check_positive(op, "w_out", w_out, 2, "f")?;
+    check_packed_in(op, &q_out, qa, "f", f)?;
     if let (Some(n), Some(f)) = (w_in[1], f) {
         if n != mult * f {
             return err(op, format!(
@@ -196,6 +244,8 @@ pub fn check(
             return err(op, format!("input 'capacity' must be a scalar (shape []) or a 1-D tensor of one element (shape [1]), got shape {}", fmt_shape(c)));
         }
     }
+    let q_in = check_weight(op, qa, t, &q_in, experts, ("n", n), ("d", d))?;
+    let q_out = check_weight(op, qa, t, &q_out, experts, ("d", d), ("f", f))?;
     Ok((t, it, Dims {
         tokens,
         k,
@@ -205,6 +255,8 @@ pub fn check(
         has_b_in: b_in.is_some(),
         has_b_out: b_out.is_some(),
         has_capacity: cap.is_some(),
+        w_in: q_in,
+        w_out: q_out,
     }))
 }
 

@@ -1,12 +1,14 @@
 use super::*;
 use std::collections::HashMap;
 
+/// Attributes by name, as a node holds them (shared with `quant_tests`).
 #[derive(Default)]
-struct Attrs(HashMap<&'static str, AttrValue>);
-enum AttrValue {
+pub(super) struct Attrs(pub HashMap<&'static str, AttrValue>);
+pub(super) enum AttrValue {
     I(i64),
     F(f32),
     S(&'static str),
+    L(Vec<i64>),
 }
 impl AttrSource for Attrs {
     fn int(&self, n: &str) -> Option<i64> {
@@ -27,9 +29,15 @@ impl AttrSource for Attrs {
             _ => None,
         }
     }
+    fn ints(&self, n: &str) -> Option<Vec<i64>> {
+        match self.0.get(n) {
+            Some(AttrValue::L(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
 }
 
-fn s(v: &[u64]) -> Vec<Dim> {
+pub(super) fn s(v: &[u64]) -> Vec<Dim> {
     v.iter().map(|&x| Some(x)).collect()
 }
 
@@ -119,7 +127,7 @@ fn attributes_are_validated() {
 
 #[test]
 fn parallel_linear_shapes() {
-    let attrs = parallel_linear::Attrs { grouped_in: true, grouped_out: false };
+    let attrs = parallel_linear::Attrs { grouped_in: true, grouped_out: false, ..Default::default() };
     let x = s(&[6, 8]);
     let ri = s(&[3, 2]);
     let w = s(&[4, 5, 8]);
@@ -130,7 +138,7 @@ fn parallel_linear_shapes() {
     let bad = s(&[5, 8]);
     let e = parallel_linear::check(&attrs, &[F32, I64, F32], &[Some(&bad), Some(&ri), Some(&w)]).unwrap_err();
     assert!(e.to_string().contains("T*k = 6 rows"), "{e}");
-    let attrs = parallel_linear::Attrs { grouped_in: false, grouped_out: true };
+    let attrs = parallel_linear::Attrs { grouped_in: false, grouped_out: true, ..Default::default() };
     let e = parallel_linear::check(&attrs, &[F32, I64, F32, None, F32], &[Some(&s(&[3, 8])), Some(&ri), Some(&w), None, Some(&g)])
         .unwrap_err();
     assert!(e.to_string().contains("grouped_out"), "{e}");

@@ -62,6 +62,7 @@ pub(crate) fn field_kind(d: &AttrDefault) -> i32 {
         AttrDefault::Int(_) => field_type::INT32,
         AttrDefault::Float(_) => field_type::FLOAT32,
         AttrDefault::Str(_) => field_type::CHAR,
+        AttrDefault::Ints(_) => field_type::INT32,
     }
 }
 
@@ -75,6 +76,7 @@ pub fn field_names(op: Op) -> Vec<Field> {
             field_type: field_kind(&a.default),
             length: match a.default {
                 AttrDefault::Str(s) => s.len() as i32 + 1,
+                AttrDefault::Ints(v) => v.len() as i32,
                 _ => 1,
             },
             data: Vec::new(),
@@ -88,6 +90,7 @@ pub enum Value {
     Int(i64),
     Float(f32),
     Str(String),
+    Ints(Vec<i64>),
 }
 
 impl Value {
@@ -95,6 +98,7 @@ impl Value {
     pub fn field(&self, name: &str) -> Field {
         let (field_type, length, data) = match self {
             Value::Int(v) => (field_type::INT32, 1, (*v as i32).to_le_bytes().to_vec()),
+            Value::Ints(v) => (field_type::INT32, v.len() as i32, v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()),
             Value::Float(v) => (field_type::FLOAT32, 1, v.to_le_bytes().to_vec()),
             Value::Str(s) => {
                 let mut b = s.as_bytes().to_vec();
@@ -118,6 +122,7 @@ pub fn parser_fields(op: Op, node: &NodeProto) -> Vec<Field> {
             Ok(AttributeType::INT) => Value::Int(a.i),
             Ok(AttributeType::FLOAT) => Value::Float(a.f),
             Ok(AttributeType::STRING) => Value::Str(String::from_utf8_lossy(&a.s).into_owned()),
+            Ok(AttributeType::INTS) => Value::Ints(a.ints.clone()),
             _ => continue,
         };
         out.push(v.field(&f.name));
@@ -153,6 +158,22 @@ pub(crate) fn decode_float(f: &Field) -> Option<f32> {
     })
 }
 
+/// A list field of `length` integers (kINT32 or kINT64).
+pub(crate) fn decode_ints(f: &Field) -> Option<Vec<i64>> {
+    let n = usize::try_from(f.length).ok()?;
+    let size = match f.field_type {
+        field_type::INT32 => 4,
+        field_type::INT64 => 8,
+        _ => return None,
+    };
+    let b = f.data.get(..n * size)?;
+    Some(
+        b.chunks_exact(size)
+            .map(|c| if size == 4 { i32::from_le_bytes(c.try_into().unwrap()) as i64 } else { i64::from_le_bytes(c.try_into().unwrap()) })
+            .collect(),
+    )
+}
+
 pub(crate) fn decode_str(f: &Field) -> Option<String> {
     if f.field_type != field_type::CHAR {
         return None;
@@ -178,6 +199,7 @@ impl<'a> Fields<'a> {
                 AttrDefault::Int(_) => (decode_int(f).is_some() && f.length == 1, "one integer (kINT32 or kINT64)"),
                 AttrDefault::Float(_) => (decode_float(f).is_some() && f.length == 1, "one float (kFLOAT32)"),
                 AttrDefault::Str(_) => (decode_str(f).is_some(), "a string (kCHAR)"),
+                AttrDefault::Ints(_) => (decode_ints(f).is_some(), "integers (kINT32 or kINT64)"),
             };
             if !ok {
                 return Err(e(format!(
@@ -205,5 +227,8 @@ impl AttrSource for Fields<'_> {
     }
     fn string(&self, name: &str) -> Option<String> {
         self.get(name).and_then(decode_str)
+    }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.get(name).and_then(decode_ints)
     }
 }

@@ -50,11 +50,15 @@ impl Attrs {
                 scatter_moe::ATTR_ALPHA => Float(a.alpha),
                 scatter_moe::ATTR_LIMIT => Float(a.limit),
                 scatter_moe::ATTR_CAPACITY_ORDER => Str(a.capacity_order.name().into()),
+                scatter_moe::ATTR_WEIGHT_BITS => Int(a.quant.weight_bits as i64),
+                scatter_moe::ATTR_BLOCK_SIZE => Ints(a.quant.block_size?.iter().map(|&v| v as i64).collect()),
                 _ => return None,
             },
             Attrs::Linear(a) => match name {
                 parallel_linear::ATTR_GROUPED_IN => Int(a.grouped_in as i64),
                 parallel_linear::ATTR_GROUPED_OUT => Int(a.grouped_out as i64),
+                parallel_linear::ATTR_WEIGHT_BITS => Int(a.quant.weight_bits as i64),
+                parallel_linear::ATTR_BLOCK_SIZE => Ints(a.quant.block_size?.iter().map(|&v| v as i64).collect()),
                 _ => return None,
             },
             Attrs::Mask(a) => match name {
@@ -65,9 +69,10 @@ impl Attrs {
         })
     }
 
-    /// Every attribute of the op with its value, in `ATTRS` order.
+    /// Every attribute of the op with its value, in `ATTRS` order; one without a default that the
+    /// node does not give (`block_size`) is left out.
     pub fn values(&self) -> Vec<(&'static str, Value)> {
-        self.op().attrs().iter().map(|a| (a.name, self.value(a.name).expect("every attribute has a value"))).collect()
+        self.op().attrs().iter().filter_map(|a| Some((a.name, self.value(a.name)?))).collect()
     }
 }
 
@@ -199,12 +204,14 @@ impl Plugin {
         }
         let t = d.data_type;
         match p.ty {
-            PortType::Float => {
+            // quantized weights are not served by the plugin yet: a weight must be T
+            PortType::Float | PortType::Weight => {
                 let is_float = matches!(t, data_type::FLOAT | data_type::HALF | data_type::BF16);
                 // every float input and output shares the type of the first one
-                let first = (0..pos).find(|&i| port(i).is_some_and(|q| q.ty == PortType::Float));
+                let first = (0..pos).find(|&i| port(i).is_some_and(|q| matches!(q.ty, PortType::Float | PortType::Weight)));
                 is_float && first.is_none_or(|i| in_out[i].data_type == t)
             }
+            PortType::Scale | PortType::ZeroPoint => false,
             PortType::Index => matches!(t, data_type::INT32 | data_type::INT64),
             PortType::Int64 => t == data_type::INT64,
             PortType::Bool => t == data_type::BOOL,

@@ -68,6 +68,7 @@ fn a_field_for_every_attribute() {
                 AttrDefault::Int(_) => assert_eq!((f.field_type, f.length), (field_type::INT32, 1)),
                 AttrDefault::Float(_) => assert_eq!((f.field_type, f.length), (field_type::FLOAT32, 1)),
                 AttrDefault::Str(s) => assert_eq!((f.field_type, f.length), (field_type::CHAR, s.len() as i32 + 1)),
+                AttrDefault::Ints(v) => assert_eq!((f.field_type, f.length), (field_type::INT32, v.len() as i32)),
             }
         }
     }
@@ -112,7 +113,7 @@ fn fields_as_the_onnx_parser_passes_them() {
     let p = create_plugin(Op::CapacityMask, &[int("num_experts", 8), string("capacity_order", "slot_major")]).unwrap();
     assert_eq!(p.attrs(), &Attrs::Mask(capacity_mask::Attrs { num_experts: 8, capacity_order: CapacityOrder::SlotMajor }));
     let p = create_plugin(Op::ParallelLinear, &[int("grouped_in", 1), int("grouped_out", 0)]).unwrap();
-    assert_eq!(p.attrs(), &Attrs::Linear(parallel_linear::Attrs { grouped_in: true, grouped_out: false }));
+    assert_eq!(p.attrs(), &Attrs::Linear(parallel_linear::Attrs { grouped_in: true, grouped_out: false, ..Default::default() }));
 }
 
 #[test]

@@ -170,8 +170,8 @@ fn moe_case<E: Float>(c: MoeCase) -> Case {
         x: &x,
         routing_weights: &rw,
         routing_indices: Indices::I64(&ri),
-        w_in: &w_in,
-        w_out: &w_out,
+        w_in: (&w_in).into(),
+        w_out: (&w_out).into(),
         b_in: with_bias.then_some(&b_in[..]),
         b_out: with_bias.then_some(&b_out[..]),
         capacity: c.capacity.as_ref().map(|x| x.0 as usize),
@@ -218,7 +218,7 @@ fn linear_case<E: Float>(name: &str, attrs: parallel_linear::Attrs, ri_dims: &[u
     let g: Vec<E> = (0..tokens * k).map(|_| E::from_f32(rng.random_range(0.0f32..1.0))).collect();
     let out_dims = parallel_linear::output_shape(&attrs, ri_dims, d_out, gates, |r| r.iter().product());
     let mut y = vec![E::from_f32(0.0); out_dims.iter().product()];
-    let inp = LinearInputs { x: &x, routing_indices: Indices::I64(&ri), w: &w, b: (bias || gates).then_some(&b[..]), gates: gates.then_some(&g[..]) };
+    let inp = LinearInputs { x: &x, routing_indices: Indices::I64(&ri), w: (&w).into(), b: (bias || gates).then_some(&b[..]), gates: gates.then_some(&g[..]) };
     reference::parallel_linear(&reference::Rayon, &attrs, LinearSizes { tokens, k, experts, d_in, d_out }, &inp, &mut y).unwrap();
     let x_dims = if attrs.grouped_in { vec![tokens * k, d_in] } else { let mut v = ri_dims[..ri_dims.len() - 1].to_vec(); v.push(d_in); v };
     let ri_dyn = dyn_lead(ri_dims.len(), ri_dims.len() - 1);
@@ -280,9 +280,9 @@ fn cases() -> Vec<Case> {
         moe_case::<f32>(MoeCase { name: "moe_f32_relu_capacity_slot_major", attrs: a(Activation::Relu, false, GluLayout::GateUp, CapacityOrder::SlotMajor), x_dims: vec![24, 16], k: 2, experts: 4, f: 24, bias: false, capacity: Some((3, vec![])), i32_: false, seed: 4 }),
         moe_case::<f16>(MoeCase { name: "moe_f16_gelu_tanh_up_gate_capacity_token_major", attrs: a(Activation::GeluTanh, true, GluLayout::UpGate, CapacityOrder::TokenMajor), x_dims: vec![3, 10, 32], k: 2, experts: 4, f: 32, bias: true, capacity: Some((9, vec![1])), i32_: true, seed: 5 }),
         moe_case::<f32>(MoeCase { name: "moe_f32_no_tokens", attrs: a(Activation::Silu, true, GluLayout::GateUp, CapacityOrder::SlotMajor), x_dims: vec![0, 16], k: 2, experts: 4, f: 8, bias: false, capacity: None, i32_: false, seed: 6 }),
-        linear_case::<f16>("linear_f16_grouped_out_bias", parallel_linear::Attrs { grouped_in: false, grouped_out: true }, &[30, 2], 6, 24, 40, true, false, 7),
-        linear_case::<f32>("linear_f32_gates_3d", parallel_linear::Attrs { grouped_in: false, grouped_out: false }, &[3, 7, 2], 5, 16, 24, true, true, 8),
-        linear_case::<bf16>("linear_bf16_grouped_in", parallel_linear::Attrs { grouped_in: true, grouped_out: false }, &[12, 3], 4, 32, 16, false, false, 9),
+        linear_case::<f16>("linear_f16_grouped_out_bias", parallel_linear::Attrs { grouped_in: false, grouped_out: true, ..Default::default() }, &[30, 2], 6, 24, 40, true, false, 7),
+        linear_case::<f32>("linear_f32_gates_3d", parallel_linear::Attrs { grouped_in: false, grouped_out: false, ..Default::default() }, &[3, 7, 2], 5, 16, 24, true, true, 8),
+        linear_case::<bf16>("linear_bf16_grouped_in", parallel_linear::Attrs { grouped_in: true, grouped_out: false, ..Default::default() }, &[12, 3], 4, 32, 16, false, false, 9),
         mask_case("mask_i64_token_major", capacity_mask::Attrs { num_experts: 5, capacity_order: CapacityOrder::TokenMajor }, &[40, 2], 6, &[], false, 10),
         mask_case("mask_i32_slot_major_3d", capacity_mask::Attrs { num_experts: 3, capacity_order: CapacityOrder::SlotMajor }, &[2, 9, 2], 4, &[1], true, 11),
     ];

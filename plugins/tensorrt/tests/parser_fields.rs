@@ -22,6 +22,9 @@ impl AttrSource for NodeAttrs<'_> {
     fn string(&self, name: &str) -> Option<String> {
         self.0.attribute.iter().find(|a| a.name == name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.0.attribute.iter().find(|a| a.name == name).map(|a| a.ints.clone())
+    }
 }
 
 fn models_dir() -> PathBuf {

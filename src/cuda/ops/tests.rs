@@ -67,7 +67,7 @@ fn parallel_linear_output_follows_the_contract() {
     let base = vec![Some((F16, vec![6, 8])), Some((I32, vec![6, 2])), Some((F16, vec![3, 5, 8])), None, None];
     let sizes = LinearSizes { tokens: 6, k: 2, experts: 3, d_in: 8, d_out: 5 };
     for grouped_out in [false, true] {
-        let op = ParallelLinearOp(parallel_linear::Attrs { grouped_in: false, grouped_out });
+        let op = ParallelLinearOp(parallel_linear::Attrs { grouped_in: false, grouped_out, ..Default::default() });
         let sig = Signature::at_run(base.clone());
         let call = op.check(&sig).unwrap();
         assert_eq!(call, LinearCall { elem: ElemType::F16, it: IndexType::I32, sizes, gates: false });
@@ -78,7 +78,7 @@ fn parallel_linear_output_follows_the_contract() {
     }
     let mut gated = base;
     gated[4] = Some((F16, vec![6, 2]));
-    let op = ParallelLinearOp(parallel_linear::Attrs { grouped_in: false, grouped_out: false });
+    let op = ParallelLinearOp(parallel_linear::Attrs { grouped_in: false, grouped_out: false, ..Default::default() });
     let sig = Signature::at_run(gated);
     let call = op.check(&sig).unwrap();
     assert!(call.gates);
