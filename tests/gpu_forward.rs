@@ -347,6 +347,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         w_out: g.ptr(&dwo),
         b_in: dbi.as_ref().map(|b| g.ptr(b)),
         b_out: dbo.as_ref().map(|b| g.ptr(b)),
+        ..Default::default()
     };
     let plan = Plan::scatter_moe(s, E::T, c.capacity.is_some());
     let ws = g.poisoned(plan.bytes);
@@ -505,6 +506,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
         w: g.ptr(&dw),
         b: db.as_ref().map(|v| g.ptr(v)),
         gates: dg.as_ref().map(|v| g.ptr(v)),
+        w_quant: None,
     };
     let plan = Plan::parallel_linear(s, E::T, c.gates);
     let ws = g.poisoned(plan.bytes);
@@ -649,6 +651,7 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
             w_out: g.ptr(&dwo),
             b_in: None,
             b_out: None,
+            ..Default::default()
         };
         let ws = g.poisoned(Plan::scatter_moe(s, ElemType::F16, false).bytes);
         let y = g.poisoned(tokens * d * 2);
@@ -658,7 +661,7 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
     }
     // T = 0: nothing launched, no error words.
     let s0 = MoeSizes { tokens: 0, k: 2, experts: 8, d: 16, f: 8 };
-    let ptrs = MoePtrs { x: 0, routing_weights: 0, routing_indices: 0, w_in: 0, w_out: 0, b_in: None, b_out: None };
+    let ptrs = MoePtrs::default();
     let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, s0, None, &ptrs, 0, 0, (None, None), None) };
     rep.exact("ScatterMoE T=0 launches nothing", matches!(l, Ok(forward::Launched { error: None })), &format!("{l:?}"));
     // E above the kernels' limit: a clear error, nothing launched.
@@ -744,6 +747,7 @@ fn forward_is_cuda_graph_capture_safe() {
         w_out: g.ptr(&dwo),
         b_in: None,
         b_out: None,
+        ..Default::default()
     };
     let ws = g.poisoned(Plan::scatter_moe(l.s, ElemType::F16, true).bytes);
     let ybytes = l.s.tokens * l.s.d * 2;
@@ -804,6 +808,7 @@ fn async_checks_report_a_bad_index_of_an_earlier_run() {
             w_out: g.ptr(&dwo),
             b_in: None,
             b_out: None,
+            ..Default::default()
         };
         let ws = g.poisoned(Plan::scatter_moe(l.s, ElemType::F16, false).bytes);
         let y = g.poisoned(l.s.tokens * l.s.d * 2);

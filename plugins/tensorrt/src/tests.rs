@@ -243,7 +243,10 @@ fn output_types() {
     assert_eq!(l.output_types(&[B, I32, B, B, B]).unwrap(), vec![B]);
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     assert_eq!(m.output_types(&[I32, I64]).unwrap(), vec![data_type::BOOL]);
-    assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type an unsupported type; supported: int32, int64");
+    assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type float8e4m3fn; supported: int32, int64");
+    assert_eq!(m.output_types(&[9, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type an unsupported type; supported: int32, int64");
+    // quantized weights (fp8, uint8) leave the output in T
+    assert_eq!(p.output_types(&[H, H, I64, data_type::FP8, data_type::UINT8, H, H, I64, F, H, data_type::UINT8]).unwrap(), vec![H]);
 }
 
 fn d(input: i32, axis: i32) -> DimRef {
@@ -323,6 +326,27 @@ fn formats_and_types() {
     assert!(!p.supports_format(6, &io(F, I64, F), 5));
     assert!(!p.supports_format(0, &vec![desc(F, &[]); 10], 9));
 
+    // quantized weights: a weight in T, fp8 or uint8; its scale in T or float32; zero points uint8
+    let q = |w_in: i32, w_out: i32, s_in: i32, s_out: i32, z: i32| {
+        let mut v = vec![desc(H, &[]); 13];
+        v[2].data_type = I64;
+        v[7].data_type = I64;
+        (v[3].data_type, v[4].data_type, v[8].data_type, v[9].data_type, v[10].data_type, v[11].data_type) = (w_in, w_out, s_in, s_out, z, z);
+        v
+    };
+    let v = q(data_type::FP8, data_type::UINT8, F, H, data_type::UINT8);
+    assert!((0..13).all(|pos| p.supports_format(pos, &v, 12)));
+    assert!(p.supports_format(3, &q(H, H, H, H, data_type::UINT8), 12));
+    assert!(!p.supports_format(3, &q(data_type::INT8, H, F, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(3, &q(B, H, F, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(8, &q(data_type::FP8, H, B, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(8, &q(data_type::FP8, H, data_type::FP8, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(10, &q(data_type::UINT8, H, F, F, data_type::INT8), 12));
+    // the output stays in T
+    let mut v = q(data_type::FP8, data_type::FP8, F, F, data_type::UINT8);
+    v[12].data_type = data_type::FP8;
+    assert!(!p.supports_format(12, &v, 12));
+
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     let v = vec![desc(I32, &[]), desc(I64, &[]), desc(data_type::BOOL, &[])];
     assert!((0..3).all(|pos| m.supports_format(pos, &v, 2)));
@@ -401,6 +425,18 @@ fn workspace_is_the_plan_at_the_largest_shapes() {
     assert_eq!(l.workspace_size(&r, &[]).unwrap(), Plan::parallel_linear(s, ElemType::F16, false).bytes);
     let r5 = [r[0].clone(), r[1].clone(), r[2].clone(), range(H, &[64, 24], &[64, 24]), range(H, &[1, 8], &[100, 8])];
     assert_eq!(l.workspace_size(&r5, &[]).unwrap(), Plan::parallel_linear(s, ElemType::F16, true).bytes);
+
+    // a 4-bit w_out stores ceil(f / 2) bytes a row: f comes from w_in (gated: n = 2f)
+    let q = moe(&[int("weight_bits", 4)]);
+    let mut r = moe_ranges(H, (1, 4096), false);
+    r[3].desc.data_type = data_type::UINT8;
+    r[4] = range(data_type::UINT8, &[4, 16, 16], &[4, 16, 16]);
+    let s = MoeSizes { tokens: 4096, k: 2, experts: 4, d: 16, f: 32 };
+    assert_eq!(q.workspace_size(&r, &out).unwrap(), Plan::scatter_moe(s, ElemType::F16, false).bytes);
+    let plain = moe(&[int("gated", 0)]);
+    let mut r = moe_ranges(H, (1, 4096), false);
+    r[3] = range(H, &[4, 32, 16], &[4, 32, 16]);
+    assert_eq!(plain.workspace_size(&r, &out).unwrap(), Plan::scatter_moe(s, ElemType::F16, false).bytes);
 
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 32)]).unwrap();
     let r = [range(I64, &[1, 2], &[300, 2]), range(I64, &[], &[])];
