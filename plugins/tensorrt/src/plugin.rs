@@ -257,11 +257,10 @@ impl Plugin {
         };
         // The plan grows with every size: the largest shapes bound every run of the profile.
         Ok(match &self.attrs {
-            Attrs::Moe(_) => {
+            Attrs::Moe(a) => {
                 use scatter_moe::*;
                 // f from w_in's rows (w_out's last dimension is ceil(f / 2) bytes when 4-bit)
                 let n = dim(W_IN, 1);
-                let Attrs::Moe(a) = &self.attrs else { unreachable!() };
                 let s = MoeSizes {
                     tokens: leading(X).max(leading(ROUTING_INDICES)),
                     k: dim(ROUTING_INDICES, -1),

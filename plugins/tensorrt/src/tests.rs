@@ -10,6 +10,11 @@ fn int(name: &str, v: i32) -> Field {
     Field { name: name.into(), field_type: field_type::INT32, length: 1, data: v.to_le_bytes().to_vec() }
 }
 
+/// A list of ints as the parser passes `block_size`: kINT32, one value after the other.
+fn ints(name: &str, v: &[i32]) -> Field {
+    Field { name: name.into(), field_type: field_type::INT32, length: v.len() as i32, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+}
+
 fn float(name: &str, v: f32) -> Field {
     Field { name: name.into(), field_type: field_type::FLOAT32, length: 1, data: v.to_le_bytes().to_vec() }
 }
@@ -142,7 +147,7 @@ fn bad_fields_name_the_op_and_the_field() {
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[string("activaton", "silu")]),
-        "ScatterMoE: unknown plugin field 'activaton' (fields: activation, gated, glu_layout, alpha, limit, capacity_order)"
+        "ScatterMoE: unknown plugin field 'activaton' (fields: activation, gated, glu_layout, alpha, limit, capacity_order, weight_bits, block_size)"
     );
     assert_eq!(
         create_err(Op::ScatterMoE, &[float("gated", 1.0)]),
@@ -174,23 +179,30 @@ fn fields_round_trip() {
         for gated in [0, 1] {
             for layout in GluLayout::ALL {
                 for order in CapacityOrder::ALL {
-                    all.push((
-                        Op::ScatterMoE,
-                        vec![
-                            string("activation", act.name()),
-                            int("gated", gated),
-                            string("glu_layout", layout.name()),
-                            float("alpha", 1.25),
-                            float("limit", 3.5),
-                            string("capacity_order", order.name()),
-                        ],
-                    ));
+                    let mut fields = vec![
+                        string("activation", act.name()),
+                        int("gated", gated),
+                        string("glu_layout", layout.name()),
+                        float("alpha", 1.25),
+                        float("limit", 3.5),
+                        string("capacity_order", order.name()),
+                        int("weight_bits", if gated == 1 { 4 } else { 8 }),
+                    ];
+                    // block_size has no default: serialised only where given
+                    if order == CapacityOrder::SlotMajor {
+                        fields.push(ints("block_size", &[1, 32]));
+                    }
+                    all.push((Op::ScatterMoE, fields));
                 }
             }
         }
     }
     for (gi, go) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-        all.push((Op::ParallelLinear, vec![int("grouped_in", gi), int("grouped_out", go)]));
+        let mut fields = vec![int("grouped_in", gi), int("grouped_out", go), int("weight_bits", 8)];
+        if gi == 1 {
+            fields.push(ints("block_size", &[128, 128]));
+        }
+        all.push((Op::ParallelLinear, fields));
     }
     for order in CapacityOrder::ALL {
         all.push((Op::CapacityMask, vec![int("num_experts", 64), string("capacity_order", order.name())]));
@@ -200,8 +212,10 @@ fn fields_round_trip() {
         let Ok(p) = create_plugin(op, &fields) else { continue }; // a gated-only activation without gating
         made += 1;
         let ser = p.fields_to_serialize();
-        // the parser's types, every attribute, in ATTRS order
-        assert_eq!(ser.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), op.attrs().iter().map(|a| a.name).collect::<Vec<_>>());
+        // the parser's types, every attribute given or with a default, in ATTRS order
+        let given = |n: &str| fields.iter().any(|f| f.name == n);
+        let names: Vec<&str> = op.attrs().iter().map(|a| a.name).filter(|n| !matches!(n, &"block_size") || given(n)).collect();
+        assert_eq!(ser.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), names);
         assert_eq!(ser, fields, "{}: serialised fields differ from the ones it was made from", op.name());
         let q = create_plugin(op, &ser).unwrap();
         assert_eq!(q.attrs(), p.attrs());
@@ -244,7 +258,7 @@ fn output_types() {
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     assert_eq!(m.output_types(&[I32, I64]).unwrap(), vec![data_type::BOOL]);
     assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type float8e4m3fn; supported: int32, int64");
-    assert_eq!(m.output_types(&[9, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type an unsupported type; supported: int32, int64");
+    assert_eq!(m.output_types(&[9, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type undefined; supported: int32, int64");
     // quantized weights (fp8, uint8) leave the output in T
     assert_eq!(p.output_types(&[H, H, I64, data_type::FP8, data_type::UINT8, H, H, I64, F, H, data_type::UINT8]).unwrap(), vec![H]);
 }
@@ -285,7 +299,7 @@ fn known_dimensions_are_checked_at_build_time() {
         e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2]), desc(I64, &[-1, 2]), desc(F, &[4, 48, 16]), desc(F, &[4, 16, 32])]),
         "ScatterMoE: input 'w_in' [4, 48, 16] must be [E, 64, d] for f = 32 (gated: gate and up rows), got n = 48"
     );
-    assert_eq!(e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2])]), "ScatterMoE: expects 5 to 8 inputs, got 2");
+    assert_eq!(e(&[desc(F, &[-1, 16]), desc(F, &[-1, 2])]), "ScatterMoE: expects 5 to 12 inputs, got 2");
     assert_eq!(
         e(&[desc(F, &[16]), desc(F, &[-1, 2]), desc(I64, &[-1, 2]), desc(F, &[4, 64, 16]), desc(F, &[4, 16, 32])]),
         "ScatterMoE: input 'X' must have rank >= 2, got shape [16]"
@@ -324,7 +338,7 @@ fn formats_and_types() {
     assert!(!p.supports_format(7, &v, 8));
     // positions past the ports
     assert!(!p.supports_format(6, &io(F, I64, F), 5));
-    assert!(!p.supports_format(0, &vec![desc(F, &[]); 10], 9));
+    assert!(!p.supports_format(0, &vec![desc(F, &[]); 14], 13));
 
     // quantized weights: a weight in T, fp8 or uint8; its scale in T or float32; zero points uint8
     let q = |w_in: i32, w_out: i32, s_in: i32, s_out: i32, z: i32| {
