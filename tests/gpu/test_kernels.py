@@ -5,7 +5,7 @@ correct : routing exactness, capacity, validation, ParallelLinear GEMM modes, fu
           dtypes / shapes / activations / layouts, quantized weights (quant_cases.py); prints one
           line per case and a summary. --only selects: routing, pl, fwd, quant.
 sanitize: a few small launches of every entry point, no references (run under compute-sanitizer);
-          --only quant: the quantized ones only.
+          --only quant: the quantized ones only; --small: fewer of them (racecheck).
 """
 import argparse
 import math
@@ -360,6 +360,7 @@ def main():
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--mode", default="correct")
     ap.add_argument("--only", default="routing,pl,fwd,quant")
+    ap.add_argument("--small", action="store_true", help="sanitize: the reduced quantized set (racecheck)")
     a = ap.parse_args()
     torch.manual_seed(0)
     K = Kernels(a.fatbin_dir)
@@ -367,7 +368,7 @@ def main():
     if a.mode == "sanitize":
         if a.only != "quant":
             sanitize(K)
-        quant_cases.sanitize(K, make_routing)
+        quant_cases.sanitize(K, make_routing, small=a.small)
         return
     only = a.only.split(",")
     if "routing" in only:
