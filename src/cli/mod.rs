@@ -1,4 +1,4 @@
-//! The `scattermoe` command line: `rewrite` and `inspect`. It lives in the library so that the
+//! The `scattermoe` command line: `rewrite`, `inspect` and `quantize`. It lives in the library so that the
 //! binary (src/bin/scattermoe.rs) and the Python package's console script run the same code.
 //!
 //! Exit status: 0 done; 1 error (nothing written); 2 bad arguments; 3 no MoE layer replaced
@@ -7,12 +7,13 @@
 mod bars;
 pub mod checks;
 pub mod file;
+pub mod quantize;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::onnx;
 use crate::rewrite;
@@ -45,6 +46,68 @@ enum Cmd {
     /// replace it, or why not; writes nothing.
     #[command(after_help = AFTER_HELP)]
     Inspect(InspectArgs),
+    /// Quantize the expert weights of every ScatterMoE and ParallelLinear node (of a rewritten
+    /// model): fp8 e4m3fn, 8-bit or 4-bit integers with float32 scales (docs/quantize.md), and
+    /// report each node's error on random inputs, run through the CPU op.
+    #[command(after_help = QUANTIZE_AFTER_HELP)]
+    Quantize(QuantizeArgs),
+}
+
+const QUANTIZE_AFTER_HELP: &str = "Exit status: 0 done; 1 error (nothing written); 2 bad arguments; 130 interrupted \
+(nothing written).
+Defaults: --fp8 and --int8 one scale per output channel, --int4 groups of 128 along the input; integer formats \
+take zero points (asymmetric ranges) unless --symmetric. Rounding is to nearest even, saturating.";
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("format").required(true).args(["fp8", "int4", "int8"])))]
+struct QuantizeArgs {
+    /// input model (its ScatterMoE and ParallelLinear nodes' weights must be initializers)
+    input: PathBuf,
+    /// output model (its external data, when any, is written to OUTPUT.data)
+    output: PathBuf,
+    /// float8 e4m3fn codes (one scale per output channel unless --block or --group)
+    #[arg(long)]
+    fp8: bool,
+    /// 4-bit integer codes, two a byte along the input (groups of --group, default 128)
+    #[arg(long)]
+    int4: bool,
+    /// 8-bit integer codes (one scale per output channel unless --group or --block)
+    #[arg(long)]
+    int8: bool,
+    /// one scale per N consecutive inputs of a row
+    #[arg(long, value_name = "N", conflicts_with = "block", value_parser = clap::value_parser!(u64).range(1..))]
+    group: Option<u64>,
+    /// one scale per 2-D block of ROWS x COLS (e.g. 128x128, as DeepSeek-V3's and Qwen3's fp8 checkpoints)
+    #[arg(long, value_name = "ROWSxCOLS", value_parser = parse_block)]
+    block: Option<(u64, u64)>,
+    /// one scale per output channel (for --int4 too)
+    #[arg(long, conflicts_with_all = ["group", "block"])]
+    per_channel: bool,
+    /// integer formats without zero points: ranges symmetric around the default zero point (128, 8)
+    #[arg(long)]
+    symmetric: bool,
+    /// token counts of the error report, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64", value_name = "N,N,...")]
+    lengths: Vec<usize>,
+    /// overwrite OUTPUT if it exists
+    #[arg(long)]
+    force: bool,
+    /// print the report as JSON on stdout (no progress display)
+    #[arg(long)]
+    json: bool,
+    /// no progress display
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// `128x128` -> (128, 128).
+fn parse_block(s: &str) -> std::result::Result<(u64, u64), String> {
+    let bad = || format!("'{s}' is not ROWSxCOLS with both at least 1 (e.g. 128x128)");
+    let (r, c) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    match (r.trim().parse::<u64>(), c.trim().parse::<u64>()) {
+        (Ok(r), Ok(c)) if r >= 1 && c >= 1 => Ok((r, c)),
+        _ => Err(bad()),
+    }
 }
 
 #[derive(Args)]
@@ -145,6 +208,7 @@ where
     let code = match cli.cmd {
         Cmd::Rewrite(a) => run_rewrite(a),
         Cmd::Inspect(a) => run_inspect(a),
+        Cmd::Quantize(a) => run_quantize(a),
     };
     let code = code.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -229,6 +293,50 @@ fn run_rewrite(a: RewriteArgs) -> Result<u8> {
     if !out.written {
         eprintln!("{}", none_replaced(&input, &out.report, false));
         return Ok(EXIT_NO_MOE);
+    }
+    Ok(0)
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<u8> {
+    use crate::spec::{QuantFormat, ScaleLayout};
+    let format = match (a.fp8, a.int4) {
+        (true, _) => QuantFormat::Fp8E4M3Fn,
+        (_, true) => QuantFormat::Int4,
+        _ => QuantFormat::Int8,
+    };
+    if a.symmetric && format == QuantFormat::Fp8E4M3Fn {
+        eprintln!("error: --symmetric is for the integer formats (--int4, --int8): fp8 takes no zero point");
+        return Ok(2);
+    }
+    let layout = match (a.group, a.block, a.per_channel) {
+        (Some(g), _, _) => ScaleLayout::Blocks { block_out: 1, block_in: g },
+        (_, Some((r, c)), _) => ScaleLayout::Blocks { block_out: r, block_in: c },
+        (None, None, false) if format == QuantFormat::Int4 => ScaleLayout::Blocks { block_out: 1, block_in: 128 },
+        _ => ScaleLayout::PerChannel,
+    };
+    let opts = quantize::Options { format, layout, zero_point: !a.symmetric, lengths: a.lengths, force: a.force };
+    let bars = Bars::new(!a.quiet && !a.json);
+    let reports = quantize::quantize_file(&a.input, &a.output, &opts, &bars)?;
+    if a.json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            output: String,
+            format: String,
+            nodes: &'a [quantize::NodeReport],
+        }
+        println!("{}", serde_json::to_string(&Out { output: a.output.display().to_string(), format: opts.describe(), nodes: &reports })?);
+    } else {
+        for r in &reports {
+            println!("{}", r.text());
+        }
+        let worst = reports.iter().map(quantize::NodeReport::worst).fold(0.0, f64::max);
+        eprintln!(
+            "{} node{} quantized ({}); largest relative error {worst:.2e}; written to {}",
+            reports.len(),
+            if reports.len() == 1 { "" } else { "s" },
+            opts.describe(),
+            a.output.display()
+        );
     }
     Ok(0)
 }

@@ -119,22 +119,34 @@ impl<E: Element> QuantWeight<'_, E> {
             let s = self.scale(first + g);
             let z = self.zero_points.map_or(default_z, |zp| zp[first + g]) as f32;
             let cols = g * block_in..((g + 1) * block_in).min(in_);
-            let d = &mut dst[cols.clone()];
             match format {
                 QuantFormat::Fp8E4M3Fn => {
-                    for (v, &c) in d.iter_mut().zip(&row[cols]) {
+                    for (v, &c) in dst[cols.clone()].iter_mut().zip(&row[cols]) {
                         *v = FP8_E4M3FN[c as usize] * s;
                     }
                 }
                 QuantFormat::Int8 => {
-                    for (v, &c) in d.iter_mut().zip(&row[cols]) {
+                    for (v, &c) in dst[cols.clone()].iter_mut().zip(&row[cols]) {
                         *v = (c as f32 - z) * s;
                     }
                 }
                 QuantFormat::Int4 => {
-                    for (v, i) in d.iter_mut().zip(cols) {
-                        let c = (row[i / 2] >> (4 * (i & 1))) & 0xf;
-                        *v = (c as f32 - z) * s;
+                    // the group's 16 values, each (c - z) * s as the formula computes it, then one
+                    // lookup a code, a byte (two codes) at a time
+                    let lut: [f32; 16] = std::array::from_fn(|c| (c as f32 - z) * s);
+                    let (mut i, end) = (cols.start, cols.end);
+                    if i % 2 == 1 {
+                        dst[i] = lut[(row[i / 2] >> 4) as usize];
+                        i += 1;
+                    }
+                    let pairs = (end - i) / 2;
+                    for (o, &b) in dst[i..i + 2 * pairs].chunks_exact_mut(2).zip(&row[i / 2..i / 2 + pairs]) {
+                        o[0] = lut[(b & 0xf) as usize];
+                        o[1] = lut[(b >> 4) as usize];
+                    }
+                    i += 2 * pairs;
+                    if i < end {
+                        dst[i] = lut[(row[i / 2] & 0xf) as usize];
                     }
                 }
             }

@@ -8,7 +8,8 @@
 //! weights are never packed (the packed copy would be a whole dequantized f32 copy): the products
 //! dequantize the rows they multiply, a block at a time (`crate::cpu::quant`).
 
-use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
+use super::api::{KernelContext, KernelInfo, Tensor};
+use super::attrs::AttrProbe;
 use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_before_run, to_string, BOOL};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};

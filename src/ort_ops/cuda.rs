@@ -7,7 +7,8 @@
 //!
 //! Bad routing indices: see `crate::cuda::checks` and docs/op-spec.md ("Execution providers").
 
-use super::api::{AttrProbe, KernelContext, KernelInfo, Tensor};
+use super::api::{KernelContext, KernelInfo, Tensor};
+use super::attrs::AttrProbe;
 use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signature_before_run, to_string};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};

@@ -2,6 +2,7 @@
 //! exported `RegisterCustomOps` calls.
 
 pub mod api;
+mod attrs;
 mod cpu;
 mod cuda;
 mod inputs;

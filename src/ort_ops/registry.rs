@@ -2,7 +2,8 @@
 //! which inputs stay in host memory, the kernel constructors, and shape inference (the contract's
 //! output shapes, the same on every provider).
 
-use super::api::{AttrProbe, ShapeContext, SymDim};
+use super::api::{ShapeContext, SymDim};
+use super::attrs::AttrProbe;
 use super::inputs::{shape_inputs, signature_before_run, to_string};
 use super::op::{ort_type, Kernel, OpDef};
 use super::api::KernelInfo;

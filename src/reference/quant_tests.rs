@@ -32,10 +32,14 @@ const fn blocks(block_out: u64, block_in: u64) -> ScaleLayout {
     ScaleLayout::Blocks { block_out, block_in }
 }
 
+/// A quantized weight's buffers: codes, scales as float32 and as `T` (the form's choice is
+/// read from `quant.scale`), zero points.
+type Stored<E> = (Quant, Vec<u8>, Vec<f32>, Vec<E>, Option<Vec<u8>>);
+
 /// One weight's random data, stored as the op takes it, and its f64 values.
 struct Data<E> {
     plain: Vec<E>,
-    quant: Option<(Quant, Vec<u8>, Vec<f32>, Vec<E>, Option<Vec<u8>>)>,
+    quant: Option<Stored<E>>,
     want: Vec<f64>,
 }
 
@@ -221,6 +225,8 @@ fn int4_group_wise_with_partial_groups_and_odd_in() {
     }
     // groups of 64 and 128 (QMoE's and AWQ's), one partial group each
     check_moe(&moe(75, 40, form(INT4, blocks(1, 64), true, true), form(INT4, blocks(1, 128), false, false)), "int4 [1, 64] / [1, 128]");
+    // groups of an odd width: every other group starts on a high nibble
+    check_moe(&moe(75, 40, form(INT4, blocks(3, 5), true, true), form(INT4, blocks(3, 5), false, false)), "int4 [3, 5]");
     // per channel, d odd
     check_moe(&moe(21, 7, form(INT4, CHANNEL, false, true), form(INT4, CHANNEL, true, false)), "int4 per channel odd d and f");
 }
