@@ -21,15 +21,17 @@
 # quant-memcheck-forward.log, quant-racecheck.log, quant-ort.log, quant-bench.log, gpu.txt); a summary
 # of each stage on stdout.
 #
-# Here, before the calls (project root; NVCC = .venv-nvcc's nvcc, scripts/setup-nvcc.sh):
-#   scripts/gpu/build_kernels.sh target/qk-sm90 "$NVCC" sm90     # sm_90a only: smaller, quicker
-#   mkdir -p .carry/kernels && for f in target/qk-sm90/*.fatbin; do xz -9e -T2 -c "$f" > .carry/kernels/$(basename "$f").xz; done
-#   cargo test --release --test gpu_forward --no-run              # with kernels (no SCATTERMOE_NO_KERNELS)
-#   mkdir -p .carry/gpu && objcopy --strip-debug target/release/deps/gpu_forward-<hash> /tmp/gpu_forward \
-#     && xz -9e -T2 -c /tmp/gpu_forward > .carry/gpu/gpu_forward.xz
-#   cargo build --release -p scattermoe-ort
-#   mkdir -p .carry/ort && objcopy --strip-debug target/release/libscattermoe_ort.so /tmp/libscattermoe_ort.so \
-#     && xz -9e -T2 -c /tmp/libscattermoe_ort.so > .carry/ort/libscattermoe_ort.so.xz
+# Here, before the calls (project root): one build for the device, sm_90a code only (a third of the
+# fatbins' size; scripts/gpu/nvcc-sm90a.sh wraps .venv-nvcc's nvcc), in a target dir of its own:
+#   export NVCC=$PWD/scripts/gpu/nvcc-sm90a.sh CARGO_TARGET_DIR=target/device
+#   cargo test --release --no-run --test gpu_forward && cargo build --release -p scattermoe-ort
+#   O=$(ls -d target/device/release/build/scattermoe-*/out | while read d; do [ -f $d/quant_gemm.fatbin ] && echo $d; done | head -1)
+#   mkdir -p .carry/kernels .carry/gpu .carry/ort
+#   for f in $O/*.fatbin; do xz -6 -T2 -c "$f" > .carry/kernels/$(basename "$f").xz; done
+#   objcopy --strip-debug $(ls -t target/device/release/deps/gpu_forward-* | grep -v '\.d$' | head -1) /tmp/gpu_forward \
+#     && xz -6 -T2 -c /tmp/gpu_forward > .carry/gpu/gpu_forward.xz
+#   objcopy --strip-debug target/device/release/libscattermoe_ort.so /tmp/libscattermoe_ort.so \
+#     && xz -6 -T2 -c /tmp/libscattermoe_ort.so > .carry/ort/libscattermoe_ort.so.xz
 #   PART_MB=40 ../shared/tools/ort-gpu-parts.sh                   # .carry/ort-gpu/p0 .. pN
 # Device calls, back to back (the machine stays warm ~30 s between calls; carried paths stay there):
 #   carry [".carry/ort-gpu/p0", ".carry/kernels"]:   mkdir -p /tmp/ortparts && cp .carry/ort-gpu/p0/* /tmp/ortparts/
