@@ -10,7 +10,7 @@
 use crate::bridge::{DimRef, Field, Op, OutputShape, Range, TensorDesc};
 use crate::codes::{data_type, onnx_code, trt_elem};
 use crate::fields::{Fields, Value};
-use scattermoe::cuda::ops::{LinearCall, MaskCall, MoeCall, Runner};
+use scattermoe::cuda::ops::{check_quantized_on_gpu, LinearCall, MaskCall, MoeCall, Runner};
 use scattermoe::reference::{LinearSizes, MoeSizes};
 use scattermoe::spec::{self, capacity_mask, parallel_linear, scatter_moe, AttrSource, Dim, ElemType, IndexType, PortType, SpecError};
 
@@ -131,9 +131,16 @@ impl Plugin {
     fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = types.iter().map(|t| t.map(onnx_code)).collect();
         let refs: Vec<Option<&[Dim]>> = shapes.iter().map(|s| Some(s.as_slice())).collect();
+        // the contract, then what the device path refuses (a quantized weight with T = float32)
         match &self.attrs {
-            Attrs::Moe(a) => scatter_moe::check(a, &types, &refs).map(drop),
-            Attrs::Linear(a) => parallel_linear::check(a, &types, &refs).map(drop),
+            Attrs::Moe(a) => {
+                let (t, _, d) = scatter_moe::check(a, &types, &refs)?;
+                check_quantized_on_gpu(scatter_moe::NAME, t, &[("w_in", d.w_in), ("w_out", d.w_out)])
+            }
+            Attrs::Linear(a) => {
+                let (t, _, d) = parallel_linear::check(a, &types, &refs)?;
+                check_quantized_on_gpu(parallel_linear::NAME, t, &[("W", d.w)])
+            }
             Attrs::Mask(_) => capacity_mask::check(&types, &refs).map(drop),
         }
     }

@@ -450,6 +450,17 @@ fn workspace_is_the_plan_at_the_largest_shapes() {
     r[3] = range(H, &[4, 32, 16], &[4, 32, 16]);
     assert_eq!(plain.workspace_size(&r, &out).unwrap(), Plan::scatter_moe(s, ElemType::F16, false).bytes);
 
+    // float32 with a quantized weight: refused at configure, naming the weight
+    let mut p32 = moe(&[]);
+    let mut r = moe_ranges(F, (1, 64), false);
+    r[3].desc.data_type = data_type::FP8;
+    r.extend([range(I64, &[1], &[1]), range(I64, &[1], &[1]), range(I64, &[1], &[1])]); // b_in, b_out, capacity slots
+    r[5] = range(F, &[4, 64], &[4, 64]);
+    r[6] = range(F, &[4, 16], &[4, 16]);
+    r.push(range(F, &[4, 64], &[4, 64])); // w_in_scale, per output channel
+    let e = p32.configure(&r, &out).unwrap_err().to_string();
+    assert!(e.starts_with("ScatterMoE: input 'w_in' is float8e4m3fn: the CUDA kernels take quantized weights with T = float16 or bfloat16"), "{e}");
+
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 32)]).unwrap();
     let r = [range(I64, &[1, 2], &[300, 2]), range(I64, &[], &[])];
     assert_eq!(m.workspace_size(&r, &[]).unwrap(), Plan::capacity_mask(300, 2, 32).bytes);
