@@ -58,23 +58,23 @@ if has rust || has memcheck; then
   unxz_to .carry/gpu/gpu_forward /tmp/gpu_forward
 fi
 if has kernels; then
-  timeout "${KERNELS_S:-75}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only quant > "$OUT/quant-kernels.log" 2>&1
+  timeout "${KERNELS_S:-60}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only quant > "$OUT/quant-kernels.log" 2>&1
   echo "kernels rc=$?"; grep -v '^PASS' "$OUT/quant-kernels.log" | tail -8
 fi
 if has rust; then
-  timeout "${RUST_S:-60}" /tmp/gpu_forward --test-threads=1 --nocapture quantized > "$OUT/quant-forward.log" 2>&1
+  timeout "${RUST_S:-45}" /tmp/gpu_forward --test-threads=1 --nocapture quantized > "$OUT/quant-forward.log" 2>&1
   echo "rust rc=$?"; grep -E "^(FAIL|test result)|checks,|skipped|panicked" "$OUT/quant-forward.log" | head -20
 fi
 if has memcheck; then
-  timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  timeout "${MEMCHECK_S:-80}" compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 tests/gpu/test_kernels.py --fatbin-dir $KB --mode sanitize --only quant > "$OUT/quant-memcheck-kernels.log" 2>&1
   echo "memcheck kernels rc=$?"; grep -E "ERROR SUMMARY|Invalid|sanitize quant" "$OUT/quant-memcheck-kernels.log" | head -10
-  SCATTERMOE_GPU_SMALL=1 timeout "${RUST_MEMCHECK_S:-60}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  SCATTERMOE_GPU_SMALL=1 timeout "${RUST_MEMCHECK_S:-45}" compute-sanitizer --tool memcheck --error-exitcode 3 \
     /tmp/gpu_forward --test-threads=1 --nocapture quantized > "$OUT/quant-memcheck-forward.log" 2>&1
   echo "memcheck forward rc=$?"; grep -E "^(FAIL|test result)|ERROR SUMMARY|Invalid|checks," "$OUT/quant-memcheck-forward.log" | head -10
 fi
 if has racecheck; then
-  timeout "${RACECHECK_S:-45}" compute-sanitizer --tool racecheck --error-exitcode 3 \
+  timeout "${RACECHECK_S:-40}" compute-sanitizer --tool racecheck --error-exitcode 3 \
     python3 tests/gpu/test_kernels.py --fatbin-dir $KB --mode sanitize --only quant --small > "$OUT/quant-racecheck.log" 2>&1
   echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|sanitize quant" "$OUT/quant-racecheck.log" | head -10
 fi
@@ -90,13 +90,13 @@ if has ort || has bench; then
   export PYTHONPATH=/tmp/ortgpu
 fi
 if has ort; then
-  timeout "${ORT_S:-45}" python3 tests/gpu/test_ort_cuda.py --lib /tmp/libscattermoe_ort.so --only quant > "$OUT/quant-ort.log" 2>&1
+  timeout "${ORT_S:-40}" python3 tests/gpu/test_ort_cuda.py --lib /tmp/libscattermoe_ort.so --only quant > "$OUT/quant-ort.log" 2>&1
   echo "ort rc=$?"; grep -E "^FAIL|failed" "$OUT/quant-ort.log" | head -10
 fi
 if has bench; then
-  timeout "${BENCH_S:-150}" python3 bench/gpu_bench.py --lib /tmp/libscattermoe_ort.so --fatbin-dir $KB \
+  timeout "${BENCH_S:-170}" python3 bench/gpu_bench.py --lib /tmp/libscattermoe_ort.so --fatbin-dir $KB \
     --peers ours,kernels,ours_fp8,ours_int4,ours_int8,qmoe_int4,qmoe_int8,kernels_fp8,kernels_int4 \
     --shapes "${SHAPES:-mixtral,qwen3}" --tokens "${TOKENS:-1,16,128,1024,4096}" --budget "${BUDGET:-0.15}" \
-    --settle "${SETTLE:-0.05}" --time-limit "${TIME_LIMIT:-120}" --hard-extra 20 --out "$OUT" > "$OUT/quant-bench.log" 2>&1
+    --settle "${SETTLE:-0.05}" --time-limit "${TIME_LIMIT:-140}" --hard-extra 20 --out "$OUT" > "$OUT/quant-bench.log" 2>&1
   echo "bench rc=$?"; grep -E "failed|refused|unavailable" "$OUT/quant-bench.log" | head -10
 fi
