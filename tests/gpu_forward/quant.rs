@@ -150,7 +150,7 @@ fn qcases() -> Vec<QCase> {
     if !small() {
         // rows per expert past the small tiles: 128x128 and 32x64 by the choice
         v.push(c(1000, 2, 8, 1024, 384, Routing::Random, Some(form(Fp8E4M3Fn, Some([128, 128]), true, false)), Some(form(Int4, Some([1, 128]), false, true))));
-        v.push(c(4096, 8, 64, 512, 256, Routing::Random, Some(form(Int8, None, false, true)), Some(form(Int8, Some([1, 64]), true, false))));
+        v.push(c(1024, 2, 4, 1024, 256, Routing::Random, Some(form(Int8, None, false, true)), Some(form(Int8, Some([1, 64]), true, false))));
     }
     v
 }
