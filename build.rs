@@ -76,6 +76,8 @@ struct Gemm {
     w_by_tma: bool,
     grouped_a_form: bool,
     types: Vec<String>,
+    /// (format, dynamic smem bytes) of its quantized-weight forms (kernels/quant_gemm.cu), tc_gemm only
+    quant: Vec<(String, i64)>,
 }
 
 /// A kernel with a plain launch (`[[plain]]`).
@@ -99,6 +101,8 @@ struct Manifest {
     /// (name, C type) of the index and element types
     index_types: Vec<(String, String)>,
     elem_types: Vec<(String, String)>,
+    /// (name, C type) of the quantized weight formats (`[quant].formats`)
+    quant_formats: Vec<(String, String)>,
     plain: Vec<Plain>,
     gemm: Vec<Gemm>,
     /// (name, value) in file order
@@ -150,10 +154,10 @@ fn type_list(v: Option<&toml::Value>, what: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, String)]) -> Gemm {
+fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, String)], formats: &[(String, String)]) -> Gemm {
     let variant = str_of(t.get("variant").unwrap_or_else(|| bad("a [[gemm]] has no variant")), "gemm.variant");
     let what = format!("gemm {variant}");
-    let common = ["variant", "suffix", "doc", "kernel", "tile", "threads", "smem", "cluster", "archs", "w_by_tma", "grouped_a_form", "types"];
+    let common = ["variant", "suffix", "doc", "kernel", "tile", "threads", "smem", "cluster", "archs", "w_by_tma", "grouped_a_form", "types", "quant"];
     let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().chain(extra).copied().collect() };
     let kernel = str_of(req(t, "kernel", &what), "gemm.kernel");
     let body = match kernel.as_str() {
@@ -191,6 +195,20 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
     if let Some(x) = types.iter().find(|x| !elem_types.iter().any(|e| &e.0 == *x)) {
         bad(&format!("{what}: types names '{x}', which is not an element type of [types]"));
     }
+    // quant = { <format> = <smem>, ... }: every format of [quant].formats, in that order
+    let quant: Vec<(String, i64)> = match t.get("quant") {
+        None => vec![],
+        Some(v) => {
+            let q = v.as_table().unwrap_or_else(|| bad(&format!("{what}.quant must be a table {{ <format> = <smem bytes> }}")));
+            if let Some(k) = q.keys().find(|k| !formats.iter().any(|f| &f.0 == *k)) {
+                bad(&format!("{what}.quant names '{k}', which is not a format of [quant].formats"));
+            }
+            formats.iter().map(|(f, _)| (f.clone(), int(q, f, &format!("{what}.quant")))).collect()
+        }
+    };
+    if !quant.is_empty() && !matches!(body, Body::Tc { .. }) {
+        bad(&format!("{what}: quant needs kernel = \"tc_gemm\" (kernels/quant_gemm.cu is its quantized form)"));
+    }
     let g = Gemm {
         suffix: str_of(req(t, "suffix", &what), "gemm.suffix"),
         doc: str_of(req(t, "doc", &what), "gemm.doc"),
@@ -203,6 +221,7 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
         w_by_tma: flag("w_by_tma"),
         grouped_a_form: flag("grouped_a_form"),
         types,
+        quant,
         variant,
     };
     // The forms the entry macros of kernels/grouped_gemm.cu have (see `gemm_entries`).
@@ -252,7 +271,9 @@ fn read_manifest(path: &Path) -> Manifest {
         let entry = str_of(req(&t, "entry", &name), "plain.entry");
         plain.push(Plain { module, threads: int(&t, "threads", &name), name, entry });
     }
-    let gemm = tables("gemm").iter().map(|t| read_gemm(t, &arch_names, &elem_types)).collect();
+    let quant = doc.get("quant").and_then(|v| v.as_table()).unwrap_or_else(|| bad("no [quant] table"));
+    let quant_formats = type_list(quant.get("formats"), "quant.formats");
+    let gemm = tables("gemm").iter().map(|t| read_gemm(t, &arch_names, &elem_types, &quant_formats)).collect();
     let activations = strs(doc.get("activations"), "activations");
     if activations.first().map(String::as_str) != Some("none") {
         bad("activations must start with \"none\" (code 0, the identity)");
@@ -271,6 +292,7 @@ fn read_manifest(path: &Path) -> Manifest {
         activations,
         index_types,
         elem_types,
+        quant_formats,
         plain,
         gemm,
         selection: selection.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -367,8 +389,37 @@ impl Manifest {
                 }
             }
         }
+        let module = self.module_index("quant_gemm");
+        for g in self.gemm.iter().filter(|g| !g.quant.is_empty()) {
+            for t in &g.types {
+                let c = &self.elem_types.iter().find(|e| &e.0 == t).unwrap().1;
+                for ((fmt, smem), (_, fc)) in g.quant.iter().zip(&self.quant_formats) {
+                    let name = quant_name(t, fmt, &g.suffix);
+                    let Body::Tc { block_k, warp_tile: (wm, wn), stages, min_blocks } = g.body else { unreachable!() };
+                    let (bm, bn, threads) = (g.tile.0, g.tile.1, g.threads);
+                    let def = format!("SMOE_TCQ_ENTRY({name}, {c}, {fc}, {bm}, {bn}, {block_k}, {wm}, {wn}, {stages}, {min_blocks}, {threads}, {smem})");
+                    v.push(EntryPoint {
+                        module,
+                        name,
+                        threads,
+                        smem: *smem,
+                        cluster: 1,
+                        tma: false,
+                        archs: g.archs.clone(),
+                        def,
+                        about: format!("{} with quantized W: {}", g.variant, g.doc),
+                        plain: false,
+                    });
+                }
+            }
+        }
         v
     }
+}
+
+/// The entry point of a GEMM configuration's quantized-weight form (kernels/quant_gemm.cu).
+fn quant_name(t: &str, fmt: &str, suffix: &str) -> String {
+    format!("scattermoe_qgemm_{t}_{fmt}_{suffix}")
 }
 
 /// The invocations of kernels/grouped_gemm.cu's entry macros that define configuration `g` for the
@@ -474,6 +525,14 @@ fn rust_tables(m: &Manifest) -> String {
         m.activations
     )
     .unwrap();
+    let fmts: Vec<&String> = m.quant_formats.iter().map(|f| &f.0).collect();
+    writeln!(
+        s,
+        "/// The quantized weight formats of kernels/quant_gemm.cu, in manifest order (entry points\n/// `scattermoe_qgemm_{{t}}_{{format}}_{{suffix}}`).\npub const QUANT_FORMATS: [&str; {}] = {:?};\n",
+        fmts.len(),
+        fmts
+    )
+    .unwrap();
     s.push_str("/// The kernels' code of an activation (None: the identity). A value of `Activation` missing from the\n/// manifest's `activations` makes this match non-exhaustive: the build names it.\npub const fn act_code(a: Option<Activation>) -> i32 {\n    match a {\n        None => 0,\n");
     for (code, a) in m.activations.iter().enumerate().skip(1) {
         writeln!(s, "        Some(Activation::{}) => {code},", camel(a)).unwrap();
@@ -510,6 +569,12 @@ fn rust_tables(m: &Manifest) -> String {
         &|g| g.grouped_a_form.to_string(),
     );
     method(&mut s, "types(self) -> &'static [&'static str]", "The element types it has entry points for.", &|g| format!("&{:?}", g.types));
+    method(
+        &mut s,
+        "has_quant(self) -> bool",
+        "Whether it has quantized-weight forms (kernels/quant_gemm.cu), one per format of `QUANT_FORMATS`.",
+        &|g| (!g.quant.is_empty()).to_string(),
+    );
     s.push_str("}\n\n/// The kernel choice's thresholds (see `crate::cuda::forward::selection`).\npub mod thresholds {\n");
     for (k, v) in &m.selection {
         let (ty, val) = match v {
@@ -579,6 +644,18 @@ fn python_table(m: &Manifest) -> String {
     for g in m.gemm.iter().filter(|g| g.types.iter().all(|t| t == "f32")) {
         writeln!(s, "F32_CFG = ({}, {}, {}, {})", g.tile.0, g.tile.1, g.threads, g.smem).unwrap();
     }
+    writeln!(
+        s,
+        "# the quantized weight formats (kernels/quant_gemm.cu: scattermoe_qgemm_{{t}}_{{format}}_{{suffix}})\nQUANT_FORMATS = {}",
+        py_list(m.quant_formats.iter().map(|f| f.0.clone()).collect())
+    )
+    .unwrap();
+    s.push_str("# suffix -> {format: (BM, BN, threads, dynamic smem bytes)} of the quantized forms\nQUANT_CFGS = {\n");
+    for g in m.gemm.iter().filter(|g| !g.quant.is_empty()) {
+        let per = g.quant.iter().map(|(f, smem)| format!("{f:?}: ({}, {}, {}, {smem})", g.tile.0, g.tile.1, g.threads)).collect::<Vec<_>>().join(", ");
+        writeln!(s, "    {:?}: {{{per}}},", g.suffix).unwrap();
+    }
+    s.push_str("}\n");
     s.push_str("# the kernel choice's thresholds (src/cuda/forward/selection.rs)\n");
     for (k, v) in &m.selection {
         let val = match v {

@@ -36,6 +36,11 @@ renormalise) is random and identical in every column, whether given or computed 
                     (ctypes launches from Python)
   ... (graph)       kernels, grouped_mm, Triton captured in a CUDA graph (one forward per input set)
   fastest (host / graph)  the fastest column of each timing kind (floor excluded)
+Quantized columns, in a table of their own (bench/peers/quant_bench.py): floor fp8 / floor int4 (the
+floor with the quantized weight bytes), ours fp8/ORT, ours int4/ORT, ours int8/ORT (ScatterMoE with
+quantized w_in / w_out), QMoE int4 / QMoE int8 (com.microsoft.QMoE with the same codes and scales),
+kernels fp8 / kernels int4 (host and graph); their errors are the quantization's, against the same
+float32 reference of the bf16 layer.
 A second table gives each column's relative error max|y - ref| / max|ref| against a float32 torch
 evaluation of the same routing (input set 0). A cell is "-" when that column failed or was skipped;
 the reason is printed under the tables and kept in the JSON ("notes").
@@ -50,6 +55,7 @@ is there (peers/cpu_check.py: routing, reference, HF export in float32), and ren
 made-up rows.
 """
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -65,17 +71,18 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from peers import onnx_models, report  # noqa: E402  (numpy + onnx only)
+from peers.quant_bench import QUANT_PEERS, QuantColumns  # noqa: E402
 
 # The inputs of each ORT session: {model input name: key of an input set}.
 SESSION_INPUTS = {"ours": {"x": "x", "rw": "rw", "ri": "ri"}, "ours_router": {"x": "x"},
-                  "ortmoe": {"x": "x", "logits": "logits"}}
+                  "ortmoe": {"x": "x", "logits": "logits"}}  # (the quantized columns: quant_bench.py)
 
 SHAPES = {  # name: (d, f, E, k)
     "mixtral": (4096, 14336, 8, 2),
     "qwen3": (2048, 768, 128, 8),
     "fine": (1024, 512, 64, 8),
 }
-PEERS = ("ours", "ours_router", "exported", "ortmoe", "grouped_mm", "triton", "kernels")
+PEERS = ("ours", "ours_router", "exported", "ortmoe", "grouped_mm", "triton", "kernels") + QUANT_PEERS
 
 
 class Skip(Exception):
@@ -93,7 +100,7 @@ def short(e):
 
 
 # ------------------------------------------------------------------------------------------ device run
-class Bench:
+class Bench(QuantColumns):
     def __init__(self, args):
         import torch
 
@@ -104,8 +111,9 @@ class Bench:
         self.peers = set(args.peers.split(","))
         self.tmp = tempfile.mkdtemp(prefix="smoe-bench-")
         self.global_why = {}  # peer -> reason it is unavailable for every shape
-        self.ort = self._try("ORT", ort_session.load_ort, ("ours", "ours_router", "exported", "ortmoe"))
-        self.kernels = self._try("kernels", self._load_kernels, ("kernels",))
+        ort_peers = ("ours", "ours_router", "exported", "ortmoe", "ours_fp8", "ours_int4", "ours_int8", "qmoe_int4", "qmoe_int8")
+        self.ort = self._try("ORT", ort_session.load_ort, ort_peers)
+        self.kernels = self._try("kernels", self._load_kernels, ("kernels", "kernels_fp8", "kernels_int4"))
         self.triton = self._try("Triton", self._load_triton, ("triton",))
 
     def _try(self, what, fn, peers):
@@ -188,6 +196,7 @@ class Bench:
             from peers import triton_smoe
 
             st["triton_w"] = triton_smoe.weights(st["w_gu"], st["w_down"])
+        self.prepare_quant(st, short)
         torch.cuda.synchronize()
         return st
 
@@ -231,10 +240,12 @@ class Bench:
         ref = wl.reference_f32(sets[0]["x"], sets[0]["rw32"], sets[0]["ri"], st["w_gu"], st["w_down"])
         row = dict(shape=st["shape"], tokens=T, experts_hit=n_hit, notes={},
                    floor=wl.floor_ms(T, d, f, k, n_hit, self.peak, self.bw))
+        self.quant_floors(row, st, self.peak, self.bw)
         columns = [("ours", "ours/ORT", self.col_ours), ("ours_router", "ours/ORT+router", self.col_ours_router),
                    ("ortmoe", "ORT MoE", self.col_ortmoe), ("exported", "exported/ORT", self.col_exported),
                    ("grouped_mm", "grouped_mm", self.col_grouped_mm), ("triton", "Triton", self.col_triton),
                    ("kernels", "kernels", self.col_kernels)]
+        columns += [(peer, key, functools.partial(fn, peer)) for peer, key, fn in self.quant_columns()]
         self._host = []  # (key, fn) of the host-timed columns: timed together after the loop
         for peer, key, fn in columns:
             if peer not in self.peers:
@@ -275,27 +286,27 @@ class Bench:
         assert t.is_contiguous()
         return t.data_ptr(), tuple(t.shape), etype[t.dtype]
 
-    def bind_set(self, sess, s, inputs, output="y", view=None):
-        """IO binding of input set `s` to `sess`: inputs = {model input name: key of s}; the output to s["y"]."""
+    def bind_set(self, sess, s, inputs, output="y", view=None, ykey="y"):
+        """IO binding of input set `s` to `sess`: inputs = {model input name: key of s}; the output to s[ykey]."""
         view = view or (lambda t: t)
         return self.ortlib.bind(sess, {n: self._spec(view(s[src])) for n, src in inputs.items()},
-                                {output: self._spec(view(s["y"]))})
+                                {output: self._spec(view(s[ykey]))})
 
-    def _ort_column(self, key, sess, sets, ref, row, inputs, output="y", view=None, first=False):
+    def _ort_column(self, key, sess, sets, ref, row, inputs, output="y", view=None, first=False, ykey="y"):
         """Binds every input set, checks set 0 against the reference, host-times the cycle. With first=True
         the check run is the session's first (profiled) run: returns its node placement."""
-        ios = [self.bind_set(sess, s, inputs, output, view) for s in sets]
-        sets[0]["y"].fill_(float("nan"))
+        ios = [self.bind_set(sess, s, inputs, output, view, ykey) for s in sets]
+        sets[0][ykey].fill_(float("nan"))
         self.torch.cuda.synchronize()  # inputs were written on torch's stream; ORT runs on its own
         placement = self.ortlib.first_run(sess, ios[0]) if first else sess.run_with_iobinding(ios[0])
-        row[key + "_err"] = self.workload.rel_err(sets[0]["y"], ref)
+        row[key + "_err"] = self.workload.rel_err(sets[0][ykey], ref)
         runs = [lambda io=io: sess.run_with_iobinding(io) for io in ios]
         self._host.append((key, self.timing.cycle(runs)))
         return placement
 
-    def _session_column(self, st, key, peer, sets, ref, row, inputs):
+    def _session_column(self, st, key, peer, sets, ref, row, inputs, ykey="y"):
         first = key not in st["placement"]
-        placement = self._ort_column(key, st[f"sess_{peer}"], sets, ref, row, inputs, first=first)
+        placement = self._ort_column(key, st[f"sess_{peer}"], sets, ref, row, inputs, first=first, ykey=ykey)
         if first:
             st["placement"][key] = placement
             print(f"{st['shape']}: {key} node placement {placement}", flush=True)
@@ -408,6 +419,10 @@ def write_outputs(out, meta, rows, shapes):
     report.write_json(os.path.join(out, "gpu_bench.json"), meta, rows)
     md = ["## Time per layer forward (ms, median)", "", report.table(rows), "",
           "## Relative error vs float32 torch on the same routing (max|y-ref|/max|ref|)", "", report.error_table(rows)]
+    if any(k in r for r in rows for k, _, _ in report.QUANT_COLUMNS[2:]):
+        md += ["", "## Quantized weights: time per layer forward (ms, median)", "", report.table(rows, report.QUANT_COLUMNS), "",
+               "## Quantized weights: relative error vs float32 torch of the bf16 layer (the quantization's error)", "",
+               report.error_table(rows, report.QUANT_ERROR_COLUMNS)]
     why = report.notes(rows)
     if why:
         md += ["", "## Not measured", "", why]
@@ -482,6 +497,10 @@ def dry_run(args):
         rw32 = pk / pk.sum(1, keepdims=True)
         ref = reference_np(xf, rw32, ri, onnx_models.bf16_to_f32(w_gu), onnx_models.bf16_to_f32(w_down))
         ok &= run_cpu_checks(args, paths, xb, onnx_models.bf16_bits(rw32), ri, onnx_models.bf16_bits(logits), ref)
+        from peers import quant_dry
+
+        ok &= quant_dry.run(args, tmp, w_gu, w_down, xb, onnx_models.bf16_bits(rw32), ri, onnx_models.bf16_bits(logits), xf,
+                            logits, rw32, reference_np)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if importlib.util.find_spec("torch") is None:

@@ -2,7 +2,8 @@
 //! stream made here) against the CPU reference (`scattermoe::reference`): ScatterMoE,
 //! ParallelLinear and CapacityMask over float32/float16/bfloat16, k in {1, 2, 8}, E in {1, 8, 64,
 //! 256}, T in {0, 1, 3, 64, 1000, 4096, 65536}, gated and plain, biases, capacity, skewed routing,
-//! widths that are not multiples of 8, every GEMM kernel configuration, and bad indices.
+//! widths that are not multiples of 8, every GEMM kernel configuration, and bad indices; quantized
+//! expert weights against the float64 oracle (gpu_forward/quant.rs).
 //!
 //! Without a CUDA driver or GPU every test prints "skipped: ..." and passes.
 //! `SCATTERMOE_GPU_SMALL=1` runs a reduced case set (for compute-sanitizer).
@@ -347,6 +348,7 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         w_out: g.ptr(&dwo),
         b_in: dbi.as_ref().map(|b| g.ptr(b)),
         b_out: dbo.as_ref().map(|b| g.ptr(b)),
+        ..Default::default()
     };
     let plan = Plan::scatter_moe(s, E::T, c.capacity.is_some());
     let ws = g.poisoned(plan.bytes);
@@ -505,6 +507,7 @@ fn run_linear<E: Elem>(g: &Gpu, c: &LinearCase, rng: &mut StdRng, rep: &mut Repo
         w: g.ptr(&dw),
         b: db.as_ref().map(|v| g.ptr(v)),
         gates: dg.as_ref().map(|v| g.ptr(v)),
+        w_quant: None,
     };
     let plan = Plan::parallel_linear(s, E::T, c.gates);
     let ws = g.poisoned(plan.bytes);
@@ -649,6 +652,7 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
             w_out: g.ptr(&dwo),
             b_in: None,
             b_out: None,
+            ..Default::default()
         };
         let ws = g.poisoned(Plan::scatter_moe(s, ElemType::F16, false).bytes);
         let y = g.poisoned(tokens * d * 2);
@@ -658,7 +662,7 @@ fn bad_indices_are_reported_and_empty_inputs_launch_nothing() {
     }
     // T = 0: nothing launched, no error words.
     let s0 = MoeSizes { tokens: 0, k: 2, experts: 8, d: 16, f: 8 };
-    let ptrs = MoePtrs { x: 0, routing_weights: 0, routing_indices: 0, w_in: 0, w_out: 0, b_in: None, b_out: None };
+    let ptrs = MoePtrs::default();
     let l = unsafe { forward::scatter_moe(g.dev, st, &attrs, ElemType::F32, IndexType::I64, s0, None, &ptrs, 0, 0, (None, None), None) };
     rep.exact("ScatterMoE T=0 launches nothing", matches!(l, Ok(forward::Launched { error: None })), &format!("{l:?}"));
     // E above the kernels' limit: a clear error, nothing launched.
@@ -744,6 +748,7 @@ fn forward_is_cuda_graph_capture_safe() {
         w_out: g.ptr(&dwo),
         b_in: None,
         b_out: None,
+        ..Default::default()
     };
     let ws = g.poisoned(Plan::scatter_moe(l.s, ElemType::F16, true).bytes);
     let ybytes = l.s.tokens * l.s.d * 2;
@@ -804,6 +809,7 @@ fn async_checks_report_a_bad_index_of_an_earlier_run() {
             w_out: g.ptr(&dwo),
             b_in: None,
             b_out: None,
+            ..Default::default()
         };
         let ws = g.poisoned(Plan::scatter_moe(l.s, ElemType::F16, false).bytes);
         let y = g.poisoned(l.s.tokens * l.s.d * 2);
@@ -833,3 +839,8 @@ fn async_checks_report_a_bad_index_of_an_earlier_run() {
     drop(checks);
     rep.finish("async checks");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Quantized expert weights (kernels/quant_gemm.cu) against the float64 oracle
+#[path = "gpu_forward/quant.rs"]
+mod quant;

@@ -154,3 +154,46 @@ def write_weights(directory, w_gu, w_il, w_down, wr_t):
         wf.add(key, a)
     wf.close()
     return wf
+
+
+# ------------------------------------------------------------------------------ quantized weights
+# (bench/peers/quant.py makes the codes and scales; the keys below are the WeightFile's)
+FP8 = TensorProto.FLOAT8E4M3FN
+UINT8 = TensorProto.UINT8
+
+
+def ours_quant_model(wf, path, k, fmt, d):
+    """ScatterMoE with quantized w_in / w_out (docs/op-spec.md, "Quantized expert weights"): keys
+    q_<fmt>_in, q_<fmt>_in_s, q_<fmt>_out, q_<fmt>_out_s of `wf`; fp8 with one scale per output channel,
+    int4 / int8 group-wise along the input (block_size [1, group]) with the default zero point."""
+    extra = {}
+    if fmt != "fp8":
+        group = d // wf.dims(f"q_{fmt}_in_s")[2]
+        extra = dict(weight_bits=4 if fmt == "int4" else 8, block_size=[1, group])
+    node = helper.make_node("ScatterMoE", ["x", "rw", "ri", "w_in", "w_out", "", "", "", "w_in_scale", "w_out_scale"], ["y"],
+                            domain="ai.scattermoe", activation="silu", gated=1, glu_layout="gate_up", **extra)
+    g = helper.make_graph(
+        [node], f"ours_{fmt}",
+        [_vi("x", BF16, ["T", d]), _vi("rw", BF16, ["T", k]), _vi("ri", TensorProto.INT64, ["T", k])],
+        [_vi("y", BF16, ["T", d])],
+        [wf.tensor(f"q_{fmt}_in", "w_in"), wf.tensor(f"q_{fmt}_out", "w_out"), wf.tensor(f"q_{fmt}_in_s", "w_in_scale"),
+         wf.tensor(f"q_{fmt}_out_s", "w_out_scale")])
+    return _save(g, path, ["ai.scattermoe"])
+
+
+def qmoe_model(wf, path, k, bits, d, E, block, elem=BF16, prepacked=None):
+    """com.microsoft.QMoE (int4 / int8, group `block` along the input, symmetric: no zero points): keys
+    qmoe<bits>_fc1 (interleaved gate/up rows, swiglu_fusion = 1), qmoe<bits>_fc1_s, qmoe<bits>_fc2,
+    qmoe<bits>_fc2_s; fed the router logits (softmax, top-k, renormalise inside); SwiGLU silu(gate) * up
+    (activation_alpha 1, activation_beta 0, no limit). prepacked None: the attribute left out (the EP's
+    prepacked layout, what the CUDA EP reads); 0: raw [E, N, K * bits / 8] weights (what the CPU EP reads)."""
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
+                 block_size=block, quant_type="int", activation_alpha=1.0, activation_beta=0.0)
+    if prepacked is not None:
+        attrs["weights_prepacked"] = prepacked
+    node = helper.make_node("QMoE", ["x", "logits", "fc1", "fc1_s", "", "fc2", "fc2_s"], ["y"], domain="com.microsoft", **attrs)
+    p = f"qmoe{bits}"
+    g = helper.make_graph(
+        [node], f"qmoe_int{bits}", [_vi("x", elem, ["T", d]), _vi("logits", elem, ["T", E])], [_vi("y", elem, ["T", d])],
+        [wf.tensor(f"{p}_fc1", "fc1"), wf.tensor(f"{p}_fc1_s", "fc1_s"), wf.tensor(f"{p}_fc2", "fc2"), wf.tensor(f"{p}_fc2_s", "fc2_s")])
+    return _save(g, path, ["com.microsoft"])

@@ -17,10 +17,27 @@ COLUMNS = [
     ("Triton/graph", "Triton (graph)", "graph"),
 ]
 ERROR_COLUMNS = ["ours/ORT", "ours/ORT+router", "exported/ORT", "ORT MoE", "grouped_mm", "Triton", "kernels"]
+# the quantized columns (bench/peers/quant_bench.py), with bf16 ours beside them
+QUANT_COLUMNS = [
+    ("floor fp8", "floor fp8", None),
+    ("floor int4", "floor int4", None),
+    ("ours/ORT", "ours bf16/ORT", "host"),
+    ("ours fp8/ORT", "ours fp8/ORT", "host"),
+    ("ours int4/ORT", "ours int4/ORT", "host"),
+    ("ours int8/ORT", "ours int8/ORT", "host"),
+    ("QMoE int4", "QMoE int4", "host"),
+    ("QMoE int8", "QMoE int8", "host"),
+    ("kernels fp8", "kernels fp8", "host"),
+    ("kernels int4", "kernels int4", "host"),
+    ("kernels/graph", "kernels bf16 (graph)", "graph"),
+    ("kernels fp8/graph", "kernels fp8 (graph)", "graph"),
+    ("kernels int4/graph", "kernels int4 (graph)", "graph"),
+]
+QUANT_ERROR_COLUMNS = ["ours fp8/ORT", "ours int4/ORT", "ours int8/ORT", "QMoE int4", "QMoE int8", "kernels fp8", "kernels int4"]
 
 
-def fastest(row, how):
-    cands = [(row[k], k) for k, _, h in COLUMNS if h == how and isinstance(row.get(k), (int, float))]
+def fastest(row, how, columns=None):
+    cands = [(row[k], k) for k, _, h in (columns or COLUMNS) if h == how and isinstance(row.get(k), (int, float))]
     return min(cands)[1].replace("/graph", "") if cands else "-"
 
 
@@ -28,21 +45,23 @@ def _cell(v, fmt):
     return fmt.format(v) if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 
 
-def table(rows):
-    head = ["shape", "tokens"] + [h for _, h, _ in COLUMNS] + ["fastest (host)", "fastest (graph)"]
+def table(rows, columns=None):
+    columns = columns or COLUMNS
+    head = ["shape", "tokens"] + [h for _, h, _ in columns] + ["fastest (host)", "fastest (graph)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---|"]
     for r in rows:
-        cells = [r["shape"], str(r["tokens"])] + [_cell(r.get(k), "{:.3f}") for k, _, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells + [fastest(r, "host"), fastest(r, "graph")]) + " |")
+        cells = [r["shape"], str(r["tokens"])] + [_cell(r.get(k), "{:.3f}") for k, _, _ in columns]
+        lines.append("| " + " | ".join(cells + [fastest(r, "host", columns), fastest(r, "graph", columns)]) + " |")
     return "\n".join(lines)
 
 
-def error_table(rows):
-    head = ["shape", "tokens", "experts hit"] + ERROR_COLUMNS
+def error_table(rows, columns=None):
+    columns = columns or ERROR_COLUMNS
+    head = ["shape", "tokens", "experts hit"] + columns
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         cells = [r["shape"], str(r["tokens"]), str(r.get("experts_hit", "-"))]
-        cells += [_cell(r.get(k + "_err"), "{:.1e}") for k in ERROR_COLUMNS]
+        cells += [_cell(r.get(k + "_err"), "{:.1e}") for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -75,12 +94,16 @@ def chart(path, rows, shapes, title_of):
     colors = {}
     for ax, shape in zip(axes[0], shapes):
         rs = [r for r in rows if r["shape"] == shape]
-        for key, label, how in COLUMNS:
+        drawn = set()
+        for key, label, how in COLUMNS + QUANT_COLUMNS:
+            if key in drawn:
+                continue
+            drawn.add(key)
             pts = [(r["tokens"], r[key]) for r in rs if isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             base = key.split("/graph")[0]
-            color = colors.setdefault(base, f"C{len(colors) % 10}") if how else "black"
+            color = colors.setdefault(base, f"C{len(colors) % 10}") if how else {"floor fp8": "dimgray", "floor int4": "silver"}.get(key, "black")
             style = {"host": "-", "graph": "--", None: ":"}[how]
             ax.plot(*zip(*pts), style, marker="o" if how else None, ms=3.5, color=color, label=label)
         ax.set_xscale("log")

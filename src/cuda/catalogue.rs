@@ -32,6 +32,13 @@ impl GemmCfg {
             format!("scattermoe_gemm_{t}_{}", self.suffix())
         }
     }
+
+    /// The entry point of its form with W quantized in `format` (one of [`QUANT_FORMATS`]) for
+    /// element type suffix `t`, when it has one ([`GemmCfg::has_quant`]).
+    pub fn quant_kernel_name(self, t: &str, format: &str) -> Option<String> {
+        (self.has_quant() && self.types().contains(&t) && QUANT_FORMATS.contains(&format))
+            .then(|| format!("scattermoe_qgemm_{t}_{format}_{}", self.suffix()))
+    }
 }
 
 /// One kernel entry point as the driver loads it.
@@ -104,6 +111,14 @@ mod tests {
             }
         }
         expected.push("scattermoe_gemm_f32".into());
+        // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu)
+        for t in ["f16", "bf16"] {
+            for q in ["fp8", "u8", "u4"] {
+                for s in ["128x128", "32x64", "32x64s6", "32x32"] {
+                    expected.push(format!("scattermoe_qgemm_{t}_{q}_{s}"));
+                }
+            }
+        }
         let mut got: Vec<String> = e.iter().map(|e| e.name.to_string()).collect();
         got.sort();
         expected.sort();
@@ -116,7 +131,8 @@ mod tests {
         let f32k = find("scattermoe_gemm_f32");
         assert_eq!((f32k.threads, f32k.smem, f32k.archs.len()), (256, 0, TARGETS.len()));
         assert_eq!(find("scattermoe_combine_bf16").module, 2);
-        // the names the launches look up (GemmCfg::kernel_name) are the ones build.rs gave
+        // the names the launches look up (GemmCfg::kernel_name, quant_kernel_name) are the ones
+        // build.rs gave
         for cfg in GemmCfg::ALL {
             for t in cfg.types() {
                 let name = cfg.kernel_name(t);
@@ -124,8 +140,25 @@ mod tests {
                 if cfg.has_grouped_a_form() {
                     find(&format!("{name}{GROUPED_A_SUFFIX}"));
                 }
+                for q in QUANT_FORMATS {
+                    match cfg.quant_kernel_name(t, q) {
+                        Some(qn) => assert_eq!((MODULES[find(&qn).module], find(&qn).threads), ("quant_gemm", cfg.threads()), "{qn}"),
+                        None => assert!(!cfg.has_quant()),
+                    }
+                }
             }
         }
+        // the quantized forms: exactly the mma.sync configurations, every format; dynamic smem as
+        // kernels/quant_gemm.cu's TcqCfg computes it (A and stored-W stages, two converted tiles)
+        let tc: Vec<_> = GemmCfg::ALL.into_iter().filter(|c| c.has_quant()).collect();
+        assert_eq!(tc, [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32]);
+        let qsmem = |name: &str| find(name).smem;
+        assert_eq!(qsmem("scattermoe_qgemm_bf16_fp8_32x64"), 4 * (32 * 64 * 2 + 64 * 64) + 2 * 64 * 64 * 2);
+        assert_eq!(qsmem("scattermoe_qgemm_f16_u4_32x64s6"), 6 * (32 * 64 * 2 + 64 * 32) + 2 * 64 * 64 * 2);
+        assert_eq!(qsmem("scattermoe_qgemm_bf16_u8_128x128"), 4 * (128 * 32 * 2 + 128 * 32) + 2 * 128 * 32 * 2);
+        assert_eq!(QUANT_FORMATS, ["fp8", "u8", "u4"]);
+        assert_eq!(GemmCfg::WgmmaWs.quant_kernel_name("bf16", "fp8"), None);
+        assert_eq!(GemmCfg::T32x64.quant_kernel_name("bf16", "nf4"), None);
         // each is defined (as the first argument of an entry macro) in the header its module's
         // source includes, and nowhere else
         for (m, module) in MODULES.iter().enumerate() {

@@ -12,9 +12,9 @@ use super::attrs::AttrProbe;
 use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signature_before_run, to_string};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
-use crate::cuda::ops::{CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
+use crate::cuda::ops::{check_quantized_on_gpu, CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
 use crate::signature::Signature;
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, Port, PortType, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port, PortType, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// ONNX Runtime's name for its CUDA execution provider.
@@ -28,22 +28,20 @@ struct CudaKernel<O> {
     device_input: usize,
     /// the contract's type of the op's output (`T`, or bool for CapacityMask)
     output_ty: PortType,
-    /// the contract's check of the inputs before each run: what the device path refuses
-    /// (quantized weights, not served on the GPU yet) before the device op sees the call
-    refuse: fn(&Signature) -> Result<(), SpecError>,
     runner: Runner,
 }
 
 impl<O: DeviceOp> CudaKernel<O> {
-    /// Creates the kernel after the contract's check of what ORT knows of the inputs now.
-    /// `refuse` runs at creation and before every run.
-    fn create(op: O, ports: &[Port], output: &Port, device_input: usize, info: &KernelInfo, refuse: fn(&Signature) -> Result<(), SpecError>, check: impl FnOnce(&Signature) -> Result<(), SpecError>) -> Result<Box<dyn Kernel>, String>
+    /// Creates the kernel after the contract's check of what ORT knows of the inputs now, and what
+    /// the GPU refuses of it (a quantized weight with T = float32): before each run, the device
+    /// op's check does both again on the run's signature.
+    fn create(op: O, ports: &[Port], output: &Port, device_input: usize, info: &KernelInfo, check: impl FnOnce(&Signature) -> Result<(), SpecError>) -> Result<Box<dyn Kernel>, String>
     where
         O: Send + Sync + 'static,
     {
         let sig = signature_before_run(ports, &kernel_inputs(info)?);
-        check(&sig).and_then(|_| refuse(&sig)).map_err(to_string)?;
-        Ok(Box::new(CudaKernel { op, device_input, output_ty: output.ty, refuse, runner: Runner::default() }))
+        check(&sig).map_err(to_string)?;
+        Ok(Box::new(CudaKernel { op, device_input, output_ty: output.ty, runner: Runner::default() }))
     }
 }
 
@@ -51,7 +49,6 @@ impl<O: DeviceOp + Send + Sync> Kernel for CudaKernel<O> {
     fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
         let ins = compute_inputs(ctx)?;
         let sig = signature(&ins);
-        (self.refuse)(&sig).map_err(to_string)?;
         let call = self.op.check(&sig).map_err(to_string)?;
         let elem = output_elem(self.output_ty, sig.types.get(self.device_input).copied().flatten());
         let y = ctx.output(0, &self.op.output_shape(&call, &sig), elem)?.ok_or("output 0 is required")?;
@@ -80,54 +77,34 @@ fn dptr(t: &Tensor) -> CUdeviceptr {
     t.data as CUdeviceptr
 }
 
-/// A quantized weight (docs/op-spec.md, "Quantized expert weights") has no CUDA path yet: refused
-/// by name, where the weight's element type is known, before anything is launched.
-fn no_quantized_weights(op: &'static str, ports: &[Port], sig: &Signature) -> Result<(), SpecError> {
-    for (p, ty) in ports.iter().zip(&sig.types) {
-        if let (PortType::Weight, Some(code)) = (p.ty, *ty) {
-            if ElemType::from_onnx_code(code).is_none() {
-                return Err(SpecError {
-                    op,
-                    message: format!(
-                        "input '{}' is {}: quantized weights are not supported on the CUDA execution provider yet (the CPU execution provider runs them)",
-                        p.name,
-                        crate::spec::onnx_type_name(code)
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
+/// What the GPU path checks of a ScatterMoE node before it runs: the contract, then the GPU's own
+/// refusal (a quantized weight with T = float32).
+fn check_moe(attrs: &scatter_moe::Attrs, sig: &Signature) -> Result<(), SpecError> {
+    let (t, _, d) = scatter_moe::check(attrs, &sig.types, &sig.shape_refs())?;
+    check_quantized_on_gpu(scatter_moe::NAME, t, &[("w_in", d.w_in), ("w_out", d.w_out)])
 }
 
-fn moe_refuse(sig: &Signature) -> Result<(), SpecError> {
-    no_quantized_weights(scatter_moe::NAME, &scatter_moe::INPUTS, sig)
-}
-
-fn linear_refuse(sig: &Signature) -> Result<(), SpecError> {
-    no_quantized_weights(parallel_linear::NAME, &parallel_linear::INPUTS, sig)
+fn check_linear(attrs: &parallel_linear::Attrs, sig: &Signature) -> Result<(), SpecError> {
+    let (t, _, d) = parallel_linear::check(attrs, &sig.types, &sig.shape_refs())?;
+    check_quantized_on_gpu(parallel_linear::NAME, t, &[("W", d.w)])
 }
 
 fn create_moe(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(scatter_moe::NAME, &scatter_moe::ATTRS)?;
     let attrs = scatter_moe::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, &scatter_moe::OUTPUTS[0], scatter_moe::X, info, moe_refuse, |sig| {
-        scatter_moe::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
-    })
+    CudaKernel::create(ScatterMoeOp(attrs), &scatter_moe::INPUTS, &scatter_moe::OUTPUTS[0], scatter_moe::X, info, |sig| check_moe(&attrs, sig))
 }
 
 fn create_linear(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(parallel_linear::NAME, &parallel_linear::ATTRS)?;
     let attrs = parallel_linear::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, &parallel_linear::OUTPUTS[0], parallel_linear::X, info, linear_refuse, |sig| {
-        parallel_linear::check(&attrs, &sig.types, &sig.shape_refs()).map(drop)
-    })
+    CudaKernel::create(ParallelLinearOp(attrs), &parallel_linear::INPUTS, &parallel_linear::OUTPUTS[0], parallel_linear::X, info, |sig| check_linear(&attrs, sig))
 }
 
 fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     info.check_attr_types(capacity_mask::NAME, &capacity_mask::ATTRS)?;
     let attrs = capacity_mask::Attrs::parse(info).map_err(to_string)?;
-    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, &capacity_mask::OUTPUTS[0], capacity_mask::ROUTING_INDICES, info, |_| Ok(()), |sig| {
+    CudaKernel::create(CapacityMaskOp(attrs), &capacity_mask::INPUTS, &capacity_mask::OUTPUTS[0], capacity_mask::ROUTING_INDICES, info, |sig| {
         capacity_mask::check(&sig.types, &sig.shape_refs()).map(drop)
     })
 }
@@ -141,18 +118,39 @@ pub(super) fn ops() -> Vec<OpDef> {
 #[cfg(test)]
 mod tests {
     use crate::signature::Signature;
-    use crate::spec::scatter_moe;
+    use crate::spec::{parallel_linear, scatter_moe};
 
+    /// Quantized weights pass the GPU path's checks with T = float16 / bfloat16; with float32 they
+    /// are refused by name (at session creation where the types are known, and before each run).
     #[test]
-    fn quantized_weights_are_refused_by_name() {
-        let mut types = vec![Some(1), Some(1), Some(7), Some(17), Some(1), None, None, None, Some(1)];
-        let sig = Signature { types: types.clone(), shapes: vec![None; types.len()] };
-        let e = super::moe_refuse(&sig).unwrap_err().to_string();
-        assert_eq!(e, "ScatterMoE: input 'w_in' is float8e4m3fn: quantized weights are not supported on the CUDA execution provider yet (the CPU execution provider runs them)");
-        types[scatter_moe::W_IN] = Some(1);
-        assert!(super::moe_refuse(&Signature { types, shapes: vec![] }).is_ok());
-        let sig = Signature { types: vec![Some(10), Some(7), Some(2)], shapes: vec![] };
-        assert!(super::linear_refuse(&sig).unwrap_err().to_string().starts_with("ParallelLinear: input 'W' is uint8:"));
+    fn quantized_weights_run_with_16_bit_t_and_are_refused_by_name_with_float32() {
+        let attrs = scatter_moe::Attrs { gated: true, ..Default::default() };
+        // X [3, 8], routing [3, 2], w_in fp8 [4, 12, 8] (per-channel scale [4, 12]), w_out in T [4, 8, 6]
+        let sig = |t: i32, scale: i32| {
+            Signature::at_run([
+                Some((t, vec![3, 8])),
+                Some((t, vec![3, 2])),
+                Some((7, vec![3, 2])),
+                Some((17, vec![4, 12, 8])),
+                Some((t, vec![4, 8, 6])),
+                None,
+                None,
+                None,
+                Some((scale, vec![4, 12])),
+            ])
+        };
+        for (t, scale) in [(10, 10), (10, 1), (16, 1), (16, 16)] {
+            super::check_moe(&attrs, &sig(t, scale)).unwrap();
+        }
+        let e = super::check_moe(&attrs, &sig(1, 1)).unwrap_err().to_string();
+        assert_eq!(e, "ScatterMoE: input 'w_in' is float8e4m3fn: the CUDA kernels take quantized weights with T = float16 or bfloat16, not float32 (the CPU execution provider runs float32)");
+        // the contract's own errors come first (a scale of another type than T or float32)
+        let e = super::check_moe(&attrs, &sig(10, 16)).unwrap_err().to_string();
+        assert!(e.contains("w_in_scale"), "{e}");
+        let lin = parallel_linear::Attrs { quant: crate::spec::QuantAttrs { weight_bits: 4, block_size: None }, ..Default::default() };
+        let sig = |t: i32| Signature::at_run([Some((t, vec![6, 8])), Some((6, vec![6, 2])), Some((2, vec![3, 5, 4])), None, None, Some((t, vec![3, 5]))]);
+        super::check_linear(&lin, &sig(16)).unwrap();
+        assert!(super::check_linear(&lin, &sig(1)).unwrap_err().to_string().starts_with("ParallelLinear: input 'W' is uint8 (weight_bits = 4):"));
     }
 
     /// Creating the CUDA ops and asking for the driver must not panic without a GPU.

@@ -5,7 +5,7 @@ that this file is current; `SCATTERMOE_UPDATE_TABLES=1 cargo test --release --li
 rewrites it.
 """
 
-MODULES = ("routing", "grouped_gemm", "combine")
+MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm")
 # the kernels' activation codes (`act`)
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch
@@ -41,6 +41,15 @@ GROUPED_A = ("wgmma_mc_ga",)
 # native code for sm90a only (the body traps elsewhere)
 SM90A_ONLY = ("wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga")
 F32_CFG = (64, 64, 256, 0)
+# the quantized weight formats (kernels/quant_gemm.cu: scattermoe_qgemm_{t}_{format}_{suffix})
+QUANT_FORMATS = ("fp8", "u8", "u4")
+# suffix -> {format: (BM, BN, threads, dynamic smem bytes)} of the quantized forms
+QUANT_CFGS = {
+    "128x128": {"fp8": (128, 128, 256, 65536), "u8": (128, 128, 256, 65536), "u4": (128, 128, 256, 57344)},
+    "32x64": {"fp8": (32, 64, 128, 49152), "u8": (32, 64, 128, 49152), "u4": (32, 64, 128, 40960)},
+    "32x64s6": {"fp8": (32, 64, 128, 65536), "u8": (32, 64, 128, 65536), "u4": (32, 64, 128, 53248)},
+    "32x32": {"fp8": (32, 32, 128, 32768), "u8": (32, 32, 128, 32768), "u4": (32, 32, 128, 28672)},
+}
 # the kernel choice's thresholds (src/cuda/forward/selection.rs)
 FULL_GRID_K = 4096
 HOPPER_MC_DEEP_K = 8192

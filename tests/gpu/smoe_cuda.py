@@ -13,8 +13,22 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
 from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
-                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, SMALL_ROWS, TC_CFGS, TMA_W)
+                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class QW:
+    """A quantized weight as the contract stores it (docs/op-spec.md, "Quantized expert weights"):
+    fmt "fp8" | "u8" | "u4"; data uint8 [E, N, Kb] (Kb = K, or ceil(K / 2) for u4); scale [E, nbo, nbi]
+    in T or float32; zero uint8 of the scale's shape or None (the format's default); block (bo, bi)
+    (per output channel: (1, K)); K the logical input size."""
+
+    def __init__(self, fmt, data, scale, zero, block, K):
+        self.fmt, self.data, self.scale, self.zero, self.block, self.K = fmt, data, scale, zero, block, K
+
+    @property
+    def shape(self):
+        return (self.data.shape[0], self.data.shape[1], self.K)
 
 
 class CUlaunchConfig(ctypes.Structure):
@@ -206,6 +220,41 @@ class Kernels:
             args.append(self.rows_map(X, n_assign))
         self.launch(f, (grid,), (threads,), smem, args)
 
+    def pick_qcfg(self, N_assign, E, K):
+        """The choice for quantized W (src/cuda/forward/selection.rs pick_cfg with quantized weights):
+        the mma.sync tiles on every arch, with the thresholds used where there is no wgmma."""
+        R = N_assign / max(1, min(E, N_assign))
+        if R <= 1 and K <= 2048:
+            return "32x32"
+        if R <= SMALL_ROWS:
+            return "32x64s6" if K >= 8192 else "32x64"
+        if K < 1024 and R <= 512:
+            return "32x64"
+        return "128x128"
+
+    def qgemm(self, X, q, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
+              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
+        """One grouped GEMM with quantized W (kernels/quant_gemm.cu); q: a QW."""
+        E, N, K = q.shape
+        dt = X.dtype
+        cfg = cfg or self.pick_qcfg(n_assign, E, K)
+        BM, BN, threads, smem = QUANT_CFGS[cfg][q.fmt]
+        name = f"scattermoe_qgemm_{TNAME[dt]}_{q.fmt}_{cfg}"
+        f = self.fn("quant_gemm", name, smem)
+        Nout = N // 2 if gated else N
+        BNo = BN // 2 if gated else BN
+        units = ((n_assign + BM - 1) // BM + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
+        if grid is None:
+            grid = max(1, min(units, self.sms * max(1, self.occupancy(f, threads, smem))))
+        assert q.scale.dtype in (dt, torch.float32) and q.data.dtype == torch.uint8
+        ci, cf = ctypes.c_int, ctypes.c_float
+        args = [Arg.ptr(X), Arg.ptr(q.data), Arg.ptr(bias), Arg.ptr(Y), Arg.ptr(sidx), Arg.ptr(offsets),
+                Arg.ptr(row_scale), ci(k), ci(N), ci(K), ci(E), ci(grouped_in), ci(grouped_out),
+                ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit),
+                Arg.ptr(q.scale), Arg.ptr(q.zero), ci(int(q.scale.dtype == torch.float32)), ci(q.block[0]),
+                ci(q.block[1])]
+        self.launch(f, (grid,), (threads,), smem, args)
+
     def resident_clusters(self, f, threads, smem, c):
         key = ("clusters", f.value, threads, smem, c)
         if key not in self._occ:
@@ -266,6 +315,7 @@ class Kernels:
 
     def forward(self, x, rw, ri, w1, w2, b1, b2, bufs, act="silu", gated=1, glu_layout="gate_up",
                 alpha=1.702, limit=7.0, capacity=None, capacity_order=0, cfg1=None, cfg2=None, stages=None):
+        """w1, w2: T tensors, or QW (quantized; each on its own)."""
         T, k = ri.shape
         E, n, d = w1.shape
         f = w2.shape[2]
@@ -274,11 +324,13 @@ class Kernels:
         if "route" in st:
             self.routing(ri, E, bufs, capacity, capacity_order)
         if "g1" in st:
-            self.gemm(x, w1, b1, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, N, 0, 1, act, gated,
-                      glu_layout, alpha, limit, cfg=cfg1)
+            g = self.qgemm if isinstance(w1, QW) else self.gemm
+            g(x, w1, b1, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, N, 0, 1, act, gated,
+              glu_layout, alpha, limit, cfg=cfg1)
         if "g2" in st:
-            self.gemm(bufs["H"], w2, b2, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, N, 1, 1, "none", 0,
-                      cfg=cfg2)
+            g = self.qgemm if isinstance(w2, QW) else self.gemm
+            g(bufs["H"], w2, b2, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, N, 1, 1, "none", 0,
+              cfg=cfg2)
         if "comb" in st:
             self.combine(bufs["O"], bufs["pos"], rw.reshape(-1), bufs["kept"] if capacity is not None else None,
                          bufs["Y"], T, k, d)

@@ -2,8 +2,10 @@
 
 usage: python3 tests/gpu/test_kernels.py --fatbin-dir DIR [--mode correct|sanitize]
 correct : routing exactness, capacity, validation, ParallelLinear GEMM modes, full forward over
-          dtypes / shapes / activations / layouts; prints one line per case and a summary.
-sanitize: a few small launches of every entry point, no references (run under compute-sanitizer).
+          dtypes / shapes / activations / layouts, quantized weights (quant_cases.py); prints one
+          line per case and a summary. --only selects: routing, pl, fwd, quant.
+sanitize: a few small launches of every entry point, no references (run under compute-sanitizer);
+          --only quant: the quantized ones only; --small: fewer of them (racecheck).
 """
 import argparse
 import math
@@ -14,6 +16,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from smoe_cuda import ROUTING_CHUNK, Kernels  # noqa: E402
+import quant_cases  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -356,13 +359,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--mode", default="correct")
-    ap.add_argument("--only", default="routing,pl,fwd")
+    ap.add_argument("--only", default="routing,pl,fwd,quant")
+    ap.add_argument("--small", action="store_true", help="sanitize: the reduced quantized set (racecheck)")
     a = ap.parse_args()
     torch.manual_seed(0)
     K = Kernels(a.fatbin_dir)
     t0 = time.time()
     if a.mode == "sanitize":
-        sanitize(K)
+        if a.only != "quant":
+            sanitize(K)
+        quant_cases.sanitize(K, make_routing, small=a.small)
         return
     only = a.only.split(",")
     if "routing" in only:
@@ -371,6 +377,10 @@ def main():
         test_parallel_linear(K)
     if "fwd" in only:
         test_forward(K)
+    if "quant" in only:
+        quant_cases.test_exact(K, check_exact)
+        quant_cases.test_pl(K, report, linear_ref, make_routing, TOL)
+        quant_cases.test_fwd(K, report, forward_ref, make_routing, TOL)
     print(f"\n{NCASES[0] - len(FAILS)}/{NCASES[0]} passed in {time.time() - t0:.1f}s; failures: {FAILS}")
     sys.exit(1 if FAILS else 0)
 

@@ -8,7 +8,10 @@ tests/gpu/run_ort_cuda.sh, which also carries libscattermoe_ort.so):
 Self-contained (onnx.helper + numpy): every model casts float32 graph inputs to T inside the graph,
 so float16 and bfloat16 run without bfloat16 numpy arrays. CPU fallback is disabled for the CUDA
 sessions, so a node that did not get the CUDA kernel fails the session instead of passing quietly.
-Prints one line per check and a summary; exit status 1 on any failure.
+Prints one line per check and a summary; exit status 1 on any failure. `--only quant` runs the
+quantized-weight cases alone (random codes, scales and zero points as docs/op-spec.md stores them;
+the CPU EP's kernels are the reference, themselves checked against the float64 oracle by the crate's
+tests).
 """
 import argparse
 import os
@@ -91,6 +94,115 @@ def linear_model(dtype, E, d_in, d_out, k, gates=True, grouped_out=0):
     return finish_model(nodes, gin, [helper.make_tensor_value_info("Y32", TensorProto.FLOAT, None)], inits)
 
 
+def quant_weight(rng, name, E, out, in_, fmt, block, scale_t, zp):
+    """Initializers (and Cast nodes) of one quantized weight: random codes (fp8 exponents below 8: no NaN
+    code, |value| <= 1.875; 4-bit: both nibbles random, an odd row's pad nibble too), scales in T (cast
+    inside the graph) or float32, zero points when zp. block None: one scale per output channel.
+    Returns (inits, nodes, [weight, scale, zero point or ""])."""
+    stored = (in_ + 1) // 2 if fmt == "u4" else in_
+    codes = rng.integers(0, 256, (E, out, stored), dtype=np.uint8)
+    if fmt == "fp8":
+        codes &= 0xBF
+    wtype = TensorProto.FLOAT8E4M3FN if fmt == "fp8" else TensorProto.UINT8
+    unit = {"fp8": 1.0, "u8": 1 / 128, "u4": 1 / 8}[fmt] / np.sqrt(in_)
+    sshape = [E, out] if block is None else [E, -(-out // block[0]), -(-in_ // block[1])]
+    scales = (unit * rng.uniform(0.5, 1.5, sshape)).astype(np.float32)
+    inits = [helper.make_tensor(name, wtype, [E, out, stored], codes.tobytes(), raw=True)]
+    nodes, sname = [], name + "_scale"
+    if scale_t is None:
+        inits.append(helper.make_tensor(sname, TensorProto.FLOAT, sshape, scales.ravel()))
+    else:
+        inits.append(helper.make_tensor(sname + "32", TensorProto.FLOAT, sshape, scales.ravel()))
+        nodes.append(helper.make_node("Cast", [sname + "32"], [sname], to=scale_t))
+    zname = ""
+    if zp:
+        zname = name + "_zp"
+        z = rng.integers(0, 16, sshape, dtype=np.uint8) if fmt == "u4" else rng.integers(100, 156, sshape, dtype=np.uint8)
+        inits.append(helper.make_tensor(zname, TensorProto.UINT8, sshape, z.tobytes(), raw=True))
+    return inits, nodes, [name, sname, zname]
+
+
+def quant_moe_model(dtype, E, d, f, k, fmt, block, scale_in_t, zp):
+    """ScatterMoE (gated silu) with w_in and w_out quantized alike."""
+    rng = np.random.default_rng(7)
+    T = ONNX_T[dtype]
+    i1, n1, (w1, s1, z1) = quant_weight(rng, "w_in", E, 2 * f, d, fmt, block, T if scale_in_t else None, zp)
+    i2, n2, (w2, s2, z2) = quant_weight(rng, "w_out", E, d, f, fmt, block, T if scale_in_t else None, zp)
+    nodes = [helper.make_node("Cast", [s + "32"], [s], to=T) for s in ("X", "rw")] + n1 + n2
+    attrs = {}
+    if fmt != "fp8":
+        attrs["weight_bits"] = 4 if fmt == "u4" else 8
+    if block is not None:
+        attrs["block_size"] = list(block)
+    ins = ["X", "rw", "ri", w1, w2, "", "", "", s1, s2, z1, z2]
+    while ins[-1] == "":
+        ins.pop()
+    nodes.append(helper.make_node("ScatterMoE", ins, ["Y"], domain=DOMAIN, activation="silu", gated=1, **attrs))
+    nodes.append(helper.make_node("Cast", ["Y"], ["Y32"], to=TensorProto.FLOAT))
+    gin = [helper.make_tensor_value_info("X32", TensorProto.FLOAT, ["T", d]),
+           helper.make_tensor_value_info("rw32", TensorProto.FLOAT, ["T", k]),
+           helper.make_tensor_value_info("ri", TensorProto.INT64, ["T", k])]
+    return finish_model(nodes, gin, [helper.make_tensor_value_info("Y32", TensorProto.FLOAT, ["T", d])], i1 + i2)
+
+
+def quant_linear_model(dtype, E, d_in, d_out, k, fmt, block):
+    """ParallelLinear with gates and a quantized W (scale float32, zero point for integers)."""
+    rng = np.random.default_rng(8)
+    T = ONNX_T[dtype]
+    inits, qn, (w, sc, z) = quant_weight(rng, "W", E, d_out, d_in, fmt, block, None, fmt != "fp8")
+    nodes = [helper.make_node("Cast", [s + "32"], [s], to=T) for s in ("X", "g")] + qn
+    attrs = {"weight_bits": 4 if fmt == "u4" else 8} if fmt != "fp8" else {}
+    if block is not None:
+        attrs["block_size"] = list(block)
+    ins = ["X", "ri", w, "", "g", sc] + ([z] if z else [])
+    nodes.append(helper.make_node("ParallelLinear", ins, ["Y"], domain=DOMAIN, **attrs))
+    nodes.append(helper.make_node("Cast", ["Y"], ["Y32"], to=TensorProto.FLOAT))
+    gin = [helper.make_tensor_value_info("X32", TensorProto.FLOAT, ["T", d_in]), helper.make_tensor_value_info("ri", TensorProto.INT64, ["T", k]),
+           helper.make_tensor_value_info("g32", TensorProto.FLOAT, ["T", k])]
+    return finish_model(nodes, gin, [helper.make_tensor_value_info("Y32", TensorProto.FLOAT, None)], inits)
+
+
+def quant_cases(session, rng):
+    """Quantized weights on the CUDA EP against the CPU EP: every format, block forms, scales in T and
+    float32, zero points; one token and many; K not a multiple of the group; float32 refused by name."""
+    forms = [("fp8", None, False, False), ("fp8", (128, 128), True, False), ("u8", (1, 64), False, True),
+             ("u4", (1, 128), True, False), ("u4", (1, 32), False, True), ("u8", None, True, False)]
+    for dtype in ("float16", "bfloat16"):
+        for (fmt, block, scale_t, zp) in forms:
+            for (T, E, d, f, k) in [(1, 8, 256, 128, 2), (1000, 16, 200, 72, 2)]:
+                model = quant_moe_model(dtype, E, d, f, k, fmt, block, scale_t, zp)
+                feed = {"X32": rng.uniform(-1, 1, (T, d)).astype(np.float32), "rw32": rng.uniform(.05, 1, (T, k)).astype(np.float32),
+                        "ri": rng.integers(0, E, (T, k)).astype(np.int64)}
+                name = (f"ScatterMoE {dtype} quantized {fmt} {'channel' if block is None else f'{block[0]}x{block[1]}'}"
+                        f"{' scale T' if scale_t else ' scale f32'}{' zp' if zp else ''} T={T} E={E} d={d} f={f}")
+                try:
+                    want = session(model, False).run(None, feed)[0]
+                    got = session(model, True).run(None, feed)[0]
+                    e = rel_err(got, want)
+                    check(name, e <= TOL[dtype], f"rel err {e:.3e} (tol {TOL[dtype]:.0e})")
+                except Exception as ex:  # noqa: BLE001
+                    check(name, False, str(ex)[:300])
+        for (fmt, block) in (("u4", (1, 64)), ("fp8", None)):
+            T, E, d_in, d_out, k = 300, 8, 192, 72, 2
+            model = quant_linear_model(dtype, E, d_in, d_out, k, fmt, block)
+            feed = {"X32": rng.uniform(-1, 1, (T, d_in)).astype(np.float32), "ri": rng.integers(0, E, (T, k)).astype(np.int64),
+                    "g32": rng.uniform(.05, 1, (T, k)).astype(np.float32)}
+            name = f"ParallelLinear {dtype} quantized {fmt} T={T} E={E} d_in={d_in} d_out={d_out} gates"
+            try:
+                e = rel_err(session(model, True).run(None, feed)[0], session(model, False).run(None, feed)[0])
+                check(name, e <= TOL[dtype], f"rel err {e:.3e}")
+            except Exception as ex:  # noqa: BLE001
+                check(name, False, str(ex)[:300])
+    # float32 with a quantized weight: the CUDA EP refuses it at session creation, naming the weight
+    try:
+        session(quant_moe_model("float32", 4, 64, 32, 2, "fp8", None, False, False), True)
+        msg = "session created"
+    except Exception as ex:  # noqa: BLE001
+        msg = str(ex)
+    check("float32 with a quantized weight refused on the CUDA EP",
+          "input 'w_in' is float8e4m3fn: the CUDA kernels take quantized weights with T = float16 or bfloat16" in msg, msg[:300])
+
+
 def mask_model(E, k, order):
     nodes = [helper.make_node("CapacityMask", ["ri", "capacity"], ["kept"], domain=DOMAIN, num_experts=E, capacity_order=order)]
     gin = [helper.make_tensor_value_info("ri", TensorProto.INT64, ["T", k]), helper.make_tensor_value_info("capacity", TensorProto.INT64, [1])]
@@ -100,6 +212,7 @@ def mask_model(E, k, order):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
+    ap.add_argument("--only", default="all", help="all, or quant (the quantized-weight cases alone)")
     args = ap.parse_args()
     import onnxruntime as ort
     if hasattr(ort, "preload_dlls"):
@@ -122,6 +235,11 @@ def main():
         ri = rng.integers(0, E, (T, k)) if pattern == "random" else np.full((T, k), 3 % E)
         return {"X32": rng.uniform(-1, 1, (T, d)).astype(np.float32), "rw32": rng.uniform(.05, 1, (T, k)).astype(np.float32),
                 "ri": ri.astype(np.int64)}
+
+    quant_cases(session, rng)
+    if args.only == "quant":
+        print(f"{len(FAILURES)} failed", flush=True)
+        sys.exit(1 if FAILURES else 0)
 
     # ScatterMoE
     for dtype in ("float32", "float16", "bfloat16"):

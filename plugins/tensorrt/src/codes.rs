@@ -40,7 +40,8 @@ pub fn onnx_code(trt: i32) -> i32 {
         data_type::UINT8 => 2,
         data_type::BF16 => 16,
         data_type::INT64 => 7,
-        _ => 17, // FP8 and newer: "an unsupported type"
+        data_type::FP8 => 17, // FLOAT8E4M3FN: TensorRT's kFP8 is e4m3
+        _ => 0,               // INT4 and newer: ONNX's UNDEFINED, "an unsupported type"
     }
 }
 

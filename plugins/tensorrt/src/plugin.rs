@@ -10,7 +10,7 @@
 use crate::bridge::{DimRef, Field, Op, OutputShape, Range, TensorDesc};
 use crate::codes::{data_type, onnx_code, trt_elem};
 use crate::fields::{Fields, Value};
-use scattermoe::cuda::ops::{LinearCall, MaskCall, MoeCall, Runner};
+use scattermoe::cuda::ops::{check_quantized_on_gpu, LinearCall, MaskCall, MoeCall, Runner};
 use scattermoe::reference::{LinearSizes, MoeSizes};
 use scattermoe::spec::{self, capacity_mask, parallel_linear, scatter_moe, AttrSource, Dim, ElemType, IndexType, PortType, SpecError};
 
@@ -131,9 +131,16 @@ impl Plugin {
     fn check(&self, types: &[Option<i32>], shapes: &[Vec<Dim>]) -> Result<(), SpecError> {
         let types: Vec<Option<i32>> = types.iter().map(|t| t.map(onnx_code)).collect();
         let refs: Vec<Option<&[Dim]>> = shapes.iter().map(|s| Some(s.as_slice())).collect();
+        // the contract, then what the device path refuses (a quantized weight with T = float32)
         match &self.attrs {
-            Attrs::Moe(a) => scatter_moe::check(a, &types, &refs).map(drop),
-            Attrs::Linear(a) => parallel_linear::check(a, &types, &refs).map(drop),
+            Attrs::Moe(a) => {
+                let (t, _, d) = scatter_moe::check(a, &types, &refs)?;
+                check_quantized_on_gpu(scatter_moe::NAME, t, &[("w_in", d.w_in), ("w_out", d.w_out)])
+            }
+            Attrs::Linear(a) => {
+                let (t, _, d) = parallel_linear::check(a, &types, &refs)?;
+                check_quantized_on_gpu(parallel_linear::NAME, t, &[("W", d.w)])
+            }
             Attrs::Mask(_) => capacity_mask::check(&types, &refs).map(drop),
         }
     }
@@ -203,15 +210,18 @@ impl Plugin {
             return false;
         }
         let t = d.data_type;
+        // T: the type of the first float input (X, always position 0 where there is one)
+        let first = (0..pos).find(|&i| port(i).is_some_and(|q| q.ty == PortType::Float));
+        let is_t = |t: i32| matches!(t, data_type::FLOAT | data_type::HALF | data_type::BF16) && first.is_none_or(|i| in_out[i].data_type == t);
         match p.ty {
-            // quantized weights are not served by the plugin yet: a weight must be T
-            PortType::Float | PortType::Weight => {
-                let is_float = matches!(t, data_type::FLOAT | data_type::HALF | data_type::BF16);
-                // every float input and output shares the type of the first one
-                let first = (0..pos).find(|&i| port(i).is_some_and(|q| matches!(q.ty, PortType::Float | PortType::Weight)));
-                is_float && first.is_none_or(|i| in_out[i].data_type == t)
-            }
-            PortType::Scale | PortType::ZeroPoint => false,
+            // every float input and output shares the type of the first one
+            PortType::Float => is_t(t),
+            // a weight in T, or quantized: fp8 e4m3fn, or uint8 (8-bit or packed 4-bit codes)
+            // (the device op refuses a quantized weight with T = float32, by name)
+            PortType::Weight => is_t(t) || matches!(t, data_type::FP8 | data_type::UINT8),
+            // a quantized weight's scale: T or float32
+            PortType::Scale => t == data_type::FLOAT || is_t(t),
+            PortType::ZeroPoint => t == data_type::UINT8,
             PortType::Index => matches!(t, data_type::INT32 | data_type::INT64),
             PortType::Int64 => t == data_type::INT64,
             PortType::Bool => t == data_type::BOOL,
@@ -254,16 +264,19 @@ impl Plugin {
         };
         // The plan grows with every size: the largest shapes bound every run of the profile.
         Ok(match &self.attrs {
-            Attrs::Moe(_) => {
+            Attrs::Moe(a) => {
                 use scatter_moe::*;
+                // f from w_in's rows (w_out's last dimension is ceil(f / 2) bytes when 4-bit)
+                let n = dim(W_IN, 1);
                 let s = MoeSizes {
                     tokens: leading(X).max(leading(ROUTING_INDICES)),
                     k: dim(ROUTING_INDICES, -1),
                     experts: dim(W_IN, 0),
                     d: dim(X, -1),
-                    f: dim(W_OUT, 2),
+                    f: if a.gated { n / 2 } else { n },
                 };
-                MoeCall { elem: elem(X)?, it: IndexType::I64, sizes: s, capacity: inputs.len() > CAPACITY }.workspace_bytes()
+                // the workspace holds routing and T buffers only: the weights' format does not size it
+                MoeCall { elem: elem(X)?, it: IndexType::I64, sizes: s, capacity: inputs.len() > CAPACITY, w_in: None, w_out: None }.workspace_bytes()
             }
             Attrs::Linear(_) => {
                 use parallel_linear::*;
@@ -274,7 +287,7 @@ impl Plugin {
                     d_in: dim(X, -1),
                     d_out: dim(W, 1),
                 };
-                LinearCall { elem: elem(X)?, it: IndexType::I64, sizes: s, gates: inputs.len() > GATES }.workspace_bytes()
+                LinearCall { elem: elem(X)?, it: IndexType::I64, sizes: s, gates: inputs.len() > GATES, w: None }.workspace_bytes()
             }
             Attrs::Mask(a) => {
                 let ri = capacity_mask::ROUTING_INDICES;

@@ -10,6 +10,11 @@ fn int(name: &str, v: i32) -> Field {
     Field { name: name.into(), field_type: field_type::INT32, length: 1, data: v.to_le_bytes().to_vec() }
 }
 
+/// A list of ints as the parser passes `block_size`: kINT32, one value after the other.
+fn ints(name: &str, v: &[i32]) -> Field {
+    Field { name: name.into(), field_type: field_type::INT32, length: v.len() as i32, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+}
+
 fn float(name: &str, v: f32) -> Field {
     Field { name: name.into(), field_type: field_type::FLOAT32, length: 1, data: v.to_le_bytes().to_vec() }
 }
@@ -174,18 +179,20 @@ fn fields_round_trip() {
         for gated in [0, 1] {
             for layout in GluLayout::ALL {
                 for order in CapacityOrder::ALL {
-                    all.push((
-                        Op::ScatterMoE,
-                        vec![
-                            string("activation", act.name()),
-                            int("gated", gated),
-                            string("glu_layout", layout.name()),
-                            float("alpha", 1.25),
-                            float("limit", 3.5),
-                            string("capacity_order", order.name()),
-                            int("weight_bits", if gated == 1 { 4 } else { 8 }),
-                        ],
-                    ));
+                    let mut fields = vec![
+                        string("activation", act.name()),
+                        int("gated", gated),
+                        string("glu_layout", layout.name()),
+                        float("alpha", 1.25),
+                        float("limit", 3.5),
+                        string("capacity_order", order.name()),
+                        int("weight_bits", if gated == 1 { 4 } else { 8 }),
+                    ];
+                    // block_size has no default: serialised only where given
+                    if order == CapacityOrder::SlotMajor {
+                        fields.push(ints("block_size", &[1, 32]));
+                    }
+                    all.push((Op::ScatterMoE, fields));
                 }
             }
         }
@@ -249,6 +256,9 @@ fn output_types() {
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     assert_eq!(m.output_types(&[I32, I64]).unwrap(), vec![data_type::BOOL]);
     assert_eq!(m.output_types(&[data_type::FP8, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type float8e4m3fn; supported: int32, int64");
+    assert_eq!(m.output_types(&[9, I64]).unwrap_err().to_string(), "CapacityMask: input 'routing_indices' has element type undefined; supported: int32, int64");
+    // quantized weights (fp8, uint8) leave the output in T
+    assert_eq!(p.output_types(&[H, H, I64, data_type::FP8, data_type::UINT8, H, H, I64, F, H, data_type::UINT8]).unwrap(), vec![H]);
 }
 
 fn d(input: i32, axis: i32) -> DimRef {
@@ -327,11 +337,27 @@ fn formats_and_types() {
     // positions past the ports
     assert!(!p.supports_format(6, &io(F, I64, F), 5));
     assert!(!p.supports_format(0, &vec![desc(F, &[]); 14], 13));
-    // quantized weights, their scales and zero points are not served by the plugin yet
-    let mut q = vec![desc(F, &[]); 13];
-    q[3].data_type = data_type::FP8;
-    assert!(!p.supports_format(3, &q, 12));
-    assert!(!p.supports_format(8, &q, 12));
+
+    // quantized weights: a weight in T, fp8 or uint8; its scale in T or float32; zero points uint8
+    let q = |w_in: i32, w_out: i32, s_in: i32, s_out: i32, z: i32| {
+        let mut v = vec![desc(H, &[]); 13];
+        v[2].data_type = I64;
+        v[7].data_type = I64;
+        (v[3].data_type, v[4].data_type, v[8].data_type, v[9].data_type, v[10].data_type, v[11].data_type) = (w_in, w_out, s_in, s_out, z, z);
+        v
+    };
+    let v = q(data_type::FP8, data_type::UINT8, F, H, data_type::UINT8);
+    assert!((0..13).all(|pos| p.supports_format(pos, &v, 12)));
+    assert!(p.supports_format(3, &q(H, H, H, H, data_type::UINT8), 12));
+    assert!(!p.supports_format(3, &q(data_type::INT8, H, F, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(3, &q(B, H, F, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(8, &q(data_type::FP8, H, B, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(8, &q(data_type::FP8, H, data_type::FP8, F, data_type::UINT8), 12));
+    assert!(!p.supports_format(10, &q(data_type::UINT8, H, F, F, data_type::INT8), 12));
+    // the output stays in T
+    let mut v = q(data_type::FP8, data_type::FP8, F, F, data_type::UINT8);
+    v[12].data_type = data_type::FP8;
+    assert!(!p.supports_format(12, &v, 12));
 
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 4)]).unwrap();
     let v = vec![desc(I32, &[]), desc(I64, &[]), desc(data_type::BOOL, &[])];
@@ -411,6 +437,29 @@ fn workspace_is_the_plan_at_the_largest_shapes() {
     assert_eq!(l.workspace_size(&r, &[]).unwrap(), Plan::parallel_linear(s, ElemType::F16, false).bytes);
     let r5 = [r[0].clone(), r[1].clone(), r[2].clone(), range(H, &[64, 24], &[64, 24]), range(H, &[1, 8], &[100, 8])];
     assert_eq!(l.workspace_size(&r5, &[]).unwrap(), Plan::parallel_linear(s, ElemType::F16, true).bytes);
+
+    // a 4-bit w_out stores ceil(f / 2) bytes a row: f comes from w_in (gated: n = 2f)
+    let q = moe(&[int("weight_bits", 4)]);
+    let mut r = moe_ranges(H, (1, 4096), false);
+    r[3].desc.data_type = data_type::UINT8;
+    r[4] = range(data_type::UINT8, &[4, 16, 16], &[4, 16, 16]);
+    let s = MoeSizes { tokens: 4096, k: 2, experts: 4, d: 16, f: 32 };
+    assert_eq!(q.workspace_size(&r, &out).unwrap(), Plan::scatter_moe(s, ElemType::F16, false).bytes);
+    let plain = moe(&[int("gated", 0)]);
+    let mut r = moe_ranges(H, (1, 4096), false);
+    r[3] = range(H, &[4, 32, 16], &[4, 32, 16]);
+    assert_eq!(plain.workspace_size(&r, &out).unwrap(), Plan::scatter_moe(s, ElemType::F16, false).bytes);
+
+    // float32 with a quantized weight: refused at configure, naming the weight
+    let mut p32 = moe(&[]);
+    let mut r = moe_ranges(F, (1, 64), false);
+    r[3].desc.data_type = data_type::FP8;
+    r.extend([range(I64, &[1], &[1]), range(I64, &[1], &[1]), range(I64, &[1], &[1])]); // b_in, b_out, capacity slots
+    r[5] = range(F, &[4, 64], &[4, 64]);
+    r[6] = range(F, &[4, 16], &[4, 16]);
+    r.push(range(F, &[4, 64], &[4, 64])); // w_in_scale, per output channel
+    let e = p32.configure(&r, &out).unwrap_err().to_string();
+    assert!(e.starts_with("ScatterMoE: input 'w_in' is float8e4m3fn: the CUDA kernels take quantized weights with T = float16 or bfloat16"), "{e}");
 
     let m = create_plugin(Op::CapacityMask, &[int("num_experts", 32)]).unwrap();
     let r = [range(I64, &[1, 2], &[300, 2]), range(I64, &[], &[])];

@@ -3,13 +3,13 @@
 //! sequences built from them. The only place kernel arguments are laid out.
 
 use super::plan::Plan;
-use super::selection::{pick_cfg, FULL_GRID_K};
+use super::selection::{pick_cfg, pick_quant_cfg, FULL_GRID_K};
 use super::{MAX_EXPERTS, ROUTING_CHUNK};
 use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, Quant, QuantFormat, SpecError};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 fn tname(t: ElemType) -> &'static str {
@@ -147,7 +147,26 @@ unsafe fn write_capacity(stream: CUstream, at: CUdeviceptr, c: usize) -> CuResul
     driver::check(sys::cuMemsetD32Async(at + 4, (v >> 32) as u32, 1, stream), "cuMemsetD32Async(capacity)")
 }
 
-/// One grouped GEMM (kernels/grouped_gemm.cu).
+/// A quantized W as the kernels take it (kernels/quant_gemm.cu): how it is stored (what the
+/// contract's check found, `Dims`) and the device pointers of its scale and zero point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantW {
+    pub quant: Quant,
+    pub scale: CUdeviceptr,
+    /// None: the format's default zero point
+    pub zero: Option<CUdeviceptr>,
+}
+
+/// A format's name in the quantized kernels' entry points (`catalogue::QUANT_FORMATS`).
+pub const fn format_name(f: QuantFormat) -> &'static str {
+    match f {
+        QuantFormat::Fp8E4M3Fn => "fp8",
+        QuantFormat::Int8 => "u8",
+        QuantFormat::Int4 => "u4",
+    }
+}
+
+/// One grouped GEMM (kernels/grouped_gemm.cu; kernels/quant_gemm.cu with `quant`).
 pub struct Gemm {
     pub x: CUdeviceptr,
     pub w: CUdeviceptr,
@@ -164,13 +183,19 @@ pub struct Gemm {
     pub glu_layout: GluLayout,
     pub alpha: f32,
     pub limit: f32,
+    /// W quantized (`w` then points at its stored bytes)
+    pub quant: Option<QuantW>,
 }
 
-/// Forces one GEMM configuration (tests); None: [`pick_cfg`].
+/// Forces one GEMM configuration (tests); None: [`pick_cfg`]. For a quantized W, a configuration
+/// without a quantized form is not forced ([`pick_quant_cfg`] chooses).
 pub type CfgOverride = Option<GemmCfg>;
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usize, n_assign: usize, experts: usize, ws: CUdeviceptr, p: &Plan, cfg: CfgOverride) -> CuResult<()> {
+    if let Some(q) = &g.quant {
+        return qgemm(dev, stream, elem, g, q, k, n_assign, experts, ws, p, cfg);
+    }
     let cfg = match (elem, cfg) {
         (ElemType::F32, _) => GemmCfg::F32,
         (_, Some(c)) if c != GemmCfg::F32 => c,
@@ -211,7 +236,19 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     } else {
         (units * c).min(f.resident as usize).max(c) / c * c
     };
-    let mut args = vec![
+    let mut args = gemm_args(g, k, experts, ws, p);
+    if cfg.w_by_tma() {
+        args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
+    }
+    if grouped_a {
+        args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
+    }
+    driver::launch(&f, (grid as u32, 1), stream, &args, &name)
+}
+
+/// The parameters every grouped-GEMM entry point starts with (kernels/grouped_gemm.cu's header).
+fn gemm_args(g: &Gemm, k: usize, experts: usize, ws: CUdeviceptr, p: &Plan) -> Vec<Arg> {
+    vec![
         Arg::Ptr(g.x),
         Arg::Ptr(g.w),
         Arg::opt(g.bias),
@@ -230,13 +267,52 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         Arg::I32(glu_code(g.glu_layout)),
         Arg::F32(g.alpha),
         Arg::F32(g.limit),
-    ];
-    if cfg.w_by_tma() {
-        args.push(Arg::Map(tensor_map::encode_w(g.w, elem, experts, g.n, g.kd, g.gated, g.glu_layout)?));
+    ]
+}
+
+/// One grouped GEMM with W quantized (kernels/quant_gemm.cu): the mma.sync kernels'
+/// configurations ([`pick_quant_cfg`]), the persistent grid of tc_gemm, and the five parameters
+/// of the quantized entry points after the common ones.
+#[allow(clippy::too_many_arguments)]
+unsafe fn qgemm(
+    dev: &Device,
+    stream: CUstream,
+    elem: ElemType,
+    g: &Gemm,
+    q: &QuantW,
+    k: usize,
+    n_assign: usize,
+    experts: usize,
+    ws: CUdeviceptr,
+    p: &Plan,
+    cfg: CfgOverride,
+) -> CuResult<()> {
+    if elem == ElemType::F32 {
+        // the device ops refuse this by name first (`crate::cuda::ops`)
+        return Err(format!("a {} weight needs T = float16 or bfloat16 on the GPU, got float32", q.quant.format.name()));
     }
-    if grouped_a {
-        args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
-    }
+    let cfg = match cfg {
+        Some(c) if c.has_quant() => c,
+        _ => pick_quant_cfg(n_assign, experts, g.kd),
+    };
+    let name = cfg.quant_kernel_name(tname(elem), format_name(q.quant.format)).ok_or_else(|| format!("no quantized form of {cfg:?}"))?;
+    let f = dev.func(&name)?;
+    let (bm, bn) = cfg.tile();
+    let nout = if g.gated { g.n / 2 } else { g.n };
+    let bno = if g.gated { bn / 2 } else { bn };
+    let units = (n_assign.div_ceil(bm) + experts.min(n_assign)) * nout.div_ceil(bno);
+    let grid = units.min(f.resident as usize).max(1);
+    // A block past its dimension is the whole dimension (the same blocks), and then fits int32.
+    let (bo, bi) = q.quant.block(g.kd as u64);
+    let clamp = |b: u64, dim: usize| b.clamp(1, dim.max(1) as u64) as i32;
+    let mut args = gemm_args(g, k, experts, ws, p);
+    args.extend([
+        Arg::Ptr(q.scale),
+        Arg::opt(q.zero),
+        Arg::I32((q.quant.scale == ElemType::F32) as i32),
+        Arg::I32(clamp(bo, g.n)),
+        Arg::I32(clamp(bi, g.kd)),
+    ]);
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
 
@@ -272,7 +348,7 @@ unsafe fn combine(
 }
 
 /// Device pointers of `ScatterMoE`'s inputs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct MoePtrs {
     pub x: CUdeviceptr,
     pub routing_weights: CUdeviceptr,
@@ -281,6 +357,9 @@ pub struct MoePtrs {
     pub w_out: CUdeviceptr,
     pub b_in: Option<CUdeviceptr>,
     pub b_out: Option<CUdeviceptr>,
+    /// `w_in` / `w_out` quantized (each pointer then holds the stored bytes)
+    pub w_in_quant: Option<QuantW>,
+    pub w_out_quant: Option<QuantW>,
 }
 
 /// `ScatterMoE` on `stream`: routing -> GEMM1 (grouped out, bias + activation / GLU fused) ->
@@ -335,6 +414,7 @@ pub unsafe fn scatter_moe(
         glu_layout: attrs.glu_layout,
         alpha: attrs.alpha,
         limit: attrs.limit,
+        quant: x.w_in_quant,
     };
     gemm(dev, stream, elem, &g1, s.k, n_assign, s.experts, ws, &p, cfg.0)?;
     let g2 = Gemm {
@@ -352,6 +432,7 @@ pub unsafe fn scatter_moe(
         glu_layout: GluLayout::GateUp,
         alpha: 0.0,
         limit: 0.0,
+        quant: x.w_out_quant,
     };
     gemm(dev, stream, elem, &g2, s.k, n_assign, s.experts, ws, &p, cfg.1)?;
     combine(dev, stream, elem, out, Some(ws + p.pos as u64), Some(x.routing_weights), kept, y, s.tokens, s.k, s.d)?;
@@ -359,13 +440,15 @@ pub unsafe fn scatter_moe(
 }
 
 /// Device pointers of `ParallelLinear`'s inputs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct LinearPtrs {
     pub x: CUdeviceptr,
     pub routing_indices: CUdeviceptr,
     pub w: CUdeviceptr,
     pub b: Option<CUdeviceptr>,
     pub gates: Option<CUdeviceptr>,
+    /// `W` quantized (`w` then holds the stored bytes)
+    pub w_quant: Option<QuantW>,
 }
 
 /// `ParallelLinear` on `stream`: routing, one GEMM (grouped_in / grouped_out per the attributes),
@@ -414,6 +497,7 @@ pub unsafe fn parallel_linear(
         glu_layout: GluLayout::GateUp,
         alpha: 0.0,
         limit: 0.0,
+        quant: x.w_quant,
     };
     gemm(dev, stream, elem, &g, s.k, n_assign, s.experts, ws, &p, cfg)?;
     if x.gates.is_some() {

@@ -35,10 +35,21 @@ pub const FULL_GRID_K: usize = thresholds::FULL_GRID_K;
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, reduction depth `k_depth`, on `arch`. f32 has one kernel.
 pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize, arch: Arch) -> GemmCfg {
-    let wgmma = arch.has_wgmma();
     if elem == ElemType::F32 {
         return GemmCfg::F32;
     }
+    choose(n_assign, experts, k_depth, arch.has_wgmma())
+}
+
+/// The choice for a quantized W (kernels/quant_gemm.cu: the mma.sync configurations have
+/// quantized forms, the wgmma ones do not): the mma.sync kernels on every arch, with the thresholds
+/// used where there is no wgmma. Decided without measurements: decode, where quantized weights pay,
+/// runs the small tiles on every arch anyway; large row counts on Hopper give up wgmma for now.
+pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize) -> GemmCfg {
+    choose(n_assign, experts, k_depth, false)
+}
+
+fn choose(n_assign: usize, experts: usize, k_depth: usize, wgmma: bool) -> GemmCfg {
     let r = n_assign as f64 / experts.min(n_assign).max(1) as f64;
     if r <= 1.0 && k_depth <= 2048 {
         return GemmCfg::T32x32;
@@ -99,5 +110,22 @@ mod tests {
         assert_eq!(pick_cfg(bf, 32768, 8, 4096, Arch::Sm80), GemmCfg::T128x128);
         assert_eq!(pick_cfg(bf, 8192, 32, 768, Arch::Sm80), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 131072, 128, 768, Arch::Sm80), GemmCfg::T128x128);
+    }
+
+    /// Quantized W: the mma.sync choices of the archs without wgmma, each with a quantized form.
+    #[test]
+    fn quantized_weights_take_the_mma_sync_kernels() {
+        for (n, e, k) in [(8, 8, 1024), (2, 8, 4096), (128, 8, 4096), (128, 8, 14336), (256, 8, 4096), (8192, 32, 768), (32768, 8, 4096), (32768, 8, 14336)] {
+            let q = pick_quant_cfg(n, e, k);
+            assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k}");
+            assert!(q.has_quant() && !q.sm90a_only(), "{q:?}");
+        }
+        assert_eq!(pick_quant_cfg(2, 8, 4096), GemmCfg::T32x64);
+        assert_eq!(pick_quant_cfg(8, 8, 1024), GemmCfg::T32x32);
+        assert_eq!(pick_quant_cfg(128, 8, 14336), GemmCfg::T32x64s6);
+        assert_eq!(pick_quant_cfg(32768, 8, 4096), GemmCfg::T128x128);
+        // the contract's formats are the kernels' formats, one to one
+        let names: Vec<&str> = crate::spec::QuantFormat::ALL.iter().map(|&f| super::super::format_name(f)).collect();
+        assert_eq!(names, crate::cuda::catalogue::QUANT_FORMATS);
     }
 }

@@ -20,7 +20,7 @@ use super::checks::{CheckInfo, RunChecks};
 use super::driver::{self, CuResult, Device};
 use super::forward::Launched;
 use crate::signature::Signature;
-use crate::spec::SpecError;
+use crate::spec::{ElemType, Quant, SpecError};
 use cudarc::driver::sys;
 /// The device pointer and stream types of this interface (the CUDA driver API's), for adapters
 /// outside the crate.
@@ -174,6 +174,22 @@ fn all_known(op: &'static str, sig: &Signature) -> Result<(), SpecError> {
     match sig.shapes.iter().position(|s| s.as_ref().is_some_and(|s| s.iter().any(Option::is_none))) {
         None => Ok(()),
         Some(i) => Err(SpecError { op, message: format!("input {i} has a dimension not known at run time") }),
+    }
+}
+
+/// The GPU serves quantized weights with `T` = float16 or bfloat16, the tensor cores' operand types
+/// (kernels/quant_gemm.cu): float32 with a quantized weight is refused, naming the weight.
+/// `weights`: (input name, how the contract's check found it stored).
+pub fn check_quantized_on_gpu(op: &'static str, elem: ElemType, weights: &[(&str, Option<Quant>)]) -> Result<(), SpecError> {
+    match weights.iter().find(|w| w.1.is_some()) {
+        Some((name, Some(q))) if elem == ElemType::F32 => Err(SpecError {
+            op,
+            message: format!(
+                "input '{name}' is {}: the CUDA kernels take quantized weights with T = float16 or bfloat16, not float32 (the CPU execution provider runs float32)",
+                q.format.name()
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -4,11 +4,11 @@
 use super::{known, DeviceIo, DeviceOp};
 use crate::cuda::checks::CheckInfo;
 use crate::cuda::driver::{CuResult, Device};
-use crate::cuda::forward::{self, Launched, LinearPtrs, Plan};
+use crate::cuda::forward::{self, Launched, LinearPtrs, Plan, QuantW};
 use crate::reference::LinearSizes;
 use crate::signature::Signature;
 use crate::spec::parallel_linear::{self, *};
-use crate::spec::{ElemType, IndexType, SpecError};
+use crate::spec::{ElemType, IndexType, Quant, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// The op with its validated attributes.
@@ -23,6 +23,8 @@ pub struct LinearCall {
     pub sizes: LinearSizes,
     /// whether the `gates` input is given (the outputs are then combined over k)
     pub gates: bool,
+    /// how `W` is stored when quantized (its scale and zero point: inputs W_SCALE, W_ZERO_POINT)
+    pub w: Option<Quant>,
 }
 
 impl LinearCall {
@@ -39,8 +41,9 @@ impl DeviceOp for ParallelLinearOp {
     fn check(&self, sig: &Signature) -> Result<LinearCall, SpecError> {
         super::all_known(NAME, sig)?;
         let (elem, it, d) = check(&self.0, &sig.types, &sig.shape_refs())?;
+        super::check_quantized_on_gpu(NAME, elem, &[("W", d.w)])?;
         let sizes = LinearSizes { tokens: known(d.tokens), k: known(d.k), experts: known(d.experts), d_in: known(d.d_in), d_out: known(d.d_out) };
-        Ok(LinearCall { elem, it, sizes, gates: d.has_gates })
+        Ok(LinearCall { elem, it, sizes, gates: d.has_gates, w: d.w })
     }
 
     fn output_shape(&self, call: &LinearCall, sig: &Signature) -> Vec<usize> {
@@ -81,6 +84,7 @@ impl DeviceOp for ParallelLinearOp {
             w: io.required(NAME, W)?,
             b: io.input(B),
             gates: io.input(GATES),
+            w_quant: call.w.map(|quant| Ok::<_, String>(QuantW { quant, scale: io.required(NAME, W_SCALE)?, zero: io.input(W_ZERO_POINT) })).transpose()?,
         };
         let y = io.output(NAME, 0)?;
         // SAFETY: the caller's buffers have the call's shapes and types.

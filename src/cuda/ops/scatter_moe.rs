@@ -4,11 +4,11 @@
 use super::{known, DeviceIo, DeviceOp};
 use crate::cuda::checks::CheckInfo;
 use crate::cuda::driver::{CuResult, Device};
-use crate::cuda::forward::{self, Launched, MoePtrs, Plan};
+use crate::cuda::forward::{self, Launched, MoePtrs, Plan, QuantW};
 use crate::reference::MoeSizes;
 use crate::signature::Signature;
 use crate::spec::scatter_moe::{self, *};
-use crate::spec::{ElemType, IndexType, SpecError};
+use crate::spec::{ElemType, IndexType, Quant, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// The op with its validated attributes.
@@ -23,6 +23,10 @@ pub struct MoeCall {
     pub sizes: MoeSizes,
     /// whether the `capacity` input is given
     pub capacity: bool,
+    /// how `w_in` and `w_out` are stored when quantized (their scales and zero points are inputs
+    /// W_IN_SCALE.. of the call)
+    pub w_in: Option<Quant>,
+    pub w_out: Option<Quant>,
 }
 
 impl MoeCall {
@@ -39,8 +43,9 @@ impl DeviceOp for ScatterMoeOp {
     fn check(&self, sig: &Signature) -> Result<MoeCall, SpecError> {
         super::all_known(NAME, sig)?;
         let (elem, it, d) = check(&self.0, &sig.types, &sig.shape_refs())?;
+        super::check_quantized_on_gpu(NAME, elem, &[("w_in", d.w_in), ("w_out", d.w_out)])?;
         let sizes = MoeSizes { tokens: known(d.tokens), k: known(d.k), experts: known(d.experts), d: known(d.d), f: known(d.f) };
-        Ok(MoeCall { elem, it, sizes, capacity: sig.has(CAPACITY) })
+        Ok(MoeCall { elem, it, sizes, capacity: sig.has(CAPACITY), w_in: d.w_in, w_out: d.w_out })
     }
 
     fn output_shape(&self, _: &MoeCall, sig: &Signature) -> Vec<usize> {
@@ -74,6 +79,10 @@ impl DeviceOp for ScatterMoeOp {
         ws: CUdeviceptr,
         error_to: Option<CUdeviceptr>,
     ) -> CuResult<Launched> {
+        // a quantized weight's scale is present (the contract's check), its zero point optional
+        let quant = |q: Option<Quant>, scale: usize, zero: usize| -> CuResult<Option<QuantW>> {
+            q.map(|quant| Ok(QuantW { quant, scale: io.required(NAME, scale)?, zero: io.input(zero) })).transpose()
+        };
         let ptrs = MoePtrs {
             x: io.required(NAME, X)?,
             routing_weights: io.required(NAME, ROUTING_WEIGHTS)?,
@@ -82,6 +91,8 @@ impl DeviceOp for ScatterMoeOp {
             w_out: io.required(NAME, W_OUT)?,
             b_in: io.input(B_IN),
             b_out: io.input(B_OUT),
+            w_in_quant: quant(call.w_in, W_IN_SCALE, W_IN_ZERO_POINT)?,
+            w_out_quant: quant(call.w_out, W_OUT_SCALE, W_OUT_ZERO_POINT)?,
         };
         let y = io.output(NAME, Y)?;
         // SAFETY: the caller's buffers have the call's shapes and types.

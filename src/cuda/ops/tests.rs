@@ -5,7 +5,7 @@
 use super::*;
 use crate::cuda::forward::Plan;
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, CapacityOrder, ElemType, IndexType};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, CapacityOrder, ElemType, IndexType, Quant, QuantAttrs, QuantFormat, ScaleLayout};
 
 const F16: i32 = 10;
 const I64: i32 = 7;
@@ -35,7 +35,7 @@ fn scatter_moe_call_sizes_its_workspace_and_output() {
         let sig = moe_sig(10, capacity);
         let call = op.check(&sig).unwrap();
         let sizes = MoeSizes { tokens: 10, k: 2, experts: 4, d: 8, f: 6 };
-        assert_eq!(call, MoeCall { elem: ElemType::F16, it: IndexType::I64, sizes, capacity });
+        assert_eq!(call, MoeCall { elem: ElemType::F16, it: IndexType::I64, sizes, capacity, w_in: None, w_out: None });
         assert_eq!(op.workspace_bytes(&call), Plan::scatter_moe(sizes, ElemType::F16, capacity).bytes);
         assert_eq!(op.output_shape(&call, &sig), [2, 5, 8]);
         assert!(!op.is_empty(&call));
@@ -70,7 +70,7 @@ fn parallel_linear_output_follows_the_contract() {
         let op = ParallelLinearOp(parallel_linear::Attrs { grouped_in: false, grouped_out, ..Default::default() });
         let sig = Signature::at_run(base.clone());
         let call = op.check(&sig).unwrap();
-        assert_eq!(call, LinearCall { elem: ElemType::F16, it: IndexType::I32, sizes, gates: false });
+        assert_eq!(call, LinearCall { elem: ElemType::F16, it: IndexType::I32, sizes, gates: false, w: None });
         // grouped rows [T*k, d_out], or one row per assignment in place [T, k, d_out]
         let expected: &[usize] = if grouped_out { &[12, 5] } else { &[6, 2, 5] };
         assert_eq!(op.output_shape(&call, &sig), expected);
@@ -136,4 +136,55 @@ fn a_missing_pointer_is_an_error_naming_the_input() {
     let call = op.check(&moe_sig(10, false)).unwrap();
     let e = op.check_info(&call, &DeviceIo::default()).map(|_| ()).unwrap_err();
     assert!(e.contains("ScatterMoE") && e.contains(&format!("input {}", scatter_moe::ROUTING_INDICES)), "{e}");
+}
+
+const F32: i32 = 1;
+const U8: i32 = 2;
+const FP8: i32 = 17;
+
+/// ScatterMoE with w_in 4-bit (group 4 along d, float32 scales, zero points) and w_out fp8 (per
+/// output channel, scales in T), elements of type `t`: X [10, d=8], W_in [4, 12, 4 bytes],
+/// W_out [4, 8, f=6].
+fn quant_moe_sig(t: i32) -> Signature {
+    Signature::at_run([
+        Some((t, vec![10, 8])),
+        Some((t, vec![10, 2])),
+        Some((I64, vec![10, 2])),
+        Some((U8, vec![4, 12, 4])),
+        Some((FP8, vec![4, 8, 6])),
+        None,
+        None,
+        None,
+        Some((F32, vec![4, 12, 2])),
+        Some((t, vec![4, 8])),
+        Some((U8, vec![4, 12, 2])),
+        None,
+    ])
+}
+
+#[test]
+fn quantized_weights_reach_the_call_and_float32_is_refused_by_name() {
+    let quant = QuantAttrs { weight_bits: 4, block_size: Some([1, 4]) };
+    let op = ScatterMoeOp(scatter_moe::Attrs { gated: true, quant, ..Default::default() });
+    let call = op.check(&quant_moe_sig(F16)).unwrap();
+    let int4 = Quant { format: QuantFormat::Int4, layout: ScaleLayout::Blocks { block_out: 1, block_in: 4 }, scale: ElemType::F32, zero_point: true };
+    let fp8 = Quant { format: QuantFormat::Fp8E4M3Fn, layout: ScaleLayout::PerChannel, scale: ElemType::F16, zero_point: false };
+    assert_eq!((call.w_in, call.w_out), (Some(int4), Some(fp8)));
+    assert_eq!(call.sizes, MoeSizes { tokens: 10, k: 2, experts: 4, d: 8, f: 6 });
+    // the hidden and output buffers are in T whatever the weights: the same workspace
+    assert_eq!(op.workspace_bytes(&call), Plan::scatter_moe(call.sizes, ElemType::F16, false).bytes);
+    let e = op.check(&quant_moe_sig(F32)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "ScatterMoE: input 'w_in' is uint8 (weight_bits = 4): the CUDA kernels take quantized weights with T = float16 or bfloat16, not float32 (the CPU execution provider runs float32)"
+    );
+
+    let lin = ParallelLinearOp(parallel_linear::Attrs { quant: QuantAttrs { weight_bits: 8, block_size: Some([128, 128]) }, ..Default::default() });
+    let sig = |t: i32| {
+        Signature::at_run([Some((t, vec![6, 200])), Some((I32, vec![6, 2])), Some((FP8, vec![3, 130, 200])), None, None, Some((F32, vec![3, 2, 2])), None])
+    };
+    let call = lin.check(&sig(F16)).unwrap();
+    assert_eq!(call.w.map(|q| (q.format, q.layout)), Some((QuantFormat::Fp8E4M3Fn, ScaleLayout::Blocks { block_out: 128, block_in: 128 })));
+    let e = lin.check(&sig(F32)).unwrap_err().to_string();
+    assert!(e.starts_with("ParallelLinear: input 'W' is float8e4m3fn: the CUDA kernels take quantized weights with T = float16"), "{e}");
 }
