@@ -151,3 +151,19 @@ def test_mutants_that_crashed_the_cli_end_cleanly(fixture, edit, reason):
         if reason:
             assert any(reason in r["reason"] for r in json.loads(p.stdout)["rejected"]), p.stdout
 
+
+
+def test_a_router_that_makes_fewer_rows_than_tokens_is_not_proven():
+    # Nemotron-H's group mask expanded to [1, 0, 4] (the router's constant for the group axis one
+    # less): the mutant's router makes no routing row at 1 token (and fails at more). Its TopK
+    # indices' shape is not told by the graph; fed at the op's [T, k] the proof accepted it.
+    mu = _mutant("families/nemotron_h_moe", "/m/gate/Constant_9_output_0[1]-1 (used by ['Where'])")
+    with tempfile.TemporaryDirectory() as d:
+        rec = mutate.check(mu, Path(d))
+        assert rec.get("wrong_without_proof") and rec["outcome"] == "left", rec
+        src, dst = Path(d) / "mutant.onnx", Path(d) / "out.onnx"
+        onnx.save(mu.model, str(src))
+        p = subprocess.run([str(mutate.CLI), "rewrite", str(src), str(dst), "--json", "--allow-none"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        rejected = json.loads(p.stdout)["rejected"]
+        assert any(r["reason"].startswith("not proven") and "routing_indices" in r["reason"] for r in rejected), rejected

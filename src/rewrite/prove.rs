@@ -250,7 +250,12 @@ fn prove_or_measure(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted
     // route themselves, com.microsoft.MoE's, stay inputs).
     let sources = index_sources(em, &layer.routing_indices);
     let index = |v: &str| sources.contains(v) && matches!(g.infer_type(v), Some(6 | 7));
-    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !routed_by_topk(g, v)).cloned().collect();
+    // Indices drawn at random are drawn at the shape the graph tells, or else at the op's own
+    // [T, k]: that assumes the router makes one row per token row, which a router whose shape
+    // chain cannot be told (a group mask expanded to a computed shape) need not do. So TopK
+    // indices of a shape not told are computed by both models with the router's own nodes too.
+    let drawn = |v: &str| routed_by_topk(g, v) && shape::shape_of(g, v).is_some();
+    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !drawn(v)).cloned().collect();
     // Routing weights whose shape the graph does not tell are computed by both models from their
     // producers, not fed in the op's [T, k]: fed so, they would hide a graph in which they have
     // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
