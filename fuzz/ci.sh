@@ -29,7 +29,9 @@ for t in load rewrite; do
     -rss_limit_mb=2048 -max_len=1048576 -print_final_stats=1 >"$log" 2>&1 || rc=$?
   grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs|#[0-9]+ *DONE)" "$log" | sed "s/^/fuzz $t: /" || true
   if [ "$rc" != 0 ]; then
-    echo "fuzz: $t failed (exit $rc):"; tail -n 40 "$log"; ls "artifacts/$t" 2>/dev/null; exit 1
+    # the panic message and libFuzzer's own error lines come before its long input dump: show them first
+    echo "fuzz: $t failed (exit $rc):"; grep -E -A12 "panicked at|==[0-9]+== ERROR|deadly signal|out-of-memory|timeout after" "$log" | cut -c1-400 | head -n 60
+    tail -n 40 "$log" | cut -c1-400; ls "artifacts/$t" 2>/dev/null; exit 1
   fi
   rm -f "$log"
 done
