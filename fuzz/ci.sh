@@ -30,7 +30,7 @@ for t in load rewrite; do
   grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs|#[0-9]+ *DONE)" "$log" | sed "s/^/fuzz $t: /" || true
   if [ "$rc" != 0 ]; then
     # the panic message and libFuzzer's own error lines come before its long input dump: show them first
-    echo "fuzz: $t failed (exit $rc):"; grep -E -A12 "panicked at|==[0-9]+== ERROR|deadly signal|out-of-memory|timeout after" "$log" | cut -c1-400 | head -n 60
+    echo "fuzz: $t failed (exit $rc):"; grep -E -A12 "panicked at|==[0-9]+== ERROR|deadly signal|out-of-memory|timeout after" "$log" | cut -c1-400 | head -n 60 || true
     tail -n 40 "$log" | cut -c1-400; ls "artifacts/$t" 2>/dev/null; exit 1
   fi
   rm -f "$log"
