@@ -142,6 +142,35 @@ fn weight_dims(g: &GraphIndex, v: &str, what: &str) -> Result<Vec<i64>, String> 
     Err(format!("{what} '{v}' is neither an initializer nor a graph input"))
 }
 
+/// The router's expert axis, where declared, must be E, and k at most E (MoE and QMoE alike).
+fn check_router_and_k(g: &GraphIndex, router: &str, e: i64, k: i64) -> Result<(), String> {
+    if let Some(rd) = g.static_input_dims(router) {
+        if rd.last() != Some(&e) {
+            return Err(format!("router_probs {rd:?} does not end in E = {e}"));
+        }
+    }
+    if k > e {
+        return Err(format!("k = {k} is more than the {e} experts"));
+    }
+    Ok(())
+}
+
+/// An optional per-expert bias input (empty name: absent): a constant [E, len] of the node's
+/// element type (MoE and QMoE alike).
+fn expert_bias(g: &GraphIndex, name: &str, e: i64, len: i64, elem: i32) -> Result<Option<String>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let dims = weight_dims(g, name, "bias")?;
+    if dims != [e, len] {
+        return Err(format!("bias '{name}' is {dims:?}, expected [{e}, {len}]"));
+    }
+    if g.elem_type(name) != Some(elem) {
+        return Err(format!("bias '{name}' is not of the input's element type"));
+    }
+    Ok(Some(name.to_string()))
+}
+
 /// How the experts are written for ScatterMoE.
 enum Form {
     /// as they are
@@ -160,10 +189,7 @@ fn form(a: &Attrs) -> Result<Form, String> {
         "identity" => Form::IdentityPair,
         "swiglu" => {
             if a.fusion != 1 {
-                return Err(format!(
-                    "swiglu with swiglu_fusion = {}: ONNX Runtime's CPU kernel runs only the interleaved form (swiglu_fusion = 1)",
-                    a.fusion
-                ));
+                return Err(format!("swiglu with swiglu_fusion = {}: ONNX Runtime's CPU kernel runs only the interleaved form (swiglu_fusion = 1)", a.fusion));
             }
             let (alpha, beta, limit) = (a.alpha, a.beta, a.limit);
             if !alpha.is_finite() || !beta.is_finite() || limit.is_nan() || limit <= 0.0 {
@@ -316,10 +342,7 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
     let (e, n_rows, d) = (d1[0], d1[1], d1[2]);
     let f = if gated_in { n_rows / 2 } else { n_rows };
     if d2 != [e, d, f] || (gated_in && n_rows % 2 != 0) || e < 1 || d < 1 || f < 1 {
-        return Err(format!(
-            "fc1 {d1:?} and fc2 {d2:?} are not [E, n, d] and [E, d, f] (n = {}f); other layouts are left",
-            if gated_in { 2 } else { 1 }
-        ));
+        return Err(format!("fc1 {d1:?} and fc2 {d2:?} are not [E, n, d] and [E, d, f] (n = {}f); other layouts are left", if gated_in { 2 } else { 1 }));
     }
     for (v, what) in [(fc1, "fc1"), (fc2, "fc2")] {
         if g.infer_type(v) != Some(elem) {
@@ -327,7 +350,8 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
         }
     }
     // dequantized weights are read as the op's quantized inputs: only forms that use them as they are
-    let rewritten = matches!(form, Form::IdentityPair) || matches!(form, Form::Swiglu { gate_scale, up_scale, out_scale, .. } if gate_scale != 1.0 || up_scale != 1.0 || out_scale != 1.0);
+    let rewritten = matches!(form, Form::IdentityPair)
+        || matches!(form, Form::Swiglu { gate_scale, up_scale, out_scale, .. } if gate_scale != 1.0 || up_scale != 1.0 || out_scale != 1.0);
     if rewritten && (super::dequant::is_dequantized(g, fc1) || super::dequant::is_dequantized(g, fc2)) {
         return Err(format!(
             "activation '{}' (alpha {}, beta {}) on weights through DequantizeLinear: ScatterMoE computes it only with the weights rescaled or negated, \
@@ -335,30 +359,9 @@ fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLayer, String> 
             a.activation, a.alpha, a.beta
         ));
     }
-    // the router's expert axis, where declared, must be E
-    if let Some(rd) = g.static_input_dims(router) {
-        if rd.last() != Some(&e) {
-            return Err(format!("router_probs {rd:?} does not end in E = {e}"));
-        }
-    }
-    if a.k > e {
-        return Err(format!("k = {} is more than the {e} experts", a.k));
-    }
-    let bias = |name: &str, len: i64| -> Result<Option<String>, String> {
-        if name.is_empty() {
-            return Ok(None);
-        }
-        let dims = weight_dims(g, name, "bias")?;
-        if dims != [e, len] {
-            return Err(format!("bias '{name}' is {dims:?}, expected [{e}, {len}]"));
-        }
-        if g.elem_type(name) != Some(elem) {
-            return Err(format!("bias '{name}' is not of the input's element type"));
-        }
-        Ok(Some(name.to_string()))
-    };
-    let b1 = bias(inp(3), n_rows)?;
-    let b2 = bias(inp(5), d)?;
+    check_router_and_k(g, router, e, a.k)?;
+    let b1 = expert_bias(g, inp(3), e, n_rows, elem)?;
+    let b2 = expert_bias(g, inp(5), e, d, elem)?;
 
     let tag = format!("ort_moe_{i}");
     let mut p = Prep { tag: &tag, elem, nodes: Vec::new(), inits: Vec::new() };

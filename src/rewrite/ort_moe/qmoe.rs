@@ -45,7 +45,7 @@ use std::sync::Arc;
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::NodeProto;
 
-use super::{form, top_k_last_wins, weight_dims, Attrs, Form, Prep, FLOAT};
+use super::{check_router_and_k, expert_bias, form, top_k_last_wins, weight_dims, Attrs, Form, Prep, FLOAT};
 use crate::onnx::graph::{attr_int, make_node, GraphIndex};
 use crate::onnx::tensor::{make_tensor, tensor_bytes};
 use crate::rewrite::emit::MoeLayer;
@@ -271,25 +271,8 @@ pub(super) fn convert(g: &GraphIndex, n: &NodeProto, i: usize) -> Result<MoeLaye
     if d1[2] * per != d || d2 != [e, d, f / per] || (gated && n_rows % 2 != 0) || e < 1 || d < 1 || f < 1 {
         return Err(format!("fc1 {d1:?} and fc2 {d2:?} are not [E, n, d/{per}] and [E, d, f/{per}]"));
     }
-    if let Some(rd) = g.static_input_dims(router) {
-        if rd.last() != Some(&e) {
-            return Err(format!("router_probs {rd:?} does not end in E = {e}"));
-        }
-    }
-    if a.k > e {
-        return Err(format!("k = {} is more than the {e} experts", a.k));
-    }
-    let bias = |name: &str, len: i64| -> Result<Option<String>, String> {
-        if name.is_empty() {
-            return Ok(None);
-        }
-        let dims = weight_dims(g, name, "bias")?;
-        if dims != [e, len] || g.elem_type(name) != Some(elem) {
-            return Err(format!("bias '{name}' is not [{e}, {len}] of the input's element type"));
-        }
-        Ok(Some(name.to_string()))
-    };
-    let (b1, b2) = (bias(inp(4), n_rows)?, bias(inp(7), d)?);
+    check_router_and_k(g, router, e, a.k)?;
+    let (b1, b2) = (expert_bias(g, inp(4), e, n_rows, elem)?, expert_bias(g, inp(7), e, d, elem)?);
     let tag = format!("ort_qmoe_{i}");
     let mut p = Prep { tag: &tag, elem, nodes: Vec::new(), inits: Vec::new() };
     let mut w_in = weight(g, &mut p, n, [2, 3, 11], n_rows, d, e, &q, "fc1")?;
