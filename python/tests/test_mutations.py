@@ -66,6 +66,32 @@ def test_proof_catches_what_the_matcher_lets_through(fixture, where):
     assert rec["outcome"] == "left" and rec["reason"].startswith("not proven"), rec
 
 
+# The router's projection deleted: TopK then chooses among the d hidden features, not the E
+# experts, and an index past E drops out of the graph's one-hot (a zero row) where the op refuses
+# it. The proof feeds routing indices in [0, E) at the region's boundary, so only the matcher can
+# see this: it must know the router's width is E (found by the seeded sample, granitemoe).
+ROUTER_DELETED = [
+    ("granitemoe", "MatMul /m/router/MatMul"),
+    ("mixtral", "MatMul /m/gate/MatMul"),
+    ("olmoe", "MatMul /m/gate/MatMul"),
+    ("dense_einsum", "MatMul /m/router/proj/MatMul"),
+    ("megablocks", "MatMul /m/router/proj/MatMul"),
+    ("capacity_einsum", "MatMul /m/router/MatMul"),
+    ("phimoe", "MatMul /m/router/MatMul"),
+]
+
+
+@pytest.mark.parametrize("fixture,where", ROUTER_DELETED, ids=[r[0] for r in ROUTER_DELETED])
+def test_a_router_wider_than_the_experts_is_left(fixture, where):
+    m = onnx.load(str(mutate.MODELS / f"{fixture}.onnx"))
+    [mu] = [mu for mu in mutate.mutants(fixture, m) if mu.where == where and mu.kind == "delete-node"]
+    with tempfile.TemporaryDirectory() as d:
+        rec = mutate.check(mu, Path(d))
+    assert rec["outcome"] in ("left", "load-failure"), rec
+    if rec["outcome"] == "left":
+        assert "wrong_without_proof" not in rec, rec
+
+
 # Rewired graphs the structured fuzzer (fuzz/mutate_cli.py) found rewritten wrongly with the proof
 # on: (fixture, node name, input index, new value, what the report must say). In each, the graph
 # gives a value another shape than the op's contract or the graph's own declarations say, which

@@ -33,7 +33,6 @@ use shape::{declared_dims, eval, index_width, Facts, IVec};
 
 const FAMILY: &str = "batched_mm";
 
-
 /// `v` after any chain of the given single-input ops; a "Cast" in `ops` is passed only when it
 /// stays within the same kind of number (float to float, integer to integer), so that no cast
 /// that changes values beyond rounding is assumed away.
@@ -113,38 +112,6 @@ fn flat_index(g: &GraphIndex, v: &str) -> Option<FlatIndex> {
     Some(FlatIndex { read: v.clone(), flat: v, idx, clip: None })
 }
 
-/// The number of columns of the router projection that TopK reads, when it can be found: the
-/// first MatMul/Gemm with a constant weight upstream of `v`.
-fn router_columns(g: &GraphIndex, v: &str) -> Option<usize> {
-    let mut stack = vec![(v.to_string(), 0)];
-    let mut seen = std::collections::HashSet::new();
-    while let Some((cur, depth)) = stack.pop() {
-        if depth > 16 || !seen.insert(cur.clone()) {
-            continue;
-        }
-        let Some((_, n)) = g.prod(&cur) else { continue };
-        match n.op_type.as_str() {
-            "MatMul" => {
-                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
-                    return Some(d[1] as usize);
-                }
-            }
-            "Gemm" => {
-                if let Some(d) = weight_dims(g, &n.input[1]).filter(|d| d.len() == 2) {
-                    return Some(if attr_i(n, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
-                }
-            }
-            _ => {}
-        }
-        for i in n.input.iter().rev() {
-            if !i.is_empty() && g.const_tensor(i).is_none() {
-                stack.push((i.clone(), depth + 1));
-            }
-        }
-    }
-    None
-}
-
 pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
     let mut layers = Vec::new();
     let mut rejected = Vec::new();
@@ -221,7 +188,9 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     let iv = idx_vals.first().cloned().ok_or("no weight is gathered by the routing indices")?;
     let Some(FlatIndex { read: idx_read, flat: idx_flat, idx, clip }) = flat_index(g, &iv) else { unreachable!("noted values are flat indices") };
     for other in &idx_vals {
-        if flat_index(g, other).map(|f| f.flat).as_deref() != Some(idx_flat.as_str()) || strip(g, other, &["Identity", "Cast"]) != strip(g, &iv, &["Identity", "Cast"]) {
+        if flat_index(g, other).map(|f| f.flat).as_deref() != Some(idx_flat.as_str())
+            || strip(g, other, &["Identity", "Cast"]) != strip(g, &iv, &["Identity", "Cast"])
+        {
             return Err("the expert weights are gathered by different index tensors".into());
         }
     }
@@ -239,7 +208,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         if lo != Some(0.0) || hi != Some((e_count - 1) as f64) {
             return Err(format!("the routing indices are clipped to [{lo:?}, {hi:?}], not [0, {}]", e_count - 1));
         }
-        reads_clipped = topk.is_none_or(|t| router_columns(g, &t.input[0]) != Some(e_count));
+        reads_clipped = topk.is_none_or(|t| super::hf_loop::chosen_width(g, &t.input[0], 0) != Some(e_count as i64));
     }
 
     // what the shape arithmetic may read
@@ -452,7 +421,8 @@ mod tests {
     fn weights_gathered_by_different_indices_are_refused() {
         use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
         let mut m = fixture("families/phimoe_bmm");
-        let gathers: Vec<usize> = (0..m.graph().node.len()).filter(|&i| m.graph().node[i].op_type == "Gather" && m.graph().node[i].input[1].contains("Clip")).collect();
+        let gathers: Vec<usize> =
+            (0..m.graph().node.len()).filter(|&i| m.graph().node[i].op_type == "Gather" && m.graph().node[i].input[1].contains("Clip")).collect();
         assert_eq!(gathers.len(), 2);
         let clip = node_mut(&mut m, "Clip", "").input[0].clone();
         m.proto.graph.mut_or_insert_default().node[gathers[1]].input[1] = clip;

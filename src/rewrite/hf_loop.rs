@@ -113,7 +113,13 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let d = p.d.ok_or_else(|| fail("the expert reads no linear layer of the token rows".into()))?;
         let mlp = to_mlp(&e, d).map_err(&fail)?;
         // weights of this expert belong to the mask's expert
-        let wrefs = mlp.w_in.iter().map(|w| w.index).chain([mlp.w_out.index]).chain(mlp.b_in.iter().flatten().map(|b| b.index)).chain(mlp.b_out.iter().map(|b| b.index));
+        let wrefs = mlp
+            .w_in
+            .iter()
+            .map(|w| w.index)
+            .chain([mlp.w_out.index])
+            .chain(mlp.b_in.iter().flatten().map(|b| b.index))
+            .chain(mlp.b_out.iter().map(|b| b.index));
         for r in wrefs.flatten() {
             if r != mask.eref {
                 return Err(fail(format!("weights indexed by expert {:?} but tokens of expert {:?}", r, mask.eref)));
@@ -212,7 +218,9 @@ fn per_hit_expert(g: &GraphIndex, experts: &[Option<ExpertMlp>], e: usize, h: &H
     }
     let mut generic: Option<ExpertMlp> = None;
     for (i, m) in experts.iter().enumerate() {
-        let m = m.as_ref().ok_or_else(|| format!("the loop covers hit experts {:?} of {n}", (0..experts.len()).filter(|&j| experts[j].is_some()).collect::<Vec<_>>()))?;
+        let m = m
+            .as_ref()
+            .ok_or_else(|| format!("the loop covers hit experts {:?} of {n}", (0..experts.len()).filter(|&j| experts[j].is_some()).collect::<Vec<_>>()))?;
         // every weight and bias gathered by this iteration's hit entry from a stack of E
         let mut gm = m.clone();
         let mut ok = true;
@@ -228,7 +236,9 @@ fn per_hit_expert(g: &GraphIndex, experts: &[Option<ExpertMlp>], e: usize, h: &H
             fix(&mut b.index, &b.init.clone());
         }
         if !ok {
-            return Err(format!("the loop has {n} iterations for {e} experts, and iteration {i}'s weights are not gathered by its hit entry from stacks of {e} experts"));
+            return Err(format!(
+                "the loop has {n} iterations for {e} experts, and iteration {i}'s weights are not gathered by its hit entry from stacks of {e} experts"
+            ));
         }
         match &generic {
             None => generic = Some(gm),
@@ -286,6 +296,10 @@ fn distinct_in_rows(g: &GraphIndex, idx: &str) -> bool {
 fn router_axis(g: &GraphIndex, v: &str, e: usize) -> Result<(), String> {
     let v = strip(g, v, &["Cast", "Identity"]);
     let Some((_, n)) = g.prod(v) else { return Ok(()) };
+    if n.domain.is_empty() && n.op_type == "Concat" {
+        // PhiMoE's sparsemixer: each choice is an ArgMax of its own
+        return n.input.iter().try_for_each(|c| router_axis(g, c, e));
+    }
     if !n.domain.is_empty() || !(n.op_type == "TopK" || n.op_type == "ArgMax") {
         return Ok(());
     }
@@ -296,34 +310,72 @@ fn router_axis(g: &GraphIndex, v: &str, e: usize) -> Result<(), String> {
     if axis != -1 && !last_from_front {
         return Err(format!("the router's {} runs along axis {axis}, not the last (expert) axis", n.op_type));
     }
-    if let Some(width) = router_experts(g, v) {
-        if width != e {
-            return Err(format!("the router's {} chooses among {width} values, not the {e} experts", n.op_type));
-        }
+    // an index outside [0, E) drops out of a one-hot (a zero row) but is refused by the op, so the
+    // router's width must be known to be E, not merely not contradicted
+    match router_experts(g, v) {
+        Some(width) if width == e => Ok(()),
+        Some(width) => Err(format!("the router's {} chooses among {width} values, not the {e} experts", n.op_type)),
+        None => Err(format!("cannot tell that the router's {} chooses among exactly the {e} experts", n.op_type)),
     }
-    Ok(())
 }
 
-/// E of a router `TopK(f(MatMul(x, W[d, E])))`, looking back through elementwise ops.
+/// E of a router `TopK(f(MatMul(x, W[d, E])))`: the last dimension of what the TopK or ArgMax
+/// chooses from ([`chosen_width`]).
 pub fn router_experts(g: &GraphIndex, idx: &str) -> Option<usize> {
     let (_, n) = g.prod(idx)?;
     if !(n.op_type == "TopK" || n.op_type == "ArgMax") {
         return None;
     }
-    let mut cur = n.input[0].as_str();
-    for _ in 0..16 {
-        let (_, p) = g.prod(cur)?;
-        match p.op_type.as_str() {
-            "MatMul" => return super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2).map(|d| d[1] as usize),
-            "Gemm" => {
-                let d = super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2)?;
-                return Some(if attr_i(p, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] } as usize);
-            }
-            "Softmax" | "Sigmoid" | "Cast" | "Identity" | "Div" | "Mul" | "Add" | "Sub" | "LogSoftmax" => cur = &p.input[0],
-            _ => return None,
-        }
+    chosen_width(g, &n.input[0], 0).and_then(|w| usize::try_from(w).ok())
+}
+
+/// The last dimension of `v` where it can be told: from the shapes `prove/shape.rs` infers, else
+/// through the ops a router is built of (elementwise ops and masks broadcast to the widest known
+/// operand, a MatMul or Gemm takes its weight's width, a Reshape its target's last entry). A
+/// masked router (DeepSeek's group limit: `Where(mask, 0, scores)`) keeps its scores' width though
+/// the mask's shape is computed.
+pub fn chosen_width(g: &GraphIndex, v: &str, depth: usize) -> Option<i64> {
+    if let Some(d) = super::prove::shape::shape_of(g, v).and_then(|s| s.last().copied()) {
+        return (d.t == 0 && d.c > 0).then_some(d.c);
     }
-    None
+    if let Some(t) = g.const_tensor(v) {
+        return t.dims.last().copied();
+    }
+    if depth > 24 {
+        return None;
+    }
+    let (_, p) = g.prod(v)?;
+    if !p.domain.is_empty() {
+        return None;
+    }
+    let arg = |i: usize| chosen_width(g, p.input.get(i)?, depth + 1);
+    match p.op_type.as_str() {
+        "Softmax" | "LogSoftmax" | "Sigmoid" | "Cast" | "Identity" | "Neg" | "Exp" | "Log" | "Relu" | "Tanh" | "Abs" | "Sqrt" | "Reciprocal" | "Not"
+        | "Clip" | "Softplus" | "Erf" | "DequantizeLinear" => arg(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Where" | "Equal" | "Less" | "Greater" | "And" | "Or" => {
+            // broadcasting aligns last axes: a known width above 1 is the result's (a scalar or a
+            // width of 1 stretches), two different ones are not a valid graph
+            let mut wide = None;
+            for i in 0..p.input.len() {
+                let rank0 = g.const_tensor(&p.input[i]).is_some_and(|t| t.dims.is_empty());
+                match arg(i) {
+                    Some(w) if w > 1 && !rank0 => match wide {
+                        Some(x) if x != w => return None,
+                        _ => wide = Some(w),
+                    },
+                    _ => {}
+                }
+            }
+            wide
+        }
+        "MatMul" => super::dequant::weight_dims(g, &p.input[1]).and_then(|d| d.last().copied()).or_else(|| arg(1)),
+        "Gemm" => {
+            let d = super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2)?;
+            Some(if attr_i(p, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] })
+        }
+        "Reshape" => super::routing::shape_vector(g, &p.input[1])?.last().filter(|d| d.t == 0 && d.c > 0).map(|d| d.c),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

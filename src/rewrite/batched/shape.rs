@@ -31,7 +31,8 @@ pub(super) fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Optio
         return None;
     }
     if let Some(c) = g.const_i64(v) {
-        let scalar = g.const_dims(v).map_or(c.len() == 1 && g.prod(v).is_some_and(|(_, n)| n.attribute.iter().any(|a| a.name == "value_int")), |d| d.is_empty());
+        let scalar =
+            g.const_dims(v).map_or(c.len() == 1 && g.prod(v).is_some_and(|(_, n)| n.attribute.iter().any(|a| a.name == "value_int")), |d| d.is_empty());
         return Some(IVec { v: c.into_iter().map(Some).collect(), open: false, scalar });
     }
     let (_, n) = g.prod(v)?;

@@ -53,7 +53,6 @@ pub(super) struct Step {
     pub(super) overwrites: bool,
 }
 
-
 /// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
 /// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
 /// token; any other shape is not explained.
@@ -95,12 +94,7 @@ pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -
             return false;
         };
         let steps_ok = sl.input.get(4).is_none_or(|st| g.const_i64(st).is_some_and(|v| v.iter().all(|&x| x == 1)));
-        steps_ok
-            && starts.len() == ends.len()
-            && axes == [0, 1]
-            && starts.iter().all(|&v| v == 0)
-            && ends[0] == 1
-            && ends[1] >= i64::MAX / 2
+        steps_ok && starts.len() == ends.len() && axes == [0, 1] && starts.iter().all(|&v| v == 0) && ends[0] == 1 && ends[1] >= i64::MAX / 2
     };
     let mut cur = update;
     for _ in 0..16 {
@@ -151,7 +145,13 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
         } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
             let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
             if attr_i(n, "axis").unwrap_or(0) == 0 && red == "add" {
-                steps.push(Step { acc_in: n.input[0].clone(), acc_out: n.output[0].clone(), index: n.input[1].clone(), update: n.input[2].clone(), overwrites: false });
+                steps.push(Step {
+                    acc_in: n.input[0].clone(),
+                    acc_out: n.output[0].clone(),
+                    index: n.input[1].clone(),
+                    update: n.input[2].clone(),
+                    overwrites: false,
+                });
             }
         }
     }
@@ -324,7 +324,15 @@ pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, H
         for (a, b) in [(0, 1), (1, 0)] {
             if let Some(c) = g.const_i64(&mn.input[b]) {
                 if c.len() == 1 {
-                    return Ok(MaskInfo { idx: mn.input[a].clone(), eref: ERef::Const(c[0]), axes: [Axis::T, Axis::K], experts: None, capacity: None, hit_split: None, stack: None });
+                    return Ok(MaskInfo {
+                        idx: mn.input[a].clone(),
+                        eref: ERef::Const(c[0]),
+                        axes: [Axis::T, Axis::K],
+                        experts: None,
+                        capacity: None,
+                        hit_split: None,
+                        stack: None,
+                    });
                 }
             }
         }
