@@ -173,3 +173,42 @@ def test_moe_nodes_with_dequantized_weights(act: str, code: str, layout: str, li
         got = rewritten.run(None, fd)[0].astype(np.float64)
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err <= 1e-4, f"{tokens} tokens: relative error {err:.3g}"
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="target/release/scattermoe not built")
+def test_the_tensorrt_target_fills_or_names_its_holes(lib, tmp_path: Path):
+    """TensorRT's parser cannot pass an absent input before a present one (docs/tensorrt.md): with
+    `--target tensorrt` a quantized node gets a capacity no expert reaches, zero biases, and the
+    default zero point written out where the next weight has one; it matches the quantized graph
+    in ONNX Runtime. A weight in T before a quantized one (no scale to give) is left, saying so."""
+    m = onnx.load(str(MODELS / "mixtral.onnx"))
+    # w_in int8 symmetric (its zero point is the op's default, so absent), w_out uint8 with one
+    q = qdq.quantize_model(m, qdq.Scheme("int8", "channel"), only=["m.experts.gate_up_proj"])
+    q = qdq.quantize_model(q, qdq.Scheme("uint8", "channel", zero=True), only=["m.experts.down_proj"])
+    src, out = tmp_path / "q.onnx", tmp_path / "q.trt.onnx"
+    onnx.save(q, str(src))
+    r = subprocess.run([str(CLI), "rewrite", "--target", "tensorrt", "--json", str(src), str(out)], capture_output=True, text=True,
+                       env=_cli_env(lib))
+    assert r.returncode == 0, r.stderr + r.stdout
+    rw = onnx.load(str(out))
+    [node] = [n for n in rw.graph.node if n.op_type == "ScatterMoE"]
+    assert len(node.input) == 12 and all(node.input), list(node.input)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in rw.graph.initializer}
+    assert inits[node.input[7]].item() == np.iinfo(np.int64).max  # capacity: unlimited
+    assert {a.name: a.s for a in node.attribute}["capacity_order"] == b"token_major"
+    assert not inits[node.input[5]].any() and not inits[node.input[6]].any()  # zero biases
+    assert (inits[node.input[10]] == 128).all()  # w_in's default zero point, written out
+    assert node.input[11] not in inits or inits[node.input[11]].dtype == np.uint8
+    z = np.load(MODELS / "mixtral.npz")
+    _compare(_session(q), _session(str(out), lib), z, 1e-4)
+
+    # w_in in T, w_out quantized: w_in_scale cannot be given, so the layer is left with the reason
+    q = qdq.quantize_model(m, qdq.Scheme("int8", "channel"), only=["m.experts.down_proj"])
+    onnx.save(q, str(src))
+    r = subprocess.run([str(CLI), "rewrite", "--target", "tensorrt", "--allow-none", "--json", "--force", str(src), str(out)], capture_output=True,
+                       text=True, env=_cli_env(lib))
+    report = json.loads(r.stdout)
+    assert report["layers"] == [] and any("cannot leave w_in_scale out" in x["reason"] for x in report["rejected"]), report
+    # the ONNX Runtime target takes it
+    r = subprocess.run([str(CLI), "rewrite", "--json", str(src), str(out), "--force"], capture_output=True, text=True, env=_cli_env(lib))
+    assert r.returncode == 0 and json.loads(r.stdout)["layers"], r.stderr

@@ -419,7 +419,8 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
 
     // --- routing weights in the op's element type
     let rw_type = value_type(g, layer, &layer.routing_weights, 0);
-    let rw = if rw_type == Some(elem) { layer.routing_weights.clone() } else { cast_to(g, taken, &mut nodes, tag, "routing_weights", &layer.routing_weights, elem) };
+    let rw =
+        if rw_type == Some(elem) { layer.routing_weights.clone() } else { cast_to(g, taken, &mut nodes, tag, "routing_weights", &layer.routing_weights, elem) };
     let capacity = match layer.capacity {
         Some(c) => {
             let name = unique_name(g, taken, &format!("{tag}.capacity"));
@@ -429,7 +430,16 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
         None => None,
     };
 
-    let (mut b_in, mut b_out) = (b_in, b_out);
+    let (mut b_in, mut b_out, mut capacity) = (b_in, b_out, capacity);
+    let quant_inputs = q.params.iter().any(Option::is_some);
+    // without a capacity, a quantized node for TensorRT gets one no expert can reach (an expert
+    // takes at most one assignment per token): every assignment is kept, as when it is absent
+    let unlimited = target == Target::TensorRt && capacity.is_none() && quant_inputs;
+    if unlimited {
+        let name = unique_name(g, taken, &format!("{tag}.capacity_unlimited"));
+        model.initializers.push(make_i64(&name, &[], &[i64::MAX]));
+        capacity = Some(name);
+    }
     if target == Target::TensorRt {
         // zeros where an absent bias precedes a present input
         let zeros = |what: &str, len: usize, taken: &mut Vec<String>| {
@@ -470,6 +480,9 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     if layer.capacity.is_some() {
         node.attribute.push(attr_string(sm::ATTR_CAPACITY_ORDER, layer.capacity_order.name()));
+    } else if unlimited {
+        // nothing is dropped, so the order only costs: token-major ranks in one pass
+        node.attribute.push(attr_string(sm::ATTR_CAPACITY_ORDER, CapacityOrder::TokenMajor.name()));
     }
     node.attribute.extend(q.attrs);
     if target == Target::TensorRt {

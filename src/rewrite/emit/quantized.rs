@@ -7,6 +7,7 @@ use onnx_protobuf::AttributeProto;
 
 use super::{unique_name, Emitted, MoeLayer, Target};
 use crate::onnx::graph::{attr_int, attr_ints_new, GraphIndex};
+use crate::onnx::tensor::make_tensor;
 use crate::onnx::PendingTensor;
 use crate::rewrite::expr::WSrc;
 use crate::rewrite::quant::{self, LayerQuant, OpFormat, QTensor};
@@ -63,9 +64,6 @@ pub(super) fn inputs(
             }
         }
     };
-    if target == Target::TensorRt {
-        bail!("quantized expert weights ({}): the TensorRT target does not take them yet", lq.describe());
-    }
     let mut q = QInputs { describe: Some(lq.describe()), ..Default::default() };
     let mut uint8 = false;
     for (j, (w, what)) in [(&lq.w_in, "w_in"), (&lq.w_out, "w_out")].into_iter().enumerate() {
@@ -84,11 +82,47 @@ pub(super) fn inputs(
     if uint8 {
         q.attrs.push(attr_int("weight_bits", lq.weight_bits as i64));
     }
+    if target == Target::TensorRt {
+        trt_fill(g, &lq, tag, taken, model, &mut q)?;
+    }
     let blocked = [&lq.w_in, &lq.w_out].into_iter().flatten().any(|w| w.blocked);
     if let (true, Some(b)) = (blocked, lq.block_size) {
         q.attrs.push(attr_ints_new("block_size", &b));
     }
     Ok(q)
+}
+
+/// TensorRT's ONNX parser cannot pass an absent input before a present one (docs/tensorrt.md),
+/// so a hole among the quantization inputs is filled where a value means the same as absence: an
+/// integer weight's zero point left out is its default, 2^(bits - 1), written out. A hole nothing
+/// can fill (a weight in T before a quantized one has no scale; an fp8 weight takes no zero point)
+/// makes the layer a rejection with the reason, never a node TensorRT would misread.
+fn trt_fill(g: &GraphIndex, lq: &LayerQuant, tag: &str, taken: &mut Vec<String>, model: &mut Emitted, q: &mut QInputs) -> Result<()> {
+    if q.params[0].is_none() && q.params[1].is_some() {
+        bail!(
+            "quantized expert weights ({}): w_in is not quantized and w_out is, and the TensorRT target cannot leave w_in_scale out before w_out_scale",
+            lq.describe()
+        );
+    }
+    if q.params[2].is_none() && q.params[3].is_some() {
+        let w = lq.w_in.as_ref().ok_or_else(|| anyhow!("a w_out zero point without a quantized w_in"))?;
+        if w.format == OpFormat::Fp8 {
+            bail!(
+                "quantized expert weights ({}): w_in is fp8, which takes no zero point, and the TensorRT target cannot leave w_in_zero_point out before w_out_zero_point",
+                lq.describe()
+            );
+        }
+        let dims = match &w.scale {
+            QTensor::Existing(name) => g.const_dims(name).ok_or_else(|| anyhow!("cannot tell the shape of w_in's scale '{name}'"))?,
+            QTensor::New { dims, .. } => dims.clone(),
+        };
+        let count: i64 = dims.iter().product();
+        let name = unique_name(g, taken, &format!("{tag}.w_in_default_zero_point"));
+        let z = 1u8 << (lq.weight_bits - 1);
+        model.initializers.push(make_tensor(&name, onnx_protobuf::tensor_proto::DataType::UINT8 as i32, &dims, vec![z; count as usize]));
+        q.params[2] = Some(name);
+    }
+    Ok(())
 }
 
 /// A `ParallelLinear`'s quantized weight: its codes (in place of `W`), `W_scale` and
