@@ -214,6 +214,11 @@ class Bench(QuantColumns):
                 for p in ("ours", "ours_router", "ortmoe"):
                     st["why"].setdefault(p, f"weights file: {short(e)}")
         if "exported" in self.peers and "exported" not in st["why"]:
+            from peers.hf_export import UNLOADABLE
+
+            if layer.family in UNLOADABLE:
+                st["why"]["exported"] = f"the HF block's export cannot be loaded: {UNLOADABLE[layer.family]}"
+        if "exported" in self.peers and "exported" not in st["why"]:
             try:
                 from peers import hf_export
 
@@ -454,7 +459,7 @@ class Bench(QuantColumns):
         bufs = [K.alloc_routing(T, st["k"], st["E"]) for _ in sets]
         scratch = K.alloc_forward(T, st["k"], st["E"], st["d"], st["f"], torch.bfloat16)
         for b in bufs:  # H and O are scratch within one forward: shared by the sets (DeepSeek-V3: 2.4 GB each)
-            b.update(H=scratch["H"], O=scratch["O"], Y=torch.empty(max(T, 1), st["d"], dtype=torch.bfloat16, device="cuda"))
+            b.update(H=scratch["H"], O=scratch["O"], Y=torch.empty(max(T, 1), st["d"], dtype=torch.bfloat16, device=st["w_gu"].device))
         fns = [lambda s=s, b=b: self.kernels_forward(st, s, b) for s, b in zip(sets, bufs)]
         self._torch_column("kernels", fns, ref, row)
         if "kernels/graph" in row:  # every set's full forward has run: its buffers hold its routing

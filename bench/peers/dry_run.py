@@ -7,8 +7,9 @@ through the same bf16 IO-binding path the GPU run uses (the ScatterMoE models ne
 against a float64 numpy evaluation of docs/op-spec.md's formulas. com.microsoft.MoE, which the CPU EP runs
 in float32 only, is run in float32 with the attributes the GPU run gives it: this is what shows that its
 GPT-OSS form (activation_alpha, activation_beta, swiglu_limit) computes the layer. Then the quantized models
-(quant_dry.py), the torch side (cpu_check.py) when torch is importable, and the report rendered from
-made-up rows (every table, the breakdown and repeats included).
+(quant_dry.py), the torch side (cpu_check.py) and the device run's own code driven on the CPU
+(cpu_smoke.py) when torch is importable, and the report rendered from made-up rows (every table, the
+breakdown and repeats included).
 """
 import importlib.util
 import os
@@ -219,9 +220,10 @@ def run(args, write_outputs, shapes):
     if importlib.util.find_spec("torch") is None:
         print("--   torch not importable here: torch side not checked")
     else:
-        from . import cpu_check
+        from . import cpu_check, cpu_smoke
 
         ok &= cpu_check.run(args.triton_dir)
+        ok &= cpu_smoke.run(args)
     write_outputs(args.out, args.name, {"dry_run": True}, fake_rows(shapes), list(shapes))
     for ext in ("json", "md", "png"):
         print(("ok   " if os.path.exists(os.path.join(args.out, f"{args.name}.{ext}")) else "--   ") + f"wrote {args.name}.{ext}")
