@@ -92,6 +92,7 @@ sys.path.insert(0, HERE)
 
 from peers import breakdown, onnx_models, report  # noqa: E402  (numpy + onnx only)
 from peers.layers import SHAPES  # noqa: E402
+from peers.outputs import render, write_outputs  # noqa: E402,F401  (render: --render, and the tests)
 from peers.quant_bench import QUANT_PEERS, QuantColumns  # noqa: E402
 
 # The inputs of each ORT session: {model input name: key of an input set, or of the layer's weights}.
@@ -106,10 +107,6 @@ GB = 1 << 30
 
 class Skip(Exception):
     """A column that is not measured for a stated reason (unavailable, time budget)."""
-
-
-def title(shape):
-    return f"{shape}: {SHAPES[shape].describe()}"
 
 
 def short(e):
@@ -133,6 +130,7 @@ class Bench(QuantColumns):
         self.peers = set(args.peers.split(","))
         self.tmp = tempfile.mkdtemp(prefix="smoe-bench-")
         self.global_why = {}  # peer -> reason it is unavailable for every shape
+        self.repeating = False  # in the --repeat-close pass
         ort_peers = ("ours", "ours_router", "exported", "ortmoe", "ours_fp8", "ours_int4", "ours_int8", "qmoe_int4", "qmoe_int8")
         self.ort = self._try("ORT", ort_session.load_ort, ort_peers)
         self.kernels = self._try("kernels", self._load_kernels, ("kernels", "kernels_fp8", "kernels_int4"))
@@ -218,6 +216,9 @@ class Bench(QuantColumns):
 
             if layer.family in UNLOADABLE:
                 st["why"]["exported"] = f"the HF block's export cannot be loaded: {UNLOADABLE[layer.family]}"
+            elif st["weights_as_inputs"] and self.peers - {"exported"}:
+                st["why"]["exported"] = (f"each export's session holds the {layer.expert_bytes() / GB:.0f} GiB of experts again: "
+                                         "measured in a run of its own (--peers exported), beside no other column")
         if "exported" in self.peers and "exported" not in st["why"]:
             try:
                 from peers import hf_export
@@ -462,7 +463,7 @@ class Bench(QuantColumns):
             b.update(H=scratch["H"], O=scratch["O"], Y=torch.empty(max(T, 1), st["d"], dtype=torch.bfloat16, device=st["w_gu"].device))
         fns = [lambda s=s, b=b: self.kernels_forward(st, s, b) for s, b in zip(sets, bufs)]
         self._torch_column("kernels", fns, ref, row)
-        if "kernels/graph" in row:  # every set's full forward has run: its buffers hold its routing
+        if "kernels/graph" in row and not self.repeating:  # every set's full forward has run: its buffers hold its routing
             try:
                 row["kernels_parts"] = breakdown.parts_us(lambda i, stages: self.kernels_forward(st, sets[i], bufs[i], stages),
                                                           len(sets), self.timing.graph_ms, self.args.budget)
@@ -480,7 +481,15 @@ class Bench(QuantColumns):
 
     # ---------------------------------------------------------------------------------- the run
     def repeat_close(self, st, rows):
-        """The second pass of --repeat-close over this layer's rows: the close columns timed again."""
+        """The second pass of --repeat-close over this layer's rows: the close columns timed again (the
+        breakdown is not: it is device time of one column, not a race between two)."""
+        self.repeating = True
+        try:
+            self._repeat_rows(st, rows)
+        finally:
+            self.repeating = False
+
+    def _repeat_rows(self, st, rows):
         for row in rows:
             row["close"] = report.close_pairs(row, self.args.close)
             if not row["close"]:
@@ -528,52 +537,8 @@ class Bench(QuantColumns):
             shutil.rmtree(self.tmp, ignore_errors=True)
             meta["elapsed_s"] = self.elapsed()
             meta["mem_gb_max"] = {k: max([r["mem_gb"][k] for r in rows if "mem_gb" in r] or [0]) for k in ("torch_peak", "device_used_max")}
-            write_outputs(self.args.out, self.args.name, meta, rows, [s for s in shapes if any(r["shape"] == s for r in rows)])
-
-
-def write_outputs(out, name, meta, rows, shapes):
-    os.makedirs(out, exist_ok=True)
-    report.write_json(os.path.join(out, name + ".json"), meta, rows)
-    md = ["## Time per layer forward (ms, median)", "", report.table(rows), "",
-          "## Relative error vs float32 torch on the same routing (max|y-ref|/max|ref|)", "", report.error_table(rows)]
-    reps = report.repeats_table(rows)
-    if reps:
-        md += ["", "## Repeats of the close rows (ours and the fastest peer within 5%, timed again)", "", reps]
-    plain = {k for k, _, _ in report.COLUMNS}
-    if any(k in r for r in rows for k, _, _ in report.QUANT_COLUMNS[2:] if k not in plain):
-        md += ["", "## Quantized weights: time per layer forward (ms, median)", "", report.table(rows, report.QUANT_COLUMNS), "",
-               "## Quantized weights: relative error vs float32 torch of the bf16 layer (the quantization's error)", "",
-               report.error_table(rows, report.QUANT_ERROR_COLUMNS)]
-    why = report.notes(rows)
-    if why:
-        md += ["", "## Not measured", "", why]
-    text = "\n".join(md)
-    print("\n" + text, flush=True)
-    with open(os.path.join(out, name + ".md"), "w") as fh:
-        fh.write(text + "\n")
-    try:
-        report.chart(os.path.join(out, name + ".png"), rows, shapes, title)
-    except Exception as e:  # noqa: BLE001 - matplotlib may be absent on the device
-        print(f"chart not written: {short(e)}", flush=True)
-
-
-def render(args):
-    """Tables and chart from earlier runs (a device call is time-boxed, so one table may take several runs)."""
-    meta, merged = {"runs": []}, {}
-    for path in args.render:
-        with open(path) as fh:
-            run = json.load(fh)
-        meta["runs"].append(run.get("meta", {}))
-        for row in run["rows"]:
-            key = (row["shape"], row["tokens"])
-            have = merged.setdefault(key, {"notes": {}})
-            notes = {**have["notes"], **row.get("notes", {})}
-            have.update(row)
-            have["notes"] = {c: why for c, why in notes.items() if c not in have}  # a measured cell needs no why
-    order = {s: i for i, s in enumerate(SHAPES)}
-    rows = [merged[k] for k in sorted(merged, key=lambda k: (order.get(k[0], 99), k[1]))]
-    write_outputs(args.out, args.name, meta, rows, list(dict.fromkeys(r["shape"] for r in rows)))
-    return 0
+            write_outputs(self.args.out, self.args.name, meta, rows, [s for s in shapes if any(r["shape"] == s for r in rows)],
+                          chart=not self.args.no_chart)
 
 
 def main():
@@ -601,9 +566,12 @@ def main():
                     help="ScatterMoE's sessions take experts larger than this (GiB) as graph inputs bound to torch's tensors")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build and check the models, render a report")
     ap.add_argument("--verbose", action="store_true", help="tracebacks of failing columns")
+    ap.add_argument("--no-chart", action="store_true", help="write no NAME.png (the device run: --render draws it)")
     ap.add_argument("--render", nargs="+", metavar="JSON",
                     help="no GPU: merge the rows of earlier runs' JSON (a later file's cells win for the same shape "
                          "and token count) and write the tables and chart to --out as --name")
+    ap.add_argument("--render-repeats", nargs="+", metavar="JSON", default=[],
+                    help="with --render: runs that timed close rows again; their cells become those rows' repeats")
     args = ap.parse_args()
     bad = [s for s in args.shapes.split(",") if s not in SHAPES] + [p for p in args.peers.split(",") if p not in PEERS]
     if bad:

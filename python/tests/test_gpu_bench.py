@@ -93,6 +93,20 @@ def test_repeats_table_and_render_merge(tmp_path):
     assert "## Repeats of the close rows" in md and "0.980 / 1.050" in md
 
 
+def test_render_repeats_from_a_second_call(tmp_path):
+    first = [_row(**{"ours/ORT": 1.0, "ORT MoE": 1.03, "grouped_mm": 2.0}), dict(_row(**{"ours/ORT": 1.0, "ORT MoE": 1.5}), tokens=16)]
+    again = [_row(**{"ours/ORT": 0.97, "ORT MoE": 1.01}), dict(_row(**{"ours/ORT": 0.9, "ORT MoE": 1.4}), tokens=16)]
+    for name, rows in (("main", first), ("again", again)):
+        report.write_json(tmp_path / f"{name}.json", {}, rows)
+    args = gpu_bench.argparse.Namespace(render=[str(tmp_path / "main.json")], render_repeats=[str(tmp_path / "again.json")],
+                                        out=str(tmp_path), name="t", close=0.05)
+    assert gpu_bench.render(args) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    by_t = {r["tokens"]: r for r in rows}
+    assert by_t[1024]["ours/ORT"] == 1.0 and by_t[1024]["repeat"] == {"ours/ORT": 0.97, "ORT MoE": 1.01}  # pass 1 kept
+    assert "repeat" not in by_t[16]  # 1.5x apart: not close, not repeated
+
+
 def _torch_python():
     for cand in (os.environ.get("SCATTERMOE_TORCH_PYTHON"), str(ROOT / ".venv-torch" / "bin" / "python")):
         if cand and Path(cand).exists():
