@@ -60,6 +60,12 @@ def render(args):
             key = (row["shape"], row["tokens"])
             have = merged.setdefault(key, {"notes": {}})
             notes = {**have["notes"], **row.get("notes", {})}
+            row = dict(row)
+            for k in ("close", "repeat"):  # a run without --repeat-close does not undo another's repeats
+                if not row.get(k):
+                    row.pop(k, None)
+            if "mem_gb" in row and "mem_gb" in have:  # the most any run of this row needed
+                row["mem_gb"] = {k: max(v, have["mem_gb"].get(k, 0)) for k, v in row["mem_gb"].items()}
             have.update(row)
             have["notes"] = {c: why for c, why in notes.items() if c not in have}  # a measured cell needs no why
     for path in getattr(args, "render_repeats", None) or []:
