@@ -35,8 +35,10 @@ renormalise) is random and identical in every column, whether given or computed 
                     the number of experts hit changes (the graph only runs inputs hitting as many), on ORT's
                     CUDA EP (CPU EP for nodes CUDA has no kernel for: node placement is in the log and the
                     JSON); host-timed. DeepSeek-V3's block routes with its own weights (peers/hf_export.py):
-                    its error is against the reference with those. Skipped, saying so, when the export's
-                    session would not fit the free device memory (deepseek_v3 beside the other columns)
+                    its error is against the reference with those; its exports run only in a run of their
+                    own (--peers exported: each session holds the 21 GiB of experts again), and any export
+                    is skipped, saying so, when its session would not fit the free device memory. GPT-OSS's
+                    bf16 export cannot be loaded by ORT (TopK over bfloat16): "-" with that reason
   ORT MoE           com.microsoft.MoE (swiglu, interleaved fc1, renormalised top-k; GPT-OSS: biases,
                     activation_alpha 1.702, activation_beta 1, swiglu_limit 7) fed the router logits, on ORT's
                     CUDA EP; host-timed. No other dtype is tried if bf16 fails.
@@ -45,7 +47,7 @@ renormalise) is random and identical in every column, whether given or computed 
   Triton            ScatterMoE's Triton kernels (scatter2scatter x2 with expert_biases, github.com/shawntan/
                     scattermoe, unpacked in .carry/scattermoe): peers/triton_smoe.py; host-timed
   kernels           our fatbins (target/scattermoe-kernels) through tests/gpu/smoe_cuda.py; host-timed
-                    (ctypes launches from Python)
+                    (ctypes launches from Python); the scratch H and O are shared by the input sets
   ... (graph)       kernels, grouped_mm, Triton captured in a CUDA graph (one forward per input set)
   fastest (host / graph)  the fastest column of each timing kind (floor excluded)
   ours/ORT / floor, kernels (graph) / floor   the two as multiples of the floor
@@ -67,9 +69,10 @@ Memory: each row keeps torch's peak allocation and the most device memory in use
 included) in "mem_gb", and the log prints them: DeepSeek-V3's experts alone are 22.5 GB.
 
 Device run (onnxruntime-gpu unpacked at /tmp/ortgpu): bench/run_gpu_bench.sh, which runs
-  python3 bench/gpu_bench.py --lib .carry/ort/libscattermoe_ort.so --fatbin-dir target/scattermoe-kernels \
-      --triton-dir .carry/scattermoe --out $OUT --name <device>-<NAME>
-and writes $OUT/<device>-<NAME>.{md,json,png,log}; bench/results/README.md gives the calls of the full table.
+  python3 bench/gpu_bench.py --lib LIB --fatbin-dir FATBINS --triton-dir .carry/scattermoe --out $OUT \
+      --name <device>-<NAME> --no-chart <its arguments>
+and writes $OUT/<device>-<NAME>.{md,json,log} (--no-chart there: `--render` draws the chart here);
+bench/results/README.md gives the calls of the full table on one GPU, and how both GPUs' tables are made.
 Without a GPU: `gpu_bench.py --dry-run --out DIR` (peers/dry_run.py) builds the ONNX models of toy layers,
 checks them, runs them on ORT's CPU EP when onnxruntime and the plugin are there, checks the torch side on
 the CPU when torch is there (peers/cpu_check.py: routing, reference, HF export in float32), and renders
