@@ -15,6 +15,7 @@ power limit, the column that needs less energy per forward is the faster one.
 
 usage (device machine, the benchmark's environment: bench/run_gpu_bench.sh sets it up):
   python3 bench/profile_kernels.py --shape mixtral --tokens 4096 [--peers ours,ortmoe,kernels]
+(--shape: any layer of gpu_bench.py, deepseek_v3 and gpt_oss included)
 """
 import argparse
 import collections
@@ -38,7 +39,7 @@ def columns(b, st, T, sets):
     for peer, key in (("ours", "ours/ORT"), ("ortmoe", "ORT MoE")):
         if peer in b.peers and f"sess_{peer}" in st:
             sess = st[f"sess_{peer}"]
-            io = b.bind_set(sess, s, gpu_bench.SESSION_INPUTS[peer])
+            io = b.bind_set(sess, s, b.session_inputs(st, peer), shared=st["w"])
             cols[key] = lambda sess=sess, io=io: sess.run_with_iobinding(io)
     if "kernels" in b.peers and b.kernels is not None:
         bufs = b.kernels.alloc_forward(T, st["k"], st["E"], st["d"], st["f"], torch.bfloat16)
@@ -130,7 +131,7 @@ def main():
     ap.add_argument("--lib", default=os.path.join(REPO, ".carry/ort/libscattermoe_ort.so"))
     ap.add_argument("--fatbin-dir", default=os.path.join(REPO, "target/scattermoe-kernels"))
     ap.add_argument("--triton-dir", default=os.path.join(REPO, ".carry/scattermoe"))
-    ap.add_argument("--shape", default="mixtral")
+    ap.add_argument("--shape", default="mixtral", choices=list(gpu_bench.SHAPES))
     ap.add_argument("--tokens", default="4096")
     ap.add_argument("--peers", default="ours,ortmoe,kernels")
     ap.add_argument("--runs", type=int, default=10)
@@ -138,6 +139,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--sustain", type=float, default=0, help="seconds of back-to-back forwards per column and round")
     ap.add_argument("--sustain-rounds", type=int, default=2)
+    ap.add_argument("--shared-weights-gb", type=float, default=8.0, help="as gpu_bench.py's")
     a = ap.parse_args()
     a.budget, a.settle, a.time_limit, a.hard_extra, a.verbose = 0.3, 0.0, 1e9, 0, True
     b = gpu_bench.Bench(a)

@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
-# Device side of bench/gpu_bench.py: one command, one table, one chart (see that file's docstring).
+# Device side of bench/gpu_bench.py (its docstring is the method; bench/results/README.md lists the calls
+# that make the full table on one GPU, and how the H100 and H200 tables are made).
 #
-# Assumes onnxruntime-gpu unpacked at /tmp/ortgpu, as tests/gpu/run_ort_cuda.sh leaves it. If it is
-# not there yet, ORT_LAST_PART=<dir of the last part> finishes the unpacking first (the earlier parts
-# already copied to /tmp/ortparts by the calls tests/gpu/run_ort_cuda.sh describes).
-#
-# Here (project root), before the device call:
+# Here (project root), before the calls: the plugin and sm_90a fatbins, xz'd, as tests/gpu/run_quant.sh
+# builds them (target dir of its own), and ScatterMoE's Triton code:
+#   export NVCC=$PWD/scripts/gpu/nvcc-sm90a.sh CARGO_TARGET_DIR=target/device
 #   cargo build --release -p scattermoe-ort
-#   mkdir -p .carry/ort && objcopy --strip-debug target/release/libscattermoe_ort.so .carry/ort/libscattermoe_ort.so
-#   scripts/gpu/build_kernels.sh target/scattermoe-kernels <nvcc> all      # our fatbins (tests/gpu/RESULTS.md)
+#   O=$(ls -d target/device/release/build/scattermoe-*/out | while read d; do [ -f $d/quant_gemm.fatbin ] && echo $d; done | head -1)
+#   mkdir -p .carry/kernels .carry/ort && for f in $O/*.fatbin; do xz -6 -T2 -c "$f" > .carry/kernels/$(basename "$f").xz; done
+#   objcopy --strip-debug target/device/release/libscattermoe_ort.so /tmp/libscattermoe_ort.so \
+#     && xz -6 -T2 -c /tmp/libscattermoe_ort.so > .carry/ort/libscattermoe_ort.so.xz
+#   PART_MB=40 ../shared/tools/ort-gpu-parts.sh                   # onnxruntime-gpu: .carry/ort-gpu/p0 .. pN
 #   ScatterMoE's Triton code, git-ignored, never committed: the search tool's fetch of
 #   github:shawntan/scattermoe gives a git dir G; then
 #     mkdir -p .carry/scattermoe && git --git-dir=G archive HEAD scattermoe LICENSE | tar x -C .carry/scattermoe
 #     git --git-dir=G rev-parse HEAD > .carry/scattermoe/COMMIT
-# Device call (carry .carry/ort, target/scattermoe-kernels, .carry/scattermoe):
-#   bash bench/run_gpu_bench.sh
-# or, unpacking the last onnxruntime-gpu part in the same call (also carry .carry/ort-gpu/pN):
-#   ORT_LAST_PART=.carry/ort-gpu/pN bash bench/run_gpu_bench.sh
-# Extra arguments go to gpu_bench.py (e.g. --shapes qwen3 --tokens 1,1024 --peers ours,kernels).
-# Output in $OUT: gpu_bench.md (tables), gpu_bench.json, gpu_bench.png, gpu-bench.log.
+# Device calls: onnxruntime-gpu's parts first, back to back (the machine stays warm ~30 s between calls;
+# /tmp stays while it is warm; a 40 MiB part leaves no room for the other carried paths in one call):
+#   carry [".carry/ort-gpu/p0"]: mkdir -p /tmp/ortparts && cp .carry/ort-gpu/p0/* /tmp/ortparts/
+#   carry [".carry/ort-gpu/pI"]: cp .carry/ort-gpu/pI/* /tmp/ortparts/      (every further part)
+# then the runs (the first one unpacks /tmp/ortparts): carry [".carry/ort", ".carry/kernels",
+# ".carry/scattermoe"] (about 31 MiB with the tracked tree):
+#   NAME=mixtral bash bench/run_gpu_bench.sh --shapes mixtral ...   (bench/results/README.md: every call)
+#
+# Environment: NAME (the run's name, default gpu-bench), BENCH_S (timeout of gpu_bench.py, default 540),
+# LIB / FATBINS (a plugin / fatbin folder other than the carried ones), ORT_LAST_PART (a carried folder
+# of onnxruntime-gpu's last part, copied to /tmp/ortparts before unpacking).
+# Output in $OUT, named after the device (h100, h200, ... from nvidia-smi) and NAME: DEV-NAME.md (tables),
+# DEV-NAME.json (meta + rows, written after every row), DEV-NAME.log. No chart (a call returns at most 8
+# files: two runs fit in one call); `gpu_bench.py --render` draws it here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/smoe-out}; mkdir -p "$OUT"
-if [ ! -d /tmp/ortgpu/onnxruntime ] && [ -n "${ORT_LAST_PART:-}" ]; then
-  mkdir -p /tmp/ortparts /tmp/ortgpu && cp "$ORT_LAST_PART"/* /tmp/ortparts/ \
-    && cat /tmp/ortparts/part* | xz -d -T8 | tar x -C /tmp/ortgpu || exit 1
+dev=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E '[a-z][0-9]{2,3}' | head -1 | tr 'A-Z' 'a-z')
+STEM=${dev:-gpu}-${NAME:-gpu-bench}
+LOG=$OUT/$STEM.log
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOG"
+if [ ! -d /tmp/ortgpu/onnxruntime ]; then
+  [ -n "${ORT_LAST_PART:-}" ] && mkdir -p /tmp/ortparts && cp "$ORT_LAST_PART"/* /tmp/ortparts/
+  if ls /tmp/ortparts/part* > /dev/null 2>&1; then
+    mkdir -p /tmp/ortgpu && cat /tmp/ortparts/part* > /tmp/ortgpu.whl && python3 -m zipfile -e /tmp/ortgpu.whl /tmp/ortgpu
+  fi
 fi
-[ -d /tmp/ortgpu/onnxruntime ] || echo "warning: /tmp/ortgpu/onnxruntime missing: the ORT columns will be '-'"
+[ -d /tmp/ortgpu/onnxruntime ] || echo "warning: /tmp/ortgpu/onnxruntime missing: the ORT columns will be '-'" | tee -a "$LOG"
+if [ -z "${LIB:-}" ]; then
+  LIB=.carry/ort/libscattermoe_ort.so
+  [ -f "$LIB.xz" ] && xz -dc "$LIB.xz" > /tmp/libscattermoe_ort.so && LIB=/tmp/libscattermoe_ort.so
+fi
+if [ -z "${FATBINS:-}" ]; then
+  FATBINS=target/scattermoe-kernels
+  if ls .carry/kernels/*.fatbin.xz > /dev/null 2>&1; then
+    FATBINS=/tmp/bench-kernels && mkdir -p $FATBINS
+    for f in .carry/kernels/*.fatbin.xz; do xz -dc "$f" > $FATBINS/$(basename "$f" .xz); done
+  fi
+fi
 libs=$(ls -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib 2>/dev/null | paste -sd:)
 export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}
 export PYTHONPATH=/tmp/ortgpu${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT/gpu-bench.log"
-PYTHONUNBUFFERED=1 timeout "${BENCH_S:-540}" python3 bench/gpu_bench.py \
-  --lib "${LIB:-.carry/ort/libscattermoe_ort.so}" --fatbin-dir "${FATBINS:-target/scattermoe-kernels}" \
-  --triton-dir .carry/scattermoe --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu-bench.log"
-echo "gpu-bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/gpu-bench.log"
+PYTHONUNBUFFERED=1 timeout "${BENCH_S:-540}" python3 bench/gpu_bench.py --lib "$LIB" --fatbin-dir "$FATBINS" \
+  --triton-dir .carry/scattermoe --out "$OUT" --name "$STEM" --no-chart "$@" 2>&1 | tee -a "$LOG"
+echo "gpu-bench $STEM rc=${PIPESTATUS[0]}" | tee -a "$LOG"

@@ -1,13 +1,21 @@
 """The ONNX models the ORT columns run, built with numpy + onnx only (no torch), so that they can be
 checked on a machine without a GPU (`gpu_bench.py --dry-run`).
 
-Every model of one layer shape points into one external-data file (`WeightFile`): the weights are
-written once per shape, in the layouts the models need:
+Every model of one layer (layers.Layer) points into one external-data file (`WeightFile`): the weights
+are written once per layer, in the layouts the models need:
 
-  w_gu    [E, 2f, d]  gate rows [0, f), up rows [f, 2f)  (Hugging Face's gate_up_proj; ScatterMoE glu_layout=gate_up)
-  w_il    [E, 2f, d]  row 2i gate i, row 2i+1 up i      (com.microsoft.MoE swiglu_fusion=1)
+  w_gu    [E, 2f, d]  gate and up rows in the layer's glu layout (ScatterMoE's glu_layout)
+  w_il    [E, 2f, d]  row 2i gate i, row 2i+1 up i (com.microsoft.MoE swiglu_fusion=1); absent when w_gu
+                      is interleaved already (GPT-OSS): the MoE model then reads w_gu
   w_down  [E, d, f]
-  wr_t    [d, E]      the router weight, transposed for MatMul
+  b_gu, b_il [E, 2f], b_down [E, d]   the biases, for layers that have them
+  wr_t    [d, E]      the router weight, transposed for MatMul; wr_b [E] its bias (GPT-OSS's router has one)
+
+Weights as inputs (`weights_as_inputs=True`): the ScatterMoE models take w_in / w_out (and b_in / b_out)
+as graph inputs instead of initializers, and the GPU run binds them to torch's own weight tensors. Our
+op's CUDA kernel reads every input through its device pointer on every run (src/ort_ops/cuda.rs has no
+constant-initializer path), so the work is the same; what changes is that ORT holds no second copy of
+the experts (DeepSeek-V3's are 22.5 GB: three copies would not fit an 80 GB card).
 
 bfloat16 tensors are passed around as uint16 arrays of their bit patterns (numpy has no bfloat16).
 """
@@ -40,15 +48,25 @@ class WeightFile:
 
     def add(self, key, array, onnx_type=BF16):
         """array: numpy array whose bytes are the tensor (uint16 bit patterns for bfloat16)."""
+        a = np.ascontiguousarray(array)
+        self.add_chunks(key, a.shape, [a], onnx_type)
+
+    def add_chunks(self, key, shape, chunks, onnx_type=BF16):
+        """A tensor of `shape` written from `chunks` (numpy arrays whose bytes, in order, are the tensor):
+        a tensor larger than host memory wants is written a piece at a time."""
         pad = (-self._fh.tell()) % ALIGN
         self._fh.write(b"\0" * pad)
         offset = self._fh.tell()
-        a = np.ascontiguousarray(array)
-        a.tofile(self._fh)
-        self._entries[key] = (onnx_type, tuple(a.shape), offset, a.nbytes)
+        for c in chunks:
+            np.ascontiguousarray(c).tofile(self._fh)
+        length = self._fh.tell() - offset
+        self._entries[key] = (onnx_type, tuple(shape), offset, length)
 
     def close(self):
         self._fh.close()
+
+    def has(self, key):
+        return key in self._entries
 
     def dims(self, key):
         return self._entries[key][1]
@@ -80,33 +98,61 @@ def _save(graph, path, domains):
     return path
 
 
-def _scattermoe_node(x, rw, ri, out="y"):
-    return helper.make_node("ScatterMoE", [x, rw, ri, "w_in", "w_out"], [out], domain="ai.scattermoe",
-                            activation="silu", gated=1, glu_layout="gate_up")
+# ScatterMoE's weight inputs and the WeightFile keys they come from
+EXPERT_INPUTS = (("w_in", "w_gu"), ("w_out", "w_down"), ("b_in", "b_gu"), ("b_out", "b_down"))
 
 
-def ours_model(wf, path, k):
+def _experts(wf, layer, weights_as_inputs, elem=BF16):
+    """(node input names, graph inputs, initializers) of the expert weights (and biases) of `layer`."""
+    d, f, E, _ = layer.dims
+    shapes = {"w_in": [E, 2 * f, d], "w_out": [E, d, f], "b_in": [E, 2 * f], "b_out": [E, d]}
+    names = [n for n, _ in EXPERT_INPUTS[:4 if layer.bias else 2]]
+    if weights_as_inputs:
+        return names, [_vi(n, elem, shapes[n]) for n in names], []
+    return names, [], [wf.tensor(key, n) for n, key in EXPERT_INPUTS if n in names]
+
+
+def _scattermoe_node(layer, names, x="x", rw="rw", ri="ri", out="y"):
+    return helper.make_node("ScatterMoE", [x, rw, ri] + names, [out], domain="ai.scattermoe", **layer.scattermoe_attrs())
+
+
+def ours_model(wf, path, layer, weights_as_inputs=False):
     """ScatterMoE alone; routing (weights, int64 indices) comes in as inputs."""
-    E, _, d = wf.dims("w_gu")
+    d, _, _, k = layer.dims
+    names, w_inputs, inits = _experts(wf, layer, weights_as_inputs)
     g = helper.make_graph(
-        [_scattermoe_node("x", "rw", "ri")], "ours",
-        [_vi("x", BF16, ["T", d]), _vi("rw", BF16, ["T", k]), _vi("ri", TensorProto.INT64, ["T", k])],
-        [_vi("y", BF16, ["T", d])],
-        [wf.tensor("w_gu", "w_in"), wf.tensor("w_down", "w_out")])
+        [_scattermoe_node(layer, names)], "ours",
+        [_vi("x", BF16, ["T", d]), _vi("rw", BF16, ["T", k]), _vi("ri", TensorProto.INT64, ["T", k])] + w_inputs,
+        [_vi("y", BF16, ["T", d])], inits)
     return _save(g, path, ["ai.scattermoe"])
 
 
-def router_nodes(k, x="x", rw="rw", ri="ri", f32_matmul=False):
+def router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False):
     """The router as `scattermoe rewrite` keeps it (and as the HF export writes it): logits = x @ Wr^T in
-    bfloat16, softmax in float32, top-k, renormalise, back to bfloat16. f32_matmul (dry run only: ORT's
+    bfloat16, then in float32 either softmax, top-k, renormalise (layer.router softmax_topk: Mixtral, Qwen3,
+    and the benchmark's routing for DeepSeek-V3), or GPT-OSS's order (topk_softmax: + the router bias, top-k
+    of the logits, softmax over the k; the same weights), back to bfloat16. f32_matmul (dry run only: ORT's
     CPU EP has no bfloat16 MatMul) does the product in float32 instead; the logits are the same."""
     if f32_matmul:
         logits = [helper.make_node("Cast", [x], ["x_f"], to=TensorProto.FLOAT),
                   helper.make_node("Cast", ["wr_t"], ["wr_t_f"], to=TensorProto.FLOAT),
                   helper.make_node("MatMul", ["x_f", "wr_t_f"], ["logits_f"])]
+        if layer.router == "topk_softmax":
+            logits[-1].output[0] = "logits_nb"
+            logits += [helper.make_node("Cast", ["wr_b"], ["wr_b_f"], to=TensorProto.FLOAT),
+                       helper.make_node("Add", ["logits_nb", "wr_b_f"], ["logits_f"])]
     else:
-        logits = [helper.make_node("MatMul", [x, "wr_t"], ["logits"]),
-                  helper.make_node("Cast", ["logits"], ["logits_f"], to=TensorProto.FLOAT)]
+        logits = [helper.make_node("MatMul", [x, "wr_t"], ["logits"])]
+        if layer.router == "topk_softmax":
+            logits[-1].output[0] = "logits_nb"
+            logits.append(helper.make_node("Add", ["logits_nb", "wr_b"], ["logits"]))
+        logits.append(helper.make_node("Cast", ["logits"], ["logits_f"], to=TensorProto.FLOAT))
+    if layer.router == "topk_softmax":
+        return logits + [
+            helper.make_node("TopK", ["logits_f", "k"], ["top_l", ri], axis=-1, largest=1, sorted=1),
+            helper.make_node("Softmax", ["top_l"], ["rw_f"], axis=-1),
+            helper.make_node("Cast", ["rw_f"], [rw], to=BF16),
+        ]
     return logits + [
         helper.make_node("Softmax", ["logits_f"], ["probs"], axis=-1),
         helper.make_node("TopK", ["probs", "k"], ["top_p", ri], axis=-1, largest=1, sorted=1),
@@ -116,42 +162,64 @@ def router_nodes(k, x="x", rw="rw", ri="ri", f32_matmul=False):
     ]
 
 
-def ours_router_model(wf, path, k, f32_matmul=False):
-    """Router ops + ScatterMoE: the form the rewriter emits for an exported MoE block; input x only."""
-    E, _, d = wf.dims("w_gu")
+def ours_router_model(wf, path, layer, f32_matmul=False, weights_as_inputs=False):
+    """Router ops + ScatterMoE: the form the rewriter emits for an exported MoE block; input x (and, with
+    weights_as_inputs, the expert weights) only."""
+    d, _, _, k = layer.dims
+    names, w_inputs, inits = _experts(wf, layer, weights_as_inputs)
     consts = [helper.make_tensor("k", TensorProto.INT64, [1], [k]),
               helper.make_tensor("last_axis", TensorProto.INT64, [1], [-1])]
+    router = [wf.tensor("wr_t")] + ([wf.tensor("wr_b")] if layer.router == "topk_softmax" else [])
     g = helper.make_graph(
-        router_nodes(k, f32_matmul=f32_matmul) + [_scattermoe_node("x", "rw", "ri")], "ours_router",
-        [_vi("x", BF16, ["T", d])], [_vi("y", BF16, ["T", d])],
-        [wf.tensor("w_gu", "w_in"), wf.tensor("w_down", "w_out"), wf.tensor("wr_t")] + consts)
+        router_nodes(layer, f32_matmul=f32_matmul) + [_scattermoe_node(layer, names)], "ours_router",
+        [_vi("x", BF16, ["T", d])] + w_inputs, [_vi("y", BF16, ["T", d])], inits + router + consts)
     return _save(g, path, ["ai.scattermoe"])
 
 
-def ort_moe_model(wf, path, k):
-    """com.microsoft.MoE: softmax + top-k (renormalised) of the router logits it is given, SwiGLU with the
-    interleaved fc1 (swiglu_fusion=1), fc2; no biases. Same attributes as the float16 run in bench/results."""
-    E, _, d = wf.dims("w_il")
-    node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft",
-                            activation_type="swiglu", swiglu_fusion=1, k=k, normalize_routing_weights=1)
-    g = helper.make_graph(
-        [node], "ort_moe",
-        [_vi("x", BF16, ["T", d]), _vi("logits", BF16, ["T", E])], [_vi("y", BF16, ["T", d])],
-        [wf.tensor("w_il", "fc1"), wf.tensor("w_down", "fc2")])
+def ort_moe_attrs(layer):
+    """com.microsoft.MoE's attributes for `layer`: softmax over the E logits, top-k, renormalised; SwiGLU
+    over interleaved fc1 rows (swiglu_fusion=1). GPT-OSS's form adds activation_alpha 1.702, activation_beta
+    1 (the + 1 on the clamped up value) and swiglu_limit 7, as ORT's schema writes its SwiGLU:
+    G = min(g, limit), L = clamp(u, -limit, limit), G * sigmoid(alpha G) * (L + beta)."""
+    a = dict(activation_type="swiglu", swiglu_fusion=1, k=layer.k, normalize_routing_weights=1)
+    if layer.activation == "swiglu_oai":
+        a.update(activation_alpha=layer.alpha, activation_beta=1.0, swiglu_limit=layer.limit)
+    return a
+
+
+def ort_moe_model(wf, path, layer, elem=BF16):
+    """com.microsoft.MoE fed the router logits, with the layer's biases. elem: the model's float type (the
+    dry run checks the GPT-OSS form in float32 on the CPU EP, which has no bfloat16 MoE)."""
+    d, _, E, _ = layer.dims
+    w1 = "w_il" if wf.has("w_il") else "w_gu"
+    b1 = "b_il" if wf.has("b_il") else "b_gu"
+    inputs = ["x", "logits", "fc1", "fc1_b" if layer.bias else "", "fc2"] + (["fc2_b"] if layer.bias else [])
+    inits = [wf.tensor(w1, "fc1"), wf.tensor("w_down", "fc2")]
+    if layer.bias:
+        inits += [wf.tensor(b1, "fc1_b"), wf.tensor("b_down", "fc2_b")]
+    node = helper.make_node("MoE", inputs, ["y"], domain="com.microsoft", **ort_moe_attrs(layer))
+    g = helper.make_graph([node], "ort_moe", [_vi("x", elem, ["T", d]), _vi("logits", elem, ["T", E])],
+                          [_vi("y", elem, ["T", d])], inits)
     return _save(g, path, ["com.microsoft"])
 
 
 def interleave_gate_up(w_gu):
-    """[E, 2f, d] gate_up -> interleaved rows (numpy; the GPU path does the same with torch)."""
-    E, n, d = w_gu.shape
-    return np.ascontiguousarray(w_gu.reshape(E, 2, n // 2, d).transpose(0, 2, 1, 3).reshape(E, n, d))
+    """[E, 2f, ...] gate_up -> interleaved rows (numpy; the GPU path does the same with torch)."""
+    E, n = w_gu.shape[:2]
+    rest = w_gu.shape[2:]
+    return np.ascontiguousarray(np.swapaxes(w_gu.reshape(E, 2, n // 2, *rest), 1, 2).reshape(E, n, *rest))
 
 
-def write_weights(directory, w_gu, w_il, w_down, wr_t):
-    """All four as uint16 bf16 bit arrays; returns the closed WeightFile."""
-    wf = WeightFile(directory)
-    for key, a in (("w_gu", w_gu), ("w_il", w_il), ("w_down", w_down), ("wr_t", wr_t)):
-        wf.add(key, a)
+def write_weights(directory, tensors, name="weights.bin"):
+    """tensors: {key: numpy array, or (shape, iterable of numpy chunks[, onnx type])}; bf16 as uint16 bits
+    unless a type is given. Returns the closed WeightFile."""
+    wf = WeightFile(directory, name)
+    for key, t in tensors.items():
+        if isinstance(t, np.ndarray):
+            wf.add(key, t, BF16 if t.dtype == np.uint16 else TensorProto.FLOAT)
+        else:
+            shape, chunks, *etype = t
+            wf.add_chunks(key, shape, chunks, etype[0] if etype else BF16)
     wf.close()
     return wf
 

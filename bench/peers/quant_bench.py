@@ -32,15 +32,15 @@ class QuantColumns:
     """Needs of the host class: torch, peers, args (lib), ortlib, ort, kernels, workload, _session_column,
     _ort_column, _torch_column, short()."""
 
-    def _formats(self):
-        want = self.peers & set(QUANT_PEERS)
+    def _formats(self, st):
+        want = {p for p in self.peers & set(QUANT_PEERS) if p not in st["why"]}  # a layer may rule them out
         fmts = {OURS[p] for p in want if p in OURS} | {KERNELS[p] for p in want if p in KERNELS}
         fmts |= {f"int{QMOE[p]}" for p in want if p in QMOE}
         return want, fmts
 
     def prepare_quant(self, st, short):
         """Quantize the shape's weights, write them, make the sessions; a failure is kept per column."""
-        want, fmts = self._formats()
+        want, fmts = self._formats(st)
         if not want:
             return
         t0 = time.time()
@@ -166,7 +166,7 @@ class QuantColumns:
     def quant_floors(self, row, st, peak, bw):
         from peers import quant
 
-        if self.peers & set(QUANT_PEERS):
+        if self._formats(st)[0]:
             for fmt in FLOORS:
                 row[f"floor {fmt}"] = quant.floor_ms(row["tokens"], st["d"], st["f"], st["k"], row["experts_hit"], peak, bw, fmt)
 

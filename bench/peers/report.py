@@ -1,6 +1,14 @@
-"""The table, JSON and chart of one run (numpy + matplotlib only; torch-free)."""
+"""The table, JSON and chart of one run (numpy + matplotlib only; torch-free).
+
+The main table ends with three derived columns: our op through ORT and our kernels in a CUDA graph as
+multiples of the floor ("ours/ORT / floor", "kernels (graph) / floor"), and the kernels' device time by
+part ("routing/G1/G2/comb us", breakdown.py). Close rows (close_pairs) are re-timed by --repeat-close;
+repeats_table shows both passes.
+"""
 import json
 import math
+
+from . import breakdown
 
 # key, table header, how it is timed ("host" / "graph" / None for the floor)
 COLUMNS = [
@@ -45,14 +53,66 @@ def _cell(v, fmt):
     return fmt.format(v) if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 
 
+# (key, header) of the ratios to the floor in the main table
+FLOOR_RATIOS = [("ours/ORT", "ours/ORT / floor"), ("kernels/graph", "kernels (graph) / floor")]
+PARTS_HEADER = "routing/G1/G2/comb us"
+
+
+def floor_ratio(row, key):
+    v, fl = row.get(key), row.get("floor")
+    ok = isinstance(v, (int, float)) and isinstance(fl, (int, float)) and fl > 0
+    return f"{v / fl:.2f}x" if ok else "-"
+
+
 def table(rows, columns=None):
+    main = columns is None
     columns = columns or COLUMNS
     head = ["shape", "tokens"] + [h for _, h, _ in columns] + ["fastest (host)", "fastest (graph)"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---|"]
+    if main:
+        head += [h for _, h in FLOOR_RATIOS] + [PARTS_HEADER]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(columns) + 1) + "---|---|" + "---:|" * (len(head) - len(columns) - 4)]
     for r in rows:
         cells = [r["shape"], str(r["tokens"])] + [_cell(r.get(k), "{:.3f}") for k, _, _ in columns]
-        lines.append("| " + " | ".join(cells + [fastest(r, "host", columns), fastest(r, "graph", columns)]) + " |")
+        cells += [fastest(r, "host", columns), fastest(r, "graph", columns)]
+        if main:
+            cells += [floor_ratio(r, k) for k, _ in FLOOR_RATIOS] + [breakdown.cell(r.get("kernels_parts"))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ours: the column each timing kind compares; the columns that are ours too (not peers of it)
+OURS = {"host": "ours/ORT", "graph": "kernels/graph"}
+OURS_TOO = {"ours/ORT", "ours/ORT+router", "kernels", "kernels/graph"}
+
+
+def close_pairs(row, tol=0.05):
+    """[(ours key, peer key, ratio ours / peer)] for each timing kind where the fastest peer column is within
+    tol of ours (either side): the rows whose winner a second timing could change."""
+    out = []
+    for how, ours in OURS.items():
+        mine = row.get(ours)
+        peers = [(row[k], k) for k, _, h in COLUMNS if h == how and k not in OURS_TOO and isinstance(row.get(k), (int, float))]
+        if not isinstance(mine, (int, float)) or not peers:
+            continue
+        best, key = min(peers)
+        if abs(mine / best - 1) <= tol:
+            out.append((ours, key, mine / best))
+    return out
+
+
+def repeats_table(rows):
+    """The close rows and their second pass (row["repeat"]: {key: ms}), ours / peer and the ratio."""
+    lines = ["| shape | tokens | ours / peer | pass 1 (ms) | ratio | pass 2 (ms) | ratio |", "|---|---:|---|---:|---:|---:|---:|"]
+    n = 0
+    for r in rows:
+        rep = r.get("repeat") or {}
+        for ours, peer, ratio in r.get("close", []):
+            a, b = rep.get(ours), rep.get(peer)
+            second = (f"{a:.3f} / {b:.3f}", f"{a / b:.3f}") if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ("-", "-")
+            lines.append(f"| {r['shape']} | {r['tokens']} | {ours} / {peer} | {r[ours]:.3f} / {r[peer]:.3f} | {ratio:.3f} | "
+                         f"{second[0]} | {second[1]} |")
+            n += 1
+    return "\n".join(lines) if n else ""
 
 
 def error_table(rows, columns=None):
@@ -90,9 +150,13 @@ def chart(path, rows, shapes, title_of):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5.2), squeeze=False)
+    ncols = min(3, len(shapes))
+    nrows = -(-len(shapes) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
     colors = {}
-    for ax, shape in zip(axes[0], shapes):
+    for ax, shape in zip(axes.flat, shapes):
         rs = [r for r in rows if r["shape"] == shape]
         drawn = set()
         for key, label, how in COLUMNS + QUANT_COLUMNS:

@@ -14,6 +14,11 @@ counts made by scatter_add_ instead of bincount: its @torch.compile wrapper woul
 (time this benchmark does not have) and bincount synchronises with the host, which a CUDA graph
 cannot capture. The offsets are only kept for the backward pass; the forward kernels use the sorted
 indices alone.
+
+Layers with biases and GPT-OSS's clamped SwiGLU: as the package's own GptOssExperts replacement
+(scattermoe/utils/replace_moe.py) runs them: each projection's bias goes to scatter2scatter as
+`expert_biases` (added in the kernel's epilogue), gate and up are read interleaved from the first
+product, and the clamped activation is torch elementwise (workload.glu_act) between the two kernels.
 """
 import importlib
 import os
@@ -48,9 +53,19 @@ def sort_count(ri, E):
     return sorted_expert_idxs, sorted_scattered_idxs, counts.cumsum(-1)
 
 
-def forward(parallel_linear, x, rw, ri, w1, w2):
+def forward(parallel_linear, x, rw, ri, w1, w2, b1=None, b2=None, layer=None):
+    """layer None: SwiGLU (silu), gate_up rows, no biases (the biases are passed only when given, so that a
+    ScatterMoE without bias support still runs the bias-free layers)."""
     k = ri.shape[1]
     se, ss, offsets = sort_count(ri, w1.shape[0])
-    h = parallel_linear(x, w1, k, se, ss, offsets, grouped_out=True)
-    gate, up = h.chunk(2, dim=-1)
-    return parallel_linear(F.silu(gate) * up, w2, 1, se, ss, offsets, grouped_in=True, gates=rw)
+    bias1 = {} if b1 is None else {"expert_biases": b1}
+    bias2 = {} if b2 is None else {"expert_biases": b2}
+    h = parallel_linear(x, w1, k, se, ss, offsets, grouped_out=True, **bias1)
+    if layer is None:
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate) * up
+    else:
+        from peers import workload
+
+        a = workload.glu_act(h, layer)
+    return parallel_linear(a, w2, 1, se, ss, offsets, grouped_in=True, gates=rw, **bias2)
