@@ -40,10 +40,15 @@ def load_ort():
 class Session:
     """One ORT session of one model file, with its IO layout read from the graph."""
 
-    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None, head_dim=None):
+    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None, head_dim=None, extras=(), sync=False):
+        """`extras`: graph outputs (a checking copy's, probe.py) bound to host memory and read after every
+        run into `extras_log`; they need `sync` (ORT waits for its run before returning)."""
         import torch
 
         self.torch, self.kind, self.device, self.graph, self.path = torch, kind, device, graph, path
+        self.extras, self.extras_log = list(extras), []
+        if self.extras and not sync:
+            raise ValueError("extra outputs are read on the host after each run: open the session with sync=True")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -61,7 +66,7 @@ class Session:
             providers.insert(0, ("CUDAExecutionProvider", opts))
         self.sess = ort.InferenceSession(path, so, providers=providers)
         self.run_options = ort.RunOptions()
-        if device == "cuda" and stream is not None:
+        if device == "cuda" and stream is not None and not sync:
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         ins = {i.name: i for i in self.sess.get_inputs()}
         outs = {o.name: o for o in self.sess.get_outputs()}
@@ -95,8 +100,24 @@ class Session:
         for name, t in outputs.items():
             _bind(io.bind_output, name, t, self.device)
 
+    def io_binding(self):
+        """A binding whose first outputs are the extras, on the host (ORT allocates them each run)."""
+        io = self.sess.io_binding()
+        for name in self.extras:
+            io.bind_output(name, "cpu")
+        return io
+
     def run(self, io):
+        for name in self.extras:  # fresh host buffers each run: ORT would write into the last run's otherwise
+            io.bind_output(name, "cpu")
         self.sess.run_with_iobinding(io, self.run_options)
+        if self.extras:  # the first len(extras) bound outputs (io_binding); rebinding keeps a name's place
+            outs = io.get_outputs()
+            self.extras_log.append({n: outs[i].numpy().copy() for i, n in enumerate(self.extras)})
+
+    def take_extras(self):
+        out, self.extras_log = self.extras_log, []
+        return out
 
     # ------------------------------------------------------------------ prefill (both kinds)
     def forward(self, ids, past=None, past_len=0):
@@ -114,7 +135,7 @@ class Session:
         presents = [self.kv(B, P + S) for _ in self.past_out]
         lS = 1 if self.kind == "hf" else S
         logits = torch.empty((B, lS, self.vocab), dtype=self.logits_dtype, device=self.device)
-        io = self.sess.io_binding()
+        io = self.io_binding()
         self.bind(io, ins, dict(zip(self.past_out, presents), logits=logits))
         self.run(io)
         return logits[:, -1], presents
@@ -165,7 +186,7 @@ class HFDecode:
         self.B = first_ids.shape[0]
         self.ids = first_ids.clone()
         self.logits = s.torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
-        self.io = s.sess.io_binding()
+        self.io = s.io_binding()
         self.reset()
 
     def reset(self):
@@ -198,7 +219,7 @@ class GenaiDecode:
         self.mask = torch.zeros((self.B, max_len), dtype=torch.int64, device=s.device)
         self.ids = first_ids.clone()
         self.logits = torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
-        self.io = s.sess.io_binding()
+        self.io = s.io_binding()
         ins = dict(input_ids=self.ids, attention_mask=self.mask, **dict(zip(s.past_in, self.kvbuf)))
         s.bind(self.io, ins, dict(zip(s.past_out, self.kvbuf), logits=self.logits))
         self.reset()
@@ -238,3 +259,23 @@ def cuda_graph_reason(kind):
 
 def env_threads():
     return int(os.environ.get("E2E_THREADS", "0"))
+
+
+def not_runnable(err, ort_version, dtype):
+    """The reason, in one line naming the node, why ONNX Runtime refused to load a graph (its type check:
+    a bfloat16 TopK at opset 18; or no kernel for a node's types), or None for any other error."""
+    import re
+
+    msg = " ".join(str(err).split())
+    m = re.search(r"Type '([^']+)' of input parameter \(([^)]*)\) of operator \(([^)]*)\) in node \(([^)]*)\) is invalid", msg)
+    if m:
+        typ, arg, op, node = m.groups()
+        why = f"node '{node}' ({op}) takes {typ} (its input {arg}), a type ONNX Runtime's {op} does not accept, so the graph does not load"
+    else:
+        m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", msg)
+        if not m:
+            return None
+        op, ver, node = m.groups()
+        why = f"node '{node}' ({op}, opset {ver}) has no kernel for its types in any execution provider of this session"
+    hint = "; float16 runs (DTYPE=fp16)" if dtype == "bfloat16" else ""
+    return f"not runnable by ONNX Runtime {ort_version} in {dtype}: {why}{hint}"
