@@ -185,7 +185,7 @@ def run(a, name, dtype, ph, tol, log):
     log(f"{name} {dtype} on {res['device']}: columns {', '.join(wanted)}")
     for col in wanted:
         if col.startswith("builder") and ("builder" in res["notes"] or not os.path.exists(p[col])):
-            res["notes"].setdefault(col, res["notes"].get("builder") or "no builder model (GPT-OSS dimensions only)")
+            res["notes"].setdefault(col, res["notes"].get("builder") or "not run: no builder model (GPT-OSS dimensions only)")
             continue
         try:
             rec = measure_column(a, ort, dev, col, p, cfg, ph, pr, traces, log, checking.get(col))
@@ -213,8 +213,8 @@ def run(a, name, dtype, ph, tol, log):
     gated = [c for c in res["checks"].values() if c.get("gate") and not c.get("not_checked")]
     res["checks_ok"] = bool(gated) and all(c["ok"] for c in gated)
     if not gated:
-        res["notes"]["check"] = "no rewritten model was checked against its original: " + "; ".join(
-            f"{k}: {c['why']}" for k, c in res["checks"].items() if c.get("gate")) or "no pair ran"
+        res["notes"]["check"] = "no rewritten model was checked against its original: " + ("; ".join(
+            f"{k}: {c['why']}" for k, c in res["checks"].items() if c.get("gate")) or "no pair ran")
         log(f"  check: {res['notes']['check']}")
     for k, c in res["checks"].items():
         if c.get("not_checked"):
@@ -251,7 +251,7 @@ def checking_copies(p, notes, log):
             for c in (orig, rw):
                 out[c] = (probe.checking_copy(p[c], layers), probe.names(len(layers)))
         except Exception as e:  # noqa: BLE001 - the check runs end to end without per-layer readings
-            notes[f"per-layer {orig}/{rw}"] = _short(e)
+            notes[f"per-layer {orig}/{rw}"] = "not read: " + _short(e)
             log(f"  per-layer readings of {orig}/{rw} not available: {_short(e)}")
     return out
 
@@ -265,8 +265,11 @@ def checks(traces, tol, columns):
             out[key] = dict(check.compare(traces[ref], traces[got], tol), gate=gate)
         elif gate and ref in columns and got in columns:
             lost = [c for c in (ref, got) if c not in traces]
-            why = "; ".join(f"{c} {columns[c].get('not_runnable') or 'did not run: ' + columns[c].get('error', '')}" for c in lost)
             skip = all(columns[c].get("not_runnable") for c in lost) and ref in lost
+            if skip:
+                why = f"{' and '.join(lost)} not runnable by this ONNX Runtime (notes)"
+            else:
+                why = "; ".join(f"{c} {columns[c].get('not_runnable') or 'did not run: ' + columns[c].get('error', '')}" for c in lost)
             out[key] = dict(ok=skip, gate=True, not_checked=skip, why=why, max_rel_err=float("nan"), tol=tol, steps=0, tokens_equal=False,
                             ties=[], mismatches=[], routing_tie_steps=[], layers=None)
     return out

@@ -109,7 +109,7 @@ def prepare_one(a, name, dtype):
             rec["builder_nomoe"] = export.cut_moe(p["builder"], p["builder_nomoe"])
             rec["notes"].pop("builder", None)
         except Exception as e:  # noqa: BLE001 - the builder columns are reported as not run, with the reason
-            rec["notes"]["builder"] = short(e)
+            rec["notes"]["builder"] = "not run: " + short(e)
             log(f"{name} {dtype}: builder columns not available: {short(e)}")
     json.dump(rec, open(p["prepared"], "w"), indent=1)
     return rec
@@ -218,13 +218,14 @@ def main(argv=None):
         for m in models:
             res = bench_one(a, m, a.dtype)
             if not res.get("checks_ok", False):
-                failed.append(m)
+                failed.append(m + (" (nothing checked)" if "check" in res.get("notes", {}) else ""))
     if a.cmd in ("report", "all", "bench"):
         import report
 
         report.write(a.work, a.out, log)
     if failed:
-        log(f"CHECK FAILED: {', '.join(failed)}: the rewritten model does not match its original (see the checks table)")
+        log(f"CHECK FAILED: {', '.join(failed)}: a rewritten model does not match its original, or none was checked (see the checks "
+            "table and notes)")
         return 3
     return 0
 

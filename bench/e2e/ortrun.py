@@ -10,7 +10,8 @@ Two graph kinds:
   hf     the dynamo export (export.py): input_ids, past_key_i / past_value_i -> logits [B, 1, V],
          present_key_i / present_value_i = past + new (a Concat: the cache grows by one position per
          step, so a decode step never has the shapes of the previous one)
-  genai  onnxruntime-genai's builder model: input_ids, attention_mask, past_key_values.i.key/value ->
+  genai  onnxruntime-genai's builder model: input_ids, attention_mask (and position_ids where it has them:
+         its CPU float16 model), past_key_values.i.key/value ->
          logits [B, S, V] (float32, every position), present.i.key/value (GroupQueryAttention). Prefill
          runs with an empty past; decode with the past and present bound to one max-length buffer per
          layer (GroupQueryAttention's shared buffer, as onnxruntime-genai runs it) and an attention
@@ -86,6 +87,9 @@ class Session:
             if head_dim is None:
                 raise RuntimeError(f"{path}: head dim of {p0.name} is symbolic ({self.head_dim}) and none was given")
             self.head_dim = head_dim
+        # the builder's CPU float16 model rotates with RotaryEmbedding nodes that take the positions as an input
+        self.position_ids = "position_ids" in ins
+        self.shared_kv = kind == "genai" and _has_op(path, "GroupQueryAttention")  # past and present may share a buffer
         lo = outs["logits"]
         self.logits_dtype = getattr(torch, ONNX_TO_TORCH[lo.type])
         self.vocab = lo.shape[-1]
@@ -132,6 +136,8 @@ class Session:
         ins.update(dict(zip(self.past_in, past)))
         if self.kind == "genai":
             ins["attention_mask"] = torch.ones((B, P + S), dtype=torch.int64, device=self.device)
+            if self.position_ids:
+                ins["position_ids"] = torch.arange(P, P + S, dtype=torch.int64, device=self.device).expand(B, S).contiguous()
         presents = [self.kv(B, P + S) for _ in self.past_out]
         lS = 1 if self.kind == "hf" else S
         logits = torch.empty((B, lS, self.vocab), dtype=self.logits_dtype, device=self.device)
@@ -169,6 +175,12 @@ def _dummy(device, t):
     return _DUMMIES[device].data_ptr()
 
 
+def _has_op(path, op):
+    import onnx
+
+    return any(n.op_type == op for n in onnx.load(path, load_external_data=False).graph.node)
+
+
 def _layer_order(name):
     import re
 
@@ -178,7 +190,9 @@ def _layer_order(name):
 
 class HFDecode:
     """Greedy decode on the export's graph: each step binds the last presents as the past and new
-    output tensors of one more position (the cache grows; no fixed shape to capture)."""
+    output tensors of one more position (the cache grows; no fixed shape to capture). Also a builder
+    graph without GroupQueryAttention (its CPU float16 model concatenates its cache), given the
+    attention mask and positions it asks for."""
 
     def __init__(self, s, prompt_presents, first_ids):
         self.s, self.torch = s, s.torch
@@ -197,7 +211,12 @@ class HFDecode:
         s = self.s
         P = self.past[0].shape[2]
         present = [s.kv(self.B, P + 1) for _ in s.past_out]
-        s.bind(self.io, dict(input_ids=self.ids, **dict(zip(s.past_in, self.past))), dict(zip(s.past_out, present), logits=self.logits))
+        ins = dict(input_ids=self.ids, **dict(zip(s.past_in, self.past)))
+        if s.kind == "genai":
+            ins["attention_mask"] = self.torch.ones((self.B, P + 1), dtype=self.torch.int64, device=s.device)
+            if s.position_ids:
+                ins["position_ids"] = self.torch.full((self.B, 1), P, dtype=self.torch.int64, device=s.device)
+        s.bind(self.io, ins, dict(zip(s.past_out, present), logits=self.logits))
         s.run(self.io)
         self.past = present
         self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
@@ -220,7 +239,10 @@ class GenaiDecode:
         self.ids = first_ids.clone()
         self.logits = torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
         self.io = s.io_binding()
+        self.pos_ids = torch.zeros((self.B, 1), dtype=torch.int64, device=s.device)
         ins = dict(input_ids=self.ids, attention_mask=self.mask, **dict(zip(s.past_in, self.kvbuf)))
+        if s.position_ids:
+            ins["position_ids"] = self.pos_ids
         s.bind(self.io, ins, dict(zip(s.past_out, self.kvbuf), logits=self.logits))
         self.reset()
 
@@ -236,6 +258,7 @@ class GenaiDecode:
         if self.pos >= self.max_len:
             raise RuntimeError(f"decode past the buffer of {self.max_len} positions")
         self.mask[:, self.pos] = 1  # the new token's position counts in the total length
+        self.pos_ids.fill_(self.pos)
         self.s.run(self.io)
         self.pos += 1
         self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
@@ -243,7 +266,7 @@ class GenaiDecode:
 
 
 def decoder(s, prompt_presents, first_ids, max_len):
-    if s.kind == "hf":
+    if s.kind == "hf" or not s.shared_kv:
         return HFDecode(s, prompt_presents, first_ids)
     return GenaiDecode(s, prompt_presents, first_ids, max_len)
 
