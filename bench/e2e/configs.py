@@ -87,9 +87,10 @@ def build(name, tiny, dtype, seed, device="cpu", experts_impl="batched_mm"):
 def randomise(model, seed, in_out=False):
     """Seeded weights, drawn parameter by parameter in name order so that the values do not depend on
     how the model was built. Matrices ~ N(0, 1/fan_in) (activations keep their scale through the
-    layers); routers 3x wider so that routing is decisive (ties between the k-th and (k+1)-th expert
-    would make the greedy comparison flip on rounding); norms 1 (+ small noise), biases and attention
-    sinks small. `in_out`: the expert stacks are stored [E, in, out] (GPT-OSS), not [E, out, in]."""
+    layers at any width); routers ROUTER_GAIN wider (each token's experts clearly chosen, the k-th
+    still carrying a few percent); norms 1 (+ small noise), biases and attention sinks small; why and
+    what it gives at the real widths (init_check.py): README.md, "Weights". `in_out`: the expert
+    stacks are stored [E, in, out] (GPT-OSS), not [E, out, in]."""
     import torch
 
     dev = next(model.parameters()).device

@@ -1,7 +1,8 @@
-"""Timing, memory and the correctness check, shared by the ORT and torch columns.
+"""Timing, memory and the check's greedy trace (its verdicts: check.py), shared by the ORT and torch columns.
 
-A column is anything with `prefill(ids) -> (last logits [B, V], state)` and `decoder(state, first ids,
-max_len)` whose `step()` runs one greedy step on the device and `reset()` returns to the prompt.
+A column is anything with `prefill(ids) -> (last logits [B, V], state)`, `decoder(state, first ids,
+max_len)` whose `step()` runs one greedy step on the device and `reset()` returns to the prompt, and
+`take_extras()` (the per-layer readings logged since the last call, probe.py; none for a timed column).
 """
 
 import statistics
