@@ -60,9 +60,10 @@ def decode_rows(dev, col, pr, ph, suffix=""):
     """{decode_b<B><suffix>: timing} for each batch, each from its prompt's prefill (untimed)."""
     out = {}
     for b in ph["batches"]:
-        logits, state = col.prefill(pr["decode"][b])
-        with dev.ctx():  # on ORT's stream, after its prefill
+        with dev.ctx():  # the first token read on the stream that computed the prompt's logits
+            logits, state = col.prefill(pr["decode"][b])
             first = logits.argmax(-1, keepdim=True)
+        dev.sync()  # torch's decode steps run on its default stream
         dec = col.decoder(state, first, ph["prompt"] + ph["steps"] + 1)
         out[f"decode_b{b}{suffix}"] = measure.time_decode(dev, dec, ph["steps"], ph["repeats"], ph["warmup"])
         del dec, state, logits
