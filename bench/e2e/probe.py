@@ -121,6 +121,9 @@ def stack(log, prompt):
     layers = sum(1 for k in log[0] if k.startswith("check/moe_")) if log else 0
     out = dict(prompt=prompt)
     for name in names(layers):
+        missing = [i for i, run in enumerate(log) if name not in run]
+        if missing:
+            raise ValueError(f"no {name} in run {missing[0]} of {len(log)} (a hook that did not fire?)")
         parts = [np.asarray(run[name]) for run in log]
         out[name] = np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts], 0)
     return out
