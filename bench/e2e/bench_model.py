@@ -1,5 +1,11 @@
-"""Every column of one prepared model: the check, then decode at each batch, then prefill; the CUDA-graph
-decode rows; the MoE share. Writes DIR/results/<model>-<dtype>.json (and a copy in OUT)."""
+"""Every column of one prepared model: the check's trace, then decode at each batch, then prefill; the
+CUDA-graph decode rows; the check's per-layer trace (a checking copy); the MoE share. Writes
+DIR/results/<model>-<dtype>.json (and a copy in OUT).
+
+The check's tokens: the first column that runs (the export as written, else the builder's model, else
+torch) decodes greedily; every column, that one's checking copy included, is fed its tokens (teacher
+forcing), so that every row of every column follows the same history (check.py).
+"""
 
 import json
 import os
@@ -7,15 +13,20 @@ import shutil
 import time
 import traceback
 
+import check
 import columns as C
 import configs
 import export
 import measure
 import ortrun
+import probe
 
-
-# the column whose greedy tokens each column is fed in the check (the others run free)
-REFERENCE = {"rewritten": "export", "builder_rw": "builder", "torch": "export"}
+# pairs checked: (reference, other, gated, label). The gated pairs are what a rewrite must preserve; the
+# others show each original's fidelity to transformers in torch (other arithmetic: not gated)
+PAIRS = (("torch", "export", False, "export vs torch"), ("export", "rewritten", True, "rewritten vs export"),
+         ("builder", "builder_rw", True, "builder_rw vs builder"), ("torch", "builder", False, "builder vs torch"))
+# the rewrite report of each original/rewritten pair (per-layer readings: probe.layer_map)
+REPORTS = (("export", "rewritten", "rewrite.json"), ("builder", "builder_rw", "rewrite_builder.json"))
 
 
 def _short(e):
@@ -49,15 +60,17 @@ def decode_rows(dev, col, pr, ph, suffix=""):
     """{decode_b<B><suffix>: timing} for each batch, each from its prompt's prefill (untimed)."""
     out = {}
     for b in ph["batches"]:
-        logits, state = col.prefill(pr["decode"][b])
-        first = logits.argmax(-1, keepdim=True)
+        with dev.ctx():  # the first token read on the stream that computed the prompt's logits
+            logits, state = col.prefill(pr["decode"][b])
+            first = logits.argmax(-1, keepdim=True)
+        dev.sync()  # torch's decode steps run on its default stream
         dec = col.decoder(state, first, ph["prompt"] + ph["steps"] + 1)
         out[f"decode_b{b}{suffix}"] = measure.time_decode(dev, dec, ph["steps"], ph["repeats"], ph["warmup"])
         del dec, state, logits
     return out
 
 
-def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None):
+def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None, path=None, extras=()):
     if name == "torch":
         import torchrun
 
@@ -69,11 +82,11 @@ def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None):
 
         limit = C.batched_mm_token_limit(cfg, torch.tensor([], dtype=getattr(torch, a.dtype)).element_size(), a.gather_budget_gib * 2**30)
     kind = C.KIND.get(name) or ("genai" if "builder" in name else "hf")
-    return C.OrtColumn(ort, dev, p[path_key or name], kind, lib, a.threads, graph=graph, token_limit=limit,
-                       head_dim=configs.past_shape(cfg, 1, 0)[3])
+    return C.OrtColumn(ort, dev, path or p[path_key or name], kind, lib, a.threads, graph=graph, token_limit=limit,
+                       head_dim=configs.past_shape(cfg, 1, 0)[3], extras=extras)
 
 
-def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log):
+def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log, checking=None):
     rec = dict(column=name)
     dev.settle()
     base = dev.used()
@@ -87,9 +100,13 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log):
         rec["prefill_chunk"] = col.chunk(1)
     if name == "torch":
         rec["experts_implementation"] = col.impl
-    ref = REFERENCE.get(name)  # fed its original's greedy tokens, so that each step is comparable
-    force = traces[ref]["fed"] if ref in traces else None
+    force = traces["lead"]["fed"] if "lead" in traces else None  # the lead column's tokens (teacher forcing)
+    if name == "torch" and not a.no_layers:
+        col.tap_on()
     traces[name] = measure.greedy_trace(col, dev, pr["check"], ph["greedy"], force=force)
+    if name == "torch":
+        col.tap_off()
+    traces.setdefault("lead", traces[name])
     rec["mem_gib"] = {}
     for k, v in decode_rows(dev, col, pr, ph).items():
         rec[k] = v
@@ -103,6 +120,16 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log):
     col.close()
     del col
     log(f"  {name}: " + ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in rec.items() if isinstance(v, dict) and "ms" in v))
+    if checking:  # the same model with per-layer outputs, traced on the same tokens
+        dev.settle()
+        path, extras = checking
+        chk = open_column(a, ort, dev, name, p, cfg, path=path, extras=extras)
+        t = measure.greedy_trace(chk, dev, pr["check"], ph["greedy"], force=traces["lead"]["fed"])
+        chk.close()
+        del chk
+        traces[name]["extras"] = t["extras"]
+        la, lb = traces[name]["logits"], t["logits"]
+        rec["checking_copy_logits_diff"] = float(abs(la - lb).max() / max(abs(la).max(), 1e-30))
     if dev.kind == "cuda" and not a.no_graph and name != "torch":
         why = ortrun.cuda_graph_reason(C.KIND[name])
         if why:
@@ -155,13 +182,14 @@ def run(a, name, dtype, ph, tol, log):
                prepared={k: v for k, v in prep.items() if k != "notes"})
     traces, cache = {}, {}
     wanted = [c for c in a.columns.split(",") if c]
+    checking = {} if a.no_layers else checking_copies(p, res["notes"], log)
     log(f"{name} {dtype} on {res['device']}: columns {', '.join(wanted)}")
     for col in wanted:
         if col.startswith("builder") and ("builder" in res["notes"] or not os.path.exists(p[col])):
-            res["notes"].setdefault(col, res["notes"].get("builder") or "no builder model (GPT-OSS dimensions only)")
+            res["notes"].setdefault(col, res["notes"].get("builder") or "not run: no builder model (GPT-OSS dimensions only)")
             continue
         try:
-            rec = measure_column(a, ort, dev, col, p, cfg, ph, pr, traces, log)
+            rec = measure_column(a, ort, dev, col, p, cfg, ph, pr, traces, log, checking.get(col))
             if col != "torch":
                 key = C.NOMOE[col]
                 rec["nomoe"] = nomoe_rows(a, ort, dev, p, cfg, ph, pr, key, False, cache)
@@ -171,13 +199,34 @@ def run(a, name, dtype, ph, tol, log):
             res["columns"][col] = rec
             _save(a, res)  # a call cut short by its time limit still returns the columns it measured
         except Exception as e:  # noqa: BLE001 - a column that fails is reported; the others go on
-            traceback.print_exc()
-            res["columns"][col] = dict(column=col, error=_short(e))
-            log(f"  {col}: FAILED {_short(e)}")
-    res["checks"] = checks(traces, tol, [c for c in wanted if c in res["columns"]], dtype)
-    res["checks_ok"] = all(c["ok"] for c in res["checks"].values() if c.get("gate")) and bool(res["checks"])
+            why = ortrun.not_runnable(e, ort.__version__, dtype)
+            if why:  # the graph does not load in this ONNX Runtime: said in one line, naming the node
+                res["columns"][col] = dict(column=col, not_runnable=why)
+                log(f"  {col}: {why}")
+            else:
+                traceback.print_exc()
+                res["columns"][col] = dict(column=col, error=_short(e))
+                log(f"  {col}: FAILED {_short(e)}")
+    for col, t in traces.items():
+        if t.get("extras") and "layers" not in t:
+            try:
+                t["layers"] = probe.stack(t["extras"], ph["check_prompt"])
+            except (KeyError, ValueError) as e:  # the check runs end to end without this column's per-layer readings
+                res["notes"][f"per-layer {col}"] = f"not read: {_short(e)}"
+    res["checks"] = checks(traces, tol, res["columns"])
+    gated = [c for c in res["checks"].values() if c.get("gate") and not c.get("not_checked")]
+    res["checks_ok"] = bool(gated) and all(c["ok"] for c in gated)
+    if not gated:
+        res["notes"]["check"] = "no rewritten model was checked against its original: " + ("; ".join(
+            f"{k}: {c['why']}" for k, c in res["checks"].items() if c.get("gate")) or "no pair ran")
+        log(f"  check: {res['notes']['check']}")
     for k, c in res["checks"].items():
-        log(f"  check {k}: {'ok' if c['ok'] else 'FAILED: ' + c['why']} (max rel err {c['max_rel_err']:.3g}, tol {c['tol']:g})")
+        if c.get("not_checked"):
+            log(f"  check {k}: not checked: {c['why']}")
+            continue
+        lay = ", ".join(f"L{x['layer']} {x['max_rel_err']:.2g}" for x in c.get("layers") or [])
+        log(f"  check {k}: {'ok' if c['ok'] else 'FAILED: ' + c['why']} (max rel err {c['max_rel_err']:.3g}, tol {c['tol']:g}; "
+            f"ties {len(c['ties'])} token, {len(c['routing_tie_steps'])} routing; per layer {lay or 'not read'})")
     _save(a, res)
     if a.device == "cuda" and not a.keep:
         shutil.rmtree(p["root"], ignore_errors=True)  # the device's disk holds one model's files at a time
@@ -194,27 +243,39 @@ def _save(a, res):
     shutil.copy(path, os.path.join(a.out, f"e2e-{res['model']}-{res['dtype']}.json"))
 
 
-def checks(traces, tol, ran, dtype):
-    """rewritten vs export and builder_rw vs builder gate the run (a pair of which one column ran and the
-    other failed fails too); torch vs export and torch vs builder are shown, not gated (the same model in
-    other arithmetic: transformers' grouped_mm, the builder's fused ops; torch is fed the export's tokens
-    and the builder runs free, so that pair is compared up to the first token they were fed differently)."""
+def checking_copies(p, notes, log):
+    """{column: (checking copy path, its extra outputs)} for each original/rewritten pair prepared."""
     out = {}
-    pairs = (("export", "rewritten", True), ("builder", "builder_rw", True), ("export", "torch", False), ("builder", "torch", False))
-    for ref, got, gate in pairs:
-        key = f"{got} vs {ref}"
+    for orig, rw, rep in REPORTS:
+        report = os.path.join(p["root"], rep)
+        if not (os.path.exists(p[orig]) and os.path.exists(p[rw]) and os.path.exists(report)):
+            continue
+        try:
+            layers = probe.layer_map(p[rw], p[orig], json.load(open(report)))
+            for c in (orig, rw):
+                out[c] = (probe.checking_copy(p[c], layers), probe.names(len(layers)))
+        except Exception as e:  # noqa: BLE001 - the check runs end to end without per-layer readings
+            notes[f"per-layer {orig}/{rw}"] = "not read: " + _short(e)
+            log(f"  per-layer readings of {orig}/{rw} not available: {_short(e)}")
+    return out
+
+
+def checks(traces, tol, columns):
+    """The PAIRS' records (check.compare). A gated pair of which a column did not load in this ONNX Runtime
+    (columns[c]['not_runnable']) is not checked and says why; one of which a column failed otherwise fails."""
+    out = {}
+    for ref, got, gate, key in PAIRS:
         if ref in traces and got in traces:
-            rec = measure.compare(traces[ref], traces[got], tol, dtype)
-            if not gate and not rec["same_history"]:  # two free-running columns: comparable up to their first different token
-                d = next((i for i, (x, y) in enumerate(zip(traces[ref]["fed"], traces[got]["fed"])) if x != y), None)
-                rec["note"] = f"fed different tokens from step {d}: compared up to there"
-                rec["why"] = "; ".join(w for w in rec["why"].split("; ") if w != "not fed the reference's tokens")
-                rec["ok"] = not rec["why"]
-            out[key] = dict(rec, gate=gate)
-        elif gate and ref in ran and got in ran:
-            lost = ref if ref not in traces else got
-            out[key] = dict(ok=False, gate=True, why=f"{lost} did not run", max_rel_err=float("nan"), tol=tol, steps=0,
-                            tokens_equal=False, first_diff=None)
+            out[key] = dict(check.compare(traces[ref], traces[got], tol), gate=gate)
+        elif gate and ref in columns and got in columns:
+            lost = [c for c in (ref, got) if c not in traces]
+            skip = all(columns[c].get("not_runnable") for c in lost) and ref in lost
+            if skip:
+                why = f"{' and '.join(lost)} not runnable by this ONNX Runtime (notes)"
+            else:
+                why = "; ".join(f"{c} {columns[c].get('not_runnable') or 'did not run: ' + columns[c].get('error', '')}" for c in lost)
+            out[key] = dict(ok=skip, gate=True, not_checked=skip, why=why, max_rel_err=float("nan"), tol=tol, steps=0, tokens_equal=False,
+                            ties=[], mismatches=[], routing_tie_steps=[], layers=None)
     return out
 
 

@@ -22,10 +22,17 @@ USES_LIB = {"rewritten", "builder_rw"}
 
 
 class OrtColumn:
-    def __init__(self, ort, dev, path, kind, lib, threads, graph=False, token_limit=0, head_dim=None):
+    """`extras`: a checking copy's extra outputs (probe.py), read after each run; such a session waits for
+    each run (it is traced, not timed)."""
+
+    def __init__(self, ort, dev, path, kind, lib, threads, graph=False, token_limit=0, head_dim=None, extras=()):
         with dev.ctx():
-            self.s = ortrun.Session(ort, path, kind, dev.kind, lib=lib, threads=threads, graph=graph, stream=dev.stream, head_dim=head_dim)
+            self.s = ortrun.Session(ort, path, kind, dev.kind, lib=lib, threads=threads, graph=graph, stream=dev.stream, head_dim=head_dim,
+                                    extras=extras, sync=bool(extras))
         self.dev, self.token_limit = dev, token_limit
+
+    def take_extras(self):
+        return self.s.take_extras()
 
     def chunk(self, batch):
         """Prompt positions per run (0: the whole prompt in one run)."""
@@ -74,7 +81,22 @@ class TorchColumn:
 
         self.m = configs.build(name, tiny, getattr(torch, dtype), seed, device=dev.kind, experts_impl=impl)
         self.lm = torchrun.TorchLM(self.m)
-        self.impl = impl
+        self.impl, self.tap = impl, None
+        self.softmax_scores = name != "gptoss"  # the tensor the export's TopK ranks: GPT-OSS's logits, else their softmax
+
+    def tap_on(self):
+        """Per-layer readings (probe.TorchTap) from here until tap_off."""
+        import probe
+
+        self.tap = probe.TorchTap(self.m, self.m.config.num_experts_per_tok, self.softmax_scores)
+
+    def tap_off(self):
+        if self.tap is not None:
+            self.tap.remove()
+        self.tap = None
+
+    def take_extras(self):
+        return self.tap.take() if self.tap is not None else []
 
     def prefill(self, ids):
         return self.lm.prefill(ids)

@@ -9,6 +9,9 @@ seconds; the expert count and top-k stay those of the real model, so routing has
 
 import math
 
+# router weights' gain over 1/sqrt(d): router logits of standard deviation ROUTER_GAIN (README, "Weights")
+ROUTER_GAIN = 3.0
+
 # name: (transformers config class, model class, layers, real config, tiny overrides)
 MODELS = {
     # Mixtral-8x7B: d 4096, f 14336, E 8, k 2, 32 heads / 8 kv heads of 128
@@ -84,9 +87,10 @@ def build(name, tiny, dtype, seed, device="cpu", experts_impl="batched_mm"):
 def randomise(model, seed, in_out=False):
     """Seeded weights, drawn parameter by parameter in name order so that the values do not depend on
     how the model was built. Matrices ~ N(0, 1/fan_in) (activations keep their scale through the
-    layers); routers 3x wider so that routing is decisive (ties between the k-th and (k+1)-th expert
-    would make the greedy comparison flip on rounding); norms 1 (+ small noise), biases and attention
-    sinks small. `in_out`: the expert stacks are stored [E, in, out] (GPT-OSS), not [E, out, in]."""
+    layers at any width); routers ROUTER_GAIN wider (each token's experts clearly chosen, the k-th
+    still carrying a few percent); norms 1 (+ small noise), biases and attention sinks small; why and
+    what it gives at the real widths (init_check.py): README.md, "Weights". `in_out`: the expert
+    stacks are stored [E, in, out] (GPT-OSS), not [E, out, in]."""
     import torch
 
     dev = next(model.parameters()).device
@@ -96,20 +100,22 @@ def randomise(model, seed, in_out=False):
             if not p.dtype.is_floating_point:
                 continue
             r = torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32)
+            # in place: one float32 temporary per parameter (Mixtral's expert stack is 3.8 GB of it)
             if "norm" in name:
-                v = 1.0 + 0.1 * r
+                r.mul_(0.1).add_(1.0)
             elif "sinks" in name:
-                v = 0.5 * r
+                r.mul_(0.5)
             elif p.dim() == 1 or name.endswith("bias"):
-                v = 0.02 * r
+                r.mul_(0.02)
             elif "embed_tokens" in name:
-                v = r
+                pass
             else:
                 fan_in = p.shape[-2] if (in_out and "experts." in name) else p.shape[-1]
-                v = r / math.sqrt(fan_in)
+                r.div_(math.sqrt(fan_in))
                 if any(s in name for s in (".gate.", ".router.")) and "proj" not in name:
-                    v = v * 3.0
-            p.copy_(v.to(p.dtype))
+                    r.mul_(ROUTER_GAIN)
+            p.copy_(r.to(p.dtype))
+            del r
 
 
 def past_shape(cfg, batch, past):

@@ -10,7 +10,8 @@ Two graph kinds:
   hf     the dynamo export (export.py): input_ids, past_key_i / past_value_i -> logits [B, 1, V],
          present_key_i / present_value_i = past + new (a Concat: the cache grows by one position per
          step, so a decode step never has the shapes of the previous one)
-  genai  onnxruntime-genai's builder model: input_ids, attention_mask, past_key_values.i.key/value ->
+  genai  onnxruntime-genai's builder model: input_ids, attention_mask (and position_ids where it has them:
+         its CPU float16 model), past_key_values.i.key/value ->
          logits [B, S, V] (float32, every position), present.i.key/value (GroupQueryAttention). Prefill
          runs with an empty past; decode with the past and present bound to one max-length buffer per
          layer (GroupQueryAttention's shared buffer, as onnxruntime-genai runs it) and an attention
@@ -40,10 +41,15 @@ def load_ort():
 class Session:
     """One ORT session of one model file, with its IO layout read from the graph."""
 
-    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None, head_dim=None):
+    def __init__(self, ort, path, kind, device, lib=None, threads=0, graph=False, stream=None, head_dim=None, extras=(), sync=False):
+        """`extras`: graph outputs (a checking copy's, probe.py) bound to host memory and read after every
+        run into `extras_log`; they need `sync` (ORT waits for its run before returning)."""
         import torch
 
         self.torch, self.kind, self.device, self.graph, self.path = torch, kind, device, graph, path
+        self.extras, self.extras_log = list(extras), []
+        if self.extras and not sync:
+            raise ValueError("extra outputs are read on the host after each run: open the session with sync=True")
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -61,7 +67,7 @@ class Session:
             providers.insert(0, ("CUDAExecutionProvider", opts))
         self.sess = ort.InferenceSession(path, so, providers=providers)
         self.run_options = ort.RunOptions()
-        if device == "cuda" and stream is not None:
+        if device == "cuda" and stream is not None and not sync:
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         ins = {i.name: i for i in self.sess.get_inputs()}
         outs = {o.name: o for o in self.sess.get_outputs()}
@@ -81,6 +87,9 @@ class Session:
             if head_dim is None:
                 raise RuntimeError(f"{path}: head dim of {p0.name} is symbolic ({self.head_dim}) and none was given")
             self.head_dim = head_dim
+        # the builder's CPU float16 model rotates with RotaryEmbedding nodes that take the positions as an input
+        self.position_ids = "position_ids" in ins
+        self.shared_kv = kind == "genai" and _has_op(path, "GroupQueryAttention")  # past and present may share a buffer
         lo = outs["logits"]
         self.logits_dtype = getattr(torch, ONNX_TO_TORCH[lo.type])
         self.vocab = lo.shape[-1]
@@ -95,8 +104,24 @@ class Session:
         for name, t in outputs.items():
             _bind(io.bind_output, name, t, self.device)
 
+    def io_binding(self):
+        """A binding whose first outputs are the extras, on the host (ORT allocates them each run)."""
+        io = self.sess.io_binding()
+        for name in self.extras:
+            io.bind_output(name, "cpu")
+        return io
+
     def run(self, io):
+        for name in self.extras:  # fresh host buffers each run: ORT would write into the last run's otherwise
+            io.bind_output(name, "cpu")
         self.sess.run_with_iobinding(io, self.run_options)
+        if self.extras:  # the first len(extras) bound outputs (io_binding); rebinding keeps a name's place
+            outs = io.get_outputs()
+            self.extras_log.append({n: outs[i].numpy().copy() for i, n in enumerate(self.extras)})
+
+    def take_extras(self):
+        out, self.extras_log = self.extras_log, []
+        return out
 
     # ------------------------------------------------------------------ prefill (both kinds)
     def forward(self, ids, past=None, past_len=0):
@@ -111,10 +136,12 @@ class Session:
         ins.update(dict(zip(self.past_in, past)))
         if self.kind == "genai":
             ins["attention_mask"] = torch.ones((B, P + S), dtype=torch.int64, device=self.device)
+            if self.position_ids:
+                ins["position_ids"] = torch.arange(P, P + S, dtype=torch.int64, device=self.device).expand(B, S).contiguous()
         presents = [self.kv(B, P + S) for _ in self.past_out]
         lS = 1 if self.kind == "hf" else S
         logits = torch.empty((B, lS, self.vocab), dtype=self.logits_dtype, device=self.device)
-        io = self.sess.io_binding()
+        io = self.io_binding()
         self.bind(io, ins, dict(zip(self.past_out, presents), logits=logits))
         self.run(io)
         return logits[:, -1], presents
@@ -148,6 +175,12 @@ def _dummy(device, t):
     return _DUMMIES[device].data_ptr()
 
 
+def _has_op(path, op):
+    import onnx
+
+    return any(n.op_type == op for n in onnx.load(path, load_external_data=False).graph.node)
+
+
 def _layer_order(name):
     import re
 
@@ -157,7 +190,9 @@ def _layer_order(name):
 
 class HFDecode:
     """Greedy decode on the export's graph: each step binds the last presents as the past and new
-    output tensors of one more position (the cache grows; no fixed shape to capture)."""
+    output tensors of one more position (the cache grows; no fixed shape to capture). Also a builder
+    graph without GroupQueryAttention (its CPU float16 model concatenates its cache), given the
+    attention mask and positions it asks for."""
 
     def __init__(self, s, prompt_presents, first_ids):
         self.s, self.torch = s, s.torch
@@ -165,7 +200,7 @@ class HFDecode:
         self.B = first_ids.shape[0]
         self.ids = first_ids.clone()
         self.logits = s.torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
-        self.io = s.sess.io_binding()
+        self.io = s.io_binding()
         self.reset()
 
     def reset(self):
@@ -176,7 +211,12 @@ class HFDecode:
         s = self.s
         P = self.past[0].shape[2]
         present = [s.kv(self.B, P + 1) for _ in s.past_out]
-        s.bind(self.io, dict(input_ids=self.ids, **dict(zip(s.past_in, self.past))), dict(zip(s.past_out, present), logits=self.logits))
+        ins = dict(input_ids=self.ids, **dict(zip(s.past_in, self.past)))
+        if s.kind == "genai":
+            ins["attention_mask"] = self.torch.ones((self.B, P + 1), dtype=self.torch.int64, device=s.device)
+            if s.position_ids:
+                ins["position_ids"] = self.torch.full((self.B, 1), P, dtype=self.torch.int64, device=s.device)
+        s.bind(self.io, ins, dict(zip(s.past_out, present), logits=self.logits))
         s.run(self.io)
         self.past = present
         self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
@@ -198,8 +238,11 @@ class GenaiDecode:
         self.mask = torch.zeros((self.B, max_len), dtype=torch.int64, device=s.device)
         self.ids = first_ids.clone()
         self.logits = torch.empty((self.B, 1, s.vocab), dtype=s.logits_dtype, device=s.device)
-        self.io = s.sess.io_binding()
+        self.io = s.io_binding()
+        self.pos_ids = torch.zeros((self.B, 1), dtype=torch.int64, device=s.device)
         ins = dict(input_ids=self.ids, attention_mask=self.mask, **dict(zip(s.past_in, self.kvbuf)))
+        if s.position_ids:
+            ins["position_ids"] = self.pos_ids
         s.bind(self.io, ins, dict(zip(s.past_out, self.kvbuf), logits=self.logits))
         self.reset()
 
@@ -215,6 +258,7 @@ class GenaiDecode:
         if self.pos >= self.max_len:
             raise RuntimeError(f"decode past the buffer of {self.max_len} positions")
         self.mask[:, self.pos] = 1  # the new token's position counts in the total length
+        self.pos_ids.fill_(self.pos)
         self.s.run(self.io)
         self.pos += 1
         self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
@@ -222,7 +266,7 @@ class GenaiDecode:
 
 
 def decoder(s, prompt_presents, first_ids, max_len):
-    if s.kind == "hf":
+    if s.kind == "hf" or not s.shared_kv:
         return HFDecode(s, prompt_presents, first_ids)
     return GenaiDecode(s, prompt_presents, first_ids, max_len)
 
@@ -238,3 +282,23 @@ def cuda_graph_reason(kind):
 
 def env_threads():
     return int(os.environ.get("E2E_THREADS", "0"))
+
+
+def not_runnable(err, ort_version, dtype):
+    """The reason, in one line naming the node, why ONNX Runtime refused to load a graph (its type check:
+    a bfloat16 TopK at opset 18; or no kernel for a node's types), or None for any other error."""
+    import re
+
+    msg = " ".join(str(err).split())
+    m = re.search(r"Type '([^']+)' of input parameter \(([^)]*)\) of operator \(([^)]*)\) in node \(([^)]*)\) is invalid", msg)
+    if m:
+        typ, arg, op, node = m.groups()
+        why = f"node '{node}' ({op}) takes {typ} (its input {arg}), a type ONNX Runtime's {op} does not accept, so the graph does not load"
+    else:
+        m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", msg)
+        if not m:
+            return None
+        op, ver, node = m.groups()
+        why = f"node '{node}' ({op}, opset {ver}) has no kernel for its types in any execution provider of this session"
+    hint = "; float16 runs (DTYPE=fp16)" if dtype == "bfloat16" else ""
+    return f"not runnable by ONNX Runtime {ort_version} in {dtype}: {why}{hint}"

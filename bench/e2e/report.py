@@ -50,8 +50,8 @@ def model_tables(res):
              "export's plain decode, which has no graph row).", "", head, sep]
     for c in cols:
         r = res["columns"][c]
-        if "error" in r:
-            lines.append(f"| {LABEL[c]} | " + " | ".join("failed" for _ in ph) + " |")
+        if "error" in r or "not_runnable" in r:
+            lines.append(f"| {LABEL[c]} | " + " | ".join("failed" if "error" in r else "not runnable" for _ in ph) + " |")
             continue
         cells = []
         for k, _ in ph:
@@ -89,28 +89,47 @@ def model_tables(res):
             rows.append(f"| {got} over {ref} | " + " | ".join(cells) + " |")
     if rows:
         lines += ["", "Speed-up of each rewritten model over its own original (same phase, same graph mode):", "", head, sep] + rows
-    lines += ["", "Checks: each rewritten model fed its original's greedy tokens (32 steps after the prompt); its greedy pick "
-              "must be the original's at every step (a pick at a tie of the original's top two logits, closer than the "
-              "dtype can order, is counted, not failed) and its logits within the tolerance. torch's rows are shown, "
-              "not gated:", "",
-              "| pair | verdict | greedy tokens | max relative logit error | tolerance |", "|---|---|---|---:|---:|"]
+    lines += ["", "Checks (check.py): every column is fed the first column's greedy tokens (teacher forcing) for "
+              f"{res['phases'].get('greedy', 32)} steps after a {res['phases'].get('check_prompt', 32)}-token prompt. At each row "
+              "(the prompt's last position, then each step) the logits must agree within the tolerance (of the reference's "
+              "largest logit) and the greedy picks must be the same, except at a tie (the reference's margin between the two "
+              "picks below the tolerance of its largest logit); per MoE layer, at every position, the block's output must agree "
+              "within the tolerance and the router must choose the same experts, except at a routing tie (the reference's k-th "
+              "and (k+1)-th scores closer than the tolerance of its largest score), which sets that position apart in later "
+              "layers and its row. The rewritten models are gated; each original against torch shows the export's (or the "
+              "builder's) fidelity, not gated:", "",
+              "| pair | verdict | greedy picks | max relative logit error | per MoE layer: max relative output error (routing ties) | tolerance |",
+              "|---|---|---|---:|---|---:|"]
     for k, c in res["checks"].items():
+        if c.get("not_checked"):
+            lines.append(f"| {k} | not checked | | | | {c['tol']:g} |")
+            lines.append(f"|  | {c['why']} | | | | |")
+            continue
         verdict = ("ok" if c["ok"] else "FAILED") if c.get("gate") else ("same" if c["ok"] else "differs (not gated)")
+        ties, bad, rties = c.get("ties") or [], c.get("mismatches") or [], c.get("routing_tie_steps") or []
         if c.get("tokens_equal"):
-            tok = f"identical at all {c['steps']} steps"
+            tok = f"identical at all {c['steps']} rows"
         else:
-            ties, bad = c.get("ties") or [], c.get("mismatches") or []
-            tok = f"{len(bad)} different pick(s), {len(ties)} at ties, of {c['steps']} steps"
+            tok = f"{len(bad)} different, {len(ties)} at ties, of {c['steps']} rows"
+        if rties:
+            tok += f"; {len(rties)} row(s) at a routing tie"
         if c.get("note"):
             tok += f" ({c['note']})"
-        lines.append(f"| {k} | {verdict} | {tok} | {c['max_rel_err']:.3g} | {c['tol']:g} |")
+        lay = "; ".join(f"L{x['layer']} {x['max_rel_err']:.2g}" + (f" ({x['routing_ties']})" if x["routing_ties"] else "")
+                        for x in c.get("layers") or []) or "not read"
+        lines.append(f"| {k} | {verdict} | {tok} | {_g(c['max_rel_err'])} | {lay} | {c['tol']:g} |")
         if c.get("why"):
-            lines.append(f"|  | {c['why']} | | | |")
+            lines.append(f"|  | {c['why']} | | | | |")
     notes = []
     for c in cols:
         r = res["columns"][c]
         if "error" in r:
             notes.append(f"{c}: failed: {r['error']}")
+        if r.get("not_runnable"):
+            notes.append(f"{c}: {r['not_runnable']}")
+        if r.get("checking_copy_logits_diff"):
+            notes.append(f"{c}: its checking copy's logits differ from the timed session's by {r['checking_copy_logits_diff']:.2g} "
+                         "of the largest (the same graph with extra outputs)")
         if r.get("prefill_chunk"):
             notes.append(f"{c}: prompts run {r['prefill_chunk']} positions per run at batch 1 (the batched_mm export gathers every "
                          "assignment's expert weights; columns.batched_mm_token_limit)")
@@ -119,7 +138,7 @@ def model_tables(res):
         if r.get("experts_implementation"):
             notes.append(f"{c}: experts implementation {r['experts_implementation']}")
     for k, v in res.get("notes", {}).items():
-        notes.append(f"{k}: not run: {v}")
+        notes.append(f"{k}: {v}")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return lines
@@ -133,7 +152,7 @@ def chart(path, results):
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
     for ax, res in zip(axes[0], results):
-        cols = [c for c in ORDER if c in res["columns"] and "error" not in res["columns"][c]]
+        cols = [c for c in ORDER if c in res["columns"] and "error" not in res["columns"][c] and "not_runnable" not in res["columns"][c]]
         ph = [(k, t) for k, t in phases(res) if any(_ms(res["columns"][c], k) for c in cols)]
         w = 0.8 / max(1, len(cols))
         for i, c in enumerate(cols):
@@ -181,6 +200,10 @@ def write(work, out, log=print):
         log(f"report: no chart ({e})")
     log(f"report: {os.path.join(out, 'e2e.md')} ({len(results)} model(s))")
     return results
+
+
+def _g(x):
+    return "-" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.3g}"
 
 
 def _num(x):
