@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The skinny kernel (kernels/skinny_gemm.cu) on the device, in one call of about 5-6 minutes on an
-# H100 (stages, each under its own timeout; nothing is built there, the fatbins come carried):
+# H100, at most 9 (every stage at its timeout: 2 x 120 + 90 + 60 + 150 s; nothing is built there,
+# the fatbins come carried):
 #   kernels    tests/gpu/test_kernels.py --only skinny (its own cases: bit-exact dequantization, the
 #              GEMM's modes, whole forwards, quantized forwards, both paths) and the generic groups
 #              forced onto it (--only pl,fwd,quant --cfgs skinny: every activation, layout, routing and
@@ -42,9 +43,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 KB=/tmp/skinny-kernels
 mkdir -p $KB && for f in .carry/kernels/*.fatbin.xz; do xz -dc "$f" > $KB/$(basename "$f" .xz); done
 if has kernels; then
-  timeout "${KERNELS_S:-150}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only skinny > "$OUT/skinny-kernels.log" 2>&1
+  timeout "${KERNELS_S:-120}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only skinny > "$OUT/skinny-kernels.log" 2>&1
   echo "kernels (skinny cases) rc=$?"; grep -v '^PASS' "$OUT/skinny-kernels.log" | tail -8
-  timeout "${KERNELS_S:-150}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only pl,fwd,quant --cfgs skinny >> "$OUT/skinny-kernels.log" 2>&1
+  timeout "${KERNELS_S:-120}" python3 tests/gpu/test_kernels.py --fatbin-dir $KB --only pl,fwd,quant --cfgs skinny >> "$OUT/skinny-kernels.log" 2>&1
   echo "kernels (generic groups on skinny) rc=$?"; grep -v '^PASS' "$OUT/skinny-kernels.log" | tail -4
 fi
 if has memcheck; then
