@@ -61,6 +61,20 @@ enum Body {
     Ws { stages: i64 },
     /// `f32_gemm` (SIMT)
     F32,
+    /// `skinny_gemm` (kernels/skinny_gemm.cu: W streamed into registers, few rows per expert):
+    /// min_blocks and unroll (k-steps in flight) for 16-bit W, and for the quantized forms (one
+    /// unroll per format of `[quant].formats`, in that order)
+    Skinny { min_blocks: i64, unroll: i64, quant_min_blocks: i64, quant_unroll: Vec<i64> },
+}
+
+impl Body {
+    /// The module (kernels/<module>.cu) of a configuration's 16-bit and quantized entry points.
+    fn modules(&self) -> (&'static str, &'static str) {
+        match self {
+            Body::Skinny { .. } => ("skinny_gemm", "skinny_gemm"),
+            _ => ("grouped_gemm", "quant_gemm"),
+        }
+    }
 }
 
 struct Gemm {
@@ -76,7 +90,8 @@ struct Gemm {
     w_by_tma: bool,
     grouped_a_form: bool,
     types: Vec<String>,
-    /// (format, dynamic smem bytes) of its quantized-weight forms (kernels/quant_gemm.cu), tc_gemm only
+    /// (format, dynamic smem bytes) of its quantized-weight forms (kernels/quant_gemm.cu, or
+    /// kernels/skinny_gemm.cu for skinny_gemm): tc_gemm and skinny_gemm only
     quant: Vec<(String, i64)>,
 }
 
@@ -158,6 +173,14 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
     let variant = str_of(t.get("variant").unwrap_or_else(|| bad("a [[gemm]] has no variant")), "gemm.variant");
     let what = format!("gemm {variant}");
     let common = ["variant", "suffix", "doc", "kernel", "tile", "threads", "smem", "cluster", "archs", "w_by_tma", "grouped_a_form", "types", "quant"];
+    // per format of [quant].formats: `t.<k> = { <format> = <integer>, ... }`, every format
+    let per_format = |k: &str| -> Vec<i64> {
+        let q = t.get(k).and_then(|v| v.as_table()).unwrap_or_else(|| bad(&format!("gemm {variant}.{k} must be a table {{ <format> = <integer> }}")));
+        if let Some(x) = q.keys().find(|x| !formats.iter().any(|f| &f.0 == *x)) {
+            bad(&format!("gemm {variant}.{k} names '{x}', which is not a format of [quant].formats"));
+        }
+        formats.iter().map(|(f, _)| int(q, f, &format!("gemm {variant}.{k}"))).collect()
+    };
     let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().chain(extra).copied().collect() };
     let kernel = str_of(req(t, "kernel", &what), "gemm.kernel");
     let body = match kernel.as_str() {
@@ -178,7 +201,17 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
             known_keys(t, &with(&[]), &what);
             Body::F32
         }
-        k => bad(&format!("{what}: unknown kernel '{k}' (tc_gemm, ws_gemm or f32_gemm)")),
+        "skinny_gemm" => {
+            known_keys(t, &with(&["min_blocks", "unroll", "quant_min_blocks", "quant_unroll"]), &what);
+            let quant = t.contains_key("quant");
+            Body::Skinny {
+                min_blocks: int(t, "min_blocks", &what),
+                unroll: int(t, "unroll", &what),
+                quant_min_blocks: if quant { int(t, "quant_min_blocks", &what) } else { 0 },
+                quant_unroll: if quant { per_format("quant_unroll") } else { vec![] },
+            }
+        }
+        k => bad(&format!("{what}: unknown kernel '{k}' (tc_gemm, ws_gemm, f32_gemm or skinny_gemm)")),
     };
     let archs = match t.get("archs") {
         Some(v) => strs(Some(v), "gemm.archs"),
@@ -198,16 +231,10 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
     // quant = { <format> = <smem>, ... }: every format of [quant].formats, in that order
     let quant: Vec<(String, i64)> = match t.get("quant") {
         None => vec![],
-        Some(v) => {
-            let q = v.as_table().unwrap_or_else(|| bad(&format!("{what}.quant must be a table {{ <format> = <smem bytes> }}")));
-            if let Some(k) = q.keys().find(|k| !formats.iter().any(|f| &f.0 == *k)) {
-                bad(&format!("{what}.quant names '{k}', which is not a format of [quant].formats"));
-            }
-            formats.iter().map(|(f, _)| (f.clone(), int(q, f, &format!("{what}.quant")))).collect()
-        }
+        Some(_) => formats.iter().map(|f| f.0.clone()).zip(per_format("quant")).collect(),
     };
-    if !quant.is_empty() && !matches!(body, Body::Tc { .. }) {
-        bad(&format!("{what}: quant needs kernel = \"tc_gemm\" (kernels/quant_gemm.cu is its quantized form)"));
+    if !quant.is_empty() && !matches!(body, Body::Tc { .. } | Body::Skinny { .. }) {
+        bad(&format!("{what}: quant needs kernel = \"tc_gemm\" (kernels/quant_gemm.cu is its quantized form) or \"skinny_gemm\""));
     }
     let g = Gemm {
         suffix: str_of(req(t, "suffix", &what), "gemm.suffix"),
@@ -366,8 +393,8 @@ impl Manifest {
                 });
             }
         }
-        let module = self.module_index("grouped_gemm");
         for g in &self.gemm {
+            let module = self.module_index(g.body.modules().0);
             for t in &g.types {
                 let c = &self.elem_types.iter().find(|e| &e.0 == t).unwrap().1;
                 // the one configuration of its type is named by the type alone
@@ -389,15 +416,23 @@ impl Manifest {
                 }
             }
         }
-        let module = self.module_index("quant_gemm");
         for g in self.gemm.iter().filter(|g| !g.quant.is_empty()) {
+            let module = self.module_index(g.body.modules().1);
             for t in &g.types {
                 let c = &self.elem_types.iter().find(|e| &e.0 == t).unwrap().1;
-                for ((fmt, smem), (_, fc)) in g.quant.iter().zip(&self.quant_formats) {
+                for (fi, ((fmt, smem), (_, fc))) in g.quant.iter().zip(&self.quant_formats).enumerate() {
                     let name = quant_name(t, fmt, &g.suffix);
-                    let Body::Tc { block_k, warp_tile: (wm, wn), stages, min_blocks } = g.body else { unreachable!() };
                     let (bm, bn, threads) = (g.tile.0, g.tile.1, g.threads);
-                    let def = format!("SMOE_TCQ_ENTRY({name}, {c}, {fc}, {bm}, {bn}, {block_k}, {wm}, {wn}, {stages}, {min_blocks}, {threads}, {smem})");
+                    let def = match &g.body {
+                        Body::Tc { block_k, warp_tile: (wm, wn), stages, min_blocks } => {
+                            format!("SMOE_TCQ_ENTRY({name}, {c}, {fc}, {bm}, {bn}, {block_k}, {wm}, {wn}, {stages}, {min_blocks}, {threads}, {smem})")
+                        }
+                        Body::Skinny { quant_min_blocks, quant_unroll, .. } => {
+                            let u = quant_unroll[fi];
+                            format!("SMOE_SKINNY_Q_ENTRY({name}, {c}, {fc}, {bm}, {bn}, {threads}, {quant_min_blocks}, {u}, {smem})")
+                        }
+                        _ => unreachable!("quant is refused on reading for other kernels"),
+                    };
                     v.push(EntryPoint {
                         module,
                         name,
@@ -443,6 +478,9 @@ fn gemm_entries(g: &Gemm, name: &str, c: &str) -> Vec<(String, String)> {
             v
         }
         Body::F32 => vec![(name.into(), format!("SMOE_F32_ENTRY({name}, {c}, {bm}, {bn}, {threads}, {smem})"))],
+        Body::Skinny { min_blocks, unroll, .. } => {
+            vec![(name.into(), format!("SMOE_SKINNY_ENTRY({name}, {c}, {bm}, {bn}, {threads}, {min_blocks}, {unroll}, {smem})"))]
+        }
     }
 }
 
@@ -572,7 +610,7 @@ fn rust_tables(m: &Manifest) -> String {
     method(
         &mut s,
         "has_quant(self) -> bool",
-        "Whether it has quantized-weight forms (kernels/quant_gemm.cu), one per format of `QUANT_FORMATS`.",
+        "Whether it has quantized-weight forms (kernels/quant_gemm.cu; the skinny kernel's in kernels/skinny_gemm.cu), one per format of `QUANT_FORMATS`.",
         &|g| (!g.quant.is_empty()).to_string(),
     );
     s.push_str("}\n\n/// The kernel choice's thresholds (see `crate::cuda::forward::selection`).\npub mod thresholds {\n");
@@ -656,6 +694,15 @@ fn python_table(m: &Manifest) -> String {
         writeln!(s, "    {:?}: {{{per}}},", g.suffix).unwrap();
     }
     s.push_str("}\n");
+    // the module (kernels/<module>.cu) holding each suffix's entry points
+    let module_dict = |v: Vec<(String, &str)>| v.iter().map(|(n, m)| format!("{n:?}: {m:?}")).collect::<Vec<_>>().join(", ");
+    writeln!(
+        s,
+        "# suffix -> the module of its entry points (16-bit W), and of its quantized forms\nGEMM_MODULE = {{{}}}\nQUANT_MODULE = {{{}}}",
+        module_dict(forms.iter().map(|(n, g, _)| (n.clone(), g.body.modules().0)).collect()),
+        module_dict(m.gemm.iter().filter(|g| !g.quant.is_empty()).map(|g| (g.suffix.clone(), g.body.modules().1)).collect())
+    )
+    .unwrap();
     s.push_str("# the kernel choice's thresholds (src/cuda/forward/selection.rs)\n");
     for (k, v) in &m.selection {
         let val = match v {

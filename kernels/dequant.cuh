@@ -192,6 +192,30 @@ template <typename T, typename F> SMOE_HD uint4 dequant8(const unsigned* raw, un
     return make_uint4(bits_as<unsigned>(p[0]), bits_as<unsigned>(p[1]), bits_as<unsigned>(p[2]), bits_as<unsigned>(p[3]));
 }
 
+// n / d for a divisor 1 <= d <= 2^31 fixed at run time and 0 <= n < 2^31, without a division: the block
+// along K of element n (d = block_in) in the skinny kernel's main loop, where an integer division
+// (a ~20-instruction sequence) per chunk and row would cost more than the chunk's conversion.
+// Granlund and Montgomery's round-up method: s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1,
+// n / d = (umulhi(m, n) + n) >> s (the sum fits 32 bits for n < 2^31). tests/dequant_host.cu
+// checks it against the division.
+struct FastDiv {
+    unsigned m, s;
+    FastDiv() = default;
+    SMOE_HD explicit FastDiv(unsigned d) {
+        s = 0;
+        while (s < 31 && (1u << s) < d) ++s;
+        m = (unsigned)(((1ull << 32) * ((1ull << s) - d)) / d + 1);
+    }
+    SMOE_HD unsigned div(unsigned n) const {
+#ifdef __CUDA_ARCH__
+        const unsigned hi = __umulhi(m, n);
+#else
+        const unsigned hi = (unsigned)(((unsigned long long)m * n) >> 32);
+#endif
+        return (hi + n) >> s;
+    }
+};
+
 // One element the plain way, the contract's formula in float32 (the kernel's path for blocks that
 // are not whole chunks, and the host test's reference). code: the element's byte or nibble.
 template <typename F> SMOE_HD float dequant1(unsigned code, float s, int z) {

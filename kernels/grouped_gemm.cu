@@ -36,11 +36,17 @@
 //        A by TMA too: two extra, last parameters, the W map and the map of X as rows of K (same
 //        128-byte maps). Needs K % 8 == 0 and a 16-byte-aligned X as well.
 //   scattermoe_gemm_f32                  f32_gemm: SIMT f32, 64x64 tiles, block 256, no dynamic smem.
+//   scattermoe_gemm_{f16,bf16}_skinny    kernels/skinny_gemm.cu (its own module, with its quantized
+//        forms): few rows per expert, W streamed from global memory into registers; units of 8 rows
+//        of X by 32 rows of W, block 128, no dynamic smem; same parameter list.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
-// Choosing a kernel (measured on H200, bf16; R = rows per active expert = N_assign / min(E, N_assign)):
-//   R <= 1 and K <= 2048 -> 32x32;
+// Choosing a kernel (measured on H200, bf16, but the skinny thresholds; R = rows per active expert =
+// N_assign / min(E, N_assign)):
+//   R <= SKINNY_ROWS (4; quantized W: QUANT_SKINNY_ROWS, 8), every arch -> skinny (a first guess,
+//           kernels/manifest.toml [selection], to be set by tests/gpu/run_skinny.sh's measurements);
+//   R <= 1 and K <= 2048 -> 32x32 (below the skinny threshold: reached only if it moves below 1);
 //   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64
 //           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (both when W is
 //           TMA-readable), else wgmma_ws;
@@ -48,10 +54,12 @@
 //           TMA-readable too;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
 //   else 128x128.
+//   Quantized W (kernels/quant_gemm.cu) takes the same mma.sync choice as the archs without wgmma
+//   above QUANT_SKINNY_ROWS.
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
 //   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
 //   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),
-//   BM, BN = the tile in the name (f32: 64x64; wgmma_*: 128x256), BNo = BN
+//   BM, BN = the tile in the name (f32: 64x64; wgmma_*: 128x256; skinny: 8x32), BNo = BN
 //   (plain) or BN/2 (gated). wgmma_mc: the grid is even (clusters of two), units are pairs of M
 //   tiles (ceil(N_assign / 2BM) + min(E, N_assign)) * ceil(Nout / BNo), and the useful size is
 //   2 * cuOccupancyMaxActiveClusters (clusters must fit in one GPC). The host gives the TMA

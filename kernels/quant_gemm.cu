@@ -51,8 +51,9 @@
 // Hopper: the warp-specialised wgmma kernels (gemm_hopper_ws.cuh) take T weights only. At large
 // row counts the kernel choice (src/cuda/forward/selection.rs) takes these mma.sync kernels for
 // quantized weights on every arch, with the thresholds it uses where there is no wgmma, rather
-// than a wgmma producer that converts stages (a decision made without measurements: decode, the
-// case quantized weights are for, runs the small tiles on every arch anyway).
+// than a wgmma producer that converts stages (a decision made without measurements). At decode (up
+// to QUANT_SKINNY_ROWS rows per expert) it takes kernels/skinny_gemm.cu instead, which streams the
+// stored codes into registers and converts them there with the same dequant8: no stage, no barrier.
 #include "common.cuh"
 #include "dequant.cuh"
 #include "tc_tile.cuh"

@@ -2,7 +2,8 @@
 // every code of every format, for f16 and bf16, scales in T and in float32 (normal, subnormal,
 // large, negative), default and explicit zero points, against the contract's formula
 // W = (q - z) * s in float32 rounded to T, bit for bit; and the e4m3fn decoding against its
-// definition (2^(e-7) (1 + m/8), subnormals m 2^-9). Compiled and run by tests/dequant_host.rs.
+// definition (2^(e-7) (1 + m/8), subnormals m 2^-9); and FastDiv, the division the skinny kernel
+// finds a k's scale block with, against the division. Compiled and run by tests/dequant_host.rs.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -89,6 +90,31 @@ int main() {
     if (dequant1<WqFp8>(0x7E, 1.0f, 0) != 448.0f || dequant1<WqFp8>(0x01, 1.0f, 0) != std::ldexp(1.0f, -9) ||
         dequant1<WqFp8>(0x80, 1.0f, 0) != 0.0f)
         printf("FAIL e4m3 extremes\n"), ++failures;
+    // FastDiv (the skinny kernel's block of k, k / block_in) against the division: every divisor a
+    // kernel can get for small ones, powers of two and their neighbours, the formats' chunk sizes'
+    // multiples and large ones, at numerators around each multiple of the divisor and at the range's end
+    {
+        std::vector<unsigned> ds;
+        for (unsigned d = 1; d <= 300; ++d) ds.push_back(d);
+        for (unsigned p = 9; p <= 31; ++p) {
+            const unsigned b = 1u << p;
+            ds.push_back(b - 1), ds.push_back(b);
+            if (p < 31) ds.push_back(b + 1);  // divisors up to 2^31 (a block is at most K < 2^31)
+        }
+        for (unsigned d : {448u, 1000u, 2880u, 4096u, 7168u, 14336u, 65535u, 1000003u, 123456789u, 0x7fffffffu}) ds.push_back(d);
+        for (unsigned d : ds) {
+            const FastDiv f(d);
+            auto one = [&](unsigned n) {
+                ++checks;
+                if (f.div(n) != n / d && failures++ < 20) printf("FAIL FastDiv %u / %u: got %u\n", n, d, f.div(n));
+            };
+            for (unsigned n = 0; n < 4096; ++n) one(n);
+            for (unsigned long long q = 1; q * d < 0x80000000ull; q = q * 3 + 1)
+                for (int dn = -2; dn <= 2; ++dn) one((unsigned)(q * d + dn));
+            for (unsigned n = 0x7fffffffu - 4096; n < 0x7fffffffu; ++n) one(n);
+            one(0x7fffffffu);
+        }
+    }
     run<__half, WqFp8>("f16", "fp8");
     run<__half, WqU8>("f16", "u8");
     run<__half, WqU4>("f16", "u4");

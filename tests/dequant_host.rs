@@ -1,7 +1,8 @@
 //! The quantized GEMM's dequantization (kernels/dequant.cuh, host and device code) checked on the
 //! CPU: tests/dequant_host.cu compiled as C++ against CUDA's fp16/bf16 headers and run. It checks
 //! every code of every format, for f16 and bf16 and both scale types, against the contract's
-//! formula bit for bit (what the GPU tests can only check within tolerances). Needs a C++ compiler
+//! formula bit for bit (what the GPU tests can only check within tolerances), and its `FastDiv` (the
+//! skinny kernel's scale-block division) against the division. Needs a C++ compiler
 //! and CUDA's headers (the nvcc of scripts/setup-nvcc.sh brings them); skipped, saying so, without.
 
 use std::path::{Path, PathBuf};

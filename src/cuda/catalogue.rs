@@ -106,15 +106,16 @@ mod tests {
             expected.push(format!("scattermoe_combine_{t}"));
         }
         for t in ["f16", "bf16"] {
-            for s in ["128x128", "32x64", "32x64s6", "32x32", "wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga"] {
+            for s in ["128x128", "32x64", "32x64s6", "32x32", "wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga", "skinny"] {
                 expected.push(format!("scattermoe_gemm_{t}_{s}"));
             }
         }
         expected.push("scattermoe_gemm_f32".into());
-        // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu)
+        // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu) and of
+        // the skinny kernel (kernels/skinny_gemm.cu)
         for t in ["f16", "bf16"] {
             for q in ["fp8", "u8", "u4"] {
-                for s in ["128x128", "32x64", "32x64s6", "32x32"] {
+                for s in ["128x128", "32x64", "32x64s6", "32x32", "skinny"] {
                     expected.push(format!("scattermoe_qgemm_{t}_{q}_{s}"));
                 }
             }
@@ -140,9 +141,13 @@ mod tests {
                 if cfg.has_grouped_a_form() {
                     find(&format!("{name}{GROUPED_A_SUFFIX}"));
                 }
+                // the skinny kernel's forms are in its own module, the others' in grouped_gemm.cu and
+                // quant_gemm.cu
+                let (m16, mq) = if cfg == GemmCfg::Skinny { ("skinny_gemm", "skinny_gemm") } else { ("grouped_gemm", "quant_gemm") };
+                assert_eq!(MODULES[find(&name).module], m16, "{name}");
                 for q in QUANT_FORMATS {
                     match cfg.quant_kernel_name(t, q) {
-                        Some(qn) => assert_eq!((MODULES[find(&qn).module], find(&qn).threads), ("quant_gemm", cfg.threads()), "{qn}"),
+                        Some(qn) => assert_eq!((MODULES[find(&qn).module], find(&qn).threads), (mq, cfg.threads()), "{qn}"),
                         None => assert!(!cfg.has_quant()),
                     }
                 }
@@ -151,7 +156,10 @@ mod tests {
         // the quantized forms: exactly the mma.sync configurations, every format; dynamic smem as
         // kernels/quant_gemm.cu's TcqCfg computes it (A and stored-W stages, two converted tiles)
         let tc: Vec<_> = GemmCfg::ALL.into_iter().filter(|c| c.has_quant()).collect();
-        assert_eq!(tc, [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32]);
+        assert_eq!(tc, [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::Skinny]);
+        // the skinny kernel: 8 rows of X by 32 rows of W per unit, 4 warps, no dynamic smem in any form
+        assert_eq!((GemmCfg::Skinny.tile(), GemmCfg::Skinny.threads(), GemmCfg::Skinny.smem()), ((8, 32), 128, 0));
+        assert!(["fp8", "u8", "u4"].iter().all(|q| find(&format!("scattermoe_qgemm_bf16_{q}_skinny")).smem == 0));
         let qsmem = |name: &str| find(name).smem;
         assert_eq!(qsmem("scattermoe_qgemm_bf16_fp8_32x64"), 4 * (32 * 64 * 2 + 64 * 64) + 2 * 64 * 64 * 2);
         assert_eq!(qsmem("scattermoe_qgemm_f16_u4_32x64s6"), 6 * (32 * 64 * 2 + 64 * 32) + 2 * 64 * 64 * 2);

@@ -5,7 +5,7 @@ that this file is current; `SCATTERMOE_UPDATE_TABLES=1 cargo test --release --li
 rewrites it.
 """
 
-MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm")
+MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm")
 # the kernels' activation codes (`act`)
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch
@@ -31,6 +31,7 @@ TC_CFGS = {
     "wgmma_tma": (128, 256, 384, 197632),
     "wgmma_mc": (128, 256, 384, 197632),
     "wgmma_mc_ga": (128, 256, 384, 197632),
+    "skinny": (8, 32, 128, 0),
 }
 # CTAs per cluster (__cluster_dims__ in the kernel), where more than one
 CLUSTER = {"wgmma_mc": 2, "wgmma_mc_ga": 2}
@@ -49,7 +50,11 @@ QUANT_CFGS = {
     "32x64": {"fp8": (32, 64, 128, 49152), "u8": (32, 64, 128, 49152), "u4": (32, 64, 128, 40960)},
     "32x64s6": {"fp8": (32, 64, 128, 65536), "u8": (32, 64, 128, 65536), "u4": (32, 64, 128, 53248)},
     "32x32": {"fp8": (32, 32, 128, 32768), "u8": (32, 32, 128, 32768), "u4": (32, 32, 128, 28672)},
+    "skinny": {"fp8": (8, 32, 128, 0), "u8": (8, 32, 128, 0), "u4": (8, 32, 128, 0)},
 }
+# suffix -> the module of its entry points (16-bit W), and of its quantized forms
+GEMM_MODULE = {"128x128": "grouped_gemm", "32x64": "grouped_gemm", "32x64s6": "grouped_gemm", "32x32": "grouped_gemm", "wgmma_ws": "grouped_gemm", "wgmma_tma": "grouped_gemm", "wgmma_mc": "grouped_gemm", "wgmma_mc_ga": "grouped_gemm", "skinny": "skinny_gemm"}
+QUANT_MODULE = {"128x128": "quant_gemm", "32x64": "quant_gemm", "32x64s6": "quant_gemm", "32x32": "quant_gemm", "skinny": "skinny_gemm"}
 # the kernel choice's thresholds (src/cuda/forward/selection.rs)
 FULL_GRID_K = 4096
 HOPPER_MC_DEEP_K = 8192
@@ -58,4 +63,6 @@ HOPPER_MC_ROWS = 1024
 HOPPER_SMALL_ROWS = 16
 HOPPER_TMA_K = 4096
 HOPPER_TMA_ROWS = 256
+QUANT_SKINNY_ROWS = 8
+SKINNY_ROWS = 4
 SMALL_ROWS = 128

@@ -16,10 +16,12 @@ import math
 
 import torch
 
+from kernel_table import QUANT_CFGS
 from smoe_cuda import QW
 
 FORMATS = ("fp8", "u8", "u4")
-TILES = ("32x32", "32x64", "32x64s6", "128x128")
+# every configuration with quantized forms (kernels/manifest.toml; test_kernels.py --cfgs narrows it)
+TILES = tuple(QUANT_CFGS)
 DEFAULT_ZERO = {"u8": 128, "u4": 8}
 DT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 

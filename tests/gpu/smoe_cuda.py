@@ -11,9 +11,10 @@ ROUTING_CHUNK = 4096
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # The kernel catalogue (geometry, clusters, TMA forms, activation codes, thresholds), generated from
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
-from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
+from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
-                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, SMALL_ROWS, TC_CFGS, TMA_W)
+                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
+                          QUANT_SKINNY_ROWS, SKINNY_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -76,6 +77,10 @@ class Kernels:
         self.small_rows = int(os.environ.get("SMOE_SMALL_ROWS", str(SMALL_ROWS)))
         self.large_cfg = os.environ.get("SMOE_LARGE_CFG", "wgmma_ws" if props.major == 9 else "128x128")
         # wgmma kernels exist as SASS for sm_90a only
+        # rows per expert at or below which the skinny kernel runs (16-bit W, quantized W); the
+        # environment can move them (a negative value: never), for A/B runs against the mma.sync choice
+        self.skinny_rows = float(os.environ.get("SMOE_SKINNY_ROWS", str(SKINNY_ROWS)))
+        self.quant_skinny_rows = float(os.environ.get("SMOE_QUANT_SKINNY_ROWS", str(QUANT_SKINNY_ROWS)))
 
     def fn(self, module, name, dyn_smem=0):
         key = (module, name)
@@ -166,6 +171,8 @@ class Kernels:
         """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md); mirrors
         src/cuda/forward/selection.rs pick_cfg."""
         R = N_assign / max(1, min(E, N_assign))  # rows per active expert
+        if R <= self.skinny_rows:
+            return "skinny"
         if R <= 1 and K <= 2048:
             return "32x32"
         hopper = self.large_cfg == "wgmma_ws"
@@ -200,7 +207,7 @@ class Kernels:
         if tma and (K % 8 or W.data_ptr() % 16):
             return self.gemm(X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
                              act, gated, glu_layout, alpha, limit, "wgmma_ws", grid)
-        f = self.fn("grouped_gemm", name, smem)
+        f = self.fn("grouped_gemm" if dt == torch.float32 else GEMM_MODULE[cfg], name, smem)
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
         units = ((n_assign + BM * c - 1) // (BM * c) + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)
@@ -221,9 +228,12 @@ class Kernels:
         self.launch(f, (grid,), (threads,), smem, args)
 
     def pick_qcfg(self, N_assign, E, K):
-        """The choice for quantized W (src/cuda/forward/selection.rs pick_cfg with quantized weights):
-        the mma.sync tiles on every arch, with the thresholds used where there is no wgmma."""
+        """The choice for quantized W (src/cuda/forward/selection.rs pick_quant_cfg): the skinny kernel
+        up to QUANT_SKINNY_ROWS rows per expert, then the mma.sync tiles on every arch, with the
+        thresholds used where there is no wgmma."""
         R = N_assign / max(1, min(E, N_assign))
+        if R <= self.quant_skinny_rows:
+            return "skinny"
         if R <= 1 and K <= 2048:
             return "32x32"
         if R <= SMALL_ROWS:
@@ -240,7 +250,7 @@ class Kernels:
         cfg = cfg or self.pick_qcfg(n_assign, E, K)
         BM, BN, threads, smem = QUANT_CFGS[cfg][q.fmt]
         name = f"scattermoe_qgemm_{TNAME[dt]}_{q.fmt}_{cfg}"
-        f = self.fn("quant_gemm", name, smem)
+        f = self.fn(QUANT_MODULE[cfg], name, smem)
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
         units = ((n_assign + BM - 1) // BM + min(E, n_assign)) * ((Nout + BNo - 1) // BNo)

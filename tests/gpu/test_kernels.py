@@ -3,9 +3,13 @@
 usage: python3 tests/gpu/test_kernels.py --fatbin-dir DIR [--mode correct|sanitize]
 correct : routing exactness, capacity, validation, ParallelLinear GEMM modes, full forward over
           dtypes / shapes / activations / layouts, quantized weights (quant_cases.py); prints one
-          line per case and a summary. --only selects: routing, pl, fwd, quant.
+          line per case and a summary. --only selects: routing, pl, fwd, quant, skinny.
+          skinny: the skinny kernel's own cases (skinny_cases.py: long K, partial k-steps, the
+          element-wise path, skew past 8 rows, every quantized block form, bit-exact dequantization).
+          --cfgs limits the forced configurations of every group to a list (e.g. --cfgs skinny).
 sanitize: a few small launches of every entry point, no references (run under compute-sanitizer);
-          --only quant: the quantized ones only; --small: fewer of them (racecheck).
+          --only quant: the quantized ones only; --only skinny: the skinny kernel's only (both
+          paths, every format); --small: fewer of them (racecheck).
 """
 import argparse
 import math
@@ -17,6 +21,8 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from smoe_cuda import ROUTING_CHUNK, Kernels  # noqa: E402
 import quant_cases  # noqa: E402
+import skinny_cases  # noqa: E402
+from kernel_table import SM90A_ONLY, TC_CFGS  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -215,13 +221,18 @@ def test_routing(K):
     check_exact("routing T=0", b["offsets"].tolist() == [0] * 9 and b["error"].tolist() == [0, -1])
 
 
+# the configurations every group forces (--cfgs narrows them; None: all)
+ONLY_CFGS = None
+
+
 def cfgs_for(dtype):
+    """Every 16-bit configuration of the catalogue that runs here (the sm_90a-only ones on Hopper;
+    wgmma_mc_ga takes grouped input only, else it runs as wgmma_mc)."""
     if dtype == torch.float32:
         return [None]
-    c = ["128x128", "32x64", "32x32", "32x64s6"]
-    if torch.cuda.get_device_capability()[0] == 9:
-        c += ["wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga"]  # _ga: grouped input only (else wgmma_mc)
-    return c
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    c = [x for x in TC_CFGS if x not in SM90A_ONLY or hopper]
+    return [x for x in c if ONLY_CFGS is None or x in ONLY_CFGS]
 
 
 def test_parallel_linear(K):
@@ -359,13 +370,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--mode", default="correct")
-    ap.add_argument("--only", default="routing,pl,fwd,quant")
+    ap.add_argument("--only", default="routing,pl,fwd,quant,skinny")
     ap.add_argument("--small", action="store_true", help="sanitize: the reduced quantized set (racecheck)")
+    ap.add_argument("--cfgs", default=None, help="only these forced configurations (comma-separated suffixes)")
     a = ap.parse_args()
+    global ONLY_CFGS
+    if a.cfgs:
+        ONLY_CFGS = a.cfgs.split(",")
+        quant_cases.TILES = tuple(t for t in quant_cases.TILES if t in ONLY_CFGS)
     torch.manual_seed(0)
     K = Kernels(a.fatbin_dir)
     t0 = time.time()
     if a.mode == "sanitize":
+        if a.only == "skinny":
+            skinny_cases.sanitize(K, make_routing, make_weights, small=a.small)
+            return
         if a.only != "quant":
             sanitize(K)
         quant_cases.sanitize(K, make_routing, small=a.small)
@@ -381,6 +400,11 @@ def main():
         quant_cases.test_exact(K, check_exact)
         quant_cases.test_pl(K, report, linear_ref, make_routing, TOL)
         quant_cases.test_fwd(K, report, forward_ref, make_routing, TOL)
+    if "skinny" in only:
+        skinny_cases.test_exact(K, check_exact)
+        skinny_cases.test_pl(K, report, linear_ref, make_routing, TOL)
+        skinny_cases.test_fwd(K, report, forward_ref, make_routing, make_weights, TOL)
+        skinny_cases.test_quant_fwd(K, report, forward_ref, make_routing, TOL)
     print(f"\n{NCASES[0] - len(FAILS)}/{NCASES[0]} passed in {time.time() - t0:.1f}s; failures: {FAILS}")
     sys.exit(1 if FAILS else 0)
 

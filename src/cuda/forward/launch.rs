@@ -222,12 +222,8 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     };
     let grouped_a = ga.is_some();
     let (f, name) = ga.unwrap_or((f, name));
-    let (bm, bn) = cfg.tile();
-    let nout = if g.gated { g.n / 2 } else { g.n };
-    let bno = if g.gated { bn / 2 } else { bn };
-    // Work units: tiles, or (clusters) groups of `cluster` M tiles of one expert.
     let c = f.cluster as usize;
-    let units = (n_assign.div_ceil(bm * c) + experts.min(n_assign)) * nout.div_ceil(bno);
+    let units = work_units(cfg.tile(), c, n_assign, experts, g.n, g.gated);
     let grid = if cfg.w_by_tma() && g.kd >= FULL_GRID_K {
         // One CTA (pair) per work unit: the hardware starts them in order as SMs free up, so the M
         // tiles that share a W tile run side by side and W leaves DRAM about once. A persistent grid
@@ -244,6 +240,17 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
         args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
     }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
+}
+
+/// A bound on a GEMM's work units, whatever the routing (kernels/grouped_gemm.cu's header, "Grid"):
+/// tiles of `tile` = (BM rows, BN rows of W), or, with `cluster` CTAs sharing W, groups of
+/// `cluster` M tiles of one expert. Each expert with rows has ceil(rows / (BM cluster)) groups, at
+/// most rows / (BM cluster) + 1, hence the `min(E, N_assign)` term; times the column tiles of the
+/// output (BN / 2 outputs per tile when gated).
+fn work_units(tile: (usize, usize), cluster: usize, n_assign: usize, experts: usize, n: usize, gated: bool) -> usize {
+    let (bm, bn) = tile;
+    let (nout, bno) = if gated { (n / 2, bn / 2) } else { (n, bn) };
+    (n_assign.div_ceil(bm * cluster) + experts.min(n_assign)) * nout.div_ceil(bno)
 }
 
 /// The parameters every grouped-GEMM entry point starts with (kernels/grouped_gemm.cu's header).
@@ -297,10 +304,7 @@ unsafe fn qgemm(
     };
     let name = cfg.quant_kernel_name(tname(elem), format_name(q.quant.format)).ok_or_else(|| format!("no quantized form of {cfg:?}"))?;
     let f = dev.func(&name)?;
-    let (bm, bn) = cfg.tile();
-    let nout = if g.gated { g.n / 2 } else { g.n };
-    let bno = if g.gated { bn / 2 } else { bn };
-    let units = (n_assign.div_ceil(bm) + experts.min(n_assign)) * nout.div_ceil(bno);
+    let units = work_units(cfg.tile(), 1, n_assign, experts, g.n, g.gated);
     let grid = units.min(f.resident as usize).max(1);
     // A block past its dimension is the whole dimension (the same blocks), and then fits int32.
     let (bo, bi) = q.quant.block(g.kd as u64);
@@ -534,4 +538,44 @@ pub unsafe fn capacity_mask(
     write_capacity(stream, at, capacity)?;
     let error = routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept), error_to)?;
     Ok(Launched { error: Some(error) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound covers the units the kernels walk (their tile prefix: ceil(rows / BM) row tiles
+    /// per expert, over groups of `cluster`, times the column tiles), for every configuration and
+    /// routings from one row on one expert to skewed ones; for the skinny kernel's 8-row units
+    /// too, at one token of Mixtral (2 experts x 896 column tiles of GEMM1).
+    #[test]
+    fn work_units_bound_the_kernels_units() {
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut next = move |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for cfg in GemmCfg::ALL {
+            let c = cfg.cluster() as usize;
+            let (bm, bn) = cfg.tile();
+            for (n_assign, experts) in [(1usize, 1usize), (2, 8), (37, 4), (300, 16), (1000, 256), (4096, 8)] {
+                for (n, gated) in [(72usize, true), (200, false), (28672, true), (5, false)] {
+                    for skew in [false, true] {
+                        let mut rows: Vec<usize> = vec![0; experts];
+                        for _ in 0..n_assign {
+                            rows[if skew { next(2.min(experts)) } else { next(experts) }] += 1;
+                        }
+                        let (nout, bno) = if gated { (n / 2, bn / 2) } else { (n, bn) };
+                        let walked: usize = rows.iter().map(|r| r.div_ceil(bm * c)).sum::<usize>() * nout.div_ceil(bno);
+                        let bound = work_units((bm, bn), c, n_assign, experts, n, gated);
+                        assert!(walked <= bound, "{cfg:?} {n_assign} rows over {experts} experts, n {n} gated {gated}: {walked} > {bound}");
+                    }
+                }
+            }
+        }
+        assert_eq!(GemmCfg::Skinny.tile(), (8, 32));
+        assert_eq!(work_units(GemmCfg::Skinny.tile(), 1, 2, 8, 28672, true), (1 + 2) * 896);
+    }
 }

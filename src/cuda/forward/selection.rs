@@ -6,6 +6,15 @@ use crate::cuda::arch::Arch;
 use crate::cuda::catalogue::{thresholds, GemmCfg};
 use crate::spec::ElemType;
 
+/// Rows per active expert at or below which the skinny kernel (kernels/skinny_gemm.cu: W streamed
+/// into registers, 8 rows of X a unit) runs a 16-bit W, on every arch. A first guess, before any
+/// device measurement: the mma.sync 32x64 tile was at the bf16 floor at 4 rows per expert (Mixtral,
+/// 16 tokens, H100: bench/results/quant/h100-quant-7c28a83.md) and 10% above it at one.
+pub const SKINNY_ROWS: f64 = thresholds::SKINNY_ROWS;
+/// The same for a quantized W, where the mma.sync kernels convert W in shared memory behind a
+/// barrier per k-block and were 2-5x above the floor at 1 to 16 tokens (same file). Up to 8 rows
+/// a unit reads W once; above, each 8 more rows of an expert read it again (from L2 mostly).
+pub const QUANT_SKINNY_ROWS: f64 = thresholds::QUANT_SKINNY_ROWS;
 /// Rows per active expert at or below which the small-tile kernels win (measured on H200).
 pub const SMALL_ROWS: f64 = thresholds::SMALL_ROWS;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
@@ -38,19 +47,31 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
     if elem == ElemType::F32 {
         return GemmCfg::F32;
     }
+    if rows_per_expert(n_assign, experts) <= SKINNY_ROWS {
+        return GemmCfg::Skinny;
+    }
     choose(n_assign, experts, k_depth, arch.has_wgmma())
 }
 
-/// The choice for a quantized W (kernels/quant_gemm.cu: the mma.sync configurations have
-/// quantized forms, the wgmma ones do not): the mma.sync kernels on every arch, with the thresholds
-/// used where there is no wgmma. Decided without measurements: decode, where quantized weights pay,
-/// runs the small tiles on every arch anyway; large row counts on Hopper give up wgmma for now.
+/// The choice for a quantized W (the skinny kernel and the mma.sync configurations have quantized
+/// forms, the wgmma ones do not): the skinny kernel up to QUANT_SKINNY_ROWS rows per expert, then the
+/// mma.sync kernels on every arch, with the thresholds used where there is no wgmma. Decided without
+/// measurements: large row counts on Hopper give up wgmma for now.
 pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize) -> GemmCfg {
+    if rows_per_expert(n_assign, experts) <= QUANT_SKINNY_ROWS {
+        return GemmCfg::Skinny;
+    }
     choose(n_assign, experts, k_depth, false)
 }
 
+/// R: rows per active expert, taking every expert that can have a row as active.
+fn rows_per_expert(n_assign: usize, experts: usize) -> f64 {
+    n_assign as f64 / experts.min(n_assign).max(1) as f64
+}
+
+/// The mma.sync and wgmma choice, above the skinny kernel's rows.
 fn choose(n_assign: usize, experts: usize, k_depth: usize, wgmma: bool) -> GemmCfg {
-    let r = n_assign as f64 / experts.min(n_assign).max(1) as f64;
+    let r = rows_per_expert(n_assign, experts);
     if r <= 1.0 && k_depth <= 2048 {
         return GemmCfg::T32x32;
     }
@@ -77,16 +98,53 @@ fn choose(n_assign: usize, experts: usize, k_depth: usize, wgmma: bool) -> GemmC
 mod tests {
     use super::*;
 
-    /// The decision table of kernels/grouped_gemm.cu's header, case by case.
+    /// The skinny kernel below its thresholds, on every arch and for every K; the tables below above
+    /// them. The cut-offs are the manifest's, whatever their values.
+    #[test]
+    fn few_rows_per_expert_take_the_skinny_kernel() {
+        let bf = ElemType::BF16;
+        for arch in [Arch::Sm80, Arch::Sm89, Arch::Sm90a] {
+            for k in [5, 768, 2048, 4096, 14336] {
+                // one token of Mixtral (2 rows over 8 experts), of Qwen3 (8 over 128), at the threshold
+                assert_eq!(pick_cfg(bf, 2, 8, k, arch), GemmCfg::Skinny);
+                assert_eq!(pick_cfg(ElemType::F16, 8, 128, k, arch), GemmCfg::Skinny);
+                let at = (8.0 * SKINNY_ROWS) as usize;
+                assert_eq!(pick_cfg(bf, at, 8, k, arch), GemmCfg::Skinny, "{at} rows over 8 experts");
+                assert_ne!(pick_cfg(bf, at + 1, 8, k, arch), GemmCfg::Skinny, "{} rows over 8 experts", at + 1);
+                assert_eq!(pick_cfg(bf, at + 1, 8, k, arch), choose(at + 1, 8, k, arch.has_wgmma()));
+                // quantized W: its own threshold
+                let qat = (8.0 * QUANT_SKINNY_ROWS) as usize;
+                assert_eq!(pick_quant_cfg(2, 8, k), GemmCfg::Skinny);
+                assert_eq!(pick_quant_cfg(qat, 8, k), GemmCfg::Skinny, "{qat} rows over 8 experts");
+                assert_eq!(pick_quant_cfg(qat + 1, 8, k), choose(qat + 1, 8, k, false));
+            }
+        }
+        // f32 has one kernel at every row count
+        assert_eq!(pick_cfg(ElemType::F32, 2, 8, 4096, Arch::Sm90a), GemmCfg::F32);
+        // R counts the experts that can have a row: 16 tokens of Qwen3 (128 rows over 128 experts) is
+        // one row per expert, 128 tokens (1024 rows) eight
+        assert_eq!(pick_cfg(bf, 128, 128, 2048, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(1024, 128, 2048), GemmCfg::Skinny);
+        assert_ne!(pick_cfg(bf, 1024, 128, 2048, Arch::Sm90a), GemmCfg::Skinny);
+        // no rows: nothing runs, and the choice is still one that exists
+        assert_eq!(pick_cfg(bf, 0, 8, 4096, Arch::Sm80), GemmCfg::Skinny);
+    }
+
+    /// The decision table of kernels/grouped_gemm.cu's header above the skinny kernel's rows, case by
+    /// case (`choose`: what `pick_cfg` and `pick_quant_cfg` take there).
     #[test]
     fn kernel_choice_follows_the_measured_thresholds() {
         let bf = ElemType::BF16;
+        let hopper = |n, e, k| choose(n, e, k, true);
+        let sm80 = |n, e, k| choose(n, e, k, false);
         assert_eq!(pick_cfg(ElemType::F32, 32768, 8, 4096, Arch::Sm90a), GemmCfg::F32);
         // one row per expert, short K: the smallest tile
-        assert_eq!(pick_cfg(bf, 8, 8, 1024, Arch::Sm90a), GemmCfg::T32x32);
+        assert_eq!(hopper(8, 8, 1024), GemmCfg::T32x32);
+        assert_eq!(sm80(8, 8, 1024), GemmCfg::T32x32);
         // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
         assert_eq!(pick_cfg(bf, 128, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 128, 8, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
+        assert_eq!(hopper(2, 8, 4096), GemmCfg::T32x64);
         // 32 rows per expert: the warp-specialised kernels on sm_90a, small tiles elsewhere
         assert_eq!(pick_cfg(bf, 256, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
         assert_eq!(pick_cfg(bf, 256, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
@@ -112,16 +170,19 @@ mod tests {
         assert_eq!(pick_cfg(bf, 131072, 128, 768, Arch::Sm80), GemmCfg::T128x128);
     }
 
-    /// Quantized W: the mma.sync choices of the archs without wgmma, each with a quantized form.
+    /// Quantized W: above the skinny kernel's rows, the mma.sync choices of the archs without wgmma;
+    /// every choice has a quantized form.
     #[test]
     fn quantized_weights_take_the_mma_sync_kernels() {
         for (n, e, k) in [(8, 8, 1024), (2, 8, 4096), (128, 8, 4096), (128, 8, 14336), (256, 8, 4096), (8192, 32, 768), (32768, 8, 4096), (32768, 8, 14336)] {
             let q = pick_quant_cfg(n, e, k);
-            assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k}");
+            if q != GemmCfg::Skinny {
+                assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k}");
+            }
             assert!(q.has_quant() && !q.sm90a_only(), "{q:?}");
         }
-        assert_eq!(pick_quant_cfg(2, 8, 4096), GemmCfg::T32x64);
-        assert_eq!(pick_quant_cfg(8, 8, 1024), GemmCfg::T32x32);
+        assert_eq!(pick_quant_cfg(2, 8, 4096), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(8, 8, 1024), GemmCfg::Skinny);
         assert_eq!(pick_quant_cfg(128, 8, 14336), GemmCfg::T32x64s6);
         assert_eq!(pick_quant_cfg(32768, 8, 4096), GemmCfg::T128x128);
         // the contract's formats are the kernels' formats, one to one
