@@ -269,8 +269,12 @@ __device__ __forceinline__ void sk_fast(const SkArgs<T>& A, const SkUnit<T, 2 * 
                 for (int x = 0; x < C::XV; ++x) xv[v][j][x] = ld_x16(u.xrow[j] + kc + 8 * x, in && ((u.xok >> j) & 1));
             if constexpr (F::BITS < 16) {
                 // one scale (and zero point) per chunk: its block, of a k inside K (past K the
-                // chunk's X is zero, and any finite W will do)
-                const int bk = (int)A.bdiv.div(in ? kc : 0);
+                // chunk's X is zero, and any finite W will do). POST scales the whole k-step's
+                // products, every lane's columns of them: each lane takes the block of the k-step's
+                // first element, so a lane whose own chunk lies past K (the last, partial k-step)
+                // still scales its columns by the block the step's in-range chunks belong to
+                const int kb = POST ? step * C::KSTEP : kc;
+                const int bk = (int)A.bdiv.div(kb < A.K ? kb : 0);
 #pragma unroll
                 for (int i = 0; i < C::RS; ++i) {
                     const int idx = u.srow[i] + bk;
