@@ -42,11 +42,12 @@
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
-// Choosing a kernel (measured on H200, bf16, but the skinny thresholds; R = rows per active expert =
-// N_assign / min(E, N_assign)):
-//   R <= SKINNY_ROWS (4; quantized W: QUANT_SKINNY_ROWS, 8), every arch -> skinny (a first guess,
-//           kernels/manifest.toml [selection], to be set by tests/gpu/run_skinny.sh's measurements);
-//   R <= 1 and K <= 2048 -> 32x32 (below the skinny threshold: reached only if it moves below 1);
+// Choosing a kernel (measured on H200, bf16, but the skinny thresholds, measured on H100; R = rows
+// per active expert = N_assign / min(E, N_assign)):
+//   quantized W: R <= QUANT_SKINNY_ROWS (32) -> skinny, every arch; 16-bit W: SKINNY_ROWS = 0, the
+//           skinny kernel never (kernels/manifest.toml [selection]; src/cuda/forward/selection.rs
+//           gives the measurements);
+//   R <= 1 and K <= 2048 -> 32x32;
 //   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64
 //           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (both when W is
 //           TMA-readable), else wgmma_ws;

@@ -7,13 +7,18 @@ use crate::cuda::catalogue::{thresholds, GemmCfg};
 use crate::spec::ElemType;
 
 /// Rows per active expert at or below which the skinny kernel (kernels/skinny_gemm.cu: W streamed
-/// into registers, 8 rows of X a unit) runs a 16-bit W, on every arch. A first guess, before any
-/// device measurement: the mma.sync 32x64 tile was at the bf16 floor at 4 rows per expert (Mixtral,
-/// 16 tokens, H100: bench/results/quant/h100-quant-7c28a83.md) and 10% above it at one.
+/// into registers, 8 rows of X a unit) runs a 16-bit W: 0, never. Measured on an H100
+/// (`bash tests/gpu/run_skinny.sh`, GEMM1 and GEMM2 alone, L2 flushed:
+/// bench/results/skinny/h100-skinny.md), its 16-bit form was 0.74-0.97x the mma.sync tiles at
+/// Mixtral and DeepSeek-V3 from 1 to 16 tokens (they stream a 16-bit W at 80-92% of the bandwidth
+/// already) and 0.97-1.21x at Qwen3: no rule over R and K kept it ahead everywhere, so the 16-bit
+/// entry points stay built and tested, unchosen.
 pub const SKINNY_ROWS: f64 = thresholds::SKINNY_ROWS;
 /// The same for a quantized W, where the mma.sync kernels convert W in shared memory behind a
-/// barrier per k-block and were 2-5x above the floor at 1 to 16 tokens (same file). Up to 8 rows
-/// a unit reads W once; above, each 8 more rows of an expert read it again (from L2 mostly).
+/// barrier per k-block: the skinny kernel was 2.0-6.1x faster at 1 to 16 tokens (fp8 and int4 with
+/// group 128, Mixtral, Qwen3, DeepSeek-V3), 1.8-2.3x at 8 rows per expert (Qwen3, 128 tokens) and
+/// 0.97-1.43x at 32 (Mixtral, 128 tokens: fp8 GEMM1 the one tie), same file. Up to 8 rows a unit
+/// reads W once; above, each 8 more rows of an expert read it again, from L2 mostly.
 pub const QUANT_SKINNY_ROWS: f64 = thresholds::QUANT_SKINNY_ROWS;
 /// Rows per active expert at or below which the small-tile kernels win (measured on H200).
 pub const SMALL_ROWS: f64 = thresholds::SMALL_ROWS;
@@ -55,8 +60,8 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
 
 /// The choice for a quantized W (the skinny kernel and the mma.sync configurations have quantized
 /// forms, the wgmma ones do not): the skinny kernel up to QUANT_SKINNY_ROWS rows per expert, then the
-/// mma.sync kernels on every arch, with the thresholds used where there is no wgmma. Decided without
-/// measurements: large row counts on Hopper give up wgmma for now.
+/// mma.sync kernels on every arch, with the thresholds used where there is no wgmma (large row
+/// counts on Hopper give up wgmma for now).
 pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize) -> GemmCfg {
     if rows_per_expert(n_assign, experts) <= QUANT_SKINNY_ROWS {
         return GemmCfg::Skinny;
@@ -105,13 +110,12 @@ mod tests {
         let bf = ElemType::BF16;
         for arch in [Arch::Sm80, Arch::Sm89, Arch::Sm90a] {
             for k in [5, 768, 2048, 4096, 14336] {
-                // one token of Mixtral (2 rows over 8 experts), of Qwen3 (8 over 128), at the threshold
-                assert_eq!(pick_cfg(bf, 2, 8, k, arch), GemmCfg::Skinny);
-                assert_eq!(pick_cfg(ElemType::F16, 8, 128, k, arch), GemmCfg::Skinny);
-                let at = (8.0 * SKINNY_ROWS) as usize;
-                assert_eq!(pick_cfg(bf, at, 8, k, arch), GemmCfg::Skinny, "{at} rows over 8 experts");
-                assert_ne!(pick_cfg(bf, at + 1, 8, k, arch), GemmCfg::Skinny, "{} rows over 8 experts", at + 1);
-                assert_eq!(pick_cfg(bf, at + 1, 8, k, arch), choose(at + 1, 8, k, arch.has_wgmma()));
+                // 16-bit W: the skinny kernel only at or below SKINNY_ROWS
+                for (n, e) in [(1, 8), (2, 8), (8, 128), (16, 8), (128, 128), (1024, 128)] {
+                    let want = if rows_per_expert(n, e) <= SKINNY_ROWS { GemmCfg::Skinny } else { choose(n, e, k, arch.has_wgmma()) };
+                    assert_eq!(pick_cfg(bf, n, e, k, arch), want, "{n} rows over {e} experts, K {k}");
+                    assert_eq!(pick_cfg(ElemType::F16, n, e, k, arch), want, "{n} rows over {e} experts, K {k}");
+                }
                 // quantized W: its own threshold
                 let qat = (8.0 * QUANT_SKINNY_ROWS) as usize;
                 assert_eq!(pick_quant_cfg(2, 8, k), GemmCfg::Skinny);
@@ -119,13 +123,17 @@ mod tests {
                 assert_eq!(pick_quant_cfg(qat + 1, 8, k), choose(qat + 1, 8, k, false));
             }
         }
+        // the measured values: a 16-bit W never takes it (one token of Mixtral: the 32x64 tile),
+        // a quantized one up to 32 rows per expert
+        assert_eq!(pick_cfg(bf, 2, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 8, 128, 2048, Arch::Sm90a), GemmCfg::T32x32);
+        assert_eq!(pick_quant_cfg(256, 8, 4096), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(264, 8, 4096), GemmCfg::T32x64);
         // f32 has one kernel at every row count
         assert_eq!(pick_cfg(ElemType::F32, 2, 8, 4096, Arch::Sm90a), GemmCfg::F32);
-        // R counts the experts that can have a row: 16 tokens of Qwen3 (128 rows over 128 experts) is
-        // one row per expert, 128 tokens (1024 rows) eight
-        assert_eq!(pick_cfg(bf, 128, 128, 2048, Arch::Sm90a), GemmCfg::Skinny);
+        // R counts the experts that can have a row: 128 tokens of Qwen3 (1024 rows over 128
+        // experts) is eight rows per expert
         assert_eq!(pick_quant_cfg(1024, 128, 2048), GemmCfg::Skinny);
-        assert_ne!(pick_cfg(bf, 1024, 128, 2048, Arch::Sm90a), GemmCfg::Skinny);
         // no rows: nothing runs, and the choice is still one that exists
         assert_eq!(pick_cfg(bf, 0, 8, 4096, Arch::Sm80), GemmCfg::Skinny);
     }
@@ -183,7 +191,8 @@ mod tests {
         }
         assert_eq!(pick_quant_cfg(2, 8, 4096), GemmCfg::Skinny);
         assert_eq!(pick_quant_cfg(8, 8, 1024), GemmCfg::Skinny);
-        assert_eq!(pick_quant_cfg(128, 8, 14336), GemmCfg::T32x64s6);
+        assert_eq!(pick_quant_cfg(128, 8, 14336), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(512, 8, 14336), GemmCfg::T32x64s6);
         assert_eq!(pick_quant_cfg(32768, 8, 4096), GemmCfg::T128x128);
         // the contract's formats are the kernels' formats, one to one
         let names: Vec<&str> = crate::spec::QuantFormat::ALL.iter().map(|&f| super::super::format_name(f)).collect();
