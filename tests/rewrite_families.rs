@@ -103,7 +103,14 @@ fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::P
     check_with(name, input, smoe, pl, scratch, &UNPROVEN)
 }
 
-fn check_with(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path, opts: &scattermoe::rewrite::RewriteOptions) -> Result<Vec<(usize, f64)>, String> {
+fn check_with(
+    name: &str,
+    input: &str,
+    smoe: usize,
+    pl: usize,
+    scratch: &std::path::Path,
+    opts: &scattermoe::rewrite::RewriteOptions,
+) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
     let report = scattermoe::rewrite::rewrite_with(&mut model, opts).map_err(|e| e.to_string())?;
     if opts.prove && report.layers.iter().any(|l| l.proof.is_none()) {
@@ -111,7 +118,11 @@ fn check_with(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::pa
     }
     let (got_smoe, got_pl) = (count(&model, spec::scatter_moe::NAME), count(&model, spec::parallel_linear::NAME));
     if (got_smoe, got_pl) != (smoe, pl) || report.layers.len() != smoe + pl {
-        return Err(format!("{got_smoe} ScatterMoE, {got_pl} ParallelLinear, {} reported layers; expected {smoe} and {pl}:\n{}", report.layers.len(), report.text()));
+        return Err(format!(
+            "{got_smoe} ScatterMoE, {got_pl} ParallelLinear, {} reported layers; expected {smoe} and {pl}:\n{}",
+            report.layers.len(),
+            report.text()
+        ));
     }
     // the report names each replaced layer once
     let mut outs: Vec<&str> = report.layers.iter().map(|l| l.output.as_str()).collect();
@@ -159,7 +170,10 @@ fn family_fixtures_are_rewritten_one_node_per_layer_and_match_torch() {
     let mut failures = Vec::new();
     for &(name, input, smoe, pl) in REWRITTEN {
         match check(name, input, smoe, pl, &scratch) {
-            Ok(errs) => println!("{name:<16} {smoe} ScatterMoE + {pl} ParallelLinear, rel. error vs torch: {}", errs.iter().map(|(t, e)| format!("{t} tok {e:.1e}")).collect::<Vec<_>>().join(", ")),
+            Ok(errs) => println!(
+                "{name:<16} {smoe} ScatterMoE + {pl} ParallelLinear, rel. error vs torch: {}",
+                errs.iter().map(|(t, e)| format!("{t} tok {e:.1e}")).collect::<Vec<_>>().join(", ")
+            ),
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
@@ -219,11 +233,7 @@ fn jetmoe_torchscript_export_is_left_with_the_reason() {
     let mut model = onnx::load(&dir().join("jetmoe_moe_ts.onnx")).unwrap();
     let report = scattermoe::rewrite::rewrite_with(&mut model, &UNPROVEN).unwrap();
     assert!(report.layers.is_empty(), "{}", report.text());
-    assert!(
-        report.rejected.iter().any(|r| r.family == "jetmoe" && r.reason.contains("ScatterElements without a reduction")),
-        "{}",
-        report.text()
-    );
+    assert!(report.rejected.iter().any(|r| r.family == "jetmoe" && r.reason.contains("ScatterElements without a reduction")), "{}", report.text());
 }
 
 /// Mixtral exported whole by the dynamo exporter with transformers' "batched_mm" experts: the
@@ -357,14 +367,14 @@ fn spoiled_parallel_linear_candidates_are_not_proven() {
         if !matches!(r.form, jetmoe::Form::Linear(_)) {
             continue;
         }
-        let right = moa::emit(&g, &r, &format!("right_{checked}"), &mut taken).unwrap();
+        let right = moa::emit(&g, &r, &format!("right_{checked}"), &mut taken, Default::default()).unwrap();
         let proof = prove::prove_subject(&model, &g, &right.subject, &right.emitted);
         let proof = proof.unwrap_or_else(|e| panic!("{at}: the right candidate is not proven: {e:#}"));
         assert!(proof.tokens.contains(&1) && proof.cases >= 4 * proof.tokens.len(), "{at}: {}", proof.text());
         if let jetmoe::Form::Linear(gl) = &mut r.form {
             gl.w.swap(0, 1);
         }
-        let spoiled = moa::emit(&g, &r, &format!("spoiled_{checked}"), &mut taken).unwrap();
+        let spoiled = moa::emit(&g, &r, &format!("spoiled_{checked}"), &mut taken, Default::default()).unwrap();
         let err = prove::prove_subject(&model, &g, &spoiled.subject, &spoiled.emitted).expect_err(&format!("{at}: proven although two experts are swapped"));
         assert!(err.to_string().contains("relative error"), "{at}: {err:#}");
         checked += 1;

@@ -113,3 +113,31 @@ fn quantized_fixtures_verify_for_tensorrt() {
     assert!(verified >= 19 && left == 2, "{verified} verified, {left} left");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// JetMoE's Mixture-of-Attention projections become ParallelLinear nodes that TensorRT's parser
+/// can map too: the plugin's version and namespace, every attribute, and a zero bias where the
+/// node's gates follow it; the whole tiny LM still verifies in ONNX Runtime.
+#[test]
+fn parallel_linear_nodes_map_to_the_plugin() {
+    let dir = common::scratch("trt_moa");
+    let src = common::models_dir().join("families").join("jetmoe_lm.onnx");
+    let out = dir.join("jetmoe_lm.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_scattermoe"))
+        .args(["rewrite", src.to_str().unwrap(), out.to_str().unwrap(), "--target", "tensorrt", "--verify", "--force"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("verified"), "{err}");
+    let m = onnx::load(&out).unwrap();
+    let pl: Vec<_> = m.graph().node.iter().filter(|n| n.op_type == spec::parallel_linear::NAME).collect();
+    assert_eq!(pl.len(), 4, "two MoA layers, map and reduce each");
+    for n in pl {
+        assert_eq!(attr_s(n, trt::PARSER_ATTR_VERSION).as_deref(), Some("1"));
+        assert_eq!(attr_s(n, trt::PARSER_ATTR_NAMESPACE).as_deref(), Some("ai.scattermoe"));
+        for d in spec::parallel_linear::ATTRS.iter().filter(|d| d.default != spec::AttrDefault::Ints(&[])) {
+            assert!(n.attribute.iter().any(|x| x.name == d.name), "attribute {} not written", d.name);
+        }
+        assert!(n.input.iter().all(|i| !i.is_empty()), "an absent input in the middle: {:?}", n.input);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

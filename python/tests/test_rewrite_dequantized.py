@@ -212,3 +212,22 @@ def test_the_tensorrt_target_fills_or_names_its_holes(lib, tmp_path: Path):
     # the ONNX Runtime target takes it
     r = subprocess.run([str(CLI), "rewrite", "--json", str(src), str(out), "--force"], capture_output=True, text=True, env=_cli_env(lib))
     assert r.returncode == 0 and json.loads(r.stdout)["layers"], r.stderr
+
+
+@pytest.mark.skipif(not CLI.exists(), reason="target/release/scattermoe not built")
+def test_a_quantized_moa_map_projection_is_left_for_tensorrt(lib, tmp_path: Path):
+    """JetMoE's MoA `map` projection has no gates; with a quantized W its scale would follow an
+    absent `gates`, which TensorRT's parser cannot pass and no value can stand for (gates change
+    what ParallelLinear computes): left for the TensorRT target with that reason, rewritten for
+    ONNX Runtime; the rest of the model is rewritten for both and matches the quantized graph."""
+    q = qdq.quantize_model(onnx.load(str(MODELS / "families" / "jetmoe_lm.onnx")), qdq.Scheme("int8", "channel"))
+    src, out = tmp_path / "q.onnx", tmp_path / "q.trt.onnx"
+    onnx.save(q, str(src))
+    r = subprocess.run([str(CLI), "rewrite", "--target", "tensorrt", "--json", "--verify", str(src), str(out)], capture_output=True,
+                       text=True, env=_cli_env(lib))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [x["family"] for x in rep["layers"]].count("jetmoe_moa") == 2 and [x["family"] for x in rep["layers"]].count("jetmoe") == 2, rep["layers"]
+    assert sum("cannot leave ParallelLinear's 'gates' out" in x["reason"] for x in rep["rejected"]) == 2, rep["rejected"]
+    r = subprocess.run([str(CLI), "rewrite", "--json", "--force", str(src), str(out)], capture_output=True, text=True, env=_cli_env(lib))
+    assert r.returncode == 0 and [x["family"] for x in json.loads(r.stdout)["layers"]].count("jetmoe_moa") == 4, r.stderr

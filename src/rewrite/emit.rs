@@ -486,21 +486,7 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     node.attribute.extend(q.attrs);
     if target == Target::TensorRt {
-        for a in sm::ATTRS {
-            if node.attribute.iter().any(|x| x.name == a.name) {
-                continue;
-            }
-            node.attribute.push(match a.default {
-                AttrDefault::Int(v) => attr_int(a.name, v),
-                AttrDefault::Float(v) => attr_float(a.name, v),
-                AttrDefault::Str(v) => attr_string(a.name, v),
-                // absent by default (`block_size`): nothing to write
-                AttrDefault::Ints([]) => continue,
-                AttrDefault::Ints(v) => crate::onnx::graph::attr_ints_new(a.name, v),
-            });
-        }
-        node.attribute.push(attr_string(crate::trt::PARSER_ATTR_VERSION, &crate::trt::plugin_version()));
-        node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
+        for_tensorrt(&mut node, &sm::ATTRS);
     }
     nodes.push(node);
     nodes.extend(after);
@@ -552,6 +538,27 @@ fn pending_stack(g: &GraphIndex, name: &str, ws: &[WSrc], elem: i32) -> Result<P
 }
 
 mod quantized;
+
+/// What TensorRT's ONNX parser needs of a node to map it to the plugin (the [`Target::TensorRt`]
+/// doc): every attribute of the op in `attrs`, defaults written out (the parser warns about each
+/// missing one; `block_size`, absent by default, stays absent), and the plugin's version and
+/// namespace.
+pub(super) fn for_tensorrt(node: &mut onnx_protobuf::NodeProto, attrs: &[spec::AttrDesc]) {
+    for a in attrs {
+        if node.attribute.iter().any(|x| x.name == a.name) {
+            continue;
+        }
+        node.attribute.push(match a.default {
+            AttrDefault::Int(v) => attr_int(a.name, v),
+            AttrDefault::Float(v) => attr_float(a.name, v),
+            AttrDefault::Str(v) => attr_string(a.name, v),
+            AttrDefault::Ints([]) => continue,
+            AttrDefault::Ints(v) => crate::onnx::graph::attr_ints_new(a.name, v),
+        });
+    }
+    node.attribute.push(attr_string(crate::trt::PARSER_ATTR_VERSION, &crate::trt::plugin_version()));
+    node.attribute.push(attr_string(crate::trt::PARSER_ATTR_NAMESPACE, &crate::trt::plugin_namespace()));
+}
 
 pub(super) use quantized::linear_inputs as quantized_linear_inputs;
 

@@ -15,12 +15,12 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use super::emit::{fresh_name, stack_matrices, Emitted};
+use super::emit::{for_tensorrt, fresh_name, stack_matrices, Emitted, Target};
 use super::jetmoe::{regions, Form, Region};
 use super::prove::Subject;
 use super::{LayerReport, Rejection};
 use crate::onnx::graph::{attr_int, make_node, GraphIndex};
-use crate::onnx::tensor::make_i64;
+use crate::onnx::tensor::{elem_size, make_i64, make_tensor};
 use crate::spec::{self, parallel_linear as pl};
 
 pub const FAMILY: &str = "jetmoe_moa";
@@ -36,7 +36,7 @@ pub struct Replacement {
 
 /// Every single grouped linear of the graph, as ParallelLinear. Regions this rule cannot read are
 /// reported by [`super::jetmoe::find`].
-pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize) -> (Vec<Replacement>, Vec<Rejection>) {
+pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize, target: Target) -> (Vec<Replacement>, Vec<Rejection>) {
     let mut out = Vec::new();
     let mut rejected = Vec::new();
     for (at, r) in regions(g) {
@@ -45,7 +45,7 @@ pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize) -> (Vec<R
             continue;
         }
         let tag = format!("scattermoe_pl_{}", first_tag + out.len());
-        match emit(g, &region, &tag, taken) {
+        match emit(g, &region, &tag, taken, target) {
             Ok(r) => out.push(r),
             Err(e) => rejected.push(Rejection { family: FAMILY, at, reason: e.to_string() }),
         }
@@ -55,7 +55,7 @@ pub fn find(g: &GraphIndex, taken: &mut Vec<String>, first_tag: usize) -> (Vec<R
 
 /// The ParallelLinear replacement of one single grouped linear `r` (names from `tag`, kept
 /// distinct from `taken`).
-pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> Result<Replacement> {
+pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>, target: Target) -> Result<Replacement> {
     let Form::Linear(gl) = &r.form else { bail!("not a single grouped linear") };
     if gl.b.iter().any(Option::is_some) {
         bail!("the grouped projection has per-expert biases, which this rule does not write yet");
@@ -148,6 +148,10 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         }
         n.attribute.extend(attrs);
     }
+    if target == Target::TensorRt {
+        let n = nodes.iter_mut().find(|n| n.op_type == pl::NAME).expect("the ParallelLinear node");
+        fill_for_tensorrt(g, taken, &mut em, n, tag, r.experts, d_out, elem)?;
+    }
     em.nodes = nodes;
     let report = LayerReport {
         family: FAMILY,
@@ -178,4 +182,41 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>) -> R
         k: Some(k as usize),
     };
     Ok(Replacement { output: r.output.clone(), emitted: em, report, subject })
+}
+
+/// The node for TensorRT's parser (the ScatterMoE node's rules, `emit.rs`): no absent input before
+/// a present one (a bias left out becomes zeros; `gates` cannot be given where the node has none,
+/// since gates change what the op computes, so that projection is left for TensorRT, with the
+/// reason), every attribute written out, the plugin's version and namespace.
+#[allow(clippy::too_many_arguments)]
+fn fill_for_tensorrt(
+    g: &GraphIndex,
+    taken: &mut Vec<String>,
+    em: &mut Emitted,
+    n: &mut onnx_protobuf::NodeProto,
+    tag: &str,
+    experts: usize,
+    d_out: usize,
+    elem: i32,
+) -> Result<()> {
+    while n.input.last().is_some_and(String::is_empty) {
+        n.input.pop();
+    }
+    for i in 0..n.input.len() {
+        if !n.input[i].is_empty() {
+            continue;
+        }
+        match pl::INPUTS.get(i).map(|p| p.name) {
+            Some("b") => {
+                let name = fresh_name(g, taken, &format!("{tag}.b_zeros"));
+                let bytes = experts * d_out * elem_size(elem).ok_or_else(|| anyhow!("element type {elem}"))?;
+                em.initializers.push(make_tensor(&name, elem, &[experts as i64, d_out as i64], vec![0u8; bytes]));
+                n.input[i] = name;
+            }
+            Some(what) => bail!("the TensorRT target cannot leave ParallelLinear's '{what}' out before a later input (the quantized W's scale)"),
+            None => bail!("ParallelLinear has no input {i}"),
+        }
+    }
+    for_tensorrt(n, &pl::ATTRS);
+    Ok(())
 }

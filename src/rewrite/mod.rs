@@ -174,7 +174,7 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
     }
     progress.end();
     // JetMoE's Mixture-of-Attention projections: ParallelLinear nodes
-    let (moa, moa_rejected) = moa::find(&g, &mut taken, 0);
+    let (moa, moa_rejected) = moa::find(&g, &mut taken, 0, target);
     // what looks like MoE and no rule covered, with the rules' reasons (the graph is not changed)
     let moa_routing: Vec<String> = moa.iter().flat_map(|r| r.emitted.nodes.iter().flat_map(|n| n.input.iter().cloned())).filter(|v| matches!(g.infer_type(v), Some(6 | 7))).collect();
     report.looks_like_moe = looks_like::find(&g, &layers, &moa_routing, &report.rejected);
