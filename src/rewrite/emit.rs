@@ -442,20 +442,11 @@ pub fn emit(g: &GraphIndex, layer: &MoeLayer, tag: &str, taken: &mut Vec<String>
     }
     if target == Target::TensorRt {
         // zeros where an absent bias precedes a present input
-        let zeros = |what: &str, len: usize, taken: &mut Vec<String>| {
-            let name = unique_name(g, taken, &format!("{tag}.{what}"));
-            let bytes = e_count * len * elem_size(elem).unwrap();
-            make_tensor(&name, elem, &[e_count as i64, len as i64], vec![0u8; bytes])
-        };
         if b_in.is_none() && (b_out.is_some() || capacity.is_some()) {
-            let t = zeros("b_in_zeros", n, taken);
-            b_in = Some(t.name.clone());
-            model.initializers.push(t);
+            b_in = Some(zero_bias(g, taken, model, &format!("{tag}.b_in_zeros"), elem, e_count, n));
         }
         if b_out.is_none() && capacity.is_some() {
-            let t = zeros("b_out_zeros", d, taken);
-            b_out = Some(t.name.clone());
-            model.initializers.push(t);
+            b_out = Some(zero_bias(g, taken, model, &format!("{tag}.b_out_zeros"), elem, e_count, d));
         }
     }
     let mut inputs: Vec<String> = vec![x, rw, layer.routing_indices.clone(), w_in, w_out];
@@ -538,6 +529,16 @@ fn pending_stack(g: &GraphIndex, name: &str, ws: &[WSrc], elem: i32) -> Result<P
 }
 
 mod quantized;
+
+/// A zero bias `[experts, len]` in `elem`, added to `model` under a fresh name from `base`: what
+/// stands for an absent bias where TensorRT's parser cannot leave an input out (a zero bias adds
+/// nothing).
+pub(super) fn zero_bias(g: &GraphIndex, taken: &mut Vec<String>, model: &mut Emitted, base: &str, elem: i32, experts: usize, len: usize) -> String {
+    let name = unique_name(g, taken, base);
+    let bytes = experts * len * elem_size(elem).expect("a float element type");
+    model.initializers.push(make_tensor(&name, elem, &[experts as i64, len as i64], vec![0u8; bytes]));
+    name
+}
 
 /// What TensorRT's ONNX parser needs of a node to map it to the plugin (the [`Target::TensorRt`]
 /// doc): every attribute of the op in `attrs`, defaults written out (the parser warns about each

@@ -15,12 +15,12 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use super::emit::{for_tensorrt, fresh_name, stack_matrices, Emitted, Target};
+use super::emit::{for_tensorrt, fresh_name, stack_matrices, zero_bias, Emitted, Target};
 use super::jetmoe::{regions, Form, Region};
 use super::prove::Subject;
 use super::{LayerReport, Rejection};
 use crate::onnx::graph::{attr_int, make_node, GraphIndex};
-use crate::onnx::tensor::{elem_size, make_i64, make_tensor};
+use crate::onnx::tensor::make_i64;
 use crate::spec::{self, parallel_linear as pl};
 
 pub const FAMILY: &str = "jetmoe_moa";
@@ -207,12 +207,7 @@ fn fill_for_tensorrt(
             continue;
         }
         match pl::INPUTS.get(i).map(|p| p.name) {
-            Some("b") => {
-                let name = fresh_name(g, taken, &format!("{tag}.b_zeros"));
-                let bytes = experts * d_out * elem_size(elem).ok_or_else(|| anyhow!("element type {elem}"))?;
-                em.initializers.push(make_tensor(&name, elem, &[experts as i64, d_out as i64], vec![0u8; bytes]));
-                n.input[i] = name;
-            }
+            Some("b") => n.input[i] = zero_bias(g, taken, em, &format!("{tag}.b_zeros"), elem, experts, d_out),
             Some(what) => bail!("the TensorRT target cannot leave ParallelLinear's '{what}' out before a later input (the quantized W's scale)"),
             None => bail!("ParallelLinear has no input {i}"),
         }
