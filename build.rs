@@ -72,6 +72,8 @@ impl Body {
     fn modules(&self) -> (&'static str, &'static str) {
         match self {
             Body::Skinny { .. } => ("skinny_gemm", "skinny_gemm"),
+            // the wgmma kernel's quantized forms share its template (gemm_hopper_ws.cuh)
+            Body::Ws { .. } => ("grouped_gemm", "grouped_gemm"),
             _ => ("grouped_gemm", "quant_gemm"),
         }
     }
@@ -233,8 +235,8 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
         None => vec![],
         Some(_) => formats.iter().map(|f| f.0.clone()).zip(per_format("quant")).collect(),
     };
-    if !quant.is_empty() && !matches!(body, Body::Tc { .. } | Body::Skinny { .. }) {
-        bad(&format!("{what}: quant needs kernel = \"tc_gemm\" (kernels/quant_gemm.cu is its quantized form) or \"skinny_gemm\""));
+    if !quant.is_empty() && !matches!(body, Body::Tc { .. } | Body::Skinny { .. } | Body::Ws { .. }) {
+        bad(&format!("{what}: quant needs kernel = \"tc_gemm\" (kernels/quant_gemm.cu is its quantized form), \"ws_gemm\" or \"skinny_gemm\""));
     }
     let g = Gemm {
         suffix: str_of(req(t, "suffix", &what), "gemm.suffix"),
@@ -258,6 +260,9 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
     }
     if !(g.cluster == 1 || (g.cluster == 2 && tma_ws)) {
         bad(&format!("{what}: cluster must be 1, or 2 for a ws_gemm with w_by_tma (the CTA pair sharing W)"));
+    }
+    if !g.quant.is_empty() && tma_ws {
+        bad(&format!("{what}: quant on a ws_gemm needs W by cp.async (no w_by_tma): its producer converts W"));
     }
     if g.grouped_a_form && !tma_ws {
         bad(&format!("{what}: grouped_a_form needs a ws_gemm with w_by_tma"));
@@ -431,6 +436,7 @@ impl Manifest {
                             let u = quant_unroll[fi];
                             format!("SMOE_SKINNY_Q_ENTRY({name}, {c}, {fc}, {bm}, {bn}, {threads}, {quant_min_blocks}, {u}, {smem})")
                         }
+                        Body::Ws { stages } => format!("SMOE_WSQ_ENTRY({name}, {c}, {fc}, {stages}, {bm}, {bn}, {threads}, {smem})"),
                         _ => unreachable!("quant is refused on reading for other kernels"),
                     };
                     v.push(EntryPoint {

@@ -164,3 +164,14 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 }  // namespace smoe
+
+// The parameter list of every quantized-W grouped GEMM entry point (quant_gemm.cu's mma.sync forms
+// and grouped_gemm.cu's wgmma forms; quant_gemm.cu's header says what each parameter is).
+#define SMOE_QGEMM_PARAMS(T)                                                                                  \
+    const T *X, const unsigned char *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets, \
+        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,   \
+        int glu_layout, float alpha, float limit, const void *w_scale, const unsigned char *w_zero,            \
+        int scale_f32, int block_out, int block_in
+#define SMOE_QGEMM_ARGS                                                                                       \
+    X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated,   \
+        glu_layout, alpha, limit, w_scale, w_zero, scale_f32, block_out, block_in

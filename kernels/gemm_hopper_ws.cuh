@@ -270,27 +270,78 @@ template <int STAGES> struct WsCfg {
 // batches) and only hands the stages back. (A build that also skipped the copies of those A rows,
 // a branch per copy in the producer, and kept the tile lookup alive through the main loop ran the
 // large GEMMs 15-25% slower; tests/gpu/RESULTS.md.)
+// Quantized W (the `quant` forms of wgmma_ws: scattermoe_qgemm_{t}_{format}_wgmma_ws, with
+// kernels/quant_gemm.cu's parameter list and contract, docs/op-spec.md "Quantized expert weights").
+// The producer warpgroup brings W's stored codes into registers with plain 16- or 8-byte loads,
+// dequantizes them there (kernels/dequant.cuh's dequant8: the contract's (q - z) * s rounded to T,
+// bit for bit as the mma.sync forms) and stores T into the same swizzled B tile wgmma_ws's cp.async
+// fills; the consumers are unchanged. Why this shape:
+//   - at many rows per expert the layer is compute-bound: the quantized mma.sync forms ran 3.5-4x
+//     slower than bf16 wgmma there (bench/results/quant/h100-quant-7c28a83.md, 1024-4096 tokens);
+//     converting once per CTA and stage keeps the wgmma rate, the conversion running in the
+//     producer warpgroup beside the consumers' tensor-core work;
+//   - the codes of stage kb + 1 are loaded into registers before stage kb is converted, so one
+//     stage's conversion covers the next stage's load latency (one stage per tile is not covered:
+//     the first, loaded when the tile's row tables are ready);
+//   - each thread takes 16 consecutive elements (one 16-byte load of 8-bit codes, 8 bytes of 4-bit)
+//     of 8 rows: a warp reads 8 rows' 64 contiguous bytes per load, and one scale and zero point
+//     per row and stage.
+// The packed path needs K % 16 == 0 (whole, aligned 16-element pieces) and one scale block per
+// stage and row (block_in % 64 == 0, or one block across K); the host chooses these forms only
+// then (src/cuda/forward/selection.rs). Other shapes take an element-wise path (correct, slow),
+// so that every case the GPU tests force onto these forms computes the contract.
+struct WsQuant {
+    const void* scale;          // [E, ceil(N / block_out), ceil(K / block_in)], T or float32
+    const unsigned char* zero;  // same shape, or null: the format's default
+    int scale_f32, block_out, block_in;
+};
+template <typename F> struct WsQ {
+    static constexpr bool ON = true;
+    static constexpr int ROWS = 8;                   // B rows per producer thread
+    static constexpr int WORDS = F::BITS == 8 ? 4 : 2;  // 32-bit words of one thread's 16 codes of a row
+};
+template <> struct WsQ<void> {
+    static constexpr bool ON = false;
+    static constexpr int ROWS = 1;
+    static constexpr int WORDS = 1;
+};
+// One stage's codes of a producer thread, with each row's scale bits and zero point.
+template <typename F> struct WsQRegs {
+    unsigned raw[WsQ<F>::ROWS][WsQ<F>::WORDS];
+    unsigned sc[WsQ<F>::ROWS];
+    int z[WsQ<F>::ROWS];
+    unsigned valid;  // bit i: row i of the thread exists and its piece lies inside K
+};
+
 #define WS_CP_ASYNC 0
 #define WS_TMA 1
 #define WS_TMA_PAIR 2
 #define WS_A_GATHER 0
 #define WS_A_TMA 1
-template <typename T, int STAGES, int WLOAD, int ALOAD>
-__device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ Y,
+// F: void (W in T), or the quantized format (WqFp8, WqU8, WqU4; W its stored bytes, wq its scales).
+template <typename T, int STAGES, int WLOAD, int ALOAD, typename F = void>
+__device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, const T* __restrict__ bias, T* __restrict__ Y,
                         const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
                         int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
-                        int layout, float alpha, float limit, const TmaMap* tmap, const TmaMap* amap) {
+                        int layout, float alpha, float limit, const TmaMap* tmap, const TmaMap* amap,
+                        WsQuant wq = WsQuant{}) {
 #if SMOE_HAS_WGMMA
     using C = WsCfg<STAGES>;
+    using Q = WsQ<F>;
     constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
     constexpr bool MC = WLOAD == WS_TMA_PAIR;  // a CTA pair
     constexpr bool TMA_W = WLOAD != WS_CP_ASYNC;
     constexpr bool TMA_A = ALOAD == WS_A_TMA;
+    constexpr bool QUANT = Q::ON;
     static_assert(!TMA_A || TMA_W, "A by TMA only with W by TMA");
+    static_assert(!QUANT || (!TMA_W && !TMA_A), "quantized W: by the producer's loads only");
+    const T* __restrict__ W = static_cast<const T*>(Wv);
+    const unsigned char* __restrict__ Wq = static_cast<const unsigned char*>(Wv);
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
-    __shared__ long long row_src[BM + BN];  // producer's per-tile row table
+    __shared__ long long row_src[BM + BN];        // producer's per-tile row table
+    __shared__ long long row_scl[QUANT ? BN : 1];  // quantized W: each B row's first scale block
     if (E > SMOE_ROUTING_MAX_E) return;     // (uniform over the grid: no cluster peer is left waiting)
     if (TMA_A && !grouped_in) __trap();     // the host launches wgmma_mc_ga for grouped input only
     // 1024-byte aligned ring (the 128-byte swizzle pattern repeats every 1024 bytes). Stage s holds
@@ -319,7 +370,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         for (int s = 0; s < STAGES; ++s) {
             // TMA: 128 cp.async arrivals + the arrival that sets the TMA byte count (TMA_A: that
             // arrival only). MC: both CTAs' consumer warps release a stage.
-            mbar_init(smem_u32(&full_bar[s]), TMA_A ? 1 : C::PRODUCERS + (TMA_W ? 1 : 0));
+            // Quantized W: the A copies' 128 arrivals and 128 more once the converted B is stored.
+            mbar_init(smem_u32(&full_bar[s]), TMA_A ? 1 : C::PRODUCERS + (TMA_W ? 1 : 0) + (QUANT ? C::PRODUCERS : 0));
             mbar_init(smem_u32(&empty_bar[s]), C::CONSUMER_WARPS * (MC ? 2 : 1));
         }
         if (MC) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -337,15 +389,23 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
         // chunk c = tid % 8 of rows tid / 8 + 16 i: eight consecutive threads read one row's 128
         // contiguous bytes, so every warp-wide copy touches 4 whole rows (full 32-byte sectors).
         // TMA: only the A rows go through the table.
-        constexpr int ROWS = TMA_W ? BM : BM + BN;
+        constexpr int ROWS = (TMA_W || QUANT) ? BM : BM + BN;  // rows copied by cp.async
+        constexpr int TABLE = TMA_W ? BM : BM + BN;            // rows in the table
         const int c = tid & 7, rg = tid >> 3;
+        // Quantized W: stored bytes per row, scale blocks, and whether the packed path applies.
+        const int Kb = QUANT && Q::WORDS == 2 ? (K + 1) / 2 : K;
+        const int nbo = QUANT ? (N + wq.block_out - 1) / wq.block_out : 1;
+        const int nbi = QUANT ? (K + wq.block_in - 1) / wq.block_in : 1;
+        const bool qfast = QUANT && K % 16 == 0 && (wq.block_in % BK == 0 || wq.block_in >= K);
+        const int qc = tid & 3;  // this thread's 16-element piece of each of its B rows
+        auto qrow = [&](int i) { return (tid >> 2) + 32 * i; };
         const unsigned dst_off = (unsigned)rg * 128u + (((unsigned)c ^ (unsigned)(rg & 7)) * 16u);
         // TMA_A: thread 0 issues every load. Its whole warp walks the loop with it, so the warp is
         // converged again at the cluster barrier at the end; the other three warps have nothing to do.
         for (int g = first; g < total && (!TMA_A || warp == 0); g += stride) {
             const Tile t = tile_of(g);
             if (!TMA_A) producer_sync();  // the previous tile's table is no longer read
-            for (int r = tid; r < ROWS && !TMA_A; r += C::PRODUCERS) {
+            for (int r = tid; r < TABLE && !TMA_A; r += C::PRODUCERS) {
                 long long o = -1;
                 if (r < BM) {
                     if (t.m0 + r < t.cnt) {
@@ -355,11 +415,98 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 } else {
                     bool ok;
                     const int n = b_row(r - BM, t.nt, BN, BN, N, gated, layout, &ok);
-                    if (ok) o = ((long long)t.e * N + n) * K;
+                    if (ok) o = ((long long)t.e * N + n) * (QUANT ? Kb : K);  // bytes when quantized
+                    if (QUANT) row_scl[r - BM] = ok ? ((long long)t.e * nbo + n / wq.block_out) * nbi : 0;
                 }
                 row_src[r] = o;
             }
             if (!TMA_A) producer_sync();
+            // Quantized W: stage kb's codes of this thread's 8 B rows (16 elements each), scales and
+            // zero points into registers (the packed path; `valid` off for absent rows and pieces
+            // past K).
+            auto q_fetch = [&](WsQRegs<F>& g, int kb) {
+                if constexpr (QUANT) {
+                    const int k0 = kb * BK + qc * 16;
+                    const int blk = wq.block_in >= K ? 0 : (kb * BK) / wq.block_in;
+                    g.valid = 0;
+#pragma unroll
+                    for (int i = 0; i < Q::ROWS; ++i) {
+                        const int r = qrow(i);
+                        const long long o = row_src[BM + r];
+                        const bool ok = o >= 0 && k0 < K;
+#pragma unroll
+                        for (int w = 0; w < Q::WORDS; ++w) g.raw[i][w] = 0;
+                        g.sc[i] = 0;
+                        g.z[i] = F::ZERO;
+                        if (ok) {
+                            g.valid |= 1u << i;
+                            if constexpr (Q::WORDS == 4) {
+                                const uint4 v = __ldg(reinterpret_cast<const uint4*>(Wq + o + k0));
+                                g.raw[i][0] = v.x; g.raw[i][1] = v.y; g.raw[i][2] = v.z; g.raw[i][3] = v.w;
+                            } else {
+                                const uint2 v = __ldg(reinterpret_cast<const uint2*>(Wq + o + k0 / 2));
+                                g.raw[i][0] = v.x; g.raw[i][1] = v.y;
+                            }
+                            const long long si = row_scl[r] + blk;
+                            g.sc[i] = wq.scale_f32 ? __ldg(static_cast<const unsigned*>(wq.scale) + si)
+                                                   : (unsigned)__ldg(static_cast<const unsigned short*>(wq.scale) + si);
+                            if (F::INT && wq.zero) g.z[i] = (int)__ldg(wq.zero + si);
+                        }
+                    }
+                }
+            };
+            // ... and dequantized into the B tile at `bdst` (the packed path).
+            auto q_store = [&](const WsQRegs<F>& g, unsigned bdst) {
+                if constexpr (QUANT) {
+#pragma unroll
+                    for (int i = 0; i < Q::ROWS; ++i) {
+                        const int r = qrow(i);
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            uint4 u = make_uint4(0, 0, 0, 0);
+                            if (g.valid >> i & 1u) u = dequant8<T, F>(&g.raw[i][h * (Q::WORDS / 2)], g.sc[i], wq.scale_f32 != 0, g.z[i]);
+                            const int cc = 2 * qc + h;
+                            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(bdst + r * 128 + ((cc ^ (r & 7)) * 16)),
+                                         "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                                         : "memory");
+                        }
+                    }
+                }
+            };
+            // The element-wise path: each element by the contract's formula with its own block.
+            auto q_store_plain = [&](int kb, unsigned bdst) {
+                if constexpr (QUANT) {
+                    for (int i = 0; i < Q::ROWS; ++i) {
+                        const int r = qrow(i);
+                        const long long o = row_src[BM + r];
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            __align__(16) T v[8];
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) {
+                                const int kk = kb * BK + qc * 16 + h * 8 + j;
+                                float w = 0.0f;
+                                if (o >= 0 && kk < K) {
+                                    const unsigned code = F::BITS == 8 ? Wq[o + kk] : (Wq[o + kk / 2] >> (4 * (kk & 1))) & 15u;
+                                    const long long si = row_scl[r] + kk / wq.block_in;
+                                    const float s = wq.scale_f32 ? __ldg(static_cast<const float*>(wq.scale) + si)
+                                                                 : to_f(static_cast<const T*>(wq.scale)[si]);
+                                    const int z = F::INT ? (wq.zero ? (int)__ldg(wq.zero + si) : F::ZERO) : 0;
+                                    w = dequant1<F>(code, s, z);
+                                }
+                                v[j] = from_f<T>(w);
+                            }
+                            const uint4 u = *reinterpret_cast<const uint4*>(v);
+                            const int cc = 2 * qc + h;
+                            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(bdst + r * 128 + ((cc ^ (r & 7)) * 16)),
+                                         "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                                         : "memory");
+                        }
+                    }
+                }
+            };
+            WsQRegs<F> qcur;
+            if (QUANT && qfast) q_fetch(qcur, 0);
             // TMA coordinates (K, row, half, expert) of smem half h of the W tile: gated tiles
             // take the 128 gate rows in half 0 and the 128 up rows in half 1. MC: this CTA loads
             // half `rank` (for both CTAs); otherwise both halves.
@@ -374,6 +521,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                 }
             };
             for (int kb = 0; kb < KB; ++kb) {
+                WsQRegs<F> qnxt;
+                if (QUANT && qfast && kb + 1 < KB) q_fetch(qnxt, kb + 1);  // in flight while kb is converted
                 mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1u);
                 const unsigned sbase = ring + stage * C::STAGE_BYTES;
                 const unsigned dst = sbase + dst_off;
@@ -416,10 +565,22 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                         }
                     }
                     mbar_arrive_cp_async(smem_u32(&full_bar[stage]));
+                    if constexpr (QUANT) {
+                        // B: this thread's pieces converted and stored; the proxy fence wgmma needs;
+                        // the second arrival.
+                        if (qfast) {
+                            q_store(qcur, sbase + C::A_BYTES);
+                            qcur = qnxt;
+                        } else {
+                            q_store_plain(kb, sbase + C::A_BYTES);
+                        }
+                        fence_proxy_async();
+                        mbar_arrive(smem_u32(&full_bar[stage]));
+                    }
                 } else {
                     // K % 8 != 0: rows are not 16-byte aligned; element loads and ordinary smem
                     // stores, then the proxy fence wgmma needs, then a plain arrive.
-                    for (int i = 0; i < (BM + BN) / 16; ++i) {
+                    for (int i = 0; i < ROWS / 16; ++i) {
                         const long long o = row_src[rg + 16 * i];
                         const T* src = i < BM / 16 ? X : W;
                         __align__(16) T v[8];
@@ -429,8 +590,10 @@ __device__ void ws_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
                                      "r"(u.y), "r"(u.z), "r"(u.w)
                                      : "memory");
                     }
+                    if constexpr (QUANT) q_store_plain(kb, sbase + C::A_BYTES);  // (qfast needs K % 16 == 0)
                     fence_proxy_async();
                     mbar_arrive(smem_u32(&full_bar[stage]));
+                    if constexpr (QUANT) mbar_arrive(smem_u32(&full_bar[stage]));  // both arrivals of this thread
                 }
                 if (++stage == STAGES) { stage = 0; phase ^= 1u; }
             }

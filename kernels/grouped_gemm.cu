@@ -70,6 +70,7 @@
 //   loads, any other K a slower element-wise path; Nout % 8 == 0 takes 16-byte stores.
 // Experts with no rows cost nothing; M, N, K need not be multiples of the tile.
 #include "common.cuh"
+#include "dequant.cuh"
 #include "tc_tile.cuh"
 
 namespace {
@@ -404,6 +405,19 @@ __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ 
         NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map) { \
         pdl_begin();                                                                                    \
         ws_gemm<T, ST, WLOAD, WS_A_TMA>(SMOE_GEMM_ARGS, &w_map, &a_map);                                 \
+    }
+
+// wgmma_ws with W quantized (the [[gemm]] table's `quant`; gemm_hopper_ws.cuh, "Quantized W"):
+// F = WqFp8, WqU8 or WqU4, kernels/quant_gemm.cu's parameter list (SMOE_QGEMM_PARAMS), the smem of
+// the 16-bit form (the codes travel through registers).
+#define SMOE_WSQ_ENTRY(NAME, T, F, ST, BM, BN, NTHREADS, DSMEM)                                         \
+    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_QGEMM_PARAMS(T)) {                   \
+        pdl_begin();                                                                                    \
+        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER, F>(X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, \
+                                                    grouped_in, grouped_out, act, gated, glu_layout, alpha, limit,  \
+                                                    nullptr, nullptr,                                          \
+                                                    WsQuant{w_scale, w_zero, scale_f32, block_out, block_in}); \
     }
 
 // f32_gemm (SIMT): its tile and block are fixed.

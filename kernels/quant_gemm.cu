@@ -346,14 +346,8 @@ __device__ void tcq_gemm(const T* __restrict__ X, const unsigned char* __restric
 
 }  // namespace
 
-#define SMOE_QGEMM_PARAMS(T)                                                                                  \
-    const T *X, const unsigned char *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets, \
-        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,   \
-        int glu_layout, float alpha, float limit, const void *w_scale, const unsigned char *w_zero,            \
-        int scale_f32, int block_out, int block_in
-#define SMOE_QGEMM_ARGS                                                                                       \
-    X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated,   \
-        glu_layout, alpha, limit, w_scale, w_zero, scale_f32, block_out, block_in
+// The parameter list, SMOE_QGEMM_PARAMS / SMOE_QGEMM_ARGS: kernels/common.cuh (the wgmma forms in
+// grouped_gemm.cu share it).
 
 // tcq_gemm, for element type T and weight format F (WqFp8, WqU8, WqU4): the configurations of
 // kernels/manifest.toml's [[gemm]] tables that have a `quant` key, with the dynamic smem it states

@@ -36,3 +36,11 @@ SMOE_WS_GA_ENTRY(scattermoe_gemm_bf16_wgmma_mc_ga, __nv_bfloat16, 4, WS_TMA_PAIR
 
 // F32: SIMT f32, 64x64
 SMOE_F32_ENTRY(scattermoe_gemm_f32, float, 64, 64, 256, 0)
+
+// WgmmaWs with quantized W: Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups), 128x256x64 (kernels/gemm_hopper_ws.cuh)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_fp8_wgmma_ws, __half, WqFp8, 4, 128, 256, 384, 197632)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_u8_wgmma_ws, __half, WqU8, 4, 128, 256, 384, 197632)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_u4_wgmma_ws, __half, WqU4, 4, 128, 256, 384, 197632)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_fp8_wgmma_ws, __nv_bfloat16, WqFp8, 4, 128, 256, 384, 197632)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_u8_wgmma_ws, __nv_bfloat16, WqU8, 4, 128, 256, 384, 197632)
+SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_u4_wgmma_ws, __nv_bfloat16, WqU4, 4, 128, 256, 384, 197632)

@@ -111,11 +111,11 @@ mod tests {
             }
         }
         expected.push("scattermoe_gemm_f32".into());
-        // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu) and of
-        // the skinny kernel (kernels/skinny_gemm.cu)
+        // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu), of
+        // the skinny kernel (kernels/skinny_gemm.cu) and of wgmma_ws (grouped_gemm.cu)
         for t in ["f16", "bf16"] {
             for q in ["fp8", "u8", "u4"] {
-                for s in ["128x128", "32x64", "32x64s6", "32x32", "skinny"] {
+                for s in ["128x128", "32x64", "32x64s6", "32x32", "skinny", "wgmma_ws"] {
                     expected.push(format!("scattermoe_qgemm_{t}_{q}_{s}"));
                 }
             }
@@ -141,9 +141,13 @@ mod tests {
                 if cfg.has_grouped_a_form() {
                     find(&format!("{name}{GROUPED_A_SUFFIX}"));
                 }
-                // the skinny kernel's forms are in its own module, the others' in grouped_gemm.cu and
-                // quant_gemm.cu
-                let (m16, mq) = if cfg == GemmCfg::Skinny { ("skinny_gemm", "skinny_gemm") } else { ("grouped_gemm", "quant_gemm") };
+                // the skinny kernel's forms are in its own module, wgmma_ws's both in grouped_gemm.cu
+                // (one template), the others' in grouped_gemm.cu and quant_gemm.cu
+                let (m16, mq) = match cfg {
+                    GemmCfg::Skinny => ("skinny_gemm", "skinny_gemm"),
+                    GemmCfg::WgmmaWs => ("grouped_gemm", "grouped_gemm"),
+                    _ => ("grouped_gemm", "quant_gemm"),
+                };
                 assert_eq!(MODULES[find(&name).module], m16, "{name}");
                 for q in QUANT_FORMATS {
                     match cfg.quant_kernel_name(t, q) {
@@ -153,10 +157,12 @@ mod tests {
                 }
             }
         }
-        // the quantized forms: exactly the mma.sync configurations, every format; dynamic smem as
-        // kernels/quant_gemm.cu's TcqCfg computes it (A and stored-W stages, two converted tiles)
+        // the quantized forms: the mma.sync configurations, wgmma_ws (W by cp.async, which its
+        // producer converts; not the TMA forms) and the skinny kernel, every format; the mma.sync
+        // forms' dynamic smem as kernels/quant_gemm.cu's TcqCfg computes it (A and stored-W stages,
+        // two converted tiles), wgmma_ws's that of its 16-bit form
         let tc: Vec<_> = GemmCfg::ALL.into_iter().filter(|c| c.has_quant()).collect();
-        assert_eq!(tc, [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::Skinny]);
+        assert_eq!(tc, [GemmCfg::T128x128, GemmCfg::T32x64, GemmCfg::T32x64s6, GemmCfg::T32x32, GemmCfg::WgmmaWs, GemmCfg::Skinny]);
         // the skinny kernel: 8 rows of X by 32 rows of W per unit, 4 warps, no dynamic smem in any form
         assert_eq!((GemmCfg::Skinny.tile(), GemmCfg::Skinny.threads(), GemmCfg::Skinny.smem()), ((8, 32), 128, 0));
         assert!(["fp8", "u8", "u4"].iter().all(|q| find(&format!("scattermoe_qgemm_bf16_{q}_skinny")).smem == 0));
@@ -165,7 +171,8 @@ mod tests {
         assert_eq!(qsmem("scattermoe_qgemm_f16_u4_32x64s6"), 6 * (32 * 64 * 2 + 64 * 32) + 2 * 64 * 64 * 2);
         assert_eq!(qsmem("scattermoe_qgemm_bf16_u8_128x128"), 4 * (128 * 32 * 2 + 128 * 32) + 2 * 128 * 32 * 2);
         assert_eq!(QUANT_FORMATS, ["fp8", "u8", "u4"]);
-        assert_eq!(GemmCfg::WgmmaWs.quant_kernel_name("bf16", "fp8"), None);
+        assert!(["fp8", "u8", "u4"].iter().all(|q| qsmem(&format!("scattermoe_qgemm_f16_{q}_wgmma_ws")) == GemmCfg::WgmmaWs.smem()));
+        assert_eq!(GemmCfg::WgmmaTma.quant_kernel_name("bf16", "fp8"), None);
         assert_eq!(GemmCfg::T32x64.quant_kernel_name("bf16", "nf4"), None);
         // each is defined (as the first argument of an entry macro) in the header its module's
         // source includes, and nowhere else

@@ -50,11 +50,12 @@ QUANT_CFGS = {
     "32x64": {"fp8": (32, 64, 128, 49152), "u8": (32, 64, 128, 49152), "u4": (32, 64, 128, 40960)},
     "32x64s6": {"fp8": (32, 64, 128, 65536), "u8": (32, 64, 128, 65536), "u4": (32, 64, 128, 53248)},
     "32x32": {"fp8": (32, 32, 128, 32768), "u8": (32, 32, 128, 32768), "u4": (32, 32, 128, 28672)},
+    "wgmma_ws": {"fp8": (128, 256, 384, 197632), "u8": (128, 256, 384, 197632), "u4": (128, 256, 384, 197632)},
     "skinny": {"fp8": (8, 32, 128, 0), "u8": (8, 32, 128, 0), "u4": (8, 32, 128, 0)},
 }
 # suffix -> the module of its entry points (16-bit W), and of its quantized forms
 GEMM_MODULE = {"128x128": "grouped_gemm", "32x64": "grouped_gemm", "32x64s6": "grouped_gemm", "32x32": "grouped_gemm", "wgmma_ws": "grouped_gemm", "wgmma_tma": "grouped_gemm", "wgmma_mc": "grouped_gemm", "wgmma_mc_ga": "grouped_gemm", "skinny": "skinny_gemm"}
-QUANT_MODULE = {"128x128": "quant_gemm", "32x64": "quant_gemm", "32x64s6": "quant_gemm", "32x32": "quant_gemm", "skinny": "skinny_gemm"}
+QUANT_MODULE = {"128x128": "quant_gemm", "32x64": "quant_gemm", "32x64s6": "quant_gemm", "32x32": "quant_gemm", "wgmma_ws": "grouped_gemm", "skinny": "skinny_gemm"}
 # the kernel choice's thresholds (src/cuda/forward/selection.rs)
 FULL_GRID_K = 4096
 HOPPER_MC_DEEP_K = 8192
@@ -64,5 +65,6 @@ HOPPER_SMALL_ROWS = 16
 HOPPER_TMA_K = 4096
 HOPPER_TMA_ROWS = 256
 QUANT_SKINNY_ROWS = 32
+QUANT_WGMMA_ROWS = 32
 SKINNY_ROWS = 0
 SMALL_ROWS = 128

@@ -14,7 +14,7 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
                           HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
-                          QUANT_SKINNY_ROWS, SKINNY_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
+                          QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -81,6 +81,7 @@ class Kernels:
         # environment can move them (a negative value: never), for A/B runs against the mma.sync choice
         self.skinny_rows = float(os.environ.get("SMOE_SKINNY_ROWS", str(SKINNY_ROWS)))
         self.quant_skinny_rows = float(os.environ.get("SMOE_QUANT_SKINNY_ROWS", str(QUANT_SKINNY_ROWS)))
+        self.quant_wgmma_rows = float(os.environ.get("SMOE_QUANT_WGMMA_ROWS", str(QUANT_WGMMA_ROWS)))
 
     def fn(self, module, name, dyn_smem=0):
         key = (module, name)
@@ -227,13 +228,18 @@ class Kernels:
             args.append(self.rows_map(X, n_assign))
         self.launch(f, (grid,), (threads,), smem, args)
 
-    def pick_qcfg(self, N_assign, E, K):
+    def pick_qcfg(self, N_assign, E, K, block_in=None):
         """The choice for quantized W (src/cuda/forward/selection.rs pick_quant_cfg): the skinny kernel
-        up to QUANT_SKINNY_ROWS rows per expert, then the mma.sync tiles on every arch, with the
-        thresholds used where there is no wgmma."""
+        up to QUANT_SKINNY_ROWS rows per expert; on sm_90a above QUANT_WGMMA_ROWS wgmma_ws's quantized
+        form where its packed path takes W (K % 16 == 0, block_in a multiple of 64 or >= K; block_in
+        None: one block across K); else the mma.sync tiles, with the thresholds used where there is
+        no wgmma."""
         R = N_assign / max(1, min(E, N_assign))
+        bi = K if block_in is None else min(block_in, K)
         if R <= self.quant_skinny_rows:
             return "skinny"
+        if self.large_cfg == "wgmma_ws" and R > self.quant_wgmma_rows and K % 16 == 0 and (bi % 64 == 0 or bi >= K):
+            return "wgmma_ws"
         if R <= 1 and K <= 2048:
             return "32x32"
         if R <= SMALL_ROWS:
@@ -247,7 +253,7 @@ class Kernels:
         """One grouped GEMM with quantized W (kernels/quant_gemm.cu); q: a QW."""
         E, N, K = q.shape
         dt = X.dtype
-        cfg = cfg or self.pick_qcfg(n_assign, E, K)
+        cfg = cfg or self.pick_qcfg(n_assign, E, K, q.block[1])
         BM, BN, threads, smem = QUANT_CFGS[cfg][q.fmt]
         name = f"scattermoe_qgemm_{TNAME[dt]}_{q.fmt}_{cfg}"
         f = self.fn(QUANT_MODULE[cfg], name, smem)

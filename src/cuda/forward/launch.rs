@@ -277,9 +277,9 @@ fn gemm_args(g: &Gemm, k: usize, experts: usize, ws: CUdeviceptr, p: &Plan) -> V
     ]
 }
 
-/// One grouped GEMM with W quantized (kernels/quant_gemm.cu): the mma.sync kernels'
-/// configurations ([`pick_quant_cfg`]), the persistent grid of tc_gemm, and the five parameters
-/// of the quantized entry points after the common ones.
+/// One grouped GEMM with W quantized (kernels/quant_gemm.cu, the skinny kernel, wgmma_ws's forms):
+/// the configuration of [`pick_quant_cfg`], a persistent grid, and the five parameters of the
+/// quantized entry points after the common ones.
 #[allow(clippy::too_many_arguments)]
 unsafe fn qgemm(
     dev: &Device,
@@ -298,17 +298,17 @@ unsafe fn qgemm(
         // the device ops refuse this by name first (`crate::cuda::ops`)
         return Err(format!("a {} weight needs T = float16 or bfloat16 on the GPU, got float32", q.quant.format.name()));
     }
+    // A block past its dimension is the whole dimension (the same blocks), and then fits int32.
+    let (bo, bi) = q.quant.block(g.kd as u64);
+    let clamp = |b: u64, dim: usize| b.clamp(1, dim.max(1) as u64) as i32;
     let cfg = match cfg {
         Some(c) if c.has_quant() => c,
-        _ => pick_quant_cfg(n_assign, experts, g.kd),
+        _ => pick_quant_cfg(n_assign, experts, g.kd, dev.arch, clamp(bi, g.kd) as usize),
     };
     let name = cfg.quant_kernel_name(tname(elem), format_name(q.quant.format)).ok_or_else(|| format!("no quantized form of {cfg:?}"))?;
     let f = dev.func(&name)?;
     let units = work_units(cfg.tile(), 1, n_assign, experts, g.n, g.gated);
     let grid = units.min(f.resident as usize).max(1);
-    // A block past its dimension is the whole dimension (the same blocks), and then fits int32.
-    let (bo, bi) = q.quant.block(g.kd as u64);
-    let clamp = |b: u64, dim: usize| b.clamp(1, dim.max(1) as u64) as i32;
     let mut args = gemm_args(g, k, experts, ws, p);
     args.extend([
         Arg::Ptr(q.scale),

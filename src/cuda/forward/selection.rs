@@ -20,6 +20,11 @@ pub const SKINNY_ROWS: f64 = thresholds::SKINNY_ROWS;
 /// 0.97-1.43x at 32 (Mixtral, 128 tokens: fp8 GEMM1 the one tie), same file. Up to 8 rows a unit
 /// reads W once; above, each 8 more rows of an expert read it again, from L2 mostly.
 pub const QUANT_SKINNY_ROWS: f64 = thresholds::QUANT_SKINNY_ROWS;
+/// On sm_90a, rows per active expert above which a quantized W takes wgmma_ws's quantized form
+/// (gemm_hopper_ws.cuh, "Quantized W": the producer warpgroup converts the codes on their way to
+/// shared memory, the consumers run bf16/f16 wgmma), where its packed path applies
+/// ([`quant_wgmma_fits`]); the mma.sync forms otherwise.
+pub const QUANT_WGMMA_ROWS: f64 = thresholds::QUANT_WGMMA_ROWS;
 /// Rows per active expert at or below which the small-tile kernels win (measured on H200).
 pub const SMALL_ROWS: f64 = thresholds::SMALL_ROWS;
 /// On sm_90a, rows per active expert above which the warp-specialised wgmma kernel wins
@@ -58,15 +63,27 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize,
     choose(n_assign, experts, k_depth, arch.has_wgmma())
 }
 
-/// The choice for a quantized W (the skinny kernel and the mma.sync configurations have quantized
-/// forms, the wgmma ones do not): the skinny kernel up to QUANT_SKINNY_ROWS rows per expert, then the
-/// mma.sync kernels on every arch, with the thresholds used where there is no wgmma (large row
-/// counts on Hopper give up wgmma for now).
-pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize) -> GemmCfg {
-    if rows_per_expert(n_assign, experts) <= QUANT_SKINNY_ROWS {
+/// The choice for a quantized W (the skinny kernel, the mma.sync configurations and wgmma_ws have
+/// quantized forms): the skinny kernel up to QUANT_SKINNY_ROWS rows per expert; on sm_90a above
+/// QUANT_WGMMA_ROWS, wgmma_ws's form where its packed path takes the W ([`quant_wgmma_fits`];
+/// `block_in`: the scale block along K, K itself for one block per row); else the mma.sync kernels,
+/// with the thresholds used where there is no wgmma.
+pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize, arch: Arch, block_in: usize) -> GemmCfg {
+    let r = rows_per_expert(n_assign, experts);
+    if r <= QUANT_SKINNY_ROWS {
         return GemmCfg::Skinny;
     }
+    if arch.has_wgmma() && r > QUANT_WGMMA_ROWS && quant_wgmma_fits(k_depth, block_in) {
+        return GemmCfg::WgmmaWs;
+    }
     choose(n_assign, experts, k_depth, false)
+}
+
+/// Whether wgmma_ws's quantized form converts this W on its packed path: whole 16-element pieces
+/// of a row (K % 16 == 0) and one scale block per 64-element stage (a block a multiple of 64, or one
+/// block across K). Other W run correctly there too, element by element, slowly: not chosen.
+pub fn quant_wgmma_fits(k_depth: usize, block_in: usize) -> bool {
+    k_depth % 16 == 0 && (block_in % 64 == 0 || block_in >= k_depth)
 }
 
 /// R: rows per active expert, taking every expert that can have a row as active.
@@ -118,22 +135,24 @@ mod tests {
                 }
                 // quantized W: its own threshold
                 let qat = (8.0 * QUANT_SKINNY_ROWS) as usize;
-                assert_eq!(pick_quant_cfg(2, 8, k), GemmCfg::Skinny);
-                assert_eq!(pick_quant_cfg(qat, 8, k), GemmCfg::Skinny, "{qat} rows over 8 experts");
-                assert_eq!(pick_quant_cfg(qat + 1, 8, k), choose(qat + 1, 8, k, false));
+                assert_eq!(pick_quant_cfg(2, 8, k, arch, k), GemmCfg::Skinny);
+                assert_eq!(pick_quant_cfg(qat, 8, k, arch, k), GemmCfg::Skinny, "{qat} rows over 8 experts");
+                if !arch.has_wgmma() {
+                    assert_eq!(pick_quant_cfg(qat + 1, 8, k, arch, k), choose(qat + 1, 8, k, false));
+                }
             }
         }
         // the measured values: a 16-bit W never takes it (one token of Mixtral: the 32x64 tile),
         // a quantized one up to 32 rows per expert
         assert_eq!(pick_cfg(bf, 2, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
         assert_eq!(pick_cfg(bf, 8, 128, 2048, Arch::Sm90a), GemmCfg::T32x32);
-        assert_eq!(pick_quant_cfg(256, 8, 4096), GemmCfg::Skinny);
-        assert_eq!(pick_quant_cfg(264, 8, 4096), GemmCfg::T32x64);
+        assert_eq!(pick_quant_cfg(256, 8, 4096, Arch::Sm90a, 4096), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(264, 8, 4096, Arch::Sm80, 4096), GemmCfg::T32x64);
         // f32 has one kernel at every row count
         assert_eq!(pick_cfg(ElemType::F32, 2, 8, 4096, Arch::Sm90a), GemmCfg::F32);
         // R counts the experts that can have a row: 128 tokens of Qwen3 (1024 rows over 128
         // experts) is eight rows per expert
-        assert_eq!(pick_quant_cfg(1024, 128, 2048), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(1024, 128, 2048, Arch::Sm90a, 128), GemmCfg::Skinny);
         // no rows: nothing runs, and the choice is still one that exists
         assert_eq!(pick_cfg(bf, 0, 8, 4096, Arch::Sm80), GemmCfg::Skinny);
     }
@@ -178,22 +197,39 @@ mod tests {
         assert_eq!(pick_cfg(bf, 131072, 128, 768, Arch::Sm80), GemmCfg::T128x128);
     }
 
-    /// Quantized W: above the skinny kernel's rows, the mma.sync choices of the archs without wgmma;
-    /// every choice has a quantized form.
+    /// Quantized W: above the skinny kernel's rows, wgmma_ws's quantized form on sm_90a where its
+    /// packed path takes the W, else the mma.sync choices of the archs without wgmma; every choice
+    /// has a quantized form.
     #[test]
-    fn quantized_weights_take_the_mma_sync_kernels() {
+    fn quantized_weights_take_the_wgmma_form_on_hopper_and_mma_sync_elsewhere() {
         for (n, e, k) in [(8, 8, 1024), (2, 8, 4096), (128, 8, 4096), (128, 8, 14336), (256, 8, 4096), (8192, 32, 768), (32768, 8, 4096), (32768, 8, 14336)] {
-            let q = pick_quant_cfg(n, e, k);
-            if q != GemmCfg::Skinny {
-                assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k}");
+            for block_in in [k, 128, 64, 32] {
+                for arch in [Arch::Sm80, Arch::Sm89, Arch::Sm90a] {
+                    let q = pick_quant_cfg(n, e, k, arch, block_in);
+                    let r = rows_per_expert(n, e);
+                    if r <= QUANT_SKINNY_ROWS {
+                        assert_eq!(q, GemmCfg::Skinny);
+                    } else if arch == Arch::Sm90a && r > QUANT_WGMMA_ROWS && block_in != 32 {
+                        assert_eq!(q, GemmCfg::WgmmaWs, "{n} {e} {k} {block_in}");
+                    } else {
+                        assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k} {block_in} {arch:?}");
+                    }
+                    assert!(q.has_quant() && q.runs_on(arch), "{q:?}");
+                }
             }
-            assert!(q.has_quant() && !q.sm90a_only(), "{q:?}");
         }
-        assert_eq!(pick_quant_cfg(2, 8, 4096), GemmCfg::Skinny);
-        assert_eq!(pick_quant_cfg(8, 8, 1024), GemmCfg::Skinny);
-        assert_eq!(pick_quant_cfg(128, 8, 14336), GemmCfg::Skinny);
-        assert_eq!(pick_quant_cfg(512, 8, 14336), GemmCfg::T32x64s6);
-        assert_eq!(pick_quant_cfg(32768, 8, 4096), GemmCfg::T128x128);
+        // the packed path's conditions
+        assert!(quant_wgmma_fits(4096, 4096) && quant_wgmma_fits(4096, 128) && quant_wgmma_fits(2880, 2880) && quant_wgmma_fits(768, 64));
+        assert!(!quant_wgmma_fits(4096, 32) && !quant_wgmma_fits(4104, 4104) && !quant_wgmma_fits(200, 100));
+        assert!(quant_wgmma_fits(4000, 8192), "one block across K, whatever its size");
+        assert_eq!(pick_quant_cfg(2, 8, 4096, Arch::Sm90a, 128), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(8, 8, 1024, Arch::Sm90a, 128), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(128, 8, 14336, Arch::Sm90a, 128), GemmCfg::Skinny);
+        assert_eq!(pick_quant_cfg(512, 8, 14336, Arch::Sm80, 128), GemmCfg::T32x64s6);
+        assert_eq!(pick_quant_cfg(512, 8, 14336, Arch::Sm90a, 128), GemmCfg::WgmmaWs);
+        assert_eq!(pick_quant_cfg(512, 8, 14336, Arch::Sm90a, 32), GemmCfg::T32x64s6);
+        assert_eq!(pick_quant_cfg(32768, 8, 4096, Arch::Sm89, 4096), GemmCfg::T128x128);
+        assert_eq!(pick_quant_cfg(32768, 8, 4096, Arch::Sm90a, 4096), GemmCfg::WgmmaWs);
         // the contract's formats are the kernels' formats, one to one
         let names: Vec<&str> = crate::spec::QuantFormat::ALL.iter().map(|&f| super::super::format_name(f)).collect();
         assert_eq!(names, crate::cuda::catalogue::QUANT_FORMATS);
