@@ -35,6 +35,8 @@
 //   scattermoe_gemm_{f16,bf16}_wgmma_mc_ga  wgmma_mc for grouped input (grouped_in = 1 only) with
 //        A by TMA too: two extra, last parameters, the W map and the map of X as rows of K (same
 //        128-byte maps). Needs K % 8 == 0 and a 16-byte-aligned X as well.
+//   scattermoe_qgemm_{f16,bf16}_{fp8,u8,u4}_wgmma_ws  wgmma_ws with W quantized (gemm_hopper_ws.cuh,
+//        "Quantized W"): kernels/quant_gemm.cu's parameter list and contract, wgmma_ws's geometry.
 //   scattermoe_gemm_f32                  f32_gemm: SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   scattermoe_gemm_{f16,bf16}_skinny    kernels/skinny_gemm.cu (its own module, with its quantized
 //        forms): few rows per expert, W streamed from global memory into registers; units of 8 rows
@@ -55,8 +57,9 @@
 //           TMA-readable too;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
 //   else 128x128.
-//   Quantized W (kernels/quant_gemm.cu) takes the same mma.sync choice as the archs without wgmma
-//   above QUANT_SKINNY_ROWS.
+//   Quantized W above QUANT_SKINNY_ROWS: on sm_90a, wgmma_ws's quantized form above QUANT_WGMMA_ROWS
+//   (32) when K % 16 == 0 and the scale block along K is a multiple of 64 or the whole row; else the
+//   mma.sync choice of the archs without wgmma (kernels/quant_gemm.cu).
 // Grid: 1-D and persistent: any gridDim.x >= 1 works (each block walks tiles g = blockIdx.x,
 //   g += gridDim.x). Useful size: min(tiles_bound, SMs * resident blocks per SM) with
 //   tiles_bound = (ceil(N_assign/BM) + min(E, N_assign)) * ceil(Nout / BNo),

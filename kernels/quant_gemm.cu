@@ -48,12 +48,13 @@
 // (block_in % 8 == 0, or one block across K) take the packed conversion; other block sizes take
 // the plain formula per element, with its scale read then (correct, slower).
 //
-// Hopper: the warp-specialised wgmma kernels (gemm_hopper_ws.cuh) take T weights only. At large
-// row counts the kernel choice (src/cuda/forward/selection.rs) takes these mma.sync kernels for
-// quantized weights on every arch, with the thresholds it uses where there is no wgmma, rather
-// than a wgmma producer that converts stages (a decision made without measurements). At decode (up
-// to QUANT_SKINNY_ROWS rows per expert) it takes kernels/skinny_gemm.cu instead, which streams the
-// stored codes into registers and converts them there with the same dequant8: no stage, no barrier.
+// Hopper: wgmma_ws has quantized forms of its own (gemm_hopper_ws.cuh, "Quantized W": its producer
+// warpgroup converts the codes with the same dequant8 on their way to shared memory), which the kernel
+// choice (src/cuda/forward/selection.rs) takes on sm_90a above QUANT_WGMMA_ROWS rows per expert where
+// their packed path applies; these mma.sync forms run everywhere else above QUANT_SKINNY_ROWS, with
+// the thresholds used where there is no wgmma. At decode (up to QUANT_SKINNY_ROWS rows per expert) it
+// takes kernels/skinny_gemm.cu instead, which streams the stored codes into registers and converts
+// them there with the same dequant8: no stage, no barrier.
 #include "common.cuh"
 #include "dequant.cuh"
 #include "tc_tile.cuh"

@@ -202,8 +202,14 @@ fn run_qmoe<E: Elem>(g: &Gpu, c: &QCase, rng: &mut StdRng, rep: &mut Report) {
     for cfg in cfgs {
         let label = match cfg {
             None => {
-                let pick = |kd| forward::pick_quant_cfg(c.tokens * c.k, c.experts, kd).suffix();
-                format!("{name} [auto {}/{}]", pick(c.d), pick(c.f))
+                // the scale block along K of each quantized W (the choice reads it); a 16-bit W's
+                // GEMM takes pick_cfg's choice, not shown
+                let block_in = |f: &Option<Form>, kd: usize| match f.as_ref().map(|f| f.layout) {
+                    Some(ScaleLayout::Blocks { block_in, .. }) => (block_in as usize).min(kd),
+                    _ => kd,
+                };
+                let pick = |f: &Option<Form>, kd| forward::pick_quant_cfg(c.tokens * c.k, c.experts, kd, g.dev.arch, block_in(f, kd)).suffix();
+                format!("{name} [auto {}/{}]", pick(&c.w_in, c.d), pick(&c.w_out, c.f))
             }
             Some(q) => format!("{name} [cfg {}]", q.suffix()),
         };
