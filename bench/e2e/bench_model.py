@@ -25,6 +25,14 @@ import probe
 # others show each original's fidelity to transformers in torch (other arithmetic: not gated)
 PAIRS = (("torch", "export", False, "export vs torch"), ("export", "rewritten", True, "rewritten vs export"),
          ("builder", "builder_rw", True, "builder_rw vs builder"), ("torch", "builder", False, "builder vs torch"))
+# A gated pair whose reference itself differs from transformers in torch (its fidelity pair failed) is
+# also checked against torch: where ONNX Runtime's run of the original deviates from the model it was
+# exported from, the rewritten model matching that model in full (logits, picks, every MoE layer) is
+# correct, and the pair passes saying so (H100, Mixtral float16: the export as written differed from
+# torch by 0.87 at one prompt position of MoE layer 0 with the same experts chosen, and the rewritten
+# model by exactly the same amount from the export). (gated pair, its reference's fidelity pair, label)
+SOURCE_FALLBACK = (("rewritten vs export", "export vs torch", "rewritten vs torch"),
+                   ("builder_rw vs builder", "builder vs torch", "builder_rw vs torch"))
 # the rewrite report of each original/rewritten pair (per-layer readings: probe.layer_map)
 REPORTS = (("export", "rewritten", "rewrite.json"), ("builder", "builder_rw", "rewrite_builder.json"))
 
@@ -276,6 +284,18 @@ def checks(traces, tol, columns):
                 why = "; ".join(f"{c} {columns[c].get('not_runnable') or 'did not run: ' + columns[c].get('error', '')}" for c in lost)
             out[key] = dict(ok=skip, gate=True, not_checked=skip, why=why, max_rel_err=float("nan"), tol=tol, steps=0, tokens_equal=False,
                             ties=[], mismatches=[], routing_tie_steps=[], layers=None)
+    for key, fidelity, label in SOURCE_FALLBACK:
+        c, f = out.get(key), out.get(fidelity)
+        if not c or c["ok"] or c.get("not_checked") or not f or f["ok"]:
+            continue
+        got = next(g for r, g, _, k in PAIRS if k == key)
+        src = dict(check.compare(traces["torch"], traces[got], tol), gate=False)
+        out[label] = src
+        if src["ok"]:
+            c["ok"] = True
+            c["note"] = (f"differs from its original, which differs from transformers in torch ({fidelity}); "
+                         f"matches torch in full ({label})")
+            c["why_original"], c["why"] = c["why"], ""
     return out
 
 

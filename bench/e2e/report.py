@@ -120,6 +120,8 @@ def model_tables(res):
         lines.append(f"| {k} | {verdict} | {tok} | {_g(c['max_rel_err'])} | {lay} | {c['tol']:g} |")
         if c.get("why"):
             lines.append(f"|  | {c['why']} | | | | |")
+        if c.get("why_original"):
+            lines.append(f"|  | against its original: {c['why_original']} | | | | |")
     notes = []
     for c in cols:
         r = res["columns"][c]

@@ -124,6 +124,31 @@ def test_compare_layers_names_the_layer_and_sets_a_routing_tie_apart(rng):
     assert rec["ok"] and rec["routing_tie_steps"][0]["step"] == 1 and rec["routing_tie_steps"][0]["rel_err"] > 2e-2, rec
 
 
+def test_a_rewrite_that_matches_torch_where_its_original_does_not_passes_saying_so_and_one_that_matches_neither_fails(rng):
+    import bench_model
+
+    base = rng.standard_normal((5, 50)) * 4.0
+    torch_t = _trace(base)
+    fed = torch_t["fed"]
+    off = base.copy()
+    off[2] += 0.5  # the original as run deviates from torch at one row
+    export_t = _trace(off, fed)
+    cols = {c: {} for c in ("torch", "export", "rewritten")}
+    # the rewritten model matches torch: the gated pair passes, says why, and the torch pair is shown
+    out = bench_model.checks({"torch": torch_t, "export": export_t, "rewritten": _trace(base.copy(), fed)}, 2e-2, cols)
+    rw = out["rewritten vs export"]
+    assert not out["export vs torch"]["ok"] and rw["ok"] and "matches torch" in rw["note"] and rw["why_original"], out
+    assert out["rewritten vs torch"]["ok"] and not out["rewritten vs torch"]["gate"]
+    # one that matches neither fails
+    other = base.copy()
+    other[3] += 0.5
+    out = bench_model.checks({"torch": torch_t, "export": export_t, "rewritten": _trace(other, fed)}, 2e-2, cols)
+    assert not out["rewritten vs export"]["ok"] and not out["rewritten vs torch"]["ok"], out
+    # an original faithful to torch: no fallback, the pair stands as compared
+    out = bench_model.checks({"torch": torch_t, "export": _trace(base.copy(), fed), "rewritten": _trace(other, fed)}, 2e-2, cols)
+    assert not out["rewritten vs export"]["ok"] and "rewritten vs torch" not in out, out
+
+
 def test_not_runnable_names_the_node():
     msg = ("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from m.onnx failed:This is an invalid model. Type Error: Type "
            "'tensor(bfloat16)' of input parameter (linear_4) of operator (TopK) in node (node_topk__1) is invalid.")
