@@ -277,7 +277,7 @@ template <int STAGES> struct WsCfg {
 // bit for bit as the mma.sync forms) and stores T into the same swizzled B tile wgmma_ws's cp.async
 // fills; the consumers are unchanged. Why this shape:
 //   - at many rows per expert the layer is compute-bound: the quantized mma.sync forms ran 3.5-4x
-//     slower than bf16 wgmma there (bench/results/quant/h100-quant-7c28a83.md, 1024-4096 tokens);
+//     slower than bf16 wgmma there (1024-4096 tokens, bench/results/quant/README.md);
 //     converting once per CTA and stage keeps the wgmma rate, the conversion running in the
 //     producer warpgroup beside the consumers' tensor-core work;
 //   - the codes of stage kb + 1 are loaded into registers before stage kb is converted, so one
