@@ -23,7 +23,10 @@ pub const QUANT_SKINNY_ROWS: f64 = thresholds::QUANT_SKINNY_ROWS;
 /// On sm_90a, rows per active expert above which a quantized W takes wgmma_ws's quantized form
 /// (gemm_hopper_ws.cuh, "Quantized W": the producer warpgroup converts the codes on their way to
 /// shared memory, the consumers run bf16/f16 wgmma), where its packed path applies
-/// ([`quant_wgmma_fits`]); the mma.sync forms otherwise.
+/// ([`quant_wgmma_fits`]); the mma.sync forms otherwise. Measured on an H100 (GEMM1 and GEMM2 alone,
+/// fp8 per channel and int4 group 128, bench/results/quant/h100-qgemm-ac46704.json): at 32 rows
+/// (Mixtral, 128 tokens) the skinny kernel was 1.04-1.24x ahead of it; at 64 rows (Qwen3, 1024
+/// tokens) it was 1.6-1.8x the 32x64 form, and 1.15-2.6x the mma.sync choice from there up.
 pub const QUANT_WGMMA_ROWS: f64 = thresholds::QUANT_WGMMA_ROWS;
 /// Rows per active expert at or below which the small-tile kernels win (measured on H200).
 pub const SMALL_ROWS: f64 = thresholds::SMALL_ROWS;
