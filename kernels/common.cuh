@@ -165,8 +165,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 }  // namespace smoe
 
-// The parameter list of every quantized-W grouped GEMM entry point (quant_gemm.cu's mma.sync forms
-// and grouped_gemm.cu's wgmma forms; quant_gemm.cu's header says what each parameter is).
+// The parameter list of every 16-bit grouped GEMM entry point (grouped_gemm.cu's header says what each
+// parameter is; skinny_gemm.cu's 16-bit forms take it too).
+#define SMOE_GEMM_PARAMS(T)                                                                                 \
+    const T *X, const T *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets,          \
+        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated, \
+        int glu_layout, float alpha, float limit
+#define SMOE_GEMM_ARGS                                                                                      \
+    X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated, \
+        glu_layout, alpha, limit
+
+// The parameter list of every quantized-W grouped GEMM entry point (quant_gemm.cu's mma.sync forms,
+// grouped_gemm.cu's wgmma forms, skinny_gemm.cu's quantized forms; quant_gemm.cu's header says what
+// each parameter is).
 #define SMOE_QGEMM_PARAMS(T)                                                                                  \
     const T *X, const unsigned char *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets, \
         const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,   \

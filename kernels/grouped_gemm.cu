@@ -348,13 +348,7 @@ __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ 
 
 }  // namespace
 
-#define SMOE_GEMM_PARAMS(T)                                                                                 \
-    const T *X, const T *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets,          \
-        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated, \
-        int glu_layout, float alpha, float limit
-#define SMOE_GEMM_ARGS                                                                                      \
-    X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, grouped_in, grouped_out, act, gated, \
-        glu_layout, alpha, limit
+// The parameter list, SMOE_GEMM_PARAMS / SMOE_GEMM_ARGS: kernels/common.cuh (the skinny kernel shares it).
 
 // ---------------------------------------------------------------- entry points
 // One macro per kernel template and parameter list. kernels/manifest.toml lists the entry points

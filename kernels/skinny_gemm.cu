@@ -532,15 +532,7 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
 
 }  // namespace
 
-#define SMOE_SKINNY_PARAMS(T)                                                                               \
-    const T *X, const T *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets,          \
-        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated, \
-        int glu_layout, float alpha, float limit
-#define SMOE_SKINNY_QPARAMS(T)                                                                                \
-    const T *X, const unsigned char *W, const T *bias, T *Y, const int *sorted_idx, const int *expert_offsets, \
-        const T *row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,   \
-        int glu_layout, float alpha, float limit, const void *w_scale, const unsigned char *w_zero,            \
-        int scale_f32, int block_out, int block_in
+// The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh.
 #define SMOE_SKINNY_ARGS                                                                                   \
     X, reinterpret_cast<const unsigned char*>(W), bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, \
         grouped_in, grouped_out, act, gated, glu_layout, alpha, limit
@@ -566,14 +558,14 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
 
 #define SMOE_SKINNY_ENTRY(NAME, T, BM, BN, NTHREADS, MINB, U, DSMEM)                                      \
     SMOE_SKINNY_CHECK(NAME, WqT16, BM, BN, NTHREADS, U, DSMEM)                                            \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_SKINNY_PARAMS(T)) {            \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_GEMM_PARAMS(T)) {            \
         pdl_begin();                                                                                    \
         skinny_gemm<T, WqT16, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, nullptr, nullptr, 0, 1, 1);         \
     }
 
 #define SMOE_SKINNY_Q_ENTRY(NAME, T, F, BM, BN, NTHREADS, MINB, U, DSMEM)                                 \
     SMOE_SKINNY_CHECK(NAME, F, BM, BN, NTHREADS, U, DSMEM)                                                \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_SKINNY_QPARAMS(T)) {           \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T)) {           \
         pdl_begin();                                                                                    \
         skinny_gemm<T, F, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, w_scale, w_zero, scale_f32, block_out,   \
                                                block_in);                                              \
