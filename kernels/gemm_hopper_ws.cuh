@@ -155,6 +155,15 @@ __device__ __forceinline__ void tma_load_4d_multicast(unsigned dst, const TmaMap
 }
 #endif  // SMOE_HAS_WGMMA
 
+// 16 bytes into the 128-byte-swizzled K-major layout wgmma reads (grouped_gemm.cu's wgmma helpers):
+// chunk c of row r at `tile` + r * 128 + (c ^ r % 8) * 16, the tile 1024-byte aligned. For the stores
+// of the producer paths that fill a stage with ordinary shared-memory stores.
+__device__ __forceinline__ void st_swizzled16(unsigned tile, int r, int c, uint4 u) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(tile + r * 128 + ((c ^ (r & 7)) * 16)), "r"(u.x), "r"(u.y),
+                 "r"(u.z), "r"(u.w)
+                 : "memory");
+}
+
 // Two adjacent outputs of one row: one 4-byte store when the row stride allows (vec), else
 // element-wise with the column bound.
 template <typename T>
@@ -465,10 +474,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                         for (int h = 0; h < 2; ++h) {
                             uint4 u = make_uint4(0, 0, 0, 0);
                             if (g.valid >> i & 1u) u = dequant8<T, F>(&g.raw[i][h * (Q::WORDS / 2)], g.sc[i], wq.scale_f32 != 0, g.z[i]);
-                            const int cc = 2 * qc + h;
-                            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(bdst + r * 128 + ((cc ^ (r & 7)) * 16)),
-                                         "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
-                                         : "memory");
+                            st_swizzled16(bdst, r, 2 * qc + h, u);
                         }
                     }
                 }
@@ -497,10 +503,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                                 v[j] = from_f<T>(w);
                             }
                             const uint4 u = *reinterpret_cast<const uint4*>(v);
-                            const int cc = 2 * qc + h;
-                            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(bdst + r * 128 + ((cc ^ (r & 7)) * 16)),
-                                         "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
-                                         : "memory");
+                            st_swizzled16(bdst, r, 2 * qc + h, u);
                         }
                     }
                 }
