@@ -7,7 +7,8 @@
 #
 # usage: bash bench/e2e/run.sh STAGE [STAGE ...]
 #   part:DIR        keeps the onnxruntime-gpu part in DIR (/tmp/ortparts); unpacks .carry/e2e-cli if carried
-#   setup:DIR       keeps the last part in DIR, unpacks onnxruntime-gpu into /tmp/ortgpu, the op library into
+#   setup:DIR       keeps the last part in DIR (-: every part came by part: already), unpacks onnxruntime-gpu
+#                   into /tmp/ortgpu, the op library into
 #                   /tmp/e2e-bin, the wheels into /tmp/e2e-genai
 #   smoke           the whole path on CUDA at --tiny widths, in $DTYPE (float16 unless set), GPT-OSS (every column,
 #                   CUDA graph rows, the check with its per-layer readings), into $OUT/smoke: about a minute
@@ -34,6 +35,8 @@
 #   7. carry []: bash bench/e2e/run.sh bench:qwen3                                                                      (~4 min)
 #   8. carry []: bash bench/e2e/run.sh prepare:gptoss                                                 (~2.5 min; 2.1 min on H100)
 #   9. carry []: bash bench/e2e/run.sh bench:gptoss                       (~1.5 min; 1.2 min on H100 before the checking copies)
+# An op library with every target's kernels (a plain `cargo build --release`, about 29 MiB xz'd) does not fit one
+# call beside the last part: carry the last part alone (call 5 as `part:`) and then .carry/e2e with `setup:-`.
 # Each stage is bounded by STAGE_S (default 560 s) and a call by 600 s: keep one long stage per call.
 # Call 9's $OUT holds the whole table (e2e.md, e2e.json, e2e.png). If the machine went cold between
 # calls, start again from call 1 (the per-model JSONs already returned can be merged here:
@@ -79,7 +82,7 @@ for stage in "$@"; do
     setup:*)
       unpack_cli
       if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-        mkdir -p /tmp/ortparts /tmp/ortgpu && cp "${stage#setup:}"/* /tmp/ortparts/ \
+        mkdir -p /tmp/ortparts /tmp/ortgpu && { [ "${stage#setup:}" = - ] || cp "${stage#setup:}"/* /tmp/ortparts/; } \
           && cat /tmp/ortparts/part* | xz -d -T16 | tar x -C /tmp/ortgpu || { echo "onnxruntime-gpu unpack failed" | tee -a "$LOG"; exit 1; }
       fi
       mkdir -p $BIN && xz -dc .carry/e2e/libscattermoe_ort.so.xz > $BIN/libscattermoe_ort.so || exit 1

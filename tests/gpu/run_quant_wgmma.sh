@@ -15,18 +15,26 @@
 # each stage and the benchmark table on stdout.
 # Here, before the call: the sm_90a fatbins into .carry/kernels (tests/gpu/run_skinny.sh's header);
 # device call: carry [".carry/kernels"] (and ".carry/gpu" for rust).
+# A/B of a kernel change: OVERLAY=DIR (a carried folder of *.fatbin.xz) replaces those modules of
+# .carry/kernels for every stage, and the bench stage then also times wgmma_ws's form with
+# .carry/kernels alone (bench_qgemm-base.json, qwgmma-bench-base.log), in the same call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 FINAL=${OUT:-/tmp/smoe-out}; mkdir -p "$FINAL"
 OUT=/tmp/qwgmma-out; rm -rf "$OUT"; mkdir -p "$OUT"
-pack() { cp "$OUT"/bench_qgemm.json "$FINAL"/ 2>/dev/null; (cd "$OUT" && tar cJf "$FINAL/qwgmma-logs.tar.xz" --exclude 'bench_qgemm.json' .); }
+pack() { cp "$OUT"/bench_qgemm*.json "$FINAL"/ 2>/dev/null; (cd "$OUT" && tar cJf "$FINAL/qwgmma-logs.tar.xz" --exclude 'bench_qgemm*.json' .); }
 trap pack EXIT
 STAGES=${1:-kernels,memcheck,racecheck,bench}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv,noheader 2>&1 | tee -a "$OUT/gpu.txt"
 KB=/tmp/qwgmma-kernels
 mkdir -p $KB && for f in .carry/kernels/*.fatbin.xz; do xz -dc "$f" > $KB/$(basename "$f" .xz); done
+BASE=
+if [ -n "${OVERLAY:-}" ]; then
+  BASE=/tmp/qwgmma-kernels-base && rm -rf $BASE && cp -a $KB $BASE
+  for f in "$OVERLAY"/*.fatbin.xz; do xz -dc "$f" > $KB/$(basename "$f" .xz); echo "overlay: $(basename "$f" .xz)" | tee -a "$OUT/gpu.txt"; done
+fi
 T=tests/gpu/test_kernels.py
 if has kernels; then
   timeout "${KERNELS_S:-120}" python3 $T --fatbin-dir $KB --only quant --cfgs wgmma_ws > "$OUT/qwgmma-kernels.log" 2>&1
@@ -48,6 +56,13 @@ if has bench; then
   timeout "${BENCH_S:-150}" python3 tests/gpu/bench_qgemm.py --fatbin-dir $KB --shapes "${SHAPES:-mixtral,qwen3}" \
     --tokens "${TOKENS:-128,1024,4096}" --reps "${REPS:-10}" --out "$OUT" > "$OUT/qwgmma-bench.log" 2>&1
   echo "bench rc=$?"; cat "$OUT/qwgmma-bench.log"
+  if [ -n "$BASE" ]; then
+    mkdir -p "$OUT/base"
+    timeout "${BENCH_S:-150}" python3 tests/gpu/bench_qgemm.py --fatbin-dir $BASE --shapes "${SHAPES:-mixtral,qwen3}" \
+      --tokens "${TOKENS:-128,1024,4096}" --reps "${REPS:-10}" --cfgs wgmma_ws --out "$OUT/base" > "$OUT/qwgmma-bench-base.log" 2>&1
+    echo "bench (base fatbins, before OVERLAY) rc=$?"; cat "$OUT/qwgmma-bench-base.log"
+    mv "$OUT/base/bench_qgemm.json" "$OUT/bench_qgemm-base.json" 2>/dev/null
+  fi
 fi
 if has rust; then
   xz -dc .carry/gpu/gpu_forward.xz > /tmp/gpu_forward && chmod +x /tmp/gpu_forward
