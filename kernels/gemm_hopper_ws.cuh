@@ -291,7 +291,8 @@ template <int STAGES> struct WsCfg {
 //     producer warpgroup beside the consumers' tensor-core work;
 //   - the codes of stage kb + 1 are loaded into registers before stage kb is converted, so one
 //     stage's conversion covers the next stage's load latency (one stage per tile is not covered:
-//     the first, loaded when the tile's row tables are ready);
+//     the first, loaded when the tile's row tables are ready). Codes copied by cp.async two stages
+//     ahead instead ran no faster (bench/results/quant/README.md): the conversion is the bound;
 //   - each thread takes 16 consecutive elements (one 16-byte load of 8-bit codes, 8 bytes of 4-bit)
 //     of 8 rows: a warp reads 8 rows' 64 contiguous bytes per load, and one scale and zero point
 //     per row and stage.
