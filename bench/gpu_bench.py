@@ -46,9 +46,13 @@ renormalise) is random and identical in every column, whether given or computed 
                     host-timed
   Triton            ScatterMoE's Triton kernels (scatter2scatter x2 with expert_biases, github.com/shawntan/
                     scattermoe, unpacked in .carry/scattermoe): peers/triton_smoe.py; host-timed
+  vLLM fused_moe    vLLM's Triton kernel fused_moe_kernel x2 with its tuned config for the shape and GPU (else its
+                    default heuristic; the row's note names which), alignment in torch, activation and sum in
+                    torch, from vLLM's wheel unpacked in .carry/vllm: peers/vllm_moe.py says how and why;
+                    host-timed
   kernels           our fatbins (target/scattermoe-kernels) through tests/gpu/smoe_cuda.py; host-timed
                     (ctypes launches from Python); the scratch H and O are shared by the input sets
-  ... (graph)       kernels, grouped_mm, Triton captured in a CUDA graph (one forward per input set)
+  ... (graph)       kernels, grouped_mm, Triton, vLLM captured in a CUDA graph (one forward per input set)
   fastest (host / graph)  the fastest column of each timing kind (floor excluded)
   ours/ORT / floor, kernels (graph) / floor   the two as multiples of the floor
   routing/G1/G2/comb us   device time of each part of the kernels' forward: one CUDA graph per part over
@@ -101,10 +105,10 @@ from peers.quant_bench import QUANT_PEERS, QuantColumns  # noqa: E402
 # The inputs of each ORT session: {model input name: key of an input set, or of the layer's weights}.
 SESSION_INPUTS = {"ours": {"x": "x", "rw": "rw", "ri": "ri"}, "ours_router": {"x": "x"},
                   "ortmoe": {"x": "x", "logits": "logits"}}  # (the quantized columns: quant_bench.py)
-PEERS = ("ours", "ours_router", "exported", "ortmoe", "grouped_mm", "triton", "kernels") + QUANT_PEERS
+PEERS = ("ours", "ours_router", "exported", "ortmoe", "grouped_mm", "triton", "vllm", "kernels") + QUANT_PEERS
 # the peer that measures each column (for --repeat-close)
 PEER_OF = {"ours/ORT": "ours", "ours/ORT+router": "ours_router", "ORT MoE": "ortmoe", "exported/ORT": "exported",
-           "grouped_mm": "grouped_mm", "Triton": "triton", "kernels": "kernels"}
+           "grouped_mm": "grouped_mm", "Triton": "triton", "vLLM": "vllm", "kernels": "kernels"}
 GB = 1 << 30
 
 
@@ -138,6 +142,7 @@ class Bench(QuantColumns):
         self.ort = self._try("ORT", ort_session.load_ort, ort_peers)
         self.kernels = self._try("kernels", self._load_kernels, ("kernels", "kernels_fp8", "kernels_int4"))
         self.triton = self._try("Triton", self._load_triton, ("triton",))
+        self.vllm = self._try("vLLM", self._load_vllm, ("vllm",)) if "vllm" in self.peers else None
 
     def _try(self, what, fn, peers):
         try:
@@ -158,6 +163,11 @@ class Bench(QuantColumns):
         from peers import triton_smoe
 
         return triton_smoe.load(self.args.triton_dir)
+
+    def _load_vllm(self):
+        from peers import vllm_moe
+
+        return vllm_moe.load(self.args.vllm_dir)
 
     def elapsed(self):
         return time.time() - self.t0
@@ -184,6 +194,8 @@ class Bench(QuantColumns):
             m["triton"] = triton.__version__
         except ImportError:
             pass
+        if getattr(self, "vllm", None) is not None:
+            m["vllm"] = self.vllm.version
         sc = os.path.join(self.args.triton_dir, "COMMIT")
         if os.path.exists(sc):
             m["scattermoe_commit"] = open(sc).read().strip()
@@ -315,7 +327,7 @@ class Bench(QuantColumns):
         columns = [("ours", "ours/ORT", self.col_ours), ("ours_router", "ours/ORT+router", self.col_ours_router),
                    ("ortmoe", "ORT MoE", self.col_ortmoe), ("exported", "exported/ORT", self.col_exported),
                    ("grouped_mm", "grouped_mm", self.col_grouped_mm), ("triton", "Triton", self.col_triton),
-                   ("kernels", "kernels", self.col_kernels)]
+                   ("vllm", "vLLM", self.col_vllm), ("kernels", "kernels", self.col_kernels)]
         columns += [(peer, key, functools.partial(fn, peer)) for peer, key, fn in self.quant_columns()]
         self._host = []  # (key, fn) of the host-timed columns: timed together after the loop
         used = self.device_used_gb()
@@ -458,6 +470,16 @@ class Bench(QuantColumns):
                                                st["layer"]) for s in sets]
         self._torch_column("Triton", fns, ref, row)
 
+    def col_vllm(self, st, T, sets, ref, row):
+        from peers import vllm_moe
+
+        # vLLM looks its config up per batch size; once per row here, so no file is read in the timed loop.
+        config, source = self.vllm.config(T, st["E"], st["f"], st["d"], st["k"], self.torch.cuda.get_device_name())
+        row["notes"]["vLLM"] = f"{source}: " + ", ".join(f"{k} {v}" for k, v in config.items())
+        fns = [lambda s=s: vllm_moe.forward(self.vllm, s["x"], s["rw"], s["ri"], st["w_gu"], st["w_down"], st["b_gu"],
+                                            st["b_down"], st["layer"], config=config) for s in sets]
+        self._torch_column("vLLM", fns, ref, row)
+
     def col_kernels(self, st, T, sets, ref, row):
         K, torch = self.kernels, self.torch
         bufs = [K.alloc_routing(T, st["k"], st["E"]) for _ in sets]
@@ -549,6 +571,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lib", default=os.path.join(REPO, ".carry/ort/libscattermoe_ort.so"), help="libscattermoe_ort.so")
     ap.add_argument("--fatbin-dir", default=os.path.join(REPO, "target/scattermoe-kernels"))
+    ap.add_argument("--vllm-dir", default=os.path.join(REPO, ".carry/vllm"),
+                    help="vLLM's wheel, unpacked (its fused_moe.py and configs/): peers/vllm_moe.py")
     ap.add_argument("--triton-dir", default=os.path.join(REPO, ".carry/scattermoe"),
                     help="folder holding the scattermoe package (github.com/shawntan/scattermoe)")
     ap.add_argument("--out", default=".")

@@ -11,6 +11,7 @@
 #   objcopy --strip-debug target/device/release/libscattermoe_ort.so /tmp/libscattermoe_ort.so \
 #     && xz -6 -T2 -c /tmp/libscattermoe_ort.so > .carry/ort/libscattermoe_ort.so.xz
 #   PART_MB=40 ../shared/tools/ort-gpu-parts.sh                   # onnxruntime-gpu: .carry/ort-gpu/p0 .. pN
+#   scripts/gpu/vllm-carry.sh                                     # vLLM's fused_moe.py and configs: .carry/vllm
 #   ScatterMoE's Triton code, git-ignored, never committed: the search tool's fetch of
 #   github:shawntan/scattermoe gives a git dir G; then
 #     mkdir -p .carry/scattermoe && git --git-dir=G archive HEAD scattermoe LICENSE | tar x -C .carry/scattermoe
@@ -20,7 +21,7 @@
 #   carry [".carry/ort-gpu/p0"]: mkdir -p /tmp/ortparts && cp .carry/ort-gpu/p0/* /tmp/ortparts/
 #   carry [".carry/ort-gpu/pI"]: cp .carry/ort-gpu/pI/* /tmp/ortparts/      (every further part)
 # then the runs (the first one unpacks /tmp/ortparts): carry [".carry/ort", ".carry/kernels",
-# ".carry/scattermoe"] (about 31 MiB with the tracked tree):
+# ".carry/scattermoe", ".carry/vllm"] (about 33 MiB with the tracked tree):
 #   NAME=mixtral bash bench/run_gpu_bench.sh --shapes mixtral ...   (bench/results/README.md: every call)
 #
 # Environment: NAME (the run's name, default gpu-bench), BENCH_S (timeout of gpu_bench.py, default 540),
@@ -58,5 +59,5 @@ libs=$(ls -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib 2>/dev/n
 export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}
 export PYTHONPATH=/tmp/ortgpu${PYTHONPATH:+:$PYTHONPATH}
 PYTHONUNBUFFERED=1 timeout "${BENCH_S:-540}" python3 bench/gpu_bench.py --lib "$LIB" --fatbin-dir "$FATBINS" \
-  --triton-dir .carry/scattermoe --out "$OUT" --name "$STEM" --no-chart "$@" 2>&1 | tee -a "$LOG"
+  --triton-dir .carry/scattermoe --vllm-dir .carry/vllm --out "$OUT" --name "$STEM" --no-chart "$@" 2>&1 | tee -a "$LOG"
 echo "gpu-bench $STEM rc=${PIPESTATUS[0]}" | tee -a "$LOG"

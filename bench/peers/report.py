@@ -19,12 +19,14 @@ COLUMNS = [
     ("ORT MoE", "ORT MoE", "host"),
     ("grouped_mm", "grouped_mm", "host"),
     ("Triton", "Triton", "host"),
+    ("vLLM", "vLLM fused_moe", "host"),
     ("kernels", "kernels", "host"),
     ("kernels/graph", "kernels (graph)", "graph"),
     ("grouped_mm/graph", "grouped_mm (graph)", "graph"),
     ("Triton/graph", "Triton (graph)", "graph"),
+    ("vLLM/graph", "vLLM fused_moe (graph)", "graph"),
 ]
-ERROR_COLUMNS = ["ours/ORT", "ours/ORT+router", "exported/ORT", "ORT MoE", "grouped_mm", "Triton", "kernels"]
+ERROR_COLUMNS = ["ours/ORT", "ours/ORT+router", "exported/ORT", "ORT MoE", "grouped_mm", "Triton", "vLLM", "kernels"]
 # the quantized columns (bench/peers/quant_bench.py), with bf16 ours beside them
 QUANT_COLUMNS = [
     ("floor fp8", "floor fp8", None),

@@ -135,3 +135,17 @@ def test_dry_run(tmp_path):
     md = (tmp_path / "gpu_bench.md").read_text()
     for shape in SHAPES:
         assert f"| {shape} | 16384 |" in md
+
+
+def test_vllm_column_on_the_cpu():
+    """bench/peers/vllm_check.py: the vLLM column's alignment and whole forward (vLLM's Triton kernel in Triton's
+    interpreter) against float64, when a torch Python and vLLM's files (scripts/gpu/vllm-carry.sh) are here."""
+    vdir = ROOT / ".carry" / "vllm"
+    py = _torch_python()
+    if py is None or not (vdir / "vllm").is_dir():
+        pytest.skip("needs a torch Python (SCATTERMOE_TORCH_PYTHON) and .carry/vllm (scripts/gpu/vllm-carry.sh)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([py, str(BENCH / "peers" / "vllm_check.py"), "--vllm-dir", str(vdir)], capture_output=True,
+                       text=True, timeout=1200, env=env, cwd=ROOT)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "0 failed" in out, out[-4000:]
