@@ -475,7 +475,7 @@ class Bench(QuantColumns):
 
         # vLLM looks its config up per batch size; once per row here, so no file is read in the timed loop.
         config, source = self.vllm.config(T, st["E"], st["f"], st["d"], st["k"], self.torch.cuda.get_device_name())
-        row["notes"]["vLLM"] = f"{source}: " + ", ".join(f"{k} {v}" for k, v in config.items())
+        row["vllm_config"] = f"{source}: " + ", ".join(f"{k} {v}" for k, v in config.items())
         fns = [lambda s=s: vllm_moe.forward(self.vllm, s["x"], s["rw"], s["ri"], st["w_gu"], st["w_down"], st["b_gu"],
                                             st["b_down"], st["layer"], config=config) for s in sets]
         self._torch_column("vLLM", fns, ref, row)

@@ -34,6 +34,9 @@ def write_outputs(out, name, meta, rows, shapes, chart=True):
         md += ["", "## Quantized weights: time per layer forward (ms, median)", "", report.table(rows, report.QUANT_COLUMNS), "",
                "## Quantized weights: relative error vs float32 torch of the bf16 layer (the quantization's error)", "",
                report.error_table(rows, report.QUANT_ERROR_COLUMNS)]
+    cfg = report.vllm_configs(rows)
+    if cfg:
+        md += ["", "## vLLM fused_moe's tile configuration", "", cfg]
     why = report.notes(rows)
     if why:
         md += ["", "## Not measured", "", why]

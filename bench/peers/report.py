@@ -140,6 +140,18 @@ def notes(rows):
     return "\n".join(out)
 
 
+def vllm_configs(rows):
+    """The tile configuration vLLM's fused_moe ran each row with (its tuned file for the shape and GPU, or
+    its default heuristic), one line per run of equal rows."""
+    out, last = [], None
+    for r in rows:
+        c = r.get("vllm_config")
+        if c and (r["shape"], c) != last:
+            out.append(f"- {r['shape']} from {r['tokens']} tokens: {c}")
+        last = (r["shape"], c) if c else None
+    return "\n".join(out)
+
+
 def write_json(path, meta, rows):
     with open(path, "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
