@@ -2,7 +2,9 @@
 //! dense, capacity and Megablocks layers written in plain torch many ways and exported by both of
 //! torch's exporters. Every model is either rewritten into one whose outputs match torch's at 1, 7
 //! and the traced 16 tokens, or left with a reason; a rewritten model that differs from torch is a
-//! wrong rewrite and fails the test. The models listed in `expected_rewritten.txt` must be rewritten;
+//! wrong rewrite and fails the test, unless the export as written differs from torch there too (a
+//! float16 router near a tie, which torch and ONNX Runtime round apart) and the rewrite matches the
+//! export: what a rewrite must preserve is the graph, and such a model is counted apart. The models listed in `expected_rewritten.txt` must be rewritten;
 //! those in `expected_refused.txt` (spoiled on purpose) must be left, with the reason given there.
 //! The top-2 capacity layers are also rewritten with routers that tie (every expert, or experts in
 //! pairs) and compared with the original graph in ONNX Runtime. The `_f16` spellings (the capacity
@@ -62,9 +64,16 @@ fn tolerance(x: &common::Array) -> f64 {
 }
 
 enum Outcome {
-    Rewritten(Vec<(usize, f64)>),
+    /// Per token count, the error against torch, or (at a count where the export as written already
+    /// differs from torch) a note that the rewrite matches the export there instead.
+    Rewritten(Vec<(usize, f64)>, Vec<String>),
     Refused(String),
     Wrong(String),
+}
+
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale
 }
 
 fn check(path: &Path, dir: &Path) -> Outcome {
@@ -98,6 +107,8 @@ fn check(path: &Path, dir: &Path) -> Outcome {
     let refs = common::read_npz(&path.with_extension("npz"));
     let get = |k: &str| refs.iter().find(|(n, _)| n == k).map(|(_, a)| a.clone());
     let mut errs = Vec::new();
+    let mut notes = Vec::new();
+    let mut original: Option<Session> = None;
     for tokens in [1usize, 7, 16] {
         let (Some(x), Some(y)) = (get(&format!("x_{tokens}")), get(&format!("y_{tokens}"))) else {
             return Outcome::Wrong(format!("no torch output at {tokens} tokens"));
@@ -109,15 +120,36 @@ fn check(path: &Path, dir: &Path) -> Outcome {
         if got.len() != y.data.len() {
             return Outcome::Wrong(format!("{tokens} tokens: {} outputs, torch has {}", got.len(), y.data.len()));
         }
-        let scale = y.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let err = got.iter().zip(&y.data).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+        let err = rel_err(&got, &y.data);
         let tol = tolerance(&x);
         if !(err <= tol) {
-            return Outcome::Wrong(format!("{tokens} tokens: relative error {err:.3e} > {tol:.0e}"));
+            // What the rewrite must preserve is the graph as written. Where that graph itself leaves
+            // torch (a float16 router whose k-th and (k+1)-th probabilities round apart differently in
+            // torch and in ONNX Runtime picks another expert for a token), the rewrite is held to the
+            // original graph there, and must match it; anywhere else a difference from torch is wrong.
+            if original.is_none() {
+                original = session(path).ok();
+            }
+            let Some(o) = original.as_mut() else {
+                return Outcome::Wrong(format!("{tokens} tokens: relative error {err:.3e} > {tol:.0e} (the original does not load)"));
+            };
+            let want = match run(o, &x) {
+                Ok(w) => w,
+                Err(e) => return Outcome::Wrong(format!("{tokens} tokens: relative error {err:.3e} > {tol:.0e} (the original fails: {e})")),
+            };
+            let (e_orig, e_rw) = (rel_err(&want, &y.data), rel_err(&got, &want));
+            if !(e_orig > tol && e_rw <= tol) {
+                return Outcome::Wrong(format!(
+                    "{tokens} tokens: relative error {err:.3e} > {tol:.0e} (the original: {e_orig:.1e} from torch, the rewrite {e_rw:.1e} from it)"
+                ));
+            }
+            notes.push(format!("{tokens} tok: the export differs from torch ({e_orig:.1e}), the rewrite matches the export ({e_rw:.1e})"));
+            errs.push((tokens, e_rw));
+            continue;
         }
         errs.push((tokens, err));
     }
-    Outcome::Rewritten(errs)
+    Outcome::Rewritten(errs, notes)
 }
 
 fn models_in(dir: &Path) -> Vec<PathBuf> {
@@ -146,12 +178,19 @@ fn every_spelling_is_rewritten_exactly_or_left_with_a_reason() {
     };
     let dir = common::scratch("spellings");
     let (mut rewritten, mut wrong, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    let mut export_off: Vec<String> = Vec::new();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for p in &models {
         let name = p.file_stem().unwrap().to_str().unwrap().to_string();
         match check(p, &dir) {
-            Outcome::Rewritten(e) => {
-                println!("{name:<18} rewritten; rel. error vs torch: {}", e.iter().map(|(t, e)| format!("{t} tok {e:.1e}")).collect::<Vec<_>>().join(", "));
+            Outcome::Rewritten(e, notes) => {
+                let errs = e.iter().map(|(t, e)| format!("{t} tok {e:.1e}")).collect::<Vec<_>>().join(", ");
+                if notes.is_empty() {
+                    println!("{name:<18} rewritten; rel. error vs torch: {errs}");
+                } else {
+                    println!("{name:<18} rewritten; rel. error vs torch, or vs the export where it leaves torch: {errs}; {}", notes.join("; "));
+                    export_off.push(name.clone());
+                }
                 rewritten.push(name);
             }
             Outcome::Refused(why) => {
@@ -166,7 +205,14 @@ fn every_spelling_is_rewritten_exactly_or_left_with_a_reason() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("{} models: {} rewritten, {} left, {} wrong", models.len(), rewritten.len(), refused.len(), wrong.len());
+    println!(
+        "{} models: {} rewritten ({} of them where the export itself leaves torch: held to the export there), {} left, {} wrong",
+        models.len(),
+        rewritten.len(),
+        export_off.len(),
+        refused.len(),
+        wrong.len()
+    );
     for (r, n) in &reasons {
         println!("  {n:>4} x {r}");
     }
