@@ -4,9 +4,9 @@
 //! and the traced 16 tokens, or left with a reason; a rewritten model that differs from torch is a
 //! wrong rewrite and fails the test, unless the export as written differs from torch there too (a
 //! float16 router near a tie, which torch and ONNX Runtime round apart) and the rewrite matches the
-//! export: what a rewrite must preserve is the graph, and such a model is counted apart. The models listed in `expected_rewritten.txt` must be rewritten;
-//! those in `expected_refused.txt` (spoiled on purpose) must be left, with the reason given there.
-//! The top-2 capacity layers are also rewritten with routers that tie (every expert, or experts in
+//! export: what a rewrite must preserve is the graph, and such a model is counted apart. The models
+//! listed in `expected_rewritten.txt` must be rewritten; those in `expected_refused.txt` (spoiled
+//! on purpose) must be left, with the reason given there. The top-2 capacity layers are also rewritten with routers that tie (every expert, or experts in
 //! pairs) and compared with the original graph in ONNX Runtime. The `_f16` spellings (the capacity
 //! seeds 49-94 drawn again in float16, 13 of them top-2) are compared at float16's tolerance, 1e-2.
 //!
@@ -124,9 +124,9 @@ fn check(path: &Path, dir: &Path) -> Outcome {
         let tol = tolerance(&x);
         if !(err <= tol) {
             // What the rewrite must preserve is the graph as written. Where that graph itself leaves
-            // torch (a float16 router whose k-th and (k+1)-th probabilities round apart differently in
-            // torch and in ONNX Runtime picks another expert for a token), the rewrite is held to the
-            // original graph there, and must match it; anywhere else a difference from torch is wrong.
+            // torch (a float16 router whose k-th and (k+1)-th probabilities torch and ONNX Runtime
+            // round differently, so that they pick different experts for a token), the rewrite is held
+            // to the original graph there and must match it; anywhere else a difference from torch is wrong.
             if original.is_none() {
                 original = session(path).ok();
             }
