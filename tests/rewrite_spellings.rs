@@ -6,9 +6,10 @@
 //! float16 router near a tie, which torch and ONNX Runtime round apart) and the rewrite matches the
 //! export: what a rewrite must preserve is the graph, and such a model is counted apart. The models
 //! listed in `expected_rewritten.txt` must be rewritten; those in `expected_refused.txt` (spoiled
-//! on purpose) must be left, with the reason given there. The top-2 capacity layers are also rewritten with routers that tie (every expert, or experts in
-//! pairs) and compared with the original graph in ONNX Runtime. The `_f16` spellings (the capacity
-//! seeds 49-94 drawn again in float16, 13 of them top-2) are compared at float16's tolerance, 1e-2.
+//! on purpose) must be left, with the reason given there. The top-2 capacity layers are also
+//! rewritten with routers that tie (every expert, or experts in pairs) and compared with the
+//! original graph in ONNX Runtime. The `_f16` spellings (the capacity seeds 49-94 drawn again in
+//! float16, 13 of them top-2) are compared at float16's tolerance, 1e-2.
 //!
 //! `SCATTERMOE_SPELLINGS_DIR=/tmp/spellings cargo test --release --test rewrite_spellings -- --nocapture`
 //! runs the same check over a larger generated set (no expected list there) and prints the tally.
