@@ -47,9 +47,9 @@ renormalise) is random and identical in every column, whether given or computed 
   Triton            ScatterMoE's Triton kernels (scatter2scatter x2 with expert_biases, github.com/shawntan/
                     scattermoe, unpacked in .carry/scattermoe): peers/triton_smoe.py; host-timed
   vLLM fused_moe    vLLM's Triton kernel fused_moe_kernel x2 with its tuned config for the shape and GPU (else its
-                    default heuristic; the row's note names which), alignment in torch, activation and sum in
-                    torch, from vLLM's wheel unpacked in .carry/vllm: peers/vllm_moe.py says how and why;
-                    host-timed
+                    default heuristic; the section "vLLM fused_moe's tile configuration" names which),
+                    alignment, activation and sum in torch, from vLLM's wheel unpacked in .carry/vllm:
+                    peers/vllm_moe.py says how and why; host-timed
   kernels           our fatbins (target/scattermoe-kernels) through tests/gpu/smoe_cuda.py; host-timed
                     (ctypes launches from Python); the scratch H and O are shared by the input sets
   ... (graph)       kernels, grouped_mm, Triton, vLLM captured in a CUDA graph (one forward per input set)

@@ -28,7 +28,6 @@ import os
 import re
 
 import torch
-import torch.nn.functional as F
 
 # fused_moe_kernel's parameters, in vLLM 0.34.0's order (invoke_fused_moe_triton_kernel passes them so).
 KERNEL_PARAMS = tuple((
@@ -162,12 +161,13 @@ def invoke(vm, A, B, C, topk_weights, sorted_ids, expert_ids, n_post, mul_routed
         SWAP_AB=False, USE_TD=False, USE_TMA_B=False, USE_TMA_A=False, C_IS_SORTED=False, **config)
 
 
-def forward(vm, x, rw, ri, w1, w2, b1=None, b2=None, layer=None, config=None, device_name=None):
+def forward(vm, x, rw, ri, w1, w2, b1, b2, layer, config=None, device_name=None):
     """fused_experts_impl for 16-bit weights: w1 [E, 2f, d] (gate_up, or the layer's glu layout), w2 [E, d, f];
     rw [T, k] (the routing weights, applied in the second kernel), ri [T, k]. layer: the bench layer whose
     gated activation runs between the kernels (peers/workload.py's glu_act: its glu layout, SwiGLU or
-    GPT-OSS's clamped form); None: SwiGLU over gate_up rows. config: a fixed config (else looked up per
-    call, as vLLM does per batch size)."""
+    GPT-OSS's clamped form). config: a fixed config (else looked up per call, as vLLM does per batch size)."""
+    from peers import workload
+
     M, d = x.shape
     E, N, _ = w1.shape
     k = ri.shape[1]
@@ -178,17 +178,10 @@ def forward(vm, x, rw, ri, w1, w2, b1=None, b2=None, layer=None, config=None, de
         n_post = torch.full((1,), M * k * config["BLOCK_SIZE_M"], dtype=torch.int32, device=x.device)
     else:
         sorted_ids, expert_ids, n_post = align(ri, config["BLOCK_SIZE_M"], E)
-    tw = rw.to(torch.float32).contiguous() if rw.dtype == torch.float64 else rw.contiguous()
+    tw = rw.contiguous()
     cache1 = torch.empty(M, k, N, device=x.device, dtype=x.dtype)
     invoke(vm, x, w1, cache1, tw, sorted_ids, expert_ids, n_post, False, k, config, b1)
-    h = cache1.view(M * k, N)
-    if layer is None:
-        g, u = h.chunk(2, dim=-1)
-        a = F.silu(g) * u
-    else:
-        from peers import workload
-
-        a = workload.glu_act(h, layer)
+    a = workload.glu_act(cache1.view(M * k, N), layer)
     cache3 = torch.empty(M, k, d, device=x.device, dtype=x.dtype)
     invoke(vm, a.contiguous(), w2, cache3, tw, sorted_ids, expert_ids, n_post, True, 1, config, b2)
     return cache3.sum(dim=1)

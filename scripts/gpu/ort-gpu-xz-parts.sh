@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # onnxruntime-gpu for the device machine as a tar.xz of the wheel's onnxruntime/ folder, split into
-# parts that travel one device call each (.carry/ort-gpux/p0 .. pN, git-ignored). Smaller than the
-# wheel's own parts (../shared/tools/ort-gpu-parts.sh: the wheel is zip-deflated, xz -9 takes about a
-# third off), so the last part fits one call beside a CLI and an op library. Unpacked on the device by
-# bench/e2e/run.sh (setup:) and tests/gpu/run_device_suite.sh (ort), which tell the two formats apart.
+# parts that travel one device call each (.carry/ort-gpux/p0 .. pN, git-ignored): 198 MiB in five
+# parts for 1.31.1, smaller than the zip-deflated wheel. Unpacked on the device by bench/e2e/run.sh
+# (setup:) and tests/gpu/run_device_suite.sh (ort; it also takes the wheel's own parts,
+# ../shared/tools/ort-gpu-parts.sh).
 # usage (project root): scripts/gpu/ort-gpu-xz-parts.sh      (ORT_GPU_VERSION, PART_MB: default 1.31.1, 40)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
