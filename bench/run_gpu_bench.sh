@@ -10,7 +10,7 @@
 #   mkdir -p .carry/kernels .carry/ort && for f in $O/*.fatbin; do xz -6 -T2 -c "$f" > .carry/kernels/$(basename "$f").xz; done
 #   objcopy --strip-debug target/device/release/libscattermoe_ort.so /tmp/libscattermoe_ort.so \
 #     && xz -6 -T2 -c /tmp/libscattermoe_ort.so > .carry/ort/libscattermoe_ort.so.xz
-#   PART_MB=40 ../shared/tools/ort-gpu-parts.sh                   # onnxruntime-gpu: .carry/ort-gpu/p0 .. pN
+#   scripts/gpu/ort-gpu-xz-parts.sh                               # onnxruntime-gpu: .carry/ort-gpux/p0 .. p4
 #   scripts/gpu/vllm-carry.sh                                     # vLLM's fused_moe.py and configs: .carry/vllm
 #   ScatterMoE's Triton code, git-ignored, never committed: the search tool's fetch of
 #   github:shawntan/scattermoe gives a git dir G; then
@@ -18,9 +18,10 @@
 #     git --git-dir=G rev-parse HEAD > .carry/scattermoe/COMMIT
 # Device calls: onnxruntime-gpu's parts first, back to back (the machine stays warm ~30 s between calls;
 # /tmp stays while it is warm; a 40 MiB part leaves no room for the other carried paths in one call):
-#   carry [".carry/ort-gpu/p0"]: mkdir -p /tmp/ortparts && cp .carry/ort-gpu/p0/* /tmp/ortparts/
-#   carry [".carry/ort-gpu/pI"]: cp .carry/ort-gpu/pI/* /tmp/ortparts/      (every further part)
-# then the runs (the first one unpacks /tmp/ortparts): carry [".carry/ort", ".carry/kernels",
+#   carry [".carry/ort-gpux/p0"]: mkdir -p /tmp/ortparts && cp .carry/ort-gpux/p0/* /tmp/ortparts/
+#   carry [".carry/ort-gpux/pI"]: cp .carry/ort-gpux/pI/* /tmp/ortparts/      (every further part)
+# (the wheel's own parts, ../shared/tools/ort-gpu-parts.sh, work the same: scripts/gpu/ort-unpack.sh
+# takes either), then the runs (the first one unpacks /tmp/ortparts): carry [".carry/ort", ".carry/kernels",
 # ".carry/scattermoe", ".carry/vllm"] (about 33 MiB with the tracked tree):
 #   NAME=mixtral bash bench/run_gpu_bench.sh --shapes mixtral ...   (bench/results/README.md: every call)
 #
@@ -37,12 +38,7 @@ dev=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | 
 STEM=${dev:-gpu}-${NAME:-gpu-bench}
 LOG=$OUT/$STEM.log
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOG"
-if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-  [ -n "${ORT_LAST_PART:-}" ] && mkdir -p /tmp/ortparts && cp "$ORT_LAST_PART"/* /tmp/ortparts/
-  if ls /tmp/ortparts/part* > /dev/null 2>&1; then
-    mkdir -p /tmp/ortgpu && cat /tmp/ortparts/part* > /tmp/ortgpu.whl && python3 -m zipfile -e /tmp/ortgpu.whl /tmp/ortgpu
-  fi
-fi
+bash scripts/gpu/ort-unpack.sh "${ORT_LAST_PART:-}" 2>&1 | tee -a "$LOG"
 [ -d /tmp/ortgpu/onnxruntime ] || echo "warning: /tmp/ortgpu/onnxruntime missing: the ORT columns will be '-'" | tee -a "$LOG"
 if [ -z "${LIB:-}" ]; then
   LIB=.carry/ort/libscattermoe_ort.so

@@ -81,10 +81,8 @@ for stage in "$@"; do
       unpack_cli ;;
     setup:*)
       unpack_cli
-      if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-        mkdir -p /tmp/ortparts /tmp/ortgpu && { [ "${stage#setup:}" = - ] || cp "${stage#setup:}"/* /tmp/ortparts/; } \
-          && cat /tmp/ortparts/part* | xz -d -T16 | tar x -C /tmp/ortgpu || { echo "onnxruntime-gpu unpack failed" | tee -a "$LOG"; exit 1; }
-      fi
+      bash scripts/gpu/ort-unpack.sh "${stage#setup:}" 2>&1 | tee -a "$LOG"
+      [ -d /tmp/ortgpu/onnxruntime ] || { echo "onnxruntime-gpu unpack failed" | tee -a "$LOG"; exit 1; }
       mkdir -p $BIN && xz -dc .carry/e2e/libscattermoe_ort.so.xz > $BIN/libscattermoe_ort.so || exit 1
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/e2e-genai .carry/e2e/whl/*.whl \
         2>&1 | tail -3 | tee -a "$LOG"

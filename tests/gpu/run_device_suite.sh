@@ -39,16 +39,7 @@ if has kernels; then
   grep -v '^PASS' "$OUT/kernels.log" | tail -8
 fi
 if has ort; then
-  if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-    [ -n "${ORT_LAST_PART:-}" ] && cp "$ORT_LAST_PART"/part* /tmp/ortparts/
-    mkdir -p /tmp/ortgpu
-    # parts of the wheel as downloaded (../shared/tools/ort-gpu-parts.sh) or of a tar.xz of its onnxruntime/
-    if [ "$(head -c 2 /tmp/ortparts/part00)" = "PK" ]; then
-      cat /tmp/ortparts/part* > /tmp/ortgpu.whl && python3 -m zipfile -e /tmp/ortgpu.whl /tmp/ortgpu || exit 1
-    else
-      cat /tmp/ortparts/part* | xz -d -T16 | tar x -C /tmp/ortgpu || exit 1
-    fi
-  fi
+  bash scripts/gpu/ort-unpack.sh "${ORT_LAST_PART:-}" || exit 1
   export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/ortgpu
   timeout "${ORT_S:-200}" python3 tests/gpu/test_ort_cuda.py --lib "$LIB" > "$OUT/ort-cuda.log" 2>&1

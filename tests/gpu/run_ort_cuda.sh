@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/smoe-out}; mkdir -p "$OUT"
 last=${1:-}
 if [ -n "$last" ]; then
-  cp "$last"/* /tmp/ortparts/ && mkdir -p /tmp/ortgpu && cat /tmp/ortparts/part* | xz -d -T8 | tar x -C /tmp/ortgpu || exit 1
+  bash scripts/gpu/ort-unpack.sh "$last" || exit 1
 fi
 libs=$(ls -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib | paste -sd:)
 export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}

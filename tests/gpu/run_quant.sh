@@ -79,11 +79,7 @@ if has racecheck; then
   echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|sanitize quant" "$OUT/quant-racecheck.log" | head -10
 fi
 if has ort || has bench; then
-  if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-    [ -n "${ORT_LAST_PART:-}" ] && mkdir -p /tmp/ortparts && cp "$ORT_LAST_PART"/* /tmp/ortparts/
-    mkdir -p /tmp/ortgpu && cat /tmp/ortparts/part* > /tmp/ortgpu.whl && python3 -m zipfile -e /tmp/ortgpu.whl /tmp/ortgpu \
-      || echo "onnxruntime-gpu not unpacked: the ORT columns and tests will fail"
-  fi
+  bash scripts/gpu/ort-unpack.sh "${ORT_LAST_PART:-}" || echo "onnxruntime-gpu not unpacked: the ORT columns and tests will fail"
   unxz_to .carry/ort/libscattermoe_ort.so /tmp/libscattermoe_ort.so
   libs=$(ls -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib 2>/dev/null | paste -sd:)
   export LD_LIBRARY_PATH=$libs:/tmp/ortgpu/onnxruntime/capi:${LD_LIBRARY_PATH:-}
