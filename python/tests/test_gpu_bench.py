@@ -145,6 +145,15 @@ def test_vllm_column_on_the_cpu():
     if py is None or not (vdir / "vllm").is_dir():
         pytest.skip("needs a torch Python (SCATTERMOE_TORCH_PYTHON) and .carry/vllm (scripts/gpu/vllm-carry.sh)")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    # Triton 3.6's interpreter converts one-element arrays to scalars, which numpy 2.4 refuses; a numpy
+    # below 2.4 installed apart (pip install --target DIR "numpy<2.4") is put first on the path.
+    extra = os.environ.get("SCATTERMOE_TRITON_NUMPY")
+    if extra:
+        env["PYTHONPATH"] = extra + os.pathsep + env.get("PYTHONPATH", "")
+    ver = subprocess.run([py, "-c", "import numpy; print(numpy.__version__)"], capture_output=True, text=True, env=env).stdout
+    if tuple(int(x) for x in ver.strip().split(".")[:2]) >= (2, 4):
+        pytest.skip(f"the torch Python has numpy {ver.strip()}: Triton's interpreter needs numpy < 2.4 "
+                    "(SCATTERMOE_TRITON_NUMPY: a folder with one, from pip install --target)")
     p = subprocess.run([py, str(BENCH / "peers" / "vllm_check.py"), "--vllm-dir", str(vdir)], capture_output=True,
                        text=True, timeout=1200, env=env, cwd=ROOT)
     out = p.stdout + p.stderr
