@@ -64,8 +64,10 @@ def _mem(dev, base, col):
     return round((dev.used() - base) / 2**30, 3)
 
 
-def decode_rows(dev, col, pr, ph, suffix=""):
-    """{decode_b<B><suffix>: timing} for each batch, each from its prompt's prefill (untimed)."""
+def decode_rows(dev, col, pr, ph, suffix="", tokens=None):
+    """{decode_b<B><suffix>: timing} for each batch, each from its prompt's prefill (untimed). `tokens`:
+    a dict that takes each batch's greedy picks [B, steps] of one more pass after the timing (none
+    when None): what the CUDA-graph rows are checked against."""
     out = {}
     for b in ph["batches"]:
         with dev.ctx():  # the first token read on the stream that computed the prompt's logits
@@ -74,8 +76,20 @@ def decode_rows(dev, col, pr, ph, suffix=""):
         dev.sync()  # torch's decode steps run on its default stream
         dec = col.decoder(state, first, ph["prompt"] + ph["steps"] + 1)
         out[f"decode_b{b}{suffix}"] = measure.time_decode(dev, dec, ph["steps"], ph["repeats"], ph["warmup"])
+        if tokens is not None:
+            tokens[b] = measure.greedy_picks(dev, dec, ph["steps"])
         del dec, state, logits
     return out
+
+
+def graph_check(rows, plain, graph):
+    """Each CUDA-graph decode row gets `same_picks`: how many of its greedy picks (per sequence and step)
+    equal those of the same session kind without the graph, from the same prompt."""
+    for b, g in graph.items():
+        p = plain.get(b)
+        key = f"decode_b{b}_graph"
+        if p is not None and key in rows:
+            rows[key]["same_picks"] = [int((g == p).sum()), int(g.numel())]
 
 
 def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None, path=None, extras=()):
@@ -116,7 +130,8 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log, checking=None
         col.tap_off()
     traces.setdefault("lead", traces[name])
     rec["mem_gib"] = {}
-    for k, v in decode_rows(dev, col, pr, ph).items():
+    plain_picks = {}
+    for k, v in decode_rows(dev, col, pr, ph, tokens=plain_picks).items():
         rec[k] = v
         rec["mem_gib"][k] = _mem(dev, base, col)
     rec["prefill"] = measure.time_prefill(dev, lambda: col.prefill(pr["prefill"]), ph["repeats"])
@@ -146,7 +161,10 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log, checking=None
             try:
                 dev.settle()
                 g = open_column(a, ort, dev, name, p, cfg, graph=True)
-                rec.update(decode_rows(dev, g, pr, ph, suffix="_graph"))
+                graph_picks = {}
+                rows = decode_rows(dev, g, pr, ph, suffix="_graph", tokens=graph_picks)
+                graph_check(rows, plain_picks, graph_picks)
+                rec.update(rows)
                 g.close()
                 del g
             except Exception as e:  # noqa: BLE001 - a graph that does not capture is a result

@@ -64,6 +64,16 @@ def time_decode(dev, dec, steps, repeats, warmup):
     return dict(ms=statistics.median(ms), runs=[round(x, 4) for x in ms])
 
 
+def greedy_picks(dev, dec, steps):
+    """The greedy picks [B, steps] of `steps` decode steps from the prompt (after `reset`), on the host."""
+    import torch
+
+    dec.reset()
+    picks = [dec.step().argmax(-1) for _ in range(steps)]
+    dev.sync()
+    return torch.stack(picks, 1).cpu()
+
+
 def time_prefill(dev, fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()

@@ -17,6 +17,15 @@ Two graph kinds:
          layer (GroupQueryAttention's shared buffer, as onnxruntime-genai runs it) and an attention
          mask of max length: every decode step has the same shapes and addresses, which is what ORT's
          CUDA graph (enable_cuda_graph) needs.
+
+ORT's CUDA graph: a session with enable_cuda_graph captures on its first run (that Run call runs the
+graph again itself until it has captured) and from then on replays the capture for every run with the
+same `gpu_graph_id` run option, without reading the run's bindings. So a graph session's prefill runs
+carry gpu_graph_id -1 (never captured, never replayed), and each fixed-shape decoder its own id
+(`Session.graph_options`): its first step captures that decoder's step, its bindings included.
+Without this, the prefill of the first decode prompt was captured and every later "decode step" of
+every batch replayed it (the graph rows came out one time for batch 1 and 16, and wrote to the
+prefill's freed tensors).
 """
 
 import os
@@ -66,9 +75,10 @@ class Session:
                 opts["enable_cuda_graph"] = "1"
             providers.insert(0, ("CUDAExecutionProvider", opts))
         self.sess = ort.InferenceSession(path, so, providers=providers)
-        self.run_options = ort.RunOptions()
-        if device == "cuda" and stream is not None and not sync:
-            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._ort, self._async = ort, device == "cuda" and stream is not None and not sync
+        self._graph_ids = 0
+        # every run but a graph decoder's: a graph session's prefill is never captured (gpu_graph_id -1)
+        self.run_options = self._options(-1 if graph else None)
         ins = {i.name: i for i in self.sess.get_inputs()}
         outs = {o.name: o for o in self.sess.get_outputs()}
         if kind == "hf":
@@ -95,6 +105,22 @@ class Session:
         self.vocab = lo.shape[-1]
         self.layers = len(self.past_in) // 2
 
+    def _options(self, graph_id):
+        o = self._ort.RunOptions()
+        if self._async:
+            o.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if graph_id is not None:
+            o.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return o
+
+    def graph_options(self):
+        """Run options of one fixed-shape decoder: on a graph session, an id of its own (its first run
+        captures, the later ones replay); otherwise the session's."""
+        if not self.graph:
+            return self.run_options
+        self._graph_ids += 1
+        return self._options(self._graph_ids)
+
     def kv(self, batch, length):
         return self.torch.empty((batch, self.kv_heads, length, self.head_dim), dtype=self.kv_dtype, device=self.device)
 
@@ -111,10 +137,10 @@ class Session:
             io.bind_output(name, "cpu")
         return io
 
-    def run(self, io):
+    def run(self, io, options=None):
         for name in self.extras:  # fresh host buffers each run: ORT would write into the last run's otherwise
             io.bind_output(name, "cpu")
-        self.sess.run_with_iobinding(io, self.run_options)
+        self.sess.run_with_iobinding(io, options or self.run_options)
         if self.extras:  # the first len(extras) bound outputs (io_binding); rebinding keeps a name's place
             outs = io.get_outputs()
             self.extras_log.append({n: outs[i].numpy().copy() for i, n in enumerate(self.extras)})
@@ -244,6 +270,7 @@ class GenaiDecode:
         if s.position_ids:
             ins["position_ids"] = self.pos_ids
         s.bind(self.io, ins, dict(zip(s.past_out, self.kvbuf), logits=self.logits))
+        self.options = s.graph_options()  # the same bindings every step: one captured graph on a graph session
         self.reset()
 
     def reset(self):
@@ -259,7 +286,7 @@ class GenaiDecode:
             raise RuntimeError(f"decode past the buffer of {self.max_len} positions")
         self.mask[:, self.pos] = 1  # the new token's position counts in the total length
         self.pos_ids.fill_(self.pos)
-        self.s.run(self.io)
+        self.s.run(self.io, self.options)
         self.pos += 1
         self.ids.copy_(self.logits[:, -1].argmax(-1, keepdim=True))
         return self.logits[:, -1]

@@ -137,6 +137,10 @@ def model_tables(res):
                          "assignment's expert weights; columns.batched_mm_token_limit)")
         if r.get("graph_note"):
             notes.append(f"{c}: CUDA graph: {r['graph_note']}")
+        for k in sorted(x for x in r if x.endswith("_graph") and isinstance(r[x], dict) and "same_picks" in r[x]):
+            same, total = r[k]["same_picks"]
+            verdict = "the same" if same == total else "DIFFERENT: this row's time is not of the same computation"
+            notes.append(f"{c}: {k}: greedy picks {verdict} as without the graph ({same} of {total})")
         if r.get("experts_implementation"):
             notes.append(f"{c}: experts implementation {r['experts_implementation']}")
     for k, v in res.get("notes", {}).items():
