@@ -89,7 +89,7 @@ def graph_check(rows, plain, graph):
         p = plain.get(b)
         key = f"decode_b{b}_graph"
         if p is not None and key in rows:
-            rows[key]["same_picks"] = [int((g == p).sum()), int(g.numel())]
+            rows[key]["same_picks"] = [int((g == p).sum()), int(g.size)]
 
 
 def open_column(a, ort, dev, name, p, cfg, graph=False, path_key=None, path=None, extras=()):

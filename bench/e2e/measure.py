@@ -65,13 +65,13 @@ def time_decode(dev, dec, steps, repeats, warmup):
 
 
 def greedy_picks(dev, dec, steps):
-    """The greedy picks [B, steps] of `steps` decode steps from the prompt (after `reset`), on the host."""
+    """The greedy picks [B, steps] of `steps` decode steps from the prompt (after `reset`), a numpy array."""
     import torch
 
     dec.reset()
     picks = [dec.step().argmax(-1) for _ in range(steps)]
     dev.sync()
-    return torch.stack(picks, 1).cpu()
+    return torch.stack(picks, 1).cpu().numpy()
 
 
 def time_prefill(dev, fn, repeats, warmup=1):

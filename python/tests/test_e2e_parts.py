@@ -2,7 +2,8 @@
 check.compare_layers), the per-layer checking copies (probe.py) and the spoiled rewrite (e2e.spoil) on
 the builder fixture models/ort_genai/gpt_oss, ONNX Runtime's load errors put in one line
 (ortrun.not_runnable), and the cut that removes a model's MoE blocks for the MoE share
-(export.cut_moe). The whole path runs in python/tests/test_e2e_tiny.py."""
+(export.cut_moe), and the CUDA-graph rows' run options (ortrun.Session) and pick check
+(bench_model.graph_check). The whole path runs in python/tests/test_e2e_tiny.py."""
 
 from __future__ import annotations
 
@@ -228,3 +229,35 @@ def test_cut_moe_removes_every_moe_node_and_its_router_and_the_cut_model_runs(tm
             feeds[i.name] = np.zeros((1, i.shape[1], window, 16), np.float32)
     logits = s.run(["logits"], feeds)[0]
     assert logits.shape[:2] == (1, 3) and np.isfinite(logits).all()
+
+
+def test_a_graph_session_never_captures_its_prefill_and_gives_each_decoder_its_own_graph(monkeypatch):
+    """ORT replays a session's first capture for every later run of the same gpu_graph_id without reading
+    the bindings: a graph session's prefill runs must carry -1 (never captured), each fixed-shape decoder
+    an id of its own. (Options only: ORT's CUDA graph itself needs the device. The session reads only
+    dtype names from torch here, so a stand-in serves where torch is not installed.)"""
+    import types
+
+    fake = types.SimpleNamespace(float32="float32", float16="float16", bfloat16="bfloat16", int64="int64")
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    ort = ortrun.load_ort()
+    plain = ortrun.Session(ort, str(GPT_OSS), "genai", "cpu", head_dim=8)
+    graph = ortrun.Session(ort, str(GPT_OSS), "genai", "cpu", graph=True, head_dim=8)
+    with pytest.raises(RuntimeError, match="gpu_graph_id"):  # ORT's answer for a key never set
+        plain.run_options.get_run_config_entry("gpu_graph_id")
+    assert plain.graph_options() is plain.run_options
+    assert graph.run_options.get_run_config_entry("gpu_graph_id") == "-1"
+    ids = [graph.graph_options().get_run_config_entry("gpu_graph_id") for _ in range(3)]
+    assert ids == ["1", "2", "3"]
+
+
+def test_graph_rows_count_the_greedy_picks_that_match_the_plain_session():
+    import bench_model
+
+    plain = {1: np.array([[5, 6, 7, 8]]), 16: np.arange(64).reshape(16, 4)}
+    graph = {1: np.array([[5, 6, 7, 8]]), 16: np.arange(64).reshape(16, 4)}
+    graph[16][3, 2] = -1  # one pick differs
+    rows = {"decode_b1_graph": {"ms": 1.0}, "decode_b16_graph": {"ms": 2.0}}
+    bench_model.graph_check(rows, plain, graph)
+    assert rows["decode_b1_graph"]["same_picks"] == [4, 4]
+    assert rows["decode_b16_graph"]["same_picks"] == [63, 64]
