@@ -130,7 +130,10 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log, checking=None
         col.tap_off()
     traces.setdefault("lead", traces[name])
     rec["mem_gib"] = {}
-    plain_picks = {}
+    tried = dev.kind == "cuda" and not a.no_graph and name != "torch"  # CUDA-graph rows are tried
+    graph_why = ortrun.cuda_graph_reason(C.KIND[name]) if tried else None  # why this column has none
+    graph_rows = tried and not graph_why
+    plain_picks = {} if graph_rows else None  # what the graph rows are checked against
     for k, v in decode_rows(dev, col, pr, ph, tokens=plain_picks).items():
         rec[k] = v
         rec["mem_gib"][k] = _mem(dev, base, col)
@@ -153,23 +156,21 @@ def measure_column(a, ort, dev, name, p, cfg, ph, pr, traces, log, checking=None
         traces[name]["extras"] = t["extras"]
         la, lb = traces[name]["logits"], t["logits"]
         rec["checking_copy_logits_diff"] = float(abs(la - lb).max() / max(abs(la).max(), 1e-30))
-    if dev.kind == "cuda" and not a.no_graph and name != "torch":
-        why = ortrun.cuda_graph_reason(C.KIND[name])
-        if why:
-            rec["graph_note"] = why
-        else:
-            try:
-                dev.settle()
-                g = open_column(a, ort, dev, name, p, cfg, graph=True)
-                graph_picks = {}
-                rows = decode_rows(dev, g, pr, ph, suffix="_graph", tokens=graph_picks)
-                graph_check(rows, plain_picks, graph_picks)
-                rec.update(rows)
-                g.close()
-                del g
-            except Exception as e:  # noqa: BLE001 - a graph that does not capture is a result
-                rec["graph_note"] = f"capture failed: {_short(e)}"
-                traceback.print_exc()
+    if graph_why:
+        rec["graph_note"] = graph_why
+    elif graph_rows:
+        try:
+            dev.settle()
+            g = open_column(a, ort, dev, name, p, cfg, graph=True)
+            graph_picks = {}
+            rows = decode_rows(dev, g, pr, ph, suffix="_graph", tokens=graph_picks)
+            graph_check(rows, plain_picks, graph_picks)
+            rec.update(rows)
+            g.close()
+            del g
+        except Exception as e:  # noqa: BLE001 - a graph that does not capture is a result
+            rec["graph_note"] = f"capture failed: {_short(e)}"
+            traceback.print_exc()
     return rec
 
 
