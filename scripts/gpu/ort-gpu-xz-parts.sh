@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # onnxruntime-gpu for the device machine as a tar.xz of the wheel's onnxruntime/ folder, split into
 # parts that travel one device call each (.carry/ort-gpux/p0 .. pN, git-ignored): 198 MiB in five
-# parts for 1.31.1, smaller than the zip-deflated wheel. Unpacked on the device by bench/e2e/run.sh
-# (setup:) and tests/gpu/run_device_suite.sh (ort; it also takes the wheel's own parts,
+# parts for 1.31.1, smaller than the zip-deflated wheel. Unpacked on the device by
+# scripts/gpu/ort-unpack.sh (for every device script; it also takes the wheel's own parts,
 # ../shared/tools/ort-gpu-parts.sh).
 # usage (project root): scripts/gpu/ort-gpu-xz-parts.sh      (ORT_GPU_VERSION, PART_MB: default 1.31.1, 40)
 set -euo pipefail
