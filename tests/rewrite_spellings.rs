@@ -179,8 +179,9 @@ fn every_spelling_is_rewritten_exactly_or_left_with_a_reason() {
     };
     // Every rewrite here is proven in ONNX Runtime with the op library: without them each model
     // would only be "left" for that reason, and a corpus of other hands' models would pass unread.
-    if let Err(e) = scattermoe::ort_ops::runtime::environment().and_then(|_| scattermoe::ort_ops::runtime::plugin_path()) {
-        panic!("the spellings check needs ONNX Runtime and the op library (ORT_DYLIB_PATH, SCATTERMOE_ORT_LIB): {e:#}");
+    match scattermoe::ort_ops::runtime::environment().and_then(|_| scattermoe::ort_ops::runtime::plugin_path()) {
+        Ok(lib) => assert!(lib.is_file(), "the spellings check needs the op library: {} is not a file (SCATTERMOE_ORT_LIB)", lib.display()),
+        Err(e) => panic!("the spellings check needs ONNX Runtime and the op library (ORT_DYLIB_PATH, SCATTERMOE_ORT_LIB): {e:#}"),
     }
     let dir = common::scratch("spellings");
     let (mut rewritten, mut wrong, mut refused) = (Vec::new(), Vec::new(), Vec::new());
