@@ -52,7 +52,8 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 // The manifest
 // ---------------------------------------------------------------------------------------------
 
-/// How a GEMM configuration is computed: the kernel template of kernels/grouped_gemm.cu and its
+/// How a GEMM configuration is computed: the kernel template of kernels/grouped_gemm.cu (the wgmma
+/// forms: gemm_hopper_ws.cuh) and its
 /// parameters (the manifest's `kernel` and the keys that go with it).
 enum Body {
     /// `tc_gemm` (mma.sync)
@@ -72,8 +73,8 @@ impl Body {
     fn modules(&self) -> (&'static str, &'static str) {
         match self {
             Body::Skinny { .. } => ("skinny_gemm", "skinny_gemm"),
-            // the wgmma kernel's quantized forms share its template (gemm_hopper_ws.cuh)
-            Body::Ws { .. } => ("grouped_gemm", "grouped_gemm"),
+            // the wgmma kernel's forms (one template, gemm_hopper_ws.cuh) in two modules of their own
+            Body::Ws { .. } => ("grouped_gemm_ws", "quant_gemm_ws"),
             _ => ("grouped_gemm", "quant_gemm"),
         }
     }
@@ -253,7 +254,7 @@ fn read_gemm(t: &toml::Table, arch_names: &[String], elem_types: &[(String, Stri
         quant,
         variant,
     };
-    // The forms the entry macros of kernels/grouped_gemm.cu have (see `gemm_entries`).
+    // The forms the entry macros of kernels/grouped_gemm.cu and grouped_gemm_ws.cu have (see `gemm_entries`).
     let tma_ws = matches!(g.body, Body::Ws { .. }) && g.w_by_tma;
     if g.w_by_tma && !matches!(g.body, Body::Ws { .. }) {
         bad(&format!("{what}: w_by_tma needs kernel = \"ws_gemm\""));
@@ -463,8 +464,8 @@ fn quant_name(t: &str, fmt: &str, suffix: &str) -> String {
     format!("scattermoe_qgemm_{t}_{fmt}_{suffix}")
 }
 
-/// The invocations of kernels/grouped_gemm.cu's entry macros that define configuration `g` for the
-/// element type `c` (C) as `name`: (entry point, invocation), the grouped-A form after the base.
+/// The invocations of kernels/grouped_gemm.cu's (grouped_gemm_ws.cu's) entry macros that define
+/// configuration `g` for the element type `c` (C) as `name`: (entry point, invocation), the grouped-A form after the base.
 fn gemm_entries(g: &Gemm, name: &str, c: &str) -> Vec<(String, String)> {
     let (bm, bn, threads, smem) = (g.tile.0, g.tile.1, g.threads, g.smem);
     match g.body {
@@ -782,7 +783,7 @@ fn main() {
             let current = std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) && names.iter().all(|n| fatbin(n).exists());
             if !current {
                 let _ = std::fs::remove_file(&stamp_path);
-                // One nvcc per file, in parallel: grouped_gemm.cu dominates.
+                // One nvcc per file, in parallel (the wgmma files and quant_gemm.cu take longest).
                 let jobs: Vec<_> = sources
                     .iter()
                     .zip(&names)

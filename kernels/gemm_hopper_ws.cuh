@@ -1,7 +1,8 @@
 // kernels/gemm_hopper_ws.cuh -- the large-batch grouped GEMM on Hopper (sm_90a): warp-specialised
-// wgmma with a cp.async producer. Included by grouped_gemm.cu (it uses that file's tile scheduler,
-// b_row, swizzle and wgmma descriptor helpers); same parameters and semantics as every entry point
-// there.
+// wgmma with a cp.async producer. Included, inside an anonymous namespace after common.cuh,
+// dequant.cuh and tc_tile.cuh (the tile scheduler, b_row, swizzle), by grouped_gemm_ws.cu (the
+// 16-bit forms) and quant_gemm_ws.cu (the quantized forms); same parameters and semantics as every
+// entry point of grouped_gemm.cu.
 //
 // Why this shape:
 //   - A non-specialised wgmma kernel (128x128 tiles, every warp loading and multiplying; removed,
@@ -27,6 +28,34 @@
 // element-wise path (correct, not tuned).
 
 #pragma once
+
+// wgmma helpers.
+// Operands sit in smem in the 128-byte-swizzled K-major layout wgmma reads (chunk c of row r at
+// r*128 + ((c ^ r%8) * 16)), which needs 1024-byte-aligned tiles.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SMOE_HAS_WGMMA 1
+#else
+#define SMOE_HAS_WGMMA 0
+#endif
+
+#if SMOE_HAS_WGMMA
+__device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
+    // start address >> 4 | LBO 16 B (unused for swizzled K-major) | SBO 1024 B (8 rows) | 128B swizzle
+    return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
+// ws_gemm (Hopper, gemm_hopper_ws.cuh): its tile and block are fixed (WsCfg), STAGES sets the smem.
+#define SMOE_WS_CHECK(NAME, ST, TBM, TBN, NTHREADS, DSMEM)                                              \
+    static_assert(WsCfg<ST>::BM == TBM && WsCfg<ST>::BN == TBN && WsCfg<ST>::THREADS == NTHREADS &&      \
+                      WsCfg<ST>::SMEM == DSMEM,                                                          \
+                  #NAME ": tile, threads or smem in kernels/manifest.toml differ from the kernel's");
 
 // A tensor map as the host encodes it (cuTensorMapEncodeTiled), passed by value as a
 // __grid_constant__ kernel parameter: TMA reads it from parameter space.

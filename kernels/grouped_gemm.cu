@@ -37,6 +37,7 @@
 //        128-byte maps). Needs K % 8 == 0 and a 16-byte-aligned X as well.
 //   scattermoe_qgemm_{f16,bf16}_{fp8,u8,u4}_wgmma_ws  wgmma_ws with W quantized (gemm_hopper_ws.cuh,
 //        "Quantized W"): kernels/quant_gemm.cu's parameter list and contract, wgmma_ws's geometry.
+//   (the wgmma_* forms are defined in kernels/grouped_gemm_ws.cu, a module of their own)
 //   scattermoe_gemm_f32                  f32_gemm: SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   scattermoe_gemm_{f16,bf16}_skinny    kernels/skinny_gemm.cu (its own module, with its quantized
 //        forms): few rows per expert, W streamed from global memory into registers; units of 8 rows
@@ -224,30 +225,6 @@ __device__ void tc_gemm(const T* __restrict__ X, const T* __restrict__ W, const 
     }
 }
 
-// ---------------------------------------------------------------- Hopper (sm_90a): wgmma helpers
-// Operands sit in smem in the 128-byte-swizzled K-major layout wgmma reads (chunk c of row r at
-// r*128 + ((c ^ r%8) * 16)), which needs 1024-byte-aligned tiles. The kernel: gemm_hopper_ws.cuh.
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SMOE_HAS_WGMMA 1
-#else
-#define SMOE_HAS_WGMMA 0
-#endif
-
-#if SMOE_HAS_WGMMA
-__device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
-    // start address >> 4 | LBO 16 B (unused for swizzled K-major) | SBO 1024 B (8 rows) | 128B swizzle
-    return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-#endif
-
-#include "gemm_hopper_ws.cuh"
-
 // ---------------------------------------------------------------- f32 SIMT kernel
 constexpr int F_BM = 64, F_BN = 64, F_BK = 16;
 constexpr int F_THREADS = 256;  // 16 x 16 threads, 4 x 4 outputs each
@@ -365,56 +342,6 @@ __device__ void f32_gemm(const float* __restrict__ X, const float* __restrict__ 
         NAME(SMOE_GEMM_PARAMS(T)) {                                                                     \
         pdl_begin();                                                                                    \
         tc_gemm<T, BM, BN, BK, WM, WN, ST>(SMOE_GEMM_ARGS);                                              \
-    }
-
-// ws_gemm (Hopper, gemm_hopper_ws.cuh): its tile and block are fixed (WsCfg), STAGES sets the smem.
-#define SMOE_WS_CHECK(NAME, ST, TBM, TBN, NTHREADS, DSMEM)                                              \
-    static_assert(WsCfg<ST>::BM == TBM && WsCfg<ST>::BN == TBN && WsCfg<ST>::THREADS == NTHREADS &&      \
-                      WsCfg<ST>::SMEM == DSMEM,                                                          \
-                  #NAME ": tile, threads or smem in kernels/manifest.toml differ from the kernel's");
-
-// wgmma_ws: W by cp.async like A.
-#define SMOE_WS_ENTRY(NAME, T, ST, BM, BN, NTHREADS, DSMEM)                                             \
-    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_GEMM_PARAMS(T)) {                    \
-        pdl_begin();                                                                                    \
-        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER>(SMOE_GEMM_ARGS, nullptr, nullptr);                      \
-    }
-
-// The TMA forms take one extra parameter, the W tensor map (128 bytes, src/cuda/tensor_map.rs).
-// WLOAD: WS_TMA (wgmma_tma, one CTA per tile) or WS_TMA_PAIR (wgmma_mc: clusters of two CTAs
-// sharing W through a multicast TMA load, CLUSTER = SMOE_CLUSTER_PAIR; the grid must be even).
-#define SMOE_WS_TMA_ENTRY(NAME, T, ST, WLOAD, CLUSTER, BM, BN, NTHREADS, DSMEM)                         \
-    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
-    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                        \
-        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map) {                               \
-        pdl_begin();                                                                                    \
-        ws_gemm<T, ST, WLOAD, WS_A_GATHER>(SMOE_GEMM_ARGS, &w_map, nullptr);                             \
-    }
-
-// The `_ga` form for grouped input (grouped_in = 1) with A by TMA as well. Two extra parameters,
-// the W map and the map of X as rows of K (src/cuda/tensor_map.rs). Only the pair kernel has this
-// form: with one CTA per tile (wgmma_tma) it was 7-11% slower where experts have few rows or K is
-// short (a box always brings 128 rows; tests/gpu/RESULTS.md, fifth round).
-#define SMOE_WS_GA_ENTRY(NAME, T, ST, WLOAD, CLUSTER, BM, BN, NTHREADS, DSMEM)                          \
-    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
-    extern "C" __global__ void CLUSTER __launch_bounds__(384, 1)                                        \
-        NAME(SMOE_GEMM_PARAMS(T), const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map) { \
-        pdl_begin();                                                                                    \
-        ws_gemm<T, ST, WLOAD, WS_A_TMA>(SMOE_GEMM_ARGS, &w_map, &a_map);                                 \
-    }
-
-// wgmma_ws with W quantized (the [[gemm]] table's `quant`; gemm_hopper_ws.cuh, "Quantized W"):
-// F = WqFp8, WqU8 or WqU4, kernels/quant_gemm.cu's parameter list (SMOE_QGEMM_PARAMS), the smem of
-// the 16-bit form (the codes travel through registers).
-#define SMOE_WSQ_ENTRY(NAME, T, F, ST, BM, BN, NTHREADS, DSMEM)                                         \
-    SMOE_WS_CHECK(NAME, ST, BM, BN, NTHREADS, DSMEM)                                                    \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(SMOE_QGEMM_PARAMS(T)) {                   \
-        pdl_begin();                                                                                    \
-        ws_gemm<T, ST, WS_CP_ASYNC, WS_A_GATHER, F>(X, W, bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, \
-                                                    grouped_in, grouped_out, act, gated, glu_layout, alpha, limit,  \
-                                                    nullptr, nullptr,                                          \
-                                                    WsQuant{w_scale, w_zero, scale_f32, block_out, block_in}); \
     }
 
 // f32_gemm (SIMT): its tile and block are fixed.

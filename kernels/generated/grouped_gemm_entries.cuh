@@ -20,27 +20,5 @@ SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x64s6, __nv_bfloat16, 32, 64, 64, 32, 16, 6
 SMOE_TC_ENTRY(scattermoe_gemm_f16_32x32, __half, 32, 32, 64, 16, 16, 4, 4, 128, 32768)
 SMOE_TC_ENTRY(scattermoe_gemm_bf16_32x32, __nv_bfloat16, 32, 32, 64, 16, 16, 4, 4, 128, 32768)
 
-// WgmmaWs: Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups), 128x256x64 (kernels/gemm_hopper_ws.cuh)
-SMOE_WS_ENTRY(scattermoe_gemm_f16_wgmma_ws, __half, 4, 128, 256, 384, 197632)
-SMOE_WS_ENTRY(scattermoe_gemm_bf16_wgmma_ws, __nv_bfloat16, 4, 128, 256, 384, 197632)
-
-// WgmmaTma: WgmmaWs with W loaded by TMA (two boxes per stage, one thread) and only the A rows by cp.async; needs a TMA-readable W (tensor_map::w_fits)
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_tma, __half, 4, WS_TMA, SMOE_CLUSTER_NONE, 128, 256, 384, 197632)
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_bf16_wgmma_tma, __nv_bfloat16, 4, WS_TMA, SMOE_CLUSTER_NONE, 128, 256, 384, 197632)
-
-// WgmmaMc: WgmmaTma in clusters of two CTAs that share each W tile through a multicast TMA load (two M tiles per cluster); needs a TMA-readable W (tensor_map::w_fits)
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_f16_wgmma_mc, __half, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR, 128, 256, 384, 197632)
-SMOE_WS_GA_ENTRY(scattermoe_gemm_f16_wgmma_mc_ga, __half, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR, 128, 256, 384, 197632)
-SMOE_WS_TMA_ENTRY(scattermoe_gemm_bf16_wgmma_mc, __nv_bfloat16, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR, 128, 256, 384, 197632)
-SMOE_WS_GA_ENTRY(scattermoe_gemm_bf16_wgmma_mc_ga, __nv_bfloat16, 4, WS_TMA_PAIR, SMOE_CLUSTER_PAIR, 128, 256, 384, 197632)
-
 // F32: SIMT f32, 64x64
 SMOE_F32_ENTRY(scattermoe_gemm_f32, float, 64, 64, 256, 0)
-
-// WgmmaWs with quantized W: Hopper warp-specialised wgmma (cp.async producer warpgroup, 2 consumer warpgroups), 128x256x64 (kernels/gemm_hopper_ws.cuh)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_fp8_wgmma_ws, __half, WqFp8, 4, 128, 256, 384, 197632)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_u8_wgmma_ws, __half, WqU8, 4, 128, 256, 384, 197632)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_f16_u4_wgmma_ws, __half, WqU4, 4, 128, 256, 384, 197632)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_fp8_wgmma_ws, __nv_bfloat16, WqFp8, 4, 128, 256, 384, 197632)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_u8_wgmma_ws, __nv_bfloat16, WqU8, 4, 128, 256, 384, 197632)
-SMOE_WSQ_ENTRY(scattermoe_qgemm_bf16_u4_wgmma_ws, __nv_bfloat16, WqU4, 4, 128, 256, 384, 197632)

@@ -16,8 +16,9 @@ if [ ! -f $KB/grouped_gemm.fatbin ]; then
 fi
 if command -v cuobjdump >/dev/null; then
   for fn in wgmma_mc wgmma_ws 128x128 32x64; do
-    echo "SASS bf16_$fn: HGMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $KB/grouped_gemm.fatbin 2>/dev/null | grep -c HGMMA)" \
-      "HMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $KB/grouped_gemm.fatbin 2>/dev/null | grep -c HMMA)"
+    fb=$KB/grouped_gemm.fatbin; [[ $fn == wgmma_* ]] && fb=$KB/grouped_gemm_ws.fatbin
+    echo "SASS bf16_$fn: HGMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $fb 2>/dev/null | grep -c HGMMA)" \
+      "HMMA $(cuobjdump -sass -fun scattermoe_gemm_bf16_$fn $fb 2>/dev/null | grep -c HMMA)"
   done
 fi
 has() { [[ ",$SECTIONS," == *",$1,"* ]]; }

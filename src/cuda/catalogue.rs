@@ -112,7 +112,7 @@ mod tests {
         }
         expected.push("scattermoe_gemm_f32".into());
         // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu), of
-        // the skinny kernel (kernels/skinny_gemm.cu) and of wgmma_ws (grouped_gemm.cu)
+        // the skinny kernel (kernels/skinny_gemm.cu) and of wgmma_ws (quant_gemm_ws.cu)
         for t in ["f16", "bf16"] {
             for q in ["fp8", "u8", "u4"] {
                 for s in ["128x128", "32x64", "32x64s6", "32x32", "skinny", "wgmma_ws"] {
@@ -128,7 +128,7 @@ mod tests {
         let scan = find("scattermoe_routing_scan");
         assert_eq!((scan.module, scan.threads, scan.smem), (0, 1024, 0));
         let ga = find("scattermoe_gemm_bf16_wgmma_mc_ga");
-        assert_eq!((ga.module, ga.threads, ga.smem, ga.cluster, ga.tma, ga.archs), (1, 384, 197632, 2, true, &[Arch::Sm90a][..]));
+        assert_eq!((MODULES[ga.module], ga.threads, ga.smem, ga.cluster, ga.tma, ga.archs), ("grouped_gemm_ws", 384, 197632, 2, true, &[Arch::Sm90a][..]));
         let f32k = find("scattermoe_gemm_f32");
         assert_eq!((f32k.threads, f32k.smem, f32k.archs.len()), (256, 0, TARGETS.len()));
         assert_eq!(find("scattermoe_combine_bf16").module, 2);
@@ -141,11 +141,13 @@ mod tests {
                 if cfg.has_grouped_a_form() {
                     find(&format!("{name}{GROUPED_A_SUFFIX}"));
                 }
-                // the skinny kernel's forms are in its own module, wgmma_ws's both in grouped_gemm.cu
-                // (one template), the others' in grouped_gemm.cu and quant_gemm.cu
+                // the skinny kernel's forms are in its own module, the wgmma forms in grouped_gemm_ws.cu and
+                // quant_gemm_ws.cu (the TMA forms have no quantized form), the others' in grouped_gemm.cu
+                // and quant_gemm.cu
                 let (m16, mq) = match cfg {
                     GemmCfg::Skinny => ("skinny_gemm", "skinny_gemm"),
-                    GemmCfg::WgmmaWs => ("grouped_gemm", "grouped_gemm"),
+                    GemmCfg::WgmmaWs => ("grouped_gemm_ws", "quant_gemm_ws"),
+                    GemmCfg::WgmmaTma | GemmCfg::WgmmaMc => ("grouped_gemm_ws", "quant_gemm"),
                     _ => ("grouped_gemm", "quant_gemm"),
                 };
                 assert_eq!(MODULES[find(&name).module], m16, "{name}");

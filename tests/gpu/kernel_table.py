@@ -5,7 +5,7 @@ that this file is current; `SCATTERMOE_UPDATE_TABLES=1 cargo test --release --li
 rewrites it.
 """
 
-MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm")
+MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm", "grouped_gemm_ws", "quant_gemm_ws")
 # the kernels' activation codes (`act`)
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch
@@ -54,8 +54,8 @@ QUANT_CFGS = {
     "skinny": {"fp8": (8, 32, 128, 0), "u8": (8, 32, 128, 0), "u4": (8, 32, 128, 0)},
 }
 # suffix -> the module of its entry points (16-bit W), and of its quantized forms
-GEMM_MODULE = {"128x128": "grouped_gemm", "32x64": "grouped_gemm", "32x64s6": "grouped_gemm", "32x32": "grouped_gemm", "wgmma_ws": "grouped_gemm", "wgmma_tma": "grouped_gemm", "wgmma_mc": "grouped_gemm", "wgmma_mc_ga": "grouped_gemm", "skinny": "skinny_gemm"}
-QUANT_MODULE = {"128x128": "quant_gemm", "32x64": "quant_gemm", "32x64s6": "quant_gemm", "32x32": "quant_gemm", "wgmma_ws": "grouped_gemm", "skinny": "skinny_gemm"}
+GEMM_MODULE = {"128x128": "grouped_gemm", "32x64": "grouped_gemm", "32x64s6": "grouped_gemm", "32x32": "grouped_gemm", "wgmma_ws": "grouped_gemm_ws", "wgmma_tma": "grouped_gemm_ws", "wgmma_mc": "grouped_gemm_ws", "wgmma_mc_ga": "grouped_gemm_ws", "skinny": "skinny_gemm"}
+QUANT_MODULE = {"128x128": "quant_gemm", "32x64": "quant_gemm", "32x64s6": "quant_gemm", "32x32": "quant_gemm", "wgmma_ws": "quant_gemm_ws", "skinny": "skinny_gemm"}
 # the kernel choice's thresholds (src/cuda/forward/selection.rs)
 FULL_GRID_K = 4096
 HOPPER_MC_DEEP_K = 8192
