@@ -20,10 +20,10 @@ T=tests/gpu/bench_f8x8.py
 timeout 120 python3 $T --fatbin-dir $KB --f8-fatbin $KB/f8x8.fatbin --check-only > "$OUT/f8x8-check.log" 2>&1
 rc=$?; echo "check rc=$rc"; grep -v '^PASS' "$OUT/f8x8-check.log" | tail -30
 if [ $rc = 0 ]; then
-  timeout 200 compute-sanitizer --tool memcheck python3 $T --fatbin-dir $KB --f8-fatbin $KB/f8x8.fatbin --check-only \
+  timeout "${MEMCHECK_S:-200}" compute-sanitizer --tool memcheck python3 $T --fatbin-dir $KB --f8-fatbin $KB/f8x8.fatbin --check-only \
     > "$OUT/f8x8-memcheck.log" 2>&1
   echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|checks:" "$OUT/f8x8-memcheck.log" | tail -3
-  timeout 240 python3 $T --fatbin-dir $KB --f8-fatbin $KB/f8x8.fatbin --shapes "${SHAPES:-mixtral,qwen3}" \
+  timeout "${BENCH_S:-240}" python3 $T --fatbin-dir $KB --f8-fatbin $KB/f8x8.fatbin --shapes "${SHAPES:-mixtral,qwen3}" \
     --tokens "${TOKENS:-1024,4096,16384}" --out "$OUT" > "$OUT/f8x8-bench.log" 2>&1
   echo "bench rc=$?"; grep -v '^PASS' "$OUT/f8x8-bench.log"
 fi
