@@ -32,11 +32,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_skinny import SHAPES, timed  # noqa: E402
 from smoe_cuda import ACT, GLU, Arg, Kernels, _check  # noqa: E402
-from test_kernels import glu_ref, act_ref, make_routing, routing_ref  # noqa: E402
+from test_kernels import FAILS, glu_ref, make_routing, relerr, report, routing_ref  # noqa: E402
 
 SMEM, THREADS, BM, BN = 197632, 384, 128, 256
 TNAME = {torch.float16: "f16", torch.bfloat16: "bf16"}
-FAILS = []
 
 
 class F8:
@@ -82,18 +81,6 @@ def quant_ref(X):
     s = torch.where(a > 0, a / 448.0, torch.ones_like(a))
     q = (x * inv[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     return q.view(torch.uint8), s
-
-
-def report(name, err, tol):
-    ok = err == err and err <= tol
-    if not ok:
-        FAILS.append(name)
-    print(f"{'PASS' if ok else 'FAIL'}  {name:<84s} err={err:.3e} tol={tol:.0e}", flush=True)
-
-
-def relerr(a, b):
-    den = b.abs().max().item()
-    return (a.double() - b).abs().max().item() / (den if den > 0 else 1.0)
 
 
 def fp8_weight(E, N, Kd):
