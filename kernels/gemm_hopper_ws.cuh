@@ -1,8 +1,8 @@
 // kernels/gemm_hopper_ws.cuh -- the large-batch grouped GEMM on Hopper (sm_90a): warp-specialised
 // wgmma with a cp.async producer. Included, inside an anonymous namespace after common.cuh,
 // dequant.cuh and tc_tile.cuh (the tile scheduler, b_row, swizzle), by grouped_gemm_ws.cu (the
-// 16-bit forms) and quant_gemm_ws.cu (the quantized forms); same parameters and semantics as every
-// entry point of grouped_gemm.cu.
+// 16-bit forms) and quant_gemm_ws.cu (the quantized forms), and by the float8 x float8 experiment
+// tests/gpu/f8x8.cu; same parameters and semantics as every entry point of grouped_gemm.cu.
 //
 // Why this shape:
 //   - A non-specialised wgmma kernel (128x128 tiles, every warp loading and multiplying; removed,
@@ -369,10 +369,10 @@ template <typename F> struct WsQRegs {
 // X holds float8 e4m3 codes (X's rows quantized beforehand, one float32 scale per row in
 // wq.a_scale) and W float8 e4m3 codes with one float32 scale per output channel (wq.scale [E, N]);
 // the consumers multiply on wgmma's e4m3 form (k32) and scale each float32 product by its row's and
-// its channel's scale before the epilogue (bias, activation, store). A stage holds the same 128 bytes of K per row as
-// the 16-bit forms (128 codes), so producer, ring and descriptors are unchanged; both operands must
-// be K-major, which X and W [E, N, K] are. Needs K % 16 == 0 for the 16-byte copies (else an
-// element-wise path).
+// its channel's scale before the epilogue (bias, activation, store). A stage holds the same 128
+// bytes of K per row as the 16-bit forms (128 codes), so producer, ring and descriptors are
+// unchanged; both operands must be K-major, which X and W [E, N, K] are. Needs K % 16 == 0 for the
+// 16-byte copies (else an element-wise path).
 // F: void (W in T), or the quantized format (WqFp8, WqU8, WqU4; W its stored bytes, wq its scales).
 template <typename T, int STAGES, int WLOAD, int ALOAD, typename F = void, bool A8 = false>
 __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, const T* __restrict__ bias, T* __restrict__ Y,
