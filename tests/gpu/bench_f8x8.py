@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_skinny import SHAPES, timed  # noqa: E402
-from smoe_cuda import ACT, GLU, Arg, Kernels, _check  # noqa: E402
+from smoe_cuda import ACT, GLU, Arg, Kernels  # noqa: E402
 from test_kernels import FAILS, glu_ref, make_routing, relerr, report, routing_ref  # noqa: E402
 
 SMEM, THREADS, BM, BN = 197632, 384, 128, 256
@@ -43,11 +43,7 @@ class F8:
 
     def __init__(self, K, path):
         self.K = K
-        data = open(path, "rb").read()
-        self.buf = ctypes.create_string_buffer(data, len(data))
-        mod = ctypes.c_void_p()
-        _check(K.cu.cuModuleLoadData(ctypes.byref(mod), self.buf), "cuModuleLoadData(f8x8)")
-        K.mods["f8x8"] = (mod, self.buf)
+        K.load_module("f8x8", path)
 
     def quant_rows(self, X, Q, s):
         R, Kd = X.shape

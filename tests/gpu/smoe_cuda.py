@@ -66,11 +66,7 @@ class Kernels:
         self.fns = {}
         self._occ = {}
         for name in MODULES:
-            data = open(os.path.join(fatbin_dir, f"{name}.fatbin"), "rb").read()
-            buf = ctypes.create_string_buffer(data, len(data))
-            mod = ctypes.c_void_p()
-            _check(self.cu.cuModuleLoadData(ctypes.byref(mod), buf), f"cuModuleLoadData({name})")
-            self.mods[name] = (mod, buf)
+            self.load_module(name, os.path.join(fatbin_dir, f"{name}.fatbin"))
         props = torch.cuda.get_device_properties(0)
         self.sms = props.multi_processor_count
         # rows per expert at or below which the small-tile kernel wins (measured on H200)
@@ -82,6 +78,14 @@ class Kernels:
         self.skinny_rows = float(os.environ.get("SMOE_SKINNY_ROWS", str(SKINNY_ROWS)))
         self.quant_skinny_rows = float(os.environ.get("SMOE_QUANT_SKINNY_ROWS", str(QUANT_SKINNY_ROWS)))
         self.quant_wgmma_rows = float(os.environ.get("SMOE_QUANT_WGMMA_ROWS", str(QUANT_WGMMA_ROWS)))
+
+    def load_module(self, name, path):
+        """Loads a fatbin as module `name` (the catalogue's, or an experiment's beside them)."""
+        data = open(path, "rb").read()
+        buf = ctypes.create_string_buffer(data, len(data))
+        mod = ctypes.c_void_p()
+        _check(self.cu.cuModuleLoadData(ctypes.byref(mod), buf), f"cuModuleLoadData({name})")
+        self.mods[name] = (mod, buf)
 
     def fn(self, module, name, dyn_smem=0):
         key = (module, name)
