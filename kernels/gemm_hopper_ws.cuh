@@ -1,8 +1,8 @@
 // kernels/gemm_hopper_ws.cuh -- the large-batch grouped GEMM on Hopper (sm_90a): warp-specialised
 // wgmma with a cp.async producer. Included, inside an anonymous namespace after common.cuh,
 // dequant.cuh and tc_tile.cuh (the tile scheduler, b_row, swizzle), by grouped_gemm_ws.cu (the
-// 16-bit forms) and quant_gemm_ws.cu (the quantized forms), and by the float8 x float8 experiment
-// tests/gpu/f8x8.cu; same parameters and semantics as every entry point of grouped_gemm.cu.
+// 16-bit forms) and quant_gemm_ws.cu (the quantized forms); same parameters and semantics as every
+// entry point of grouped_gemm.cu.
 //
 // Why this shape:
 //   - A non-specialised wgmma kernel (128x128 tiles, every warp loading and multiplying; removed,
@@ -72,8 +72,8 @@ struct __align__(64) TmaMap {
 #define SMOE_CLUSTER_NONE
 
 #if SMOE_HAS_WGMMA
-#define SMOE_WGMMA_N256(SHAPE_TY, TAIL)                                                            \
-    asm volatile("wgmma.mma_async.sync.aligned." SHAPE_TY " "                                     \
+#define SMOE_WGMMA_N256(TY)                                                                       \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                     \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
@@ -81,7 +81,7 @@ struct __align__(64) TmaMap {
     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
-    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, " TAIL ";\n" \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;\n"                                                \
     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
@@ -104,19 +104,12 @@ template <typename T> struct Wgmma256;
 template <> struct Wgmma256<__nv_bfloat16> {
     // D[64x256] += A[64x16] * B[16x256], A and B K-major in smem (128-byte swizzle descriptors)
     static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
-        SMOE_WGMMA_N256("m64n256k16.f32.bf16.bf16", "1, 1, 1, 0, 0");
+        SMOE_WGMMA_N256("bf16");
     }
 };
 template <> struct Wgmma256<__half> {
     static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
-        SMOE_WGMMA_N256("m64n256k16.f32.f16.f16", "1, 1, 1, 0, 0");
-    }
-};
-// D[64x256] += A[64x32] * B[32x256], both float8 e4m3 and K-major (8-bit operands have no transpose
-// form): the same 32 bytes of K per instruction as the 16-bit k16 forms, so the same descriptors.
-struct Wgmma256E4m3 {
-    static __device__ __forceinline__ void run(float* d, unsigned long long da, unsigned long long db) {
-        SMOE_WGMMA_N256("m64n256k32.f32.e4m3.e4m3", "1, 1, 1");
+        SMOE_WGMMA_N256("f16");
     }
 };
 #undef SMOE_WGMMA_N256
@@ -340,7 +333,6 @@ struct WsQuant {
     const void* scale;          // [E, ceil(N / block_out), ceil(K / block_in)], T or float32
     const unsigned char* zero;  // same shape, or null: the format's default
     int scale_f32, block_out, block_in;
-    const float* a_scale;       // A8 only: one float32 scale per row of X (see "Float8 A and W")
 };
 template <typename F> struct WsQ {
     static constexpr bool ON = true;
@@ -365,16 +357,8 @@ template <typename F> struct WsQRegs {
 #define WS_TMA_PAIR 2
 #define WS_A_GATHER 0
 #define WS_A_TMA 1
-// Float8 A and W (A8, the `f8x8` entry points, an experiment not yet in the op: tests/gpu/f8x8.cu):
-// X holds float8 e4m3 codes (X's rows quantized beforehand, one float32 scale per row in
-// wq.a_scale) and W float8 e4m3 codes with one float32 scale per output channel (wq.scale [E, N]);
-// the consumers multiply on wgmma's e4m3 form (k32) and scale each float32 product by its row's and
-// its channel's scale before the epilogue (bias, activation, store). A stage holds the same 128
-// bytes of K per row as the 16-bit forms (128 codes), so producer, ring and descriptors are
-// unchanged; both operands must be K-major, which X and W [E, N, K] are. Needs K % 16 == 0 for the
-// 16-byte copies (else an element-wise path).
 // F: void (W in T), or the quantized format (WqFp8, WqU8, WqU4; W its stored bytes, wq its scales).
-template <typename T, int STAGES, int WLOAD, int ALOAD, typename F = void, bool A8 = false>
+template <typename T, int STAGES, int WLOAD, int ALOAD, typename F = void>
 __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, const T* __restrict__ bias, T* __restrict__ Y,
                         const int* __restrict__ sidx, const int* __restrict__ off, const T* __restrict__ row_scale,
                         int k, int N, int K, int E, int grouped_in, int grouped_out, int act, int gated,
@@ -383,16 +367,13 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
 #if SMOE_HAS_WGMMA
     using C = WsCfg<STAGES>;
     using Q = WsQ<F>;
-    constexpr int BM = C::BM, BN = C::BN, BK = A8 ? 2 * C::BK : C::BK;  // elements of K per stage (128 bytes)
-    constexpr int CHUNK = A8 ? 16 : 8;                                   // elements per 16-byte copy
+    constexpr int BM = C::BM, BN = C::BN, BK = C::BK;
     constexpr bool MC = WLOAD == WS_TMA_PAIR;  // a CTA pair
     constexpr bool TMA_W = WLOAD != WS_CP_ASYNC;
     constexpr bool TMA_A = ALOAD == WS_A_TMA;
     constexpr bool QUANT = Q::ON;
     static_assert(!TMA_A || TMA_W, "A by TMA only with W by TMA");
     static_assert(!QUANT || (!TMA_W && !TMA_A), "quantized W: by the producer's loads only");
-    static_assert(!A8 || (!QUANT && !TMA_W && !TMA_A), "float8 A and W: by cp.async, no conversion");
-    const unsigned char* __restrict__ Xb = reinterpret_cast<const unsigned char*>(X);  // A8: codes
     const T* __restrict__ W = static_cast<const T*>(Wv);
     const unsigned char* __restrict__ Wq = static_cast<const unsigned char*>(Wv);
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -412,7 +393,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
     const int BNo = gated ? (BN / 2) : BN;
     const int nN = (Nout + BNo - 1) / BNo;
     const int KB = (K + BK - 1) / BK;
-    const bool kvec = (K % CHUNK) == 0;
+    const bool kvec = (K % 8) == 0;
     // Work units: one tile, or (MC) one pair of M tiles; this CTA's M tile in a pair is `rank`.
     const unsigned rank = MC ? cluster_rank() : 0u;
     const int unit_m = MC ? 2 * BM : BM;
@@ -578,7 +559,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                 mbar_wait(smem_u32(&empty_bar[stage]), phase ^ 1u);
                 const unsigned sbase = ring + stage * C::STAGE_BYTES;
                 const unsigned dst = sbase + dst_off;
-                const int k0 = kb * BK + c * CHUNK;
+                const int k0 = kb * BK + c * 8;
                 if (TMA_W && tid == 0) {
                     const unsigned fb = smem_u32(&full_bar[stage]);
                     mbar_arrive_expect_tx(fb, C::B_BYTES + (TMA_A ? C::A_BYTES : 0));  // both W halves land here
@@ -612,13 +593,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                             const int i = i0 + j;
                             const T* src = i < BM / 16 ? X : W;  // B follows A in the stage
                             const bool ok = o[j] >= 0 && kin;
-                            const void* from = src;
-                            if (ok) {
-                                if constexpr (A8) from = (i < BM / 16 ? Xb : Wq) + o[j] + k0;
-                                else from = src + o[j] + k0;
-                            }
                             asm volatile(SMOE_CP_ASYNC16 " [%0], [%1], 16, %2;\n" ::"r"(dst + i * 16 * 128),
-                                         "l"(from), "r"(ok ? 16 : 0));
+                                         "l"(ok ? (const void*)(src + o[j] + k0) : (const void*)src), "r"(ok ? 16 : 0));
                         }
                     }
                     mbar_arrive_cp_async(smem_u32(&full_bar[stage]));
@@ -639,18 +615,10 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                     // stores, then the proxy fence wgmma needs, then a plain arrive.
                     for (int i = 0; i < ROWS / 16; ++i) {
                         const long long o = row_src[rg + 16 * i];
-                        uint4 u;
-                        if constexpr (A8) {
-                            const unsigned char* src = i < BM / 16 ? Xb : Wq;
-                            __align__(16) unsigned char v[16];
-                            for (int j = 0; j < 16; ++j) v[j] = (o >= 0 && k0 + j < K) ? src[o + k0 + j] : 0;
-                            u = *reinterpret_cast<const uint4*>(v);
-                        } else {
-                            const T* src = i < BM / 16 ? X : W;
-                            __align__(16) T v[8];
-                            for (int j = 0; j < 8; ++j) v[j] = (o >= 0 && k0 + j < K) ? src[o + k0 + j] : from_f<T>(0.0f);
-                            u = *reinterpret_cast<const uint4*>(v);
-                        }
+                        const T* src = i < BM / 16 ? X : W;
+                        __align__(16) T v[8];
+                        for (int j = 0; j < 8; ++j) v[j] = (o >= 0 && k0 + j < K) ? src[o + k0 + j] : from_f<T>(0.0f);
+                        const uint4 u = *reinterpret_cast<const uint4*>(v);
                         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + i * 16 * 128), "r"(u.x),
                                      "r"(u.y), "r"(u.z), "r"(u.w)
                                      : "memory");
@@ -668,7 +636,7 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
     } else {
         // ------------------------------------------------------------ consumer warpgroups
         const int cw = wg - 1;        // rows cw*64 .. cw*64+63 of the tile
-        const int ws16 = warp & 3;    // 16-row slice inside them
+        const int wq = warp & 3;      // 16-row slice inside them
         int stage = 0;
         unsigned phase = 0;
         // Hands stage s back: to this CTA's producer, and (MC) to the peer's, whose TMA also
@@ -706,13 +674,8 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
                 const unsigned a_s = ring + stage * C::STAGE_BYTES + cw * 64 * 128;
                 const unsigned b_s = ring + stage * C::STAGE_BYTES + C::A_BYTES;
                 wg_fence();
-                if constexpr (A8) {
 #pragma unroll
-                    for (int kk = 0; kk < 4; ++kk) Wgmma256E4m3::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
-                } else {
-#pragma unroll
-                    for (int kk = 0; kk < BK / 16; ++kk) Wgmma256<T>::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
-                }
+                for (int kk = 0; kk < BK / 16; ++kk) Wgmma256<T>::run(acc, wg_desc(a_s + kk * 32), wg_desc(b_s + kk * 32));
                 wg_commit();
                 wg_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
                 if (prev >= 0) release(prev);
@@ -724,35 +687,11 @@ __device__ void ws_gemm(const T* __restrict__ X, const void* __restrict__ Wv, co
             // The tile's coordinates are needed only now: finding them here keeps their registers
             // free during the main loop (128 accumulators leave little room at 168 registers).
             const Tile t = tile_of(g_after);
-            if constexpr (A8) {
-                // Each product times its A row's and its W row's scale, in a pass of its own: scaling
-                // inside the activation-specialised epilogue made ptxas move the accumulators to
-                // local memory (512 bytes of spills). Accumulator column c is B tile row c.
-                float sa[2];
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int rl = cw * 64 + ws16 * 16 + (lane >> 2) + h * 8;
-                    const int p = t.start + t.m0 + rl;
-                    sa[h] = t.m0 + rl < t.cnt ? __ldg(wq.a_scale + (grouped_in ? p : sidx[p] / k)) : 0.0f;
-                }
-                const float* wsf = static_cast<const float*>(wq.scale) + (long long)t.e * N;
-#pragma unroll
-                for (int ni = 0; ni < 32; ++ni) {
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-                        bool ok;
-                        const int n = b_row(ni * 8 + 2 * (lane & 3) + x, t.nt, BN, BN, N, gated, layout, &ok);
-                        const float w = ok ? __ldg(wsf + n) : 0.0f;
-                        acc[ni * 4 + x] *= sa[0] * w;
-                        acc[ni * 4 + 2 + x] *= sa[1] * w;
-                    }
-                }
-            }
 
             // ---- epilogue, specialised per activation: a run-time switch per element made the
             // unrolled epilogue large and slow (measured: gated GEMMs at ~70% of plain ones).
             const WsEpi<T> ep{Y, bias, sidx, row_scale, N, Nout, layout, grouped_out, alpha, limit,
-                              cw * 64 + ws16 * 16 + (lane >> 2), 2 * (lane & 3)};
+                              cw * 64 + wq * 16 + (lane >> 2), 2 * (lane & 3)};
             switch (act) {
             case SMOE_ACT_SILU: ws_epilogue<T, SMOE_ACT_SILU>(acc, t, gated, ep); break;
             case SMOE_ACT_GELU: ws_epilogue<T, SMOE_ACT_GELU>(acc, t, gated, ep); break;
