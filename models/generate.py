@@ -658,6 +658,9 @@ FAMILY_FIXTURES = [
     # Zaya's eager loop: index_add_ as ScatterElements without a reduction, and a router that can
     # give one token expert 0 twice (the skip class masked to 0): the graph keeps one of the two
     ("zaya_moe", "matrix:ZayaSparseMoeBlock.eager.ts17.f32:router_hidden_size=32", "torchscript", "float32", dict(refused="without a reduction")),
+    # transformers 4 (export with that version on the path; see export_family_matrix): Mixtral's loop
+    # over the hit experts, its accumulator zeros shaped by (batch * sequence, hidden) arithmetic
+    ("mixtral_tf4_57", "matrix@4.57.3:MixtralSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 
@@ -699,6 +702,13 @@ def export_family_matrix(name, spec, expect, out_dir):
     import matrix
 
     parts = spec.split(":")
+    if "@" in parts[0]:  # matrix@<transformers version>: an export of that version's block
+        import transformers
+
+        want = parts[0].split("@", 1)[1]
+        if transformers.__version__ != want:
+            raise RuntimeError(f"{spec} is an export of transformers {want}, this is {transformers.__version__}: "
+                               f"pip install --target DIR transformers=={want}, then PYTHONPATH=DIR python models/generate.py --families --only NAME")
     case = parts[1]
     overrides = dict(kv.split("=") for kv in parts[2].split(",")) if len(parts) > 2 else {}
     cls, impl, exporter, dt = case.split(".")
@@ -730,7 +740,7 @@ def export_family_matrix(name, spec, expect, out_dir):
 
 
 def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
-    if spec.startswith("matrix:"):
+    if spec.startswith("matrix:") or spec.startswith("matrix@"):
         return export_family_matrix(name, spec, expect, out_dir)
     torch.manual_seed(seed)
     parts = spec.split(":")

@@ -37,7 +37,7 @@ import traceback
 
 TRACED = 16
 LENGTHS = (1, 7, TRACED)
-IMPLS = ("eager", "batched_mm", "grouped_mm")
+IMPLS = ("eager", "batched_mm", "grouped_mm")  # transformers 5's experts implementations that run on CPU
 EXPORTERS = ("ts17", "ts18", "dynamo")
 DTYPES = ("float32", "float16")
 TOL = {"float32": 1e-4, "float16": 1e-2}
@@ -282,13 +282,21 @@ def short_reason(e):
     return f"{type(e).__name__}: {(lines[0] if lines else '')[:300]}"
 
 
+def impls():
+    """The experts implementations of the installed transformers. Before 5.0 a block has one forward
+    (its own per-expert loop, or GPT-OSS's loop on CPU), so only "eager" names something real."""
+    import transformers
+
+    return IMPLS if int(transformers.__version__.split(".")[0]) >= 5 else ("eager",)
+
+
 def export_family(fam_key, out_dir, seed):
     import torch
 
     torch.set_num_threads(1)
     fam = tuple(fam_key.split("|"))
     recs = []
-    for impl in IMPLS:
+    for impl in impls():
         for exporter in EXPORTERS:
             for dtype in DTYPES:
                 try:
@@ -498,7 +506,9 @@ def write_md(info, recs, a):
         "",
         f"Every MoE block class in transformers {info['transformers']} (torch {info['torch']}), enumerated by",
         "`models/matrix.py` (a class whose `__init__` builds an experts module), with a tiny config (d=32,",
-        "E=4, k=2), seeded weights, each experts implementation (`config._experts_implementation`), each",
+        "E=4, k=2), seeded weights, " + ("each experts implementation (`config._experts_implementation`), each"
+                                          if int(info["transformers"].split(".")[0]) >= 5 else
+                                          "its one forward (before transformers 5 a block has no experts implementations), each"),
         "exporter (TorchScript opset 17 and 18, dynamo at opset 18) and dtype; the export is run in ONNX",
         f"Runtime (CPU) at 1, 7 and {TRACED} (traced) tokens against torch, then rewritten by",
         "`scattermoe rewrite` and the rewritten model run with the plugin at the same lengths (tolerance",
@@ -507,7 +517,9 @@ def write_md(info, recs, a):
         "Regenerate (export needs torch + transformers; check needs the built CLI and plugin):",
         "",
         "```sh",
-        "python models/matrix.py export --dir /tmp/matrix --jobs 8",
+        ("python models/matrix.py export --dir /tmp/matrix --jobs 8" if int(info["transformers"].split(".")[0]) >= 5 else
+         f"pip install --target /tmp/tf-{info['transformers']} transformers=={info['transformers']}   # beside torch {info['torch'].split('+')[0]}\n"
+         f"PYTHONPATH=/tmp/tf-{info['transformers']} python models/matrix.py export --dir /tmp/matrix --jobs 8"),
         "python models/matrix.py check --dir /tmp/matrix --cli target/release/scattermoe \\",
         "    --plugin target/release/libscattermoe_ort.so --md docs/rewriter-matrix.md \\",
         "    [--baseline OTHER/results.json --baseline-name NAME]   # a second count column",

@@ -179,10 +179,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
     // the accumulator starts as zeros shaped like the rows
     let head = &steps[chain[0]];
     let zeros = prod(g, &head.acc_in, "ConstantOfShape").ok_or("accumulator is not zeros")?;
-    let sh = prod(g, &zeros.input[0], "Shape").ok_or("accumulator shape is not taken from a tensor")?;
-    if strip(g, &sh.input[0], &["Cast"]) != strip(g, &x, &["Cast"]) {
-        return Err(format!("accumulator is shaped like '{}', not like the token rows '{x}'", sh.input[0]));
-    }
+    accumulator_shaped_like_rows(g, &zeros.input[0], &x)?;
     let k = if capacity.is_some() { Some(1) } else { None };
     Ok(MoeLayer {
         family: if capacity.is_some() { "capacity" } else { "hf_loop" },
@@ -198,6 +195,31 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         extra_inits: Vec::new(),
         quant: None,
     })
+}
+
+/// The accumulator's zeros have the token rows' shape: `Shape(rows)` itself (`zeros_like`), or a
+/// shape vector the exporter computed from the input's dimensions (transformers 4's
+/// `torch.zeros((batch_size * sequence_length, hidden_dim))` becomes `Concat(Unsqueeze(Mul(Gather(
+/// Shape(x), 0), Gather(Shape(x), 1))), Unsqueeze(Gather(Shape(x), 2)))`) whose entries, in terms of
+/// the token count, are the rows' own at every T. Anything else is refused: a different row count
+/// would change the output's shape or make the original fail where the replacement would not.
+fn accumulator_shaped_like_rows(g: &GraphIndex, shape: &str, x: &str) -> Result<(), String> {
+    if let Some(sh) = prod(g, shape, "Shape") {
+        if strip(g, &sh.input[0], &["Cast"]) == strip(g, x, &["Cast"]) && attr_i(sh, "start").is_none() && attr_i(sh, "end").is_none() {
+            return Ok(());
+        }
+    }
+    let acc = super::routing::dims::shape_vector(g, shape);
+    let rows = super::prove::shape::shape_of(g, x);
+    match (acc, rows) {
+        (Some(a), Some(r)) if a == r && a.iter().any(|d| d.t == 1) => Ok(()),
+        (Some(a), Some(r)) => Err(format!(
+            "the accumulator's shape {} is not the token rows' {} ('{x}')",
+            super::prove::shape::text(&a),
+            super::prove::shape::text(&r)
+        )),
+        _ => Err(format!("cannot tell that the accumulator (shape '{shape}') is shaped like the token rows '{x}'")),
+    }
 }
 
 /// A loop the exporter unrolled over the hit list of its traced input, with fewer iterations than
@@ -392,6 +414,23 @@ mod tests {
         assert_eq!(r.layers.len(), 1, "{}", r.text());
         assert_eq!(r.layers[0].experts, 4);
         assert!(r.layers[0].proof.as_ref().is_some_and(|p| p.tokens.contains(&1)), "{}", r.text());
+    }
+
+    /// transformers 4.57's Mixtral: zeros of shape `(batch * sequence, hidden)` computed from the
+    /// input's dimensions are the token rows' shape (rewritten); with the sequence's dimension
+    /// swapped for the hidden one (`batch * hidden` rows, a fixed 32) the accumulator is no longer
+    /// shaped like the rows, and the rule refuses it even with the proof off.
+    #[test]
+    fn an_accumulator_shaped_by_arithmetic_must_equal_the_rows() {
+        let mut m = fixture("families/mixtral_tf4_57");
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        let mut m = fixture("families/mixtral_tf4_57");
+        let hidden = node_mut(&mut m, "Gather", "/m/Gather_2_output_0").input[1].clone();
+        node_mut(&mut m, "Gather", "/m/Gather_1_output_0").input[1] = hidden;
+        let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("accumulator's shape [32, 32] is not the token rows' [T, 32]")), "{:?}", r.rejected);
     }
 
     /// Without sizes a Split of 4 hit experts into 2 pieces gives 2 experts each, and the

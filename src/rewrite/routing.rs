@@ -9,7 +9,7 @@ use onnx_protobuf::NodeProto;
 use super::matcher::{axes_of, prod, rank_of, shape_entries, strip_noop_expand};
 use super::prove::shape::shape_of;
 
-mod dims;
+pub(super) mod dims;
 use crate::onnx::graph::{attr_i, attr_s, strip, GraphIndex};
 use crate::onnx::tensor::tensor_f32;
 pub use dims::{shape_vector, sym};
