@@ -661,6 +661,9 @@ FAMILY_FIXTURES = [
     # transformers 4 (export with that version on the path; see export_family_matrix): Mixtral's loop
     # over the hit experts, its accumulator zeros shaped by (batch * sequence, hidden) arithmetic
     ("mixtral_tf4_57", "matrix@4.57.3:MixtralSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # the dynamo exporter's spelling of transformers 4.46's loop over every expert: torch.where as
+    # Slice columns of NonZero, rows and router weights by GatherND, index_add_ as ScatterND add
+    ("mixtral_tf4_46_dynamo", "matrix@4.46.3:MixtralSparseMoeBlock.eager.dynamo.f32", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 

@@ -54,6 +54,8 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     // transformers 4.57's Mixtral block: its loop over the hit experts, accumulating into zeros
     // shaped by (batch * sequence, hidden) arithmetic instead of zeros_like
     ("mixtral_tf4_57", "hidden_states", 1, 0),
+    // transformers 4.46's Mixtral block through the dynamo exporter (ScatterND add, GatherND rows)
+    ("mixtral_tf4_46_dynamo", "hidden_states", 1, 0),
 ];
 
 /// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven
@@ -62,7 +64,7 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
 /// JetMoE's float16 block is proven against its float32 twin (ONNX Runtime's CPU provider has no
 /// float16 ScatterND with a reduction, so the region itself runs at no token count).
 const PROVEN: &[&str] =
-    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57"];
+    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")

@@ -178,8 +178,15 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
     }
     // the accumulator starts as zeros shaped like the rows
     let head = &steps[chain[0]];
-    let zeros = prod(g, &head.acc_in, "ConstantOfShape").ok_or("accumulator is not zeros")?;
-    accumulator_shaped_like_rows(g, &zeros.input[0], &x)?;
+    let shape = super::routing::zeros_shape(g, &head.acc_in).ok_or("accumulator is not zeros")?;
+    if let Some((_, ex)) = g.prod(&head.acc_in).filter(|(_, n)| n.op_type == "Expand") {
+        // Expand(0, shape) has the shape's rank only if the zero has no more axes than it
+        let r = super::routing::dims::shape_vector(g, shape).map(|v| v.len());
+        if !g.const_dims(&ex.input[0]).is_some_and(|d| d.iter().all(|&x| x == 1) && r.is_some_and(|r| d.len() <= r)) {
+            return Err("the accumulator's zeros are expanded from a value of another rank".into());
+        }
+    }
+    accumulator_shaped_like_rows(g, shape, &x)?;
     let k = if capacity.is_some() { Some(1) } else { None };
     Ok(MoeLayer {
         family: if capacity.is_some() { "capacity" } else { "hf_loop" },
@@ -431,6 +438,37 @@ mod tests {
         let r = crate::rewrite::rewrite_with(&mut m, &crate::rewrite::RewriteOptions { prove: false, ..Default::default() }).unwrap();
         assert_eq!(r.layers.len(), 0);
         assert!(r.rejected.iter().any(|w| w.reason.contains("accumulator's shape [32, 32] is not the token rows' [T, 32]")), "{:?}", r.rejected);
+    }
+
+    /// transformers 4.46's loop through the dynamo exporter: rewritten with the proof off; with the
+    /// router weights unsqueezed on the slot axis (GatherND then reads `[T, 1, k]` at (token,
+    /// slot)), with the rows gathered per batch (batch_dims 1), or with index_add_'s ScatterND
+    /// overwriting instead of adding, each is refused.
+    #[test]
+    fn the_dynamo_spelling_of_the_loop_and_its_mutants() {
+        let unproven = crate::rewrite::RewriteOptions { prove: false, ..Default::default() };
+        let mut m = fixture("families/mixtral_tf4_46_dynamo");
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        assert_eq!(r.layers[0].experts, 4);
+
+        let mut m = fixture("families/mixtral_tf4_46_dynamo");
+        let one = node_mut(&mut m, "Slice", "val_26").input[2].clone(); // [1]
+        node_mut(&mut m, "Unsqueeze", "unsqueeze_3").input[1] = one;
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0, "{}", r.text());
+
+        let mut m = fixture("families/mixtral_tf4_46_dynamo");
+        let n = node_mut(&mut m, "GatherND", "val_39");
+        n.attribute.iter_mut().find(|a| a.name == "batch_dims").unwrap().i = 1;
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0, "{}", r.text());
+
+        let mut m = fixture("families/mixtral_tf4_46_dynamo");
+        let n = node_mut(&mut m, "ScatterND", "val_108");
+        n.attribute.iter_mut().find(|a| a.name == "reduction").unwrap().s = b"none".to_vec();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0, "{}", r.text());
     }
 
     /// Without sizes a Split of 4 hit experts into 2 pieces gives 2 experts each, and the

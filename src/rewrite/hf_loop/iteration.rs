@@ -112,15 +112,9 @@ pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -
     Ok(cur)
 }
 
+/// Zeros: `ConstantOfShape` of 0, or the dynamo exporter's `Expand(0, shape)`.
 pub(super) fn is_zeros(g: &GraphIndex, v: &str) -> bool {
-    if let Some(n) = prod(g, v, "ConstantOfShape") {
-        let val = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
-        return match val {
-            None => true,
-            Some(t) => crate::onnx::tensor::tensor_f32(t, None).map(|x| x.iter().all(|&v| v == 0.0)).unwrap_or(false),
-        };
-    }
-    false
+    super::super::routing::is_zeros(g, v)
 }
 
 pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
@@ -141,6 +135,18 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
                         break;
                     }
                 }
+            }
+        } else if n.op_type == "ScatterND" && n.domain.is_empty() {
+            // the dynamo exporter's index_add_: rows `data[i[j, 0], :] += u[j, :]` (indices [n, 1])
+            let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
+            if red == "add" {
+                steps.push(Step {
+                    acc_in: n.input[0].clone(),
+                    acc_out: n.output[0].clone(),
+                    index: n.input[1].clone(),
+                    update: n.input[2].clone(),
+                    overwrites: false,
+                });
             }
         } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
             let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
@@ -167,6 +173,21 @@ pub(super) fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
             let axes = if n.input.len() > 1 { g.const_i64(&n.input[1])? } else { attr_ints(n, "axes")? };
             if axes != [1] && axes != [-1] {
                 return None;
+            }
+            if let Some(sl) = prod(g, &n.input[0], "Slice") {
+                // the dynamo exporter's column: Squeeze(Slice(Transpose(nz), [c], [c + 1], [1]), [1])
+                let (starts, ends) = (g.const_i64(sl.input.get(1)?)?, g.const_i64(sl.input.get(2)?)?);
+                let ax = g.const_i64(sl.input.get(3)?)?;
+                let unit = sl.input.get(4).is_none_or(|st| st.is_empty() || g.const_i64(st).is_some_and(|v| v == [1]));
+                if starts.len() != 1 || ends != [starts[0] + 1] || (ax != [1] && ax != [-1]) || !unit || !(0..2).contains(&starts[0]) {
+                    return None;
+                }
+                let tr = prod(g, &sl.input[0], "Transpose")?;
+                if attr_ints(tr, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
+                    return None;
+                }
+                let nz = prod(g, &tr.input[0], "NonZero")?;
+                return Some((nz.output[0].clone(), starts[0] as usize));
             }
             let s = prod(g, &n.input[0], "Split")?;
             if attr_i(s, "axis").unwrap_or(0) != 1 || s.output.len() != 2 {
@@ -266,6 +287,11 @@ pub(super) fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Op
             return Err("OneHot values are not [0, 1]".into());
         }
         return Ok((oh.input[0].clone(), depth, None));
+    }
+    if prod(g, v, "Equal").is_some() {
+        // the dynamo exporter's one_hot: Equal(Unsqueeze(IDX, -1), arange(E))
+        let (idx, depth) = super::super::routing::one_hot(g, v).ok_or("the Equal mask is not a one-hot of the routing indices")?;
+        return Ok((idx, depth as usize, None));
     }
     if let Some(mul) = prod(g, v, "Mul") {
         // Switch: one_hot * (cumsum(one_hot, tokens) <= C)
@@ -368,6 +394,9 @@ pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, H
 /// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
 pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
     let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
+    if let Some(gn) = prod(g, gv, "GatherND") {
+        return routing_weight_nd(g, gn);
+    }
     let gn = prod(g, gv, "Gather")?;
     if attr_i(gn, "axis").unwrap_or(0) != 0 {
         return None;
@@ -410,11 +439,42 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
     None
 }
 
+/// The dynamo exporter's `RW[token, slot, None]`: GatherND(Unsqueeze(RW, -1), Concat(Unsqueeze(token,
+/// -1), Unsqueeze(slot, -1)), batch_dims 0), one [1] row per assignment.
+fn routing_weight_nd(g: &GraphIndex, gn: &onnx_protobuf::NodeProto) -> Option<(String, String, usize, usize)> {
+    if attr_i(gn, "batch_dims").unwrap_or(0) != 0 {
+        return None;
+    }
+    let u = prod(g, &gn.input[0], "Unsqueeze")?;
+    let ax = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
+    if ax != [2] && ax != [-1] {
+        return None;
+    }
+    let rw = u.input[0].clone();
+    let cat = prod(g, &gn.input[1], "Concat")?;
+    if cat.input.len() != 2 || !matches!(attr_i(cat, "axis"), Some(-1) | Some(1)) {
+        return None;
+    }
+    let col = |v: &str| -> Option<(String, usize)> {
+        let cu = prod(g, v, "Unsqueeze")?;
+        let a = if cu.input.len() > 1 { g.const_i64(&cu.input[1])? } else { attr_ints(cu, "axes")? };
+        if a != [1] && a != [-1] {
+            return None;
+        }
+        where_coord(g, &cu.input[0])
+    };
+    let ((nz1, c_tok), (nz2, c_slot)) = (col(&cat.input[0])?, col(&cat.input[1])?);
+    (nz1 == nz2).then_some((rw, nz1, c_tok, c_slot))
+}
+
 /// The token rows of `nz`'s token coordinate: Gather(X, tok) or Reshape(Gather(Unsqueeze(X, 0), tok, axis=1)).
 pub(super) fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for &c in g.cons(tok) {
         let n = g.node(c);
+        if n.op_type == "Unsqueeze" {
+            out.extend(row_leaves_nd(g, n));
+        }
         if n.op_type != "Gather" || n.input.get(1).map(String::as_str) != Some(tok) {
             continue;
         }
@@ -434,6 +494,49 @@ pub(super) fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
                 }
             }
             _ => {}
+        }
+    }
+    out
+}
+
+/// The dynamo exporter's token rows, from `Unsqueeze(token, -1)` (`u`): `X[token]` as
+/// GatherND(X, u), or `X[None, token]` as Reshape(Transpose(GatherND(Transpose(Unsqueeze(X, 0),
+/// [1, 0, 2]), u), [1, 0, 2]), [-1, d]). (rows, X)
+fn row_leaves_nd(g: &GraphIndex, u: &onnx_protobuf::NodeProto) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let ax = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+    if ax.as_deref() != Some(&[1]) && ax.as_deref() != Some(&[-1]) {
+        return out;
+    }
+    let t102 = |n: &onnx_protobuf::NodeProto| n.op_type == "Transpose" && attr_ints(n, "perm").as_deref() == Some(&[1, 0, 2]);
+    for &c in g.cons(&u.output[0]) {
+        let n = g.node(c);
+        if n.op_type != "GatherND" || n.input.get(1) != Some(&u.output[0]) || attr_i(n, "batch_dims").unwrap_or(0) != 0 {
+            continue;
+        }
+        let src = &n.input[0];
+        if rank_of(g, src) == Some(2) {
+            out.push((n.output[0].clone(), src.clone()));
+            continue;
+        }
+        // X[None, token]: the rows' axis moved first, gathered, moved back, flattened
+        let Some((_, t1)) = g.prod(src).filter(|(_, t)| t102(t)) else { continue };
+        let Some(x0) = prod(g, &t1.input[0], "Unsqueeze") else { continue };
+        let a0 = if x0.input.len() > 1 { g.const_i64(&x0.input[1]) } else { attr_ints(x0, "axes") };
+        if a0.as_deref() != Some(&[0]) {
+            continue;
+        }
+        for &t2 in g.cons(&n.output[0]) {
+            let t2 = g.node(t2);
+            if !t102(t2) {
+                continue;
+            }
+            for &r in g.cons(&t2.output[0]) {
+                let rn = g.node(r);
+                if rn.op_type == "Reshape" && is_rows_shape(g, &rn.input[1]) {
+                    out.push((rn.output[0].clone(), x0.input[0].clone()));
+                }
+            }
         }
     }
     out
