@@ -664,6 +664,11 @@ FAMILY_FIXTURES = [
     # the dynamo exporter's spelling of transformers 4.46's loop over every expert: torch.where as
     # Slice columns of NonZero, rows and router weights by GatherND, index_add_ as ScatterND add
     ("mixtral_tf4_46_dynamo", "matrix@4.46.3:MixtralSparseMoeBlock.eager.dynamo.f32", "dynamo", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # transformers 4.57's Qwen3-VL-MoE experts: every expert on every token (x.repeat(E, 1).view(E,
+    # -1, d), bmm), outputs and gate reshaped to [E, batch, -1(, d)] and summed over E; TorchScript
+    # float32 and dynamo float16 (a float32 sum of float16 products)
+    ("qwen3_vl_moe_tf4_57", "matrix@4.57.3:Qwen3VLMoeTextSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    ("qwen3_vl_moe_tf4_57_dynamo_f16", "matrix@4.57.3:Qwen3VLMoeTextSparseMoeBlock.eager.dynamo.f16", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 

@@ -117,6 +117,8 @@ fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, 
         .filter(|v| v.len() == 1)
         .map(|v| v[0] as usize)
         .or_else(|| g.const_i64(&shape).and_then(|v| v.last().map(|&e| e as usize)))
+        // zeros_like(router_logits): the shape vector's last entry, a fixed dimension
+        .or_else(|| super::routing::shape_vector(g, &shape).and_then(|v| v.last().filter(|d| d.t == 0 && d.c > 0).map(|d| d.c as usize)))
         .ok_or("cannot tell the gate's number of experts")?;
     if !super::matcher::is_last_axis(axis, rank) {
         return Err(format!("the gate scatter runs along axis {axis}, not the expert axis"));
@@ -323,40 +325,148 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
 /// The batched-MatMul form: `Y = ReduceSum(H * Unsqueeze(Transpose(G), -1), axis 0)` where
 /// `H[e] = MLP_e(Unsqueeze(X, 0))` (MatMul with stacked weights [E, in, out], the rows broadcast
 /// over the expert axis) and G the top-k gate [T, E].
+/// One entry of a shape vector: a constant, or a one-element value named in the graph.
+#[derive(Debug, Clone, PartialEq)]
+enum Entry {
+    Const(i64),
+    Value(String),
+}
+
+/// The entries of a reshape target: a constant, or a Concat of constants and one-element values.
+fn entries(g: &GraphIndex, v: &str) -> Option<Vec<Entry>> {
+    if let Some(c) = g.const_i64(v) {
+        return Some(c.into_iter().map(Entry::Const).collect());
+    }
+    let cat = super::matcher::prod(g, v, "Concat")?;
+    let mut out = Vec::new();
+    for p in &cat.input {
+        match g.const_i64(p) {
+            Some(c) => out.extend(c.into_iter().map(Entry::Const)),
+            // one value under its Unsqueeze / Cast: two Unsqueezes of one scalar are one entry
+            None if super::matcher::prod(g, p, "Unsqueeze").is_some() => {
+                out.push(Entry::Value(crate::onnx::graph::strip(g, p, &["Unsqueeze", "Cast", "Identity"]).to_string()))
+            }
+            None => return None,
+        }
+    }
+    Some(out)
+}
+
+/// transformers 4's dense experts (Qwen3-VL-MoE, GPT-OSS on a GPU): `x.repeat(E, 1).view(E, -1, d)`,
+/// written `Reshape(Tile(Expand(x, ones), [E, 1]), [E, -1, d])`: slice e of the result is x itself.
+/// (the repeated value, x)
+fn repeated_rows(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, String)> {
+    use super::matcher::prod;
+    if n.op_type != "Reshape" {
+        return None;
+    }
+    let shape = g.const_i64(&n.input[1])?;
+    let tile = prod(g, &n.input[0], "Tile")?;
+    let reps = g.const_i64(&tile.input[1])?;
+    let mut x = tile.input[0].as_str();
+    if let Some(ex) = prod(g, x, "Expand") {
+        // broadcast to a shape of ones of at most x's rank (a constant, or ConstantOfShape of
+        // ones): x unchanged
+        let ones_shape = match g.const_i64(&ex.input[1]) {
+            Some(c) => c.iter().all(|&v| v == 1) && c.len() <= 2,
+            None => {
+                let ones = prod(g, &ex.input[1], "ConstantOfShape")?;
+                let val = ones.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref())?;
+                let one = crate::onnx::tensor::tensor_f32(val, None).ok().is_some_and(|v| v.iter().all(|&x| x == 1.0))
+                    || crate::onnx::tensor::tensor_i64(val, None).ok().is_some_and(|v| v.iter().all(|&x| x == 1));
+                let len = g.const_i64(&ones.input[0])?;
+                one && len.len() == 1 && len[0] <= 2
+            }
+        };
+        if !ones_shape {
+            return None;
+        }
+        x = &ex.input[0];
+    }
+    let d = *super::prove::shape::shape_of(g, x)?.get(1).filter(|d| d.t == 0)?;
+    if !(super::matcher::rank_of(g, x) == Some(2) && reps.len() == 2 && reps[1] == 1 && reps[0] >= 1 && shape == [reps[0], -1, d.c]) {
+        return None;
+    }
+    // rows flattened from [B, S, d] (`hidden_states.reshape(-1, hidden)`): the op takes them as they
+    // are (it flattens leading axes the same way), so the shape chains the graph reads from them
+    // stay computable from the op's input
+    let x = match prod(g, x, "Reshape") {
+        Some(r) if g.const_i64(&r.input[1]).is_some_and(|s| s == [-1, d.c]) && super::matcher::rank_of(g, &r.input[0]).is_some_and(|r| r >= 2) => r.input[0].as_str(),
+        _ => x,
+    };
+    Some((n.output[0].clone(), x.to_string()))
+}
+
+/// `ReduceSum(Mul(Y, Unsqueeze([Reshape](Transpose(G), s), -1)), axes 0)`: the experts' outputs of
+/// every token, [E, T, d] or reshaped alike to [E, A.., d], weighted by the gate and summed over
+/// the experts.
 fn prove_bmm(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLayer>, String> {
-    let Some((_, mul)) = g.prod(&rsum.input[0]).filter(|(_, n)| n.op_type == "Mul") else { return Ok(None) };
+    // the dynamo exporter sums 16-bit values as ReduceSum(Cast(x, float32)): read through the widening
+    let mut summed = rsum.input[0].as_str();
+    let mut widened = false;
+    if let Some((_, c)) = g.prod(summed).filter(|(_, n)| n.op_type == "Cast" && attr_i(n, "to") == Some(1)) {
+        if matches!(g.infer_type(&c.input[0]), Some(10) | Some(16)) {
+            summed = &c.input[0];
+            widened = true;
+        }
+    }
+    let Some((_, mul)) = g.prod(summed).filter(|(_, n)| n.op_type == "Mul") else { return Ok(None) };
     let axes = if rsum.input.len() > 1 { g.const_i64(&rsum.input[1]) } else { crate::onnx::graph::attr_ints(rsum, "axes") };
     let mut parts = None;
     for (a, b) in [(0, 1), (1, 0)] {
-        // b: Unsqueeze(Transpose(G, [1, 0]), -1)
+        // b: Unsqueeze([Reshape](Transpose(G, [1, 0]), s_g), -1)
         let Some((_, u)) = g.prod(&mul.input[b]).filter(|(_, n)| n.op_type == "Unsqueeze") else { continue };
         let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { crate::onnx::graph::attr_ints(u, "axes") };
-        let Some((_, t)) = g.prod(&u.input[0]).filter(|(_, n)| n.op_type == "Transpose") else { continue };
+        let mut inner = u.input[0].as_str();
+        let mut s_g = None;
+        if let Some((_, r)) = g.prod(inner).filter(|(_, n)| n.op_type == "Reshape") {
+            s_g = Some(r.input[1].clone());
+            inner = &r.input[0];
+        }
+        let Some((_, t)) = g.prod(inner).filter(|(_, n)| n.op_type == "Transpose") else { continue };
         if crate::onnx::graph::attr_ints(t, "perm").unwrap_or_else(|| vec![1, 0]) != [1, 0] {
             continue;
         }
-        parts = Some((mul.input[a].clone(), t.input[0].clone(), ua));
+        parts = Some((mul.input[a].clone(), t.input[0].clone(), ua, s_g));
     }
-    let Some((y, gate, ua)) = parts else { return Ok(None) };
+    let Some((y, gate, ua, s_g)) = parts else { return Ok(None) };
     let Some((idx, rw, k, e_gate)) = gate_of(g, &gate)? else { return Ok(None) };
     if axes.as_deref() != Some(&[0]) || attr_i(rsum, "keepdims").unwrap_or(1) != 0 {
         return Err("the weighted expert outputs are not summed over the expert axis".into());
     }
-    if !matches!(ua.as_deref(), Some([-1]) | Some([2])) {
+    // reshaped alike: the gate [E, T] to s_g = [E, A..] and the outputs [E, T, d] to [E, A.., d],
+    // so entry (e, a..) of both is the same (expert, token); the sum is then the op's rows
+    // reshaped to [A.., d], which a Reshape after the op writes
+    let (y, out_shape) = match &s_g {
+        None => (y, None),
+        Some(s_g) => {
+            let ry = super::matcher::prod(g, &y, "Reshape").ok_or("the gate is reshaped and the experts' outputs are not")?;
+            let (eg, ey) = (entries(g, s_g).ok_or("the gate's reshape target is not read")?, entries(g, &ry.input[1]).ok_or("the outputs' reshape target is not read")?);
+            let same = ey.len() == eg.len() + 1 && ey[..eg.len()] == eg[..] && eg.first() == Some(&Entry::Const(e_gate as i64));
+            if !same || eg.iter().chain(&ey).any(|e| *e == Entry::Const(0)) {
+                return Err(format!("the gate (reshaped to {eg:?}) and the experts' outputs (to {ey:?}) are not reshaped alike"));
+            }
+            (ry.input[0].clone(), Some((ry.input[1].clone(), eg.len())))
+        }
+    };
+    let width = out_shape.as_ref().map_or(2, |(_, r)| *r);
+    if !matches!(ua.as_deref(), Some([-1])) && ua.as_deref() != Some(&[width as i64]) {
         return Err("the gate is not broadcast over the model width".into());
     }
-    // leaves: Unsqueeze(X, 0), the rows broadcast over the expert axis
+    // leaves: Unsqueeze(X, 0), or X repeated E times, the rows broadcast over the expert axis
     let mut leaves = Vec::new();
     for n in &g.graph.node {
         if n.op_type == "Unsqueeze" && n.domain.is_empty() {
             let a = if n.input.len() > 1 { g.const_i64(&n.input[1]) } else { crate::onnx::graph::attr_ints(n, "axes") };
             if a.as_deref() == Some(&[0]) {
-                leaves.push(n.output[0].clone());
+                leaves.push((n.output[0].clone(), n.input[0].clone()));
             }
+        } else if let Some(l) = repeated_rows(g, n).filter(|_| n.domain.is_empty()) {
+            leaves.push(l);
         }
     }
     let resolver = |_: &str| None;
-    let mut p = ExprParser::new(g, leaves, &resolver);
+    let mut p = ExprParser::new(g, leaves.iter().map(|l| l.0.clone()).collect(), &resolver);
     p.batched_leaf = true;
     let e = p.parse(&y)?;
     let d = p.d.ok_or("the expert outputs read no stacked linear layer of the token rows")?;
@@ -366,19 +476,39 @@ fn prove_bmm(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<M
         return Err(format!("the gate has {e_gate} experts, the weights {e_count}"));
     }
     let leaf = p.matched_leaf.clone().ok_or("cannot find the token rows")?;
-    let x = g.prod(&leaf).map(|(_, n)| n.input[0].clone()).ok_or("cannot find the token rows")?;
+    let x = leaves.iter().find(|l| l.0 == leaf).map(|l| l.1.clone()).ok_or("cannot find the token rows")?;
+    let output = rsum.output[0].clone();
+    let (mut extra_nodes, mut extra_inits) = (Vec::new(), Vec::new());
+    if let Some((s_y, _)) = out_shape {
+        // the op's rows [T, d] as the graph's [A.., d]: s_y without its expert entry
+        let tag = format!("{output}/scattermoe_rows");
+        let (one, big, zero) = (format!("{tag}/one"), format!("{tag}/end"), format!("{tag}/axis"));
+        for (n, v) in [(&one, 1i64), (&big, i64::MAX), (&zero, 0)] {
+            extra_inits.push(crate::onnx::tensor::make_i64(n, &[1], &[v]));
+        }
+        let shape = format!("{tag}/shape");
+        extra_nodes.push(crate::onnx::graph::make_node("Slice", "", &format!("{tag}/Slice"), &[&s_y, &one, &big, &zero], &[&shape]));
+        // a float32 sum of 16-bit products: the op's rows in their type, then widened as the graph does
+        let rows = if widened { format!("{tag}/rows") } else { output.clone() };
+        extra_nodes.push(crate::onnx::graph::make_node("Reshape", "", &format!("{tag}/Reshape"), &[&super::emit::op_result(&output), &shape], &[&rows]));
+        if widened {
+            let mut c = crate::onnx::graph::make_node("Cast", "", &format!("{tag}/Cast"), &[&rows], &[&output]);
+            c.attribute.push(crate::onnx::graph::attr_int("to", 1));
+            extra_nodes.push(c);
+        }
+    }
     Ok(Some(MoeLayer {
         family: "dense",
         x,
         routing_weights: rw,
         routing_indices: idx,
-        output: rsum.output[0].clone(),
+        output,
         experts: (0..e_count).map(|i| mlp.for_expert(i)).collect(),
         capacity: None,
         capacity_order: CapacityOrder::SlotMajor,
         k: Some(k),
-        extra_nodes: Vec::new(),
-        extra_inits: Vec::new(),
+        extra_nodes,
+        extra_inits,
         quant: None,
     }))
 }
@@ -393,6 +523,32 @@ mod tests {
             let mut m = fixture(name);
             assert_eq!(rewrite(&mut m).0, 1, "{name}");
         }
+    }
+
+    /// transformers 4.57's Qwen3-VL-MoE (rows repeated E times, outputs and gate reshaped to [E,
+    /// batch, -1(, d)]): rewritten with the proof off; with the gate reshaped to [E, -1, batch]
+    /// instead (entry (e, b, s) of the outputs no longer meets its own gate), or with the rows
+    /// tiled twice along the width, refused.
+    #[test]
+    fn repeated_rows_and_reshaped_sums() {
+        let unproven = crate::rewrite::RewriteOptions { prove: false, ..Default::default() };
+        for name in ["families/qwen3_vl_moe_tf4_57", "families/qwen3_vl_moe_tf4_57_dynamo_f16"] {
+            let mut m = fixture(name);
+            let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+            assert_eq!(r.layers.len(), 1, "{name}: {}", r.text());
+        }
+        let mut m = fixture("families/qwen3_vl_moe_tf4_57");
+        let c = node_mut(&mut m, "Concat", "/m/experts/Concat_1_output_0");
+        c.input.swap(1, 2);
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("not reshaped alike")), "{:?}", r.rejected);
+
+        let mut m = fixture("families/qwen3_vl_moe_tf4_57");
+        m.proto.graph.mut_or_insert_default().initializer.push(crate::onnx::tensor::make_i64("reps_mut", &[2], &[4, 2]));
+        node_mut(&mut m, "Tile", "/m/experts/Tile_output_0").input[1] = "reps_mut".into();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
     }
 
     /// A router TopK along the token axis picks tokens, not distinct experts: the gate it builds

@@ -255,7 +255,11 @@ fn prove_or_measure(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted
     // chain cannot be told (a group mask expanded to a computed shape) need not do. So TopK
     // indices of a shape not told are computed by both models with the router's own nodes too.
     let drawn = |v: &str| routed_by_topk(g, v) && shape::shape_of(g, v).is_some();
-    let derive: Vec<String> = reads.iter().filter(|v| (**v == layer.routing_indices || **v == routing || index(v)) && !drawn(v)).cloned().collect();
+    // Shape vectors the emitted nodes read (a reshape of the op's rows to the graph's leading
+    // axes) are computed by both models from their inputs too: drawn at random they mean nothing.
+    let shape_value = |v: &str| *v != *layer.routing_indices && *v != *routing && !sources.contains(v) && g.infer_type(v) == Some(7) && g.prod(v).is_some();
+    let derive: Vec<String> =
+        reads.iter().filter(|v| ((**v == layer.routing_indices || **v == routing || index(v)) && !drawn(v)) || shape_value(v)).cloned().collect();
     // Routing weights whose shape the graph does not tell are computed by both models from their
     // producers, not fed in the op's [T, k]: fed so, they would hide a graph in which they have
     // another shape (a broadcast against a weight, a rank more), which the whole model then shows.
