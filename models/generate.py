@@ -669,6 +669,9 @@ FAMILY_FIXTURES = [
     # float32 and dynamo float16 (a float32 sum of float16 products)
     ("qwen3_vl_moe_tf4_57", "matrix@4.57.3:Qwen3VLMoeTextSparseMoeBlock.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
     ("qwen3_vl_moe_tf4_57_dynamo_f16", "matrix@4.57.3:Qwen3VLMoeTextSparseMoeBlock.eager.dynamo.f16", "dynamo", "float16", dict(scattermoe=1, parallel_linear=0)),
+    # transformers 4.57's GPT-OSS on the CPU: a loop over the hit experts of a one-hot with E + 1
+    # classes (its depth computed from the gate's shape), each weighted by the dense gate's column
+    ("gpt_oss_tf4_57", "matrix@4.57.3:GptOssMLP.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 

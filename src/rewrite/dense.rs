@@ -84,7 +84,7 @@ pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
 
 /// The gate `ScatterElements(zeros[P, E], IDX, RW, axis = -1)` with IDX from TopK:
 /// (IDX, RW, k, E), or None when `gate` is no such scatter.
-fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, usize)>, String> {
+pub(super) fn gate_of(g: &GraphIndex, gate: &str) -> Result<Option<(String, String, usize, usize)>, String> {
     let gv = crate::onnx::graph::strip(g, gate, &["Cast", "Identity"]);
     if let Some(r) = onehot_gate(g, gv) {
         return r.map(Some);

@@ -96,9 +96,23 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
                 }
             }
         }
+        let mut gate_column = None;
+        if found.is_none() {
+            // GPT-OSS in transformers 4.5x: the dense gate's column of this expert at the tokens,
+            // `router_scores[token, e]`
+            for (a, b) in [(0, 1), (1, 0)] {
+                if let Some((rw, column)) = dense_gate_weight(g, &mul.input[b], tok, &mask, &mut hit_counts).map_err(&fail)? {
+                    found = Some((mul.input[a].clone(), rw));
+                    gate_column = Some(column);
+                    break;
+                }
+            }
+        }
         let (eo, rw) = found.ok_or_else(|| fail("no factor is the routing weight RW[token, slot] of this expert".into()))?;
         // token rows
-        let leaves = row_leaves(g, tok);
+        let mut leaves = row_leaves(g, tok);
+        // the gate's column gathered at the same tokens is the weight, not token rows
+        leaves.retain(|l| gate_column.as_deref() != Some(l.0.as_str()));
         if leaves.is_empty() {
             return Err(fail("no token rows are gathered with these coordinates".into()));
         }
@@ -151,7 +165,16 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         }
         experts[en] = Some(mlp);
     }
-    let (idx, rw, x, e_mask, capacity, stack) = common.ok_or("empty chain")?;
+    let (idx, rw, x, mut e_mask, capacity, stack) = common.ok_or("empty chain")?;
+    // a one-hot wider than the router (GPT-OSS in transformers 4.5x: `num_classes = E + 1`, "the
+    // masking class"): TopK's or ArgMax's indices over E columns never name a class from E on, so
+    // those rows of the mask stack are zero, no iteration or hit entry is theirs, and the loop is
+    // over the router's E experts
+    if let (Some(e), None) = (e_mask, capacity) {
+        if let Some(er) = router_experts(g, &idx).filter(|&er| er >= 1 && er < e) {
+            e_mask = Some(er);
+        }
+    }
     // A scatter without a reduction keeps one of the rows an iteration sends to one token: the
     // loop adds every slot's contribution only where a row never names one expert twice
     if chain.iter().any(|&si| steps[si].overwrites) && !distinct_in_rows(g, &idx) {
@@ -202,6 +225,36 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         extra_inits: Vec::new(),
         quant: None,
     })
+}
+
+/// `G[token, e]` as a column for the iteration's tokens: Gather(Unsqueeze(Gather(G, e, axis 1), -1),
+/// token) where G is the dense gate (the routing weights scattered into zeros [T, E] at TopK's
+/// indices, [`super::dense::gate_of`]) and e is the iteration's expert. TopK names an expert once
+/// per token, so `G[t, e]` is the weight of the one slot of t that chose e, which is what the
+/// iteration's mask selected t for: the iteration adds `w[t, j] MLP_e(x[t])`. Returns the routing
+/// weights when the gate's indices are the mask's.
+fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskInfo, hits: &mut HashMap<ERef, HitSplit>) -> Result<Option<(String, String)>, String> {
+    let v = strip(g, v, &["Cast", "Identity"]);
+    let Some(at_tok) = prod(g, v, "Gather").filter(|n| attr_i(n, "axis").unwrap_or(0) == 0 && strip(g, &n.input[1], &["Cast"]) == strip(g, tok, &["Cast"])) else {
+        return Ok(None);
+    };
+    let Some(u) = prod(g, &at_tok.input[0], "Unsqueeze") else { return Ok(None) };
+    let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+    if ua.as_deref() != Some(&[1]) && ua.as_deref() != Some(&[-1]) {
+        return Ok(None);
+    }
+    let Some(col) = prod(g, &u.input[0], "Gather").filter(|n| matches!(attr_i(n, "axis"), Some(1) | Some(-1))) else { return Ok(None) };
+    if resolve_eref(g, &col.input[1], hits) != Some(mask.eref) {
+        return Err("the dense gate's column is not the iteration's expert".into());
+    }
+    let Some((idx, rw, _k, e)) = super::dense::gate_of(g, &col.input[0])? else { return Ok(None) };
+    if strip(g, &idx, &["Cast"]) != strip(g, &mask.idx, &["Cast"]) {
+        return Err("the dense gate is scattered at other indices than the loop's mask".into());
+    }
+    if super::routing::dims::sym(g, &col.input[1]).is_some_and(|d| d.t != 0 || d.c >= e as i64) {
+        return Err("the dense gate's column is outside its experts".into());
+    }
+    Ok(Some((rw, at_tok.output[0].clone())))
 }
 
 /// The accumulator's zeros have the token rows' shape: `Shape(rows)` itself (`zeros_like`), or a
@@ -469,6 +522,25 @@ mod tests {
         n.attribute.iter_mut().find(|a| a.name == "reduction").unwrap().s = b"none".to_vec();
         let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
         assert_eq!(r.layers.len(), 0, "{}", r.text());
+    }
+
+    /// transformers 4.57's GPT-OSS loop: a one-hot of E + 1 classes whose depth is computed from the
+    /// gate's shape, each iteration weighted by the dense gate's column of its hit expert;
+    /// rewritten with the proof off. Weighted by expert 0's column in every iteration instead, it
+    /// is refused.
+    #[test]
+    fn a_loop_weighted_by_the_dense_gate_column() {
+        let unproven = crate::rewrite::RewriteOptions { prove: false, ..Default::default() };
+        let mut m = fixture("families/gpt_oss_tf4_57");
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        assert_eq!(r.layers[0].experts, 4);
+        let mut m = fixture("families/gpt_oss_tf4_57");
+        m.proto.graph.mut_or_insert_default().initializer.push(crate::onnx::tensor::make_i64("expert0", &[], &[0]));
+        node_mut(&mut m, "Gather", "/m/experts/Gather_9_output_0").input[1] = "expert0".into();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("not the iteration's expert")), "{:?}", r.rejected);
     }
 
     /// Without sizes a Split of 4 hit experts into 2 pieces gives 2 experts each, and the

@@ -281,7 +281,11 @@ pub(super) fn one_hot_like(g: &GraphIndex, v: &str) -> Result<(String, usize, Op
         if attr_i(oh, "axis").unwrap_or(-1) != -1 {
             return Err("OneHot is not along the last axis".into());
         }
-        let depth = g.const_scalar(&oh.input[1]).ok_or("OneHot depth is not constant")? as usize;
+        // a constant, or computed from a dimension the shapes tell (`routing_weights.shape[1] + 1`)
+        let depth = match g.const_scalar(&oh.input[1]) {
+            Some(c) => c as usize,
+            None => super::super::routing::dims::sym(g, &oh.input[1]).filter(|d| d.t == 0 && d.c >= 1).ok_or("OneHot depth is not constant")?.c as usize,
+        };
         let vals = g.const_f32(&oh.input[2]).ok_or("OneHot values are not constant")?;
         if vals != [0.0, 1.0] {
             return Err("OneHot values are not [0, 1]".into());

@@ -42,6 +42,12 @@ fn sym_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<Dim> {
             let (a, b) = (arg(0)?, arg(1)?);
             (a.t + b.t <= 1).then(|| Dim { t: a.t + b.t, c: a.c * b.c })
         }
+        "Add" | "Sub" => {
+            // fixed dimensions, or multiples of T alike
+            let (a, b) = (arg(0)?, arg(1)?);
+            let c = if n.op_type == "Add" { a.c.checked_add(b.c)? } else { a.c.checked_sub(b.c)? };
+            (a.t == b.t).then_some(Dim { t: a.t, c })
+        }
         "Div" => {
             let (a, b) = (arg(0)?, arg(1)?);
             (b.t == 0 && b.c > 0 && a.c % b.c == 0).then(|| Dim { t: a.t, c: a.c / b.c })
