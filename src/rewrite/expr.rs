@@ -197,7 +197,7 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                     return Err(format!("Gemm producing '{v}' has transA/alpha/beta"));
                 }
                 let x = self.parse(inp(0))?;
-                let w = self.weight(inp(1), attr_i(n, "transB").unwrap_or(0) == 1)?;
+                let w = self.weight(inp(1), attr_i(n, "transB").unwrap_or(0) != 0)?;
                 self.check_in(&x, &w)?;
                 let b = if inp(2).is_empty() { None } else { Some(self.bias(inp(2), w.out)?) };
                 Ok(Expr::Lin { x: Box::new(x), w, b })

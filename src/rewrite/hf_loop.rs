@@ -453,7 +453,7 @@ pub fn chosen_width(g: &GraphIndex, v: &str, depth: usize) -> Option<i64> {
         "MatMul" => super::dequant::weight_dims(g, &p.input[1]).and_then(|d| d.last().copied()).or_else(|| arg(1)),
         "Gemm" => {
             let d = super::dequant::weight_dims(g, &p.input[1]).filter(|d| d.len() == 2)?;
-            Some(if attr_i(p, "transB").unwrap_or(0) == 1 { d[0] } else { d[1] })
+            Some(if attr_i(p, "transB").unwrap_or(0) != 0 { d[0] } else { d[1] })
         }
         "Reshape" => super::routing::shape_vector(g, &p.input[1])?.last().filter(|d| d.t == 0 && d.c > 0).map(|d| d.c),
         _ => None,
@@ -516,6 +516,13 @@ mod tests {
         n.attribute.iter_mut().find(|a| a.name == "batch_dims").unwrap().i = 1;
         let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
         assert_eq!(r.layers.len(), 0, "{}", r.text());
+
+        // Gemm's transB is a flag: 2 transposes as 1 does (ONNX Runtime reads it as != 0); the
+        // experts' square weights would fit either way, so reading it as "== 1" was a wrong rewrite
+        let mut m = fixture("families/mixtral_tf4_46_dynamo");
+        node_mut(&mut m, "Gemm", "linear_3").attribute.iter_mut().find(|a| a.name == "transB").unwrap().i = 2;
+        let r = crate::rewrite::rewrite(&mut m).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
 
         let mut m = fixture("families/mixtral_tf4_46_dynamo");
         let n = node_mut(&mut m, "ScatterND", "val_108");

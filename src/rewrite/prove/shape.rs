@@ -293,8 +293,8 @@ fn produced(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
             if a.len() != 2 || b.len() != 2 {
                 return None;
             }
-            let m = if attr_i(n, "transA").unwrap_or(0) == 1 { a[1] } else { a[0] };
-            let nn = if attr_i(n, "transB").unwrap_or(0) == 1 { b[0] } else { b[1] };
+            let m = if attr_i(n, "transA").unwrap_or(0) != 0 { a[1] } else { a[0] };
+            let nn = if attr_i(n, "transB").unwrap_or(0) != 0 { b[0] } else { b[1] };
             Some(vec![m, nn])
         }
         "Transpose" => {
