@@ -672,6 +672,9 @@ FAMILY_FIXTURES = [
     # transformers 4.57's GPT-OSS on the CPU: a loop over the hit experts of a one-hot with E + 1
     # classes (its depth computed from the gate's shape), each weighted by the dense gate's column
     ("gpt_oss_tf4_57", "matrix@4.57.3:GptOssMLP.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # transformers 4.57's DeepSeek-V2: the sorted rows cut into per-expert blocks by Slices at the
+    # running sums of the expert counts, each expert's own MLP, Concat, `new_x[order] = outs`
+    ("deepseek_v2_tf4_57", "matrix@4.57.3:DeepseekV2MoE.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
 ]
 
 

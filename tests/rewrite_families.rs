@@ -61,6 +61,8 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     ("qwen3_vl_moe_tf4_57_dynamo_f16", "hidden_states", 1, 0),
     // transformers 4.57's GPT-OSS loop: one-hot of E + 1 classes, the dense gate's column as weight
     ("gpt_oss_tf4_57", "hidden_states", 1, 0),
+    // transformers 4.57's DeepSeek-V2: per-expert blocks of the sorted rows (Slice at count sums)
+    ("deepseek_v2_tf4_57", "hidden_states", 1, 0),
 ];
 
 /// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven
@@ -69,7 +71,7 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
 /// JetMoE's float16 block is proven against its float32 twin (ONNX Runtime's CPU provider has no
 /// float16 ScatterND with a reduction, so the region itself runs at no token count).
 const PROVEN: &[&str] =
-    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57"];
+    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57", "deepseek_v2_tf4_57"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")

@@ -39,9 +39,10 @@ use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_s, GraphIndex};
 use crate::spec::CapacityOrder;
 
+mod blocks;
 mod dims;
 
-use dims::{last_entry, noop_expand, reshapes_to, same_shape, stride_of, zeros_like_of, Stride};
+use dims::{last_entry, noop_expand, reshapes_to, same_shape, stride_of, whole_shape, zeros_like_of, Stride};
 
 type R<T> = Result<T, String>;
 
@@ -124,6 +125,7 @@ fn unpermute<'g>(g: &GraphIndex<'g>, yu: &'g str) -> Option<(&'g str, &'g str)> 
     // order is a permutation (the caller checks it is a sort's): index_add into zeros copies
     if let Some((base, order, upd)) = row_scatter_with(g, yu, true) {
         let ys = noop_expand(g, upd);
+        let ys = scatter_rows_reshape(g, ys, base, order).unwrap_or(ys);
         // zeros like Ys: every row is overwritten once order is a permutation of Ys's rows
         let same = shape_of(g, base).is_some() && shape_of(g, base) == shape_of(g, ys);
         let like = |y: Option<&str>| y.is_some_and(|y| same_shape(g, y) == same_shape(g, ys));
@@ -135,6 +137,25 @@ fn unpermute<'g>(g: &GraphIndex<'g>, yu: &'g str) -> Option<(&'g str, &'g str)> 
     let (_, tk) = g.prod(inv).filter(|(_, n)| n.op_type == "TopK" && n.output[1] == inv)?;
     let ok = attr_i(tk, "largest") == Some(0) && attr_i(tk, "sorted").unwrap_or(1) != 0 && whole_length(g, &tk.input[1], &tk.input[0]);
     ok.then_some((tk.input[0].as_str(), ys))
+}
+
+/// TorchScript's `new_x[order] = ys`: the update reshaped to `[len(order)] + Shape(data)[1:]`, the
+/// shape ScatterND requires of it. With data zeros like ys (checked by the caller), that is ys's own
+/// shape whenever the graph runs (a ys of another row count makes ScatterND fail): y.
+fn scatter_rows_reshape<'g>(g: &GraphIndex<'g>, v: &'g str, base: &str, order: &str) -> Option<&'g str> {
+    let r = prod(g, v, "Reshape")?;
+    let c = prod(g, &r.input[1], "Concat")?;
+    if c.input.len() != 2 {
+        return None;
+    }
+    let rows = prod(g, &c.input[0], "Shape").filter(|s| whole_shape(s) && uncast(g, &s.input[0]) == uncast(g, order))?;
+    let tail = prod(g, &c.input[1], "Slice")?;
+    let sh = prod(g, &tail.input[0], "Shape").filter(|s| whole_shape(s))?;
+    let from_base = sh.input[0] == base || zeros_like_of(g, base).is_some_and(|y| y == sh.input[0]);
+    let (st, en) = (g.const_i64(tail.input.get(1)?)?, g.const_i64(tail.input.get(2)?)?);
+    let ax_ok = tail.input.get(3).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0]));
+    let step_ok = tail.input.get(4).is_none_or(|s| g.const_i64(s).is_some_and(|s| s == [1]));
+    (from_base && st == [1] && en.len() == 1 && en[0] >= i64::MAX / 2 && ax_ok && step_ok && rows.input.len() == 1).then(|| r.input[0].as_str())
 }
 
 /// The weighted sum over k ending at `n`: (RW, y3) with `Y[t] = sum_j RW[t, j] y3[t, j]` (a
@@ -149,8 +170,9 @@ fn combine_of<'g>(g: &GraphIndex<'g>, n: &'g NodeProto) -> Option<(&'g str, &'g 
             let m = prod(g, super::matcher::widened_16bit(g, &n.input[0]), "Mul")?;
             for (a, b) in [(0, 1), (1, 0)] {
                 let Some(u) = prod(g, &m.input[b], "Unsqueeze") else { continue };
-                if axes_of(g, u).is_some_and(|x| x == [-1] || x == [2]) && prod(g, &m.input[a], "Reshape").is_some() {
-                    return Some((u.input[0].as_str(), m.input[a].as_str()));
+                // DeepSeek-V2's `.type(topk_weight.dtype)` casts the rows before the multiply
+                if axes_of(g, u).is_some_and(|x| x == [-1] || x == [2]) && prod(g, uncast(g, &m.input[a]), "Reshape").is_some() {
+                    return Some((u.input[0].as_str(), uncast(g, &m.input[a])));
                 }
             }
             None
@@ -207,8 +229,11 @@ fn prove(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, order: &str, y
     if !super::matcher::is_last_axis(attr_i(tk, "axis").unwrap_or(-1), rank_of(g, &tk.input[0])) || rank_of(g, &sort.idx) != Some(2) {
         return Err("the router's TopK does not choose along the last axis of [T, E]".into());
     }
-    // the read-back and the bins it reads
+    // the read-back and the bins it reads, or per-expert blocks of the sorted rows
     let ys = same_shape(g, ys);
+    if let Some((experts, rows)) = blocks::expert_blocks(g, ys, &sort.idx)? {
+        return finish(g, n, rw, rs, &sort, k, &rows, experts);
+    }
     let (o, rd, flat_target) = readback(g, ys).ok_or("the un-permuted rows are not read back from the expert outputs at (expert, position)")?;
     let mut bins: Vec<String> = Vec::new();
     for m in &g.graph.node {
@@ -262,8 +287,17 @@ fn prove(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, order: &str, y
         return Err("the expert coordinate may be negative".into());
     }
     positions(g, &sort, s, pos, experts)?;
+    finish(g, n, rw, rs, &sort, k, rows, (0..experts as usize).map(|i| mlp.for_expert(i)).collect())
+}
+
+/// What both forms share after the experts: the rows are `X[order div k]`, the un-permuted rows are
+/// reshaped to [T, k, d], the routing weights pair with the indices, the router has E columns.
+#[allow(clippy::too_many_arguments)]
+fn finish(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, sort: &Sort, k: i64, rows: &str, mlps: Vec<super::expr::ExpertMlp>) -> R<MoeLayer> {
+    let experts = mlps.len() as i64;
+    let d = mlps.first().ok_or("no experts")?.d;
     // the rows: X[order div k]
-    let (x, tok) = row_gather(g, same_shape(g, rows)).ok_or("the bins are not filled with gathered token rows")?;
+    let (x, tok) = row_gather(g, same_shape(g, rows)).ok_or("the expert rows are not gathered token rows")?;
     // k = 1: the token is the assignment (torch writes no division)
     let (num, kk) = if uncast(g, tok) == sort.order { (uncast(g, tok), 1) } else { floor_div(g, tok).ok_or("the gathered tokens are not order div k")? };
     if num != uncast(g, &sort.order) {
@@ -296,7 +330,7 @@ fn prove(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, order: &str, y
         routing_weights: rw.to_string(),
         routing_indices: sort.idx.clone(),
         output: n.output[0].clone(),
-        experts: (0..experts as usize).map(|i| mlp.for_expert(i)).collect(),
+        experts: mlps,
         capacity: None,
         capacity_order: CapacityOrder::SlotMajor,
         k: Some(k as usize),
@@ -388,6 +422,33 @@ fn zeros_of_len(g: &GraphIndex, v: &str, experts: i64) -> bool {
 mod tests {
     use crate::onnx::tensor::make_tensor;
     use crate::rewrite::matcher::testing::{fixture, node_mut, rewrite};
+
+    /// transformers 4.57's DeepSeek-V2: per-expert blocks of the sorted rows, sliced at the running
+    /// sums of the expert counts; rewritten with the proof off. Blocks 1 and 2 concatenated in the
+    /// other order (rows of expert 2 where expert 1's belong), or block 1 sliced at block 2's
+    /// bounds, are refused.
+    #[test]
+    fn per_expert_blocks_of_the_sorted_rows() {
+        let unproven = crate::rewrite::RewriteOptions { prove: false, ..Default::default() };
+        let mut m = fixture("families/deepseek_v2_tf4_57");
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        assert_eq!(r.layers[0].experts, 4);
+
+        let mut m = fixture("families/deepseek_v2_tf4_57");
+        node_mut(&mut m, "Concat", "/m/Concat_1_output_0").input.swap(1, 2);
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("not those before it")), "{:?}", r.rejected);
+
+        let mut m = fixture("families/deepseek_v2_tf4_57");
+        let b2 = node_mut(&mut m, "Slice", "/m/Slice_2_output_0").input.clone();
+        let s1 = node_mut(&mut m, "Slice", "/m/Slice_1_output_0");
+        s1.input[1] = b2[1].clone();
+        s1.input[2] = b2[2].clone();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+    }
 
     #[test]
     fn the_fixture_is_rewritten() {

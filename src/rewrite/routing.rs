@@ -271,7 +271,9 @@ pub fn floor_div<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i64)> {
             if !matches!(g.infer_type(&n.input[0]), Some(6 | 7)) {
                 return None;
             }
-            (n.input[0].as_str(), g.const_scalar(&n.input[1])?)
+            // k a constant, or a fixed dimension read from a shape (`topk_ids.shape[1]`)
+            let k = g.const_scalar(&n.input[1]).or_else(|| dims::sym(g, &n.input[1]).filter(|d| d.t == 0).map(|d| d.c as f64))?;
+            (n.input[0].as_str(), k)
         }
         _ => return None,
     };
