@@ -521,7 +521,7 @@ def write_md(info, recs, a):
          f"pip install --target /tmp/tf-{info['transformers']} transformers=={info['transformers']}   # beside torch {info['torch'].split('+')[0]}\n"
          f"PYTHONPATH=/tmp/tf-{info['transformers']} python models/matrix.py export --dir /tmp/matrix --jobs 8"),
         "python models/matrix.py check --dir /tmp/matrix --cli target/release/scattermoe \\",
-        "    --plugin target/release/libscattermoe_ort.so --md docs/rewriter-matrix.md \\",
+        f"    --plugin target/release/libscattermoe_ort.so --md {os.path.relpath(a.md) if not os.path.isabs(a.md) else a.md} \\",
         "    [--baseline OTHER/results.json --baseline-name NAME]   # a second count column",
         "```",
         "",
