@@ -36,6 +36,12 @@ LEFT = {
     "openai_privacy_filter_f16": "gives float16 weights while the experts compute in float32",
 }
 
+# (fixture, scheme) pairs left with the reason: DeepSeek-V2's tiny experts are 16 wide, so a block of
+# 16 along the output axis is the whole axis, one scale per input channel: a layout the op does not take
+LEFT_CASES = {
+    ("deepseek_v2_tf4_57", "fp8-block_out16"): "column-wise layout",
+}
+
 # fixtures whose quantized graph ONNX Runtime's CPU provider cannot run (JetMoE in float16: no float16
 # ScatterND with a reduction), so nothing here can run the original: their rewrite must be proven
 # against the region's float32 twin (src/rewrite/prove/twin.rs), and the op's layout is still checked
@@ -92,8 +98,9 @@ def test_dequantized_experts_are_rewritten_and_match(src: Path, scheme: qdq.Sche
     r = subprocess.run([str(CLI), "rewrite", "--allow-none", "--json", str(qpath), str(out)], capture_output=True, text=True, env=_cli_env(lib))
     assert r.returncode == 0, r.stderr + r.stdout
     report = json.loads(r.stdout)
-    if src.stem in LEFT:
-        assert report["layers"] == [] and any(LEFT[src.stem] in x["reason"] for x in report["rejected"]), report
+    why = LEFT.get(src.stem) or LEFT_CASES.get((src.stem, scheme.id))
+    if why:
+        assert report["layers"] == [] and any(why in x["reason"] for x in report["rejected"]), report
         return
     assert report["layers"], report["rejected"]
     for layer in report["layers"]:

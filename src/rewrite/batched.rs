@@ -208,7 +208,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
         if lo != Some(0.0) || hi != Some((e_count - 1) as f64) {
             return Err(format!("the routing indices are clipped to [{lo:?}, {hi:?}], not [0, {}]", e_count - 1));
         }
-        reads_clipped = topk.is_none_or(|t| super::hf_loop::chosen_width(g, &t.input[0], 0) != Some(e_count as i64));
+        reads_clipped = topk.is_none_or(|t| super::routing::chosen_width(g, &t.input[0], 0) != Some(e_count as i64));
     }
 
     // what the shape arithmetic may read

@@ -214,7 +214,7 @@ fn prove(g: &GraphIndex, n: &onnx_protobuf::NodeProto, w: &str, o: &str, bufs: &
     }
     // OneHot drops a choice outside [0, E) (a zero row); the op refuses it: the router must have
     // exactly E columns
-    match super::hf_loop::router_experts(g, &idx) {
+    match super::routing::router_experts(g, &idx) {
         Some(c) if c as i64 == experts => {}
         Some(c) => return Err(format!("the router chooses among {c} values, not the {experts} experts")),
         None => return Err("cannot tell that the router chooses among exactly the E experts".into()),

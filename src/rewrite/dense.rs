@@ -13,6 +13,9 @@ use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, attr_s, GraphIndex};
 use crate::spec::CapacityOrder;
 
+mod repeat;
+use repeat::{entries, repeated_rows, Entry};
+
 /// The first inputs of einsums that apply a stacked weight to shared rows (`P i, e {i o} -> P e o`).
 fn shared_row_inputs(g: &GraphIndex) -> Vec<String> {
     let mut v = Vec::new();
@@ -196,7 +199,7 @@ fn onehot_gate(g: &GraphIndex, v: &str) -> Option<Result<(String, String, usize,
             return Err("the gate's one-hot sum is not over the k choices".into());
         }
         let k = topk_k(g, &idx)?;
-        match super::hf_loop::router_experts(g, &idx) {
+        match super::routing::router_experts(g, &idx) {
             Some(w) if w as i64 == e => {}
             Some(w) => return Err(format!("the router chooses among {w} values, not the gate's {e} experts")),
             None => return Err("cannot tell that the router chooses among exactly the gate's experts".into()),
@@ -325,78 +328,6 @@ fn prove(g: &GraphIndex, gate: &str, y: &str, leaves: &[String], at: &str) -> Re
 /// The batched-MatMul form: `Y = ReduceSum(H * Unsqueeze(Transpose(G), -1), axis 0)` where
 /// `H[e] = MLP_e(Unsqueeze(X, 0))` (MatMul with stacked weights [E, in, out], the rows broadcast
 /// over the expert axis) and G the top-k gate [T, E].
-/// One entry of a shape vector: a constant, or a one-element value named in the graph.
-#[derive(Debug, Clone, PartialEq)]
-enum Entry {
-    Const(i64),
-    Value(String),
-}
-
-/// The entries of a reshape target: a constant, or a Concat of constants and one-element values.
-fn entries(g: &GraphIndex, v: &str) -> Option<Vec<Entry>> {
-    if let Some(c) = g.const_i64(v) {
-        return Some(c.into_iter().map(Entry::Const).collect());
-    }
-    let cat = super::matcher::prod(g, v, "Concat")?;
-    let mut out = Vec::new();
-    for p in &cat.input {
-        match g.const_i64(p) {
-            Some(c) => out.extend(c.into_iter().map(Entry::Const)),
-            // one value under its Unsqueeze / Cast: two Unsqueezes of one scalar are one entry
-            None if super::matcher::prod(g, p, "Unsqueeze").is_some() => {
-                out.push(Entry::Value(crate::onnx::graph::strip(g, p, &["Unsqueeze", "Cast", "Identity"]).to_string()))
-            }
-            None => return None,
-        }
-    }
-    Some(out)
-}
-
-/// transformers 4's dense experts (Qwen3-VL-MoE, GPT-OSS on a GPU): `x.repeat(E, 1).view(E, -1, d)`,
-/// written `Reshape(Tile(Expand(x, ones), [E, 1]), [E, -1, d])`: slice e of the result is x itself.
-/// (the repeated value, x)
-fn repeated_rows(g: &GraphIndex, n: &onnx_protobuf::NodeProto) -> Option<(String, String)> {
-    use super::matcher::prod;
-    if n.op_type != "Reshape" {
-        return None;
-    }
-    let shape = g.const_i64(&n.input[1])?;
-    let tile = prod(g, &n.input[0], "Tile")?;
-    let reps = g.const_i64(&tile.input[1])?;
-    let mut x = tile.input[0].as_str();
-    if let Some(ex) = prod(g, x, "Expand") {
-        // broadcast to a shape of ones of at most x's rank (a constant, or ConstantOfShape of
-        // ones): x unchanged
-        let ones_shape = match g.const_i64(&ex.input[1]) {
-            Some(c) => c.iter().all(|&v| v == 1) && c.len() <= 2,
-            None => {
-                let ones = prod(g, &ex.input[1], "ConstantOfShape")?;
-                let val = ones.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref())?;
-                let one = crate::onnx::tensor::tensor_f32(val, None).ok().is_some_and(|v| v.iter().all(|&x| x == 1.0))
-                    || crate::onnx::tensor::tensor_i64(val, None).ok().is_some_and(|v| v.iter().all(|&x| x == 1));
-                let len = g.const_i64(&ones.input[0])?;
-                one && len.len() == 1 && len[0] <= 2
-            }
-        };
-        if !ones_shape {
-            return None;
-        }
-        x = &ex.input[0];
-    }
-    let d = *super::prove::shape::shape_of(g, x)?.get(1).filter(|d| d.t == 0)?;
-    if !(super::matcher::rank_of(g, x) == Some(2) && reps.len() == 2 && reps[1] == 1 && reps[0] >= 1 && shape == [reps[0], -1, d.c]) {
-        return None;
-    }
-    // rows flattened from [B, S, d] (`hidden_states.reshape(-1, hidden)`): the op takes them as they
-    // are (it flattens leading axes the same way), so the shape chains the graph reads from them
-    // stay computable from the op's input
-    let x = match prod(g, x, "Reshape") {
-        Some(r) if g.const_i64(&r.input[1]).is_some_and(|s| s == [-1, d.c]) && super::matcher::rank_of(g, &r.input[0]).is_some_and(|r| r >= 2) => r.input[0].as_str(),
-        _ => x,
-    };
-    Some((n.output[0].clone(), x.to_string()))
-}
-
 /// `ReduceSum(Mul(Y, Unsqueeze([Reshape](Transpose(G), s), -1)), axes 0)`: the experts' outputs of
 /// every token, [E, T, d] or reshaped alike to [E, A.., d], weighted by the gate and summed over
 /// the experts.

@@ -319,7 +319,7 @@ fn finish(g: &GraphIndex, n: &NodeProto, rw: &str, rs: &NodeProto, sort: &Sort, 
     }
     // OneHot drops, and ScatterND refuses, an index outside [0, E); the op refuses it too: the
     // router must have exactly E columns
-    match super::hf_loop::router_experts(g, &sort.idx) {
+    match super::routing::router_experts(g, &sort.idx) {
         Some(c) if c as i64 == experts => {}
         Some(c) => return Err(format!("the router chooses among {c} values, not the {experts} experts")),
         None => return Err("cannot tell that the router chooses among exactly the E experts".into()),

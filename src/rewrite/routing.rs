@@ -10,6 +10,8 @@ use super::matcher::{axes_of, prod, rank_of, shape_entries, strip_noop_expand};
 use super::prove::shape::shape_of;
 
 pub(super) mod dims;
+mod width;
+pub use width::{chosen_width, router_experts};
 use crate::onnx::graph::{attr_i, attr_s, strip, GraphIndex};
 use crate::onnx::tensor::tensor_f32;
 pub use dims::{shape_vector, sym};

@@ -83,7 +83,7 @@ fn check_choice(g: &GraphIndex, idx: &str, experts: i64) -> R<()> {
     }
     // OneHot drops an index outside [0, E) (a zero row) where the op refuses it
     let cols = input_shape.or_else(|| shape_in(g, &am.input[0], 0)).and_then(|s| s.last().copied());
-    let router = crate::rewrite::hf_loop::router_experts(g, idx).map(|c| Dim::fixed(c as i64));
+    let router = crate::rewrite::routing::router_experts(g, idx).map(|c| Dim::fixed(c as i64));
     if cols.or(router) != Some(Dim::fixed(experts)) {
         return Err(format!("cannot tell that the choice '{idx}' is among exactly the {experts} experts"));
     }
