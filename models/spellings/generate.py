@@ -1,5 +1,6 @@
-"""Property-based generator of hand-written MoE spellings: dense, capacity (Switch/GShard) and
-Megablocks-style layers written in plain torch the ways people write them. Every seed draws one
+"""Property-based generator of hand-written MoE spellings: dense, capacity (Switch/GShard),
+Megablocks-style and (from seed 7000) per-expert loop layers written in plain torch the ways people
+write them. Every seed draws one
 spelling (the choices below) and exports it; a new spelling is a new seed, not new code.
 
     /path/to/torch/python models/spellings/generate.py --seeds 0-47 --out models/spellings
@@ -357,6 +358,88 @@ class MegablocksMoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# Per-expert loops: for each expert, its tokens' rows through its MLP, added back (seeds from 7000)
+# ------------------------------------------------------------------------------------------------
+
+
+class LoopMoE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        E, d, f = c["E"], c["d"], c["f"]
+        self.router = Router(d, E, c["k"], c["router"])
+        if c["weights"] == "stacked":
+            self.ex = Experts(E, d, f, c["act"], c["gated"], c["bias"])
+        else:  # one nn.Linear per projection and expert, as transformers 4's Mixtral
+            n = 2 * f if c["gated"] and c["weights"] == "modules_fused" else f
+            self.w1 = nn.ModuleList([nn.Linear(d, n, bias=c["bias"]) for _ in range(E)])
+            self.w3 = nn.ModuleList([nn.Linear(d, f, bias=c["bias"]) for _ in range(E)]) if c["gated"] and c["weights"] == "modules" else None
+            self.w2 = nn.ModuleList([nn.Linear(f, d, bias=c["bias"]) for _ in range(E)])
+            self.act = act_fn(c["act"])
+
+    def mlp(self, e, h):
+        c = self.c
+        if c["weights"] == "stacked":
+            ex = self.ex
+            a = h @ ex.w1[e] + (ex.b1[e] if ex.bias else 0)
+            return ex.inner(a) @ ex.w2[e] + (ex.b2[e] if ex.bias else 0)
+        if not c["gated"]:
+            return self.w2[e](self.act(self.w1[e](h)))
+        if self.w3 is not None:
+            return self.w2[e](self.act(self.w1[e](h)) * self.w3[e](h))
+        g, u = self.w1[e](h).chunk(2, dim=-1)
+        return self.w2[e](self.act(g) * u)
+
+    def forward(self, x):
+        c = self.c
+        E, k = c["E"], c["k"]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T, d = x.shape
+        w, idx = self.router(x)
+        if c["zeros"] == "zeros_like":
+            out = torch.zeros_like(x)
+        elif c["zeros"] == "zeros_shape":  # transformers 4: torch.zeros((batch * seq, hidden))
+            out = torch.zeros((shape[0] * shape[1] if len(shape) == 3 else shape[0], d), dtype=x.dtype)
+        else:
+            out = x.new_zeros(x.shape)
+        gate = torch.zeros(T, E, dtype=x.dtype).scatter(1, idx, w) if c["weight"] == "dense_gate" else None
+        mask = F.one_hot(idx, E).permute(2, 1, 0) if c["mask"] == "onehot" else None
+        if c["iterate"] == "hit":  # the experts with tokens (TorchScript unrolls the traced list)
+            hits = (F.one_hot(idx, E).sum(dim=(0, 1)) > 0).nonzero().flatten()
+            experts = [hits[i] for i in range(hits.shape[0])]
+        else:
+            experts = list(range(E))
+        for e in experts:
+            if c["mask"] == "onehot":
+                m = mask[e]  # [k, T]
+                slot, tok = torch.where(m) if c["coords"] == "where" else m.nonzero().unbind(1)
+            else:
+                m = idx == e  # [T, k]
+                tok, slot = torch.where(m) if c["coords"] == "where" else m.nonzero().unbind(1)
+            if c["rows"] == "index":
+                h = x[tok]
+            elif c["rows"] == "index_select":
+                h = x.index_select(0, tok)
+            else:
+                h = x[None, tok].reshape(-1, d)
+            if c["weight"] == "pair":
+                wt = w[tok, slot, None]
+            elif c["weight"] == "flat":
+                wt = w.reshape(-1)[tok * k + slot].unsqueeze(-1)
+            else:
+                wt = gate[tok, e].unsqueeze(-1)
+            y = self.mlp(e, h) * wt
+            if c["add"] == "index_add":
+                out.index_add_(0, tok, y)
+            elif c["add"] == "index_put":
+                out.index_put_((tok,), y, accumulate=True)
+            else:
+                out.scatter_add_(0, tok.unsqueeze(1).expand(-1, d), y)
+        return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------
 # Drawing a spelling from a seed
 # ------------------------------------------------------------------------------------------------
 
@@ -364,6 +447,8 @@ class MegablocksMoE(nn.Module):
 def draw(seed):
     r = random.Random(seed)
     family = ["dense", "capacity", "megablocks"][seed % 3]
+    if seed >= 7000 and seed % 4 == 3:  # per-expert loops from seed 7000 on; earlier seeds keep their family
+        family = "loop"
     E = r.choice([2, 3, 4, 6, 8])
     c = dict(
         family=family,
@@ -395,6 +480,11 @@ def draw(seed):
     if family == "dense":
         c.update(gate=r.choice(["scatter", "onehot"]), compute=r.choice(["einsum", "matmul"]),
                  combine=r.choice(["einsum", "mulsum", "matmul"]), tokens=r.choice(["kept", "flatten"]))
+    if family == "loop":
+        c.update(weights=r.choice(["stacked", "modules", "modules_fused"]), zeros=r.choice(["zeros_like", "zeros_shape", "new_zeros"]),
+                 mask=r.choice(["onehot", "eq"]), coords=r.choice(["where", "nonzero"]), iterate=r.choice(["range", "hit"]),
+                 rows=r.choice(["index", "index_select", "none_index"]), weight=r.choice(["pair", "flat", "dense_gate"]),
+                 add=r.choice(["index_add", "index_put", "scatter_add"]))
     if family == "megablocks":
         c.update(sort=r.choice(["sort", "argsort", "topk"]), hist=r.choice(["onehot", "scatter_add", "bincount"]),
                  positions=r.choice(["cumsum_onehot", "offsets"]), buffer=r.choice(["padded", "flat"]),
@@ -406,7 +496,7 @@ def draw(seed):
 
 
 def build(c):
-    return {"dense": DenseMoE, "capacity": CapacityMoE, "megablocks": MegablocksMoE}[c["family"]](c).eval()
+    return {"dense": DenseMoE, "capacity": CapacityMoE, "megablocks": MegablocksMoE, "loop": LoopMoE}[c["family"]](c).eval()
 
 
 def export(model, c, x, path):

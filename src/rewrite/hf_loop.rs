@@ -72,7 +72,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let s = &steps[si];
         let fail = |m: String| format!("iteration {it} (scatter into '{}'): {m}", s.acc_out);
         // index: Expand(Unsqueeze(token, 1), ...)
-        let ix = index_rows(g, &s.index, &s.update).map_err(&fail)?;
+        let ix = index_rows(g, &s.index, &s.update, s.elements).map_err(&fail)?;
         let un = prod(g, ix, "Unsqueeze").ok_or_else(|| fail("scatter indices are not the token list".into()))?;
         let axes = if un.input.len() > 1 { g.const_i64(&un.input[1]) } else { attr_ints(un, "axes") };
         if axes.as_deref() != Some(&[1]) && axes.as_deref() != Some(&[-1]) {
@@ -235,15 +235,24 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
 /// weights when the gate's indices are the mask's.
 fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskInfo, hits: &mut HashMap<ERef, HitSplit>) -> Result<Option<(String, String)>, String> {
     let v = strip(g, v, &["Cast", "Identity"]);
-    let Some(at_tok) = prod(g, v, "Gather").filter(|n| attr_i(n, "axis").unwrap_or(0) == 0 && strip(g, &n.input[1], &["Cast"]) == strip(g, tok, &["Cast"])) else {
-        return Ok(None);
+    let last = |u: &onnx_protobuf::NodeProto| {
+        let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+        matches!(ua.as_deref(), Some([1]) | Some([-1]))
     };
-    let Some(u) = prod(g, &at_tok.input[0], "Unsqueeze") else { return Ok(None) };
-    let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
-    if ua.as_deref() != Some(&[1]) && ua.as_deref() != Some(&[-1]) {
-        return Ok(None);
-    }
-    let Some(col) = prod(g, &u.input[0], "Gather").filter(|n| matches!(attr_i(n, "axis"), Some(1) | Some(-1))) else { return Ok(None) };
+    let at_tokens = |n: &onnx_protobuf::NodeProto| attr_i(n, "axis").unwrap_or(0) == 0 && strip(g, &n.input[1], &["Cast"]) == strip(g, tok, &["Cast"]);
+    // G[:, e][:, None][token] (GPT-OSS), or G[token, e][:, None] (the column gathered first): both [n, 1]
+    let (at_tok, column) = match prod(g, v, "Gather").filter(|n| at_tokens(n)) {
+        Some(n) => match prod(g, &n.input[0], "Unsqueeze").filter(|u| last(u)) {
+            Some(u) => (n, u.input[0].as_str()),
+            None => return Ok(None),
+        },
+        None => {
+            let Some(u) = prod(g, v, "Unsqueeze").filter(|u| last(u)) else { return Ok(None) };
+            let Some(n) = prod(g, &u.input[0], "Gather").filter(|n| at_tokens(n)) else { return Ok(None) };
+            (n, n.input[0].as_str())
+        }
+    };
+    let Some(col) = prod(g, column, "Gather").filter(|n| matches!(attr_i(n, "axis"), Some(1) | Some(-1))) else { return Ok(None) };
     if resolve_eref(g, &col.input[1], hits) != Some(mask.eref) {
         return Err("the dense gate's column is not the iteration's expert".into());
     }

@@ -51,19 +51,25 @@ pub(super) struct Step {
     /// the scatter has no reduction (TorchScript's `index_add_`): of rows scattered to one token
     /// in one step, only one is kept
     pub(super) overwrites: bool,
+    /// ScatterElements (indices and updates of one shape, by the ONNX spec), not ScatterND
+    pub(super) elements: bool,
 }
 
 /// The scatter's index under its Expand and Cast: the Expand must broadcast the token column to
 /// exactly the scattered update's shape (`Shape(update)`), so that each updated row goes to its
-/// token; any other shape is not explained.
-pub(super) fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -> Result<&'a str, String> {
+/// token. For ScatterElements (`elements`) the ONNX spec requires indices of the updates' own
+/// shape, so a token column [n, 1] expanded to any shape (`tok.unsqueeze(1).expand(-1, d)`, the
+/// index of `scatter_add_`) is, wherever the graph runs, that column broadcast along the row: each
+/// updated row goes to its token. Any other shape is not explained.
+pub(super) fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str, elements: bool) -> Result<&'a str, String> {
     let mut cur = index;
     for _ in 0..16 {
         match g.prod(cur) {
             Some((_, n)) if n.op_type == "Cast" && n.domain.is_empty() => cur = &n.input[0],
             Some((_, n)) if n.op_type == "Expand" && n.domain.is_empty() && n.input.len() == 2 => {
                 let sh = prod(g, &n.input[1], "Shape").filter(|sh| sh.attribute.is_empty() && sh.input.first().map(String::as_str) == Some(update));
-                if sh.is_none() {
+                let column = elements && column_of_rank1(g, strip(g, &n.input[0], &["Cast"]));
+                if sh.is_none() && !column {
                     return Err("the scatter indices are expanded to a shape other than the scattered value's".into());
                 }
                 cur = &n.input[0];
@@ -72,6 +78,14 @@ pub(super) fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str) -
         }
     }
     Ok(cur)
+}
+
+/// `v = Unsqueeze(x, 1 or -1)` of a rank-1 x: a column [n, 1].
+fn column_of_rank1(g: &GraphIndex, v: &str) -> bool {
+    prod(g, v, "Unsqueeze").is_some_and(|u| {
+        let ax = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+        matches!(ax.as_deref(), Some([1]) | Some([-1])) && rank_of(g, &u.input[0]) == Some(1)
+    })
 }
 
 /// The scattered value under Expand / Cast / Identity. An Expand must provably keep its input's
@@ -131,6 +145,7 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
                             index: sc.input[1].clone(),
                             update: sc.input[2].clone(),
                             overwrites: true,
+                            elements: true,
                         });
                         break;
                     }
@@ -146,6 +161,7 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
                     index: n.input[1].clone(),
                     update: n.input[2].clone(),
                     overwrites: false,
+                    elements: false,
                 });
             }
         } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
@@ -157,6 +173,7 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
                     index: n.input[1].clone(),
                     update: n.input[2].clone(),
                     overwrites: false,
+                    elements: true,
                 });
             }
         }
