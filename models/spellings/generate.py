@@ -405,9 +405,10 @@ class LoopMoE(nn.Module):
             out = x.new_zeros(x.shape)
         gate = torch.zeros(T, E, dtype=x.dtype).scatter(1, idx, w) if c["weight"] == "dense_gate" else None
         mask = F.one_hot(idx, E).permute(2, 1, 0) if c["mask"] == "onehot" else None
-        if c["iterate"] == "hit":  # the experts with tokens (TorchScript unrolls the traced list)
-            hits = (F.one_hot(idx, E).sum(dim=(0, 1)) > 0).nonzero().flatten()
-            experts = [hits[i] for i in range(hits.shape[0])]
+        if c["iterate"] == "hit":  # the experts with tokens, as transformers 4.5x iterates them
+            # (`for e in expert_hit`: TorchScript unrolls the traced list, the dynamo exporter refuses it)
+            hits = (F.one_hot(idx, E).permute(2, 1, 0).sum(dim=(-1, -2)) > 0).nonzero()
+            experts = [e[0] for e in hits]
         else:
             experts = list(range(E))
         for e in experts:

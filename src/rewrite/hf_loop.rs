@@ -85,7 +85,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
             return Err(fail("scatter indices are the slot coordinate, not the token".into()));
         }
         // update: Cast(Mul(expert_out, RW[t, j]))
-        let upd = update_value(g, &s.update, &s.acc_in).map_err(&fail)?;
+        let upd = update_value(g, &s.update, &s.acc_in, s.elements).map_err(&fail)?;
         let mul = prod(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {

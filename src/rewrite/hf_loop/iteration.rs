@@ -93,7 +93,14 @@ fn column_of_rank1(g: &GraphIndex, v: &str) -> bool {
 /// `Expand(v, Shape(Slice(zeros or the accumulator, 0, 1 on axis 0, everything on axis 1)))`,
 /// i.e. `[1, d]`), which
 /// broadcasting a `[n, d]` value leaves as it is. A shape that could repeat rows is not explained.
-pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -> Result<&'a str, String> {
+pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str, elements: bool) -> Result<&'a str, String> {
+    // ScatterND's updates must be indices.shape[:-1] + data.shape[1:]: TorchScript's index_put_
+    // reshapes the rows to `Concat(Shape(token), Shape(data)[1:])`, which for rows [n, d] into
+    // [T, d] is the rows' own shape wherever the graph runs
+    let update = match prod(g, update, "Reshape") {
+        Some(r) if !elements && rows_to_scatter_shape(g, &r.input[1], acc) => r.input[0].as_str(),
+        _ => update,
+    };
     let keeps = |shape: &str| -> bool {
         if let Some(c) = g.const_i64(shape) {
             return c.iter().all(|&v| v == 1);
@@ -127,6 +134,24 @@ pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str) -
 }
 
 /// Zeros: `ConstantOfShape` of 0, or the dynamo exporter's `Expand(0, shape)`.
+/// `Concat(Shape(x), Slice(Shape(z), [1], [end]))` with x rank 1 and z zeros or the accumulator
+/// (shaped like them): [len(x)] + the accumulator's trailing dimensions.
+fn rows_to_scatter_shape(g: &GraphIndex, v: &str, acc: &str) -> bool {
+    let Some(c) = prod(g, v, "Concat") else { return false };
+    if c.input.len() != 2 {
+        return false;
+    }
+    let rows = prod(g, &c.input[0], "Shape").is_some_and(|s| s.attribute.is_empty() && rank_of(g, &s.input[0]) == Some(1));
+    let tail = prod(g, &c.input[1], "Slice").is_some_and(|sl| {
+        let sh = prod(g, &sl.input[0], "Shape").filter(|s| s.attribute.is_empty());
+        let (st, en) = (sl.input.get(1).and_then(|x| g.const_i64(x)), sl.input.get(2).and_then(|x| g.const_i64(x)));
+        let ax = sl.input.get(3).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0]));
+        let step = sl.input.get(4).is_none_or(|x| g.const_i64(x).is_some_and(|x| x == [1]));
+        sh.is_some_and(|sh| is_zeros(g, &sh.input[0]) || sh.input[0] == acc) && st.as_deref() == Some(&[1]) && en.is_some_and(|e| e.len() == 1 && e[0] >= i64::MAX / 2) && ax && step
+    });
+    rows && tail
+}
+
 pub(super) fn is_zeros(g: &GraphIndex, v: &str) -> bool {
     super::super::routing::is_zeros(g, v)
 }
@@ -136,6 +161,21 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
     for n in &g.graph.node {
         if n.op_type == "Add" && n.domain.is_empty() && n.input.len() == 2 {
             for (a, s) in [(0, 1), (1, 0)] {
+                // TorchScript's `index_put_(.., accumulate=True)`: acc + ScatterND(zeros, token, rows)
+                if let Some(sc) = prod(g, &n.input[s], "ScatterND") {
+                    let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
+                    if red == "none" && is_zeros(g, &sc.input[0]) {
+                        steps.push(Step {
+                            acc_in: n.input[a].clone(),
+                            acc_out: n.output[0].clone(),
+                            index: sc.input[1].clone(),
+                            update: sc.input[2].clone(),
+                            overwrites: true,
+                            elements: false,
+                        });
+                        break;
+                    }
+                }
                 if let Some(sc) = prod(g, &n.input[s], "ScatterElements") {
                     let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
                     if attr_i(sc, "axis").unwrap_or(0) == 0 && red == "none" && is_zeros(g, &sc.input[0]) {
@@ -383,7 +423,21 @@ pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, H
                 }
             }
         }
-        return Err("Equal mask does not compare with a constant expert number".into());
+        // `idx == e` for e an entry of the hit list (transformers 4.5x's `for e in expert_hit`)
+        for (a, b) in [(0, 1), (1, 0)] {
+            if let Some(eref @ ERef::Hit(_)) = resolve_eref(g, &mn.input[b], hit_counts) {
+                return Ok(MaskInfo {
+                    idx: mn.input[a].clone(),
+                    eref,
+                    axes: [Axis::T, Axis::K],
+                    experts: None,
+                    capacity: None,
+                    hit_split: hit_counts.get(&eref).cloned(),
+                    stack: None,
+                });
+            }
+        }
+        return Err("Equal mask does not compare with a constant expert number or an entry of the hit list".into());
     }
     // [Squeeze](Gather(Transpose(one_hot), e))
     let mut gat = mn;
@@ -422,11 +476,20 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
     if attr_i(gn, "axis").unwrap_or(0) != 0 {
         return None;
     }
-    let fl = prod(g, &gn.input[0], "Flatten")?;
-    if attr_i(fl, "axis").unwrap_or(1) != 2 {
-        return None;
-    }
-    let mut rw = fl.input[0].as_str();
+    // Flatten(Unsqueeze(RW, 2), 2) (TorchScript's w[tok, slot]), or Reshape(RW, [-1]) of RW [T, k]
+    // (`w.reshape(-1)[tok * k + slot]`)
+    let flat_src = match prod(g, &gn.input[0], "Flatten") {
+        Some(fl) if attr_i(fl, "axis").unwrap_or(1) == 2 => fl.input[0].as_str(),
+        Some(_) => return None,
+        None => {
+            let r = prod(g, &gn.input[0], "Reshape")?;
+            if g.const_i64(&r.input[1])? != [-1] || rank_of(g, &r.input[0]) != Some(2) {
+                return None;
+            }
+            r.input[0].as_str()
+        }
+    };
+    let mut rw = flat_src;
     let mut unsq = None;
     if let Some(u) = prod(g, rw, "Unsqueeze") {
         let axes = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
@@ -440,13 +503,17 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
     for (a, b) in [(0, 1), (1, 0)] {
         let Some(mul) = prod(g, &add.input[b], "Mul") else { continue };
         for (p, q) in [(0, 1), (1, 0)] {
-            // q: k = Shape(RW or its unsqueeze)[1]
-            let Some(kg) = prod(g, &mul.input[q], "Gather") else { continue };
-            if g.const_i64(&kg.input[1]).as_deref() != Some(&[1]) {
-                continue;
-            }
-            let Some(sh) = prod(g, &kg.input[0], "Shape") else { continue };
-            if sh.input[0] != rw && Some(sh.input[0].as_str()) != unsq {
+            // q: k = Shape(RW or its unsqueeze)[1], or a constant equal to RW's k
+            let k_of_rw = match prod(g, &mul.input[q], "Gather") {
+                Some(kg) => {
+                    g.const_i64(&kg.input[1]).as_deref() == Some(&[1])
+                        && prod(g, &kg.input[0], "Shape").is_some_and(|sh| sh.input[0] == rw || Some(sh.input[0].as_str()) == unsq)
+                }
+                None => g.const_scalar(&mul.input[q]).is_some_and(|k| {
+                    super::super::prove::shape::shape_of(g, rw).and_then(|s| s.get(1).copied()).is_some_and(|d| d.t == 0 && d.c as f64 == k)
+                }),
+            };
+            if !k_of_rw {
                 continue;
             }
             let (nz1, c_tok) = where_coord(g, &mul.input[p])?;
