@@ -85,7 +85,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
             return Err(fail("scatter indices are the slot coordinate, not the token".into()));
         }
         // update: Cast(Mul(expert_out, RW[t, j]))
-        let upd = update_value(g, &s.update, &s.acc_in, s.elements).map_err(&fail)?;
+        let (upd, sliced_width) = update_value(g, &s.update, &s.acc_in, &s.index, s.elements).map_err(&fail)?;
         let mul = prod(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {
@@ -126,6 +126,9 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let e = p.parse(&eo).map_err(&fail)?;
         let d = p.d.ok_or_else(|| fail("the expert reads no linear layer of the token rows".into()))?;
         let mlp = to_mlp(&e, d).map_err(&fail)?;
+        if sliced_width.is_some_and(|w| w != mlp.w_out.out as i64) {
+            return Err(fail(format!("the expert's rows are sliced to {} columns of its {}", sliced_width.unwrap(), mlp.w_out.out)));
+        }
         // weights of this expert belong to the mask's expert
         let wrefs = mlp
             .w_in
@@ -499,6 +502,33 @@ mod tests {
         let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
         assert_eq!(r.layers.len(), 0);
         assert!(r.rejected.iter().any(|w| w.reason.contains("not the iteration's expert")), "{:?}", r.rejected);
+    }
+
+    /// TorchScript's `out.scatter_add_(0, tok[:, None].expand(-1, d), y)`: the index a token column
+    /// expanded to `[1, d]` (-1 kept as 1), the rows sliced to the index's shape; rewritten with the
+    /// proof off. The index expanded to 3 columns instead scatters only the rows' first 3 columns:
+    /// refused, naming the widths.
+    #[test]
+    fn scatter_add_rows_sliced_to_the_index() {
+        let unproven = crate::rewrite::RewriteOptions { prove: false, ..Default::default() };
+        let mut m = fixture("spellings/loop_7067");
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 1, "{}", r.text());
+        let mut m = fixture("spellings/loop_7067");
+        m.proto.graph.mut_or_insert_default().initializer.push(crate::onnx::tensor::make_i64("three_columns", &[2], &[1, 3]));
+        node_mut(&mut m, "Expand", "/Expand_output_0").input[1] = "three_columns".into();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("sliced to 3 columns")), "{:?}", r.rejected);
+        // `expand(0, d)`: zero rows broadcast against n (an expert with one row scatters nothing,
+        // with more the graph fails): the mutation harness found the proof blind to it (it only
+        // differs where an expert has exactly one row); refused by structure
+        let mut m = fixture("spellings/loop_7067");
+        m.proto.graph.mut_or_insert_default().initializer.push(crate::onnx::tensor::make_i64("zero_rows", &[1], &[0]));
+        node_mut(&mut m, "Concat", "/Concat_4_output_0").input[0] = "zero_rows".into();
+        let r = crate::rewrite::rewrite_with(&mut m, &unproven).unwrap();
+        assert_eq!(r.layers.len(), 0);
+        assert!(r.rejected.iter().any(|w| w.reason.contains("cannot be told")), "{:?}", r.rejected);
     }
 
     /// Without sizes a Split of 4 hit experts into 2 pieces gives 2 experts each, and the

@@ -93,7 +93,24 @@ fn column_of_rank1(g: &GraphIndex, v: &str) -> bool {
 /// `Expand(v, Shape(Slice(zeros or the accumulator, 0, 1 on axis 0, everything on axis 1)))`,
 /// i.e. `[1, d]`), which
 /// broadcasting a `[n, d]` value leaves as it is. A shape that could repeat rows is not explained.
-pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str, elements: bool) -> Result<&'a str, String> {
+pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str, step_index: &str, elements: bool) -> Result<(&'a str, Option<i64>), String> {
+    // TorchScript's scatter_add_: the rows sliced to the index's shape, `Slice(y, [0, 0],
+    // Shape(index), [0, 1])`. ScatterElements needs updates of the index's shape, so wherever the
+    // graph runs the slice is y itself exactly when the index is as wide as y: the caller checks
+    // that width (returned) against the experts' output width
+    if let Some(sl) = prod(g, update, "Slice").filter(|_| elements) {
+        let zero_starts = g.const_i64(&sl.input[1]).is_some_and(|v| v.len() == 2 && v.iter().all(|&x| x == 0));
+        let to_index = prod(g, &sl.input[2], "Shape").is_some_and(|sh| sh.attribute.is_empty() && sh.input[0] == step_index);
+        // axes [0, 1], or absent (every axis in order: [0, 1] for the two starts)
+        let axes = sl.input.get(3).filter(|a| !a.is_empty()).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0, 1]));
+        let steps = sl.input.get(4).is_none_or(|x| x.is_empty() || g.const_i64(x).is_some_and(|x| x.iter().all(|&v| v == 1)));
+        if !(zero_starts && to_index && axes && steps) {
+            return Err("the scattered value is sliced to a shape that is not the scatter index's".into());
+        }
+        let width = expanded_width(g, step_index).ok_or("the scatter index is expanded to a width that cannot be told")?;
+        let (v, _) = update_value(g, &sl.input[0], acc, step_index, elements)?;
+        return Ok((v, Some(width)));
+    }
     // ScatterND's updates must be indices.shape[:-1] + data.shape[1:]: TorchScript's index_put_
     // reshapes the rows to `Concat(Shape(token), Shape(data)[1:])`, which for rows [n, d] into
     // [T, d] is the rows' own shape wherever the graph runs
@@ -130,10 +147,48 @@ pub(super) fn update_value<'a>(g: &GraphIndex<'a>, update: &'a str, acc: &str, e
             _ => break,
         }
     }
-    Ok(cur)
+    Ok((cur, None))
 }
 
-/// Zeros: `ConstantOfShape` of 0, or the dynamo exporter's `Expand(0, shape)`.
+/// The width (last dimension) a token column is expanded to: `Expand(Unsqueeze(tok, 1), S)` with S
+/// a constant, a shape vector [`super::super::routing::shape_vector`] reads, or TorchScript's
+/// `expand(-1, d)`: `Where(Equal(R, -1), ones, R)` (a -1 kept as 1) over such an R.
+fn expanded_width(g: &GraphIndex, index: &str) -> Option<i64> {
+    let ex = prod(g, strip(g, index, &["Cast"]), "Expand")?;
+    // the shape [a, w]: a must broadcast the column's n rows to themselves (1, or -1 where the
+    // Where below makes it 1), so only w is read
+    let last = |v: &str, minus_one_ok: bool| -> Option<i64> {
+        let r = strip(g, v, &["Cast"]);
+        let r = match prod(g, r, "Reshape") {
+            Some(rs) if g.const_i64(&rs.input[1]).is_some_and(|t| t == [-1]) => rs.input[0].as_str(),
+            _ => r,
+        };
+        let sv = super::super::routing::shape_vector(g, r)?;
+        let rows_kept = sv.len() == 2 && sv[0].t == 0 && (sv[0].c == 1 || (minus_one_ok && sv[0].c == -1));
+        rows_kept.then_some(())?;
+        sv.last().filter(|d| d.t == 0).map(|d| d.c)
+    };
+    let s = ex.input[1].as_str();
+    let w = match prod(g, s, "Where") {
+        Some(wh) => {
+            // Where(Equal(R, -1 * ones), ones, R): the -1 entries become 1, the others stay
+            let eq = prod(g, &wh.input[0], "Equal")?;
+            let minus_one = |v: &str| g.const_scalar(v) == Some(-1.0) || prod(g, v, "Mul").is_some_and(|m| {
+                [(0, 1), (1, 0)].iter().any(|&(a, b)| super::super::routing::is_ones(g, &m.input[a]) && g.const_scalar(&m.input[b]) == Some(-1.0))
+            });
+            let same_r = |v: &str| strip(g, v, &["Cast"]) == strip(g, &wh.input[2], &["Cast"]);
+            let ok = [(0, 1), (1, 0)].iter().any(|&(a, b)| same_r(&eq.input[a]) && minus_one(&eq.input[b])) && super::super::routing::is_ones(g, &wh.input[1]);
+            if !ok {
+                return None;
+            }
+            let w = last(&wh.input[2], true)?;
+            if w == -1 { 1 } else { w }
+        }
+        None => last(s, false)?,
+    };
+    (w >= 1).then_some(w)
+}
+
 /// `Concat(Shape(x), Slice(Shape(z), [1], [end]))` with x rank 1 and z zeros or the accumulator
 /// (shaped like them): [len(x)] + the accumulator's trailing dimensions.
 fn rows_to_scatter_shape(g: &GraphIndex, v: &str, acc: &str) -> bool {
@@ -152,6 +207,7 @@ fn rows_to_scatter_shape(g: &GraphIndex, v: &str, acc: &str) -> bool {
     rows && tail
 }
 
+/// Zeros: `ConstantOfShape` of 0, or the dynamo exporter's `Expand(0, shape)`.
 pub(super) fn is_zeros(g: &GraphIndex, v: &str) -> bool {
     super::super::routing::is_zeros(g, v)
 }
