@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 
 mod iteration;
+mod scatter;
 
 use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExpertMlp, ExprParser};
@@ -27,7 +28,8 @@ use super::matcher::prod;
 use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
-use iteration::{index_rows, is_zeros, mask_of, resolve_eref, routing_weight, row_leaves, scatter_steps, update_value, where_coord, Axis, HitSplit, Step};
+use iteration::{mask_of, resolve_eref, routing_weight, row_leaves, where_coord, Axis, HitSplit};
+use scatter::{index_rows, is_zeros, scatter_steps, update_value, Step};
 
 /// Every per-expert loop in the graph: replaced layers and rejected candidates.
 pub fn find(g: &GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>) {
