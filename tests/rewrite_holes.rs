@@ -1,7 +1,8 @@
 //! Regression tests for mutants of the fixtures that were once rewritten silently wrong: each
 //! mutant is now left, with a reason that names what the rule could not explain.
 //! - GPT-OSS with one expert's swiglu alpha (or limit) changed: one node has one alpha and limit;
-//! - a per-expert loop whose scatter index or scattered value is expanded to another shape;
+//! - a per-expert loop whose scattered value is expanded to another shape, or whose scatter index
+//!   is not a token column;
 //! - a router TopK along another axis than the experts'.
 
 mod common;
@@ -66,11 +67,20 @@ fn loop_scatter_expanded_to_another_shape() {
     let mut m = load("mixtral");
     set_constant(&mut m, "/m/experts/Constant_40_output_0", None, Some(&[2, i64::MAX]));
     expect_left(m, "update Expand to [2, d]", "expanded to a shape that is not proven to keep it");
-    // the scatter indices expanded to the shape of another tensor
+    // the scatter indices: a row of tokens instead of a column (`tok.unsqueeze(0)`), expanded to
+    // the update's shape: each index row is no longer one token
+    let mut m = load("mixtral");
+    set_constant(&mut m, "/m/experts/Constant_41_output_0", None, Some(&[0]));
+    expect_left(m, "index row instead of column", "not one token per row");
+    // The token column expanded to the shape of another tensor ([1, d] here) is rewritten: a
+    // ScatterElements' indices have its updates' shape (ONNX requires it; ONNX Runtime refuses
+    // anything else), so wherever the graph runs the expanded column sends each row to its token
+    // (the proof agrees at every token count it runs).
     let mut m = load("mixtral");
     let idx_expand = node_mut(&mut m, |n| n.op_type == "Expand" && n.output[0] == "/m/experts/Expand_1_output_0");
     idx_expand.input[1] = "/m/experts/Shape_7_output_0".into();
-    expect_left(m, "index Expand to another shape", "expanded to a shape other than the scattered value's");
+    let r = scattermoe::rewrite::rewrite(&mut m).unwrap();
+    assert_eq!(r.layers.len(), 1, "{}", r.text());
 }
 
 #[test]
