@@ -290,13 +290,26 @@ pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, H
 /// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
 pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
     let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
-    if let Some(gn) = prod(g, gv, "GatherND") {
-        return routing_weight_nd(g, gn);
-    }
-    let gn = prod(g, gv, "Gather")?;
-    if attr_i(gn, "axis").unwrap_or(0) != 0 {
-        return None;
-    }
+    // the flat index: Gather(flat, i), or the dynamo exporter's GatherND(flat, Unsqueeze(i, -1)) of
+    // a rank-1 flat (the same gather)
+    let (gn, flat_index) = match prod(g, gv, "GatherND") {
+        Some(nd) if attr_i(nd, "batch_dims").unwrap_or(0) == 0 && prod(g, &nd.input[0], "Reshape").is_some_and(|r| g.const_i64(&r.input[1]).is_some_and(|t| t == [-1])) => {
+            let u = prod(g, &nd.input[1], "Unsqueeze")?;
+            let ax = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
+            if (ax != [-1] && ax != [1]) || rank_of(g, &u.input[0]) != Some(1) {
+                return None;
+            }
+            (nd, u.input[0].as_str())
+        }
+        Some(nd) => return routing_weight_nd(g, nd),
+        None => {
+            let gn = prod(g, gv, "Gather")?;
+            if attr_i(gn, "axis").unwrap_or(0) != 0 {
+                return None;
+            }
+            (gn, gn.input[1].as_str())
+        }
+    };
     // Flatten(Unsqueeze(RW, 2), 2) (TorchScript's w[tok, slot]), or Reshape(RW, [-1]) of RW [T, k]
     // (`w.reshape(-1)[tok * k + slot]`)
     let flat_src = match prod(g, &gn.input[0], "Flatten") {
@@ -320,7 +333,7 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
         unsq = Some(rw);
         rw = &u.input[0];
     }
-    let add = prod(g, &gn.input[1], "Add")?;
+    let add = prod(g, flat_index, "Add")?;
     for (a, b) in [(0, 1), (1, 0)] {
         let Some(mul) = prod(g, &add.input[b], "Mul") else { continue };
         for (p, q) in [(0, 1), (1, 0)] {
