@@ -179,35 +179,29 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
     let mut steps = Vec::new();
     for n in &g.graph.node {
         if n.op_type == "Add" && n.domain.is_empty() && n.input.len() == 2 {
+            // acc + a scatter without a reduction into zeros: TorchScript's `index_add_`
+            // (ScatterElements along axis 0) and `index_put_(.., accumulate=True)` (ScatterND)
+            let into_zeros = |v: &str| -> Option<(&onnx_protobuf::NodeProto, bool)> {
+                let (_, sc) = g.prod(v)?;
+                let elements = match sc.op_type.as_str() {
+                    "ScatterElements" if attr_i(sc, "axis").unwrap_or(0) == 0 => true,
+                    "ScatterND" => false,
+                    _ => return None,
+                };
+                let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
+                (red == "none" && is_zeros(g, &sc.input[0])).then_some((sc, elements))
+            };
             for (a, s) in [(0, 1), (1, 0)] {
-                // TorchScript's `index_put_(.., accumulate=True)`: acc + ScatterND(zeros, token, rows)
-                if let Some(sc) = prod(g, &n.input[s], "ScatterND") {
-                    let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
-                    if red == "none" && is_zeros(g, &sc.input[0]) {
-                        steps.push(Step {
-                            acc_in: n.input[a].clone(),
-                            acc_out: n.output[0].clone(),
-                            index: sc.input[1].clone(),
-                            update: sc.input[2].clone(),
-                            overwrites: true,
-                            elements: false,
-                        });
-                        break;
-                    }
-                }
-                if let Some(sc) = prod(g, &n.input[s], "ScatterElements") {
-                    let red = crate::onnx::graph::attr_s(sc, "reduction").unwrap_or_else(|| "none".into());
-                    if attr_i(sc, "axis").unwrap_or(0) == 0 && red == "none" && is_zeros(g, &sc.input[0]) {
-                        steps.push(Step {
-                            acc_in: n.input[a].clone(),
-                            acc_out: n.output[0].clone(),
-                            index: sc.input[1].clone(),
-                            update: sc.input[2].clone(),
-                            overwrites: true,
-                            elements: true,
-                        });
-                        break;
-                    }
+                if let Some((sc, elements)) = into_zeros(&n.input[s]) {
+                    steps.push(Step {
+                        acc_in: n.input[a].clone(),
+                        acc_out: n.output[0].clone(),
+                        index: sc.input[1].clone(),
+                        update: sc.input[2].clone(),
+                        overwrites: true,
+                        elements,
+                    });
+                    break;
                 }
             }
         } else if n.op_type == "ScatterND" && n.domain.is_empty() {
