@@ -92,6 +92,9 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {
             if let Some((rw, nz2, ct, cs)) = routing_weight(g, &mul.input[b]) {
+                // with k = 1 the flat index is `tok + slot` (slot always 0): either order names it
+                let k1 = super::prove::shape::shape_of(g, &rw).is_some_and(|s| s.len() == 2 && s[1] == super::prove::shape::Dim::fixed(1));
+                let (ct, cs) = if k1 && cs == c_tok && ct != c_tok { (cs, ct) } else { (ct, cs) };
                 if nz2 == nz && ct == c_tok && cs != c_tok && mask.axes[cs] == Axis::K {
                     found = Some((mul.input[a].clone(), rw));
                     break;

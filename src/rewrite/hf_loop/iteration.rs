@@ -358,6 +358,17 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
             return Some((rw.to_string(), nz1, c_tok, c_slot));
         }
     }
+    // k = 1: TorchScript folds `tok * 1`, leaving `tok + slot` (slot is 0); RW must be [T, 1]
+    let k1 = super::super::prove::shape::shape_of(g, rw).is_some_and(|s| s.len() == 2 && s[1].t == 0 && s[1].c == 1);
+    if k1 && unsq.is_none() {
+        for (a, b) in [(0, 1), (1, 0)] {
+            let (Some((nz1, c1)), Some((nz2, c2))) = (where_coord(g, &add.input[a]), where_coord(g, &add.input[b])) else { continue };
+            if nz1 == nz2 && c1 != c2 {
+                // which of the two is the token is the mask's to say: the caller checks the axes
+                return Some((rw.to_string(), nz1, c1, c2));
+            }
+        }
+    }
     None
 }
 
