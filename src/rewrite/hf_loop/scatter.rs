@@ -204,29 +204,17 @@ pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
                     break;
                 }
             }
-        } else if n.op_type == "ScatterND" && n.domain.is_empty() {
-            // the dynamo exporter's index_add_: rows `data[i[j, 0], :] += u[j, :]` (indices [n, 1])
-            let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
-            if red == "add" {
+        } else if n.domain.is_empty() && (n.op_type == "ScatterND" || (n.op_type == "ScatterElements" && attr_i(n, "axis").unwrap_or(0) == 0)) {
+            // a scatter that adds into the accumulator itself: ScatterElements along axis 0, or the
+            // dynamo exporter's index_add_ as ScatterND (`data[i[j, 0], :] += u[j, :]`, indices [n, 1])
+            if crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default() == "add" {
                 steps.push(Step {
                     acc_in: n.input[0].clone(),
                     acc_out: n.output[0].clone(),
                     index: n.input[1].clone(),
                     update: n.input[2].clone(),
                     overwrites: false,
-                    elements: false,
-                });
-            }
-        } else if n.op_type == "ScatterElements" && n.domain.is_empty() {
-            let red = crate::onnx::graph::attr_s(n, "reduction").unwrap_or_default();
-            if attr_i(n, "axis").unwrap_or(0) == 0 && red == "add" {
-                steps.push(Step {
-                    acc_in: n.input[0].clone(),
-                    acc_out: n.output[0].clone(),
-                    index: n.input[1].clone(),
-                    update: n.input[2].clone(),
-                    overwrites: false,
-                    elements: true,
+                    elements: n.op_type == "ScatterElements",
                 });
             }
         }
