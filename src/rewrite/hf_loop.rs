@@ -91,10 +91,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         let mul = prod(g, upd, "Mul").ok_or_else(|| fail("the scattered value is not weighted by the router".into()))?;
         let mut found = None;
         for (a, b) in [(0, 1), (1, 0)] {
-            if let Some((rw, nz2, ct, cs)) = routing_weight(g, &mul.input[b]) {
-                // with k = 1 the flat index is `tok + slot` (slot always 0): either order names it
-                let k1 = super::prove::shape::shape_of(g, &rw).is_some_and(|s| s.len() == 2 && s[1] == super::prove::shape::Dim::fixed(1));
-                let (ct, cs) = if k1 && cs == c_tok && ct != c_tok { (cs, ct) } else { (ct, cs) };
+            if let Some((rw, nz2, ct, cs)) = routing_weight(g, &mul.input[b], c_tok) {
                 if nz2 == nz && ct == c_tok && cs != c_tok && mask.axes[cs] == Axis::K {
                     found = Some((mul.input[a].clone(), rw));
                     break;
@@ -209,15 +206,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
     }
     // the accumulator starts as zeros shaped like the rows
     let head = &steps[chain[0]];
-    let shape = super::routing::zeros_shape(g, &head.acc_in).ok_or("accumulator is not zeros")?;
-    if let Some((_, ex)) = g.prod(&head.acc_in).filter(|(_, n)| n.op_type == "Expand") {
-        // Expand(0, shape) has the shape's rank only if the zero has no more axes than it
-        let r = super::routing::dims::shape_vector(g, shape).map(|v| v.len());
-        if !g.const_dims(&ex.input[0]).is_some_and(|d| d.iter().all(|&x| x == 1) && r.is_some_and(|r| d.len() <= r)) {
-            return Err("the accumulator's zeros are expanded from a value of another rank".into());
-        }
-    }
-    accumulator_shaped_like_rows(g, shape, &x)?;
+    accumulator_shaped_like_rows(g, &head.acc_in, &x)?;
     let k = if capacity.is_some() { Some(1) } else { None };
     Ok(MoeLayer {
         family: if capacity.is_some() { "capacity" } else { "hf_loop" },
@@ -244,7 +233,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
 fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskInfo, hits: &mut HashMap<ERef, HitSplit>) -> Result<Option<(String, String)>, String> {
     let v = strip(g, v, &["Cast", "Identity"]);
     let last = |u: &onnx_protobuf::NodeProto| {
-        let ua = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+        let ua = super::matcher::axes_of(g, u);
         matches!(ua.as_deref(), Some([1]) | Some([-1]))
     };
     let at_tokens = |n: &onnx_protobuf::NodeProto| attr_i(n, "axis").unwrap_or(0) == 0 && strip(g, &n.input[1], &["Cast"]) == strip(g, tok, &["Cast"]);
@@ -274,13 +263,22 @@ fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskI
     Ok(Some((rw, at_tok.output[0].clone())))
 }
 
-/// The accumulator's zeros have the token rows' shape: `Shape(rows)` itself (`zeros_like`), or a
+/// The accumulator `acc` is zeros (`ConstantOfShape`, or `Expand` of a zero of no more axes than
+/// its shape) of the token rows' shape: `Shape(rows)` itself (`zeros_like`), or a
 /// shape vector the exporter computed from the input's dimensions (transformers 4's
 /// `torch.zeros((batch_size * sequence_length, hidden_dim))` becomes `Concat(Unsqueeze(Mul(Gather(
 /// Shape(x), 0), Gather(Shape(x), 1))), Unsqueeze(Gather(Shape(x), 2)))`) whose entries, in terms of
 /// the token count, are the rows' own at every T. Anything else is refused: a different row count
 /// would change the output's shape or make the original fail where the replacement would not.
-fn accumulator_shaped_like_rows(g: &GraphIndex, shape: &str, x: &str) -> Result<(), String> {
+fn accumulator_shaped_like_rows(g: &GraphIndex, acc: &str, x: &str) -> Result<(), String> {
+    let shape = super::routing::zeros_shape(g, acc).ok_or("accumulator is not zeros")?;
+    if let Some((_, ex)) = g.prod(acc).filter(|(_, n)| n.op_type == "Expand") {
+        // Expand(0, shape) has the shape's rank only if the zero has no more axes than it
+        let r = super::routing::dims::shape_vector(g, shape).map(|v| v.len());
+        if !g.const_dims(&ex.input[0]).is_some_and(|d| d.iter().all(|&x| x == 1) && r.is_some_and(|r| d.len() <= r)) {
+            return Err("the accumulator's zeros are expanded from a value of another rank".into());
+        }
+    }
     if let Some(sh) = prod(g, shape, "Shape") {
         if strip(g, &sh.input[0], &["Cast"]) == strip(g, x, &["Cast"]) && attr_i(sh, "start").is_none() && attr_i(sh, "end").is_none() {
             return Ok(());

@@ -42,7 +42,7 @@ use crate::spec::CapacityOrder;
 mod blocks;
 mod dims;
 
-use dims::{last_entry, noop_expand, reshapes_to, same_shape, stride_of, whole_shape, zeros_like_of, Stride};
+use dims::{last_entry, noop_expand, reshapes_to, same_shape, stride_of, zeros_like_of, Stride};
 
 type R<T> = Result<T, String>;
 
@@ -144,18 +144,9 @@ fn unpermute<'g>(g: &GraphIndex<'g>, yu: &'g str) -> Option<(&'g str, &'g str)> 
 /// shape whenever the graph runs (a ys of another row count makes ScatterND fail): y.
 fn scatter_rows_reshape<'g>(g: &GraphIndex<'g>, v: &'g str, base: &str, order: &str) -> Option<&'g str> {
     let r = prod(g, v, "Reshape")?;
-    let c = prod(g, &r.input[1], "Concat")?;
-    if c.input.len() != 2 {
-        return None;
-    }
-    let rows = prod(g, &c.input[0], "Shape").filter(|s| whole_shape(s) && uncast(g, &s.input[0]) == uncast(g, order))?;
-    let tail = prod(g, &c.input[1], "Slice")?;
-    let sh = prod(g, &tail.input[0], "Shape").filter(|s| whole_shape(s))?;
-    let from_base = sh.input[0] == base || zeros_like_of(g, base).is_some_and(|y| y == sh.input[0]);
-    let (st, en) = (g.const_i64(tail.input.get(1)?)?, g.const_i64(tail.input.get(2)?)?);
-    let ax_ok = tail.input.get(3).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0]));
-    let step_ok = tail.input.get(4).is_none_or(|s| g.const_i64(s).is_some_and(|s| s == [1]));
-    (from_base && st == [1] && en.len() == 1 && en[0] >= i64::MAX / 2 && ax_ok && step_ok && rows.input.len() == 1).then(|| r.input[0].as_str())
+    let (rows, tail) = super::routing::rows_with_tail_of(g, &r.input[1])?;
+    let from_base = tail == base || zeros_like_of(g, base).is_some_and(|y| y == tail);
+    (uncast(g, rows) == uncast(g, order) && from_base).then(|| r.input[0].as_str())
 }
 
 /// The weighted sum over k ending at `n`: (RW, y3) with `Y[t] = sum_j RW[t, j] y3[t, j]` (a

@@ -141,6 +141,28 @@ pub fn is_zeros(g: &GraphIndex, v: &str) -> bool {
     zeros_shape(g, v).is_some()
 }
 
+/// Whether a Shape node reads the whole shape (no start other than 0, no end).
+pub fn whole_shape(s: &NodeProto) -> bool {
+    attr_i(s, "start").unwrap_or(0) == 0 && attr_i(s, "end").is_none()
+}
+
+/// `Concat(Shape(a), Slice(Shape(b), [1], [end]))` (axes [0] and steps 1 where given, both Shapes
+/// whole): `[len(a)] + b.shape[1:]`, the updates' shape a row scatter at a's entries into b needs
+/// (TorchScript reshapes `x[idx] = rows` and `index_put_` rows to it). (a, b)
+pub fn rows_with_tail_of<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, &'g str)> {
+    let c = prod(g, v, "Concat")?;
+    if c.input.len() != 2 {
+        return None;
+    }
+    let rows = prod(g, &c.input[0], "Shape").filter(|s| whole_shape(s))?;
+    let tail = prod(g, &c.input[1], "Slice")?;
+    let sh = prod(g, &tail.input[0], "Shape").filter(|s| whole_shape(s))?;
+    let (st, en) = (g.const_i64(tail.input.get(1)?)?, g.const_i64(tail.input.get(2)?)?);
+    let ax_ok = tail.input.get(3).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0]));
+    let step_ok = tail.input.get(4).is_none_or(|s| g.const_i64(s).is_some_and(|s| s == [1]));
+    (st == [1] && en.len() == 1 && en[0] >= i64::MAX / 2 && ax_ok && step_ok).then(|| (rows.input[0].as_str(), sh.input[0].as_str()))
+}
+
 /// Ones: `ConstantOfShape` with value 1, `Expand` of a constant 1, a constant of ones, or a Slice,
 /// Reshape or Cast of ones.
 pub fn is_ones(g: &GraphIndex, v: &str) -> bool {

@@ -288,14 +288,14 @@ pub(super) fn mask_of(g: &GraphIndex, nz: &str, hit_counts: &mut HashMap<ERef, H
 }
 
 /// `RW[token, slot]` as a column: Gather(Flatten([Unsqueeze](RW), 2), slot + token * k).
-pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String, usize, usize)> {
+pub(super) fn routing_weight(g: &GraphIndex, v: &str, c_tok: usize) -> Option<(String, String, usize, usize)> {
     let gv = strip(g, v, &["Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"]);
     // the flat index: Gather(flat, i), or the dynamo exporter's GatherND(flat, Unsqueeze(i, -1)) of
     // a rank-1 flat (the same gather)
     let (gn, flat_index) = match prod(g, gv, "GatherND") {
         Some(nd) if attr_i(nd, "batch_dims").unwrap_or(0) == 0 && prod(g, &nd.input[0], "Reshape").is_some_and(|r| g.const_i64(&r.input[1]).is_some_and(|t| t == [-1])) => {
             let u = prod(g, &nd.input[1], "Unsqueeze")?;
-            let ax = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
+            let ax = axes_of(g, u)?;
             if (ax != [-1] && ax != [1]) || rank_of(g, &u.input[0]) != Some(1) {
                 return None;
             }
@@ -363,8 +363,8 @@ pub(super) fn routing_weight(g: &GraphIndex, v: &str) -> Option<(String, String,
     if k1 && unsq.is_none() {
         for (a, b) in [(0, 1), (1, 0)] {
             let (Some((nz1, c1)), Some((nz2, c2))) = (where_coord(g, &add.input[a]), where_coord(g, &add.input[b])) else { continue };
-            if nz1 == nz2 && c1 != c2 {
-                // which of the two is the token is the mask's to say: the caller checks the axes
+            // the sum is symmetric: the token is the scatter's coordinate (`c_tok`), the other the slot
+            if nz1 == nz2 && c1 == c_tok && c2 != c_tok {
                 return Some((rw.to_string(), nz1, c1, c2));
             }
         }
@@ -379,7 +379,7 @@ fn routing_weight_nd(g: &GraphIndex, gn: &onnx_protobuf::NodeProto) -> Option<(S
         return None;
     }
     let u = prod(g, &gn.input[0], "Unsqueeze")?;
-    let ax = if u.input.len() > 1 { g.const_i64(&u.input[1])? } else { attr_ints(u, "axes")? };
+    let ax = axes_of(g, u)?;
     if ax != [2] && ax != [-1] {
         return None;
     }
@@ -390,7 +390,7 @@ fn routing_weight_nd(g: &GraphIndex, gn: &onnx_protobuf::NodeProto) -> Option<(S
     }
     let col = |v: &str| -> Option<(String, usize)> {
         let cu = prod(g, v, "Unsqueeze")?;
-        let a = if cu.input.len() > 1 { g.const_i64(&cu.input[1])? } else { attr_ints(cu, "axes")? };
+        let a = axes_of(g, cu)?;
         if a != [1] && a != [-1] {
             return None;
         }
@@ -437,7 +437,7 @@ pub(super) fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
 /// [1, 0, 2]), u), [1, 0, 2]), [-1, d]). (rows, X)
 fn row_leaves_nd(g: &GraphIndex, u: &onnx_protobuf::NodeProto) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let ax = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+    let ax = axes_of(g, u);
     if ax.as_deref() != Some(&[1]) && ax.as_deref() != Some(&[-1]) {
         return out;
     }
@@ -455,7 +455,7 @@ fn row_leaves_nd(g: &GraphIndex, u: &onnx_protobuf::NodeProto) -> Vec<(String, S
         // X[None, token]: the rows' axis moved first, gathered, moved back, flattened
         let Some((_, t1)) = g.prod(src).filter(|(_, t)| t102(t)) else { continue };
         let Some(x0) = prod(g, &t1.input[0], "Unsqueeze") else { continue };
-        let a0 = if x0.input.len() > 1 { g.const_i64(&x0.input[1]) } else { attr_ints(x0, "axes") };
+        let a0 = axes_of(g, x0);
         if a0.as_deref() != Some(&[0]) {
             continue;
         }

@@ -2,8 +2,9 @@
 //! exporters write `index_add_`, `index_put_(accumulate=True)` and `scatter_add_`, and what their
 //! indices and updates must be for each updated row to go, whole, to its token.
 
-use super::super::matcher::{prod, rank_of};
-use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
+use super::super::matcher::{axes_of, prod, rank_of};
+pub(super) use super::super::routing::is_zeros;
+use crate::onnx::graph::{attr_i, strip, GraphIndex};
 
 /// One `acc + scatter(token, contribution)` step.
 pub(super) struct Step {
@@ -46,7 +47,7 @@ pub(super) fn index_rows<'a>(g: &GraphIndex<'a>, index: &'a str, update: &str, e
 /// `v = Unsqueeze(x, 1 or -1)` of a rank-1 x: a column [n, 1].
 fn column_of_rank1(g: &GraphIndex, v: &str) -> bool {
     prod(g, v, "Unsqueeze").is_some_and(|u| {
-        let ax = if u.input.len() > 1 { g.const_i64(&u.input[1]) } else { attr_ints(u, "axes") };
+        let ax = axes_of(g, u);
         matches!(ax.as_deref(), Some([1]) | Some([-1])) && rank_of(g, &u.input[0]) == Some(1)
     })
 }
@@ -155,25 +156,9 @@ fn expanded_width(g: &GraphIndex, index: &str) -> Option<i64> {
 /// `Concat(Shape(x), Slice(Shape(z), [1], [end]))` with x rank 1 and z zeros or the accumulator
 /// (shaped like them): [len(x)] + the accumulator's trailing dimensions.
 fn rows_to_scatter_shape(g: &GraphIndex, v: &str, acc: &str) -> bool {
-    let Some(c) = prod(g, v, "Concat") else { return false };
-    if c.input.len() != 2 {
-        return false;
-    }
-    let rows = prod(g, &c.input[0], "Shape").is_some_and(|s| s.attribute.is_empty() && rank_of(g, &s.input[0]) == Some(1));
-    let tail = prod(g, &c.input[1], "Slice").is_some_and(|sl| {
-        let sh = prod(g, &sl.input[0], "Shape").filter(|s| s.attribute.is_empty());
-        let (st, en) = (sl.input.get(1).and_then(|x| g.const_i64(x)), sl.input.get(2).and_then(|x| g.const_i64(x)));
-        let ax = sl.input.get(3).is_none_or(|a| g.const_i64(a).is_some_and(|a| a == [0]));
-        let step = sl.input.get(4).is_none_or(|x| g.const_i64(x).is_some_and(|x| x == [1]));
-        sh.is_some_and(|sh| is_zeros(g, &sh.input[0]) || sh.input[0] == acc) && st.as_deref() == Some(&[1]) && en.is_some_and(|e| e.len() == 1 && e[0] >= i64::MAX / 2) && ax && step
-    });
-    rows && tail
+    super::super::routing::rows_with_tail_of(g, v).is_some_and(|(rows, data)| rank_of(g, rows) == Some(1) && (is_zeros(g, data) || data == acc))
 }
 
-/// Zeros: `ConstantOfShape` of 0, or the dynamo exporter's `Expand(0, shape)`.
-pub(super) fn is_zeros(g: &GraphIndex, v: &str) -> bool {
-    super::super::routing::is_zeros(g, v)
-}
 
 pub(super) fn scatter_steps(g: &GraphIndex) -> Vec<Step> {
     let mut steps = Vec::new();

@@ -3,7 +3,6 @@
 //! as "dimension i of value v" where they are not (the two sides of a comparison then name the
 //! same value).
 
-use onnx_protobuf::NodeProto;
 
 use super::super::matcher::{prod, rank_of, shape_entries};
 use super::super::prove::shape::{shape_of, Dim};
@@ -123,10 +122,7 @@ pub(super) fn reshapes_to(g: &GraphIndex, v: &str, want: &[Dim]) -> bool {
         && e.iter().filter(|a| **a == Dim::fixed(-1)).count() <= 1
 }
 
-/// Whether a Shape node reads the whole shape (no start other than 0, no end).
-pub(super) fn whole_shape(s: &NodeProto) -> bool {
-    attr_i(s, "start").unwrap_or(0) == 0 && attr_i(s, "end").is_none()
-}
+use super::super::routing::whole_shape;
 
 /// The value zeros `v` are shaped like: `ConstantOfShape(Shape(y))` or `Expand(0, Shape(y))`,
 /// through zeros shaped like zeros.
