@@ -576,3 +576,65 @@ def stacked_moe_model(
         h = b.op("Add", [h, y], f"h{i + 1}")
     b.nodes.append(helper.make_node("Cast", [h], ["Y"], to=TensorProto.FLOAT))
     return _finish(b.nodes, gin, [_vi("Y", TensorProto.FLOAT, None)], b.inits, "stacked_moe", opset)
+
+
+def topk_router_model(*, E: int, k: int, dtype: str = "f32", rank: int = 2, opset: int = DEFAULT_OPSET, **attrs):
+    """One TopKRouter node: graph input `logits` float32 [.., E] Cast to `dtype`; outputs
+    `routing_weights` (Cast back to float32) and `routing_indices` (int64)."""
+    b = _Builder()
+    et = elem_type(dtype)
+    shape = [f"d{i}" for i in range(rank - 1)] + [E]
+    gin = [_vi("logits", TensorProto.FLOAT, shape)]
+    x = "logits"
+    if et != TensorProto.FLOAT:
+        x = "logits_t"
+        b.nodes.append(helper.make_node("Cast", ["logits"], [x], to=et))
+    w = "routing_weights" if et == TensorProto.FLOAT else "routing_weights_t"
+    b.nodes.append(helper.make_node("TopKRouter", [x], [w, "routing_indices"], domain=DOMAIN, k=k, **_attr_dict(**attrs)))
+    if w != "routing_weights":
+        b.nodes.append(helper.make_node("Cast", [w], ["routing_weights"], to=TensorProto.FLOAT))
+    outs = [_vi("routing_weights", TensorProto.FLOAT, None), _vi("routing_indices", TensorProto.INT64, None)]
+    return _finish(b.nodes, gin, outs, b.inits, "topk_router", opset)
+
+
+def router_graph_model(*, E: int, k: int, dtype: str = "f32", scoring: str = "softmax", normalize: int = 0,
+                       tie_break: str = "lower_index", opset: int = DEFAULT_OPSET):
+    """The router TopKRouter stands for, in standard ONNX ops, as exporters and the rewriter write
+    it: logits float32 [T, E] Cast to `dtype` and to float32, Softmax / Sigmoid, TopK (over the
+    experts reversed for tie_break = higher_index), [ReduceSum, Div,] Cast to `dtype`; outputs as
+    ``topk_router_model``'s. An independent, ORT-computed reference."""
+    b = _Builder()
+    et = elem_type(dtype)
+    gin = [_vi("logits", TensorProto.FLOAT, ["T", E])]
+    nodes = b.nodes
+    nodes.append(helper.make_node("Cast", ["logits"], ["lt"], to=et))
+    nodes.append(helper.make_node("Cast", ["lt"], ["l32"], to=TensorProto.FLOAT))
+    score = {"softmax": "Softmax", "sigmoid": "Sigmoid", "topk_softmax": "Identity"}[scoring]
+    nodes.append(helper.make_node(score, ["l32"], ["s"], **({"axis": -1} if score == "Softmax" else {})))
+    init = lambda n, v: b.inits.append(numpy_helper.from_array(np.array(v, np.int64), n))  # noqa: E731
+    init("k", [k])
+    src = "s"
+    if tie_break == "higher_index":
+        for n, v in [("st", [-1]), ("en", [-(2**63)]), ("ax", [1]), ("sp", [-1])]:
+            init(n, v)
+        nodes.append(helper.make_node("Slice", ["s", "st", "en", "ax", "sp"], ["s_rev"]))
+        src = "s_rev"
+    nodes.append(helper.make_node("TopK", [src, "k"], ["v", "i_raw"], axis=-1, largest=1, sorted=1))
+    if tie_break == "higher_index":
+        init("last", [E - 1])
+        nodes.append(helper.make_node("Sub", ["last", "i_raw"], ["routing_indices"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["i_raw"], ["routing_indices"]))
+    w = "v"
+    if scoring == "topk_softmax":
+        nodes.append(helper.make_node("Softmax", ["v"], ["v_sm"], axis=-1))
+        w = "v_sm"
+    if normalize:
+        init("axes", [-1])
+        nodes.append(helper.make_node("ReduceSum", [w, "axes"], ["sum"], keepdims=1))
+        nodes.append(helper.make_node("Div", [w, "sum"], ["w_n"]))
+        w = "w_n"
+    nodes.append(helper.make_node("Cast", [w], ["w_t"], to=et))
+    nodes.append(helper.make_node("Cast", ["w_t"], ["routing_weights"], to=TensorProto.FLOAT))
+    outs = [_vi("routing_weights", TensorProto.FLOAT, None), _vi("routing_indices", TensorProto.INT64, None)]
+    return _finish(nodes, gin, outs, b.inits, "router_graph", opset, custom=False)

@@ -241,3 +241,45 @@ def assert_close(got, want, dtype: str, what: str = "", tol: float | None = None
             f"worst at {tuple(int(i) for i in at)}: got {got[at]!r}, expected {want[at]!r}"
         )
     return err
+
+
+def topk_router(logits, k: int, scoring: str = "softmax", normalize: int = 0, tie_break: str = "lower_index"):
+    """TopKRouter (docs/op-spec.md): (weights float64 [*, k], indices int64 [*, k]), best first.
+
+    The choice ranks float32 scores as the contract says (equal scores by the tie rule, NaN last);
+    the weights are computed in float64 from the chosen experts.
+    """
+    x = np.asarray(logits, np.float32)
+    E = x.shape[-1]
+    if not 1 <= k <= E:
+        raise ValueError(f"TopKRouter: attribute 'k' = {k} is more than the {E} experts")
+    rows = x.reshape(-1, E)
+    x64 = rows.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if scoring == "softmax":
+            m = rows.max(axis=1, keepdims=True)
+            e = np.exp(rows - m)
+            rank = e / e.sum(axis=1, keepdims=True)
+            e64 = np.exp(x64 - x64.max(axis=1, keepdims=True))
+            score64 = e64 / e64.sum(axis=1, keepdims=True)
+        elif scoring == "sigmoid":
+            rank = (np.float32(1) / (np.float32(1) + np.exp(-rows))).astype(np.float32)
+            score64 = _sigmoid(x64)
+        elif scoring == "topk_softmax":
+            rank, score64 = rows, x64
+        else:
+            raise ValueError(f"TopKRouter: attribute 'scoring' has unsupported value '{scoring}'")
+    nan = np.isnan(rank)
+    rank = np.where(nan, 0, rank)
+    idx = np.arange(E)
+    # sort keys: numbers before NaN, score descending, then the index by the tie rule
+    tie_key = idx if tie_break == "lower_index" else -idx
+    order = np.array([np.lexsort((tie_key, -r, n))[:k] for r, n in zip(rank, nan)], np.int64).reshape(-1, k)
+    chosen = np.take_along_axis(score64, order, axis=1)
+    if scoring == "topk_softmax":
+        e = np.exp(chosen - chosen[:, :1])
+        chosen = e / e.sum(axis=1, keepdims=True)
+    if normalize:
+        chosen = chosen / chosen.sum(axis=1, keepdims=True)
+    lead = x.shape[:-1]
+    return chosen.reshape(*lead, k), order.reshape(*lead, k)

@@ -13,6 +13,7 @@ pub mod panels;
 pub mod parallel_linear;
 pub mod pool;
 pub mod quant;
+pub mod router;
 pub mod routing;
 pub mod scratch;
 pub mod tile;

@@ -16,7 +16,7 @@ use super::registry::{op_table, Kernels};
 use crate::reference::panels::{Columns, PackedWeights};
 use crate::cpu::{QuantWeight, Scales, Weight};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType, IndexType, Quant};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, ElemType, IndexType, Quant};
 use half::{bf16, f16};
 
 /// The output buffer as `&mut [E]` (empty tensors may come with a null pointer).
@@ -335,9 +335,54 @@ impl Kernel for MaskCpu {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// TopKRouter
+// ---------------------------------------------------------------------------------------------
+
+struct RouterCpu {
+    attrs: topk_router::Attrs,
+}
+
+fn create_router(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(topk_router::NAME, &topk_router::ATTRS)?;
+    let attrs = topk_router::Attrs::parse(info).map_err(to_string)?;
+    let sig = signature_before_run(&topk_router::INPUTS, &kernel_inputs(info)?);
+    topk_router::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(RouterCpu { attrs }))
+}
+
+impl Kernel for RouterCpu {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = signature(&ins);
+        let (t, dims) = topk_router::check(&self.attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+        let logits = ins[topk_router::LOGITS].as_ref().unwrap();
+        let out = topk_router::output_shape(&self.attrs, &logits.dims, |k| k);
+        let w = ctx.output(topk_router::ROUTING_WEIGHTS, &out, t.onnx_code())?.ok_or("output 'routing_weights' is required")?;
+        let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
+        let (tokens, experts) = (known(dims.tokens), known(dims.experts));
+        let n = tokens * self.attrs.k;
+        /// # Safety
+        /// `logits` holds `E` in host memory; `w` and `i` hold `n` elements of `E` and int64.
+        unsafe fn run<E: Element>(ctx: &KernelContext, a: &topk_router::Attrs, experts: usize, logits: &Tensor, w: *mut std::ffi::c_void, i: *mut std::ffi::c_void, n: usize) {
+            crate::cpu::router::topk_router(&OrtPool(ctx), a, experts, logits.slice::<E>(), out_slice::<E>(w, n), out_slice::<i64>(i, n));
+        }
+        // SAFETY: the contract check established the logits' type `t` and shape; CPU EP buffers are
+        // host memory, the outputs allocated above with `n` elements each.
+        unsafe {
+            match t {
+                ElemType::F32 => run::<f32>(ctx, &self.attrs, experts, logits, w, i, n),
+                ElemType::F16 => run::<f16>(ctx, &self.attrs, experts, logits, w, i, n),
+                ElemType::BF16 => run::<bf16>(ctx, &self.attrs, experts, logits, w, i, n),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The CPU execution provider's ops.
 pub(super) fn ops() -> Vec<OpDef> {
-    op_table(Kernels { execution_provider: None, moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: false })
+    op_table(Kernels { execution_provider: None, moe: create_moe, linear: create_linear, mask: create_mask, router: create_router, capacity_on_host: false })
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ use super::attrs::AttrProbe;
 use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signature_before_run, to_string};
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
-use crate::cuda::ops::{check_quantized_on_gpu, CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp};
+use crate::cuda::ops::{check_quantized_on_gpu, CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp, TopKRouterOp};
 use crate::signature::Signature;
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Port, PortType, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, Port, PortType, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// ONNX Runtime's name for its CUDA execution provider.
@@ -109,10 +109,36 @@ fn create_mask(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
     })
 }
 
+/// `TopKRouter`: the contract's check, the two outputs, one launch on ORT's stream.
+struct RouterCuda(TopKRouterOp);
+
+fn create_router(info: &KernelInfo) -> Result<Box<dyn Kernel>, String> {
+    info.check_attr_types(topk_router::NAME, &topk_router::ATTRS)?;
+    let attrs = topk_router::Attrs::parse(info).map_err(to_string)?;
+    let sig = signature_before_run(&topk_router::INPUTS, &kernel_inputs(info)?);
+    topk_router::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    Ok(Box::new(RouterCuda(TopKRouterOp(attrs))))
+}
+
+impl Kernel for RouterCuda {
+    fn compute(&self, ctx: &KernelContext) -> Result<(), String> {
+        let ins = compute_inputs(ctx)?;
+        let sig = signature(&ins);
+        let call = self.0.check(&sig).map_err(to_string)?;
+        let out = self.0.output_shape(&sig);
+        let w = ctx.output(topk_router::ROUTING_WEIGHTS, &out, call.t.onnx_code())?.ok_or("output 'routing_weights' is required")?;
+        let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
+        let logits = dptr(ins[topk_router::LOGITS].as_ref().unwrap());
+        let stream = ctx.gpu_stream()? as CUstream;
+        // SAFETY: ORT's tensors have the shapes and types the check established, on its stream's device.
+        unsafe { self.0.run(&call, logits, w as CUdeviceptr, i as CUdeviceptr, stream) }
+    }
+}
+
 /// The CUDA execution provider's ops, registered like the CPU ones; the capacity input stays in host
 /// memory (one scalar the launch parameters need).
 pub(super) fn ops() -> Vec<OpDef> {
-    op_table(Kernels { execution_provider: Some(CUDA_EP), moe: create_moe, linear: create_linear, mask: create_mask, capacity_on_host: true })
+    op_table(Kernels { execution_provider: Some(CUDA_EP), moe: create_moe, linear: create_linear, mask: create_mask, router: create_router, capacity_on_host: true })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! the first float input is typed instead, and ORT picks the registration by it.
 
 use super::api::{error_status, ok_status, KernelContext, KernelInfo, ShapeContext};
-use crate::spec::{ElemType, Port};
+use crate::spec::{ElemType, Port, PortType};
 use ort_sys::{
     ONNXTensorElementDataType, OrtApi, OrtCustomOp, OrtCustomOpInputOutputCharacteristic, OrtKernelContext, OrtKernelInfo,
     OrtMemType, OrtShapeInferContext, OrtStatusPtr,
@@ -32,7 +32,8 @@ pub struct OpDef {
     pub execution_provider: Option<&'static CStr>,
     pub inputs: &'static [Port],
     pub outputs: &'static [Port],
-    /// The element type of every output of this registration.
+    /// The element type `T` of this registration's float outputs (an output the contract types as
+    /// int64 or bool has that type).
     pub output_type: ONNXTensorElementDataType,
     /// The input declared with `output_type` on hosts without safe shape inference (ORT < 1.24),
     /// so that ORT picks this registration by that input's type (see [`input_type`]).
@@ -126,8 +127,14 @@ unsafe extern "system" fn input_type(op: *const OrtCustomOp, i: usize) -> ONNXTe
     }
 }
 
-unsafe extern "system" fn output_type(op: *const OrtCustomOp, _i: usize) -> ONNXTensorElementDataType {
-    def(op).output_type
+/// `T` (the registration's), except the outputs the contract types itself (int64 indices, a bool mask).
+unsafe extern "system" fn output_type(op: *const OrtCustomOp, i: usize) -> ONNXTensorElementDataType {
+    let d = def(op);
+    match d.outputs.get(i).map(|p| p.ty) {
+        Some(PortType::Int64) => ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+        Some(PortType::Bool) => ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+        _ => d.output_type,
+    }
 }
 
 /// ORT's name for a float type `T`.

@@ -7,7 +7,7 @@ use super::attrs::AttrProbe;
 use super::inputs::{shape_inputs, signature_before_run, to_string};
 use super::op::{ort_type, Kernel, OpDef};
 use super::api::KernelInfo;
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, ElemType};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, ElemType};
 use ort_sys::ONNXTensorElementDataType;
 use std::ffi::CStr;
 
@@ -18,12 +18,13 @@ pub(super) struct Kernels {
     pub moe: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
     pub linear: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
     pub mask: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
+    pub router: fn(&KernelInfo) -> Result<Box<dyn Kernel>, String>,
     /// Whether the scalar capacity input is read in host memory (a device EP).
     pub capacity_on_host: bool,
 }
 
-/// One execution provider's registrations: ScatterMoE and ParallelLinear once per float type `T`
-/// (see `op.rs`), CapacityMask once. Shape inference is the same on every provider.
+/// One execution provider's registrations: ScatterMoE, ParallelLinear and TopKRouter once per float
+/// type `T` (see `op.rs`), CapacityMask once. Shape inference is the same on every provider.
 pub(super) fn op_table(k: Kernels) -> Vec<OpDef> {
     let ep = k.execution_provider;
     let (moe_host, mask_host): (&'static [usize], &'static [usize]) =
@@ -51,6 +52,17 @@ pub(super) fn op_table(k: Kernels) -> Vec<OpDef> {
             host_inputs: &[],
             create: k.linear,
             infer: infer_linear,
+        });
+        ops.push(OpDef {
+            name: c"TopKRouter",
+            execution_provider: ep,
+            inputs: &topk_router::INPUTS,
+            outputs: &topk_router::OUTPUTS,
+            output_type: ort_type(t),
+            type_carrier: Some(topk_router::LOGITS),
+            host_inputs: &[],
+            create: k.router,
+            infer: infer_router,
         });
     }
     ops.push(OpDef {
@@ -114,3 +126,18 @@ fn infer_mask(ctx: &mut ShapeContext) -> Result<(), String> {
     ctx.set_output(0, 9, routing)
 }
 
+
+fn infer_router(ctx: &mut ShapeContext) -> Result<(), String> {
+    ctx.check_attr_types(topk_router::NAME, &topk_router::ATTRS)?;
+    let attrs = topk_router::Attrs::parse(ctx).map_err(to_string)?;
+    let (plain, named) = shape_inputs(ctx)?;
+    let sig = signature_before_run(&topk_router::INPUTS, &plain);
+    let (t, _) = topk_router::check(&attrs, &sig.types, &sig.shape_refs()).map_err(to_string)?;
+    let logits = named[topk_router::LOGITS].as_deref().unwrap();
+    if logits.is_empty() {
+        return Ok(()); // rank unknown: the outputs' types are declared, their shapes come at run time
+    }
+    let out = topk_router::output_shape(&attrs, logits, |k| SymDim::Value(k as u64));
+    ctx.set_output(topk_router::ROUTING_WEIGHTS, t.onnx_code(), &out)?;
+    ctx.set_output(topk_router::ROUTING_INDICES, 7, &out)
+}

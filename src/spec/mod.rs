@@ -16,10 +16,11 @@ pub mod capacity_mask;
 pub mod parallel_linear;
 pub mod quant;
 pub mod scatter_moe;
+pub mod topk_router;
 mod values;
 
 pub use quant::{Quant, QuantAttrs, QuantFormat, ScaleLayout};
-pub use values::{Activation, AllowedValue, CapacityOrder, GluLayout};
+pub use values::{Activation, AllowedValue, CapacityOrder, GluLayout, Scoring, TieBreak};
 
 /// ONNX domain of every op in this crate.
 pub const DOMAIN: &str = "ai.scattermoe";

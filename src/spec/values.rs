@@ -1,4 +1,5 @@
-//! The allowed values of the string attributes (`activation`, `glu_layout`, `capacity_order`),
+//! The allowed values of the string attributes (`activation`, `glu_layout`, `capacity_order`,
+//! `scoring`, `tie_break`),
 //! each declared by one table: a row per value gives the variant, the name a model writes, and
 //! what it means. The enum, its `ALL` list, `name`, `from_name`, and the "supported: ..." list of
 //! the error message all come from that table, so a new value is one new row here (plus what it
@@ -120,6 +121,29 @@ allowed_values! {
     }
 }
 
+allowed_values! {
+    /// What `TopKRouter` ranks the experts by, and how it turns the chosen ones into weights.
+    pub enum Scoring {
+        /// p = softmax(logits) over all E (float32); the k largest p, weights p (Mixtral, Qwen3,
+        /// OLMoE, com.microsoft.MoE)
+        Softmax = "softmax",
+        /// the k largest logits; weights softmax over those k (GPT-OSS)
+        TopkSoftmax = "topk_softmax",
+        /// p = sigmoid(logits); the k largest p, weights p (Llama 4)
+        Sigmoid = "sigmoid",
+    }
+}
+
+allowed_values! {
+    /// Which of two equal scores `TopKRouter` ranks first.
+    pub enum TieBreak {
+        /// the lower expert number (ONNX TopK, torch.topk)
+        LowerIndex = "lower_index",
+        /// the higher expert number (ONNX Runtime's com.microsoft.MoE kernels)
+        HigherIndex = "higher_index",
+    }
+}
+
 /// Reads a string attribute into its value set; absent means `default`.
 pub(super) fn read_enum<T: AllowedValue>(op: &'static str, src: &dyn AttrSource, name: &str, default: T) -> Result<T, SpecError> {
     match src.string(name) {
@@ -150,6 +174,8 @@ mod tests {
         round_trip(&Activation::ALL, Activation::name);
         round_trip(&GluLayout::ALL, GluLayout::name);
         round_trip(&CapacityOrder::ALL, CapacityOrder::name);
+        round_trip(&Scoring::ALL, Scoring::name);
+        round_trip(&TieBreak::ALL, TieBreak::name);
         assert_eq!(Activation::NAMES, ["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_limit"]);
     }
 }

@@ -1,5 +1,5 @@
 //! The forward passes on the GPU: workspace plans, kernel choice and launches for `ScatterMoE`,
-//! `ParallelLinear` and `CapacityMask`, all on one given stream with device pointers. Nothing here
+//! `ParallelLinear`, `CapacityMask` and `TopKRouter`, all on one given stream with device pointers. Nothing here
 //! allocates, synchronises or reads device memory on the host: a caller (the device ops of
 //! `super::ops`, the GPU tests) hands in one workspace of [`Plan::bytes`] and checks the error
 //! words ([`Launched::error`]) its own way.
@@ -16,7 +16,7 @@ pub mod selection;
 
 pub use super::catalogue::{GemmCfg, GROUPED_A_SUFFIX};
 pub use errors::{check_sync, error_message, ERR_BAD_INDEX, ERR_NEG_CAPACITY, ERR_TOO_MANY_EXPERTS};
-pub use launch::{capacity_mask, format_name, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
+pub use launch::{capacity_mask, format_name, parallel_linear, scatter_moe, topk_router, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
 pub use plan::{routing_workspace_bytes, Plan};
 pub use selection::{
     pick_cfg, pick_quant_cfg, quant_wgmma_fits, FULL_GRID_K, HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS,

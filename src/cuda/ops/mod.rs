@@ -1,5 +1,5 @@
 //! The device ops: one struct per op (`ScatterMoeOp`, `ParallelLinearOp`, `CapacityMaskOp`)
-//! implementing [`DeviceOp`], the only place where an op's checked signature becomes sizes,
+//! implementing [`DeviceOp`] (and `TopKRouterOp`, one launch without routing checks or workspace), the only place where an op's checked signature becomes sizes,
 //! workspace and launch arguments. A runtime adapter (ONNX Runtime's CUDA kernels in
 //! `crate::ort_ops::cuda`, the TensorRT plugin's enqueue in plugins/tensorrt/src/plugin/) hands
 //! in attributes, a [`Signature`], device pointers by contract index ([`DeviceIo`]), a workspace
@@ -11,10 +11,12 @@
 mod capacity_mask;
 mod parallel_linear;
 mod scatter_moe;
+mod topk_router;
 
 pub use capacity_mask::{CapacityMaskOp, MaskCall};
 pub use parallel_linear::{LinearCall, ParallelLinearOp};
 pub use scatter_moe::{MoeCall, ScatterMoeOp};
+pub use topk_router::{RouterCall, TopKRouterOp};
 
 use super::checks::{CheckInfo, RunChecks};
 use super::driver::{self, CuResult, Device};
