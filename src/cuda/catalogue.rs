@@ -104,6 +104,7 @@ mod tests {
         expected.push("scattermoe_routing_scan".into());
         for t in ["f32", "f16", "bf16"] {
             expected.push(format!("scattermoe_combine_{t}"));
+            expected.push(format!("scattermoe_topk_router_{t}"));
         }
         for t in ["f16", "bf16"] {
             for s in ["128x128", "32x64", "32x64s6", "32x32", "wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga", "skinny"] {

@@ -5,7 +5,7 @@ that this file is current; `SCATTERMOE_UPDATE_TABLES=1 cargo test --release --li
 rewrites it.
 """
 
-MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm", "grouped_gemm_ws", "quant_gemm_ws")
+MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm", "grouped_gemm_ws", "quant_gemm_ws", "router")
 # the kernels' activation codes (`act`)
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch
@@ -17,6 +17,9 @@ PLAIN_THREADS = {
     "scattermoe_routing_small_i32": 256,
     "scattermoe_routing_small_i64": 256,
     "scattermoe_routing_scan": 1024,
+    "scattermoe_topk_router_f32": 128,
+    "scattermoe_topk_router_f16": 128,
+    "scattermoe_topk_router_bf16": 128,
     "scattermoe_combine_f32": 256,
     "scattermoe_combine_f16": 256,
     "scattermoe_combine_bf16": 256,
