@@ -1,6 +1,6 @@
 //! The CUDA forward passes (`scattermoe::cuda::forward`, launched from Rust through cudarc on a
 //! stream made here) against the CPU reference (`scattermoe::reference`): ScatterMoE,
-//! ParallelLinear and CapacityMask over float32/float16/bfloat16, k in {1, 2, 8}, E in {1, 8, 64,
+//! ParallelLinear, CapacityMask (and TopKRouter: gpu_forward/router.rs) over float32/float16/bfloat16, k in {1, 2, 8}, E in {1, 8, 64,
 //! 256}, T in {0, 1, 3, 64, 1000, 4096, 65536}, gated and plain, biases, capacity, skewed routing,
 //! widths that are not multiples of 8, every GEMM kernel configuration, and bad indices; quantized
 //! expert weights against the float64 oracle (gpu_forward/quant.rs).
@@ -844,3 +844,7 @@ fn async_checks_report_a_bad_index_of_an_earlier_run() {
 // Quantized expert weights (kernels/quant_gemm.cu) against the float64 oracle
 #[path = "gpu_forward/quant.rs"]
 mod quant;
+
+// TopKRouter (kernels/router.cu) against the CPU router
+#[path = "gpu_forward/router.rs"]
+mod router;
