@@ -25,9 +25,11 @@ renormalise) is random and identical in every column, whether given or computed 
                     stream sync). Layers whose experts exceed --shared-weights-gb (deepseek_v3) take the
                     expert weights as graph inputs bound to torch's tensors, not as initializers: the same
                     kernel work (peers/onnx_models.py says why), without ORT's own copy of 22.5 GB
-  ours/ORT +router  the same node behind the router as ONNX ops (MatMul, Softmax, TopK, renormalise; GPT-OSS:
-                    MatMul + bias, TopK, Softmax over the k): what `scattermoe rewrite` makes of an exported
-                    block; input hidden states only; host-timed
+  ours/ORT +router  the same node behind the router: its MatMul (GPT-OSS: + bias) and one TopKRouter node
+                    (softmax, top-k, renormalise; GPT-OSS: top-k, softmax over the k): what `scattermoe
+                    rewrite` makes of an exported block; input hidden states only; host-timed. With
+                    --router-ops, the router as ONNX ops instead (Softmax, TopK, ReduceSum, Div, Casts: what
+                    `scattermoe rewrite --keep-router` leaves)
   exported/ORT      the real Hugging Face block (MixtralSparseMoeBlock; Qwen3MoeSparseMoeBlock for qwen3
                     and fine; DeepseekV3MoE's gate and experts without its shared experts; GptOssMLP) with these
                     weights, exported by torch.onnx.export(dynamo=False) as models/generate.py does (router
@@ -283,7 +285,8 @@ class Bench(QuantColumns):
                 tensors["b_il"] = bits(wl.to_interleaved(st["b_gu"], layer))
         wf = onnx_models.write_weights(st["dir"], tensors)
         builders = {"ours": functools.partial(onnx_models.ours_model, weights_as_inputs=st["weights_as_inputs"]),
-                    "ours_router": functools.partial(onnx_models.ours_router_model, weights_as_inputs=st["weights_as_inputs"]),
+                    "ours_router": functools.partial(onnx_models.ours_router_model, weights_as_inputs=st["weights_as_inputs"],
+                                                     router_ops=self.args.router_ops),
                     "ortmoe": onnx_models.ort_moe_model}
         for peer, build in builders.items():
             if peer not in self.peers:
@@ -591,6 +594,8 @@ def main():
     ap.add_argument("--close", type=float, default=0.05, help="what --repeat-close calls close (0.05: within 5%%)")
     ap.add_argument("--shared-weights-gb", type=float, default=8.0,
                     help="ScatterMoE's sessions take experts larger than this (GiB) as graph inputs bound to torch's tensors")
+    ap.add_argument("--router-ops", action="store_true",
+                    help="ours/ORT +router with the router as ONNX ops (as --keep-router leaves it), not TopKRouter")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: build and check the models, render a report")
     ap.add_argument("--verbose", action="store_true", help="tracebacks of failing columns")
     ap.add_argument("--no-chart", action="store_true", help="write no NAME.png (the device run: --render draws it)")

@@ -169,7 +169,7 @@ def run(args):
         a = argparse.Namespace(lib=args.lib, fatbin_dir="", triton_dir=args.triton_dir, out=out, name="smoke",
                                shapes=",".join(TOY), tokens="1,5", peers="ours,ours_router,exported,ortmoe,grouped_mm,triton,kernels",
                                budget=0.01, settle=0.0, time_limit=600, hard_extra=60, repeat_close=True, close=1.0,
-                               shared_weights_gb=SHARED_GB, verbose=False, no_chart=True)
+                               shared_weights_gb=SHARED_GB, verbose=False, no_chart=True, router_ops=False)
         have_lib = os.path.exists(args.lib)
         b = gpu_bench.Bench(a)
         b.run()

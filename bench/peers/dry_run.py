@@ -123,6 +123,9 @@ def check_layer(args, name, layer, as_inputs, rng, tmp, ort):
     onnx.checker.check_model(paths["ours_router"])  # the bf16-MatMul form the GPU runs; CPU runs this one:
     paths["ours_router"] = onnx_models.ours_router_model(wf, os.path.join(sub, "ours_router_f32mm.onnx"), layer, f32_matmul=True,
                                                          weights_as_inputs=as_inputs)
+    # the router as ONNX ops (--router-ops), on the CPU alike
+    paths["ours_router ops"] = onnx_models.ours_router_model(wf, os.path.join(sub, "ours_router_ops_f32mm.onnx"), layer,
+                                                             f32_matmul=True, weights_as_inputs=as_inputs, router_ops=True)
     for model, p in paths.items():
         onnx.checker.check_model(p)
         print(f"ok   {model}: {len(onnx.load(p, load_external_data=False).graph.node)} nodes, checker passed")
@@ -144,7 +147,7 @@ def check_layer(args, name, layer, as_inputs, rng, tmp, ort):
     rwb, lgb = onnx_models.bf16_bits(rw32), onnx_models.bf16_bits(logits)
     xf32 = np.ascontiguousarray(xf)
     feeds = {"ours": {"x": spec(xb, BF), "rw": spec(rwb, BF), "ri": spec(ri, I64), **weights},
-             "ours_router": {"x": spec(xb, BF), **weights}, "ortmoe": {"x": spec(xb, BF), "logits": spec(lgb, BF)},
+             "ours_router": {"x": spec(xb, BF), **weights}, "ours_router ops": {"x": spec(xb, BF), **weights}, "ortmoe": {"x": spec(xb, BF), "logits": spec(lgb, BF)},
              "ortmoe f32": {"x": spec(xf32, F32), "logits": spec(np.ascontiguousarray(logits), F32)}}
     have_lib = os.path.exists(args.lib)
     if not have_lib:

@@ -127,6 +127,26 @@ def ours_model(wf, path, layer, weights_as_inputs=False):
     return _save(g, path, ["ai.scattermoe"])
 
 
+def fused_router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False):
+    """The router as `scattermoe rewrite` writes it now (router fusion): logits = x @ Wr^T (+ bias) in
+    bfloat16, then one ai.scattermoe TopKRouter node (softmax, top-k, renormalised; GPT-OSS: top-k of the
+    logits, softmax over the k), which writes the bfloat16 weights and int64 indices itself."""
+    nodes = router_nodes(layer, x, rw, ri, f32_matmul)
+    logits_end = next(i for i, n in enumerate(nodes) if n.op_type in ("TopK", "Softmax"))
+    logits = nodes[:logits_end]
+    src = logits[-1].output[0]
+    if logits[-1].op_type == "Cast" and not f32_matmul:  # the bfloat16 logits themselves
+        src = logits[-1].input[0]
+        logits = logits[:-1]
+    scoring = "topk_softmax" if layer.router == "topk_softmax" else "softmax"
+    normalize = 0 if layer.router == "topk_softmax" else 1
+    out = rw if not f32_matmul else "rw_f"
+    node = helper.make_node("TopKRouter", [src], [out, ri], domain="ai.scattermoe", k=layer.dims[3], scoring=scoring,
+                            normalize=normalize)
+    tail = [helper.make_node("Cast", ["rw_f"], [rw], to=BF16)] if f32_matmul else []
+    return logits + [node] + tail
+
+
 def router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False):
     """The router as `scattermoe rewrite` keeps it (and as the HF export writes it): logits = x @ Wr^T in
     bfloat16, then in float32 either softmax, top-k, renormalise (layer.router softmax_topk: Mixtral, Qwen3,
@@ -162,16 +182,17 @@ def router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False):
     ]
 
 
-def ours_router_model(wf, path, layer, f32_matmul=False, weights_as_inputs=False):
-    """Router ops + ScatterMoE: the form the rewriter emits for an exported MoE block; input x (and, with
-    weights_as_inputs, the expert weights) only."""
+def ours_router_model(wf, path, layer, f32_matmul=False, weights_as_inputs=False, router_ops=False):
+    """The router + ScatterMoE: the form the rewriter emits for an exported MoE block (the router's
+    MatMul, then TopKRouter; router_ops: the router as ONNX ops, as `scattermoe rewrite --keep-router`
+    leaves it); input x (and, with weights_as_inputs, the expert weights) only."""
     d, _, _, k = layer.dims
     names, w_inputs, inits = _experts(wf, layer, weights_as_inputs)
     consts = [helper.make_tensor("k", TensorProto.INT64, [1], [k]),
               helper.make_tensor("last_axis", TensorProto.INT64, [1], [-1])]
     router = [wf.tensor("wr_t")] + ([wf.tensor("wr_b")] if layer.router == "topk_softmax" else [])
     g = helper.make_graph(
-        router_nodes(layer, f32_matmul=f32_matmul) + [_scattermoe_node(layer, names)], "ours_router",
+        (router_nodes if router_ops else fused_router_nodes)(layer, f32_matmul=f32_matmul) + [_scattermoe_node(layer, names)], "ours_router",
         [_vi("x", BF16, ["T", d])] + w_inputs, [_vi("y", BF16, ["T", d])], inits + router + consts)
     return _save(g, path, ["ai.scattermoe"])
 
