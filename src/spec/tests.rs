@@ -150,3 +150,36 @@ fn glu_rows() {
     assert_eq!(GluLayout::UpGate.rows(1, 4), (5, 1));
     assert_eq!(GluLayout::Interleaved.rows(1, 4), (2, 3));
 }
+
+#[test]
+fn topk_router_attributes_and_shapes() {
+    use topk_router::*;
+    let attrs = |pairs: Vec<(&'static str, AttrValue)>| Attrs(pairs.into_iter().collect());
+    let a = topk_router::Attrs::parse(&attrs(vec![("k", AttrValue::I(2))])).unwrap();
+    assert_eq!((a.k, a.scoring, a.normalize, a.tie_break), (2, Scoring::Softmax, false, TieBreak::LowerIndex));
+    let a = topk_router::Attrs::parse(&attrs(vec![
+        ("k", AttrValue::I(4)),
+        ("scoring", AttrValue::S("topk_softmax")),
+        ("normalize", AttrValue::I(1)),
+        ("tie_break", AttrValue::S("higher_index")),
+    ]))
+    .unwrap();
+    assert_eq!((a.scoring, a.normalize, a.tie_break), (Scoring::TopkSoftmax, true, TieBreak::HigherIndex));
+    let e = |pairs| topk_router::Attrs::parse(&attrs(pairs)).unwrap_err().to_string();
+    assert_eq!(e(vec![]), "TopKRouter: attribute 'k' is required");
+    assert_eq!(e(vec![("k", AttrValue::I(-1))]), "TopKRouter: attribute 'k' must be in [1, 2147483647], got -1");
+    assert!(e(vec![("k", AttrValue::I(1)), ("scoring", AttrValue::S("relu"))]).contains("supported: softmax, topk_softmax, sigmoid"));
+
+    let a = topk_router::Attrs { k: 3, scoring: Scoring::Softmax, normalize: false, tie_break: TieBreak::LowerIndex };
+    let (t, d) = check(&a, &[Some(10)], &[Some(&s(&[2, 5, 8]))]).unwrap();
+    assert_eq!((t, d.tokens, d.experts), (ElemType::F16, Some(10), Some(8)));
+    assert_eq!(output_shape(&a, &[2u64, 5, 8], |k| k as u64), [2, 5, 3]);
+    // symbolic leading dims stay symbolic; E must hold k where known
+    let (_, d) = check(&a, &[Some(1)], &[Some(&[None, Some(4)])]).unwrap();
+    assert_eq!((d.tokens, d.experts), (None, Some(4)));
+    let err = |shape: &[Dim], ty: i32| check(&a, &[Some(ty)], &[Some(shape)]).unwrap_err().to_string();
+    assert_eq!(err(&s(&[4, 2]), 1), "TopKRouter: attribute 'k' = 3 is more than the 2 experts of input 'logits' (shape [4, 2])");
+    assert_eq!(err(&s(&[4]), 1), "TopKRouter: input 'logits' must have rank >= 2, got shape [4]");
+    assert_eq!(err(&s(&[4, 0]), 1), "TopKRouter: input 'logits' has E (last dimension) = 0 (shape [4, 0]); it must be at least 1");
+    assert!(err(&s(&[4, 8]), 7).starts_with("TopKRouter: input 'logits' has element type int64"));
+}
