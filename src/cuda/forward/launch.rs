@@ -9,10 +9,10 @@ use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, Activation, CapacityOrder, ElemType, GluLayout, IndexType, Quant, QuantFormat, Scoring, SpecError, TieBreak};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, Quant, QuantFormat, SpecError};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
-fn tname(t: ElemType) -> &'static str {
+pub(super) fn tname(t: ElemType) -> &'static str {
     match t {
         ElemType::F32 => "f32",
         ElemType::F16 => "f16",
@@ -50,7 +50,7 @@ pub struct Launched {
 }
 
 /// Limits of the kernels that the contract does not have.
-fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Result<(), String> {
+pub(super) fn check_limits(op: &'static str, tokens: usize, k: usize, experts: usize) -> Result<(), String> {
     if experts > MAX_EXPERTS {
         return Err(SpecError { op, message: format!("the CUDA kernels support at most {MAX_EXPERTS} experts, got E = {experts}") }.to_string());
     }
@@ -539,49 +539,6 @@ pub unsafe fn capacity_mask(
     let error = routing(dev, stream, it, routing_indices, tokens, k, attrs.num_experts, ws, &p, Some((at, attrs.capacity_order)), Some(kept), error_to)?;
     Ok(Launched { error: Some(error) })
 }
-
-/// `TopKRouter`: one launch, a warp per token (kernels/router.cu). `logits` [tokens, E] in `t`,
-/// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn topk_router(
-    dev: &Device,
-    stream: CUstream,
-    attrs: &topk_router::Attrs,
-    t: ElemType,
-    tokens: usize,
-    experts: usize,
-    logits: CUdeviceptr,
-    weights: CUdeviceptr,
-    indices: CUdeviceptr,
-) -> CuResult<()> {
-    check_limits(topk_router::NAME, tokens, attrs.k, experts)?;
-    if tokens == 0 {
-        return Ok(());
-    }
-    let name = format!("scattermoe_topk_router_{}", tname(t));
-    let f = dev.func(&name)?;
-    let scoring = match attrs.scoring {
-        Scoring::Softmax => 0,
-        Scoring::TopkSoftmax => 1,
-        Scoring::Sigmoid => 2,
-    };
-    let grid = tokens.div_ceil(ROUTER_ROWS_PER_BLOCK) as u32;
-    let args = [
-        Arg::Ptr(logits),
-        Arg::I32(tokens as i32),
-        Arg::I32(experts as i32),
-        Arg::I32(attrs.k as i32),
-        Arg::I32(scoring),
-        Arg::I32(attrs.normalize as i32),
-        Arg::I32((attrs.tie_break == TieBreak::HigherIndex) as i32),
-        Arg::Ptr(weights),
-        Arg::Ptr(indices),
-    ];
-    driver::launch(&f, (grid, 1), stream, &args, &name)
-}
-
-/// Tokens per block of the router kernel (SMOE_ROUTER_WARPS: a warp per token).
-const ROUTER_ROWS_PER_BLOCK: usize = 4;
 
 #[cfg(test)]
 mod tests {
