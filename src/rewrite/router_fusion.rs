@@ -12,9 +12,11 @@
 //!   No Reshape or Unsqueeze is accepted on the indices: none of the exports needs one.
 //! - weights: that TopK's values `v`, or `Softmax(v)` over the last axis (then `topk_softmax`),
 //!   each maybe normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1))` (`normalize = 1`;
-//!   axes as attribute or input). An epsilon added to the sum, a clamp, a scale: not the op's
-//!   formula, left. Then at most one Cast between float types (the op rounds its float32 weights
+//!   axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights are never
+//!   negative, so their L1 norm is their sum). An epsilon added to the sum, a clamp, a scale: not the op's
+//!   formula, left. Then Casts between float types that round at most once (the op rounds its float32 weights
 //!   to its T once, so a Cast from float32 is the op's own rounding; a widening Cast is exact).
+//!   Casts that round twice (float32 to float16 to bfloat16) are not one rounding: left.
 //! - scores S: `Softmax(x)` over the last axis computed in float32 (`softmax`), `Sigmoid(x)` in
 //!   float32 (`sigmoid`), or, with `Softmax(v)` weights, the logits themselves. A Softmax or
 //!   Sigmoid in float16 ranks rounded scores, which can tie where the op's float32 scores do not:
@@ -63,7 +65,7 @@ pub struct Plan {
     /// the values the ScatterMoE node reads now
     pub weights: String,
     pub indices: String,
-    /// the old router's nodes, for the proof
+    /// the old router's nodes the match read (the proof cuts the router out by itself)
     pub nodes: Vec<usize>,
 }
 
@@ -94,8 +96,12 @@ fn skip_identity<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> 
 
 /// k of a TopK that ranks its input's last axis best first.
 fn topk_k(g: &GraphIndex, n: &NodeProto) -> Result<usize, String> {
-    if attr_i(n, "largest").unwrap_or(1) != 1 || attr_i(n, "sorted").unwrap_or(1) != 1 {
-        return Err("TopK takes the smallest or leaves its result unsorted".into());
+    if attr_i(n, "largest").unwrap_or(1) != 1 {
+        return Err("TopK takes the smallest".into());
+    }
+    // an unsorted TopK's order is the runtime's: the op's (best first) need not be it
+    if attr_i(n, "sorted").unwrap_or(1) != 1 {
+        return Err("TopK leaves its result unsorted".into());
     }
     if !is_last_axis(attr_i(n, "axis").unwrap_or(-1), rank_of(g, &n.input[0])) {
         return Err("TopK is not over the last axis".into());
@@ -144,7 +150,8 @@ fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut Vec<usize>) 
 /// `Div(w, ReduceSum(w, last axis, keepdims = 1))`: w, or None.
 fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<&'g str> {
     let (di, div) = std_op(g, v, "Div")?;
-    let (ri, rs) = std_op(g, &div.input[1], "ReduceSum")?;
+    // the weights are never negative (probabilities, sigmoids): their L1 norm is their sum (DBRX)
+    let (ri, rs) = std_op(g, &div.input[1], "ReduceSum").or_else(|| std_op(g, &div.input[1], "ReduceL1"))?;
     let mut mine = vec![di, ri];
     let a = skip_identity(g, &div.input[0], &mut mine);
     let b = skip_identity(g, &rs.input[0], &mut mine);
@@ -186,21 +193,29 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto) -> Result<Plan, String> {
     let k = topk_k(g, topk)?;
     let values = topk.output[0].as_str();
 
-    // weights: at most one Cast between float types after the router's own formula
+    // weights: Casts between float types after the router's own formula that round at most once
+    // (a widening is exact), so that together they are one Cast from the formula's type
     let tw = g.infer_type(w_in).filter(|&t| is_float(t)).ok_or("cannot tell the routing weights' type")?;
     let mut w = w_in;
-    let mut converted = false;
+    let mut rounded = false;
     for _ in 0..8 {
         w = skip_identity(g, w, &mut nodes);
-        match std_op(g, w, "Cast") {
-            Some((ci, c)) if !converted && g.infer_type(&c.input[0]).is_some_and(is_float) => {
-                converted = true;
-                nodes.push(ci);
-                w = &c.input[0];
-            }
-            Some(_) => return Err("the routing weights pass through more than one Cast".into()),
-            None => break,
+        let Some((ci, c)) = std_op(g, w, "Cast") else { break };
+        if !g.infer_type(&c.input[0]).is_some_and(is_float) {
+            return Err("the routing weights are a Cast of a value that is not floating point".into());
         }
+        if attr_i(c, "to") != Some(FLOAT as i64) {
+            if rounded {
+                return Err("the routing weights are rounded twice by their Casts".into());
+            }
+            // rounded to 16 bits and widened again is not one Cast to float32
+            if attr_i(c, "to") != Some(tw as i64) {
+                return Err("the routing weights are rounded to 16 bits and widened again".into());
+            }
+            rounded = true;
+        }
+        nodes.push(ci);
+        w = &c.input[0];
     }
     let wt = g.infer_type(w).ok_or("cannot tell the type the routing weights are computed in")?;
     let normalize = match normalized(g, w, &mut nodes) {
@@ -239,6 +254,8 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto) -> Result<Plan, String> {
             nodes.push(si);
             scores = &sg.input[0];
             (Scoring::Sigmoid, "Sigmoid")
+        } else if let Some(op) = widened_from(g, scores).and_then(|v| g.prod(v)).map(|(_, n)| n.op_type.as_str()).filter(|op| matches!(*op, "Softmax" | "Sigmoid")) {
+            return Err(format!("the router's {op} is computed in 16 bits, so TopK ranks rounded scores"));
         } else {
             let what = g.prod(scores).map_or("a graph input".to_string(), |(_, n)| n.op_type.clone());
             return Err(format!("TopK ranks {what}, not a Softmax or Sigmoid of the logits"));
