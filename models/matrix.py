@@ -434,6 +434,8 @@ def check_case(rec, a):
         rec["rewrite"] = "rewritten"
         rec["layers"] = len(rep["layers"])
         rec["layer_families"] = sorted({l["family"] for l in rep["layers"]})
+        # each layer's router: "fused: <attributes>" or "left: <why>" (None: fusion did not run)
+        rec["routers"] = [None if not l.get("router") else ("fused: " if l["router"]["fused"] else "left: ") + l["router"]["detail"] for l in rep["layers"]]
         m = onnx.load(out, load_external_data=False)
         rec["scattermoe_nodes"] = sum(1 for n in m.graph.node if n.op_type == "ScatterMoE")
         rec["rewritten_ort"] = run_ort(out, arrays, a.plugin)

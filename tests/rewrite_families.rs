@@ -10,7 +10,7 @@ mod common;
 /// The rules are checked here against torch's outputs with the numeric proof off: the proof has
 /// its own tests (tests/rewrite_prove.rs), and the forms it cannot prove yet are listed in
 /// docs/rewriter.md.
-const UNPROVEN: scattermoe::rewrite::RewriteOptions = scattermoe::rewrite::RewriteOptions { target: scattermoe::rewrite::Target::OnnxRuntime, prove: false };
+const UNPROVEN: scattermoe::rewrite::RewriteOptions = scattermoe::rewrite::RewriteOptions { target: scattermoe::rewrite::Target::OnnxRuntime, prove: false, fuse_router: true };
 
 use ort::session::Session;
 use ort::value::Tensor;

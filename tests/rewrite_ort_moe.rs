@@ -139,3 +139,59 @@ fn a_qmoe_node_without_quantized_weights_is_left_with_the_reason() {
     assert!(rep.rejected.iter().any(|r| r.reason.starts_with("com.microsoft.QMoE: fc")), "{:?}", rep.rejected);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Router logits with many exact ties (each from {-1, 0, 0.5, 1}; every other row all equal).
+fn run_ties(s: &mut Session, t: usize, seed: u64) -> Vec<f32> {
+    let mut st = seed | 1;
+    let mut next = || {
+        st ^= st << 13;
+        st ^= st >> 7;
+        st ^= st << 17;
+        st >> 11
+    };
+    let x: Vec<f32> = (0..t * 16).map(|_| (next() % 1000) as f32 / 250.0 - 2.0).collect();
+    let r: Vec<f32> = (0..t * 6).map(|i| if (i / 6) % 2 == 0 { 0.5 } else { [-1.0, 0.0, 0.5, 1.0][(next() % 4) as usize] }).collect();
+    let out = s
+        .run(ort::inputs!["x" => Tensor::from_array(([t, 16], x)).unwrap(), "r" => Tensor::from_array(([t, 6], r)).unwrap()])
+        .unwrap();
+    out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec()
+}
+
+/// The Softmax/reversed-TopK router the rewrite writes for com.microsoft.MoE becomes one
+/// TopKRouter with ONNX Runtime's tie rule (the higher expert number): on tied logits the fused
+/// model still matches the MoE kernel, and without fusion (`fuse_router = false`) so does the
+/// ONNX router.
+#[test]
+fn com_microsoft_moe_router_is_fused_with_the_kernels_tie_rule() {
+    let dir = common::scratch("ort_moe_router");
+    for (i, (k, norm)) in [(2, 1), (1, 0), (3, 0)].into_iter().enumerate() {
+        let orig = dir.join(format!("moe{i}.onnx"));
+        std::fs::write(&orig, moe_model("silu", k, norm, false, None)).unwrap();
+        for fuse in [true, false] {
+            let mut m = onnx::load(&orig).unwrap();
+            let opts = scattermoe::rewrite::RewriteOptions { fuse_router: fuse, ..Default::default() };
+            let rep = scattermoe::rewrite::rewrite_with(&mut m, &opts).unwrap();
+            assert_eq!(rep.layers.len(), 1);
+            let fused = m.graph().node.iter().filter(|n| n.op_type == "TopKRouter").count();
+            if fuse {
+                let r = rep.layers[0].router.as_ref().unwrap();
+                let want = format!("softmax, k={k}{}, higher_index", if norm == 1 { ", normalize" } else { "" });
+                assert!(r.fused && r.detail == want, "k={k}: {} ({})", r.detail, r.fused);
+                assert_eq!(fused, 1);
+                assert!(m.graph().node.iter().all(|n| !matches!(n.op_type.as_str(), "TopK" | "Slice" | "Softmax")), "the old router stayed");
+            } else {
+                assert_eq!(fused, 0);
+            }
+            let out = dir.join(format!("moe{i}_{fuse}.onnx"));
+            onnx::save(m, &out, &SaveOptions::default()).unwrap();
+            let (mut a, mut b) = (session(&orig), session(&out));
+            for t in [1usize, 7, 33] {
+                let (ya, yb) = (run_ties(&mut a, t, 5 + t as u64), run_ties(&mut b, t, 5 + t as u64));
+                let scale = ya.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = ya.iter().zip(&yb).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
+                assert!(err < 1e-4, "k={k} fused={fuse}, {t} tokens with ties: relative error {err}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

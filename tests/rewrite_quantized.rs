@@ -100,7 +100,7 @@ fn check(e: &Entry, dir: &Path) -> Result<String, String> {
     let quantized_nodes = g
         .node
         .iter()
-        .filter(|n| n.domain == spec::DOMAIN)
+        .filter(|n| n.domain == spec::DOMAIN && (n.op_type == spec::scatter_moe::NAME || n.op_type == spec::parallel_linear::NAME))
         .filter(|n| {
             let w = if n.op_type == spec::scatter_moe::NAME { spec::scatter_moe::W_IN } else { spec::parallel_linear::W };
             let ty = g

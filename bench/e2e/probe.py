@@ -10,9 +10,9 @@ data, with extra graph outputs per MoE layer i:
 
 The layers are found in the rewritten graph (`layer_map`): each ScatterMoE node's output is the name
 of the block's output in the original too (the rewrite keeps it, so that its consumers stay), and the
-router scores are the nearest tensor above the TopK that feeds the node's routing indices which the
-original graph also has (the export's softmax or router logits; the builder's router logits, which its
-com.microsoft.MoE ranks inside). Both models of a pair then give the same readings under the same names.
+router scores are the nearest tensor above the TopK (or the fused router's TopKRouter) that feeds the
+node's routing indices which the original graph also has (the export's softmax or router logits; the
+builder's router logits, which its com.microsoft.MoE ranks inside). Both models of a pair then give the same readings under the same names.
 
 torch: forward hooks on each layer's MoE block and router (`TorchTap`), under the same names.
 """
@@ -43,7 +43,8 @@ def layer_map(rw_path, orig_path, report):
             continue
         if n.output[0] not in in_orig:
             raise ValueError(f"{n.name}: its output {n.output[0]} is not a tensor of the original graph")
-        topk = _find_above(producer, n.input[2], lambda p: p.op_type == "TopK")
+        # the router's TopK, or the TopKRouter node a fused router became (its input: the logits)
+        topk = _find_above(producer, n.input[2], lambda p: p.op_type in ("TopK", "TopKRouter"))
         if topk is None:
             raise ValueError(f"{n.name}: no TopK above its routing indices {n.input[2]}")
         scores = _first_name_above(producer, topk.input[0], in_orig)

@@ -291,13 +291,14 @@ def test_triton_serves_the_rewritten_model_to_concurrent_clients(lib, rng, tmp_p
     if not CLI.exists():
         pytest.fail(f"{CLI.relative_to(ROOT)} is missing: cargo build --release")
 
-    # the model: the fixture rewritten by the CLI, one ScatterMoE node in place of the experts
+    # the model: the fixture rewritten by the CLI, one ScatterMoE node in place of the experts and
+    # one TopKRouter in place of its Softmax/TopK router
     rewritten = tmp_path / "mixtral.scattermoe.onnx"
     r = subprocess.run([str(CLI), "rewrite", str(MODEL), str(rewritten), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["layers"]) == 1, r.stdout
     graph = onnx.load(str(rewritten)).graph
-    assert [n.op_type for n in graph.node if n.domain == "ai.scattermoe"] == ["ScatterMoE"]
+    assert [n.op_type for n in graph.node if n.domain == "ai.scattermoe"] == ["TopKRouter", "ScatterMoE"]
     d = graph.input[0].type.tensor_type.shape.dim[2].dim_value
 
     inputs = request_inputs(rng, d)

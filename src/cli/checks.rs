@@ -36,6 +36,7 @@ pub fn check_contract_attributes(graph: &onnx::proto::GraphProto) -> Result<()> 
             spec::scatter_moe::NAME => &spec::scatter_moe::ATTRS,
             spec::parallel_linear::NAME => &spec::parallel_linear::ATTRS,
             spec::capacity_mask::NAME => &spec::capacity_mask::ATTRS,
+            spec::topk_router::NAME => &spec::topk_router::ATTRS,
             other => bail!("node '{}' is {}::{other}, which is not an op of the contract", n.name, spec::DOMAIN),
         };
         for a in &n.attribute {

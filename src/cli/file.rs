@@ -27,6 +27,8 @@ pub struct Request<'a> {
     pub inputs: Option<&'a Path>,
     /// write the model unchanged when no layer is replaced (else nothing is written)
     pub allow_none: bool,
+    /// replace each layer's ONNX router by one TopKRouter node where it computes exactly that op
+    pub fuse_router: bool,
 }
 
 /// What happened.
@@ -69,7 +71,7 @@ pub fn rewrite_file(req: &Request, progress: &dyn Progress, listen: &dyn Listene
     }
     let ort: Option<PathBuf> = checks::check_runtime(req.verify, req.prove)?;
     let original_proto = if req.verify { Some(model.proto.clone()) } else { None };
-    let opts = rewrite::RewriteOptions { target: req.target, prove: req.prove };
+    let opts = rewrite::RewriteOptions { target: req.target, prove: req.prove, fuse_router: req.fuse_router };
     let report = rewrite::rewrite_with_progress(&mut model, &opts, progress)?;
     listen.report(&report);
     if report.layers.is_empty() && !req.allow_none {

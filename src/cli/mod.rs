@@ -158,6 +158,11 @@ struct RewriteArgs {
     /// still runs in ONNX Runtime with libscattermoe_ort.so
     #[arg(long, value_enum, default_value_t = TargetArg::Onnxruntime)]
     target: TargetArg,
+    /// keep each layer's router as the ONNX nodes it was (by default a router that computes
+    /// exactly what ai.scattermoe::TopKRouter computes becomes one such node, proven like the
+    /// layer; for A/B benchmarks, or to keep the router in standard ops)
+    #[arg(long)]
+    keep_router: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -240,6 +245,29 @@ fn none_replaced(model: &Path, rep: &rewrite::Report, inspect: bool) -> String {
     format!("{what}{} (exit status {EXIT_NO_MOE}; --allow-none accepts this)", if inspect { "" } else { ": nothing written" })
 }
 
+/// `routers: 3 of 4 fused into TopKRouter; 1 left as ONNX nodes (TopK ranks Add, ...)`: the
+/// routers' fusion, the reasons grouped; None where fusion did not run.
+fn routers_line(rep: &rewrite::Report) -> Option<String> {
+    let routers: Vec<&rewrite::RouterReport> = rep.layers.iter().filter_map(|l| l.router.as_ref()).collect();
+    if routers.is_empty() {
+        return None;
+    }
+    let fused = routers.iter().filter(|r| r.fused).count();
+    let mut why: Vec<(&str, usize)> = Vec::new();
+    for r in routers.iter().filter(|r| !r.fused) {
+        match why.iter_mut().find(|(w, _)| *w == r.detail) {
+            Some((_, c)) => *c += 1,
+            None => why.push((&r.detail, 1)),
+        }
+    }
+    let left: Vec<String> = why.iter().map(|(w, c)| if *c == 1 { w.to_string() } else { format!("{c}x {w}") }).collect();
+    let mut line = format!("routers: {fused} of {} fused into TopKRouter", routers.len());
+    if !left.is_empty() {
+        line += &format!("; {} left as ONNX nodes ({})", routers.len() - fused, left.join("; "));
+    }
+    Some(line)
+}
+
 /// The CLI's listener: the report (as asked) before the save, the comparison after --verify.
 struct Say {
     json: bool,
@@ -257,6 +285,9 @@ impl file::Listener for Say {
             let n_left = rep.rejected.len() + rep.looks_like_moe.len();
             let left = if n_left == 0 { String::new() } else { format!(", {n_left} candidate(s) left as is (see --report)") };
             eprintln!("{n} MoE layer{} replaced ({} nodes -> {}){left}", if n == 1 { "" } else { "s" }, rep.nodes_before, rep.nodes_after);
+            if let Some(line) = routers_line(rep) {
+                eprintln!("{line}");
+            }
         }
     }
 
@@ -272,7 +303,7 @@ impl file::Listener for Say {
 }
 
 fn run_rewrite(a: RewriteArgs) -> Result<u8> {
-    let RewriteArgs { input, output, force, report, json, verify, lengths, inputs, target, common } = a;
+    let RewriteArgs { input, output, force, report, json, verify, lengths, inputs, target, keep_router, common } = a;
     let bars = Bars::new(!common.quiet && !json);
     let target = match target {
         TargetArg::Onnxruntime => rewrite::Target::OnnxRuntime,
@@ -288,6 +319,7 @@ fn run_rewrite(a: RewriteArgs) -> Result<u8> {
         lengths: &lengths,
         inputs: inputs.as_deref(),
         allow_none: common.allow_none,
+        fuse_router: !keep_router,
     };
     let out = file::rewrite_file(&req, &bars, &Say { json, report })?;
     if !out.written {
@@ -347,7 +379,8 @@ fn run_inspect(a: InspectArgs) -> Result<u8> {
     let mut model = onnx::load_with_progress(&path, &bars)?;
     file::check_graph(&model, &path)?;
     checks::check_runtime(false, !common.no_prove)?;
-    let opts = rewrite::RewriteOptions { target: rewrite::Target::OnnxRuntime, prove: !common.no_prove };
+    // the candidates are the same with or without the router fused: no router proofs to wait for
+    let opts = rewrite::RewriteOptions { target: rewrite::Target::OnnxRuntime, prove: !common.no_prove, fuse_router: false };
     let rep = rewrite::rewrite_with_progress(&mut model, &opts, &bars)?;
     let candidates = rep.candidates();
     let would = candidates.iter().filter(|c| c.rewrite).count();

@@ -278,7 +278,7 @@ mod tests {
 
     /// The rules' matching alone (no numeric proof: these tests need no ONNX Runtime).
     fn report(m: &mut Model) -> Report {
-        rewrite_with(m, &RewriteOptions { target: Target::OnnxRuntime, prove: false }).unwrap()
+        rewrite_with(m, &RewriteOptions { target: Target::OnnxRuntime, prove: false, fuse_router: true }).unwrap()
     }
 
     /// Every node of `op` whose first output contains `tag`, changed by `f`.

@@ -169,6 +169,7 @@ pub fn emit(g: &GraphIndex, r: &Region, tag: &str, taken: &mut Vec<String>, targ
         biases: false,
         quantized,
         proof: None,
+        router: None,
     };
     let subject = Subject {
         output: r.output.clone(),

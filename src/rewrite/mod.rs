@@ -31,6 +31,7 @@ pub mod ort_moe;
 pub mod prove;
 pub mod quant;
 pub mod report;
+pub mod router_fusion;
 pub mod routing;
 pub mod rule;
 pub mod slots;
@@ -44,7 +45,7 @@ use crate::progress::{Progress, Silent, Unit};
 use crate::spec;
 use emit::MoeLayer;
 pub use emit::Target;
-pub use report::{Found, LayerReport, Rejection, Report};
+pub use report::{Found, LayerReport, Rejection, Report, RouterReport};
 
 /// k of a routing index tensor when it comes from TopK with a constant k or ArgMax.
 pub(crate) fn k_of(g: &GraphIndex, idx: &str) -> Option<usize> {
@@ -64,11 +65,14 @@ pub struct RewriteOptions {
     /// prove every candidate numerically in ONNX Runtime before it is written (needs ONNX
     /// Runtime and libscattermoe_ort.so; see [`prove`])
     pub prove: bool,
+    /// replace each rewritten layer's ONNX router by one TopKRouter node where it computes exactly
+    /// that op ([`router_fusion`]; ONNX Runtime target only)
+    pub fuse_router: bool,
 }
 
 impl Default for RewriteOptions {
     fn default() -> Self {
-        RewriteOptions { target: Target::OnnxRuntime, prove: true }
+        RewriteOptions { target: Target::OnnxRuntime, prove: true, fuse_router: true }
     }
 }
 
@@ -165,6 +169,7 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
                     biases: m.b_in.iter().any(Option::is_some) || m.b_out.is_some(),
                     quantized: e.quantized.clone(),
                     proof,
+                    router: None,
                 });
                 replace.push((l.output.clone(), e));
             }
@@ -214,6 +219,17 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
             gm.initializer.extend(em.initializers);
             model.pending.extend(em.pending);
         }
+        if target == Target::OnnxRuntime && opts.fuse_router {
+            for (node, outcome) in router_fusion::fuse(model, opts.prove)? {
+                if let Some(l) = report.layers.iter_mut().find(|l| l.node == node) {
+                    l.router = Some(match outcome {
+                        Ok(how) => RouterReport { fused: true, detail: how },
+                        Err(why) => RouterReport { fused: false, detail: why },
+                    });
+                }
+            }
+        }
+        let gm = model.proto.graph.mut_or_insert_default();
         // stacked tensors are added at save time: keep their sources until then (pending tensors
         // hold their own copies of the protos), then drop what became unused
         prune(gm);

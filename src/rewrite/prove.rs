@@ -16,6 +16,7 @@ mod compare;
 mod files;
 mod inputs;
 pub mod region;
+pub mod router;
 pub mod shape;
 mod twin;
 pub use twin::ROUNDING_GAP;

@@ -40,6 +40,28 @@ pub struct LayerReport {
     /// what the numeric proof compared; None when the proof was turned off
     #[serde(serialize_with = "proof_json")]
     pub proof: Option<prove::Proof>,
+    /// whether its ONNX router became one TopKRouter node (`router_fusion`); None where fusion
+    /// did not run (TensorRT, `--keep-router`, a projection without a router)
+    pub router: Option<RouterReport>,
+}
+
+/// What became of a layer's router.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouterReport {
+    pub fused: bool,
+    /// the TopKRouter's attributes ("softmax, k=2, normalize, lower_index"), or why the ONNX
+    /// router stays
+    pub detail: String,
+}
+
+impl RouterReport {
+    pub fn text(&self) -> String {
+        if self.fused {
+            format!("router fused: TopKRouter({})", self.detail)
+        } else {
+            format!("router left as ONNX nodes: {}", self.detail)
+        }
+    }
 }
 
 /// The shape of a candidate a rule matched, before it was emitted and proven: kept so that a
@@ -147,6 +169,9 @@ impl Report {
                 l.quantized.as_ref().map_or(String::new(), |q| format!(", quantized weights: {q}")),
             );
             let _ = writeln!(s, "  {}", l.proof.as_ref().map_or("not proven (proof turned off)".to_string(), prove::Proof::text));
+            if let Some(r) = &l.router {
+                let _ = writeln!(s, "  {}", r.text());
+            }
         }
         for r in &self.rejected {
             let _ = writeln!(s, "left as is: {} candidate ending at {}: {}", r.family, r.at, r.reason);

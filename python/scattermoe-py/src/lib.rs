@@ -32,7 +32,7 @@ fn cli(py: Python<'_>, argv: Vec<String>) -> u8 {
 /// Rewrites `in_path` into `out_path`; returns JSON: {"report": ..., "verify": ... or null,
 /// "written": bool}. Errors (a bad input, a failed verification) raise RuntimeError.
 #[pyfunction]
-#[pyo3(signature = (in_path, out_path, verify, target, prove, force, allow_none, lengths, inputs))]
+#[pyo3(signature = (in_path, out_path, verify, target, prove, force, allow_none, lengths, inputs, keep_router = false))]
 #[allow(clippy::too_many_arguments)]
 fn rewrite(
     py: Python<'_>,
@@ -45,6 +45,7 @@ fn rewrite(
     allow_none: bool,
     lengths: Vec<usize>,
     inputs: Option<PathBuf>,
+    keep_router: bool,
 ) -> PyResult<String> {
     let target = match target {
         "onnxruntime" => Target::OnnxRuntime,
@@ -61,6 +62,7 @@ fn rewrite(
         lengths: &lengths,
         inputs: inputs.as_deref(),
         allow_none,
+        fuse_router: !keep_router,
     };
     let out = py
         .detach(|| file::rewrite_file(&req, &scattermoe::progress::Silent, &file::Quiet))

@@ -146,9 +146,24 @@ pub(super) fn write_side(
     file: &str,
     base: &ModelProto,
     nodes: Vec<NodeProto>,
-    mut inits: Vec<TensorProto>,
+    inits: Vec<TensorProto>,
     inputs: &[ValueInfoProto],
     output: ValueInfoProto,
+    extra_opset: bool,
+) -> Result<Side> {
+    write_side_outputs(dir, file, base, nodes, inits, inputs, vec![output], extra_opset)
+}
+
+/// [`write_side`] for a model of several outputs (a router's weights and indices).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_side_outputs(
+    dir: &Path,
+    file: &str,
+    base: &ModelProto,
+    nodes: Vec<NodeProto>,
+    mut inits: Vec<TensorProto>,
+    inputs: &[ValueInfoProto],
+    outputs: Vec<ValueInfoProto>,
     extra_opset: bool,
 ) -> Result<Side> {
     let mut m = ModelProto::new();
@@ -165,7 +180,7 @@ pub(super) fn write_side(
     g.node = nodes;
     g.initializer.append(&mut inits);
     g.input = inputs.to_vec();
-    g.output.push(output);
+    g.output = outputs;
     // zero-valued attributes (the op's `gated = 0`) written with their value, as `onnx::save` does:
     // ONNX Runtime refuses a custom-op attribute without one
     crate::onnx::io::write_zero_attribute_values(&mut g);

@@ -72,13 +72,15 @@ def rewrite(
     allow_none: bool = False,
     lengths: Sequence[int] = (1, 13, 16),
     inputs: Optional[PathLike] = None,
+    keep_router: bool = False,
 ) -> dict:
     """Rewrites ``in_path`` into ``out_path`` as ``scattermoe rewrite`` does and returns the report
     as a dict: ``layers`` (each replaced layer, with its proof), ``rejected`` (candidates left as
     is, with the reason), node and initializer counts, and ``verify`` (with ``verify=True``: the
     comparison of both models in ONNX Runtime on random inputs at ``lengths`` tokens, or on the
     arrays of the .npz ``inputs``). ``target="tensorrt"`` writes nodes TensorRT's ONNX parser maps
-    to the plugin. Raises RuntimeError on a bad input or a failed verification (nothing written),
+    to the plugin. ``keep_router=True`` keeps each layer's router as ONNX nodes (by default one that
+    computes exactly what TopKRouter computes becomes that node). Raises RuntimeError on a bad input or a failed verification (nothing written),
     NoMoELayerError when no layer was replaced and ``allow_none`` is off."""
     out = json.loads(
         _native.rewrite(
@@ -91,6 +93,7 @@ def rewrite(
             bool(allow_none),
             [int(n) for n in lengths],
             None if inputs is None else os.fspath(inputs),
+            bool(keep_router),
         )
     )
     report = out["report"]

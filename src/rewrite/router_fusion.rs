@@ -1,0 +1,398 @@
+//! Router fusion: after the ScatterMoE nodes are written (ONNX Runtime target only: TensorRT has
+//! no TopKRouter plugin), the ONNX router that makes a node's routing weights and indices is
+//! replaced by one `ai.scattermoe::TopKRouter` node where it provably computes what that op
+//! computes. At decode the router's six to ten small ONNX nodes each cost a launch; the op costs one.
+//!
+//! Recognised, from the ScatterMoE node's inputs backwards (Identity and Casts to the type they
+//! read are skipped everywhere: they change nothing):
+//! - indices: `TopK(S, k).indices` (k a constant, `largest = 1`, `sorted = 1`, on S's last axis:
+//!   the op's order, best first), tie rule `lower_index` (ONNX TopK's); or com.microsoft.MoE's
+//!   reversed form `Sub(E - 1, TopK(Slice(S, -1, <= -E-1, last axis, -1)).indices)`, tie rule
+//!   `higher_index`, with E read from S's shape (a constant off by one would misnumber every expert).
+//!   No Reshape or Unsqueeze is accepted on the indices: none of the exports needs one.
+//! - weights: that TopK's values `v`, or `Softmax(v)` over the last axis (then `topk_softmax`),
+//!   each maybe normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1))` (`normalize = 1`;
+//!   axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights are never
+//!   negative, so their L1 norm is their sum). An epsilon added to the sum, a clamp, a scale: not the op's
+//!   formula, left. Then Casts between float types that round at most once (the op rounds its float32 weights
+//!   to its T once, so a Cast from float32 is the op's own rounding; a widening Cast is exact).
+//!   Casts that round twice (float32 to float16 to bfloat16) are not one rounding: left.
+//! - scores S: `Softmax(x)` over the last axis computed in float32 (`softmax`), `Sigmoid(x)` in
+//!   float32 (`sigmoid`), or, with `Softmax(v)` weights, the logits themselves. A Softmax or
+//!   Sigmoid in float16 ranks rounded scores, which can tie where the op's float32 scores do not:
+//!   left. Anything else in front of TopK (a bias added for the choice, group masks, jitter) is
+//!   another router: left.
+//!
+//! The node reads the logits in the type the weights are finally read in where the graph has them
+//! so (the 16-bit logits in front of a Cast to float32: one rounding of the op's float32 weights,
+//! as the Cast after the router did), else in float32 (with a Cast of its weights to that type).
+//! The old router nodes are left to [`crate::onnx::graph::prune`], which keeps every node whose
+//! result is still read elsewhere or is a graph output.
+//!
+//! Proof: the layer proof ([`super::prove`]) draws the routing at the ScatterMoE node's boundary,
+//! so it does not cover the router. Each fused router is proven on its own instead
+//! ([`super::prove::router`]): the old router nodes and the TopKRouter node, cut out with the
+//! logits as their input, run in ONNX Runtime on random logits, logits with ties (the tie rule)
+//! and skewed logits at several token counts; the indices must be equal, the weights within the
+//! type's tolerance. A router that fails its proof stays as it was (the layer stays rewritten).
+
+use onnx_protobuf::NodeProto;
+
+use super::matcher::{axes_of, is_last_axis, rank_of};
+use crate::onnx::graph::{attr_i, attr_int, attr_string, make_node, GraphIndex};
+use crate::spec::{self, scatter_moe as sm, topk_router as tr, Scoring, TieBreak};
+
+const FLOAT: i32 = 1;
+
+fn is_float(t: i32) -> bool {
+    matches!(t, 1 | 10 | 16)
+}
+
+fn std_op<'g>(g: &GraphIndex<'g>, v: &str, op: &str) -> Option<(usize, &'g NodeProto)> {
+    g.prod(v).filter(|(_, n)| n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx"))
+}
+
+/// One router that a TopKRouter node computes, and where it goes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub attrs: tr::Attrs,
+    /// the value the node reads
+    pub logits: String,
+    /// the node reads `Cast(logits, float32)` (no value of the graph has a type it can read)
+    pub widen: bool,
+    /// the type the ScatterMoE node reads its weights in, where it is not the logits' (a Cast after the node)
+    pub cast_weights: Option<i32>,
+    /// the values the ScatterMoE node reads now
+    pub weights: String,
+    pub indices: String,
+    /// the old router's nodes the match read (the proof cuts the router out by itself)
+    pub nodes: Vec<usize>,
+}
+
+impl Plan {
+    /// `softmax, k=2, normalize, lower_index`
+    pub fn text(&self) -> String {
+        let a = &self.attrs;
+        format!("{}, k={}{}, {}", a.scoring.name(), a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name())
+    }
+}
+
+/// Identity and Casts to the type they read, which change nothing.
+fn skip_identity<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> &'g str {
+    let mut cur = v;
+    for _ in 0..8 {
+        let Some((i, n)) = g.prod(cur).filter(|(_, n)| n.domain.is_empty() || n.domain == "ai.onnx") else {
+            break;
+        };
+        let same_type = n.op_type == "Cast" && g.infer_type(&n.input[0]).is_some_and(|t| attr_i(n, "to") == Some(t as i64));
+        if n.op_type != "Identity" && !same_type {
+            break;
+        }
+        nodes.push(i);
+        cur = &n.input[0];
+    }
+    cur
+}
+
+/// k of a TopK that ranks its input's last axis best first.
+fn topk_k(g: &GraphIndex, n: &NodeProto) -> Result<usize, String> {
+    if attr_i(n, "largest").unwrap_or(1) != 1 {
+        return Err("TopK takes the smallest".into());
+    }
+    // an unsorted TopK's order is the runtime's: the op's (best first) need not be it
+    if attr_i(n, "sorted").unwrap_or(1) != 1 {
+        return Err("TopK leaves its result unsorted".into());
+    }
+    if !is_last_axis(attr_i(n, "axis").unwrap_or(-1), rank_of(g, &n.input[0])) {
+        return Err("TopK is not over the last axis".into());
+    }
+    let k = match n.input.get(1).filter(|s| !s.is_empty()) {
+        Some(k) => g.const_i64(k).filter(|k| k.len() == 1).map(|k| k[0]),
+        None => attr_i(n, "k"),
+    };
+    k.filter(|&k| k >= 1).map(|k| k as usize).ok_or_else(|| "TopK's k is not a constant".into())
+}
+
+/// The last dimension of `v`, where the graph tells it.
+fn last_dim(g: &GraphIndex, v: &str) -> Option<i64> {
+    super::prove::shape::shape_of(g, v)?.last().filter(|d| d.t == 0).map(|d| d.c)
+}
+
+/// The TopK whose indices `idx` are, its tie rule, and the scores it ranks (before any reversal).
+fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut Vec<usize>) -> Result<(usize, TieBreak, &'g str), String> {
+    let idx = skip_identity(g, idx, nodes);
+    let (i, n) = g.prod(idx).ok_or("the routing indices are not computed in the graph")?;
+    if let Some((_, t)) = std_op(g, idx, "TopK").filter(|(_, t)| t.output.get(1).map(String::as_str) == Some(idx)) {
+        return Ok((i, TieBreak::LowerIndex, t.input[0].as_str()));
+    }
+    let Some((_, sub)) = std_op(g, idx, "Sub") else {
+        return Err(format!("the routing indices come from {}, not TopK", n.op_type));
+    };
+    nodes.push(i);
+    // com.microsoft.MoE's form: E - 1 - TopK(S reversed).indices
+    let last = g.const_i64(&sub.input[0]).filter(|c| c.len() == 1).map(|c| c[0]).ok_or("the routing indices are a Sub of no constant")?;
+    let rev_idx = skip_identity(g, &sub.input[1], nodes);
+    let (ti, t) =
+        std_op(g, rev_idx, "TopK").filter(|(_, t)| t.output.get(1).map(String::as_str) == Some(rev_idx)).ok_or("the routing indices are a Sub of no TopK")?;
+    let (si, slice) = std_op(g, &t.input[0], "Slice").ok_or("the routing indices are E - 1 minus TopK of no reversal")?;
+    nodes.push(si);
+    let s = slice.input[0].as_str();
+    let e = last_dim(g, s).ok_or("cannot tell the number of experts the reversed router ranks")?;
+    let one = |j: usize| slice.input.get(j).filter(|v| !v.is_empty()).and_then(|v| g.const_i64(v)).filter(|c| c.len() == 1).map(|c| c[0]);
+    let reversed = matches!((one(1), one(2), one(3), one(4)), (Some(start), Some(end), Some(axis), Some(-1))
+        if (start == -1 || start >= e - 1) && end <= -e - 1 && is_last_axis(axis, rank_of(g, s)));
+    if !reversed || last != e - 1 {
+        return Err("the routing indices are E - 1 minus TopK of a Slice that is not the experts reversed".into());
+    }
+    Ok((ti, TieBreak::HigherIndex, s))
+}
+
+/// `Div(w, ReduceSum(w, last axis, keepdims = 1))`: w, or None.
+fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<&'g str> {
+    let (di, div) = std_op(g, v, "Div")?;
+    // the weights are never negative (probabilities, sigmoids): their L1 norm is their sum (DBRX)
+    let (ri, rs) = std_op(g, &div.input[1], "ReduceSum").or_else(|| std_op(g, &div.input[1], "ReduceL1"))?;
+    let mut mine = vec![di, ri];
+    let a = skip_identity(g, &div.input[0], &mut mine);
+    let b = skip_identity(g, &rs.input[0], &mut mine);
+    let axes = axes_of(g, rs)?;
+    let last = axes.len() == 1 && is_last_axis(axes[0], rank_of(g, a));
+    (a == b && last && attr_i(rs, "keepdims").unwrap_or(1) == 1).then(|| {
+        nodes.extend(mine);
+        a
+    })
+}
+
+/// Softmax over the last axis (the opset's default axis where none is written).
+fn softmax_input<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<&'g str> {
+    let (i, n) = std_op(g, v, "Softmax")?;
+    let axis = attr_i(n, "axis").unwrap_or(if g.opset >= 13 { -1 } else { 1 });
+    // before opset 13 Softmax flattens the axes from `axis` on: per row only when it is the last
+    is_last_axis(axis, rank_of(g, &n.input[0])).then(|| {
+        nodes.push(i);
+        n.input[0].as_str()
+    })
+}
+
+/// The 16-bit value `v` is an exact Cast of to float32, if it is one.
+fn widened_from<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
+    let (_, c) = std_op(g, v, "Cast")?;
+    (attr_i(c, "to") == Some(FLOAT as i64) && matches!(g.infer_type(&c.input[0]), Some(10 | 16))).then_some(c.input[0].as_str())
+}
+
+/// The router feeding ScatterMoE node `s`, or why it stays as ONNX nodes.
+pub fn recognise(g: &GraphIndex, s: &NodeProto) -> Result<Plan, String> {
+    let (w_in, idx_in) = match (s.input.get(sm::ROUTING_WEIGHTS), s.input.get(sm::ROUTING_INDICES)) {
+        (Some(w), Some(i)) if !w.is_empty() && !i.is_empty() => (w.as_str(), i.as_str()),
+        _ => return Err("the node has no routing inputs".into()),
+    };
+    let mut nodes = Vec::new();
+    let (ti, tie_break, s_in) = indices_source(g, idx_in, &mut nodes)?;
+    let topk = g.node(ti);
+    nodes.push(ti);
+    let k = topk_k(g, topk)?;
+    let values = topk.output[0].as_str();
+
+    // weights: Casts between float types after the router's own formula that round at most once
+    // (a widening is exact), so that together they are one Cast from the formula's type
+    let tw = g.infer_type(w_in).filter(|&t| is_float(t)).ok_or("cannot tell the routing weights' type")?;
+    let mut w = w_in;
+    let mut rounded = false;
+    for _ in 0..8 {
+        w = skip_identity(g, w, &mut nodes);
+        let Some((ci, c)) = std_op(g, w, "Cast") else { break };
+        if !g.infer_type(&c.input[0]).is_some_and(is_float) {
+            return Err("the routing weights are a Cast of a value that is not floating point".into());
+        }
+        if attr_i(c, "to") != Some(FLOAT as i64) {
+            if rounded {
+                return Err("the routing weights are rounded twice by their Casts".into());
+            }
+            // rounded to 16 bits and widened again is not one Cast to float32
+            if attr_i(c, "to") != Some(tw as i64) {
+                return Err("the routing weights are rounded to 16 bits and widened again".into());
+            }
+            rounded = true;
+        }
+        nodes.push(ci);
+        w = &c.input[0];
+    }
+    let wt = g.infer_type(w).ok_or("cannot tell the type the routing weights are computed in")?;
+    let normalize = match normalized(g, w, &mut nodes) {
+        Some(inner) => {
+            w = inner;
+            true
+        }
+        None => false,
+    };
+    let mut topk_softmax = false;
+    if w != values {
+        let inner = softmax_input(g, w, &mut nodes).ok_or("the routing weights are not TopK's values, their softmax or their normalisation")?;
+        let mut inner = skip_identity(g, inner, &mut nodes);
+        if let Some(src) = widened_from(g, inner) {
+            nodes.push(g.prod(inner).unwrap().0);
+            inner = skip_identity(g, src, &mut nodes);
+        }
+        if inner != values {
+            return Err("the routing weights are a softmax of something other than TopK's values".into());
+        }
+        topk_softmax = true;
+    }
+    if normalize && wt != FLOAT {
+        return Err(format!("the routing weights are normalised in {}, not float32", spec::onnx_type_name(wt)));
+    }
+
+    // scores
+    let mut scores = skip_identity(g, s_in, &mut nodes);
+    let scoring = if topk_softmax {
+        Scoring::TopkSoftmax
+    } else {
+        let (scoring, op) = if let Some(x) = softmax_input(g, scores, &mut nodes) {
+            scores = x;
+            (Scoring::Softmax, "Softmax")
+        } else if let Some((si, sg)) = std_op(g, scores, "Sigmoid") {
+            nodes.push(si);
+            scores = &sg.input[0];
+            (Scoring::Sigmoid, "Sigmoid")
+        } else if let Some(op) = widened_from(g, scores).and_then(|v| g.prod(v)).map(|(_, n)| n.op_type.as_str()).filter(|op| matches!(*op, "Softmax" | "Sigmoid")) {
+            return Err(format!("the router's {op} is computed in 16 bits, so TopK ranks rounded scores"));
+        } else {
+            let what = g.prod(scores).map_or("a graph input".to_string(), |(_, n)| n.op_type.clone());
+            return Err(format!("TopK ranks {what}, not a Softmax or Sigmoid of the logits"));
+        };
+        let st = g.infer_type(scores);
+        if st != Some(FLOAT) {
+            return Err(format!("the router's {op} is computed in {}, so TopK ranks rounded scores", st.map_or("an unknown type", spec::onnx_type_name)));
+        }
+        scoring
+    };
+
+    // the value the node reads: the type its weights must have, else float32
+    let have = |v: &str| g.infer_type(v).filter(|&t| is_float(t));
+    let mut candidates = vec![scores];
+    candidates.extend(widened_from(g, scores));
+    let pick = |t: i32| candidates.iter().copied().find(|v| have(v) == Some(t));
+    // the op rounds its float32 weights to its T once: T = the final type where the graph's weights
+    // were float32 before their Cast; where they were computed in 16 bits, T must be that type
+    let (logits, widen) = if wt == FLOAT {
+        match pick(tw).or_else(|| pick(FLOAT)) {
+            Some(v) => (v, false),
+            None => (scores, true),
+        }
+    } else {
+        (pick(wt).ok_or("the router's weights are computed in a type its logits are not in")?, false)
+    };
+    let lt = if widen { FLOAT } else { have(logits).ok_or("cannot tell the logits' type")? };
+    if !matches!(rank_of(g, logits), Some(r) if r >= 2) {
+        return Err("cannot tell that the logits have a token axis and an expert axis".into());
+    }
+    if let Some(e) = last_dim(g, logits) {
+        if (k as i64) > e {
+            return Err(format!("k = {k} is more than the {e} experts"));
+        }
+    }
+    nodes.sort_unstable();
+    nodes.dedup();
+    Ok(Plan {
+        attrs: tr::Attrs { k, scoring, normalize, tie_break },
+        logits: logits.to_string(),
+        widen,
+        cast_weights: (lt != tw).then_some(tw),
+        weights: String::new(),
+        indices: String::new(),
+        nodes,
+    })
+}
+
+/// The nodes that compute `plan`'s router: [Cast of the logits,] TopKRouter [, Cast of the weights],
+/// writing `plan.weights` and `plan.indices` (which it names, unique with `fresh`).
+pub fn nodes(plan: &mut Plan, tag: &str, fresh: &mut dyn FnMut(&str) -> String) -> Vec<NodeProto> {
+    let mut out = Vec::new();
+    let mut input = plan.logits.clone();
+    if plan.widen {
+        let v = fresh(&format!("{tag}/router_logits_f32"));
+        let mut c = make_node("Cast", "", &format!("{tag}/RouterCast"), &[&input], &[&v]);
+        c.attribute.push(attr_int("to", FLOAT as i64));
+        out.push(c);
+        input = v;
+    }
+    let w = fresh(&format!("{tag}/router_weights"));
+    let idx = fresh(&format!("{tag}/router_indices"));
+    let mut r = make_node(tr::NAME, spec::DOMAIN, &format!("{tag}/TopKRouter"), &[&input], &[&w, &idx]);
+    let a = &plan.attrs;
+    r.attribute.push(attr_int(tr::ATTR_K, a.k as i64));
+    r.attribute.push(attr_string(tr::ATTR_SCORING, a.scoring.name()));
+    r.attribute.push(attr_int(tr::ATTR_NORMALIZE, a.normalize as i64));
+    r.attribute.push(attr_string(tr::ATTR_TIE_BREAK, a.tie_break.name()));
+    out.push(r);
+    plan.weights = w.clone();
+    if let Some(t) = plan.cast_weights {
+        let cw = fresh(&format!("{tag}/router_weights_cast"));
+        let mut c = make_node("Cast", "", &format!("{tag}/RouterWeightsCast"), &[&w], &[&cw]);
+        c.attribute.push(attr_int("to", t as i64));
+        out.push(c);
+        plan.weights = cw;
+    }
+    plan.indices = idx;
+    out
+}
+
+/// What became of one ScatterMoE node's router: the fused router's attributes, or why the ONNX
+/// router stays.
+pub type Outcome = Result<String, String>;
+
+/// Fuses the router of every ScatterMoE node of `model` that [`recognise`] accepts and, with
+/// `prove`, whose proof passes. The TopKRouter node goes just before its ScatterMoE node (its
+/// logits come before the router did); the old router is left for the caller's prune. Returns the
+/// outcome per ScatterMoE node name.
+pub fn fuse(model: &mut crate::onnx::Model, prove: bool) -> anyhow::Result<Vec<(String, Outcome)>> {
+    let graph = model.proto.graph.clone().unwrap_or_default();
+    let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
+    g.opset = model.opset("").unwrap_or(17);
+    let mut names: std::collections::HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().chain(std::iter::once(&n.name)).cloned())
+        .chain(graph.initializer.iter().map(|t| t.name.clone()))
+        .collect();
+    names.extend(graph.input.iter().map(|v| v.name.clone()));
+    names.extend(model.pending.iter().map(|p| p.name.clone()));
+    let mut fresh = |base: &str| {
+        let mut n = base.to_string();
+        let mut i = 1;
+        while !names.insert(n.clone()) {
+            n = format!("{base}_{i}");
+            i += 1;
+        }
+        n
+    };
+    let mut edits: Vec<(usize, Vec<NodeProto>, String, String)> = Vec::new();
+    let mut outcomes = Vec::new();
+    for (i, s) in graph.node.iter().enumerate() {
+        if s.domain != spec::DOMAIN || s.op_type != sm::NAME {
+            continue;
+        }
+        let outcome = recognise(&g, s).and_then(|mut plan| {
+            let new = nodes(&mut plan, &s.name, &mut fresh);
+            if prove {
+                let old = [s.input[sm::ROUTING_WEIGHTS].as_str(), s.input[sm::ROUTING_INDICES].as_str()];
+                super::prove::router::prove(model, &g, &plan.logits, &new, old, [&plan.weights, &plan.indices]).map_err(|e| format!("not proven: {e:#}"))?;
+            }
+            let text = plan.text();
+            edits.push((i, new, plan.weights, plan.indices));
+            Ok(text)
+        });
+        outcomes.push((s.name.clone(), outcome));
+    }
+    drop(g);
+    let gm = model.proto.graph.mut_or_insert_default();
+    // from the last, so that the positions of the earlier ones hold
+    for (i, new, w, idx) in edits.into_iter().rev() {
+        gm.node[i].input[sm::ROUTING_WEIGHTS] = w;
+        gm.node[i].input[sm::ROUTING_INDICES] = idx;
+        for (j, n) in new.into_iter().enumerate() {
+            gm.node.insert(i + j, n);
+        }
+    }
+    Ok(outcomes)
+}
