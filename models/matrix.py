@@ -493,6 +493,23 @@ def cmd_check(a):
     write_md(info, recs, a)
 
 
+def router_lines(done):
+    """The routers of the rewritten cases (router fusion, docs/rewriter.md): how many were fused into
+    TopKRouter, and why the others stay ONNX ops, one line per reason."""
+    from collections import Counter
+
+    outcomes = Counter(x or "not tried" for r in done for x in (r.get("routers") or []))
+    if not outcomes:
+        return []
+    fused = sum(v for k, v in outcomes.items() if k.startswith("fused"))
+    lines = ["## Routers", "", f"Of the {sum(outcomes.values())} rewritten layers' routers, {fused} became one TopKRouter node "
+             "(the rewrite's default; each proven on its own); the others stay ONNX ops:", "",
+             "| router | layers |", "|---|---|"]
+    for k, v in sorted(outcomes.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {k.replace('|', '/')} | {v} |")
+    return lines + [""]
+
+
 def write_md(info, recs, a):
     from collections import Counter
 
@@ -543,11 +560,15 @@ def write_md(info, recs, a):
     lines += ["", f"Exports that ONNX Runtime runs correctly at the traced length: {len(runs)}; rewritten and "
               f"matching torch at 1, 7 and {TRACED} with one ScatterMoE node: {len(done)}.", "",
               "## Wrong rewrites", ""] + [f"- {r['case']}: {verdict(r)[0]}" for r in recs if verdict(r)[1] == "rewritten wrong"] + [
-              "", "## Families", "", f"{len(info['families'])} block classes: " +
+              ""] + router_lines(done) + [
+              "## Families", "", f"{len(info['families'])} block classes: " +
               ", ".join(f"`{f[2]}`" for f in info["families"]) + ".", "", "## Cases", "",
               "| family | implementation | exporter | dtype | outcome |", "|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["family"], r.get("impl", ""), r.get("exporter", ""), r.get("dtype", ""))):
-        cell = verdict(r)[0].replace("|", "\\|").replace("\n", " ")
+        cell = verdict(r)[0]
+        if r.get("rewritten_ok") and r.get("routers"):
+            cell += "; router " + ", ".join(sorted({x or "not tried" for x in r["routers"]}))
+        cell = cell.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r['family']} | {r.get('impl', '*')} | {r.get('exporter', '*')} | {r.get('dtype', '*')} | {cell} |")
     with open(a.md, "w") as fh:
         fh.write("\n".join(lines) + "\n")

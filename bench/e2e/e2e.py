@@ -81,7 +81,8 @@ def prepare_one(a, name, dtype):
     if not os.path.exists(p["rewritten"]):
         rep = export.rewrite(a.cli, p["export"], p["rewritten"], extra)
         json.dump(rep, open(os.path.join(p["root"], "rewrite.json"), "w"), indent=1)
-        rec["rewrite"] = dict(layers=len(rep["layers"]), seconds=rep["seconds"], families=sorted({x["family"] for x in rep["layers"]}))
+        rec["rewrite"] = dict(layers=len(rep["layers"]), seconds=rep["seconds"], families=sorted({x["family"] for x in rep["layers"]}),
+                              routers=export.router_outcomes(rep))
         log(f"{name} {dtype}: rewritten, {len(rep['layers'])} layers in {rep['seconds']} s")
     why = type_check(p["export"])
     if why:
@@ -103,7 +104,7 @@ def prepare_one(a, name, dtype):
             if not os.path.exists(p["builder_rw"]):
                 rep = export.rewrite(a.cli, p["builder"], p["builder_rw"], extra)
                 json.dump(rep, open(os.path.join(p["root"], "rewrite_builder.json"), "w"), indent=1)
-                rec["builder_rewrite"] = dict(layers=len(rep["layers"]), seconds=rep["seconds"])
+                rec["builder_rewrite"] = dict(layers=len(rep["layers"]), seconds=rep["seconds"], routers=export.router_outcomes(rep))
             if a.spoil:
                 rec["spoiled_builder"] = spoil(p["builder_rw"], a.spoil, a.spoil_layer, a.spoil_expert)
             rec["builder_nomoe"] = export.cut_moe(p["builder"], p["builder_nomoe"])

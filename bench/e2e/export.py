@@ -100,6 +100,19 @@ def export_onnx(lm, cfg, path, tdtype, device):
     return dict(nodes=len(m.graph.node), inputs=[i.name for i in m.graph.input], outputs=[o.name for o in m.graph.output])
 
 
+def router_outcomes(report):
+    """Each rewritten layer's router, from the rewrite report: "fused: <TopKRouter attributes>" or
+    "left: <why>" (router fusion, docs/rewriter.md)."""
+    out = []
+    for layer in report.get("layers", []):
+        r = layer.get("router")
+        if r is None:  # fusion did not run: --keep-router, or a layer without a router
+            out.append("not tried")
+        else:
+            out.append(("fused: " if r.get("fused") else "left: ") + str(r.get("detail", "")))
+    return out
+
+
 def rewrite(cli, src, dst, extra=()):
     """`scattermoe rewrite SRC DST --json` (+ extra args); returns the report (raises on failure)."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)

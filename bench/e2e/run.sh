@@ -54,6 +54,7 @@ export PYTHONPATH=/tmp/ortgpu${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 rewrite_args=--no-prove
 [ "${PROVE:-0}" = 1 ] && rewrite_args=""
+rewrite_args="$rewrite_args ${REWRITE_EXTRA:-}"  # e.g. REWRITE_EXTRA=--keep-router (the A/B of router fusion)
 
 e2e() {  # WORK OUT ARGS...: e2e.py with the carried binaries; bounded so that the call returns its output
   local work=$1 out=$2
