@@ -1,6 +1,6 @@
 """Hardening regressions in the plugin: an attribute of the wrong type is an error naming it (ORT's
 typed getters fail on a mismatch, which used to read as "absent" and apply the default), huge
-attribute values are refused instead of sizing allocations, and the capacity shape message says
+attribute values are refused instead of sizing allocations (TopKRouter's k of 2^31 and more too), and the capacity shape message says
 what is allowed."""
 
 import numpy as np
@@ -34,6 +34,10 @@ WRONG_TYPES = [
     ("ParallelLinear", "grouped_out", [1.0], "must be an int, got a list of floats"),
     ("CapacityMask", "num_experts", float(E), "must be an int, got a float"),
     ("CapacityMask", "capacity_order", 0, "must be a string, got an int"),
+    ("TopKRouter", "k", 2.0, "must be an int, got a float"),
+    ("TopKRouter", "scoring", 1, "must be a string, got an int"),
+    ("TopKRouter", "normalize", "1", "must be an int, got a string"),
+    ("TopKRouter", "tie_break", [0], "must be a string, got a list of ints"),
 ]
 
 
@@ -43,6 +47,8 @@ def test_attribute_of_the_wrong_type_is_an_error_naming_it(lib, op, name, value,
         model = bare(op, MOE_INPUTS, moe_shapes())
     elif op == "ParallelLinear":
         model = bare(op, PL_INPUTS, pl_shapes())
+    elif op == "TopKRouter":
+        model = graphs.topk_router_model(E=E, k=K)
     else:
         model = graphs.capacity_mask_model(E=E, k=K, routing_shape=[T, K])
     msg = creation_error(_retype(model, name, value), lib)
@@ -68,3 +74,9 @@ def test_capacity_of_shape_1x1_message_is_consistent(lib, op):
     assert_mentions(msg, "input 'capacity' must be a scalar (shape []) or a 1-D tensor of one element (shape [1])",
                     "got shape [1, 1]")
     assert "hold one element" not in msg
+
+
+@pytest.mark.parametrize("k", [2**31, 2**62])
+def test_topk_router_huge_k_is_refused(lib, k):
+    model = graphs.topk_router_model(E=E, k=k)
+    assert_mentions(creation_error(model, lib), "TopKRouter: attribute 'k' must be in [1, 2147483647]", f"got {k}")
