@@ -127,23 +127,26 @@ def ours_model(wf, path, layer, weights_as_inputs=False):
     return _save(g, path, ["ai.scattermoe"])
 
 
-def fused_router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False):
+def fused_router_nodes(layer, x="x", rw="rw", ri="ri", f32_matmul=False, logits_16bit=False):
     """The router as `scattermoe rewrite` writes it now (router fusion): logits = x @ Wr^T (+ bias) in
-    bfloat16, then one ai.scattermoe TopKRouter node (softmax, top-k, renormalised; GPT-OSS: top-k of the
-    logits, softmax over the k), which writes the bfloat16 weights and int64 indices itself."""
+    bfloat16, their Cast to float32 as the exported router has it, then one ai.scattermoe TopKRouter node
+    (softmax, top-k, renormalised; GPT-OSS: top-k of the logits, softmax over the k) and a Cast of its
+    weights to bfloat16. logits_16bit: the TopKRouter reads the bfloat16 logits and writes bfloat16 weights
+    (no Casts), as the rewrite writes com.microsoft.MoE's router, and as it wrote every router at 476bd51."""
     nodes = router_nodes(layer, x, rw, ri, f32_matmul)
     logits_end = next(i for i, n in enumerate(nodes) if n.op_type in ("TopK", "Softmax"))
     logits = nodes[:logits_end]
     src = logits[-1].output[0]
-    if logits[-1].op_type == "Cast" and not f32_matmul:  # the bfloat16 logits themselves
+    bf16_in = logits_16bit and logits[-1].op_type == "Cast" and not f32_matmul
+    if bf16_in:  # the bfloat16 logits themselves
         src = logits[-1].input[0]
         logits = logits[:-1]
     scoring = "topk_softmax" if layer.router == "topk_softmax" else "softmax"
     normalize = 0 if layer.router == "topk_softmax" else 1
-    out = rw if not f32_matmul else "rw_f"
+    out = rw if bf16_in else "rw_f"
     node = helper.make_node("TopKRouter", [src], [out, ri], domain="ai.scattermoe", k=layer.dims[3], scoring=scoring,
                             normalize=normalize)
-    tail = [helper.make_node("Cast", ["rw_f"], [rw], to=BF16)] if f32_matmul else []
+    tail = [] if bf16_in else [helper.make_node("Cast", ["rw_f"], [rw], to=BF16)]
     return logits + [node] + tail
 
 

@@ -178,7 +178,9 @@ def test_moe_nodes_with_dequantized_weights(act: str, code: str, layout: str, li
         fd = M.feeds(case, w, tokens, rng)
         want = original.run(None, fd)[0].astype(np.float64)
         got = rewritten.run(None, fd)[0].astype(np.float64)
-        err = np.abs(got - want).max() / np.abs(want).max()
+        # relu over two tiny experts can zero a lone token's output: then the rewrite must be zero too
+        scale = np.abs(want).max()
+        err = np.abs(got - want).max() / scale if scale > 0 else np.abs(got).max()
         assert err <= 1e-4, f"{tokens} tokens: relative error {err:.3g}"
 
 

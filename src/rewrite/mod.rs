@@ -220,7 +220,9 @@ fn rewrite_with_rules_progress(model: &mut Model, opts: &RewriteOptions, rules: 
             model.pending.extend(em.pending);
         }
         if target == Target::OnnxRuntime && opts.fuse_router {
-            for (node, outcome) in router_fusion::fuse(model, opts.prove)? {
+            // com.microsoft.MoE's router is the rewrite's own, in front of 16-bit logits the node took as they were
+            let given = report.layers.iter().filter(|l| l.family == "ort_moe").map(|l| l.node.clone()).collect();
+            for (node, outcome) in router_fusion::fuse(model, opts.prove, &given)? {
                 if let Some(l) = report.layers.iter_mut().find(|l| l.node == node) {
                     l.router = Some(match outcome {
                         Ok(how) => RouterReport { fused: true, detail: how },

@@ -23,9 +23,11 @@
 //!   left. Anything else in front of TopK (a bias added for the choice, group masks, jitter) is
 //!   another router: left.
 //!
-//! The node reads the logits in the type the weights are finally read in where the graph has them
-//! so (the 16-bit logits in front of a Cast to float32: one rounding of the op's float32 weights,
-//! as the Cast after the router did), else in float32 (with a Cast of its weights to that type).
+//! The node reads the value the graph ranks: a float32 Cast of 16-bit logits stays in front of it
+//! (ONNX Runtime's CPU optimizer may compute that Cast's input unrounded; the node then sees what
+//! the graph's Softmax saw), and its float32 weights get a Cast to the type the ScatterMoE node
+//! reads. Only com.microsoft.MoE's router, which the rewrite writes itself in front of 16-bit
+//! logits the MoE node took as they were, reads those logits and writes 16-bit weights itself.
 //! The old router nodes are left to [`crate::onnx::graph::prune`], which keeps every node whose
 //! result is still read elsewhere or is a graph output.
 //!
@@ -181,7 +183,14 @@ fn widened_from<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
 }
 
 /// The router feeding ScatterMoE node `s`, or why it stays as ONNX nodes.
-pub fn recognise(g: &GraphIndex, s: &NodeProto) -> Result<Plan, String> {
+///
+/// `logits_given`: the rewrite wrote this router itself in front of a node that took the 16-bit
+/// logits as they are (com.microsoft.MoE, `ort_moe.rs`): the TopKRouter reads those logits. Any
+/// other router reads the value its graph ranks (a float32 Cast of 16-bit logits stays in front of
+/// it): ONNX Runtime's CPU optimizer computes a 16-bit MatMul in float32 and removes its Cast to
+/// 16 bits and the Cast back, so the graph's Softmax there sees unrounded logits, and a TopKRouter
+/// behind the same Cast sees what it sees (on the CUDA provider both see the rounded ones).
+pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Plan, String> {
     let (w_in, idx_in) = match (s.input.get(sm::ROUTING_WEIGHTS), s.input.get(sm::ROUTING_INDICES)) {
         (Some(w), Some(i)) if !w.is_empty() && !i.is_empty() => (w.as_str(), i.as_str()),
         _ => return Err("the node has no routing inputs".into()),
@@ -275,7 +284,8 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto) -> Result<Plan, String> {
     // the op rounds its float32 weights to its T once: T = the final type where the graph's weights
     // were float32 before their Cast; where they were computed in 16 bits, T must be that type
     let (logits, widen) = if wt == FLOAT {
-        match pick(tw).or_else(|| pick(FLOAT)) {
+        let first = if logits_given { pick(tw).or_else(|| pick(FLOAT)) } else { pick(FLOAT).or_else(|| pick(tw)) };
+        match first {
             Some(v) => (v, false),
             None => (scores, true),
         }
@@ -345,7 +355,9 @@ pub type Outcome = Result<String, String>;
 /// `prove`, whose proof passes. The TopKRouter node goes just before its ScatterMoE node (its
 /// logits come before the router did); the old router is left for the caller's prune. Returns the
 /// outcome per ScatterMoE node name.
-pub fn fuse(model: &mut crate::onnx::Model, prove: bool) -> anyhow::Result<Vec<(String, Outcome)>> {
+/// `logits_given`: the ScatterMoE nodes whose router the rewrite wrote itself from 16-bit logits
+/// (see [`recognise`]).
+pub fn fuse(model: &mut crate::onnx::Model, prove: bool, logits_given: &std::collections::HashSet<String>) -> anyhow::Result<Vec<(String, Outcome)>> {
     let graph = model.proto.graph.clone().unwrap_or_default();
     let mut g = GraphIndex::new(&graph, Some(&model.ext))?;
     g.opset = model.opset("").unwrap_or(17);
@@ -372,7 +384,7 @@ pub fn fuse(model: &mut crate::onnx::Model, prove: bool) -> anyhow::Result<Vec<(
         if s.domain != spec::DOMAIN || s.op_type != sm::NAME {
             continue;
         }
-        let outcome = recognise(&g, s).and_then(|mut plan| {
+        let outcome = recognise(&g, s, logits_given.contains(&s.name)).and_then(|mut plan| {
             let new = nodes(&mut plan, &s.name, &mut fresh);
             if prove {
                 let old = [s.input[sm::ROUTING_WEIGHTS].as_str(), s.input[sm::ROUTING_INDICES].as_str()];
