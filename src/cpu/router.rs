@@ -55,7 +55,7 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], weights: &mut [E], i
     r.taken.clear();
     r.taken.resize(scores.len(), false);
     r.chosen.clear();
-    for j in 0..k {
+    for slot in indices.iter_mut().take(k) {
         let mut best = usize::MAX;
         for (i, &s) in scores.iter().enumerate() {
             if !r.taken[i] && (best == usize::MAX || ranks_before(s, i, scores[best], best, attrs.tie_break)) {
@@ -63,7 +63,7 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], weights: &mut [E], i
             }
         }
         r.taken[best] = true;
-        indices[j] = best as i64;
+        *slot = best as i64;
         r.chosen.push(scores[best]);
     }
     let chosen = &mut r.chosen;

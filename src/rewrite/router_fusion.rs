@@ -142,7 +142,7 @@ fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut Vec<usize>) 
     let e = last_dim(g, s).ok_or("cannot tell the number of experts the reversed router ranks")?;
     let one = |j: usize| slice.input.get(j).filter(|v| !v.is_empty()).and_then(|v| g.const_i64(v)).filter(|c| c.len() == 1).map(|c| c[0]);
     let reversed = matches!((one(1), one(2), one(3), one(4)), (Some(start), Some(end), Some(axis), Some(-1))
-        if (start == -1 || start >= e - 1) && end <= -e - 1 && is_last_axis(axis, rank_of(g, s)));
+        if (start == -1 || start > e - 2) && end < -e && is_last_axis(axis, rank_of(g, s)));
     if !reversed || last != e - 1 {
         return Err("the routing indices are E - 1 minus TopK of a Slice that is not the experts reversed".into());
     }

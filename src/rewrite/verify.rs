@@ -199,7 +199,8 @@ fn given_inputs(inputs: &[Input], arrays: &[crate::npz::Array], source: &str) ->
     Ok(out)
 }
 
-fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
+/// A float (or int64) output as float64 values (the router proof reads its weights with it too).
+pub(crate) fn to_f64(v: &DynValue) -> Result<Vec<f64>> {
     if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
         return Ok(d.iter().map(|&x| x as f64).collect());
     }

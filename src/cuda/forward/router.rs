@@ -7,6 +7,9 @@ use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// `TopKRouter`: one launch, a warp per token (kernels/router.cu). `logits` [tokens, E] in `t`,
 /// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64.
+///
+/// # Safety
+/// The three buffers must hold those shapes and types on `stream`'s context, whose [`Device`] `dev` is.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk_router(
     dev: &Device,

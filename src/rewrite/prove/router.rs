@@ -76,23 +76,10 @@ fn feed(elem: i32, shape: Vec<usize>, v: &[f32]) -> Result<DynValue> {
     })
 }
 
-fn weights_f64(v: &DynValue) -> Result<Vec<f64>> {
-    if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
-        return Ok(d.iter().map(|&x| x as f64).collect());
-    }
-    if let Ok((_, d)) = v.try_extract_tensor::<half::f16>() {
-        return Ok(d.iter().map(|x| x.to_f64()).collect());
-    }
-    if let Ok((_, d)) = v.try_extract_tensor::<half::bf16>() {
-        return Ok(d.iter().map(|x| x.to_f64()).collect());
-    }
-    bail!("routing weights of a type the proof cannot read")
-}
-
 /// (weights, their shape, indices)
 fn run(s: &mut Session, name: &str, v: DynValue) -> Result<(Vec<f64>, Vec<i64>, Vec<i64>)> {
     let out = s.run(vec![(name.to_string(), v)])?;
-    let w = weights_f64(&out[0])?;
+    let w = crate::rewrite::verify::to_f64(&out[0]).context("the routing weights")?;
     let shape = out[0].shape().to_vec();
     let (_, i) = out[1].try_extract_tensor::<i64>().map_err(|e| anyhow!("routing indices: {e}"))?;
     Ok((w, shape, i.to_vec()))
