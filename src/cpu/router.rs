@@ -4,6 +4,7 @@
 //! matters for the choice (every score of a row from the same max and sum).
 
 use super::element::Element;
+use super::experts::SharedOut;
 use super::pool::Pool;
 use crate::spec::topk_router::Attrs;
 use crate::spec::{Scoring, TieBreak};
@@ -95,20 +96,13 @@ pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, l
     // tokens in chunks, each chunk's rows written by one task
     const ROWS: usize = 64;
     let chunks = tokens.div_ceil(ROWS);
-    let w_ptr = SendPtr(weights.as_mut_ptr());
-    let i_ptr = SendPtr(indices.as_mut_ptr());
+    let (w_out, i_out) = (SharedOut::new(weights), SharedOut::new(indices));
     pool.for_each(chunks, &|c| {
         let mut scratch = RowScratch::default();
-        let (w_ptr, i_ptr) = (&w_ptr, &i_ptr);
         for t in c * ROWS..((c + 1) * ROWS).min(tokens) {
-            // SAFETY: rows [t*k, (t+1)*k) of the outputs belong to this chunk's task alone.
-            let (w, i) = unsafe { (std::slice::from_raw_parts_mut(w_ptr.0.add(t * k), k), std::slice::from_raw_parts_mut(i_ptr.0.add(t * k), k)) };
+            // SAFETY: row t of the outputs belongs to this chunk's task alone.
+            let (w, i) = unsafe { (w_out.row(t, k), i_out.row(t, k)) };
             route_token(attrs, &logits[t * experts..(t + 1) * experts], w, i, &mut scratch);
         }
     });
 }
-
-struct SendPtr<T>(*mut T);
-// SAFETY: the tasks write disjoint rows (see `topk_router`).
-unsafe impl<T> Sync for SendPtr<T> {}
-unsafe impl<T> Send for SendPtr<T> {}
