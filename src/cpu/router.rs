@@ -6,8 +6,8 @@
 use super::element::Element;
 use super::experts::SharedOut;
 use super::pool::Pool;
-use crate::spec::topk_router::Attrs;
-use crate::spec::{Scoring, TieBreak};
+use crate::spec::topk_router::{Attrs, Groups};
+use crate::spec::{GroupScore, Scoring, TieBreak, WeightsFrom};
 
 /// Whether score `a` of expert `ia` ranks before score `b` of expert `ib`: the larger score, NaN
 /// below every number, equal scores by the tie rule.
@@ -29,12 +29,66 @@ pub fn ranks_before(a: f32, ia: usize, b: f32, ib: usize, tie: TieBreak) -> bool
 #[derive(Default)]
 pub struct RowScratch {
     scores: Vec<f32>,
+    choice: Vec<f32>,
     taken: Vec<bool>,
     chosen: Vec<f32>,
+    group_scores: Vec<f32>,
 }
 
-/// One token: `logits` (E values) to `weights` and `indices` (k each), best first.
-pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], weights: &mut [E], indices: &mut [i64], r: &mut RowScratch) {
+/// The `k` best of `values` by the contract's order, best first, into `out` (`taken` marks them).
+fn best_k(values: &[f32], k: usize, tie: TieBreak, taken: &mut Vec<bool>, mut out: impl FnMut(usize)) {
+    // k rounds of a best-of-the-rest scan: k is small beside E, and the order is the tie rule's
+    taken.clear();
+    taken.resize(values.len(), false);
+    for _ in 0..k {
+        let mut best = usize::MAX;
+        for (i, &s) in values.iter().enumerate() {
+            if !taken[i] && (best == usize::MAX || ranks_before(s, i, values[best], best, tie)) {
+                best = i;
+            }
+        }
+        taken[best] = true;
+        out(best);
+    }
+}
+
+/// The choice scores of a group-limited router: every expert outside the `topk_group` best groups
+/// gets `fill`.
+fn limit_to_groups(choice: &mut [f32], g: &Groups, tie: TieBreak, r: &mut RowScratch) {
+    let size = choice.len() / g.n_group;
+    r.group_scores.clear();
+    let n = match g.score {
+        GroupScore::Top2Sum => 2,
+        GroupScore::Max => 1,
+    };
+    for grp in choice.chunks(size) {
+        // the group's best (two) by the contract's order, as TopK over the group ranks them
+        let mut top = [0usize; 2];
+        let mut j = 0;
+        best_k(grp, n, tie, &mut r.taken, |i| {
+            top[j] = i;
+            j += 1;
+        });
+        let score = match g.score {
+            GroupScore::Top2Sum => grp[top[0]] + grp[top[1]],
+            GroupScore::Max => grp[top[0]],
+        };
+        r.group_scores.push(score);
+    }
+    let mut keep = vec![false; g.n_group];
+    let scores = std::mem::take(&mut r.group_scores);
+    best_k(&scores, g.topk_group, tie, &mut r.taken, |i| keep[i] = true);
+    r.group_scores = scores;
+    for (grp, kept) in choice.chunks_mut(size).zip(keep) {
+        if !kept {
+            grp.iter_mut().for_each(|c| *c = g.fill);
+        }
+    }
+}
+
+/// One token: `logits` (E values) to `weights` and `indices` (k each), best first. `bias`: the
+/// selection bias (E values, float32), if any.
+pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>, weights: &mut [E], indices: &mut [i64], r: &mut RowScratch) {
     let k = attrs.k;
     let scores = &mut r.scores;
     scores.clear();
@@ -52,22 +106,27 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], weights: &mut [E], i
         Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
         Scoring::TopkSoftmax => {}
     }
-    // k rounds of a best-of-the-rest scan: k is small beside E, and the order is the tie rule's
-    r.taken.clear();
-    r.taken.resize(scores.len(), false);
-    r.chosen.clear();
-    for slot in indices.iter_mut().take(k) {
-        let mut best = usize::MAX;
-        for (i, &s) in scores.iter().enumerate() {
-            if !r.taken[i] && (best == usize::MAX || ranks_before(s, i, scores[best], best, attrs.tie_break)) {
-                best = i;
-            }
-        }
-        r.taken[best] = true;
-        *slot = best as i64;
-        r.chosen.push(scores[best]);
+    // the choice scores: the scores, plus the bias, limited to the best groups
+    let mut choice = std::mem::take(&mut r.choice);
+    choice.clear();
+    match bias {
+        Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
+        None => choice.extend_from_slice(scores),
     }
-    let chosen = &mut r.chosen;
+    if let Some(g) = &attrs.groups {
+        limit_to_groups(&mut choice, g, attrs.tie_break, r);
+    }
+    let mut chosen = std::mem::take(&mut r.chosen);
+    chosen.clear();
+    let mut slots = indices.iter_mut();
+    let from = match attrs.weights_from {
+        WeightsFrom::Scores => &r.scores,
+        WeightsFrom::Choice => &choice,
+    };
+    best_k(&choice, k, attrs.tie_break, &mut r.taken, |i| {
+        *slots.next().unwrap() = i as i64;
+        chosen.push(from[i]);
+    });
     if attrs.scoring == Scoring::TopkSoftmax {
         let m = chosen[0]; // the largest (NaN ranks last, so a NaN here means the row is all NaN)
         let mut sum = 0.0f32;
@@ -78,16 +137,19 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], weights: &mut [E], i
         chosen.iter_mut().for_each(|c| *c /= sum);
     }
     if attrs.normalize {
-        let sum: f32 = chosen.iter().sum();
+        let sum: f32 = chosen.iter().sum::<f32>() + attrs.normalize_eps;
         chosen.iter_mut().for_each(|c| *c /= sum);
     }
     for (w, &c) in weights.iter_mut().zip(chosen.iter()) {
-        *w = E::from_f32(c);
+        *w = E::from_f32(c * attrs.scale);
     }
+    r.choice = choice;
+    r.chosen = chosen;
 }
 
-/// Every token of `logits` ([T, E], row-major) into `weights` and `indices` ([T, k]).
-pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, logits: &[E], weights: &mut [E], indices: &mut [i64]) {
+/// Every token of `logits` ([T, E], row-major) into `weights` and `indices` ([T, k]); `bias`: the
+/// selection bias, E values.
+pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, logits: &[E], bias: Option<&[f32]>, weights: &mut [E], indices: &mut [i64]) {
     let k = attrs.k;
     if experts == 0 {
         return;
@@ -102,7 +164,7 @@ pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, l
         for t in c * ROWS..((c + 1) * ROWS).min(tokens) {
             // SAFETY: row t of the outputs belongs to this chunk's task alone.
             let (w, i) = unsafe { (w_out.row(t, k), i_out.row(t, k)) };
-            route_token(attrs, &logits[t * experts..(t + 1) * experts], w, i, &mut scratch);
+            route_token(attrs, &logits[t * experts..(t + 1) * experts], bias, w, i, &mut scratch);
         }
     });
 }

@@ -362,18 +362,29 @@ impl Kernel for RouterCpu {
         let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
         let (tokens, experts) = (known(dims.tokens), known(dims.experts));
         let n = tokens * self.attrs.k;
+        // the selection bias in float32 (the contract: float32 or T, converted exactly)
+        // SAFETY: the contract check established the bias's type (float32 or `t`) and its E values.
+        let bias: Option<Vec<f32>> = ins.get(topk_router::BIAS).and_then(Option::as_ref).map(|b| unsafe {
+            match (b.elem, t) {
+                (1, _) | (_, ElemType::F32) => b.slice::<f32>().to_vec(),
+                (_, ElemType::F16) => b.slice::<f16>().iter().map(|v| v.to_f32()).collect(),
+                (_, ElemType::BF16) => b.slice::<bf16>().iter().map(|v| v.to_f32()).collect(),
+            }
+        });
         /// # Safety
         /// `logits` holds `E` in host memory; `w` and `i` hold `n` elements of `E` and int64.
-        unsafe fn run<E: Element>(ctx: &KernelContext, a: &topk_router::Attrs, experts: usize, logits: &Tensor, w: *mut std::ffi::c_void, i: *mut std::ffi::c_void, n: usize) {
-            crate::cpu::router::topk_router(&OrtPool(ctx), a, experts, logits.slice::<E>(), out_slice::<E>(w, n), out_slice::<i64>(i, n));
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<E: Element>(ctx: &KernelContext, a: &topk_router::Attrs, experts: usize, logits: &Tensor, bias: Option<&[f32]>, w: *mut std::ffi::c_void, i: *mut std::ffi::c_void, n: usize) {
+            crate::cpu::router::topk_router(&OrtPool(ctx), a, experts, logits.slice::<E>(), bias, out_slice::<E>(w, n), out_slice::<i64>(i, n));
         }
+        let bias = bias.as_deref();
         // SAFETY: the contract check established the logits' type `t` and shape; CPU EP buffers are
         // host memory, the outputs allocated above with `n` elements each.
         unsafe {
             match t {
-                ElemType::F32 => run::<f32>(ctx, &self.attrs, experts, logits, w, i, n),
-                ElemType::F16 => run::<f16>(ctx, &self.attrs, experts, logits, w, i, n),
-                ElemType::BF16 => run::<bf16>(ctx, &self.attrs, experts, logits, w, i, n),
+                ElemType::F32 => run::<f32>(ctx, &self.attrs, experts, logits, bias, w, i, n),
+                ElemType::F16 => run::<f16>(ctx, &self.attrs, experts, logits, bias, w, i, n),
+                ElemType::BF16 => run::<bf16>(ctx, &self.attrs, experts, logits, bias, w, i, n),
             }
         }
         Ok(())

@@ -304,7 +304,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     nodes.sort_unstable();
     nodes.dedup();
     Ok(Plan {
-        attrs: tr::Attrs { k, scoring, normalize, tie_break },
+        attrs: tr::Attrs::plain(k, scoring, normalize, tie_break),
         logits: logits.to_string(),
         widen,
         cast_weights: (lt != tw).then_some(tw),

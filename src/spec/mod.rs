@@ -20,7 +20,7 @@ pub mod topk_router;
 mod values;
 
 pub use quant::{Quant, QuantAttrs, QuantFormat, ScaleLayout};
-pub use values::{Activation, AllowedValue, CapacityOrder, GluLayout, Scoring, TieBreak};
+pub use values::{Activation, AllowedValue, CapacityOrder, GluLayout, GroupScore, Scoring, TieBreak, WeightsFrom};
 
 /// ONNX domain of every op in this crate.
 pub const DOMAIN: &str = "ai.scattermoe";
@@ -148,7 +148,7 @@ pub enum PortType {
     Float,
     /// An expert weight: `T`, or quantized (float8e4m3fn, uint8; see [`quant`]).
     Weight,
-    /// A quantized weight's scale: `T` or float32.
+    /// `T` or float32: a quantized weight's scale, the router's selection bias.
     Scale,
     /// A quantized weight's zero point: uint8.
     ZeroPoint,
@@ -355,7 +355,8 @@ pub fn check_types(op: &'static str, ports: &[Port], types: InputTypes) -> Resul
         };
         if !ok {
             let t_name = t.map_or_else(String::new, |(t0, n0)| format!(" ({}, the type of '{n0}')", t0.name()));
-            return err(op, format!("input '{}' has element type {}; a scale must be float32 or T{t_name}", p.name, onnx_type_name(code)));
+            let what = if p.name.ends_with("scale") { "a scale" } else { "it" };
+            return err(op, format!("input '{}' has element type {}; {what} must be float32 or T{t_name}", p.name, onnx_type_name(code)));
         }
     }
     let t = t.map(|x| x.0).unwrap_or(ElemType::F32);

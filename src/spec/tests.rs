@@ -170,7 +170,7 @@ fn topk_router_attributes_and_shapes() {
     assert_eq!(e(vec![("k", AttrValue::I(-1))]), "TopKRouter: attribute 'k' must be in [1, 2147483647], got -1");
     assert!(e(vec![("k", AttrValue::I(1)), ("scoring", AttrValue::S("relu"))]).contains("supported: softmax, topk_softmax, sigmoid"));
 
-    let a = topk_router::Attrs { k: 3, scoring: Scoring::Softmax, normalize: false, tie_break: TieBreak::LowerIndex };
+    let a = topk_router::Attrs::plain(3, Scoring::Softmax, false, TieBreak::LowerIndex);
     let (t, d) = check(&a, &[Some(10)], &[Some(&s(&[2, 5, 8]))]).unwrap();
     assert_eq!((t, d.tokens, d.experts), (ElemType::F16, Some(10), Some(8)));
     assert_eq!(output_shape(&a, &[2u64, 5, 8], |k| k as u64), [2, 5, 3]);

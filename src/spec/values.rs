@@ -144,6 +144,27 @@ allowed_values! {
     }
 }
 
+allowed_values! {
+    /// How `TopKRouter` scores a group of experts for the group-limited choice (DeepSeek-V2/V3).
+    pub enum GroupScore {
+        /// the sum of the group's two best choice scores (DeepSeek-V3, GLM-4.5, Kimi, Mistral 4)
+        Top2Sum = "top2_sum",
+        /// the group's best choice score (DeepSeek-V2's `group_limited_greedy`)
+        Max = "max",
+    }
+}
+
+allowed_values! {
+    /// Which value of a chosen expert `TopKRouter` turns into its weight.
+    pub enum WeightsFrom {
+        /// its score, without the selection bias (torch: `scores.gather(1, topk_indices)`)
+        Scores = "scores",
+        /// the score it was chosen by: bias added, `group_fill` where its group lost (torch: the
+        /// values of `topk` over the masked choice scores, DeepSeek-V2)
+        Choice = "choice",
+    }
+}
+
 /// Reads a string attribute into its value set; absent means `default`.
 pub(super) fn read_enum<T: AllowedValue>(op: &'static str, src: &dyn AttrSource, name: &str, default: T) -> Result<T, SpecError> {
     match src.string(name) {
@@ -176,6 +197,8 @@ mod tests {
         round_trip(&CapacityOrder::ALL, CapacityOrder::name);
         round_trip(&Scoring::ALL, Scoring::name);
         round_trip(&TieBreak::ALL, TieBreak::name);
+        round_trip(&GroupScore::ALL, GroupScore::name);
+        round_trip(&WeightsFrom::ALL, WeightsFrom::name);
         assert_eq!(Activation::NAMES, ["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_limit"]);
     }
 }

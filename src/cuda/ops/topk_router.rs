@@ -10,7 +10,7 @@ use crate::spec::{ElemType, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// The op with its validated attributes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TopKRouterOp(pub topk_router::Attrs);
 
 /// One checked call: `tokens` rows of `experts` logits in `t`.
