@@ -675,6 +675,24 @@ FAMILY_FIXTURES = [
     # transformers 4.57's DeepSeek-V2: the sorted rows cut into per-expert blocks by Slices at the
     # running sums of the expert counts, each expert's own MLP, Concat, `new_x[order] = outs`
     ("deepseek_v2_tf4_57", "matrix@4.57.3:DeepseekV2MoE.eager.ts17.f32", "torchscript", "float32", dict(scattermoe=1, parallel_linear=0)),
+    # routers with a selection bias and the group-limited choice (TopKRouter's n_group, topk_group):
+    # 8 experts in 4 groups of 2, the best 2 groups compete; DeepSeek-V3's sigmoid + bias, top-2-sum
+    # group scores, -inf fill, weights gathered from the scores, normalised + 1e-20, scaled by 2.5
+    ("deepseek_v3_groups", "matrix:DeepseekV3MoE.eager.ts17.f32:n_routed_experts=8,n_group=4,topk_group=2",
+     "torchscript", "float32", dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum")),
+    ("deepseek_v3_groups_bmm_dynamo", "matrix:DeepseekV3MoE.batched_mm.dynamo.f32:n_routed_experts=8,n_group=4,topk_group=2",
+     "dynamo", "float32", dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum")),
+    ("deepseek_v3_groups_f16", "matrix:DeepseekV3MoE.batched_mm.ts17.f16:n_routed_experts=8,n_group=4,topk_group=2",
+     "torchscript", "float16", dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum")),
+    # DeepSeek-V2's group_limited_greedy: softmax, the groups' max, 0 fill, the TopK's values as weights
+    ("deepseek_v2_groups", "matrix:DeepseekV2Moe.batched_mm.ts17.f32:n_routed_experts=8,n_group=4,topk_group=2,topk_method=group_limited_greedy",
+     "torchscript", "float32", dict(scattermoe=1, parallel_linear=0, router="softmax, k=2, lower_index, groups 2/4 max fill 0, weights from choice")),
+    # Mistral 4: softmax, top-2-sum groups, 0 fill, weights gathered from the scores
+    ("mistral4_groups_dynamo", "matrix:Mistral4MoE.batched_mm.dynamo.f32:n_routed_experts=8,n_group=4,topk_group=2",
+     "dynamo", "float32", dict(scattermoe=1, parallel_linear=0, router="softmax, k=2, normalize, lower_index, groups 2/4 top2_sum fill 0")),
+    # MiniMax-M2: sigmoid + bias, no groups, an unsorted TopK
+    ("minimax_m2_moe", "matrix:MiniMaxM2SparseMoeBlock.eager.ts17.f32", "torchscript", "float32",
+     dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias")),
 ]
 
 
@@ -730,7 +748,7 @@ def export_family_matrix(name, spec, expect, out_dir):
     if fam is None:
         raise KeyError(f"no MoE block class {cls}")
     saved = dict(matrix.TINY)
-    matrix.TINY.update({k: int(v) for k, v in overrides.items()})
+    matrix.TINY.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in overrides.items()})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rec = matrix.export_case(fam, impl, exporter, "float32" if dt == "f32" else "float16", tmp, 1)

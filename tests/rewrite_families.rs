@@ -112,7 +112,7 @@ fn count(model: &onnx::Model, op: &str) -> usize {
 
 /// Rewrites `name`, checks the node counts, and compares with torch: the errors per token count.
 fn check(name: &str, input: &str, smoe: usize, pl: usize, scratch: &std::path::Path) -> Result<Vec<(usize, f64)>, String> {
-    check_with(name, input, smoe, pl, scratch, &UNPROVEN)
+    check_with(name, input, smoe, pl, scratch, &UNPROVEN, None)
 }
 
 fn check_with(
@@ -122,9 +122,22 @@ fn check_with(
     pl: usize,
     scratch: &std::path::Path,
     opts: &scattermoe::rewrite::RewriteOptions,
+    router: Option<&str>,
 ) -> Result<Vec<(usize, f64)>, String> {
     let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
     let report = scattermoe::rewrite::rewrite_with(&mut model, opts).map_err(|e| e.to_string())?;
+    // every layer's router fused into one TopKRouter node with these attributes
+    if let Some(want) = router {
+        for l in &report.layers {
+            match &l.router {
+                Some(r) if r.fused && r.detail.starts_with(want) => {}
+                other => return Err(format!("router {other:?}, expected fused as '{want}'")),
+            }
+        }
+        if count(&model, spec::topk_router::NAME) != report.layers.len() {
+            return Err(format!("{} TopKRouter nodes for {} layers", count(&model, spec::topk_router::NAME), report.layers.len()));
+        }
+    }
     if opts.prove && report.layers.iter().any(|l| l.proof.is_none()) {
         return Err(format!("a layer was written unproven:\n{}", report.text()));
     }
@@ -201,12 +214,40 @@ fn matrix_blocks_are_rewritten_with_the_proof_on() {
     let mut failures = Vec::new();
     for name in PROVEN {
         let &(_, input, smoe, pl) = REWRITTEN.iter().find(|r| r.0 == *name).unwrap();
-        if let Err(e) = check_with(name, input, smoe, pl, &scratch, &scattermoe::rewrite::RewriteOptions::default()) {
+        if let Err(e) = check_with(name, input, smoe, pl, &scratch, &scattermoe::rewrite::RewriteOptions::default(), None) {
             failures.push(format!("{name}: {e}"));
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), PROVEN.len(), failures.join("\n"));
+}
+
+/// Routers with a selection bias and a group-limited choice (DeepSeek-V3 in both exporters and in
+/// float16, DeepSeek-V2's group_limited_greedy, Mistral 4) and MiniMax-M2's biased sigmoid: each
+/// fused into one TopKRouter node with the attributes the model's code says (8 experts in 4 groups
+/// of 2, the best 2 compete), proven, and the whole block still matching torch.
+const GROUP_ROUTERS: &[(&str, &str)] = &[
+    ("deepseek_v3_groups", "sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum, eps 1e-20, scale 2.5"),
+    // the dynamo exporter drops torch's `+ 1e-20` (a no-op on float32 sums of sigmoids)
+    ("deepseek_v3_groups_bmm_dynamo", "sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum, scale 2.5"),
+    ("deepseek_v3_groups_f16", "sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum, eps 1e-20, scale 2.5"),
+    ("deepseek_v2_groups", "softmax, k=2, lower_index, groups 2/4 max fill 0, weights from choice"),
+    ("mistral4_groups_dynamo", "softmax, k=2, normalize, lower_index, groups 2/4 top2_sum fill 0"),
+    ("minimax_m2_moe", "sigmoid, k=2, normalize, lower_index, bias"),
+];
+
+#[test]
+fn biased_and_group_limited_routers_are_fused_proven_and_match_torch() {
+    let scratch = common::scratch("families_groups");
+    let mut failures = Vec::new();
+    for &(name, router) in GROUP_ROUTERS {
+        match check_with(name, "hidden_states", 1, 0, &scratch, &scattermoe::rewrite::RewriteOptions::default(), Some(router)) {
+            Ok(errs) => println!("{name:<30} {router}: rel. error vs torch {errs:?}"),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), GROUP_ROUTERS.len(), failures.join("\n"));
 }
 
 /// The types the op computes in follow the original's: float16 rows whose experts compute in

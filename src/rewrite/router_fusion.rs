@@ -41,8 +41,8 @@
 use onnx_protobuf::NodeProto;
 
 use super::matcher::{axes_of, is_last_axis, rank_of};
-use crate::onnx::graph::{attr_i, attr_int, attr_string, make_node, GraphIndex};
-use crate::spec::{self, scatter_moe as sm, topk_router as tr, Scoring, TieBreak};
+use crate::onnx::graph::{attr_float, attr_i, attr_int, attr_string, make_node, node_inputs_with_subgraphs, GraphIndex};
+use crate::spec::{self, scatter_moe as sm, topk_router as tr, GroupScore, Scoring, TieBreak, WeightsFrom};
 
 const FLOAT: i32 = 1;
 
@@ -67,15 +67,41 @@ pub struct Plan {
     /// the values the ScatterMoE node reads now
     pub weights: String,
     pub indices: String,
+    /// the selection bias the node reads: a constant, and whether it needs a Cast to float32
+    /// (its type is neither float32 nor the logits')
+    pub bias: Option<(String, bool)>,
+    /// the graph's TopK leaves its k in the runtime's order: the proof compares each token's
+    /// experts and weights as a set
+    pub unsorted: bool,
     /// the old router's nodes the match read (the proof cuts the router out by itself)
     pub nodes: Vec<usize>,
 }
 
 impl Plan {
-    /// `softmax, k=2, normalize, lower_index`
+    /// `softmax, k=2, normalize, lower_index`, then what a DeepSeek-style router adds:
+    /// `, bias, groups 2/4 top2_sum fill 0, weights from choice, eps 1e-20, scale 2.5`
     pub fn text(&self) -> String {
         let a = &self.attrs;
-        format!("{}, k={}{}, {}", a.scoring.name(), a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name())
+        let mut t = format!("{}, k={}{}, {}", a.scoring.name(), a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name());
+        if self.bias.is_some() {
+            t.push_str(", bias");
+        }
+        if let Some(gr) = &a.groups {
+            t.push_str(&format!(", groups {}/{} {}", gr.topk_group, gr.n_group, gr.score.name()));
+            if gr.fill != f32::NEG_INFINITY {
+                t.push_str(&format!(" fill {}", gr.fill));
+            }
+        }
+        if a.weights_from == WeightsFrom::Choice {
+            t.push_str(", weights from choice");
+        }
+        if a.normalize_eps != 0.0 {
+            t.push_str(&format!(", eps {:e}", a.normalize_eps));
+        }
+        if a.scale != 1.0 {
+            t.push_str(&format!(", scale {}", a.scale));
+        }
+        t
     }
 }
 
@@ -96,14 +122,10 @@ fn skip_identity<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> 
     cur
 }
 
-/// k of a TopK that ranks its input's last axis best first.
+/// k of a TopK that takes the largest of its input's last axis (sorted or not).
 fn topk_k(g: &GraphIndex, n: &NodeProto) -> Result<usize, String> {
     if attr_i(n, "largest").unwrap_or(1) != 1 {
         return Err("TopK takes the smallest".into());
-    }
-    // an unsorted TopK's order is the runtime's: the op's (best first) need not be it
-    if attr_i(n, "sorted").unwrap_or(1) != 1 {
-        return Err("TopK leaves its result unsorted".into());
     }
     if !is_last_axis(attr_i(n, "axis").unwrap_or(-1), rank_of(g, &n.input[0])) {
         return Err("TopK is not over the last axis".into());
@@ -149,19 +171,55 @@ fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut Vec<usize>) 
     Ok((ti, TieBreak::HigherIndex, s))
 }
 
-/// `Div(w, ReduceSum(w, last axis, keepdims = 1))`: w, or None.
-fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<&'g str> {
+/// A scalar constant, as float32 (its exact value where it is float32 or narrower).
+fn scalar(g: &GraphIndex, v: &str) -> Option<f32> {
+    g.const_f32(v).filter(|c| c.len() == 1).map(|c| c[0])
+}
+
+/// `Mul(w, c)` or `Mul(c, w)` with `c` a scalar constant: (w, c).
+fn scaled<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, f32)> {
+    let (i, m) = std_op(g, v, "Mul")?;
+    let (w, c) = match (scalar(g, &m.input[0]), scalar(g, &m.input[1])) {
+        (None, Some(c)) => (&m.input[0], c),
+        (Some(c), None) => (&m.input[1], c),
+        _ => return None,
+    };
+    c.is_finite().then(|| {
+        nodes.push(i);
+        w.as_str()
+    }).map(|w| (w, c))
+}
+
+/// `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])`: (w, eps), or None.
+fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, f32)> {
     let (di, div) = std_op(g, v, "Div")?;
+    let mut mine = vec![di];
+    let mut den = div.input[1].as_str();
+    let mut eps = 0.0f32;
+    // an epsilon added to the sum (DeepSeek-V3: `sum + 1e-20`)
+    if let Some((ai, add)) = std_op(g, den, "Add") {
+        let (x, e) = match (scalar(g, &add.input[0]), scalar(g, &add.input[1])) {
+            (None, Some(e)) => (add.input[0].as_str(), e),
+            (Some(e), None) => (add.input[1].as_str(), e),
+            _ => return None,
+        };
+        if !(e.is_finite() && e >= 0.0) {
+            return None;
+        }
+        mine.push(ai);
+        den = x;
+        eps = e;
+    }
     // the weights are never negative (probabilities, sigmoids): their L1 norm is their sum (DBRX)
-    let (ri, rs) = std_op(g, &div.input[1], "ReduceSum").or_else(|| std_op(g, &div.input[1], "ReduceL1"))?;
-    let mut mine = vec![di, ri];
+    let (ri, rs) = std_op(g, den, "ReduceSum").or_else(|| std_op(g, den, "ReduceL1"))?;
+    mine.push(ri);
     let a = skip_identity(g, &div.input[0], &mut mine);
     let b = skip_identity(g, &rs.input[0], &mut mine);
     let axes = axes_of(g, rs)?;
     let last = axes.len() == 1 && is_last_axis(axes[0], rank_of(g, a));
     (a == b && last && attr_i(rs, "keepdims").unwrap_or(1) == 1).then(|| {
         nodes.extend(mine);
-        a
+        (a, eps)
     })
 }
 
@@ -182,6 +240,153 @@ fn widened_from<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
     (attr_i(c, "to") == Some(FLOAT as i64) && matches!(g.infer_type(&c.input[0]), Some(10 | 16))).then_some(c.input[0].as_str())
 }
 
+/// A constant behind Identity and Casts between float types: its name and element type.
+fn const_root<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i32)> {
+    let mut cur = v;
+    for _ in 0..4 {
+        if let Some(t) = g.const_tensor(cur) {
+            return is_float(t.data_type).then_some((cur, t.data_type));
+        }
+        let (_, n) = g.prod(cur).filter(|(_, n)| n.domain.is_empty() || n.domain == "ai.onnx")?;
+        if n.op_type == "Identity" || (n.op_type == "Cast" && attr_i(n, "to").is_some_and(|t| is_float(t as i32))) {
+            cur = &n.input[0];
+        } else {
+            return None;
+        }
+    }
+    None
+}
+
+/// Most nodes the group mask of a router may have (DeepSeek-V3's TorchScript export has 17).
+const MOST_MASK_NODES: usize = 48;
+
+/// The group-limited choice whose mask `cond` is, over the choice scores `b`: (n_group,
+/// topk_group, group score). Recognised: a TopK of `topk_group` over the group scores, which are
+/// `ReduceSum(TopK(Reshape(b, [-1, G, E/G]), 2).values)` (top2_sum) or `ReduceMax(Reshape(...))`
+/// (max) over the last axis, and a mask computed from that TopK's indices, shapes and constants
+/// alone. How the mask spells "these groups" (ScatterElements of ones, Unsqueeze, Expand, Reshape,
+/// Not, and which branch of the Where is the fill) is left to the proof, which draws logits that
+/// make every choice of groups win.
+fn group_mask(g: &GraphIndex, cond: &str, b: &str, nodes: &mut Vec<usize>) -> Result<(usize, usize, GroupScore), String> {
+    let mut group_topk = None;
+    let mut stack = vec![cond.to_string()];
+    let mut seen = std::collections::HashSet::new();
+    let mut mine = Vec::new();
+    while let Some(v) = stack.pop() {
+        if v.is_empty() || !seen.insert(v.clone()) || g.const_tensor(&v).is_some() {
+            continue;
+        }
+        let (i, n) = g.prod(&v).ok_or("the group mask reads a graph input")?;
+        if n.op_type == "TopK" && n.output.get(1) == Some(&v) {
+            if group_topk.is_some_and(|j| j != i) {
+                return Err("the group mask reads two TopKs".into());
+            }
+            group_topk = Some(i);
+            continue;
+        }
+        mine.push(i);
+        if mine.len() > MOST_MASK_NODES {
+            return Err(format!("the group mask has more than {MOST_MASK_NODES} nodes"));
+        }
+        // a shape is known before the values: it tells nothing of them
+        if matches!(n.op_type.as_str(), "Shape" | "Size") {
+            continue;
+        }
+        stack.extend(node_inputs_with_subgraphs(n).into_iter().map(str::to_string));
+    }
+    let ti = group_topk.ok_or("the group mask reads no TopK of groups")?;
+    let t = g.node(ti);
+    let topk_group = topk_k(g, t).map_err(|e| format!("the groups' {e}"))?;
+    let mut gs_nodes = vec![ti];
+    let gs = skip_identity(g, &t.input[0], &mut gs_nodes);
+    let one_last_axis = |n: &NodeProto, v: &str| axes_of(g, n).is_some_and(|a| a.len() == 1 && is_last_axis(a[0], rank_of(g, v))) && attr_i(n, "keepdims") == Some(0);
+    let (score, reshaped) = if let Some((ri, r)) = std_op(g, gs, "ReduceSum").filter(|(_, r)| one_last_axis(r, &r.input[0])) {
+        let (ki, top2) = std_op(g, &r.input[0], "TopK").filter(|(_, k)| k.output[0] == r.input[0]).ok_or("the group scores are a ReduceSum of no TopK")?;
+        if topk_k(g, top2)? != 2 {
+            return Err("the group scores sum a TopK that is not the best two".into());
+        }
+        gs_nodes.extend([ri, ki]);
+        (GroupScore::Top2Sum, top2.input[0].as_str())
+    } else if let Some((mi, m)) = std_op(g, gs, "ReduceMax").filter(|(_, m)| one_last_axis(m, &m.input[0])) {
+        gs_nodes.push(mi);
+        (GroupScore::Max, m.input[0].as_str())
+    } else {
+        return Err("the groups are ranked by neither the sum of their best two nor their best".into());
+    };
+    let reshaped = skip_identity(g, reshaped, &mut gs_nodes);
+    let (ri, r) = std_op(g, reshaped, "Reshape").ok_or("the group scores are not over a Reshape of the scores into groups")?;
+    gs_nodes.push(ri);
+    let mut from = Vec::new();
+    if skip_identity(g, &r.input[0], &mut from) != b {
+        return Err("the groups are scored on another value than the one the router ranks".into());
+    }
+    let shape = g.const_i64(&r.input[1]).ok_or("the scores' Reshape into groups has no constant shape")?;
+    let e = last_dim(g, b).ok_or("cannot tell the number of experts the groups split")?;
+    let (n_group, size) = match shape[..] {
+        [_, n, s] if n >= 1 && s >= 1 && n * s == e => (n as usize, s as usize),
+        _ => return Err(format!("the scores' Reshape into groups has shape {shape:?}, not [-1, G, {e} / G]")),
+    };
+    if score == GroupScore::Top2Sum && size < 2 {
+        return Err("the groups of one expert have no best two".into());
+    }
+    nodes.extend(mine);
+    nodes.extend(gs_nodes);
+    nodes.extend(from);
+    Ok((n_group, topk_group, score))
+}
+
+/// What a router ranks, between its scores and its TopK.
+struct Choice<'g> {
+    /// the scores (a Softmax's or Sigmoid's output, or the logits of topk_softmax)
+    scores: &'g str,
+    /// the selection bias added to them: a constant and its element type
+    bias: Option<(&'g str, i32)>,
+    /// (n_group, topk_group, group score, fill)
+    groups: Option<(usize, usize, GroupScore, f32)>,
+}
+
+/// `Where(mask, fill, c)` (or `Where(mask, c, fill)`) over `c = scores [+ bias]`, or less of it.
+fn choice<'g>(g: &GraphIndex<'g>, c_in: &'g str, nodes: &mut Vec<usize>) -> Result<Choice<'g>, String> {
+    let mut v = skip_identity(g, c_in, nodes);
+    let mut groups = None;
+    if let Some((wi, w)) = std_op(g, v, "Where") {
+        let (fill, c) = match (scalar(g, &w.input[1]), scalar(g, &w.input[2])) {
+            (Some(f), None) => (f, w.input[2].as_str()),
+            (None, Some(f)) => (f, w.input[1].as_str()),
+            _ => return Err("TopK ranks a Where that is not the scores with some filled".into()),
+        };
+        if fill.is_nan() {
+            return Err("TopK ranks scores filled with NaN".into());
+        }
+        nodes.push(wi);
+        v = skip_identity(g, c, nodes);
+        let (n_group, topk_group, score) = group_mask(g, &w.input[0], v, nodes)?;
+        groups = Some((n_group, topk_group, score, fill));
+    }
+    let mut bias = None;
+    if let Some((ai, add)) = std_op(g, v, "Add") {
+        let e = last_dim(g, v).ok_or("cannot tell the number of experts the router ranks")?;
+        let is_bias = |x: &'g str| {
+            const_root(g, x).filter(|(c, _)| {
+                let dims = g.const_dims(c).unwrap_or_default();
+                matches!(dims[..], [n] | [1, n] if n == e)
+            })
+        };
+        let (s, b) = match (is_bias(&add.input[0]), is_bias(&add.input[1])) {
+            (None, Some(b)) => (add.input[0].as_str(), b),
+            (Some(b), None) => (add.input[1].as_str(), b),
+            _ => return Err("TopK ranks a sum that is not the scores plus a bias of one value an expert".into()),
+        };
+        if g.infer_type(v) != Some(FLOAT) {
+            return Err("the selection bias is added in 16 bits, so TopK ranks rounded scores".into());
+        }
+        nodes.push(ai);
+        bias = Some(b);
+        v = skip_identity(g, s, nodes);
+    }
+    Ok(Choice { scores: v, bias, groups })
+}
+
 /// The router feeding ScatterMoE node `s`, or why it stays as ONNX nodes.
 ///
 /// `logits_given`: the rewrite wrote this router itself in front of a node that took the 16-bit
@@ -200,6 +405,8 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     let topk = g.node(ti);
     nodes.push(ti);
     let k = topk_k(g, topk)?;
+    // an unsorted TopK's order is the runtime's; the op's is best first (the proof compares sets)
+    let unsorted = attr_i(topk, "sorted").unwrap_or(1) != 1;
     let values = topk.output[0].as_str();
 
     // weights: Casts between float types after the router's own formula that round at most once
@@ -227,32 +434,65 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
         w = &c.input[0];
     }
     let wt = g.infer_type(w).ok_or("cannot tell the type the routing weights are computed in")?;
-    let normalize = match normalized(g, w, &mut nodes) {
-        Some(inner) => {
+    let mut scale = 1.0f32;
+    if let Some((inner, c)) = scaled(g, w, &mut nodes) {
+        w = skip_identity(g, inner, &mut nodes);
+        scale = c;
+    }
+    let (normalize, normalize_eps) = match normalized(g, w, &mut nodes) {
+        Some((inner, eps)) => {
             w = inner;
-            true
+            (true, eps)
         }
-        None => false,
+        None => (false, 0.0),
     };
+    // where the weights come from: TopK's values, the scores gathered at its indices, or the
+    // softmax of its values
     let mut topk_softmax = false;
+    let mut gathered_from = None;
     if w != values {
-        let inner = softmax_input(g, w, &mut nodes).ok_or("the routing weights are not TopK's values, their softmax or their normalisation")?;
-        let mut inner = skip_identity(g, inner, &mut nodes);
-        if let Some(src) = widened_from(g, inner) {
-            nodes.push(g.prod(inner).unwrap().0);
-            inner = skip_identity(g, src, &mut nodes);
+        if let Some((gi, ge)) = std_op(g, w, "GatherElements") {
+            let mut mine = vec![gi];
+            let idx = skip_identity(g, &ge.input[1], &mut mine);
+            if idx != topk.output[1] || !is_last_axis(attr_i(ge, "axis").unwrap_or(0), rank_of(g, &ge.input[0])) {
+                return Err("the routing weights are gathered at other indices than TopK's".into());
+            }
+            nodes.extend(mine);
+            gathered_from = Some(skip_identity(g, &ge.input[0], &mut nodes));
+        } else {
+            let inner = softmax_input(g, w, &mut nodes).ok_or("the routing weights are not TopK's values, their softmax or their normalisation")?;
+            let mut inner = skip_identity(g, inner, &mut nodes);
+            if let Some(src) = widened_from(g, inner) {
+                nodes.push(g.prod(inner).unwrap().0);
+                inner = skip_identity(g, src, &mut nodes);
+            }
+            if inner != values {
+                return Err("the routing weights are a softmax of something other than TopK's values".into());
+            }
+            topk_softmax = true;
         }
-        if inner != values {
-            return Err("the routing weights are a softmax of something other than TopK's values".into());
-        }
-        topk_softmax = true;
     }
     if normalize && wt != FLOAT {
         return Err(format!("the routing weights are normalised in {}, not float32", spec::onnx_type_name(wt)));
     }
+    if scale != 1.0 && wt != FLOAT {
+        return Err(format!("the routing weights are scaled in {}, not float32", spec::onnx_type_name(wt)));
+    }
+
+    // what TopK ranks: the scores, maybe biased, maybe limited to the best groups
+    let ch = choice(g, s_in, &mut nodes)?;
+    if topk_softmax && (ch.bias.is_some() || ch.groups.is_some()) {
+        return Err("the routing weights are a softmax of TopK's values over a biased or group-limited choice".into());
+    }
+    let weights_from = match gathered_from {
+        Some(src) if src == ch.scores => WeightsFrom::Scores,
+        Some(_) => return Err("the routing weights are gathered from another value than the router's scores".into()),
+        None if ch.bias.is_some() || ch.groups.is_some() => WeightsFrom::Choice,
+        None => WeightsFrom::Scores,
+    };
 
     // scores
-    let mut scores = skip_identity(g, s_in, &mut nodes);
+    let mut scores = ch.scores;
     let scoring = if topk_softmax {
         Scoring::TopkSoftmax
     } else {
@@ -301,15 +541,23 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
             return Err(format!("k = {k} is more than the {e} experts"));
         }
     }
+    let groups = ch.groups.filter(|&(n, top, _, _)| top < n).map(|(n_group, topk_group, score, fill)| tr::Groups { n_group, topk_group, score, fill });
     nodes.sort_unstable();
     nodes.dedup();
+    let mut attrs = tr::Attrs::plain(k, scoring, normalize, tie_break);
+    attrs.groups = groups;
+    attrs.weights_from = weights_from;
+    attrs.normalize_eps = normalize_eps;
+    attrs.scale = scale;
     Ok(Plan {
-        attrs: tr::Attrs::plain(k, scoring, normalize, tie_break),
+        attrs,
         logits: logits.to_string(),
         widen,
         cast_weights: (lt != tw).then_some(tw),
         weights: String::new(),
         indices: String::new(),
+        bias: ch.bias.map(|(b, bt)| (b.to_string(), bt != FLOAT && bt != lt)),
+        unsorted,
         nodes,
     })
 }
@@ -326,14 +574,43 @@ pub fn nodes(plan: &mut Plan, tag: &str, fresh: &mut dyn FnMut(&str) -> String) 
         out.push(c);
         input = v;
     }
+    let mut inputs = vec![input];
+    if let Some((b, cast)) = &plan.bias {
+        let mut b = b.clone();
+        if *cast {
+            let v = fresh(&format!("{tag}/router_bias_f32"));
+            let mut c = make_node("Cast", "", &format!("{tag}/RouterBiasCast"), &[&b], &[&v]);
+            c.attribute.push(attr_int("to", FLOAT as i64));
+            out.push(c);
+            b = v;
+        }
+        inputs.push(b);
+    }
     let w = fresh(&format!("{tag}/router_weights"));
     let idx = fresh(&format!("{tag}/router_indices"));
-    let mut r = make_node(tr::NAME, spec::DOMAIN, &format!("{tag}/TopKRouter"), &[&input], &[&w, &idx]);
+    let ins: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let mut r = make_node(tr::NAME, spec::DOMAIN, &format!("{tag}/TopKRouter"), &ins, &[&w, &idx]);
     let a = &plan.attrs;
     r.attribute.push(attr_int(tr::ATTR_K, a.k as i64));
     r.attribute.push(attr_string(tr::ATTR_SCORING, a.scoring.name()));
     r.attribute.push(attr_int(tr::ATTR_NORMALIZE, a.normalize as i64));
     r.attribute.push(attr_string(tr::ATTR_TIE_BREAK, a.tie_break.name()));
+    // the rest only where it is not the default, so a plain router's node stays as it was
+    if let Some(gr) = &a.groups {
+        r.attribute.push(attr_int(tr::ATTR_N_GROUP, gr.n_group as i64));
+        r.attribute.push(attr_int(tr::ATTR_TOPK_GROUP, gr.topk_group as i64));
+        r.attribute.push(attr_string(tr::ATTR_GROUP_SCORE, gr.score.name()));
+        r.attribute.push(attr_float(tr::ATTR_GROUP_FILL, gr.fill));
+    }
+    if a.weights_from != WeightsFrom::Scores {
+        r.attribute.push(attr_string(tr::ATTR_WEIGHTS_FROM, a.weights_from.name()));
+    }
+    if a.normalize_eps != 0.0 {
+        r.attribute.push(attr_float(tr::ATTR_NORMALIZE_EPS, a.normalize_eps));
+    }
+    if a.scale != 1.0 {
+        r.attribute.push(attr_float(tr::ATTR_SCALE, a.scale));
+    }
     out.push(r);
     plan.weights = w.clone();
     if let Some(t) = plan.cast_weights {
@@ -388,7 +665,7 @@ pub fn fuse(model: &mut crate::onnx::Model, prove: bool, logits_given: &std::col
             let new = nodes(&mut plan, &s.name, &mut fresh);
             if prove {
                 let old = [s.input[sm::ROUTING_WEIGHTS].as_str(), s.input[sm::ROUTING_INDICES].as_str()];
-                super::prove::router::prove(model, &g, &plan.logits, &new, old, [&plan.weights, &plan.indices]).map_err(|e| format!("not proven: {e:#}"))?;
+                super::prove::router::prove(model, &g, &plan.logits, &new, old, [&plan.weights, &plan.indices], plan.unsorted, &plan.attrs).map_err(|e| format!("not proven: {e:#}"))?;
             }
             let text = plan.text();
             edits.push((i, new, plan.weights, plan.indices));
