@@ -129,9 +129,11 @@ impl Kernel for RouterCuda {
         let w = ctx.output(topk_router::ROUTING_WEIGHTS, &out, call.t.onnx_code())?.ok_or("output 'routing_weights' is required")?;
         let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
         let logits = dptr(ins[topk_router::LOGITS].as_ref().unwrap());
+        // the selection bias: float32 (element type 1) or T, as the check established
+        let bias = ins.get(topk_router::BIAS).and_then(Option::as_ref).map(|b| (dptr(b), b.elem == 1));
         let stream = ctx.gpu_stream()? as CUstream;
         // SAFETY: ORT's tensors have the shapes and types the check established, on its stream's device.
-        unsafe { self.0.run(&call, logits, w as CUdeviceptr, i as CUdeviceptr, stream) }
+        unsafe { self.0.run(&call, logits, bias, w as CUdeviceptr, i as CUdeviceptr, stream) }
     }
 }
 

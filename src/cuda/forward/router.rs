@@ -2,14 +2,15 @@
 
 use super::launch::{check_limits, tname};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
-use crate::spec::{topk_router, ElemType, Scoring, TieBreak};
+use crate::spec::{topk_router, ElemType, GroupScore, Scoring, TieBreak, WeightsFrom};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// `TopKRouter`: one launch, a warp per token (kernels/router.cu). `logits` [tokens, E] in `t`,
-/// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64.
+/// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64; `bias`: the selection bias (E
+/// values) and whether it is float32 (else it is `t`), if any.
 ///
 /// # Safety
-/// The three buffers must hold those shapes and types on `stream`'s context, whose [`Device`] `dev` is.
+/// The buffers must hold those shapes and types on `stream`'s context, whose [`Device`] `dev` is.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk_router(
     dev: &Device,
@@ -19,6 +20,7 @@ pub unsafe fn topk_router(
     tokens: usize,
     experts: usize,
     logits: CUdeviceptr,
+    bias: Option<(CUdeviceptr, bool)>,
     weights: CUdeviceptr,
     indices: CUdeviceptr,
 ) -> CuResult<()> {
@@ -33,15 +35,29 @@ pub unsafe fn topk_router(
         Scoring::TopkSoftmax => 1,
         Scoring::Sigmoid => 2,
     };
+    // n_group 0: no group limit (the kernel's reading of `groups: None`)
+    let (n_group, topk_group, group_max, fill) = match attrs.groups {
+        Some(g) => (g.n_group as i32, g.topk_group as i32, (g.score == GroupScore::Max) as i32, g.fill),
+        None => (0, 0, 0, f32::NEG_INFINITY),
+    };
     let grid = tokens.div_ceil(ROUTER_ROWS_PER_BLOCK) as u32;
     let args = [
         Arg::Ptr(logits),
+        Arg::opt(bias.map(|b| b.0)),
+        Arg::I32(bias.is_some_and(|b| b.1) as i32),
         Arg::I32(tokens as i32),
         Arg::I32(experts as i32),
         Arg::I32(attrs.k as i32),
         Arg::I32(scoring),
         Arg::I32(attrs.normalize as i32),
         Arg::I32((attrs.tie_break == TieBreak::HigherIndex) as i32),
+        Arg::I32(n_group),
+        Arg::I32(topk_group),
+        Arg::I32(group_max),
+        Arg::F32(fill),
+        Arg::I32((attrs.weights_from == WeightsFrom::Choice) as i32),
+        Arg::F32(attrs.normalize_eps),
+        Arg::F32(attrs.scale),
         Arg::Ptr(weights),
         Arg::Ptr(indices),
     ];

@@ -39,15 +39,25 @@ impl TopKRouterOp {
     /// The launch on `stream`, with its context made current. Errors name the op.
     ///
     /// # Safety
-    /// `stream` must be null or live; `logits` must hold the call's [tokens, E] in `t`, `weights`
-    /// [tokens, k] in `t` and `indices` [tokens, k] int64, on `stream`'s device.
-    pub unsafe fn run(&self, call: &RouterCall, logits: CUdeviceptr, weights: CUdeviceptr, indices: CUdeviceptr, stream: CUstream) -> Result<(), String> {
+    /// `stream` must be null or live; `logits` must hold the call's [tokens, E] in `t`, `bias` (if
+    /// any) E values in float32 (its flag true) or `t`, `weights` [tokens, k] in `t` and `indices`
+    /// [tokens, k] int64, on `stream`'s device.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run(
+        &self,
+        call: &RouterCall,
+        logits: CUdeviceptr,
+        bias: Option<(CUdeviceptr, bool)>,
+        weights: CUdeviceptr,
+        indices: CUdeviceptr,
+        stream: CUstream,
+    ) -> Result<(), String> {
         let named = |e: String| if e.starts_with(NAME) { e } else { format!("{NAME}: {e}") };
         if call.tokens == 0 {
             return Ok(());
         }
         // SAFETY: the caller's stream is live for the call.
         let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(named)?;
-        unsafe { forward::topk_router(dev, stream, &self.0, call.t, call.tokens, call.experts, logits, weights, indices) }.map_err(named)
+        unsafe { forward::topk_router(dev, stream, &self.0, call.t, call.tokens, call.experts, logits, bias, weights, indices) }.map_err(named)
     }
 }
