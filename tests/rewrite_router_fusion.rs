@@ -1,8 +1,7 @@
 //! Router fusion (src/rewrite/router_fusion.rs): which fixtures' routers become one TopKRouter node,
 //! that the fused model computes what the original and the unfused rewrite compute in ONNX Runtime,
-//! and the routers that must stay ONNX nodes (16-bit Softmax, an epsilon in the normalisation,
-//! DeepSeek's unsorted group-limited choice), with their values still correct where something
-//! else reads them.
+//! and the routers that must stay ONNX nodes (16-bit Softmax, an ArgMax, a Concat), with their
+//! values still correct where something else reads them.
 
 mod common;
 
@@ -32,12 +31,14 @@ const FUSED: &[(&str, &str)] = &[
     ("qwen2_moe", "softmax, k=2, lower_index"),
     ("qwen3_moe", "softmax, k=2, normalize, lower_index"),
     ("dbrx", "softmax, k=2, normalize, lower_index"),
+    // DeepSeek-V3: sigmoid + e_score_correction_bias, 2 groups of which 1 competes, an unsorted TopK,
+    // the scores gathered, `+ 1e-20` (which the dynamo exporter drops), the routed scaling factor
+    ("deepseek_v3", "sigmoid, k=2, normalize, lower_index, bias, groups 1/2 top2_sum, eps 1e-20, scale 2.5"),
+    ("deepseek_v3_bmm_dynamo", "sigmoid, k=2, normalize, lower_index, bias, scale 2.5"),
 ];
 
 /// Fixtures left, and a word of the reason.
 const LEFT: &[(&str, &str)] = &[
-    ("deepseek_v3", "unsorted"),
-    ("deepseek_v3_bmm_dynamo", "unsorted"),
     ("qwen3_moe_bmm_f16", "Softmax is computed in 16 bits"),
     ("qwen3_moe_op18_f16", "Softmax is computed in 16 bits"),
     ("switch", "ArgMax"),
@@ -169,9 +170,10 @@ fn node<'m>(m: &'m mut Model, op: &str) -> &'m mut NodeProto {
     m.proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == op).unwrap_or_else(|| panic!("no {op}"))
 }
 
-/// Mixtral's router with `Add(ReduceSum, 1e-6)` as the divisor: not the op's normalisation.
+/// Mixtral's router with `Add(ReduceSum, 1e-6)` as the divisor: fused with `normalize_eps`, and
+/// the fused model computes what the edited original does.
 #[test]
-fn an_epsilon_in_the_normalisation_is_left_and_stays_correct() {
+fn an_epsilon_in_the_normalisation_is_fused_and_stays_correct() {
     let dir = common::scratch("router_eps");
     let mut m = onnx::load(&common::models_dir().join("mixtral.onnx")).unwrap();
     let sum = node(&mut m, "ReduceSum").output[0].clone();
@@ -194,8 +196,9 @@ fn an_epsilon_in_the_normalisation_is_left_and_stays_correct() {
     let mut m = onnx::load(&path).unwrap();
     let rep = rewrite(&mut m, true, Target::OnnxRuntime);
     let r = rep.layers[0].router.as_ref().unwrap();
-    assert!(!r.fused, "fused: {}", r.detail);
-    assert_eq!(count(&m, "TopKRouter"), 0);
+    assert!(r.fused, "left: {}", r.detail);
+    assert_eq!(r.detail, "softmax, k=2, normalize, lower_index, eps 1e-6");
+    assert_eq!(count(&m, "TopKRouter"), 1);
     // compared with the edited original
     let out = dir.join("rw.onnx");
     onnx::save(m, &out, &SaveOptions::default()).unwrap();

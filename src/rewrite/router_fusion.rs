@@ -5,23 +5,28 @@
 //!
 //! Recognised, from the ScatterMoE node's inputs backwards (Identity and Casts to the type they
 //! read are skipped everywhere: they change nothing):
-//! - indices: `TopK(S, k).indices` (k a constant, `largest = 1`, `sorted = 1`, on S's last axis:
-//!   the op's order, best first), tie rule `lower_index` (ONNX TopK's); or com.microsoft.MoE's
-//!   reversed form `Sub(E - 1, TopK(Slice(S, -1, <= -E-1, last axis, -1)).indices)`, tie rule
-//!   `higher_index`, with E read from S's shape (a constant off by one would misnumber every expert).
-//!   No Reshape or Unsqueeze is accepted on the indices: none of the exports needs one.
-//! - weights: that TopK's values `v`, or `Softmax(v)` over the last axis (then `topk_softmax`),
-//!   each maybe normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1))` (`normalize = 1`;
-//!   axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights are never
-//!   negative, so their L1 norm is their sum). An epsilon added to the sum, a clamp, a scale: not the op's
-//!   formula, left. Then Casts between float types that round at most once (the op rounds its float32 weights
-//!   to its T once, so a Cast from float32 is the op's own rounding; a widening Cast is exact).
-//!   Casts that round twice (float32 to float16 to bfloat16) are not one rounding: left.
+//! - indices: `TopK(C, k).indices` (k a constant, `largest = 1`, on C's last axis, sorted or not:
+//!   an unsorted TopK's order is the runtime's, and ScatterMoE sums the k in any order), tie rule
+//!   `lower_index` (ONNX TopK's); or com.microsoft.MoE's reversed form `Sub(E - 1,
+//!   TopK(Slice(C, -1, <= -E-1, last axis, -1)).indices)`, tie rule `higher_index`, with E read from
+//!   C's shape (a constant off by one would misnumber every expert). No Reshape or Unsqueeze is
+//!   accepted on the indices: none of the exports needs one.
+//! - weights: that TopK's values `v`, the scores gathered at its indices (`GatherElements(S,
+//!   indices)`, DeepSeek-V3), or `Softmax(v)` over the last axis (then `topk_softmax`), each maybe
+//!   normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])` (`normalize`,
+//!   `normalize_eps`; axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights
+//!   are never negative, so their L1 norm is their sum), maybe multiplied by a constant (`scale`).
+//!   A clamp, a scale by a tensor: not the op's formula, left. Then Casts between float types that
+//!   round at most once (the op rounds its float32 weights to its T once, so a Cast from float32
+//!   is the op's own rounding; a widening Cast is exact). Casts that round twice (float32 to
+//!   float16 to bfloat16) are not one rounding: left.
+//! - the choice C: the scores S; or S plus a constant of one value an expert, in float32
+//!   (`bias`); or either with the experts of the groups that lost filled, `Where(mask, fill, ·)`
+//!   (the group-limited choice, [`group_mask`]).
 //! - scores S: `Softmax(x)` over the last axis computed in float32 (`softmax`), `Sigmoid(x)` in
 //!   float32 (`sigmoid`), or, with `Softmax(v)` weights, the logits themselves. A Softmax or
 //!   Sigmoid in float16 ranks rounded scores, which can tie where the op's float32 scores do not:
-//!   left. Anything else in front of TopK (a bias added for the choice, group masks, jitter) is
-//!   another router: left.
+//!   left.
 //!
 //! The node reads the value the graph ranks: a float32 Cast of 16-bit logits stays in front of it
 //! (ONNX Runtime's CPU optimizer may compute that Cast's input unrounded; the node then sees what
@@ -34,9 +39,10 @@
 //! Proof: the layer proof ([`super::prove`]) draws the routing at the ScatterMoE node's boundary,
 //! so it does not cover the router. Each fused router is proven on its own instead
 //! ([`super::prove::router`]): the old router nodes and the TopKRouter node, cut out with the
-//! logits as their input, run in ONNX Runtime on random logits, logits with ties (the tie rule)
-//! and skewed logits at several token counts; the indices must be equal, the weights within the
-//! type's tolerance. A router that fails its proof stays as it was (the layer stays rewritten).
+//! logits as their input, run in ONNX Runtime on random logits, logits with ties (the tie rule),
+//! skewed logits and logits that make each choice of groups win, at several token counts; the
+//! indices must be equal (as sets for an unsorted TopK), the weights within the type's tolerance.
+//! A router that fails its proof stays as it was (the layer stays rewritten).
 
 use onnx_protobuf::NodeProto;
 
