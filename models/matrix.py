@@ -311,6 +311,8 @@ def export_family(fam_key, out_dir, seed):
 
 def cmd_export(a):
     os.makedirs(a.dir, exist_ok=True)
+    if a.tiny:  # KEY=VALUE,...: other tiny-config values (e.g. routers with groups: n_group=4,topk_group=2)
+        TINY.update({k: int(v) if v.lstrip("-").isdigit() else v for k, v in (kv.split("=") for kv in a.tiny.split(","))})
     if a.family:  # one family, in this process (a worker)
         recs = export_family(a.family, a.dir, a.seed)
         with open(os.path.join(a.dir, "part." + a.family.split("|")[2] + ".json"), "w") as fh:
@@ -338,7 +340,8 @@ def cmd_export(a):
         key = "|".join(f)
         part = os.path.join(a.dir, "part." + f[2] + ".json")
         try:
-            p = subprocess.run([sys.executable, __file__, "export", "--dir", a.dir, "--family", key, "--seed", str(a.seed)],
+            p = subprocess.run([sys.executable, __file__, "export", "--dir", a.dir, "--family", key, "--seed", str(a.seed)]
+                               + (["--tiny", a.tiny] if a.tiny else []),
                                capture_output=True, text=True, timeout=a.timeout)
             if os.path.exists(part):
                 return json.load(open(part))
@@ -588,6 +591,7 @@ def main():
     e.add_argument("--resume", action="store_true")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--timeout", type=int, default=900)
+    e.add_argument("--tiny", default="", help="KEY=VALUE,... overriding the tiny config (set where the family's config has the key)")
     c = sp.add_parser("check")
     c.add_argument("--dir", required=True)
     c.add_argument("--work", default="")

@@ -183,3 +183,44 @@ fn topk_router_attributes_and_shapes() {
     assert_eq!(err(&s(&[4, 0]), 1), "TopKRouter: input 'logits' has E (last dimension) = 0 (shape [4, 0]); it must be at least 1");
     assert!(err(&s(&[4, 8]), 7).starts_with("TopKRouter: input 'logits' has element type int64"));
 }
+
+#[test]
+fn topk_router_groups_bias_and_scale() {
+    use topk_router::*;
+    let attrs = |pairs: Vec<(&'static str, AttrValue)>| Attrs(pairs.into_iter().collect());
+    let parse = |pairs| topk_router::Attrs::parse(&attrs(pairs));
+    // DeepSeek-V3's router
+    let a = parse(vec![
+        ("k", AttrValue::I(8)),
+        ("scoring", AttrValue::S("sigmoid")),
+        ("normalize", AttrValue::I(1)),
+        ("n_group", AttrValue::I(8)),
+        ("topk_group", AttrValue::I(4)),
+        ("normalize_eps", AttrValue::F(1e-20)),
+        ("scale", AttrValue::F(2.5)),
+    ])
+    .unwrap();
+    assert_eq!(a.groups, Some(Groups { n_group: 8, topk_group: 4, score: GroupScore::Top2Sum, fill: f32::NEG_INFINITY }));
+    assert_eq!((a.weights_from, a.normalize_eps, a.scale), (WeightsFrom::Scores, 1e-20, 2.5));
+    // every group competing limits nothing: no groups, whatever E is
+    let all = parse(vec![("k", AttrValue::I(2)), ("n_group", AttrValue::I(3)), ("topk_group", AttrValue::I(3))]).unwrap();
+    assert_eq!(all.groups, None);
+    assert!(check(&all, &[Some(1)], &[Some(&s(&[4, 8]))]).is_ok());
+    let e = |pairs| parse(pairs).unwrap_err().to_string();
+    assert!(e(vec![("k", AttrValue::I(2)), ("n_group", AttrValue::I(0))]).contains("'n_group' must be at least 1"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("n_group", AttrValue::I(2)), ("topk_group", AttrValue::I(3))]).contains("'topk_group' must be in [1, n_group = 2]"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("group_fill", AttrValue::F(f32::NAN))]).contains("'group_fill' is NaN"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("normalize_eps", AttrValue::F(-1.0))]).contains("'normalize_eps' must be finite and >= 0"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("scale", AttrValue::F(f32::INFINITY))]).contains("'scale' must be finite"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("scoring", AttrValue::S("topk_softmax")), ("n_group", AttrValue::I(2)), ("topk_group", AttrValue::I(1))]).contains("topk_softmax"));
+    // shapes: E must split into the groups, top2_sum needs two a group, the bias one value an expert
+    let err = |a: &topk_router::Attrs, shapes: &[Option<&Shape>], types: &[Option<i32>]| check(a, types, shapes).unwrap_err().to_string();
+    assert!(err(&a, &[Some(&s(&[4, 12]))], &[Some(1)]).contains("do not split into n_group = 8 groups"));
+    let eight_of_eight = parse(vec![("k", AttrValue::I(2)), ("n_group", AttrValue::I(8)), ("topk_group", AttrValue::I(2))]).unwrap();
+    assert!(err(&eight_of_eight, &[Some(&s(&[4, 8]))], &[Some(1)]).contains("needs two experts a group"));
+    assert!(check(&a, &[Some(10), Some(1)], &[Some(&s(&[4, 256])), Some(&s(&[256]))]).is_ok());
+    assert!(check(&a, &[Some(10), Some(10)], &[Some(&s(&[4, 256])), Some(&s(&[1, 256]))]).is_ok());
+    assert!(err(&a, &[Some(&s(&[4, 256])), Some(&s(&[255]))], &[Some(1), Some(1)]).contains("input 'bias' has [255] values"));
+    assert!(err(&a, &[Some(&s(&[4, 256])), Some(&s(&[2, 256]))], &[Some(1), Some(1)]).contains("must have shape [E] or [1, E]"));
+    assert!(err(&a, &[Some(&s(&[4, 256])), Some(&s(&[256]))], &[Some(10), Some(16)]).contains("input 'bias' has element type bfloat16; it must be float32 or T"));
+}
