@@ -246,6 +246,23 @@ fn widened_from<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
     (attr_i(c, "to") == Some(FLOAT as i64) && matches!(g.infer_type(&c.input[0]), Some(10 | 16))).then_some(c.input[0].as_str())
 }
 
+/// `v` without Reshapes that only flatten the leading axes into rows, `Reshape(x, [-1, E])` with
+/// x's last dimension E (transformers 4's `scores.view(-1, E)` between the scores and the choice).
+fn rows_of<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> &'g str {
+    let mut cur = skip_identity(g, v, nodes);
+    for _ in 0..4 {
+        let Some((i, r)) = std_op(g, cur, "Reshape") else { break };
+        let e = last_dim(g, &r.input[0]);
+        let flat = g.const_i64(&r.input[1]).is_some_and(|c| matches!(c[..], [-1, n] if Some(n) == e));
+        if !flat {
+            break;
+        }
+        nodes.push(i);
+        cur = skip_identity(g, &r.input[0], nodes);
+    }
+    cur
+}
+
 /// A constant behind Identity and Casts between float types: its name and element type.
 fn const_root<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i32)> {
     let mut cur = v;
@@ -390,7 +407,7 @@ fn choice<'g>(g: &GraphIndex<'g>, c_in: &'g str, nodes: &mut Vec<usize>) -> Resu
         bias = Some(b);
         v = skip_identity(g, s, nodes);
     }
-    Ok(Choice { scores: v, bias, groups })
+    Ok(Choice { scores: rows_of(g, v, nodes), bias, groups })
 }
 
 /// The router feeding ScatterMoE node `s`, or why it stays as ONNX nodes.
@@ -464,7 +481,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
                 return Err("the routing weights are gathered at other indices than TopK's".into());
             }
             nodes.extend(mine);
-            gathered_from = Some(skip_identity(g, &ge.input[0], &mut nodes));
+            gathered_from = Some(rows_of(g, &ge.input[0], &mut nodes));
         } else {
             let inner = softmax_input(g, w, &mut nodes).ok_or("the routing weights are not TopK's values, their softmax or their normalisation")?;
             let mut inner = skip_identity(g, inner, &mut nodes);
