@@ -22,7 +22,7 @@
 //!   float16 to bfloat16) are not one rounding: left.
 //! - the choice C: the scores S; or S plus a constant of one value an expert, in float32
 //!   (`bias`); or either with the experts of the groups that lost filled, `Where(mask, fill, ·)`
-//!   (the group-limited choice, [`group_mask`]).
+//!   (the group-limited choice, `choice::group_mask`).
 //! - scores S: `Softmax(x)` over the last axis computed in float32 (`softmax`), `Sigmoid(x)` in
 //!   float32 (`sigmoid`), or, with `Softmax(v)` weights, the logits themselves. A Softmax or
 //!   Sigmoid in float16 ranks rounded scores, which can tie where the op's float32 scores do not:
