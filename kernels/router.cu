@@ -15,12 +15,13 @@
 //   k rounds of a warp argmax over c of the experts not yet taken: larger first, NaN below every
 //     number, equal values by the tie rule; the winner's lane keeps its s or c (weights_from)
 //     in shared memory;
-//   the weights: topk_softmax: softmax over the k; normalize: divided by (their sum + eps);
+//   the weights: topk_softmax: softmax over the k; normalize: divided by (their sum + eps), at
+//     least normalize_min;
 //     times scale; each rounded to T once.
 //
 // Entry point: scattermoe_topk_router_{t}(logits, bias, bias_f32, rows, E, k, scoring, normalize,
 //     tie_higher, n_group, topk_group, group_max, group_fill, weights_from_choice, normalize_eps,
-//     scale, weights, indices): grid ceil(rows / SMOE_ROUTER_WARPS), block 32 * SMOE_ROUTER_WARPS,
+//     normalize_min, scale, weights, indices): grid ceil(rows / SMOE_ROUTER_WARPS), block 32 * SMOE_ROUTER_WARPS,
 //     no dynamic smem. bias: E values or null; bias_f32: 1 when they are float32, 0 when T.
 //     scoring: 0 softmax, 1 topk_softmax, 2 sigmoid. n_group: 0 for no group limit, else it divides
 //     E and topk_group < n_group. group_max: 0 top2_sum, 1 max. weights_from_choice: 0 the weights
@@ -75,7 +76,7 @@ __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 template <typename T>
 __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32, int rows, int E, int k, int scoring,
                                  int normalize, int tie_higher, int n_group, int topk_group, int group_max,
-                                 float group_fill, int weights_from_choice, float normalize_eps, float scale,
+                                 float group_fill, int weights_from_choice, float normalize_eps, float normalize_min, float scale,
                                  T* weights, long long* indices) {
     // per warp: the group phase's row of c (padded), then the k chosen weights
     __shared__ float shared_all[SMOE_ROUTER_WARPS][SMOE_ROUTER_MAX_E + SMOE_ROUTER_MAX_E / 32];
@@ -220,6 +221,8 @@ __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32
         float sum = 0.f;
         for (int j = lane; j < k; j += 32) sum += chosen[j];
         sum = warp_sum(sum) + normalize_eps;
+        // clamp(min=), 0 meaning none (a negative sum of choice scores stays); a NaN sum stays NaN
+        if (normalize_min > 0.f && sum < normalize_min) sum = normalize_min;
         for (int j = lane; j < k; j += 32) chosen[j] = chosen[j] / sum;
         __syncwarp();
     }
@@ -236,11 +239,11 @@ __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32
     extern "C" __global__ void __launch_bounds__(32 * SMOE_ROUTER_WARPS)                                    \
     NAME(const T* logits, const void* bias, int bias_f32, int rows, int E, int k, int scoring, int normalize, \
          int tie_higher, int n_group, int topk_group, int group_max, float group_fill, int weights_from_choice, \
-         float normalize_eps, float scale, T* weights, long long* indices) {                                \
+         float normalize_eps, float normalize_min, float scale, T* weights, long long* indices) {            \
         smoe::pdl_begin();                                                                                  \
         topk_router_impl<T>(logits, bias, bias_f32, rows, E, k, scoring, normalize, tie_higher, n_group,    \
-                            topk_group, group_max, group_fill, weights_from_choice, normalize_eps, scale,   \
-                            weights, indices);                                                              \
+                            topk_group, group_max, group_fill, weights_from_choice, normalize_eps,      \
+                            normalize_min, scale, weights, indices);                                       \
     }
 
 #include "router_entries.cuh"

@@ -137,7 +137,12 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
         chosen.iter_mut().for_each(|c| *c /= sum);
     }
     if attrs.normalize {
-        let sum: f32 = chosen.iter().sum::<f32>() + attrs.normalize_eps;
+        let mut sum: f32 = chosen.iter().sum::<f32>() + attrs.normalize_eps;
+        // the floor as torch's clamp(min=) takes it (0: none, so a negative sum of choice scores
+        // stays what it is); a NaN sum stays NaN
+        if attrs.normalize_min > 0.0 && sum < attrs.normalize_min {
+            sum = attrs.normalize_min;
+        }
         chosen.iter_mut().for_each(|c| *c /= sum);
     }
     for (w, &c) in weights.iter_mut().zip(chosen.iter()) {

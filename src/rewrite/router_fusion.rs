@@ -14,7 +14,7 @@
 //! - weights: that TopK's values `v`, the scores gathered at its indices (`GatherElements(S,
 //!   indices)`, DeepSeek-V3), or `Softmax(v)` over the last axis (then `topk_softmax`), each maybe
 //!   normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])` (`normalize`,
-//!   `normalize_eps`; axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights
+//!   `normalize_eps`; the divisor maybe clamped from below by a constant, `normalize_min`; axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights
 //!   are never negative, so their L1 norm is their sum), maybe multiplied by a constant (`scale`).
 //!   A clamp, a scale by a tensor: not the op's formula, left. Then Casts between float types that
 //!   round at most once (the op rounds its float32 weights to its T once, so a Cast from float32
@@ -106,6 +106,9 @@ impl Plan {
         }
         if a.normalize_eps != 0.0 {
             t.push_str(&format!(", eps {:e}", a.normalize_eps));
+        }
+        if a.normalize_min != 0.0 {
+            t.push_str(&format!(", min {:e}", a.normalize_min));
         }
         if a.scale != 1.0 {
             t.push_str(&format!(", scale {}", a.scale));
@@ -199,11 +202,46 @@ fn scaled<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<
     }).map(|w| (w, c))
 }
 
-/// `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])`: (w, eps), or None.
-fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, f32)> {
+/// The divisor of a normalisation: its sum's epsilon and floor.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Divisor {
+    eps: f32,
+    min: f32,
+}
+
+/// `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])`, the divisor maybe clamped from below
+/// (`Clip(·, min)`, `Max(·, min)`: Ernie-4.5's `clamp(min=norm_min)`): (w, divisor), or None.
+fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, Divisor)> {
     let (di, div) = std_op(g, v, "Div")?;
     let mut mine = vec![di];
     let mut den = div.input[1].as_str();
+    let mut min = 0.0f32;
+    let mut floored = false;
+    // a floor: Clip with a constant min and no max, or Max with a constant
+    if let Some((ci, c)) = std_op(g, den, "Clip") {
+        let lo = c.input.get(1).filter(|v| !v.is_empty()).and_then(|v| scalar(g, v))?;
+        if c.input.get(2).is_some_and(|v| !v.is_empty()) {
+            return None;
+        }
+        mine.push(ci);
+        den = c.input[0].as_str();
+        min = lo;
+        floored = true;
+    } else if let Some((mi, m)) = std_op(g, den, "Max").filter(|(_, m)| m.input.len() == 2) {
+        let (x, lo) = match (scalar(g, &m.input[0]), scalar(g, &m.input[1])) {
+            (None, Some(lo)) => (m.input[0].as_str(), lo),
+            (Some(lo), None) => (m.input[1].as_str(), lo),
+            _ => return None,
+        };
+        mine.push(mi);
+        den = x;
+        min = lo;
+        floored = true;
+    }
+    // the op's floor 0 means none: a clamp at 0 (which would floor a negative sum) is not it
+    if !(min.is_finite() && (min > 0.0 || !floored)) {
+        return None;
+    }
     let mut eps = 0.0f32;
     // an epsilon added to the sum (DeepSeek-V3: `sum + 1e-20`)
     if let Some((ai, add)) = std_op(g, den, "Add") {
@@ -228,7 +266,7 @@ fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Opt
     let last = axes.len() == 1 && is_last_axis(axes[0], rank_of(g, a));
     (a == b && last && attr_i(rs, "keepdims").unwrap_or(1) == 1).then(|| {
         nodes.extend(mine);
-        (a, eps)
+        (a, Divisor { eps, min })
     })
 }
 
@@ -301,12 +339,12 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
         w = skip_identity(g, inner, &mut nodes);
         scale = c;
     }
-    let (normalize, normalize_eps) = match normalized(g, w, &mut nodes) {
-        Some((inner, eps)) => {
+    let (normalize, divisor) = match normalized(g, w, &mut nodes) {
+        Some((inner, d)) => {
             w = inner;
-            (true, eps)
+            (true, d)
         }
-        None => (false, 0.0),
+        None => (false, Divisor::default()),
     };
     // where the weights come from: TopK's values, the scores gathered at its indices, or the
     // softmax of its values
@@ -409,7 +447,8 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     let mut attrs = tr::Attrs::plain(k, scoring, normalize, tie_break);
     attrs.groups = groups;
     attrs.weights_from = weights_from;
-    attrs.normalize_eps = normalize_eps;
+    attrs.normalize_eps = divisor.eps;
+    attrs.normalize_min = divisor.min;
     attrs.scale = scale;
     Ok(Plan {
         attrs,
@@ -469,6 +508,9 @@ pub fn nodes(plan: &mut Plan, tag: &str, fresh: &mut dyn FnMut(&str) -> String) 
     }
     if a.normalize_eps != 0.0 {
         r.attribute.push(attr_float(tr::ATTR_NORMALIZE_EPS, a.normalize_eps));
+    }
+    if a.normalize_min != 0.0 {
+        r.attribute.push(attr_float(tr::ATTR_NORMALIZE_MIN, a.normalize_min));
     }
     if a.scale != 1.0 {
         r.attribute.push(attr_float(tr::ATTR_SCALE, a.scale));

@@ -212,6 +212,8 @@ fn topk_router_groups_bias_and_scale() {
     assert!(e(vec![("k", AttrValue::I(2)), ("group_fill", AttrValue::F(f32::NAN))]).contains("'group_fill' is NaN"));
     assert!(e(vec![("k", AttrValue::I(2)), ("normalize_eps", AttrValue::F(-1.0))]).contains("'normalize_eps' must be finite and >= 0"));
     assert!(e(vec![("k", AttrValue::I(2)), ("scale", AttrValue::F(f32::INFINITY))]).contains("'scale' must be finite"));
+    assert!(e(vec![("k", AttrValue::I(2)), ("normalize_min", AttrValue::F(-1e-12))]).contains("'normalize_min' must be finite and >= 0"));
+    assert_eq!(parse(vec![("k", AttrValue::I(2)), ("normalize_min", AttrValue::F(1e-12))]).unwrap().normalize_min, 1e-12);
     assert!(e(vec![("k", AttrValue::I(2)), ("scoring", AttrValue::S("topk_softmax")), ("n_group", AttrValue::I(2)), ("topk_group", AttrValue::I(1))]).contains("topk_softmax"));
     // shapes: E must split into the groups, top2_sum needs two a group, the bias one value an expert
     let err = |a: &topk_router::Attrs, shapes: &[Option<&Shape>], types: &[Option<i32>]| check(a, types, shapes).unwrap_err().to_string();

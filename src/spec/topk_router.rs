@@ -28,8 +28,9 @@ pub const ATTR_GROUP_SCORE: &str = "group_score";
 pub const ATTR_GROUP_FILL: &str = "group_fill";
 pub const ATTR_WEIGHTS_FROM: &str = "weights_from";
 pub const ATTR_NORMALIZE_EPS: &str = "normalize_eps";
+pub const ATTR_NORMALIZE_MIN: &str = "normalize_min";
 pub const ATTR_SCALE: &str = "scale";
-pub const ATTRS: [AttrDesc; 11] = [
+pub const ATTRS: [AttrDesc; 12] = [
     AttrDesc { name: ATTR_K, default: AttrDefault::Int(0) },
     AttrDesc { name: ATTR_SCORING, default: AttrDefault::Str(Attrs::DEFAULT_SCORING.name()) },
     AttrDesc { name: ATTR_NORMALIZE, default: AttrDefault::Int(0) },
@@ -40,6 +41,7 @@ pub const ATTRS: [AttrDesc; 11] = [
     AttrDesc { name: ATTR_GROUP_FILL, default: AttrDefault::Float(f32::NEG_INFINITY) },
     AttrDesc { name: ATTR_WEIGHTS_FROM, default: AttrDefault::Str(Attrs::DEFAULT_WEIGHTS_FROM.name()) },
     AttrDesc { name: ATTR_NORMALIZE_EPS, default: AttrDefault::Float(0.0) },
+    AttrDesc { name: ATTR_NORMALIZE_MIN, default: AttrDefault::Float(0.0) },
     AttrDesc { name: ATTR_SCALE, default: AttrDefault::Float(1.0) },
 ];
 
@@ -63,13 +65,15 @@ impl Groups {
 pub struct Attrs {
     pub k: usize,
     pub scoring: Scoring,
-    /// divide the k weights by their sum (plus `normalize_eps`)
+    /// divide the k weights by their sum (plus `normalize_eps`, at least `normalize_min`)
     pub normalize: bool,
     pub tie_break: TieBreak,
     /// the group-limited choice, where it limits anything (`topk_group < n_group`)
     pub groups: Option<Groups>,
     pub weights_from: WeightsFrom,
     pub normalize_eps: f32,
+    /// the divisor's floor (Ernie-4.5: `sum.clamp(min = norm_min)`)
+    pub normalize_min: f32,
     pub scale: f32,
 }
 
@@ -80,7 +84,7 @@ impl Attrs {
 
     /// The plain router: no bias, no groups, weights as scored, no epsilon, no scale.
     pub const fn plain(k: usize, scoring: Scoring, normalize: bool, tie_break: TieBreak) -> Self {
-        Attrs { k, scoring, normalize, tie_break, groups: None, weights_from: WeightsFrom::Scores, normalize_eps: 0.0, scale: 1.0 }
+        Attrs { k, scoring, normalize, tie_break, groups: None, weights_from: WeightsFrom::Scores, normalize_eps: 0.0, normalize_min: 0.0, scale: 1.0 }
     }
 
     pub fn parse(src: &dyn AttrSource) -> Result<Self, SpecError> {
@@ -111,6 +115,10 @@ impl Attrs {
         if !(normalize_eps.is_finite() && normalize_eps >= 0.0) {
             return err(NAME, format!("attribute 'normalize_eps' must be finite and >= 0, got {normalize_eps}"));
         }
+        let normalize_min = src.float(ATTR_NORMALIZE_MIN).unwrap_or(0.0);
+        if !(normalize_min.is_finite() && normalize_min >= 0.0) {
+            return err(NAME, format!("attribute 'normalize_min' must be finite and >= 0, got {normalize_min}"));
+        }
         let scale = src.float(ATTR_SCALE).unwrap_or(1.0);
         if !scale.is_finite() {
             return err(NAME, format!("attribute 'scale' must be finite, got {scale}"));
@@ -119,7 +127,7 @@ impl Attrs {
         if scoring == Scoring::TopkSoftmax && (groups.is_some() || weights_from != WeightsFrom::Scores) {
             return err(NAME, "scoring 'topk_softmax' takes no group-limited choice and no 'weights_from'");
         }
-        Ok(Attrs { k, scoring, normalize, tie_break, groups, weights_from, normalize_eps, scale })
+        Ok(Attrs { k, scoring, normalize, tie_break, groups, weights_from, normalize_eps, normalize_min, scale })
     }
 }
 

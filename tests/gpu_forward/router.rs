@@ -6,7 +6,7 @@
 //! bias (float32 and T), the group-limited choice (n_group 1 to 16 dividing E, DeepSeek-V3's
 //! 256 / 8 / 4 / k 8 and DeepSeek-V2's 160 / 8 groups, both group scores, fill -inf and 0,
 //! topk_group 1 and n_group - 1, k above the experts of the kept groups, whole groups copied for
-//! exact group ties), weights_from, normalize_eps and scale. The indices must be identical; the
+//! exact group ties), weights_from, normalize_eps, normalize_min and scale. The indices must be identical; the
 //! weights within the dtype's tolerance (both compute in float32 and round once), non-finite
 //! weights identical.
 
@@ -99,8 +99,8 @@ fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bi
     if let Some(gr) = attrs.groups {
         name += &format!(" groups {}/{} {:?} fill {}", gr.topk_group, gr.n_group, gr.score, gr.fill);
     }
-    if bias != Bias::None || attrs.weights_from != WeightsFrom::Scores || attrs.normalize_eps != 0.0 || attrs.scale != 1.0 {
-        name += &format!(" bias {bias:?}{} {:?} eps {:e} scale {}", if period.is_some() { " (periodic)" } else { "" }, attrs.weights_from, attrs.normalize_eps, attrs.scale);
+    if bias != Bias::None || attrs.weights_from != WeightsFrom::Scores || attrs.normalize_eps != 0.0 || attrs.normalize_min != 0.0 || attrs.scale != 1.0 {
+        name += &format!(" bias {bias:?}{} {:?} eps {:e} min {:e} scale {}", if period.is_some() { " (periodic)" } else { "" }, attrs.weights_from, attrs.normalize_eps, attrs.normalize_min, attrs.scale);
     }
     let first_diff = got_i.iter().zip(&want_i).position(|(a, b)| a != b);
     rep.exact(&format!("{name} indices"), first_diff.is_none(), &first_diff.map_or(String::new(), |p| {
@@ -151,6 +151,8 @@ struct Extra {
     tie_break: TieBreak,
     fill: f32,
     normalize_eps: f32,
+    /// the divisor's floor (Ernie-4.5's clamp)
+    normalize_min: f32,
     scale: f32,
     /// 0: the shape's topk_group, 1: one group, 2: all groups but one
     topk_group: usize,
@@ -177,6 +179,7 @@ fn run_extra(g: &Gpu, shape: &GroupShape, scoring: Scoring, score: GroupScore, x
         groups,
         weights_from: if topk_softmax { WeightsFrom::Scores } else { x.weights_from },
         normalize_eps: x.normalize_eps,
+        normalize_min: x.normalize_min,
         scale: x.scale,
     };
     let bias = if topk_softmax { Bias::None } else { x.bias };
@@ -197,7 +200,7 @@ fn topk_router_bias_and_groups_match_the_cpu_router() {
     let v3 = GroupShape(if small() { 64 } else { 4096 }, 256, 8, 4, 8);
     for dtype in 0..3 {
         for bias in [Bias::F32, Bias::T] {
-            let x = Extra { bias, weights_from: WeightsFrom::Scores, normalize: true, tie_break: TieBreak::LowerIndex, fill: f32::NEG_INFINITY, normalize_eps: 1e-20, scale: 2.5, topk_group: 0, dtype };
+            let x = Extra { bias, weights_from: WeightsFrom::Scores, normalize: true, tie_break: TieBreak::LowerIndex, fill: f32::NEG_INFINITY, normalize_eps: 1e-20, normalize_min: 0.0, scale: 2.5, topk_group: 0, dtype };
             run_extra(g, &v3, Scoring::Sigmoid, GroupScore::Top2Sum, &x, &mut rng, &mut rep);
         }
     }
@@ -237,6 +240,8 @@ fn topk_router_bias_and_groups_match_the_cpu_router() {
                         tie_break: if rng.random_range(0..2) == 0 { TieBreak::LowerIndex } else { TieBreak::HigherIndex },
                         fill: if rng.random_range(0..2) == 0 { f32::NEG_INFINITY } else { 0.0 },
                         normalize_eps: if rng.random_range(0..2) == 0 { 0.0 } else { 1e-20 },
+                        // a floor that never, sometimes (sigmoid sums of k) or always (softmax) holds
+                        normalize_min: [0.0, 1e-12, 1.5][rng.random_range(0..3)],
                         scale: if rng.random_range(0..2) == 0 { 1.0 } else { 2.5 },
                         topk_group: (case / 3 + rng.random_range(0..3)) % 3,
                         dtype,

@@ -57,6 +57,7 @@ pub unsafe fn topk_router(
         Arg::F32(fill),
         Arg::I32((attrs.weights_from == WeightsFrom::Choice) as i32),
         Arg::F32(attrs.normalize_eps),
+        Arg::F32(attrs.normalize_min),
         Arg::F32(attrs.scale),
         Arg::Ptr(weights),
         Arg::Ptr(indices),
