@@ -62,7 +62,7 @@ def router_reference(logits, k: int, bias=None, scoring: str = "softmax", normal
                      tie_break: str = "lower_index", n_group: int = 1, topk_group: int = 0,
                      group_score: str = "top2_sum", group_fill: float = NEG_INF,
                      weights_from: str = "scores", normalize_eps: float = 0.0, scale: float = 1.0,
-                     perturb=None):
+                     normalize_min: float = 0.0, perturb=None):
     """TopKRouter as docs/op-spec.md writes it: (weights float64 [*, k], indices int64 [*, k], and
     whether each chosen expert's choice score is group_fill), best first. The choice ranks float32
     values (scores, s + bias, group sums); the weights are float64. `perturb`: a function applied
@@ -111,7 +111,10 @@ def router_reference(logits, k: int, bias=None, scoring: str = "softmax", normal
             w = np.exp(w - w[:, :1])
             w = w / w.sum(axis=1, keepdims=True)
         if normalize:
-            w = w / (w.sum(axis=1, keepdims=True) + normalize_eps)
+            d = w.sum(axis=1, keepdims=True) + normalize_eps
+            if normalize_min > 0:  # 0: no floor; a NaN sum stays NaN
+                d = np.where(d < normalize_min, normalize_min, d)
+            w = w / d
         w = w * scale
     fill_chosen = np.take_along_axis(filled, idx, axis=1)
     return w.reshape(*lead, k), idx.reshape(*lead, k), fill_chosen.reshape(*lead, k)
@@ -692,3 +695,52 @@ def test_float32_bias_with_16_bit_logits_and_groups_over_every_group_are_accepte
         want_w, want_i, _ = router_reference(R.round_to(logits, dtype), 3, bias, **attrs)
         np.testing.assert_array_equal(i, want_i)
         R.assert_close(w, want_w, dtype, "weights")
+
+
+# --- normalize_min: the divisor's floor (Ernie-4.5's sum.clamp(min=norm_min)) ---
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_normalize_min_floors_the_divisor(lib, rng, dtype):
+    """Against the reference: a floor that never holds (1e-12), one that holds for some rows
+    (sigmoid sums of 2 between 0 and 2: floor 1), and one that always holds (softmax: floor 1.5,
+    the weights then sum to less than 1)."""
+    for scoring, floor in (("softmax", 1e-12), ("sigmoid", 1.0), ("softmax", 1.5)):
+        logits = R.round_to(rng.standard_normal((64, 16)).astype(np.float32) * 3, dtype)
+        attrs = dict(scoring=scoring, normalize=1, normalize_min=floor)
+        w, i = run_router(lib, logits, 2, dtype, **attrs)
+        want_w, want_i, _ = router_reference(logits, 2, **attrs)
+        np.testing.assert_array_equal(i, want_i)
+        assert_weights(w, want_w, dtype, f"{scoring} floor {floor}")
+    # a negative sum of choice scores is not floored at 0 (0 means no floor)
+    bias = np.full(8, -2.0, np.float32)
+    logits = rng.standard_normal((16, 8)).astype(np.float32)
+    attrs = dict(scoring="sigmoid", normalize=1, weights_from="choice")
+    w, _ = run_router(lib, logits, 2, "f32", bias=bias, bias_dtype="f32", **attrs)
+    want_w, _, _ = router_reference(logits, 2, bias=bias, **attrs)
+    assert_weights(w, want_w, "f32", "negative sums, no floor")
+
+
+def test_ernie_router_graph_equals_the_node(lib, rng):
+    """Ernie-4.5's router as the TorchScript exporter writes it (softmax, moe_statics added for the
+    choice, TopK, the softmax gathered, divided by its sum clamped from below) against one
+    TopKRouter node, in ONNX Runtime; tiny sums included (rows one expert dominates)."""
+    E, k, norm_min = 8, 2, 1e-12
+    bias = (rng.standard_normal(E) * 0.1).astype(np.float32)
+    X = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", E])
+    inits = [numpy_helper.from_array(bias, "b"), numpy_helper.from_array(np.array([k], np.int64), "k"),
+             numpy_helper.from_array(np.array([-1], np.int64), "ax"), numpy_helper.from_array(np.array(norm_min, np.float32), "lo")]
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=1), helper.make_node("Add", ["s", "b"], ["c"]),
+             helper.make_node("TopK", ["c", "k"], ["v", "i"], axis=-1),
+             helper.make_node("GatherElements", ["s", "i"], ["g"], axis=1),
+             helper.make_node("ReduceSum", ["g", "ax"], ["sum"], keepdims=1),
+             helper.make_node("Clip", ["sum", "lo"], ["den"]), helper.make_node("Div", ["g", "den"], ["w"]),
+             helper.make_node("TopKRouter", ["x", "b"], ["w2", "i2"], domain=graphs.DOMAIN, k=k, normalize=1,
+                              normalize_min=norm_min)]
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in
+            (("w", TensorProto.FLOAT), ("i", TensorProto.INT64), ("w2", TensorProto.FLOAT), ("i2", TensorProto.INT64))]
+    model = graphs._finish(nodes, [X], outs, inits, "ernie_router", graphs.DEFAULT_OPSET)
+    x = rng.standard_normal((64, E)).astype(np.float32) * 4
+    x[::4, 0] += 120.0  # expert 0 takes all: the others' softmax underflows to 0
+    w, i, w2, i2 = ort_utils.run(ort_utils.session(model, lib), {"x": x})
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_allclose(w2, w, rtol=1e-6, atol=1e-7)
