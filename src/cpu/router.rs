@@ -33,6 +33,7 @@ pub struct RowScratch {
     taken: Vec<bool>,
     chosen: Vec<f32>,
     group_scores: Vec<f32>,
+    kept: Vec<bool>,
 }
 
 /// The `k` best of `values` by the contract's order, best first, into `out` (`taken` marks them).
@@ -75,11 +76,11 @@ fn limit_to_groups(choice: &mut [f32], g: &Groups, tie: TieBreak, r: &mut RowScr
         };
         r.group_scores.push(score);
     }
-    let mut keep = vec![false; g.n_group];
-    let scores = std::mem::take(&mut r.group_scores);
-    best_k(&scores, g.topk_group, tie, &mut r.taken, |i| keep[i] = true);
-    r.group_scores = scores;
-    for (grp, kept) in choice.chunks_mut(size).zip(keep) {
+    let keep = &mut r.kept;
+    keep.clear();
+    keep.resize(g.n_group, false);
+    best_k(&r.group_scores, g.topk_group, tie, &mut r.taken, |i| keep[i] = true);
+    for (grp, &kept) in choice.chunks_mut(size).zip(keep.iter()) {
         if !kept {
             grp.iter_mut().for_each(|c| *c = g.fill);
         }

@@ -188,18 +188,21 @@ fn scalar(g: &GraphIndex, v: &str) -> Option<f32> {
     g.const_f32(v).filter(|c| c.len() == 1).map(|c| c[0])
 }
 
+/// A two-input node with one scalar-constant operand, either side: (the other operand, the constant).
+fn with_scalar<'g>(g: &GraphIndex, n: &'g NodeProto) -> Option<(&'g str, f32)> {
+    match (scalar(g, n.input.first()?), scalar(g, n.input.get(1)?)) {
+        (None, Some(c)) => Some((n.input[0].as_str(), c)),
+        (Some(c), None) => Some((n.input[1].as_str(), c)),
+        _ => None,
+    }
+}
+
 /// `Mul(w, c)` or `Mul(c, w)` with `c` a scalar constant: (w, c).
 fn scaled<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, f32)> {
     let (i, m) = std_op(g, v, "Mul")?;
-    let (w, c) = match (scalar(g, &m.input[0]), scalar(g, &m.input[1])) {
-        (None, Some(c)) => (&m.input[0], c),
-        (Some(c), None) => (&m.input[1], c),
-        _ => return None,
-    };
-    c.is_finite().then(|| {
-        nodes.push(i);
-        w.as_str()
-    }).map(|w| (w, c))
+    let (w, c) = with_scalar(g, m).filter(|(_, c)| c.is_finite())?;
+    nodes.push(i);
+    Some((w, c))
 }
 
 /// The divisor of a normalisation: its sum's epsilon and floor.
@@ -228,11 +231,7 @@ fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Opt
         min = lo;
         floored = true;
     } else if let Some((mi, m)) = std_op(g, den, "Max").filter(|(_, m)| m.input.len() == 2) {
-        let (x, lo) = match (scalar(g, &m.input[0]), scalar(g, &m.input[1])) {
-            (None, Some(lo)) => (m.input[0].as_str(), lo),
-            (Some(lo), None) => (m.input[1].as_str(), lo),
-            _ => return None,
-        };
+        let (x, lo) = with_scalar(g, m)?;
         mine.push(mi);
         den = x;
         min = lo;
@@ -245,11 +244,7 @@ fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Opt
     let mut eps = 0.0f32;
     // an epsilon added to the sum (DeepSeek-V3: `sum + 1e-20`)
     if let Some((ai, add)) = std_op(g, den, "Add") {
-        let (x, e) = match (scalar(g, &add.input[0]), scalar(g, &add.input[1])) {
-            (None, Some(e)) => (add.input[0].as_str(), e),
-            (Some(e), None) => (add.input[1].as_str(), e),
-            _ => return None,
-        };
+        let (x, e) = with_scalar(g, add)?;
         if !(e.is_finite() && e >= 0.0) {
             return None;
         }
