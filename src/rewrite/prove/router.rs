@@ -71,14 +71,13 @@ fn choices(n: usize, k: usize) -> Option<usize> {
 /// The `r`-th (mod their number, in lexicographic order) choice of `k` of `n` groups; `None` past
 /// a million choices (then rows take random ones).
 fn nth_choice(n: usize, k: usize, r: usize) -> Option<Vec<usize>> {
-    let binom = choices;
-    let total = binom(n, k)?;
+    let total = choices(n, k)?;
     let mut r = r % total;
     let mut out = Vec::with_capacity(k);
     let mut next = 0;
     for left in (1..=k).rev() {
         loop {
-            let rest = binom(n - next - 1, left - 1)?;
+            let rest = choices(n - next - 1, left - 1)?;
             if r < rest {
                 out.push(next);
                 next += 1;
@@ -124,14 +123,14 @@ fn score_slack(attrs: &tr::Attrs, x: &[f32], chosen: &[i64]) -> f64 {
     if !attrs.normalize {
         return SCORE_ERR * scale;
     }
+    // the softmax's max and sum, once for the row
+    let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let total = if attrs.scoring == Scoring::Softmax { x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>() } else { 1.0 };
     let score = |i: usize| -> f64 {
         let xi = x[i] as f64;
         match attrs.scoring {
             Scoring::Sigmoid => 1.0 / (1.0 + (-xi).exp()),
-            Scoring::Softmax => {
-                let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-                (xi - m).exp() / x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>()
-            }
+            Scoring::Softmax => (xi - m).exp() / total,
             Scoring::TopkSoftmax => 1.0,
         }
     };
@@ -217,8 +216,8 @@ pub fn prove(model: &Model, g: &GraphIndex, logits: &str, new: &[NodeProto], old
             if ra.1 != rb.1 || ra.2.len() != rb.2.len() {
                 bail!("at {tokens} tokens ({p:?} logits) the fused router's weights have shape {:?}, the router's {:?}", rb.1, ra.1);
             }
+            let k = ra.1.last().copied().unwrap_or(1).max(1) as usize;
             if unsorted {
-                let k = ra.1.last().copied().unwrap_or(1).max(1) as usize;
                 by_index(&mut ra.0, &mut ra.2, k);
                 by_index(&mut rb.0, &mut rb.2, k);
             }
@@ -226,12 +225,12 @@ pub fn prove(model: &Model, g: &GraphIndex, logits: &str, new: &[NodeProto], old
                 bail!("at {tokens} tokens ({p:?} logits) the fused router chooses expert {} where the router chooses {} (slot {j})", rb.2[j], ra.2[j]);
             }
             let den = ra.0.iter().filter(|x| x.is_finite()).fold(0f64, |m, x| m.max(x.abs()));
-            let k = ra.1.last().copied().unwrap_or(1).max(1) as usize;
             for (j, (x, y)) in ra.0.iter().zip(&rb.0).enumerate() {
                 let row = j / k;
                 let bad = if x.is_finite() && y.is_finite() {
-                    let slack = score_slack(attrs, &v[row * e..(row + 1) * e], &ra.2[row * k..(row + 1) * k]);
-                    (x - y).abs() > tol * den.max(f64::MIN_POSITIVE) + slack
+                    // the slack (a pass over the row) only where the plain tolerance is exceeded
+                    let d = (x - y).abs() - tol * den.max(f64::MIN_POSITIVE);
+                    d > 0.0 && d > score_slack(attrs, &v[row * e..(row + 1) * e], &ra.2[row * k..(row + 1) * k])
                 } else {
                     x.is_nan() != y.is_nan() || (!x.is_nan() && x != y)
                 };

@@ -26,7 +26,9 @@ pub(super) fn rows_of<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>
     cur
 }
 
-/// A constant behind Identity and Casts between float types: its name and element type.
+/// A constant behind Identity and widening Casts (to float32: exact from float16 and bfloat16),
+/// its name and element type. A Cast that rounds (float32 to 16 bits) is not skipped: the graph
+/// would add the rounded bias, the node the constant.
 fn const_root<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i32)> {
     let mut cur = v;
     for _ in 0..4 {
@@ -34,7 +36,7 @@ fn const_root<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<(&'g str, i32)> {
             return is_float(t.data_type).then_some((cur, t.data_type));
         }
         let (_, n) = g.prod(cur).filter(|(_, n)| n.domain.is_empty() || n.domain == "ai.onnx")?;
-        if n.op_type == "Identity" || (n.op_type == "Cast" && attr_i(n, "to").is_some_and(|t| is_float(t as i32))) {
+        if n.op_type == "Identity" || (n.op_type == "Cast" && attr_i(n, "to") == Some(FLOAT as i64)) {
             cur = &n.input[0];
         } else {
             return None;
