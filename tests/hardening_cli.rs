@@ -414,3 +414,39 @@ fn a_node_reading_its_own_output_is_an_error_not_a_stack_overflow() {
     assert_eq!(names(&dir), ["in.onnx"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_huge_constant_in_a_shape_idiom_is_not_materialised() {
+    // Found by fuzz/ci.sh's rewrite target: mixtral_bmm's repeat counts are OneHot([1], 3, [1, k]);
+    // with the depth 3 changed to 2^31 the shape evaluator built a vector of 2^31 entries per
+    // try (24 GB, then the kernel's OOM kill). Under an 8 GiB address-space limit the rewrite must
+    // end on its own: the layer left as is (exit 3) or rewritten, never killed or aborted.
+    use scattermoe::onnx::proto::{Message, ModelProto};
+    use std::os::unix::process::CommandExt;
+    let dir = common::scratch("hard-onehot");
+    let mut proto = ModelProto::parse_from_bytes(&std::fs::read(common::models_dir().join("mixtral_bmm.onnx")).unwrap()).unwrap();
+    let g = proto.graph.mut_or_insert_default();
+    let depth = g.node.iter().find(|n| n.op_type == "OneHot").unwrap().input[1].clone();
+    let c = g.node.iter_mut().find(|n| n.output[0] == depth && n.op_type == "Constant").unwrap();
+    let t = c.attribute[0].t.as_mut().unwrap();
+    assert_eq!(t.raw_data, 3i64.to_le_bytes(), "the fixture's OneHot depth moved");
+    t.raw_data = 0x7f96_9801i64.to_le_bytes().to_vec();
+    let input = dir.join("in.onnx");
+    std::fs::write(&input, proto.write_to_bytes().unwrap()).unwrap();
+    let mut cmd = Command::new(exe());
+    cmd.args(["rewrite", "--no-prove", s(&input), s(&dir.join("out.onnx"))]).stdout(Stdio::null()).stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 8 << 30, rlim_max: 8 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 3)), "exit {:?}: {err}", out.status);
+    no_temporaries(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -141,6 +141,8 @@ pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
             if proto.ir_version <= 0 { "no IR version" } else if proto.graph.is_none() { "no graph" } else { "no opset imports" }
         );
     }
+    let opset = proto.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map_or(1, |o| o.version);
+    super::arity::check(&proto.graph, opset).with_context(|| format!("{}", path.display()))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
     let model = Model { proto, ext: ExternalStore::new(&base), pending: Vec::new(), path: path.to_path_buf() };

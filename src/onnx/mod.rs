@@ -1,5 +1,6 @@
 //! ONNX model IO and graph queries, on the `onnx-protobuf` types.
 
+pub mod arity;
 pub mod graph;
 pub mod io;
 pub mod output;

@@ -274,9 +274,14 @@ impl<'a, 'g> ExprParser<'a, 'g> {
                     }
                     vec![(width / k) as i64; k]
                 };
+                // one non-negative size an output, summing within i64 (a malformed model's are not)
+                if sizes.len() != k || sizes.iter().any(|&s| s < 0) {
+                    return Err(format!("Split producing '{v}' has {} sizes for {k} outputs, or a negative one", sizes.len()));
+                }
                 let pos = n.output.iter().position(|o| o == v).unwrap();
-                let start: i64 = sizes[..pos].iter().sum();
-                Ok(Expr::Slice { x: Box::new(x), start: start as usize, end: (start + sizes[pos]) as usize, step: 1 })
+                let start = sizes[..pos].iter().try_fold(0i64, |a, &s| a.checked_add(s)).ok_or("Split sizes past i64")?;
+                let end = start.checked_add(sizes[pos]).ok_or("Split sizes past i64")?;
+                Ok(Expr::Slice { x: Box::new(x), start: start as usize, end: end as usize, step: 1 })
             }
             _ => Err(format!("'{v}' comes from {op}, which is not part of an expert MLP")),
         }
@@ -334,13 +339,11 @@ impl<'a, 'g> ExprParser<'a, 'g> {
         let (_, n) = self.g.prod(v)?;
         let a = |s: &mut Self, i: usize| s.int_expr(&n.input[i], x, depth + 1);
         match n.op_type.as_str() {
-            "Add" => Some(a(self, 0)? + a(self, 1)?),
-            "Sub" => Some(a(self, 0)? - a(self, 1)?),
-            "Mul" => Some(a(self, 0)? * a(self, 1)?),
-            "Div" => {
-                let (p, q) = (a(self, 0)?, a(self, 1)?);
-                (q != 0).then(|| p.div_euclid(q))
-            }
+            // checked: a malformed model's constants may overflow i64 (then the bound is unknown)
+            "Add" => a(self, 0)?.checked_add(a(self, 1)?),
+            "Sub" => a(self, 0)?.checked_sub(a(self, 1)?),
+            "Mul" => a(self, 0)?.checked_mul(a(self, 1)?),
+            "Div" => a(self, 0)?.checked_div_euclid(a(self, 1)?),
             "Unsqueeze" | "Squeeze" | "Cast" | "Identity" | "Reshape" => a(self, 0),
             "Concat" if n.input.len() == 1 => a(self, 0),
             "Gather" => {

@@ -161,7 +161,12 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         if en < 0 {
             return Err(fail(format!("negative expert number {en}")));
         }
+        // every expert 0..E has its own iteration (checked below), so a larger number means a gap;
+        // refused before the table of experts is sized by it (a malformed 2^40 would allocate)
         let en = en as usize;
+        if en >= chain.len() {
+            return Err(fail(format!("expert {en} in a loop of {} iterations, which cannot cover experts 0 to {en}", chain.len())));
+        }
         if experts.len() <= en {
             experts.resize(en + 1, None);
         }

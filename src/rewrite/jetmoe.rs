@@ -154,7 +154,7 @@ fn count_of(g: &GraphIndex, v: &str, idx: &str, e_count: usize) -> R<usize> {
                 let axes = if n.input.len() > 3 && !n.input[3].is_empty() { g.const_i64(&n.input[3]) } else { Some(vec![0]) };
                 let steps_ok = n.input.len() <= 4 || n.input[4].is_empty() || g.const_i64(&n.input[4]).is_some_and(|s| s == [1]);
                 let (Some(s), Some(e), Some(axes)) = (s, e, axes) else { return Err("a split size is a computed slice".into()) };
-                if s.len() != 1 || e.len() != 1 || e[0] != s[0] + 1 || s[0] < 0 || axes != [0] || !steps_ok {
+                if s.len() != 1 || e.len() != 1 || s[0] < 0 || Some(e[0]) != s[0].checked_add(1) || axes != [0] || !steps_ok {
                     return Err(format!("a split size is not one element of the expert counts ({s:?}..{e:?})"));
                 }
                 let rs = prod(g, &n.input[0], "ReduceSum").ok_or("the split sizes are not a sum over tokens")?;

@@ -75,20 +75,21 @@ fn rank_depth(g: &GraphIndex, v: &str, depth: usize) -> Option<usize> {
                 Some(len)
             }
         }
-        "Unsqueeze" => Some(r(0)? + axes_of(g, n)?.len()),
-        "Squeeze" => Some(r(0)? - axes_of(g, n)?.len()),
+        "Unsqueeze" => r(0)?.checked_add(axes_of(g, n)?.len()),
+        // a malformed model can squeeze more axes than there are: no rank then
+        "Squeeze" => r(0)?.checked_sub(axes_of(g, n)?.len()),
         "ReduceSum" | "ReduceMax" | "ReduceMean" | "ArgMax" => {
             let keep = attr_i(n, "keepdims").unwrap_or(1) != 0;
             if keep {
                 r(0)
             } else if n.op_type == "ArgMax" {
-                Some(r(0)? - 1)
+                r(0)?.checked_sub(1)
             } else {
-                Some(r(0)? - axes_of(g, n)?.len())
+                r(0)?.checked_sub(axes_of(g, n)?.len())
             }
         }
         "Transpose" | "Concat" | "Slice" | "Split" | "Pad" | "Gelu" | "Softplus" => r(0),
-        "Gather" => Some(r(0)? - 1 + r(1)?),
+        "Gather" => r(0)?.checked_sub(1)?.checked_add(r(1)?),
         "NonZero" => Some(2),
         "Range" => Some(1),
         "Size" => Some(0),
@@ -261,5 +262,30 @@ pub fn widened_16bit<'g>(g: &GraphIndex<'g>, v: &'g str) -> &'g str {
     match prod(g, v, "Cast") {
         Some(c) if crate::onnx::graph::attr_i(c, "to") == Some(1) && matches!(g.infer_type(&c.input[0]), Some(10 | 16)) => &c.input[0],
         _ => v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::make_node;
+    use crate::onnx::tensor::make_i64;
+
+    /// A malformed model may squeeze or reduce more axes than its value has: no rank, not a
+    /// wrapped one (fuzz/ci.sh's rewrite target found the Squeeze).
+    #[test]
+    fn removing_more_axes_than_there_are_has_no_rank() {
+        let mut gp = onnx_protobuf::GraphProto::new();
+        gp.node = vec![
+            make_node("Squeeze", "", "sq", &["x", "axes3"], &["over"]),
+            make_node("Squeeze", "", "sq1", &["x", "axes1"], &["fine"]),
+            make_node("Gather", "", "g", &["scalar", "x"], &["gathered"]),
+        ];
+        gp.initializer =
+            vec![make_i64("x", &[2, 1], &[0, 0]), make_i64("axes3", &[3], &[0, 1, 2]), make_i64("axes1", &[1], &[1]), make_i64("scalar", &[], &[5])];
+        let g = GraphIndex::new(&gp, None).unwrap();
+        assert_eq!(rank_of(&g, "over"), None);
+        assert_eq!(rank_of(&g, "fine"), Some(1));
+        assert_eq!(rank_of(&g, "gathered"), None);
     }
 }

@@ -23,6 +23,10 @@ impl IVec {
     }
 }
 
+/// The most entries a shape vector built by OneHot may have (ONNX Runtime's own limit on rank is
+/// far above the 3 to 5 the exporters build; 64 keeps a malformed depth from being materialised).
+const MAX_RANK: i64 = 64;
+
 /// What is known of value shapes.
 pub(super) type Facts<'a> = &'a dyn Fn(&str) -> Option<IVec>;
 
@@ -149,16 +153,12 @@ pub(super) fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Optio
             let mut out = Vec::new();
             for i in 0..len {
                 out.push(match (at(&a, i), at(&b, i)) {
+                    // a value past i64 (a malformed model) is not a shape this can tell
                     (Some(p), Some(q)) => Some(match n.op_type.as_str() {
-                        "Add" => p + q,
-                        "Sub" => p - q,
-                        "Mul" => p * q,
-                        _ => {
-                            if q == 0 {
-                                return None;
-                            }
-                            p.div_euclid(q)
-                        }
+                        "Add" => p.checked_add(q)?,
+                        "Sub" => p.checked_sub(q)?,
+                        "Mul" => p.checked_mul(q)?,
+                        _ => p.checked_div_euclid(q)?,
                     }),
                     _ => None,
                 });
@@ -178,6 +178,11 @@ pub(super) fn eval(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Optio
                 return None;
             }
             let depth = depth_v[0];
+            // a shape vector has a few entries: a depth or index count past that is not this
+            // idiom (and a malformed model's depth of 2^31 must not be materialised)
+            if !(1..=MAX_RANK).contains(&depth) || idx.len() > MAX_RANK as usize {
+                return None;
+            }
             let mut out = Vec::new();
             for i in idx {
                 let i = if i < 0 { i + depth } else { i };
@@ -295,6 +300,29 @@ mod tests {
         assert_eq!(r.known(), Some(vec![1, 2, 1]));
         // without knowing the indices' shape the count is not known, and nothing is assumed
         assert!(eval(&g, "reps", &none, 0).is_none());
+    }
+
+    /// A malformed model's numbers are not materialised or wrapped: a OneHot depth of 2^31 (it
+    /// took 24 GB before), a product past i64 (found by fuzz/ci.sh's rewrite target).
+    #[test]
+    fn huge_depths_and_overflowing_products_are_unknown() {
+        let nodes = vec![
+            make_node("OneHot", "", "oh", &["one_v", "huge", "vals"], &["oh"]),
+            make_node("Mul", "", "m", &["big", "big"], &["prod"]),
+            make_node("Sub", "", "s", &["min", "one_v"], &["diff"]),
+        ];
+        let inits = vec![
+            make_i64("one_v", &[1], &[1]),
+            make_i64("huge", &[], &[0x7f96_9801]),
+            make_i64("vals", &[2], &[1, 2]),
+            make_i64("big", &[1], &[i64::MAX / 2]),
+            make_i64("min", &[1], &[i64::MIN]),
+        ];
+        let gp = graph(nodes, inits);
+        let g = GraphIndex::new(&gp, None).unwrap();
+        assert!(eval(&g, "oh", &none, 0).is_none());
+        assert!(eval(&g, "prod", &none, 0).is_none());
+        assert!(eval(&g, "diff", &none, 0).is_none());
     }
 
     /// A Gather of a known position of an open shape is unknown, of its tail known.

@@ -57,7 +57,7 @@ pub(super) fn where_coord(g: &GraphIndex, v: &str) -> Option<(String, usize)> {
                 let (starts, ends) = (g.const_i64(sl.input.get(1)?)?, g.const_i64(sl.input.get(2)?)?);
                 let ax = g.const_i64(sl.input.get(3)?)?;
                 let unit = sl.input.get(4).is_none_or(|st| st.is_empty() || g.const_i64(st).is_some_and(|v| v == [1]));
-                if starts.len() != 1 || ends != [starts[0] + 1] || (ax != [1] && ax != [-1]) || !unit || !(0..2).contains(&starts[0]) {
+                if starts.len() != 1 || !(0..2).contains(&starts[0]) || ends != [starts[0] + 1] || (ax != [1] && ax != [-1]) || !unit {
                     return None;
                 }
                 let tr = prod(g, &sl.input[0], "Transpose")?;
