@@ -4,7 +4,7 @@
 // Each lane holds the logits of experts lane, lane + 32, ... (E <= 1024: at most 32 per lane, in
 // registers). The same float32 operations in the same order as the CPU (src/cpu/router.rs):
 //   scores s: softmax p = expf(x - max) / sum, sigmoid 1 / (1 + expf(-x)), or the logits
-//     themselves (topk_softmax);
+//     themselves (topk_softmax, identity);
 //   choice scores c = s + bias (float32 or T, read as float32; c = s without one);
 //   the group-limited choice (n_group > 0): c goes to the warp's shared-memory row (padded one
 //     float in 32 against bank conflicts); lane g, g + 32, ... scores group g over its experts
@@ -23,7 +23,7 @@
 //     tie_higher, n_group, topk_group, group_max, group_fill, weights_from_choice, normalize_eps,
 //     normalize_min, scale, weights, indices): grid ceil(rows / SMOE_ROUTER_WARPS), block 32 * SMOE_ROUTER_WARPS,
 //     no dynamic smem. bias: E values or null; bias_f32: 1 when they are float32, 0 when T.
-//     scoring: 0 softmax, 1 topk_softmax, 2 sigmoid. n_group: 0 for no group limit, else it divides
+//     scoring: 0 softmax, 1 topk_softmax, 2 sigmoid, 3 identity. n_group: 0 for no group limit, else it divides
 //     E and topk_group < n_group. group_max: 0 top2_sum, 1 max. weights_from_choice: 0 the weights
 //     from s, 1 from c. indices int64.
 #include "common.cuh"

@@ -609,7 +609,7 @@ def router_graph_model(*, E: int, k: int, dtype: str = "f32", scoring: str = "so
     nodes = b.nodes
     nodes.append(helper.make_node("Cast", ["logits"], ["lt"], to=et))
     nodes.append(helper.make_node("Cast", ["lt"], ["l32"], to=TensorProto.FLOAT))
-    score = {"softmax": "Softmax", "sigmoid": "Sigmoid", "topk_softmax": "Identity"}[scoring]
+    score = {"softmax": "Softmax", "sigmoid": "Sigmoid", "topk_softmax": "Identity", "identity": "Identity"}[scoring]
     nodes.append(helper.make_node(score, ["l32"], ["s"], **({"axis": -1} if score == "Softmax" else {})))
     init = lambda n, v: b.inits.append(numpy_helper.from_array(np.array(v, np.int64), n))  # noqa: E731
     init("k", [k])

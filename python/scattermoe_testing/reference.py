@@ -265,7 +265,7 @@ def topk_router(logits, k: int, scoring: str = "softmax", normalize: int = 0, ti
         elif scoring == "sigmoid":
             rank = (np.float32(1) / (np.float32(1) + np.exp(-rows))).astype(np.float32)
             score64 = _sigmoid(x64)
-        elif scoring == "topk_softmax":
+        elif scoring in ("topk_softmax", "identity"):
             rank, score64 = rows, x64
         else:
             raise ValueError(f"TopKRouter: attribute 'scoring' has unsupported value '{scoring}'")

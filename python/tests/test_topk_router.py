@@ -10,7 +10,13 @@ import pytest
 from scattermoe_testing import graphs, ort_utils
 from scattermoe_testing import reference as R
 
-SCORINGS = ("softmax", "topk_softmax", "sigmoid")
+SCORINGS = ("softmax", "topk_softmax", "sigmoid", "identity")
+
+
+def as_scores(logits, scoring):
+    """`identity` reads scores the graph computed (a Softmax's, in 16 bits): positive, so that a
+    normalising sum never cancels (a sum near 0 would make any two summation orders disagree)."""
+    return np.abs(logits) + np.float32(1 / 64) if scoring == "identity" else logits
 
 
 def grid_logits(rng, shape, ties: bool = True):
@@ -45,7 +51,7 @@ def check(w, i, logits, k, dtype, what, **attrs):
 @pytest.mark.parametrize("tie_break", ["lower_index", "higher_index"])
 def test_against_the_reference(lib, rng, dtype, scoring, normalize, tie_break):
     for T, E, k in [(37, 8, 2), (1, 128, 8), (5, 1, 1), (16, 64, 64), (9, 257, 4), (3, 1024, 8)]:
-        logits = grid_logits(rng, (T, E))
+        logits = as_scores(grid_logits(rng, (T, E)), scoring)
         w, i = run_op(lib, logits, k, dtype, scoring=scoring, normalize=normalize, tie_break=tie_break)
         assert w.shape == (T, k) and i.shape == (T, k) and i.dtype == np.int64
         check(w, i, logits, k, dtype, f"T={T} E={E} k={k}", scoring=scoring, normalize=normalize, tie_break=tie_break)
@@ -59,7 +65,7 @@ def test_same_as_the_onnx_router_it_replaces(lib, rng, dtype, scoring, normalize
     """The node against ONNX Runtime running the graph it stands for, on fresh normal logits (ties
     where the dtype rounds two logits alike, which float16 and bfloat16 often do)."""
     T, E, k = 64, 32, 4
-    logits = rng.standard_normal((T, E)).astype(np.float32) * 2
+    logits = as_scores(rng.standard_normal((T, E)).astype(np.float32) * 2, scoring)
     attrs = dict(scoring=scoring, normalize=normalize, tie_break=tie_break)
     w, i = run_op(lib, logits, k, dtype, **attrs)
     ref = graphs.router_graph_model(E=E, k=k, dtype=dtype, **attrs)
@@ -108,7 +114,7 @@ def test_leading_dimensions_and_no_tokens(lib, rng):
 @pytest.mark.parametrize("attrs,message", [
     (dict(k=9), "TopKRouter: attribute 'k' = 9 is more than the 8 experts of input 'logits'"),
     (dict(k=0), "TopKRouter: attribute 'k' must be in [1, 2147483647], got 0"),
-    (dict(k=2, scoring="softplus"), "TopKRouter: attribute 'scoring' has unsupported value 'softplus' (supported: softmax, topk_softmax, sigmoid)"),
+    (dict(k=2, scoring="softplus"), "TopKRouter: attribute 'scoring' has unsupported value 'softplus' (supported: softmax, topk_softmax, sigmoid, identity)"),
     (dict(k=2, tie_break="random"), "TopKRouter: attribute 'tie_break' has unsupported value 'random' (supported: lower_index, higher_index)"),
     (dict(k=2, normalize=2), "TopKRouter: attribute 'normalize' must be 0 or 1, got 2"),
 ])

@@ -105,7 +105,7 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
             scores.iter_mut().for_each(|s| *s /= sum);
         }
         Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
-        Scoring::TopkSoftmax => {}
+        Scoring::TopkSoftmax | Scoring::Identity => {}
     }
     // the choice scores: the scores, plus the bias, limited to the best groups
     let mut choice = std::mem::take(&mut r.choice);

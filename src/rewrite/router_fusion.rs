@@ -25,8 +25,12 @@
 //!   (the group-limited choice, `choice::group_mask`).
 //! - scores S: `Softmax(x)` over the last axis computed in float32 (`softmax`), `Sigmoid(x)` in
 //!   float32 (`sigmoid`), or, with `Softmax(v)` weights, the logits themselves. A Softmax or
-//!   Sigmoid in float16 ranks rounded scores, which can tie where the op's float32 scores do not:
-//!   left.
+//!   Sigmoid computed in 16 bits (TorchScript exports `softmax(x, dtype=float32)` of float16
+//!   logits as a float16 Softmax and a Cast) stays a graph node, and the TopKRouter reads the
+//!   scores TopK read (`identity`): ONNX Runtime's CPU provider computes that Softmax in float32
+//!   and, with the Cast to float32 behind it, never rounds its result (0.02% of 4,000 x 8 TopK
+//!   values were float16 numbers, at every optimisation level), while the CUDA provider rounds it
+//!   to float16; the op's own Softmax could match only one of them.
 //!
 //! The node reads the value the graph ranks: a float32 Cast of 16-bit logits stays in front of it
 //! (ONNX Runtime's CPU optimizer may compute that Cast's input unrounded; the node then sees what
@@ -82,6 +86,9 @@ pub struct Plan {
     /// the graph's TopK leaves its k in the runtime's order: the proof compares each token's
     /// experts and weights as a set
     pub unsorted: bool,
+    /// `identity` scoring: the graph's op (Softmax or Sigmoid in 16 bits) that makes the scores the
+    /// node reads; the proof draws scores as that op makes them
+    pub identity_of: Option<Scoring>,
     /// the old router's nodes the match read (the proof cuts the router out by itself)
     pub nodes: Vec<usize>,
 }
@@ -91,7 +98,11 @@ impl Plan {
     /// `, bias, groups 2/4 top2_sum fill 0, weights from choice, eps 1e-20, scale 2.5`
     pub fn text(&self) -> String {
         let a = &self.attrs;
-        let mut t = format!("{}, k={}{}, {}", a.scoring.name(), a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name());
+        let scoring = match self.identity_of {
+            Some(op) => format!("identity (the graph's {} in 16 bits kept)", op.name()),
+            None => a.scoring.name().to_string(),
+        };
+        let mut t = format!("{scoring}, k={}{}, {}", a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name());
         if self.bias.is_some() {
             t.push_str(", bias");
         }
@@ -282,6 +293,20 @@ fn widened_from<'g>(g: &GraphIndex<'g>, v: &'g str) -> Option<&'g str> {
     (attr_i(c, "to") == Some(FLOAT as i64) && matches!(g.infer_type(&c.input[0]), Some(10 | 16))).then_some(c.input[0].as_str())
 }
 
+/// The scoring op (Softmax over the last axis, or Sigmoid) of scores `v` computed in 16 bits, read
+/// as they are or through one Cast to float32.
+fn scored_in_16_bits(g: &GraphIndex, v: &str) -> Option<Scoring> {
+    let src = widened_from(g, v).unwrap_or(v);
+    if !matches!(g.infer_type(src), Some(10 | 16)) {
+        return None;
+    }
+    if softmax_input(g, src, &mut Vec::new()).is_some() {
+        Some(Scoring::Softmax)
+    } else {
+        std_op(g, src, "Sigmoid").map(|_| Scoring::Sigmoid)
+    }
+}
+
 /// The router feeding ScatterMoE node `s`, or why it stays as ONNX nodes.
 ///
 /// `logits_given`: the rewrite wrote this router itself in front of a node that took the 16-bit
@@ -388,8 +413,16 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
 
     // scores
     let mut scores = ch.scores;
+    let mut identity_of = None;
     let scoring = if topk_softmax {
         Scoring::TopkSoftmax
+    } else if let Some(op) = scored_in_16_bits(g, scores) {
+        // the graph's Softmax or Sigmoid in 16 bits stays, and the node reads the scores it makes
+        // (widened or not): ONNX Runtime's CPU provider computes that op in float32 and leaves its
+        // result unrounded where a Cast to float32 follows, the CUDA provider rounds it to 16
+        // bits, and a node reading what TopK read sees either (`identity`)
+        identity_of = Some(op);
+        Scoring::Identity
     } else {
         let (scoring, op) = if let Some(x) = softmax_input(g, scores, &mut nodes) {
             scores = x;
@@ -398,8 +431,6 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
             nodes.push(si);
             scores = &sg.input[0];
             (Scoring::Sigmoid, "Sigmoid")
-        } else if let Some(op) = widened_from(g, scores).and_then(|v| g.prod(v)).map(|(_, n)| n.op_type.as_str()).filter(|op| matches!(*op, "Softmax" | "Sigmoid")) {
-            return Err(format!("the router's {op} is computed in 16 bits, so TopK ranks rounded scores"));
         } else {
             let what = g.prod(scores).map_or("a graph input".to_string(), |(_, n)| n.op_type.clone());
             return Err(format!("TopK ranks {what}, not a Softmax or Sigmoid of the logits"));
@@ -418,7 +449,10 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     let pick = |t: i32| candidates.iter().copied().find(|v| have(v) == Some(t));
     // the op rounds its float32 weights to its T once: T = the final type where the graph's weights
     // were float32 before their Cast; where they were computed in 16 bits, T must be that type
-    let (logits, widen) = if wt == FLOAT {
+    let (logits, widen) = if identity_of.is_some() {
+        // exactly what TopK ranked (its Cast to float32 included: see above)
+        (scores, false)
+    } else if wt == FLOAT {
         let first = if logits_given { pick(tw).or_else(|| pick(FLOAT)) } else { pick(FLOAT).or_else(|| pick(tw)) };
         match first {
             Some(v) => (v, false),
@@ -454,6 +488,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
         indices: String::new(),
         bias: ch.bias.map(|(b, bt)| (b.to_string(), bt != FLOAT && bt != lt)),
         unsorted,
+        identity_of,
         nodes,
     })
 }
@@ -564,7 +599,7 @@ pub fn fuse(model: &mut crate::onnx::Model, prove: bool, logits_given: &std::col
             let new = nodes(&mut plan, &s.name, &mut fresh);
             if prove {
                 let old = [s.input[sm::ROUTING_WEIGHTS].as_str(), s.input[sm::ROUTING_INDICES].as_str()];
-                super::prove::router::prove(model, &g, &plan.logits, &new, old, [&plan.weights, &plan.indices], plan.unsorted, &plan.attrs).map_err(|e| format!("not proven: {e:#}"))?;
+                super::prove::router::prove(model, &g, &plan.logits, &new, old, [&plan.weights, &plan.indices], plan.unsorted, plan.identity_of, &plan.attrs).map_err(|e| format!("not proven: {e:#}"))?;
             }
             let text = plan.text();
             edits.push((i, new, plan.weights, plan.indices));

@@ -131,6 +131,9 @@ allowed_values! {
         TopkSoftmax = "topk_softmax",
         /// p = sigmoid(logits); the k largest p, weights p (Llama 4)
         Sigmoid = "sigmoid",
+        /// p = logits: the scores are computed before the node, by the graph (a Softmax in 16
+        /// bits, which ONNX Runtime's CPU and CUDA providers round differently; any other scoring)
+        Identity = "identity",
     }
 }
 

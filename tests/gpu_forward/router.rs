@@ -69,7 +69,13 @@ fn draw_bias(rng: &mut StdRng, experts: usize, nonneg: bool, period: Option<usiz
 
 fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bias: Bias, rng: &mut StdRng, rep: &mut Report) {
     let group = attrs.groups.map(|gr| experts / gr.n_group);
-    let logits: Vec<E> = conv(&draw_logits(rng, tokens, experts, true, group));
+    let mut raw = draw_logits(rng, tokens, experts, true, group);
+    if attrs.scoring == Scoring::Identity {
+        // identity reads scores a graph computed (a Softmax's): never negative, so a normalising
+        // sum does not cancel (near 0 any two summation orders disagree)
+        raw.iter_mut().for_each(|v| *v = v.abs() + 1.0 / 64.0);
+    }
+    let logits: Vec<E> = conv(&raw);
     // the bias as the GPU reads it, and the same values in float32 for the CPU
     let nonneg = attrs.weights_from == WeightsFrom::Choice && attrs.normalize;
     let period = if rng.random_range(0..2) == 0 { group } else { None };

@@ -34,6 +34,8 @@ pub unsafe fn topk_router(
         Scoring::Softmax => 0,
         Scoring::TopkSoftmax => 1,
         Scoring::Sigmoid => 2,
+        // the kernel leaves scores other than 0 and 2 as the logits; only 1 takes a softmax of the k
+        Scoring::Identity => 3,
     };
     // n_group 0: no group limit (the kernel's reading of `groups: None`)
     let (n_group, topk_group, group_max, fill) = match attrs.groups {

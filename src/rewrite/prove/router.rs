@@ -131,7 +131,7 @@ fn score_slack(attrs: &tr::Attrs, x: &[f32], chosen: &[i64]) -> f64 {
         match attrs.scoring {
             Scoring::Sigmoid => 1.0 / (1.0 + (-xi).exp()),
             Scoring::Softmax => (xi - m).exp() / total,
-            Scoring::TopkSoftmax => 1.0,
+            Scoring::TopkSoftmax | Scoring::Identity => 1.0,
         }
     };
     let sum: f64 = chosen.iter().filter(|&&i| i >= 0 && (i as usize) < x.len()).map(|&i| score(i as usize)).sum();
@@ -139,6 +139,23 @@ fn score_slack(attrs: &tr::Attrs, x: &[f32], chosen: &[i64]) -> f64 {
         SCORE_ERR * scale / sum
     } else {
         0.0
+    }
+}
+
+/// Softmax (per row of `e`) or Sigmoid of the drawn logits, in float32.
+fn score_rows(v: &mut [f32], e: usize, op: Scoring) {
+    for row in v.chunks_mut(e) {
+        if op == Scoring::Softmax {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            row.iter_mut().for_each(|x| *x /= sum);
+        } else {
+            row.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp()));
+        }
     }
 }
 
@@ -174,9 +191,21 @@ fn run(s: &mut Session, name: &str, v: DynValue) -> Result<(Vec<f64>, Vec<i64>, 
 
 /// Proves that `new` (reading `logits`, writing `new_out`) computes what the graph computes into
 /// `old_out` (routing weights, routing indices) from `logits`. `unsorted`: the graph's k are in
-/// the runtime's order. `groups`: (n_group, topk_group) of a group-limited router.
+/// the runtime's order. `scored_by`: where the node reads scores the graph computed (`identity`),
+/// the op computing them; the logits drawn are passed through it (scores as the graph makes them:
+/// never negative, so a normalising sum does not cancel).
 #[allow(clippy::too_many_arguments)]
-pub fn prove(model: &Model, g: &GraphIndex, logits: &str, new: &[NodeProto], old_out: [&str; 2], new_out: [&str; 2], unsorted: bool, attrs: &tr::Attrs) -> Result<()> {
+pub fn prove(
+    model: &Model,
+    g: &GraphIndex,
+    logits: &str,
+    new: &[NodeProto],
+    old_out: [&str; 2],
+    new_out: [&str; 2],
+    unsorted: bool,
+    scored_by: Option<Scoring>,
+    attrs: &tr::Attrs,
+) -> Result<()> {
     let groups = attrs.groups.map(|gr| (gr.n_group, gr.topk_group));
     let old = cut(g, logits, &old_out)?;
     let elem = g.infer_type(logits).ok_or_else(|| anyhow!("cannot tell the logits' type"))?;
@@ -210,7 +239,10 @@ pub fn prove(model: &Model, g: &GraphIndex, logits: &str, new: &[NodeProto], old
             let dims: Vec<usize> = shape.iter().map(|d| d.at(tokens)).collect();
             let rows = dims.iter().product::<usize>() / e;
             let mut rng = Rng::new(0x5eed ^ ((tokens as u64) << 8) ^ pi as u64);
-            let v = draw(&mut rng, rows, e, p);
+            let mut v = draw(&mut rng, rows, e, p);
+            if let Some(op) = scored_by {
+                score_rows(&mut v, e, op);
+            }
             let mut ra = run(&mut sa, logits, feed(elem, dims.clone(), &v)?).map_err(|err| anyhow!("the router fails at {tokens} tokens: {err}"))?;
             let mut rb = run(&mut sb, logits, feed(elem, dims, &v)?).map_err(|err| anyhow!("the fused router fails at {tokens} tokens: {err}"))?;
             if ra.1 != rb.1 || ra.2.len() != rb.2.len() {
