@@ -241,16 +241,30 @@ fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskI
         let ua = super::matcher::axes_of(g, u);
         matches!(ua.as_deref(), Some([1]) | Some([-1]))
     };
-    let at_tokens = |n: &onnx_protobuf::NodeProto| attr_i(n, "axis").unwrap_or(0) == 0 && strip(g, &n.input[1], &["Cast"]) == strip(g, tok, &["Cast"]);
+    let is_tok = |x: &str| strip(g, x, &["Cast"]) == strip(g, tok, &["Cast"]);
+    // rows at the tokens: Gather(·, token) on axis 0, or the dynamo exporter's GatherND(·,
+    // Unsqueeze(token, -1)) of a 1-D token list (the same rows)
+    let at_tokens = |v: &str| {
+        let (_, n) = g.prod(v)?;
+        let ok = match n.op_type.as_str() {
+            "Gather" => attr_i(n, "axis").unwrap_or(0) == 0 && is_tok(&n.input[1]),
+            "GatherND" => {
+                attr_i(n, "batch_dims").unwrap_or(0) == 0
+                    && prod(g, &n.input[1], "Unsqueeze").is_some_and(|u| last(u) && is_tok(&u.input[0]) && super::matcher::rank_of(g, &u.input[0]) == Some(1))
+            }
+            _ => false,
+        };
+        ok.then_some(n)
+    };
     // G[:, e][:, None][token] (GPT-OSS), or G[token, e][:, None] (the column gathered first): both [n, 1]
-    let (at_tok, column) = match prod(g, v, "Gather").filter(|n| at_tokens(n)) {
+    let (at_tok, column) = match at_tokens(v) {
         Some(n) => match prod(g, &n.input[0], "Unsqueeze").filter(|u| last(u)) {
             Some(u) => (n, u.input[0].as_str()),
             None => return Ok(None),
         },
         None => {
             let Some(u) = prod(g, v, "Unsqueeze").filter(|u| last(u)) else { return Ok(None) };
-            let Some(n) = prod(g, &u.input[0], "Gather").filter(|n| at_tokens(n)) else { return Ok(None) };
+            let Some(n) = at_tokens(&u.input[0]) else { return Ok(None) };
             (n, n.input[0].as_str())
         }
     };

@@ -408,6 +408,10 @@ pub(super) fn row_leaves(g: &GraphIndex, tok: &str) -> Vec<(String, String)> {
         if n.op_type == "Unsqueeze" {
             out.extend(row_leaves_nd(g, n));
         }
+        // the dynamo exporter's index_select(X, 0, token) flattens the (1-D) index first
+        if n.op_type == "Reshape" && n.input[0] == tok && g.const_i64(&n.input[1]).as_deref() == Some(&[-1]) && rank_of(g, tok) == Some(1) {
+            out.extend(row_leaves(g, &n.output[0]));
+        }
         if n.op_type != "Gather" || n.input.get(1).map(String::as_str) != Some(tok) {
             continue;
         }
