@@ -450,3 +450,35 @@ fn a_huge_constant_in_a_shape_idiom_is_not_materialised() {
     no_temporaries(&dir);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_initializer_whose_data_does_not_fill_its_shape_is_refused_at_load() {
+    // Found by fuzz/mutate_cli.py (seed 20261214, run 5704): dense_bmm's router weight relabelled
+    // [32, 2^31] over its 512 bytes. ONNX Runtime refuses the model; the proof sized its draws by
+    // the shape and ran past the 60 s limit. Now the loader names the tensor.
+    use scattermoe::onnx::proto::{Message, ModelProto};
+    use scattermoe::onnx::tensor::{make_tensor, FLOAT};
+    let dir = common::scratch("hard-stored");
+    let base = ModelProto::parse_from_bytes(&std::fs::read(common::models_dir().join("dense_bmm.onnx")).unwrap()).unwrap();
+    let write = |p: &ModelProto| {
+        let input = dir.join("in.onnx");
+        std::fs::write(&input, p.write_to_bytes().unwrap()).unwrap();
+        cli(&["rewrite", s(&input), s(&dir.join("out.onnx")), "--force"])
+    };
+    let mut p = base.clone();
+    let t = p.graph.mut_or_insert_default().initializer.iter_mut().find(|t| t.dims.len() == 2 && !t.raw_data.is_empty()).unwrap();
+    let (name, bytes) = (t.name.clone(), t.raw_data.len());
+    t.dims[1] = 1 << 31;
+    let (code, err) = write(&p);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("tensor '{name}': raw_data holds {bytes} bytes")), "{err}");
+    // typed entries too: 3 floats for a shape of 4
+    let mut p = base.clone();
+    p.graph.mut_or_insert_default().initializer.push(make_tensor("short", FLOAT, &[4], vec![]));
+    p.graph.mut_or_insert_default().initializer.last_mut().unwrap().float_data = vec![1.0, 2.0, 3.0];
+    let (code, err) = write(&p);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tensor 'short': holds 3 elements, its shape [4] needs 4"), "{err}");
+    assert!(!dir.join("out.onnx").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
