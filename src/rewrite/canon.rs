@@ -343,6 +343,15 @@ fn eval(g: &GraphIndex, n: &NodeProto) -> Option<IntConst> {
             }
             (dims.iter().product::<i64>() == total).then_some(IntConst { dims, ..x })
         }
+        // an empty slice of a shape, whatever the shape: `Slice(Shape(x), [0], [0])`, which
+        // TorchScript writes for the leading dims of a rank-1 value (`x.view(x.shape[:0] + (-1,))`)
+        "Slice" if c(0).is_none() => {
+            g.prod(&n.input[0]).filter(|(_, p)| p.op_type == "Shape" && p.domain.is_empty())?;
+            let (s, e) = (c(1)?, c(2)?);
+            let step = c(4).map_or(Some(1), |t| (t.v.len() == 1).then(|| t.v[0]))?;
+            let empty = s.v.len() == 1 && e.v.len() == 1 && step == 1 && s.v[0] >= 0 && e.v[0] >= 0 && e.v[0] <= s.v[0];
+            empty.then(|| IntConst { dims: vec![0], v: Vec::new(), ty: INT64 })
+        }
         "Slice" => {
             let x = c(0)?;
             if x.dims.len() != 1 {

@@ -12,13 +12,16 @@
 //! - their product scattered back into the token rows: `acc + ScatterElements(0, token, ...)`
 //!   in one chain from `zeros_like(X)`.
 //!
-//! The expert of iteration i is either a constant, or entry i of the sorted list of hit experts;
-//! in the latter form the loop has exactly E iterations (a Split into E pieces), so the graph runs
-//! only when every expert is hit and entry i is expert i. A chain is replaced only when its
+//! The expert of iteration i is either a constant, or entry i of the sorted list of hit experts
+//! (a Split of the list into pieces, or, as TorchScript writes `for e in hits: e[0]`, a Gather of
+//! entry i from the flattened list); in the latter form the loop has exactly E iterations, so the
+//! graph runs only when every expert is hit and entry i is expert i (fewer iterations than E only
+//! with a Split with sizes, `per_hit_expert`). A chain is replaced only when its
 //! iterations cover experts 0..E-1 once each with the same routing tensors, rows and MLP form.
 
 use std::collections::HashMap;
 
+mod dense_gate;
 mod iteration;
 mod scatter;
 
@@ -29,6 +32,7 @@ use super::Rejection;
 use crate::onnx::graph::{attr_i, attr_ints, strip, GraphIndex};
 use crate::spec::CapacityOrder;
 use iteration::{mask_of, resolve_eref, routing_weight, row_leaves, where_coord, Axis, HitSplit};
+use dense_gate::dense_gate_weight;
 use scatter::{index_rows, is_zeros, scatter_steps, update_value, Step};
 
 /// Every per-expert loop in the graph: replaced layers and rejected candidates.
@@ -227,59 +231,6 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         extra_inits: Vec::new(),
         quant: None,
     })
-}
-
-/// `G[token, e]` as a column for the iteration's tokens: Gather(Unsqueeze(Gather(G, e, axis 1), -1),
-/// token) where G is the dense gate (the routing weights scattered into zeros [T, E] at TopK's
-/// indices, [`super::dense::gate_of`]) and e is the iteration's expert. TopK names an expert once
-/// per token, so `G[t, e]` is the weight of the one slot of t that chose e, which is what the
-/// iteration's mask selected t for: the iteration adds `w[t, j] MLP_e(x[t])`. Returns the routing
-/// weights when the gate's indices are the mask's.
-fn dense_gate_weight(g: &GraphIndex, v: &str, tok: &str, mask: &iteration::MaskInfo, hits: &mut HashMap<ERef, HitSplit>) -> Result<Option<(String, String)>, String> {
-    let v = strip(g, v, &["Cast", "Identity"]);
-    let last = |u: &onnx_protobuf::NodeProto| {
-        let ua = super::matcher::axes_of(g, u);
-        matches!(ua.as_deref(), Some([1]) | Some([-1]))
-    };
-    let is_tok = |x: &str| strip(g, x, &["Cast"]) == strip(g, tok, &["Cast"]);
-    // rows at the tokens: Gather(·, token) on axis 0, or the dynamo exporter's GatherND(·,
-    // Unsqueeze(token, -1)) of a 1-D token list (the same rows)
-    let at_tokens = |v: &str| {
-        let (_, n) = g.prod(v)?;
-        let ok = match n.op_type.as_str() {
-            "Gather" => attr_i(n, "axis").unwrap_or(0) == 0 && is_tok(&n.input[1]),
-            "GatherND" => {
-                attr_i(n, "batch_dims").unwrap_or(0) == 0
-                    && prod(g, &n.input[1], "Unsqueeze").is_some_and(|u| last(u) && is_tok(&u.input[0]) && super::matcher::rank_of(g, &u.input[0]) == Some(1))
-            }
-            _ => false,
-        };
-        ok.then_some(n)
-    };
-    // G[:, e][:, None][token] (GPT-OSS), or G[token, e][:, None] (the column gathered first): both [n, 1]
-    let (at_tok, column) = match at_tokens(v) {
-        Some(n) => match prod(g, &n.input[0], "Unsqueeze").filter(|u| last(u)) {
-            Some(u) => (n, u.input[0].as_str()),
-            None => return Ok(None),
-        },
-        None => {
-            let Some(u) = prod(g, v, "Unsqueeze").filter(|u| last(u)) else { return Ok(None) };
-            let Some(n) = at_tokens(&u.input[0]) else { return Ok(None) };
-            (n, n.input[0].as_str())
-        }
-    };
-    let Some(col) = prod(g, column, "Gather").filter(|n| matches!(attr_i(n, "axis"), Some(1) | Some(-1))) else { return Ok(None) };
-    if resolve_eref(g, &col.input[1], hits) != Some(mask.eref) {
-        return Err("the dense gate's column is not the iteration's expert".into());
-    }
-    let Some((idx, rw, _k, e)) = super::dense::gate_of(g, &col.input[0])? else { return Ok(None) };
-    if strip(g, &idx, &["Cast"]) != strip(g, &mask.idx, &["Cast"]) {
-        return Err("the dense gate is scattered at other indices than the loop's mask".into());
-    }
-    if super::routing::dims::sym(g, &col.input[1]).is_some_and(|d| d.t != 0 || d.c >= e as i64) {
-        return Err("the dense gate's column is outside its experts".into());
-    }
-    Ok(Some((rw, at_tok.output[0].clone())))
 }
 
 /// The accumulator `acc` is zeros (`ConstantOfShape`, or `Expand` of a zero of no more axes than

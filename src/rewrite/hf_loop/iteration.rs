@@ -105,7 +105,25 @@ pub(super) fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERe
             "Squeeze" | "Unsqueeze" | "Reshape" | "Cast" | "Identity" => cur = &n.input[0],
             "Gather" => {
                 let i = g.const_i64(&n.input[1])?;
-                if i != [0] || attr_i(n, "axis").unwrap_or(0) != 0 {
+                if i.len() != 1 || attr_i(n, "axis").unwrap_or(0) != 0 {
+                    return None;
+                }
+                // `for e in hits: e[0]` over the flattened hit list: entry i of it
+                if let Some(counts) = flat_hit_list(g, &n.input[0]) {
+                    let entries: Vec<i64> = g.cons(&n.input[0]).iter().filter_map(|&c| {
+                        let c = g.node(c);
+                        (c.op_type == "Gather" && attr_i(c, "axis").unwrap_or(0) == 0).then(|| g.const_i64(&c.input[1])).flatten().filter(|x| x.len() == 1).map(|x| x[0])
+                    }).collect();
+                    if i[0] < 0 {
+                        return None;
+                    }
+                    let e = ERef::Hit(i[0] as usize);
+                    // without sizes: the graph runs wherever at least as many experts are hit as
+                    // it has entries (and drops the rest: refused below unless there are E)
+                    hit_counts.insert(e, HitSplit { count: entries.len(), sized: false, stack: hit_stack(g, counts) });
+                    return Some(e);
+                }
+                if i != [0] {
                     return None;
                 }
                 cur = &n.input[0];
@@ -138,6 +156,19 @@ pub(super) fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERe
         }
     }
     None
+}
+
+/// The hit list flattened: `Reshape(Transpose(NonZero(Greater(counts, 0))), [-1])` (the experts
+/// with assignments, as a vector). Returns `counts`.
+fn flat_hit_list<'g>(g: &GraphIndex<'g>, v: &str) -> Option<&'g str> {
+    let r = prod(g, v, "Reshape")?;
+    if g.const_i64(&r.input[1]).as_deref() != Some(&[-1]) {
+        return None;
+    }
+    let tr = prod(g, &r.input[0], "Transpose")?;
+    let nz = prod(g, &tr.input[0], "NonZero")?;
+    let gr = prod(g, &nz.input[0], "Greater")?;
+    (g.const_scalar(&gr.input[1]) == Some(0.0)).then_some(gr.input[0].as_str())
 }
 
 /// `ReduceSum(stack, axes)` over every axis of the rank-3 `stack` but the first (keepdims 0): the

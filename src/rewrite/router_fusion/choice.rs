@@ -4,7 +4,8 @@
 
 use onnx_protobuf::NodeProto;
 
-use super::{is_float, last_dim, scalar, skip_identity, std_op, topk_k, FLOAT};
+use super::{is_float, last_dim, skip_identity, std_op, topk_k, FLOAT};
+use super::weights::scalar;
 use crate::onnx::graph::{attr_i, node_inputs_with_subgraphs, GraphIndex};
 use crate::rewrite::matcher::{axes_of, is_last_axis, rank_of};
 use crate::spec::GroupScore;
