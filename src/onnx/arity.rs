@@ -66,28 +66,17 @@ pub fn check(graph: &GraphProto, opset: i64) -> Result<()> {
 }
 
 fn check_node(n: &NodeProto, opset: i64) -> Result<()> {
-    let Some(need) = min_inputs(&n.op_type, opset) else { return Ok(()) };
-    let plural = |k: usize| if k == 1 { "" } else { "s" };
-    if n.input.len() < need {
-        bail!(
-            "node '{}' ({}) has {} input{}; {} takes at least {need} at opset {opset}: the model is malformed",
-            n.name,
-            n.op_type,
-            n.input.len(),
-            plural(n.input.len()),
-            n.op_type
-        );
+    let Some(inputs) = min_inputs(&n.op_type, opset) else { return Ok(()) };
+    let short = |what: &str, have: usize, rule: String| {
+        let s = if have == 1 { "" } else { "s" };
+        bail!("node '{}' ({}) has {have} {what}{s}; {} {rule}: the model is malformed", n.name, n.op_type, n.op_type)
+    };
+    if n.input.len() < inputs {
+        return short("input", n.input.len(), format!("takes at least {inputs} at opset {opset}"));
     }
-    let need = min_outputs(&n.op_type);
-    if n.output.len() < need {
-        bail!(
-            "node '{}' ({}) has {} output{}; {} has {need}: the model is malformed",
-            n.name,
-            n.op_type,
-            n.output.len(),
-            plural(n.output.len()),
-            n.op_type
-        );
+    let outputs = min_outputs(&n.op_type);
+    if n.output.len() < outputs {
+        return short("output", n.output.len(), format!("has {outputs}"));
     }
     Ok(())
 }

@@ -272,16 +272,12 @@ pub fn tensor_bytes<'a>(t: &'a TensorProto, ext: Option<&ExternalStore>) -> Resu
         let ext = ext.ok_or_else(|| anyhow!("tensor '{}' has external data but no model directory is known", t.name))?;
         return Ok(Cow::Borrowed(ext.bytes(t)?));
     }
+    // the stored data fills the shape exactly (so nothing below allocates by a claimed shape)
+    check_stored_size(t)?;
     if !t.raw_data.is_empty() || n == 0 {
-        if t.raw_data.len() != n * esz {
-            bail!("tensor '{}': raw_data holds {} bytes, its shape {:?} needs {}", t.name, t.raw_data.len(), t.dims, n * esz);
-        }
         return Ok(Cow::Borrowed(&t.raw_data));
     }
-    // Reserve by what the typed fields hold, not by the shape: a shape that claims more than is
-    // present is an error below, not an allocation.
-    let present = t.float_data.len() + t.double_data.len() + t.int64_data.len() + t.uint64_data.len() + t.int32_data.len();
-    let mut out = Vec::with_capacity(present.min(n).saturating_mul(esz));
+    let mut out = Vec::with_capacity(n * esz);
     match t.data_type {
         FLOAT => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DOUBLE => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -293,9 +289,6 @@ pub fn tensor_bytes<'a>(t: &'a TensorProto, ext: Option<&ExternalStore>) -> Resu
         4 | 5 | FLOAT16 | BFLOAT16 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&(*v as u16).to_le_bytes())),
         UINT8 | INT8 | BOOL | FLOAT8E4M3FN => t.int32_data.iter().for_each(|v| out.push(*v as u8)),
         _ => unreachable!(),
-    }
-    if out.len() != n * esz {
-        bail!("tensor '{}': holds {} elements, its shape {:?} needs {}", t.name, out.len() / esz, t.dims, n);
     }
     Ok(Cow::Owned(out))
 }
