@@ -77,6 +77,13 @@ class Router(nn.Module):
             w = w / w.sum(dim=-1, keepdim=True)
         elif self.form == "softmax_topk":
             w, idx = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
+        elif self.form in ("softmax32_topk_renorm", "softmax32_topk"):
+            # Qwen2/3, OLMoE: the probabilities in float32 whatever the logits' type, the weights
+            # cast back (TorchScript writes a Softmax in the logits' type and a Cast after it)
+            w, idx = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32), self.k, dim=-1)
+            if self.form == "softmax32_topk_renorm":
+                w = w / w.sum(dim=-1, keepdim=True)
+            w = w.to(logits.dtype)
         else:  # topk_softmax
             w, idx = torch.topk(logits, self.k, dim=-1)
             w = torch.softmax(w, dim=-1)
@@ -477,7 +484,10 @@ def draw(seed):
             for key in ("choice", "mask", "gate", "positions", "kept_mul", "overflow"):  # top-1 choices only
                 del c[key]
     else:
-        c.update(k=r.randint(1, min(3, E)), router=r.choice(["softmax_topk_renorm", "softmax_topk", "topk_softmax"]))
+        routers = ["softmax_topk_renorm", "softmax_topk", "topk_softmax"]
+        if seed >= 7800:  # float32 probabilities of 16-bit logits from seed 7800 on; earlier seeds keep theirs
+            routers += ["softmax32_topk_renorm", "softmax32_topk"]
+        c.update(k=r.randint(1, min(3, E)), router=r.choice(routers))
     if family == "dense":
         c.update(gate=r.choice(["scatter", "onehot"]), compute=r.choice(["einsum", "matmul"]),
                  combine=r.choice(["einsum", "mulsum", "matmul"]), tokens=r.choice(["kept", "flatten"]))
