@@ -207,6 +207,11 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         (Some(e), _) => e,
         (None, _) => super::routing::router_experts(g, &idx).ok_or("cannot tell how many experts the router chooses from")?,
     };
+    // entry i of a hit list is expert i only where the list is the NonZero of E counts: its entries
+    // are then distinct, sorted and below E
+    if let Some(h) = n_hit.as_ref().filter(|h| h.of != Some(e_count as i64)) {
+        return Err(format!("the hit list is a NonZero of {} counts, not of the {e_count} experts' counts", h.of.map_or("an unknown number of".into(), |n| n.to_string())));
+    }
     router_axis(g, &idx, e_count)?;
     router_axis(g, &rw, e_count)?;
     if experts.len() != e_count || experts.iter().any(Option::is_none) {

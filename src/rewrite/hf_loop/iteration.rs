@@ -40,6 +40,17 @@ pub(super) struct HitSplit {
     /// the per-expert mask stack [E, ...] the list is reduced from, when it is summed over every
     /// axis but the expert axis (so the list holds exactly the experts that have assignments)
     pub(super) stack: Option<String>,
+    /// the length of the counts the list is the NonZero of, where fixed: entry i of a list of
+    /// distinct sorted positions below E is expert i only where it has E entries
+    pub(super) of: Option<i64>,
+}
+
+/// The fixed length of the 1-D `counts` a hit list is taken from.
+fn counts_len(g: &GraphIndex, counts: &str) -> Option<i64> {
+    match crate::rewrite::prove::shape::shape_of(g, counts)?.as_slice() {
+        [d] if d.t == 0 => Some(d.c),
+        _ => None,
+    }
 }
 
 /// `v` is coordinate c of the NonZero `nz`: Squeeze(Split(Transpose(nz))[c]) or Gather(Transpose(nz), c, axis=1).
@@ -120,7 +131,7 @@ pub(super) fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERe
                     let e = ERef::Hit(i[0] as usize);
                     // without sizes: the graph runs wherever at least as many experts are hit as
                     // it has entries (and drops the rest: refused below unless there are E)
-                    hit_counts.insert(e, HitSplit { count: entries.len(), sized: false, stack: hit_stack(g, counts) });
+                    hit_counts.insert(e, HitSplit { count: entries.len(), sized: false, stack: hit_stack(g, counts), of: counts_len(g, counts) });
                     return Some(e);
                 }
                 if i != [0] {
@@ -149,7 +160,7 @@ pub(super) fn resolve_eref(g: &GraphIndex, v: &str, hit_counts: &mut HashMap<ERe
                     return None;
                 }
                 let e = ERef::Hit(i);
-                hit_counts.insert(e, HitSplit { count, sized, stack: hit_stack(g, &gr.input[0]) });
+                hit_counts.insert(e, HitSplit { count, sized, stack: hit_stack(g, &gr.input[0]), of: counts_len(g, &gr.input[0]) });
                 return Some(e);
             }
             _ => return None,
