@@ -184,6 +184,7 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
     // masking class"): TopK's or ArgMax's indices over E columns never name a class from E on, so
     // those rows of the mask stack are zero, no iteration or hit entry is theirs, and the loop is
     // over the router's E experts
+    let e_onehot = e_mask;
     if let (Some(e), None) = (e_mask, capacity) {
         if let Some(er) = super::routing::router_experts(g, &idx).filter(|&er| er >= 1 && er < e) {
             e_mask = Some(er);
@@ -208,8 +209,10 @@ fn prove_chain(g: &GraphIndex, steps: &[Step], chain: &[usize]) -> Result<MoeLay
         (None, _) => super::routing::router_experts(g, &idx).ok_or("cannot tell how many experts the router chooses from")?,
     };
     // entry i of a hit list is expert i only where the list is the NonZero of E counts: its entries
-    // are then distinct, sorted and below E
-    if let Some(h) = n_hit.as_ref().filter(|h| h.of != Some(e_count as i64)) {
+    // are then distinct, sorted and below E; or of the counts of the iterations' own mask stack over
+    // a one-hot wider than the router, whose classes from E on are never named (above)
+    let own_wide = |h: &HitSplit| h.stack.is_some() && h.stack == stack && h.of.map(|n| n as usize) == e_onehot;
+    if let Some(h) = n_hit.as_ref().filter(|h| h.of != Some(e_count as i64) && !own_wide(h)) {
         return Err(format!("the hit list is a NonZero of {} counts, not of the {e_count} experts' counts", h.of.map_or("an unknown number of".into(), |n| n.to_string())));
     }
     router_axis(g, &idx, e_count)?;

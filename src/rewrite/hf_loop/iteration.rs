@@ -45,12 +45,32 @@ pub(super) struct HitSplit {
     pub(super) of: Option<i64>,
 }
 
-/// The fixed length of the 1-D `counts` a hit list is taken from.
+/// The fixed length of the 1-D `counts` a hit list is taken from: from the shapes, or (where the
+/// token axes are not known, as with a batch and a sequence axis) as the depth of the one-hot the
+/// counts sum over every other axis of: `ReduceSum([Transpose(]OneHot(idx, D)[)], all axes but the
+/// one-hot's, keepdims 0)`.
 fn counts_len(g: &GraphIndex, counts: &str) -> Option<i64> {
-    match crate::rewrite::prove::shape::shape_of(g, counts)?.as_slice() {
-        [d] if d.t == 0 => Some(d.c),
-        _ => None,
+    if let Some([d]) = crate::rewrite::prove::shape::shape_of(g, counts).as_deref() {
+        return (d.t == 0).then_some(d.c);
     }
+    let rs = prod(g, counts, "ReduceSum").filter(|n| attr_i(n, "keepdims") == Some(0))?;
+    let (mut v, mut perm) = (rs.input[0].as_str(), None);
+    if let Some(t) = prod(g, v, "Transpose") {
+        perm = Some(attr_ints(t, "perm")?);
+        v = &t.input[0];
+    }
+    // a one-hot along its last axis (its depth a constant or a dimension the shapes tell)
+    let (idx, depth, None) = one_hot_like(g, v).ok()? else { return None };
+    let r = rank_of(g, &idx)? as i64 + 1;
+    // where the one-hot's axis is after the Transpose
+    let at = match perm {
+        Some(p) => p.iter().position(|&x| x == r - 1)? as i64,
+        None => r - 1,
+    };
+    let mut axes: Vec<i64> = axes_of(g, rs)?.iter().map(|&x| if x < 0 { x + r } else { x }).collect();
+    axes.sort_unstable();
+    let others: Vec<i64> = (0..r).filter(|&x| x != at).collect();
+    (axes == others).then_some(depth as i64)
 }
 
 /// `v` is coordinate c of the NonZero `nz`: Squeeze(Split(Transpose(nz))[c]) or Gather(Transpose(nz), c, axis=1).
