@@ -3,7 +3,8 @@
 # mutator over the fixtures, then each libFuzzer target on the fixtures' corpus.
 # Longer runs and their figures: docs/hardening.md.
 #   SCATTERMOE_FUZZ=0            skip all of it
-#   SCATTERMOE_FUZZ_SECONDS=N    seconds per libFuzzer target (default 20)
+#   SCATTERMOE_FUZZ_SECONDS=N    seconds per libFuzzer target (default 20; seed 1 unless
+#                                SCATTERMOE_FUZZ_SEED is set, so that a finding reruns the same way)
 #   SCATTERMOE_MUTATE_RUNS=N     structured CLI runs (default 150, about 30 s; seed 1 unless
 #                                SCATTERMOE_MUTATE_SEED is set: fixed, so CI is repeatable)
 set -euo pipefail
@@ -25,7 +26,7 @@ for t in load rewrite; do
   cp -n "$ROOT"/models/*.onnx "corpus/$t/"
   log=$(mktemp)
   rc=0
-  cargo fuzz run -s none "$t" "corpus/$t" -- -max_total_time="${SCATTERMOE_FUZZ_SECONDS:-20}" -timeout=10 \
+  cargo fuzz run -s none "$t" "corpus/$t" -- -seed="${SCATTERMOE_FUZZ_SEED:-1}" -max_total_time="${SCATTERMOE_FUZZ_SECONDS:-20}" -timeout=10 \
     -rss_limit_mb=2048 -max_len=1048576 -print_final_stats=1 >"$log" 2>&1 || rc=$?
   grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs|#[0-9]+ *DONE)" "$log" | sed "s/^/fuzz $t: /" || true
   if [ "$rc" != 0 ]; then
