@@ -87,6 +87,24 @@ fn limit_to_groups(choice: &mut [f32], g: &Groups, tie: TieBreak, r: &mut RowScr
     }
 }
 
+/// One token's scores from its logits, in place, in float32: softmax over the row, sigmoid, or the
+/// logits themselves (`topk_softmax` takes its softmax over the k chosen; `identity`).
+pub fn score_row(scoring: Scoring, s: &mut [f32]) {
+    match scoring {
+        Scoring::Softmax => {
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for x in s.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            s.iter_mut().for_each(|x| *x /= sum);
+        }
+        Scoring::Sigmoid => s.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
+        Scoring::TopkSoftmax | Scoring::Identity => {}
+    }
+}
+
 /// One token: `logits` (E values) to `weights` and `indices` (k each), best first. `bias`: the
 /// selection bias (E values, float32), if any.
 pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>, weights: &mut [E], indices: &mut [i64], r: &mut RowScratch) {
@@ -94,19 +112,7 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
     let scores = &mut r.scores;
     scores.clear();
     scores.extend(logits.iter().map(|v| v.to_f32()));
-    match attrs.scoring {
-        Scoring::Softmax => {
-            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - m).exp();
-                sum += *s;
-            }
-            scores.iter_mut().for_each(|s| *s /= sum);
-        }
-        Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
-        Scoring::TopkSoftmax | Scoring::Identity => {}
-    }
+    score_row(attrs.scoring, scores);
     // the choice scores: the scores, plus the bias, limited to the best groups
     let mut choice = std::mem::take(&mut r.choice);
     choice.clear();

@@ -12,7 +12,7 @@ use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryPr
 use super::output::{check_output, check_targets, input_files, TempDir};
 use crate::progress::{Progress, Silent, Unit};
 
-use super::tensor::{check_stored_size, checked_byte_size, elem_size, is_external, numel, tensor_bytes, ExternalStore};
+use super::tensor::{check_stored_size, elem_size, is_external, numel, tensor_bytes, ExternalStore};
 
 /// Writes a tensor's bytes, in order, to the sink it is given.
 pub type Producer = Box<dyn Fn(&ExternalStore, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>>;
@@ -149,10 +149,7 @@ pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
     // Check sizes and external data up front: an impossible shape, or a truncated, missing or
     // refused data file, is an error now, not mid-save.
     for t in &model.proto.graph.initializer {
-        if elem_size(t.data_type).is_some() {
-            checked_byte_size(&t.name, t.data_type, &t.dims).with_context(|| format!("{}: initializer", path.display()))?;
-            check_stored_size(t).with_context(|| format!("{}: initializer", path.display()))?;
-        }
+        check_stored_size(t).with_context(|| format!("{}: initializer", path.display()))?;
         if is_external(t) {
             model.ext.bytes(t).with_context(|| format!("{}: external data", path.display()))?;
         }

@@ -67,14 +67,15 @@ pub fn checked_byte_size(name: &str, data_type: i32, dims: &[i64]) -> Result<usi
 /// Checks that a tensor stored in the model holds exactly as many elements as its shape says
 /// (raw_data bytes, or typed entries), without reading them: a declared [32, 2^31] over 512 bytes
 /// is refused at load, as ONNX Runtime refuses it, instead of reaching a pass that sizes work by
-/// the shape. External data is checked against its file elsewhere; element types this crate does
+/// the shape. The shape's byte count must be addressable ([`checked_byte_size`]) in every case;
+/// external data is checked against its file elsewhere; element types this crate does
 /// not read (strings, 4-bit) are not checked.
 pub fn check_stored_size(t: &TensorProto) -> Result<()> {
     let Some(esz) = elem_size(t.data_type) else { return Ok(()) };
+    let n = checked_byte_size(&t.name, t.data_type, &t.dims)? / esz;
     if is_external(t) {
         return Ok(());
     }
-    let n = checked_byte_size(&t.name, t.data_type, &t.dims)? / esz;
     if !t.raw_data.is_empty() {
         if t.raw_data.len() != n * esz {
             bail!("tensor '{}': raw_data holds {} bytes, its shape {:?} of {} needs {}", t.name, t.raw_data.len(), t.dims, onnx_type_name(t.data_type), n * esz);

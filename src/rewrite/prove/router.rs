@@ -142,23 +142,6 @@ fn score_slack(attrs: &tr::Attrs, x: &[f32], chosen: &[i64]) -> f64 {
     }
 }
 
-/// Softmax (per row of `e`) or Sigmoid of the drawn logits, in float32.
-fn score_rows(v: &mut [f32], e: usize, op: Scoring) {
-    for row in v.chunks_mut(e) {
-        if op == Scoring::Softmax {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
-            row.iter_mut().for_each(|x| *x /= sum);
-        } else {
-            row.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp()));
-        }
-    }
-}
-
 /// Each row's k (index, weight) pairs in the order of the indices.
 fn by_index(w: &mut [f64], i: &mut [i64], k: usize) {
     for (wr, ir) in w.chunks_mut(k).zip(i.chunks_mut(k)) {
@@ -241,7 +224,7 @@ pub fn prove(
             let mut rng = Rng::new(0x5eed ^ ((tokens as u64) << 8) ^ pi as u64);
             let mut v = draw(&mut rng, rows, e, p);
             if let Some(op) = scored_by {
-                score_rows(&mut v, e, op);
+                v.chunks_mut(e).for_each(|row| crate::cpu::router::score_row(op, row));
             }
             let mut ra = run(&mut sa, logits, feed(elem, dims.clone(), &v)?).map_err(|err| anyhow!("the router fails at {tokens} tokens: {err}"))?;
             let mut rb = run(&mut sb, logits, feed(elem, dims, &v)?).map_err(|err| anyhow!("the fused router fails at {tokens} tokens: {err}"))?;
