@@ -17,7 +17,10 @@ from peers.timing import graph_ms  # noqa: E402  (the benchmark's CUDA-graph tim
 from peers.torch_gmm import forward as torch_moe  # noqa: E402  (the benchmark's torch._grouped_mm peer)
 from smoe_cuda import Kernels  # noqa: E402
 
-SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8)}
+SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8), "fine": (1024, 512, 64, 8),
+          "deepseek_v3": (7168, 2048, 256, 8), "gpt_oss": (2880, 2880, 128, 4), "gpt_oss20": (2880, 2880, 32, 4),
+          "olmoe": (2048, 1024, 64, 8), "qwen2_moe": (2048, 1408, 60, 4), "granite": (1024, 512, 32, 8),
+          "phimoe": (4096, 6400, 16, 2), "dbrx": (6144, 10752, 16, 4)}
 FLOPS_PEAK, BW_PEAK = 792e12, 4.30e12
 SETS = 4
 SMALL_ONLY = ("32x32", "32x64s6")

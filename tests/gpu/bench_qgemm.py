@@ -76,7 +76,7 @@ def main():
                                       "none", 0)
                     out = bufs["O"]
                 tb = timed(lambda: K.gemm(*args(wb)), a.reps, a.warmup, flush)
-                bcfg = K.pick_cfg(T * k, E, Kd)
+                bcfg = K.pick_cfg(T * k, E, Kd, N)
                 for fmt, qw in qws.items():
                     res = {}
                     for c in cfgs:

@@ -117,7 +117,7 @@ def main():
                         out = bufs["O"]
                     # the choice without the skinny kernel
                     K.skinny_rows, K.quant_skinny_rows = -1.0, -1.0
-                    base = K.pick_qcfg(T * k, E, Kd) if isinstance(w, QW) else K.pick_cfg(T * k, E, Kd)
+                    base = K.pick_qcfg(T * k, E, Kd) if isinstance(w, QW) else K.pick_cfg(T * k, E, Kd, N)
                     restore_thresholds(K)
                     res = {}
                     for cfg in ("skinny", base):

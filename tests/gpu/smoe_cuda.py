@@ -14,7 +14,8 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
                           HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
-                          QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
+                          QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ONE_ROW_BYTES,
+                          SKINNY_ROWS, SKINNY_SHORT_K, SKINNY_SHORT_K_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -172,12 +173,16 @@ class Kernels:
                                Arg.ptr(bufs["kept"]), Arg.ptr(kept_out), ci(kdt)])
 
     # ------------------------------------------------------------------ grouped GEMM
-    def pick_cfg(self, N_assign, E, K):
-        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md); mirrors
-        src/cuda/forward/selection.rs pick_cfg."""
+    def pick_cfg(self, N_assign, E, K, N=None):
+        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md) and the H100 decode
+        timings (bench/results/decode/README.md); mirrors src/cuda/forward/selection.rs pick_cfg. W
+        [E, N, K]; N None: the one-row rule of the skinny kernel (it needs W's size) is left out.
+        A negative self.skinny_rows (SMOE_SKINNY_ROWS) turns the skinny kernel off for A/B runs."""
         R = N_assign / max(1, min(E, N_assign))  # rows per active expert
-        if R <= self.skinny_rows:
-            return "skinny"
+        if self.skinny_rows >= 0:
+            one_row = N is not None and R <= 1 and min(E, N_assign) * N * K * 2 <= SKINNY_ONE_ROW_BYTES
+            if R <= self.skinny_rows or (K <= SKINNY_SHORT_K and R <= SKINNY_SHORT_K_ROWS) or one_row:
+                return "skinny"
         if R <= 1 and K <= 2048:
             return "32x32"
         hopper = self.large_cfg == "wgmma_ws"
@@ -200,7 +205,7 @@ class Kernels:
             name = "scattermoe_gemm_f32"
         else:
             if cfg is None:
-                cfg = self.pick_cfg(n_assign, E, K)
+                cfg = self.pick_cfg(n_assign, E, K, N)
                 if cfg == "wgmma_mc" and grouped_in:
                     cfg += "_ga"
             if cfg in GROUPED_A and (not grouped_in or K % 8 or X.data_ptr() % 16):

@@ -7,13 +7,18 @@ use crate::cuda::catalogue::{thresholds, GemmCfg};
 use crate::spec::ElemType;
 
 /// Rows per active expert at or below which the skinny kernel (kernels/skinny_gemm.cu: W streamed
-/// into registers, 8 rows of X a unit) runs a 16-bit W: 0, never. Measured on an H100
-/// (`bash tests/gpu/run_skinny.sh`, GEMM1 and GEMM2 alone, L2 flushed:
+/// into registers, 8 rows of X a unit) runs a 16-bit W whatever K and size: 0, never. Measured on an
+/// H100 (`bash tests/gpu/run_skinny.sh`, GEMM1 and GEMM2 alone, L2 flushed:
 /// bench/results/skinny/h100-skinny.md), its 16-bit form was 0.74-0.97x the mma.sync tiles at
-/// Mixtral and DeepSeek-V3 from 1 to 16 tokens (they stream a 16-bit W at 80-92% of the bandwidth
-/// already) and 0.97-1.21x at Qwen3: no rule over R and K kept it ahead everywhere, so the 16-bit
-/// entry points stay built and tested, unchosen.
+/// Mixtral and DeepSeek-V3 from 4 to 16 tokens, where they stream a long W at 80-92% of the
+/// bandwidth. Where it does win, [`skinny_16bit`] says.
 pub const SKINNY_ROWS: f64 = thresholds::SKINNY_ROWS;
+/// A 16-bit W also takes the skinny kernel at K up to SKINNY_SHORT_K and R up to
+/// SKINNY_SHORT_K_ROWS, or at R <= 1 when the hit experts' W is at most SKINNY_ONE_ROW_BYTES
+/// ([`skinny_16bit`]).
+pub const SKINNY_SHORT_K: usize = thresholds::SKINNY_SHORT_K;
+pub const SKINNY_SHORT_K_ROWS: f64 = thresholds::SKINNY_SHORT_K_ROWS;
+pub const SKINNY_ONE_ROW_BYTES: usize = thresholds::SKINNY_ONE_ROW_BYTES;
 /// The same for a quantized W, where the mma.sync kernels convert W in shared memory behind a
 /// barrier per k-block: the skinny kernel was 2.0-6.1x faster at 1 to 16 tokens (fp8 and int4 with
 /// group 128, Mixtral, Qwen3, DeepSeek-V3), 1.8-2.3x at 8 rows per expert (Qwen3, 128 tokens) and
@@ -55,15 +60,34 @@ pub const HOPPER_TMA_ROWS: f64 = thresholds::HOPPER_TMA_ROWS;
 pub const FULL_GRID_K: usize = thresholds::FULL_GRID_K;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
-/// `n_assign` rows over `experts` experts, reduction depth `k_depth`, on `arch`. f32 has one kernel.
-pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, k_depth: usize, arch: Arch) -> GemmCfg {
+/// `n_assign` rows over `experts` experts, W [E, n, k_depth] (n: W's rows, a GLU's gate and up both),
+/// on `arch`. f32 has one kernel.
+pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_depth: usize, arch: Arch) -> GemmCfg {
     if elem == ElemType::F32 {
         return GemmCfg::F32;
     }
-    if rows_per_expert(n_assign, experts) <= SKINNY_ROWS {
+    if skinny_16bit(n_assign, experts, n, k_depth) {
         return GemmCfg::Skinny;
     }
     choose(n_assign, experts, k_depth, arch.has_wgmma())
+}
+
+/// Whether the skinny kernel runs a 16-bit W. It reaches its bandwidth sooner than the mma.sync
+/// tiles (no shared-memory pipeline to fill, W straight into registers) but streams a long W a
+/// little slower, so it wins where a GEMM is short: a short reduction, or little W in all.
+/// Measured on an H100, whole forwards in CUDA graphs over four input sets with each GEMM's small
+/// configurations forced in turn (tests/gpu/bench_forward.py; bench/results/decode/README.md): 11
+/// layer shapes at 1 to 64 tokens, 106 GEMMs. At K <= 1024 and up to 8 rows per expert (30 GEMMs:
+/// fine-grained and Granite layers, the GEMM2 of Qwen3 and OLMoE) it took 0.68-1.004x the time of
+/// the previous choice. At one row per expert it took 0.85-0.97x up to 100 MiB of the hit experts'
+/// W (9 GEMMs), 1.02-1.03x at 127 MiB, 0.94-1.08x between 170 and 400 MiB and up to 1.21x above.
+pub fn skinny_16bit(n_assign: usize, experts: usize, n: usize, k_depth: usize) -> bool {
+    let r = rows_per_expert(n_assign, experts);
+    if r <= SKINNY_ROWS || (k_depth <= SKINNY_SHORT_K && r <= SKINNY_SHORT_K_ROWS) {
+        return true;
+    }
+    let bytes = (experts.min(n_assign) as u128) * (n as u128) * (k_depth as u128) * 2;
+    r <= 1.0 && bytes <= SKINNY_ONE_ROW_BYTES as u128
 }
 
 /// The choice for a quantized W (the skinny kernel, the mma.sync configurations and wgmma_ws have
@@ -129,12 +153,17 @@ mod tests {
     fn few_rows_per_expert_take_the_skinny_kernel() {
         let bf = ElemType::BF16;
         for arch in [Arch::Sm80, Arch::Sm89, Arch::Sm90a] {
-            for k in [5, 768, 2048, 4096, 14336] {
-                // 16-bit W: the skinny kernel only at or below SKINNY_ROWS
-                for (n, e) in [(1, 8), (2, 8), (8, 128), (16, 8), (128, 128), (1024, 128)] {
-                    let want = if rows_per_expert(n, e) <= SKINNY_ROWS { GemmCfg::Skinny } else { choose(n, e, k, arch.has_wgmma()) };
-                    assert_eq!(pick_cfg(bf, n, e, k, arch), want, "{n} rows over {e} experts, K {k}");
-                    assert_eq!(pick_cfg(ElemType::F16, n, e, k, arch), want, "{n} rows over {e} experts, K {k}");
+            for k in [5, 768, 1024, 2048, 2880, 4096, 14336] {
+                for (n, e) in [(1, 8), (2, 8), (8, 128), (16, 8), (64, 8), (65, 8), (128, 128), (1024, 128), (1025, 128)] {
+                    for wn in [64, 1536, 7168, 28672] {
+                        let r = rows_per_expert(n, e);
+                        let bytes = e.min(n) * wn * k * 2;
+                        let short = k <= SKINNY_SHORT_K && r <= SKINNY_SHORT_K_ROWS;
+                        let one_row = r <= 1.0 && bytes <= SKINNY_ONE_ROW_BYTES;
+                        let want = if r <= SKINNY_ROWS || short || one_row { GemmCfg::Skinny } else { choose(n, e, k, arch.has_wgmma()) };
+                        assert_eq!(pick_cfg(bf, n, e, wn, k, arch), want, "{n} rows over {e} experts, W {wn} x {k}");
+                        assert_eq!(pick_cfg(ElemType::F16, n, e, wn, k, arch), want);
+                    }
                 }
                 // quantized W: its own threshold
                 let qat = (8.0 * QUANT_SKINNY_ROWS) as usize;
@@ -145,19 +174,34 @@ mod tests {
                 }
             }
         }
-        // the measured values: a 16-bit W never takes it (one token of Mixtral: the 32x64 tile),
-        // a quantized one up to 32 rows per expert
-        assert_eq!(pick_cfg(bf, 2, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 8, 128, 2048, Arch::Sm90a), GemmCfg::T32x32);
+        // the measured cases (`skinny_16bit`): one token of GPT-OSS (4 rows over 128 experts) takes
+        // it for GEMM2 (W 2880 x 2880, 63 MiB), not for GEMM1 (5760 x 2880, 127 MiB); one token of
+        // Mixtral (W2 4096 x 14336, 224 MiB) for neither
+        assert_eq!(pick_cfg(bf, 4, 128, 2880, 2880, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 4, 128, 5760, 2880, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 2, 8, 4096, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
+        assert_eq!(pick_cfg(bf, 2, 8, 28672, 4096, Arch::Sm90a), GemmCfg::T32x64);
+        // Qwen3 (d 2048, f 768, E 128, k 8): one token both GEMMs, 16 tokens GEMM2 only (K 768), 64
+        // tokens GEMM2 (4 rows per expert, K 768) but not GEMM1
+        assert_eq!(pick_cfg(bf, 8, 128, 1536, 2048, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 8, 128, 2048, 768, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 128, 128, 1536, 2048, Arch::Sm90a), GemmCfg::T32x32);
+        assert_eq!(pick_cfg(bf, 512, 128, 2048, 768, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 512, 128, 1536, 2048, Arch::Sm90a), GemmCfg::T32x64);
+        // fine-grained (d 1024, f 512): up to 8 rows per expert; 16 rows not
+        assert_eq!(pick_cfg(bf, 512, 64, 1024, 1024, Arch::Sm90a), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 1024, 64, 1024, 1024, Arch::Sm90a), GemmCfg::T32x64);
+        // DeepSeek-V3 GEMM2 (7168 x 2048): one token (8 rows over 256 experts, 224 MiB) no
+        assert_eq!(pick_cfg(bf, 8, 256, 7168, 2048, Arch::Sm90a), GemmCfg::T32x32);
         assert_eq!(pick_quant_cfg(256, 8, 4096, Arch::Sm90a, 4096), GemmCfg::Skinny);
         assert_eq!(pick_quant_cfg(264, 8, 4096, Arch::Sm80, 4096), GemmCfg::T32x64);
         // f32 has one kernel at every row count
-        assert_eq!(pick_cfg(ElemType::F32, 2, 8, 4096, Arch::Sm90a), GemmCfg::F32);
+        assert_eq!(pick_cfg(ElemType::F32, 2, 8, 64, 4096, Arch::Sm90a), GemmCfg::F32);
         // R counts the experts that can have a row: 128 tokens of Qwen3 (1024 rows over 128
         // experts) is eight rows per expert
         assert_eq!(pick_quant_cfg(1024, 128, 2048, Arch::Sm90a, 128), GemmCfg::Skinny);
         // no rows: nothing runs, and the choice is still one that exists
-        assert_eq!(pick_cfg(bf, 0, 8, 4096, Arch::Sm80), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 0, 8, 4096, 4096, Arch::Sm80), GemmCfg::Skinny);
     }
 
     /// The decision table of kernels/grouped_gemm.cu's header above the skinny kernel's rows, case by
@@ -165,39 +209,41 @@ mod tests {
     #[test]
     fn kernel_choice_follows_the_measured_thresholds() {
         let bf = ElemType::BF16;
+        // a W too large for the skinny kernel's one-row rule
+        const WIDE: usize = 1 << 20;
         let hopper = |n, e, k| choose(n, e, k, true);
         let sm80 = |n, e, k| choose(n, e, k, false);
-        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, 4096, Arch::Sm90a), GemmCfg::F32);
-        // one row per expert, short K: the smallest tile
+        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::F32);
+        // one row per expert, short K: the smallest tile (when the skinny kernel does not take it)
         assert_eq!(hopper(8, 8, 1024), GemmCfg::T32x32);
         assert_eq!(sm80(8, 8, 1024), GemmCfg::T32x32);
         // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
-        assert_eq!(pick_cfg(bf, 128, 8, 4096, Arch::Sm90a), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 128, 8, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
+        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
         assert_eq!(hopper(2, 8, 4096), GemmCfg::T32x64);
         // 32 rows per expert: the warp-specialised kernels on sm_90a, small tiles elsewhere
-        assert_eq!(pick_cfg(bf, 256, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 256, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 256, 8, 1024, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 256, 8, 4096, Arch::Sm80), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 1024, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm80), GemmCfg::T32x64);
         // deep K: CTA pairs above 64 rows per expert
-        assert_eq!(pick_cfg(bf, 512, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 1024, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 32768, 8, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 512, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 1024, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
         // K = 4096: W by TMA, CTA pairs from 1024 rows per expert
-        assert_eq!(pick_cfg(bf, 2048, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 4096, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 8192, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 32768, 8, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 2048, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 4096, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
         // short K: cp.async below 256 rows per expert, TMA from there
-        assert_eq!(pick_cfg(bf, 8192, 128, 2048, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 32768, 128, 768, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 8192, 64, 512, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 32768, 64, 1024, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 128, WIDE, 2048, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 128, WIDE, 768, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 64, WIDE, 512, Arch::Sm90a), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 64, WIDE, 1024, Arch::Sm90a), GemmCfg::WgmmaTma);
         // elsewhere: 128x128 unless K is short and rows few
-        assert_eq!(pick_cfg(bf, 32768, 8, 4096, Arch::Sm80), GemmCfg::T128x128);
-        assert_eq!(pick_cfg(bf, 8192, 32, 768, Arch::Sm80), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 131072, 128, 768, Arch::Sm80), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm80), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 8192, 32, WIDE, 768, Arch::Sm80), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 131072, 128, WIDE, 768, Arch::Sm80), GemmCfg::T128x128);
     }
 
     /// Quantized W: above the skinny kernel's rows, wgmma_ws's quantized form on sm_90a where its
@@ -215,7 +261,7 @@ mod tests {
                     } else if arch == Arch::Sm90a && r > QUANT_WGMMA_ROWS && block_in != 32 {
                         assert_eq!(q, GemmCfg::WgmmaWs, "{n} {e} {k} {block_in}");
                     } else {
-                        assert_eq!(q, pick_cfg(ElemType::BF16, n, e, k, Arch::Sm80), "{n} {e} {k} {block_in} {arch:?}");
+                        assert_eq!(q, choose(n, e, k, false), "{n} {e} {k} {block_in} {arch:?}");
                     }
                     assert!(q.has_quant() && q.runs_on(arch), "{q:?}");
                 }
