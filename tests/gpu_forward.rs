@@ -389,8 +389,8 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         let label = match cfg.0 {
             None => format!(
                 "{name}[auto {}/{}]",
-                forward::pick_cfg(E::T, c.tokens * c.k, c.experts, if c.gated { 2 * c.f } else { c.f }, c.d, g.dev.arch).suffix(),
-                forward::pick_cfg(E::T, c.tokens * c.k, c.experts, c.d, c.f, g.dev.arch).suffix()
+                forward::pick_cfg(E::T, c.tokens * c.k, c.experts, if c.gated { 2 * c.f } else { c.f }, c.d, g.dev.arch, g.dev.table).suffix(),
+                forward::pick_cfg(E::T, c.tokens * c.k, c.experts, c.d, c.f, g.dev.arch, g.dev.table).suffix()
             ),
             Some(x) => format!("{name}[cfg {}]", x.suffix()),
         };

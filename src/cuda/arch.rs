@@ -76,3 +76,25 @@ mod tests {
         }
     }
 }
+
+/// Which table of the kernel choice's thresholds a card takes where two cards of one arch were
+/// measured apart (src/cuda/forward/selection.rs): the H200's (the default, where most were
+/// measured) or the H100's. Keyed by the device's name, as tuned kernel tables are; a card measured
+/// on neither takes the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Table {
+    #[default]
+    Default,
+    H100,
+}
+
+impl Table {
+    /// The table for a device named `name` (cuDeviceGetName: "NVIDIA H100 80GB HBM3", ...).
+    pub fn for_device(name: &str) -> Table {
+        if name.contains("H100") {
+            Table::H100
+        } else {
+            Table::Default
+        }
+    }
+}

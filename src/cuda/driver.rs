@@ -7,7 +7,7 @@
 //! grids), the SM count and the compute capability. Made once per context, kept for the process
 //! (contexts are few; the primary context of each device in practice), behind a Mutex.
 
-use super::arch::Arch;
+use super::arch::{Arch, Table};
 use super::catalogue::{entry_points, Entry, TARGETS};
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUfunction, CUmodule, CUresult, CUstream};
 use std::collections::HashMap;
@@ -94,6 +94,8 @@ pub struct Device {
     pub cc: (i32, i32),
     /// the arch whose native code runs here (selects the kernels)
     pub arch: Arch,
+    /// the kernel choice's per-card thresholds, from the device's name
+    pub table: Table,
     modules: Vec<CUmodule>,
     funcs: HashMap<String, Func>,
 }
@@ -149,6 +151,7 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
             modules.push(m);
         }
         let pdl = pdl_supported(cc);
+        let table = Table::for_device(&device_name(device));
         let mut funcs = HashMap::new();
         for &Entry { module: m, name, threads, smem, cluster, tma, archs } in entry_points() {
             if !archs.contains(&arch) {
@@ -184,8 +187,17 @@ fn load(ctx: CUcontext) -> CuResult<Device> {
             };
             funcs.insert(name.to_string(), Func { f, threads, smem, resident, cluster, pdl });
         }
-        Ok(Device { ctx, device, sms, cc, arch, modules, funcs })
+        Ok(Device { ctx, device, sms, cc, arch, table, modules, funcs })
     }
+}
+
+/// The device's name (cuDeviceGetName), empty if the driver does not give it.
+unsafe fn device_name(device: CUdevice) -> String {
+    let mut buf = [0 as std::ffi::c_char; 256];
+    if sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as i32, device) != CUresult::CUDA_SUCCESS {
+        return String::new();
+    }
+    std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
 }
 
 /// The environment variable that turns programmatic dependent launch off (`=0`), for A/B runs.

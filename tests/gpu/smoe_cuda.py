@@ -13,7 +13,7 @@ GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
 from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
                           HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
-                          HOPPER_TMA_ROWS, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
+                          HOPPER_TMA_ROWS, HOPPER_TMA_ROWS_H100, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
                           QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ONE_ROW_BYTES,
                           SKINNY_ROWS, SKINNY_SHORT_K, SKINNY_SHORT_K_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -79,6 +79,10 @@ class Kernels:
         self.skinny_rows = float(os.environ.get("SMOE_SKINNY_ROWS", str(SKINNY_ROWS)))
         self.quant_skinny_rows = float(os.environ.get("SMOE_QUANT_SKINNY_ROWS", str(QUANT_SKINNY_ROWS)))
         self.quant_wgmma_rows = float(os.environ.get("SMOE_QUANT_WGMMA_ROWS", str(QUANT_WGMMA_ROWS)))
+        # the per-card table of selection.rs (`Table::for_device`: the H100's, else the default);
+        # SMOE_HOPPER_TMA_ROWS moves it for A/B runs
+        tma_rows = HOPPER_TMA_ROWS_H100 if "H100" in torch.cuda.get_device_name() else HOPPER_TMA_ROWS
+        self.hopper_tma_rows = float(os.environ.get("SMOE_HOPPER_TMA_ROWS", str(tma_rows)))
 
     def load_module(self, name, path):
         """Loads a fatbin as module `name` (the catalogue's, or an experiment's beside them)."""
@@ -191,7 +195,7 @@ class Kernels:
         if hopper:
             if (K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS) or (K >= HOPPER_TMA_K and R >= HOPPER_MC_ROWS):
                 return "wgmma_mc"
-            return "wgmma_tma" if K >= HOPPER_TMA_K or R >= HOPPER_TMA_ROWS else "wgmma_ws"
+            return "wgmma_tma" if K >= HOPPER_TMA_K or R >= self.hopper_tma_rows else "wgmma_ws"
         if K < 1024 and R <= 512:
             return "32x64"
         return self.large_cfg

@@ -199,7 +199,7 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     let cfg = match (elem, cfg) {
         (ElemType::F32, _) => GemmCfg::F32,
         (_, Some(c)) if c != GemmCfg::F32 => c,
-        _ => pick_cfg(elem, n_assign, experts, g.n, g.kd, dev.arch),
+        _ => pick_cfg(elem, n_assign, experts, g.n, g.kd, dev.arch, dev.table),
     };
     // The TMA kernels need an aligned W and a driver that encodes tensor maps (and, for pairs,
     // sizes cluster grids: `Device` leaves them out otherwise); else the cp.async form does the work.

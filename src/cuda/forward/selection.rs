@@ -2,7 +2,7 @@
 //! reduction depth and the device's [`Arch`], with the thresholds of kernels/manifest.toml
 //! (`[selection]`), where tests/gpu/kernel_table.py reads them too.
 
-use crate::cuda::arch::Arch;
+use crate::cuda::arch::{Arch, Table};
 use crate::cuda::catalogue::{thresholds, GemmCfg};
 use crate::spec::ElemType;
 
@@ -54,6 +54,23 @@ pub const HOPPER_MC_DEEP_ROWS: f64 = thresholds::HOPPER_MC_DEEP_ROWS;
 pub const HOPPER_MC_ROWS: f64 = thresholds::HOPPER_MC_ROWS;
 pub const HOPPER_TMA_K: usize = thresholds::HOPPER_TMA_K;
 pub const HOPPER_TMA_ROWS: f64 = thresholds::HOPPER_TMA_ROWS;
+/// HOPPER_TMA_ROWS on an H100 ([`Table::H100`]): wgmma_tma from above HOPPER_SMALL_ROWS. Measured
+/// there (tests/gpu/bench_forward.py, each GEMM with every configuration forced, whole forwards in
+/// CUDA graphs; bench/results/decode/README.md, "Between 16 and 256 rows"): at 32 to 128 rows per
+/// expert wgmma_tma took 0.91-1.0x wgmma_ws's time in 27 of 28 GEMMs (fine-grained, Granite, Qwen3,
+/// OLMoE and GPT-OSS-20B layers at 128 to 1024 tokens; the other, OLMoE's GEMM1 at 1024 tokens,
+/// 1.02x), where the H200's measurement gave wgmma_ws the lead; the whole layer, this choice against
+/// the default table's in one call: 0.95-1.0x (seven layers, 256 to 2048 tokens).
+pub const HOPPER_TMA_ROWS_H100: f64 = thresholds::HOPPER_TMA_ROWS_H100;
+
+/// HOPPER_TMA_ROWS of a card's table.
+fn hopper_tma_rows(table: Table) -> f64 {
+    match table {
+        Table::Default => HOPPER_TMA_ROWS,
+        Table::H100 => HOPPER_TMA_ROWS_H100,
+    }
+}
+
 /// From this reduction depth the TMA kernels get a full grid (one CTA or pair per work unit) instead
 /// of a persistent one (H200, Mixtral at 1024 tokens: GEMM1 1.21 -> 1.01 ms, GEMM2 0.60 -> 0.55;
 /// neutral at 4096 tokens; Qwen3's K = 2048 / 768 was 3-8% slower with it: tests/gpu/RESULTS.md).
@@ -61,15 +78,15 @@ pub const FULL_GRID_K: usize = thresholds::FULL_GRID_K;
 
 /// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
 /// `n_assign` rows over `experts` experts, W [E, n, k_depth] (n: W's rows, a GLU's gate and up both),
-/// on `arch`. f32 has one kernel.
-pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_depth: usize, arch: Arch) -> GemmCfg {
+/// on `arch` with the device's `table`. f32 has one kernel.
+pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_depth: usize, arch: Arch, table: Table) -> GemmCfg {
     if elem == ElemType::F32 {
         return GemmCfg::F32;
     }
     if skinny_16bit(n_assign, experts, n, k_depth) {
         return GemmCfg::Skinny;
     }
-    choose(n_assign, experts, k_depth, arch.has_wgmma())
+    choose(n_assign, experts, k_depth, arch.has_wgmma().then_some(table))
 }
 
 /// Whether the skinny kernel runs a 16-bit W. It reaches its bandwidth sooner than the mma.sync
@@ -79,7 +96,7 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_dep
 /// configurations forced in turn (tests/gpu/bench_forward.py; bench/results/decode/README.md): 11
 /// layer shapes at 1 to 64 tokens, 106 GEMMs. At K <= 1024 and up to 8 rows per expert (30 GEMMs:
 /// fine-grained and Granite layers, the GEMM2 of Qwen3 and OLMoE) it took 0.68-1.004x the time of
-/// the previous choice. At one row per expert it took 0.85-0.97x up to 100 MiB of the hit experts'
+/// the previous choice (a later sweep found Qwen3's GEMM2 at 8 rows per expert at 1.05x). At one row per expert it took 0.85-0.97x up to 100 MiB of the hit experts'
 /// W (9 GEMMs), 1.02-1.03x at 127 MiB, 0.94-1.08x between 170 and 400 MiB and up to 1.21x above.
 pub fn skinny_16bit(n_assign: usize, experts: usize, n: usize, k_depth: usize) -> bool {
     let r = rows_per_expert(n_assign, experts);
@@ -103,7 +120,7 @@ pub fn pick_quant_cfg(n_assign: usize, experts: usize, k_depth: usize, arch: Arc
     if arch.has_wgmma() && r > QUANT_WGMMA_ROWS && quant_wgmma_fits(k_depth, block_in) {
         return GemmCfg::WgmmaWs;
     }
-    choose(n_assign, experts, k_depth, false)
+    choose(n_assign, experts, k_depth, None)
 }
 
 /// Whether wgmma_ws's quantized form converts this W on its packed path: whole 16-element pieces
@@ -119,19 +136,20 @@ fn rows_per_expert(n_assign: usize, experts: usize) -> f64 {
 }
 
 /// The mma.sync and wgmma choice, above the skinny kernel's rows.
-fn choose(n_assign: usize, experts: usize, k_depth: usize, wgmma: bool) -> GemmCfg {
+/// `wgmma`: the device's table where the wgmma kernels run, None elsewhere.
+fn choose(n_assign: usize, experts: usize, k_depth: usize, wgmma: Option<Table>) -> GemmCfg {
     let r = rows_per_expert(n_assign, experts);
     if r <= 1.0 && k_depth <= 2048 {
         return GemmCfg::T32x32;
     }
-    let small = if wgmma { HOPPER_SMALL_ROWS } else { SMALL_ROWS };
+    let small = if wgmma.is_some() { HOPPER_SMALL_ROWS } else { SMALL_ROWS };
     if r <= small {
         return if k_depth >= 8192 { GemmCfg::T32x64s6 } else { GemmCfg::T32x64 };
     }
-    if wgmma {
+    if let Some(table) = wgmma {
         return if (k_depth >= HOPPER_MC_DEEP_K && r > HOPPER_MC_DEEP_ROWS) || (k_depth >= HOPPER_TMA_K && r >= HOPPER_MC_ROWS) {
             GemmCfg::WgmmaMc
-        } else if k_depth >= HOPPER_TMA_K || r >= HOPPER_TMA_ROWS {
+        } else if k_depth >= HOPPER_TMA_K || r >= hopper_tma_rows(table) {
             GemmCfg::WgmmaTma
         } else {
             GemmCfg::WgmmaWs
@@ -160,9 +178,9 @@ mod tests {
                         let bytes = e.min(n) * wn * k * 2;
                         let short = k <= SKINNY_SHORT_K && r <= SKINNY_SHORT_K_ROWS;
                         let one_row = r <= 1.0 && bytes <= SKINNY_ONE_ROW_BYTES;
-                        let want = if r <= SKINNY_ROWS || short || one_row { GemmCfg::Skinny } else { choose(n, e, k, arch.has_wgmma()) };
-                        assert_eq!(pick_cfg(bf, n, e, wn, k, arch), want, "{n} rows over {e} experts, W {wn} x {k}");
-                        assert_eq!(pick_cfg(ElemType::F16, n, e, wn, k, arch), want);
+                        let want = if r <= SKINNY_ROWS || short || one_row { GemmCfg::Skinny } else { choose(n, e, k, arch.has_wgmma().then_some(Table::Default)) };
+                        assert_eq!(pick_cfg(bf, n, e, wn, k, arch, Table::Default), want, "{n} rows over {e} experts, W {wn} x {k}");
+                        assert_eq!(pick_cfg(ElemType::F16, n, e, wn, k, arch, Table::Default), want);
                     }
                 }
                 // quantized W: its own threshold
@@ -170,38 +188,38 @@ mod tests {
                 assert_eq!(pick_quant_cfg(2, 8, k, arch, k), GemmCfg::Skinny);
                 assert_eq!(pick_quant_cfg(qat, 8, k, arch, k), GemmCfg::Skinny, "{qat} rows over 8 experts");
                 if !arch.has_wgmma() {
-                    assert_eq!(pick_quant_cfg(qat + 1, 8, k, arch, k), choose(qat + 1, 8, k, false));
+                    assert_eq!(pick_quant_cfg(qat + 1, 8, k, arch, k), choose(qat + 1, 8, k, None));
                 }
             }
         }
         // the measured cases (`skinny_16bit`): one token of GPT-OSS (4 rows over 128 experts) takes
         // it for GEMM2 (W 2880 x 2880, 63 MiB), not for GEMM1 (5760 x 2880, 127 MiB); one token of
         // Mixtral (W2 4096 x 14336, 224 MiB) for neither
-        assert_eq!(pick_cfg(bf, 4, 128, 2880, 2880, Arch::Sm90a), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 4, 128, 5760, 2880, Arch::Sm90a), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 2, 8, 4096, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
-        assert_eq!(pick_cfg(bf, 2, 8, 28672, 4096, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 4, 128, 2880, 2880, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 4, 128, 5760, 2880, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 2, 8, 4096, 14336, Arch::Sm90a, Table::Default), GemmCfg::T32x64s6);
+        assert_eq!(pick_cfg(bf, 2, 8, 28672, 4096, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
         // Qwen3 (d 2048, f 768, E 128, k 8): one token both GEMMs, 16 tokens GEMM2 only (K 768), 64
         // tokens GEMM2 (4 rows per expert, K 768) but not GEMM1
-        assert_eq!(pick_cfg(bf, 8, 128, 1536, 2048, Arch::Sm90a), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 8, 128, 2048, 768, Arch::Sm90a), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 128, 128, 1536, 2048, Arch::Sm90a), GemmCfg::T32x32);
-        assert_eq!(pick_cfg(bf, 512, 128, 2048, 768, Arch::Sm90a), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 512, 128, 1536, 2048, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 8, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 8, 128, 2048, 768, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 128, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x32);
+        assert_eq!(pick_cfg(bf, 512, 128, 2048, 768, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 512, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
         // fine-grained (d 1024, f 512): up to 8 rows per expert; 16 rows not
-        assert_eq!(pick_cfg(bf, 512, 64, 1024, 1024, Arch::Sm90a), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 1024, 64, 1024, 1024, Arch::Sm90a), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 512, 64, 1024, 1024, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 1024, 64, 1024, 1024, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
         // DeepSeek-V3 GEMM2 (7168 x 2048): one token (8 rows over 256 experts, 224 MiB) no
-        assert_eq!(pick_cfg(bf, 8, 256, 7168, 2048, Arch::Sm90a), GemmCfg::T32x32);
+        assert_eq!(pick_cfg(bf, 8, 256, 7168, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x32);
         assert_eq!(pick_quant_cfg(256, 8, 4096, Arch::Sm90a, 4096), GemmCfg::Skinny);
         assert_eq!(pick_quant_cfg(264, 8, 4096, Arch::Sm80, 4096), GemmCfg::T32x64);
         // f32 has one kernel at every row count
-        assert_eq!(pick_cfg(ElemType::F32, 2, 8, 64, 4096, Arch::Sm90a), GemmCfg::F32);
+        assert_eq!(pick_cfg(ElemType::F32, 2, 8, 64, 4096, Arch::Sm90a, Table::Default), GemmCfg::F32);
         // R counts the experts that can have a row: 128 tokens of Qwen3 (1024 rows over 128
         // experts) is eight rows per expert
         assert_eq!(pick_quant_cfg(1024, 128, 2048, Arch::Sm90a, 128), GemmCfg::Skinny);
         // no rows: nothing runs, and the choice is still one that exists
-        assert_eq!(pick_cfg(bf, 0, 8, 4096, 4096, Arch::Sm80), GemmCfg::Skinny);
+        assert_eq!(pick_cfg(bf, 0, 8, 4096, 4096, Arch::Sm80, Table::Default), GemmCfg::Skinny);
     }
 
     /// The decision table of kernels/grouped_gemm.cu's header above the skinny kernel's rows, case by
@@ -211,39 +229,62 @@ mod tests {
         let bf = ElemType::BF16;
         // a W too large for the skinny kernel's one-row rule
         const WIDE: usize = 1 << 20;
-        let hopper = |n, e, k| choose(n, e, k, true);
-        let sm80 = |n, e, k| choose(n, e, k, false);
-        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::F32);
+        let hopper = |n, e, k| choose(n, e, k, Some(Table::Default));
+        let sm80 = |n, e, k| choose(n, e, k, None);
+        assert_eq!(pick_cfg(ElemType::F32, 32768, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::F32);
         // one row per expert, short K: the smallest tile (when the skinny kernel does not take it)
         assert_eq!(hopper(8, 8, 1024), GemmCfg::T32x32);
         assert_eq!(sm80(8, 8, 1024), GemmCfg::T32x32);
         // 16 rows per expert: small tiles everywhere; the deep-K variant from K = 8192
-        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::T32x64s6);
+        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 128, 8, WIDE, 14336, Arch::Sm90a, Table::Default), GemmCfg::T32x64s6);
         assert_eq!(hopper(2, 8, 4096), GemmCfg::T32x64);
         // 32 rows per expert: the warp-specialised kernels on sm_90a, small tiles elsewhere
-        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 1024, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm80), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 14336, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 1024, Arch::Sm90a, Table::Default), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 256, 8, WIDE, 4096, Arch::Sm80, Table::Default), GemmCfg::T32x64);
         // deep K: CTA pairs above 64 rows per expert
-        assert_eq!(pick_cfg(bf, 512, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 1024, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 14336, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 512, 8, WIDE, 14336, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 1024, 8, WIDE, 14336, Arch::Sm90a, Table::Default), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 14336, Arch::Sm90a, Table::Default), GemmCfg::WgmmaMc);
         // K = 4096: W by TMA, CTA pairs from 1024 rows per expert
-        assert_eq!(pick_cfg(bf, 2048, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 4096, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 8192, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
-        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm90a), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 2048, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 4096, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::WgmmaMc);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm90a, Table::Default), GemmCfg::WgmmaMc);
         // short K: cp.async below 256 rows per expert, TMA from there
-        assert_eq!(pick_cfg(bf, 8192, 128, WIDE, 2048, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 32768, 128, WIDE, 768, Arch::Sm90a), GemmCfg::WgmmaTma);
-        assert_eq!(pick_cfg(bf, 8192, 64, WIDE, 512, Arch::Sm90a), GemmCfg::WgmmaWs);
-        assert_eq!(pick_cfg(bf, 32768, 64, WIDE, 1024, Arch::Sm90a), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 128, WIDE, 2048, Arch::Sm90a, Table::Default), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 128, WIDE, 768, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
+        assert_eq!(pick_cfg(bf, 8192, 64, WIDE, 512, Arch::Sm90a, Table::Default), GemmCfg::WgmmaWs);
+        assert_eq!(pick_cfg(bf, 32768, 64, WIDE, 1024, Arch::Sm90a, Table::Default), GemmCfg::WgmmaTma);
         // elsewhere: 128x128 unless K is short and rows few
-        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm80), GemmCfg::T128x128);
-        assert_eq!(pick_cfg(bf, 8192, 32, WIDE, 768, Arch::Sm80), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 131072, 128, WIDE, 768, Arch::Sm80), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 32768, 8, WIDE, 4096, Arch::Sm80, Table::Default), GemmCfg::T128x128);
+        assert_eq!(pick_cfg(bf, 8192, 32, WIDE, 768, Arch::Sm80, Table::Default), GemmCfg::T32x64);
+        assert_eq!(pick_cfg(bf, 131072, 128, WIDE, 768, Arch::Sm80, Table::Default), GemmCfg::T128x128);
+    }
+
+    /// The H100's table: wgmma_tma from above 16 rows per expert where W is TMA-readable (the
+    /// default table keeps wgmma_ws below 256 rows at short K); everything else as the default.
+    #[test]
+    fn the_h100_takes_wgmma_tma_from_the_small_tiles_up() {
+        let bf = ElemType::BF16;
+        assert_eq!(Table::for_device("NVIDIA H100 80GB HBM3"), Table::H100);
+        assert_eq!(Table::for_device("NVIDIA H200"), Table::Default);
+        assert_eq!(Table::for_device("NVIDIA A100-SXM4-80GB"), Table::Default);
+        for (n, e, wn, k) in [(8192, 128, 1536, 2048), (8192, 64, 1024, 1024), (2048, 64, 1024, 1024), (4096, 32, 5760, 2880), (32768, 256, 7168, 2048)] {
+            assert_eq!(pick_cfg(bf, n, e, wn, k, Arch::Sm90a, Table::Default), GemmCfg::WgmmaWs, "{n} {e} {k}");
+            assert_eq!(pick_cfg(bf, n, e, wn, k, Arch::Sm90a, Table::H100), GemmCfg::WgmmaTma, "{n} {e} {k}");
+        }
+        // at or below the small tiles' rows, from 256 rows, at K >= 4096, and without wgmma: the same
+        for (n, e, wn, k) in [(2048, 128, 1536, 2048), (32768, 128, 1536, 2048), (2048, 8, 28672, 4096), (1024, 8, 4096, 14336), (8192, 128, 1536, 2048)] {
+            for arch in [Arch::Sm80, Arch::Sm89, Arch::Sm90a] {
+                let same = arch != Arch::Sm90a || n / e.min(n) <= 16 || n / e.min(n) >= 256 || k >= 4096;
+                if same {
+                    assert_eq!(pick_cfg(bf, n, e, wn, k, arch, Table::H100), pick_cfg(bf, n, e, wn, k, arch, Table::Default), "{n} {e} {k} {arch:?}");
+                }
+            }
+        }
     }
 
     /// Quantized W: above the skinny kernel's rows, wgmma_ws's quantized form on sm_90a where its
@@ -261,7 +302,7 @@ mod tests {
                     } else if arch == Arch::Sm90a && r > QUANT_WGMMA_ROWS && block_in != 32 {
                         assert_eq!(q, GemmCfg::WgmmaWs, "{n} {e} {k} {block_in}");
                     } else {
-                        assert_eq!(q, choose(n, e, k, false), "{n} {e} {k} {block_in} {arch:?}");
+                        assert_eq!(q, choose(n, e, k, None), "{n} {e} {k} {block_in} {arch:?}");
                     }
                     assert!(q.has_quant() && q.runs_on(arch), "{q:?}");
                 }
