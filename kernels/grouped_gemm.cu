@@ -45,16 +45,17 @@
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.
-// Choosing a kernel (measured on H200, bf16, but the skinny thresholds, measured on H100; R = rows
-// per active expert = N_assign / min(E, N_assign)):
+// Choosing a kernel (measured on H200, bf16, but the skinny thresholds and the H100's table,
+// measured on H100; R = rows per active expert = N_assign / min(E, N_assign)):
 //   quantized W: R <= QUANT_SKINNY_ROWS (32) -> skinny, every arch; 16-bit W: skinny at K <= 1024
 //           and R <= 8, or at R <= 1 when the hit experts' W (min(E, N_assign) N K 2 bytes) is at
 //           most 100 MiB (kernels/manifest.toml [selection]; src/cuda/forward/selection.rs
 //           `skinny_16bit` gives the measurements);
 //   R <= 1 and K <= 2048 -> 32x32;
 //   sm_90a: R <= 16 -> 32x64 (32x64s6 when K >= 8192); else wgmma_mc when K >= 8192 and R > 64
-//           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (both when W is
-//           TMA-readable), else wgmma_ws;
+//           or K >= 4096 and R >= 1024, wgmma_tma when K >= 4096 or R >= 256 (on an H100: R > 16;
+//           the per-card table of src/cuda/arch.rs `Table`) (both when W is TMA-readable), else
+//           wgmma_ws;
 //           grouped input (grouped_in = 1) takes wgmma_mc_ga instead of wgmma_mc when X is
 //           TMA-readable too;
 //   elsewhere: R <= 128 -> 32x64 (32x64s6 when K >= 8192); K < 1024 and R <= 512 -> 32x64;
