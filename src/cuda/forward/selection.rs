@@ -9,9 +9,9 @@ use crate::spec::ElemType;
 /// Rows per active expert at or below which the skinny kernel (kernels/skinny_gemm.cu: W streamed
 /// into registers, 8 rows of X a unit) runs a 16-bit W whatever K and size: 0, never. Measured on an
 /// H100 (`bash tests/gpu/run_skinny.sh`, GEMM1 and GEMM2 alone, L2 flushed:
-/// bench/results/skinny/h100-skinny.md), its 16-bit form was 0.74-0.97x the mma.sync tiles at
-/// Mixtral and DeepSeek-V3 from 4 to 16 tokens, where they stream a long W at 80-92% of the
-/// bandwidth. Where it does win, [`skinny_16bit`] says.
+/// bench/results/skinny/h100-skinny.md), at Mixtral and DeepSeek-V3 the mma.sync tiles' time over
+/// its 16-bit form's was 0.74-0.94 at 16 tokens and 0.84-1.03 at one token: there the tiles stream a
+/// long W at 80-92% of the bandwidth. Where it does win, [`skinny_16bit`] says.
 pub const SKINNY_ROWS: f64 = thresholds::SKINNY_ROWS;
 /// A 16-bit W also takes the skinny kernel at K up to SKINNY_SHORT_K and R up to
 /// SKINNY_SHORT_K_ROWS, or at R <= 1 when the hit experts' W is at most SKINNY_ONE_ROW_BYTES
@@ -96,8 +96,9 @@ pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_dep
 /// configurations forced in turn (tests/gpu/bench_forward.py; bench/results/decode/README.md): 11
 /// layer shapes at 1 to 64 tokens, 106 GEMMs. At K <= 1024 and up to 8 rows per expert (30 GEMMs:
 /// fine-grained and Granite layers, the GEMM2 of Qwen3 and OLMoE) it took 0.68-1.004x the time of
-/// the previous choice (a later sweep found Qwen3's GEMM2 at 8 rows per expert at 1.05x). At one row per expert it took 0.85-0.97x up to 100 MiB of the hit experts'
-/// W (9 GEMMs), 1.02-1.03x at 127 MiB, 0.94-1.08x between 170 and 400 MiB and up to 1.21x above.
+/// the previous choice (a later sweep found Qwen3's GEMM2 at 8 rows per expert at 1.05x). At one
+/// row per expert it took 0.85-0.97x up to 100 MiB of the hit experts' W (9 GEMMs), 1.02-1.03x at
+/// 127 MiB, 0.94-1.08x between 170 and 400 MiB and up to 1.21x above.
 pub fn skinny_16bit(n_assign: usize, experts: usize, n: usize, k_depth: usize) -> bool {
     let r = rows_per_expert(n_assign, experts);
     if r <= SKINNY_ROWS || (k_depth <= SKINNY_SHORT_K && r <= SKINNY_SHORT_K_ROWS) {
