@@ -193,25 +193,30 @@ mod tests {
                 }
             }
         }
-        // the measured cases (`skinny_16bit`): one token of GPT-OSS (4 rows over 128 experts) takes
-        // it for GEMM2 (W 2880 x 2880, 63 MiB), not for GEMM1 (5760 x 2880, 127 MiB); one token of
-        // Mixtral (W2 4096 x 14336, 224 MiB) for neither
-        assert_eq!(pick_cfg(bf, 4, 128, 2880, 2880, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 4, 128, 5760, 2880, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
-        assert_eq!(pick_cfg(bf, 2, 8, 4096, 14336, Arch::Sm90a, Table::Default), GemmCfg::T32x64s6);
-        assert_eq!(pick_cfg(bf, 2, 8, 28672, 4096, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
-        // Qwen3 (d 2048, f 768, E 128, k 8): one token both GEMMs, 16 tokens GEMM2 only (K 768), 64
-        // tokens GEMM2 (4 rows per expert, K 768) but not GEMM1
-        assert_eq!(pick_cfg(bf, 8, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 8, 128, 2048, 768, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 128, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x32);
-        assert_eq!(pick_cfg(bf, 512, 128, 2048, 768, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 512, 128, 1536, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
-        // fine-grained (d 1024, f 512): up to 8 rows per expert; 16 rows not
-        assert_eq!(pick_cfg(bf, 512, 64, 1024, 1024, Arch::Sm90a, Table::Default), GemmCfg::Skinny);
-        assert_eq!(pick_cfg(bf, 1024, 64, 1024, 1024, Arch::Sm90a, Table::Default), GemmCfg::T32x64);
-        // DeepSeek-V3 GEMM2 (7168 x 2048): one token (8 rows over 256 experts, 224 MiB) no
-        assert_eq!(pick_cfg(bf, 8, 256, 7168, 2048, Arch::Sm90a, Table::Default), GemmCfg::T32x32);
+        // the measured cases (`skinny_16bit`): rows, experts, W's rows and K, the choice
+        let measured = [
+            // one token of GPT-OSS (4 rows over 128 experts): GEMM2 (63 MiB of W), not GEMM1 (127 MiB)
+            (4, 128, 2880, 2880, GemmCfg::Skinny),
+            (4, 128, 5760, 2880, GemmCfg::T32x64),
+            // one token of Mixtral (GEMM2's W 224 MiB): neither GEMM
+            (2, 8, 4096, 14336, GemmCfg::T32x64s6),
+            (2, 8, 28672, 4096, GemmCfg::T32x64),
+            // Qwen3 (d 2048, f 768, E 128, k 8): one token both GEMMs; 16 tokens GEMM2 only (K 768);
+            // 64 tokens (4 rows per expert) GEMM2 but not GEMM1
+            (8, 128, 1536, 2048, GemmCfg::Skinny),
+            (8, 128, 2048, 768, GemmCfg::Skinny),
+            (128, 128, 1536, 2048, GemmCfg::T32x32),
+            (512, 128, 2048, 768, GemmCfg::Skinny),
+            (512, 128, 1536, 2048, GemmCfg::T32x64),
+            // fine-grained (d 1024, f 512): up to 8 rows per expert; 16 rows not
+            (512, 64, 1024, 1024, GemmCfg::Skinny),
+            (1024, 64, 1024, 1024, GemmCfg::T32x64),
+            // DeepSeek-V3's GEMM2 (7168 x 2048) at one token (8 rows over 256 experts, 224 MiB): no
+            (8, 256, 7168, 2048, GemmCfg::T32x32),
+        ];
+        for (n, e, wn, k, want) in measured {
+            assert_eq!(pick_cfg(bf, n, e, wn, k, Arch::Sm90a, Table::Default), want, "{n} rows over {e} experts, W {wn} x {k}");
+        }
         assert_eq!(pick_quant_cfg(256, 8, 4096, Arch::Sm90a, 4096), GemmCfg::Skinny);
         assert_eq!(pick_quant_cfg(264, 8, 4096, Arch::Sm80, 4096), GemmCfg::T32x64);
         // f32 has one kernel at every row count
