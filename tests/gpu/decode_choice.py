@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_table import SKINNY_ONE_ROW_BYTES, SKINNY_SHORT_K, SKINNY_SHORT_K_ROWS  # noqa: E402
+import choice  # noqa: E402
 
 
 def bench_shapes():
@@ -29,18 +29,13 @@ CFGS = ("32x32", "32x64", "32x64s6", "skinny")
 
 
 def tiles(n_assign, E, K):
-    """The choice among the mma.sync tiles at up to 16 rows per expert (selection.rs `choose`)."""
-    R = n_assign / max(1, min(E, n_assign))
-    if R <= 1 and K <= 2048:
-        return "32x32"
-    return "32x64s6" if K >= 8192 else "32x64"
+    """The choice without the skinny kernel's 16-bit rules (the mma.sync tiles at up to 16 rows per
+    expert on sm_90a)."""
+    return choice.choose(n_assign, E, K, hopper=True)
 
 
 def now(n_assign, E, N, K):
-    R = n_assign / max(1, min(E, n_assign))
-    if (K <= SKINNY_SHORT_K and R <= SKINNY_SHORT_K_ROWS) or (R <= 1 and min(E, n_assign) * N * K * 2 <= SKINNY_ONE_ROW_BYTES):
-        return "skinny"
-    return tiles(n_assign, E, K)
+    return choice.pick_cfg(n_assign, E, K, N, hopper=True)
 
 
 def main():

@@ -11,11 +11,10 @@ ROUTING_CHUNK = 4096
 GLU = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 # The kernel catalogue (geometry, clusters, TMA forms, activation codes, thresholds), generated from
 # kernels/manifest.toml: the same table the library's driver and kernel choice read.
-from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, HOPPER_MC_DEEP_K,  # noqa: E402
-                          HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K,
-                          HOPPER_TMA_ROWS, HOPPER_TMA_ROWS_H100, MODULES, PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE,
-                          QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ONE_ROW_BYTES,
-                          SKINNY_ROWS, SKINNY_SHORT_K, SKINNY_SHORT_K_ROWS, SMALL_ROWS, TC_CFGS, TMA_W)
+import choice  # noqa: E402  (the kernel choice for a 16-bit W, torch-free)
+from kernel_table import (ACT, CLUSTER, F32_CFG, FULL_GRID_K, GEMM_MODULE, GROUPED_A, MODULES,  # noqa: E402
+                          PLAIN_THREADS, QUANT_CFGS, QUANT_MODULE, QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ROWS,
+                          SMALL_ROWS, TC_CFGS, TMA_W)
 TNAME = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -81,7 +80,7 @@ class Kernels:
         self.quant_wgmma_rows = float(os.environ.get("SMOE_QUANT_WGMMA_ROWS", str(QUANT_WGMMA_ROWS)))
         # the per-card table of selection.rs (`Table::for_device`: the H100's, else the default);
         # SMOE_HOPPER_TMA_ROWS moves it for A/B runs
-        tma_rows = HOPPER_TMA_ROWS_H100 if "H100" in torch.cuda.get_device_name() else HOPPER_TMA_ROWS
+        tma_rows = choice.table_tma_rows(torch.cuda.get_device_name())
         self.hopper_tma_rows = float(os.environ.get("SMOE_HOPPER_TMA_ROWS", str(tma_rows)))
 
     def load_module(self, name, path):
@@ -178,27 +177,11 @@ class Kernels:
 
     # ------------------------------------------------------------------ grouped GEMM
     def pick_cfg(self, N_assign, E, K, N=None):
-        """Kernel choice from the H200 per-GEMM timings (tests/gpu/RESULTS.md) and the H100 decode
-        timings (bench/results/decode/README.md); mirrors src/cuda/forward/selection.rs pick_cfg. W
-        [E, N, K]; N None: the one-row rule of the skinny kernel (it needs W's size) is left out.
-        A negative self.skinny_rows (SMOE_SKINNY_ROWS) turns the skinny kernel off for A/B runs."""
-        R = N_assign / max(1, min(E, N_assign))  # rows per active expert
-        if self.skinny_rows >= 0:
-            one_row = N is not None and R <= 1 and min(E, N_assign) * N * K * 2 <= SKINNY_ONE_ROW_BYTES
-            if R <= self.skinny_rows or (K <= SKINNY_SHORT_K and R <= SKINNY_SHORT_K_ROWS) or one_row:
-                return "skinny"
-        if R <= 1 and K <= 2048:
-            return "32x32"
-        hopper = self.large_cfg == "wgmma_ws"
-        if R <= (HOPPER_SMALL_ROWS if hopper else self.small_rows):
-            return "32x64s6" if K >= 8192 else "32x64"
-        if hopper:
-            if (K >= HOPPER_MC_DEEP_K and R > HOPPER_MC_DEEP_ROWS) or (K >= HOPPER_TMA_K and R >= HOPPER_MC_ROWS):
-                return "wgmma_mc"
-            return "wgmma_tma" if K >= HOPPER_TMA_K or R >= self.hopper_tma_rows else "wgmma_ws"
-        if K < 1024 and R <= 512:
-            return "32x64"
-        return self.large_cfg
+        """The library's choice for a 16-bit W [E, N, K] (choice.py, mirroring
+        src/cuda/forward/selection.rs) with this host's thresholds: the card's table and the SMOE_*
+        overrides. N None: the skinny kernel's one-row rule (it needs W's size) is left out."""
+        return choice.pick_cfg(N_assign, E, K, N, hopper=self.large_cfg == "wgmma_ws", tma_rows=self.hopper_tma_rows,
+                               skinny_rows=self.skinny_rows, small_rows=self.small_rows, large_cfg=self.large_cfg)
 
     def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
@@ -253,13 +236,7 @@ class Kernels:
             return "skinny"
         if self.large_cfg == "wgmma_ws" and R > self.quant_wgmma_rows and K % 16 == 0 and (bi % 64 == 0 or bi >= K):
             return "wgmma_ws"
-        if R <= 1 and K <= 2048:
-            return "32x32"
-        if R <= SMALL_ROWS:
-            return "32x64s6" if K >= 8192 else "32x64"
-        if K < 1024 and R <= 512:
-            return "32x64"
-        return "128x128"
+        return choice.choose(N_assign, E, K, hopper=False)
 
     def qgemm(self, X, q, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
               act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):

@@ -76,7 +76,8 @@ fn hopper_tma_rows(table: Table) -> f64 {
 /// neutral at 4096 tokens; Qwen3's K = 2048 / 768 was 3-8% slower with it: tests/gpu/RESULTS.md).
 pub const FULL_GRID_K: usize = thresholds::FULL_GRID_K;
 
-/// The kernel choice of kernels/grouped_gemm.cu's header (tests/gpu/smoe_cuda.py `pick_cfg`):
+/// The kernel choice of kernels/grouped_gemm.cu's header (mirrored by tests/gpu/choice.py `pick_cfg`, which
+/// python/tests/test_gpu_choice.py holds to the cases pinned below):
 /// `n_assign` rows over `experts` experts, W [E, n, k_depth] (n: W's rows, a GLU's gate and up both),
 /// on `arch` with the device's `table`. f32 has one kernel.
 pub fn pick_cfg(elem: ElemType, n_assign: usize, experts: usize, n: usize, k_depth: usize, arch: Arch, table: Table) -> GemmCfg {
