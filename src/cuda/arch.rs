@@ -80,7 +80,8 @@ mod tests {
 /// Which table of the kernel choice's thresholds a card takes where two cards of one arch were
 /// measured apart (src/cuda/forward/selection.rs): the H200's (the default, where most were
 /// measured) or the H100's. Keyed by the device's name, as tuned kernel tables are; a card measured
-/// on neither takes the default.
+/// on neither takes the default. The H100's was measured on the SXM part (H100 80GB HBM3); the
+/// other H100s (PCIe, NVL) take it too, unmeasured; H800, H20 and GH200 take the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Table {
     #[default]
