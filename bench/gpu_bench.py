@@ -59,6 +59,8 @@ renormalise) is random and identical in every column, whether given or computed 
   ours/ORT / floor, kernels (graph) / floor   the two as multiples of the floor
   routing/G1/G2/comb us   device time of each part of the kernels' forward: one CUDA graph per part over
                     the input sets, event-timed like the graph columns (peers/breakdown.py)
+  G1/G2 kernel      the GEMM configurations the kernels' forward ran (smoe_cuda's choice, which mirrors
+                    the library's: tests/gpu/choice.py)
 Quantized columns, in a table of their own (bench/peers/quant_bench.py), for the SwiGLU layers without
 biases that fit (mixtral, qwen3, fine): floor fp8 / floor int4 (the floor with the quantized weight bytes),
 ours fp8/ORT, ours int4/ORT, ours int8/ORT (ScatterMoE with quantized w_in / w_out), QMoE int4 / QMoE int8
@@ -491,6 +493,8 @@ class Bench(QuantColumns):
             b.update(H=scratch["H"], O=scratch["O"], Y=torch.empty(max(T, 1), st["d"], dtype=torch.bfloat16, device=st["w_gu"].device))
         fns = [lambda s=s, b=b: self.kernels_forward(st, s, b) for s, b in zip(sets, bufs)]
         self._torch_column("kernels", fns, ref, row)
+        n, d, f = T * st["k"], st["d"], st["f"]
+        row["kernels_cfgs"] = f"{K.pick_cfg(n, st['E'], d, 2 * f)}/{K.pick_cfg(n, st['E'], f, d)}"
         if "kernels/graph" in row and not self.repeating:  # every set's full forward has run: its buffers hold its routing
             try:
                 row["kernels_parts"] = breakdown.parts_us(lambda i, stages: self.kernels_forward(st, sets[i], bufs[i], stages),

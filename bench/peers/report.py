@@ -58,6 +58,8 @@ def _cell(v, fmt):
 # (key, header) of the ratios to the floor in the main table
 FLOOR_RATIOS = [("ours/ORT", "ours/ORT / floor"), ("kernels/graph", "kernels (graph) / floor")]
 PARTS_HEADER = "routing/G1/G2/comb us"
+# the GEMM kernels our op chose for the row (the library's choice, as the Python host mirrors it)
+CFGS_HEADER = "G1/G2 kernel"
 
 
 def floor_ratio(row, key):
@@ -71,13 +73,13 @@ def table(rows, columns=None):
     columns = columns or COLUMNS
     head = ["shape", "tokens"] + [h for _, h, _ in columns] + ["fastest (host)", "fastest (graph)"]
     if main:
-        head += [h for _, h in FLOOR_RATIOS] + [PARTS_HEADER]
+        head += [h for _, h in FLOOR_RATIOS] + [PARTS_HEADER, CFGS_HEADER]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(columns) + 1) + "---|---|" + "---:|" * (len(head) - len(columns) - 4)]
     for r in rows:
         cells = [r["shape"], str(r["tokens"])] + [_cell(r.get(k), "{:.3f}") for k, _, _ in columns]
         cells += [fastest(r, "host", columns), fastest(r, "graph", columns)]
         if main:
-            cells += [floor_ratio(r, k) for k, _ in FLOOR_RATIOS] + [breakdown.cell(r.get("kernels_parts"))]
+            cells += [floor_ratio(r, k) for k, _ in FLOOR_RATIOS] + [breakdown.cell(r.get("kernels_parts")), r.get("kernels_cfgs") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -63,12 +63,13 @@ def test_close_pairs_compare_the_fastest_peer_per_timing_kind():
 
 def test_main_table_has_floor_ratios_and_parts():
     r = _row(**{"ours/ORT": 0.75, "kernels/graph": 0.6,
-                "kernels_parts": {"routing": 9.04, "G1": 301.4, "G2": 150.6, "comb": 20.2}})
+                "kernels_parts": {"routing": 9.04, "G1": 301.4, "G2": 150.6, "comb": 20.2}, "kernels_cfgs": "32x64/skinny"})
     lines = report.table([r]).splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     cells = dict(zip(head, [c.strip() for c in lines[2].strip("|").split("|")]))
     assert cells["ours/ORT / floor"] == "1.50x" and cells["kernels (graph) / floor"] == "1.20x"
     assert cells["routing/G1/G2/comb us"] == "9.0/301/151/20"
+    assert cells["G1/G2 kernel"] == "32x64/skinny"
     assert lines[1].count("|") == len(head) + 1
     assert breakdown.cell({"routing": 1.0}) == "-" and report.floor_ratio(_row(), "ours/ORT") == "-"
 
