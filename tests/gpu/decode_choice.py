@@ -1,7 +1,7 @@
 """The small-tile kernel choice at decode, from tests/gpu/bench_forward.py's records: for every GEMM of
 every row, the time of each forced configuration, the choice before the skinny kernel's 16-bit rules
-(the mma.sync tiles only), the choice now (src/cuda/forward/selection.rs `pick_cfg`, mirrored by
-smoe_cuda.Kernels.pick_cfg with the thresholds of kernel_table.py) and the fastest.
+(the mma.sync tiles only), the choice now (src/cuda/forward/selection.rs `pick_cfg`, as
+tests/gpu/choice.py mirrors it) and the fastest.
 
 usage: python3 tests/gpu/decode_choice.py RECORD.json [...]   (bench/results/decode/README.md)
 Runs anywhere (no GPU): it only reads the records."""
