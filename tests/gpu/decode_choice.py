@@ -59,7 +59,7 @@ def main():
                     tot[key] += us[c]
                 layer["before"] += us[b]
                 layer["now"] += us[w]
-                R = n / max(1, min(E, n))
+                R = choice.rows_per_expert(n, E)
                 mib = min(E, n) * N * K * 2 / 2**20
                 print(f"{r['shape']:12s} {T:3d} {g:4s} {K:5d} {R:4.0f} {mib:7.0f} | {b:8s} {us[b]:6.1f} | {w:8s} {us[w]:6.1f} | "
                       f"{best:8s} {us[best]:6.1f} | {us[w] / us[b]:.3f}")

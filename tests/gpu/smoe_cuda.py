@@ -230,7 +230,7 @@ class Kernels:
         form where its packed path takes W (K % 16 == 0, block_in a multiple of 64 or >= K; block_in
         None: one block across K); else the mma.sync tiles, with the thresholds used where there is
         no wgmma."""
-        R = N_assign / max(1, min(E, N_assign))
+        R = choice.rows_per_expert(N_assign, E)
         bi = K if block_in is None else min(block_in, K)
         if R <= self.quant_skinny_rows:
             return "skinny"
