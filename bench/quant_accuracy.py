@@ -8,8 +8,10 @@ standard normal / sqrt(fan-in), as bench/gpu_bench.py draws them; external data)
 (docs/quantize.md) and reports max |y_q - y| / max |y| over the layer's output at 1, 16 and 64
 tokens, both layers run by the op's CPU kernels on the same random inputs: the error the
 quantization adds to the bfloat16 layer. Prints one markdown table; the CLI's JSON per form goes to
-WORK/<shape>-<form>.json (`--render` prints the table again from those files). Needs target/release/scattermoe (cargo build --release) and about 3x the
-layer's bytes of memory (Mixtral: 2.8 GB of weights).
+WORK/<shape>-<form>.json (`--render` prints the table again from those files). The layer's model
+stays in WORK (Mixtral's: 2.8 GB), each quantized one is removed after its report. Needs
+target/release/scattermoe (cargo build --release); the CLI holds one node's weights as float32
+(docs/quantize.md: 5.6 GB for Mixtral's).
 """
 import argparse
 import json
@@ -35,6 +37,11 @@ FORMS = {
     "int4 group 128": ["--int4", "--group", "128"],
     "int4 group 128 symmetric": ["--int4", "--group", "128", "--symmetric"],
 }
+
+
+def tag(form):
+    """A form's name in file names."""
+    return form.replace(" ", "-")
 
 
 def bf16_bits(a):
@@ -87,13 +94,12 @@ def main():
         src = os.path.join(a.work, f"{shape}.onnx")
         layer_model(src, d, f, E, k, a.seed)
         for form, opts in FORMS.items():
-            tag = form.replace(" ", "-")
-            out = os.path.join(a.work, f"{shape}-{tag}.onnx")
+            out = os.path.join(a.work, f"{shape}-{tag(form)}.onnx")
             r = subprocess.run([cli, "quantize", *opts, "--json", "--force", src, out], capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"{shape} {form}: scattermoe quantize failed ({r.returncode}): {r.stderr.strip()}")
             rep = json.loads(r.stdout)
-            with open(os.path.join(a.work, f"{shape}-{tag}.json"), "w") as fh:
+            with open(os.path.join(a.work, f"{shape}-{tag(form)}.json"), "w") as fh:
                 json.dump(rep, fh, indent=1)
             for p in (out, out + ".data"):
                 if os.path.exists(p):
@@ -107,7 +113,7 @@ def table(work, shapes):
     lines = []
     for shape in shapes:
         for form in FORMS:
-            path = os.path.join(work, f"{shape}-{form.replace(' ', '-')}.json")
+            path = os.path.join(work, f"{shape}-{tag(form)}.json")
             if not os.path.exists(path):
                 continue
             errs = json.load(open(path))["nodes"][0]["errors"]
