@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from peers.onnx_models import bf16_bits  # (bench/ is this script's directory)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # d, f, E, k (bench/peers/layers.py)
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}
@@ -42,12 +44,6 @@ FORMS = {
 def tag(form):
     """A form's name in file names."""
     return form.replace(" ", "-")
-
-
-def bf16_bits(a):
-    """float32 -> bfloat16 bit patterns, rounded to nearest even (finite inputs)."""
-    u = a.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def weight(name, E, rows, cols, rng):

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from peers.onnx_models import bf16_bits  # (bench/ is this script's directory)
+
 ROUTERS = {
     "deepseek_v3": dict(hidden_size=7168, n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
                         routed_scaling_factor=2.5),
@@ -123,11 +125,6 @@ def compare(a, b):
     return bool((ia == ib).all()), float(np.abs(wa - wb).max()) if wa.size else 0.0
 
 
-def _bf16_bits(x):
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def check(d, lib):
     import onnxruntime as ort
 
@@ -140,7 +137,7 @@ def check(d, lib):
         for T in (1, 7, 64, 513):
             x = np.random.default_rng(T).standard_normal((T, c["hidden_size"])).astype(np.float32)
             # bfloat16 input through ONNX Runtime's OrtValue: the bits as uint16, typed bfloat16
-            v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_bf16_bits(x), 16)
+            v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bf16_bits(x), 16)
             same, dw = compare(a.run(None, {"hidden_states": v}), b.run(None, {"hidden_states": v}))
             print(f"{name} T={T}: same experts {same}, max weight difference {dw:.2e}")
             ok &= same and dw <= 1e-5
