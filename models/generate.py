@@ -518,6 +518,14 @@ def _tiny_lm(name, experts_impl="eager"):
         c = tr.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                               head_dim=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common)
         return tr.Qwen3MoeForCausalLM(c)
+    if name == "gemma4":
+        # Gemma 4's MoE layers: the experts beside a dense MLP inside the decoder layer (no block
+        # class of their own, so models/matrix.py does not enumerate them)
+        c = tr.Gemma4TextConfig(intermediate_size=48, head_dim=8, global_head_dim=8, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                                vocab_size_per_layer_input=64, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                moe_intermediate_size=24, **common)
+        return tr.Gemma4ForCausalLM(c)
     raise KeyError(name)
 
 
@@ -693,6 +701,11 @@ FAMILY_FIXTURES = [
     # MiniMax-M2: sigmoid + bias, no groups, an unsorted TopK
     ("minimax_m2_moe", "matrix:MiniMaxM2SparseMoeBlock.eager.ts17.f32", "torchscript", "float32",
      dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias")),
+    # Gemma 4: the router reads the residual and the experts its second pre-norm (the proof computes
+    # both from the value they share); the weights scaled per expert (the router stays ONNX nodes)
+    ("gemma4_lm", "lm:gemma4", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("gemma4_lm_bmm", "lm:gemma4:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("gemma4_lm_bmm_dynamo", "lm:gemma4:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
 ]
 
 

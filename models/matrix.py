@@ -6,7 +6,9 @@ Two phases, so that a change to the rewriter re-runs only the second:
     export   (needs torch 2.11 + transformers 5.17 + onnx; onnxscript for the dynamo exporter)
              enumerates every MoE block class in transformers.models.*.modeling_* (a class whose
              __init__ builds an experts module: `self.experts = ...` or `...Experts(...)`; decoder
-             layers and whole models excluded), builds each with a tiny config (d=32, E=4, k=2,
+             layers and whole models excluded, so models whose experts sit only in the decoder
+             layer, Gemma 4 and DiffusionGemma, are covered by generate.py --families' whole-LM
+             fixtures instead), builds each with a tiny config (d=32, E=4, k=2,
              small f; whatever else the config requires left at its default), seeded weights, and
              exports it for every experts implementation transformers registers that runs on CPU
              ("eager", "batched_mm", "grouped_mm"), every exporter (TorchScript opset 17 and 18,

@@ -63,15 +63,23 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     ("gpt_oss_tf4_57", "hidden_states", 1, 0),
     // transformers 4.57's DeepSeek-V2: per-expert blocks of the sorted rows (Slice at count sums)
     ("deepseek_v2_tf4_57", "hidden_states", 1, 0),
+    // Gemma 4's whole LM: the experts beside a dense MLP in each decoder layer, the router on the
+    // residual and the experts on its second pre-norm; eager (TorchScript: the loop unrolled over
+    // the hit experts, which ONNX Runtime runs only when all 4 are hit) and batched_mm (TorchScript,
+    // dynamo: the rows an RMSNorm of reshaped rows, rank 2 through the norm)
+    ("gemma4_lm", "input_ids", 2, 0),
+    ("gemma4_lm_bmm", "input_ids", 2, 0),
+    ("gemma4_lm_bmm_dynamo", "input_ids", 2, 0),
 ];
 
 /// Fixtures the rewriter must replace with the numeric proof on (the default), each layer proven
 /// (JetMoE's LM: its 2 MoE layers as ScatterMoE and its 4 Mixture-of-Attention projections as
-/// ParallelLinear).
+/// ParallelLinear; Gemma 4's LMs: the proof draws the value the router and the experts' rows are
+/// both computed from, prove/region.rs `common_source`).
 /// JetMoE's float16 block is proven against its float32 twin (ONNX Runtime's CPU provider has no
 /// float16 ScatterND with a reduction, so the region itself runs at no token count).
 const PROVEN: &[&str] =
-    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57", "deepseek_v2_tf4_57"];
+    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57", "deepseek_v2_tf4_57", "gemma4_lm", "gemma4_lm_bmm", "gemma4_lm_bmm_dynamo"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
@@ -336,13 +344,14 @@ fn relu2_swiglu_limit_and_llama4_top2_are_proven() {
 }
 
 /// A wrong candidate of the new forms is stopped by the proof: swiglu_limit with its limit 1% off
-/// (GLM-5-Next), Llama-4 top-2 and JetMoE's MoE layers inside its LM with two experts swapped.
+/// (GLM-5-Next), Llama-4 top-2, and JetMoE's and Gemma 4's MoE layers inside their LMs with two
+/// experts swapped.
 #[test]
 fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
     use scattermoe::onnx::graph::GraphIndex;
     use scattermoe::rewrite::emit::MoeLayer;
     use scattermoe::rewrite::rule::Rule;
-    use scattermoe::rewrite::{hf_loop, jetmoe, llama4, moa, Rejection, RewriteOptions};
+    use scattermoe::rewrite::{batched, hf_loop, jetmoe, llama4, moa, Rejection, RewriteOptions};
     struct Spoiled(fn(&GraphIndex) -> (Vec<MoeLayer>, Vec<Rejection>), fn(&mut MoeLayer));
     impl Rule for Spoiled {
         fn name(&self) -> &'static str {
@@ -361,6 +370,9 @@ fn wrong_swiglu_limit_and_llama4_top2_candidates_are_not_proven() {
         ("glm5_next_moe", Spoiled(hf_loop::find, limit_off), 1),
         ("llama4_moe_k2", Spoiled(llama4::find, swap), 1),
         ("jetmoe_lm", Spoiled(jetmoe::find, swap), 2),
+        // Gemma 4: proven from the value its router and its experts' rows share (common_source)
+        ("gemma4_lm", Spoiled(hf_loop::find, swap), 2),
+        ("gemma4_lm_bmm_dynamo", Spoiled(batched::find, swap), 2),
     ] {
         for prove in [true, false] {
             let mut model = onnx::load(&dir().join(format!("{name}.onnx"))).unwrap();

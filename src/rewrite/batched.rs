@@ -337,11 +337,37 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
 
 /// X is [T, d]: a Reshape to two entries, a Flatten, or declared rank 2.
 fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
-    match g.prod(x) {
-        Some((_, n)) if n.op_type == "Reshape" => eval(g, &n.input[1], facts, 0).is_some_and(|t| !t.open && t.v.len() == 2),
-        Some((_, n)) if n.op_type == "Flatten" => true,
-        Some(_) => false,
-        None => declared_dims(g, x).is_some_and(|t| t.v.len() == 2),
+    rank_of(g, x, facts, 0) == Some(2)
+}
+
+/// The rank of `v` where the graph fixes it: a Reshape to a shape of known length, Flatten, a
+/// declared input or a constant, through ops whose output rank their inputs' ranks give (unary
+/// ops and normalisations keep it, broadcasting binary ops take the largest, reductions keep it
+/// with keepdims): a normalisation of reshaped rows (Gemma 4's experts read an RMSNorm of
+/// `x.reshape(-1, d)`) is as rank 2 as the rows. None where that is not known.
+fn rank_of(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Option<usize> {
+    if depth > 32 {
+        return None;
+    }
+    if let Some(t) = g.const_tensor(v) {
+        return Some(t.dims.len());
+    }
+    let Some((_, n)) = g.prod(v) else { return declared_dims(g, v).map(|t| t.v.len()) };
+    let first = || rank_of(g, &n.input[0], facts, depth + 1);
+    match n.op_type.as_str() {
+        "Reshape" => eval(g, &n.input[1], facts, 0).filter(|t| !t.open).map(|t| t.v.len()),
+        "Flatten" => Some(2),
+        "Cast" | "Identity" | "Neg" | "Sqrt" | "Reciprocal" | "Abs" | "Exp" | "Log" | "Tanh" | "Sigmoid" | "Erf" | "Relu" | "Softmax"
+        | "LayerNormalization" | "SimplifiedLayerNormalization" | "RMSNormalization" => first(),
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL2" if attr_i(n, "keepdims").unwrap_or(1) == 1 => first(),
+        "Mul" | "Add" | "Sub" | "Div" | "Pow" | "Max" | "Min" => {
+            let mut r = 0;
+            for i in n.input.iter().filter(|i| !i.is_empty()) {
+                r = r.max(rank_of(g, i, facts, depth + 1)?);
+            }
+            Some(r)
+        }
+        _ => None,
     }
 }
 

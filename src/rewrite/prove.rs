@@ -285,7 +285,8 @@ fn prove_or_measure(model: &Model, g: &GraphIndex, layer: &Subject, em: &Emitted
         let shape = shape::shape_of(g, v)
             .or_else(|| {
                 // the op's own contract for its inputs when the producers do not tell
-                if *v == layer.x {
+                let rows_of = |r: &str| *r == layer.x || region.row_sources.iter().any(|(s, x)| s == r && *x == layer.x);
+                if rows_of(v) {
                     Some(vec![Dim { t: 1, c: layer.x_rows }, Dim::fixed(layer.x_width as i64)])
                 } else if layer.routing_weights.as_ref() == Some(v) || v == routing {
                     k.map(|k| vec![Dim::TOKENS, Dim::fixed(k as i64)])

@@ -26,6 +26,9 @@ pub struct Region {
     pub shared: Vec<usize>,
     /// values both proof models read as inputs, sorted
     pub inputs: Vec<String>,
+    /// (source, rows): an input read in place of the replacement's rows `rows`, which both
+    /// models compute from it row by row (see [`common_source`]): it has the rows' shape
+    pub row_sources: Vec<(String, String)>,
 }
 
 fn is_float(t: Option<i32>) -> bool {
@@ -73,7 +76,7 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
         }
     }
 
-    let anchors: HashSet<&str> = replacement_reads.iter().map(String::as_str).filter(|v| !derive.iter().any(|d| d == v)).collect();
+    let mut anchors: HashSet<&str> = replacement_reads.iter().map(String::as_str).filter(|v| !derive.iter().any(|d| d == v)).collect();
     let mut shared = BTreeSet::new();
     let mut inputs = BTreeSet::new();
     let mut work: Vec<usize> = removed.iter().copied().collect();
@@ -82,10 +85,28 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
     // models compute them (a router that reads the graph's input rather than the token rows the
     // replacement reads is computed from that input, so the proof sees the routings it makes)
     let mut derive_nodes = HashSet::new();
-    for v in derive {
-        let Some(&p) = g.producer.get(v.as_str()) else { bail!("'{v}' has no producer to compute it from") };
-        let Some(nodes) = derived_from(g, v, &anchors, true) else {
-            bail!("'{v}' is not computed from the replacement's other inputs and the graph's inputs within {PULL_BUDGET} nodes");
+    let mut derived: Vec<&str> = derive.iter().map(String::as_str).collect();
+    let mut row_sources = Vec::new();
+    let mut i = 0;
+    while i < derived.len() {
+        let v = derived[i];
+        i += 1;
+        let Some(&p) = g.producer.get(v) else { bail!("'{v}' has no producer to compute it from") };
+        let nodes = match derived_from(g, v, &anchors, true) {
+            Some(nodes) => nodes,
+            None => {
+                // A router that reads another value than the token rows (Gemma 4's reads the
+                // residual, its experts the residual normalised again): both are computed from the
+                // nearest value they share, which the proof models read instead of the rows.
+                let Some((source, rows)) = common_source(g, v, &anchors) else {
+                    bail!("'{v}' is not computed from the replacement's other inputs and the graph's inputs within {PULL_BUDGET} nodes");
+                };
+                anchors.remove(rows);
+                anchors.insert(source);
+                derived.push(rows);
+                row_sources.push((source.to_string(), rows.to_string()));
+                derived_from(g, v, &anchors, true).expect("common_source checked it")
+            }
         };
         derive_nodes.extend(nodes);
         if !removed.contains(&p) && shared.insert(p) {
@@ -129,7 +150,52 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
         v.sort_by_key(|&i| g.topo_pos[i]);
         v
     };
-    Ok(Region { removed: order(removed), shared: order(shared), inputs: inputs.into_iter().collect() })
+    Ok(Region { removed: order(removed), shared: order(shared), inputs: inputs.into_iter().collect(), row_sources })
+}
+
+/// Ops whose output has their first input's shape when their other inputs are constants or
+/// per-row reductions of it (a normalisation: Cast, Pow, ReduceMean, Add, Sqrt, Div, Mul, ...).
+const ROW_WISE: &[&str] = &[
+    "Cast", "Identity", "Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf",
+    "ReduceMean", "ReduceSum", "ReduceMax", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+    "Constant",
+];
+
+/// The value nearest to an anchor (the token rows) from which both `v` and that anchor are computed
+/// (with the other anchors, constants and the graph's inputs, each within the budget), the rows
+/// from it by row-wise ops only ([`ROW_WISE`]: so it has the rows' shape, in which the proof
+/// draws it): (that value, the anchor). Anchors are tried in name order, their ancestors nearest
+/// first.
+fn common_source<'a>(g: &'a GraphIndex, v: &str, anchors: &HashSet<&'a str>) -> Option<(&'a str, &'a str)> {
+    let mut sorted: Vec<&'a str> = anchors.iter().copied().filter(|a| g.producer.contains_key(*a) && is_float(g.infer_type(a))).collect();
+    sorted.sort_unstable();
+    for a in sorted {
+        // the anchor's ancestors, breadth first
+        let mut queue = std::collections::VecDeque::from([a]);
+        let mut seen: HashSet<&'a str> = HashSet::from([a]);
+        let mut nodes = 0;
+        while let Some(x) = queue.pop_front() {
+            let Some(&p) = g.producer.get(x) else { continue };
+            nodes += 1;
+            if nodes > PULL_BUDGET {
+                break;
+            }
+            for c in node_inputs_with_subgraphs(g.node(p)) {
+                if !seen.insert(c) || (g.const_tensor(c).is_some() && g.prod(c).is_none()) || !is_float(g.infer_type(c)) {
+                    continue;
+                }
+                let mut trial = anchors.clone();
+                trial.remove(a);
+                trial.insert(c);
+                let row_wise = |nodes: &HashSet<usize>| nodes.iter().all(|&n| ROW_WISE.contains(&g.node(n).op_type.as_str()));
+                if derived_from(g, v, &trial, true).is_some() && derived_from(g, a, &trial, true).is_some_and(|n| row_wise(&n)) {
+                    return Some((c, a));
+                }
+                queue.push_back(c);
+            }
+        }
+    }
+    None
 }
 
 /// The nodes of `v`'s computation when it depends only on `anchors` and constants (and, with
@@ -318,5 +384,59 @@ mod tests {
         g2.input.clear();
         let gi2 = GraphIndex::new(&g2, None).unwrap();
         assert!(extract(&gi2, "moe", &reads, &["idx".to_string()]).is_err());
+    }
+
+    /// Gemma 4's layer: the router reads the residual r, the experts a normalisation of it, and r
+    /// lies far from the graph's input. The indices are computed in both models from r, drawn in
+    /// the rows' shape, and so are the rows (row_sources); where the rows come from r by an op
+    /// that is not row-wise, nothing is shared and the proof cannot be built.
+    #[test]
+    fn a_router_on_another_value_than_the_rows_is_computed_from_their_common_source() {
+        let build = |norm_op: &str| {
+            let mut g = GraphProto::new();
+            g.input.push(vi("h"));
+            g.output.push(vi("y"));
+            g.initializer.push(crate::onnx::tensor::make_i64("k", &[1], &[2]));
+            for (name, dims) in [("wr", vec![4i64, 3]), ("gamma", vec![4])] {
+                let mut t = crate::onnx::tensor::make_i64(name, &dims, &vec![0; dims.iter().product::<i64>() as usize]);
+                t.data_type = 1;
+                t.int64_data.clear();
+                t.raw_data = vec![0; 4 * dims.iter().product::<i64>() as usize];
+                g.initializer.push(t);
+            }
+            let n = |op: &str, name: &str, i: &[&str], o: &[&str]| make_node(op, "", name, i, o);
+            // the residual, more than the budget of nodes away from the graph's input
+            let mut prev = "h".to_string();
+            for i in 0..=PULL_BUDGET {
+                let next = format!("r{i}");
+                g.node.push(n("Identity", &format!("far{i}"), &[&prev], &[&next]));
+                prev = next;
+            }
+            // (a Cast tells the residual's type without walking the chain)
+            let mut cast = n("Cast", "residual", &[&prev], &["r"]);
+            cast.attribute.push(crate::onnx::graph::attr_int("to", 1));
+            g.node.push(cast);
+            let r = "r".to_string();
+            g.node.push(n("MatMul", "router", &[&r, "wr"], &["logits"]));
+            g.node.push(n("TopK", "topk", &["logits", "k"], &["rw", "idx"]));
+            g.node.push(n(norm_op, "norm", &[&r, "gamma"], &["x"]));
+            g.node.push(n("Mul", "region_a", &["x", "rw"], &["a"]));
+            g.node.push(n("Add", "region_out", &["a", "idx"], &["moe"]));
+            g.node.push(n("Identity", "out", &["moe"], &["y"]));
+            (g, r)
+        };
+        let reads: Vec<String> = ["x", "rw", "idx"].iter().map(|s| s.to_string()).collect();
+        let (g, r) = build("Mul");
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let region = extract(&gi, "moe", &reads, &["idx".to_string()]).unwrap();
+        let names = |v: &[usize]| v.iter().map(|&i| g.node[i].name.clone()).collect::<Vec<_>>();
+        assert_eq!(region.inputs, [r.clone()]);
+        assert_eq!(region.row_sources, [(r.clone(), "x".to_string())]);
+        assert_eq!(names(&region.shared), ["router", "topk", "norm"]);
+        // the rows a MatMul of the residual: not row-wise, so no common source
+        let (g, _) = build("MatMul");
+        let gi = GraphIndex::new(&g, None).unwrap();
+        let e = extract(&gi, "moe", &reads, &["idx".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("is not computed from the replacement's other inputs"), "{e}");
     }
 }
