@@ -529,6 +529,34 @@ def _tiny_lm(name, experts_impl="eager"):
     raise KeyError(name)
 
 
+def _tiny_encoder(name, experts_impl="eager"):
+    """A whole tiny text encoder (input_ids -> hidden states): DiffusionGemma's, whose layers hold
+    Gemma 4's MoE (router on the residual, experts on its second pre-norm) beside a dense MLP."""
+    import transformers as tr
+
+    if name == "diffusion_gemma":
+        from transformers.models.diffusion_gemma import modeling_diffusion_gemma as md
+
+        c = tr.DiffusionGemmaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+                                        max_position_embeddings=64, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"], num_experts=4,
+                                        top_k_experts=2, moe_intermediate_size=24, experts_implementation=experts_impl)
+        return md.DiffusionGemmaEncoderTextModel(c)
+    raise KeyError(name)
+
+
+class _Hidden(nn.Module):
+    """A text encoder: input_ids -> its last hidden states (an explicit all-ones attention mask)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+
+
 class _Logits(nn.Module):
     """A causal LM without cache: input_ids -> logits. The explicit all-ones attention mask keeps
     transformers from tracing its packed-sequence detection (torch.diff, which the TorchScript
@@ -706,6 +734,10 @@ FAMILY_FIXTURES = [
     ("gemma4_lm", "lm:gemma4", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("gemma4_lm_bmm", "lm:gemma4:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("gemma4_lm_bmm_dynamo", "lm:gemma4:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+    # DiffusionGemma's text encoder: Gemma 4's MoE layers in another model (its output named
+    # `logits` like the LMs', the last hidden states)
+    ("diffusion_gemma_enc", "enc:diffusion_gemma", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("diffusion_gemma_enc_bmm_dynamo", "enc:diffusion_gemma:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
 ]
 
 
@@ -799,9 +831,15 @@ def export_family(name, spec, exporter, dtype, expect, out_dir, seed):
         def make_x(S, s):
             return torch.randn((1, S, 32), generator=torch.Generator().manual_seed(s)).to(tdtype)
     else:
-        lm = _tiny_lm(parts[1], parts[2] if len(parts) > 2 else "eager")
-        randomise(lm, seed)
-        m = (_LogitsWithPast if parts[0] == "lmpast" else _Logits)(lm.to(tdtype).eval()).eval()
+        impl = parts[2] if len(parts) > 2 else "eager"
+        if parts[0] == "enc":
+            enc = _tiny_encoder(parts[1], impl)
+            randomise(enc, seed)
+            m = _Hidden(enc.to(tdtype).eval()).eval()
+        else:
+            lm = _tiny_lm(parts[1], impl)
+            randomise(lm, seed)
+            m = (_LogitsWithPast if parts[0] == "lmpast" else _Logits)(lm.to(tdtype).eval()).eval()
         input_name, output_name = "input_ids", "logits"
 
         def make_x(S, s):

@@ -7,7 +7,7 @@ Two phases, so that a change to the rewriter re-runs only the second:
              enumerates every MoE block class in transformers.models.*.modeling_* (a class whose
              __init__ builds an experts module: `self.experts = ...` or `...Experts(...)`; decoder
              layers and whole models excluded, so models whose experts sit only in the decoder
-             layer, Gemma 4 and DiffusionGemma, are covered by generate.py --families' whole-LM
+             layer, Gemma 4 and DiffusionGemma, are covered by generate.py --families' whole-model
              fixtures instead), builds each with a tiny config (d=32, E=4, k=2,
              small f; whatever else the config requires left at its default), seeded weights, and
              exports it for every experts implementation transformers registers that runs on CPU
@@ -537,8 +537,8 @@ def write_md(info, recs, a):
         f"Runtime (CPU) at 1, 7 and {TRACED} (traced) tokens against torch, then rewritten by",
         "`scattermoe rewrite` and the rewritten model run with the plugin at the same lengths (tolerance",
         "f32 1e-4, f16 1e-2; a rewrite counts only with one ScatterMoE node). Models whose experts sit",
-        "only in the decoder layer (Gemma 4, DiffusionGemma) have no block class to enumerate: Gemma 4 is",
-        "covered by whole-LM fixtures instead (docs/rewriter.md, \"Fixtures\").",
+        "only in the decoder layer (Gemma 4, DiffusionGemma) have no block class to enumerate: they are",
+        "covered by whole-model fixtures instead (docs/rewriter.md, \"Fixtures\").",
         "",
         "Regenerate (export needs torch + transformers; check needs the built CLI and plugin):",
         "",
