@@ -736,7 +736,7 @@ FAMILY_FIXTURES = [
     ("gemma4_lm_bmm_dynamo", "lm:gemma4:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
     # DiffusionGemma's text encoder: Gemma 4's MoE layers in another model (its output named
     # `logits` like the LMs', the last hidden states)
-    ("diffusion_gemma_enc", "enc:diffusion_gemma", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
+    ("diffusion_gemma_enc_bmm", "enc:diffusion_gemma:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
     ("diffusion_gemma_enc_bmm_dynamo", "enc:diffusion_gemma:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
 ]
 

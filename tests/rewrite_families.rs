@@ -70,9 +70,9 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
     ("gemma4_lm", "input_ids", 2, 0),
     ("gemma4_lm_bmm", "input_ids", 2, 0),
     ("gemma4_lm_bmm_dynamo", "input_ids", 2, 0),
-    // DiffusionGemma's text encoder: the same layers in another model (TorchScript eager, dynamo
-    // batched_mm)
-    ("diffusion_gemma_enc", "input_ids", 2, 0),
+    // DiffusionGemma's text encoder: the same layers in another model (batched_mm, TorchScript and
+    // dynamo)
+    ("diffusion_gemma_enc_bmm", "input_ids", 2, 0),
     ("diffusion_gemma_enc_bmm_dynamo", "input_ids", 2, 0),
 ];
 
@@ -83,7 +83,7 @@ const REWRITTEN: &[(&str, &str, usize, usize)] = &[
 /// JetMoE's float16 block is proven against its float32 twin (ONNX Runtime's CPU provider has no
 /// float16 ScatterND with a reduction, so the region itself runs at no token count).
 const PROVEN: &[&str] =
-    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57", "deepseek_v2_tf4_57", "gemma4_lm", "gemma4_lm_bmm", "gemma4_lm_bmm_dynamo", "diffusion_gemma_enc", "diffusion_gemma_enc_bmm_dynamo"];
+    &["switch_f16", "openai_privacy_filter_f16", "ernie45_moe", "phimoe_bmm", "zaya_bmm_dynamo", "llama4_moe", "jetmoe_moe", "jetmoe_lm", "jetmoe_moe_f16", "mixtral_tf4_57", "mixtral_tf4_46_dynamo", "qwen3_vl_moe_tf4_57", "qwen3_vl_moe_tf4_57_dynamo_f16", "gpt_oss_tf4_57", "deepseek_v2_tf4_57", "gemma4_lm", "gemma4_lm_bmm", "gemma4_lm_bmm_dynamo", "diffusion_gemma_enc_bmm", "diffusion_gemma_enc_bmm_dynamo"];
 
 fn dir() -> std::path::PathBuf {
     common::models_dir().join("families")
