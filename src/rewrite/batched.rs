@@ -335,7 +335,7 @@ fn prove(g: &GraphIndex, rsum: &onnx_protobuf::NodeProto) -> Result<Option<MoeLa
     }))
 }
 
-/// X is [T, d]: a Reshape to two entries, a Flatten, or declared rank 2.
+/// X is [T, d]: of rank 2 as [`rank_of`] tells it.
 fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
     rank_of(g, x, facts, 0) == Some(2)
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use anyhow::{bail, Result};
 
-use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
+use crate::onnx::graph::{attr_i, node_inputs_with_subgraphs, GraphIndex};
 
 /// Most nodes pulled in beside the region (a shape chain is a handful; more means the boundary
 /// value comes from far away, and it is fed as an input instead).
@@ -154,12 +154,21 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
 }
 
 /// Ops whose output has their first input's shape when their other inputs are constants or
-/// per-row reductions of it (a normalisation: Cast, Pow, ReduceMean, Add, Sqrt, Div, Mul, ...).
+/// per-row reductions of it (a normalisation: Cast, Pow, ReduceMean, Add, Sqrt, Div, Mul, ...);
+/// the reductions only with keepdims ([`row_wise`]).
 const ROW_WISE: &[&str] = &[
     "Cast", "Identity", "Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf",
     "ReduceMean", "ReduceSum", "ReduceMax", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
     "Constant",
 ];
+
+/// Whether every node of `nodes` is [`ROW_WISE`] (a reduction keeping its axes).
+fn row_wise(g: &GraphIndex, nodes: &HashSet<usize>) -> bool {
+    nodes.iter().all(|&i| {
+        let n = g.node(i);
+        ROW_WISE.contains(&n.op_type.as_str()) && (!n.op_type.starts_with("Reduce") || attr_i(n, "keepdims").unwrap_or(1) == 1)
+    })
+}
 
 /// The value nearest to an anchor (the token rows) from which both `v` and that anchor are computed
 /// (with the other anchors, constants and the graph's inputs, each within the budget), the rows
@@ -187,8 +196,7 @@ fn common_source<'a>(g: &'a GraphIndex, v: &str, anchors: &HashSet<&'a str>) -> 
                 let mut trial = anchors.clone();
                 trial.remove(a);
                 trial.insert(c);
-                let row_wise = |nodes: &HashSet<usize>| nodes.iter().all(|&n| ROW_WISE.contains(&g.node(n).op_type.as_str()));
-                if derived_from(g, v, &trial, true).is_some() && derived_from(g, a, &trial, true).is_some_and(|n| row_wise(&n)) {
+                if derived_from(g, v, &trial, true).is_some() && derived_from(g, a, &trial, true).is_some_and(|n| row_wise(g, &n)) {
                     return Some((c, a));
                 }
                 queue.push_back(c);
