@@ -760,6 +760,9 @@ fn main() {
     // always define the entry points the Rust tables above list.
     let headers = c_headers(&manifest);
     let generated = out.join("kernels-generated");
+    // written afresh: a header of a module the manifest no longer has (built before on another
+    // branch) would otherwise stay behind and fail the catalogue's check of the committed copies
+    let _ = std::fs::remove_dir_all(&generated);
     std::fs::create_dir_all(&generated).unwrap();
     for (name, text) in &headers {
         std::fs::write(generated.join(name), text).unwrap();
