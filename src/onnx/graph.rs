@@ -242,6 +242,19 @@ fn outer_refs<'a>(g: &'a GraphProto, out: &mut Vec<&'a str>) {
     }
 }
 
+/// Whether `n`'s output has the largest rank of its inputs (ONNX's broadcasting): unary and
+/// elementwise arithmetic, softmax, the normalisations, and reductions that keep their axes. With
+/// every other input a constant or a per-row reduction of the first, the output has the first
+/// input's shape (a normalisation of token rows is rows of the same shape).
+pub fn keeps_rank(n: &NodeProto) -> bool {
+    const OPS: &[&str] = &[
+        "Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Relu", "Softmax",
+        "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Mul", "Add", "Sub", "Div", "Pow", "Max", "Min",
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+    ];
+    OPS.contains(&n.op_type.as_str()) && (!n.op_type.starts_with("Reduce") || attr_i(n, "keepdims").unwrap_or(1) == 1)
+}
+
 /// Attribute helpers.
 pub fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
     n.attribute.iter().find(|a| a.name == name).map(|a| a.i)

@@ -26,7 +26,7 @@ use super::emit::MoeLayer;
 use super::expr::{to_mlp, ERef, ExprParser, WSrc};
 use super::matcher::{axes_of, prod};
 use super::Rejection;
-use crate::onnx::graph::{attr_i, make_node, GraphIndex};
+use crate::onnx::graph::{attr_i, keeps_rank, make_node, GraphIndex};
 use crate::onnx::tensor::make_i64;
 use crate::spec::CapacityOrder;
 use shape::{declared_dims, eval, index_width, Facts, IVec};
@@ -341,9 +341,8 @@ fn rank2(g: &GraphIndex, x: &str, facts: Facts) -> bool {
 }
 
 /// The rank of `v` where the graph fixes it: a Reshape to a shape of known length, Flatten, a
-/// declared input or a constant, through ops whose output rank their inputs' ranks give (unary
-/// ops and normalisations keep it, broadcasting binary ops take the largest, reductions keep it
-/// with keepdims): a normalisation of reshaped rows (Gemma 4's experts read an RMSNorm of
+/// declared input or a constant, through ops whose output takes their inputs' largest rank
+/// (`keeps_rank`): a normalisation of reshaped rows (Gemma 4's experts read an RMSNorm of
 /// `x.reshape(-1, d)`) is as rank 2 as the rows. None where that is not known.
 fn rank_of(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Option<usize> {
     if depth > 32 {
@@ -353,14 +352,10 @@ fn rank_of(g: &GraphIndex, v: &str, facts: Facts, depth: usize) -> Option<usize>
         return Some(t.dims.len());
     }
     let Some((_, n)) = g.prod(v) else { return declared_dims(g, v).map(|t| t.v.len()) };
-    let first = || rank_of(g, &n.input[0], facts, depth + 1);
     match n.op_type.as_str() {
         "Reshape" => eval(g, &n.input[1], facts, 0).filter(|t| !t.open).map(|t| t.v.len()),
         "Flatten" => Some(2),
-        "Cast" | "Identity" | "Neg" | "Sqrt" | "Reciprocal" | "Abs" | "Exp" | "Log" | "Tanh" | "Sigmoid" | "Erf" | "Relu" | "Softmax"
-        | "LayerNormalization" | "SimplifiedLayerNormalization" | "RMSNormalization" => first(),
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL2" if attr_i(n, "keepdims").unwrap_or(1) == 1 => first(),
-        "Mul" | "Add" | "Sub" | "Div" | "Pow" | "Max" | "Min" => {
+        _ if keeps_rank(n) => {
             let mut r = 0;
             for i in n.input.iter().filter(|i| !i.is_empty()) {
                 r = r.max(rank_of(g, i, facts, depth + 1)?);

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use anyhow::{bail, Result};
 
-use crate::onnx::graph::{attr_i, node_inputs_with_subgraphs, GraphIndex};
+use crate::onnx::graph::{keeps_rank, node_inputs_with_subgraphs, GraphIndex};
 
 /// Most nodes pulled in beside the region (a shape chain is a handful; more means the boundary
 /// value comes from far away, and it is fed as an input instead).
@@ -98,14 +98,14 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
                 // A router that reads another value than the token rows (Gemma 4's reads the
                 // residual, its experts the residual normalised again): both are computed from the
                 // nearest value they share, which the proof models read instead of the rows.
-                let Some((source, rows)) = common_source(g, v, &anchors) else {
+                let Some((source, rows, nodes)) = common_source(g, v, &anchors) else {
                     bail!("'{v}' is not computed from the replacement's other inputs and the graph's inputs within {PULL_BUDGET} nodes");
                 };
                 anchors.remove(rows);
                 anchors.insert(source);
                 derived.push(rows);
                 row_sources.push((source.to_string(), rows.to_string()));
-                derived_from(g, v, &anchors, true).expect("common_source checked it")
+                nodes
             }
         };
         derive_nodes.extend(nodes);
@@ -153,29 +153,13 @@ pub fn extract(g: &GraphIndex, output: &str, replacement_reads: &[String], deriv
     Ok(Region { removed: order(removed), shared: order(shared), inputs: inputs.into_iter().collect(), row_sources })
 }
 
-/// Ops whose output has their first input's shape when their other inputs are constants or
-/// per-row reductions of it (a normalisation: Cast, Pow, ReduceMean, Add, Sqrt, Div, Mul, ...);
-/// the reductions only with keepdims ([`row_wise`]).
-const ROW_WISE: &[&str] = &[
-    "Cast", "Identity", "Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf",
-    "ReduceMean", "ReduceSum", "ReduceMax", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
-    "Constant",
-];
-
-/// Whether every node of `nodes` is [`ROW_WISE`] (a reduction keeping its axes).
-fn row_wise(g: &GraphIndex, nodes: &HashSet<usize>) -> bool {
-    nodes.iter().all(|&i| {
-        let n = g.node(i);
-        ROW_WISE.contains(&n.op_type.as_str()) && (!n.op_type.starts_with("Reduce") || attr_i(n, "keepdims").unwrap_or(1) == 1)
-    })
-}
-
 /// The value nearest to an anchor (the token rows) from which both `v` and that anchor are computed
 /// (with the other anchors, constants and the graph's inputs, each within the budget), the rows
-/// from it by row-wise ops only ([`ROW_WISE`]: so it has the rows' shape, in which the proof
-/// draws it): (that value, the anchor). Anchors are tried in name order, their ancestors nearest
-/// first.
-fn common_source<'a>(g: &'a GraphIndex, v: &str, anchors: &HashSet<&'a str>) -> Option<(&'a str, &'a str)> {
+/// from it by row-wise ops only (`keeps_rank`, or Constant nodes: so it has the rows' shape, in
+/// which the proof draws it): (that value, the anchor, the nodes of `v` from it). Anchors are
+/// tried in name order, their ancestors nearest first.
+fn common_source<'a>(g: &'a GraphIndex, v: &str, anchors: &HashSet<&'a str>) -> Option<(&'a str, &'a str, HashSet<usize>)> {
+    let row_wise = |nodes: &HashSet<usize>| nodes.iter().all(|&i| g.node(i).op_type == "Constant" || keeps_rank(g.node(i)));
     let mut sorted: Vec<&'a str> = anchors.iter().copied().filter(|a| g.producer.contains_key(*a) && is_float(g.infer_type(a))).collect();
     sorted.sort_unstable();
     for a in sorted {
@@ -196,8 +180,10 @@ fn common_source<'a>(g: &'a GraphIndex, v: &str, anchors: &HashSet<&'a str>) -> 
                 let mut trial = anchors.clone();
                 trial.remove(a);
                 trial.insert(c);
-                if derived_from(g, v, &trial, true).is_some() && derived_from(g, a, &trial, true).is_some_and(|n| row_wise(g, &n)) {
-                    return Some((c, a));
+                if let Some(nodes) = derived_from(g, v, &trial, true) {
+                    if derived_from(g, a, &trial, true).is_some_and(|n| row_wise(&n)) {
+                        return Some((c, a, nodes));
+                    }
                 }
                 queue.push_back(c);
             }
