@@ -501,11 +501,18 @@ FAMILY_TRACED = 16
 FAMILY_EXPERTS = 4  # every family fixture has 4 experts
 
 
+# every whole-model fixture's sizes, and Gemma 4's MoE layers at them (also DiffusionGemma's)
+_TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64)
+_GEMMA_MOE = dict(intermediate_size=48, head_dim=8, global_head_dim=8, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"], num_experts=4, top_k_experts=2,
+                  moe_intermediate_size=24)
+
+
 def _tiny_lm(name, experts_impl="eager"):
     import transformers as tr
 
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, tie_word_embeddings=False, experts_implementation=experts_impl)
+    common = dict(_TINY, tie_word_embeddings=False, experts_implementation=experts_impl)
     if name == "jetmoe":
         c = tr.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
@@ -521,10 +528,8 @@ def _tiny_lm(name, experts_impl="eager"):
     if name == "gemma4":
         # Gemma 4's MoE layers: the experts beside a dense MLP inside the decoder layer (no block
         # class of their own, so models/matrix.py does not enumerate them)
-        c = tr.Gemma4TextConfig(intermediate_size=48, head_dim=8, global_head_dim=8, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
-                                vocab_size_per_layer_input=64, enable_moe_block=True, num_experts=4, top_k_experts=2,
-                                moe_intermediate_size=24, **common)
+        c = tr.Gemma4TextConfig(hidden_size_per_layer_input=0, vocab_size_per_layer_input=64, enable_moe_block=True,
+                                **_GEMMA_MOE, **common)
         return tr.Gemma4ForCausalLM(c)
     raise KeyError(name)
 
@@ -537,11 +542,7 @@ def _tiny_encoder(name, experts_impl="eager"):
     if name == "diffusion_gemma":
         from transformers.models.diffusion_gemma import modeling_diffusion_gemma as md
 
-        c = tr.DiffusionGemmaTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
-                                        max_position_embeddings=64, sliding_window=8,
-                                        layer_types=["sliding_attention", "full_attention"], num_experts=4,
-                                        top_k_experts=2, moe_intermediate_size=24, experts_implementation=experts_impl)
+        c = tr.DiffusionGemmaTextConfig(**_GEMMA_MOE, **_TINY, experts_implementation=experts_impl)
         return md.DiffusionGemmaEncoderTextModel(c)
     raise KeyError(name)
 
