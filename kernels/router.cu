@@ -17,12 +17,13 @@
 //     in shared memory;
 //   the weights: topk_softmax: softmax over the k; normalize: divided by (their sum + eps), at
 //     least normalize_min;
-//     times scale; each rounded to T once.
+//     times the chosen expert's expert_scale (if any), then times scale; each rounded to T once.
 //
-// Entry point: scattermoe_topk_router_{t}(logits, bias, bias_f32, rows, E, k, scoring, normalize,
-//     tie_higher, n_group, topk_group, group_max, group_fill, weights_from_choice, normalize_eps,
-//     normalize_min, scale, weights, indices): grid ceil(rows / SMOE_ROUTER_WARPS), block 32 * SMOE_ROUTER_WARPS,
-//     no dynamic smem. bias: E values or null; bias_f32: 1 when they are float32, 0 when T.
+// Entry point: scattermoe_topk_router_{t}(logits, bias, bias_f32, expert_scale, expert_scale_f32,
+//     rows, E, k, scoring, normalize, tie_higher, n_group, topk_group, group_max, group_fill,
+//     weights_from_choice, normalize_eps, normalize_min, scale, weights, indices): grid
+//     ceil(rows / SMOE_ROUTER_WARPS), block 32 * SMOE_ROUTER_WARPS, no dynamic smem. bias and
+//     expert_scale: E values or null; *_f32: 1 when they are float32, 0 when T.
 //     scoring: 0 softmax, 1 topk_softmax, 2 sigmoid, 3 identity. n_group: 0 for no group limit, else it divides
 //     E and topk_group < n_group. group_max: 0 top2_sum, 1 max. weights_from_choice: 0 the weights
 //     from s, 1 from c. indices int64.
@@ -73,8 +74,15 @@ __device__ __forceinline__ void warp_best(float& best, int& bi, bool tie_higher)
 // that lanes reading the groups lane * size + e hit different banks.
 __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 
+// Value i of a per-expert input held in float32 or T.
 template <typename T>
-__device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32, int rows, int E, int k, int scoring,
+__device__ __forceinline__ float per_expert(const void* p, int is_f32, int i) {
+    return is_f32 ? static_cast<const float*>(p)[i] : smoe::to_f(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32, const void* expert_scale,
+                                 int expert_scale_f32, int rows, int E, int k, int scoring,
                                  int normalize, int tie_higher, int n_group, int topk_group, int group_max,
                                  float group_fill, int weights_from_choice, float normalize_eps, float normalize_min, float scale,
                                  T* weights, long long* indices) {
@@ -116,12 +124,10 @@ __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32
 
     float c[SMOE_ROUTER_PER_LANE];  // the choice scores c = s + bias
     if (bias != nullptr) {
-        const float* bf = static_cast<const float*>(bias);
-        const T* bt = static_cast<const T*>(bias);
 #pragma unroll
         for (int s = 0; s < SMOE_ROUTER_PER_LANE; ++s) {
             int i = lane + 32 * s;
-            c[s] = i < E ? v[s] + (bias_f32 ? bf[i] : smoe::to_f(bt[i])) : v[s];
+            c[s] = i < E ? v[s] + per_expert<T>(bias, bias_f32, i) : v[s];
         }
     } else {
 #pragma unroll
@@ -226,7 +232,12 @@ __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32
         for (int j = lane; j < k; j += 32) chosen[j] = chosen[j] / sum;
         __syncwarp();
     }
-    for (int j = lane; j < k; j += 32) weights[row * k + j] = smoe::from_f<T>(chosen[j] * scale);
+    // indices[row * k + j] was written by the winner's lane; __syncwarp above orders it for the warp
+    for (int j = lane; j < k; j += 32) {
+        float w = chosen[j];
+        if (expert_scale != nullptr) w = w * per_expert<T>(expert_scale, expert_scale_f32, (int)indices[row * k + j]);
+        weights[row * k + j] = smoe::from_f<T>(w * scale);
+    }
 }
 
 }  // namespace
@@ -237,12 +248,13 @@ __device__ void topk_router_impl(const T* logits, const void* bias, int bias_f32
 #define SMOE_TOPK_ROUTER_ENTRY(NAME, T, NTHREADS)                                                           \
     static_assert(NTHREADS == 32 * SMOE_ROUTER_WARPS, #NAME ": threads in kernels/manifest.toml differ from the kernel's"); \
     extern "C" __global__ void __launch_bounds__(32 * SMOE_ROUTER_WARPS)                                    \
-    NAME(const T* logits, const void* bias, int bias_f32, int rows, int E, int k, int scoring, int normalize, \
-         int tie_higher, int n_group, int topk_group, int group_max, float group_fill, int weights_from_choice, \
+    NAME(const T* logits, const void* bias, int bias_f32, const void* expert_scale, int expert_scale_f32,    \
+         int rows, int E, int k, int scoring, int normalize, int tie_higher,                                \
+         int n_group, int topk_group, int group_max, float group_fill, int weights_from_choice, \
          float normalize_eps, float normalize_min, float scale, T* weights, long long* indices) {            \
         smoe::pdl_begin();                                                                                  \
-        topk_router_impl<T>(logits, bias, bias_f32, rows, E, k, scoring, normalize, tie_higher, n_group,    \
-                            topk_group, group_max, group_fill, weights_from_choice, normalize_eps,      \
+        topk_router_impl<T>(logits, bias, bias_f32, expert_scale, expert_scale_f32, rows, E, k, scoring,   \
+                            normalize, tie_higher, n_group, topk_group, group_max, group_fill, weights_from_choice, normalize_eps,      \
                             normalize_min, scale, weights, indices);                                       \
     }
 

@@ -265,6 +265,27 @@ fn biased_and_group_limited_routers_are_fused_proven_and_match_torch() {
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), GROUP_ROUTERS.len(), failures.join("\n"));
 }
 
+/// Gemma 4's router weights each chosen expert by a learned per-expert scale
+/// (`per_expert_scale[top_k_index]`): in every Gemma 4 and DiffusionGemma fixture (TorchScript's
+/// `Gather`, dynamo's `GatherND`) each layer's router is one TopKRouter node with that table as
+/// its `expert_scale`, proven, and the whole model still matches torch (the fixtures' tables are
+/// random, so a router that dropped them would not).
+#[test]
+fn per_expert_scaled_routers_are_fused_proven_and_match_torch() {
+    let scratch = common::scratch("families_expert_scale");
+    let names = ["gemma4_lm", "gemma4_lm_bmm", "gemma4_lm_bmm_dynamo", "diffusion_gemma_enc_bmm", "diffusion_gemma_enc_bmm_dynamo"];
+    let mut failures = Vec::new();
+    for name in names {
+        let router = "softmax, k=2, normalize, lower_index, expert scale";
+        match check_with(name, "input_ids", 2, 0, &scratch, &scattermoe::rewrite::RewriteOptions::default(), Some(router)) {
+            Ok(errs) => println!("{name:<32} {router}: rel. error vs torch {errs:?}"),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), names.len(), failures.join("\n"));
+}
+
 /// The types the op computes in follow the original's: float16 rows whose experts compute in
 /// float32 are cast up before the node (the node is float32, as the value it replaces), float16
 /// experts stay float16.

@@ -261,3 +261,97 @@ fn the_fused_router_is_proven() {
         assert_eq!(count(&m, "TopKRouter"), 1);
     }
 }
+
+/// How [`expert_scaled_mixtral`] reads its table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Table {
+    /// `Gather(table, TopK.indices)`: Gemma 4's router
+    AtChosen,
+    /// a table of E + 1 values
+    TooLong,
+    /// `Gather(table, E - 1 - TopK.indices)`: not the chosen experts' values
+    AtOthers,
+}
+
+/// Mixtral with its normalised weights multiplied by a table read at its chosen experts, as Gemma
+/// 4's router does (`per_expert_scale[top_k_index]`), in the ways of [`Table`]; saved under `dir`.
+fn expert_scaled_mixtral(dir: &std::path::Path, how: Table) -> std::path::PathBuf {
+    let mut m = onnx::load(&common::models_dir().join("mixtral.onnx")).unwrap();
+    let topk = node(&mut m, "TopK").clone();
+    let g = m.proto.graph.as_mut().unwrap();
+    let sum = g.node.iter().find(|n| n.op_type == "ReduceSum" && n.input[0] == topk.output[0]).expect("the sum of the top-k").output[0].clone();
+    let div = g.node.iter().position(|n| n.op_type == "Div" && n.input.get(1) == Some(&sum)).expect("Div by the sum");
+    let w = g.node[div].output[0].clone();
+    let e = 8usize;
+    let n = if how == Table::TooLong { e + 1 } else { e };
+    let mut table = onnx_protobuf::TensorProto::new();
+    table.name = "per_expert_scale".into();
+    table.data_type = 1;
+    table.dims = vec![n as i64];
+    table.float_data = (0..n).map(|i| [0.5, -1.25, 2.0, 0.0][i % 4] + i as f32 / 16.0).collect();
+    g.initializer.push(table);
+    let mk = |op: &str, name: &str, inputs: Vec<String>, out: &str| {
+        let mut x = NodeProto::new();
+        x.op_type = op.into();
+        x.name = name.into();
+        x.input = inputs;
+        x.output = vec![out.into()];
+        x
+    };
+    let mut at = topk.output[1].clone();
+    let mut new = Vec::new();
+    if how == Table::AtOthers {
+        let mut last = onnx_protobuf::TensorProto::new();
+        last.name = "last_expert".into();
+        last.data_type = 7;
+        last.int64_data = vec![e as i64 - 1];
+        g.initializer.push(last);
+        new.push(mk("Sub", "others", vec!["last_expert".into(), at.clone()], "other_experts"));
+        at = "other_experts".into();
+    }
+    new.push(mk("Gather", "pes_gather", vec!["per_expert_scale".into(), at], "pes"));
+    new.push(mk("Mul", "pes_mul", vec![w.clone(), "pes".into()], "w_scaled"));
+    for x in g.node.iter_mut().skip(div + 1) {
+        x.input.iter_mut().filter(|i| **i == w).for_each(|i| *i = "w_scaled".into());
+    }
+    for (j, x) in new.into_iter().enumerate() {
+        g.node.insert(div + 1 + j, x);
+    }
+    let path = dir.join(format!("mixtral_{how:?}.onnx"));
+    onnx::save(m, &path, &SaveOptions::default()).unwrap();
+    path
+}
+
+/// A per-expert scale read at the chosen experts is fused (`expert_scale`) and proven, and the
+/// fused model computes what the edited original does; a table of another length, or one read at
+/// other experts, is no per-expert scale: the router stays ONNX nodes and the rewritten model
+/// still matches.
+#[test]
+fn a_per_expert_scale_is_fused_only_where_it_is_one() {
+    let dir = common::scratch("router_expert_scale");
+    let refs = common::read_npz(&common::models_dir().join("mixtral.npz"));
+    for how in [Table::AtChosen, Table::TooLong, Table::AtOthers] {
+        let path = expert_scaled_mixtral(&dir, how);
+        let mut m = onnx::load(&path).unwrap();
+        let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+        assert_eq!(rep.layers.len(), 1, "{how:?}: {}", rep.text());
+        let r = rep.layers[0].router.as_ref().unwrap();
+        if how == Table::AtChosen {
+            assert!(r.fused, "{how:?} left: {}", r.detail);
+            assert_eq!(r.detail, "softmax, k=2, normalize, lower_index, expert scale");
+            let node = m.graph().node.iter().find(|n| n.op_type == "TopKRouter").unwrap();
+            assert_eq!((node.input.len(), node.input[1].as_str(), node.input[2].as_str()), (3, "", "per_expert_scale"));
+        } else {
+            assert!(!r.fused, "{how:?} fused: {}", r.detail);
+        }
+        assert_eq!(count(&m, "TopKRouter"), (how == Table::AtChosen) as usize);
+        let out = dir.join(format!("rw_{how:?}.onnx"));
+        onnx::save(m, &out, &SaveOptions::default()).unwrap();
+        for t in [7, 16] {
+            let x = refs.iter().find(|(n, _)| *n == format!("x_{t}")).unwrap().1.clone();
+            let (a, b) = (run(&mut session(&path), &x).unwrap(), run(&mut session(&out), &x).unwrap());
+            assert!(rel_err(&a[0], &b[0]) <= 1e-4, "{how:?}, {t} tokens: the layer differs");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -105,9 +105,17 @@ pub fn score_row(scoring: Scoring, s: &mut [f32]) {
     }
 }
 
-/// One token: `logits` (E values) to `weights` and `indices` (k each), best first. `bias`: the
-/// selection bias (E values, float32), if any.
-pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>, weights: &mut [E], indices: &mut [i64], r: &mut RowScratch) {
+/// A router's per-expert inputs, E float32 values each, if any.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerExpert<'a> {
+    /// the selection bias, added to the scores for the choice
+    pub bias: Option<&'a [f32]>,
+    /// each chosen expert's weight is multiplied by its value (Gemma 4's `per_expert_scale`)
+    pub scale: Option<&'a [f32]>,
+}
+
+/// One token: `logits` (E values) to `weights` and `indices` (k each), best first.
+pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], per: PerExpert, weights: &mut [E], indices: &mut [i64], r: &mut RowScratch) {
     let k = attrs.k;
     let scores = &mut r.scores;
     scores.clear();
@@ -116,7 +124,7 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
     // the choice scores: the scores, plus the bias, limited to the best groups
     let mut choice = std::mem::take(&mut r.choice);
     choice.clear();
-    match bias {
+    match per.bias {
         Some(b) => choice.extend(scores.iter().zip(b).map(|(s, b)| s + b)),
         None => choice.extend_from_slice(scores),
     }
@@ -152,6 +160,11 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
         }
         chosen.iter_mut().for_each(|c| *c /= sum);
     }
+    if let Some(es) = per.scale {
+        for (c, &i) in chosen.iter_mut().zip(indices.iter()) {
+            *c *= es[i as usize];
+        }
+    }
     for (w, &c) in weights.iter_mut().zip(chosen.iter()) {
         *w = E::from_f32(c * attrs.scale);
     }
@@ -159,9 +172,8 @@ pub fn route_token<E: Element>(attrs: &Attrs, logits: &[E], bias: Option<&[f32]>
     r.chosen = chosen;
 }
 
-/// Every token of `logits` ([T, E], row-major) into `weights` and `indices` ([T, k]); `bias`: the
-/// selection bias, E values.
-pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, logits: &[E], bias: Option<&[f32]>, weights: &mut [E], indices: &mut [i64]) {
+/// Every token of `logits` ([T, E], row-major) into `weights` and `indices` ([T, k]).
+pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, logits: &[E], per: PerExpert, weights: &mut [E], indices: &mut [i64]) {
     let k = attrs.k;
     if experts == 0 {
         return;
@@ -176,7 +188,7 @@ pub fn topk_router<E: Element>(pool: &dyn Pool, attrs: &Attrs, experts: usize, l
         for t in c * ROWS..((c + 1) * ROWS).min(tokens) {
             // SAFETY: row t of the outputs belongs to this chunk's task alone.
             let (w, i) = unsafe { (w_out.row(t, k), i_out.row(t, k)) };
-            route_token(attrs, &logits[t * experts..(t + 1) * experts], bias, w, i, &mut scratch);
+            route_token(attrs, &logits[t * experts..(t + 1) * experts], per, w, i, &mut scratch);
         }
     });
 }

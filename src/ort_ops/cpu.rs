@@ -14,6 +14,7 @@ use super::inputs::{compute_inputs, kernel_inputs, known, signature, signature_b
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::reference::panels::{Columns, PackedWeights};
+use crate::cpu::router::PerExpert;
 use crate::cpu::{QuantWeight, Scales, Weight};
 use crate::reference::{self, Element, Indices, LinearInputs, LinearSizes, MoeInputs, MoeSizes, PackedMoe, ScratchUser, SharedScratch};
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, ElemType, IndexType, Quant};
@@ -362,29 +363,32 @@ impl Kernel for RouterCpu {
         let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
         let (tokens, experts) = (known(dims.tokens), known(dims.experts));
         let n = tokens * self.attrs.k;
-        // the selection bias in float32 (the contract: float32 or T, converted exactly)
-        // SAFETY: the contract check established the bias's type (float32 or `t`) and its E values.
-        let bias: Option<Vec<f32>> = ins.get(topk_router::BIAS).and_then(Option::as_ref).map(|b| unsafe {
-            match (b.elem, t) {
-                (1, _) | (_, ElemType::F32) => b.slice::<f32>().to_vec(),
-                (_, ElemType::F16) => b.slice::<f16>().iter().map(|v| v.to_f32()).collect(),
-                (_, ElemType::BF16) => b.slice::<bf16>().iter().map(|v| v.to_f32()).collect(),
-            }
-        });
+        // the selection bias and the expert scale in float32 (the contract: float32 or T, converted exactly)
+        // SAFETY: the contract check established their types (float32 or `t`) and their E values.
+        let per_expert = |i: usize| -> Option<Vec<f32>> {
+            ins.get(i).and_then(Option::as_ref).map(|b| unsafe {
+                match (b.elem, t) {
+                    (1, _) | (_, ElemType::F32) => b.slice::<f32>().to_vec(),
+                    (_, ElemType::F16) => b.slice::<f16>().iter().map(|v| v.to_f32()).collect(),
+                    (_, ElemType::BF16) => b.slice::<bf16>().iter().map(|v| v.to_f32()).collect(),
+                }
+            })
+        };
+        let (bias, scale) = (per_expert(topk_router::BIAS), per_expert(topk_router::EXPERT_SCALE));
         /// # Safety
         /// `logits` holds `E` in host memory; `w` and `i` hold `n` elements of `E` and int64.
         #[allow(clippy::too_many_arguments)]
-        unsafe fn run<E: Element>(ctx: &KernelContext, a: &topk_router::Attrs, experts: usize, logits: &Tensor, bias: Option<&[f32]>, w: *mut std::ffi::c_void, i: *mut std::ffi::c_void, n: usize) {
-            crate::cpu::router::topk_router(&OrtPool(ctx), a, experts, logits.slice::<E>(), bias, out_slice::<E>(w, n), out_slice::<i64>(i, n));
+        unsafe fn run<E: Element>(ctx: &KernelContext, a: &topk_router::Attrs, experts: usize, logits: &Tensor, per: PerExpert, w: *mut std::ffi::c_void, i: *mut std::ffi::c_void, n: usize) {
+            crate::cpu::router::topk_router(&OrtPool(ctx), a, experts, logits.slice::<E>(), per, out_slice::<E>(w, n), out_slice::<i64>(i, n));
         }
-        let bias = bias.as_deref();
+        let per = PerExpert { bias: bias.as_deref(), scale: scale.as_deref() };
         // SAFETY: the contract check established the logits' type `t` and shape; CPU EP buffers are
         // host memory, the outputs allocated above with `n` elements each.
         unsafe {
             match t {
-                ElemType::F32 => run::<f32>(ctx, &self.attrs, experts, logits, bias, w, i, n),
-                ElemType::F16 => run::<f16>(ctx, &self.attrs, experts, logits, bias, w, i, n),
-                ElemType::BF16 => run::<bf16>(ctx, &self.attrs, experts, logits, bias, w, i, n),
+                ElemType::F32 => run::<f32>(ctx, &self.attrs, experts, logits, per, w, i, n),
+                ElemType::F16 => run::<f16>(ctx, &self.attrs, experts, logits, per, w, i, n),
+                ElemType::BF16 => run::<bf16>(ctx, &self.attrs, experts, logits, per, w, i, n),
             }
         }
         Ok(())

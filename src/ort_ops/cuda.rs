@@ -13,6 +13,7 @@ use super::inputs::{compute_inputs, kernel_inputs, output_elem, signature, signa
 use super::op::{Kernel, OpDef};
 use super::registry::{op_table, Kernels};
 use crate::cuda::ops::{check_quantized_on_gpu, CapacityMaskOp, DeviceIo, DeviceOp, ParallelLinearOp, Runner, ScatterMoeOp, TopKRouterOp};
+use crate::cuda::forward::PerExpert;
 use crate::signature::Signature;
 use crate::spec::{capacity_mask, parallel_linear, scatter_moe, topk_router, Port, PortType, SpecError};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -129,11 +130,12 @@ impl Kernel for RouterCuda {
         let w = ctx.output(topk_router::ROUTING_WEIGHTS, &out, call.t.onnx_code())?.ok_or("output 'routing_weights' is required")?;
         let i = ctx.output(topk_router::ROUTING_INDICES, &out, 7)?.ok_or("output 'routing_indices' is required")?;
         let logits = dptr(ins[topk_router::LOGITS].as_ref().unwrap());
-        // the selection bias: float32 (element type 1) or T, as the check established
-        let bias = ins.get(topk_router::BIAS).and_then(Option::as_ref).map(|b| (dptr(b), b.elem == 1));
+        // the selection bias and the expert scale: float32 (element type 1) or T, as the check established
+        let per_expert = |i: usize| ins.get(i).and_then(Option::as_ref).map(|b| (dptr(b), b.elem == 1));
+        let per = PerExpert { bias: per_expert(topk_router::BIAS), scale: per_expert(topk_router::EXPERT_SCALE) };
         let stream = ctx.gpu_stream()? as CUstream;
         // SAFETY: ORT's tensors have the shapes and types the check established, on its stream's device.
-        unsafe { self.0.run(&call, logits, bias, w as CUdeviceptr, i as CUdeviceptr, stream) }
+        unsafe { self.0.run(&call, logits, per, w as CUdeviceptr, i as CUdeviceptr, stream) }
     }
 }
 

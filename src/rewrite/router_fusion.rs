@@ -15,8 +15,11 @@
 //!   indices)`, DeepSeek-V3), or `Softmax(v)` over the last axis (then `topk_softmax`), each maybe
 //!   normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])` (`normalize`,
 //!   `normalize_eps`; the divisor maybe clamped from below by a constant, `normalize_min`; axes as attribute or input; ReduceL1 too, as DBRX writes it: these weights
-//!   are never negative, so their L1 norm is their sum), maybe multiplied by a constant (`scale`).
-//!   A clamp, a scale by a tensor: not the op's formula, left. Then Casts between float types that
+//!   are never negative, so their L1 norm is their sum), maybe multiplied by a constant (`scale`)
+//!   and by a constant table of one value an expert read at the chosen experts (`expert_scale`,
+//!   Gemma 4's `per_expert_scale[top_k_index]`: `Gather` on axis 0 or `GatherND` of the indices
+//!   unsqueezed, maybe widened by Casts), in float32, in either order. A clamp, a scale by any
+//!   other tensor: not the op's formula, left. Then Casts between float types that
 //!   round at most once (the op rounds its float32 weights to its T once, so a Cast from float32
 //!   is the op's own rounding; a widening Cast is exact). Casts that round twice (float32 to
 //!   float16 to bfloat16) are not one rounding: left.
@@ -54,7 +57,7 @@ mod choice;
 mod weights;
 
 use choice::{choice, rows_of};
-use weights::{normalized, scaled, Divisor};
+use weights::{expert_scaled, normalized, scaled, Divisor};
 use super::matcher::{is_last_axis, rank_of};
 use crate::onnx::graph::{attr_float, attr_i, attr_int, attr_string, make_node, GraphIndex};
 use crate::spec::{self, scatter_moe as sm, topk_router as tr, Scoring, TieBreak, WeightsFrom};
@@ -85,6 +88,8 @@ pub struct Plan {
     /// the selection bias the node reads: a constant, and whether it needs a Cast to float32
     /// (its type is neither float32 nor the logits')
     pub bias: Option<(String, bool)>,
+    /// the per-expert weight scale the node reads (Gemma 4's `per_expert_scale`), likewise
+    pub expert_scale: Option<(String, bool)>,
     /// the graph's TopK leaves its k in the runtime's order: the proof compares each token's
     /// experts and weights as a set
     pub unsorted: bool,
@@ -107,6 +112,9 @@ impl Plan {
         let mut t = format!("{scoring}, k={}{}, {}", a.k, if a.normalize { ", normalize" } else { "" }, a.tie_break.name());
         if self.bias.is_some() {
             t.push_str(", bias");
+        }
+        if self.expert_scale.is_some() {
+            t.push_str(", expert scale");
         }
         if let Some(gr) = &a.groups {
             t.push_str(&format!(", groups {}/{} {}", gr.topk_group, gr.n_group, gr.score.name()));
@@ -274,10 +282,28 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
         w = &c.input[0];
     }
     let wt = g.infer_type(w).ok_or("cannot tell the type the routing weights are computed in")?;
-    let mut scale = 1.0f32;
-    if let Some((inner, c)) = scaled(g, w, &mut nodes) {
-        w = skip_identity(g, inner, &mut nodes);
-        scale = c;
+    // a scale by a constant and a scale per chosen expert, in either order (the op multiplies by
+    // the expert's scale, then the constant: in float32 the orders differ by a rounding, which the
+    // proof's tolerance holds)
+    let chosen = skip_identity(g, idx_in, &mut Vec::new());
+    let (mut scale, mut scaled_once) = (1.0f32, false);
+    let mut expert_scale = None;
+    for _ in 0..2 {
+        if !scaled_once {
+            if let Some((inner, c)) = scaled(g, w, &mut nodes) {
+                w = skip_identity(g, inner, &mut nodes);
+                (scale, scaled_once) = (c, true);
+                continue;
+            }
+        }
+        if expert_scale.is_none() {
+            if let Some((inner, table, ty)) = expert_scaled(g, w, chosen, &mut nodes) {
+                w = skip_identity(g, inner, &mut nodes);
+                expert_scale = Some((table, ty));
+                continue;
+            }
+        }
+        break;
     }
     let (normalize, divisor) = match normalized(g, w, &mut nodes) {
         Some((inner, d)) => {
@@ -315,8 +341,14 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     if normalize && wt != FLOAT {
         return Err(format!("the routing weights are normalised in {}, not float32", spec::onnx_type_name(wt)));
     }
-    if scale != 1.0 && wt != FLOAT {
+    if (scale != 1.0 || expert_scale.is_some()) && wt != FLOAT {
         return Err(format!("the routing weights are scaled in {}, not float32", spec::onnx_type_name(wt)));
+    }
+    if let (Some((table, _)), Some(e)) = (expert_scale, last_dim(g, s_in)) {
+        let n = g.const_tensor(table).map_or(0, |t| t.dims[0]);
+        if n != e {
+            return Err(format!("the per-expert scale has {n} values for {e} experts"));
+        }
     }
 
     // what TopK ranks: the scores, maybe biased, maybe limited to the best groups
@@ -407,6 +439,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
         weights: String::new(),
         indices: String::new(),
         bias: ch.bias.map(|(b, bt)| (b.to_string(), bt != FLOAT && bt != lt)),
+        expert_scale: expert_scale.map(|(e, et)| (e.to_string(), et != FLOAT && et != lt)),
         unsorted,
         identity_of,
         nodes,
@@ -426,16 +459,26 @@ pub fn nodes(plan: &mut Plan, tag: &str, fresh: &mut dyn FnMut(&str) -> String) 
         input = v;
     }
     let mut inputs = vec![input];
-    if let Some((b, cast)) = &plan.bias {
+    // the per-expert inputs, each widened to float32 where its type is neither float32 nor the
+    // logits'; an absent bias before an expert scale is the empty name
+    for (per, name) in [(&plan.bias, "Bias"), (&plan.expert_scale, "ExpertScale")] {
+        let Some((b, cast)) = per else {
+            inputs.push(String::new());
+            continue;
+        };
         let mut b = b.clone();
         if *cast {
-            let v = fresh(&format!("{tag}/router_bias_f32"));
-            let mut c = make_node("Cast", "", &format!("{tag}/RouterBiasCast"), &[&b], &[&v]);
+            let v = fresh(&format!("{tag}/router_{}_f32", name.to_lowercase()));
+            let mut c = make_node("Cast", "", &format!("{tag}/Router{name}Cast"), &[&b], &[&v]);
             c.attribute.push(attr_int("to", FLOAT as i64));
             out.push(c);
             b = v;
         }
         inputs.push(b);
+    }
+    // no trailing empty inputs
+    while inputs.last().is_some_and(String::is_empty) {
+        inputs.pop();
     }
     let w = fresh(&format!("{tag}/router_weights"));
     let idx = fresh(&format!("{tag}/router_indices"));

@@ -10,8 +10,13 @@ pub const NAME: &str = "TopKRouter";
 
 pub const LOGITS: usize = 0;
 pub const BIAS: usize = 1;
-/// `bias`: float32 or `T`, `[E]` (a rank-2 `[1, E]` is read the same).
-pub const INPUTS: [Port; 2] = [port("logits", PortType::Float, false, 2), port("bias", PortType::Scale, true, 1)];
+pub const EXPERT_SCALE: usize = 2;
+/// `bias` and `expert_scale`: float32 or `T`, `[E]` (a rank-2 `[1, E]` is read the same).
+pub const INPUTS: [Port; 3] = [
+    port("logits", PortType::Float, false, 2),
+    port("bias", PortType::Scale, true, 1),
+    port("expert_scale", PortType::Scale, true, 1),
+];
 
 pub const ROUTING_WEIGHTS: usize = 0;
 pub const ROUTING_INDICES: usize = 1;
@@ -160,19 +165,20 @@ pub fn check(attrs: &Attrs, types: InputTypes, shapes: &[Option<&Shape>]) -> Res
             }
         }
     }
-    if let Some(Some(b)) = shapes.get(BIAS) {
+    for (i, name) in [(BIAS, "bias"), (EXPERT_SCALE, "expert_scale")] {
+        let Some(Some(b)) = shapes.get(i) else { continue };
         let ok = match b.len() {
             1 => true,
             2 => b[0].is_none_or(|d| d == 1),
             _ => false,
         };
         if !ok {
-            return err(NAME, format!("input 'bias' must have shape [E] or [1, E], got {}", fmt_shape(b)));
+            return err(NAME, format!("input '{name}' must have shape [E] or [1, E], got {}", fmt_shape(b)));
         }
         unify(NAME, b[b.len() - 1], experts, || {
-            format!("input 'bias' has {} values but input 'logits' has {} experts", fmt_shape(b), fmt_shape(s))
+            format!("input '{name}' has {} values but input 'logits' has {} experts", fmt_shape(b), fmt_shape(s))
         })?;
-        if attrs.scoring == Scoring::TopkSoftmax {
+        if i == BIAS && attrs.scoring == Scoring::TopkSoftmax {
             return err(NAME, "scoring 'topk_softmax' takes no 'bias'");
         }
     }

@@ -6,12 +6,13 @@
 //! bias (float32 and T), the group-limited choice (n_group 1 to 16 dividing E, DeepSeek-V3's
 //! 256 / 8 / 4 / k 8 and DeepSeek-V2's 160 / 8 groups, both group scores, fill -inf and 0,
 //! topk_group 1 and n_group - 1, k above the experts of the kept groups, whole groups copied for
-//! exact group ties), weights_from, normalize_eps, normalize_min and scale. The indices must be identical; the
+//! exact group ties), weights_from, normalize_eps, normalize_min, scale and the expert scale
+//! (float32 and T). The indices must be identical; the
 //! weights within the dtype's tolerance (both compute in float32 and round once), non-finite
 //! weights identical.
 
 use super::*;
-use scattermoe::cpu::router::topk_router as cpu_router;
+use scattermoe::cpu::router::{topk_router as cpu_router, PerExpert};
 use scattermoe::reference::Serial;
 use scattermoe::spec::topk_router::{Attrs, Groups};
 use scattermoe::spec::{GroupScore, Scoring, TieBreak, WeightsFrom};
@@ -42,7 +43,7 @@ fn draw_logits(rng: &mut StdRng, tokens: usize, experts: usize, specials: bool, 
     x
 }
 
-/// How a case passes the selection bias.
+/// How a case passes the selection bias or the expert scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Bias {
     None,
@@ -67,7 +68,22 @@ fn draw_bias(rng: &mut StdRng, experts: usize, nonneg: bool, period: Option<usiz
     b
 }
 
-fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bias: Bias, rng: &mut StdRng, rep: &mut Report) {
+/// Per-expert values as the GPU reads them (float32 or `E`) and the same values in float32 for the
+/// CPU; none for `Bias::None`.
+fn per_expert<E: Elem>(kind: Bias, v32: Vec<f32>) -> (Vec<u8>, Option<Vec<f32>>) {
+    match kind {
+        Bias::None => (Vec::new(), None),
+        Bias::F32 => (bytes_of(&v32), Some(v32)),
+        Bias::T => {
+            let vt: Vec<E> = conv(&v32);
+            (bytes_of(&vt), Some(vt.iter().map(|v| v.to_f32()).collect()))
+        }
+    }
+}
+
+/// `bias` and `escale`: how the selection bias and the expert scale come, if at all.
+#[allow(clippy::too_many_arguments)]
+fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bias: Bias, escale: Bias, rng: &mut StdRng, rep: &mut Report) {
     let group = attrs.groups.map(|gr| experts / gr.n_group);
     let mut raw = draw_logits(rng, tokens, experts, true, group);
     if attrs.scoring == Scoring::Identity {
@@ -80,24 +96,25 @@ fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bi
     let nonneg = attrs.weights_from == WeightsFrom::Choice && attrs.normalize;
     let period = if rng.random_range(0..2) == 0 { group } else { None };
     let b32 = draw_bias(rng, experts, nonneg, period);
-    let (b_bytes, b_cpu): (Vec<u8>, Option<Vec<f32>>) = match bias {
-        Bias::None => (Vec::new(), None),
-        Bias::F32 => (bytes_of(&b32), Some(b32)),
-        Bias::T => {
-            let bt: Vec<E> = conv(&b32);
-            (bytes_of(&bt), Some(bt.iter().map(|v| v.to_f32()).collect()))
-        }
-    };
+    let (b_bytes, b_cpu) = per_expert::<E>(bias, b32);
+    // expert scales as Gemma 4 learns them: around 1, some negative and some 0
+    let e32: Vec<f32> = (0..experts).map(|_| [0.0, -0.75, 1.0, 1.5, 0.8125][rng.random_range(0..5)] + rng.random_range(0..8) as f32 / 64.0).collect();
+    let (e_bytes, e_cpu) = per_expert::<E>(escale, e32);
     let n = tokens * attrs.k;
     let (mut want_w, mut want_i) = (vec![E::default(); n], vec![0i64; n]);
-    cpu_router(&Serial, attrs, experts, &logits, b_cpu.as_deref(), &mut want_w, &mut want_i);
+    let per = PerExpert { bias: b_cpu.as_deref(), scale: e_cpu.as_deref() };
+    cpu_router(&Serial, attrs, experts, &logits, per, &mut want_w, &mut want_i);
     let x = g.upload(&bytes_of(&logits));
     let bd = g.upload(&b_bytes);
+    let ed = g.upload(&e_bytes);
     let w = g.poisoned(n * std::mem::size_of::<E>());
     let i = g.poisoned(n * 8);
     let s = g.stream.cu_stream();
-    let bias_arg = (bias != Bias::None).then(|| (g.ptr(&bd), bias == Bias::F32));
-    unsafe { forward::topk_router(g.dev, s, attrs, E::T, tokens, experts, g.ptr(&x), bias_arg, g.ptr(&w), g.ptr(&i)) }.unwrap();
+    let dev_per = forward::PerExpert {
+        bias: (bias != Bias::None).then(|| (g.ptr(&bd), bias == Bias::F32)),
+        scale: (escale != Bias::None).then(|| (g.ptr(&ed), escale == Bias::F32)),
+    };
+    unsafe { forward::topk_router(g.dev, s, attrs, E::T, tokens, experts, g.ptr(&x), dev_per, g.ptr(&w), g.ptr(&i)) }.unwrap();
     g.stream.synchronize().unwrap();
     let got_w: Vec<E> = from_bytes(&g.download(&w, n * std::mem::size_of::<E>()));
     let got_i: Vec<i64> = from_bytes(&g.download(&i, n * 8));
@@ -107,6 +124,9 @@ fn run_router<E: Elem>(g: &Gpu, attrs: &Attrs, tokens: usize, experts: usize, bi
     }
     if bias != Bias::None || attrs.weights_from != WeightsFrom::Scores || attrs.normalize_eps != 0.0 || attrs.normalize_min != 0.0 || attrs.scale != 1.0 {
         name += &format!(" bias {bias:?}{} {:?} eps {:e} min {:e} scale {}", if period.is_some() { " (periodic)" } else { "" }, attrs.weights_from, attrs.normalize_eps, attrs.normalize_min, attrs.scale);
+    }
+    if escale != Bias::None {
+        name += &format!(" expert_scale {escale:?}");
     }
     let first_diff = got_i.iter().zip(&want_i).position(|(a, b)| a != b);
     rep.exact(&format!("{name} indices"), first_diff.is_none(), &first_diff.map_or(String::new(), |p| {
@@ -136,9 +156,9 @@ fn topk_router_matches_the_cpu_router() {
             for tie_break in TieBreak::ALL {
                 for &(tokens, experts, k) in &shapes {
                     let attrs = Attrs::plain(k, scoring, normalize, tie_break);
-                    run_router::<f32>(g, &attrs, tokens, experts, Bias::None, &mut rng, &mut rep);
-                    run_router::<f16>(g, &attrs, tokens, experts, Bias::None, &mut rng, &mut rep);
-                    run_router::<bf16>(g, &attrs, tokens, experts, Bias::None, &mut rng, &mut rep);
+                    run_router::<f32>(g, &attrs, tokens, experts, Bias::None, Bias::None, &mut rng, &mut rep);
+                    run_router::<f16>(g, &attrs, tokens, experts, Bias::None, Bias::None, &mut rng, &mut rep);
+                    run_router::<bf16>(g, &attrs, tokens, experts, Bias::None, Bias::None, &mut rng, &mut rep);
                 }
             }
         }
@@ -160,6 +180,7 @@ struct Extra {
     /// the divisor's floor (Ernie-4.5's clamp)
     normalize_min: f32,
     scale: f32,
+    expert_scale: Bias,
     /// 0: the shape's topk_group, 1: one group, 2: all groups but one
     topk_group: usize,
     /// 0 float32, 1 float16, 2 bfloat16
@@ -190,9 +211,9 @@ fn run_extra(g: &Gpu, shape: &GroupShape, scoring: Scoring, score: GroupScore, x
     };
     let bias = if topk_softmax { Bias::None } else { x.bias };
     match x.dtype {
-        0 => run_router::<f32>(g, &attrs, tokens, experts, bias, rng, rep),
-        1 => run_router::<f16>(g, &attrs, tokens, experts, bias, rng, rep),
-        _ => run_router::<bf16>(g, &attrs, tokens, experts, bias, rng, rep),
+        0 => run_router::<f32>(g, &attrs, tokens, experts, bias, x.expert_scale, rng, rep),
+        1 => run_router::<f16>(g, &attrs, tokens, experts, bias, x.expert_scale, rng, rep),
+        _ => run_router::<bf16>(g, &attrs, tokens, experts, bias, x.expert_scale, rng, rep),
     }
 }
 
@@ -206,8 +227,16 @@ fn topk_router_bias_and_groups_match_the_cpu_router() {
     let v3 = GroupShape(if small() { 64 } else { 4096 }, 256, 8, 4, 8);
     for dtype in 0..3 {
         for bias in [Bias::F32, Bias::T] {
-            let x = Extra { bias, weights_from: WeightsFrom::Scores, normalize: true, tie_break: TieBreak::LowerIndex, fill: f32::NEG_INFINITY, normalize_eps: 1e-20, normalize_min: 0.0, scale: 2.5, topk_group: 0, dtype };
+            let x = Extra { bias, weights_from: WeightsFrom::Scores, normalize: true, tie_break: TieBreak::LowerIndex, fill: f32::NEG_INFINITY, normalize_eps: 1e-20, normalize_min: 0.0, scale: 2.5, expert_scale: Bias::None, topk_group: 0, dtype };
             run_extra(g, &v3, Scoring::Sigmoid, GroupScore::Top2Sum, &x, &mut rng, &mut rep);
+        }
+    }
+    // Gemma 4 (26B-A4B): softmax, k 8 of 128, normalized, then its learned per-expert scale
+    let gemma = GroupShape(if small() { 64 } else { 4096 }, 128, 1, 1, 8);
+    for dtype in 0..3 {
+        for expert_scale in [Bias::F32, Bias::T] {
+            let x = Extra { bias: Bias::None, weights_from: WeightsFrom::Scores, normalize: true, tie_break: TieBreak::LowerIndex, fill: f32::NEG_INFINITY, normalize_eps: 0.0, normalize_min: 0.0, scale: 1.0, expert_scale, topk_group: 0, dtype };
+            run_extra(g, &gemma, Scoring::Softmax, GroupScore::Top2Sum, &x, &mut rng, &mut rep);
         }
     }
     let mut shapes = vec![
@@ -249,6 +278,7 @@ fn topk_router_bias_and_groups_match_the_cpu_router() {
                         // a floor that never, sometimes (sigmoid sums of k) or always (softmax) holds
                         normalize_min: [0.0, 1e-12, 1.5][rng.random_range(0..3)],
                         scale: if rng.random_range(0..2) == 0 { 1.0 } else { 2.5 },
+                        expert_scale: [Bias::None, Bias::F32, Bias::T][(case / 3 + rng.random_range(0..2)) % 3],
                         topk_group: (case / 3 + rng.random_range(0..3)) % 3,
                         dtype,
                     };

@@ -20,7 +20,7 @@ pub use super::catalogue::{GemmCfg, GROUPED_A_SUFFIX};
 pub use errors::{check_sync, error_message, ERR_BAD_INDEX, ERR_NEG_CAPACITY, ERR_TOO_MANY_EXPERTS};
 pub use launch::{capacity_mask, format_name, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
 pub use plan::{routing_workspace_bytes, Plan};
-pub use router::topk_router;
+pub use router::{topk_router, PerExpert};
 pub use selection::{
     pick_cfg, pick_quant_cfg, quant_wgmma_fits, FULL_GRID_K, HOPPER_MC_DEEP_K, HOPPER_MC_DEEP_ROWS, HOPPER_MC_ROWS, HOPPER_SMALL_ROWS, HOPPER_TMA_K, HOPPER_TMA_ROWS, HOPPER_TMA_ROWS_H100,
     QUANT_SKINNY_ROWS, QUANT_WGMMA_ROWS, SKINNY_ROWS, SMALL_ROWS,

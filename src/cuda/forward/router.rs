@@ -6,8 +6,8 @@ use crate::spec::{topk_router, ElemType, GroupScore, Scoring, TieBreak, WeightsF
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
 /// `TopKRouter`: one launch, a warp per token (kernels/router.cu). `logits` [tokens, E] in `t`,
-/// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64; `bias`: the selection bias (E
-/// values) and whether it is float32 (else it is `t`), if any.
+/// `weights` [tokens, k] in `t`, `indices` [tokens, k] int64; `per`: the selection bias and the
+/// per-expert weight scale (E values each, float32 or `t`), if any.
 ///
 /// # Safety
 /// The buffers must hold those shapes and types on `stream`'s context, whose [`Device`] `dev` is.
@@ -20,7 +20,7 @@ pub unsafe fn topk_router(
     tokens: usize,
     experts: usize,
     logits: CUdeviceptr,
-    bias: Option<(CUdeviceptr, bool)>,
+    per: PerExpert,
     weights: CUdeviceptr,
     indices: CUdeviceptr,
 ) -> CuResult<()> {
@@ -45,8 +45,10 @@ pub unsafe fn topk_router(
     let grid = tokens.div_ceil(ROUTER_ROWS_PER_BLOCK) as u32;
     let args = [
         Arg::Ptr(logits),
-        Arg::opt(bias.map(|b| b.0)),
-        Arg::I32(bias.is_some_and(|b| b.1) as i32),
+        Arg::opt(per.bias.map(|b| b.0)),
+        Arg::I32(per.bias.is_some_and(|b| b.1) as i32),
+        Arg::opt(per.scale.map(|b| b.0)),
+        Arg::I32(per.scale.is_some_and(|b| b.1) as i32),
         Arg::I32(tokens as i32),
         Arg::I32(experts as i32),
         Arg::I32(attrs.k as i32),
@@ -65,6 +67,16 @@ pub unsafe fn topk_router(
         Arg::Ptr(indices),
     ];
     driver::launch(&f, (grid, 1), stream, &args, &name)
+}
+
+/// A router's per-expert inputs on the device: E values each and whether they are float32 (else
+/// the logits' type), if any.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerExpert {
+    /// the selection bias
+    pub bias: Option<(CUdeviceptr, bool)>,
+    /// each chosen expert's weight scale
+    pub scale: Option<(CUdeviceptr, bool)>,
 }
 
 /// Tokens per block of the router kernel (SMOE_ROUTER_WARPS: a warp per token).

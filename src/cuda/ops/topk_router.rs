@@ -39,15 +39,15 @@ impl TopKRouterOp {
     /// The launch on `stream`, with its context made current. Errors name the op.
     ///
     /// # Safety
-    /// `stream` must be null or live; `logits` must hold the call's [tokens, E] in `t`, `bias` (if
-    /// any) E values in float32 (its flag true) or `t`, `weights` [tokens, k] in `t` and `indices`
+    /// `stream` must be null or live; `logits` must hold the call's [tokens, E] in `t`, `per`'s
+    /// inputs (if any) E values each in float32 (its flag true) or `t`, `weights` [tokens, k] in `t` and `indices`
     /// [tokens, k] int64, on `stream`'s device.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run(
         &self,
         call: &RouterCall,
         logits: CUdeviceptr,
-        bias: Option<(CUdeviceptr, bool)>,
+        per: forward::PerExpert,
         weights: CUdeviceptr,
         indices: CUdeviceptr,
         stream: CUstream,
@@ -58,6 +58,6 @@ impl TopKRouterOp {
         }
         // SAFETY: the caller's stream is live for the call.
         let (dev, _current) = unsafe { driver::for_stream(stream) }.map_err(named)?;
-        unsafe { forward::topk_router(dev, stream, &self.0, call.t, call.tokens, call.experts, logits, bias, weights, indices) }.map_err(named)
+        unsafe { forward::topk_router(dev, stream, &self.0, call.t, call.tokens, call.experts, logits, per, weights, indices) }.map_err(named)
     }
 }

@@ -88,3 +88,63 @@ pub(super) fn normalized<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usi
         (a, Divisor { eps, min })
     })
 }
+
+/// A per-expert scale of the chosen weights: `Mul(w, table[indices])` (either side), the table a
+/// constant of one value an expert (rank 1), read by `Gather(table, indices, axis 0)`
+/// or `GatherND(table, Unsqueeze(indices, last axis))` (torch's `per_expert_scale[top_k_index]`
+/// through TorchScript and dynamo), maybe through exact widening Casts. `indices`: the router's
+/// chosen experts. Returns (w, the table's value name, its element type).
+pub(super) fn expert_scaled<'g>(g: &GraphIndex<'g>, v: &'g str, indices: &str, nodes: &mut Vec<usize>) -> Option<(&'g str, &'g str, i32)> {
+    let (mi, m) = std_op(g, v, "Mul").filter(|(_, m)| m.input.len() == 2)?;
+    (0..2).find_map(|side| {
+        let mut mine = vec![mi];
+        let table = gathered_table(g, &m.input[side], indices, &mut mine)?;
+        nodes.extend(mine);
+        Some((m.input[1 - side].as_str(), table.0, table.1))
+    })
+}
+
+/// The table `v` reads at `indices` (see [`expert_scaled`]): its name and element type.
+fn gathered_table<'g>(g: &GraphIndex<'g>, v: &'g str, indices: &str, nodes: &mut Vec<usize>) -> Option<(&'g str, i32)> {
+    let mut cur = skip_identity(g, v, nodes);
+    // widening Casts: float16 / bfloat16 to float32, exact
+    while let Some((ci, c)) = std_op(g, cur, "Cast") {
+        let from = g.infer_type(&c.input[0])?;
+        if !(attr_i(c, "to") == Some(1) && matches!(from, 1 | 10 | 16)) {
+            return None;
+        }
+        nodes.push(ci);
+        cur = skip_identity(g, &c.input[0], nodes);
+    }
+    let (gi, gn) = std_op(g, cur, "Gather").or_else(|| std_op(g, cur, "GatherND"))?;
+    let table = gn.input.first()?.as_str();
+    let t = g.const_tensor(table)?;
+    // one value an expert: gathering from a rank-2 table would take rows, not values
+    if t.dims.len() != 1 || !matches!(t.data_type, 1 | 10 | 16) {
+        return None;
+    }
+    let mut mine = vec![gi];
+    let idx = if gn.op_type == "Gather" {
+        if attr_i(gn, "axis").unwrap_or(0) != 0 {
+            return None;
+        }
+        skip_identity(g, &gn.input[1], &mut mine)
+    } else {
+        // GatherND of a rank-1 table at indices with a trailing axis of 1
+        if attr_i(gn, "batch_dims").unwrap_or(0) != 0 {
+            return None;
+        }
+        let (ui, u) = std_op(g, &gn.input[1], "Unsqueeze")?;
+        let r = rank_of(g, &u.input[0])?;
+        let axes = axes_of(g, u)?;
+        if !(axes.len() == 1 && (axes[0] == -1 || axes[0] == r as i64)) {
+            return None;
+        }
+        mine.push(ui);
+        skip_identity(g, &u.input[0], &mut mine)
+    };
+    (idx == indices).then(|| {
+        nodes.extend(mine);
+        (table, t.data_type)
+    })
+}
