@@ -731,14 +731,14 @@ FAMILY_FIXTURES = [
     ("minimax_m2_moe", "matrix:MiniMaxM2SparseMoeBlock.eager.ts17.f32", "torchscript", "float32",
      dict(scattermoe=1, parallel_linear=0, router="sigmoid, k=2, normalize, lower_index, bias")),
     # Gemma 4: the router reads the residual and the experts its second pre-norm (the proof computes
-    # both from the value they share); the weights scaled per expert (the router stays ONNX nodes)
-    ("gemma4_lm", "lm:gemma4", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
-    ("gemma4_lm_bmm", "lm:gemma4:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
-    ("gemma4_lm_bmm_dynamo", "lm:gemma4:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+    # both from the value they share); the weights scaled per expert (TopKRouter's expert_scale)
+    ("gemma4_lm", "lm:gemma4", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0, router="softmax, k=2, normalize, lower_index, expert scale")),
+    ("gemma4_lm_bmm", "lm:gemma4:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0, router="softmax, k=2, normalize, lower_index, expert scale")),
+    ("gemma4_lm_bmm_dynamo", "lm:gemma4:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, router="softmax, k=2, normalize, lower_index, expert scale", needs="batched_mm")),
     # DiffusionGemma's text encoder: Gemma 4's MoE layers in another model (its output named
     # `logits` like the LMs', the last hidden states)
-    ("diffusion_gemma_enc_bmm", "enc:diffusion_gemma:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0)),
-    ("diffusion_gemma_enc_bmm_dynamo", "enc:diffusion_gemma:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, needs="batched_mm")),
+    ("diffusion_gemma_enc_bmm", "enc:diffusion_gemma:batched_mm", "torchscript", "float32", dict(scattermoe=2, parallel_linear=0, router="softmax, k=2, normalize, lower_index, expert scale")),
+    ("diffusion_gemma_enc_bmm_dynamo", "enc:diffusion_gemma:batched_mm", "dynamo", "float32", dict(scattermoe=2, parallel_linear=0, router="softmax, k=2, normalize, lower_index, expert scale", needs="batched_mm")),
 ]
 
 
