@@ -94,9 +94,9 @@ def test_compare_layers_names_the_layer_and_sets_a_routing_tie_apart(rng):
     rec = check.compare_layers(ref, _copy(ref), 2e-2, rows)
     assert rec["why"] is None and [x["max_rel_err"] for x in rec["per_layer"]] == [0.0, 0.0]
 
-    # layer 1's output off by 5% at position 5: named
+    # layer 1's output off at position 5 by 5% of its largest value (the error's scale): named
     bad = _copy(ref)
-    bad[probe.MOE.format(1)][5] *= 1.05
+    bad[probe.MOE.format(1)][5, 0] += 0.05 * np.abs(ref[probe.MOE.format(1)]).max()
     rec = check.compare_layers(ref, bad, 2e-2, rows)
     assert rec["why"].startswith("MoE layer 1 differs first") and "position 5" in rec["why"], rec
 
