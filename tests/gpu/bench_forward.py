@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     ap.add_argument("--cfgs", default="128x128,wgmma_ws,wgmma_mc,32x64,32x64s6,32x32")
     ap.add_argument("--json", default="")
+    ap.add_argument("--only-auto", action="store_true",
+                    help="time the automatic choice only (no stages, no forced configurations, no torch)")
     a = ap.parse_args()
     K = Kernels(a.fatbin_dir)
     dt = torch.bfloat16
@@ -71,6 +73,12 @@ def main():
             fwd = lambda **kw: [K.forward(x_, rw_, ri_, w1, w2, None, None, b_, **kw)  # noqa: E731
                                 for (x_, ri_, rw_, b_) in ins]
             row["ours_auto"] = graph_time(lambda: fwd())
+            if a.only_auto:
+                rows.append(row)
+                print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}), flush=True)
+                del ins
+                torch.cuda.empty_cache()
+                continue
             for st in ("route", "g1", "g2", "comb"):
                 row[f"stage_{st}"] = graph_time(lambda: fwd(stages=(st,)), max_reps=20)
             rows_per_expert = T * k / min(E, T * k)
@@ -106,6 +114,9 @@ def main():
     print("\nshape    tokens  floor  ours(auto) ours(best-cfg sum) torch_gmm auto/floor auto/torch  "
           "route/g1/g2/comb (auto, ms)   best g1 / g2 cfg")
     for r in rows:
+        if "stage_route" not in r:
+            print(f"{r['shape']:<8s} {r['T']:>6d} {r['floor_ms']:7.3f} {r['ours_auto']:8.3f}")
+            continue
         tg = r.get("torch_grouped_mm", float("nan"))
         print(f"{r['shape']:<8s} {r['T']:>6d} {r['floor_ms']:7.3f} {r['ours_auto']:8.3f} {r['ours_best_sum']:12.3f}"
               f" {tg:14.3f} {r['ours_auto'] / r['floor_ms']:8.2f} {r['ours_auto'] / tg:9.2f}   "

@@ -39,6 +39,14 @@ class CUlaunchConfig(ctypes.Structure):
                 ("numAttrs", ctypes.c_uint)]
 
 
+class CUlaunchAttribute(ctypes.Structure):
+    """One launch attribute: its id, then a 64-byte union of values (cuda.h)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
 class TmaMap(ctypes.Structure):
     _align_ = 64
     _fields_ = [("words", ctypes.c_uint64 * 16)]
@@ -82,6 +90,12 @@ class Kernels:
         # SMOE_HOPPER_TMA_ROWS moves it for A/B runs
         tma_rows = choice.table_tma_rows(torch.cuda.get_device_name())
         self.hopper_tma_rows = float(os.environ.get("SMOE_HOPPER_TMA_ROWS", str(tma_rows)))
+        # programmatic dependent launch, as the library launches (src/cuda/driver.rs pdl_supported:
+        # sm_90 and newer); SMOE_PDL=0 turns it off for A/B runs
+        self.pdl = props.major >= 9 and os.environ.get("SMOE_PDL", "1") != "0"
+        self._pdl_attr = CUlaunchAttribute()
+        self._pdl_attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        self._pdl_attr.value[0] = 1
 
     def load_module(self, name, path):
         """Loads a fatbin as module `name` (the catalogue's, or an experiment's beside them)."""
@@ -122,6 +136,10 @@ class Kernels:
         block = tuple(block) + (1,) * (3 - len(block))
         arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        if self.pdl:
+            cfg = CUlaunchConfig(*grid, *block, smem, stream.value, ctypes.addressof(self._pdl_attr), 1)
+            _check(self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, arr, None), "cuLaunchKernelEx (programmatic dependent launch)")
+            return
         _check(self.cu.cuLaunchKernel(f, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
                                       ctypes.c_uint(smem), stream, arr, None), "cuLaunchKernel")
 
