@@ -5,9 +5,16 @@
 // header: scattered / grouped rows, bias, activation or GLU in every glu_layout, row scale, alpha and
 // limit) and, for W quantized, as tcq_gemm (kernels/quant_gemm.cu's header: fp8 e4m3fn, 8-bit and
 // packed 4-bit codes, scales per channel, per group or per 2-D block, in T or float32, zero points),
-// with the same entry-point parameter lists:
-//   16-bit W   the 18 parameters of kernels/grouped_gemm.cu's entry points;
-//   quantized  the same and w_scale, w_zero, scale_f32, block_out, block_in (kernels/quant_gemm.cu).
+// with the same entry-point parameter lists and three more, last parameters:
+//   16-bit W   the 18 parameters of kernels/grouped_gemm.cu's entry points, then the three;
+//   quantized  the same and w_scale, w_zero, scale_f32, block_out, block_in (kernels/quant_gemm.cu),
+//              then the three.
+// The three: early_idx, early_n, early_ibytes = the op's routing indices (int32 or int64: 4 or 8
+// bytes each, early_n of them), which must have been complete before the previous kernel on the
+// stream began (true of every GEMM of an op: the routing kernels run first), or null. With them the
+// kernel prefetches the hit experts' W into L2 before its programmatic-dependent-launch wait
+// (prefetch_hit_w below), so W streams in while the previous kernel still runs. Null: the wait
+// comes first, as in every other kernel.
 // W quantized is converted in registers, never in memory (kernels/dequant.cuh), two ways:
 //   - one scale over a whole k-step of a row (per output channel; blocks along K a multiple of the
 //     k-step, 64 elements for 8-bit codes and 128 for 4-bit: groups of 128, 128 x 128 blocks): the
@@ -383,12 +390,65 @@ __device__ __forceinline__ void sk_plain(const SkArgs<T>& A, const SkUnit<T, 2 *
     }
 }
 
+// W before the dependency wait. At decode, each GEMM of an op is a short stream of the hit experts'
+// W, and between two kernels the memory sits idle: the previous kernel's tail, this one's launch and
+// its first loads. With programmatic dependent launch this kernel's CTAs already run then (waiting in
+// pdl_begin), and which experts are hit is known: the op's routing indices were complete before the
+// op's first kernel began (every GEMM of an op runs after the routing kernels, which waited for
+// them). So before its wait each CTA reads the indices, marks the experts hit and prefetches its
+// share of their W rows into L2 (one bulk prefetch per row: no registers, no smem), and the main loop
+// then finds them there. Only a hint: nothing computed depends on it, and a bad index is skipped.
+// Caps: the indices are read when there are at most PREFETCH_MAX_IDX (decode sizes: every CTA
+// reads them all, which costs the CTAs that start only after the wait would have returned, e.g.
+// behind a previous kernel that fills the GPU, on their critical path); the hit experts' W is prefetched up to PREFETCH_BYTES (a third of the H100's L2)
+// in all, each row's first bytes when W is larger (the ones the main loop reads first), and not at
+// all when that leaves less than PREFETCH_MIN_ROW bytes a row (Mixtral's W at one token: the
+// prefetch would be noise).
+constexpr int PREFETCH_MAX_IDX = 512;
+constexpr long long PREFETCH_BYTES = 16ll << 20;
+constexpr long long PREFETCH_MIN_ROW = 512;
+template <int THREADS>
+__device__ __forceinline__ void prefetch_hit_w(const unsigned char* W, long long Kb, const void* idx, int n, int ibytes, int E,
+                                               int N, unsigned* hit, int* list) {
+    const int tid = threadIdx.x;
+    constexpr int WORDS = (SMOE_ROUTING_MAX_E + 31) / 32;
+    for (int w = tid; w < WORDS; w += THREADS) hit[w] = 0u;
+    __syncthreads();
+    for (int i = tid; i < n; i += THREADS) {
+        const long long e = ibytes == 8 ? __ldg(static_cast<const long long*>(idx) + i) : (long long)__ldg(static_cast<const int*>(idx) + i);
+        if (e >= 0 && e < E) atomicOr(&hit[e >> 5], 1u << (e & 31));
+    }
+    __syncthreads();
+    // list[j] = the j-th hit expert, in expert order
+    int before = 0;
+    for (int e = tid; e < E; e += THREADS) {
+        const unsigned word = hit[e >> 5];
+        if (!((word >> (e & 31)) & 1u)) continue;
+        int r = __popc(word & ((1u << (e & 31)) - 1u));
+        for (int w = 0; w < (e >> 5); ++w) r += __popc(hit[w]);
+        list[r] = e;
+    }
+    for (int w = 0; w < WORDS; ++w) before += __popc(hit[w]);
+    __syncthreads();
+    const long long rows = (long long)before * N;
+    if (rows == 0 || Kb % 16 != 0) return;
+    const long long per = rows * Kb <= PREFETCH_BYTES ? Kb : (PREFETCH_BYTES / rows) & ~15ll;
+    if (per < PREFETCH_MIN_ROW && per < Kb) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (long long r = (long long)blockIdx.x * THREADS + tid; r < rows; r += (long long)gridDim.x * THREADS) {
+        const unsigned char* row = W + ((long long)list[r / N] * N + r % N) * Kb;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"((unsigned)per) : "memory");
+    }
+#endif
+}
+
 template <typename T, typename F, int BM, int BN, int THREADS, int U>
 __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __restrict__ W, const T* __restrict__ bias,
                             T* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
                             const T* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
                             int act, int gated, int layout, float alpha, float limit, const void* __restrict__ w_scale,
-                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in) {
+                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in,
+                            const void* __restrict__ early_idx, int early_n, int early_ibytes) {
     using C = SkCfg<F, BM, BN, THREADS, U>;
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ int wsum[C::WARPS];
@@ -432,6 +492,11 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
     }
     const int nbo = F::BITS == 16 ? 1 : (N + block_out - 1) / block_out;
 
+    if (early_idx && early_n <= PREFETCH_MAX_IDX) {
+        __shared__ unsigned hit[(SMOE_ROUTING_MAX_E + 31) / 32];
+        prefetch_hit_w<THREADS>(W, A.Kb, early_idx, early_n, early_ibytes, E, N, hit, prefix);  // (prefix: scratch)
+    }
+    pdl_begin();
     block_prefix<THREADS>(off, E, BM, prefix, wsum);
     const int total = prefix[E] * nN;
 
@@ -532,7 +597,10 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
 
 }  // namespace
 
-// The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh.
+// The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh,
+// each followed by the routing indices of the W prefetch (this file's header).
+#define SMOE_EARLY_PARAMS const void *early_idx, int early_n, int early_ibytes
+#define SMOE_EARLY_ARGS early_idx, early_n, early_ibytes
 #define SMOE_SKINNY_ARGS                                                                                   \
     X, reinterpret_cast<const unsigned char*>(W), bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, \
         grouped_in, grouped_out, act, gated, glu_layout, alpha, limit
@@ -558,17 +626,15 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
 
 #define SMOE_SKINNY_ENTRY(NAME, T, BM, BN, NTHREADS, MINB, U, DSMEM)                                      \
     SMOE_SKINNY_CHECK(NAME, WqT16, BM, BN, NTHREADS, U, DSMEM)                                            \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_GEMM_PARAMS(T)) {            \
-        pdl_begin();                                                                                    \
-        skinny_gemm<T, WqT16, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, nullptr, nullptr, 0, 1, 1);         \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_GEMM_PARAMS(T), SMOE_EARLY_PARAMS) { \
+        skinny_gemm<T, WqT16, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, nullptr, nullptr, 0, 1, 1, SMOE_EARLY_ARGS); \
     }
 
 #define SMOE_SKINNY_Q_ENTRY(NAME, T, F, BM, BN, NTHREADS, MINB, U, DSMEM)                                 \
     SMOE_SKINNY_CHECK(NAME, F, BM, BN, NTHREADS, U, DSMEM)                                                \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T)) {           \
-        pdl_begin();                                                                                    \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T), SMOE_EARLY_PARAMS) { \
         skinny_gemm<T, F, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, w_scale, w_zero, scale_f32, block_out,   \
-                                               block_in);                                              \
+                                               block_in, SMOE_EARLY_ARGS);                             \
     }
 
 // The invocations, one per entry point: generated from kernels/manifest.toml (kernels/generated/).

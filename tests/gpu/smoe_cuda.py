@@ -96,6 +96,9 @@ class Kernels:
         self._pdl_attr = CUlaunchAttribute()
         self._pdl_attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         self._pdl_attr.value[0] = 1
+        # the skinny kernel prefetches the hit experts' W before its dependency wait (the routing
+        # indices passed, as the library launches it); SMOE_W_EARLY=0 turns it off for A/B runs
+        self.w_early = os.environ.get("SMOE_W_EARLY", "1") != "0"
 
     def load_module(self, name, path):
         """Loads a fatbin as module `name` (the catalogue's, or an experiment's beside them)."""
@@ -202,7 +205,9 @@ class Kernels:
                                skinny_rows=self.skinny_rows, small_rows=self.small_rows, large_cfg=self.large_cfg)
 
     def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-             act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
+             act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None, early_idx=None):
+        """early_idx: the op's routing indices, for the skinny kernel's W prefetch before its dependency
+        wait (kernels/skinny_gemm.cu's header: complete before the routing kernels ran); None: none."""
         E, N, K = W.shape
         dt = X.dtype
         if dt == torch.float32:
@@ -221,7 +226,7 @@ class Kernels:
         tma = dt != torch.float32 and cfg in TMA_W
         if tma and (K % 8 or W.data_ptr() % 16):
             return self.gemm(X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-                             act, gated, glu_layout, alpha, limit, "wgmma_ws", grid)
+                             act, gated, glu_layout, alpha, limit, "wgmma_ws", grid, early_idx)
         f = self.fn("grouped_gemm" if dt == torch.float32 else GEMM_MODULE[cfg], name, smem)
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
@@ -240,7 +245,15 @@ class Kernels:
             args.append(self.w_map(W, gated, glu_layout))
         if cfg in GROUPED_A:
             args.append(self.rows_map(X, n_assign))
+        if cfg == "skinny":
+            args += self.early_args(early_idx)
         self.launch(f, (grid,), (threads,), smem, args)
+
+    def early_args(self, idx):
+        """The skinny kernel's last three parameters: the routing indices of its W prefetch."""
+        if idx is None:
+            return [Arg.ptr(None), ctypes.c_int(0), ctypes.c_int(0)]
+        return [Arg.ptr(idx), ctypes.c_int(idx.numel()), ctypes.c_int(idx.element_size())]
 
     def pick_qcfg(self, N_assign, E, K, block_in=None):
         """The choice for quantized W (src/cuda/forward/selection.rs pick_quant_cfg): the skinny kernel
@@ -257,7 +270,7 @@ class Kernels:
         return choice.choose(N_assign, E, K, hopper=False)
 
     def qgemm(self, X, q, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
+              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None, early_idx=None):
         """One grouped GEMM with quantized W (kernels/quant_gemm.cu); q: a QW."""
         E, N, K = q.shape
         dt = X.dtype
@@ -277,6 +290,8 @@ class Kernels:
                 ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit),
                 Arg.ptr(q.scale), Arg.ptr(q.zero), ci(int(q.scale.dtype == torch.float32)), ci(q.block[0]),
                 ci(q.block[1])]
+        if cfg == "skinny":
+            args += self.early_args(early_idx)
         self.launch(f, (grid,), (threads,), smem, args)
 
     def resident_clusters(self, f, threads, smem, c):
@@ -345,16 +360,17 @@ class Kernels:
         f = w2.shape[2]
         N = T * k
         st = stages or ("route", "g1", "g2", "comb")
+        early = ri if self.w_early else None  # the skinny kernel's W prefetch (complete before the routing)
         if "route" in st:
             self.routing(ri, E, bufs, capacity, capacity_order)
         if "g1" in st:
             g = self.qgemm if isinstance(w1, QW) else self.gemm
             g(x, w1, b1, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, N, 0, 1, act, gated,
-              glu_layout, alpha, limit, cfg=cfg1)
+              glu_layout, alpha, limit, cfg=cfg1, early_idx=early)
         if "g2" in st:
             g = self.qgemm if isinstance(w2, QW) else self.gemm
             g(bufs["H"], w2, b2, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, N, 1, 1, "none", 0,
-              cfg=cfg2)
+              cfg=cfg2, early_idx=early)
         if "comb" in st:
             self.combine(bufs["O"], bufs["pos"], rw.reshape(-1), bufs["kept"] if capacity is not None else None,
                          bufs["Y"], T, k, d)
