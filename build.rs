@@ -106,6 +106,8 @@ struct Plain {
     /// the module's macro that defines it
     entry: String,
     threads: i64,
+    /// for a `{t}` name: the element types it exists for (absent: every one)
+    types: Option<Vec<String>>,
 }
 
 struct Manifest {
@@ -293,7 +295,7 @@ fn read_manifest(path: &Path) -> Manifest {
     let mut plain = Vec::new();
     for t in tables("plain") {
         let name = str_of(t.get("name").unwrap_or_else(|| bad("a [[plain]] has no name")), "plain.name");
-        known_keys(&t, &["module", "name", "entry", "threads"], &name);
+        known_keys(&t, &["module", "name", "entry", "threads", "types"], &name);
         let module = str_of(req(&t, "module", &name), "plain.module");
         if !modules.contains(&module) {
             bad(&format!("{name}: unknown module '{module}'"));
@@ -302,7 +304,16 @@ fn read_manifest(path: &Path) -> Manifest {
             bad(&format!("{name}: one placeholder per name, {{i}} or {{t}}"));
         }
         let entry = str_of(req(&t, "entry", &name), "plain.entry");
-        plain.push(Plain { module, threads: int(&t, "threads", &name), name, entry });
+        let types = t.get("types").map(|v| strs(Some(v), &format!("{name}.types")));
+        if let Some(ts) = &types {
+            if !name.contains("{t}") {
+                bad(&format!("{name}: types is for a name with {{t}}"));
+            }
+            if let Some(u) = ts.iter().find(|x| !elem_types.iter().any(|e| &e.0 == *x)) {
+                bad(&format!("{name}: unknown element type '{u}'"));
+            }
+        }
+        plain.push(Plain { module, threads: int(&t, "threads", &name), name, entry, types });
     }
     let quant = doc.get("quant").and_then(|v| v.as_table()).unwrap_or_else(|| bad("no [quant] table"));
     let quant_formats = type_list(quant.get("formats"), "quant.formats");
@@ -375,7 +386,8 @@ impl Manifest {
             let names: Vec<(String, Option<String>)> = if p.name.contains("{i}") {
                 over("{i}", &self.index_types)
             } else if p.name.contains("{t}") {
-                over("{t}", &self.elem_types)
+                let ts: Vec<(String, String)> = self.elem_types.iter().filter(|e| p.types.as_ref().is_none_or(|ts| ts.contains(&e.0))).cloned().collect();
+                over("{t}", &ts)
             } else {
                 vec![(p.name.clone(), None)]
             };

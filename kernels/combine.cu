@@ -12,6 +12,7 @@
 //   Each thread owns V consecutive columns of one token: 16-byte loads and stores when
 //   d % V == 0 (pointers 16-byte aligned), element-wise otherwise.
 #include "common.cuh"
+#include "combine.cuh"
 
 namespace {
 
@@ -21,44 +22,9 @@ template <typename T>
 __device__ void combine_impl(const T* __restrict__ O, const int* __restrict__ pos, const T* __restrict__ w,
                              const unsigned char* __restrict__ kept, T* __restrict__ Y, int T_, int k, int d) {
     constexpr int V = 16 / sizeof(T);
-    const int nvec = (d + V - 1) / V;
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)T_ * nvec) return;
-    const int t = (int)(i / nvec);
-    const int c = (int)(i % nvec) * V;
-    const bool vec = (d % V) == 0;
-    float acc[V];
-#pragma unroll
-    for (int x = 0; x < V; ++x) acc[x] = 0.0f;
-#pragma unroll 4
-    for (int j = 0; j < k; ++j) {
-        const int f = t * k + j;
-        if (kept && kept[f] == 0) continue;
-        const float wt = w ? to_f(w[f]) : 1.0f;
-        const long long row = pos ? pos[f] : f;
-        const T* src = O + row * d + c;
-        if (vec) {
-            __align__(16) T v[V];
-            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(src);
-#pragma unroll
-            for (int x = 0; x < V; ++x) acc[x] = fmaf(wt, to_f(v[x]), acc[x]);
-        } else {
-#pragma unroll
-            for (int x = 0; x < V; ++x)
-                if (c + x < d) acc[x] = fmaf(wt, to_f(src[x]), acc[x]);
-        }
-    }
-    T* dst = Y + (long long)t * d + c;
-    if (vec) {
-        __align__(16) T v[V];
-#pragma unroll
-        for (int x = 0; x < V; ++x) v[x] = from_f<T>(acc[x]);
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-    } else {
-#pragma unroll
-        for (int x = 0; x < V; ++x)
-            if (c + x < d) dst[x] = from_f<T>(acc[x]);
-    }
+    if (i >= (long long)T_ * ((d + V - 1) / V)) return;
+    combine_item<T>(O, pos, w, kept, Y, T_, k, d, i);
 }
 
 }  // namespace

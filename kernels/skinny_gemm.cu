@@ -67,8 +67,12 @@
 // contract's formula in float32 with its own block's scale (dequant1), rounded to T (correct, slower).
 //
 // Registers: beside the entry macros at the end of this file.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+#include "combine.cuh"
 #include "dequant.cuh"
+#include "routing_block.cuh"
 #include "tc_tile.cuh"
 
 namespace {
@@ -110,14 +114,28 @@ __device__ __forceinline__ uint4 ld_w16(const void* p, bool pred) {
         : "l"(p), "r"((int)pred));
     return v;
 }
+// XC: X was written by this same kernel (the decode kernel's second GEMM reads the first's output
+// behind a grid barrier): read through L2 (ld.global.cg), which the barrier's fences order, and
+// never through the read-only path, which is only for data no thread writes during the kernel.
+template <bool XC = false>
 __device__ __forceinline__ uint4 ld_x16(const void* p, bool pred) {
     uint4 v;
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"((int)pred));
+    if constexpr (XC) {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+            " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+            " @p ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p), "r"((int)pred)
+            : "memory");
+    } else {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+            " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+            " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p), "r"((int)pred));
+    }
     return v;
 }
 
@@ -130,7 +148,8 @@ template <typename T> __device__ __forceinline__ unsigned pack2(T lo, T hi) {
 // prefix[e] = number of BM-row tiles of experts < e, by the whole block: each thread loads the
 // offsets of its few experts at once (one memory latency, where tile_prefix's single warp pays one
 // per 32 experts), then a block scan. Ends with a barrier.
-template <int THREADS>
+// SMEM_OFF: off is in shared memory (the decode kernel's own routing), read with plain loads.
+template <int THREADS, bool SMEM_OFF = false>
 __device__ __forceinline__ void block_prefix(const int* __restrict__ off, int E, int BM, int* prefix, int* wsum) {
     constexpr int MAXP = (SMOE_ROUTING_MAX_E + THREADS - 1) / THREADS;
     constexpr int WARPS = THREADS / 32;
@@ -139,7 +158,7 @@ __device__ __forceinline__ void block_prefix(const int* __restrict__ off, int E,
     const int e0 = tid * per;
     int o[MAXP + 1];
 #pragma unroll
-    for (int j = 0; j <= MAXP; ++j) o[j] = (j <= per && e0 + j <= E) ? __ldg(off + e0 + j) : 0;
+    for (int j = 0; j <= MAXP; ++j) o[j] = (j <= per && e0 + j <= E) ? (SMEM_OFF ? off[e0 + j] : __ldg(off + e0 + j)) : 0;
     int tiles[MAXP];
     int sum = 0;
 #pragma unroll
@@ -250,7 +269,7 @@ __device__ __forceinline__ void mma8(float (&acc)[MT][NT][4], const uint4 (&a)[2
 // one scale per k-step of a row): each k-step's products of the codes less the zero point in a
 // partial tile, which then takes the rows' scales into the accumulators (one FFMA each), instead of
 // every element's conversion by its scale.
-template <typename T, typename F, int BM, int BN, int THREADS, int U, bool POST>
+template <typename T, typename F, int BM, int BN, int THREADS, int U, bool POST, bool XC = false>
 __device__ __forceinline__ void sk_fast(const SkArgs<T>& A, const SkUnit<T, 2 * (BN / 16), BM / 8>& u, int warp, int tq,
                                         float (&acc)[BN / 16][BM / 8][4]) {
     using C = SkCfg<F, BM, BN, THREADS, U>;
@@ -273,7 +292,7 @@ __device__ __forceinline__ void sk_fast(const SkArgs<T>& A, const SkUnit<T, 2 * 
 #pragma unroll
             for (int j = 0; j < C::NT; ++j)
 #pragma unroll
-                for (int x = 0; x < C::XV; ++x) xv[v][j][x] = ld_x16(u.xrow[j] + kc + 8 * x, in && ((u.xok >> j) & 1));
+                for (int x = 0; x < C::XV; ++x) xv[v][j][x] = ld_x16<XC>(u.xrow[j] + kc + 8 * x, in && ((u.xok >> j) & 1));
             if constexpr (F::BITS < 16) {
                 // one scale (and zero point) per chunk: its block, of a k inside K (past K the
                 // chunk's X is zero, and any finite W will do). POST scales the whole k-step's
@@ -442,18 +461,19 @@ __device__ __forceinline__ void prefetch_hit_w(const unsigned char* W, long long
 #endif
 }
 
-template <typename T, typename F, int BM, int BN, int THREADS, int U>
-__device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __restrict__ W, const T* __restrict__ bias,
-                            T* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
-                            const T* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
-                            int act, int gated, int layout, float alpha, float limit, const void* __restrict__ w_scale,
-                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in,
-                            const void* __restrict__ early_idx, int early_n, int early_ibytes) {
+// The units of one GEMM: the CTA takes units blockIdx.x, + gridDim.x, ... of the (expert, row
+// tile, column tile) work that prefix (block_prefix) and off (expert offsets, global or shared
+// memory) describe. sidx: the grouped order (global or shared memory). XC: X was written by this
+// kernel (ld_x16). Ends with a barrier.
+template <typename T, typename F, int BM, int BN, int THREADS, int U, bool XC = false>
+__device__ __forceinline__ void skinny_units(const T* __restrict__ X, const unsigned char* __restrict__ W, const T* __restrict__ bias,
+                                             T* __restrict__ Y, const int* __restrict__ sidx, const int* off, const int* prefix,
+                                             const T* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in,
+                                             int grouped_out, int act, int gated, int layout, float alpha, float limit,
+                                             const void* __restrict__ w_scale, const unsigned char* __restrict__ w_zero,
+                                             int scale_f32, int block_out, int block_in) {
     using C = SkCfg<F, BM, BN, THREADS, U>;
-    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
-    __shared__ int wsum[C::WARPS];
     __shared__ float red[C::WARPS][C::ACC][32];  // the warps' partial tiles, [warp][accumulator][lane]
-    if (E > SMOE_ROUTING_MAX_E) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gq = lane >> 2, tq = lane & 3;
     const int Nout = gated ? (N >> 1) : N;
@@ -492,12 +512,6 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
     }
     const int nbo = F::BITS == 16 ? 1 : (N + block_out - 1) / block_out;
 
-    if (early_idx && early_n <= PREFETCH_MAX_IDX) {
-        __shared__ unsigned hit[(SMOE_ROUTING_MAX_E + 31) / 32];
-        prefetch_hit_w<THREADS>(W, A.Kb, early_idx, early_n, early_ibytes, E, N, hit, prefix);  // (prefix: scratch)
-    }
-    pdl_begin();
-    block_prefix<THREADS>(off, E, BM, prefix, wsum);
     const int total = prefix[E] * nN;
 
     for (int g = blockIdx.x; g < total; g += gridDim.x) {
@@ -541,11 +555,11 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
 #pragma unroll
                 for (int x = 0; x < 4; ++x) acc[mt][j][x] = 0.0f;
         if constexpr (F::BITS < 16) {
-            if (post) sk_fast<T, F, BM, BN, THREADS, U, true>(A, u, warp, tq, acc);
-            else if (fast) sk_fast<T, F, BM, BN, THREADS, U, false>(A, u, warp, tq, acc);
+            if (post) sk_fast<T, F, BM, BN, THREADS, U, true, XC>(A, u, warp, tq, acc);
+            else if (fast) sk_fast<T, F, BM, BN, THREADS, U, false, XC>(A, u, warp, tq, acc);
             else sk_plain<T, F, BM, BN, THREADS, U>(A, u, warp, tq, acc);
         } else {
-            if (fast) sk_fast<T, F, BM, BN, THREADS, U, false>(A, u, warp, tq, acc);
+            if (fast) sk_fast<T, F, BM, BN, THREADS, U, false, XC>(A, u, warp, tq, acc);
             else sk_plain<T, F, BM, BN, THREADS, U>(A, u, warp, tq, acc);
         }
 
@@ -595,6 +609,82 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
     }
 }
 
+
+template <typename T, typename F, int BM, int BN, int THREADS, int U>
+__device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __restrict__ W, const T* __restrict__ bias,
+                            T* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
+                            const T* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
+                            int act, int gated, int layout, float alpha, float limit, const void* __restrict__ w_scale,
+                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in,
+                            const void* __restrict__ early_idx, int early_n, int early_ibytes) {
+    using C = SkCfg<F, BM, BN, THREADS, U>;
+    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
+    __shared__ int wsum[C::WARPS];
+    if (E > SMOE_ROUTING_MAX_E) return;
+    if (early_idx && early_n <= PREFETCH_MAX_IDX) {
+        __shared__ unsigned hit[(SMOE_ROUTING_MAX_E + 31) / 32];
+        const long long Kb = F::BITS == 16 ? 2LL * K : F::BITS == 8 ? (long long)K : ((long long)K + 1) / 2;
+        prefetch_hit_w<THREADS>(W, Kb, early_idx, early_n, early_ibytes, E, N, hit, prefix);  // (prefix: scratch)
+    }
+    pdl_begin();
+    block_prefix<THREADS>(off, E, BM, prefix, wsum);
+    skinny_units<T, F, BM, BN, THREADS, U>(X, W, bias, Y, sidx, off, prefix, row_scale, k, N, K, E, grouped_in, grouped_out,
+                                           act, gated, layout, alpha, limit, w_scale, w_zero, scale_f32, block_out, block_in);
+}
+
+// ---------------------------------------------------------------- the whole op at decode
+// scattermoe_moe_decode_{t}: ScatterMoE with 16-bit W in one cooperative launch, for
+// N = T * k <= DECODE_MAX_N assignments and no capacity, where the op otherwise runs four kernels
+// (routing_small, the skinny GEMM1 and GEMM2, combine) each behind a dependency wait and a drain.
+// Every CTA routes on its own in shared memory (routing_block.cuh: the same offsets, grouped order
+// and inverse as routing_small; CTA 0 writes the error words), then
+//   GEMM1 units (skinny_units: H = act(X[rows] W1[e]^T + b1), grouped out)  | grid barrier
+//   GEMM2 units (O = H W2[e]^T + b2, grouped in and out; H read through L2)  | grid barrier
+//   the combine (combine_item: Y[t] = sum_j w[t,j] O[pos[t*k+j]], O read through L2)
+// with the skinny kernel's units, tile and arithmetic and combine.cu's, so its Y has the same bits as
+// the four kernels'. H and O are the op's workspace as for those kernels.
+// Launch: cooperative (the grid barriers need every CTA resident: grid <= resident CTAs), block
+// THREADS, no dynamic smem; the grid's CTAs loop over each phase's units.
+constexpr int DECODE_MAX_N = 512;
+
+template <typename T, int BM, int BN, int THREADS, int U>
+__device__ void moe_decode(const T* __restrict__ X, const T* __restrict__ W1, const T* __restrict__ b1,
+                           const T* __restrict__ W2, const T* __restrict__ b2, const T* __restrict__ rw,
+                           const void* __restrict__ idx, int ibytes, int Tn, int k, int d, int f, int E, int act, int gated,
+                           int layout, float alpha, float limit, T* H, T* O, T* __restrict__ Y, int* __restrict__ error) {
+    constexpr int WARPS = THREADS / 32;
+    __shared__ BlockRoutingSmem<WARPS> rsm;
+    __shared__ int off[SMOE_ROUTING_MAX_E + 1];
+    __shared__ int sidx[DECODE_MAX_N];
+    __shared__ int pos[DECODE_MAX_N];
+    __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
+    __shared__ int wsum[WARPS];
+    const int N = Tn * k;
+    // the host launches it only within these bounds; any CTA leaving here, all leave (no barrier waits)
+    if (N > DECODE_MAX_N || N <= 0 || E > SMOE_ROUTING_MAX_E) return;
+    auto grid = cooperative_groups::this_grid();
+    pdl_begin();
+    const int per_warp = ((N + WARPS - 1) / WARPS + 31) / 32 * 32;
+    int* err = blockIdx.x == 0 ? error : nullptr;
+    if (ibytes == 8) block_routing<long long, WARPS>(static_cast<const long long*>(idx), N, E, per_warp, rsm, off, sidx, pos, nullptr, err);
+    else block_routing<int, WARPS>(static_cast<const int*>(idx), N, E, per_warp, rsm, off, sidx, pos, nullptr, err);
+    __syncthreads();
+    block_prefix<THREADS, true>(off, E, BM, prefix, wsum);
+    const int n1 = gated ? 2 * f : f;
+    skinny_units<T, WqT16, BM, BN, THREADS, U>(X, reinterpret_cast<const unsigned char*>(W1), b1, H, sidx, off, prefix,
+                                               nullptr, k, n1, d, E, 0, 1, act, gated, layout, alpha, limit, nullptr, nullptr,
+                                               0, 1, 1);
+    grid.sync();
+    skinny_units<T, WqT16, BM, BN, THREADS, U, true>(H, reinterpret_cast<const unsigned char*>(W2), b2, O, sidx, off, prefix,
+                                                     nullptr, k, d, f, E, 1, 1, SMOE_ACT_NONE, 0, SMOE_GLU_GATE_UP, 0.0f,
+                                                     0.0f, nullptr, nullptr, 0, 1, 1);
+    grid.sync();
+    constexpr int V = 16 / sizeof(T);
+    const long long items = (long long)Tn * ((d + V - 1) / V);
+    for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < items; i += (long long)gridDim.x * THREADS)
+        combine_item<T, true>(O, pos, rw, nullptr, Y, Tn, k, d, i);
+}
+
 }  // namespace
 
 // The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh,
@@ -635,6 +725,18 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
     extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T), SMOE_EARLY_PARAMS) { \
         skinny_gemm<T, F, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, w_scale, w_zero, scale_f32, block_out,   \
                                                block_in, SMOE_EARLY_ARGS);                             \
+    }
+
+// The decode kernel (moe_decode above), with the skinny kernel's 16-bit unit: 8 x 32, 4 warps, 4
+// k-steps in flight. Registers: as the skinny kernel's 16-bit form (min_blocks 4).
+#define SMOE_MOE_DECODE_ENTRY(NAME, T, NTHREADS)                                                         \
+    static_assert(NTHREADS == 128, #NAME ": threads in kernels/manifest.toml differ from the kernel's");  \
+    extern "C" __global__ void __launch_bounds__(128, 4)                                                  \
+        NAME(const T* X, const T* W1, const T* b1, const T* W2, const T* b2, const T* rw, const void* idx,  \
+             int ibytes, int T_, int k, int d, int f, int E, int act, int gated, int layout, float alpha,   \
+             float limit, T* H, T* O, T* Y, int* error) {                                                   \
+        moe_decode<T, 8, 32, 128, 4>(X, W1, b1, W2, b2, rw, idx, ibytes, T_, k, d, f, E, act, gated, layout, \
+                                     alpha, limit, H, O, Y, error);                                        \
     }
 
 // The invocations, one per entry point: generated from kernels/manifest.toml (kernels/generated/).

@@ -350,30 +350,34 @@ impl Arg {
     }
 }
 
-/// Launches `f` on `stream`.
-///
-/// # Safety
-/// The arguments must match the kernel's parameter list, and every pointer must be valid for
-/// what the kernel reads and writes (see the contracts in kernels/*.cu).
-pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
-    // Storage for each argument's value (room for the largest, a tensor map); the kernel reads
-    // each through its own pointer. Little-endian: the low bytes hold an i32 / f32 value.
-    #[repr(C, align(64))]
-    struct Slot([u64; 16]);
+/// Storage for each argument's value (room for the largest, a tensor map); the kernel reads each
+/// through its own pointer. Little-endian: the low bytes hold an i32 / f32 value.
+#[repr(C, align(64))]
+struct Slot([u64; 16]);
+
+fn slots(args: &[Arg]) -> Vec<Slot> {
     let word = |v: u64| {
         let mut s = [0u64; 16];
         s[0] = v;
         Slot(s)
     };
-    let mut vals: Vec<Slot> = args
-        .iter()
+    args.iter()
         .map(|a| match *a {
             Arg::Ptr(p) => word(p),
             Arg::I32(v) => word(v as u32 as u64),
             Arg::F32(v) => word(v.to_bits() as u64),
             Arg::Map(m) => Slot(m),
         })
-        .collect();
+        .collect()
+}
+
+/// Launches `f` on `stream`.
+///
+/// # Safety
+/// The arguments must match the kernel's parameter list, and every pointer must be valid for
+/// what the kernel reads and writes (see the contracts in kernels/*.cu).
+pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
+    let mut vals = slots(args);
     let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
     let r = if f.pdl {
         // SAFETY: all-zero bytes are a valid attribute value (a union of plain integers).
@@ -401,4 +405,56 @@ pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg],
     }
     let call = if f.pdl { "cuLaunchKernelEx (programmatic dependent launch)" } else { "cuLaunchKernel" };
     check(r, &format!("{call}({name}, grid ({}, {}), block {}, smem {})", grid.0, grid.1, f.threads, f.smem))
+}
+
+/// Whether the driver took the cooperative and programmatic-dependent-launch attributes together on a
+/// launch of this process: 0 not yet tried, 1 yes, 2 no (cooperative alone from then on).
+static COOP_WITH_PDL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether this driver can launch cooperatively through cuLaunchKernelEx (the decode kernel's way).
+pub fn cooperative_supported() -> bool {
+    has_symbol("cuLaunchKernelEx")
+}
+
+/// Launches `f` on `stream` cooperatively: every CTA of `grid` (at most `f.resident`) resident at
+/// once, as grid barriers need (kernels/skinny_gemm.cu, moe_decode); with programmatic dependent
+/// launch too where `f.pdl` and the driver takes both (else, once refused, cooperative alone).
+///
+/// # Safety
+/// As [`launch`]; `grid` must not exceed `f.resident`.
+pub unsafe fn launch_cooperative(f: &Func, grid: u32, stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut vals = slots(args);
+    let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
+    let with_pdl = f.pdl && COOP_WITH_PDL.load(Relaxed) != 2;
+    // SAFETY: all-zero bytes are a valid attribute value (a union of plain integers).
+    let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+    attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attrs[0].value.cooperative = 1;
+    attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attrs[1].value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: f.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: f.smem,
+        hStream: stream,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: if with_pdl { 2 } else { 1 },
+    };
+    let r = sys::cuLaunchKernelEx(&config, f.f, ptrs.as_mut_ptr(), std::ptr::null_mut());
+    if r == sys::CUresult::CUDA_SUCCESS {
+        if with_pdl {
+            COOP_WITH_PDL.store(1, Relaxed);
+        }
+        return Ok(());
+    }
+    if with_pdl && COOP_WITH_PDL.load(Relaxed) == 0 && r != sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
+        COOP_WITH_PDL.store(2, Relaxed);
+        return launch_cooperative(f, grid, stream, args, name);
+    }
+    check(r, &format!("cuLaunchKernelEx (cooperative{}) ({name}, grid {grid}, block {}, smem {})", if with_pdl { ", programmatic dependent launch" } else { "" }, f.threads, f.smem))
 }

@@ -23,6 +23,8 @@ PLAIN_THREADS = {
     "scattermoe_combine_f32": 256,
     "scattermoe_combine_f16": 256,
     "scattermoe_combine_bf16": 256,
+    "scattermoe_moe_decode_f16": 128,
+    "scattermoe_moe_decode_bf16": 128,
 }
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {

@@ -44,7 +44,10 @@ class CUlaunchAttribute(ctypes.Structure):
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
 
 
+CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+# the decode kernel's bound on T * k (kernels/skinny_gemm.cu, DECODE_MAX_N)
+DECODE_MAX_N = 512
 
 
 class TmaMap(ctypes.Structure):
@@ -99,6 +102,10 @@ class Kernels:
         # the skinny kernel prefetches the hit experts' W before its dependency wait (the routing
         # indices passed, as the library launches it); SMOE_W_EARLY=0 turns it off for A/B runs
         self.w_early = os.environ.get("SMOE_W_EARLY", "1") != "0"
+        # the whole op in one cooperative launch at decode (kernels/skinny_gemm.cu, moe_decode), as the
+        # library chooses it; SMOE_FUSED_DECODE=0 turns it off for A/B runs
+        self.fused_decode = os.environ.get("SMOE_FUSED_DECODE", "1") != "0"
+        self._coop_no_pdl = False
 
     def load_module(self, name, path):
         """Loads a fatbin as module `name` (the catalogue's, or an experiment's beside them)."""
@@ -134,14 +141,31 @@ class Kernels:
         """A kernel with a plain launch, at its block size in the catalogue."""
         self.launch(self.fn(module, name), grid, (PLAIN_THREADS[name],), 0, args)
 
-    def launch(self, f, grid, block, smem, args):
+    def launch(self, f, grid, block, smem, args, cooperative=False):
+        """cooperative: every CTA resident at once (the decode kernel's grid barriers)."""
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        if self.pdl:
-            cfg = CUlaunchConfig(*grid, *block, smem, stream.value, ctypes.addressof(self._pdl_attr), 1)
-            _check(self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, arr, None), "cuLaunchKernelEx (programmatic dependent launch)")
+        if self.pdl or cooperative:
+            attrs = (CUlaunchAttribute * 2)()
+            n = 0
+            if self.pdl and not (cooperative and self._coop_no_pdl):
+                attrs[n] = self._pdl_attr
+                n += 1
+            if cooperative:
+                attrs[n].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+                attrs[n].value[0] = 1
+                n += 1
+            cfg = CUlaunchConfig(*grid, *block, smem, stream.value, ctypes.addressof(attrs), n)
+            rc = self.cu.cuLaunchKernelEx(ctypes.byref(cfg), f, arr, None)
+            if rc != 0 and cooperative and n == 2:
+                # the driver refused the two attributes together: cooperative alone from now on
+                print(f"note: cooperative launch with programmatic dependent launch refused (CUresult {rc}); "
+                      "launching the decode kernel cooperative only", flush=True)
+                self._coop_no_pdl = True
+                return self.launch(f, grid, block, smem, args, cooperative)
+            _check(rc, f"cuLaunchKernelEx (programmatic dependent launch {n - cooperative > 0}, cooperative {cooperative})")
             return
         _check(self.cu.cuLaunchKernel(f, *[ctypes.c_uint(g) for g in grid], *[ctypes.c_uint(b) for b in block],
                                       ctypes.c_uint(smem), stream, arr, None), "cuLaunchKernel")
@@ -344,6 +368,41 @@ class Kernels:
         self.launch_plain("combine", name, ((total + block - 1) // block,),
                           [Arg.ptr(O), Arg.ptr(pos), Arg.ptr(w), Arg.ptr(kept), Arg.ptr(Y), ci(T), ci(k), ci(d)])
 
+    # ------------------------------------------------------------------ the whole op at decode
+    def use_decode(self, N, E, d, f, n, w1, w2, capacity, cfg1, cfg2, dtype):
+        """As the library (src/cuda/forward/launch.rs, decode_kernel): 16-bit W, no capacity, no forced
+        configuration, 1 <= T * k <= DECODE_MAX_N, and the skinny kernel the choice for both GEMMs."""
+        return (self.fused_decode and dtype != torch.float32 and not isinstance(w1, QW) and not isinstance(w2, QW)
+                and capacity is None and cfg1 is None and cfg2 is None and 0 < N <= DECODE_MAX_N
+                and E <= 1024 and self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny")
+
+    def decode_grid(self, f_, T, k, E, d, f, n, gated):
+        """CTAs of the decode kernel: the most units of its phases (the skinny kernel's bound, 8 x 32
+        units), at most the CTAs resident at once (its grid barriers need them all)."""
+        N = T * k
+        BM, BN, threads = 8, 32, 128
+        nout1, bno1 = (n // 2, BN // 2) if gated else (n, BN)
+        u1 = ((N + BM - 1) // BM + min(E, N)) * ((nout1 + bno1 - 1) // bno1)
+        u2 = ((N + BM - 1) // BM + min(E, N)) * ((d + BN - 1) // BN)
+        V = 8
+        comb = (T * ((d + V - 1) // V) + threads - 1) // threads
+        resident = self.sms * max(1, self.occupancy(f_, threads, 0))
+        return max(1, min(resident, max(u1, u2, comb)))
+
+    def moe_decode(self, x, rw, ri, w1, w2, b1, b2, bufs, act="silu", gated=1, glu_layout="gate_up", alpha=1.702,
+                   limit=7.0):
+        T, k = ri.shape
+        E, n, d = w1.shape
+        f = w2.shape[2]
+        name = f"scattermoe_moe_decode_{TNAME[x.dtype]}"
+        fn = self.fn("skinny_gemm", name)
+        grid = self.decode_grid(fn, T, k, E, d, f, n, gated)
+        ci, cf = ctypes.c_int, ctypes.c_float
+        args = [Arg.ptr(x), Arg.ptr(w1), Arg.ptr(b1), Arg.ptr(w2), Arg.ptr(b2), Arg.ptr(rw), Arg.ptr(ri),
+                ci(ri.element_size()), ci(T), ci(k), ci(d), ci(f), ci(E), ci(ACT[act]), ci(gated), ci(GLU[glu_layout]),
+                cf(alpha), cf(limit), Arg.ptr(bufs["H"]), Arg.ptr(bufs["O"]), Arg.ptr(bufs["Y"]), Arg.ptr(bufs["error"])]
+        self.launch(fn, (grid,), (PLAIN_THREADS[name],), 0, args, cooperative=True)
+
     # ------------------------------------------------------------------ full forward
     def alloc_forward(self, T, k, E, d, f, dtype):
         b = self.alloc_routing(T, k, E)
@@ -359,6 +418,9 @@ class Kernels:
         E, n, d = w1.shape
         f = w2.shape[2]
         N = T * k
+        if stages is None and self.use_decode(N, E, d, f, n, w1, w2, capacity, cfg1, cfg2, x.dtype):
+            self.moe_decode(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, glu_layout, alpha, limit)
+            return bufs["Y"][:T]
         st = stages or ("route", "g1", "g2", "comb")
         early = ri if self.w_early else None  # the skinny kernel's W prefetch (complete before the routing)
         if "route" in st:

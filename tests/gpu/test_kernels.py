@@ -3,13 +3,15 @@
 usage: python3 tests/gpu/test_kernels.py --fatbin-dir DIR [--mode correct|sanitize]
 correct : routing exactness, capacity, validation, ParallelLinear GEMM modes, full forward over
           dtypes / shapes / activations / layouts, quantized weights (quant_cases.py); prints one
-          line per case and a summary. --only selects: routing, pl, fwd, quant, skinny.
+          line per case and a summary. --only selects: routing, pl, fwd, quant, skinny, decode.
           skinny: the skinny kernel's own cases (skinny_cases.py: long K, partial k-steps, the
           element-wise path, skew past 8 rows, every quantized block form, bit-exact dequantization).
+          decode: the decode kernel's cases (decode_cases.py: the whole op in one launch, bit for
+          bit against the four kernels, and against float64).
           --cfgs limits the forced configurations of every group to a list (e.g. --cfgs skinny).
 sanitize: a few small launches of every entry point, no references (run under compute-sanitizer);
           --only quant: the quantized ones only; --only skinny: the skinny kernel's only (both
-          paths, every format); --small: fewer of them (racecheck).
+          paths, every format); --only decode: the decode kernel's; --small: fewer of them (racecheck).
 """
 import argparse
 import math
@@ -21,6 +23,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from smoe_cuda import ROUTING_CHUNK, Kernels  # noqa: E402
 import quant_cases  # noqa: E402
+import decode_cases  # noqa: E402
 import skinny_cases  # noqa: E402
 from kernel_table import SM90A_ONLY, TC_CFGS  # noqa: E402
 
@@ -370,7 +373,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fatbin-dir", default="target/scattermoe-kernels")
     ap.add_argument("--mode", default="correct")
-    ap.add_argument("--only", default="routing,pl,fwd,quant,skinny")
+    ap.add_argument("--only", default="routing,pl,fwd,quant,skinny,decode")
     ap.add_argument("--small", action="store_true", help="sanitize: the reduced quantized set (racecheck)")
     ap.add_argument("--cfgs", default=None, help="only these forced configurations (comma-separated suffixes)")
     a = ap.parse_args()
@@ -384,6 +387,9 @@ def main():
     if a.mode == "sanitize":
         if a.only == "skinny":
             skinny_cases.sanitize(K, make_routing, make_weights, small=a.small)
+            return
+        if a.only == "decode":
+            decode_cases.sanitize(K, make_routing, make_weights)
             return
         if a.only != "quant":
             sanitize(K)
@@ -405,6 +411,8 @@ def main():
         skinny_cases.test_pl(K, report, linear_ref, make_routing, TOL)
         skinny_cases.test_fwd(K, report, forward_ref, make_routing, make_weights, TOL)
         skinny_cases.test_quant_fwd(K, report, forward_ref, make_routing, TOL)
+    if "decode" in only:
+        decode_cases.test(K, report, check_exact, forward_ref, make_routing, make_weights, TOL)
     print(f"\n{NCASES[0] - len(FAILS)}/{NCASES[0]} passed in {time.time() - t0:.1f}s; failures: {FAILS}")
     sys.exit(1 if FAILS else 0)
 

@@ -419,6 +419,13 @@ pub unsafe fn scatter_moe(
     }
     let cap = p.capacity.map(|at| (ws + at as u64, attrs.capacity_order));
     let kept = p.kept.map(|at| ws + at as u64);
+    if capacity.is_none() && cfg == (None, None) {
+        if let Some(f) = decode_kernel(dev, elem, s, x, attrs.gated) {
+            let error = error_to.unwrap_or(ws + p.error as u64);
+            moe_decode(&f, stream, attrs, elem, it, s, x, ws, &p, y, error)?;
+            return Ok(Launched { error: Some(error) });
+        }
+    }
     let error = routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept, error_to)?;
     let hidden = ws + p.hidden.unwrap() as u64;
     let out = ws + p.out.unwrap() as u64;
@@ -463,6 +470,84 @@ pub unsafe fn scatter_moe(
     gemm(dev, stream, elem, &g2, s.k, n_assign, s.experts, ws, &p, cfg.1)?;
     combine(dev, stream, elem, out, Some(ws + p.pos as u64), Some(x.routing_weights), kept, y, s.tokens, s.k, s.d)?;
     Ok(Launched { error: Some(error) })
+}
+
+/// The most assignments (T * k) the decode kernel takes (kernels/skinny_gemm.cu, DECODE_MAX_N).
+pub const DECODE_MAX_N: usize = 512;
+
+/// `SCATTERMOE_CUDA_DECODE_KERNEL=0` turns the decode kernel off (the four kernels then run at every
+/// size), for A/B runs.
+pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
+
+/// The decode kernel, where it takes the op: 16-bit W and activations, 1 <= T * k <= DECODE_MAX_N,
+/// no capacity, no forced configuration (the caller checks those two), the skinny kernel the choice
+/// for both GEMMs (so its units are the ones the four kernels would run), and a driver that
+/// launches cooperatively.
+fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
+    let n_assign = s.tokens * s.k;
+    if elem == ElemType::F32 || x.w_in_quant.is_some() || x.w_out_quant.is_some() || n_assign == 0 || n_assign > DECODE_MAX_N {
+        return None;
+    }
+    if std::env::var(DECODE_KERNEL_ENV).is_ok_and(|v| v.trim() == "0") || !driver::cooperative_supported() {
+        return None;
+    }
+    let n = if gated { 2 * s.f } else { s.f };
+    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, dev.arch, dev.table) == GemmCfg::Skinny;
+    if !skinny(n, s.d) || !skinny(s.d, s.f) {
+        return None;
+    }
+    dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
+}
+
+/// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
+/// each CTA, GEMM1, GEMM2 and the combine behind grid barriers, H and O in the op's workspace. The
+/// grid: the most work units of its phases, at most the CTAs resident at once.
+#[allow(clippy::too_many_arguments)]
+unsafe fn moe_decode(
+    f: &driver::Func,
+    stream: CUstream,
+    attrs: &scatter_moe::Attrs,
+    elem: ElemType,
+    it: IndexType,
+    s: MoeSizes,
+    x: &MoePtrs,
+    ws: CUdeviceptr,
+    p: &Plan,
+    y: CUdeviceptr,
+    error: CUdeviceptr,
+) -> CuResult<()> {
+    let n_assign = s.tokens * s.k;
+    let n = if attrs.gated { 2 * s.f } else { s.f };
+    let tile = GemmCfg::Skinny.tile();
+    let v = 16 / elem.size_bytes();
+    let combine_ctas = (s.tokens * s.d.div_ceil(v)).div_ceil(f.threads as usize);
+    let units = work_units(tile, 1, n_assign, s.experts, n, attrs.gated).max(work_units(tile, 1, n_assign, s.experts, s.d, false)).max(combine_ctas);
+    let grid = units.min(f.resident as usize).max(1) as u32;
+    let args = [
+        Arg::Ptr(x.x),
+        Arg::Ptr(x.w_in),
+        Arg::opt(x.b_in),
+        Arg::Ptr(x.w_out),
+        Arg::opt(x.b_out),
+        Arg::Ptr(x.routing_weights),
+        Arg::Ptr(x.routing_indices),
+        Arg::I32(it.size_bytes() as i32),
+        Arg::I32(s.tokens as i32),
+        Arg::I32(s.k as i32),
+        Arg::I32(s.d as i32),
+        Arg::I32(s.f as i32),
+        Arg::I32(s.experts as i32),
+        Arg::I32(act_code(Some(attrs.activation))),
+        Arg::I32(attrs.gated as i32),
+        Arg::I32(glu_code(attrs.glu_layout)),
+        Arg::F32(attrs.alpha),
+        Arg::F32(attrs.limit),
+        Arg::Ptr(ws + p.hidden.unwrap() as u64),
+        Arg::Ptr(ws + p.out.unwrap() as u64),
+        Arg::Ptr(y),
+        Arg::Ptr(error),
+    ];
+    driver::launch_cooperative(f, grid, stream, &args, &format!("scattermoe_moe_decode_{}", tname(elem)))
 }
 
 /// Device pointers of `ParallelLinear`'s inputs.
