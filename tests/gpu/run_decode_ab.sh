@@ -11,6 +11,8 @@
 #   four   SMOE_FUSED_DECODE=0 SMOE_W_EARLY=0  routing, GEMM1, GEMM2, combine; no prefetch
 #   early  SMOE_FUSED_DECODE=0 SMOE_W_EARLY=1  the same with the W prefetch
 #   fused  SMOE_FUSED_DECODE=1                 the decode kernel where the choice takes it
+# and, once, on GPT-OSS-20B and Qwen3 (FORCE_S), the decode kernel forced (SMOE_FUSED_DECODE=force)
+# against the four kernels, where the choice leaves it out (a GEMM off the skinny kernel).
 # Then compute-sanitizer memcheck and racecheck over the decode kernel's sanitize launches.
 # Logs and JSON under $OUT.
 set -uo pipefail
@@ -32,6 +34,10 @@ for rep in 1 2; do
   arm early $rep SMOE_FUSED_DECODE=0 SMOE_W_EARLY=1
   arm fused $rep SMOE_FUSED_DECODE=1
 done
+# where the choice keeps the four kernels (a GEMM off the skinny kernel: GPT-OSS-20B's and Qwen3's
+# long W1), the decode kernel forced, once, against the four kernels: the data for its own rule
+S=${FORCE_S:-gpt_oss20,qwen3} arm forced 1 SMOE_FUSED_DECODE=force
+S=${FORCE_S:-gpt_oss20,qwen3} arm fourf 1 SMOE_FUSED_DECODE=0
 python3 - "$OUT" <<'PY'
 import json, os, statistics, sys
 o = sys.argv[1]
@@ -48,6 +54,17 @@ for i, row in enumerate(runs["four"][0]):
         cells.append(f"{' '.join(f'{x:.1f}' for x in v):>20s}")
     print(f"{row['shape']:<10s} {row['T']:>4d} {row['floor_ms'] * 1e3:7.1f}  " + "  ".join(cells) +
           f"   {med['early'] / med['four']:.3f}      {med['fused'] / med['four']:.3f}")
+PY
+python3 - "$OUT" <<'PY'
+import json, sys
+o = sys.argv[1]
+try:
+    a, b = json.load(open(f"{o}/fourf-1.json")), json.load(open(f"{o}/forced-1.json"))
+except OSError as e:
+    sys.exit(f"forced arm: {e}")
+print("decode kernel forced: us per forward, four kernels / forced / ratio")
+for x, y in zip(a, b):
+    print(f"{x['shape']:<10s} {x['T']:>4d}  {x['ours_auto'] * 1e3:8.1f} {y['ours_auto'] * 1e3:8.1f}  {y['ours_auto'] / x['ours_auto']:.3f}")
 PY
 timeout "${SKINNY_S:-120}" python3 test_kernels.py --fatbin-dir $K --only skinny > "$OUT/skinny-kernels.log" 2>&1; echo "skinny cases rc=$?"
 tail -1 "$OUT/skinny-kernels.log"

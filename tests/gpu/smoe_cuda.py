@@ -103,8 +103,11 @@ class Kernels:
         # indices passed, as the library launches it); SMOE_W_EARLY=0 turns it off for A/B runs
         self.w_early = os.environ.get("SMOE_W_EARLY", "1") != "0"
         # the whole op in one cooperative launch at decode (kernels/skinny_gemm.cu, moe_decode), as the
-        # library chooses it; SMOE_FUSED_DECODE=0 turns it off for A/B runs
-        self.fused_decode = os.environ.get("SMOE_FUSED_DECODE", "1") != "0"
+        # library chooses it; SMOE_FUSED_DECODE=0 turns it off for A/B runs, =force takes it at every
+        # T * k <= DECODE_MAX_N with 16-bit W even where the skinny kernel is not the GEMMs' choice
+        mode = os.environ.get("SMOE_FUSED_DECODE", "1")
+        self.fused_decode = mode != "0"
+        self.fused_decode_force = mode == "force"
         self._coop_no_pdl = False
 
     def load_module(self, name, path):
@@ -374,7 +377,8 @@ class Kernels:
         configuration, 1 <= T * k <= DECODE_MAX_N, and the skinny kernel the choice for both GEMMs."""
         return (self.fused_decode and dtype != torch.float32 and not isinstance(w1, QW) and not isinstance(w2, QW)
                 and capacity is None and cfg1 is None and cfg2 is None and 0 < N <= DECODE_MAX_N
-                and E <= 1024 and self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny")
+                and E <= 1024 and (self.fused_decode_force or
+                                   (self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny")))
 
     def decode_grid(self, f_, T, k, E, d, f, n, gated):
         """CTAs of the decode kernel: the most units of its phases (the skinny kernel's bound, 8 x 32

@@ -5,6 +5,7 @@
 use super::plan::Plan;
 use super::selection::{pick_cfg, pick_quant_cfg, FULL_GRID_K};
 use super::{MAX_EXPERTS, ROUTING_CHUNK};
+use crate::cuda::arch::{Arch, Table};
 use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
@@ -484,19 +485,25 @@ pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
 /// for both GEMMs (so its units are the ones the four kernels would run), and a driver that
 /// launches cooperatively.
 fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
-    let n_assign = s.tokens * s.k;
-    if elem == ElemType::F32 || x.w_in_quant.is_some() || x.w_out_quant.is_some() || n_assign == 0 || n_assign > DECODE_MAX_N {
+    let quantized = x.w_in_quant.is_some() || x.w_out_quant.is_some();
+    if !decode_applies(elem, s, gated, quantized, dev.arch, dev.table) {
         return None;
     }
     if std::env::var(DECODE_KERNEL_ENV).is_ok_and(|v| v.trim() == "0") || !driver::cooperative_supported() {
         return None;
     }
-    let n = if gated { 2 * s.f } else { s.f };
-    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, dev.arch, dev.table) == GemmCfg::Skinny;
-    if !skinny(n, s.d) || !skinny(s.d, s.f) {
-        return None;
-    }
     dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
+}
+
+/// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside.
+fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arch: Arch, table: Table) -> bool {
+    let n_assign = s.tokens * s.k;
+    if elem == ElemType::F32 || quantized || n_assign == 0 || n_assign > DECODE_MAX_N || s.experts > MAX_EXPERTS {
+        return false;
+    }
+    let n = if gated { 2 * s.f } else { s.f };
+    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny;
+    skinny(n, s.d) && skinny(s.d, s.f)
 }
 
 /// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
@@ -685,5 +692,32 @@ mod tests {
         }
         assert_eq!(GemmCfg::Skinny.tile(), (8, 32));
         assert_eq!(work_units(GemmCfg::Skinny.tile(), 1, 2, 8, 28672, true), (1 + 2) * 896);
+    }
+
+    /// The decode kernel takes 16-bit, unquantized layers of at most DECODE_MAX_N assignments
+    /// whose two GEMMs would both run on the skinny kernel, and nothing else.
+    #[test]
+    fn decode_kernel_takes_what_it_should() {
+        let sizes = |tokens, d, f, experts, k| MoeSizes { tokens, d, f, experts, k };
+        let applies = |elem, s, quantized| decode_applies(elem, s, true, quantized, Arch::Sm90a, Table::H100);
+        // fine-grained (1024, 512, 64, 8) at 1 to 16 tokens; Qwen3-30B-A3B (2048, 768, 128, 8) at
+        // one token, not at 4 (32 hit experts' W1, 201 MB, leave the skinny kernel: K > 1024)
+        for t in [1, 4, 16] {
+            assert!(applies(ElemType::BF16, sizes(t, 1024, 512, 64, 8), false));
+        }
+        assert!(applies(ElemType::F16, sizes(1, 2048, 768, 128, 8), false));
+        assert!(!applies(ElemType::F16, sizes(4, 2048, 768, 128, 8), false));
+        // not: float32, quantized W, no token, more than 512 assignments, more than 1024 experts
+        assert!(!applies(ElemType::F32, sizes(1, 1024, 512, 64, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
+        assert!(!applies(ElemType::BF16, sizes(0, 1024, 512, 64, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(65, 64, 32, 8, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 64, 32, 2048, 2), false));
+        // not where a GEMM leaves the skinny kernel: Mixtral's W at one token is long (the
+        // skinny kernel only up to 100 MiB of hit W at one row per expert)
+        assert!(!applies(ElemType::BF16, sizes(1, 4096, 14336, 8, 2), false));
+        // the boundary on assignments: 64 tokens x 8 is 512
+        let at = |t| decode_applies(ElemType::BF16, sizes(t, 64, 32, 512, 8), true, false, Arch::Sm90a, Table::H100);
+        assert!(at(64) && !at(65));
     }
 }
