@@ -411,6 +411,22 @@ fn run_moe<E: Elem>(g: &Gpu, c: &MoeCase, rng: &mut StdRng, rep: &mut Report) {
         rep.add(&label, rel_err(&got, &want), E::TOL);
         // poison again for the next configuration
         unsafe { driver::check(sys::cuMemsetD8Async(g.ptr(&y), 0xff, ybytes, st), "memset").unwrap() };
+        // The decode kernel (the whole op in one launch) runs the skinny kernel's units and
+        // combine.cu's combine: the same bits as the four kernels with the skinny kernel forced.
+        if cfg.0.is_none() && c.capacity.is_none() && forward::decode_kernel_runs(g.dev, E::T, s, c.gated, false) {
+            let skinny = (Some(GemmCfg::Skinny), Some(GemmCfg::Skinny));
+            let r = unsafe { forward::scatter_moe(g.dev, st, &attrs, E::T, c.it, s, None, &ptrs, g.ptr(&ws), g.ptr(&y), skinny, None) };
+            let four: Vec<E> = match r {
+                Ok(_) => from_bytes(&g.download(&y, ybytes)),
+                Err(e) => {
+                    rep.exact(&format!("{name}[decode kernel]"), false, &e);
+                    continue;
+                }
+            };
+            let same = got.iter().zip(&four).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
+            rep.exact(&format!("{name}[decode kernel: same bits as the four kernels, skinny]"), same, if same { "" } else { "the outputs differ" });
+            unsafe { driver::check(sys::cuMemsetD8Async(g.ptr(&y), 0xff, ybytes, st), "memset").unwrap() };
+        }
     }
 }
 

@@ -11,9 +11,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/smoe-out}; mkdir -p "$OUT"
-BIN=${BIN:-.carry/gpu/gpu_forward}
-if [ -f .carry/gpu/gpu_forward.xz ] && [ ! -f "$BIN" ]; then
-  BIN=/tmp/gpu_forward && xz -dc .carry/gpu/gpu_forward.xz > "$BIN" && chmod +x "$BIN"
+CARRY=${CARRY:-.carry/gpu}  # the carried folder (another one for a branch's binary)
+BIN=${BIN:-$CARRY/gpu_forward}
+if [ -f "$CARRY/gpu_forward.xz" ] && [ ! -f "$BIN" ]; then
+  BIN=/tmp/gpu_forward && xz -dc "$CARRY/gpu_forward.xz" > "$BIN" && chmod +x "$BIN"
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 timeout "${FULL_S:-200}" "$BIN" --test-threads=1 --nocapture > "$OUT/forward.log" 2>&1; echo "forward rc=$?"

@@ -495,6 +495,13 @@ fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: 
     dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
 }
 
+/// Whether [`scatter_moe`] runs the decode kernel for these sizes on `dev` (with no capacity and no
+/// forced configuration): for tests and benchmarks that label or compare its runs.
+pub fn decode_kernel_runs(dev: &Device, elem: ElemType, s: MoeSizes, gated: bool, quantized: bool) -> bool {
+    let x = MoePtrs { w_in_quant: None, w_out_quant: None, ..Default::default() };
+    !quantized && decode_kernel(dev, elem, s, &x, gated).is_some()
+}
+
 /// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside.
 fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arch: Arch, table: Table) -> bool {
     let n_assign = s.tokens * s.k;
