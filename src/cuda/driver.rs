@@ -420,9 +420,13 @@ pub fn cooperative_supported() -> bool {
 /// once, as grid barriers need (kernels/skinny_gemm.cu, moe_decode); with programmatic dependent
 /// launch too where `f.pdl` and the driver takes both (else, once refused, cooperative alone).
 ///
+/// Returns false, having launched nothing, where the driver refuses the grid as too large to be
+/// resident at once (fewer SMs than the occupancy said, e.g. a share of the GPU under MPS): the
+/// caller then runs the op another way.
+///
 /// # Safety
 /// As [`launch`]; `grid` must not exceed `f.resident`.
-pub unsafe fn launch_cooperative(f: &Func, grid: u32, stream: CUstream, args: &[Arg], name: &str) -> CuResult<()> {
+pub unsafe fn launch_cooperative(f: &Func, grid: u32, stream: CUstream, args: &[Arg], name: &str) -> CuResult<bool> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut vals = slots(args);
     let mut ptrs: Vec<*mut c_void> = vals.iter_mut().map(|v| (v as *mut Slot).cast::<c_void>()).collect();
@@ -450,11 +454,15 @@ pub unsafe fn launch_cooperative(f: &Func, grid: u32, stream: CUstream, args: &[
         if with_pdl {
             COOP_WITH_PDL.store(1, Relaxed);
         }
-        return Ok(());
+        return Ok(true);
     }
-    if with_pdl && COOP_WITH_PDL.load(Relaxed) == 0 && r != sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
+    if r == sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
+        return Ok(false);
+    }
+    if with_pdl && COOP_WITH_PDL.load(Relaxed) == 0 {
         COOP_WITH_PDL.store(2, Relaxed);
         return launch_cooperative(f, grid, stream, args, name);
     }
     check(r, &format!("cuLaunchKernelEx (cooperative{}) ({name}, grid {grid}, block {}, smem {})", if with_pdl { ", programmatic dependent launch" } else { "" }, f.threads, f.smem))
+        .map(|()| true)
 }

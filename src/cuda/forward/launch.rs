@@ -423,8 +423,10 @@ pub unsafe fn scatter_moe(
     if capacity.is_none() && cfg == (None, None) {
         if let Some(f) = decode_kernel(dev, elem, s, x, attrs.gated) {
             let error = error_to.unwrap_or(ws + p.error as u64);
-            moe_decode(&f, stream, attrs, elem, it, s, x, ws, &p, y, error)?;
-            return Ok(Launched { error: Some(error) });
+            if moe_decode(&f, stream, attrs, elem, it, s, x, ws, &p, y, error)? {
+                return Ok(Launched { error: Some(error) });
+            }
+            // the grid could not be resident at once here: the four kernels below
         }
     }
     let error = routing(dev, stream, it, x.routing_indices, s.tokens, s.k, s.experts, ws, &p, cap, kept, error_to)?;
@@ -515,7 +517,8 @@ fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arc
 
 /// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
 /// each CTA, GEMM1, GEMM2 and the combine behind grid barriers, H and O in the op's workspace. The
-/// grid: the most work units of its phases, at most the CTAs resident at once.
+/// grid: the most work units of its phases, at most the CTAs resident at once. False: the driver
+/// refused the grid as too large to be resident (nothing launched).
 #[allow(clippy::too_many_arguments)]
 unsafe fn moe_decode(
     f: &driver::Func,
@@ -529,7 +532,7 @@ unsafe fn moe_decode(
     p: &Plan,
     y: CUdeviceptr,
     error: CUdeviceptr,
-) -> CuResult<()> {
+) -> CuResult<bool> {
     let n_assign = s.tokens * s.k;
     let n = if attrs.gated { 2 * s.f } else { s.f };
     let tile = GemmCfg::Skinny.tile();
