@@ -2,46 +2,18 @@
 //! choice by `super::selection`, geometry from the catalogue), the combine, and the three ops'
 //! sequences built from them. The only place kernel arguments are laid out.
 
+use super::codes::{glu_code, iname, order_code, tname, work_units};
+use super::decode;
 use super::plan::Plan;
+pub use super::ptrs::{LinearPtrs, MoePtrs, QuantW};
 use super::selection::{pick_cfg, pick_quant_cfg, FULL_GRID_K};
 use super::{MAX_EXPERTS, ROUTING_CHUNK};
-use crate::cuda::arch::{Arch, Table};
 use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, Quant, QuantFormat, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, QuantFormat, SpecError};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
-
-pub(super) fn tname(t: ElemType) -> &'static str {
-    match t {
-        ElemType::F32 => "f32",
-        ElemType::F16 => "f16",
-        ElemType::BF16 => "bf16",
-    }
-}
-
-fn iname(i: IndexType) -> &'static str {
-    match i {
-        IndexType::I32 => "i32",
-        IndexType::I64 => "i64",
-    }
-}
-
-fn glu_code(l: GluLayout) -> i32 {
-    match l {
-        GluLayout::GateUp => 0,
-        GluLayout::UpGate => 1,
-        GluLayout::Interleaved => 2,
-    }
-}
-
-fn order_code(o: CapacityOrder) -> i32 {
-    match o {
-        CapacityOrder::SlotMajor => 0,
-        CapacityOrder::TokenMajor => 1,
-    }
-}
 
 /// What a forward left on the device for its caller to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,16 +120,6 @@ unsafe fn write_capacity(stream: CUstream, at: CUdeviceptr, c: usize) -> CuResul
     driver::check(sys::cuMemsetD32Async(at + 4, (v >> 32) as u32, 1, stream), "cuMemsetD32Async(capacity)")
 }
 
-/// A quantized W as the kernels take it (kernels/quant_gemm.cu): how it is stored (what the
-/// contract's check found, `Dims`) and the device pointers of its scale and zero point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuantW {
-    pub quant: Quant,
-    pub scale: CUdeviceptr,
-    /// None: the format's default zero point
-    pub zero: Option<CUdeviceptr>,
-}
-
 /// A format's name in the quantized kernels' entry points (`catalogue::QUANT_FORMATS`).
 pub const fn format_name(f: QuantFormat) -> &'static str {
     match f {
@@ -260,16 +222,6 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
 
-/// A bound on a GEMM's work units, whatever the routing (kernels/grouped_gemm.cu's header, "Grid"):
-/// tiles of `tile` = (BM rows, BN rows of W), or, with `cluster` CTAs sharing W, groups of
-/// `cluster` M tiles of one expert. Each expert with rows has ceil(rows / (BM cluster)) groups, at
-/// most rows / (BM cluster) + 1, hence the `min(E, N_assign)` term; times the column tiles of the
-/// output (BN / 2 outputs per tile when gated).
-fn work_units(tile: (usize, usize), cluster: usize, n_assign: usize, experts: usize, n: usize, gated: bool) -> usize {
-    let (bm, bn) = tile;
-    let (nout, bno) = if gated { (n / 2, bn / 2) } else { (n, bn) };
-    (n_assign.div_ceil(bm * cluster) + experts.min(n_assign)) * nout.div_ceil(bno)
-}
 
 /// The parameters every grouped-GEMM entry point starts with (kernels/grouped_gemm.cu's header).
 fn gemm_args(g: &Gemm, k: usize, experts: usize, ws: CUdeviceptr, p: &Plan) -> Vec<Arg> {
@@ -372,21 +324,6 @@ unsafe fn combine(
     )
 }
 
-/// Device pointers of `ScatterMoE`'s inputs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MoePtrs {
-    pub x: CUdeviceptr,
-    pub routing_weights: CUdeviceptr,
-    pub routing_indices: CUdeviceptr,
-    pub w_in: CUdeviceptr,
-    pub w_out: CUdeviceptr,
-    pub b_in: Option<CUdeviceptr>,
-    pub b_out: Option<CUdeviceptr>,
-    /// `w_in` / `w_out` quantized (each pointer then holds the stored bytes)
-    pub w_in_quant: Option<QuantW>,
-    pub w_out_quant: Option<QuantW>,
-}
-
 /// `ScatterMoE` on `stream`: routing -> GEMM1 (grouped out, bias + activation / GLU fused) ->
 /// GEMM2 (grouped in and out) -> combine with the routing weights (and the kept mask).
 /// `ws` holds [`Plan::scatter_moe`] bytes; `y` is [T, d].
@@ -421,9 +358,9 @@ pub unsafe fn scatter_moe(
     let cap = p.capacity.map(|at| (ws + at as u64, attrs.capacity_order));
     let kept = p.kept.map(|at| ws + at as u64);
     if capacity.is_none() && cfg == (None, None) {
-        if let Some(f) = decode_kernel(dev, elem, s, x, attrs.gated) {
+        if let Some(f) = decode::decode_kernel(dev, elem, s, x, attrs.gated) {
             let error = error_to.unwrap_or(ws + p.error as u64);
-            if moe_decode(&f, stream, attrs, elem, it, s, x, ws, &p, y, error)? {
+            if decode::moe_decode(&f, stream, attrs, elem, it, s, x, ws, &p, y, error)? {
                 return Ok(Launched { error: Some(error) });
             }
             // the grid could not be resident at once here: the four kernels below
@@ -473,110 +410,6 @@ pub unsafe fn scatter_moe(
     gemm(dev, stream, elem, &g2, s.k, n_assign, s.experts, ws, &p, cfg.1)?;
     combine(dev, stream, elem, out, Some(ws + p.pos as u64), Some(x.routing_weights), kept, y, s.tokens, s.k, s.d)?;
     Ok(Launched { error: Some(error) })
-}
-
-/// The most assignments (T * k) the decode kernel takes (kernels/skinny_gemm.cu, DECODE_MAX_N).
-pub const DECODE_MAX_N: usize = 512;
-
-/// `SCATTERMOE_CUDA_DECODE_KERNEL=0` turns the decode kernel off (the four kernels then run at every
-/// size), for A/B runs.
-pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
-
-/// The decode kernel, where it takes the op: 16-bit W and activations, 1 <= T * k <= DECODE_MAX_N,
-/// no capacity, no forced configuration (the caller checks those two), the skinny kernel the choice
-/// for both GEMMs (so its units are the ones the four kernels would run), and a driver that
-/// launches cooperatively.
-fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
-    let quantized = x.w_in_quant.is_some() || x.w_out_quant.is_some();
-    if !decode_applies(elem, s, gated, quantized, dev.arch, dev.table) {
-        return None;
-    }
-    if std::env::var(DECODE_KERNEL_ENV).is_ok_and(|v| v.trim() == "0") || !driver::cooperative_supported() {
-        return None;
-    }
-    dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
-}
-
-/// Whether [`scatter_moe`] runs the decode kernel for these sizes on `dev` (with no capacity and no
-/// forced configuration): for tests and benchmarks that label or compare its runs.
-pub fn decode_kernel_runs(dev: &Device, elem: ElemType, s: MoeSizes, gated: bool, quantized: bool) -> bool {
-    let x = MoePtrs { w_in_quant: None, w_out_quant: None, ..Default::default() };
-    !quantized && decode_kernel(dev, elem, s, &x, gated).is_some()
-}
-
-/// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside.
-fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arch: Arch, table: Table) -> bool {
-    let n_assign = s.tokens * s.k;
-    if elem == ElemType::F32 || quantized || n_assign == 0 || n_assign > DECODE_MAX_N || s.experts > MAX_EXPERTS {
-        return false;
-    }
-    let n = if gated { 2 * s.f } else { s.f };
-    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny;
-    skinny(n, s.d) && skinny(s.d, s.f)
-}
-
-/// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
-/// each CTA, GEMM1, GEMM2 and the combine behind grid barriers, H and O in the op's workspace. The
-/// grid: the most work units of its phases, at most the CTAs resident at once. False: the driver
-/// refused the grid as too large to be resident (nothing launched).
-#[allow(clippy::too_many_arguments)]
-unsafe fn moe_decode(
-    f: &driver::Func,
-    stream: CUstream,
-    attrs: &scatter_moe::Attrs,
-    elem: ElemType,
-    it: IndexType,
-    s: MoeSizes,
-    x: &MoePtrs,
-    ws: CUdeviceptr,
-    p: &Plan,
-    y: CUdeviceptr,
-    error: CUdeviceptr,
-) -> CuResult<bool> {
-    let n_assign = s.tokens * s.k;
-    let n = if attrs.gated { 2 * s.f } else { s.f };
-    let tile = GemmCfg::Skinny.tile();
-    let v = 16 / elem.size_bytes();
-    let combine_ctas = (s.tokens * s.d.div_ceil(v)).div_ceil(f.threads as usize);
-    let units = work_units(tile, 1, n_assign, s.experts, n, attrs.gated).max(work_units(tile, 1, n_assign, s.experts, s.d, false)).max(combine_ctas);
-    let grid = units.min(f.resident as usize).max(1) as u32;
-    let args = [
-        Arg::Ptr(x.x),
-        Arg::Ptr(x.w_in),
-        Arg::opt(x.b_in),
-        Arg::Ptr(x.w_out),
-        Arg::opt(x.b_out),
-        Arg::Ptr(x.routing_weights),
-        Arg::Ptr(x.routing_indices),
-        Arg::I32(it.size_bytes() as i32),
-        Arg::I32(s.tokens as i32),
-        Arg::I32(s.k as i32),
-        Arg::I32(s.d as i32),
-        Arg::I32(s.f as i32),
-        Arg::I32(s.experts as i32),
-        Arg::I32(act_code(Some(attrs.activation))),
-        Arg::I32(attrs.gated as i32),
-        Arg::I32(glu_code(attrs.glu_layout)),
-        Arg::F32(attrs.alpha),
-        Arg::F32(attrs.limit),
-        Arg::Ptr(ws + p.hidden.unwrap() as u64),
-        Arg::Ptr(ws + p.out.unwrap() as u64),
-        Arg::Ptr(y),
-        Arg::Ptr(error),
-    ];
-    driver::launch_cooperative(f, grid, stream, &args, &format!("scattermoe_moe_decode_{}", tname(elem)))
-}
-
-/// Device pointers of `ParallelLinear`'s inputs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LinearPtrs {
-    pub x: CUdeviceptr,
-    pub routing_indices: CUdeviceptr,
-    pub w: CUdeviceptr,
-    pub b: Option<CUdeviceptr>,
-    pub gates: Option<CUdeviceptr>,
-    /// `W` quantized (`w` then holds the stored bytes)
-    pub w_quant: Option<QuantW>,
 }
 
 /// `ParallelLinear` on `stream`: routing, one GEMM (grouped_in / grouped_out per the attributes),
@@ -702,32 +535,5 @@ mod tests {
         }
         assert_eq!(GemmCfg::Skinny.tile(), (8, 32));
         assert_eq!(work_units(GemmCfg::Skinny.tile(), 1, 2, 8, 28672, true), (1 + 2) * 896);
-    }
-
-    /// The decode kernel takes 16-bit, unquantized layers of at most DECODE_MAX_N assignments
-    /// whose two GEMMs would both run on the skinny kernel, and nothing else.
-    #[test]
-    fn decode_kernel_takes_what_it_should() {
-        let sizes = |tokens, d, f, experts, k| MoeSizes { tokens, d, f, experts, k };
-        let applies = |elem, s, quantized| decode_applies(elem, s, true, quantized, Arch::Sm90a, Table::H100);
-        // fine-grained (1024, 512, 64, 8) at 1 to 16 tokens; Qwen3-30B-A3B (2048, 768, 128, 8) at
-        // one token, not at 4 (32 hit experts' W1, 201 MB, leave the skinny kernel: K > 1024)
-        for t in [1, 4, 16] {
-            assert!(applies(ElemType::BF16, sizes(t, 1024, 512, 64, 8), false));
-        }
-        assert!(applies(ElemType::F16, sizes(1, 2048, 768, 128, 8), false));
-        assert!(!applies(ElemType::F16, sizes(4, 2048, 768, 128, 8), false));
-        // not: float32, quantized W, no token, more than 512 assignments, more than 1024 experts
-        assert!(!applies(ElemType::F32, sizes(1, 1024, 512, 64, 8), false));
-        assert!(!applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
-        assert!(!applies(ElemType::BF16, sizes(0, 1024, 512, 64, 8), false));
-        assert!(!applies(ElemType::BF16, sizes(65, 64, 32, 8, 8), false));
-        assert!(!applies(ElemType::BF16, sizes(1, 64, 32, 2048, 2), false));
-        // not where a GEMM leaves the skinny kernel: Mixtral's W at one token is long (the
-        // skinny kernel only up to 100 MiB of hit W at one row per expert)
-        assert!(!applies(ElemType::BF16, sizes(1, 4096, 14336, 8, 2), false));
-        // the boundary on assignments: 64 tokens x 8 is 512
-        let at = |t| decode_applies(ElemType::BF16, sizes(t, 64, 32, 512, 8), true, false, Arch::Sm90a, Table::H100);
-        assert!(at(64) && !at(65));
     }
 }

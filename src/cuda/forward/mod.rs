@@ -5,22 +5,24 @@
 //! words ([`Launched::error`]) its own way.
 //!
 //! One file per concern: `plan` (workspace), `selection` (kernel choice), `launch` (arguments and
-//! launches), `router` (TopKRouter's launch), `errors` (error words). The kernel catalogue is `super::catalogue`.
+//! launches), `decode` (the whole op in one launch at decode sizes), `codes` (kernel parameter codes, work-unit bounds), `ptrs` (the ops' device pointers), `router` (TopKRouter's launch), `errors` (error words). The kernel catalogue is `super::catalogue`.
 //! Launch sequence and contracts: kernels/common.cuh, routing.cu, grouped_gemm.cu, combine.cu;
 //! tests/gpu/smoe_cuda.py is the reference host (same choices, in Python).
 
+mod codes;
+mod decode;
 mod errors;
 mod launch;
 mod plan;
+mod ptrs;
 mod router;
 pub mod selection;
 
 pub use super::arch::Table;
 pub use super::catalogue::{GemmCfg, GROUPED_A_SUFFIX};
 pub use errors::{check_sync, error_message, ERR_BAD_INDEX, ERR_NEG_CAPACITY, ERR_TOO_MANY_EXPERTS};
-pub use launch::{
-    capacity_mask, decode_kernel_runs, format_name, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW, DECODE_KERNEL_ENV, DECODE_MAX_N,
-};
+pub use decode::{decode_kernel_runs, DECODE_KERNEL_ENV, DECODE_MAX_N};
+pub use launch::{capacity_mask, format_name, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
 pub use plan::{routing_workspace_bytes, Plan};
 pub use router::{topk_router, PerExpert};
 pub use selection::{

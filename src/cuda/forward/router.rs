@@ -1,6 +1,7 @@
 //! The launch of `TopKRouter` (kernels/router.cu): its arguments laid out, one launch.
 
-use super::launch::{check_limits, tname};
+use super::codes::tname;
+use super::launch::check_limits;
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::spec::{topk_router, ElemType, GroupScore, Scoring, TieBreak, WeightsFrom};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};

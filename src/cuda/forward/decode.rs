@@ -1,0 +1,138 @@
+//! The decode kernel's choice and launch: the whole `ScatterMoE` in one cooperative launch
+//! (kernels/skinny_gemm.cu, `moe_decode`) where the op would run its four kernels at decode sizes.
+
+use super::codes::{glu_code, tname, work_units};
+use super::ptrs::MoePtrs;
+use super::plan::Plan;
+use super::selection::pick_cfg;
+use super::MAX_EXPERTS;
+use crate::cuda::arch::{Arch, Table};
+use crate::cuda::catalogue::{act_code, GemmCfg};
+use crate::cuda::driver::{self, Arg, CuResult, Device};
+use crate::reference::MoeSizes;
+use crate::spec::{scatter_moe, ElemType, IndexType};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+/// The most assignments (T * k) the decode kernel takes (kernels/skinny_gemm.cu, DECODE_MAX_N).
+pub const DECODE_MAX_N: usize = 512;
+
+/// `SCATTERMOE_CUDA_DECODE_KERNEL=0` turns the decode kernel off (the four kernels then run at every
+/// size), for A/B runs.
+pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
+
+/// The decode kernel, where it takes the op: 16-bit W and activations, 1 <= T * k <= DECODE_MAX_N,
+/// no capacity, no forced configuration (the caller checks those two), the skinny kernel the choice
+/// for both GEMMs (so its units are the ones the four kernels would run), and a driver that
+/// launches cooperatively.
+pub(super) fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
+    let quantized = x.w_in_quant.is_some() || x.w_out_quant.is_some();
+    if !decode_applies(elem, s, gated, quantized, dev.arch, dev.table) {
+        return None;
+    }
+    if std::env::var(DECODE_KERNEL_ENV).is_ok_and(|v| v.trim() == "0") || !driver::cooperative_supported() {
+        return None;
+    }
+    dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
+}
+
+/// Whether [`scatter_moe`] runs the decode kernel for these sizes on `dev` (with no capacity and no
+/// forced configuration): for tests and benchmarks that label or compare its runs.
+pub fn decode_kernel_runs(dev: &Device, elem: ElemType, s: MoeSizes, gated: bool, quantized: bool) -> bool {
+    let x = MoePtrs { w_in_quant: None, w_out_quant: None, ..Default::default() };
+    !quantized && decode_kernel(dev, elem, s, &x, gated).is_some()
+}
+
+/// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside.
+fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arch: Arch, table: Table) -> bool {
+    let n_assign = s.tokens * s.k;
+    if elem == ElemType::F32 || quantized || n_assign == 0 || n_assign > DECODE_MAX_N || s.experts > MAX_EXPERTS {
+        return false;
+    }
+    let n = if gated { 2 * s.f } else { s.f };
+    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny;
+    skinny(n, s.d) && skinny(s.d, s.f)
+}
+
+/// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
+/// each CTA, GEMM1, GEMM2 and the combine behind grid barriers, H and O in the op's workspace. The
+/// grid: the most work units of its phases, at most the CTAs resident at once. False: the driver
+/// refused the grid as too large to be resident (nothing launched).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn moe_decode(
+    f: &driver::Func,
+    stream: CUstream,
+    attrs: &scatter_moe::Attrs,
+    elem: ElemType,
+    it: IndexType,
+    s: MoeSizes,
+    x: &MoePtrs,
+    ws: CUdeviceptr,
+    p: &Plan,
+    y: CUdeviceptr,
+    error: CUdeviceptr,
+) -> CuResult<bool> {
+    let n_assign = s.tokens * s.k;
+    let n = if attrs.gated { 2 * s.f } else { s.f };
+    let tile = GemmCfg::Skinny.tile();
+    let v = 16 / elem.size_bytes();
+    let combine_ctas = (s.tokens * s.d.div_ceil(v)).div_ceil(f.threads as usize);
+    let units = work_units(tile, 1, n_assign, s.experts, n, attrs.gated).max(work_units(tile, 1, n_assign, s.experts, s.d, false)).max(combine_ctas);
+    let grid = units.min(f.resident as usize).max(1) as u32;
+    let args = [
+        Arg::Ptr(x.x),
+        Arg::Ptr(x.w_in),
+        Arg::opt(x.b_in),
+        Arg::Ptr(x.w_out),
+        Arg::opt(x.b_out),
+        Arg::Ptr(x.routing_weights),
+        Arg::Ptr(x.routing_indices),
+        Arg::I32(it.size_bytes() as i32),
+        Arg::I32(s.tokens as i32),
+        Arg::I32(s.k as i32),
+        Arg::I32(s.d as i32),
+        Arg::I32(s.f as i32),
+        Arg::I32(s.experts as i32),
+        Arg::I32(act_code(Some(attrs.activation))),
+        Arg::I32(attrs.gated as i32),
+        Arg::I32(glu_code(attrs.glu_layout)),
+        Arg::F32(attrs.alpha),
+        Arg::F32(attrs.limit),
+        Arg::Ptr(ws + p.hidden.unwrap() as u64),
+        Arg::Ptr(ws + p.out.unwrap() as u64),
+        Arg::Ptr(y),
+        Arg::Ptr(error),
+    ];
+    driver::launch_cooperative(f, grid, stream, &args, &format!("scattermoe_moe_decode_{}", tname(elem)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decode kernel takes 16-bit, unquantized layers of at most DECODE_MAX_N assignments
+    /// whose two GEMMs would both run on the skinny kernel, and nothing else.
+    #[test]
+    fn decode_kernel_takes_what_it_should() {
+        let sizes = |tokens, d, f, experts, k| MoeSizes { tokens, d, f, experts, k };
+        let applies = |elem, s, quantized| decode_applies(elem, s, true, quantized, Arch::Sm90a, Table::H100);
+        // fine-grained (1024, 512, 64, 8) at 1 to 16 tokens; Qwen3-30B-A3B (2048, 768, 128, 8) at
+        // one token, not at 4 (32 hit experts' W1, 201 MB, leave the skinny kernel: K > 1024)
+        for t in [1, 4, 16] {
+            assert!(applies(ElemType::BF16, sizes(t, 1024, 512, 64, 8), false));
+        }
+        assert!(applies(ElemType::F16, sizes(1, 2048, 768, 128, 8), false));
+        assert!(!applies(ElemType::F16, sizes(4, 2048, 768, 128, 8), false));
+        // not: float32, quantized W, no token, more than 512 assignments, more than 1024 experts
+        assert!(!applies(ElemType::F32, sizes(1, 1024, 512, 64, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
+        assert!(!applies(ElemType::BF16, sizes(0, 1024, 512, 64, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(65, 64, 32, 8, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 64, 32, 2048, 2), false));
+        // not where a GEMM leaves the skinny kernel: Mixtral's W at one token is long (the
+        // skinny kernel only up to 100 MiB of hit W at one row per expert)
+        assert!(!applies(ElemType::BF16, sizes(1, 4096, 14336, 8, 2), false));
+        // the boundary on assignments: 64 tokens x 8 is 512
+        let at = |t| decode_applies(ElemType::BF16, sizes(t, 64, 32, 512, 8), true, false, Arch::Sm90a, Table::H100);
+        assert!(at(64) && !at(65));
+    }
+}
