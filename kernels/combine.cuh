@@ -1,7 +1,9 @@
 // kernels/combine.cuh -- one thread's share of the combine (kernels/combine.cu's contract):
 //   Y[t, c .. c + V) = sum_j w[t,j] * kept[t,j] * O[pos[t*k+j], c .. c + V)   f32 accumulation, one rounding
-// Shared by combine.cu's kernel and the decode kernel of skinny_gemm.cu, so both give the same bits.
+// Shared by combine.cu's kernel and the decode kernel (moe_decode.cu), so both give the same bits.
 #pragma once
+
+#include "common.cuh"
 
 #include <type_traits>
 

@@ -1,9 +1,11 @@
 // kernels/routing_block.cuh -- the routing of N <= SMOE_ROUTING_CHUNK assignments by one block, with
 // no capacity: expert counts, offsets, the grouped order (stable) and its inverse, and the error
 // words, all from one read of the indices. Shared by routing.cu's one-block kernel
-// (scattermoe_routing_small_*, 8 warps, results to global memory) and the decode kernel of
-// skinny_gemm.cu (every CTA routes on its own, 4 warps, results to its shared memory).
+// (scattermoe_routing_small_*, 8 warps, results to global memory) and the decode kernel,
+// moe_decode.cu (every CTA routes on its own, 4 warps, results to its shared memory).
 #pragma once
+
+#include "common.cuh"
 
 #include <limits.h>
 

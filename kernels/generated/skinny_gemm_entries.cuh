@@ -4,10 +4,6 @@
 // The entry points of kernels/skinny_gemm.cu, which includes this file at its end: one invocation
 // of that file's entry macros per entry point.
 
-// scattermoe_moe_decode_{t}
-SMOE_MOE_DECODE_ENTRY(scattermoe_moe_decode_f16, __half, 128)
-SMOE_MOE_DECODE_ENTRY(scattermoe_moe_decode_bf16, __nv_bfloat16, 128)
-
 // Skinny: few rows per expert (decode): W streamed into registers (16-byte loads, dequantized there), 8 rows of X x 32 rows of W per unit on mma.sync m16n8k16, 4 warps splitting K (kernels/skinny_gemm.cu)
 SMOE_SKINNY_ENTRY(scattermoe_gemm_f16_skinny, __half, 8, 32, 128, 4, 4, 0)
 SMOE_SKINNY_ENTRY(scattermoe_gemm_bf16_skinny, __nv_bfloat16, 8, 32, 128, 4, 4, 0)

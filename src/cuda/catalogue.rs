@@ -110,7 +110,7 @@ mod tests {
             for s in ["128x128", "32x64", "32x64s6", "32x32", "wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga", "skinny"] {
                 expected.push(format!("scattermoe_gemm_{t}_{s}"));
             }
-            // the whole op at decode (kernels/skinny_gemm.cu, moe_decode): 16-bit types only
+            // the whole op at decode (kernels/moe_decode.cu): 16-bit types only
             expected.push(format!("scattermoe_moe_decode_{t}"));
         }
         expected.push("scattermoe_gemm_f32".into());

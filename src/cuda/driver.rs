@@ -417,7 +417,7 @@ pub fn cooperative_supported() -> bool {
 }
 
 /// Launches `f` on `stream` cooperatively: every CTA of `grid` (at most `f.resident`) resident at
-/// once, as grid barriers need (kernels/skinny_gemm.cu, moe_decode); with programmatic dependent
+/// once, as grid barriers need (kernels/moe_decode.cu); with programmatic dependent
 /// launch too where `f.pdl` and the driver takes both (else, once refused, cooperative alone).
 ///
 /// Returns false, having launched nothing, where the driver refuses the grid as too large to be

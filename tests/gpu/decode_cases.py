@@ -1,4 +1,4 @@
-"""The decode kernel's own cases (kernels/skinny_gemm.cu, moe_decode: the whole ScatterMoE in one
+"""The decode kernel's own cases (kernels/moe_decode.cu: the whole ScatterMoE in one
 cooperative launch), for test_kernels.py --only decode.
 
 Each case runs the kernel forced (whatever the automatic choice would be) and checks:

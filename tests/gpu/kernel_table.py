@@ -5,7 +5,7 @@ that this file is current; `SCATTERMOE_UPDATE_TABLES=1 cargo test --release --li
 rewrites it.
 """
 
-MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm", "grouped_gemm_ws", "quant_gemm_ws", "router")
+MODULES = ("routing", "grouped_gemm", "combine", "quant_gemm", "skinny_gemm", "grouped_gemm_ws", "quant_gemm_ws", "router", "moe_decode")
 # the kernels' activation codes (`act`)
 ACT = {"none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4, "swiglu_oai": 5, "relu2": 6, "swiglu_limit": 7}
 # block size of each kernel with a plain launch

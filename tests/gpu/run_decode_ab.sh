@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the decode kernel (kernels/skinny_gemm.cu, moe_decode: the whole op in one
+# One device call for the decode kernel (kernels/moe_decode.cu: the whole op in one
 # cooperative launch) and the skinny kernel's W prefetch before the dependency wait: correctness,
 # then the A/B of three arms, then the sanitizers.
 # Build the sm_90a fatbins here and carry them (a call carries 64 MiB at most):

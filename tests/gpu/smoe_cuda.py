@@ -46,7 +46,7 @@ class CUlaunchAttribute(ctypes.Structure):
 
 CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-# the decode kernel's bound on T * k (kernels/skinny_gemm.cu, DECODE_MAX_N)
+# the decode kernel's bound on T * k (kernels/moe_decode.cu, DECODE_MAX_N)
 DECODE_MAX_N = 512
 
 
@@ -102,7 +102,7 @@ class Kernels:
         # the skinny kernel prefetches the hit experts' W before its dependency wait (the routing
         # indices passed, as the library launches it); SMOE_W_EARLY=0 turns it off for A/B runs
         self.w_early = os.environ.get("SMOE_W_EARLY", "1") != "0"
-        # the whole op in one cooperative launch at decode (kernels/skinny_gemm.cu, moe_decode), as the
+        # the whole op in one cooperative launch at decode (kernels/moe_decode.cu), as the
         # library chooses it; SMOE_FUSED_DECODE=0 turns it off for A/B runs, =force takes it at every
         # T * k <= DECODE_MAX_N with 16-bit W even where the skinny kernel is not the GEMMs' choice
         mode = os.environ.get("SMOE_FUSED_DECODE", "1")
@@ -399,7 +399,7 @@ class Kernels:
         E, n, d = w1.shape
         f = w2.shape[2]
         name = f"scattermoe_moe_decode_{TNAME[x.dtype]}"
-        fn = self.fn("skinny_gemm", name)
+        fn = self.fn("moe_decode", name)
         grid = self.decode_grid(fn, T, k, E, d, f, n, gated)
         ci, cf = ctypes.c_int, ctypes.c_float
         args = [Arg.ptr(x), Arg.ptr(w1), Arg.ptr(b1), Arg.ptr(w2), Arg.ptr(b2), Arg.ptr(rw), Arg.ptr(ri),

@@ -1,5 +1,5 @@
 //! The decode kernel's choice and launch: the whole `ScatterMoE` in one cooperative launch
-//! (kernels/skinny_gemm.cu, `moe_decode`) where the op would run its four kernels at decode sizes.
+//! (kernels/moe_decode.cu) where the op would run its four kernels at decode sizes.
 
 use super::codes::{glu_code, tname, work_units};
 use super::ptrs::MoePtrs;
@@ -13,7 +13,7 @@ use crate::reference::MoeSizes;
 use crate::spec::{scatter_moe, ElemType, IndexType};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-/// The most assignments (T * k) the decode kernel takes (kernels/skinny_gemm.cu, DECODE_MAX_N).
+/// The most assignments (T * k) the decode kernel takes (kernels/moe_decode.cu, DECODE_MAX_N).
 pub const DECODE_MAX_N: usize = 512;
 
 /// `SCATTERMOE_CUDA_DECODE_KERNEL=0` turns the decode kernel off (the four kernels then run at every
@@ -53,7 +53,7 @@ fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arc
     skinny(n, s.d) && skinny(s.d, s.f)
 }
 
-/// The whole op in one cooperative launch (kernels/skinny_gemm.cu, moe_decode): its own routing in
+/// The whole op in one cooperative launch (kernels/moe_decode.cu): its own routing in
 /// each CTA, GEMM1, GEMM2 and the combine behind grid barriers, H and O in the op's workspace. The
 /// grid: the most work units of its phases, at most the CTAs resident at once. False: the driver
 /// refused the grid as too large to be resident (nothing launched).
