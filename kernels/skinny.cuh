@@ -35,16 +35,19 @@ struct SkCfg {
     static_assert(BN % 2 == 0, "gated units hold BN / 2 gate and BN / 2 up rows");
 };
 
-// 16 bytes from global memory, zero when !pred (the address is then never read).
+// 16 bytes from global memory with the load qualifiers Q, zero when !pred (the address is then
+// never read): one predicated load, no branch.
+#define SMOE_PRED_LD16(Q, P, PRED, V)                                                             \
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"                                 \
+                 " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"          \
+                 " @p ld.global" Q ".v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"                         \
+                 : "=r"(V.x), "=r"(V.y), "=r"(V.z), "=r"(V.w)                                      \
+                 : "l"(P), "r"((int)(PRED)))
+
 // W: read once, so it does not take L1 from X (L1::no_allocate); X: the read-only path.
 __device__ __forceinline__ uint4 ld_w16(const void* p, bool pred) {
     uint4 v;
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"((int)pred));
+    SMOE_PRED_LD16(".nc.L1::no_allocate", p, pred, v);
     return v;
 }
 // XC: X was written by this same kernel (the decode kernel's second GEMM reads the first's output
@@ -53,22 +56,8 @@ __device__ __forceinline__ uint4 ld_w16(const void* p, bool pred) {
 template <bool XC = false>
 __device__ __forceinline__ uint4 ld_x16(const void* p, bool pred) {
     uint4 v;
-    if constexpr (XC) {
-        asm volatile(
-            "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-            " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-            " @p ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p), "r"((int)pred)
-            : "memory");
-    } else {
-        asm volatile(
-            "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-            " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-            " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p), "r"((int)pred));
-    }
+    if constexpr (XC) SMOE_PRED_LD16(".cg", p, pred, v);
+    else SMOE_PRED_LD16(".nc", p, pred, v);
     return v;
 }
 

@@ -371,6 +371,22 @@ fn slots(args: &[Arg]) -> Vec<Slot> {
         .collect()
 }
 
+/// cuLaunchKernelEx's configuration of `f` on `grid`, with `attrs`.
+fn launch_config(f: &Func, grid: (u32, u32), stream: CUstream, attrs: &mut [sys::CUlaunchAttribute]) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: 1,
+        blockDimX: f.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: f.smem,
+        hStream: stream,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as u32,
+    }
+}
+
 /// Launches `f` on `stream`.
 ///
 /// # Safety
@@ -384,18 +400,7 @@ pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg],
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: 1,
-            blockDimX: f.threads,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: f.smem,
-            hStream: stream,
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
+        let config = launch_config(f, grid, stream, std::slice::from_mut(&mut attr));
         sys::cuLaunchKernelEx(&config, f.f, ptrs.as_mut_ptr(), std::ptr::null_mut())
     } else {
         sys::cuLaunchKernel(f.f, grid.0, grid.1, 1, f.threads, 1, 1, f.smem, stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
@@ -437,18 +442,7 @@ pub unsafe fn launch_cooperative(f: &Func, grid: u32, stream: CUstream, args: &[
     attrs[0].value.cooperative = 1;
     attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attrs[1].value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: f.threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: f.smem,
-        hStream: stream,
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: if with_pdl { 2 } else { 1 },
-    };
+    let config = launch_config(f, (grid, 1), stream, &mut attrs[..if with_pdl { 2 } else { 1 }]);
     let r = sys::cuLaunchKernelEx(&config, f.f, ptrs.as_mut_ptr(), std::ptr::null_mut());
     if r == sys::CUresult::CUDA_SUCCESS {
         if with_pdl {
