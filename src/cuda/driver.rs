@@ -416,9 +416,11 @@ pub unsafe fn launch(f: &Func, grid: (u32, u32), stream: CUstream, args: &[Arg],
 /// launch of this process: 0 not yet tried, 1 yes, 2 no (cooperative alone from then on).
 static COOP_WITH_PDL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether this driver can launch cooperatively through cuLaunchKernelEx (the decode kernel's way).
+/// Whether this driver can launch cooperatively through cuLaunchKernelEx (the decode kernel's way):
+/// looked up once per process (the op asks on every call).
 pub fn cooperative_supported() -> bool {
-    has_symbol("cuLaunchKernelEx")
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_symbol("cuLaunchKernelEx"))
 }
 
 /// Launches `f` on `stream` cooperatively: every CTA of `grid` (at most `f.resident`) resident at
