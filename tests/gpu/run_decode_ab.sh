@@ -14,6 +14,8 @@
 # and, once, on GPT-OSS-20B and Qwen3 (FORCE_S), the decode kernel forced (SMOE_FUSED_DECODE=force)
 # against the four kernels, where the choice leaves it out (a GEMM off the skinny kernel).
 # Then compute-sanitizer memcheck and racecheck over the decode kernel's sanitize launches.
+# PARTS (default cases,ab,skinny,sanitize) picks the parts, e.g. two calls on a warm machine:
+# PARTS=cases,ab, then PARTS=skinny,sanitize (all four take about 8 of a call's 10 minutes).
 # Logs and JSON under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,14 +23,19 @@ OUT=${OUT:-/tmp/smoe-out}; mkdir -p "$OUT"
 K=/tmp/kd && mkdir -p $K && for f in .carry/kd/*.fatbin.xz; do xz -dc "$f" > $K/$(basename "$f" .xz); done
 S=${S:-fine,granite,qwen3,olmoe,gpt_oss20}; T=${T:-1,4,16}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+PARTS=${PARTS:-cases,ab,skinny,sanitize}
+has() { case ",$PARTS," in *",$1,"*) return 0;; *) return 1;; esac; }
 cd tests/gpu
-timeout "${CHECK_S:-90}" python3 test_kernels.py --fatbin-dir $K --only decode > "$OUT/decode-kernels.log" 2>&1; echo "decode cases rc=$?"
-grep -E "^FAIL|passed in|note:|Error|error" "$OUT/decode-kernels.log" | head -20
+if has cases; then
+  timeout "${CHECK_S:-90}" python3 test_kernels.py --fatbin-dir $K --only decode > "$OUT/decode-kernels.log" 2>&1; echo "decode cases rc=$?"
+  grep -E "^FAIL|passed in|note:|Error|error" "$OUT/decode-kernels.log" | head -20
+fi
 arm() {  # name, then the environment
   local name=$1 rep=$2; shift 2
   env "$@" timeout "${BENCH_S:-60}" python3 bench_forward.py --fatbin-dir $K --shapes $S --tokens $T --only-auto \
     --json "$OUT/$name-$rep.json" > "$OUT/$name-$rep.log" 2>&1; echo "$name rep $rep rc=$?"
 }
+if has ab; then
 for rep in 1 2; do
   arm four $rep SMOE_FUSED_DECODE=0 SMOE_W_EARLY=0
   arm early $rep SMOE_FUSED_DECODE=0 SMOE_W_EARLY=1
@@ -66,9 +73,12 @@ print("decode kernel forced: us per forward, four kernels / forced / ratio")
 for x, y in zip(a, b):
     print(f"{x['shape']:<10s} {x['T']:>4d}  {x['ours_auto'] * 1e3:8.1f} {y['ours_auto'] * 1e3:8.1f}  {y['ours_auto'] / x['ours_auto']:.3f}")
 PY
-timeout "${SKINNY_S:-120}" python3 test_kernels.py --fatbin-dir $K --only skinny > "$OUT/skinny-kernels.log" 2>&1; echo "skinny cases rc=$?"
-tail -1 "$OUT/skinny-kernels.log"
-for tool in memcheck racecheck; do
+fi
+if has skinny; then
+  timeout "${SKINNY_S:-120}" python3 test_kernels.py --fatbin-dir $K --only skinny > "$OUT/skinny-kernels.log" 2>&1; echo "skinny cases rc=$?"
+  tail -1 "$OUT/skinny-kernels.log"
+fi
+has sanitize && for tool in memcheck racecheck; do
   timeout "${SAN_S:-90}" compute-sanitizer --tool $tool --error-exitcode 3 python3 test_kernels.py --fatbin-dir $K \
     --only decode --mode sanitize > "$OUT/decode-$tool.log" 2>&1; echo "$tool rc=$?"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|sanitize decode" "$OUT/decode-$tool.log" | head -3
