@@ -7,3 +7,15 @@
 // scattermoe_moe_decode_{t}
 SMOE_MOE_DECODE_ENTRY(scattermoe_moe_decode_f16, __half, 128)
 SMOE_MOE_DECODE_ENTRY(scattermoe_moe_decode_bf16, __nv_bfloat16, 128)
+
+// scattermoe_moe_decode_{t}_fp8
+SMOE_MOE_DECODE_FP8_ENTRY(scattermoe_moe_decode_f16_fp8, __half, 128)
+SMOE_MOE_DECODE_FP8_ENTRY(scattermoe_moe_decode_bf16_fp8, __nv_bfloat16, 128)
+
+// scattermoe_moe_decode_{t}_u8
+SMOE_MOE_DECODE_U8_ENTRY(scattermoe_moe_decode_f16_u8, __half, 128)
+SMOE_MOE_DECODE_U8_ENTRY(scattermoe_moe_decode_bf16_u8, __nv_bfloat16, 128)
+
+// scattermoe_moe_decode_{t}_u4
+SMOE_MOE_DECODE_U4_ENTRY(scattermoe_moe_decode_f16_u4, __half, 128)
+SMOE_MOE_DECODE_U4_ENTRY(scattermoe_moe_decode_bf16_u4, __nv_bfloat16, 128)

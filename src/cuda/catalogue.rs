@@ -110,8 +110,11 @@ mod tests {
             for s in ["128x128", "32x64", "32x64s6", "32x32", "wgmma_ws", "wgmma_tma", "wgmma_mc", "wgmma_mc_ga", "skinny"] {
                 expected.push(format!("scattermoe_gemm_{t}_{s}"));
             }
-            // the whole op at decode (kernels/moe_decode.cu): 16-bit types only
+            // the whole op at decode (kernels/moe_decode.cu): 16-bit W and each quantized format
             expected.push(format!("scattermoe_moe_decode_{t}"));
+            for q in ["fp8", "u8", "u4"] {
+                expected.push(format!("scattermoe_moe_decode_{t}_{q}"));
+            }
         }
         expected.push("scattermoe_gemm_f32".into());
         // the quantized-weight forms of the mma.sync configurations (kernels/quant_gemm.cu), of

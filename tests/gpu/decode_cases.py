@@ -10,8 +10,11 @@ Awkward inputs: one token, the largest T * k it takes (512) all on one expert, t
 experts with no token, K not a multiple of 8 (the element-wise path), d not a multiple of 8 (the
 combine's element-wise path), int64 indices, every gated activation and GLU layout, biases.
 """
+import math
+
 import torch
 
+import quant_cases
 from smoe_cuda import DECODE_MAX_N
 
 # (name, T, E, k, d, f, gated, bias, act, layout, routing mode)
@@ -29,6 +32,16 @@ CASES = [
     ("k 1", 33, 6, 1, 160, 96, 0, 0, "gelu_tanh", "gate_up", "random"),
 ]
 ACT_PARAMS = {"swiglu_oai": (1.702, 7.0), "swiglu_limit": (1.0, 0.5)}
+# quantized W (both in one format; quant_cases.quantize): (name, T, E, k, d, f, format, w_in block,
+# w_out block, zero points, scales in float32); None: one scale per output channel
+QCASES = [
+    ("fp8 per channel, one token", 1, 8, 2, 512, 256, "fp8", None, None, False, False),
+    ("fp8 128x128 blocks", 4, 16, 4, 256, 384, "fp8", (128, 128), (128, 128), False, True),
+    ("int8 groups of 64 with zero points", 3, 32, 4, 256, 128, "u8", (1, 64), (1, 64), True, False),
+    ("int4 groups of 32 with zero points", 2, 64, 8, 512, 256, "u4", (1, 32), (1, 32), True, True),
+    ("int4 groups of 128, max N on one expert", 64, 8, 8, 256, 128, "u4", (1, 128), (1, 128), False, False),
+    ("int4, K not a multiple of the group (element-wise path)", 5, 16, 2, 200, 72, "u4", (1, 40), (1, 24), True, False),
+]
 
 
 def run(K, x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit):
@@ -41,7 +54,7 @@ def run(K, x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit):
 
 def four_kernels(K, x, rw, ri, w1, w2, b1, b2, act, gated, layout, alpha, limit, dtype):
     T, k = ri.shape
-    E, _, d = w1.shape
+    E, _, d = w1.shape  # (a quant_cases QW has the same shape)
     bufs = K.alloc_forward(T, k, E, d, w2.shape[2], dtype)
     y = K.forward(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, layout, alpha, limit, cfg1="skinny", cfg2="skinny")
     torch.cuda.synchronize()
@@ -76,6 +89,25 @@ def test(K, report, check_exact, forward_ref, make_routing, make_weights, TOL):
                 _, err4 = four_kernels(K, x, rw, bad, w1, w2, b1, b2, act, gated, layout, alpha, limit, dtype)
                 check_exact(f"{tag}: bad index -> error words {err.tolist()} (routing kernels: {err4.tolist()})",
                             torch.equal(err, err4) and err[0].item() == 1)
+    # quantized W: the same bits as the four kernels with the skinny kernel's quantized form forced
+    for dtype in (torch.float16, torch.bfloat16):
+        for i, (name, T, E, k, d, f, fmt, blk1, blk2, zp, sf32) in enumerate(QCASES):
+            mode = "one" if "one expert" in name else "random"
+            ri = make_routing(T, E, k, mode, torch.int64 if i % 2 else torch.int32)
+            rw = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dtype)
+            x = torch.randn(T, d, device="cuda").to(dtype)
+            sdt = torch.float32 if sf32 else dtype
+            q1, W1 = quant_cases.quantize(torch.randn(E, 2 * f, d, device="cuda") / math.sqrt(d), fmt, blk1, sdt, zp)
+            q2, W2 = quant_cases.quantize(torch.randn(E, d, f, device="cuda") / math.sqrt(f), fmt, blk2, sdt, zp)
+            b1 = (0.1 * torch.randn(E, 2 * f, device="cuda")).to(dtype)
+            ref = forward_ref(x, rw, ri, W1, W2, b1, None, "silu", 1, "gate_up", 1.702, 7.0, None)
+            bufs = K.alloc_forward(T, k, E, d, f, dtype)
+            y = run(K, x, rw, ri, q1, q2, b1, None, bufs, "silu", 1, "gate_up", 1.702, 7.0)
+            y4, _ = four_kernels(K, x, rw, ri, q1, q2, b1, None, "silu", 1, "gate_up", 1.702, 7.0, dtype)
+            tag = f"decode quantized {name} T={T} E={E} k={k} d={d} f={f} {str(dtype)[6:]}"
+            report(f"{tag} vs float64", (y.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30),
+                   TOL[dtype])
+            check_exact(f"{tag}: same bits as the four kernels (skinny)", torch.equal(y, y4))
     # in a CUDA graph, replayed over changed inputs (the op's use at decode)
     T, E, k, d, f = 4, 64, 8, 1024, 512
     dtype = torch.bfloat16
@@ -102,7 +134,7 @@ def test(K, report, check_exact, forward_ref, make_routing, make_weights, TOL):
 
 def sanitize(K, make_routing, make_weights):
     """Small launches (no references), for compute-sanitizer: both index types, a bad index, both
-    element-wise paths, max N on one expert."""
+    element-wise paths, max N on one expert, and each quantized format."""
     for dtype in (torch.float16, torch.bfloat16):
         for (T, E, k, d, f, gated, act, mode) in ((1, 8, 2, 256, 128, 1, "silu", "random"),
                                                   (5, 32, 4, 200, 72, 1, "gelu", "dup"),
@@ -119,5 +151,14 @@ def sanitize(K, make_routing, make_weights):
                 bad = ri.clone()
                 bad.view(-1)[0] = -3
                 K.moe_decode(x, rw, bad, w1, w2, b1, b2, bufs, act, gated)
+        for (name, T, E, k, d, f, fmt, blk1, blk2, zp, sf32) in QCASES[2:]:
+            ri = make_routing(T, E, k, "random")
+            x = torch.randn(T, d, device="cuda").to(dtype)
+            rw = torch.rand(T, k, device="cuda").to(dtype)
+            sdt = torch.float32 if sf32 else dtype
+            q1, _ = quant_cases.quantize(torch.randn(E, 2 * f, d, device="cuda") / math.sqrt(d), fmt, blk1, sdt, zp)
+            q2, _ = quant_cases.quantize(torch.randn(E, d, f, device="cuda") / math.sqrt(f), fmt, blk2, sdt, zp)
+            bufs = K.alloc_forward(T, k, E, d, f, dtype)
+            K.moe_decode(x, rw, ri, q1, q2, None, None, bufs)
     torch.cuda.synchronize()
     print("sanitize decode: all launches done", flush=True)

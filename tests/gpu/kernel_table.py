@@ -25,6 +25,12 @@ PLAIN_THREADS = {
     "scattermoe_combine_bf16": 256,
     "scattermoe_moe_decode_f16": 128,
     "scattermoe_moe_decode_bf16": 128,
+    "scattermoe_moe_decode_f16_fp8": 128,
+    "scattermoe_moe_decode_bf16_fp8": 128,
+    "scattermoe_moe_decode_f16_u8": 128,
+    "scattermoe_moe_decode_bf16_u8": 128,
+    "scattermoe_moe_decode_f16_u4": 128,
+    "scattermoe_moe_decode_bf16_u4": 128,
 }
 # name suffix -> (BM, BN, threads, dynamic smem bytes)
 TC_CFGS = {

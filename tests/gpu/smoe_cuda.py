@@ -373,12 +373,18 @@ class Kernels:
 
     # ------------------------------------------------------------------ the whole op at decode
     def use_decode(self, N, E, d, f, n, w1, w2, capacity, cfg1, cfg2, dtype):
-        """As the library (src/cuda/forward/launch.rs, decode_kernel): 16-bit W, no capacity, no forced
-        configuration, 1 <= T * k <= DECODE_MAX_N, and the skinny kernel the choice for both GEMMs."""
-        return (self.fused_decode and dtype != torch.float32 and not isinstance(w1, QW) and not isinstance(w2, QW)
-                and capacity is None and cfg1 is None and cfg2 is None and 0 < N <= DECODE_MAX_N
-                and E <= 1024 and (self.fused_decode_force or
-                                   (self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny")))
+        """As the library (src/cuda/forward/decode.rs, decode_kernel): 16-bit W or both W quantized in
+        one format, no capacity, no forced configuration, 1 <= T * k <= DECODE_MAX_N, and the skinny
+        kernel the choice for both GEMMs."""
+        q1, q2 = isinstance(w1, QW), isinstance(w2, QW)
+        if q1 != q2 or (q1 and w1.fmt != w2.fmt):
+            return False
+        if q1:
+            skinny = self.pick_qcfg(N, E, d, w1.block[1]) == "skinny" and self.pick_qcfg(N, E, f, w2.block[1]) == "skinny"
+        else:
+            skinny = self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny"
+        return (self.fused_decode and dtype != torch.float32 and capacity is None and cfg1 is None and cfg2 is None
+                and 0 < N <= DECODE_MAX_N and E <= 1024 and (self.fused_decode_force or skinny))
 
     def decode_grid(self, f_, T, k, E, d, f, n, gated):
         """CTAs of the decode kernel: the most units of its phases (the skinny kernel's bound, 8 x 32
@@ -398,13 +404,19 @@ class Kernels:
         T, k = ri.shape
         E, n, d = w1.shape
         f = w2.shape[2]
-        name = f"scattermoe_moe_decode_{TNAME[x.dtype]}"
+        quant = isinstance(w1, QW)
+        name = f"scattermoe_moe_decode_{TNAME[x.dtype]}" + (f"_{w1.fmt}" if quant else "")
         fn = self.fn("moe_decode", name)
         grid = self.decode_grid(fn, T, k, E, d, f, n, gated)
         ci, cf = ctypes.c_int, ctypes.c_float
-        args = [Arg.ptr(x), Arg.ptr(w1), Arg.ptr(b1), Arg.ptr(w2), Arg.ptr(b2), Arg.ptr(rw), Arg.ptr(ri),
+        data = (lambda w: w.data) if quant else (lambda w: w)
+        args = [Arg.ptr(x), Arg.ptr(data(w1)), Arg.ptr(b1), Arg.ptr(data(w2)), Arg.ptr(b2), Arg.ptr(rw), Arg.ptr(ri),
                 ci(ri.element_size()), ci(T), ci(k), ci(d), ci(f), ci(E), ci(ACT[act]), ci(gated), ci(GLU[glu_layout]),
                 cf(alpha), cf(limit), Arg.ptr(bufs["H"]), Arg.ptr(bufs["O"]), Arg.ptr(bufs["Y"]), Arg.ptr(bufs["error"])]
+        if quant:  # each W's scale, zero point, scale type and blocks, as qgemm passes them
+            for q in (w1, w2):
+                args += [Arg.ptr(q.scale), Arg.ptr(q.zero), ci(int(q.scale.dtype == torch.float32)), ci(q.block[0]),
+                         ci(q.block[1])]
         self.launch(fn, (grid,), (PLAIN_THREADS[name],), 0, args, cooperative=True)
 
     # ------------------------------------------------------------------ full forward

@@ -2,7 +2,7 @@
 //! layout and capacity order codes) and the bound on a grouped GEMM's work units: what every
 //! launch module lays out the same way.
 
-use crate::spec::{CapacityOrder, ElemType, GluLayout, IndexType};
+use crate::spec::{CapacityOrder, ElemType, GluLayout, IndexType, QuantFormat};
 
 pub(super) fn tname(t: ElemType) -> &'static str {
     match t {
@@ -43,4 +43,13 @@ pub(super) fn work_units(tile: (usize, usize), cluster: usize, n_assign: usize, 
     let (bm, bn) = tile;
     let (nout, bno) = if gated { (n / 2, bn / 2) } else { (n, bn) };
     (n_assign.div_ceil(bm * cluster) + experts.min(n_assign)) * nout.div_ceil(bno)
+}
+
+/// A format's name in the quantized kernels' entry points (`catalogue::QUANT_FORMATS`).
+pub const fn format_name(f: QuantFormat) -> &'static str {
+    match f {
+        QuantFormat::Fp8E4M3Fn => "fp8",
+        QuantFormat::Int8 => "u8",
+        QuantFormat::Int4 => "u4",
+    }
 }

@@ -1,10 +1,10 @@
 //! The decode kernel's choice and launch: the whole `ScatterMoE` in one cooperative launch
 //! (kernels/moe_decode.cu) where the op would run its four kernels at decode sizes.
 
-use super::codes::{glu_code, tname, work_units};
-use super::ptrs::MoePtrs;
+use super::codes::{format_name, glu_code, tname, work_units};
+use super::ptrs::{MoePtrs, QuantW};
 use super::plan::Plan;
-use super::selection::pick_cfg;
+use super::selection::{pick_cfg, pick_quant_cfg};
 use super::MAX_EXPERTS;
 use crate::cuda::arch::{Arch, Table};
 use crate::cuda::catalogue::{act_code, GemmCfg};
@@ -20,19 +20,33 @@ pub const DECODE_MAX_N: usize = 512;
 /// size), for A/B runs.
 pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
 
-/// The decode kernel, where it takes the op: 16-bit W and activations, 1 <= T * k <= DECODE_MAX_N,
-/// no capacity, no forced configuration (the caller checks those two), the skinny kernel the choice
-/// for both GEMMs (so its units are the ones the four kernels would run), and a driver that
-/// launches cooperatively.
+/// The decode kernel, where it takes the op: 16-bit activations, W in 16 bits or both W quantized
+/// in one format, 1 <= T * k <= DECODE_MAX_N, no capacity, no forced configuration (the caller
+/// checks those two), the skinny kernel the choice for both GEMMs (so its units are the ones the
+/// four kernels would run), and a driver that launches cooperatively.
 pub(super) fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
-    let quantized = x.w_in_quant.is_some() || x.w_out_quant.is_some();
-    if !decode_applies(elem, s, gated, quantized, dev.arch, dev.table) {
+    let q = match (x.w_in_quant, x.w_out_quant) {
+        (None, None) => None,
+        (Some(a), Some(b)) if a.quant.format == b.quant.format => Some((a, b)),
+        _ => return None,
+    };
+    if !decode_applies(elem, s, gated, q.is_some(), dev.arch, dev.table) {
         return None;
+    }
+    // quantized: the skinny kernel is the choice for the quantized GEMMs (pick_quant_cfg)
+    if let Some((a, b)) = q {
+        let n_assign = s.tokens * s.k;
+        let block_in = |q: &QuantW, kd: usize| q.quant.block(kd as u64).1.clamp(1, kd.max(1) as u64) as usize;
+        let skinny = |q: &QuantW, kd: usize| pick_quant_cfg(n_assign, s.experts, kd, dev.arch, block_in(q, kd)) == GemmCfg::Skinny;
+        if !skinny(&a, s.d) || !skinny(&b, s.f) {
+            return None;
+        }
     }
     if std::env::var(DECODE_KERNEL_ENV).is_ok_and(|v| v.trim() == "0") || !driver::cooperative_supported() {
         return None;
     }
-    dev.func(&format!("scattermoe_moe_decode_{}", tname(elem))).ok()
+    let form = q.map_or(String::new(), |(a, _)| format!("_{}", format_name(a.quant.format)));
+    dev.func(&format!("scattermoe_moe_decode_{}{form}", tname(elem))).ok()
 }
 
 /// Whether [`scatter_moe`] runs the decode kernel for these sizes on `dev` (with no capacity and no
@@ -42,11 +56,15 @@ pub fn decode_kernel_runs(dev: &Device, elem: ElemType, s: MoeSizes, gated: bool
     !quantized && decode_kernel(dev, elem, s, &x, gated).is_some()
 }
 
-/// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside.
+/// The sizes and kinds the decode kernel takes (see [`decode_kernel`]): the device aside, and for
+/// quantized W the choice of its GEMMs, which [`decode_kernel`] checks.
 fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arch: Arch, table: Table) -> bool {
     let n_assign = s.tokens * s.k;
-    if elem == ElemType::F32 || quantized || n_assign == 0 || n_assign > DECODE_MAX_N || s.experts > MAX_EXPERTS {
+    if elem == ElemType::F32 || n_assign == 0 || n_assign > DECODE_MAX_N || s.experts > MAX_EXPERTS {
         return false;
+    }
+    if quantized {
+        return true;
     }
     let n = if gated { 2 * s.f } else { s.f };
     let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny;
@@ -78,7 +96,7 @@ pub(super) unsafe fn moe_decode(
     let combine_ctas = (s.tokens * s.d.div_ceil(v)).div_ceil(f.threads as usize);
     let units = work_units(tile, 1, n_assign, s.experts, n, attrs.gated).max(work_units(tile, 1, n_assign, s.experts, s.d, false)).max(combine_ctas);
     let grid = units.min(f.resident as usize).max(1) as u32;
-    let args = [
+    let mut args = vec![
         Arg::Ptr(x.x),
         Arg::Ptr(x.w_in),
         Arg::opt(x.b_in),
@@ -102,15 +120,24 @@ pub(super) unsafe fn moe_decode(
         Arg::Ptr(y),
         Arg::Ptr(error),
     ];
-    driver::launch_cooperative(f, grid, stream, &args, &format!("scattermoe_moe_decode_{}", tname(elem)))
+    // quantized W: each one's scale, zero point, scale type and blocks (a block past its dimension
+    // is the whole dimension), as the quantized GEMMs take them
+    for (q, rows, kd) in [(x.w_in_quant, n, s.d), (x.w_out_quant, s.d, s.f)] {
+        if let Some(q) = q {
+            let (bo, bi) = q.quant.block(kd as u64);
+            let clamp = |b: u64, dim: usize| b.clamp(1, dim.max(1) as u64) as i32;
+            args.extend([Arg::Ptr(q.scale), Arg::opt(q.zero), Arg::I32((q.quant.scale == ElemType::F32) as i32), Arg::I32(clamp(bo, rows)), Arg::I32(clamp(bi, kd))]);
+        }
+    }
+    driver::launch_cooperative(f, grid, stream, &args, "scattermoe_moe_decode")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The decode kernel takes 16-bit, unquantized layers of at most DECODE_MAX_N assignments
-    /// whose two GEMMs would both run on the skinny kernel, and nothing else.
+    /// The decode kernel takes 16-bit layers of at most DECODE_MAX_N assignments whose two GEMMs
+    /// would both run on the skinny kernel (quantized W: the sizes alone here), and nothing else.
     #[test]
     fn decode_kernel_takes_what_it_should() {
         let sizes = |tokens, d, f, experts, k| MoeSizes { tokens, d, f, experts, k };
@@ -122,9 +149,13 @@ mod tests {
         }
         assert!(applies(ElemType::F16, sizes(1, 2048, 768, 128, 8), false));
         assert!(!applies(ElemType::F16, sizes(4, 2048, 768, 128, 8), false));
-        // not: float32, quantized W, no token, more than 512 assignments, more than 1024 experts
+        // quantized W at decode sizes (whose GEMMs decode_kernel checks), even where 16-bit W would
+        // be too long for the skinny kernel
+        assert!(applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
+        assert!(applies(ElemType::BF16, sizes(1, 4096, 14336, 8, 2), true));
+        // not: float32, no token, more than 512 assignments, more than 1024 experts
         assert!(!applies(ElemType::F32, sizes(1, 1024, 512, 64, 8), false));
-        assert!(!applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
+        assert!(!applies(ElemType::F32, sizes(1, 1024, 512, 64, 8), true));
         assert!(!applies(ElemType::BF16, sizes(0, 1024, 512, 64, 8), false));
         assert!(!applies(ElemType::BF16, sizes(65, 64, 32, 8, 8), false));
         assert!(!applies(ElemType::BF16, sizes(1, 64, 32, 2048, 2), false));

@@ -2,7 +2,7 @@
 //! choice by `super::selection`, geometry from the catalogue), the combine, and the three ops'
 //! sequences built from them. The only place kernel arguments are laid out.
 
-use super::codes::{glu_code, iname, order_code, tname, work_units};
+use super::codes::{format_name, glu_code, iname, order_code, tname, work_units};
 use super::decode;
 use super::plan::Plan;
 pub use super::ptrs::{LinearPtrs, MoePtrs, QuantW};
@@ -12,7 +12,7 @@ use crate::cuda::catalogue::{act_code, GemmCfg, GROUPED_A_SUFFIX};
 use crate::cuda::driver::{self, Arg, CuResult, Device};
 use crate::cuda::tensor_map;
 use crate::reference::{LinearSizes, MoeSizes};
-use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, QuantFormat, SpecError};
+use crate::spec::{capacity_mask, parallel_linear, scatter_moe, Activation, CapacityOrder, ElemType, GluLayout, IndexType, SpecError};
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 /// What a forward left on the device for its caller to check.
@@ -120,14 +120,6 @@ unsafe fn write_capacity(stream: CUstream, at: CUdeviceptr, c: usize) -> CuResul
     driver::check(sys::cuMemsetD32Async(at + 4, (v >> 32) as u32, 1, stream), "cuMemsetD32Async(capacity)")
 }
 
-/// A format's name in the quantized kernels' entry points (`catalogue::QUANT_FORMATS`).
-pub const fn format_name(f: QuantFormat) -> &'static str {
-    match f {
-        QuantFormat::Fp8E4M3Fn => "fp8",
-        QuantFormat::Int8 => "u8",
-        QuantFormat::Int4 => "u4",
-    }
-}
 
 /// One grouped GEMM (kernels/grouped_gemm.cu; kernels/quant_gemm.cu with `quant`).
 pub struct Gemm {

@@ -22,7 +22,8 @@ pub use super::arch::Table;
 pub use super::catalogue::{GemmCfg, GROUPED_A_SUFFIX};
 pub use errors::{check_sync, error_message, ERR_BAD_INDEX, ERR_NEG_CAPACITY, ERR_TOO_MANY_EXPERTS};
 pub use decode::{decode_kernel_runs, DECODE_KERNEL_ENV, DECODE_MAX_N};
-pub use launch::{capacity_mask, format_name, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
+pub use codes::format_name;
+pub use launch::{capacity_mask, parallel_linear, scatter_moe, CfgOverride, Gemm, Launched, LinearPtrs, MoePtrs, QuantW};
 pub use plan::{routing_workspace_bytes, Plan};
 pub use router::{topk_router, PerExpert};
 pub use selection::{
