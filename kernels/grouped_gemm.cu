@@ -41,9 +41,7 @@
 //   scattermoe_gemm_f32                  f32_gemm: SIMT f32, 64x64 tiles, block 256, no dynamic smem.
 //   scattermoe_gemm_{f16,bf16}_skinny    kernels/skinny_gemm.cu (its own module, with its quantized
 //        forms): few rows per expert, W streamed from global memory into registers; units of 8 rows
-//        of X by 32 rows of W, block 128, no dynamic smem; same parameter list, then the op's
-//        routing indices (early_idx, early_n, early_ibytes: the hit experts' W prefetched before
-//        the dependency wait; kernels/skinny_gemm.cu's header).
+//        of X by 32 rows of W, block 128, no dynamic smem; same parameter list.
 //   The tensor-core kernels also hold ~4.2 KB of static smem (tile prefix), so static + dynamic
 //   exceeds 48 KB: the host must call cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic
 //   bytes) once per function before launching.

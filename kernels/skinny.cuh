@@ -1,5 +1,5 @@
 // kernels/skinny.cuh -- the skinny kernel's device code: its unit geometry, loads, MMAs, the
-// element-wise path, the W prefetch, the units of one GEMM (skinny_units) and the whole kernel
+// element-wise path, the units of one GEMM (skinny_units) and the whole kernel
 // (skinny_gemm). What it computes and why: kernels/skinny_gemm.cu's header. Included by
 // skinny_gemm.cu (its entry points) and moe_decode.cu (the whole op at decode, on the same units).
 #pragma once
@@ -331,58 +331,6 @@ __device__ __forceinline__ void sk_plain(const SkArgs<T>& A, const SkUnit<T, 2 *
     }
 }
 
-// W before the dependency wait. At decode, each GEMM of an op is a short stream of the hit experts'
-// W, and between two kernels the memory sits idle: the previous kernel's tail, this one's launch and
-// its first loads. With programmatic dependent launch this kernel's CTAs already run then (waiting in
-// pdl_begin), and which experts are hit is known: the op's routing indices were complete before the
-// op's first kernel began (every GEMM of an op runs after the routing kernels, which waited for
-// them). So before its wait each CTA reads the indices, marks the experts hit and prefetches its
-// share of their W rows into L2 (one bulk prefetch per row: no registers, no smem), and the main loop
-// then finds them there. Only a hint: nothing computed depends on it, and a bad index is skipped.
-// Caps: the indices are read when there are at most PREFETCH_MAX_IDX (decode sizes: every CTA
-// reads them all, which costs the CTAs that start only after the wait would have returned, e.g.
-// behind a previous kernel that fills the GPU, on their critical path); the hit experts' W is prefetched up to PREFETCH_BYTES (a third of the H100's L2)
-// in all, each row's first bytes when W is larger (the ones the main loop reads first), and not at
-// all when that leaves less than PREFETCH_MIN_ROW bytes a row (Mixtral's W at one token: the
-// prefetch would be noise).
-constexpr int PREFETCH_MAX_IDX = 512;
-constexpr long long PREFETCH_BYTES = 16ll << 20;
-constexpr long long PREFETCH_MIN_ROW = 512;
-template <int THREADS>
-__device__ __forceinline__ void prefetch_hit_w(const unsigned char* W, long long Kb, const void* idx, int n, int ibytes, int E,
-                                               int N, unsigned* hit, int* list) {
-    const int tid = threadIdx.x;
-    constexpr int WORDS = (SMOE_ROUTING_MAX_E + 31) / 32;
-    for (int w = tid; w < WORDS; w += THREADS) hit[w] = 0u;
-    __syncthreads();
-    for (int i = tid; i < n; i += THREADS) {
-        const long long e = ibytes == 8 ? __ldg(static_cast<const long long*>(idx) + i) : (long long)__ldg(static_cast<const int*>(idx) + i);
-        if (e >= 0 && e < E) atomicOr(&hit[e >> 5], 1u << (e & 31));
-    }
-    __syncthreads();
-    // list[j] = the j-th hit expert, in expert order
-    int before = 0;
-    for (int e = tid; e < E; e += THREADS) {
-        const unsigned word = hit[e >> 5];
-        if (!((word >> (e & 31)) & 1u)) continue;
-        int r = __popc(word & ((1u << (e & 31)) - 1u));
-        for (int w = 0; w < (e >> 5); ++w) r += __popc(hit[w]);
-        list[r] = e;
-    }
-    for (int w = 0; w < WORDS; ++w) before += __popc(hit[w]);
-    __syncthreads();
-    const long long rows = (long long)before * N;
-    if (rows == 0 || Kb % 16 != 0) return;
-    const long long per = rows * Kb <= PREFETCH_BYTES ? Kb : (PREFETCH_BYTES / rows) & ~15ll;
-    if (per < PREFETCH_MIN_ROW && per < Kb) return;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    for (long long r = (long long)blockIdx.x * THREADS + tid; r < rows; r += (long long)gridDim.x * THREADS) {
-        const unsigned char* row = W + ((long long)list[r / N] * N + r % N) * Kb;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"((unsigned)per) : "memory");
-    }
-#endif
-}
-
 // The units of one GEMM: the CTA takes units blockIdx.x, + gridDim.x, ... of the (expert, row
 // tile, column tile) work that prefix (block_prefix) and off (expert offsets, global or shared
 // memory) describe. sidx: the grouped order (global or shared memory). XC: X was written by this
@@ -537,18 +485,11 @@ __device__ void skinny_gemm(const T* __restrict__ X, const unsigned char* __rest
                             T* __restrict__ Y, const int* __restrict__ sidx, const int* __restrict__ off,
                             const T* __restrict__ row_scale, int k, int N, int K, int E, int grouped_in, int grouped_out,
                             int act, int gated, int layout, float alpha, float limit, const void* __restrict__ w_scale,
-                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in,
-                            const void* __restrict__ early_idx, int early_n, int early_ibytes) {
+                            const unsigned char* __restrict__ w_zero, int scale_f32, int block_out, int block_in) {
     using C = SkCfg<F, BM, BN, THREADS, U>;
     __shared__ int prefix[SMOE_ROUTING_MAX_E + 1];
     __shared__ int wsum[C::WARPS];
     if (E > SMOE_ROUTING_MAX_E) return;
-    if (early_idx && early_n <= PREFETCH_MAX_IDX) {
-        __shared__ unsigned hit[(SMOE_ROUTING_MAX_E + 31) / 32];
-        const long long Kb = F::BITS == 16 ? 2LL * K : F::BITS == 8 ? (long long)K : ((long long)K + 1) / 2;
-        prefetch_hit_w<THREADS>(W, Kb, early_idx, early_n, early_ibytes, E, N, hit, prefix);  // (prefix: scratch)
-    }
-    pdl_begin();
     block_prefix<THREADS>(off, E, BM, prefix, wsum);
     skinny_units<T, F, BM, BN, THREADS, U>(X, W, bias, Y, sidx, off, prefix, row_scale, k, N, K, E, grouped_in, grouped_out,
                                            act, gated, layout, alpha, limit, w_scale, w_zero, scale_f32, block_out, block_in);

@@ -5,16 +5,9 @@
 // header: scattered / grouped rows, bias, activation or GLU in every glu_layout, row scale, alpha and
 // limit) and, for W quantized, as tcq_gemm (kernels/quant_gemm.cu's header: fp8 e4m3fn, 8-bit and
 // packed 4-bit codes, scales per channel, per group or per 2-D block, in T or float32, zero points),
-// with the same entry-point parameter lists and three more, last parameters:
-//   16-bit W   the 18 parameters of kernels/grouped_gemm.cu's entry points, then the three;
-//   quantized  the same and w_scale, w_zero, scale_f32, block_out, block_in (kernels/quant_gemm.cu),
-//              then the three.
-// The three: early_idx, early_n, early_ibytes = the op's routing indices (int32 or int64: 4 or 8
-// bytes each, early_n of them), which must have been complete before the previous kernel on the
-// stream began (true of every GEMM of an op: the routing kernels run first), or null. With them the
-// kernel prefetches the hit experts' W into L2 before its programmatic-dependent-launch wait
-// (prefetch_hit_w below), so W streams in while the previous kernel still runs. Null: the wait
-// comes first, as in every other kernel.
+// with the same entry-point parameter lists:
+//   16-bit W   the 18 parameters of kernels/grouped_gemm.cu's entry points;
+//   quantized  the same and w_scale, w_zero, scale_f32, block_out, block_in (kernels/quant_gemm.cu).
 // W quantized is converted in registers, never in memory (kernels/dequant.cuh), two ways:
 //   - one scale over a whole k-step of a row (per output channel; blocks along K a multiple of the
 //     k-step, 64 elements for 8-bit codes and 128 for 4-bit: groups of 128, 128 x 128 blocks): the
@@ -68,10 +61,7 @@
 //
 // Registers: beside the entry macros at the end of this file.
 #include "skinny.cuh"
-// The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh,
-// each followed by the routing indices of the W prefetch (this file's header).
-#define SMOE_EARLY_PARAMS const void *early_idx, int early_n, int early_ibytes
-#define SMOE_EARLY_ARGS early_idx, early_n, early_ibytes
+// The parameter lists: SMOE_GEMM_PARAMS (16-bit W) and SMOE_QGEMM_PARAMS (quantized), kernels/common.cuh.
 #define SMOE_SKINNY_ARGS                                                                                   \
     X, reinterpret_cast<const unsigned char*>(W), bias, Y, sorted_idx, expert_offsets, row_scale, k, N, K, E, \
         grouped_in, grouped_out, act, gated, glu_layout, alpha, limit
@@ -97,15 +87,17 @@
 
 #define SMOE_SKINNY_ENTRY(NAME, T, BM, BN, NTHREADS, MINB, U, DSMEM)                                      \
     SMOE_SKINNY_CHECK(NAME, WqT16, BM, BN, NTHREADS, U, DSMEM)                                            \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_GEMM_PARAMS(T), SMOE_EARLY_PARAMS) { \
-        skinny_gemm<T, WqT16, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, nullptr, nullptr, 0, 1, 1, SMOE_EARLY_ARGS); \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_GEMM_PARAMS(T)) {            \
+        pdl_begin();                                                                                    \
+        skinny_gemm<T, WqT16, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, nullptr, nullptr, 0, 1, 1);         \
     }
 
 #define SMOE_SKINNY_Q_ENTRY(NAME, T, F, BM, BN, NTHREADS, MINB, U, DSMEM)                                 \
     SMOE_SKINNY_CHECK(NAME, F, BM, BN, NTHREADS, U, DSMEM)                                                \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T), SMOE_EARLY_PARAMS) { \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, MINB) NAME(SMOE_QGEMM_PARAMS(T)) {           \
+        pdl_begin();                                                                                    \
         skinny_gemm<T, F, BM, BN, NTHREADS, U>(SMOE_SKINNY_ARGS, w_scale, w_zero, scale_f32, block_out,   \
-                                               block_in, SMOE_EARLY_ARGS);                             \
+                                               block_in);                                              \
     }
 
 // The invocations, one per entry point: generated from kernels/manifest.toml (kernels/generated/).

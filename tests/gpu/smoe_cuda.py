@@ -48,6 +48,7 @@ CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 # the decode kernel's bound on T * k (kernels/moe_decode.cu, DECODE_MAX_N)
 DECODE_MAX_N = 512
+DECODE_ONE_ROW_BYTES = 150 << 20  # src/cuda/forward/decode.rs
 
 
 class TmaMap(ctypes.Structure):
@@ -99,9 +100,6 @@ class Kernels:
         self._pdl_attr = CUlaunchAttribute()
         self._pdl_attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         self._pdl_attr.value[0] = 1
-        # the skinny kernel prefetches the hit experts' W before its dependency wait (the routing
-        # indices passed, as the library launches it); SMOE_W_EARLY=0 turns it off for A/B runs
-        self.w_early = os.environ.get("SMOE_W_EARLY", "1") != "0"
         # the whole op in one cooperative launch at decode (kernels/moe_decode.cu), as the
         # library chooses it; SMOE_FUSED_DECODE=0 turns it off for A/B runs, =force takes it at every
         # T * k <= DECODE_MAX_N with 16-bit W even where the skinny kernel is not the GEMMs' choice
@@ -232,9 +230,7 @@ class Kernels:
                                skinny_rows=self.skinny_rows, small_rows=self.small_rows, large_cfg=self.large_cfg)
 
     def gemm(self, X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-             act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None, early_idx=None):
-        """early_idx: the op's routing indices, for the skinny kernel's W prefetch before its dependency
-        wait (kernels/skinny_gemm.cu's header: complete before the routing kernels ran); None: none."""
+             act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
         E, N, K = W.shape
         dt = X.dtype
         if dt == torch.float32:
@@ -253,7 +249,7 @@ class Kernels:
         tma = dt != torch.float32 and cfg in TMA_W
         if tma and (K % 8 or W.data_ptr() % 16):
             return self.gemm(X, W, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-                             act, gated, glu_layout, alpha, limit, "wgmma_ws", grid, early_idx)
+                             act, gated, glu_layout, alpha, limit, "wgmma_ws", grid)
         f = self.fn("grouped_gemm" if dt == torch.float32 else GEMM_MODULE[cfg], name, smem)
         Nout = N // 2 if gated else N
         BNo = BN // 2 if gated else BN
@@ -272,15 +268,7 @@ class Kernels:
             args.append(self.w_map(W, gated, glu_layout))
         if cfg in GROUPED_A:
             args.append(self.rows_map(X, n_assign))
-        if cfg == "skinny":
-            args += self.early_args(early_idx)
         self.launch(f, (grid,), (threads,), smem, args)
-
-    def early_args(self, idx):
-        """The skinny kernel's last three parameters: the routing indices of its W prefetch."""
-        if idx is None:
-            return [Arg.ptr(None), ctypes.c_int(0), ctypes.c_int(0)]
-        return [Arg.ptr(idx), ctypes.c_int(idx.numel()), ctypes.c_int(idx.element_size())]
 
     def pick_qcfg(self, N_assign, E, K, block_in=None):
         """The choice for quantized W (src/cuda/forward/selection.rs pick_quant_cfg): the skinny kernel
@@ -297,7 +285,7 @@ class Kernels:
         return choice.choose(N_assign, E, K, hopper=False)
 
     def qgemm(self, X, q, bias, Y, sidx, offsets, row_scale, k, n_assign, grouped_in, grouped_out,
-              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None, early_idx=None):
+              act="none", gated=0, glu_layout="gate_up", alpha=1.702, limit=7.0, cfg=None, grid=None):
         """One grouped GEMM with quantized W (kernels/quant_gemm.cu); q: a QW."""
         E, N, K = q.shape
         dt = X.dtype
@@ -317,8 +305,6 @@ class Kernels:
                 ci(ACT[act]), ci(gated), ci(GLU[glu_layout]), cf(alpha), cf(limit),
                 Arg.ptr(q.scale), Arg.ptr(q.zero), ci(int(q.scale.dtype == torch.float32)), ci(q.block[0]),
                 ci(q.block[1])]
-        if cfg == "skinny":
-            args += self.early_args(early_idx)
         self.launch(f, (grid,), (threads,), smem, args)
 
     def resident_clusters(self, f, threads, smem, c):
@@ -374,15 +360,19 @@ class Kernels:
     # ------------------------------------------------------------------ the whole op at decode
     def use_decode(self, N, E, d, f, n, w1, w2, capacity, cfg1, cfg2, dtype):
         """As the library (src/cuda/forward/decode.rs, decode_kernel): 16-bit W or both W quantized in
-        one format, no capacity, no forced configuration, 1 <= T * k <= DECODE_MAX_N, and the skinny
-        kernel the choice for both GEMMs."""
+        one format, no capacity, no forced configuration, 1 <= T * k <= DECODE_MAX_N, and each GEMM
+        on the skinny kernel, or for 16-bit W at one row per expert with at most DECODE_ONE_ROW_BYTES
+        of hit W."""
         q1, q2 = isinstance(w1, QW), isinstance(w2, QW)
         if q1 != q2 or (q1 and w1.fmt != w2.fmt):
             return False
         if q1:
             skinny = self.pick_qcfg(N, E, d, w1.block[1]) == "skinny" and self.pick_qcfg(N, E, f, w2.block[1]) == "skinny"
         else:
-            skinny = self.pick_cfg(N, E, d, n) == "skinny" and self.pick_cfg(N, E, f, d) == "skinny"
+            def takes(nn, kd):
+                one_row = N <= E and N * nn * kd * 2 <= DECODE_ONE_ROW_BYTES
+                return self.pick_cfg(N, E, kd, nn) == "skinny" or one_row
+            skinny = takes(n, d) and takes(d, f)
         return (self.fused_decode and dtype != torch.float32 and capacity is None and cfg1 is None and cfg2 is None
                 and 0 < N <= DECODE_MAX_N and E <= 1024 and (self.fused_decode_force or skinny))
 
@@ -438,17 +428,16 @@ class Kernels:
             self.moe_decode(x, rw, ri, w1, w2, b1, b2, bufs, act, gated, glu_layout, alpha, limit)
             return bufs["Y"][:T]
         st = stages or ("route", "g1", "g2", "comb")
-        early = ri if self.w_early else None  # the skinny kernel's W prefetch (complete before the routing)
         if "route" in st:
             self.routing(ri, E, bufs, capacity, capacity_order)
         if "g1" in st:
             g = self.qgemm if isinstance(w1, QW) else self.gemm
             g(x, w1, b1, bufs["H"], bufs["sidx"], bufs["offsets"], None, k, N, 0, 1, act, gated,
-              glu_layout, alpha, limit, cfg=cfg1, early_idx=early)
+              glu_layout, alpha, limit, cfg=cfg1)
         if "g2" in st:
             g = self.qgemm if isinstance(w2, QW) else self.gemm
             g(bufs["H"], w2, b2, bufs["O"], bufs["sidx"], bufs["offsets"], None, k, N, 1, 1, "none", 0,
-              cfg=cfg2, early_idx=early)
+              cfg=cfg2)
         if "comb" in st:
             self.combine(bufs["O"], bufs["pos"], rw.reshape(-1), bufs["kept"] if capacity is not None else None,
                          bufs["Y"], T, k, d)

@@ -16,14 +16,23 @@ use cudarc::driver::sys::{CUdeviceptr, CUstream};
 /// The most assignments (T * k) the decode kernel takes (kernels/moe_decode.cu, DECODE_MAX_N).
 pub const DECODE_MAX_N: usize = 512;
 
+/// At one row per expert, the decode kernel takes a GEMM that has left the skinny kernel for its
+/// length (over 100 MiB of the hit experts' W) up to this many bytes of it. Measured on an H100
+/// (bench/results/decode/README.md, "The decode kernel"): GPT-OSS-20B at one token (W1 of its 4
+/// hit experts 133 MB) 0.89-0.91x of the four kernels' time with the decode kernel forced, at 4
+/// tokens (531 MB) 1.08x; Mixtral's one-token W (470 MB), DeepSeek-V3's (470 MB) and DBRX's (1 GB)
+/// stay with the four kernels, as the skinny kernel alone was up to 1.21x slower there.
+pub const DECODE_ONE_ROW_BYTES: u128 = 150 << 20;
+
 /// `SCATTERMOE_CUDA_DECODE_KERNEL=0` turns the decode kernel off (the four kernels then run at every
 /// size), for A/B runs.
 pub const DECODE_KERNEL_ENV: &str = "SCATTERMOE_CUDA_DECODE_KERNEL";
 
 /// The decode kernel, where it takes the op: 16-bit activations, W in 16 bits or both W quantized
 /// in one format, 1 <= T * k <= DECODE_MAX_N, no capacity, no forced configuration (the caller
-/// checks those two), the skinny kernel the choice for both GEMMs (so its units are the ones the
-/// four kernels would run), and a driver that launches cooperatively.
+/// checks those two), each GEMM on the skinny kernel's units where the four kernels would run it
+/// there too (16-bit W at one row per expert: up to DECODE_ONE_ROW_BYTES of hit W), and a driver
+/// that launches cooperatively.
 pub(super) fn decode_kernel(dev: &Device, elem: ElemType, s: MoeSizes, x: &MoePtrs, gated: bool) -> Option<driver::Func> {
     let q = match (x.w_in_quant, x.w_out_quant) {
         (None, None) => None,
@@ -67,8 +76,10 @@ fn decode_applies(elem: ElemType, s: MoeSizes, gated: bool, quantized: bool, arc
         return true;
     }
     let n = if gated { 2 * s.f } else { s.f };
-    let skinny = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny;
-    skinny(n, s.d) && skinny(s.d, s.f)
+    // one row per expert (every assignment its own expert) and the hit experts' W within the cap
+    let one_row = |n: usize, kd: usize| n_assign <= s.experts && (n_assign as u128) * (n as u128) * (kd as u128) * 2 <= DECODE_ONE_ROW_BYTES;
+    let takes = |n: usize, kd: usize| pick_cfg(elem, n_assign, s.experts, n, kd, arch, table) == GemmCfg::Skinny || one_row(n, kd);
+    takes(n, s.d) && takes(s.d, s.f)
 }
 
 /// The whole op in one cooperative launch (kernels/moe_decode.cu): its own routing in
@@ -137,7 +148,8 @@ mod tests {
     use super::*;
 
     /// The decode kernel takes 16-bit layers of at most DECODE_MAX_N assignments whose two GEMMs
-    /// would both run on the skinny kernel (quantized W: the sizes alone here), and nothing else.
+    /// would both run on the skinny kernel or, at one row per expert, have at most
+    /// DECODE_ONE_ROW_BYTES of hit W (quantized W: the sizes alone here), and nothing else.
     #[test]
     fn decode_kernel_takes_what_it_should() {
         let sizes = |tokens, d, f, experts, k| MoeSizes { tokens, d, f, experts, k };
@@ -149,6 +161,11 @@ mod tests {
         }
         assert!(applies(ElemType::F16, sizes(1, 2048, 768, 128, 8), false));
         assert!(!applies(ElemType::F16, sizes(4, 2048, 768, 128, 8), false));
+        // GPT-OSS-20B (2880, 2880, 32, 4) at one token (W1 of 4 experts: 133 MB, past the skinny
+        // kernel's 100 MiB, within DECODE_ONE_ROW_BYTES), not at 2 (265 MB) or 4 tokens
+        assert!(applies(ElemType::BF16, sizes(1, 2880, 2880, 32, 4), false));
+        assert!(!applies(ElemType::BF16, sizes(2, 2880, 2880, 32, 4), false));
+        assert!(!applies(ElemType::BF16, sizes(4, 2880, 2880, 32, 4), false));
         // quantized W at decode sizes (whose GEMMs decode_kernel checks), even where 16-bit W would
         // be too long for the skinny kernel
         assert!(applies(ElemType::BF16, sizes(1, 1024, 512, 64, 8), true));
@@ -159,9 +176,11 @@ mod tests {
         assert!(!applies(ElemType::BF16, sizes(0, 1024, 512, 64, 8), false));
         assert!(!applies(ElemType::BF16, sizes(65, 64, 32, 8, 8), false));
         assert!(!applies(ElemType::BF16, sizes(1, 64, 32, 2048, 2), false));
-        // not where a GEMM leaves the skinny kernel: Mixtral's W at one token is long (the
-        // skinny kernel only up to 100 MiB of hit W at one row per expert)
+        // not where a GEMM leaves the skinny kernel and its hit W is long: Mixtral (470 MB),
+        // DeepSeek-V3 (7168, 2048, 256, 8: 470 MB) and PhiMoE (4096, 6400, 16, 2: 210 MB) at one token
         assert!(!applies(ElemType::BF16, sizes(1, 4096, 14336, 8, 2), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 7168, 2048, 256, 8), false));
+        assert!(!applies(ElemType::BF16, sizes(1, 4096, 6400, 16, 2), false));
         // the boundary on assignments: 64 tokens x 8 is 512
         let at = |t| decode_applies(ElemType::BF16, sizes(t, 64, 32, 512, 8), true, false, Arch::Sm90a, Table::H100);
         assert!(at(64) && !at(65));

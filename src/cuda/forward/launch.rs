@@ -140,20 +140,6 @@ pub struct Gemm {
     pub limit: f32,
     /// W quantized (`w` then points at its stored bytes)
     pub quant: Option<QuantW>,
-    /// The op's routing indices and their type (complete before the op's first kernel): the skinny
-    /// kernel reads them to prefetch the hit experts' W before its dependency wait
-    /// (kernels/skinny_gemm.cu's header). Every GEMM of an op runs after its routing kernels, which
-    /// waited for the indices, so each may pass them.
-    pub routing_indices: Option<(CUdeviceptr, IndexType)>,
-}
-
-/// The skinny kernel's last parameters (kernels/skinny_gemm.cu): the routing indices of its W
-/// prefetch, their count and their size in bytes (none: a null pointer).
-fn early_args(g: &Gemm, n_assign: usize) -> [Arg; 3] {
-    match g.routing_indices {
-        Some((p, it)) => [Arg::Ptr(p), Arg::I32(n_assign as i32), Arg::I32(it.size_bytes() as i32)],
-        None => [Arg::Ptr(0), Arg::I32(0), Arg::I32(0)],
-    }
 }
 
 /// Forces one GEMM configuration (tests); None: [`pick_cfg`]. For a quantized W, a configuration
@@ -207,9 +193,6 @@ unsafe fn gemm(dev: &Device, stream: CUstream, elem: ElemType, g: &Gemm, k: usiz
     }
     if grouped_a {
         args.push(Arg::Map(tensor_map::encode_rows(g.x, elem, n_assign, g.kd)?));
-    }
-    if cfg == GemmCfg::Skinny {
-        args.extend(early_args(g, n_assign));
     }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
@@ -279,9 +262,6 @@ unsafe fn qgemm(
         Arg::I32(clamp(bo, g.n)),
         Arg::I32(clamp(bi, g.kd)),
     ]);
-    if cfg == GemmCfg::Skinny {
-        args.extend(early_args(g, n_assign));
-    }
     driver::launch(&f, (grid as u32, 1), stream, &args, &name)
 }
 
@@ -378,7 +358,6 @@ pub unsafe fn scatter_moe(
         alpha: attrs.alpha,
         limit: attrs.limit,
         quant: x.w_in_quant,
-        routing_indices: Some((x.routing_indices, it)),
     };
     gemm(dev, stream, elem, &g1, s.k, n_assign, s.experts, ws, &p, cfg.0)?;
     let g2 = Gemm {
@@ -397,7 +376,6 @@ pub unsafe fn scatter_moe(
         alpha: 0.0,
         limit: 0.0,
         quant: x.w_out_quant,
-        routing_indices: Some((x.routing_indices, it)),
     };
     gemm(dev, stream, elem, &g2, s.k, n_assign, s.experts, ws, &p, cfg.1)?;
     combine(dev, stream, elem, out, Some(ws + p.pos as u64), Some(x.routing_weights), kept, y, s.tokens, s.k, s.d)?;
@@ -451,7 +429,6 @@ pub unsafe fn parallel_linear(
         alpha: 0.0,
         limit: 0.0,
         quant: x.w_quant,
-        routing_indices: Some((x.routing_indices, it)),
     };
     gemm(dev, stream, elem, &g, s.k, n_assign, s.experts, ws, &p, cfg)?;
     if x.gates.is_some() {
