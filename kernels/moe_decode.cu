@@ -1,6 +1,7 @@
-// kernels/moe_decode.cu -- the whole ScatterMoE at decode: 16-bit W in one cooperative launch, for
-// N = T * k <= DECODE_MAX_N assignments and no capacity, where the op otherwise runs four kernels
-// (routing_small, the skinny GEMM1 and GEMM2, combine) each behind a dependency wait and a drain.
+// kernels/moe_decode.cu -- the whole ScatterMoE at decode: 16-bit or quantized W in one cooperative
+// launch, for N = T * k <= DECODE_MAX_N assignments and no capacity, where the op otherwise runs four
+// kernels (routing_small, the skinny GEMM1 and GEMM2, combine) each behind a dependency wait and a
+// drain.
 // Every CTA routes on its own in shared memory (routing_block.cuh: the same offsets, grouped order
 // and inverse as routing_small; CTA 0 writes the error words), then
 //   GEMM1 units (skinny_units: H = act(X[rows] W1[e]^T + b1), grouped out)  | grid barrier

@@ -5,7 +5,9 @@
 //! words ([`Launched::error`]) its own way.
 //!
 //! One file per concern: `plan` (workspace), `selection` (kernel choice), `launch` (arguments and
-//! launches), `decode` (the whole op in one launch at decode sizes), `codes` (kernel parameter codes, work-unit bounds), `ptrs` (the ops' device pointers), `router` (TopKRouter's launch), `errors` (error words). The kernel catalogue is `super::catalogue`.
+//! launches), `decode` (the whole op in one launch at decode sizes), `codes` (kernel parameter
+//! codes, work-unit bounds), `ptrs` (the ops' device pointers), `router` (TopKRouter's launch),
+//! `errors` (error words). The kernel catalogue is `super::catalogue`.
 //! Launch sequence and contracts: kernels/common.cuh, routing.cu, grouped_gemm.cu, combine.cu;
 //! tests/gpu/smoe_cuda.py is the reference host (same choices, in Python).
 
