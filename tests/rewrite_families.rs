@@ -237,8 +237,9 @@ fn matrix_blocks_are_rewritten_with_the_proof_on() {
 /// Routers with a selection bias and a group-limited choice (DeepSeek-V3 in both exporters and in
 /// float16, DeepSeek-V2's group_limited_greedy, Mistral 4) and MiniMax-M2's biased sigmoid: each
 /// fused into one TopKRouter node with the attributes the model's code says (8 experts in 4 groups
-/// of 2, the best 2 compete), proven, and the whole block still matching torch; and Ernie-4.5's
-/// biased softmax whose sum is clamped from below.
+/// of 2, the best 2 compete), proven, and the whole block still matching torch; Ernie-4.5's
+/// biased softmax whose sum is clamped from below; the OpenAI privacy filter's top-k softmax
+/// divided by k.
 const GROUP_ROUTERS: &[(&str, &str)] = &[
     ("deepseek_v3_groups", "sigmoid, k=2, normalize, lower_index, bias, groups 2/4 top2_sum, eps 1e-20, scale 2.5"),
     // the dynamo exporter drops torch's `+ 1e-20` (a no-op on float32 sums of sigmoids)
@@ -249,6 +250,8 @@ const GROUP_ROUTERS: &[(&str, &str)] = &[
     ("minimax_m2_moe", "sigmoid, k=2, normalize, lower_index, bias"),
     // Ernie-4.5: softmax, its moe_statics as the bias, the sum clamped from below by norm_min
     ("ernie45_moe", "softmax, k=2, normalize, lower_index, bias, min 1e-12"),
+    // the OpenAI privacy filter: the top-k softmax divided by k (a Div by a constant: scale 1 / k)
+    ("openai_privacy_filter_f16", "topk_softmax, k=2, lower_index, scale 0.5"),
 ];
 
 #[test]

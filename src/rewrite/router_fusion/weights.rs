@@ -21,8 +21,20 @@ fn with_scalar<'g>(g: &GraphIndex, n: &'g NodeProto) -> Option<(&'g str, f32)> {
     }
 }
 
-/// `Mul(w, c)` or `Mul(c, w)` with `c` a scalar constant: (w, c).
+/// `Mul(w, c)` or `Mul(c, w)` with `c` a scalar constant: (w, c); or `Div(w, c)`: (w, 1 / c) (the
+/// OpenAI privacy filter divides its top-k softmax by k). `w * (1 / c)` is `w / c` where 1 / c is
+/// exact in float32 (c a power of two), else within a rounding of it; the router's proof holds the
+/// weights to the type's tolerance either way.
 pub(super) fn scaled<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> Option<(&'g str, f32)> {
+    if let Some((i, d)) = std_op(g, v, "Div") {
+        let c = scalar(g, d.input.get(1)?)?;
+        let inv = 1.0 / c;
+        if !(c.is_finite() && c != 0.0 && inv.is_finite()) || scalar(g, &d.input[0]).is_some() {
+            return None;
+        }
+        nodes.push(i);
+        return Some((d.input[0].as_str(), inv));
+    }
     let (i, m) = std_op(g, v, "Mul")?;
     let (w, c) = with_scalar(g, m).filter(|(_, c)| c.is_finite())?;
     nodes.push(i);
