@@ -41,8 +41,10 @@ if has skinny; then
   timeout "${SKINNY_S:-120}" python3 test_kernels.py --fatbin-dir $K --only skinny > "$OUT/skinny-kernels.log" 2>&1; echo "skinny cases rc=$?"
   tail -1 "$OUT/skinny-kernels.log"
 fi
-has sanitize && for tool in memcheck racecheck; do
-  timeout "${SAN_S:-90}" compute-sanitizer --tool $tool --error-exitcode 3 python3 test_kernels.py --fatbin-dir $K \
-    --only decode --mode sanitize > "$OUT/decode-$tool.log" 2>&1; echo "$tool rc=$?"
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|sanitize decode" "$OUT/decode-$tool.log" | head -3
-done
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    timeout "${SAN_S:-90}" compute-sanitizer --tool $tool --error-exitcode 3 python3 test_kernels.py --fatbin-dir $K \
+      --only decode --mode sanitize > "$OUT/decode-$tool.log" 2>&1; echo "$tool rc=$?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|sanitize decode" "$OUT/decode-$tool.log" | head -3
+  done
+fi
