@@ -16,9 +16,9 @@ use ort::value::{DynValue, Tensor};
 
 use super::files::{initializers_for, link_external, scratch, value_info, write_side_outputs};
 use super::inputs::Rng;
-use super::shape::{shape_of, Dim};
+use super::shape::{last_width, shape_of, Dim};
 use super::{tolerance, TOKENS};
-use crate::onnx::graph::{attr_i, node_inputs_with_subgraphs, GraphIndex};
+use crate::onnx::graph::{node_inputs_with_subgraphs, GraphIndex};
 use crate::rewrite::matcher::rank_of;
 use crate::onnx::Model;
 use crate::spec::{topk_router as tr, Scoring};
@@ -52,37 +52,10 @@ fn cut(g: &GraphIndex, input: &str, outputs: &[&str]) -> Result<Vec<NodeProto>> 
 /// row of E logits however the rows are laid out, and both cuts read the same rows.
 fn shape_by_rank(g: &GraphIndex, logits: &str) -> Option<Vec<Dim>> {
     let r = rank_of(g, logits).filter(|&r| r >= 2)?;
-    let e = width(g, logits, 0)?;
+    let e = last_width(g, logits)?;
     let mut s = vec![Dim::fixed(1); r - 2];
     s.extend([Dim::TOKENS, Dim::fixed(e)]);
     Some(s)
-}
-
-/// The last axis' size of `v`: told by its shape, or followed back through ops that keep the
-/// last axis to a MatMul or Gemm by a constant.
-fn width(g: &GraphIndex, v: &str, depth: usize) -> Option<i64> {
-    if let Some(&Dim { t: 0, c }) = shape_of(g, v).as_ref().and_then(|s| s.last()) {
-        return Some(c);
-    }
-    let (_, n) = g.prod(v).filter(|_| depth < 16)?;
-    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
-        return None;
-    }
-    let dims = |i: usize| n.input.get(i).and_then(|x| g.const_tensor(x)).map(|t| t.dims.clone());
-    match n.op_type.as_str() {
-        "Cast" | "Identity" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Tanh" | "Relu" | "Neg" | "Exp" => width(g, &n.input[0], depth + 1),
-        // by a constant whose last axis is 1 (or absent): the other operand's width
-        "Add" | "Sub" | "Mul" | "Div" if n.input.len() == 2 => {
-            let side = (0..2).find(|&i| dims(1 - i).is_some_and(|d| d.last().is_none_or(|&x| x == 1)))?;
-            width(g, &n.input[side], depth + 1)
-        }
-        "MatMul" => dims(1).filter(|d| d.len() >= 2).map(|d| d[d.len() - 1]),
-        "Gemm" => {
-            let d = dims(1).filter(|d| d.len() == 2)?;
-            Some(if attr_i(n, "transB").unwrap_or(0) != 0 { d[0] } else { d[1] })
-        }
-        _ => None,
-    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -207,6 +207,40 @@ pub fn impossible_broadcast(g: &GraphIndex, node: &onnx_protobuf::NodeProto) -> 
     None
 }
 
+/// The last axis' size of `v`, where its shape is not told whole (a whole LM traced by TorchScript:
+/// two symbolic axes): followed back through ops that keep the last axis to a MatMul or Gemm by a
+/// constant (a router's projection).
+pub fn last_width(g: &GraphIndex, v: &str) -> Option<i64> {
+    width(g, v, 0)
+}
+
+/// The last axis' size of `v`: told by its shape, or followed back through ops that keep the
+/// last axis to a MatMul or Gemm by a constant.
+fn width(g: &GraphIndex, v: &str, depth: usize) -> Option<i64> {
+    if let Some(&Dim { t: 0, c }) = shape_of(g, v).as_ref().and_then(|s| s.last()) {
+        return Some(c);
+    }
+    let (_, n) = g.prod(v).filter(|_| depth < 16)?;
+    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+        return None;
+    }
+    let dims = |i: usize| n.input.get(i).and_then(|x| g.const_tensor(x)).map(|t| t.dims.clone());
+    match n.op_type.as_str() {
+        "Cast" | "Identity" | "Softmax" | "LogSoftmax" | "Sigmoid" | "Tanh" | "Relu" | "Neg" | "Exp" => width(g, &n.input[0], depth + 1),
+        // by a constant whose last axis is 1 (or absent): the other operand's width
+        "Add" | "Sub" | "Mul" | "Div" if n.input.len() == 2 => {
+            let side = (0..2).find(|&i| dims(1 - i).is_some_and(|d| d.last().is_none_or(|&x| x == 1)))?;
+            width(g, &n.input[side], depth + 1)
+        }
+        "MatMul" => dims(1).filter(|d| d.len() >= 2).map(|d| d[d.len() - 1]),
+        "Gemm" => {
+            let d = dims(1).filter(|d| d.len() == 2)?;
+            Some(if attr_i(n, "transB").unwrap_or(0) != 0 { d[0] } else { d[1] })
+        }
+        _ => None,
+    }
+}
+
 fn infer(g: &GraphIndex, v: &str, depth: usize) -> Option<Shape> {
     if let Some(s) = declared(g, v) {
         return Some(s);
