@@ -31,6 +31,8 @@ const FUSED: &[(&str, &str)] = &[
     ("qwen2_moe", "softmax, k=2, lower_index"),
     ("qwen3_moe", "softmax, k=2, normalize, lower_index"),
     ("dbrx", "softmax, k=2, normalize, lower_index"),
+    // Switch: top-1 as ArgMax (its first maximum: lower_index), the weight the ReduceMax beside it
+    ("switch", "softmax, k=1, lower_index"),
     // DeepSeek-V3: sigmoid + e_score_correction_bias, 2 groups of which 1 competes, an unsorted TopK,
     // the scores gathered, `+ 1e-20` (which the dynamo exporter drops), the routed scaling factor
     ("deepseek_v3", "sigmoid, k=2, normalize, lower_index, bias, groups 1/2 top2_sum, eps 1e-20, scale 2.5"),
@@ -44,7 +46,6 @@ const FUSED: &[(&str, &str)] = &[
 
 /// Fixtures left, and a word of the reason.
 const LEFT: &[(&str, &str)] = &[
-    ("switch", "ArgMax"),
     ("phimoe", "Concat"),
     ("capacity_einsum", "Unsqueeze"),
 ];
@@ -353,5 +354,27 @@ fn a_per_expert_scale_is_fused_only_where_it_is_one() {
             assert!(rel_err(&a[0], &b[0]) <= 1e-4, "{how:?}, {t} tokens: the layer differs");
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Switch's top-1 ArgMax with `select_last_index = 1` (the last of equal maxima): fused with the
+/// higher_index tie rule, proven, and the rewritten model computes what the fixture does.
+#[test]
+fn an_argmax_router_takes_its_tie_rule_from_select_last_index() {
+    let dir = common::scratch("router_argmax");
+    let mut m = onnx::load(&common::models_dir().join("switch.onnx")).unwrap();
+    let argmax = node(&mut m, "ArgMax");
+    argmax.attribute.retain(|a| a.name != "select_last_index");
+    argmax.attribute.push(scattermoe::onnx::graph::attr_int("select_last_index", 1));
+    let path = dir.join("edited.onnx");
+    onnx::save(m, &path, &SaveOptions::default()).unwrap();
+    let mut m = onnx::load(&path).unwrap();
+    let rep = scattermoe::rewrite::rewrite(&mut m).unwrap();
+    assert_eq!(rep.layers.len(), 1, "{}", rep.text());
+    let r = rep.layers[0].router.as_ref().unwrap();
+    assert!(r.fused && r.detail == "softmax, k=1, higher_index", "{r:?}");
+    // random float32 logits have no equal maxima: the edited original computes what the fixture
+    // does, and so must the rewrite (torch's output where the traced original fails)
+    matches_original("switch", m, &dir, "last_index").unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,8 +9,10 @@
 //!   an unsorted TopK's order is the runtime's, and ScatterMoE sums the k in any order), tie rule
 //!   `lower_index` (ONNX TopK's); or com.microsoft.MoE's reversed form `Sub(E - 1,
 //!   TopK(Slice(C, -1, <= -E-1, last axis, -1)).indices)`, tie rule `higher_index`, with E read from
-//!   C's shape (a constant off by one would misnumber every expert). No Reshape or Unsqueeze is
-//!   accepted on the indices: none of the exports needs one.
+//!   C's shape (a constant off by one would misnumber every expert); or a top-1 `ArgMax(C)` over
+//!   the last axis with keepdims (Switch), k = 1, tie rule `lower_index` (the first maximum) or,
+//!   with `select_last_index = 1`, `higher_index`, whose values are `ReduceMax(C)` over the same axis,
+//!   kept. No Reshape or Unsqueeze is accepted on the indices: none of the exports needs one.
 //! - weights: that TopK's values `v`, the scores gathered at its indices (`GatherElements(S,
 //!   indices)`, DeepSeek-V3), or `Softmax(v)` over the last axis (then `topk_softmax`), each maybe
 //!   normalised as `Div(w, ReduceSum(w, last axis, keepdims = 1) [+ eps])` (`normalize`,
@@ -175,12 +177,23 @@ fn last_dim(g: &GraphIndex, v: &str) -> Option<i64> {
     super::prove::shape::last_width(g, v)
 }
 
-/// The TopK whose indices `idx` are, its tie rule, and the scores it ranks (before any reversal).
+/// The TopK (or top-1 ArgMax) whose indices `idx` are, its tie rule, and the scores it ranks
+/// (before any reversal).
 fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut Vec<usize>) -> Result<(usize, TieBreak, &'g str), String> {
     let idx = skip_identity(g, idx, nodes);
     let (i, n) = g.prod(idx).ok_or("the routing indices are not computed in the graph")?;
     if let Some((_, t)) = std_op(g, idx, "TopK").filter(|(_, t)| t.output.get(1).map(String::as_str) == Some(idx)) {
         return Ok((i, TieBreak::LowerIndex, t.input[0].as_str()));
+    }
+    // top-1 as ArgMax over the last axis, keeping it (the [T, 1] indices TopK with k = 1 gives);
+    // select_last_index picks the tie rule: the first maximum (lower_index) or the last
+    if let Some((_, a)) = std_op(g, idx, "ArgMax") {
+        let s = a.input[0].as_str();
+        if !is_last_axis(attr_i(a, "axis").unwrap_or(0), rank_of(g, s)) || attr_i(a, "keepdims").unwrap_or(1) != 1 {
+            return Err("the routing indices come from an ArgMax that is not over the experts' axis, kept".into());
+        }
+        let tie = if attr_i(a, "select_last_index").unwrap_or(0) == 0 { TieBreak::LowerIndex } else { TieBreak::HigherIndex };
+        return Ok((i, tie, s));
     }
     let Some((_, sub)) = std_op(g, idx, "Sub") else {
         return Err(format!("the routing indices come from {}, not TopK", n.op_type));
@@ -252,10 +265,28 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     let (ti, tie_break, s_in) = indices_source(g, idx_in, &mut nodes)?;
     let topk = g.node(ti);
     nodes.push(ti);
-    let k = topk_k(g, topk)?;
+    let argmax = topk.op_type == "ArgMax";
+    let k = if argmax { 1 } else { topk_k(g, topk)? };
     // an unsorted TopK's order is the runtime's; the op's is best first (the proof compares sets)
-    let unsorted = attr_i(topk, "sorted").unwrap_or(1) != 1;
-    let values = topk.output[0].as_str();
+    let unsorted = !argmax && attr_i(topk, "sorted").unwrap_or(1) != 1;
+    // the chosen experts, and the values TopK returns with them (an ArgMax's: the ReduceMax of what
+    // it ranks, over the same axis, kept)
+    let chosen_idx = topk.output[if argmax { 0 } else { 1 }].as_str();
+    let values = if argmax { "" } else { topk.output[0].as_str() };
+    let is_values = |v: &str, nodes: &mut Vec<usize>| -> bool {
+        if !argmax {
+            return v == values;
+        }
+        let Some((ri, r)) = std_op(g, v, "ReduceMax") else { return false };
+        let mut mine = vec![ri];
+        let same = skip_identity(g, &r.input[0], &mut mine) == skip_identity(g, s_in, &mut Vec::new());
+        let over_last = super::matcher::axes_of(g, r).is_some_and(|a| a.len() == 1 && is_last_axis(a[0], rank_of(g, &r.input[0])));
+        let ok = same && over_last && attr_i(r, "keepdims").unwrap_or(1) == 1;
+        if ok {
+            nodes.extend(mine);
+        }
+        ok
+    };
 
     // weights: Casts between float types after the router's own formula that round at most once
     // (a widening is exact), so that together they are one Cast from the formula's type
@@ -316,11 +347,11 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     // softmax of its values
     let mut topk_softmax = false;
     let mut gathered_from = None;
-    if w != values {
+    if !is_values(w, &mut nodes) {
         if let Some((gi, ge)) = std_op(g, w, "GatherElements") {
             let mut mine = vec![gi];
             let idx = skip_identity(g, &ge.input[1], &mut mine);
-            if idx != topk.output[1] || !is_last_axis(attr_i(ge, "axis").unwrap_or(0), rank_of(g, &ge.input[0])) {
+            if idx != chosen_idx || !is_last_axis(attr_i(ge, "axis").unwrap_or(0), rank_of(g, &ge.input[0])) {
                 return Err("the routing weights are gathered at other indices than TopK's".into());
             }
             nodes.extend(mine);
@@ -332,7 +363,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
                 nodes.push(g.prod(inner).unwrap().0);
                 inner = skip_identity(g, src, &mut nodes);
             }
-            if inner != values {
+            if argmax || inner != values {
                 return Err("the routing weights are a softmax of something other than TopK's values".into());
             }
             topk_softmax = true;
