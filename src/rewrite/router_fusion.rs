@@ -63,6 +63,7 @@ use choice::{choice, rows_of};
 use indices::{indices_source, topk_k};
 use weights::{expert_scaled, normalized, scaled, Divisor};
 use super::matcher::{is_last_axis, rank_of};
+use super::prove::shape::last_width;
 use crate::onnx::graph::{attr_float, attr_i, attr_int, attr_string, make_node, GraphIndex};
 use crate::spec::{self, scatter_moe as sm, topk_router as tr, Scoring, WeightsFrom};
 
@@ -157,11 +158,6 @@ fn skip_identity<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>) -> 
         cur = &n.input[0];
     }
     cur
-}
-
-/// The last dimension of `v`, where the graph tells it.
-fn last_dim(g: &GraphIndex, v: &str) -> Option<i64> {
-    super::prove::shape::last_width(g, v)
 }
 
 /// Softmax over the last axis (the opset's default axis where none is written).
@@ -326,7 +322,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     // written unproven must not fail there)
     if let Some((table, _)) = expert_scale {
         let n = g.const_tensor(table).map_or(0, |t| t.dims[0]);
-        match last_dim(g, s_in) {
+        match last_width(g, s_in) {
             Some(e) if n == e => {}
             Some(e) => return Err(format!("the per-expert scale has {n} values for {e} experts")),
             None => return Err("cannot tell how many experts the per-expert scale must cover".into()),
@@ -399,7 +395,7 @@ pub fn recognise(g: &GraphIndex, s: &NodeProto, logits_given: bool) -> Result<Pl
     if !matches!(rank_of(g, logits), Some(r) if r >= 2) {
         return Err("cannot tell that the logits have a token axis and an expert axis".into());
     }
-    if let Some(e) = last_dim(g, logits) {
+    if let Some(e) = last_width(g, logits) {
         if (k as i64) > e {
             return Err(format!("k = {k} is more than the {e} experts"));
         }

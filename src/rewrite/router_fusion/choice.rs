@@ -4,7 +4,7 @@
 
 use onnx_protobuf::NodeProto;
 
-use super::{is_float, last_dim, skip_identity, std_op, topk_k, FLOAT};
+use super::{is_float, last_width, skip_identity, std_op, topk_k, FLOAT};
 use super::weights::scalar;
 use crate::onnx::graph::{attr_i, node_inputs_with_subgraphs, GraphIndex};
 use crate::rewrite::matcher::{axes_of, is_last_axis, rank_of};
@@ -16,7 +16,7 @@ pub(super) fn rows_of<'g>(g: &GraphIndex<'g>, v: &'g str, nodes: &mut Vec<usize>
     let mut cur = skip_identity(g, v, nodes);
     for _ in 0..4 {
         let Some((i, r)) = std_op(g, cur, "Reshape") else { break };
-        let e = last_dim(g, &r.input[0]);
+        let e = last_width(g, &r.input[0]);
         let flat = g.const_i64(&r.input[1]).is_some_and(|c| matches!(c[..], [-1, n] if Some(n) == e));
         if !flat {
             break;
@@ -110,7 +110,7 @@ fn group_mask(g: &GraphIndex, cond: &str, b: &str, nodes: &mut Vec<usize>) -> Re
         return Err("the groups are scored on another value than the one the router ranks".into());
     }
     let shape = g.const_i64(&r.input[1]).ok_or("the scores' Reshape into groups has no constant shape")?;
-    let e = last_dim(g, b).ok_or("cannot tell the number of experts the groups split")?;
+    let e = last_width(g, b).ok_or("cannot tell the number of experts the groups split")?;
     let (n_group, size) = match shape[..] {
         [_, n, s] if n >= 1 && s >= 1 && n * s == e => (n as usize, s as usize),
         _ => return Err(format!("the scores' Reshape into groups has shape {shape:?}, not [-1, G, {e} / G]")),
@@ -154,7 +154,7 @@ pub(super) fn choice<'g>(g: &GraphIndex<'g>, c_in: &'g str, nodes: &mut Vec<usiz
     }
     let mut bias = None;
     if let Some((ai, add)) = std_op(g, v, "Add") {
-        let e = last_dim(g, v).ok_or("cannot tell the number of experts the router ranks")?;
+        let e = last_width(g, v).ok_or("cannot tell the number of experts the router ranks")?;
         let is_bias = |x: &'g str| {
             const_root(g, x).filter(|(c, _)| {
                 let dims = g.const_dims(c).unwrap_or_default();

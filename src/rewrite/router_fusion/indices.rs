@@ -3,7 +3,7 @@
 
 use onnx_protobuf::NodeProto;
 
-use super::{last_dim, skip_identity, std_op};
+use super::{last_width, skip_identity, std_op};
 use crate::onnx::graph::{attr_i, GraphIndex};
 use crate::rewrite::matcher::{is_last_axis, rank_of};
 use crate::spec::TieBreak;
@@ -53,7 +53,7 @@ pub(super) fn indices_source<'g>(g: &GraphIndex<'g>, idx: &'g str, nodes: &mut V
     let (si, slice) = std_op(g, &t.input[0], "Slice").ok_or("the routing indices are E - 1 minus TopK of no reversal")?;
     nodes.push(si);
     let s = slice.input[0].as_str();
-    let e = last_dim(g, s).ok_or("cannot tell the number of experts the reversed router ranks")?;
+    let e = last_width(g, s).ok_or("cannot tell the number of experts the reversed router ranks")?;
     let one = |j: usize| slice.input.get(j).filter(|v| !v.is_empty()).and_then(|v| g.const_i64(v)).filter(|c| c.len() == 1).map(|c| c[0]);
     let reversed = matches!((one(1), one(2), one(3), one(4)), (Some(start), Some(end), Some(axis), Some(-1))
         if (start == -1 || start > e - 2) && end < -e && is_last_axis(axis, rank_of(g, s)));
